@@ -1,0 +1,1 @@
+//! keras-ee native core (placeholder, filled by the calibrator work).
