@@ -1,0 +1,113 @@
+"""Keras callbacks for multi-exit training.
+
+`BudgetCallback` puts budgeted-batch accuracy into the training logs, so that
+`EarlyStopping`, `ModelCheckpoint`, keras-tuner and TensorBoard can use it like any
+other metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+
+from keras_ee import calibration
+from keras_ee.evaluation import accuracy_at, budget_label, mean_accuracy_over, scores_and_correct
+
+
+def predict_exit_logits(model, dataset, verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over a batched `(x, y)` dataset; return logits (K, N, C) float32 and labels (N,).
+
+    `model` is a multi-exit Keras model whose outputs are the exits' logits in exit order
+    (a functional backbone or a `keras_ee.training.MultiExitModel`).
+    """
+    logits, labels = [], []
+    for batch in dataset:
+        x, y = batch[0], batch[1]
+        out = model(x, training=False)
+        out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+        logits.append(np.stack([keras.ops.convert_to_numpy(o).astype(np.float32) for o in out]))
+        labels.append(np.asarray(keras.ops.convert_to_numpy(y)).reshape(-1))
+    if not logits:
+        raise ValueError("the dataset passed for prediction yielded no batch; expected (x, y) batches.")
+    return np.concatenate(logits, axis=1), np.concatenate(labels).astype(np.int64)
+
+
+def _exit_costs(model) -> list[int]:
+    from keras_ee import costs
+
+    backbone = getattr(model, "backbone", model)
+    return costs.exit_costs(backbone)["mul_adds"]
+
+
+class BudgetCallback(keras.callbacks.Callback):
+    """Budgeted-batch accuracy on validation data, written into the epoch logs.
+
+    At the end of every `every`-th epoch it computes every exit's validation logits,
+    calibrates thresholds with the Rust calibrator over the default budget sweep
+    (q = p/20, p = 1..39) and scores the same validation set with them. It adds
+
+    - `val_budget_acc@<B>` for each requested Mul-Add budget B (e.g. `val_budget_acc@15M`),
+      interpolated on the budget curve (NaN outside the curve's cost range);
+    - `val_budget_auc`: the mean accuracy over the swept cost range (area under the
+      accuracy-versus-Mul-Adds curve divided by the range);
+    - `val_anytime_acc_<k>`: the accuracy of each exit on its own.
+
+    Put it before `TensorBoard`/`CSVLogger`/`EarlyStopping` in the callback list: Keras
+    passes one `logs` dict along the list, so later callbacks see these keys.
+
+    Args:
+        validation_data: a batched `tf.data.Dataset` (or any iterable) of `(x, y)`.
+        budgets: Mul-Add budgets (numbers), e.g. `[15e6, 30e6]`; may be empty.
+        every: run every `every` epochs (the keys are absent in the other epochs'
+            logs: monitor them with `EarlyStopping(patience=...)` accordingly).
+        kind: confidence measure passed to `calibration.exit_scores`.
+        costs: cumulative Mul-Adds per exit; default `keras_ee.costs.exit_costs(model)`.
+        qs: budget parameters; default the standard sweep.
+
+    Example:
+
+        cb = BudgetCallback(val_ds, budgets=[15e6, 30e6])
+        model.fit(train_ds, epochs=10, callbacks=[cb, keras.callbacks.TensorBoard("logs")])
+    """
+
+    def __init__(self, validation_data, budgets=(), every: int = 1, kind: str = "max_softmax",
+                 costs=None, qs=None):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"`every` must be a positive number of epochs; received {every!r}.")
+        budgets = [float(b) for b in budgets]
+        if any(not np.isfinite(b) or b <= 0 for b in budgets):
+            raise ValueError(f"`budgets` must be positive, finite Mul-Add counts; received {budgets}.")
+        self.validation_data = validation_data
+        self.budgets = budgets
+        self.every = int(every)
+        self.kind = kind
+        self.costs = None if costs is None else [float(c) for c in costs]
+        self.qs = qs
+        self.last_sweep = None
+
+    def compute(self) -> dict:
+        """The log entries for the model's current weights."""
+        logits, labels = predict_exit_logits(self.model, self.validation_data)
+        costs = self.costs if self.costs is not None else _exit_costs(self.model)
+        if len(costs) != logits.shape[0]:
+            raise ValueError(
+                f"BudgetCallback got {len(costs)} exit costs for a model with {logits.shape[0]} exits."
+            )
+        scores, correct = scores_and_correct(logits, labels, self.kind)
+        sweep = calibration.budget_sweep(scores, correct, scores, correct, np.asarray(costs, np.float64), qs=self.qs)
+        self.last_sweep = sweep
+        x, y = sweep["mean_cost"], sweep["val_accuracy"]
+        logs = {f"val_budget_acc@{budget_label(b)}": float(a)
+                for b, a in zip(self.budgets, accuracy_at(x, y, self.budgets))}
+        logs["val_budget_auc"] = mean_accuracy_over(x, y, float(np.min(x)), float(np.max(x)))
+        if not np.isfinite(logs["val_budget_auc"]):  # a single-point curve (e.g. one exit)
+            logs["val_budget_auc"] = float(np.mean(y))
+        for k, acc in enumerate(calibration.anytime_accuracy(correct)):
+            logs[f"val_anytime_acc_{k + 1}"] = float(acc)
+        return logs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        logs.update(self.compute())

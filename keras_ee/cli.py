@@ -1,0 +1,220 @@
+"""The `keras-ee` command line (also `python -m keras_ee`).
+
+    keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
+    keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
+    keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
+    keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
+    keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
+    keras-ee models                  every preset's exits, params and Mul-Adds
+    keras-ee datasets                the dataset names
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_budget(text: str) -> float:
+    """'15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a Mul-Add count like 15M, 1.2G or 8000")
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"budget {text!r} must be positive")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, received {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a multi-exit model, dump its logits and evaluate it",
+                       description="Train a multi-exit model. Flags override --config; an interrupted run "
+                                   "resumes when the same command is run again.")
+    p.add_argument("--config", type=Path, help="a .json or .toml file with TrainConfig keys")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<method>-<dataset>-s<seed>)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="dataset name or npz:PATH (default: built-in digits)")
+    g.add_argument("--data-dir", help="folder with local copies of the data")
+    g.add_argument("--val-size", type=int, help="held-out validation images for calibration")
+    g.add_argument("--imbalance-factor", type=int, help="long-tailed CIFAR: 200, 100, 50 or 20")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
+    g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
+    g.add_argument("--method", help="training method: baseline or l2w")
+    g.add_argument("--q", type=float, help="L2W: meta-data allocation budget parameter")
+    g.add_argument("--delta", type=float, help="L2W: weight perturbation size")
+    g.add_argument("--method-option", type=_key_value, action="append", metavar="KEY=VALUE")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", dest="learning_rate", type=float, help="default 0.1 * batch_size / 64")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action="store_const", const=True)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
+    g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
+                   help="log validation accuracy at this Mul-Add budget every epoch (repeatable)")
+    g.add_argument("--no-evaluate", dest="evaluate", action="store_const", const=False)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config_from_args(args):
+    from keras_ee.config import TrainConfig
+
+    values = TrainConfig.from_file(args.config).to_dict() if args.config else TrainConfig().to_dict()
+    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "model", "method", "epochs",
+                "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
+                "confidence", "budgets", "evaluate"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values["model_options"] = {**values["model_options"], **dict(args.model_option or [])}
+    method_options = {**values["method_options"], **dict(args.method_option or [])}
+    for key in ("q", "delta"):
+        if getattr(args, key) is not None:
+            method_options[key] = getattr(args, key)
+    values["method_options"] = method_options
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args) -> None:
+    from keras_ee import experiment
+
+    config = _config_from_args(args)
+    out = args.out or Path("runs") / f"{config.model}-{config.method}-{config.dataset.replace(':', '_')}-s{config.seed}"
+    experiment.train(config, out, verbose=0 if args.quiet else "auto")
+
+
+def cmd_evaluate(args) -> None:
+    from keras_ee import experiment
+
+    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode)
+
+
+def _run_dir(path: Path) -> Path:
+    if not (path / "dump").is_dir():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a finished run folder: it has no dump/ (train it first with `keras-ee train --out {path}`)."
+        )
+    return path
+
+
+def cmd_compare(args) -> None:
+    from keras_ee import dumps, evaluation, plots
+
+    names = [p.name for p in args.runs]
+    if len(set(names)) != len(names):  # distinct labels for the legend
+        names = [str(p) for p in args.runs]
+    evs = [evaluation.evaluate_dump(dumps.load_dump(_run_dir(p) / "dump"), kind=args.confidence, name=n)
+           for p, n in zip(args.runs, names)]
+    text, rows = evaluation.compare(evs, budgets=args.budgets)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot = plots.budget_plot({ev.name: ev for ev in evs}, args.out / "compare.png")
+    (args.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(text)
+    print(f"\nwrote {plot} and {args.out / 'compare.json'}")
+
+
+def cmd_plot_weights(args) -> None:
+    import numpy as np
+
+    from keras_ee import plots
+
+    f = args.run / "l2w_samples.npz"
+    if not f.is_file():
+        raise FileNotFoundError(f"{str(f)!r} not found: plot-weights needs a finished L2W run (method l2w).")
+    stats = np.load(f)
+    out = plots.sample_weight_plot(stats["loss"], stats["weight"], stats["selected"], args.out or args.run / "weights.png")
+    print(f"wrote {out}")
+
+
+def cmd_sweep(args) -> None:
+    from keras_ee import dumps, evaluation
+
+    ev = evaluation.evaluate_dump(dumps.load_dump(args.dump), kind=args.confidence, mode=args.mode,
+                                  name=Path(args.dump).name)
+    paths = evaluation.write_evaluation(ev, args.out or args.dump)
+    print(evaluation.format_anytime(ev))
+    print()
+    print(evaluation.format_budget(ev, every=2))
+    print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
+
+
+def cmd_models(args) -> None:
+    from keras_ee import costs
+
+    print(costs.presets_table(num_classes=args.num_classes))
+
+
+def cmd_datasets(args) -> None:
+    from keras_ee import data
+
+    for line in data.available():
+        print(line)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keras-ee", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("evaluate", help="anytime and budget evaluation of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
+    p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
+    p = sub.add_parser("compare", help="overlay the budget curves of several runs")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--budget", dest="budgets", type=parse_budget, action="append")
+    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
+    p.add_argument("--out", type=Path, default=Path("compare"))
+    p = sub.add_parser("plot-weights", help="L2W-DEN Figure 8 from an L2W run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path)
+    p = sub.add_parser("sweep", help="budget sweep of a dump folder")
+    p.add_argument("dump", type=Path)
+    p.add_argument("--out", type=Path, help="folder for the CSVs and plot (default: the dump folder)")
+    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
+    p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
+    p = sub.add_parser("models", help="table of the architecture presets")
+    p.add_argument("--num-classes", type=int, default=100)
+    sub.add_parser("datasets", help="list the dataset names")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "plot-weights": cmd_plot_weights,
+            "sweep": cmd_sweep, "models": cmd_models, "datasets": cmd_datasets}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # Bad input is the user's to fix: say what, without a traceback.
+        if os.environ.get("KERAS_EE_DEBUG"):
+            raise
+        print(f"keras-ee {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nkeras-ee {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,218 @@
+"""Evaluation of a multi-exit model from its logit dump: anytime accuracy and budget curves.
+
+Budgeted batch classification as in MSDNet/IMTA/L2W: thresholds are calibrated on the
+validation logits (never the test set) for each budget parameter q, then the test set is
+scored with them. All heavy lifting is `keras_ee.calibration` (Rust); this module turns
+its arrays into tables, CSV files and plots, and compares runs.
+
+Example:
+
+    from keras_ee import dumps, evaluation
+    ev = evaluation.evaluate_dump(dumps.load_dump("runs/demo/dump"))
+    print(evaluation.format_anytime(ev)); print(evaluation.format_budget(ev))
+    evaluation.write_evaluation(ev, "runs/demo/eval")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from keras_ee import calibration
+from keras_ee.dumps import Dump
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Anytime accuracy per exit and the budget sweep of one model (accuracies are fractions)."""
+
+    mul_adds: list[int]
+    params: list[int]
+    val_anytime: np.ndarray  # (K,)
+    test_anytime: np.ndarray  # (K,)
+    sweep: dict  # keras_ee.calibration.budget_sweep's dict of arrays
+    kind: str = "max_softmax"
+    mode: str = "geometric"
+    name: str = ""
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.mul_adds)
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean cost, test accuracy) of the sweep, sorted by cost."""
+        order = np.argsort(self.sweep["mean_cost"], kind="stable")
+        return self.sweep["mean_cost"][order], self.sweep["test_accuracy"][order]
+
+
+def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax", temperature=1.0):
+    """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C)."""
+    scores, predictions = calibration.exit_scores(logits, kind=kind, temperature=temperature)
+    return scores, predictions == np.asarray(labels)[None, :]
+
+
+def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=None,
+                  mode: str = "geometric", name: str = "") -> Evaluation:
+    """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
+
+    Args:
+        dump: a `keras_ee.dumps.Dump`.
+        kind: confidence measure (`max_softmax`, `margin`, `entropy`).
+        temperature: scalar or per-exit softmax temperature.
+        qs: budget parameters; default p/20 for p = 1..39 (`geometric`).
+        mode: `geometric` (MSDNet's fractions) or `per_stage`.
+        name: label used in tables and plots.
+    """
+    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, kind, temperature)
+    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, kind, temperature)
+    sweep = calibration.budget_sweep(
+        val_scores, val_correct, test_scores, test_correct, np.asarray(dump.mul_adds, np.float64),
+        qs=qs, mode=mode,
+    )
+    return Evaluation(
+        mul_adds=list(dump.mul_adds), params=list(dump.params),
+        val_anytime=calibration.anytime_accuracy(val_correct),
+        test_anytime=calibration.anytime_accuracy(test_correct),
+        sweep=sweep, kind=kind, mode=mode, name=name,
+    )
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def accuracy_at(costs: np.ndarray, accuracy: np.ndarray, budgets) -> np.ndarray:
+    """Accuracy of a budget curve at the given Mul-Add budgets.
+
+    Linear interpolation between the swept points (sorted by cost); NaN outside the
+    curve's cost range, because extrapolating a budget curve would invent a result.
+    """
+    order = np.argsort(costs, kind="stable")
+    x, y = np.asarray(costs, np.float64)[order], np.asarray(accuracy, np.float64)[order]
+    budgets = np.atleast_1d(np.asarray(budgets, np.float64))
+    out = np.interp(budgets, x, y)
+    out[(budgets < x[0]) | (budgets > x[-1])] = np.nan
+    return out
+
+
+def mean_accuracy_over(costs: np.ndarray, accuracy: np.ndarray, lo: float, hi: float) -> float:
+    """Area under the accuracy-versus-cost curve on [lo, hi], divided by hi - lo.
+
+    So it reads as an accuracy (the curve's mean over that budget range) and runs with
+    different ranges stay comparable. NaN when the range is empty or outside the curve.
+    """
+    order = np.argsort(costs, kind="stable")
+    x, y = np.asarray(costs, np.float64)[order], np.asarray(accuracy, np.float64)[order]
+    if not (hi > lo) or lo < x[0] or hi > x[-1]:
+        return float("nan")
+    inside = (x > lo) & (x < hi)
+    xs = np.concatenate([[lo], x[inside], [hi]])
+    ys = np.interp(xs, x, y)
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0) / (hi - lo))
+
+
+def budget_label(mul_adds: float) -> str:
+    """15e6 -> '15M', 1.5e9 -> '1.5G', 8000 -> '8K' (for log keys and table headers)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(mul_adds) >= scale:
+            return f"{mul_adds / scale:.4g}{unit}"
+    return f"{mul_adds:.4g}"
+
+
+def _unit(values) -> tuple[str, float]:
+    top = max(values) if len(values) else 1.0
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if top >= scale:
+            return unit, scale
+    return "", 1.0
+
+
+# ----------------------------------------------------------------------------- tables and files
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_anytime(ev: Evaluation) -> str:
+    """Per-exit table: cumulative params and Mul-Adds, validation and test accuracy."""
+    unit, scale = _unit(ev.mul_adds)
+    rows = [
+        [str(k + 1), f"{ev.params[k] / 1e6:.2f}", f"{ev.mul_adds[k] / scale:.2f}",
+         f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
+        for k in range(ev.num_exits)
+    ]
+    return _table(["exit", "params (M)", f"Mul-Adds ({unit})", "val acc %", "test acc %"], rows)
+
+
+def format_budget(ev: Evaluation, every: int = 1) -> str:
+    """Budget table: q, expected Mul-Adds, test accuracy and the exit distribution."""
+    unit, scale = _unit(ev.mul_adds)
+    sw = ev.sweep
+    n = sw["exit_counts"].sum(axis=1)
+    rows = []
+    for b in range(0, len(sw["q"]), every):
+        share = "/".join(f"{100 * c / n[b]:.0f}" for c in sw["exit_counts"][b])
+        rows.append([f"{sw['q'][b]:.2f}", f"{sw['mean_cost'][b] / scale:.2f}",
+                     f"{100 * sw['val_accuracy'][b]:.2f}", f"{100 * sw['test_accuracy'][b]:.2f}", share])
+    return _table(["q", f"mean Mul-Adds ({unit})", "val acc %", "test acc %", "exit share %"], rows)
+
+
+def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[str, Path]:
+    """Write `anytime.csv`, `budget.csv` and `budget.png` into `out_dir`; return their paths."""
+    from keras_ee import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "anytime.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["exit", "params", "mul_adds", "val_accuracy", "test_accuracy"])
+        for k in range(ev.num_exits):
+            w.writerow([k + 1, ev.params[k], ev.mul_adds[k], f"{ev.val_anytime[k]:.6f}", f"{ev.test_anytime[k]:.6f}"])
+    sw = ev.sweep
+    with open(out / "budget.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        k = ev.num_exits
+        w.writerow(["q", "mean_mul_adds", "val_accuracy", "test_accuracy"]
+                   + [f"threshold_{i + 1}" for i in range(k)] + [f"exit_count_{i + 1}" for i in range(k)])
+        for b in range(len(sw["q"])):
+            w.writerow([f"{sw['q'][b]:.6g}", f"{sw['mean_cost'][b]:.1f}", f"{sw['val_accuracy'][b]:.6f}",
+                        f"{sw['test_accuracy'][b]:.6f}"]
+                       + [repr(float(t)) for t in sw["thresholds"][b]] + [int(c) for c in sw["exit_counts"][b]])
+    plots.budget_plot({ev.name or "model": ev}, out / "budget.png", title=title)
+    return {"anytime": out / "anytime.csv", "budget": out / "budget.csv", "plot": out / "budget.png"}
+
+
+def compare(evaluations: list[Evaluation], budgets=None) -> tuple[str, list[dict]]:
+    """Compare runs: test accuracy at Mul-Add budgets and the mean accuracy over the common range.
+
+    Args:
+        evaluations: `Evaluation`s with distinct `name`s.
+        budgets: Mul-Add budgets; default five evenly spaced points of the common range.
+
+    Returns:
+        (text table, rows as dicts) where the area entry is `mean_accuracy_over` the cost
+        range every curve covers.
+    """
+    if not evaluations:
+        raise ValueError("compare needs at least one evaluation; received none.")
+    curves = [ev.curve() for ev in evaluations]
+    lo = max(float(c[0][0]) for c in curves)
+    hi = min(float(c[0][-1]) for c in curves)
+    if budgets is None:
+        budgets = np.linspace(lo, hi, 5) if hi > lo else np.array([lo])
+    budgets = np.asarray(budgets, np.float64)
+    labels = [budget_label(b) for b in budgets]
+    rows, cells = [], []
+    for ev, (x, y) in zip(evaluations, curves):
+        accs = accuracy_at(x, y, budgets)
+        auc = mean_accuracy_over(x, y, lo, hi)
+        rows.append({"name": ev.name, **{f"acc@{l}": float(a) for l, a in zip(labels, accs)}, "auc": auc})
+        cells.append([ev.name] + [("-" if np.isnan(a) else f"{100 * a:.2f}") for a in accs]
+                     + ["-" if np.isnan(auc) else f"{100 * auc:.2f}"])
+    header = ["run"] + [f"acc@{l} %" for l in labels] + [f"mean acc {budget_label(lo)}-{budget_label(hi)} %"]
+    return _table(header, cells), rows
