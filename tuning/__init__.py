@@ -1,0 +1,1 @@
+"""Hyper-parameter search for keras-ee (keras-tuner): `python -m tuning.search`."""
