@@ -1,0 +1,455 @@
+//! Per-exit confidence scores and predictions from logits, `(K, N, C)` -> `(K, N)`.
+//!
+//! One pass per row (exit k, sample i) over the `C` logits: max / argmax / finiteness,
+//! then a fused `exp` sum. Rows are processed in parallel; the logits are only read
+//! (no copy), whatever their strides: a row that is not contiguous is gathered into
+//! a `C`-sized buffer.
+
+use crate::error::{Error, Result};
+use crate::fastmath::{exp_nonpos, f16_bits_to_f32};
+use ndarray::{ArrayView3, Axis};
+use rayon::prelude::*;
+
+/// The confidence measure computed from each exit's softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Largest softmax probability.
+    MaxSoftmax,
+    /// Largest minus second-largest softmax probability.
+    Margin,
+    /// `1 + sum_c p_c ln p_c / ln C` (1 = one-hot, 0 = uniform).
+    Entropy,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind> {
+        match s {
+            "max_softmax" => Ok(Kind::MaxSoftmax),
+            "margin" => Ok(Kind::Margin),
+            "entropy" => Ok(Kind::Entropy),
+            _ => Err(Error::new(format!(
+                "kind must be one of 'max_softmax', 'margin', 'entropy'; received {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Logit element types: `f32`, `f64`, and IEEE half precision given as its `u16` bits.
+pub trait Logit: Copy + Send + Sync + 'static {
+    /// Prepares one row for the `f32` kernel. Returns the `f32` values to score (either
+    /// `row` itself for `f32` or `buf`), and for `f64` the already known (max, argmax).
+    /// `Err(j)` when element `j` is not finite.
+    fn prepare<'a>(row: &'a [Self], buf: &'a mut Vec<f32>) -> PreparedRow<'a>;
+}
+
+pub enum PreparedRow<'a> {
+    /// Values to score; max/argmax still to be found.
+    Raw(&'a [f32]),
+    /// Values already shifted by the row max (so max is 0 at `argmax`).
+    Shifted(&'a [f32], usize),
+    /// Element `j` is NaN or infinite.
+    NonFinite(usize),
+}
+
+impl Logit for f32 {
+    #[inline(always)]
+    fn prepare<'a>(row: &'a [f32], _buf: &'a mut Vec<f32>) -> PreparedRow<'a> {
+        PreparedRow::Raw(row)
+    }
+}
+
+impl Logit for u16 {
+    #[inline(always)]
+    fn prepare<'a>(row: &'a [u16], buf: &'a mut Vec<f32>) -> PreparedRow<'a> {
+        buf.clear();
+        buf.extend(row.iter().map(|&h| f16_bits_to_f32(h)));
+        PreparedRow::Raw(buf)
+    }
+}
+
+impl Logit for f64 {
+    #[inline(always)]
+    fn prepare<'a>(row: &'a [f64], buf: &'a mut Vec<f32>) -> PreparedRow<'a> {
+        // Shift by the max in f64 so that huge f64 logits (beyond f32 range) stay safe;
+        // the differences only matter down to about -104 after scaling.
+        let mut m = f64::NEG_INFINITY;
+        let mut z = 0.0f64;
+        for &x in row {
+            m = if x > m { x } else { m };
+            z += x - x; // NaN iff some x is NaN or infinite
+        }
+        if z.is_nan() {
+            return PreparedRow::NonFinite(row.iter().position(|x| !x.is_finite()).unwrap_or(0));
+        }
+        let a = row.iter().position(|&x| x == m).unwrap_or(0);
+        buf.clear();
+        buf.extend(row.iter().map(|&x| {
+            let d = x - m;
+            (if d < -1e30 { -1e30 } else { d }) as f32
+        }));
+        PreparedRow::Shifted(buf, a)
+    }
+}
+
+const LANES: usize = 16;
+
+/// Lane-parallel max plus a finiteness flag (`x - x` is NaN exactly for NaN and inf).
+#[inline(always)]
+fn max_and_finite(row: &[f32]) -> (f32, bool) {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut z = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            z[l] += c[l] - c[l];
+        }
+    }
+    let mut mm = f32::NEG_INFINITY;
+    let mut zz = 0.0f32;
+    for &x in chunks.remainder() {
+        mm = if x > mm { x } else { mm };
+        zz += x - x;
+    }
+    for l in 0..LANES {
+        mm = if m[l] > mm { m[l] } else { mm };
+        zz += z[l];
+    }
+    (mm, zz == 0.0)
+}
+
+#[inline(always)]
+fn max_of(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    let mut mm = f32::NEG_INFINITY;
+    for &x in chunks.remainder().iter().chain(m.iter()) {
+        mm = if x > mm { x } else { mm };
+    }
+    mm
+}
+
+/// Clamped scaled difference: below -104 every `exp` is flushed to 0 anyway, and the
+/// clamp keeps `e * d` finite (0 * -inf would be NaN) for the entropy.
+#[inline(always)]
+fn scaled(x: f32, m: f32, inv_t: f32) -> f32 {
+    let d = (x - m) * inv_t;
+    if d < -104.0 {
+        -104.0
+    } else {
+        d
+    }
+}
+
+/// Scores one row of finite values with known max `m` at `a`.
+#[inline(always)]
+fn finish_row<const FMA: bool>(row: &[f32], m: f32, a: usize, inv_t: f32, kind: Kind) -> f32 {
+    let mut s = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    match kind {
+        Kind::MaxSoftmax | Kind::Margin => {
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    s[l] += exp_nonpos::<FMA>(scaled(c[l], m, inv_t));
+                }
+            }
+            let mut sum = 0.0f32;
+            for &x in chunks.remainder() {
+                sum += exp_nonpos::<FMA>(scaled(x, m, inv_t));
+            }
+            sum += s.iter().sum::<f32>();
+            if kind == Kind::MaxSoftmax {
+                1.0 / sum
+            } else {
+                let m2 = max_of(&row[..a]).max(max_of(&row[a + 1..]));
+                let e2 = exp_nonpos::<FMA>(scaled(m2, m, inv_t));
+                (1.0 - e2) / sum
+            }
+        }
+        Kind::Entropy => {
+            let mut w = [0.0f32; LANES];
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    let d = scaled(c[l], m, inv_t);
+                    let e = exp_nonpos::<FMA>(d);
+                    s[l] += e;
+                    w[l] += e * d;
+                }
+            }
+            let (mut sum, mut wsum) = (0.0f32, 0.0f32);
+            for &x in chunks.remainder() {
+                let d = scaled(x, m, inv_t);
+                let e = exp_nonpos::<FMA>(d);
+                sum += e;
+                wsum += e * d;
+            }
+            sum += s.iter().sum::<f32>();
+            wsum += w.iter().sum::<f32>();
+            // sum_c p ln p = (sum_c e_c d_c) / S - ln S, with p_c = e_c / S, ln p_c = d_c - ln S.
+            let plogp = wsum as f64 / sum as f64 - (sum as f64).ln();
+            let v = 1.0 + plogp / (row.len() as f64).ln();
+            // Rounding can leave it a hair outside [0, 1].
+            v.clamp(0.0, 1.0) as f32
+        }
+    }
+}
+
+/// Where a non-finite logit was found: (exit, sample, class).
+type BadAt = (usize, usize, usize);
+
+#[inline(always)]
+fn score_rows<T: Logit, const FMA: bool>(
+    logits: &ArrayView3<T>,
+    first_row: usize,
+    scores: &mut [f32],
+    preds: &mut [i32],
+    inv_t: &[f32],
+    kind: Kind,
+) -> Option<BadAt> {
+    let n = logits.shape()[1];
+    let c = logits.shape()[2];
+    let mut gather: Vec<T> = Vec::new();
+    let mut buf: Vec<f32> = Vec::with_capacity(c);
+    for (j, (sc, pr)) in scores.iter_mut().zip(preds.iter_mut()).enumerate() {
+        let r = first_row + j;
+        let (k, i) = (r / n, r % n);
+        let lane = logits.index_axis(Axis(0), k).index_axis_move(Axis(0), i);
+        let row: &[T] = match lane.to_slice() {
+            Some(s) => s,
+            None => {
+                gather.clear();
+                gather.extend(lane.iter().copied());
+                &gather
+            }
+        };
+        let (vals, m, a) = match T::prepare(row, &mut buf) {
+            PreparedRow::NonFinite(j) => return Some((k, i, j)),
+            PreparedRow::Shifted(v, a) => (v, 0.0f32, a),
+            PreparedRow::Raw(v) => {
+                let (m, finite) = max_and_finite(v);
+                if !finite {
+                    let j = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                    return Some((k, i, j));
+                }
+                let a = v.iter().position(|&x| x == m).unwrap_or(0);
+                (v, m, a)
+            }
+        };
+        *sc = finish_row::<FMA>(vals, m, a, inv_t[k], kind);
+        *pr = a as i32;
+    }
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_rows_avx2<T: Logit>(
+    logits: &ArrayView3<T>,
+    first_row: usize,
+    scores: &mut [f32],
+    preds: &mut [i32],
+    inv_t: &[f32],
+    kind: Kind,
+) -> Option<BadAt> {
+    score_rows::<T, true>(logits, first_row, scores, preds, inv_t, kind)
+}
+
+fn score_rows_dispatch<T: Logit>(
+    logits: &ArrayView3<T>,
+    first_row: usize,
+    scores: &mut [f32],
+    preds: &mut [i32],
+    inv_t: &[f32],
+    kind: Kind,
+) -> Option<BadAt> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return unsafe { score_rows_avx2(logits, first_row, scores, preds, inv_t, kind) };
+        }
+    }
+    score_rows::<T, false>(logits, first_row, scores, preds, inv_t, kind)
+}
+
+/// Validates per-exit temperatures and returns their reciprocals as `f32`.
+pub fn inverse_temperatures(temperatures: &[f64], num_exits: usize) -> Result<Vec<f32>> {
+    let t: Vec<f64> = match temperatures.len() {
+        1 => vec![temperatures[0]; num_exits],
+        len if len == num_exits => temperatures.to_vec(),
+        len => {
+            return Err(Error::new(format!(
+                "temperature must be a scalar or a sequence of K={num_exits} values (one per exit); received {len} values"
+            )))
+        }
+    };
+    t.iter()
+        .enumerate()
+        .map(|(k, &tk)| {
+            let inv = (1.0 / tk) as f32;
+            if !(tk > 0.0) || !tk.is_finite() || !inv.is_finite() || inv == 0.0 {
+                Err(Error::new(format!(
+                    "temperature must be positive and finite (between about 3e-39 and 3e38); received {tk} for exit {k}"
+                )))
+            } else {
+                Ok(inv)
+            }
+        })
+        .collect()
+}
+
+/// Confidence scores `(K*N,)` and argmax predictions `(K*N,)`, row-major over (exit, sample).
+///
+/// `inv_t` holds one reciprocal temperature per exit (see [`inverse_temperatures`]).
+/// Errors on empty input, fewer than 2 classes, or a NaN/inf logit (reporting where).
+pub fn exit_scores<T: Logit>(
+    logits: ArrayView3<T>,
+    kind: Kind,
+    inv_t: &[f32],
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    let (k, n, c) = logits.dim();
+    if k == 0 || n == 0 {
+        return Err(Error::new(format!(
+            "logits must have at least one exit and one sample; received shape ({k}, {n}, {c})"
+        )));
+    }
+    if c < 2 {
+        return Err(Error::new(format!(
+            "logits must have at least 2 classes (axis 2); received shape ({k}, {n}, {c})"
+        )));
+    }
+    if c > i32::MAX as usize {
+        return Err(Error::new(format!("logits has too many classes for int32 predictions: {c}")));
+    }
+    if inv_t.len() != k {
+        return Err(Error::new(format!(
+            "expected {k} inverse temperatures, one per exit; received {}",
+            inv_t.len()
+        )));
+    }
+    let rows = k * n;
+    let mut scores = vec![0.0f32; rows];
+    let mut preds = vec![0i32; rows];
+    // About 64 KiB of logits per task: enough to amortise scheduling, small enough to balance.
+    let chunk = (65_536 / (c * std::mem::size_of::<T>())).clamp(1, 4096);
+    let bad = scores
+        .par_chunks_mut(chunk)
+        .zip(preds.par_chunks_mut(chunk))
+        .enumerate()
+        .filter_map(|(ci, (sc, pr))| score_rows_dispatch(&logits, ci * chunk, sc, pr, inv_t, kind))
+        .min();
+    if let Some((bk, bi, bc)) = bad {
+        return Err(Error::new(format!(
+            "logits must be finite; found NaN or inf at exit k={bk}, sample i={bi}, class c={bc}"
+        )));
+    }
+    Ok((scores, preds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array3, ShapeBuilder};
+
+    fn reference(row: &[f64], inv_t: f64, kind: Kind) -> (f64, usize) {
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let a = row.iter().position(|&x| x == m).unwrap();
+        let e: Vec<f64> = row.iter().map(|&x| ((x - m) * inv_t).exp()).collect();
+        let s: f64 = e.iter().sum();
+        let p: Vec<f64> = e.iter().map(|v| v / s).collect();
+        let v = match kind {
+            Kind::MaxSoftmax => p[a],
+            Kind::Margin => {
+                let mut q = p.clone();
+                q.sort_by(|x, y| y.partial_cmp(x).unwrap());
+                q[0] - q[1]
+            }
+            Kind::Entropy => {
+                let h: f64 = p.iter().filter(|&&v| v > 0.0).map(|v| v * v.ln()).sum();
+                1.0 + h / (row.len() as f64).ln()
+            }
+        };
+        (v, a)
+    }
+
+    fn lcg(state: &mut u64) -> f64 {
+        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*state >> 11) as f64) / ((1u64 << 53) as f64)
+    }
+
+    #[test]
+    fn matches_f64_reference_all_kinds_and_layouts() {
+        let (k, n, c) = (3, 17, 37);
+        let mut st = 7u64;
+        let data: Vec<f64> = (0..k * n * c).map(|_| (lcg(&mut st) - 0.5) * 12.0).collect();
+        let a64 = Array3::from_shape_vec((k, n, c), data.clone()).unwrap();
+        let a32 = a64.mapv(|x| x as f32);
+        // Same values, Fortran order: every row is strided.
+        let mut f32f = Array3::<f32>::zeros((k, n, c).f());
+        f32f.assign(&a32);
+        for kind in [Kind::MaxSoftmax, Kind::Margin, Kind::Entropy] {
+            let inv = [1.0f32, 0.5, 2.0];
+            let (s32, p32) = exit_scores(a32.view(), kind, &inv).unwrap();
+            let (s64, p64) = exit_scores(a64.view(), kind, &inv).unwrap();
+            let (sf, pf) = exit_scores(f32f.view(), kind, &inv).unwrap();
+            assert_eq!(s32, sf);
+            assert_eq!(p32, pf);
+            for r in 0..k * n {
+                let row: Vec<f64> = a32.as_slice().unwrap()[r * c..(r + 1) * c].iter().map(|&x| x as f64).collect();
+                let (want, a) = reference(&row, inv[r / n] as f64, kind);
+                assert!((s32[r] as f64 - want).abs() <= 2e-6 * want.abs().max(1e-3), "{kind:?} row {r}: {} vs {want}", s32[r]);
+                assert_eq!(p32[r] as usize, a);
+                let (want64, a64) = reference(&data[r * c..(r + 1) * c], inv[r / n] as f64, kind);
+                assert!((s64[r] as f64 - want64).abs() <= 2e-6 * want64.abs().max(1e-3));
+                assert_eq!(p64[r] as usize, a64);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_and_tiny_logits_are_safe() {
+        let a = Array3::from_shape_vec((1, 3, 3), vec![1e4f32, 0.0, -1e4, -1e4, -1e4, -1e4, 3e38, -3e38, 3e38]).unwrap();
+        let (s, p) = exit_scores(a.view(), Kind::MaxSoftmax, &[1.0]).unwrap();
+        assert_eq!(s[0], 1.0);
+        assert!((s[1] - 1.0 / 3.0).abs() < 1e-7);
+        assert!((s[2] - 0.5).abs() < 1e-7);
+        assert_eq!(p, vec![0, 0, 0]);
+        let (e, _) = exit_scores(a.view(), Kind::Entropy, &[1.0]).unwrap();
+        assert!((e[0] - 1.0).abs() < 1e-7 && e[1].abs() < 1e-6);
+        let (m, _) = exit_scores(a.view(), Kind::Margin, &[1.0]).unwrap();
+        assert_eq!(m, vec![1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn reports_first_non_finite_position() {
+        let mut a = Array3::<f32>::zeros((2, 4, 20));
+        a[[1, 2, 17]] = f32::NAN;
+        a[[1, 3, 0]] = f32::INFINITY;
+        let err = exit_scores(a.view(), Kind::MaxSoftmax, &[1.0, 1.0]).unwrap_err();
+        assert!(err.0.contains("exit k=1, sample i=2, class c=17"), "{err}");
+        let h = Array3::<u16>::from_elem((1, 2, 3), 0x3c00);
+        let mut h2 = h.clone();
+        h2[[0, 1, 2]] = 0xfc00;
+        assert!(exit_scores(h.view(), Kind::Margin, &[1.0]).is_ok());
+        assert!(exit_scores(h2.view(), Kind::Margin, &[1.0]).unwrap_err().0.contains("sample i=1, class c=2"));
+        let mut d = Array3::<f64>::zeros((1, 1, 3));
+        d[[0, 0, 1]] = f64::NEG_INFINITY;
+        assert!(exit_scores(d.view(), Kind::Entropy, &[1.0]).unwrap_err().0.contains("class c=1"));
+    }
+
+    #[test]
+    fn rejects_bad_shapes_and_temperatures() {
+        assert!(exit_scores(Array3::<f32>::zeros((1, 0, 3)).view(), Kind::MaxSoftmax, &[1.0]).is_err());
+        assert!(exit_scores(Array3::<f32>::zeros((1, 2, 1)).view(), Kind::MaxSoftmax, &[1.0]).is_err());
+        assert!(inverse_temperatures(&[0.0], 2).is_err());
+        assert!(inverse_temperatures(&[f64::NAN], 2).is_err());
+        assert!(inverse_temperatures(&[1.0, 2.0, 3.0], 2).is_err());
+        assert_eq!(inverse_temperatures(&[2.0], 2).unwrap(), vec![0.5, 0.5]);
+        assert!(Kind::parse("softmax").is_err());
+    }
+}
