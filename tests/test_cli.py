@@ -1,0 +1,118 @@
+"""The researcher's path end to end on tiny settings: train -> evaluate -> compare -> plot-weights,
+resume after an interruption, and the command line's refusals."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from keras_ee import cli, dumps, experiment
+from keras_ee.config import TrainConfig
+
+TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=64, val_size=200)
+
+
+def _history_epochs(run):
+    with open(run / "history.csv") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in ("baseline", "l2w"):
+        argv = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--method", method, "--epochs", "2",
+                "--batch-size", "64", "--val-size", "200", "--budget", "20K", "--quiet", "--out", str(root / method)]
+        assert cli.main(argv) == 0
+        out[method] = root / method
+    return out
+
+
+def test_train_writes_a_complete_run_folder(runs):
+    for method, run in runs.items():
+        for name in ("config.json", "model.keras", "history.csv", "costs.json", "dump/val_logits.npy",
+                     "eval/anytime.csv", "eval/budget.csv", "eval/budget.png"):
+            assert (run / name).exists(), f"{method}: {name} missing"
+        assert (run / "tensorboard").is_dir()
+        assert not (run / "backup").exists()  # removed once training finished
+        assert _history_epochs(run) == [0, 1]
+        d = dumps.load_dump(run / "dump")
+        costs = json.loads((run / "costs.json").read_text())
+        assert d.mul_adds == costs["mul_adds"] and d.num_classes == 10
+        # The dumped logits are the saved model's outputs.
+        model = keras.saving.load_model(run / "model.keras")
+        assert len(model.backbone.outputs) == d.num_exits
+        header = open(run / "history.csv").readline()
+        assert "exit_1_accuracy" in header and "val_budget_auc" in header
+    assert (runs["l2w"] / "l2w_samples.npz").is_file()
+    assert "exit_1_weight_mean" in open(runs["l2w"] / "history.csv").readline()
+
+
+def test_evaluate_compare_and_plot_weights(runs, tmp_path, capsys):
+    assert cli.main(["evaluate", str(runs["l2w"])]) == 0
+    printed = capsys.readouterr().out
+    assert "Anytime prediction" in printed and "Budgeted batch" in printed
+    assert cli.main(["compare", str(runs["baseline"]), str(runs["l2w"]), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["name"] for r in rows] == ["baseline", "l2w"] and all(0 <= r["auc"] <= 1 for r in rows)
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    assert cli.main(["plot-weights", str(runs["l2w"]), "--out", str(tmp_path / "w.png")]) == 0
+    assert (tmp_path / "w.png").is_file()
+    assert cli.main(["sweep", str(runs["l2w"] / "dump"), "--out", str(tmp_path / "sw")]) == 0
+    assert (tmp_path / "sw" / "budget.csv").is_file()
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_train_resumes_where_it_stopped(tmp_path):
+    cfg = TrainConfig(**TINY, method="baseline", evaluate=False)
+    cfg.epochs = 3
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(cfg, run, verbose=0, callbacks=[_Interrupt(2)])
+    assert (run / "backup").is_dir() and not (run / "model.keras").exists()
+    assert _history_epochs(run) == [0, 1]
+    experiment.train(cfg, run, verbose=0)
+    assert _history_epochs(run) == [0, 1, 2]  # epochs 0 and 1 were not trained again
+    assert (run / "model.keras").is_file()
+
+
+def test_a_different_config_in_an_existing_run_is_refused(tmp_path, capsys):
+    experiment.prepare_workdir(TrainConfig(**TINY), tmp_path)
+    with pytest.raises(ValueError, match="epochs: 2 -> 5"):
+        experiment.prepare_workdir(TrainConfig(**{**TINY, "epochs": 5}), tmp_path)
+    assert cli.main(["train", "--out", str(tmp_path), "--epochs", "5", "--dataset", "digits"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_cli_refusals_are_clear(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    assert "no dump/" in capsys.readouterr().err
+    assert cli.main(["train", "--dataset", "no-such-data", "--out", str(tmp_path / "x")]) == 2
+    assert "no-such-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--budget", "lots"])
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"epochz": 3}))
+    assert cli.main(["train", "--config", str(cfg_file)]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+
+def test_config_file_and_flags_combine(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('dataset = "digits"\nepochs = 7\nmethod = "l2w"\n[method_options]\nq = 0.5\n')
+    args = cli.build_parser().parse_args(["train", "--config", str(f), "--delta", "0.3", "--epochs", "9"])
+    cfg = cli._config_from_args(args)
+    assert cfg.epochs == 9 and cfg.method_options == {"q": 0.5, "delta": 0.3} and cfg.dataset == "digits"
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
