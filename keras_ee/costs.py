@@ -1,0 +1,307 @@
+"""Exact per-exit parameter and Mul-Add accounting for multi-exit models.
+
+`exit_costs` walks the Keras functional graph, one node at a time, and sums
+per-layer costs from static shapes (batch size 1). Counts are cumulative in
+the papers' sense: the figure for exit k covers everything executed before
+exit k's logits in stage-by-stage execution, i.e. the backbone up to exit k
+and every head 1..k. Stage boundaries come from the `stage_{k}_state_{i}`
+markers that `keras_ee.models` inserts (so a stage computes all its scales,
+as the reference code does, even those exit k itself does not read); for a
+model without markers a layer belongs to the first exit that depends on it.
+
+Counting rules (`rule="reference"`, architectures.md section 2: what the
+MSDNet/RANet op counter measures and what the papers publish as "Mul-Add"):
+
+| layer | ops |
+|---|---|
+| Conv (incl. depthwise/separable/transposed) | kernel size x output positions (input positions for transposed); no bias |
+| Dense | in*out (+ out with bias), per leading position |
+| ReLU / Activation / other activation layers | one per input element |
+| conv or Dense with a built-in non-linear activation | + one per output element |
+| Average/Max pooling | one per output element per window element |
+| Global pooling | one per input element |
+| BatchNorm/LayerNorm/GroupNorm, concat, add, resize, padding, reshape, identity, GradientScale | 0 |
+
+`rule="macs"` counts pure conv and Dense weight multiply-adds (no bias, no
+activations, no pooling). Parameters are the trainable weights of the layers
+met so far (BN moving statistics are not trainable and are not counted).
+Layers with trainable weights that the counter does not know raise a
+`ValueError` rather than being silently counted as free.
+
+Example:
+```python
+from keras_ee import models, costs
+model = models.create("msdnet_cifar_5", num_classes=100)
+costs.exit_costs(model)["mul_adds"][0]  # 6859876
+```
+"""
+
+import math
+
+import keras
+from keras import layers as L
+
+from keras_ee.models import graph
+
+RULES = ("reference", "macs")
+
+_TRANSPOSED = tuple(
+    getattr(L, n) for n in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose") if hasattr(L, n)
+)
+_SEPARABLE = tuple(getattr(L, n) for n in ("SeparableConv1D", "SeparableConv2D") if hasattr(L, n))
+_DEPTHWISE = tuple(getattr(L, n) for n in ("DepthwiseConv1D", "DepthwiseConv2D") if hasattr(L, n))
+_CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
+_POOL = tuple(
+    getattr(L, n)
+    for n in (
+        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
+        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    )
+)
+_GLOBAL_POOL = tuple(
+    getattr(L, n)
+    for n in (
+        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+    )
+)
+# Normalization layers: the reference counter gives BatchNorm 0 ops.
+_NORMALIZATION = tuple(
+    getattr(L, n)
+    for n in ("BatchNormalization", "LayerNormalization", "GroupNormalization")
+    if hasattr(L, n)
+)
+_ACTIVATION = tuple(
+    getattr(L, n)
+    for n in ("ReLU", "Activation", "LeakyReLU", "PReLU", "ELU", "Softmax")
+    if hasattr(L, n)
+)
+
+
+def _numel(shape):
+    """Elements of one sample (batch axis dropped)."""
+    dims = list(shape)[1:]
+    if any(d is None for d in dims):
+        raise ValueError(
+            f"Cannot count ops on a tensor with unknown dimensions {tuple(shape)}; "
+            "build the model with a fully static input_shape."
+        )
+    return math.prod(dims)
+
+
+def _has_activation(layer):
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return False
+    return getattr(act, "__name__", "") not in ("linear", "identity")
+
+
+def _node_ops(node, rule):
+    """Ops of one call of a layer (batch size 1)."""
+    layer = node.operation
+    reference = rule == "reference"
+    if isinstance(layer, keras.Model):
+        return _model_ops(layer, rule)
+    in_shape = node.input_tensors[0].shape if node.input_tensors else None
+    out_shape = node.outputs[0].shape
+    if isinstance(layer, _TRANSPOSED):
+        spatial = math.prod(in_shape[1:-1])
+        ops = math.prod(layer.kernel.shape) * spatial
+    elif isinstance(layer, _SEPARABLE):
+        spatial = math.prod(out_shape[1:-1])
+        ops = (math.prod(layer.depthwise_kernel.shape) + math.prod(layer.pointwise_kernel.shape)) * spatial
+    elif isinstance(layer, _DEPTHWISE):
+        ops = math.prod(layer.kernel.shape) * math.prod(out_shape[1:-1])
+    elif isinstance(layer, _CONV):
+        # kernel (k..., cin/groups, cout): groups are already in the kernel shape.
+        ops = math.prod(layer.kernel.shape) * math.prod(out_shape[1:-1])
+    elif isinstance(layer, L.Dense):
+        positions = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
+        ops = math.prod(layer.kernel.shape) * positions
+        if reference and layer.use_bias:
+            ops += layer.units * positions
+    elif isinstance(layer, _POOL):
+        return math.prod(layer.pool_size) * _numel(out_shape) if reference else 0
+    elif isinstance(layer, _GLOBAL_POOL):
+        return _numel(in_shape) if reference else 0
+    elif isinstance(layer, _ACTIVATION):
+        return _numel(in_shape) if reference else 0
+    elif isinstance(layer, _NORMALIZATION):
+        return 0
+    else:
+        if layer.trainable_weights:
+            raise ValueError(
+                f"keras_ee.costs cannot count layer {layer.name!r} of type "
+                f"{type(layer).__name__}: it has trainable weights but no counting "
+                "rule. Supported: Conv*/DepthwiseConv*/SeparableConv*/Conv*Transpose, "
+                "Dense, pooling, activations, and weight-free layers."
+            )
+        return 0
+    if reference and _has_activation(layer):
+        ops += _numel(out_shape)
+    return int(ops)
+
+
+def _model_ops(model, rule):
+    """Total ops of a nested model (all of its layers, one forward pass)."""
+    functional = model if hasattr(model, "outputs") and model.outputs else getattr(model, "_functional", None)
+    if functional is None:
+        raise ValueError(
+            f"keras_ee.costs cannot walk nested model {model.name!r}: it is not a "
+            "built functional or Sequential model."
+        )
+    return sum(_node_ops(n, rule) for n in graph.collect_nodes(functional.outputs))
+
+
+def _params(layer):
+    return int(sum(math.prod(w.shape) for w in layer.trainable_weights))
+
+
+def exit_costs(model, rule="reference"):
+    """Per-exit parameters and Mul-Adds of a multi-exit functional model.
+
+    Args:
+        model: a functional `keras.Model` whose outputs are the exits' logits
+            in exit order (e.g. from `keras_ee.models.create` or
+            `attach_exits`, or any multi-output functional model).
+        rule: `"reference"` (the papers' Mul-Add count) or `"macs"` (pure
+            conv + Dense weight multiply-adds).
+
+    Returns:
+        Dict of lists of ints, one entry per exit:
+        `params`, `mul_adds`: cumulative (backbone up to exit k plus heads
+        1..k; what a sample leaving at exit k costs);
+        `stage_params`, `stage_mul_adds`: only stage k (its backbone part and
+        head k), so the cumulative lists are their running sums;
+        `own_head_params`, `own_head_mul_adds`: backbone up to exit k plus
+        head k only (earlier heads excluded; not what the papers publish).
+
+    Example:
+    ```python
+    costs = exit_costs(keras_ee.models.create("multiexit_cnn"))
+    costs["mul_adds"]  # rises across exits
+    ```
+    """
+    if rule not in RULES:
+        raise ValueError(f"exit_costs: `rule` must be one of {list(RULES)}, received {rule!r}.")
+    if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
+        raise TypeError(
+            "exit_costs expects a built functional keras.Model, received "
+            f"{type(model).__name__}."
+        )
+    stages = graph.stage_nodes(model)
+    boundaries, has_markers = graph.stage_boundaries(model)
+    seen_layers = set()
+    stage_params, stage_ops, trunk_params, trunk_ops = [], [], [], []
+    num_exits = len(stages)
+    for k, nodes in enumerate(stages):
+        if k + 1 < num_exits:
+            later = boundaries[k + 1] if has_markers else model.outputs[k + 1:]
+            trunk = {id(n) for n in graph.collect_nodes(later, stop_tensors=boundaries[k])}
+        else:
+            trunk = set()
+        p = o = tp = to = 0
+        for node in nodes:
+            layer = node.operation
+            node_params = 0
+            if id(layer) not in seen_layers:
+                seen_layers.add(id(layer))
+                node_params = _params(layer)
+            node_ops = _node_ops(node, rule)
+            p += node_params
+            o += node_ops
+            if id(node) in trunk:
+                tp += node_params
+                to += node_ops
+        stage_params.append(p)
+        stage_ops.append(o)
+        trunk_params.append(tp)
+        trunk_ops.append(to)
+
+    def running(xs):
+        out, total = [], 0
+        for x in xs:
+            total += x
+            out.append(total)
+        return out
+
+    own_params = [
+        sum(trunk_params[:k]) + stage_params[k] for k in range(num_exits)
+    ]
+    own_ops = [sum(trunk_ops[:k]) + stage_ops[k] for k in range(num_exits)]
+    return {
+        "params": running(stage_params),
+        "mul_adds": running(stage_ops),
+        "stage_params": stage_params,
+        "stage_mul_adds": stage_ops,
+        "own_head_params": own_params,
+        "own_head_mul_adds": own_ops,
+    }
+
+
+def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2):
+    """Text table: one row per model, params and Mul-Adds for every exit.
+
+    Args:
+        costs_by_name: dict `name -> exit_costs(...)` result (needs `params`
+            and `mul_adds`).
+        params_scale: divisor for params (1e6 prints millions).
+        mul_adds_scale: divisor for Mul-Adds (1e6 prints millions).
+        decimals: digits after the decimal point.
+
+    Returns:
+        A string, e.g. `"msdnet_cifar_5  5  params(M)  0.30 0.65 ..."`.
+    """
+    if not isinstance(costs_by_name, dict):
+        raise TypeError(
+            f"format_table expects a dict name -> costs, received {type(costs_by_name).__name__}."
+        )
+    p_unit = {1: "", 1e3: "K", 1e6: "M", 1e9: "G"}.get(params_scale, f"/{params_scale:g}")
+    m_unit = {1: "", 1e3: "K", 1e6: "M", 1e9: "G"}.get(mul_adds_scale, f"/{mul_adds_scale:g}")
+    rows = []
+    for name, c in costs_by_name.items():
+        if "params" not in c or "mul_adds" not in c:
+            raise ValueError(f"format_table: entry {name!r} lacks 'params'/'mul_adds'.")
+        fmt = f"{{:.{decimals}f}}"
+        rows.append(
+            (
+                name,
+                str(len(c["params"])),
+                " ".join(fmt.format(x / params_scale) for x in c["params"]),
+                " ".join(fmt.format(x / mul_adds_scale) for x in c["mul_adds"]),
+            )
+        )
+    header = ("model", "exits", f"params ({p_unit}) per exit", f"Mul-Adds ({m_unit}) per exit")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    lines = ["  ".join(h.ljust(wd) for h, wd in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * wd for wd in widths))
+    for r in rows:
+        lines.append("  ".join(x.ljust(wd) for x, wd in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def presets_table(names=None, rule="reference", num_classes=None):
+    """Builds every preset (or `names`) and returns `format_table` of their costs.
+
+    This is the table printed by `keras-ee models`. Building the ImageNet
+    presets takes a few seconds each (no forward pass is run).
+
+    Args:
+        names: list of preset names, default `keras_ee.models.available()`.
+        rule: counting rule, see `exit_costs`.
+        num_classes: int or None (each preset's default class count).
+
+    Returns:
+        The table as a string.
+    """
+    from keras_ee import models
+
+    names = models.available() if names is None else list(names)
+    results = {}
+    for name in names:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        model = models.create(name, **kwargs)
+        results[name] = exit_costs(model, rule=rule)
+        del model
+        keras.backend.clear_session()
+    return format_table(results)

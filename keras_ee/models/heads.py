@@ -1,0 +1,165 @@
+"""Building blocks shared by the architectures: conv-BN-ReLU units and exits.
+
+Every convolution is followed by `BatchNormalization(epsilon=1e-5,
+momentum=0.9)` (PyTorch's defaults) and a separate `ReLU` layer, so that
+`keras_ee.costs` sees each ReLU as the reference op counter does. Strided
+convolutions use explicit symmetric `ZeroPadding2D` followed by a "valid"
+convolution, which is numerically PyTorch's `padding=(k-1)//2` (Keras'
+"same" pads asymmetrically at stride 2).
+"""
+
+import math
+
+import keras
+from keras import layers
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def torch_default_init():
+    """PyTorch's default conv/linear kernel init, U(+-1/sqrt(fan_in))."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+    )
+
+
+def he_fan_out_init():
+    """The reference code's intended conv init, N(0, sqrt(2 / (k*k*cout)))."""
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def torch_default_bias_init(fan_in):
+    """PyTorch's default bias init, U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(minval=-bound, maxval=bound)
+
+
+def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
+    """Conv (no bias) -> BatchNorm -> ReLU with symmetric padding (k-1)//2.
+
+    Args:
+        x: 4D channels-last tensor.
+        filters: int, output channels.
+        kernel_size: int, odd square kernel size.
+        strides: int, 1 or 2.
+        name: str, prefix of the three (or four) layer names.
+        kernel_initializer: Keras initializer for the kernel.
+
+    Returns:
+        The activated tensor.
+    """
+    pad = (kernel_size - 1) // 2
+    if strides > 1 and pad:
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        # At stride 1 with an odd kernel "same" is symmetric already.
+        padding = "same"
+    x = layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=kernel_initializer,
+        name=f"{name}_conv",
+    )(x)
+    x = layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"
+    )(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def bottleneck_unit(
+    x, filters, strides, bottleneck_width, name, kernel_initializer, bottleneck=True
+):
+    """MSDNet/RANet unit: 1x1 CBR to `min(cin, width*filters)`, then 3x3 CBR.
+
+    Args:
+        x: 4D input tensor with `cin` channels.
+        filters: int, output channels.
+        strides: int, stride of the 3x3 conv.
+        bottleneck_width: int, the bottleneck factor `w`.
+        name: str, layer-name prefix.
+        kernel_initializer: Keras initializer.
+        bottleneck: bool, use the 1x1 bottleneck (reference default True).
+
+    Returns:
+        Tensor with `filters` channels.
+    """
+    if bottleneck:
+        inner = min(int(x.shape[-1]), bottleneck_width * filters)
+        x = conv_bn_relu(x, inner, 1, 1, f"{name}_a", kernel_initializer)
+    return conv_bn_relu(x, filters, 3, strides, f"{name}_b", kernel_initializer)
+
+
+def pooled_logits(x, exit_index, num_classes, dense_kernel_initializer, dense_bias_initializer):
+    """Global average pool (`exit_{k}_features`) then Dense logits (`exit_{k}`)."""
+    features = layers.GlobalAveragePooling2D(name=f"exit_{exit_index}_features")(x)
+    return layers.Dense(
+        num_classes,
+        kernel_initializer=dense_kernel_initializer,
+        bias_initializer=dense_bias_initializer,
+        name=f"exit_{exit_index}",
+    )(features)
+
+
+def conv_head(
+    x,
+    exit_index,
+    num_classes,
+    channels=128,
+    kernel_initializer=None,
+    zero_dense_bias=False,
+):
+    """MSDNet/RANet classifier: two stride-2 3x3 CBRs, average pool, Dense.
+
+    With `channels=128` this is the CIFAR head `Hc(C)`; with `channels=None`
+    the convs keep the input width, which is the ImageNet head `Hi(C)`. The
+    pool averages the whole remaining map; on the 2x2 map the papers' inputs
+    produce it equals their 2x2 average pool.
+
+    Args:
+        x: 4D tensor at the exit's branch point.
+        exit_index: int, 1-based exit index (sets the layer names).
+        num_classes: int.
+        channels: int or None, width of the two head convs.
+        kernel_initializer: conv kernel initializer (PyTorch default if None).
+        zero_dense_bias: bool, zero Dense bias (RANet) instead of PyTorch's
+            U(+-1/sqrt(in)).
+
+    Returns:
+        Logits tensor from the Dense layer named `exit_{exit_index}`.
+    """
+    kernel_initializer = kernel_initializer or torch_default_init()
+    width = int(x.shape[-1]) if channels is None else channels
+    prefix = f"exit_{exit_index}_head"
+    x = conv_bn_relu(x, width, 3, 2, f"{prefix}_1", kernel_initializer)
+    x = conv_bn_relu(x, width, 3, 2, f"{prefix}_2", kernel_initializer)
+    bias = "zeros" if zero_dense_bias else torch_default_bias_init(width)
+    return pooled_logits(x, exit_index, num_classes, torch_default_init(), bias)
+
+
+def branch_and_trunk(x, exit_index, num_exits, gradient_equilibrium, has_trunk=True):
+    """Inserts the `exit_{k}_branch` / `exit_{k}_trunk` GradientScale layers.
+
+    IMTA's gradient equilibrium scales the gradient into head k by
+    1/(K-k+1) and into the deeper layers by (K-k)/(K-k+1); otherwise both
+    scales are 1.0 (identity).
+
+    Returns:
+        `(branch, trunk)` tensors; `trunk` is None when `has_trunk` is False.
+    """
+    from keras_ee.models.layers import GradientScale
+
+    remaining = num_exits - exit_index + 1
+    branch_scale = 1.0 / remaining if gradient_equilibrium else 1.0
+    trunk_scale = (remaining - 1) / remaining if gradient_equilibrium else 1.0
+    branch = GradientScale(branch_scale, name=f"exit_{exit_index}_branch")(x)
+    trunk = None
+    if has_trunk:
+        trunk = GradientScale(trunk_scale, name=f"exit_{exit_index}_trunk")(x)
+    return branch, trunk
