@@ -1,0 +1,324 @@
+"""The `DatasetSplits` object that every loader returns."""
+
+import numpy as np
+
+from keras_ee.data import splits as splits_lib
+
+
+class DatasetSplits:
+    """Train / validation / test splits of an image classification dataset.
+
+    The common interface of every loader (see `keras_ee.data.load`). The
+    validation split is held out from the training set, is never augmented
+    and is meant for threshold calibration; the test split is the dataset's
+    own. Images come out of the pipelines as float32 NHWC, normalized with
+    the per-channel `mean` and `std` of the training split (pixels scaled to
+    [0, 1] first), labels as int32.
+
+    Attributes:
+        name: str. Dataset name, e.g. `"cifar100"` or `"cifar100-lt100"`.
+        num_classes: int.
+        class_names: list of str, index = label.
+        input_shape: tuple (H, W, C) of the images the pipelines produce.
+        mean: float32 array (C,). Per-channel mean of the training split.
+        std: float32 array (C,). Per-channel standard deviation.
+        num_train, num_val, num_test: int. Split sizes.
+        imbalance_factor: float or None. Long-tail factor of the training
+            split (`None` for the dataset as published).
+    """
+
+    name = None
+    num_classes = None
+    class_names = None
+    input_shape = None
+    mean = None
+    std = None
+    num_train = None
+    num_val = None
+    num_test = None
+    imbalance_factor = None
+
+    def train_dataset(
+        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+    ):
+        """Training pipeline: shuffled and augmented (by default) batches."""
+        raise NotImplementedError
+
+    def val_dataset(self, batch_size):
+        """Validation pipeline: not augmented, not shuffled."""
+        raise NotImplementedError
+
+    def test_dataset(self, batch_size):
+        """Test pipeline: not augmented, not shuffled."""
+        raise NotImplementedError
+
+    def val_labels(self):
+        """Validation labels (int64), in the order of `val_dataset`."""
+        raise NotImplementedError
+
+    def test_labels(self):
+        """Test labels (int64), in the order of `test_dataset`."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return (
+            f"<{type(self).__name__} {self.name}: {self.num_classes} classes, "
+            f"input {self.input_shape}, train/val/test = "
+            f"{self.num_train}/{self.num_val}/{self.num_test}>"
+        )
+
+
+def _check_images(x, what):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). "
+            f"Received shape {x.shape}."
+        )
+    return x
+
+
+class ArraySplits(DatasetSplits):
+    """`DatasetSplits` over in-memory NumPy arrays.
+
+    Images are kept in their stored dtype (uint8 for the image datasets, so
+    CIFAR's 50,000 training images take 150 MB, not 600 MB) and scaled with
+    `pixel_scale` inside the pipeline.
+
+    Args:
+        name: str. Dataset name.
+        x_train, y_train: training images (N, H, W[, C]) and labels (N,).
+        x_val, y_val: validation images and labels.
+        x_test, y_test: test images and labels.
+        class_names: list of str, one per class.
+        pixel_scale: float. Multiplies the stored pixels to bring them to
+            [0, 1] (1/255 for uint8 images, 1 for float images).
+        augment_pad: int. Zero padding before the random crop (0: no crop).
+        augment_flip: bool. Random horizontal flips.
+        imbalance_factor: float or None. Recorded long-tail factor.
+        mean, std: float arrays (C,), optional. Normalization statistics;
+            computed on `x_train` when not given.
+
+    Example:
+
+    ```python
+    splits = ArraySplits("toy", x_tr, y_tr, x_va, y_va, x_te, y_te,
+                         class_names=["a", "b"], pixel_scale=1 / 255,
+                         augment_pad=4, augment_flip=True)
+    ds = splits.train_dataset(batch_size=128)
+    ```
+    """
+
+    def __init__(
+        self,
+        name,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        x_test,
+        y_test,
+        class_names,
+        pixel_scale=1.0 / 255.0,
+        augment_pad=0,
+        augment_flip=False,
+        imbalance_factor=None,
+        mean=None,
+        std=None,
+    ):
+        self.name = name
+        self.class_names = [str(c) for c in class_names]
+        self.num_classes = len(self.class_names)
+        if self.num_classes < 2:
+            raise ValueError(
+                f"Expected at least 2 classes. Received class names {class_names!r}."
+            )
+        arrays = {}
+        for part, x, y in (
+            ("train", x_train, y_train),
+            ("val", x_val, y_val),
+            ("test", x_test, y_test),
+        ):
+            x = _check_images(x, f"x_{part}")
+            y = splits_lib._check_labels(y, self.num_classes, f"y_{part}")
+            if len(x) != len(y):
+                raise ValueError(
+                    f"Expected as many labels as images in the {part} split. "
+                    f"Received {len(x)} images and {len(y)} labels."
+                )
+            arrays[part] = (x, y)
+        shapes = {part: xy[0].shape[1:] for part, xy in arrays.items() if len(xy[0])}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"Expected one image shape for all splits. Received {shapes}.")
+        if len(arrays["train"][0]) == 0:
+            raise ValueError("Expected a non-empty training split.")
+        self._x_train, self._y_train = arrays["train"]
+        self._x_val, self._y_val = arrays["val"]
+        self._x_test, self._y_test = arrays["test"]
+        self.input_shape = tuple(int(d) for d in self._x_train.shape[1:])
+        self.pixel_scale = float(pixel_scale)
+        self.augment_pad = int(augment_pad)
+        self.augment_flip = bool(augment_flip)
+        self.imbalance_factor = imbalance_factor
+        if mean is None or std is None:
+            mean, std = splits_lib.channel_stats(self._x_train, self.pixel_scale)
+        self.mean = np.asarray(mean, np.float32).reshape(-1)
+        self.std = np.asarray(std, np.float32).reshape(-1)
+        if self.mean.shape != (self.input_shape[-1],) or self.std.shape != self.mean.shape:
+            raise ValueError(
+                f"Expected `mean` and `std` of shape ({self.input_shape[-1]},). "
+                f"Received {self.mean.shape} and {self.std.shape}."
+            )
+        # A constant channel (std 0) would divide by zero; leave it unscaled.
+        self.std = np.where(self.std > 0, self.std, np.float32(1.0)).astype(np.float32)
+        self.num_train = len(self._x_train)
+        self.num_val = len(self._x_val)
+        self.num_test = len(self._x_test)
+        self._tensors = {}
+
+    def _pipeline(self, part, batch_size, **kwargs):
+        from keras_ee.data import pipeline
+
+        x, y = getattr(self, f"_x_{part}"), getattr(self, f"_y_{part}")
+        if part not in self._tensors:
+            import tensorflow as tf
+
+            # Converted once: later pipelines reuse the same tensors.
+            self._tensors[part] = (
+                tf.convert_to_tensor(x),
+                tf.convert_to_tensor(y.astype(np.int32)),
+            )
+        tx, ty = self._tensors[part]
+        return pipeline.array_dataset(
+            tx,
+            ty,
+            batch_size,
+            self.pixel_scale,
+            self.mean,
+            self.std,
+            pad=self.augment_pad,
+            flip=self.augment_flip,
+            **kwargs,
+        )
+
+    def train_dataset(
+        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+    ):
+        """Training pipeline.
+
+        Args:
+            batch_size: int > 0.
+            seed: int or None. Seed of the shuffle and of the augmentation
+                (reproducible for a given seed, different at every epoch).
+            augment: bool. Random crop (`augment_pad`) and flip
+                (`augment_flip`), applied to raw pixels before normalization.
+            shuffle: bool. Reshuffle at every epoch.
+            drop_remainder: bool. Drop the last incomplete batch.
+
+        Returns:
+            `tf.data.Dataset` of (x float32 (B, H, W, C), y int32 (B,)).
+        """
+        return self._pipeline(
+            "train",
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            augment=augment,
+            drop_remainder=drop_remainder,
+        )
+
+    def val_dataset(self, batch_size):
+        """Validation pipeline: normalized, never augmented, fixed order."""
+        return self._pipeline("val", batch_size)
+
+    def test_dataset(self, batch_size):
+        """Test pipeline: normalized, never augmented, fixed order."""
+        return self._pipeline("test", batch_size)
+
+    def train_labels(self):
+        """Training labels (int64), in stored order (before shuffling)."""
+        return self._y_train.copy()
+
+    def val_labels(self):
+        return self._y_val.copy()
+
+    def test_labels(self):
+        return self._y_test.copy()
+
+    def train_class_counts(self):
+        """Number of training samples per class, int64 array (num_classes,)."""
+        return np.bincount(self._y_train, minlength=self.num_classes)
+
+
+def build_array_splits(
+    name,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    class_names,
+    val_size,
+    seed=0,
+    imbalance_factor=None,
+    pixel_scale=1.0 / 255.0,
+    augment_pad=0,
+    augment_flip=False,
+):
+    """Long-tail (optional), hold out validation, and wrap into `ArraySplits`.
+
+    Order of operations, following the L2W-DEN paper: the long-tailed
+    training set is built from the full official training set (Cui et al.),
+    and the validation set is then held out from it ("an extra validation set
+    from the training data"), stratified, so it is long-tailed too; the test
+    set stays balanced. The long-tailed subset itself is a fixed, seeded
+    (seed 0) choice, i.e. the same dataset for every run; `seed` only moves
+    the validation split.
+
+    Args:
+        name: str. Base dataset name (a `-lt<factor>` suffix is added when
+            `imbalance_factor` is set).
+        x_train, y_train, x_test, y_test: arrays of the official splits.
+        class_names: list of str.
+        val_size: int or float. Validation size (count or fraction of the
+            training set after the long-tail subsampling).
+        seed: int. Seed of the validation split.
+        imbalance_factor: float >= 1 or None.
+        pixel_scale, augment_pad, augment_flip: see `ArraySplits`.
+
+    Returns:
+        `ArraySplits`.
+    """
+    num_classes = len(class_names)
+    x_train = _check_images(x_train, "x_train")
+    y_train = splits_lib._check_labels(y_train, num_classes, "y_train")
+    if len(x_train) != len(y_train):
+        raise ValueError(
+            "Expected as many training labels as images. "
+            f"Received {len(x_train)} images and {len(y_train)} labels."
+        )
+    if imbalance_factor is not None:
+        keep = splits_lib.long_tail_indices(
+            y_train, imbalance_factor, num_classes, seed=0
+        )
+        x_train, y_train = x_train[keep], y_train[keep]
+        factor = float(imbalance_factor)
+        name = f"{name}-lt{int(factor) if factor.is_integer() else factor:g}"
+    train_idx, val_idx = splits_lib.stratified_split(
+        y_train, val_size, seed=seed, num_classes=num_classes
+    )
+    return ArraySplits(
+        name,
+        x_train[train_idx],
+        y_train[train_idx],
+        x_train[val_idx],
+        y_train[val_idx],
+        x_test,
+        y_test,
+        class_names,
+        pixel_scale=pixel_scale,
+        augment_pad=augment_pad,
+        augment_flip=augment_flip,
+        imbalance_factor=None if imbalance_factor is None else float(imbalance_factor),
+    )

@@ -1,0 +1,236 @@
+"""ImageNet (ILSVRC 2012) through tensorflow_datasets with a manual download.
+
+ImageNet cannot be downloaded automatically: get `ILSVRC2012_img_train.tar`
+and `ILSVRC2012_img_val.tar` from image-net.org and pass their folder as
+`data_dir`. The first `load("imagenet", data_dir=...)` then runs the
+tensorflow_datasets preparation (hours, ~150 GB) into the tensorflow_datasets
+data directory (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`); a `data_dir`
+that already holds a prepared `imagenet2012/` is used directly.
+
+Choices, documented:
+
+* Validation: the first `val_size` (default 50,000, as MSDNet) images of
+  tensorflow_datasets' training split, which is stored in a fixed
+  pseudo-random order; `seed` does not move this split (re-sharding 1.2 M
+  images per seed would be wasteful). Test: the official 50,000-image
+  validation set.
+* Normalization: the usual ImageNet channel statistics (`MEAN`, `STD`),
+  not recomputed over 1.2 M images.
+* Augmentation (training): random-resized crop (area 8%-100%, aspect
+  3/4-4/3) to 224x224 and a horizontal flip; evaluation: resize the shorter
+  side to 256 and take the central 224x224 crop.
+"""
+
+import os
+
+import numpy as np
+
+from keras_ee.data.base import DatasetSplits
+
+TFDS_NAME = "imagenet2012"
+MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGE_SIZE = 224
+RESIZE_SIZE = 256
+
+
+def _normalize(image):
+    import tensorflow as tf
+
+    return (tf.cast(image, tf.float32) / 255.0 - MEAN) / STD
+
+
+def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE):
+    """Random-resized crop and flip of one encoded JPEG, normalized.
+
+    Args:
+        jpeg_bytes: scalar string tensor, an encoded JPEG.
+        seed: int tensor of shape (2,), stateless seed.
+        image_size: int. Output height and width.
+
+    Returns:
+        float32 tensor (image_size, image_size, 3).
+    """
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    shape = tf.io.extract_jpeg_shape(jpeg_bytes)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+        seed=seeds[0],
+        min_object_covered=0.0,
+        aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.image.decode_and_crop_jpeg(jpeg_bytes, window, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    return _normalize(image)
+
+
+def eval_preprocess(jpeg_bytes, image_size=IMAGE_SIZE, resize_size=RESIZE_SIZE):
+    """Resize (shorter side `resize_size`) and central crop, normalized.
+
+    Args:
+        jpeg_bytes: scalar string tensor, an encoded JPEG.
+        image_size: int. Output height and width.
+        resize_size: int. Shorter side after resizing.
+
+    Returns:
+        float32 tensor (image_size, image_size, 3).
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_jpeg(jpeg_bytes, channels=3)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    ratio = resize_size / tf.reduce_min(hw)
+    new_hw = tf.cast(tf.round(hw * ratio), tf.int32)
+    image = tf.image.resize(image, new_hw, method="bilinear")
+    top = (new_hw[0] - image_size) // 2
+    left = (new_hw[1] - image_size) // 2
+    image = image[top : top + image_size, left : left + image_size, :]
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
+    return _normalize(image)
+
+
+def _prepared_builder(data_dir):
+    """A prepared imagenet2012 builder, preparing it from manual files if needed."""
+    import tensorflow_datasets as tfds
+
+    searched = []
+    for tfds_dir in ([data_dir] if data_dir else []) + [None]:
+        builder = tfds.builder(TFDS_NAME, data_dir=tfds_dir)
+        searched.append(str(builder.data_dir))
+        if builder.is_prepared():
+            return builder
+    manual = os.path.expanduser(str(data_dir)) if data_dir else None
+    if manual and all(os.path.isfile(os.path.join(manual, f)) for f in MANUAL_FILES):
+        builder = tfds.builder(TFDS_NAME)
+        print(
+            f"keras_ee.data: preparing ImageNet from {manual} into {builder.data_dir} "
+            "(one-time; this takes hours)."
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual)
+        )
+        return builder
+    present = (
+        [f for f in MANUAL_FILES if os.path.isfile(os.path.join(manual, f))] if manual else []
+    )
+    raise FileNotFoundError(
+        "ImageNet needs a manual download: put "
+        + " and ".join(MANUAL_FILES)
+        + " (from image-net.org) in a folder and pass it as `data_dir`. "
+        + (
+            f"`data_dir`={manual} holds {', '.join(present) or 'neither file'}. "
+            if manual
+            else "No `data_dir` was given. "
+        )
+        + f"No prepared {TFDS_NAME} was found in {', '.join(searched)}."
+    )
+
+
+class ImageNetSplits(DatasetSplits):
+    """ImageNet splits streamed from tensorflow_datasets (see module docs).
+
+    Args:
+        data_dir: str or None. Folder with the manual-download tar files, or a
+            tensorflow_datasets data directory holding a prepared copy.
+        val_size: int. Images held out from the training split (default
+            50,000).
+        image_size: int. Side of the square crops (default 224).
+    """
+
+    def __init__(self, data_dir=None, val_size=50000, image_size=IMAGE_SIZE):
+        import tensorflow_datasets as tfds
+
+        self._tfds = tfds
+        self._builder = _prepared_builder(data_dir)
+        total = self._builder.info.splits["train"].num_examples
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)):
+            raise TypeError(f"Expected an int `val_size` for ImageNet. Received {val_size!r}.")
+        if not 0 <= val_size < total:
+            raise ValueError(f"Expected `val_size` in [0, {total}). Received {val_size}.")
+        self.name = "imagenet"
+        self.class_names = list(self._builder.info.features["label"].names)
+        self.num_classes = len(self.class_names)
+        self.input_shape = (image_size, image_size, 3)
+        self.image_size = image_size
+        self.mean, self.std = MEAN.copy(), STD.copy()
+        self._val_size = int(val_size)
+        self.num_train = total - self._val_size
+        self.num_val = self._val_size
+        self.num_test = self._builder.info.splits["validation"].num_examples
+        self._splits = {
+            "train": f"train[{self._val_size}:]",
+            "val": f"train[:{self._val_size}]",
+            "test": "validation",
+        }
+        self._labels = {}
+
+    def _raw(self, part, shuffle=False, seed=None):
+        tfds = self._tfds
+        return self._builder.as_dataset(
+            split=self._splits[part],
+            shuffle_files=shuffle,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+
+    def train_dataset(
+        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+    ):
+        import tensorflow as tf
+
+        ds = self._raw("train", shuffle=shuffle, seed=seed)
+        if shuffle:
+            ds = ds.shuffle(16 * batch_size, seed=seed, reshuffle_each_iteration=True)
+        size = self.image_size
+        if augment:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip((ds, seeds.batch(2)))
+            ds = ds.map(
+                lambda e, s: (train_preprocess(e["image"], s, size), tf.cast(e["label"], tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        else:
+            ds = ds.map(
+                lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+    def _eval_dataset(self, part, batch_size):
+        import tensorflow as tf
+
+        size = self.image_size
+        ds = self._raw(part).map(
+            lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def val_dataset(self, batch_size):
+        return self._eval_dataset("val", batch_size)
+
+    def test_dataset(self, batch_size):
+        return self._eval_dataset("test", batch_size)
+
+    def _part_labels(self, part):
+        if part not in self._labels:
+            ds = self._raw(part).map(lambda e: e["label"]).batch(4096)
+            self._labels[part] = np.concatenate(
+                [np.asarray(b, np.int64) for b in self._tfds.as_numpy(ds)] or [np.zeros(0, np.int64)]
+            )
+        return self._labels[part].copy()
+
+    def val_labels(self):
+        return self._part_labels("val")
+
+    def test_labels(self):
+        return self._part_labels("test")
