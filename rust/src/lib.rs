@@ -5,8 +5,11 @@
 //! feature. Layout everywhere: exits first, `(K, N)` row-major.
 
 pub mod error;
+pub mod calibrate;
 pub mod fastmath;
 pub mod scores;
+pub mod simulate;
+pub mod sweep;
 
 #[cfg(feature = "python")]
 mod python;

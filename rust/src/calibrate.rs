@@ -1,0 +1,400 @@
+//! Threshold calibration for budgeted batch classification (MSDNet semantics).
+//!
+//! For exits k = 1..K-1 (0-based 0..K-2), with `n_k = floor(f64(N) * f_k)` computed as
+//! one IEEE float64 multiplication followed by `floor` (exactly numpy's
+//! `np.floor(N * f)`):
+//! - `n_k == 0`, or no sample left: `T_k = +inf` (the exit takes no sample);
+//! - otherwise `T_k` is the `min(n_k, remaining)`-th largest score at exit k among
+//!   the samples that have not exited yet (so when `n_k` exceeds the remaining
+//!   count, `T_k` is the lowest remaining score and every remaining sample exits);
+//! - every remaining sample with `s >= T_k` exits at k (ties can take more than `n_k`).
+//!
+//! `T_K = -inf`: the last exit takes the rest. Thresholds are the `f32` scores
+//! widened to `f64` exactly.
+//!
+//! Fast path ([`SortedExits`]): each exit's scores are radix-sorted once
+//! (descending); a calibration then walks each exit's order, skipping samples
+//! already gone (a bitset), until `n_k` remaining samples are counted, plus ties.
+//! Many budgets share one sort.
+
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Fractions for the geometric split `f_k = q^k / sum_j q^j`, k = 1..K.
+///
+/// Computed without overflow or underflow as normalised powers: for `q <= 1`,
+/// `w_1 = 1, w_{k+1} = w_k * q`; for `q > 1`, `w_K = 1, w_{k-1} = w_k / q`; then
+/// `f_k = w_k / (w_1 + ... + w_K)` (summed left to right).
+pub fn geometric_fractions(q: f64, num_exits: usize) -> Result<Vec<f64>> {
+    check_q(q, num_exits, false)?;
+    let mut w = vec![1.0f64; num_exits];
+    if q <= 1.0 {
+        for k in 1..num_exits {
+            w[k] = w[k - 1] * q;
+        }
+    } else {
+        for k in (0..num_exits - 1).rev() {
+            w[k] = w[k + 1] / q;
+        }
+    }
+    let total: f64 = w.iter().fold(0.0, |a, &b| a + b);
+    Ok(w.iter().map(|&x| x / total).collect())
+}
+
+/// Fractions for the per-stage split: a fraction `q` of the samples expected to reach
+/// exit k leave there, `f_k = q (1-q)^(k-1)` for k < K, `f_K = (1-q)^(K-1)`.
+///
+/// `r` runs as `r_1 = 1, r_{k+1} = r_k * (1 - q)`; `f_k = r_k * q`, `f_K = r_K`.
+pub fn per_stage_fractions(q: f64, num_exits: usize) -> Result<Vec<f64>> {
+    check_q(q, num_exits, true)?;
+    let mut f = Vec::with_capacity(num_exits);
+    let mut r = 1.0f64;
+    for _ in 0..num_exits - 1 {
+        f.push(r * q);
+        r *= 1.0 - q;
+    }
+    f.push(r);
+    Ok(f)
+}
+
+fn check_q(q: f64, num_exits: usize, per_stage: bool) -> Result<()> {
+    if num_exits == 0 {
+        return Err(Error::new("num_exits must be >= 1; received 0"));
+    }
+    if num_exits > MAX_EXITS {
+        return Err(Error::new(format!("num_exits must be <= {MAX_EXITS}; received {num_exits}")));
+    }
+    if per_stage {
+        if !(q > 0.0 && q <= 1.0) {
+            return Err(Error::new(format!("q must be in (0, 1] for the per-stage split; received {q}")));
+        }
+    } else if !(q > 0.0 && q.is_finite()) {
+        return Err(Error::new(format!("q must be positive and finite; received {q}")));
+    }
+    Ok(())
+}
+
+/// Exit indices are stored as `u8`.
+pub const MAX_EXITS: usize = 255;
+
+/// Checks `fractions` (K,): finite, >= 0, summing to 1 within 1e-9.
+pub fn validate_fractions(fractions: &[f64], num_exits: usize) -> Result<()> {
+    if fractions.len() != num_exits {
+        return Err(Error::new(format!(
+            "fractions must have K={num_exits} entries (one per exit, as scores.shape[0]); received {}",
+            fractions.len()
+        )));
+    }
+    if let Some((k, f)) = fractions.iter().enumerate().find(|(_, f)| !(f.is_finite() && **f >= 0.0)) {
+        return Err(Error::new(format!("fractions must be finite and >= 0; received {f} at exit {k}")));
+    }
+    let total: f64 = fractions.iter().sum();
+    if (total - 1.0).abs() > 1e-9 {
+        return Err(Error::new(format!("fractions must sum to 1 (tolerance 1e-9); they sum to {total}")));
+    }
+    Ok(())
+}
+
+/// `n_k = floor(f64(N) * f_k)` for each exit.
+pub fn quotas(n: usize, fractions: &[f64]) -> Vec<usize> {
+    fractions.iter().map(|&f| (n as f64 * f).floor() as usize).collect()
+}
+
+/// Checks a `(K, N)` row-major score array: shape consistent, non-empty, all finite.
+pub fn validate_scores(name: &str, scores: &[f32], k: usize, n: usize) -> Result<()> {
+    if k == 0 || n == 0 {
+        return Err(Error::new(format!(
+            "{name} must be a non-empty (K, N) array; received shape ({k}, {n})"
+        )));
+    }
+    if k > MAX_EXITS {
+        return Err(Error::new(format!("{name} has K={k} exits; at most {MAX_EXITS} are supported")));
+    }
+    if scores.len() != k * n {
+        return Err(Error::new(format!("{name} has {} values; expected K*N = {}", scores.len(), k * n)));
+    }
+    let bad = scores
+        .par_chunks(1 << 16)
+        .enumerate()
+        .filter_map(|(c, ch)| {
+            // Sum of `x - x` is NaN iff some x is NaN or inf: a cheap vectorised test first.
+            let z: f32 = ch.iter().fold(0.0, |a, &x| a + (x - x));
+            if z == 0.0 {
+                None
+            } else {
+                ch.iter().position(|x| !x.is_finite()).map(|p| (c << 16) + p)
+            }
+        })
+        .min();
+    if let Some(p) = bad {
+        return Err(Error::new(format!(
+            "{name} must be finite; found {} at exit k={}, sample i={}",
+            scores[p],
+            p / n,
+            p % n
+        )));
+    }
+    Ok(())
+}
+
+/// Order-preserving map of finite `f32` to `u32` keys, reversed (descending scores first).
+/// `-0.0` is folded into `+0.0` so equal scores get equal keys.
+#[inline(always)]
+fn desc_key(s: f32) -> u32 {
+    let b = (s + 0.0).to_bits();
+    let asc = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    !asc
+}
+
+#[inline(always)]
+fn key_to_score(key: u32) -> f32 {
+    let asc = !key;
+    f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
+}
+
+/// LSD radix sort of `(key, index)` by key ascending, 11-bit digits; a pass whose
+/// digit is the same for every key is skipped (common for scores in [0, 1]).
+fn radix_sort(keys: &mut Vec<u32>, idx: &mut Vec<u32>) {
+    let n = keys.len();
+    let mut k2 = vec![0u32; n];
+    let mut i2 = vec![0u32; n];
+    for shift in [0u32, 11, 22] {
+        let mut hist = vec![0usize; 2048];
+        for &k in keys.iter() {
+            hist[((k >> shift) & 2047) as usize] += 1;
+        }
+        if hist.iter().any(|&h| h == n) {
+            continue;
+        }
+        let mut sum = 0;
+        for h in hist.iter_mut() {
+            let c = *h;
+            *h = sum;
+            sum += c;
+        }
+        for (&k, &i) in keys.iter().zip(idx.iter()) {
+            let d = ((k >> shift) & 2047) as usize;
+            let p = hist[d];
+            k2[p] = k;
+            i2[p] = i;
+            hist[d] = p + 1;
+        }
+        std::mem::swap(keys, &mut k2);
+        std::mem::swap(idx, &mut i2);
+    }
+}
+
+/// Scores of exits 0..K-1 sorted once, descending, shared by many calibrations.
+pub struct SortedExits {
+    k: usize,
+    n: usize,
+    /// `(K-1) * N` sample ids, exit-major, by descending score.
+    order: Vec<u32>,
+    /// The matching scores.
+    sorted: Vec<f32>,
+}
+
+impl SortedExits {
+    /// Sorts every exit but the last (whose threshold is always `-inf`); parallel over exits.
+    /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`).
+    pub fn new(scores: &[f32], k: usize, n: usize) -> SortedExits {
+        let per_exit: Vec<(Vec<u32>, Vec<f32>)> = (0..k.saturating_sub(1))
+            .into_par_iter()
+            .map(|e| {
+                let row = &scores[e * n..(e + 1) * n];
+                let mut keys: Vec<u32> = row.iter().map(|&s| desc_key(s)).collect();
+                let mut idx: Vec<u32> = (0..n as u32).collect();
+                radix_sort(&mut keys, &mut idx);
+                let sorted = keys.iter().map(|&key| key_to_score(key)).collect();
+                (idx, sorted)
+            })
+            .collect();
+        let mut order = Vec::with_capacity((k - 1) * n);
+        let mut sorted = Vec::with_capacity((k - 1) * n);
+        for (o, s) in per_exit {
+            order.extend_from_slice(&o);
+            sorted.extend_from_slice(&s);
+        }
+        SortedExits { k, n, order, sorted }
+    }
+
+    /// Thresholds `(K,)` for the per-exit quotas `n_k` (see the module docs).
+    pub fn calibrate(&self, quota: &[usize]) -> Vec<f64> {
+        let (k, n) = (self.k, self.n);
+        let mut gone = vec![0u64; n.div_ceil(64)];
+        let mut remaining = n;
+        let mut thr = vec![f64::INFINITY; k];
+        for e in 0..k - 1 {
+            let target = quota[e].min(remaining);
+            if target == 0 {
+                continue; // T = +inf: nothing exits here
+            }
+            let order = &self.order[e * n..(e + 1) * n];
+            let sorted = &self.sorted[e * n..(e + 1) * n];
+            let mut count = 0usize;
+            let mut p = 0usize;
+            // Walk the descending order; mark every visited sample as gone (already-gone
+            // ones stay gone) and count the ones that were still there. Branch-free body.
+            while count < target {
+                let id = order[p] as usize;
+                let (w, bit) = (id >> 6, 1u64 << (id & 63));
+                count += (gone[w] & bit == 0) as usize;
+                gone[w] |= bit;
+                p += 1;
+            }
+            let t = sorted[p - 1];
+            // Ties with the threshold exit too.
+            while p < n && sorted[p] == t {
+                let id = order[p] as usize;
+                let (w, bit) = (id >> 6, 1u64 << (id & 63));
+                count += (gone[w] & bit == 0) as usize;
+                gone[w] |= bit;
+                p += 1;
+            }
+            remaining -= count;
+            thr[e] = t as f64;
+        }
+        thr[k - 1] = f64::NEG_INFINITY;
+        thr
+    }
+}
+
+/// Thresholds `(K,)` for `scores` (K*N row-major) and target `fractions` (K,).
+pub fn calibrate(scores: &[f32], k: usize, n: usize, fractions: &[f64]) -> Result<Vec<f64>> {
+    validate_scores("scores", scores, k, n)?;
+    check_n(n)?;
+    validate_fractions(fractions, k)?;
+    Ok(SortedExits::new(scores, k, n).calibrate(&quotas(n, fractions)))
+}
+
+/// Sample ids are stored as `u32`.
+pub fn check_n(n: usize) -> Result<()> {
+    if n > u32::MAX as usize {
+        return Err(Error::new(format!("at most 2^32 - 1 samples are supported; received N={n}")));
+    }
+    Ok(())
+}
+
+/// Straightforward O(K N log N) calibration used as an independent check in tests.
+#[cfg(test)]
+pub fn calibrate_naive(scores: &[f32], k: usize, n: usize, fractions: &[f64]) -> Vec<f64> {
+    let mut alive = vec![true; n];
+    let mut thr = vec![f64::INFINITY; k];
+    for e in 0..k - 1 {
+        let nk = (n as f64 * fractions[e]).floor() as usize;
+        let row = &scores[e * n..(e + 1) * n];
+        let mut rem: Vec<f32> = (0..n).filter(|&i| alive[i]).map(|i| row[i]).collect();
+        if nk == 0 || rem.is_empty() {
+            continue;
+        }
+        rem.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        let t = rem[nk.min(rem.len()) - 1];
+        for i in 0..n {
+            if alive[i] && row[i] >= t {
+                alive[i] = false;
+            }
+        }
+        thr[e] = t as f64;
+    }
+    thr[k - 1] = f64::NEG_INFINITY;
+    thr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn keys_roundtrip_and_order() {
+        let vals = [-3.5f32, -1e-30, -0.0, 0.0, 1e-40, 0.25, 1.0, 7e20];
+        for w in vals.windows(2) {
+            assert!(desc_key(w[0]) >= desc_key(w[1]));
+        }
+        for &v in &vals {
+            assert_eq!(key_to_score(desc_key(v)), v + 0.0);
+        }
+        assert_eq!(desc_key(-0.0), desc_key(0.0));
+    }
+
+    #[test]
+    fn radix_sort_sorts() {
+        let mut st = 99u64;
+        let mut keys: Vec<u32> = (0..5000).map(|_| rng(&mut st) as u32).collect();
+        let orig = keys.clone();
+        let mut idx: Vec<u32> = (0..5000).collect();
+        radix_sort(&mut keys, &mut idx);
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]));
+        for (k, i) in keys.iter().zip(&idx) {
+            assert_eq!(orig[*i as usize], *k);
+        }
+    }
+
+    #[test]
+    fn fractions_sum_to_one_and_match_formulas() {
+        for &q in &[0.05, 0.5, 1.0, 1.5, 1.95, 1e-300, 1e300] {
+            for k in 1..9 {
+                let f = geometric_fractions(q, k).unwrap();
+                assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+                if (0.01..100.0).contains(&q) {
+                    let s: f64 = (1..=k).map(|j| q.powi(j as i32)).sum();
+                    for (j, fj) in f.iter().enumerate() {
+                        let want = q.powi(j as i32 + 1) / s;
+                        assert!((fj - want).abs() <= 1e-14 * want.max(1e-300));
+                    }
+                }
+            }
+        }
+        assert_eq!(per_stage_fractions(0.5, 3).unwrap(), vec![0.5, 0.25, 0.25]);
+        assert_eq!(per_stage_fractions(1.0, 3).unwrap(), vec![1.0, 0.0, 0.0]);
+        assert!(per_stage_fractions(1.5, 3).is_err());
+        assert!(geometric_fractions(0.0, 3).is_err());
+        assert!(geometric_fractions(-1.0, 3).is_err());
+        assert!(geometric_fractions(f64::NAN, 3).is_err());
+        assert!(geometric_fractions(1.0, 0).is_err());
+        assert!(validate_fractions(&[0.5, 0.5], 2).is_ok());
+        assert!(validate_fractions(&[0.5, 0.6], 2).is_err());
+        assert!(validate_fractions(&[1.5, -0.5], 2).is_err());
+        assert!(validate_fractions(&[1.0], 2).is_err());
+    }
+
+    #[test]
+    fn fast_calibration_equals_naive_on_random_inputs_with_ties() {
+        let mut st = 12345u64;
+        for trial in 0..400 {
+            let k = 1 + (rng(&mut st) % 6) as usize;
+            let n = 1 + (rng(&mut st) % 60) as usize;
+            let levels = 1 + rng(&mut st) % 8; // few distinct values: many ties
+            let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
+            let q = [0.01, 0.3, 1.0, 1.7, 20.0][trial % 5];
+            let f = if trial % 2 == 0 { geometric_fractions(q, k).unwrap() } else { per_stage_fractions(q.min(1.0), k).unwrap() };
+            let fast = calibrate(&scores, k, n, &f).unwrap();
+            let slow = calibrate_naive(&scores, k, n, &f);
+            assert_eq!(fast, slow, "trial {trial} k={k} n={n}");
+        }
+    }
+
+    #[test]
+    fn edge_cases() {
+        // K = 1: only -inf.
+        assert_eq!(calibrate(&[0.3, 0.1], 1, 2, &[1.0]).unwrap(), vec![f64::NEG_INFINITY]);
+        // N = 1, tiny q: first exit takes nothing.
+        assert_eq!(calibrate(&[0.3, 0.1], 2, 1, &[0.5, 0.5]).unwrap(), vec![f64::INFINITY, f64::NEG_INFINITY]);
+        // All equal scores: the first non-empty quota takes everybody.
+        let s = vec![0.5f32; 3 * 10];
+        let t = calibrate(&s, 3, 10, &[0.2, 0.3, 0.5]).unwrap();
+        assert_eq!(t, vec![0.5, f64::INFINITY, f64::NEG_INFINITY]);
+        // Quota larger than what is left: the lowest remaining score.
+        let s = [0.9f32, 0.9, 0.9, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
+        let t = calibrate(&s, 3, 4, &[0.25, 0.5, 0.25]).unwrap();
+        assert_eq!(t, vec![0.9f32 as f64, 0.7f32 as f64, f64::NEG_INFINITY]);
+        assert!(calibrate(&[f32::NAN, 0.0], 2, 1, &[0.5, 0.5]).unwrap_err().0.contains("exit k=0, sample i=0"));
+        assert!(calibrate(&[0.0, f32::INFINITY], 1, 2, &[1.0]).unwrap_err().0.contains("sample i=1"));
+    }
+}

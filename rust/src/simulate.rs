@@ -1,0 +1,236 @@
+//! Scoring thresholds: each sample exits at the first exit k with `s[k, i] >= T_k`
+//! (the last exit takes whatever is left), then accuracy, exit counts and mean cost.
+//!
+//! Many threshold sets are scored in one pass over the data: samples are cut into
+//! blocks that stay in cache while every budget is applied to them.
+
+use crate::calibrate::MAX_EXITS;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Outcome of one threshold set on one data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Fraction of samples whose exit's prediction is right.
+    pub accuracy: f64,
+    /// `sum_k count_k * cost_k / N` (summed over k in order, then one division).
+    pub mean_cost: f64,
+    /// Samples leaving at each exit, `(K,)`.
+    pub exit_counts: Vec<u64>,
+}
+
+/// Checks cumulative costs `(K,)`: finite, `>= 0`, non-decreasing.
+pub fn validate_costs(costs: &[f64], num_exits: usize) -> Result<()> {
+    if costs.len() != num_exits {
+        return Err(Error::new(format!(
+            "costs must have K={num_exits} entries (the cumulative cost of each exit); received {}",
+            costs.len()
+        )));
+    }
+    for (k, &c) in costs.iter().enumerate() {
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(Error::new(format!("costs must be finite and >= 0; received {c} at exit {k}")));
+        }
+        if k > 0 && c < costs[k - 1] {
+            return Err(Error::new(format!(
+                "costs must be cumulative (non-decreasing); costs[{k}] = {c} < costs[{}] = {}",
+                k - 1,
+                costs[k - 1]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks thresholds `(K,)`: no NaN, and `-inf` at the last exit (it takes every sample left).
+pub fn validate_thresholds(thresholds: &[f64], num_exits: usize) -> Result<()> {
+    if thresholds.len() != num_exits {
+        return Err(Error::new(format!(
+            "thresholds must have K={num_exits} entries (one per exit); received {}",
+            thresholds.len()
+        )));
+    }
+    if let Some(k) = thresholds.iter().position(|t| t.is_nan()) {
+        return Err(Error::new(format!("thresholds must not be NaN; found NaN at exit {k}")));
+    }
+    if thresholds[num_exits - 1] != f64::NEG_INFINITY {
+        return Err(Error::new(format!(
+            "thresholds[-1] must be -inf (the last exit takes every remaining sample); received {}",
+            thresholds[num_exits - 1]
+        )));
+    }
+    Ok(())
+}
+
+/// The smallest `f32` `t` with `t >= T`, so that for every finite `f32` score
+/// `s >= t` exactly when `f64(s) >= T`.
+#[inline]
+fn f32_ceil(t: f64) -> f32 {
+    let c = t as f32;
+    if (c as f64) < t {
+        c.next_up()
+    } else {
+        c
+    }
+}
+
+const BLOCK: usize = 2048;
+
+/// Scores `B` threshold sets (`thresholds` is `B*K` row-major) on `scores`/`correct`
+/// (`K*N`). Inputs must be validated. Returns one [`Outcome`] per threshold set.
+pub fn score_many(
+    scores: &[f32],
+    correct: &[bool],
+    k: usize,
+    n: usize,
+    thresholds: &[f64],
+    costs: &[f64],
+) -> Vec<Outcome> {
+    assert!(k >= 1 && k <= MAX_EXITS && scores.len() == k * n && correct.len() == k * n);
+    let b = thresholds.len() / k;
+    let tf: Vec<f32> = thresholds.iter().map(|&t| f32_ceil(t)).collect();
+    // Per budget: K exit counts then the number of right answers.
+    let width = k + 1;
+    let totals = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .fold(
+            || vec![0u64; b * width],
+            |mut acc, blk| {
+                let start = blk * BLOCK;
+                let len = BLOCK.min(n - start);
+                let mut ex = [0u8; BLOCK];
+                let mut hit = [0u8; BLOCK];
+                for bi in 0..b {
+                    let t = &tf[bi * k..(bi + 1) * k];
+                    let last = &correct[(k - 1) * n + start..][..len];
+                    ex[..len].fill((k - 1) as u8);
+                    for (h, &c) in hit[..len].iter_mut().zip(last) {
+                        *h = c as u8;
+                    }
+                    // Going from the last-but-one exit down, the earliest passing exit wins.
+                    for e in (0..k - 1).rev() {
+                        let te = t[e];
+                        if te == f32::INFINITY {
+                            continue; // no finite score passes
+                        }
+                        let s = &scores[e * n + start..][..len];
+                        let c = &correct[e * n + start..][..len];
+                        let ee = e as u8;
+                        for i in 0..len {
+                            let pass = s[i] >= te;
+                            ex[i] = if pass { ee } else { ex[i] };
+                            hit[i] = if pass { c[i] as u8 } else { hit[i] };
+                        }
+                    }
+                    let a = &mut acc[bi * width..(bi + 1) * width];
+                    for &x in &ex[..len] {
+                        a[x as usize] += 1;
+                    }
+                    a[k] += hit[..len].iter().map(|&h| h as u64).sum::<u64>();
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0u64; b * width],
+            |mut x, y| {
+                for (a, b) in x.iter_mut().zip(y) {
+                    *a += b;
+                }
+                x
+            },
+        );
+    (0..b)
+        .map(|bi| {
+            let a = &totals[bi * width..(bi + 1) * width];
+            let exit_counts = a[..k].to_vec();
+            let cost: f64 = exit_counts.iter().zip(costs).fold(0.0, |s, (&c, &w)| s + c as f64 * w);
+            Outcome { accuracy: a[k] as f64 / n as f64, mean_cost: cost / n as f64, exit_counts }
+        })
+        .collect()
+}
+
+/// Validates shapes and values, then scores one threshold set.
+pub fn simulate(scores: &[f32], correct: &[bool], k: usize, n: usize, thresholds: &[f64], costs: &[f64]) -> Result<Outcome> {
+    crate::calibrate::validate_scores("scores", scores, k, n)?;
+    check_correct("correct", correct, k, n)?;
+    validate_thresholds(thresholds, k)?;
+    validate_costs(costs, k)?;
+    Ok(score_many(scores, correct, k, n, thresholds, costs).remove(0))
+}
+
+pub fn check_correct(name: &str, correct: &[bool], k: usize, n: usize) -> Result<()> {
+    if correct.len() != k * n {
+        return Err(Error::new(format!("{name} must have shape ({k}, {n}) like the scores; received {} values", correct.len())));
+    }
+    Ok(())
+}
+
+/// Accuracy of every exit on the whole set, `(K,)`: `count_k / N`.
+pub fn anytime_accuracy(correct: &[bool], k: usize, n: usize) -> Result<Vec<f64>> {
+    if k == 0 || n == 0 || correct.len() != k * n {
+        return Err(Error::new(format!("correct must be a non-empty (K, N) array; received shape ({k}, {n})")));
+    }
+    Ok(correct
+        .par_chunks(n)
+        .map(|row| row.iter().map(|&c| c as u64).sum::<u64>() as f64 / n as f64)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(scores: &[f32], correct: &[bool], k: usize, n: usize, t: &[f64], costs: &[f64]) -> Outcome {
+        let mut counts = vec![0u64; k];
+        let mut right = 0u64;
+        for i in 0..n {
+            let e = (0..k).find(|&e| e == k - 1 || scores[e * n + i] as f64 >= t[e]).unwrap();
+            counts[e] += 1;
+            right += correct[e * n + i] as u64;
+        }
+        let cost: f64 = counts.iter().zip(costs).fold(0.0, |s, (&c, &w)| s + c as f64 * w);
+        Outcome { accuracy: right as f64 / n as f64, mean_cost: cost / n as f64, exit_counts: counts }
+    }
+
+    #[test]
+    fn matches_naive_including_thresholds_between_f32_values() {
+        let mut st = 5u64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            st
+        };
+        for trial in 0..200 {
+            let k = 1 + (next() % 5) as usize;
+            let n = 1 + (next() % 5000) as usize;
+            let scores: Vec<f32> = (0..k * n).map(|_| (next() % 100) as f32 / 99.0).collect();
+            let correct: Vec<bool> = (0..k * n).map(|_| next() % 3 != 0).collect();
+            let mut t: Vec<f64> = (0..k).map(|_| (next() % 100) as f64 / 99.0).collect();
+            if trial % 3 == 0 {
+                // Just above an f32 value in f64: must not let that value pass.
+                t[0] = (50.0f32 / 99.0) as f64 + 1e-12;
+            }
+            if trial % 7 == 0 {
+                t[0] = f64::INFINITY;
+            }
+            t[k - 1] = f64::NEG_INFINITY;
+            let costs: Vec<f64> = (0..k).map(|e| (e * e) as f64 + 0.5).collect();
+            let got = simulate(&scores, &correct, k, n, &t, &costs).unwrap();
+            assert_eq!(got, naive(&scores, &correct, k, n, &t, &costs), "trial {trial}");
+            assert_eq!(got.exit_counts.iter().sum::<u64>(), n as u64);
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate_costs(&[1.0, 0.5], 2).unwrap_err().0.contains("non-decreasing"));
+        assert!(validate_costs(&[-1.0, 0.5], 2).is_err());
+        assert!(validate_costs(&[1.0], 2).is_err());
+        assert!(validate_thresholds(&[0.5, 0.1], 2).is_err());
+        assert!(validate_thresholds(&[f64::NAN, f64::NEG_INFINITY], 2).is_err());
+        assert!(validate_thresholds(&[0.5, f64::NEG_INFINITY], 2).is_ok());
+        assert_eq!(anytime_accuracy(&[true, false, true, true], 2, 2).unwrap(), vec![0.5, 1.0]);
+    }
+}
