@@ -1,0 +1,126 @@
+"""Meta-data allocation by a budget controller q (L2W-DEN, Sec. 3.2).
+
+Samples of a batch are assigned to exits the way dynamic inference would
+assign them: exit k takes `floor(n * f_k)` of the samples not yet taken,
+the most confident at exit k first, with geometric fractions
+`f_k = q^k / sum_j q^j`; the last exit takes every sample left.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _check_q(q):
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)):
+        raise TypeError(f"`q` must be a positive number; received {q!r}.")
+    if not q > 0 or not np.isfinite(q):
+        raise ValueError(f"`q` must be a finite number > 0; received {q}.")
+
+
+def exit_fractions(q, num_exits):
+    """Geometric exit fractions `f_k = q^k / sum_j q^j`, k = 1..K.
+
+    Args:
+        q: budget controller, > 0 (`q = 1` is a uniform split, `q < 1`
+            favours early exits).
+        num_exits: K, a positive integer.
+
+    Returns:
+        A float64 numpy array of K fractions summing to 1.
+
+    Example:
+    >>> exit_fractions(1.0, 4)
+    array([0.25, 0.25, 0.25, 0.25])
+    """
+    _check_q(q)
+    if isinstance(num_exits, bool) or not isinstance(num_exits, int):
+        raise TypeError(
+            f"`num_exits` must be an int; received {num_exits!r}."
+        )
+    if num_exits < 1:
+        raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
+    k = np.arange(1, num_exits + 1, dtype=np.float64)
+    # Work in log space so large K or extreme q do not overflow.
+    logw = k * np.log(float(q))
+    w = np.exp(logw - logw.max())
+    return w / w.sum()
+
+
+def allocate_by_confidence(confidence, q):
+    """Allocate each sample of a batch to one exit, as early exiting would.
+
+    Exit k (k < K) takes `floor(n * f_k)` of the samples that have not been
+    taken by an earlier exit, the most confident at exit k first (ties: the
+    lower batch index first); the last exit takes the rest.
+
+    Args:
+        confidence: `(n, K)` tensor of per-exit confidences (e.g. max softmax
+            probability). Treated as a constant (no gradient).
+        q: budget controller, > 0.
+
+    Returns:
+        A `(n, K)` float tensor (confidence's dtype), one-hot per row: the
+        allocation mask.
+
+    Example:
+    >>> mask = allocate_by_confidence(exit_confidence(logits), q=0.75)
+    """
+    _check_q(q)
+    confidence = tf.stop_gradient(tf.convert_to_tensor(confidence))
+    if confidence.shape.rank != 2:
+        raise ValueError(
+            "`confidence` must have shape (batch, num_exits); received shape "
+            f"{confidence.shape}."
+        )
+    num_exits = confidence.shape[1]
+    if num_exits is None:
+        raise ValueError("The number of exits (axis 1) must be static.")
+    dtype = confidence.dtype
+    fractions = exit_fractions(float(q), int(num_exits))
+    n = tf.shape(confidence)[0]
+    n_f = tf.cast(n, tf.float64)
+    available = tf.ones([n], dtype=tf.bool)
+    columns = []
+    for k in range(num_exits - 1):
+        count = tf.cast(tf.floor(n_f * fractions[k]), tf.int32)
+        score = tf.where(
+            available,
+            tf.cast(confidence[:, k], tf.float64),
+            tf.constant(-np.inf, tf.float64),
+        )
+        # Rank of every sample by descending score (stable: index breaks ties).
+        order = tf.argsort(-score, stable=True)
+        rank = tf.scatter_nd(
+            order[:, None], tf.range(n, dtype=tf.int32), shape=[n]
+        )
+        taken = tf.logical_and(rank < count, available)
+        columns.append(taken)
+        available = tf.logical_and(available, tf.logical_not(taken))
+    columns.append(available)
+    return tf.cast(tf.stack(columns, axis=1), dtype)
+
+
+def allocate_by_confidence_numpy(confidence, q):
+    """NumPy version of `allocate_by_confidence` returning exit indices.
+
+    Returns:
+        An int array of shape `(n,)`: the 0-based exit of every sample.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if confidence.ndim != 2:
+        raise ValueError(
+            "`confidence` must have shape (batch, num_exits); received shape "
+            f"{confidence.shape}."
+        )
+    n, num_exits = confidence.shape
+    fractions = exit_fractions(q, int(num_exits))
+    exit_of = np.full(n, num_exits - 1, dtype=np.int64)
+    available = np.ones(n, dtype=bool)
+    for k in range(num_exits - 1):
+        count = int(np.floor(n * fractions[k]))
+        idx = np.flatnonzero(available)
+        order = idx[np.argsort(-confidence[idx, k], kind="stable")]
+        chosen = order[:count]
+        exit_of[chosen] = k
+        available[chosen] = False
+    return exit_of

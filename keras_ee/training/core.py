@@ -1,0 +1,410 @@
+"""Reusable pieces for training multi-exit networks.
+
+Every training method in `keras_ee.training` is built from the functions in
+this module, so that the delicate parts exist exactly once:
+
+- `per_exit_cross_entropy` and `exit_confidence`: per-sample, per-exit
+  quantities as `(batch, num_exits)` tensors.
+- `stateless_forward`: a forward pass with substituted (possibly
+  differentiable) parameter values that leaves the real model untouched,
+  BatchNorm moving statistics included.
+- `lookahead_step`: the exact parameter update the real optimizer would apply
+  now (learning rate from its schedule at the current iteration, momentum
+  buffers, Nesterov flag, decoupled weight decay as Keras applies it, gradient
+  clipping, variable constraints), as a differentiable function of the
+  gradients and without changing any optimizer state.
+- `split_halves`: the half-batch exchange used by L2W (and by bilevel methods
+  such as budget-aware gating): the first half trains while the second is the
+  meta batch, then the roles swap.
+
+These functions use the TensorFlow backend (nested `tf.GradientTape`s).
+"""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+
+
+def _as_float32(x):
+    return ops.cast(x, "float32") if x.dtype != "float64" else x
+
+
+def labels_are_one_hot(y, logits):
+    """Whether `y` holds one-hot (or soft) labels for `logits`.
+
+    Sparse labels have shape `(batch,)` or `(batch, 1)`; one-hot labels have
+    the logits' shape `(batch, num_classes)`.
+    """
+    y_shape = tuple(y.shape)
+    logits_shape = tuple(logits.shape)
+    if len(y_shape) == len(logits_shape) and len(y_shape) >= 2:
+        if y_shape[-1] == logits_shape[-1] and y_shape[-1] != 1:
+            return True
+    return False
+
+
+def per_exit_cross_entropy(y, logits):
+    """Per-sample cross-entropy of every exit.
+
+    Args:
+        y: integer labels of shape `(batch,)` / `(batch, 1)`, or one-hot
+            labels of shape `(batch, num_classes)`.
+        logits: list of `num_exits` tensors of shape `(batch, num_classes)`,
+            in exit order.
+
+    Returns:
+        A `(batch, num_exits)` tensor (float32, or float64 when the logits
+        are float64) of cross-entropies.
+
+    Example:
+    >>> ce = per_exit_cross_entropy(labels, model(x, training=True))
+    """
+    if not isinstance(logits, (list, tuple)) or not logits:
+        raise TypeError(
+            "`logits` must be a non-empty list of per-exit logit tensors; "
+            f"received {type(logits).__name__}."
+        )
+    one_hot = labels_are_one_hot(y, logits[0])
+    columns = []
+    for z in logits:
+        z = _as_float32(z)
+        if one_hot:
+            ce = ops.categorical_crossentropy(
+                ops.cast(y, z.dtype), z, from_logits=True
+            )
+        else:
+            labels = ops.reshape(ops.cast(y, "int32"), (-1,))
+            ce = ops.sparse_categorical_crossentropy(
+                labels, z, from_logits=True
+            )
+        columns.append(ce)
+    return ops.stack(columns, axis=1)
+
+
+def exit_confidence(logits):
+    """Max softmax probability of every exit, `(batch, num_exits)`."""
+    return ops.stack(
+        [ops.max(ops.softmax(_as_float32(z), axis=-1), axis=-1) for z in logits],
+        axis=1,
+    )
+
+
+def sparse_labels(y, logits):
+    """Integer class labels `(batch,)` from sparse or one-hot `y`."""
+    if labels_are_one_hot(y, logits[0]):
+        return ops.argmax(y, axis=-1)
+    return ops.reshape(ops.cast(y, "int32"), (-1,))
+
+
+def stateless_forward(model, trainable_values, x, training=True):
+    """Run `model` with substituted trainable values, leaving it untouched.
+
+    Gradients flow through `trainable_values` to whatever produced them, which
+    is what the look-ahead (pseudo-update) of bilevel methods needs.
+
+    Args:
+        model: a built Keras model whose outputs are the exits' logits.
+        trainable_values: tensors, one per `model.trainable_variables`.
+        x: the input batch.
+        training: forward mode; `True` uses batch statistics in BatchNorm.
+
+    Returns:
+        `(outputs, non_trainable_values)`: the exits' logits as a list, and
+        the non-trainable values the forward pass would have written (e.g.
+        updated BatchNorm moving statistics). They are NOT assigned: the
+        caller decides whether a real step should keep them (assign with
+        `assign_values`) or whether they are discarded (meta passes).
+    """
+    outputs, non_trainable = model.stateless_call(
+        list(trainable_values),
+        [tf.convert_to_tensor(v) for v in model.non_trainable_variables],
+        x,
+        training=training,
+    )
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    return list(outputs), non_trainable
+
+
+def assign_values(variables, values):
+    """Assign `values` to `variables` (e.g. BN statistics from a forward)."""
+    for v, value in zip(variables, values):
+        v.assign(value)
+
+
+_SUPPORTED_LOOKAHEAD = ("SGD", "Adam", "AdamW")
+
+
+def check_lookahead_support(optimizer):
+    """Raise a clear error if `lookahead_step` cannot mirror `optimizer`.
+
+    Supported: `keras.optimizers.SGD` (momentum, nesterov, weight_decay),
+    `keras.optimizers.Adam` and `keras.optimizers.AdamW` (amsgrad included),
+    each with any learning-rate schedule, gradient clipping and
+    `loss_scale_factor`. Subclasses that override `update_step`, gradient
+    accumulation and EMA weight overwriting are rejected: their next step is
+    not the one this function computes.
+    """
+    cls = type(optimizer)
+    known = {
+        "SGD": keras.optimizers.SGD,
+        "Adam": keras.optimizers.Adam,
+        "AdamW": keras.optimizers.AdamW,
+    }
+    base = None
+    for name, klass in known.items():
+        if isinstance(optimizer, klass) and (
+            cls.update_step is klass.update_step
+        ):
+            base = name
+    if base is None:
+        raise ValueError(
+            "The look-ahead (pseudo-update) step mirrors only "
+            f"{', '.join(_SUPPORTED_LOOKAHEAD)} exactly; received optimizer "
+            f"{cls.__name__}. Compile the model with one of those."
+        )
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError(
+            "The look-ahead step does not support "
+            "`gradient_accumulation_steps` (received "
+            f"{optimizer.gradient_accumulation_steps}); expected None."
+        )
+    if optimizer.use_ema and optimizer.ema_overwrite_frequency:
+        raise ValueError(
+            "The look-ahead step does not support EMA weight overwriting "
+            "(received ema_overwrite_frequency="
+            f"{optimizer.ema_overwrite_frequency}); expected None."
+        )
+    return base
+
+
+def lookahead_step(optimizer, variables, values, grads):
+    """The exact update `optimizer` would apply now, without applying it.
+
+    Computes `theta_hat`, the parameter values after one step of
+    `optimizer.apply(grads, variables)` from the current optimizer state
+    (iteration counter, learning rate from its schedule, momentum / Adam
+    buffers), as differentiable functions of `values` and `grads`. Nothing is
+    assigned: neither the variables nor the optimizer's buffers or iteration
+    counter change. Keras applies weight decay decoupled
+    (`theta <- theta - lr * wd * theta` before the update) and this function
+    does the same.
+
+    Args:
+        optimizer: a built `keras.optimizers.SGD`, `Adam` or `AdamW`.
+        variables: the model variables the optimizer was built on (used to
+            find their buffers, weight-decay exclusions and constraints).
+        values: current values of `variables` (tensors; gradients may flow
+            through them).
+        grads: gradients of the (unscaled) loss w.r.t. `values`.
+
+    Returns:
+        A list of tensors: the look-ahead values, one per variable.
+
+    Example:
+    >>> theta = [v.value for v in model.trainable_variables]
+    >>> theta_hat = lookahead_step(model.optimizer,
+    ...                            model.trainable_variables, theta, grads)
+    """
+    kind = check_lookahead_support(optimizer)
+    if not optimizer.built:
+        raise ValueError(
+            "The optimizer must be built (e.g. `optimizer.build(variables)`) "
+            "before a look-ahead step."
+        )
+    if len(variables) != len(values) or len(values) != len(grads):
+        raise ValueError(
+            "`variables`, `values` and `grads` must have the same length; "
+            f"received {len(variables)}, {len(values)} and {len(grads)}."
+        )
+    grads = [
+        ops.zeros_like(v) if g is None else ops.cast(g, v.dtype)
+        for g, v in zip(grads, values)
+    ]
+    grads = optimizer._clip_gradients(grads)
+    lr_now = optimizer.learning_rate
+    new_values = []
+    for var, value, g in zip(variables, values, grads):
+        dtype = value.dtype
+        lr = ops.cast(lr_now, dtype)
+        theta = value
+        # Keras applies decoupled weight decay before the update step.
+        if optimizer.weight_decay is not None and optimizer._use_weight_decay(
+            var
+        ):
+            wd = ops.cast(optimizer.weight_decay, dtype)
+            theta = theta - theta * wd * lr
+        index = optimizer._get_variable_index(var)
+        if kind == "SGD":
+            if optimizer.momentum != 0:
+                m = ops.cast(optimizer.momentums[index], dtype)
+                mom = ops.cast(optimizer.momentum, dtype)
+                m_new = m * mom - g * lr
+                if optimizer.nesterov:
+                    theta = theta + (m_new * mom - g * lr)
+                else:
+                    theta = theta + m_new
+            else:
+                theta = theta - g * lr
+        else:  # Adam / AdamW (AdamW only differs by its weight decay above)
+            step = ops.cast(optimizer.iterations + 1, dtype)
+            b1 = ops.cast(optimizer.beta_1, dtype)
+            b2 = ops.cast(optimizer.beta_2, dtype)
+            alpha = lr * ops.sqrt(1 - ops.power(b2, step)) / (
+                1 - ops.power(b1, step)
+            )
+            m = ops.cast(optimizer._momentums[index], dtype)
+            v = ops.cast(optimizer._velocities[index], dtype)
+            m_new = m + (g - m) * (1 - b1)
+            v_new = v + (ops.square(g) - v) * (1 - b2)
+            if optimizer.amsgrad:
+                v_hat = ops.cast(optimizer._velocity_hats[index], dtype)
+                v_new = ops.maximum(v_hat, v_new)
+            theta = theta - (m_new * alpha) / (
+                _safe_sqrt(v_new) + ops.cast(optimizer.epsilon, dtype)
+            )
+        if getattr(var, "constraint", None) is not None:
+            theta = var.constraint(theta)
+        new_values.append(theta)
+    return new_values
+
+
+@tf.custom_gradient
+def _safe_sqrt(v):
+    """sqrt whose derivative is 0 (not inf) where v == 0.
+
+    Adam's `sqrt(v)` has an infinite derivative at `v = 0` (parameters that
+    received no gradient yet); those entries do not move, so their true
+    contribution to a meta-gradient is 0.
+    """
+    s = tf.sqrt(v)
+
+    def grad(upstream):
+        return tf.where(s > 0, upstream * 0.5 / tf.where(s > 0, s, 1), 0)
+
+    return s, grad
+
+
+def split_halves(*tensors):
+    """Split every tensor of a batch into a first and a second half.
+
+    The first half gets `batch // 2` samples, the second the rest.
+
+    Returns:
+        `(first, second)`: two tuples with the halves of each tensor.
+    """
+    n = tf.shape(tensors[0])[0]
+    h = n // 2
+    first = tuple(None if t is None else t[:h] for t in tensors)
+    second = tuple(None if t is None else t[h:] for t in tensors)
+    return first, second
+
+
+def weighted_exit_losses(ce, weights):
+    """`mean_i(w[i, k] * l[i, k])` per exit, `(num_exits,)`."""
+    return ops.mean(ops.cast(weights, ce.dtype) * ce, axis=0)
+
+
+class LookAhead:
+    """A look-ahead (one-step bilevel) pass, reusing the forward pass.
+
+    Runs the inner forward on a training batch at the current parameters,
+    differentiates an inner loss that depends on outer ("meta") variables
+    with the graph kept, forms `theta_hat = lookahead_step(...)`, runs the
+    meta batch through `theta_hat` and returns the gradient of an outer loss
+    w.r.t. the outer variables. The inner forward is kept (persistent tape)
+    so that the real step on the same training batch needs only one more
+    backward pass: `real_gradients(coefficients)`, valid whenever the real
+    loss is `sum(coefficients * terms)` for the inner `terms` (L2W's weighted
+    per-sample losses, HDKD's gamma-weighted CE/KD terms).
+
+    Args:
+        model: the backbone (Keras model whose outputs are exit logits).
+        optimizer: the real optimizer (look-ahead mirrors its next step).
+        outer_variables: variables of the outer problem (e.g. the WPN).
+        inner_terms_fn: `fn(logits, y) -> (terms, aux)`; `terms` is a tensor
+            of per-sample loss terms that must not depend on the outer
+            variables (e.g. per-exit cross-entropies, `(batch, K)`).
+        inner_coefficients_fn: `fn(terms, aux) -> coefficients` (same shape
+            as `terms`), differentiable in the outer variables; the inner
+            loss is `sum(coefficients * terms)`.
+        outer_loss_fn: `fn(logits_meta, y_meta) -> scalar` on the meta
+            batch through `theta_hat`.
+
+    Example:
+    >>> la = LookAhead(backbone, opt, wpn.weights, terms_fn, coef_fn, meta_fn)
+    >>> outer_grads = la.run(x_train, y_train, x_meta, y_meta)
+    >>> wpn_opt.apply(outer_grads, wpn.weights)
+    >>> grads = la.real_gradients(new_coefficients)
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        outer_variables,
+        inner_terms_fn,
+        inner_coefficients_fn,
+        outer_loss_fn,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.outer_variables = list(outer_variables)
+        self.inner_terms_fn = inner_terms_fn
+        self.inner_coefficients_fn = inner_coefficients_fn
+        self.outer_loss_fn = outer_loss_fn
+
+    def run(self, x_train, y_train, x_meta, y_meta):
+        """Returns the outer gradients; stores the reusable inner pass."""
+        variables = self.model.trainable_variables
+        theta = [tf.convert_to_tensor(v) for v in variables]
+        outer_tape = tf.GradientTape(watch_accessed_variables=False)
+        with outer_tape:
+            # Keras variables wrap tf.Variables (`.value` on this backend).
+            outer_tape.watch([v.value for v in self.outer_variables])
+            inner_tape = tf.GradientTape(
+                persistent=True, watch_accessed_variables=False
+            )
+            with inner_tape:
+                inner_tape.watch(theta)
+                logits, non_trainable = stateless_forward(
+                    self.model, theta, x_train, training=True
+                )
+                terms, aux = self.inner_terms_fn(logits, y_train)
+            # Coefficients depend on the outer variables only (terms are
+            # detached inside the coefficient function), so they stay out of
+            # the inner tape and the second backward pass below is cheap.
+            coefficients = self.inner_coefficients_fn(terms, aux)
+            grads = inner_tape.gradient(
+                terms,
+                theta,
+                output_gradients=ops.cast(coefficients, terms.dtype),
+            )
+            theta_hat = lookahead_step(self.optimizer, variables, theta, grads)
+            logits_meta, _ = stateless_forward(
+                self.model, theta_hat, x_meta, training=True
+            )
+            outer_loss = self.outer_loss_fn(logits_meta, y_meta)
+        outer_grads = outer_tape.gradient(
+            outer_loss, [v.value for v in self.outer_variables]
+        )
+        self._inner_tape = inner_tape
+        self._theta = theta
+        self.terms = terms
+        self.aux = aux
+        self.logits = logits
+        self.non_trainable = non_trainable
+        self.outer_loss = outer_loss
+        self.logits_meta = logits_meta
+        return outer_grads
+
+    def real_gradients(self, coefficients):
+        """Gradient of `sum(coefficients * terms)` w.r.t. the parameters."""
+        grads = self._inner_tape.gradient(
+            self.terms,
+            self._theta,
+            output_gradients=ops.cast(coefficients, self.terms.dtype),
+        )
+        del self._inner_tape
+        return grads

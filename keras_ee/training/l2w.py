@@ -1,0 +1,716 @@
+"""L2W-DEN: learning to weight samples for dynamic early-exiting networks.
+
+Implements Algorithm 1 of "Learning to Weight Samples for Dynamic
+Early-exiting Networks" (Han et al., ECCV 2022) as described in
+`algorithms.md` section 2, with the paper's CIFAR settings as defaults.
+
+Design notes (why it is built this way):
+
+- Half-batch exchange: every loaded batch is split into halves A and B; A
+  trains while B is the meta batch, then the roles swap. Each loaded batch
+  therefore gives two real optimizer steps on half batches: the per-step
+  batch is half the loaded batch, and the number of optimizer steps per
+  epoch is twice the number of batches (the same number of samples per
+  step and steps per epoch as a baseline fed batches of half the size).
+- The pseudo-update uses `core.lookahead_step`: the exact step the real
+  optimizer would take now (schedule, momentum buffers, Nesterov, Keras'
+  decoupled weight decay), without touching the optimizer's state.
+- Forward passes are reused: the pseudo-update's forward on the training
+  half at the current parameters is the real step's forward too (same
+  parameters, same batch statistics); the real gradient is a second
+  backward pass of that forward with the updated WPN's weights, and the
+  BatchNorm statistics it computed are the ones assigned. The meta forward
+  (through the look-ahead parameters) runs in training mode and its
+  BatchNorm statistics are discarded.
+- WPN optimizer: Adam with L2 weight decay added to the gradient
+  (`g + wd * theta`, as `torch.optim.Adam(weight_decay=...)` in the
+  reference code). Its learning rate follows the same schedule shape as the
+  main optimizer: `lr_wpn(t) = wpn_learning_rate * lr(t) / lr(0)`, with
+  `lr(t)` the main optimizer's current learning rate and `lr(0)` its value at
+  iteration 0 (recorded when training starts if the learning rate is a plain
+  value that callbacks may change).
+"""
+
+import math
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_ee.training import core
+from keras_ee.training.allocation import allocate_by_confidence
+from keras_ee.training.allocation import allocate_by_confidence_numpy
+from keras_ee.training.methods import Method
+
+_INPUTS = ("loss", "confidence", "both")
+_CONSTRAINTS = ("col", "row", "mat")
+_WEIGHTINGS = ("wpn", "frozen", "selection", "rising", "falling")
+_OBJECTIVES = ("allocated", "vanilla")
+
+
+def _torch_linear_init(fan_in):
+    # PyTorch nn.Linear's default init (the reference WPN): U(+-1/sqrt(fan_in))
+    # for the kernel (kaiming_uniform with a=sqrt(5)) and for the bias.
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class WeightPredictionNetwork(keras.layers.Layer):
+    """The L2W weight prediction network (WPN): an MLP with tanh output.
+
+    `depth` hidden Dense layers of `width` units with ReLU, then a Dense
+    layer with K outputs and tanh. Layers are initialised like PyTorch's
+    `nn.Linear` (as in the reference code).
+
+    Args:
+        num_exits: K, the number of outputs.
+        input_dim: number of input features (K for losses or confidences,
+            2K for both).
+        depth: number of hidden layers (>= 1; paper 1).
+        width: hidden width (paper CIFAR 500).
+        **kwargs: standard layer arguments.
+
+    Example:
+    >>> wpn = WeightPredictionNetwork(num_exits=5, input_dim=5)
+    >>> u = wpn(per_exit_losses)    # (batch, 5) in (-1, 1)
+    """
+
+    def __init__(self, num_exits, input_dim, depth=1, width=500, **kwargs):
+        super().__init__(**kwargs)
+        for name, value, low in (
+            ("num_exits", num_exits, 1),
+            ("input_dim", input_dim, 1),
+            ("depth", depth, 1),
+            ("width", width, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int; received {value!r}.")
+            if value < low:
+                raise ValueError(f"`{name}` must be >= {low}; received {value}.")
+        self.num_exits = num_exits
+        self.input_dim = input_dim
+        self.depth = depth
+        self.width = width
+        self.hidden = []
+        fan_in = input_dim
+        for i in range(depth):
+            init = _torch_linear_init(fan_in)
+            self.hidden.append(
+                keras.layers.Dense(
+                    width,
+                    activation="relu",
+                    kernel_initializer=init,
+                    bias_initializer=init,
+                    name=f"hidden_{i + 1}",
+                )
+            )
+            fan_in = width
+        init = _torch_linear_init(fan_in)
+        self.head = keras.layers.Dense(
+            num_exits,
+            activation="tanh",
+            kernel_initializer=init,
+            bias_initializer=init,
+            name="out",
+        )
+
+    def build(self, input_shape=None):
+        shape = (None, self.input_dim)
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = (None, self.width)
+        self.head.build(shape)
+        self.built = True
+
+    def call(self, inputs):
+        h = inputs
+        for layer in self.hidden:
+            h = layer(h)
+        return self.head(h)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_exits)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_exits=self.num_exits,
+            input_dim=self.input_dim,
+            depth=self.depth,
+            width=self.width,
+        )
+        return config
+
+
+def zero_sum_weights(u, delta, constraint="col"):
+    """`w = 1 + delta * (u - mean)` with the zero-sum constraint.
+
+    Args:
+        u: `(batch, K)` WPN outputs (tanh, in [-1, 1]).
+        delta: perturbation scale in (0, 1].
+        constraint: `"col"` subtracts each sample's mean over its exits,
+            `"row"` each exit's mean over the batch, `"mat"` the global mean.
+
+    Returns:
+        `(batch, K)` weights; not clamped (as the reference).
+    """
+    if constraint == "col":
+        centered = u - ops.mean(u, axis=1, keepdims=True)
+    elif constraint == "row":
+        centered = u - ops.mean(u, axis=0, keepdims=True)
+    elif constraint == "mat":
+        centered = u - ops.mean(u)
+    else:
+        raise ValueError(
+            f"`constraint` must be one of {_CONSTRAINTS}; received "
+            f"{constraint!r}."
+        )
+    return 1.0 + ops.cast(delta, u.dtype) * centered
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class L2W(Method):
+    """Learning to weight samples (L2W-DEN) with meta-learning.
+
+    Trains the backbone with per-sample, per-exit weights
+    `w = 1 + delta * zero_sum(WPN(losses))` and the WPN on a meta objective
+    that mimics early exiting: after a look-ahead step of the backbone on one
+    half of the batch, each exit's cross-entropy on the meta samples it would
+    take under the budget controller `q` (other half of the batch). See the
+    module docstring for the half-batch exchange and the WPN schedule.
+
+    Args:
+        q: budget controller of the meta-data allocation (> 0; CIFAR 0.75).
+        delta: weight perturbation scale, in (0, 1] (CIFAR 0.8).
+        wpn_depth: hidden layers of the WPN (1).
+        wpn_width: hidden width of the WPN (CIFAR 500).
+        wpn_input: `"loss"` (default), `"confidence"` or `"both"`.
+        constraint: zero-sum constraint `"col"` (default), `"row"`, `"mat"`.
+        meta_interval: I, update the WPN every I loaded batches (1).
+        wpn_learning_rate: Adam's base learning rate (1e-4).
+        wpn_weight_decay: Adam's L2 weight decay (1e-4).
+        meta_objective: `"allocated"` (each exit on its allocated meta
+            samples; the paper) or `"vanilla"` (every exit on the whole meta
+            batch; ablation).
+        weighting: `"wpn"` (meta-learned; the paper), or an ablation:
+            `"frozen"` (WPN loaded from `wpn_weights_path`, never updated),
+            `"selection"` (vanilla selection: each exit trains only on the
+            samples of the training half allocated to it by `q`),
+            `"rising"` / `"falling"` (fixed weights 0.6 -> 1.4 over exits, or
+            the reverse).
+        wpn_weights_path: `.npz` file written by `L2W.save_wpn` (required for
+            `weighting="frozen"`, optional initial WPN for `"wpn"`).
+        **kwargs: standard layer arguments.
+
+    Example:
+    >>> model = MultiExitModel(backbone, method=L2W(q=0.75, delta=0.8))
+    >>> model.compile(optimizer=keras.optimizers.SGD(
+    ...     0.1, momentum=0.9, weight_decay=1e-4))
+    >>> model.fit(train_ds, epochs=300)
+    """
+
+    def __init__(
+        self,
+        q=0.75,
+        delta=0.8,
+        wpn_depth=1,
+        wpn_width=500,
+        wpn_input="loss",
+        constraint="col",
+        meta_interval=1,
+        wpn_learning_rate=1e-4,
+        wpn_weight_decay=1e-4,
+        meta_objective="allocated",
+        weighting="wpn",
+        wpn_weights_path=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_number("q", q, low=0.0, low_inclusive=False)
+        _check_number("delta", delta, low=0.0, high=1.0, low_inclusive=False)
+        _check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
+        _check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
+        for name, value in (("wpn_depth", wpn_depth), ("wpn_width", wpn_width),
+                            ("meta_interval", meta_interval)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int; received {value!r}.")
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1; received {value}.")
+        for name, value, allowed in (
+            ("wpn_input", wpn_input, _INPUTS),
+            ("constraint", constraint, _CONSTRAINTS),
+            ("weighting", weighting, _WEIGHTINGS),
+            ("meta_objective", meta_objective, _OBJECTIVES),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"`{name}` must be one of {allowed}; received {value!r}."
+                )
+        if weighting == "frozen" and wpn_weights_path is None:
+            raise ValueError(
+                "`weighting='frozen'` needs `wpn_weights_path` (a file written "
+                "by `L2W.save_wpn`); received None."
+            )
+        if wpn_weights_path is not None and weighting not in ("wpn", "frozen"):
+            raise ValueError(
+                "`wpn_weights_path` is only used with weighting 'wpn' or "
+                f"'frozen'; received weighting={weighting!r}."
+            )
+        self.q = float(q)
+        self.delta = float(delta)
+        self.wpn_depth = wpn_depth
+        self.wpn_width = wpn_width
+        self.wpn_input = wpn_input
+        self.constraint = constraint
+        self.meta_interval = meta_interval
+        self.wpn_learning_rate = float(wpn_learning_rate)
+        self.wpn_weight_decay = float(wpn_weight_decay)
+        self.meta_objective = meta_objective
+        self.weighting = weighting
+        self.wpn_weights_path = wpn_weights_path
+        # A weak reference: the optimizer belongs to the model (and is saved
+        # there), not to the method.
+        self._main_optimizer_ref = None
+
+    # --- setup ---------------------------------------------------------------
+
+    @property
+    def meta_learns(self):
+        """Whether the WPN is trained (the meta step runs)."""
+        return self.weighting == "wpn"
+
+    @property
+    def uses_wpn(self):
+        return self.weighting in ("wpn", "frozen")
+
+    def setup(self, model):
+        k = model.num_exits
+        if k < 2 and self.meta_objective == "allocated":
+            # One exit: the allocation is trivial; allowed, nothing to check.
+            pass
+        self.num_exits = k
+        if self.uses_wpn:
+            input_dim = 2 * k if self.wpn_input == "both" else k
+            self.wpn = WeightPredictionNetwork(
+                num_exits=k,
+                input_dim=input_dim,
+                depth=self.wpn_depth,
+                width=self.wpn_width,
+                name="wpn",
+            )
+            self.wpn.build((None, input_dim))
+            self.wpn.trainable = False
+            if self.wpn_weights_path is not None:
+                self.load_wpn(self.wpn_weights_path)
+        if self.meta_learns:
+            self.wpn_optimizer = keras.optimizers.Adam(
+                learning_rate=self._wpn_learning_rate_now,
+                name="wpn_adam",
+            )
+            self.wpn_optimizer.build(self.wpn.weights)
+        self.weight_mean_trackers = [
+            keras.metrics.Mean(name=f"exit_{i + 1}_weight_mean")
+            for i in range(k)
+        ]
+        self.weight_min_trackers = [
+            _RunningExtreme("min", name=f"exit_{i + 1}_weight_min")
+            for i in range(k)
+        ]
+        self.weight_max_trackers = [
+            _RunningExtreme("max", name=f"exit_{i + 1}_weight_max")
+            for i in range(k)
+        ]
+        # Loaded batches seen (drives the meta interval).
+        self.batch_counter = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            name="batch_counter",
+        )
+        # Main optimizer's learning rate at iteration 0 (WPN schedule shape).
+        self.initial_main_lr = self.add_weight(
+            shape=(), dtype="float32", initializer="zeros", trainable=False,
+            name="initial_main_lr",
+        )
+        self.built = True
+
+    def check_optimizer(self, optimizer):
+        if self.meta_learns:
+            core.check_lookahead_support(optimizer)
+        self._main_optimizer_ref = weakref.ref(optimizer)
+
+    def _wpn_learning_rate_now(self):
+        opt = None
+        if self._main_optimizer_ref is not None:
+            opt = self._main_optimizer_ref()
+        if opt is None:
+            return ops.convert_to_tensor(self.wpn_learning_rate, "float32")
+        lr = ops.cast(opt.learning_rate, "float32")
+        lr0 = self.initial_main_lr
+        ratio = ops.where(lr0 > 0, lr / ops.where(lr0 > 0, lr0, 1.0), 1.0)
+        return self.wpn_learning_rate * ratio
+
+    def _record_initial_lr(self, model):
+        opt = model.optimizer
+        lr_attr = opt._learning_rate
+        if isinstance(lr_attr, keras.optimizers.schedules.LearningRateSchedule):
+            lr0 = lr_attr(0)
+        elif callable(lr_attr) and not isinstance(lr_attr, keras.Variable):
+            lr0 = lr_attr()
+        else:
+            lr0 = opt.learning_rate
+        lr0 = ops.cast(lr0, "float32")
+        self.initial_main_lr.assign(
+            ops.where(self.initial_main_lr > 0, self.initial_main_lr, lr0)
+        )
+
+    # --- weights -------------------------------------------------------------
+
+    def wpn_features(self, ce, confidence):
+        """WPN input from detached losses and/or confidences."""
+        ce = ops.stop_gradient(ce)
+        confidence = ops.stop_gradient(ops.cast(confidence, ce.dtype))
+        if self.wpn_input == "loss":
+            return ce
+        if self.wpn_input == "confidence":
+            return confidence
+        return ops.concatenate([ce, confidence], axis=1)
+
+    def sample_weights(self, ce, confidence, training_selection=None):
+        """Per-sample, per-exit weights `(batch, K)` of the current method.
+
+        Differentiable w.r.t. the WPN for `weighting="wpn"`.
+        """
+        dtype = ce.dtype
+        n = ops.shape(ce)[0]
+        if self.uses_wpn:
+            u = self.wpn(self.wpn_features(ce, confidence))
+            return zero_sum_weights(ops.cast(u, dtype), self.delta,
+                                    self.constraint)
+        if self.weighting in ("rising", "falling"):
+            w = np.linspace(0.6, 1.4, self.num_exits)
+            if self.weighting == "falling":
+                w = w[::-1]
+            return ops.broadcast_to(
+                ops.convert_to_tensor(w.copy(), dtype=dtype)[None, :],
+                (n, self.num_exits),
+            )
+        # Vanilla selection: mean over each exit's allocated subset.
+        mask = allocate_by_confidence(ops.cast(confidence, dtype), self.q)
+        counts = ops.sum(mask, axis=0, keepdims=True)
+        scale = ops.cast(n, dtype) / ops.maximum(counts, 1.0)
+        return mask * scale
+
+    def meta_loss(self, ce_meta, confidence_meta):
+        """Meta objective and its per-exit terms on the meta batch."""
+        if self.meta_objective == "vanilla":
+            per_exit = ops.mean(ce_meta, axis=0)
+        else:
+            mask = allocate_by_confidence(confidence_meta, self.q)
+            mask = ops.cast(mask, ce_meta.dtype)
+            counts = ops.sum(mask, axis=0)
+            # Empty subsets contribute nothing (skipped).
+            per_exit = ops.sum(mask * ce_meta, axis=0) / ops.maximum(
+                counts, 1.0
+            )
+        return ops.sum(per_exit), per_exit
+
+    # --- training ------------------------------------------------------------
+
+    def metric_names(self):
+        names = []
+        for k in range(self.num_exits):
+            for stat in ("mean", "min", "max"):
+                names.append(f"exit_{k + 1}_weight_{stat}")
+        return names
+
+    def _weight_trackers(self):
+        return zip(
+            self.weight_mean_trackers,
+            self.weight_min_trackers,
+            self.weight_max_trackers,
+        )
+
+    def _update_weight_metrics(self, w):
+        for k, (mean, lo, hi) in enumerate(self._weight_trackers()):
+            col = ops.cast(w[:, k], "float32")
+            mean.update_state(col)
+            lo.update_state(col)
+            hi.update_state(col)
+
+    def step_logs(self, model):
+        logs = model.model_logs()
+        for mean, lo, hi in self._weight_trackers():
+            for m in (mean, lo, hi):
+                logs[m.name] = m.result()
+        return logs
+
+    def train_step(self, model, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError(
+                "L2W learns its own sample weights; received `sample_weight`"
+                " in the data, expected (x, y)."
+            )
+        self._main_optimizer_ref = weakref.ref(model.optimizer)
+        self._record_initial_lr(model)
+        n = tf.shape(x)[0]
+
+        def body():
+            (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
+            self._half_step(model, x_a, y_a, x_b, y_b)
+            self._half_step(model, x_b, y_b, x_a, y_a)
+            return ops.zeros((), "int32")
+
+        def too_small():
+            model.record_small_batch(n)
+            return ops.zeros((), "int32")
+
+        tf.cond(n >= 2, body, too_small)
+        self.batch_counter.assign_add(1)
+        return self.step_logs(model)
+
+    def _half_step(self, model, x_t, y_t, x_m, y_m):
+        if not self.meta_learns:
+            self._plain_step(model, x_t, y_t)
+            return
+        if self.meta_interval == 1:
+            self._meta_step(model, x_t, y_t, x_m, y_m)
+            return
+
+        def meta():
+            self._meta_step(model, x_t, y_t, x_m, y_m)
+            return ops.zeros((), "int32")
+
+        def plain():
+            self._plain_step(model, x_t, y_t)
+            return ops.zeros((), "int32")
+
+        tf.cond(
+            ops.equal(self.batch_counter % self.meta_interval, 0), meta, plain
+        )
+
+    def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w):
+        opt = model.optimizer
+        if opt.loss_scale_factor is not None:
+            # `apply` unscales; the gradients here are of the unscaled loss.
+            grads = [g * opt.loss_scale_factor for g in grads]
+        model.record_nonfinite(per_exit, phase=0)
+        opt.apply(grads, model.trainable_variables)
+        model.update_step_metrics(loss, y, logits, ce)
+        self._update_weight_metrics(w)
+
+    def _plain_step(self, model, x, y):
+        variables = model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            ce = core.per_exit_cross_entropy(y, logits)
+            conf = core.exit_confidence(logits)
+            w = ops.stop_gradient(self.sample_weights(ce, conf))
+            per_exit = core.weighted_exit_losses(ce, w)
+            loss = ops.sum(per_exit)
+        grads = tape.gradient(loss, variables)
+        self._apply_real(model, grads, per_exit, loss, y, logits, ce, w)
+
+    def _meta_step(self, model, x_t, y_t, x_m, y_m):
+        backbone = model.backbone
+        wpn_vars = self.wpn.weights
+        meta_terms = {}
+
+        def terms_fn(logits, y):
+            return core.per_exit_cross_entropy(y, logits), logits
+
+        def coefficients_fn(ce, logits):
+            w = self.sample_weights(ce, core.exit_confidence(logits))
+            return w / ops.cast(ops.shape(ce)[0], w.dtype)
+
+        def outer_fn(logits_meta, y_meta):
+            ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
+            loss, per_exit = self.meta_loss(
+                ce_m, core.exit_confidence(logits_meta)
+            )
+            meta_terms["per_exit"] = per_exit
+            return loss
+
+        lookahead = core.LookAhead(
+            backbone,
+            model.optimizer,
+            wpn_vars,
+            terms_fn,
+            coefficients_fn,
+            outer_fn,
+        )
+        wpn_grads = lookahead.run(x_t, y_t, x_m, y_m)
+        model.record_nonfinite(meta_terms["per_exit"], phase=1)
+        # L2 weight decay added to the gradient, as torch.optim.Adam does.
+        wd = self.wpn_weight_decay
+        wpn_grads = [
+            ops.zeros_like(v) if g is None else g + wd * v
+            for g, v in zip(wpn_grads, wpn_vars)
+        ]
+        self.wpn_optimizer.apply(wpn_grads, wpn_vars)
+
+        # Real step on the training half, reusing the look-ahead's forward.
+        ce = lookahead.terms
+        logits = lookahead.logits
+        n = ops.cast(ops.shape(ce)[0], ce.dtype)
+        w = ops.stop_gradient(
+            self.sample_weights(ce, core.exit_confidence(logits))
+        )
+        grads = lookahead.real_gradients(w / n)
+        core.assign_values(backbone.non_trainable_variables,
+                           lookahead.non_trainable)
+        per_exit = core.weighted_exit_losses(ce, w)
+        self._apply_real(
+            model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w
+        )
+
+    # --- WPN files and statistics ---------------------------------------------
+
+    def save_wpn(self, path):
+        """Save the WPN's weights and shape to an `.npz` file."""
+        if not self.uses_wpn:
+            raise ValueError(
+                f"weighting={self.weighting!r} has no WPN to save."
+            )
+        arrays = {f"w{i}": np.asarray(v.numpy())
+                  for i, v in enumerate(self.wpn.weights)}
+        np.savez(
+            path,
+            config=np.array(
+                [self.wpn.num_exits, self.wpn.input_dim, self.wpn.depth,
+                 self.wpn.width]
+            ),
+            **arrays,
+        )
+
+    def load_wpn(self, path):
+        """Load WPN weights written by `save_wpn` (checks the shapes)."""
+        with np.load(path) as data:
+            config = data["config"].tolist()
+            expected = [self.wpn.num_exits, self.wpn.input_dim,
+                        self.wpn.depth, self.wpn.width]
+            if config != expected:
+                raise ValueError(
+                    f"WPN file {path!r} holds a WPN with (num_exits, "
+                    f"input_dim, depth, width) = {tuple(config)}; this L2W "
+                    f"expects {tuple(expected)}."
+                )
+            for i, v in enumerate(self.wpn.weights):
+                v.assign(data[f"w{i}"])
+
+    def sample_statistics(self, model, dataset):
+        """Per-sample loss, confidence, weight and allocation (Fig. 8).
+
+        Runs the backbone in inference mode on every batch of `dataset`
+        (yielding `(x, y)`), computes the per-exit losses and confidences,
+        the weights this method would give (WPN weights use the batch for the
+        `row`/`mat` constraints, as in training), and the meta-data
+        allocation by `q` within each batch (as a meta batch).
+
+        Args:
+            model: the `MultiExitModel` trained with this method.
+            dataset: iterable of `(x, y)` batches (e.g. a `tf.data.Dataset`).
+
+        Returns:
+            A dict of numpy arrays: `loss` `(N, K)`, `confidence` `(N, K)`,
+            `weight` `(N, K)`, `exit` `(N,)` (0-based allocated exit),
+            `selected_by_exit_1` `(N,)` bool, `correct` `(N, K)` bool.
+        """
+        out = {k: [] for k in ("loss", "confidence", "weight", "exit",
+                               "correct")}
+        for batch in dataset:
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+            logits = model(x, training=False)
+            ce = core.per_exit_cross_entropy(y, logits)
+            conf = core.exit_confidence(logits)
+            w = self.sample_weights(ce, conf)
+            labels = core.sparse_labels(y, logits)
+            correct = ops.stack(
+                [ops.equal(ops.cast(ops.argmax(z, axis=-1), "int32"),
+                           ops.cast(labels, "int32")) for z in logits],
+                axis=1,
+            )
+            conf_np = np.asarray(ops.convert_to_numpy(conf))
+            out["loss"].append(np.asarray(ops.convert_to_numpy(ce)))
+            out["confidence"].append(conf_np)
+            out["weight"].append(np.asarray(ops.convert_to_numpy(w)))
+            out["exit"].append(allocate_by_confidence_numpy(conf_np, self.q))
+            out["correct"].append(np.asarray(ops.convert_to_numpy(correct)))
+        if not out["loss"]:
+            raise ValueError("`dataset` yielded no batches.")
+        result = {k: np.concatenate(v, axis=0) for k, v in out.items()}
+        result["selected_by_exit_1"] = result["exit"] == 0
+        return result
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            q=self.q,
+            delta=self.delta,
+            wpn_depth=self.wpn_depth,
+            wpn_width=self.wpn_width,
+            wpn_input=self.wpn_input,
+            constraint=self.constraint,
+            meta_interval=self.meta_interval,
+            wpn_learning_rate=self.wpn_learning_rate,
+            wpn_weight_decay=self.wpn_weight_decay,
+            meta_objective=self.meta_objective,
+            weighting=self.weighting,
+            wpn_weights_path=self.wpn_weights_path,
+        )
+        return config
+
+
+class _RunningExtreme(keras.metrics.Metric):
+    """Running min or max over an epoch."""
+
+    def __init__(self, mode, name=None, dtype="float32"):
+        super().__init__(name=name, dtype=dtype)
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max'; received {mode!r}.")
+        self.mode = mode
+        init = np.inf if mode == "min" else -np.inf
+        self.value = self.add_variable(
+            shape=(), initializer=keras.initializers.Constant(init),
+            name="value",
+        )
+
+    def update_state(self, values, sample_weight=None):
+        values = ops.cast(values, self.dtype)
+        if self.mode == "min":
+            self.value.assign(ops.minimum(self.value, ops.min(values)))
+        else:
+            self.value.assign(ops.maximum(self.value, ops.max(values)))
+
+    def result(self):
+        # A snapshot, not the variable (logs must not change on reset).
+        return tf.identity(self.value)
+
+    def reset_state(self):
+        init = np.inf if self.mode == "min" else -np.inf
+        self.value.assign(init)
+
+    def get_config(self):
+        return {"mode": self.mode, "name": self.name, "dtype": self.dtype}
+
+
+def _check_number(name, value, low=None, high=None, low_inclusive=True):
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
+        raise TypeError(f"`{name}` must be a number; received {value!r}.")
+    value = float(value)
+    ok = np.isfinite(value)
+    if low is not None:
+        ok = ok and (value >= low if low_inclusive else value > low)
+    if high is not None:
+        ok = ok and value <= high
+    if not ok:
+        lo = "" if low is None else ("[" if low_inclusive else "(") + str(low)
+        hi = "" if high is None else str(high) + "]"
+        raise ValueError(
+            f"`{name}` must be a finite number in {lo or '(-inf'}, "
+            f"{hi or 'inf)'}; received {value}."
+        )

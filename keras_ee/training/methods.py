@@ -1,0 +1,184 @@
+"""Training methods: the pluggable part of `MultiExitModel`.
+
+A `Method` decides how a loaded batch turns into parameter updates. The
+model owns the backbone, the optimizer and the per-exit metrics; the method
+owns its own state (e.g. L2W's weight prediction network and its optimizer),
+which is tracked as part of the model so that `.keras` saving and
+`keras.callbacks.BackupAndRestore` restore it.
+
+Hooks (override what the method needs):
+
+- `setup(model)`: create the method's variables once the backbone is known.
+- `check_optimizer(optimizer)`: reject optimizers the method cannot use.
+- `compute_loss(model, y, logits, ce, sample_weight)`: the training loss
+  of one forward pass; the default `train_step` (one forward, one backward,
+  one optimizer step) uses it. IMTA's self-distillation fits here (extra
+  loss terms with a detached teacher).
+- `train_step(model, data)`: a whole step, for methods that need more
+  (L2W's half-batch exchange and look-ahead; HDKD's bilevel gamma update;
+  budget-aware gating's alternating gater update). The building blocks live
+  in `keras_ee.training.core`.
+- `test_loss(model, y, logits, ce)`: the loss reported by `evaluate`.
+- `step_logs(model)`: the dict of logs returned after a step.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_ee.training import core
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class Method(keras.layers.Layer):
+    """Base class of training methods for `MultiExitModel`.
+
+    A method is a (non-trainable at the model level) Keras layer, so its
+    variables are saved with the model. Subclasses override
+    `compute_loss` (single forward/backward methods) or `train_step`.
+
+    Args:
+        **kwargs: standard `keras.layers.Layer` arguments (e.g. `name`).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.num_exits = None
+
+    def setup(self, model):
+        """Create the method's state; called once by `MultiExitModel`.
+
+        Args:
+            model: the `MultiExitModel` (its backbone is built, `num_exits`
+                is known; the optimizer is not known yet).
+        """
+        self.num_exits = model.num_exits
+        self.built = True
+
+    def check_optimizer(self, optimizer):
+        """Raise if `optimizer` cannot be used by this method."""
+
+    def metric_names(self):
+        """Names of the method's own per-step logs (besides the model's)."""
+        return []
+
+    def compute_loss(self, model, y, logits, ce, sample_weight=None):
+        """Training loss of one forward pass.
+
+        Args:
+            model: the `MultiExitModel`.
+            y: labels of the batch.
+            logits: list of the exits' logits.
+            ce: `(batch, K)` per-sample cross-entropies.
+            sample_weight: optional `(batch,)` sample weights.
+
+        Returns:
+            `(total_loss, per_exit_loss)`: a scalar and a `(K,)` tensor whose
+            sum is `total_loss` (used for logs and the non-finite check).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `compute_loss` or "
+            "override `train_step`."
+        )
+
+    def test_loss(self, model, y, logits, ce):
+        """Loss reported by `evaluate`: sum of the exits' mean CE."""
+        return ops.sum(ops.mean(ce, axis=0))
+
+    def train_step(self, model, data):
+        """One forward, one backward, one optimizer step on the batch."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            ce = core.per_exit_cross_entropy(y, logits)
+            loss, per_exit = self.compute_loss(
+                model, y, logits, ce, sample_weight
+            )
+            scaled = model.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        model.record_nonfinite(per_exit, phase=0)
+        model.optimizer.apply(grads, variables)
+        model.update_step_metrics(loss, y, logits, ce)
+        return self.step_logs(model)
+
+    def step_logs(self, model):
+        return model.model_logs()
+
+    def get_config(self):
+        config = super().get_config()
+        # `trainable` and `dtype` are managed by the model, not the user.
+        config.pop("trainable", None)
+        config.pop("dtype", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class Baseline(Method):
+    """Sum of the exits' cross-entropies, with optional fixed exit weights.
+
+    `loss = sum_k c_k * mean_i(sw_i * l[i, k])` with `c_k = exit_weights[k]`
+    (all 1 by default) and sample weights `sw` (all 1 by default; Keras'
+    "sum over batch size" convention).
+
+    Args:
+        exit_weights: optional sequence of K non-negative finite floats.
+        **kwargs: standard layer arguments (e.g. `name`).
+
+    Example:
+    >>> model = MultiExitModel(backbone, method=Baseline())
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    """
+
+    def __init__(self, exit_weights=None, **kwargs):
+        super().__init__(**kwargs)
+        if exit_weights is not None:
+            if isinstance(exit_weights, (str, bytes)) or not hasattr(
+                exit_weights, "__len__"
+            ):
+                raise TypeError(
+                    "`exit_weights` must be None or a sequence of floats; "
+                    f"received {exit_weights!r}."
+                )
+            arr = np.asarray(exit_weights, dtype=np.float64)
+            if arr.ndim != 1 or not np.all(np.isfinite(arr)) or np.any(
+                arr < 0
+            ):
+                raise ValueError(
+                    "`exit_weights` must be a 1-D sequence of finite, "
+                    f"non-negative floats; received {exit_weights!r}."
+                )
+            exit_weights = [float(v) for v in arr]
+        self.exit_weights = exit_weights
+
+    def setup(self, model):
+        if (
+            self.exit_weights is not None
+            and len(self.exit_weights) != model.num_exits
+        ):
+            raise ValueError(
+                f"`exit_weights` has {len(self.exit_weights)} entries but the "
+                f"backbone has {model.num_exits} exits."
+            )
+        super().setup(model)
+
+    def _coefficients(self, dtype):
+        if self.exit_weights is None:
+            return ops.ones((self.num_exits,), dtype=dtype)
+        return ops.convert_to_tensor(self.exit_weights, dtype=dtype)
+
+    def compute_loss(self, model, y, logits, ce, sample_weight=None):
+        if sample_weight is not None:
+            sw = ops.reshape(ops.cast(sample_weight, ce.dtype), (-1, 1))
+            ce = ce * sw
+        per_exit = ops.mean(ce, axis=0) * self._coefficients(ce.dtype)
+        return ops.sum(per_exit), per_exit
+
+    def test_loss(self, model, y, logits, ce):
+        return ops.sum(ops.mean(ce, axis=0) * self._coefficients(ce.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config["exit_weights"] = self.exit_weights
+        return config
