@@ -1,0 +1,86 @@
+"""`multiexit_cnn`: a small, fast multi-exit CNN for tests and small datasets."""
+
+import keras
+
+from keras_ee.models import _validate as v
+from keras_ee.models.graph import mark_stage
+from keras_ee.models.heads import (
+    branch_and_trunk,
+    conv_bn_relu,
+    he_fan_out_init,
+    pooled_logits,
+    torch_default_bias_init,
+    torch_default_init,
+)
+
+
+def multiexit_cnn(
+    num_classes=10,
+    input_shape=(32, 32, 3),
+    widths=(16, 32, 48, 64),
+    depth=2,
+    num_exits=None,
+    gradient_equilibrium=False,
+    name="multiexit_cnn",
+):
+    """Plain conv stages, each followed by an exit (pool + Dense).
+
+    Stage k has `depth` 3x3 conv-BN-ReLU units of width `widths[k-1]`; the
+    first unit of stages 2.. has stride 2 while the map is at least 4 pixels
+    high and wide, so any input of at least 8x8 works (8x8 digits, 28x28
+    MNIST, 32x32 CIFAR). Exit k is `GlobalAveragePooling2D`
+    (`exit_{k}_features`) then `Dense` (`exit_{k}`). Init: conv kernels
+    He-normal (fan-out), Dense PyTorch default.
+
+    Args:
+        num_classes: int.
+        input_shape: `(height, width, channels)`, height and width >= 8.
+        widths: ints, channels per stage; one exit per stage.
+        depth: int, conv units per stage.
+        num_exits: optional int; if given without custom `widths`, uses
+            widths `16, 32, ..., 16*num_exits`; if given with `widths` it must
+            equal `len(widths)`.
+        gradient_equilibrium: bool, IMTA gradient scales at the exits.
+        name: str, model name.
+
+    Returns:
+        A functional `keras.Model` with outputs `exit_1..exit_K`.
+
+    Example:
+    ```python
+    model = multiexit_cnn(num_classes=10, input_shape=(8, 8, 1))
+    ```
+    """
+    w = "multiexit_cnn: "
+    num_classes = v.check_int("num_classes", num_classes, 1, w)
+    input_shape = v.check_input_shape(input_shape, w, min_size=8)
+    widths = v.check_int_tuple("widths", widths, 1, w)
+    if num_exits is not None:
+        num_exits = v.check_int("num_exits", num_exits, 1, w)
+        if widths == (16, 32, 48, 64):
+            widths = tuple(16 * (k + 1) for k in range(num_exits))
+        elif len(widths) != num_exits:
+            raise ValueError(
+                f"{w}num_exits={num_exits} disagrees with widths={widths} "
+                f"({len(widths)} stages); pass one of them."
+            )
+    depth = v.check_int("depth", depth, 1, w)
+    gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, w)
+    init = he_fan_out_init()
+
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    outputs = []
+    k_total = len(widths)
+    for k, width in enumerate(widths, start=1):
+        for d in range(depth):
+            stride = 2 if (k > 1 and d == 0 and min(x.shape[1:3]) >= 4) else 1
+            x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init)
+        last = k == k_total
+        branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
+        outputs.append(
+            pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width))
+        )
+        if not last:
+            (x,) = mark_stage(k, [trunk])
+    return keras.Model(inputs, outputs, name=name)
