@@ -86,20 +86,32 @@ _ALIASES = {
 LONG_TAIL_VAL_FRACTION = 0.1
 
 
+class DatasetInfo(str):
+    """One line of `available()`: `"name  description"`, with both as attributes."""
+
+    def __new__(cls, name, description):
+        line = super().__new__(cls, f"{name:<14} {description}")
+        line.name = name
+        line.description = description
+        return line
+
+
 def available():
     """The dataset names `load` accepts, with one-line descriptions.
 
     Returns:
-        list of `(name, description)` tuples.
+        list of `DatasetInfo`: strings `"name  description"` (ready to print)
+        that also carry `.name` and `.description`.
 
     Example:
 
     ```python
-    for name, description in keras_ee.data.available():
-        print(f"{name:15s} {description}")
+    for line in keras_ee.data.available():
+        print(line)            # "cifar100       CIFAR-100, 32x32x3, ..."
+    names = [d.name for d in keras_ee.data.available()]
     ```
     """
-    return [(name, spec[0]) for name, spec in _DATASETS.items()]
+    return [DatasetInfo(name, spec[0]) for name, spec in _DATASETS.items()]
 
 
 def default_search_dirs():
@@ -124,8 +136,11 @@ def _resolve_name(name):
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _DATASETS or key == "npz:PATH":
-        listing = "; ".join(f"{n} ({d})" for n, d in available())
-        raise ValueError(f"Unknown dataset {name!r}. Available: {listing}.")
+        listing = ", ".join(d.name for d in available())
+        raise ValueError(
+            f"Unknown dataset {name!r}. Available: {listing} "
+            "(descriptions: keras_ee.data.available())."
+        )
     return key, None
 
 
@@ -284,6 +299,7 @@ def load(
 
 __all__ = [
     "ArraySplits",
+    "DatasetInfo",
     "DatasetSplits",
     "available",
     "build_array_splits",

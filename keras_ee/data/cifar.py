@@ -254,6 +254,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # Python 3 writes bytes with protocol 2 as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module, name):
