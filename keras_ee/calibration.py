@@ -1,0 +1,367 @@
+"""Budgeted batch classification: confidence scores, exit thresholds, budget sweeps.
+
+The public façade over the Rust core (`keras_ee._native`). It only checks types and
+shapes and hands numpy arrays over without copying; all computation (and the NaN /
+inf scans) runs in Rust with the GIL released, in parallel.
+
+Semantics (MSDNet's budgeted batch classification, see
+`shared/reference/algorithms.md` section 1):
+
+- For exits k = 1..K-1, `n_k = floor(float64(N) * f_k)`: one IEEE float64
+  multiplication then `floor` (numpy's `np.floor(N * f)`), N = all samples.
+- `T_k = +inf` when `n_k == 0` or no sample is left (the exit takes no sample);
+  otherwise `T_k` is the `min(n_k, remaining)`-th largest exit-k score among the
+  samples not yet exited. When `n_k` exceeds what is left, `T_k` is thus the lowest
+  remaining score and every remaining sample exits at k.
+- A remaining sample exits at k when `s >= T_k`: ties can take more than `n_k`.
+- `T_K = -inf`: the last exit takes every sample left.
+- Scoring: each sample exits at its first k with `s[k, i] >= T_k`; accuracy is the
+  fraction of samples whose exit predicts right; `mean_cost =
+  sum_k(count_k * costs[k]) / N` (summed over k in order).
+
+Thresholds are float32 scores widened to float64 exactly, so comparisons with the
+float32 scores are exact.
+
+Memory: `logits` are read in place whatever their strides (C-contiguous arrays and
+`np.memmap` dumps larger than RAM included); a non-contiguous row is gathered into a
+C-sized buffer. Extra memory is O(K x N). `scores` and `correct` arrays ((K, N),
+small) are made C-contiguous if they are not.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from keras_ee import _native
+
+__all__ = [
+    "exit_scores",
+    "geometric_fractions",
+    "per_stage_fractions",
+    "calibrate",
+    "simulate",
+    "budget_sweep",
+    "anytime_accuracy",
+    "SCORE_KINDS",
+]
+
+SCORE_KINDS = ("max_softmax", "margin", "entropy")
+
+
+def _array(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    if x is None or isinstance(x, (str, bytes)):
+        raise TypeError(f"`{name}` must be a numpy array; received {type(x).__name__}")
+    return np.asarray(x)
+
+
+def _check_ndim(a, ndim, name, layout):
+    if a.ndim != ndim:
+        raise ValueError(
+            f"`{name}` must be a {ndim}-D array of shape {layout}; "
+            f"received shape {a.shape}"
+        )
+
+
+def _scores_array(x, name):
+    """(K, N) float32, C-contiguous. Other float dtypes only if exactly representable."""
+    a = _array(x, name)
+    _check_ndim(a, 2, name, "(K, N) (exits first)")
+    if a.dtype != np.float32:
+        if a.dtype.kind != "f":
+            raise TypeError(
+                f"`{name}` must be a float32 array (as returned by exit_scores); "
+                f"received dtype {a.dtype}"
+            )
+        b = a.astype(np.float32)
+        # A lossy cast would silently move samples across thresholds.
+        with np.errstate(invalid="ignore"):
+            lossless = np.array_equal(b.astype(a.dtype), a, equal_nan=True)
+        if not lossless:
+            raise TypeError(
+                f"`{name}` must be float32 (as returned by exit_scores); received "
+                f"{a.dtype} values that float32 cannot represent exactly"
+            )
+        a = b
+    return np.ascontiguousarray(a)
+
+
+def _correct_array(x, name, shape=None):
+    a = _array(x, name)
+    _check_ndim(a, 2, name, "(K, N) (exits first)")
+    if a.dtype != np.bool_:
+        raise TypeError(f"`{name}` must be a bool array; received dtype {a.dtype}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(
+            f"`{name}` must have the shape of the scores {shape}; received {a.shape}"
+        )
+    return np.ascontiguousarray(a)
+
+
+def _vector(x, name):
+    a = _array(x, name)
+    if a.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D sequence; received shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"`{name}` must hold real numbers; received dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _real(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number; received {x!r}")
+    return float(x)
+
+
+def _count(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int; received {x!r}")
+    return int(x)
+
+
+def exit_scores(logits, kind="max_softmax", temperature=1.0):
+    """Confidence scores and predictions of every exit from its logits.
+
+    Softmax over classes of `logits / temperature`, then one confidence per sample:
+    `"max_softmax"` (largest probability), `"margin"` (largest minus second largest)
+    or `"entropy"` (`1 + sum_c p_c log p_c / log C`; 1 = one-hot, 0 = uniform).
+    Higher is more confident for every kind. Max-subtraction keeps huge or tiny
+    logits safe; `exp` is a vectorised float32 kernel (relative error ~1e-7).
+
+    Args:
+        logits: array of shape `(K, N, C)` (exits, samples, classes), float16,
+            float32 or float64, any strides; an `np.memmap` is read in place, never
+            copied. `C >= 2`.
+        kind: one of `"max_softmax"`, `"margin"`, `"entropy"`.
+        temperature: positive float, or a sequence of `K` positive floats (one per
+            exit).
+
+    Returns:
+        `(scores, predictions)`: float32 `(K, N)` and int32 `(K, N)` (argmax over
+        classes, first index on ties).
+
+    Raises:
+        ValueError: wrong ndim, empty array, `C < 2`, NaN or inf in `logits` (the
+            message gives exit, sample and class), unknown `kind`, bad temperature.
+        TypeError: unsupported dtype (ints, bool, complex, non-native byte order).
+
+    Example:
+
+    >>> logits = np.array([[[2.0, 0.0], [0.0, 0.0]]], dtype=np.float32)
+    >>> scores, preds = exit_scores(logits)
+    >>> scores.astype(np.float64).round(4).tolist(), preds.tolist()
+    ([[0.8808, 0.5]], [[0, 0]])
+    """
+    a = _array(logits, "logits")
+    _check_ndim(a, 3, "logits", "(K, N, C) (exits, samples, classes)")
+    if not isinstance(kind, str):
+        raise TypeError(f"`kind` must be a str, one of {SCORE_KINDS}; received {kind!r}")
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"`kind` must be one of {SCORE_KINDS}; received {kind!r}")
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(
+            f"`logits` must be float16, float32 or float64; received dtype {a.dtype}"
+        )
+    if not a.dtype.isnative:
+        raise TypeError(
+            f"`logits` must be in native byte order; received dtype {a.dtype.str} "
+            "(convert with a.astype(a.dtype.newbyteorder('='))"
+        )
+    if isinstance(temperature, (bool, np.bool_)):
+        raise TypeError(f"`temperature` must be a positive float; received {temperature!r}")
+    t = np.asarray(temperature)
+    if t.dtype.kind not in "fiu" or t.ndim > 1:
+        raise TypeError(
+            "`temperature` must be a positive float or a 1-D sequence of K positive "
+            f"floats; received {temperature!r}"
+        )
+    temps = [float(v) for v in t.reshape(-1)]
+    if not temps:
+        raise ValueError("`temperature` must not be empty")
+    if a.dtype == np.float16:
+        # Same itemsize, so this is a zero-copy view for any strides.
+        return _native.exit_scores_f16(a.view(np.uint16), kind, temps)
+    if a.dtype == np.float32:
+        return _native.exit_scores_f32(a, kind, temps)
+    return _native.exit_scores_f64(a, kind, temps)
+
+
+def geometric_fractions(q, num_exits):
+    """Target exit fractions of the geometric split, `f_k = q^k / sum_j q^j`.
+
+    `q = 1` splits uniformly, `q < 1` favours early (cheap) exits, `q > 1` late ones.
+    Computed as normalised powers (no overflow for large `q`, no underflow for tiny).
+
+    Args:
+        q: positive finite float.
+        num_exits: number of exits `K >= 1`.
+
+    Returns:
+        float64 array `(K,)` summing to 1.
+
+    Example:
+
+    >>> geometric_fractions(0.5, 3).round(4).tolist()
+    [0.5714, 0.2857, 0.1429]
+    """
+    return _native.geometric_fractions(_real(q, "q"), _count(num_exits, "num_exits"))
+
+
+def per_stage_fractions(q, num_exits):
+    """Target exit fractions when a fraction `q` of the samples reaching an exit leave.
+
+    `f_k = q (1 - q)^(k-1)` for `k < K` and `f_K = (1 - q)^(K-1)` (the last exit takes
+    the rest). Used through `calibrate` these are fractions of all N samples, so with
+    ties the realised per-stage proportions can differ from `q`.
+
+    Args:
+        q: float in `(0, 1]`.
+        num_exits: number of exits `K >= 1`.
+
+    Returns:
+        float64 array `(K,)` summing to 1.
+
+    Example:
+
+    >>> per_stage_fractions(0.5, 3).tolist()
+    [0.5, 0.25, 0.25]
+    """
+    return _native.per_stage_fractions(_real(q, "q"), _count(num_exits, "num_exits"))
+
+
+def calibrate(scores, fractions):
+    """Exit thresholds on a validation set for target exit fractions.
+
+    See the module docstring for the exact rule (ties, exits taking no sample).
+
+    Args:
+        scores: float32 array `(K, N)` of confidences (e.g. from `exit_scores`).
+        fractions: `(K,)` non-negative target fractions summing to 1 (within 1e-9).
+
+    Returns:
+        float64 array `(K,)`: `+inf` where an exit takes no sample, `-inf` at the
+        last exit.
+
+    Example:
+
+    >>> s = np.array([[0.9, 0.2, 0.6, 0.4], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    >>> calibrate(s, [0.5, 0.5]).round(3).tolist()
+    [0.6, -inf]
+    """
+    s = _scores_array(scores, "scores")
+    f = _vector(fractions, "fractions")
+    return _native.calibrate(s, f)
+
+
+def simulate(scores, correct, thresholds, costs):
+    """Applies thresholds: accuracy, expected cost and exit counts.
+
+    Each sample exits at its first exit k with `scores[k, i] >= thresholds[k]`; the
+    last exit takes the rest.
+
+    Args:
+        scores: float32 `(K, N)` confidences.
+        correct: bool `(K, N)`, whether exit k predicts sample i right.
+        thresholds: `(K,)` float64, `-inf` at the last exit (as from `calibrate`).
+        costs: `(K,)` cumulative cost of each exit (e.g. Mul-Adds), `>= 0` and
+            non-decreasing.
+
+    Returns:
+        dict with `accuracy` (float in [0, 1]), `mean_cost` (float, cost per sample)
+        and `exit_counts` (int64 `(K,)`, summing to N).
+
+    Example:
+
+    >>> s = np.array([[0.9, 0.2], [0.5, 0.5]], np.float32)
+    >>> ok = np.array([[True, True], [False, False]])
+    >>> simulate(s, ok, [0.5, -np.inf], [1.0, 3.0])["mean_cost"]
+    2.0
+    """
+    s = _scores_array(scores, "scores")
+    c = _correct_array(correct, "correct", s.shape)
+    t = _vector(thresholds, "thresholds")
+    w = _vector(costs, "costs")
+    accuracy, mean_cost, counts = _native.simulate(s, c, t, w)
+    return {"accuracy": accuracy, "mean_cost": mean_cost, "exit_counts": counts}
+
+
+def default_qs():
+    """The usual 39 budgets, `q = p / 20` for `p = 1..39`."""
+    return np.arange(1, 40, dtype=np.float64) / 20.0
+
+
+def budget_sweep(
+    val_scores,
+    val_correct,
+    test_scores,
+    test_correct,
+    costs,
+    qs=None,
+    mode="geometric",
+):
+    """Calibrates on validation and scores on test for many budgets in one call.
+
+    For every budget `q`: fractions (`geometric_fractions` or `per_stage_fractions`),
+    thresholds from the validation set (`calibrate`), then `simulate` on validation
+    and test. One Rust call, parallel over budgets and samples; each exit's
+    validation scores are sorted once for all budgets.
+
+    Args:
+        val_scores: float32 `(K, N_val)`.
+        val_correct: bool `(K, N_val)`.
+        test_scores: float32 `(K, N_test)`.
+        test_correct: bool `(K, N_test)`.
+        costs: `(K,)` cumulative cost per exit, `>= 0`, non-decreasing.
+        qs: budgets `(B,)`; default `p / 20` for `p = 1..39`.
+        mode: `"geometric"` (q > 0) or `"per_stage"` (q in (0, 1]).
+
+    Returns:
+        dict of arrays, one row per budget: `q` (B,), `thresholds` (B, K),
+        `val_accuracy` (B,), `test_accuracy` (B,), `mean_cost` (B,) (expected test
+        cost per sample), `exit_counts` (B, K) (test), and `val_mean_cost` (B,).
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> s = rng.random((3, 100), dtype=np.float32)
+    >>> ok = rng.random((3, 100)) < 0.7
+    >>> out = budget_sweep(s, ok, s, ok, [1.0, 2.0, 3.0])
+    >>> out["thresholds"].shape, out["exit_counts"].sum(axis=1).tolist()[:2]
+    ((39, 3), [100, 100])
+    """
+    if not isinstance(mode, str):
+        raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    if mode not in ("geometric", "per_stage"):
+        raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    vs = _scores_array(val_scores, "val_scores")
+    vc = _correct_array(val_correct, "val_correct", vs.shape)
+    ts = _scores_array(test_scores, "test_scores")
+    if ts.shape[0] != vs.shape[0]:
+        raise ValueError(
+            f"`test_scores` must have K={vs.shape[0]} exits like `val_scores`; "
+            f"received shape {ts.shape}"
+        )
+    tc = _correct_array(test_correct, "test_correct", ts.shape)
+    w = _vector(costs, "costs")
+    q = default_qs() if qs is None else _vector(np.atleast_1d(_array(qs, "qs")), "qs")
+    return _native.budget_sweep(vs, vc, ts, tc, w, q, mode)
+
+
+def anytime_accuracy(correct):
+    """Accuracy of every exit on the whole set (anytime prediction).
+
+    Args:
+        correct: bool `(K, N)`.
+
+    Returns:
+        float64 `(K,)`, fraction of samples exit k gets right.
+
+    Example:
+
+    >>> anytime_accuracy(np.array([[True, False], [True, True]])).tolist()
+    [0.5, 1.0]
+    """
+    return _native.anytime_accuracy(_correct_array(correct, "correct"))
