@@ -168,7 +168,7 @@ def zero_sum_weights(u, delta, constraint="col"):
             f"`constraint` must be one of {_CONSTRAINTS}; received "
             f"{constraint!r}."
         )
-    return 1.0 + ops.cast(delta, u.dtype) * centered
+    return 1.0 + float(delta) * centered
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -513,9 +513,20 @@ class L2W(Method):
         grads = tape.gradient(loss, variables)
         self._apply_real(model, grads, per_exit, loss, y, logits, ce, w)
 
-    def _meta_step(self, model, x_t, y_t, x_m, y_m):
-        backbone = model.backbone
-        wpn_vars = self.wpn.weights
+    def meta_gradients(self, model, x_t, y_t, x_m, y_m):
+        """Meta-gradient of the WPN (steps 2-3 of Algorithm 1).
+
+        Pseudo-updates the backbone on the training half `(x_t, y_t)` with
+        the exact step the real optimizer would take now and returns the
+        gradient of the meta loss on `(x_m, y_m)` w.r.t. the WPN's weights.
+        Nothing is assigned (backbone, BatchNorm statistics, optimizers).
+
+        Returns:
+            `(wpn_grads, lookahead)`: the gradients (one per
+            `self.wpn.weights`) and the `core.LookAhead` holding the reusable
+            training-half forward pass (`terms` = per-exit CE, `logits`,
+            `non_trainable` BN statistics, `outer_loss`, `meta_per_exit`).
+        """
         meta_terms = {}
 
         def terms_fn(logits, y):
@@ -534,15 +545,25 @@ class L2W(Method):
             return loss
 
         lookahead = core.LookAhead(
-            backbone,
+            model.backbone,
             model.optimizer,
-            wpn_vars,
+            self.wpn.weights,
             terms_fn,
             coefficients_fn,
             outer_fn,
         )
         wpn_grads = lookahead.run(x_t, y_t, x_m, y_m)
-        model.record_nonfinite(meta_terms["per_exit"], phase=1)
+        lookahead.meta_per_exit = meta_terms["per_exit"]
+        return wpn_grads, lookahead
+
+    def _meta_step(self, model, x_t, y_t, x_m, y_m):
+        backbone = model.backbone
+        wpn_vars = self.wpn.weights
+        wpn_grads, lookahead = self.meta_gradients(model, x_t, y_t, x_m, y_m)
+        ce = lookahead.terms
+        # Report a non-finite training loss before the meta loss it causes.
+        model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
+        model.record_nonfinite(lookahead.meta_per_exit, phase=1)
         # L2 weight decay added to the gradient, as torch.optim.Adam does.
         wd = self.wpn_weight_decay
         wpn_grads = [
@@ -552,15 +573,15 @@ class L2W(Method):
         self.wpn_optimizer.apply(wpn_grads, wpn_vars)
 
         # Real step on the training half, reusing the look-ahead's forward.
-        ce = lookahead.terms
         logits = lookahead.logits
         n = ops.cast(ops.shape(ce)[0], ce.dtype)
         w = ops.stop_gradient(
             self.sample_weights(ce, core.exit_confidence(logits))
         )
         grads = lookahead.real_gradients(w / n)
-        core.assign_values(backbone.non_trainable_variables,
-                           lookahead.non_trainable)
+        core.assign_values(
+            backbone.non_trainable_variables, lookahead.non_trainable
+        )
         per_exit = core.weighted_exit_losses(ce, w)
         self._apply_real(
             model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w

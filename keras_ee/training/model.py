@@ -45,7 +45,7 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
         self.model._nonfinite.assign(np.zeros(4, dtype="int64"))
         self.model.stop_training = True
         if phase == 2:
-            raise NonFiniteLossError(
+            raise ValueError(
                 "Half-batch exchange needs batches of at least 2 samples; "
                 f"received a batch of {exit_k} at optimizer step {step} "
                 f"(epoch {self._epoch + 1}, batch {batch + 1}). Use another "
