@@ -618,3 +618,22 @@ def test_real_fashion_mnist():
     np.testing.assert_array_equal(np.bincount(s.val_labels()), [500] * 10)
     # Published Fashion-MNIST training statistics: mean 0.2860, std 0.3530.
     assert abs(float(s.mean[0]) - 0.2860) < 2e-3 and abs(float(s.std[0]) - 0.3530) < 2e-3
+
+
+def test_tfds_is_the_fallback_and_a_local_copy_is_preferred(tmp_path, monkeypatch, small_counts):
+    calls = []
+    x, y = _cifar_arrays(100, 10, 7)
+
+    def fake_tfds(name, data_dir=None, download=True):
+        calls.append((name, data_dir))
+        return {"x_train": x, "y_train": y, "x_test": x[:40], "y_test": y[:40],
+                "class_names": [f"t{i}" for i in range(10)], "source": "tfds"}
+
+    monkeypatch.setattr(cifar, "load_tfds_arrays", fake_tfds)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KERAS_EE_DATA_DIR", str(tmp_path / "local"))
+    s = data.load("cifar10", val_size=10)
+    assert calls == [("cifar10", None)] and s.class_names[0] == "t0"
+    write_cifar(tmp_path / "local", 10, "binary", "archive")
+    s = data.load("cifar10", val_size=10)
+    assert len(calls) == 1 and s.class_names[0] == "c0"  # the local copy, tfds not asked

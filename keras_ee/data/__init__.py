@@ -15,6 +15,7 @@ model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 ```
 """
 
+import numbers
 import os
 
 from keras_ee.data import builtin
@@ -230,7 +231,7 @@ def load(
     ```
     """
     key, path = _resolve_name(name)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"Expected an int `seed`. Received {seed!r}.")
     if augment_pad is not None and (
         isinstance(augment_pad, bool) or not isinstance(augment_pad, int) or augment_pad < 0

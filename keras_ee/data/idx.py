@@ -103,7 +103,8 @@ def find_idx_dir(directories):
     """First directory holding all four Fashion-MNIST IDX files, or None."""
     for directory in directories:
         directory = os.path.expanduser(str(directory))
-        for candidate in (directory, os.path.join(directory, "fashion-mnist"), os.path.join(directory, "fashion_mnist")):
+        subdirs = ("fashion-mnist", "fashion_mnist")
+        for candidate in [directory] + [os.path.join(directory, s) for s in subdirs]:
             if all(_locate(candidate, s) for s in FASHION_MNIST_FILES.values()):
                 return candidate
     return None
@@ -148,10 +149,15 @@ def read_fashion_mnist(directory, num_classes=10, expected_counts=None):
             raise ValueError(f"{x_path} holds {len(x)} images but {y_path} holds {len(y)} labels.")
         count = expected_counts.get(part)
         if count is not None and len(x) != count:
-            raise ValueError(f"{x_path}: holds {len(x)} images, expected {count}. The file is truncated or not the official one.")
+            raise ValueError(
+                f"{x_path}: holds {len(x)} images, expected {count}. The file is truncated or not the official one."
+            )
         if len(y) and y.max() >= num_classes:
             bad = int(np.argmax(y >= num_classes))
-            raise ValueError(f"{y_path}: label {int(y[bad])} at index {bad}, expected labels in [0, {num_classes}). The file is mislabelled.")
+            raise ValueError(
+                f"{y_path}: label {int(y[bad])} at index {bad}, expected labels in [0, {num_classes}). "
+                "The file is mislabelled."
+            )
         out[f"x_{part}"] = x[..., None]
         out[f"y_{part}"] = y.astype(np.int64)
     out["class_names"] = list(FASHION_MNIST_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]

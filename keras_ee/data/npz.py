@@ -79,11 +79,14 @@ def read_npz(path):
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz archive ({e}).") from e
     if not hasattr(archive, "files"):
-        raise ValueError(f"{path}: holds a single array, expected an .npz archive with keys {', '.join(REQUIRED_KEYS)}.")
+        raise ValueError(
+            f"{path}: holds a single array, expected an .npz archive with keys {', '.join(REQUIRED_KEYS)}."
+        )
     with archive:
         missing = [k for k in REQUIRED_KEYS if k not in archive.files]
         if missing:
-            raise ValueError(f"{path}: missing key(s) {', '.join(missing)}; found {', '.join(archive.files) or 'none'}.")
+            found = ", ".join(archive.files) or "none"
+            raise ValueError(f"{path}: missing key(s) {', '.join(missing)}; found {found}.")
         try:
             raw = {k: archive[k] for k in archive.files if k in REQUIRED_KEYS + ("class_names",)}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
@@ -91,7 +94,10 @@ def read_npz(path):
     x_train, scale = _images(raw["x_train"], "x_train", path)
     x_test, test_scale = _images(raw["x_test"], "x_test", path)
     if scale != test_scale:
-        raise TypeError(f"{path}: `x_train` is {raw['x_train'].dtype} but `x_test` is {raw['x_test'].dtype}; expected the same pixel type.")
+        raise TypeError(
+            f"{path}: `x_train` is {raw['x_train'].dtype} but `x_test` is {raw['x_test'].dtype}; "
+            "expected the same pixel type."
+        )
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{path}: train images are {x_train.shape[1:]} but test images are {x_test.shape[1:]}.")
     if x_train.shape[0] == 0:
@@ -104,11 +110,15 @@ def read_npz(path):
     if "class_names" in raw:
         names = np.asarray(raw["class_names"])
         if names.ndim != 1 or names.dtype.kind not in "US":
-            raise ValueError(f"{path}: `class_names` must be a 1-D array of strings; received {names.dtype} {names.shape}.")
+            raise ValueError(
+                f"{path}: `class_names` must be a 1-D array of strings; received {names.dtype} {names.shape}."
+            )
         class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
         num_classes = len(class_names)
         if y_train.max() >= num_classes:
-            raise ValueError(f"{path}: `y_train` holds label {int(y_train.max())} but `class_names` lists {num_classes} classes.")
+            raise ValueError(
+                f"{path}: `y_train` holds label {int(y_train.max())} but `class_names` lists {num_classes} classes."
+            )
     else:
         num_classes = int(y_train.max()) + 1
         class_names = [str(i) for i in range(num_classes)]
