@@ -637,3 +637,14 @@ def test_tfds_is_the_fallback_and_a_local_copy_is_preferred(tmp_path, monkeypatc
     write_cifar(tmp_path / "local", 10, "binary", "archive")
     s = data.load("cifar10", val_size=10)
     assert len(calls) == 1 and s.class_names[0] == "c0"  # the local copy, tfds not asked
+
+
+def test_can_reach_a_local_listener_and_not_a_closed_port():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert cifar.can_reach("127.0.0.1", port, timeout=2.0)
+    assert not cifar.can_reach("127.0.0.1", port, timeout=2.0)  # closed now

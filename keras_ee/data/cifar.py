@@ -22,6 +22,7 @@ import os
 import pickle
 import socket
 import tarfile
+import threading
 import warnings
 
 import numpy as np
@@ -475,12 +476,24 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
 
 
 def can_reach(host, port=443, timeout=3.0):
-    """Whether a TCP connection to `host` opens within `timeout` seconds."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether a TCP connection to `host` opens within about `timeout` seconds.
+
+    The whole check, name resolution included, runs in a daemon thread: a
+    socket timeout does not bound a DNS lookup, which can hang when offline.
+    """
+    result = []
+
+    def attempt():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
 
 
 def load_tfds_arrays(tfds_name, data_dir=None, download=True):
