@@ -161,7 +161,7 @@ def exit_scores(logits, kind="max_softmax", temperature=1.0):
         raise TypeError(f"`kind` must be a str, one of {SCORE_KINDS}; received {kind!r}")
     if kind not in SCORE_KINDS:
         raise ValueError(f"`kind` must be one of {SCORE_KINDS}; received {kind!r}")
-    if a.dtype not in (np.float16, np.float32, np.float64):
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
         raise TypeError(
             f"`logits` must be float16, float32 or float64; received dtype {a.dtype}"
         )
