@@ -78,6 +78,12 @@ _ACTIVATION = tuple(
 )
 
 
+_HEAVY_OPS = {
+    "matmul", "dot", "tensordot", "einsum", "conv", "depthwiseconv",
+    "separableconv", "convtranspose", "dotproductattention",
+}
+
+
 def _numel(shape):
     """Elements of one sample (batch axis dropped)."""
     dims = list(shape)[1:]
@@ -100,6 +106,15 @@ def _node_ops(node, rule):
     """Ops of one call of a layer (batch size 1)."""
     layer = node.operation
     reference = rule == "reference"
+    if not isinstance(layer, keras.layers.Layer):
+        # A raw `keras.ops` call in the graph (e.g. `x + 3`): elementwise ops
+        # are free, as in the reference counter; refuse to guess heavy ones.
+        if type(layer).__name__.lower() in _HEAVY_OPS:
+            raise ValueError(
+                f"keras_ee.costs cannot count the raw op {layer.name!r} "
+                f"({type(layer).__name__}); wrap it in a layer with a counting rule."
+            )
+        return 0
     if isinstance(layer, keras.Model):
         return _model_ops(layer, rule)
     in_shape = node.input_tensors[0].shape if node.input_tensors else None
@@ -154,7 +169,7 @@ def _model_ops(model, rule):
 
 
 def _params(layer):
-    return int(sum(math.prod(w.shape) for w in layer.trainable_weights))
+    return int(sum(math.prod(w.shape) for w in getattr(layer, "trainable_weights", [])))
 
 
 def exit_costs(model, rule="reference"):

@@ -72,7 +72,7 @@ def attach_exits(
     ```python
     backbone = keras.applications.MobileNetV3Small(
         input_shape=(32, 32, 3), include_top=False, weights=None)
-    model = attach_exits(backbone, ["expanded_conv_2_add", "activation_17"],
+    model = attach_exits(backbone, ["expanded_conv_2_add", "expanded_conv_5_add"],
                          num_classes=10)
     ```
     """
@@ -100,6 +100,7 @@ def attach_exits(
                 f"{where}backbone layer name {layer.name!r} clashes with the names "
                 "attach_exits creates (exit_*, stage_*_state_*); rename it."
             )
+    backbone_nodes = graph.collect_nodes(backbone.outputs)
     exit_tensors = []
     for lname in layer_names:
         if lname not in by_name:
@@ -115,12 +116,16 @@ def attach_exits(
         layer = by_name[lname]
         if isinstance(layer, keras.layers.InputLayer):
             raise ValueError(f"{where}cannot attach an exit to the input layer {lname!r}.")
-        if len(layer._inbound_nodes) != 1:
+        # Only calls inside the backbone's own graph count (attach_exits itself
+        # re-calls the layers in new graphs).
+        calls = [n for n in backbone_nodes if n.operation is layer]
+        if len(calls) != 1 or len(calls[0].outputs) != 1:
             raise ValueError(
-                f"{where}layer {lname!r} is called {len(layer._inbound_nodes)} times in the "
-                "backbone; its output is ambiguous. Pick a layer called once."
+                f"{where}layer {lname!r} is called {len(calls)} times in the backbone "
+                "(or has several outputs); its output is ambiguous. Pick a layer "
+                "called once with one output."
             )
-        tensor = layer.output
+        tensor = calls[0].outputs[0]
         if (head is None or head == "conv") and len(tensor.shape) != 4:
             raise ValueError(
                 f"{where}layer {lname!r} outputs shape {tuple(tensor.shape)}; the built-in "

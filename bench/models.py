@@ -1,0 +1,98 @@
+"""Forward-pass speed of msdnet_cifar_5 vs a plain conv stack of equal Mul-Adds.
+
+Runs both models on the same batch of CIFAR-shaped images on CPU, in
+inference mode inside a `tf.function`, alternating the two so that load
+changes on the machine affect both alike, and prints the median times and
+their ratio (target: MSDNet <= 1.5x the plain model).
+
+Usage:
+    python bench/models.py [--batch 256] [--repeats 7] [--model msdnet_cifar_5]
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_ee import costs, models  # noqa: E402
+from keras_ee.models.heads import conv_bn_relu, he_fan_out_init  # noqa: E402
+
+
+def plain_stack(num_layers, width, num_classes, input_shape=(32, 32, 3)):
+    """Stem conv + `num_layers` 3x3 conv-BN-ReLU at full resolution + GAP + Dense."""
+    init = he_fan_out_init()
+    inp = keras.Input(input_shape)
+    x = conv_bn_relu(inp, width, 3, 1, "stem", init)
+    for i in range(num_layers):
+        x = conv_bn_relu(x, width, 3, 1, f"c{i}", init)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="plain")
+
+
+def matched_plain(target, num_classes, width=32):
+    """Plain stack whose reference Mul-Adds are closest to `target`."""
+    best = None
+    for n in range(1, 40):
+        model = plain_stack(n, width, num_classes)
+        ops = costs.exit_costs(model)["mul_adds"][-1]
+        if best is None or abs(ops - target) < abs(best[1] - target):
+            best = (model, ops)
+        if ops > target:
+            break
+    return best
+
+
+def timed(fn, x):
+    start = time.perf_counter()
+    out = fn(x)
+    # Materialize every output so lazy execution cannot hide work.
+    for o in tf.nest.flatten(out):
+        o.numpy()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="msdnet_cifar_5")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    ee = models.create(args.model, num_classes=100)
+    ee_ops = costs.exit_costs(ee)["mul_adds"][-1]
+    plain, plain_ops = matched_plain(ee_ops, 100)
+    x = tf.constant(np.random.default_rng(0).random((args.batch, 32, 32, 3), dtype=np.float32))
+
+    fns = {
+        args.model: tf.function(lambda t: ee(t, training=False)),
+        "plain": tf.function(lambda t: plain(t, training=False)),
+    }
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            timed(fn, x)
+    times = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, x))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"threads: intra={tf.config.threading.get_intra_op_parallelism_threads()} "
+          f"inter={tf.config.threading.get_inter_op_parallelism_threads()} cpus={os.cpu_count()}")
+    print(f"batch {args.batch}, {args.repeats} runs after {args.warmup} warm-up, median seconds")
+    print(f"{args.model:<16} Mul-Adds/img {ee_ops / 1e6:8.2f}M  {med[args.model]:.4f}s  "
+          f"({len(ee.layers)} layers)")
+    print(f"{'plain':<16} Mul-Adds/img {plain_ops / 1e6:8.2f}M  {med['plain']:.4f}s  "
+          f"({len(plain.layers)} layers)")
+    ratio = med[args.model] / med["plain"]
+    print(f"ratio {args.model}/plain = {ratio:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

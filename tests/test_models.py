@@ -1,0 +1,274 @@
+"""Multi-exit architectures: presets, hooks, stage splitting, save/load."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_ee import costs, models
+from keras_ee.models import AlignCornersResize, GradientScale
+from keras_ee.models.layers import align_corners_matrix
+
+# Reduced configurations: same code paths as the presets, fast to run.
+SMALL_MSDNET = dict(
+    input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8
+)
+SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
+
+
+def _rand(shape, seed=0):
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def _as_list(out):
+    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def _chain(stages, x):
+    out = stages[0](x)
+    logits = [out[0]]
+    for stage in stages[1:]:
+        out = stage(out[1:])
+        # Every stage, the last included, returns a list [logits, *state].
+        assert isinstance(out, list)
+        logits.append(out[0])
+    return [np.asarray(l) for l in logits]
+
+
+def test_available_and_unknown_preset():
+    names = models.available()
+    for n in [
+        "msdnet_cifar_5", "msdnet_cifar_7", "msdnet_imagenet_s4", "msdnet_imagenet_s6",
+        "msdnet_imagenet_s7", "ranet_cifar_c1", "ranet_cifar_c2", "multiexit_cnn",
+    ]:
+        assert n in names
+    with pytest.raises(ValueError, match="msdnet_cifar_5"):
+        models.create("resnet9000")
+
+
+def test_bad_overrides_and_inputs():
+    with pytest.raises(ValueError, match="unknown override"):
+        models.create("msdnet_cifar_5", growthrate=3)
+    with pytest.raises(ValueError, match="too small"):
+        models.create("msdnet_cifar_5", input_shape=(4, 4, 3))
+    with pytest.raises(ValueError, match="too small"):
+        models.create("ranet_cifar_c1", input_shape=(4, 4, 3))
+    with pytest.raises(ValueError, match=">= 8"):
+        models.create("multiexit_cnn", input_shape=(7, 7, 1))
+    with pytest.raises(ValueError, match="even"):
+        models.create("msdnet_cifar_5", growth_rate=3, growth_factor=(1, 1, 1),
+                      bottleneck_factor=(1, 1, 1))
+    with pytest.raises(TypeError):
+        models.create("multiexit_cnn", num_classes="10")
+    with pytest.raises(ValueError, match="scale_list"):
+        models.create("ranet_cifar_c1", scale_list=(2, 3, 4))
+    with pytest.raises(ValueError, match="input_shape"):
+        models.create("multiexit_cnn", input_shape=(32, 32))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_multiexit_cnn_shapes(shape):
+    model = models.create("multiexit_cnn", num_classes=7, input_shape=shape)
+    assert model.output_names == ["exit_1", "exit_2", "exit_3", "exit_4"]
+    out = model.predict_on_batch(_rand((2,) + shape))
+    assert [o.shape for o in out] == [(2, 7)] * 4
+    c = costs.exit_costs(model)["mul_adds"]
+    assert all(b > a for a, b in zip(c, c[1:]))
+    wide = models.create("multiexit_cnn", input_shape=shape, widths=(8, 8, 16))
+    assert len(wide.outputs) == 3
+    assert len(models.create("multiexit_cnn", input_shape=shape, num_exits=2).outputs) == 2
+
+
+def test_preset_structure_msdnet_ranet():
+    m = models.create("msdnet_cifar_5", num_classes=10)
+    assert m.output_names == [f"exit_{k}" for k in range(1, 6)]
+    # Heads read 88, 136, 104, 200, 208 channels (architectures.md 3.9).
+    heads = [m.get_layer(f"exit_{k}_branch").output.shape[-1] for k in range(1, 6)]
+    assert heads == [88, 136, 104, 200, 208]
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert layer.epsilon == 1e-5 and layer.momentum == 0.9
+        if isinstance(layer, keras.layers.Conv2D):
+            assert not layer.use_bias
+    r = models.create("ranet_cifar_c1")
+    heads = [r.get_layer(f"exit_{k}_branch").output.shape[1:] for k in range(1, 7)]
+    assert heads == [(8, 8, c) for c in (112, 208, 145, 241, 146, 218)]
+    assert any(isinstance(l, AlignCornersResize) for l in r.layers)
+    assert len(models.create("ranet_cifar_c2").outputs) == 8
+    assert len(models.create("msdnet_cifar_7").outputs) == 7
+
+
+def test_exit_structure_and_gradient_equilibrium():
+    k_total = 4
+    m = models.create("multiexit_cnn", input_shape=(8, 8, 1), gradient_equilibrium=True)
+    s = models.exit_structure(m)
+    assert s.num_exits == k_total
+    assert s.names["features"] == [f"exit_{k}_features" for k in range(1, 5)]
+    assert s.trunk[-1] is None and len(s.stage_states) == 3
+    for k in range(1, k_total + 1):
+        assert s.branch[k - 1].scale == pytest.approx(1 / (k_total - k + 1))
+        if k < k_total:
+            assert s.trunk[k - 1].scale == pytest.approx((k_total - k) / (k_total - k + 1))
+    plain = models.exit_structure(models.create("multiexit_cnn", input_shape=(8, 8, 1)))
+    assert all(b.scale == 1.0 for b in plain.branch)
+    # The feature layer feeds the logits Dense.
+    feat = m.get_layer("exit_2_features").output
+    assert feat.shape == (None, 32)
+    msd = models.exit_structure(models.msdnet(gradient_equilibrium=True, **SMALL_MSDNET))
+    assert msd.branch[0].scale == pytest.approx(1 / 3) and msd.trunk[0].scale == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="exit_1"):
+        inp = keras.Input((4,))
+        models.exit_structure(keras.Model(inp, [keras.layers.Dense(2)(inp)]))
+
+
+def test_gradient_scale_layer():
+    layer = GradientScale(0.25)
+    x = tf.constant(_rand((3, 5)) * 7 - 3)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * tf.range(5, dtype=tf.float32))
+    assert np.array_equal(y.numpy(), x.numpy())  # bit-exact identity
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), 0.25 * np.tile(np.arange(5), (3, 1)))
+    clone = GradientScale.from_config(layer.get_config())
+    assert clone.scale == 0.25
+    with pytest.raises(TypeError):
+        GradientScale("big")
+    with pytest.raises(ValueError):
+        GradientScale(float("nan"))
+
+
+def test_align_corners_resize_matches_tf_v1():
+    x = _rand((2, 8, 6, 3))
+    for size in [(16, 12), (4, 3), (8, 6), (5, 11)]:
+        got = np.asarray(AlignCornersResize(size)(x))
+        ref = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    m = align_corners_matrix(8, 16)
+    np.testing.assert_allclose(m.sum(axis=1), 1.0)
+    assert m[0, 0] == 1.0 and m[-1, -1] == 1.0  # corners aligned
+    with pytest.raises(ValueError):
+        AlignCornersResize((0, 3))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.create("multiexit_cnn", input_shape=(8, 8, 1)),
+        lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
+        lambda: models.ranet(num_classes=5, **SMALL_RANET),
+        lambda: models.msdnet(num_classes=5, stem="imagenet", head_channels=None,
+                              input_shape=(64, 64, 3), num_blocks=2, num_channels=4,
+                              growth_rate=2, growth_factor=(1, 2, 4, 4),
+                              bottleneck_factor=(1, 2, 4, 4), step_mode="even", step=2, base=2),
+    ],
+    ids=["cnn", "msdnet", "ranet", "msdnet_imagenet_stem"],
+)
+def test_split_stages_chain_equals_full_model(build):
+    model = build()
+    x = _rand((3,) + tuple(model.inputs[0].shape[1:]))
+    full = _as_list(model.predict_on_batch(x))
+    stages = models.split_stages(model)
+    assert len(stages) == len(model.outputs)
+    chained = _chain(stages, x)
+    for a, b in zip(full, chained):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # The stages share the model's weights: changing one changes the other.
+    dense = model.get_layer("exit_1")
+    dense.bias.assign(dense.bias + 1.0)
+    np.testing.assert_allclose(np.asarray(stages[0](x)[0]), full[0] + 1.0, rtol=1e-5, atol=1e-5)
+    # Stage costs from the split agree with the counter's per-stage split.
+    per_stage = costs.exit_costs(model)["stage_params"]
+    assert sum(per_stage) == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.create("multiexit_cnn", input_shape=(8, 8, 1), gradient_equilibrium=True),
+        lambda: models.msdnet(num_classes=5, gradient_equilibrium=True, **SMALL_MSDNET),
+        lambda: models.ranet(num_classes=5, **SMALL_RANET),
+    ],
+    ids=["cnn", "msdnet", "ranet"],
+)
+def test_save_load_roundtrip(build, tmp_path):
+    model = build()
+    x = _rand((2,) + tuple(model.inputs[0].shape[1:]))
+    before = _as_list(model.predict_on_batch(x))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    after = _as_list(loaded.predict_on_batch(x))
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.output_names == model.output_names
+    s = models.exit_structure(loaded)
+    assert [b.scale for b in s.branch] == [b.scale for b in models.exit_structure(model).branch]
+    assert costs.exit_costs(loaded) == costs.exit_costs(model)
+    chained = _chain(models.split_stages(loaded), x)
+    for a, b in zip(before, chained):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_residual_backbone():
+    inp = keras.Input((16, 16, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    b = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="b")(a)
+    c = keras.layers.Add(name="add")([a, b])  # skip connection across exit 1
+    d = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="d")(c)
+    e = keras.layers.GlobalAveragePooling2D(name="gap")(d)
+    return keras.Model(inp, keras.layers.Dense(4, name="top")(e), name="tiny")
+
+
+def test_attach_exits_tiny_residual():
+    backbone = _tiny_residual_backbone()
+    model = models.attach_exits(backbone, ["b", "d"], num_classes=3)
+    assert model.output_names == ["exit_1", "exit_2"]
+    x = _rand((2, 16, 16, 3))
+    out = _as_list(model.predict_on_batch(x))
+    # Independent reference: the backbone's own layers applied by hand.
+    feats_b = backbone.get_layer("b")(backbone.get_layer("a")(x))
+    ref1 = model.get_layer("exit_1")(tf.reduce_mean(feats_b, axis=(1, 2)))
+    np.testing.assert_allclose(out[0], np.asarray(ref1), rtol=1e-5, atol=1e-5)
+    # Stage 1 hands on both `a` (for the skip) and `b`.
+    s = models.exit_structure(model)
+    assert len(s.stage_states[0]) == 2
+    np.testing.assert_allclose(_chain(models.split_stages(model), x)[1], out[1], rtol=1e-5, atol=1e-5)
+    c = costs.exit_costs(model)
+    conv_a = 9 * 3 * 8 * 256 + 8 * 256
+    conv_b = 9 * 8 * 8 * 256 + 8 * 256
+    assert c["mul_adds"][0] == conv_a + conv_b + 8 * 256 + 8 * 3 + 3
+    custom = models.attach_exits(
+        backbone, ["b", "d"], num_classes=3,
+        head=lambda t, k: keras.layers.Flatten(name=f"flat_{k}")(t),
+    )
+    assert custom.get_layer("exit_2_features").output.shape == (None, 8 * 8 * 16)
+    with pytest.raises(ValueError, match="Valid names"):
+        models.attach_exits(backbone, ["nope"], num_classes=3)
+    with pytest.raises(ValueError, match="execution order"):
+        models.attach_exits(backbone, ["d", "b"], num_classes=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.attach_exits(backbone, ["b"])
+
+
+def test_attach_exits_mobilenet(tmp_path):
+    backbone = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), include_top=False, weights=None, include_preprocessing=False
+    )
+    names = [l.name for l in backbone.layers]
+    picks = ["expanded_conv_2_add", "expanded_conv_5_add", names[-1]]
+    assert all(p in names for p in picks)
+    model = models.attach_exits(backbone, picks, num_classes=10, gradient_equilibrium=True)
+    x = _rand((2, 32, 32, 3))
+    out = _as_list(model.predict_on_batch(x))
+    assert [o.shape for o in out] == [(2, 10)] * 3
+    np.testing.assert_allclose(_chain(models.split_stages(model), x)[2], out[2], rtol=1e-4, atol=1e-4)
+    c = costs.exit_costs(model)["mul_adds"]
+    assert all(b > a for a, b in zip(c, c[1:]))
+    path = str(tmp_path / "mb.keras")
+    model.save(path)
+    np.testing.assert_array_equal(_as_list(keras.saving.load_model(path).predict_on_batch(x))[1], out[1])
