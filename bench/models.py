@@ -1,6 +1,8 @@
 """Forward-pass speed of msdnet_cifar_5 vs a plain conv stack of equal Mul-Adds.
 
-Runs both models on the same batch of CIFAR-shaped images on CPU, in
+The plain model uses standard Keras `Conv2D`/`BatchNormalization`/`ReLU`
+layers; keras-ee models use the `ConvBNReLU` layer, which folds BN into the
+conv at inference. Runs both models on the same batch of CIFAR-shaped images on CPU, in
 inference mode inside a `tf.function`, alternating the two so that load
 changes on the machine affect both alike, and prints the median times and
 their ratio (target: MSDNet <= 1.5x the plain model).
@@ -22,16 +24,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import costs, models  # noqa: E402
-from keras_ee.models.heads import conv_bn_relu, he_fan_out_init  # noqa: E402
 
 
 def plain_stack(num_layers, width, num_classes, input_shape=(32, 32, 3)):
-    """Stem conv + `num_layers` 3x3 conv-BN-ReLU at full resolution + GAP + Dense."""
-    init = he_fan_out_init()
+    """Stem + `num_layers` 3x3 Conv2D/BatchNormalization/ReLU at full
+    resolution + GAP + Dense: standard Keras layers, as a user would write."""
     inp = keras.Input(input_shape)
-    x = conv_bn_relu(inp, width, 3, 1, "stem", init)
-    for i in range(num_layers):
-        x = conv_bn_relu(x, width, 3, 1, f"c{i}", init)
+    x = inp
+    for i in range(num_layers + 1):
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inp, keras.layers.Dense(num_classes)(x), name="plain")
 

@@ -15,6 +15,7 @@ MSDNet/RANet op counter measures and what the papers publish as "Mul-Add"):
 | layer | ops |
 |---|---|
 | Conv (incl. depthwise/separable/transposed) | kernel size x output positions (input positions for transposed); no bias |
+| `ConvBNReLU` | its conv, plus its ReLU (one per output element) |
 | Dense | in*out (+ out with bias), per leading position |
 | ReLU / Activation / other activation layers | one per input element |
 | conv or Dense with a built-in non-linear activation | + one per output element |
@@ -42,6 +43,7 @@ import keras
 from keras import layers as L
 
 from keras_ee.models import graph
+from keras_ee.models.layers import ConvBNReLU
 
 RULES = ("reference", "macs")
 
@@ -117,6 +119,11 @@ def _node_ops(node, rule):
         return 0
     if isinstance(layer, keras.Model):
         return _model_ops(layer, rule)
+    if isinstance(layer, ConvBNReLU):
+        ops = math.prod(layer.kernel.shape) * math.prod(node.outputs[0].shape[1:-1])
+        if reference and layer.activation:
+            ops += _numel(node.outputs[0].shape)
+        return int(ops)
     in_shape = node.input_tensors[0].shape if node.input_tensors else None
     out_shape = node.outputs[0].shape
     if isinstance(layer, _TRANSPOSED):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from keras_ee import costs, models
 from keras_ee.models import AlignCornersResize, GradientScale
+from keras_ee.models.layers import ConvBNReLU
 from keras_ee.models.layers import align_corners_matrix
 
 # Reduced configurations: same code paths as the presets, fast to run.
@@ -89,11 +90,10 @@ def test_preset_structure_msdnet_ranet():
     # Heads read 88, 136, 104, 200, 208 channels (architectures.md 3.9).
     heads = [m.get_layer(f"exit_{k}_branch").output.shape[-1] for k in range(1, 6)]
     assert heads == [88, 136, 104, 200, 208]
-    for layer in m.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            assert layer.epsilon == 1e-5 and layer.momentum == 0.9
-        if isinstance(layer, keras.layers.Conv2D):
-            assert not layer.use_bias
+    units = [l for l in m.layers if isinstance(l, ConvBNReLU)]
+    assert len(units) > 100
+    assert all(u.epsilon == 1e-5 and u.momentum == 0.9 for u in units)
+    assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.BatchNormalization)) for l in m.layers)
     r = models.create("ranet_cifar_c1")
     heads = [r.get_layer(f"exit_{k}_branch").output.shape[1:] for k in range(1, 7)]
     assert heads == [(8, 8, c) for c in (112, 208, 145, 241, 146, 218)]
@@ -140,6 +140,38 @@ def test_gradient_scale_layer():
         GradientScale("big")
     with pytest.raises(ValueError):
         GradientScale(float("nan"))
+
+
+@pytest.mark.parametrize("k,s,h", [(3, 2, 8), (3, 1, 7), (1, 1, 5), (3, 2, 7)])
+def test_conv_bn_relu_matches_keras_layers(k, s, h):
+    rng = np.random.default_rng(1)
+    x = _rand((4, h, h, 5))
+    fused = ConvBNReLU(6, k, s)
+    fused.build(x.shape)
+    fused.gamma.assign(rng.random(6) + 0.5)
+    fused.beta.assign(rng.random(6) - 0.5)
+    fused.moving_mean.assign(rng.random(6))
+    fused.moving_variance.assign(rng.random(6) + 0.5)
+    # Independent reference: PyTorch-style symmetric padding + Keras layers.
+    pad = keras.layers.ZeroPadding2D((k - 1) // 2) if s > 1 else keras.layers.Identity()
+    conv = keras.layers.Conv2D(6, k, strides=s, padding="valid" if s > 1 else "same", use_bias=False)
+    bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+
+    def ref(t, training):
+        return np.asarray(keras.layers.ReLU()(bn(conv(pad(t)), training=training)))
+
+    ref(x, False)
+    conv.kernel.assign(fused.kernel)
+    for a, b in [(bn.gamma, fused.gamma), (bn.beta, fused.beta),
+                 (bn.moving_mean, fused.moving_mean), (bn.moving_variance, fused.moving_variance)]:
+        a.assign(b)
+    np.testing.assert_allclose(np.asarray(fused(x, training=False)), ref(x, False), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused(x, training=True)), ref(x, True), atol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), bn.moving_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), bn.moving_variance.numpy(), atol=1e-6)
+    assert len(fused.trainable_weights) == 3
+    with pytest.raises(ValueError):
+        ConvBNReLU(6, 2)
 
 
 def test_align_corners_resize_matches_tf_v1():

@@ -1,11 +1,10 @@
 """Building blocks shared by the architectures: conv-BN-ReLU units and exits.
 
-Every convolution is followed by `BatchNormalization(epsilon=1e-5,
-momentum=0.9)` (PyTorch's defaults) and a separate `ReLU` layer, so that
-`keras_ee.costs` sees each ReLU as the reference op counter does. Strided
-convolutions use explicit symmetric `ZeroPadding2D` followed by a "valid"
-convolution, which is numerically PyTorch's `padding=(k-1)//2` (Keras'
-"same" pads asymmetrically at stride 2).
+Every conv-BN-ReLU is one `ConvBNReLU` layer: BN with `epsilon=1e-5,
+momentum=0.9` (PyTorch's defaults), symmetric zero padding `(k-1)//2` as
+PyTorch (Keras' "same" pads asymmetrically at stride 2), and the BN folded
+into the conv at inference for speed. `keras_ee.costs` counts it as its conv
+plus its ReLU, as the reference op counter does.
 """
 
 import math
@@ -38,39 +37,30 @@ def torch_default_bias_init(fan_in):
 
 
 def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
-    """Conv (no bias) -> BatchNorm -> ReLU with symmetric padding (k-1)//2.
+    """Conv (no bias) -> BatchNorm -> ReLU (one `ConvBNReLU` layer named `name`).
 
     Args:
         x: 4D channels-last tensor.
         filters: int, output channels.
         kernel_size: int, odd square kernel size.
         strides: int, 1 or 2.
-        name: str, prefix of the three (or four) layer names.
+        name: str, layer name.
         kernel_initializer: Keras initializer for the kernel.
 
     Returns:
         The activated tensor.
     """
-    pad = (kernel_size - 1) // 2
-    if strides > 1 and pad:
-        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-        padding = "valid"
-    else:
-        # At stride 1 with an odd kernel "same" is symmetric already.
-        padding = "same"
-    x = layers.Conv2D(
+    from keras_ee.models.layers import ConvBNReLU
+
+    return ConvBNReLU(
         filters,
         kernel_size,
         strides=strides,
-        padding=padding,
-        use_bias=False,
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
         kernel_initializer=kernel_initializer,
-        name=f"{name}_conv",
+        name=name,
     )(x)
-    x = layers.BatchNormalization(
-        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn"
-    )(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
 
 
 def bottleneck_unit(

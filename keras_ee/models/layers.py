@@ -159,3 +159,155 @@ class AlignCornersResize(keras.layers.Layer):
         config = super().get_config()
         config.update({"size": list(self.size)})
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class ConvBNReLU(keras.layers.Layer):
+    """Conv (no bias) -> BatchNorm -> ReLU as one layer, BN folded at inference.
+
+    Mathematically the same as `Conv2D(use_bias=False)`,
+    `BatchNormalization(epsilon, momentum)` and `ReLU` in sequence, with
+    PyTorch's symmetric zero padding `(k-1)//2`. In training it runs exactly
+    those steps (batch statistics, moving-average updates as Keras' BN). At
+    inference it folds the BN scale into the kernel and the shift into a bias,
+    so the backend runs one fused conv+bias+ReLU kernel instead of four passes
+    over the activations; MSDNet/RANet have hundreds of these small units,
+    and this is what keeps them close to the speed of their arithmetic.
+
+    Trainable weights: `kernel` (kh, kw, cin, cout), `gamma`, `beta`;
+    non-trainable: `moving_mean`, `moving_variance`.
+
+    Args:
+        filters: int, output channels.
+        kernel_size: int, odd square kernel size.
+        strides: int.
+        activation: bool, apply the ReLU (default True).
+        epsilon: float, BN epsilon (PyTorch default 1e-5).
+        momentum: float, BN moving-average momentum in Keras' convention
+            (0.9 = PyTorch's 0.1).
+        kernel_initializer: initializer for the kernel.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Example:
+    ```python
+    y = ConvBNReLU(32, 3, strides=2, name="stem")(keras.Input((32, 32, 3)))
+    ```
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        activation=True,
+        epsilon=1e-5,
+        momentum=0.9,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for arg, val in (("filters", filters), ("kernel_size", kernel_size), ("strides", strides)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"ConvBNReLU: `{arg}` must be a positive int, received {val!r}.")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"ConvBNReLU: `kernel_size` must be odd, received {kernel_size}.")
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.strides = int(strides)
+        self.activation = bool(activation)
+        self.epsilon = float(epsilon)
+        self.momentum = float(momentum)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        cin = input_shape[-1]
+        if cin is None:
+            raise ValueError("ConvBNReLU needs a known number of input channels.")
+        k = self.kernel_size
+        self.kernel = self.add_weight(
+            name="kernel", shape=(k, k, cin, self.filters), initializer=self.kernel_initializer
+        )
+        self.gamma = self.add_weight(name="gamma", shape=(self.filters,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(self.filters,), initializer="zeros")
+        self.moving_mean = self.add_weight(
+            name="moving_mean", shape=(self.filters,), initializer="zeros", trainable=False
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance", shape=(self.filters,), initializer="ones", trainable=False
+        )
+
+    def _conv(self, x, kernel):
+        pad = (self.kernel_size - 1) // 2
+        if self.strides > 1 and pad:
+            x = ops.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+            padding = "valid"
+        else:
+            padding = "same"  # symmetric at stride 1 with an odd kernel
+        return ops.conv(x, kernel, strides=self.strides, padding=padding)
+
+    def call(self, inputs, training=None):
+        if training:
+            y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
+            mean, variance = ops.moments(y, axes=[0, 1, 2])
+            m = self.momentum
+            self.moving_mean.assign(
+                self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m)
+            )
+            self.moving_variance.assign(
+                self.moving_variance * m
+                + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
+            )
+            y = ops.batch_normalization(
+                y,
+                mean,
+                variance,
+                axis=-1,
+                offset=ops.cast(self.beta, y.dtype),
+                scale=ops.cast(self.gamma, y.dtype),
+                epsilon=self.epsilon,
+            )
+        else:
+            inv = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
+            kernel = ops.cast(self.kernel * inv, inputs.dtype)
+            shift = ops.cast(self.beta - self.moving_mean * inv, inputs.dtype)
+            if keras.backend.backend() == "tensorflow":
+                return self._tf_fused(inputs, kernel, shift)
+            y = self._conv(inputs, kernel) + shift
+        return ops.relu(y) if self.activation else y
+
+    def _tf_fused(self, inputs, kernel, shift):
+        # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
+        # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
+        import tensorflow as tf
+
+        pad = (self.kernel_size - 1) // 2
+        if self.strides > 1 and pad:
+            padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
+        else:
+            padding = "SAME"
+        y = tf.nn.conv2d(inputs, kernel, strides=self.strides, padding=padding)
+        y = tf.nn.bias_add(y, shift)
+        return tf.nn.relu(y) if self.activation else y
+
+    def compute_output_shape(self, input_shape):
+        def out(d):
+            if d is None:
+                return None
+            return (d - 1) // self.strides + 1
+
+        return (input_shape[0], out(input_shape[1]), out(input_shape[2]), self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "activation": self.activation,
+                "epsilon": self.epsilon,
+                "momentum": self.momentum,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
