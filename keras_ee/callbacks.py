@@ -58,8 +58,9 @@ class BudgetCallback(keras.callbacks.Callback):
     Args:
         validation_data: a batched `tf.data.Dataset` (or any iterable) of `(x, y)`.
         budgets: Mul-Add budgets (numbers), e.g. `[15e6, 30e6]`; may be empty.
-        every: run every `every` epochs (the keys are absent in the other epochs'
-            logs: monitor them with `EarlyStopping(patience=...)` accordingly).
+        every: run every `every` epochs; in the other epochs the keys hold NaN, so
+            `CSVLogger` keeps one set of columns (`EarlyStopping` treats NaN as no
+            improvement: scale its `patience` by `every`).
         kind: confidence measure passed to `calibration.exit_scores`.
         costs: cumulative Mul-Adds per exit; default `keras_ee.costs.exit_costs(model)`.
         qs: budget parameters; default the standard sweep.
@@ -85,6 +86,7 @@ class BudgetCallback(keras.callbacks.Callback):
         self.costs = None if costs is None else [float(c) for c in costs]
         self.qs = qs
         self.last_sweep = None
+        self._keys = None
 
     def compute(self) -> dict:
         """The log entries for the model's current weights."""
@@ -108,6 +110,14 @@ class BudgetCallback(keras.callbacks.Callback):
         return logs
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or (epoch + 1) % self.every:
+        if logs is None:
             return
-        logs.update(self.compute())
+        if (epoch + 1) % self.every == 0:
+            self._keys = self.compute()
+            logs.update(self._keys)
+        elif self._keys is not None:
+            logs.update({k: float("nan") for k in self._keys})
+        else:  # before the first computation: the keys are known without running the model
+            keys = [f"val_budget_acc@{budget_label(b)}" for b in self.budgets] + ["val_budget_auc"]
+            keys += [f"val_anytime_acc_{k + 1}" for k in range(len(getattr(self.model, "backbone", self.model).outputs))]
+            logs.update({k: float("nan") for k in keys})

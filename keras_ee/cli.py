@@ -142,7 +142,7 @@ def cmd_plot_weights(args) -> None:
     if not f.is_file():
         raise FileNotFoundError(f"{str(f)!r} not found: plot-weights needs a finished L2W run (method l2w).")
     stats = np.load(f)
-    out = plots.sample_weight_plot(stats["loss"], stats["weight"], stats["selected"], args.out or args.run / "weights.png")
+    out = plots.sample_weight_plot(stats["loss"], stats["weight"], stats["selected_by_exit_1"], args.out or args.run / "weights.png")
     print(f"wrote {out}")
 
 

@@ -68,13 +68,26 @@ def build_model(config: TrainConfig, splits):
 
     backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
                              **config.model_options)
-    method = training.get_method(config.method, **config.method_options)
+    method = make_method(config.method, config.method_options)
     model = training.MultiExitModel(backbone, method=method)
     steps = config.epochs * _batches_per_epoch(splits, config) * method.optimizer_steps_per_batch
     model.compile(optimizer=keras.optimizers.SGD(
         learning_rate=make_schedule(config, steps), momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay or None))
     return model
+
+
+def make_method(name: str, options: dict):
+    """The training method called `name` with keyword `options`."""
+    from keras_ee import training
+
+    methods = {"baseline": training.Baseline, "l2w": training.L2W}
+    if name not in methods:
+        raise ValueError(f"unknown training method {name!r}; available: {sorted(methods)}.")
+    try:
+        return methods[name](**options)
+    except TypeError as e:  # an unknown keyword: say which method refused it
+        raise ValueError(f"bad options for method {name!r}: {e}") from e
 
 
 def _batches_per_epoch(splits, config: TrainConfig) -> int:
