@@ -152,109 +152,183 @@ fn key_to_score(key: u32) -> f32 {
     f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
 }
 
-/// LSD radix sort of `(key, index)` by key ascending, 11-bit digits; a pass whose
+/// LSD radix sort of packed `(key << 32) | id` by key, 8-bit digits; a pass whose
 /// digit is the same for every key is skipped (common for scores in [0, 1]).
-fn radix_sort(keys: &mut Vec<u32>, idx: &mut Vec<u32>) {
-    let n = keys.len();
-    let mut k2 = vec![0u32; n];
-    let mut i2 = vec![0u32; n];
-    for shift in [0u32, 11, 22] {
-        let mut hist = vec![0usize; 2048];
-        for &k in keys.iter() {
-            hist[((k >> shift) & 2047) as usize] += 1;
+fn radix_sort(v: &mut Vec<u64>) {
+    let n = v.len();
+    let mut hist = vec![[0usize; 256]; 4];
+    for &x in v.iter() {
+        let key = (x >> 32) as u32;
+        for (d, h) in hist.iter_mut().enumerate() {
+            h[((key >> (8 * d)) & 255) as usize] += 1;
         }
-        if hist.iter().any(|&h| h == n) {
+    }
+    let mut tmp = vec![0u64; n];
+    for (d, h) in hist.iter_mut().enumerate() {
+        if h.iter().any(|&c| c == n) {
             continue;
         }
         let mut sum = 0;
-        for h in hist.iter_mut() {
-            let c = *h;
-            *h = sum;
-            sum += c;
+        for c in h.iter_mut() {
+            let t = *c;
+            *c = sum;
+            sum += t;
         }
-        for (&k, &i) in keys.iter().zip(idx.iter()) {
-            let d = ((k >> shift) & 2047) as usize;
-            let p = hist[d];
-            k2[p] = k;
-            i2[p] = i;
-            hist[d] = p + 1;
+        let shift = 32 + 8 * d;
+        for &x in v.iter() {
+            let b = ((x >> shift) & 255) as usize;
+            tmp[h[b]] = x;
+            h[b] += 1;
         }
-        std::mem::swap(keys, &mut k2);
-        std::mem::swap(idx, &mut i2);
+        std::mem::swap(v, &mut tmp);
     }
 }
+
+/// `SPREAD[x]` has byte i equal to bit i of x: adds 8 per-budget counters at once.
+static SPREAD: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut x = 0;
+    while x < 256 {
+        let mut i = 0;
+        while i < 8 {
+            if x & (1 << i) != 0 {
+                t[x] |= 1u64 << (8 * i);
+            }
+            i += 1;
+        }
+        x += 1;
+    }
+    t
+};
+
+/// Budgets walked together share one `u64` of "gone" bits per sample.
+const GROUP: usize = 64;
 
 /// Scores of exits 0..K-1 sorted once, descending, shared by many calibrations.
 pub struct SortedExits {
     k: usize,
     n: usize,
-    /// `(K-1) * N` sample ids, exit-major, by descending score.
-    order: Vec<u32>,
-    /// The matching scores.
-    sorted: Vec<f32>,
+    /// `(K-1) * N` packed `(descending key << 32) | sample id`, exit-major, sorted.
+    packed: Vec<u64>,
 }
 
 impl SortedExits {
     /// Sorts every exit but the last (whose threshold is always `-inf`); parallel over exits.
     /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`).
     pub fn new(scores: &[f32], k: usize, n: usize) -> SortedExits {
-        let per_exit: Vec<(Vec<u32>, Vec<f32>)> = (0..k.saturating_sub(1))
-            .into_par_iter()
-            .map(|e| {
-                let row = &scores[e * n..(e + 1) * n];
-                let mut keys: Vec<u32> = row.iter().map(|&s| desc_key(s)).collect();
-                let mut idx: Vec<u32> = (0..n as u32).collect();
-                radix_sort(&mut keys, &mut idx);
-                let sorted = keys.iter().map(|&key| key_to_score(key)).collect();
-                (idx, sorted)
-            })
-            .collect();
-        let mut order = Vec::with_capacity((k - 1) * n);
-        let mut sorted = Vec::with_capacity((k - 1) * n);
-        for (o, s) in per_exit {
-            order.extend_from_slice(&o);
-            sorted.extend_from_slice(&s);
-        }
-        SortedExits { k, n, order, sorted }
+        let mut packed = vec![0u64; (k - 1) * n];
+        packed.par_chunks_mut(n.max(1)).enumerate().for_each(|(e, out)| {
+            let row = &scores[e * n..(e + 1) * n];
+            let mut v: Vec<u64> = row.iter().enumerate().map(|(i, &s)| ((desc_key(s) as u64) << 32) | i as u64).collect();
+            radix_sort(&mut v);
+            out.copy_from_slice(&v);
+        });
+        SortedExits { k, n, packed }
     }
 
     /// Thresholds `(K,)` for the per-exit quotas `n_k` (see the module docs).
     pub fn calibrate(&self, quota: &[usize]) -> Vec<f64> {
-        let (k, n) = (self.k, self.n);
-        let mut gone = vec![0u64; n.div_ceil(64)];
-        let mut remaining = n;
-        let mut thr = vec![f64::INFINITY; k];
+        self.calibrate_many(&[quota.to_vec()]).remove(0)
+    }
+
+    /// Thresholds for many quota vectors: budgets are walked in groups of up to 64
+    /// (one pass over each exit's order serves a whole group), groups in parallel.
+    pub fn calibrate_many(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
+        let groups = quotas.len().div_ceil(GROUP).max(rayon::current_num_threads()).min(quotas.len()).max(1);
+        let size = quotas.len().div_ceil(groups).max(1);
+        quotas.par_chunks(size).flat_map_iter(|g| self.calibrate_group(g)).collect()
+    }
+
+    fn calibrate_group(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
+        let (k, n, g) = (self.k, self.n, quotas.len());
+        debug_assert!(g <= GROUP);
+        let mut thr = vec![vec![f64::INFINITY; k]; g];
+        let mut gone = vec![0u64; if k > 1 { n } else { 0 }];
+        let mut remaining = vec![n; g];
+        let words = g.div_ceil(8);
         for e in 0..k - 1 {
-            let target = quota[e].min(remaining);
-            if target == 0 {
-                continue; // T = +inf: nothing exits here
+            let walk = &self.packed[e * n..(e + 1) * n];
+            let mut target = vec![0usize; g];
+            let mut cnt = vec![0usize; g];
+            let mut counting = 0u64; // budgets still counting towards n_k
+            for b in 0..g {
+                target[b] = quotas[b][e].min(remaining[b]);
+                if target[b] > 0 {
+                    counting |= 1 << b;
+                }
             }
-            let order = &self.order[e * n..(e + 1) * n];
-            let sorted = &self.sorted[e * n..(e + 1) * n];
-            let mut count = 0usize;
+            let mut tie = 0u64; // budgets past n_k, taking samples tied with T_k
+            let mut tie_score = [0f32; GROUP];
             let mut p = 0usize;
-            // Walk the descending order; mark every visited sample as gone (already-gone
-            // ones stay gone) and count the ones that were still there. Branch-free body.
-            while count < target {
-                let id = order[p] as usize;
-                let (w, bit) = (id >> 6, 1u64 << (id & 63));
-                count += (gone[w] & bit == 0) as usize;
-                gone[w] |= bit;
-                p += 1;
+            while counting | tie != 0 && p < n {
+                if tie != 0 {
+                    let s = key_to_score((walk[p] >> 32) as u32);
+                    let mut t = tie;
+                    while t != 0 {
+                        let b = t.trailing_zeros() as usize;
+                        t &= t - 1;
+                        if s != tie_score[b] {
+                            tie &= !(1 << b);
+                        }
+                    }
+                    if counting | tie == 0 {
+                        break;
+                    }
+                }
+                let active = counting | tie;
+                let mut slack = usize::MAX;
+                let mut c = counting;
+                while c != 0 {
+                    let b = c.trailing_zeros() as usize;
+                    c &= c - 1;
+                    slack = slack.min(target[b] - cnt[b]);
+                }
+                if tie == 0 && slack >= 2 {
+                    // No budget can reach n_k within `len` steps: count without checks,
+                    // eight budgets per u64 add, bytes cannot overflow in <= 255 steps.
+                    let len = (slack - 1).min(255).min(n - p);
+                    let mut acc = [0u64; GROUP / 8];
+                    for &x in &walk[p..p + len] {
+                        let id = (x & 0xffff_ffff) as usize;
+                        let w = gone[id];
+                        let newly = active & !w;
+                        gone[id] = w | active;
+                        for (j, a) in acc.iter_mut().enumerate().take(words) {
+                            *a += SPREAD[((newly >> (8 * j)) & 255) as usize];
+                        }
+                    }
+                    for (b, c) in cnt.iter_mut().enumerate() {
+                        *c += ((acc[b / 8] >> (8 * (b % 8))) & 255) as usize;
+                    }
+                    p += len;
+                } else {
+                    let x = walk[p];
+                    let id = (x & 0xffff_ffff) as usize;
+                    let w = gone[id];
+                    let mut newly = active & !w;
+                    gone[id] = w | active;
+                    while newly != 0 {
+                        let b = newly.trailing_zeros() as usize;
+                        newly &= newly - 1;
+                        cnt[b] += 1;
+                        if cnt[b] == target[b] && counting & (1 << b) != 0 {
+                            let s = key_to_score((x >> 32) as u32);
+                            counting &= !(1 << b);
+                            tie |= 1 << b;
+                            tie_score[b] = s;
+                            thr[b][e] = s as f64;
+                        }
+                    }
+                    p += 1;
+                }
             }
-            let t = sorted[p - 1];
-            // Ties with the threshold exit too.
-            while p < n && sorted[p] == t {
-                let id = order[p] as usize;
-                let (w, bit) = (id >> 6, 1u64 << (id & 63));
-                count += (gone[w] & bit == 0) as usize;
-                gone[w] |= bit;
-                p += 1;
+            for b in 0..g {
+                remaining[b] -= cnt[b];
             }
-            remaining -= count;
-            thr[e] = t as f64;
         }
-        thr[k - 1] = f64::NEG_INFINITY;
+        for t in thr.iter_mut() {
+            t[k - 1] = f64::NEG_INFINITY;
+        }
         thr
     }
 }
@@ -326,13 +400,31 @@ mod tests {
     #[test]
     fn radix_sort_sorts() {
         let mut st = 99u64;
-        let mut keys: Vec<u32> = (0..5000).map(|_| rng(&mut st) as u32).collect();
-        let orig = keys.clone();
-        let mut idx: Vec<u32> = (0..5000).collect();
-        radix_sort(&mut keys, &mut idx);
-        assert!(keys.windows(2).all(|w| w[0] <= w[1]));
-        for (k, i) in keys.iter().zip(&idx) {
-            assert_eq!(orig[*i as usize], *k);
+        for bits in [32u32, 12, 1] {
+            let keys: Vec<u32> = (0..5000).map(|_| (rng(&mut st) as u32) >> (32 - bits)).collect();
+            let mut v: Vec<u64> = keys.iter().enumerate().map(|(i, &k)| ((k as u64) << 32) | i as u64).collect();
+            radix_sort(&mut v);
+            assert!(v.windows(2).all(|w| (w[0] >> 32) <= (w[1] >> 32)));
+            for x in &v {
+                assert_eq!(keys[(x & 0xffff_ffff) as usize] as u64, x >> 32);
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_calibration_equals_naive_for_many_budgets() {
+        let mut st = 4242u64;
+        for trial in 0..30 {
+            let k = 1 + (rng(&mut st) % 6) as usize;
+            let n = 1 + (rng(&mut st) % 3000) as usize;
+            let levels = 1 + rng(&mut st) % 50;
+            let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
+            let qs: Vec<f64> = (1..(2 + trial * 3)).map(|p| p as f64 / 20.0).collect();
+            let quotas: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
+            let got = SortedExits::new(&scores, k, n).calibrate_many(&quotas);
+            for (j, &q) in qs.iter().enumerate() {
+                assert_eq!(got[j], calibrate_naive(&scores, k, n, &geometric_fractions(q, k).unwrap()), "trial {trial} q {q}");
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 //! a `C`-sized buffer.
 
 use crate::error::{Error, Result};
-use crate::fastmath::{exp_nonpos, f16_bits_to_f32};
+use crate::fastmath::{exp_nonpos, f16_bits_to_f32, EXP_LOWEST};
 use ndarray::{ArrayView3, Axis};
 use rayon::prelude::*;
 
@@ -93,29 +93,47 @@ impl Logit for f64 {
 
 const LANES: usize = 16;
 
-/// Lane-parallel max plus a finiteness flag (`x - x` is NaN exactly for NaN and inf).
+/// Lane-parallel max and min. With the exp sum this finds every non-finite value:
+/// NaN or +inf make the sum NaN, -inf shows as the min.
 #[inline(always)]
-fn max_and_finite(row: &[f32]) -> (f32, bool) {
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut z = [0.0f32; LANES];
+fn max_min(row: &[f32]) -> (f32, f32) {
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let mut lo = [f32::INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-            z[l] += c[l] - c[l];
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
         }
     }
-    let mut mm = f32::NEG_INFINITY;
-    let mut zz = 0.0f32;
+    let (mut h, mut m) = (f32::NEG_INFINITY, f32::INFINITY);
     for &x in chunks.remainder() {
-        mm = if x > mm { x } else { mm };
-        zz += x - x;
+        h = if x > h { x } else { h };
+        m = if x < m { x } else { m };
     }
     for l in 0..LANES {
-        mm = if m[l] > mm { m[l] } else { mm };
-        zz += z[l];
+        h = if hi[l] > h { hi[l] } else { h };
+        m = if lo[l] < m { lo[l] } else { m };
     }
-    (mm, zz == 0.0)
+    (h, m)
+}
+
+/// First index of `m` in `row` (numpy's argmax convention); vectorised chunk test.
+#[inline(always)]
+fn first_index_of(row: &[f32], m: f32) -> usize {
+    let mut chunks = row.chunks_exact(LANES);
+    let mut base = 0;
+    for c in &mut chunks {
+        let mut hit = false;
+        for &x in c {
+            hit |= x == m;
+        }
+        if hit {
+            return base + c.iter().position(|&x| x == m).unwrap_or(0);
+        }
+        base += LANES;
+    }
+    base + chunks.remainder().iter().position(|&x| x == m).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -134,13 +152,14 @@ fn max_of(row: &[f32]) -> f32 {
     mm
 }
 
-/// Clamped scaled difference: below -104 every `exp` is flushed to 0 anyway, and the
-/// clamp keeps `e * d` finite (0 * -inf would be NaN) for the entropy.
+/// Clamped scaled difference: below `EXP_LOWEST` the softmax terms are negligible
+/// (see [`EXP_LOWEST`]); the clamp also keeps `e * d` finite for the entropy.
+/// NaN passes through (so it reaches the sum and is reported).
 #[inline(always)]
 fn scaled(x: f32, m: f32, inv_t: f32) -> f32 {
     let d = (x - m) * inv_t;
-    if d < -104.0 {
-        -104.0
+    if d < EXP_LOWEST {
+        EXP_LOWEST
     } else {
         d
     }
@@ -244,20 +263,22 @@ fn score_rows<T: Logit, const FMA: bool>(
                 &gather
             }
         };
-        let (vals, m, a) = match T::prepare(row, &mut buf) {
+        let (vals, m, a, lowest) = match T::prepare(row, &mut buf) {
             PreparedRow::NonFinite(j) => return Some((k, i, j)),
-            PreparedRow::Shifted(v, a) => (v, 0.0f32, a),
+            PreparedRow::Shifted(v, a) => (v, 0.0f32, a, 0.0f32),
             PreparedRow::Raw(v) => {
-                let (m, finite) = max_and_finite(v);
-                if !finite {
-                    let j = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
-                    return Some((k, i, j));
-                }
-                let a = v.iter().position(|&x| x == m).unwrap_or(0);
-                (v, m, a)
+                let (m, lowest) = max_min(v);
+                // `min` keeps an all-NaN row in range; such a row is reported below.
+                let a = first_index_of(v, m).min(v.len() - 1);
+                (v, m, a, lowest)
             }
         };
-        *sc = finish_row::<FMA>(vals, m, a, inv_t[k], kind);
+        let score = finish_row::<FMA>(vals, m, a, inv_t[k], kind);
+        if !score.is_finite() || lowest == f32::NEG_INFINITY {
+            let j = vals.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Some((k, i, j));
+        }
+        *sc = score;
         *pr = a as i32;
     }
     None
@@ -468,5 +489,35 @@ mod tests {
         assert!(inverse_temperatures(&[1.0, 2.0, 3.0], 2).is_err());
         assert_eq!(inverse_temperatures(&[2.0], 2).unwrap(), vec![0.5, 0.5]);
         assert!(Kind::parse("softmax").is_err());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use ndarray::Array3;
+    use std::time::Instant;
+
+    /// `cargo test --release -- --ignored --nocapture scores::timing`.
+    #[test]
+    #[ignore]
+    fn timing_exit_scores() {
+        let (k, n, c) = (5, 20_000, 1000);
+        let mut st = 3u64;
+        let a = Array3::from_shape_fn((k, n, c), |_| {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((st >> 40) as f32) / (1u64 << 24) as f32 * 8.0
+        });
+        let inv = vec![1.0f32; k];
+        for kind in [Kind::MaxSoftmax, Kind::Margin, Kind::Entropy] {
+            let t = Instant::now();
+            let _ = exit_scores(a.view(), kind, &inv).unwrap();
+            let dt = t.elapsed().as_secs_f64();
+            println!("{kind:?}: {:.1} ms, {:.2} GB/s", dt * 1e3, (k * n * c * 4) as f64 / dt / 1e9);
+        }
+        let t = Instant::now();
+        let s: f32 = a.as_slice().unwrap().iter().sum();
+        let dt = t.elapsed().as_secs_f64();
+        println!("plain sum {s}: {:.2} GB/s", (k * n * c * 4) as f64 / dt / 1e9);
     }
 }

@@ -74,10 +74,52 @@ fn f32_ceil(t: f64) -> f32 {
     }
 }
 
-const BLOCK: usize = 2048;
+const BLOCK: usize = 4096;
+
+/// Threshold sets scored together: their distinct thresholds per exit index
+/// `u8` levels.
+const SET_GROUP: usize = 64;
+
+/// Per exit, the distinct finite thresholds of a group of budgets (as exact `f32`
+/// ceilings, ascending) and, per budget, the level a score needs to pass: a score's
+/// level is the number of those thresholds it reaches, so `s >= T` iff
+/// `level >= need`. `need` is 0 for `-inf` (all pass) and 255 for `+inf` (none).
+struct Levels {
+    cuts: Vec<Vec<f32>>,
+    need: Vec<u8>, // budget-major, (budgets, K)
+}
+
+fn levels(tf: &[f32], k: usize) -> Levels {
+    let b = tf.len() / k;
+    let mut cuts = Vec::with_capacity(k);
+    let mut need = vec![0u8; b * k];
+    for e in 0..k {
+        let mut u: Vec<f32> = (0..b).map(|j| tf[j * k + e]).filter(|t| t.is_finite()).collect();
+        u.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        u.dedup();
+        for j in 0..b {
+            let t = tf[j * k + e];
+            need[j * k + e] = if t == f32::NEG_INFINITY {
+                0
+            } else if t == f32::INFINITY {
+                255
+            } else {
+                // At most SET_GROUP (< 255) distinct values, so this fits.
+                (u.partition_point(|&c| c < t) + 1) as u8
+            };
+        }
+        cuts.push(u);
+    }
+    Levels { cuts, need }
+}
 
 /// Scores `B` threshold sets (`thresholds` is `B*K` row-major) on `scores`/`correct`
 /// (`K*N`). Inputs must be validated. Returns one [`Outcome`] per threshold set.
+///
+/// Samples are cut into cache-sized blocks; per block each score becomes a `u8`
+/// level (how many of the group's distinct thresholds it reaches), then every
+/// threshold set is applied with byte-wide compares. Thresholds are compared as
+/// the smallest `f32` at or above them, which is exact for `f32` scores.
 pub fn score_many(
     scores: &[f32],
     correct: &[bool],
@@ -86,51 +128,41 @@ pub fn score_many(
     thresholds: &[f64],
     costs: &[f64],
 ) -> Vec<Outcome> {
-    assert!(k >= 1 && k <= MAX_EXITS && scores.len() == k * n && correct.len() == k * n);
-    let b = thresholds.len() / k;
+    assert!((1..=MAX_EXITS).contains(&k) && scores.len() == k * n && correct.len() == k * n);
     let tf: Vec<f32> = thresholds.iter().map(|&t| f32_ceil(t)).collect();
+    let mut out = Vec::with_capacity(tf.len() / k);
+    for group in tf.chunks(SET_GROUP * k) {
+        out.extend(score_group(scores, correct, k, n, group, costs));
+    }
+    out
+}
+
+fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32], costs: &[f64]) -> Vec<Outcome> {
+    let b = tf.len() / k;
+    let lv = levels(tf, k);
     // Per budget: K exit counts then the number of right answers.
     let width = k + 1;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2");
     let totals = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .fold(
-            || vec![0u64; b * width],
-            |mut acc, blk| {
-                let start = blk * BLOCK;
-                let len = BLOCK.min(n - start);
-                let mut ex = [0u8; BLOCK];
-                let mut hit = [0u8; BLOCK];
-                for bi in 0..b {
-                    let t = &tf[bi * k..(bi + 1) * k];
-                    let last = &correct[(k - 1) * n + start..][..len];
-                    ex[..len].fill((k - 1) as u8);
-                    for (h, &c) in hit[..len].iter_mut().zip(last) {
-                        *h = c as u8;
+            || (vec![0u64; b * width], vec![0u8; (k - 1) * BLOCK]),
+            |(mut acc, mut level), blk| {
+                let d = Data { scores, correct, k, n, start: blk * BLOCK };
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if avx2 {
+                        // SAFETY: the CPU supports AVX2.
+                        unsafe { score_block_avx2(&d, &lv, &mut acc, &mut level) };
+                        return (acc, level);
                     }
-                    // Going from the last-but-one exit down, the earliest passing exit wins.
-                    for e in (0..k - 1).rev() {
-                        let te = t[e];
-                        if te == f32::INFINITY {
-                            continue; // no finite score passes
-                        }
-                        let s = &scores[e * n + start..][..len];
-                        let c = &correct[e * n + start..][..len];
-                        let ee = e as u8;
-                        for i in 0..len {
-                            let pass = s[i] >= te;
-                            ex[i] = if pass { ee } else { ex[i] };
-                            hit[i] = if pass { c[i] as u8 } else { hit[i] };
-                        }
-                    }
-                    let a = &mut acc[bi * width..(bi + 1) * width];
-                    for &x in &ex[..len] {
-                        a[x as usize] += 1;
-                    }
-                    a[k] += hit[..len].iter().map(|&h| h as u64).sum::<u64>();
                 }
-                acc
+                score_block(&d, &lv, &mut acc, &mut level);
+                (acc, level)
             },
         )
+        .map(|(acc, _)| acc)
         .reduce(
             || vec![0u64; b * width],
             |mut x, y| {
@@ -148,6 +180,90 @@ pub fn score_many(
             Outcome { accuracy: a[k] as f64 / n as f64, mean_cost: cost / n as f64, exit_counts }
         })
         .collect()
+}
+
+struct Data<'a> {
+    scores: &'a [f32],
+    correct: &'a [bool],
+    k: usize,
+    n: usize,
+    start: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
+    score_block(d, lv, acc, level)
+}
+
+/// One block of samples, every threshold set of the group. Branch-free byte
+/// arithmetic so that the loops vectorise.
+#[inline(always)]
+fn score_block(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
+    let (k, n, start) = (d.k, d.n, d.start);
+    let len = BLOCK.min(n - start);
+    let b = lv.need.len() / k;
+    let width = k + 1;
+    for e in 0..k - 1 {
+        let s = &d.scores[e * n + start..][..len];
+        let l = &mut level[e * BLOCK..][..len];
+        l.fill(0);
+        for &c in &lv.cuts[e] {
+            for i in 0..len {
+                l[i] += (s[i] >= c) as u8;
+            }
+        }
+    }
+    let mut ex = [0u8; BLOCK];
+    let mut hit = [0u8; BLOCK];
+    let (ex, hit) = (&mut ex[..len], &mut hit[..len]);
+    // bool is one byte, 0 or 1.
+    let last: &[u8] = bytes(&d.correct[(k - 1) * n + start..][..len]);
+    for bi in 0..b {
+        let need = &lv.need[bi * k..(bi + 1) * k];
+        ex.fill((k - 1) as u8);
+        hit.copy_from_slice(last);
+        // From the last-but-one exit down, so the earliest passing exit wins.
+        for e in (0..k - 1).rev() {
+            let ne = need[e];
+            if ne == 255 {
+                continue;
+            }
+            let l = &level[e * BLOCK..][..len];
+            let c = bytes(&d.correct[e * n + start..][..len]);
+            let ee = e as u8;
+            for i in 0..len {
+                let m = 0u8.wrapping_sub((l[i] >= ne) as u8);
+                ex[i] = (ex[i] & !m) | (ee & m);
+                hit[i] = (hit[i] & !m) | (c[i] & m);
+            }
+        }
+        let a = &mut acc[bi * width..(bi + 1) * width];
+        for (e, slot) in a[..k].iter_mut().enumerate() {
+            *slot += count_eq(ex, e as u8);
+        }
+        a[k] += count_eq(hit, 1);
+    }
+}
+
+#[inline(always)]
+fn bytes(x: &[bool]) -> &[u8] {
+    // SAFETY: bool has the size and alignment of u8 and is always 0 or 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) }
+}
+
+/// Number of bytes equal to `v`; byte-wide counters over runs of 255 vectorise.
+#[inline(always)]
+fn count_eq(x: &[u8], v: u8) -> u64 {
+    let mut total = 0u64;
+    for chunk in x.chunks(255) {
+        let mut c = 0u8;
+        for &b in chunk {
+            c += (b == v) as u8;
+        }
+        total += c as u64;
+    }
+    total
 }
 
 /// Validates shapes and values, then scores one threshold set.

@@ -4,7 +4,6 @@
 use crate::calibrate::{check_n, geometric_fractions, per_stage_fractions, quotas, validate_scores, SortedExits};
 use crate::error::{Error, Result};
 use crate::simulate::{check_correct, score_many, validate_costs};
-use rayon::prelude::*;
 
 /// How budgets turn into exit fractions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +66,8 @@ pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mo
         .map(|(j, &q)| mode.fractions(q, k).map_err(|e| Error::new(format!("qs[{j}]: {e}"))))
         .collect::<Result<Vec<_>>>()?;
     let sorted = SortedExits::new(vs, k, vn);
-    let thresholds: Vec<f64> = fractions
-        .par_iter()
-        .map(|f| sorted.calibrate(&quotas(vn, f)))
-        .collect::<Vec<_>>()
-        .concat();
+    let q: Vec<Vec<usize>> = fractions.iter().map(|f| quotas(vn, f)).collect();
+    let thresholds: Vec<f64> = sorted.calibrate_many(&q).concat();
     drop(sorted);
     let val_out = score_many(vs, vc, k, vn, &thresholds, costs);
     let test_out = score_many(ts, tc, k, tn, &thresholds, costs);
@@ -126,5 +122,45 @@ mod tests {
         assert!(budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &[0.5, -1.0], Mode::Geometric).unwrap_err().0.contains("qs[1]"));
         assert!(budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &[1.5], Mode::PerStage).is_err());
         assert!(Mode::parse("uniform").is_err());
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::calibrate::SortedExits;
+    use std::time::Instant;
+
+    /// `cargo test --release -- --ignored --nocapture timing` prints where sweep time goes.
+    #[test]
+    #[ignore]
+    fn timing_breakdown() {
+        let n: usize = std::env::var("SWEEP_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+        let k = 8;
+        let mut st = 1u64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            (st >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let base: Vec<f64> = (0..n).map(|_| next()).collect();
+        let s: Vec<f32> = (0..k * n).map(|r| (0.5 * base[r % n] + 0.5 * next() + 0.05 * (r / n) as f64) as f32).collect();
+        let c: Vec<bool> = (0..k * n).map(|_| next() < 0.7).collect();
+        let costs: Vec<f64> = (1..=k).map(|x| x as f64).collect();
+        let qs: Vec<f64> = (1..40).map(|p| p as f64 / 20.0).collect();
+        let t = Instant::now();
+        let sorted = SortedExits::new(&s, k, n);
+        println!("sort {:?}", t.elapsed());
+        let t = Instant::now();
+        let q: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
+        let thr: Vec<f64> = sorted.calibrate_many(&q).concat();
+        println!("39 calibrations {:?}", t.elapsed());
+        let t = Instant::now();
+        let _ = score_many(&s, &c, k, n, &thr, &costs);
+        println!("score 39 budgets {:?}", t.elapsed());
+        let t = Instant::now();
+        let _ = budget_sweep(k, (&s, &c, n), (&s, &c, n), &costs, &qs, Mode::Geometric).unwrap();
+        println!("full sweep {:?}", t.elapsed());
     }
 }

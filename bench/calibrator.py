@@ -1,0 +1,183 @@
+"""Benchmark of the Rust calibrator against numpy, measured side by side in one run.
+
+    .venv/bin/python bench/calibrator.py            # issue sizes (1 GB of logits, 1M + 1M sweep)
+    .venv/bin/python bench/calibrator.py --small    # quick run
+
+(a) `exit_scores` on float32 logits (K, N, C) versus numpy's `.sum()` over the same
+    array (read bandwidth; target >= 0.5x) and versus a vectorised numpy softmax
+    (max-softmax scores and argmax; target >= 8x).
+(b) `budget_sweep` (val N + test N samples, K = 8, 39 budgets) versus a vectorised
+    numpy implementation of the same algorithm (target >= 50x); the outputs must be
+    identical.
+
+Times are the best of `--repeat` runs (numpy sweep: one run, it is slow). The
+machine may be shared: ratios are what matters, both sides run in the same process.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from keras_ee import calibration as cal  # noqa: E402
+
+
+def best_of(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+# ----------------------------------------------------------------------------- (a) scores
+
+
+def numpy_softmax_scores(logits, chunk=2048):
+    """Vectorised numpy max-softmax and argmax, in sample chunks to bound temporaries."""
+    k, n, _ = logits.shape
+    scores = np.empty((k, n), np.float32)
+    preds = np.empty((k, n), np.int64)
+    for e in range(k):
+        for i in range(0, n, chunk):
+            x = logits[e, i : i + chunk]
+            m = x.max(axis=1, keepdims=True)
+            p = np.exp(x - m)
+            scores[e, i : i + chunk] = 1.0 / p.sum(axis=1)
+            preds[e, i : i + chunk] = x.argmax(axis=1)
+    return scores, preds
+
+
+def bench_scores(shape, repeat):
+    rng = np.random.default_rng(0)
+    k, n, c = shape
+    logits = np.empty(shape, np.float32)
+    for e in range(k):
+        logits[e] = rng.standard_normal((n, c), dtype=np.float32) * np.float32(2 + e)
+    gb = logits.nbytes / 1e9
+    t_sum, _ = best_of(lambda: logits.sum(), repeat)
+    t_rust, (s, p) = best_of(lambda: cal.exit_scores(logits), repeat)
+    t_np, (rs, rp) = best_of(lambda: numpy_softmax_scores(logits), max(1, repeat - 1))
+    np.testing.assert_allclose(s, rs, rtol=1e-5)
+    np.testing.assert_array_equal(p, rp)
+    rows = [
+        ("numpy .sum() (read bandwidth)", t_sum, f"{gb / t_sum:.1f} GB/s", ""),
+        ("numpy vectorised softmax", t_np, f"{gb / t_np:.2f} GB/s", ""),
+        (
+            "keras_ee exit_scores (max_softmax)",
+            t_rust,
+            f"{gb / t_rust:.1f} GB/s",
+            f"{t_sum / t_rust:.2f}x of .sum() bandwidth (target >= 0.5x); "
+            f"{t_np / t_rust:.1f}x numpy softmax (target >= 8x)",
+        ),
+    ]
+    for kind in ("margin", "entropy"):
+        t, _ = best_of(lambda: cal.exit_scores(logits, kind=kind), repeat)
+        rows.append((f"keras_ee exit_scores ({kind})", t, f"{gb / t:.1f} GB/s", f"{t_sum / t:.2f}x of .sum()"))
+    return rows, (t_sum / t_rust, t_np / t_rust)
+
+
+# ----------------------------------------------------------------------------- (b) sweep
+
+
+def numpy_calibrate(scores, fractions):
+    """One calibration, vectorised: np.partition among the samples still there."""
+    k, n = scores.shape
+    alive = np.arange(n)
+    thresholds = np.full(k, np.inf)
+    for e in range(k - 1):
+        n_e = int(np.floor(n * fractions[e]))
+        if n_e == 0 or alive.size == 0:
+            continue
+        r = scores[e, alive]
+        j = r.size - min(n_e, r.size)
+        t = np.partition(r, j)[j]
+        thresholds[e] = float(t)
+        alive = alive[r < t]
+    thresholds[k - 1] = -np.inf
+    return thresholds
+
+
+def numpy_simulate(scores, correct, thresholds, costs):
+    k, n = scores.shape
+    passed = scores >= thresholds[:, None]  # float32 vs float64: compared in float64, exact
+    passed[k - 1] = True
+    ex = passed.argmax(axis=0)
+    counts = np.bincount(ex, minlength=k)
+    right = int(np.count_nonzero(correct[ex, np.arange(n)]))
+    cost = 0.0
+    for e in range(k):
+        cost += float(counts[e]) * float(costs[e])
+    return right / n, cost / n, counts
+
+
+def numpy_budget_sweep(vs, vc, ts, tc, costs, qs):
+    k = vs.shape[0]
+    out = {key: [] for key in ("thresholds", "val_accuracy", "test_accuracy", "mean_cost", "exit_counts")}
+    for q in qs:
+        f = cal.geometric_fractions(q, k)
+        t = numpy_calibrate(vs, f)
+        va, _, _ = numpy_simulate(vs, vc, t, costs)
+        ta, tcost, counts = numpy_simulate(ts, tc, t, costs)
+        for key, v in zip(out, (t, va, ta, tcost, counts)):
+            out[key].append(v)
+    return {key: np.array(v) for key, v in out.items()}
+
+
+def synthetic_exits(n, k, rng):
+    """Scores that grow more confident with depth, correctness tied to confidence."""
+    base = rng.standard_normal(n)
+    depth = np.linspace(-1.0, 2.0, k)[:, None]
+    logit = base[None, :] + depth + 0.7 * rng.standard_normal((k, n))
+    scores = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    correct = rng.random((k, n)) < 0.3 + 0.65 * scores
+    return scores, correct
+
+
+def bench_sweep(n, k, repeat):
+    rng = np.random.default_rng(1)
+    vs, vc = synthetic_exits(n, k, rng)
+    ts, tc = synthetic_exits(n, k, rng)
+    costs = np.cumsum(np.linspace(1.0, 2.0, k)) * 1e6
+    qs = cal.default_qs()
+    t_rust, got = best_of(lambda: cal.budget_sweep(vs, vc, ts, tc, costs, qs=qs), repeat)
+    t_np, want = best_of(lambda: numpy_budget_sweep(vs, vc, ts, tc, costs, qs), 1)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    rows = [
+        (f"numpy budget sweep ({n:,} + {n:,}, K={k}, {len(qs)} budgets)", t_np, "", ""),
+        ("keras_ee budget_sweep", t_rust, "", f"{t_np / t_rust:.1f}x numpy (target >= 50x); outputs identical"),
+    ]
+    return rows, t_np / t_rust
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=["scores", "sweep"], default=None)
+    args = ap.parse_args()
+    score_shape = (5, 5_000, 1000) if args.small else (5, 50_000, 1000)
+    sweep_n = 100_000 if args.small else 1_000_000
+    print(f"cpus available: {len(os.sched_getaffinity(0))}; numpy {np.__version__}")
+    rows = []
+    if args.only in (None, "scores"):
+        r, _ = bench_scores(score_shape, args.repeat)
+        print(f"exit_scores on float32 logits {score_shape} ({np.prod(score_shape) * 4 / 1e9:.2f} GB)")
+        rows += r
+    if args.only in (None, "sweep"):
+        r, _ = bench_sweep(sweep_n, 8, args.repeat)
+        rows += r
+    print()
+    print("| what | time (s) | throughput | ratio |")
+    print("|---|---:|---:|---|")
+    for name, t, thr, ratio in rows:
+        print(f"| {name} | {t:.4f} | {thr} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
