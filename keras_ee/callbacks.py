@@ -121,3 +121,60 @@ class BudgetCallback(keras.callbacks.Callback):
             keys = [f"val_budget_acc@{budget_label(b)}" for b in self.budgets] + ["val_budget_auc"]
             keys += [f"val_anytime_acc_{k + 1}" for k in range(len(getattr(self.model, "backbone", self.model).outputs))]
             logs.update({k: float("nan") for k in keys})
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A compact progress bar per epoch and one summary line after it.
+
+    Keras' own bar prints every log key (dozens for a multi-exit model with per-exit
+    weight statistics); this one shows the loss while training and then the accuracy
+    of every exit on training and validation data, which is what one watches.
+    Use it with `fit(..., verbose=0)`.
+    """
+
+    def __init__(self, stream=None):
+        super().__init__()
+        self.stream = stream
+        self._bar = None
+
+    def on_train_begin(self, logs=None):
+        self.epochs = self.params.get("epochs")
+        self.steps = self.params.get("steps")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tqdm.auto import tqdm
+
+        self._epoch = epoch
+        self._bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                         leave=False, file=self.stream, dynamic_ncols=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._bar is not None:
+            self._bar.update(1)
+            if logs and "loss" in logs:
+                self._bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        import sys
+
+        elapsed = self._bar.format_dict.get("elapsed", 0.0) if self._bar is not None else 0.0
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        logs = logs or {}
+
+        def accs(prefix):
+            values, k = [], 1
+            while f"{prefix}exit_{k}_accuracy" in logs:
+                values.append(f"{100 * float(logs[f'{prefix}exit_{k}_accuracy']):.1f}")
+                k += 1
+            return "/".join(values)
+
+        parts = [f"epoch {epoch + 1}/{self.epochs}", f"loss {float(logs.get('loss', float('nan'))):.4f}",
+                 f"train acc % {accs('')}"]
+        if "val_exit_1_accuracy" in logs:
+            parts.append(f"val acc % {accs('val_')}")
+        if "val_budget_auc" in logs:
+            parts.append(f"val budget auc {100 * float(logs['val_budget_auc']):.2f}")
+        parts.append(f"{elapsed:.1f}s")
+        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)

@@ -100,7 +100,7 @@ def cmd_train(args) -> None:
 
     config = _config_from_args(args)
     out = args.out or Path("runs") / f"{config.model}-{config.method}-{config.dataset.replace(':', '_')}-s{config.seed}"
-    experiment.train(config, out, verbose=0 if args.quiet else "auto")
+    experiment.train(config, out, verbose=0 if args.quiet else "progress")
 
 
 def cmd_evaluate(args) -> None:

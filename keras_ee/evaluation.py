@@ -141,12 +141,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def format_anytime(ev: Evaluation) -> str:
     """Per-exit table: cumulative params and Mul-Adds, validation and test accuracy."""
     unit, scale = _unit(ev.mul_adds)
+    punit, pscale = _unit(ev.params)
     rows = [
-        [str(k + 1), f"{ev.params[k] / 1e6:.2f}", f"{ev.mul_adds[k] / scale:.2f}",
+        [str(k + 1), f"{ev.params[k] / pscale:.2f}", f"{ev.mul_adds[k] / scale:.2f}",
          f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
         for k in range(ev.num_exits)
     ]
-    return _table(["exit", "params (M)", f"Mul-Adds ({unit})", "val acc %", "test acc %"], rows)
+    return _table(["exit", f"params ({punit})", f"Mul-Adds ({unit})", "val acc %", "test acc %"], rows)
 
 
 def format_budget(ev: Evaluation, every: int = 1) -> str:

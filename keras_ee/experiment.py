@@ -70,7 +70,7 @@ def build_model(config: TrainConfig, splits):
                              **config.model_options)
     method = make_method(config.method, config.method_options)
     model = training.MultiExitModel(backbone, method=method)
-    steps = config.epochs * _batches_per_epoch(splits, config) * method.optimizer_steps_per_batch
+    steps = config.epochs * _batches_per_epoch(splits, config) * getattr(method, "optimizer_steps_per_batch", 1)
     model.compile(optimizer=keras.optimizers.SGD(
         learning_rate=make_schedule(config, steps), momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay or None))
@@ -107,13 +107,14 @@ def make_schedule(config: TrainConfig, total_steps: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
-def train(config: TrainConfig, workdir, verbose: int | str = "auto", callbacks=()) -> Path:
+def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbacks=()) -> Path:
     """Train (or resume) a run in `workdir`, then dump logits and, if configured, evaluate.
 
     Args:
         config: the run's settings.
         workdir: the run folder (created; an existing one with the same settings resumes).
-        verbose: Keras `fit` verbosity (progress bars by default).
+        verbose: "progress" (a compact bar and one line per epoch), or a Keras `fit`
+            verbosity (0 silent, 1 Keras' bar, 2 one line per epoch).
         callbacks: extra Keras callbacks.
 
     Returns:
@@ -145,9 +146,12 @@ def train(config: TrainConfig, workdir, verbose: int | str = "auto", callbacks=(
             keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
             *callbacks,
         ]
+        if verbose == "progress":
+            cbs.append(ee_callbacks.EpochProgress())
+            verbose = 0
         start = time.perf_counter()
         model.fit(splits.train_dataset(config.batch_size, seed=config.seed), validation_data=val_ds,
-                  epochs=config.epochs, callbacks=cbs, verbose=verbose)
+                  epochs=config.epochs, callbacks=cbs, verbose=verbose, shuffle=False)  # the pipeline shuffles
         model.save(workdir / "model.keras")
         _write_state(workdir, trained=True, train_seconds=round(time.perf_counter() - start, 1))
 
