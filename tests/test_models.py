@@ -91,7 +91,13 @@ def test_preset_structure_msdnet_ranet():
     heads = [m.get_layer(f"exit_{k}_branch").output.shape[-1] for k in range(1, 6)]
     assert heads == [88, 136, 104, 200, 208]
     units = [l for l in m.layers if isinstance(l, ConvBNReLU)]
-    assert len(units) > 100
+    # Stems, 3x3 units, merged 1x1 bottlenecks, transitions, head convs.
+    assert len(units) > 90
+    # 1x1 bottlenecks reading x_s are merged: scale s's own unit and scale
+    # s+1's down unit (layer 1: 6 + 6 on the 16-channel finest map).
+    assert m.get_layer("l1_x0_a").filters == 12
+    assert m.get_layer("l1_x1_a").filters == 12 + 24
+    assert m.get_layer("l1_x2_a").filters == 48
     assert all(u.epsilon == 1e-5 and u.momentum == 0.9 for u in units)
     assert not any(isinstance(l, (keras.layers.Conv2D, keras.layers.BatchNormalization)) for l in m.layers)
     r = models.create("ranet_cifar_c1")
@@ -172,6 +178,34 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h):
     assert len(fused.trainable_weights) == 3
     with pytest.raises(ValueError):
         ConvBNReLU(6, 2)
+
+
+def test_shared_bottleneck_equals_separate_units():
+    from keras_ee.models.heads import conv_bn_relu, shared_bottleneck
+    from keras_ee.models.layers import ChannelSplit
+
+    inp = keras.Input((6, 6, 5))
+    parts = shared_bottleneck(inp, [3, 4], "merged", "glorot_uniform")
+    merged = keras.Model(inp, parts)
+    big = merged.get_layer("merged")
+    rng = np.random.default_rng(1)
+    for w in big.weights:
+        w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+    x = _rand((2, 6, 6, 5), seed=2) - 0.5
+    for training in (False, True):
+        got = _as_list(merged(x, training=training))
+        for i, (lo, hi) in enumerate([(0, 3), (3, 7)]):
+            single = keras.Model(inp, conv_bn_relu(inp, hi - lo, 1, 1, f"single{i}", "zeros"))
+            layer = single.get_layer(f"single{i}")
+            layer.kernel.assign(big.kernel[..., lo:hi])
+            for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+                getattr(layer, name).assign(getattr(big, name)[lo:hi])
+            want = np.asarray(single(x, training=training))
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="add up to"):
+        ChannelSplit([3, 3])(keras.Input((4, 4, 7)))
+    with pytest.raises(ValueError, match="positive ints"):
+        ChannelSplit([3, 0])
 
 
 def test_align_corners_resize_matches_tf_v1():

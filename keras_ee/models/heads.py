@@ -86,6 +86,38 @@ def bottleneck_unit(
     return conv_bn_relu(x, filters, 3, strides, f"{name}_b", kernel_initializer)
 
 
+def shared_bottleneck(x, widths, name, kernel_initializer):
+    """Several 1x1 bottleneck CBRs that read the same map, run as one conv.
+
+    A 1x1 conv + BN + ReLU acts on each output channel independently, so
+    1x1 CBRs with `widths[0], widths[1], ...` channels on the same input are
+    exactly one CBR with `sum(widths)` channels whose outputs are split in
+    that order: same parameters, same Mul-Adds, same ReLUs, but the input is
+    read once and the conv is wide enough to run efficiently (MSDNet's
+    bottlenecks have 6-24 channels). Weight layout of the merged layer
+    `name`: `kernel[..., a_i:a_i + widths[i]]` (and the same slice of gamma,
+    beta and the moving statistics) is consumer i's 1x1 conv and BN, with
+    `a_i = sum(widths[:i])`.
+
+    Args:
+        x: 4D channels-last input tensor.
+        widths: list of ints, output channels of each consumer's 1x1 CBR.
+        name: str, name of the merged `ConvBNReLU` (the split is
+            `{name}_split`).
+        kernel_initializer: Keras initializer (per-element, so initializing
+            the merged kernel is the same as initializing each part).
+
+    Returns:
+        List of tensors, one per entry of `widths`.
+    """
+    from keras_ee.models.layers import ChannelSplit
+
+    y = conv_bn_relu(x, int(sum(widths)), 1, 1, name, kernel_initializer)
+    if len(widths) == 1:
+        return [y]
+    return ChannelSplit(list(widths), name=f"{name}_split")(y)
+
+
 def pooled_logits(x, exit_index, num_classes, dense_kernel_initializer, dense_bias_initializer):
     """Global average pool (`exit_{k}_features`) then Dense logits (`exit_{k}`)."""
     features = layers.GlobalAveragePooling2D(name=f"exit_{exit_index}_features")(x)

@@ -311,3 +311,70 @@ class ConvBNReLU(keras.layers.Layer):
             }
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class ChannelSplit(keras.layers.Layer):
+    """Splits the last (channel) axis into consecutive parts of given sizes.
+
+    Used after a merged 1x1 conv (see `keras_ee.models.heads.shared_bottleneck`):
+    several 1x1 convs that read the same map are run as one wider conv, and
+    this layer hands each consumer its own channels. Weight-free, so the cost
+    counter gives it 0 ops.
+
+    Args:
+        sizes: list of positive ints, channels of each part in order; they
+            must add up to the input's channel count.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Returns:
+        A list of `len(sizes)` tensors.
+
+    Example:
+    ```python
+    a, b = ChannelSplit([6, 12])(keras.Input((8, 8, 18)))
+    ```
+    """
+
+    def __init__(self, sizes, **kwargs):
+        super().__init__(**kwargs)
+        if (
+            not isinstance(sizes, (list, tuple))
+            or not sizes
+            or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
+                for s in sizes
+            )
+        ):
+            raise ValueError(
+                "ChannelSplit: `sizes` must be a non-empty list of positive ints, "
+                f"received {sizes!r}."
+            )
+        self.sizes = [int(s) for s in sizes]
+
+    def build(self, input_shape):
+        if input_shape[-1] != sum(self.sizes):
+            raise ValueError(
+                f"ChannelSplit: sizes {self.sizes} add up to {sum(self.sizes)} but the "
+                f"input has {input_shape[-1]} channels (shape {tuple(input_shape)})."
+            )
+
+    def call(self, inputs):
+        if len(self.sizes) == 1:
+            return [inputs]
+        bounds = np.cumsum(self.sizes)[:-1].tolist()
+        return ops.split(inputs, bounds, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return [tuple(input_shape[:-1]) + (s,) for s in self.sizes]
+
+    def compute_output_spec(self, inputs):
+        return [
+            keras.KerasTensor(tuple(inputs.shape[:-1]) + (s,), dtype=inputs.dtype)
+            for s in self.sizes
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"sizes": list(self.sizes)})
+        return config

@@ -23,10 +23,10 @@ from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
     BN_EPSILON,
     BN_MOMENTUM,
-    bottleneck_unit,
     branch_and_trunk,
     conv_bn_relu,
     conv_head,
+    shared_bottleneck,
     torch_default_bias_init,
     torch_default_init,
 )
@@ -191,21 +191,42 @@ def msdnet(
             # `scales` holds the in_scales active maps, finest first.
             by_scale = dict(zip(range(num_scales - in_scales, num_scales), scales))
             prefix = f"l{layer_index}"
-            new_scales = []
+            # Every 3x3 unit of this layer: (out scale, branch, source scale,
+            # filters, bottleneck factor of the source scale).
+            units = []
             for s in range(offset, num_scales):
-                xs = by_scale[s]
                 if s == offset and not dropping:
-                    new = bottleneck_unit(
-                        xs, growth_rate * gr[s], 1, bn[s], f"{prefix}_s{s}", init, bottleneck
-                    )
-                    parts = [xs, new]
+                    units.append((s, "", s, growth_rate * gr[s], bn[s]))
                 else:
                     half = growth_rate * gr[s] // 2
-                    down = bottleneck_unit(
-                        by_scale[s - 1], half, 2, bn[s - 1], f"{prefix}_s{s}_down", init, bottleneck
-                    )
-                    same = bottleneck_unit(xs, half, 1, bn[s], f"{prefix}_s{s}_same", init, bottleneck)
-                    parts = [xs, down, same]
+                    units.append((s, "_down", s - 1, half, bn[s - 1]))
+                    units.append((s, "_same", s, half, bn[s]))
+            # The 1x1 bottlenecks that read the same map (scale s's own unit
+            # and scale s+1's down unit) run as one wider conv + split:
+            # identical math, parameters and Mul-Adds (see shared_bottleneck).
+            inner = {}
+            if bottleneck:
+                for src in sorted({u[2] for u in units}):
+                    readers = [u for u in units if u[2] == src]
+                    # Own/same unit first, then the down unit into scale src+1.
+                    readers.sort(key=lambda u: u[0])
+                    cin = int(by_scale[src].shape[-1])
+                    widths = [min(cin, u[4] * u[3]) for u in readers]
+                    parts = shared_bottleneck(by_scale[src], widths, f"{prefix}_x{src}_a", init)
+                    inner.update({(u[0], u[1]): t for u, t in zip(readers, parts)})
+            outs = {}
+            for s, branch, src, filters, _ in units:
+                x_in = inner[(s, branch)] if bottleneck else by_scale[src]
+                stride = 2 if branch == "_down" else 1
+                outs[(s, branch)] = conv_bn_relu(
+                    x_in, filters, 3, stride, f"{prefix}_s{s}{branch}_b", init
+                )
+            new_scales = []
+            for s in range(offset, num_scales):
+                if (s, "") in outs:
+                    parts = [by_scale[s], outs[(s, "")]]
+                else:
+                    parts = [by_scale[s], outs[(s, "_down")], outs[(s, "_same")]]
                 new_scales.append(layers.Concatenate(axis=-1, name=f"{prefix}_s{s}_cat")(parts))
             n += growth_rate
             if dropping and reduction > 0:
