@@ -117,8 +117,8 @@ pub fn validate_scores(name: &str, scores: &[f32], k: usize, n: usize) -> Result
         .par_chunks(1 << 16)
         .enumerate()
         .filter_map(|(c, ch)| {
-            // Sum of `x - x` is NaN iff some x is NaN or inf: a cheap vectorised test first.
-            let z: f32 = ch.iter().fold(0.0, |a, &x| a + (x - x));
+            // Sum of `x * 0` is NaN iff some x is NaN or inf: a cheap vectorised test first.
+            let z: f32 = ch.iter().fold(0.0, |a, &x| a + x * 0.0);
             if z == 0.0 {
                 None
             } else {
@@ -152,20 +152,21 @@ fn key_to_score(key: u32) -> f32 {
     f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
 }
 
-/// LSD radix sort of packed `(key << 32) | id` by key, 8-bit digits; a pass whose
-/// digit is the same for every key is skipped (common for scores in [0, 1]).
-fn radix_sort(v: &mut Vec<u64>) {
+/// LSD radix sort of packed `(key << 32) | id` by key, 8-bit digits, in place
+/// (`tmp` is scratch of the same length); a pass whose digit is the same for every
+/// key is skipped (common for scores in [0, 1]).
+fn radix_sort(v: &mut [u64], tmp: &mut [u64]) {
     let n = v.len();
-    let mut hist = vec![[0usize; 256]; 4];
+    let mut hist = [[0usize; 256]; 4];
     for &x in v.iter() {
         let key = (x >> 32) as u32;
         for (d, h) in hist.iter_mut().enumerate() {
             h[((key >> (8 * d)) & 255) as usize] += 1;
         }
     }
-    let mut tmp = vec![0u64; n];
+    let mut in_tmp = false;
     for (d, h) in hist.iter_mut().enumerate() {
-        if h.iter().any(|&c| c == n) {
+        if h.contains(&n) {
             continue;
         }
         let mut sum = 0;
@@ -175,12 +176,16 @@ fn radix_sort(v: &mut Vec<u64>) {
             sum += t;
         }
         let shift = 32 + 8 * d;
-        for &x in v.iter() {
+        let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *v) } else { (&*v, &mut *tmp) };
+        for &x in src {
             let b = ((x >> shift) & 255) as usize;
-            tmp[h[b]] = x;
+            dst[h[b]] = x;
             h[b] += 1;
         }
-        std::mem::swap(v, &mut tmp);
+        in_tmp = !in_tmp;
+    }
+    if in_tmp {
+        v.copy_from_slice(tmp);
     }
 }
 
@@ -201,8 +206,10 @@ static SPREAD: [u64; 256] = {
     t
 };
 
-/// Budgets walked together share one `u64` of "gone" bits per sample.
-const GROUP: usize = 64;
+/// Budgets walked together share one `u32` of "gone" bits per sample (4 bytes per
+/// sample keeps the randomly accessed array small).
+const GROUP: usize = 32;
+type Mask = u32;
 
 /// Scores of exits 0..K-1 sorted once, descending, shared by many calibrations.
 pub struct SortedExits {
@@ -212,16 +219,50 @@ pub struct SortedExits {
     packed: Vec<u64>,
 }
 
+/// How far ahead the walk prefetches the gone word of a sample.
+const PREFETCH: usize = 16;
+
+#[inline(always)]
+fn prefetch(v: &[Mask], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if i < v.len() {
+            // SAFETY: in bounds; a prefetch has no architectural effect.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(v.as_ptr().add(i) as *const i8, std::arch::x86_64::_MM_HINT_T0);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, i);
+}
+
 impl SortedExits {
     /// Sorts every exit but the last (whose threshold is always `-inf`); parallel over exits.
     /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`).
     pub fn new(scores: &[f32], k: usize, n: usize) -> SortedExits {
         let mut packed = vec![0u64; (k - 1) * n];
-        packed.par_chunks_mut(n.max(1)).enumerate().for_each(|(e, out)| {
-            let row = &scores[e * n..(e + 1) * n];
-            let mut v: Vec<u64> = row.iter().enumerate().map(|(i, &s)| ((desc_key(s) as u64) << 32) | i as u64).collect();
-            radix_sort(&mut v);
-            out.copy_from_slice(&v);
+        if k == 1 {
+            return SortedExits { k, n, packed };
+        }
+        let (first, rest) = packed.split_at_mut(n);
+        for (i, (o, &s)) in first.iter_mut().zip(&scores[..n]).enumerate() {
+            *o = ((desc_key(s) as u64) << 32) | i as u64;
+        }
+        radix_sort(first, &mut vec![0u64; n]);
+        // Samples are renumbered by their rank at exit 0 (ids need not be the
+        // original ones, only consistent across exits). Exits are correlated, so in
+        // later walks the "gone" words they touch are close together in memory.
+        let label: Vec<u32> = first.iter().map(|&x| x as u32).collect();
+        for (p, x) in first.iter_mut().enumerate() {
+            *x = (*x & !0xffff_ffff) | p as u64;
+        }
+        rest.par_chunks_mut(n).enumerate().for_each(|(e, out)| {
+            let row = &scores[(e + 1) * n..(e + 2) * n];
+            for (p, (o, &id)) in out.iter_mut().zip(&label).enumerate() {
+                *o = ((desc_key(row[id as usize]) as u64) << 32) | p as u64;
+            }
+            radix_sort(out, &mut vec![0u64; n]);
         });
         SortedExits { k, n, packed }
     }
@@ -231,7 +272,7 @@ impl SortedExits {
         self.calibrate_many(&[quota.to_vec()]).remove(0)
     }
 
-    /// Thresholds for many quota vectors: budgets are walked in groups of up to 64
+    /// Thresholds for many quota vectors: budgets are walked in groups of up to 32
     /// (one pass over each exit's order serves a whole group), groups in parallel.
     pub fn calibrate_many(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
         let groups = quotas.len().div_ceil(GROUP).max(rayon::current_num_threads()).min(quotas.len()).max(1);
@@ -243,21 +284,21 @@ impl SortedExits {
         let (k, n, g) = (self.k, self.n, quotas.len());
         debug_assert!(g <= GROUP);
         let mut thr = vec![vec![f64::INFINITY; k]; g];
-        let mut gone = vec![0u64; if k > 1 { n } else { 0 }];
+        let mut gone: Vec<Mask> = vec![0; if k > 1 { n } else { 0 }];
         let mut remaining = vec![n; g];
         let words = g.div_ceil(8);
         for e in 0..k - 1 {
             let walk = &self.packed[e * n..(e + 1) * n];
             let mut target = vec![0usize; g];
             let mut cnt = vec![0usize; g];
-            let mut counting = 0u64; // budgets still counting towards n_k
+            let mut counting: Mask = 0; // budgets still counting towards n_k
             for b in 0..g {
                 target[b] = quotas[b][e].min(remaining[b]);
                 if target[b] > 0 {
                     counting |= 1 << b;
                 }
             }
-            let mut tie = 0u64; // budgets past n_k, taking samples tied with T_k
+            let mut tie: Mask = 0; // budgets past n_k, taking samples tied with T_k
             let mut tie_score = [0f32; GROUP];
             let mut p = 0usize;
             while counting | tie != 0 && p < n {
@@ -288,7 +329,11 @@ impl SortedExits {
                     // eight budgets per u64 add, bytes cannot overflow in <= 255 steps.
                     let len = (slack - 1).min(255).min(n - p);
                     let mut acc = [0u64; GROUP / 8];
-                    for &x in &walk[p..p + len] {
+                    let ahead = &walk[(p + PREFETCH).min(n)..(p + len + PREFETCH).min(n)];
+                    for (j, &x) in walk[p..p + len].iter().enumerate() {
+                        if let Some(&y) = ahead.get(j) {
+                            prefetch(&gone, (y & 0xffff_ffff) as usize);
+                        }
                         let id = (x & 0xffff_ffff) as usize;
                         let w = gone[id];
                         let newly = active & !w;
@@ -403,7 +448,7 @@ mod tests {
         for bits in [32u32, 12, 1] {
             let keys: Vec<u32> = (0..5000).map(|_| (rng(&mut st) as u32) >> (32 - bits)).collect();
             let mut v: Vec<u64> = keys.iter().enumerate().map(|(i, &k)| ((k as u64) << 32) | i as u64).collect();
-            radix_sort(&mut v);
+            radix_sort(&mut v, &mut vec![0u64; 5000]);
             assert!(v.windows(2).all(|w| (w[0] >> 32) <= (w[1] >> 32)));
             for x in &v {
                 assert_eq!(keys[(x & 0xffff_ffff) as usize] as u64, x >> 32);

@@ -28,7 +28,7 @@ pub fn exp_nonpos<const FMA: bool>(d: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 * 2^23: adding it rounds to the nearest integer in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_HI: f32 = 355.0 / 512.0; // 0.693359375, exact in f32
     const LN2_LO: f32 = -2.121_944_4e-4;
     let t = madd::<FMA>(d, LOG2E, MAGIC);
     let nf = t - MAGIC;

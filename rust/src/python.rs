@@ -12,6 +12,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+/// `(scores, predictions)` as numpy arrays.
+type ScoresOut<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>);
+
 /// Runs `f` without the GIL; core errors become `ValueError`, a panic `RuntimeError`
 /// (never an abort or a `PanicException`).
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> error::Result<T> + Send) -> PyResult<T> {
@@ -44,7 +47,7 @@ fn c_vec(name: &str, a: &PyReadonlyArray1<'_, f64>) -> PyResult<Vec<f64>> {
     Ok(a.as_array().to_vec())
 }
 
-fn scores_out<'py>(py: Python<'py>, k: usize, n: usize, s: Vec<f32>, p: Vec<i32>) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>)> {
+fn scores_out<'py>(py: Python<'py>, k: usize, n: usize, s: Vec<f32>, p: Vec<i32>) -> PyResult<ScoresOut<'py>> {
     let s = Array2::from_shape_vec((k, n), s).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let p = Array2::from_shape_vec((k, n), p).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok((s.into_pyarray(py), p.into_pyarray(py)))
@@ -55,7 +58,7 @@ fn exit_scores_generic<'py, T: scores::Logit + numpy::Element>(
     logits: ArrayView3<'_, T>,
     kind: &str,
     temperatures: Vec<f64>,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>)> {
+) -> PyResult<ScoresOut<'py>> {
     let (k, n, _) = logits.dim();
     let (s, p) = run(py, || {
         let kind = scores::Kind::parse(kind)?;
@@ -67,19 +70,19 @@ fn exit_scores_generic<'py, T: scores::Logit + numpy::Element>(
 
 /// Scores and predictions from float32 logits (K, N, C); any strides, no copy.
 #[pyfunction]
-fn exit_scores_f32<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f32>, kind: &str, temperatures: Vec<f64>) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>)> {
+fn exit_scores_f32<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f32>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
 /// Same for float64 logits.
 #[pyfunction]
-fn exit_scores_f64<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f64>, kind: &str, temperatures: Vec<f64>) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>)> {
+fn exit_scores_f64<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f64>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
 /// Same for float16 logits passed as their uint16 bit patterns (`a.view(np.uint16)`).
 #[pyfunction]
-fn exit_scores_f16<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, u16>, kind: &str, temperatures: Vec<f64>) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>)> {
+fn exit_scores_f16<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, u16>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 

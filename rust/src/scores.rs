@@ -76,7 +76,7 @@ impl Logit for f64 {
         let mut z = 0.0f64;
         for &x in row {
             m = if x > m { x } else { m };
-            z += x - x; // NaN iff some x is NaN or infinite
+            z += x * 0.0; // NaN iff some x is NaN or infinite
         }
         if z.is_nan() {
             return PreparedRow::NonFinite(row.iter().position(|x| !x.is_finite()).unwrap_or(0));
@@ -330,7 +330,7 @@ pub fn inverse_temperatures(temperatures: &[f64], num_exits: usize) -> Result<Ve
         .enumerate()
         .map(|(k, &tk)| {
             let inv = (1.0 / tk) as f32;
-            if !(tk > 0.0) || !tk.is_finite() || !inv.is_finite() || inv == 0.0 {
+            if tk.is_nan() || tk <= 0.0 || !tk.is_finite() || !inv.is_finite() || inv == 0.0 {
                 Err(Error::new(format!(
                     "temperature must be positive and finite (between about 3e-39 and 3e38); received {tk} for exit {k}"
                 )))

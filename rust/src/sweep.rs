@@ -99,7 +99,7 @@ mod tests {
         let (k, vn, tn) = (4, 3000, 2500);
         let gen = |n: usize, next: &mut dyn FnMut() -> u64| -> (Vec<f32>, Vec<bool>) {
             let s = (0..k * n).map(|_| (next() % 1000) as f32 / 999.0).collect();
-            let c = (0..k * n).map(|_| next() % 4 != 0).collect();
+            let c = (0..k * n).map(|_| !next().is_multiple_of(4)).collect();
             (s, c)
         };
         let (vs, vc) = gen(vn, &mut next);
