@@ -7,7 +7,7 @@ per method, the mean and spread over seeds of the test accuracy at fixed Mul-Add
 and of every exit's anytime accuracy, and the per-seed difference L2W - baseline.
 
     python bench/l2w_vs_baseline.py --data-dir ../shared/data --seeds 0 1 2 \
-        --model multiexit_cnn --epochs 15 --train-subset 0 --out bench/out/l2w_vs_baseline
+        --model multiexit_cnn --epochs 15 --train-size 20000 --out bench/out/l2w_vs_baseline
 
 Results and the exact command are recorded in docs/benchmarks.md.
 """
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
     p.add_argument("--methods", nargs="+", default=["baseline", "l2w"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--train-size", type=int, default=None, help="stratified subset of the training split")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None)
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
         for method in args.methods:
             cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
                               model_options=dict(args.model_option or []), method=method, epochs=args.epochs,
+                              train_size=args.train_size,
                               batch_size=args.batch_size, learning_rate=args.lr, seed=seed, evaluate=False)
             run = args.out / f"{method}-s{seed}"
             t0 = time.perf_counter()

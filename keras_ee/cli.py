@@ -53,6 +53,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--data-dir", help="folder with local copies of the data")
     g.add_argument("--val-size", type=int, help="held-out validation images for calibration")
     g.add_argument("--imbalance-factor", type=int, help="long-tailed CIFAR: 200, 100, 50 or 20")
+    g.add_argument("--train-size", type=int, help="train on a stratified subset of this many images")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
     g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
@@ -81,7 +82,7 @@ def _config_from_args(args):
     from keras_ee.config import TrainConfig
 
     values = TrainConfig.from_file(args.config).to_dict() if args.config else TrainConfig().to_dict()
-    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "model", "method", "epochs",
+    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "model", "method", "epochs",
                 "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
                 "confidence", "budgets", "evaluate"):
         if getattr(args, key) is not None:

@@ -32,6 +32,8 @@ class TrainConfig:
         data_dir: folder with local copies of the data (official formats).
         val_size: held-out validation images for calibration (default: the loader's).
         imbalance_factor: long-tailed CIFAR (200, 100, 50, 20); None for balanced.
+        train_size: train on a stratified subset of this many training images
+            (smaller-scale runs); None uses the whole training split.
         model: a preset of `keras_ee.models.available()`.
         model_options: keyword overrides for the preset (widths, blocks, ...).
         method: training method, `baseline` or `l2w`.
@@ -53,6 +55,7 @@ class TrainConfig:
     data_dir: str | None = None
     val_size: int | None = None
     imbalance_factor: int | None = None
+    train_size: int | None = None
     model: str = "multiexit_cnn"
     model_options: dict = dataclasses.field(default_factory=dict)
     method: str = "l2w"

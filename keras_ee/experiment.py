@@ -77,6 +77,14 @@ def build_model(config: TrainConfig, splits):
     return model
 
 
+def load_data(config: TrainConfig):
+    """The configured dataset's splits."""
+    from keras_ee import data
+
+    return data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
+                     imbalance_factor=config.imbalance_factor, train_size=config.train_size)
+
+
 def make_method(name: str, options: dict):
     """The training method called `name` with keyword `options`."""
     from keras_ee import training
@@ -124,12 +132,11 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
 
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import costs as ee_costs
-    from keras_ee import data, dumps
+    from keras_ee import dumps
 
     workdir = prepare_workdir(config, workdir)
     keras.utils.set_random_seed(config.seed)
-    splits = data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
-                       imbalance_factor=config.imbalance_factor)
+    splits = load_data(config)
     state = _read_state(workdir)
     if state.get("trained") and (workdir / "model.keras").is_file():
         print(f"[keras-ee] {workdir}: training already finished; loading model.keras.")

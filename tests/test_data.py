@@ -648,3 +648,16 @@ def test_can_reach_a_local_listener_and_not_a_closed_port():
         port = server.getsockname()[1]
         assert cifar.can_reach("127.0.0.1", port, timeout=2.0)
     assert not cifar.can_reach("127.0.0.1", port, timeout=2.0)  # closed now
+
+
+def test_train_size_keeps_a_stratified_seeded_subset():
+    full = data.load("digits", seed=3)
+    sub = data.load("digits", seed=3, train_size=500)
+    assert sub.num_train == 500 and sub.num_val == full.num_val and sub.num_test == full.num_test
+    np.testing.assert_array_equal(sub.val_labels(), full.val_labels())
+    counts = sub.train_class_counts()
+    assert counts.min() >= 45 and counts.max() <= 55  # stratified: ~50 per class
+    again = data.load("digits", seed=3, train_size=500)
+    np.testing.assert_array_equal(again.train_labels(), sub.train_labels())
+    with pytest.raises(ValueError):
+        data.load("digits", train_size=10_000)

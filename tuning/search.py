@@ -68,15 +68,14 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     """Run the search; return (best TrainConfig, list of (score, hyper-parameters))."""
     import keras_tuner as kt
 
-    from keras_ee import data
+    from keras_ee import experiment
 
     if tuner not in TUNERS:
         raise ValueError(f"`tuner` must be one of {TUNERS}; received {tuner!r}.")
     if trials < 1:
         raise ValueError(f"`trials` must be >= 1; received {trials}.")
     workdir = Path(workdir)
-    splits = data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
-                       imbalance_factor=config.imbalance_factor)
+    splits = experiment.load_data(config)
     hypermodel = make_hypermodel(config, splits)
     if not SEARCH_SPACES[config.method]:
         trials = 1

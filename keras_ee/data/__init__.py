@@ -180,6 +180,7 @@ def load(
     download=True,
     augment_pad=None,
     augment_flip=None,
+    train_size=None,
 ):
     """Loads a dataset as train / validation / test splits.
 
@@ -219,6 +220,9 @@ def load(
         download: bool. Allow tensorflow_datasets to download.
         augment_pad: int or None. Override the crop padding (0 disables).
         augment_flip: bool or None. Override the horizontal flip.
+        train_size: int, float in (0, 1) or None. Train on a stratified,
+            seeded subset of this size of the training split (validation and
+            test are unchanged); None uses the whole training split.
 
     Returns:
         `DatasetSplits`.
@@ -246,6 +250,8 @@ def load(
 
         if imbalance_factor is not None:
             raise ValueError("`imbalance_factor` is supported for the in-memory datasets, not ImageNet.")
+        if train_size is not None:
+            raise ValueError("`train_size` is supported for the in-memory datasets, not ImageNet.")
         if augment_pad is not None or augment_flip is not None:
             raise ValueError("ImageNet uses random-resized crops; `augment_pad`/`augment_flip` do not apply.")
         return imagenet.ImageNetSplits(data_dir, default_val if val_size is None else val_size)
@@ -295,6 +301,7 @@ def load(
         pixel_scale=scale,
         augment_pad=pad if augment_pad is None else augment_pad,
         augment_flip=flip if augment_flip is None else bool(augment_flip),
+        train_size=train_size,
     )
 
 

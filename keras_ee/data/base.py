@@ -265,6 +265,7 @@ def build_array_splits(
     pixel_scale=1.0 / 255.0,
     augment_pad=0,
     augment_flip=False,
+    train_size=None,
 ):
     """Long-tail (optional), hold out validation, and wrap into `ArraySplits`.
 
@@ -286,6 +287,9 @@ def build_array_splits(
         seed: int. Seed of the validation split.
         imbalance_factor: float >= 1 or None.
         pixel_scale, augment_pad, augment_flip: see `ArraySplits`.
+        train_size: int, float in (0, 1) or None. Keep only a stratified, seeded
+            subset of this size of the training split (after validation is held
+            out), for runs at a smaller scale; None keeps everything.
 
     Returns:
         `ArraySplits`.
@@ -308,6 +312,11 @@ def build_array_splits(
     train_idx, val_idx = splits_lib.stratified_split(
         y_train, val_size, seed=seed, num_classes=num_classes
     )
+    if train_size is not None:
+        _, keep = splits_lib.stratified_split(
+            y_train[train_idx], train_size, seed=seed, num_classes=num_classes
+        )
+        train_idx = train_idx[keep]
     return ArraySplits(
         name,
         x_train[train_idx],
