@@ -70,7 +70,7 @@ def build_model(config: TrainConfig, splits):
                              **config.model_options)
     method = make_method(config.method, config.method_options)
     model = training.MultiExitModel(backbone, method=method)
-    steps = config.epochs * _batches_per_epoch(splits, config) * getattr(method, "optimizer_steps_per_batch", 1)
+    steps = config.epochs * _batches_per_epoch(splits, config) * method.optimizer_steps_per_batch
     model.compile(optimizer=keras.optimizers.SGD(
         learning_rate=make_schedule(config, steps), momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay or None))

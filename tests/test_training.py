@@ -297,3 +297,19 @@ def test_sample_statistics():
     chosen = stats["confidence"][:20, 0][stats["selected_by_exit_1"][:20]]
     rest = stats["confidence"][:20, 0][~stats["selected_by_exit_1"][:20]]
     assert chosen.min() >= rest.max()
+
+
+def test_optimizer_steps_per_batch_matches_the_iterations_taken():
+    """LR schedules are built from this number (keras_ee.experiment), so it must be true."""
+    import keras_ee.training as tr
+
+    for method, expected in ((tr.Baseline(), 1), (tr.L2W(wpn_width=8), 2)):
+        x = keras.Input((4,))
+        h = keras.layers.Dense(8, activation="relu")(x)
+        backbone = keras.Model(x, [keras.layers.Dense(3, name="exit_1")(h), keras.layers.Dense(3, name="exit_2")(h)])
+        model = tr.MultiExitModel(backbone, method=method)
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        rng = np.random.default_rng(0)
+        model.fit(rng.normal(size=(32, 4)).astype("float32"), rng.integers(0, 3, 32), batch_size=8, epochs=1, verbose=0)
+        assert method.optimizer_steps_per_batch == expected
+        assert int(model.optimizer.iterations.numpy()) == 4 * expected

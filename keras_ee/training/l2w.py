@@ -212,6 +212,9 @@ class L2W(Method):
     >>> model.fit(train_ds, epochs=300)
     """
 
+    # Half-batch exchange: two real backbone steps (on halves) per loaded batch.
+    optimizer_steps_per_batch = 2
+
     def __init__(
         self,
         q=0.75,

@@ -42,6 +42,10 @@ class Method(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments (e.g. `name`).
     """
 
+    # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
+    # iterations, so a run's total is epochs * batches * this.
+    optimizer_steps_per_batch = 1
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.num_exits = None
