@@ -118,6 +118,42 @@ fn max_min(row: &[f32]) -> (f32, f32) {
     (h, m)
 }
 
+/// [`max_min`] with explicit AVX intrinsics (LLVM turns the portable loop into
+/// blends). NaN may come out as the max, which is fine: the row is then reported.
+///
+/// # Safety
+/// The CPU must support AVX; only called from the AVX2 path.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn max_min_avx(row: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let mut hi0 = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut hi1 = hi0;
+    let mut lo0 = _mm256_set1_ps(f32::INFINITY);
+    let mut lo1 = lo0;
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        let a = _mm256_loadu_ps(c.as_ptr());
+        let b = _mm256_loadu_ps(c.as_ptr().add(8));
+        hi0 = _mm256_max_ps(hi0, a);
+        hi1 = _mm256_max_ps(hi1, b);
+        lo0 = _mm256_min_ps(lo0, a);
+        lo1 = _mm256_min_ps(lo1, b);
+    }
+    let mut h = [0f32; 8];
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(h.as_mut_ptr(), _mm256_max_ps(hi0, hi1));
+    _mm256_storeu_ps(l.as_mut_ptr(), _mm256_min_ps(lo0, lo1));
+    let (mut mh, mut ml) = (f32::NEG_INFINITY, f32::INFINITY);
+    for &x in chunks.remainder().iter().chain(h.iter()) {
+        mh = if x > mh || x.is_nan() { x } else { mh };
+    }
+    for &x in chunks.remainder().iter().chain(l.iter()) {
+        ml = if x < ml { x } else { ml };
+    }
+    (mh, ml)
+}
+
 /// First index of `m` in `row` (numpy's argmax convention); vectorised chunk test.
 #[inline(always)]
 fn first_index_of(row: &[f32], m: f32) -> usize {
@@ -175,11 +211,15 @@ fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) ->
     const FLUSH: usize = 8;
     let mut s64 = [0.0f64; LANES];
     let mut w64 = [0.0f64; LANES];
-    let mut blocks = row.chunks_exact(LANES * FLUSH);
-    for b in &mut blocks {
+    let mut chunks = row.chunks_exact(LANES);
+    // Whole blocks of FLUSH chunks, then the leftover chunks (also vectorised).
+    let n_chunks = row.len() / LANES;
+    let mut done = 0;
+    while done < n_chunks {
+        let take = FLUSH.min(n_chunks - done);
         let mut s = [0.0f32; LANES];
         let mut w = [0.0f32; LANES];
-        for c in b.chunks_exact(LANES) {
+        for c in chunks.by_ref().take(take) {
             for l in 0..LANES {
                 let d = scaled(c[l], m, inv_t);
                 let e = exp_nonpos::<FMA>(d);
@@ -195,7 +235,9 @@ fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) ->
                 w64[l] += w[l] as f64;
             }
         }
+        done += take;
     }
+    let blocks = chunks;
     let (mut sum, mut wsum) = (0.0f64, 0.0f64);
     for &x in blocks.remainder() {
         let d = scaled(x, m, inv_t);
@@ -267,6 +309,10 @@ fn score_rows<T: Logit, const FMA: bool>(
             PreparedRow::NonFinite(j) => return Some((k, i, j)),
             PreparedRow::Shifted(v, a) => (v, 0.0f32, a, 0.0f32),
             PreparedRow::Raw(v) => {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: FMA is only true on the AVX2+FMA path.
+                let (m, lowest) = if FMA { unsafe { max_min_avx(v) } } else { max_min(v) };
+                #[cfg(not(target_arch = "x86_64"))]
                 let (m, lowest) = max_min(v);
                 // `min` keeps an all-NaN row in range; such a row is reported below.
                 let a = first_index_of(v, m).min(v.len() - 1);
@@ -373,8 +419,9 @@ pub fn exit_scores<T: Logit>(
     let rows = k * n;
     let mut scores = vec![0.0f32; rows];
     let mut preds = vec![0i32; rows];
-    // About 64 KiB of logits per task: enough to amortise scheduling, small enough to balance.
-    let chunk = (65_536 / (c * std::mem::size_of::<T>())).clamp(1, 4096);
+    // About 1 MiB of logits per task: amortises scheduling, still thousands of tasks
+    // for the big dumps this is meant for.
+    let chunk = ((1 << 20) / (c * std::mem::size_of::<T>())).clamp(1, 4096);
     let bad = scores
         .par_chunks_mut(chunk)
         .zip(preds.par_chunks_mut(chunk))
