@@ -1,3 +1,28 @@
-"""keras-ee: early-exit (multi-exit) image classifiers for Keras 3."""
+"""keras-ee: early-exit (multi-exit) image classifiers for Keras 3.
+
+Submodules (imported on first use, so `import keras_ee` does not start TensorFlow):
+
+- `keras_ee.models`: MSDNet, RANet, a small multi-exit CNN, `attach_exits` for any backbone.
+- `keras_ee.costs`: exact per-exit parameter and Mul-Add counts.
+- `keras_ee.training`: `MultiExitModel` with pluggable methods (`Baseline`, `L2W`).
+- `keras_ee.calibration`: the Rust budget calibrator (thresholds, budget sweeps).
+- `keras_ee.data`: datasets and tf.data pipelines; `keras_ee.dumps`: the logit dump format.
+- `keras_ee.evaluation`, `keras_ee.plots`, `keras_ee.callbacks`, `keras_ee.experiment`, `keras_ee.cli`.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("models", "costs", "training", "calibration", "data", "dumps", "evaluation", "plots",
+               "callbacks", "experiment", "config", "cli")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_ee.{name}")
+    raise AttributeError(f"module 'keras_ee' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))
