@@ -162,7 +162,7 @@ def cmd_sweep(args) -> None:
 def cmd_models(args) -> None:
     from keras_ee import costs
 
-    print(costs.presets_table(num_classes=args.num_classes))
+    print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
 
 
 def cmd_datasets(args) -> None:
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     p = sub.add_parser("models", help="table of the architecture presets")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
+    p.add_argument("--rule", default="reference", choices=["reference", "macs"])
     sub.add_parser("datasets", help="list the dataset names")
     return parser
 

@@ -284,13 +284,16 @@ def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2
     for name, c in costs_by_name.items():
         if "params" not in c or "mul_adds" not in c:
             raise ValueError(f"format_table: entry {name!r} lacks 'params'/'mul_adds'.")
-        fmt = f"{{:.{decimals}f}}"
+        def fmt(v):
+            # Fixed decimals as the papers print them; small values keep 2 significant digits.
+            return f"{v:.{decimals}f}" if v == 0 or abs(v) >= 10 ** -decimals * 5 else f"{v:.2g}"
+
         rows.append(
             (
                 name,
                 str(len(c["params"])),
-                " ".join(fmt.format(x / params_scale) for x in c["params"]),
-                " ".join(fmt.format(x / mul_adds_scale) for x in c["mul_adds"]),
+                " ".join(fmt(x / params_scale) for x in c["params"]),
+                " ".join(fmt(x / mul_adds_scale) for x in c["mul_adds"]),
             )
         )
     header = ("model", "exits", f"params ({p_unit}) per exit", f"Mul-Adds ({m_unit}) per exit")
