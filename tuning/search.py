@@ -59,7 +59,8 @@ def make_hypermodel(config, splits):
             callbacks = [BudgetCallback(val_ds), *kwargs.pop("callbacks", [])]
             kwargs.pop("validation_data", None)
             return model.fit(splits.train_dataset(config.batch_size, seed=config.seed), validation_data=val_ds,
-                             epochs=config.epochs, callbacks=callbacks, verbose=kwargs.get("verbose", 0))
+                             epochs=config.epochs, callbacks=callbacks, verbose=kwargs.get("verbose", 0),
+                             shuffle=False)  # the pipeline shuffles
 
     return BudgetHyperModel()
 
