@@ -208,6 +208,7 @@ def main():
     if args.only in (None, "scores"):
         r, _ = bench_scores(score_shape, args.repeat)
         print(f"exit_scores on float32 logits {score_shape} ({np.prod(score_shape) * 4 / 1e9:.2f} GB)")
+        print(f"exit_scores kernel: {cal._native.simd_path()}")
         rows += r
     if args.only in (None, "sweep"):
         r, _ = bench_sweep(sweep_n, 8, args.repeat)

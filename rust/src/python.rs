@@ -86,6 +86,12 @@ fn exit_scores_f16<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, u16>, kin
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
+/// The `exit_scores` kernel this CPU runs (`"avx2+fma"` or `"portable"`).
+#[pyfunction]
+fn simd_path() -> &'static str {
+    scores::simd_path()
+}
+
 #[pyfunction]
 fn geometric_fractions<'py>(py: Python<'py>, q: f64, num_exits: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
     Ok(run(py, || cal::geometric_fractions(q, num_exits))?.into_pyarray(py))
@@ -187,5 +193,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(anytime_accuracy, m)?)?;
     m.add_function(wrap_pyfunction!(budget_sweep, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_path, m)?)?;
     Ok(())
 }
