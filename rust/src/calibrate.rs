@@ -152,34 +152,39 @@ fn key_to_score(key: u32) -> f32 {
     f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
 }
 
-/// LSD radix sort of packed `(key << 32) | id` by key, 8-bit digits, in place
-/// (`tmp` is scratch of the same length); a pass whose digit is the same for every
-/// key is skipped (common for scores in [0, 1]).
+/// LSD radix sort of packed `(key << 32) | id` by key: three passes of 11, 11 and
+/// 10 bits (one fewer than 8-bit digits; 2048 counters still fit in L1), in place
+/// (`tmp` is scratch of the same length). A pass whose digit is the same for every
+/// key is skipped. Stable.
 fn radix_sort(v: &mut [u64], tmp: &mut [u64]) {
+    const BITS: [u32; 3] = [11, 11, 10];
+    const SHIFT: [u32; 3] = [0, 11, 22];
     let n = v.len();
-    let mut hist = [[0usize; 256]; 4];
+    let mut hist = vec![[0u32; 2048]; 3];
     for &x in v.iter() {
         let key = (x >> 32) as u32;
-        for (d, h) in hist.iter_mut().enumerate() {
-            h[((key >> (8 * d)) & 255) as usize] += 1;
-        }
+        hist[0][(key & 2047) as usize] += 1;
+        hist[1][((key >> 11) & 2047) as usize] += 1;
+        hist[2][(key >> 22) as usize] += 1;
     }
     let mut in_tmp = false;
     for (d, h) in hist.iter_mut().enumerate() {
-        if h.contains(&n) {
+        let h = &mut h[..1 << BITS[d]];
+        if h.iter().any(|&c| c as usize == n) {
             continue;
         }
-        let mut sum = 0;
+        let mut sum = 0u32;
         for c in h.iter_mut() {
             let t = *c;
             *c = sum;
             sum += t;
         }
-        let shift = 32 + 8 * d;
+        let shift = 32 + SHIFT[d];
+        let mask = (1u64 << BITS[d]) - 1;
         let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *v) } else { (&*v, &mut *tmp) };
         for &x in src {
-            let b = ((x >> shift) & 255) as usize;
-            dst[h[b]] = x;
+            let b = ((x >> shift) & mask) as usize;
+            dst[h[b] as usize] = x;
             h[b] += 1;
         }
         in_tmp = !in_tmp;
@@ -253,17 +258,26 @@ impl SortedExits {
         // Samples are renumbered by their rank at exit 0 (ids need not be the
         // original ones, only consistent across exits). Exits are correlated, so in
         // later walks the "gone" words they touch are close together in memory.
-        let label: Vec<u32> = first.iter().map(|&x| x as u32).collect();
+        // The rank of each sample at exit 0, indexed by its original id, so that later
+        // exits are built in the original order (sequential reads, no gather). Their
+        // order among equal scores then differs, which does not matter: a walk takes
+        // every sample tied with the threshold.
+        let mut rank = vec![0u32; n];
         for (p, x) in first.iter_mut().enumerate() {
+            rank[(*x & 0xffff_ffff) as usize] = p as u32;
             *x = (*x & !0xffff_ffff) | p as u64;
         }
-        rest.par_chunks_mut(n).enumerate().for_each(|(e, out)| {
-            let row = &scores[(e + 1) * n..(e + 2) * n];
-            for (p, (o, &id)) in out.iter_mut().zip(&label).enumerate() {
-                *o = ((desc_key(row[id as usize]) as u64) << 32) | p as u64;
-            }
-            radix_sort(out, &mut vec![0u64; n]);
-        });
+        // One scratch buffer per worker, not per exit (fresh pages cost faults).
+        rest.par_chunks_mut(n).enumerate().for_each_init(
+            || vec![0u64; n],
+            |tmp, (e, out)| {
+                let row = &scores[(e + 1) * n..(e + 2) * n];
+                for ((o, &s), &r) in out.iter_mut().zip(row).zip(&rank) {
+                    *o = ((desc_key(s) as u64) << 32) | r as u64;
+                }
+                radix_sort(out, tmp);
+            },
+        );
         SortedExits { k, n, packed }
     }
 
