@@ -158,7 +158,7 @@ fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32],
                         return (acc, level);
                     }
                 }
-                score_block(&d, &lv, &mut acc, &mut level);
+                score_block::<false>(&d, &lv, &mut acc, &mut level);
                 (acc, level)
             },
         )
@@ -193,13 +193,52 @@ struct Data<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
-    score_block(d, lv, acc, level)
+    score_block::<true>(d, lv, acc, level)
+}
+
+/// Levels of the first `32 * floor(len / 32)` scores (returned): for 32 scores held
+/// in four registers, count in 32-bit lanes how many cuts each reaches (compare,
+/// subtract the all-ones mask), then pack to bytes once. The portable byte loop
+/// re-read and re-packed the scores for every cut.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn levels_avx2(s: &[f32], cuts: &[f32], l: &mut [u8]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = s.len() / 32 * 32;
+    let p = s.as_ptr();
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i < whole {
+        let x0 = _mm256_loadu_ps(p.add(i));
+        let x1 = _mm256_loadu_ps(p.add(i + 8));
+        let x2 = _mm256_loadu_ps(p.add(i + 16));
+        let x3 = _mm256_loadu_ps(p.add(i + 24));
+        let (mut a, mut b, mut c, mut d) =
+            (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+        for &t in cuts {
+            let t = _mm256_set1_ps(t);
+            a = _mm256_sub_epi32(a, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x0, t)));
+            b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x1, t)));
+            c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x2, t)));
+            d = _mm256_sub_epi32(d, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x3, t)));
+        }
+        // Counts are <= SET_GROUP < 128, so the saturating packs are exact; the
+        // permute undoes their 128-bit lane interleaving.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        _mm256_storeu_si256(l.as_mut_ptr().add(i) as *mut __m256i, bytes);
+        i += 32;
+    }
+    whole
 }
 
 /// One block of samples, every threshold set of the group. Branch-free byte
 /// arithmetic so that the loops vectorise.
 #[inline(always)]
-fn score_block(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
+fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
     let (k, n, start) = (d.k, d.n, d.start);
     let len = BLOCK.min(n - start);
     let b = lv.need.len() / k;
@@ -207,9 +246,16 @@ fn score_block(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
     for e in 0..k - 1 {
         let s = &d.scores[e * n + start..][..len];
         let l = &mut level[e * BLOCK..][..len];
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: AVX2 is only true on the AVX2 path.
+            done = unsafe { levels_avx2(s, &lv.cuts[e], l) };
+        }
+        let (s, l) = (&s[done..], &mut l[done..]);
         l.fill(0);
         for &c in &lv.cuts[e] {
-            for i in 0..len {
+            for i in 0..s.len() {
                 l[i] += (s[i] >= c) as u8;
             }
         }
@@ -240,9 +286,9 @@ fn score_block(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
         }
         let a = &mut acc[bi * width..(bi + 1) * width];
         for (e, slot) in a[..k].iter_mut().enumerate() {
-            *slot += count_eq(ex, e as u8);
+            *slot += count::<AVX2>(ex, e as u8);
         }
-        a[k] += count_eq(hit, 1);
+        a[k] += count::<AVX2>(hit, 1);
     }
 }
 
@@ -264,6 +310,47 @@ fn count_eq(x: &[u8], v: u8) -> u64 {
         total += c as u64;
     }
     total
+}
+
+/// [`count_eq`] with AVX2: byte compares subtracted into 32 byte counters (at most
+/// 255 steps between flushes), summed with `psadbw`.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn count_eq_avx2(x: &[u8], v: u8) -> u64 {
+    use std::arch::x86_64::*;
+    let vv = _mm256_set1_epi8(v as i8);
+    let zero = _mm256_setzero_si256();
+    let mut wide = zero; // four u64 partial sums
+    let whole = x.len() / 32;
+    let p = x.as_ptr();
+    let mut i = 0;
+    while i < whole {
+        let end = (i + 255).min(whole);
+        let mut c = zero;
+        while i < end {
+            let b = _mm256_loadu_si256(p.add(32 * i) as *const __m256i);
+            c = _mm256_sub_epi8(c, _mm256_cmpeq_epi8(b, vv));
+            i += 1;
+        }
+        wide = _mm256_add_epi64(wide, _mm256_sad_epu8(c, zero));
+    }
+    let mut w = [0u64; 4];
+    _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, wide);
+    w.iter().sum::<u64>() + count_eq(&x[32 * whole..], v)
+}
+
+/// [`count_eq`] or [`count_eq_avx2`].
+#[inline(always)]
+fn count<const AVX2: bool>(x: &[u8], v: u8) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: AVX2 is only true on the AVX2 path.
+        return unsafe { count_eq_avx2(x, v) };
+    }
+    count_eq(x, v)
 }
 
 /// Validates shapes and values, then scores one threshold set.
