@@ -149,9 +149,14 @@ mod timing {
         let c: Vec<bool> = (0..k * n).map(|_| next() < 0.7).collect();
         let costs: Vec<f64> = (1..=k).map(|x| x as f64).collect();
         let qs: Vec<f64> = (1..40).map(|p| p as f64 / 20.0).collect();
-        let t = Instant::now();
+        let mut best = f64::MAX;
+        for _ in 0..4 {
+            let t = Instant::now();
+            drop(std::hint::black_box(SortedExits::new(&s, k, n)));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("sort (best of 4) {:.1} ms", best * 1e3);
         let sorted = SortedExits::new(&s, k, n);
-        println!("sort {:?}", t.elapsed());
         let t = Instant::now();
         let q: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
         let thr: Vec<f64> = sorted.calibrate_many(&q).concat();
