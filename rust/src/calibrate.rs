@@ -152,27 +152,34 @@ fn key_to_score(key: u32) -> f32 {
     f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
 }
 
-/// LSD radix sort of packed `(key << 32) | id` by key: three passes of 11, 11 and
-/// 10 bits (one fewer than 8-bit digits; 2048 counters still fit in L1), in place
-/// (`tmp` is scratch of the same length). A pass whose digit is the same for every
-/// key is skipped. Stable.
-fn radix_sort(v: &mut [u64], tmp: &mut [u64]) {
-    const BITS: [u32; 3] = [11, 11, 10];
-    const SHIFT: [u32; 3] = [0, 11, 22];
-    let n = v.len();
+const BITS: [u32; 3] = [11, 11, 10];
+const SHIFT: [u32; 3] = [0, 11, 22];
+
+/// Sorts `(desc_key(row[i]) << 32) | id(i)` for all `i` into `out`, by key (LSD
+/// radix, stable): three passes of 11, 11 and 10 bits (one fewer than 8-bit digits;
+/// 2048 counters still fit in L1); a pass whose digit is the same for every key is
+/// skipped. The histograms are taken from the scores first, so the packed values
+/// can be written to whichever buffer makes the last pass land in `out` (no copy
+/// back). `tmp` is scratch of the same length.
+fn sort_exit(row: &[f32], id: impl Fn(usize) -> u32, out: &mut [u64], tmp: &mut [u64]) {
+    let n = row.len();
     let mut hist = vec![[0u32; 2048]; 3];
-    for &x in v.iter() {
-        let key = (x >> 32) as u32;
+    for &s in row {
+        let key = desc_key(s);
         hist[0][(key & 2047) as usize] += 1;
         hist[1][((key >> 11) & 2047) as usize] += 1;
         hist[2][(key >> 22) as usize] += 1;
     }
-    let mut in_tmp = false;
-    for (d, h) in hist.iter_mut().enumerate() {
-        let h = &mut h[..1 << BITS[d]];
-        if h.iter().any(|&c| c as usize == n) {
-            continue;
+    let live: Vec<usize> = (0..3).filter(|&d| !hist[d][..1 << BITS[d]].iter().any(|&c| c as usize == n)).collect();
+    let mut in_tmp = live.len() % 2 == 1;
+    {
+        let dst: &mut [u64] = if in_tmp { &mut *tmp } else { &mut *out };
+        for (i, (o, &s)) in dst.iter_mut().zip(row).enumerate() {
+            *o = ((desc_key(s) as u64) << 32) | id(i) as u64;
         }
+    }
+    for d in live {
+        let h = &mut hist[d][..1 << BITS[d]];
         let mut sum = 0u32;
         for c in h.iter_mut() {
             let t = *c;
@@ -181,7 +188,7 @@ fn radix_sort(v: &mut [u64], tmp: &mut [u64]) {
         }
         let shift = 32 + SHIFT[d];
         let mask = (1u64 << BITS[d]) - 1;
-        let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *v) } else { (&*v, &mut *tmp) };
+        let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *out) } else { (&*out, &mut *tmp) };
         for &x in src {
             let b = ((x >> shift) & mask) as usize;
             dst[h[b] as usize] = x;
@@ -189,9 +196,7 @@ fn radix_sort(v: &mut [u64], tmp: &mut [u64]) {
         }
         in_tmp = !in_tmp;
     }
-    if in_tmp {
-        v.copy_from_slice(tmp);
-    }
+    debug_assert!(!in_tmp);
 }
 
 /// `SPREAD[x]` has byte i equal to bit i of x: adds 8 per-budget counters at once.
@@ -251,10 +256,7 @@ impl SortedExits {
             return SortedExits { k, n, packed };
         }
         let (first, rest) = packed.split_at_mut(n);
-        for (i, (o, &s)) in first.iter_mut().zip(&scores[..n]).enumerate() {
-            *o = ((desc_key(s) as u64) << 32) | i as u64;
-        }
-        radix_sort(first, &mut vec![0u64; n]);
+        sort_exit(&scores[..n], |i| i as u32, first, &mut vec![0u64; n]);
         // Samples are renumbered by their rank at exit 0 (ids need not be the
         // original ones, only consistent across exits). Exits are correlated, so in
         // later walks the "gone" words they touch are close together in memory.
@@ -271,11 +273,7 @@ impl SortedExits {
         rest.par_chunks_mut(n).enumerate().for_each_init(
             || vec![0u64; n],
             |tmp, (e, out)| {
-                let row = &scores[(e + 1) * n..(e + 2) * n];
-                for ((o, &s), &r) in out.iter_mut().zip(row).zip(&rank) {
-                    *o = ((desc_key(s) as u64) << 32) | r as u64;
-                }
-                radix_sort(out, tmp);
+                sort_exit(&scores[(e + 1) * n..(e + 2) * n], |i| rank[i], out, tmp);
             },
         );
         SortedExits { k, n, packed }
@@ -459,14 +457,16 @@ mod tests {
     #[test]
     fn radix_sort_sorts() {
         let mut st = 99u64;
-        for bits in [32u32, 12, 1] {
-            let keys: Vec<u32> = (0..5000).map(|_| (rng(&mut st) as u32) >> (32 - bits)).collect();
-            let mut v: Vec<u64> = keys.iter().enumerate().map(|(i, &k)| ((k as u64) << 32) | i as u64).collect();
-            radix_sort(&mut v, &mut vec![0u64; 5000]);
-            assert!(v.windows(2).all(|w| (w[0] >> 32) <= (w[1] >> 32)));
-            for x in &v {
-                assert_eq!(keys[(x & 0xffff_ffff) as usize] as u64, x >> 32);
-            }
+        // Keys differing in all three digits, in two, in one, in none (the skips and
+        // the odd/even choice of the first buffer).
+        for spread in [1e6f32, 1.0, 1e-3, 1e-6, 0.0] {
+            let row: Vec<f32> = (0..5000).map(|_| 0.7 + spread * ((rng(&mut st) % 1000) as f32 - 500.0) / 1000.0).collect();
+            let mut out = vec![0u64; 5000];
+            sort_exit(&row, |i| i as u32 ^ 7, &mut out, &mut vec![0u64; 5000]);
+            let mut want: Vec<(u32, usize)> = row.iter().enumerate().map(|(i, &s)| (desc_key(s), i)).collect();
+            want.sort(); // by key, then by original position (stability)
+            let got: Vec<(u32, usize)> = out.iter().map(|&x| ((x >> 32) as u32, (x as u32 ^ 7) as usize)).collect();
+            assert_eq!(got, want, "spread {spread}");
         }
     }
 
