@@ -216,6 +216,12 @@ def main(argv=None) -> int:
             raise
         print(f"keras-ee {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # keras_ee.training.NonFiniteLossError: names the step and the exit
+        if os.environ.get("KERAS_EE_DEBUG"):
+            raise
+        print(f"keras-ee {args.command}: training stopped: {e}\n(the last finished epoch is kept in the run's "
+              "backup/; lower the learning rate or check the data, in a new --out folder)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"\nkeras-ee {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130

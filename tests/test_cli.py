@@ -116,3 +116,15 @@ def test_config_file_and_flags_combine(tmp_path):
     cfg = cli._config_from_args(args)
     assert cfg.epochs == 9 and cfg.method_options == {"q": 0.5, "delta": 0.3} and cfg.dataset == "digits"
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_non_finite_loss_is_reported_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from keras_ee.training import NonFiniteLossError
+
+    def explode(config, out, verbose):
+        raise NonFiniteLossError("loss of exit 2 became nan at step 7")
+
+    monkeypatch.setattr(experiment, "train", explode)
+    assert cli.main(["train", "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "exit 2 became nan at step 7" in err and "lower the learning rate" in err
