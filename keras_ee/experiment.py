@@ -11,6 +11,7 @@ A run folder holds:
     l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
     eval/                anytime.csv, budget.csv, budget.png (after evaluation)
     backup/              BackupAndRestore state while training; gone when training ends
+    state.json           whether training finished, and how long it took
 
 Interrupting `train` (Ctrl-C, a killed job) loses at most the current epoch: running the
 same command again restores the model, both optimizers and the epoch counter from
@@ -140,6 +141,8 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     state = _read_state(workdir)
     if state.get("trained") and (workdir / "model.keras").is_file():
         print(f"[keras-ee] {workdir}: training already finished; loading model.keras.")
+        from keras_ee import models, training  # noqa: F401  (registers the custom classes for loading)
+
         model = keras.saving.load_model(workdir / "model.keras")
     else:
         model = build_model(config, splits)

@@ -128,3 +128,18 @@ def test_non_finite_loss_is_reported_not_a_traceback(tmp_path, monkeypatch, caps
     assert cli.main(["train", "--out", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert "exit 2 became nan at step 7" in err and "lower the learning rate" in err
+
+
+def test_rerunning_a_finished_run_in_a_fresh_process_reuses_the_model(runs):
+    """A second `keras-ee train` on a finished run loads model.keras (custom classes registered)."""
+    import subprocess
+    import sys
+
+    before = (runs["baseline"] / "model.keras").stat().st_mtime
+    out = subprocess.run([sys.executable, "-m", "keras_ee", "train", "--dataset", "digits", "--model", "multiexit_cnn",
+                          "--method", "baseline", "--epochs", "2", "--batch-size", "64", "--val-size", "200",
+                          "--budget", "20K", "--quiet", "--out", str(runs["baseline"])],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "training already finished" in out.stdout
+    assert (runs["baseline"] / "model.keras").stat().st_mtime == before
