@@ -115,13 +115,12 @@ def mean_accuracy_over(costs: np.ndarray, accuracy: np.ndarray, lo: float, hi: f
 
 def budget_label(mul_adds: float) -> str:
     """15e6 -> '15M', 1.5e9 -> '1.5G', 8000 -> '8K' (for log keys and table headers)."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(mul_adds) >= scale:
-            return f"{mul_adds / scale:.4g}{unit}"
-    return f"{mul_adds:.4g}"
+    unit, scale = count_unit([abs(mul_adds)])
+    return f"{mul_adds / scale:.4g}{unit}"
 
 
-def _unit(values) -> tuple[str, float]:
+def count_unit(values) -> tuple[str, float]:
+    """The unit ('G', 'M', 'K' or '') and its scale for printing counts as large as max(values)."""
     top = max(values) if len(values) else 1.0
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if top >= scale:
@@ -140,8 +139,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_anytime(ev: Evaluation) -> str:
     """Per-exit table: cumulative params and Mul-Adds, validation and test accuracy."""
-    unit, scale = _unit(ev.mul_adds)
-    punit, pscale = _unit(ev.params)
+    unit, scale = count_unit(ev.mul_adds)
+    punit, pscale = count_unit(ev.params)
     rows = [
         [str(k + 1), f"{ev.params[k] / pscale:.2f}", f"{ev.mul_adds[k] / scale:.2f}",
          f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
@@ -152,7 +151,7 @@ def format_anytime(ev: Evaluation) -> str:
 
 def format_budget(ev: Evaluation, every: int = 1) -> str:
     """Budget table: q, expected Mul-Adds, test accuracy and the exit distribution."""
-    unit, scale = _unit(ev.mul_adds)
+    unit, scale = count_unit(ev.mul_adds)
     sw = ev.sweep
     n = sw["exit_counts"].sum(axis=1)
     rows = []

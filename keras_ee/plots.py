@@ -19,14 +19,6 @@ def _pyplot():
     return plt
 
 
-def _scale(values) -> tuple[str, float]:
-    top = max(values)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if top >= scale:
-            return unit, scale
-    return "", 1.0
-
-
 def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
     """Budgeted-batch accuracy (lines) and anytime accuracy per exit (markers) against Mul-Adds.
 
@@ -35,8 +27,10 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
         path: PNG to write.
         title: optional figure title.
     """
+    from keras_ee.evaluation import count_unit
+
     plt = _pyplot()
-    unit, scale = _scale([max(ev.mul_adds) for ev in evaluations.values()])
+    unit, scale = count_unit([max(ev.mul_adds) for ev in evaluations.values()])
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for i, (name, ev) in enumerate(evaluations.items()):
         color = f"C{i}"
