@@ -9,6 +9,8 @@ A run folder holds:
     costs.json           per-exit cumulative params and Mul-Adds
     dump/                validation and test logits in the calibrator's dump format
     l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
+    wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
+                         --method-option wpn_weights_path=RUN/wpn.npz
     eval/                anytime.csv, budget.csv, budget.png (after evaluation)
     backup/              BackupAndRestore state while training; gone when training ends
     state.json           whether training finished, and how long it took
@@ -173,6 +175,8 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
     dumps.save_dump(workdir / "dump", val_logits.astype(dtype), val_labels, test_logits.astype(dtype),
                     test_labels, costs={**exit_costs, "rule": "reference"})
+    if getattr(model.method, "uses_wpn", False):  # for the frozen-WPN ablation: weighting="frozen"
+        model.method.save_wpn(workdir / "wpn.npz")
     if hasattr(model.method, "sample_statistics"):
         stats = model.method.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
         np.savez_compressed(workdir / "l2w_samples.npz", **stats)

@@ -47,7 +47,7 @@ def test_train_writes_a_complete_run_folder(runs):
         assert len(model.backbone.outputs) == d.num_exits
         header = open(run / "history.csv").readline()
         assert "exit_1_accuracy" in header and "val_budget_auc" in header
-    assert (runs["l2w"] / "l2w_samples.npz").is_file()
+    assert (runs["l2w"] / "l2w_samples.npz").is_file() and (runs["l2w"] / "wpn.npz").is_file()
     assert "exit_1_weight_mean" in open(runs["l2w"] / "history.csv").readline()
 
 
@@ -73,6 +73,16 @@ class _Interrupt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.at_epoch:
             raise KeyboardInterrupt
+
+
+def test_frozen_wpn_ablation_trains_from_a_previous_runs_wpn(runs, tmp_path):
+    cfg = TrainConfig(**TINY, method="l2w", evaluate=False,
+                      method_options={"weighting": "frozen", "wpn_weights_path": str(runs["l2w"] / "wpn.npz")})
+    cfg.epochs = 1
+    experiment.train(cfg, tmp_path / "frozen", verbose=0)
+    saved, reused = np.load(runs["l2w"] / "wpn.npz"), np.load(tmp_path / "frozen" / "wpn.npz")
+    for key in saved.files:  # frozen: the WPN did not move during training
+        np.testing.assert_array_equal(saved[key], reused[key])
 
 
 def test_interrupted_train_resumes_where_it_stopped(tmp_path):
