@@ -41,7 +41,11 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if len(evaluations) > 2:  # many runs: keep the legend off the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig.set_size_inches(9.0, 4.4)
+    else:
+        ax.legend(fontsize=8, loc="lower right")
     if title:
         ax.set_title(title)
     fig.tight_layout()
