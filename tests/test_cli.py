@@ -153,3 +153,20 @@ def test_rerunning_a_finished_run_in_a_fresh_process_reuses_the_model(runs):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "training already finished" in out.stdout
     assert (runs["baseline"] / "model.keras").stat().st_mtime == before
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("epochs", 0, "epochs"), ("batch_size", 1, "batch_size"), ("learning_rate", -0.1, "learning_rate"),
+    ("schedule", "linear", "schedule"), ("momentum", 1.0, "momentum"), ("weight_decay", -1, "weight_decay"),
+    ("dump_dtype", "int8", "dump_dtype"), ("budgets", [0], "budgets"), ("model_options", [1], "model_options"),
+])
+def test_train_config_refuses_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_unknown_method_and_bad_method_options_are_refused():
+    with pytest.raises(ValueError, match="unknown training method 'imta'"):
+        experiment.make_method("imta", {})
+    with pytest.raises(ValueError, match="bad options for method 'l2w'"):
+        experiment.make_method("l2w", {"qq": 1})
