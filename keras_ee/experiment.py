@@ -97,7 +97,7 @@ def make_method(name: str, options: dict):
         raise ValueError(f"unknown training method {name!r}; available: {sorted(methods)}.")
     try:
         return methods[name](**options)
-    except TypeError as e:  # an unknown keyword: say which method refused it
+    except (TypeError, ValueError) as e:  # say which method refused which option
         raise ValueError(f"bad options for method {name!r}: {e}") from e
 
 
