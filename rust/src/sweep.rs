@@ -1,7 +1,7 @@
 //! The budget sweep: calibrate on validation scores for every budget `q`, score the
 //! thresholds on validation and test, in one call, parallel over budgets.
 
-use crate::calibrate::{check_n, geometric_fractions, per_stage_fractions, quotas, validate_scores, SortedExits};
+use crate::calibrate::{check_n, geometric_fractions, per_stage_fractions, quotas, validate_scores, SortedExits, MAX_EXITS};
 use crate::error::{Error, Result};
 use crate::simulate::{check_correct, score_many, validate_costs};
 
@@ -51,21 +51,32 @@ pub type Set<'a> = (&'a [f32], &'a [bool], usize);
 pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mode: Mode) -> Result<Sweep> {
     let (vs, vc, vn) = val;
     let (ts, tc, tn) = test;
-    validate_scores("val_scores", vs, k, vn)?;
-    validate_scores("test_scores", ts, k, tn)?;
-    check_correct("val_correct", vc, k, vn)?;
-    check_correct("test_correct", tc, k, tn)?;
-    check_n(vn)?;
-    validate_costs(costs, k)?;
-    if qs.is_empty() {
-        return Err(Error::new("qs must hold at least one budget; received an empty sequence"));
-    }
-    let fractions = qs
-        .iter()
-        .enumerate()
-        .map(|(j, &q)| mode.fractions(q, k).map_err(|e| Error::new(format!("qs[{j}]: {e}"))))
-        .collect::<Result<Vec<_>>>()?;
-    let sorted = SortedExits::new(vs, k, vn);
+    let checks = || -> Result<Vec<Vec<f64>>> {
+        validate_scores("val_scores", vs, k, vn)?;
+        validate_scores("test_scores", ts, k, tn)?;
+        check_correct("val_correct", vc, k, vn)?;
+        check_correct("test_correct", tc, k, tn)?;
+        check_n(vn)?;
+        validate_costs(costs, k)?;
+        if qs.is_empty() {
+            return Err(Error::new("qs must hold at least one budget; received an empty sequence"));
+        }
+        qs.iter()
+            .enumerate()
+            .map(|(j, &q)| mode.fractions(q, k).map_err(|e| Error::new(format!("qs[{j}]: {e}"))))
+            .collect()
+    };
+    // The sort of the first exit runs on one thread: the (parallel) checks of both
+    // splits fill the other cores meanwhile. The sort needs only a consistent
+    // shape; its result is dropped if a check fails.
+    let shape_ok = (1..=MAX_EXITS).contains(&k) && vn >= 1 && vn <= u32::MAX as usize && vs.len() == k * vn;
+    let (fractions, sorted) = if shape_ok {
+        rayon::join(checks, || Some(SortedExits::new(vs, k, vn)))
+    } else {
+        (checks(), None)
+    };
+    let fractions = fractions?;
+    let sorted = sorted.expect("checks pass only for a consistent shape");
     let q: Vec<Vec<usize>> = fractions.iter().map(|f| quotas(vn, f)).collect();
     let thresholds: Vec<f64> = sorted.calibrate_many(&q).concat();
     drop(sorted);
