@@ -18,6 +18,7 @@
 //! Many budgets share one sort.
 
 use crate::error::{Error, Result};
+use crate::hugebuf::HugeBuf;
 use rayon::prelude::*;
 
 /// Fractions for the geometric split `f_k = q^k / sum_j q^j`, k = 1..K.
@@ -117,9 +118,11 @@ pub fn validate_scores(name: &str, scores: &[f32], k: usize, n: usize) -> Result
         .par_chunks(1 << 16)
         .enumerate()
         .filter_map(|(c, ch)| {
-            // Sum of `x * 0` is NaN iff some x is NaN or inf: a cheap vectorised test first.
-            let z: f32 = ch.iter().fold(0.0, |a, &x| a + x * 0.0);
-            if z == 0.0 {
+            // A cheap vectorised test first: with the sign cleared, a finite `f32`'s bits
+            // are below those of +inf. (An integer max vectorises; a float sum would
+            // run as one serial chain of additions.)
+            let top = ch.iter().fold(0u32, |a, &x| a.max(x.to_bits() & 0x7fff_ffff));
+            if top < f32::INFINITY.to_bits() {
                 None
             } else {
                 ch.iter().position(|x| !x.is_finite()).map(|p| (c << 16) + p)
@@ -152,51 +155,83 @@ fn key_to_score(key: u32) -> f32 {
     f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
 }
 
-const BITS: [u32; 3] = [11, 11, 10];
-const SHIFT: [u32; 3] = [0, 11, 22];
+/// Widest radix digit. A scatter pass is bound by the distinct cache lines it
+/// writes to at once: 1024 buckets ran about twice as fast per pass as 2048 here
+/// (with 2048, three passes of 11/11/10 bits were slower than four of 8).
+const MAX_BITS: u32 = 10;
 
 /// Sorts `(desc_key(row[i]) << 32) | id(i)` for all `i` into `out`, by key (LSD
-/// radix, stable): three passes of 11, 11 and 10 bits (one fewer than 8-bit digits;
-/// 2048 counters still fit in L1); a pass whose digit is the same for every key is
-/// skipped. The histograms are taken from the scores first, so the packed values
-/// can be written to whichever buffer makes the last pass land in `out` (no copy
-/// back). `tmp` is scratch of the same length.
+/// radix, stable). Only the span of key bits that differ between samples is sorted
+/// on, in as few digits of at most [`MAX_BITS`] as cover it: scores in (0, 1) vary
+/// in the low 30 bits (three passes), scores of both signs in all 32 (four). A
+/// digit that is the same for every key is skipped. The first pass packs while it
+/// scatters, starting in whichever buffer makes the last pass land in `out` (no
+/// copy back). `tmp` is scratch of the same length.
 fn sort_exit(row: &[f32], id: impl Fn(usize) -> u32, out: &mut [u64], tmp: &mut [u64]) {
     let n = row.len();
-    let mut hist = vec![[0u32; 2048]; 3];
-    for &s in row {
-        let key = desc_key(s);
-        hist[0][(key & 2047) as usize] += 1;
-        hist[1][((key >> 11) & 2047) as usize] += 1;
-        hist[2][(key >> 22) as usize] += 1;
-    }
-    let live: Vec<usize> = (0..3).filter(|&d| !hist[d][..1 << BITS[d]].iter().any(|&c| c as usize == n)).collect();
-    let mut in_tmp = live.len() % 2 == 1;
-    {
-        let dst: &mut [u64] = if in_tmp { &mut *tmp } else { &mut *out };
-        for (i, (o, &s)) in dst.iter_mut().zip(row).enumerate() {
-            *o = ((desc_key(s) as u64) << 32) | id(i) as u64;
+    let pack = |(i, &s): (usize, &f32)| ((desc_key(s) as u64) << 32) | id(i) as u64;
+    let k0 = row.first().map_or(0, |&s| desc_key(s));
+    let varying = row.iter().fold(0u32, |a, &s| a | (desc_key(s) ^ k0));
+    if varying == 0 {
+        for (o, x) in out.iter_mut().zip(row.iter().enumerate().map(pack)) {
+            *o = x;
         }
+        return;
     }
-    for d in live {
-        let h = &mut hist[d][..1 << BITS[d]];
+    let lo = varying.trailing_zeros();
+    let span = 32 - varying.leading_zeros() - lo;
+    let passes = span.div_ceil(MAX_BITS) as usize;
+    let width = span.div_ceil(passes as u32);
+    let mut hist = [[0u32; 1 << MAX_BITS]; 4];
+    match passes {
+        1 => histograms::<1>(row, lo, width, &mut hist),
+        2 => histograms::<2>(row, lo, width, &mut hist),
+        3 => histograms::<3>(row, lo, width, &mut hist),
+        _ => histograms::<4>(row, lo, width, &mut hist),
+    }
+    let live: Vec<usize> = (0..passes).filter(|&d| !hist[d].iter().any(|&c| c as usize == n)).collect();
+    // The first pass writes to `out` iff the number of passes is odd.
+    let mut in_tmp = live.len().is_multiple_of(2);
+    for (j, &d) in live.iter().enumerate() {
+        let h = &mut hist[d][..1 << width];
         let mut sum = 0u32;
         for c in h.iter_mut() {
             let t = *c;
             *c = sum;
             sum += t;
         }
-        let shift = 32 + SHIFT[d];
-        let mask = (1u64 << BITS[d]) - 1;
-        let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *out) } else { (&*out, &mut *tmp) };
-        for &x in src {
-            let b = ((x >> shift) & mask) as usize;
-            dst[h[b] as usize] = x;
-            h[b] += 1;
+        let (shift, mask) = (32 + lo + d as u32 * width, (1u64 << width) - 1);
+        if j == 0 {
+            let dst: &mut [u64] = if in_tmp { &mut *tmp } else { &mut *out };
+            scatter(row.iter().enumerate().map(pack), h, shift, mask, dst);
+        } else {
+            let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *out) } else { (&*out, &mut *tmp) };
+            scatter(src.iter().copied(), h, shift, mask, dst);
+            in_tmp = !in_tmp;
         }
-        in_tmp = !in_tmp;
     }
     debug_assert!(!in_tmp);
+}
+
+/// Counts of the `P` digits of `width` bits above bit `lo` of every key (one pass).
+fn histograms<const P: usize>(row: &[f32], lo: u32, width: u32, hist: &mut [[u32; 1 << MAX_BITS]; 4]) {
+    let mask = (1u32 << width) - 1;
+    for &s in row {
+        let key = desc_key(s) >> lo;
+        for (d, h) in hist.iter_mut().enumerate().take(P) {
+            h[((key >> (d as u32 * width)) & mask) as usize] += 1;
+        }
+    }
+}
+
+/// One counting-sort pass: `h` holds each digit's next free slot in `dst`.
+#[inline(always)]
+fn scatter(src: impl Iterator<Item = u64>, h: &mut [u32], shift: u32, mask: u64, dst: &mut [u64]) {
+    for x in src {
+        let b = ((x >> shift) & mask) as usize;
+        dst[h[b] as usize] = x;
+        h[b] += 1;
+    }
 }
 
 /// `SPREAD[x]` has byte i equal to bit i of x: adds 8 per-budget counters at once.
@@ -226,7 +261,7 @@ pub struct SortedExits {
     k: usize,
     n: usize,
     /// `(K-1) * N` packed `(descending key << 32) | sample id`, exit-major, sorted.
-    packed: Vec<u64>,
+    packed: HugeBuf<u64>,
 }
 
 /// How far ahead the walk prefetches the gone word of a sample.
@@ -247,16 +282,59 @@ fn prefetch(v: &[Mask], i: usize) {
     let _ = (v, i);
 }
 
+/// One chunk (<= 255 steps) of a walk: marks its samples gone for the `active`
+/// budgets and returns how many each newly took, one byte per budget (eight per
+/// u64; bytes cannot overflow). With `SAVE`, the replaced gone words go to `old`.
+#[inline(always)]
+fn count_chunk<const SAVE: bool>(
+    chunk: &[u64],
+    ahead: &[u64],
+    gone: &mut [Mask],
+    active: Mask,
+    words: usize,
+    old: &mut [Mask; 255],
+) -> [u64; GROUP / 8] {
+    let mut acc = [0u64; GROUP / 8];
+    for (j, &x) in chunk.iter().enumerate() {
+        if let Some(&y) = ahead.get(j) {
+            prefetch(gone, (y & 0xffff_ffff) as usize);
+        }
+        let id = (x & 0xffff_ffff) as usize;
+        let w = gone[id];
+        if SAVE {
+            old[j] = w;
+        }
+        let newly = active & !w;
+        gone[id] = w | active;
+        for (j, a) in acc.iter_mut().enumerate().take(words) {
+            *a += SPREAD[((newly >> (8 * j)) & 255) as usize];
+        }
+    }
+    acc
+}
+
+/// How many budgets [`SortedExits::calibrate_many`] walks together (at most 32): as
+/// many groups as workers, or more when there are more than 32 budgets per worker.
+pub fn group_size(budgets: usize) -> usize {
+    let groups = budgets.div_ceil(GROUP).max(rayon::current_num_threads()).min(budgets).max(1);
+    budgets.div_ceil(groups).max(1)
+}
+
 impl SortedExits {
     /// Sorts every exit but the last (whose threshold is always `-inf`); parallel over exits.
     /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`).
     pub fn new(scores: &[f32], k: usize, n: usize) -> SortedExits {
-        let mut packed = vec![0u64; (k - 1) * n];
+        let mut packed = HugeBuf::zeroed((k - 1) * n);
         if k == 1 {
             return SortedExits { k, n, packed };
         }
         let (first, rest) = packed.split_at_mut(n);
-        sort_exit(&scores[..n], |i| i as u32, first, &mut vec![0u64; n]);
+        // Exits 1.. are sorted in one run per worker with one scratch buffer each, the
+        // first reusing exit 0's (fresh pages cost faults). Mapping is lazy: unused
+        // buffers cost nothing.
+        let per = (k - 2).div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let mut tmps: Vec<HugeBuf<u64>> = (0..(k - 2).div_ceil(per).max(1)).map(|_| HugeBuf::zeroed(n)).collect();
+        sort_exit(&scores[..n], |i| i as u32, first, &mut tmps[0]);
         // Samples are renumbered by their rank at exit 0 (ids need not be the
         // original ones, only consistent across exits). Exits are correlated, so in
         // later walks the "gone" words they touch are close together in memory.
@@ -269,13 +347,12 @@ impl SortedExits {
             rank[(*x & 0xffff_ffff) as usize] = p as u32;
             *x = (*x & !0xffff_ffff) | p as u64;
         }
-        // One scratch buffer per worker, not per exit (fresh pages cost faults).
-        rest.par_chunks_mut(n).enumerate().for_each_init(
-            || vec![0u64; n],
-            |tmp, (e, out)| {
-                sort_exit(&scores[(e + 1) * n..(e + 2) * n], |i| rank[i], out, tmp);
-            },
-        );
+        rest.par_chunks_mut(per * n).zip(tmps.par_iter_mut()).enumerate().for_each(|(r, (run, tmp))| {
+            for (j, out) in run.chunks_mut(n).enumerate() {
+                let e = 1 + r * per + j;
+                sort_exit(&scores[e * n..(e + 1) * n], |i| rank[i], out, tmp);
+            }
+        });
         SortedExits { k, n, packed }
     }
 
@@ -287,12 +364,11 @@ impl SortedExits {
     /// Thresholds for many quota vectors: budgets are walked in groups of up to 32
     /// (one pass over each exit's order serves a whole group), groups in parallel.
     pub fn calibrate_many(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
-        let groups = quotas.len().div_ceil(GROUP).max(rayon::current_num_threads()).min(quotas.len()).max(1);
-        let size = quotas.len().div_ceil(groups).max(1);
-        quotas.par_chunks(size).flat_map_iter(|g| self.calibrate_group(g)).collect()
+        quotas.par_chunks(group_size(quotas.len())).flat_map_iter(|g| self.calibrate_group(g)).collect()
     }
 
-    fn calibrate_group(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
+    /// Thresholds for at most 32 quota vectors, walked together on this thread.
+    pub fn calibrate_group(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
         let (k, n, g) = (self.k, self.n, quotas.len());
         debug_assert!(g <= GROUP);
         let mut thr = vec![vec![f64::INFINITY; k]; g];
@@ -313,6 +389,7 @@ impl SortedExits {
             let mut tie: Mask = 0; // budgets past n_k, taking samples tied with T_k
             let mut tie_score = [0f32; GROUP];
             let mut p = 0usize;
+            let mut careful_until = 0usize; // step by step before this position
             while counting | tie != 0 && p < n {
                 if tie != 0 {
                     let s = key_to_score((walk[p] >> 32) as u32);
@@ -329,33 +406,39 @@ impl SortedExits {
                     }
                 }
                 let active = counting | tie;
-                let mut slack = usize::MAX;
-                let mut c = counting;
-                while c != 0 {
-                    let b = c.trailing_zeros() as usize;
-                    c &= c - 1;
-                    slack = slack.min(target[b] - cnt[b]);
-                }
-                if tie == 0 && slack >= 2 {
-                    // No budget can reach n_k within `len` steps: count without checks,
-                    // eight budgets per u64 add, bytes cannot overflow in <= 255 steps.
-                    let len = (slack - 1).min(255).min(n - p);
-                    let mut acc = [0u64; GROUP / 8];
+                if tie == 0 && p >= careful_until {
+                    // Count a chunk of steps at once. If some budget may reach n_k inside
+                    // it, keep the gone words it replaces: should that happen, undo the
+                    // chunk and walk it step by step (at most once per budget and exit).
+                    // Bounding chunks by the smallest `n_k - count` instead made them tiny
+                    // whenever few samples remain for a budget.
+                    let len = 255.min(n - p);
+                    let mut slack = usize::MAX;
+                    let mut c = counting;
+                    while c != 0 {
+                        let b = c.trailing_zeros() as usize;
+                        c &= c - 1;
+                        slack = slack.min(target[b] - cnt[b]);
+                    }
+                    let chunk = &walk[p..p + len];
                     let ahead = &walk[(p + PREFETCH).min(n)..(p + len + PREFETCH).min(n)];
-                    for (j, &x) in walk[p..p + len].iter().enumerate() {
-                        if let Some(&y) = ahead.get(j) {
-                            prefetch(&gone, (y & 0xffff_ffff) as usize);
+                    let mut old = [0 as Mask; 255];
+                    let acc = if slack > len {
+                        count_chunk::<false>(chunk, ahead, &mut gone, active, words, &mut old)
+                    } else {
+                        count_chunk::<true>(chunk, ahead, &mut gone, active, words, &mut old)
+                    };
+                    let added = |b: usize| ((acc[b / 8] >> (8 * (b % 8))) & 255) as usize;
+                    if slack <= len && (0..g).any(|b| counting & (1 << b) != 0 && cnt[b] + added(b) >= target[b]) {
+                        // Samples are distinct within an exit's order, so the order of undoing is free.
+                        for (&x, &w) in chunk.iter().zip(&old) {
+                            gone[(x & 0xffff_ffff) as usize] = w;
                         }
-                        let id = (x & 0xffff_ffff) as usize;
-                        let w = gone[id];
-                        let newly = active & !w;
-                        gone[id] = w | active;
-                        for (j, a) in acc.iter_mut().enumerate().take(words) {
-                            *a += SPREAD[((newly >> (8 * j)) & 255) as usize];
-                        }
+                        careful_until = p + len;
+                        continue;
                     }
                     for (b, c) in cnt.iter_mut().enumerate() {
-                        *c += ((acc[b / 8] >> (8 * (b % 8))) & 255) as usize;
+                        *c += added(b);
                     }
                     p += len;
                 } else {
@@ -457,10 +540,20 @@ mod tests {
     #[test]
     fn radix_sort_sorts() {
         let mut st = 99u64;
-        // Keys differing in all three digits, in two, in one, in none (the skips and
-        // the odd/even choice of the first buffer).
-        for spread in [1e6f32, 1.0, 1e-3, 1e-6, 0.0] {
-            let row: Vec<f32> = (0..5000).map(|_| 0.7 + spread * ((rng(&mut st) % 1000) as f32 - 500.0) / 1000.0).collect();
+        // Keys varying in all 32 bits (both signs: four digits), in fewer (three, two,
+        // one), in none, and in high bits only (integer scores: low bits all equal);
+        // this covers the skips and the odd/even choice of the first buffer.
+        for spread in [1e6f32, 1.0, 1e-3, 1e-6, 0.0, -1.0] {
+            let row: Vec<f32> = (0..5000)
+                .map(|_| {
+                    let r = (rng(&mut st) % 1000) as f32;
+                    if spread < 0.0 {
+                        r * 64.0
+                    } else {
+                        0.7 + spread * (r - 500.0) / 1000.0
+                    }
+                })
+                .collect();
             let mut out = vec![0u64; 5000];
             sort_exit(&row, |i| i as u32 ^ 7, &mut out, &mut vec![0u64; 5000]);
             let mut want: Vec<(u32, usize)> = row.iter().enumerate().map(|(i, &s)| (desc_key(s), i)).collect();

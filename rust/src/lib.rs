@@ -7,6 +7,7 @@
 pub mod error;
 pub mod calibrate;
 pub mod fastmath;
+pub mod hugebuf;
 pub mod scores;
 pub mod simulate;
 pub mod sweep;

@@ -74,7 +74,10 @@ fn f32_ceil(t: f64) -> f32 {
     }
 }
 
+/// Samples per block: a block's pass masks (`cuts x BLOCK / 8` bytes per exit) stay in L2.
 const BLOCK: usize = 4096;
+/// 64-sample words per block.
+const WORDS: usize = BLOCK / 64;
 
 /// Threshold sets scored together: their distinct thresholds per exit index
 /// `u8` levels.
@@ -116,10 +119,12 @@ fn levels(tf: &[f32], k: usize) -> Levels {
 /// Scores `B` threshold sets (`thresholds` is `B*K` row-major) on `scores`/`correct`
 /// (`K*N`). Inputs must be validated. Returns one [`Outcome`] per threshold set.
 ///
-/// Samples are cut into cache-sized blocks; per block each score becomes a `u8`
-/// level (how many of the group's distinct thresholds it reaches), then every
-/// threshold set is applied with byte-wide compares. Thresholds are compared as
-/// the smallest `f32` at or above them, which is exact for `f32` scores.
+/// Samples are cut into cache-sized blocks. Per block, each exit's distinct
+/// thresholds become bit masks over the block's samples (bit i: sample i reaches
+/// that threshold), and so do the correct flags; then every threshold set is
+/// applied word by word (64 samples) with a few integer operations and popcounts.
+/// Thresholds are compared as the smallest `f32` at or above them, which is exact
+/// for `f32` scores.
 pub fn score_many(
     scores: &[f32],
     correct: &[bool],
@@ -140,29 +145,36 @@ pub fn score_many(
 fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32], costs: &[f64]) -> Vec<Outcome> {
     let b = tf.len() / k;
     let lv = levels(tf, k);
+    // Where each exit's masks start in a block's mask buffer (one run of WORDS per cut).
+    let mut first = vec![0usize; k];
+    for e in 1..k {
+        first[e] = first[e - 1] + lv.cuts[e - 1].len() * WORDS;
+    }
+    let mask_words = first[k - 1];
     // Per budget: K exit counts then the number of right answers.
     let width = k + 1;
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2");
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt");
     let totals = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .fold(
-            || (vec![0u64; b * width], vec![0u8; (k - 1) * BLOCK]),
-            |(mut acc, mut level), blk| {
+            || (vec![0u64; b * width], vec![0u64; mask_words], vec![0u64; k * WORDS]),
+            |(mut acc, mut masks, mut right), blk| {
                 let d = Data { scores, correct, k, n, start: blk * BLOCK };
+                let mut buf = Buffers { first: &first, masks: &mut masks, right: &mut right };
                 #[cfg(target_arch = "x86_64")]
                 {
                     if avx2 {
-                        // SAFETY: the CPU supports AVX2.
-                        unsafe { score_block_avx2(&d, &lv, &mut acc, &mut level) };
-                        return (acc, level);
+                        // SAFETY: the CPU supports AVX2 and POPCNT.
+                        unsafe { score_block_avx2(&d, &lv, &mut acc, &mut buf) };
+                        return (acc, masks, right);
                     }
                 }
-                score_block::<false>(&d, &lv, &mut acc, &mut level);
-                (acc, level)
+                score_block::<false>(&d, &lv, &mut acc, &mut buf);
+                (acc, masks, right)
             },
         )
-        .map(|(acc, _)| acc)
+        .map(|(acc, _, _)| acc)
         .reduce(
             || vec![0u64; b * width],
             |mut x, y| {
@@ -190,105 +202,150 @@ struct Data<'a> {
     start: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
-    score_block::<true>(d, lv, acc, level)
+/// A worker's per-block scratch: pass masks (exit `e`, cut `c` at
+/// `first[e] + c * WORDS`) and correct masks (exit `e` at `e * WORDS`).
+struct Buffers<'a> {
+    first: &'a [usize],
+    masks: &'a mut [u64],
+    right: &'a mut [u64],
 }
 
-/// Levels of the first `32 * floor(len / 32)` scores (returned): for 32 scores held
-/// in four registers, count in 32-bit lanes how many cuts each reaches (compare,
-/// subtract the all-ones mask), then pack to bytes once. The portable byte loop
-/// re-read and re-packed the scores for every cut.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], buf: &mut Buffers) {
+    score_block::<true>(d, lv, acc, buf)
+}
+
+/// Pass masks of the first `64 * floor(len / 64)` scores of `s` (returns how many):
+/// for each 64 scores (eight registers, loaded once) and each cut, compare, pack the
+/// lane masks to bytes and take their sign bits. `out[c * WORDS + w]` gets word `w`
+/// of cut `c`.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn levels_avx2(s: &[f32], cuts: &[f32], l: &mut [u8]) -> usize {
+unsafe fn pass_masks_avx2(s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize {
     use std::arch::x86_64::*;
-    let whole = s.len() / 32 * 32;
+    let whole = s.len() / 64;
     let p = s.as_ptr();
+    // Undoes the 128-bit lane interleaving of the packs.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    let mut i = 0;
-    while i < whole {
-        let x0 = _mm256_loadu_ps(p.add(i));
-        let x1 = _mm256_loadu_ps(p.add(i + 8));
-        let x2 = _mm256_loadu_ps(p.add(i + 16));
-        let x3 = _mm256_loadu_ps(p.add(i + 24));
-        let (mut a, mut b, mut c, mut d) =
-            (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
-        for &t in cuts {
+    for w in 0..whole {
+        let q = p.add(64 * w);
+        let x: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(q.add(8 * j)));
+        for (c, &t) in cuts.iter().enumerate() {
             let t = _mm256_set1_ps(t);
-            a = _mm256_sub_epi32(a, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x0, t)));
-            b = _mm256_sub_epi32(b, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x1, t)));
-            c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x2, t)));
-            d = _mm256_sub_epi32(d, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x3, t)));
+            let ge = |j: usize| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x[j], t));
+            let half = |j: usize| {
+                let b = _mm256_packs_epi16(_mm256_packs_epi32(ge(j), ge(j + 1)), _mm256_packs_epi32(ge(j + 2), ge(j + 3)));
+                _mm256_movemask_epi8(_mm256_permutevar8x32_epi32(b, order)) as u32 as u64
+            };
+            out[c * WORDS + w] = half(0) | (half(4) << 32);
         }
-        // Counts are <= SET_GROUP < 128, so the saturating packs are exact; the
-        // permute undoes their 128-bit lane interleaving.
-        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
-        _mm256_storeu_si256(l.as_mut_ptr().add(i) as *mut __m256i, bytes);
-        i += 32;
     }
-    whole
+    64 * whole
 }
 
-/// One block of samples, every threshold set of the group. Branch-free byte
-/// arithmetic so that the loops vectorise.
+/// Correct masks of the first `32 * floor(len / 32)` flags of `c` into `out`
+/// (32 bits at a time; returns how many flags).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], level: &mut [u8]) {
+unsafe fn flag_masks_avx2(c: &[u8], out: &mut [u64]) -> usize {
+    use std::arch::x86_64::*;
+    let whole = c.len() / 32;
+    for h in 0..whole {
+        // Flags are 0 or 1: shifted to the top bit of each byte.
+        let v = _mm256_slli_epi16::<7>(_mm256_loadu_si256(c.as_ptr().add(32 * h) as *const __m256i));
+        let bits = _mm256_movemask_epi8(v) as u32 as u64;
+        if h % 2 == 0 {
+            out[h / 2] = bits;
+        } else {
+            out[h / 2] |= bits << 32;
+        }
+    }
+    32 * whole
+}
+
+/// One block of samples, every threshold set of the group.
+#[inline(always)]
+fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &mut Buffers) {
     let (k, n, start) = (d.k, d.n, d.start);
     let len = BLOCK.min(n - start);
+    let words = len.div_ceil(64);
     let b = lv.need.len() / k;
     let width = k + 1;
     for e in 0..k - 1 {
         let s = &d.scores[e * n + start..][..len];
-        let l = &mut level[e * BLOCK..][..len];
+        let cuts = &lv.cuts[e];
+        let out = &mut buf.masks[buf.first[e]..][..cuts.len() * WORDS];
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if AVX2 {
             // SAFETY: AVX2 is only true on the AVX2 path.
-            done = unsafe { levels_avx2(s, &lv.cuts[e], l) };
+            done = unsafe { pass_masks_avx2(s, cuts, out) };
         }
-        let (s, l) = (&s[done..], &mut l[done..]);
-        l.fill(0);
-        for &c in &lv.cuts[e] {
-            for i in 0..s.len() {
-                l[i] += (s[i] >= c) as u8;
+        // The rest, bit by bit (bits past `len` stay 0).
+        for (c, &t) in cuts.iter().enumerate() {
+            for w in done / 64..words {
+                let lo = 64 * w;
+                out[c * WORDS + w] = s[lo..len.min(lo + 64)].iter().enumerate().fold(0u64, |m, (i, &x)| m | ((x >= t) as u64) << i);
             }
         }
     }
-    let mut ex = [0u8; BLOCK];
-    let mut hit = [0u8; BLOCK];
-    let (ex, hit) = (&mut ex[..len], &mut hit[..len]);
-    // bool is one byte, 0 or 1.
-    let last: &[u8] = bytes(&d.correct[(k - 1) * n + start..][..len]);
+    for e in 0..k {
+        let c = bytes(&d.correct[e * n + start..][..len]);
+        let out = &mut buf.right[e * WORDS..][..WORDS];
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: AVX2 is only true on the AVX2 path.
+            done = unsafe { flag_masks_avx2(c, out) };
+        }
+        for i in done..len {
+            if i % 64 == 0 {
+                out[i / 64] = 0;
+            }
+            out[i / 64] |= (c[i] as u64) << (i % 64);
+        }
+    }
+    // Bits of the samples in the block (all but the tail of the last word).
+    let valid = |w: usize| if 64 * (w + 1) <= len { !0u64 } else { (1u64 << (len % 64)) - 1 };
     for bi in 0..b {
         let need = &lv.need[bi * k..(bi + 1) * k];
-        ex.fill((k - 1) as u8);
-        hit.copy_from_slice(last);
-        // From the last-but-one exit down, so the earliest passing exit wins.
-        for e in (0..k - 1).rev() {
-            let ne = need[e];
+        let a = &mut acc[bi * width..(bi + 1) * width];
+        // Samples that left at an earlier exit.
+        let mut taken = [0u64; WORDS];
+        let mut right = 0u64;
+        for e in 0..k {
+            let ne = if e == k - 1 { 0 } else { need[e] };
             if ne == 255 {
                 continue;
             }
-            let l = &level[e * BLOCK..][..len];
-            let c = bytes(&d.correct[e * n + start..][..len]);
-            let ee = e as u8;
-            for i in 0..len {
-                let m = 0u8.wrapping_sub((l[i] >= ne) as u8);
-                ex[i] = (ex[i] & !m) | (ee & m);
-                hit[i] = (hit[i] & !m) | (c[i] & m);
+            let r = &buf.right[e * WORDS..][..words];
+            let mut count = 0u64;
+            if ne == 0 {
+                for (w, t) in taken[..words].iter_mut().enumerate() {
+                    let newly = valid(w) & !*t;
+                    *t |= newly;
+                    count += newly.count_ones() as u64;
+                    right += (newly & r[w]).count_ones() as u64;
+                }
+            } else {
+                let m = &buf.masks[buf.first[e] + (ne as usize - 1) * WORDS..][..words];
+                for ((t, &m), &r) in taken[..words].iter_mut().zip(m).zip(r) {
+                    let newly = m & !*t;
+                    *t |= m;
+                    count += newly.count_ones() as u64;
+                    right += (newly & r).count_ones() as u64;
+                }
             }
+            a[e] += count;
         }
-        let a = &mut acc[bi * width..(bi + 1) * width];
-        for (e, slot) in a[..k].iter_mut().enumerate() {
-            *slot += count::<AVX2>(ex, e as u8);
-        }
-        a[k] += count::<AVX2>(hit, 1);
+        a[k] += right;
     }
 }
 
@@ -296,61 +353,6 @@ fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], level: 
 fn bytes(x: &[bool]) -> &[u8] {
     // SAFETY: bool has the size and alignment of u8 and is always 0 or 1.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) }
-}
-
-/// Number of bytes equal to `v`; byte-wide counters over runs of 255 vectorise.
-#[inline(always)]
-fn count_eq(x: &[u8], v: u8) -> u64 {
-    let mut total = 0u64;
-    for chunk in x.chunks(255) {
-        let mut c = 0u8;
-        for &b in chunk {
-            c += (b == v) as u8;
-        }
-        total += c as u64;
-    }
-    total
-}
-
-/// [`count_eq`] with AVX2: byte compares subtracted into 32 byte counters (at most
-/// 255 steps between flushes), summed with `psadbw`.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn count_eq_avx2(x: &[u8], v: u8) -> u64 {
-    use std::arch::x86_64::*;
-    let vv = _mm256_set1_epi8(v as i8);
-    let zero = _mm256_setzero_si256();
-    let mut wide = zero; // four u64 partial sums
-    let whole = x.len() / 32;
-    let p = x.as_ptr();
-    let mut i = 0;
-    while i < whole {
-        let end = (i + 255).min(whole);
-        let mut c = zero;
-        while i < end {
-            let b = _mm256_loadu_si256(p.add(32 * i) as *const __m256i);
-            c = _mm256_sub_epi8(c, _mm256_cmpeq_epi8(b, vv));
-            i += 1;
-        }
-        wide = _mm256_add_epi64(wide, _mm256_sad_epu8(c, zero));
-    }
-    let mut w = [0u64; 4];
-    _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, wide);
-    w.iter().sum::<u64>() + count_eq(&x[32 * whole..], v)
-}
-
-/// [`count_eq`] or [`count_eq_avx2`].
-#[inline(always)]
-fn count<const AVX2: bool>(x: &[u8], v: u8) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        // SAFETY: AVX2 is only true on the AVX2 path.
-        return unsafe { count_eq_avx2(x, v) };
-    }
-    count_eq(x, v)
 }
 
 /// Validates shapes and values, then scores one threshold set.
@@ -417,6 +419,10 @@ mod tests {
             }
             if trial % 7 == 0 {
                 t[0] = f64::INFINITY;
+            }
+            if trial % 5 == 1 {
+                // -inf before the last exit: every sample left passes.
+                t[k / 2] = f64::NEG_INFINITY;
             }
             t[k - 1] = f64::NEG_INFINITY;
             let costs: Vec<f64> = (0..k).map(|e| (e * e) as f64 + 0.5).collect();

@@ -1,9 +1,10 @@
 //! The budget sweep: calibrate on validation scores for every budget `q`, score the
 //! thresholds on validation and test, in one call, parallel over budgets.
 
-use crate::calibrate::{check_n, geometric_fractions, per_stage_fractions, quotas, validate_scores, SortedExits, MAX_EXITS};
+use crate::calibrate::{check_n, geometric_fractions, group_size, per_stage_fractions, quotas, validate_scores, SortedExits, MAX_EXITS};
 use crate::error::{Error, Result};
-use crate::simulate::{check_correct, score_many, validate_costs};
+use crate::simulate::{check_correct, score_many, validate_costs, Outcome};
+use rayon::prelude::*;
 
 /// How budgets turn into exit fractions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +79,26 @@ pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mo
     let fractions = fractions?;
     let sorted = sorted.expect("checks pass only for a consistent shape");
     let q: Vec<Vec<usize>> = fractions.iter().map(|f| quotas(vn, f)).collect();
-    let thresholds: Vec<f64> = sorted.calibrate_many(&q).concat();
+    // Each group of budgets is scored as soon as its walk ends: walks differ in length
+    // (small budgets walk further), so a worker whose walk ends early scores its
+    // budgets while the others still walk, instead of waiting for them.
+    let parts: Vec<(Vec<f64>, Vec<Outcome>, Vec<Outcome>)> = q
+        .par_chunks(group_size(q.len()))
+        .map(|g| {
+            let t: Vec<f64> = sorted.calibrate_group(g).concat();
+            let v = score_many(vs, vc, k, vn, &t, costs);
+            let o = score_many(ts, tc, k, tn, &t, costs);
+            (t, v, o)
+        })
+        .collect();
     drop(sorted);
-    let val_out = score_many(vs, vc, k, vn, &thresholds, costs);
-    let test_out = score_many(ts, tc, k, tn, &thresholds, costs);
+    let mut thresholds = Vec::with_capacity(q.len() * k);
+    let (mut val_out, mut test_out) = (Vec::with_capacity(q.len()), Vec::with_capacity(q.len()));
+    for (t, v, o) in parts {
+        thresholds.extend(t);
+        val_out.extend(v);
+        test_out.extend(o);
+    }
     Ok(Sweep {
         thresholds,
         val_accuracy: val_out.iter().map(|o| o.accuracy).collect(),
