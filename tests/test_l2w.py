@@ -11,19 +11,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
-
-
-def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((dim,))
-    h = inp
-    outs = []
-    for k in range(num_exits):
-        h = keras.layers.Dense(width)(h)
-        h = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(h)
-        h = keras.layers.ReLU()(h)
-        outs.append(keras.layers.Dense(num_classes, name=f"exit_{k + 1}")(h))
-    return keras.Model(inp, outs)
+from tiny_models import tiny_backbone  # noqa: E402
 
 
 @pytest.fixture

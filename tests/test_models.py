@@ -176,8 +176,49 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h):
     np.testing.assert_allclose(fused.moving_mean.numpy(), bn.moving_mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(fused.moving_variance.numpy(), bn.moving_variance.numpy(), atol=1e-6)
     assert len(fused.trainable_weights) == 3
+    # Training-mode gradients (fused BN kernel) equal the Keras layers' ones.
+    xt = tf.constant(x)
+    dy = tf.constant(_rand(tuple(fused(x, training=True).shape)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        got = tf.reduce_sum(fused(xt, training=True) * dy)
+        want = tf.reduce_sum(keras.layers.ReLU()(bn(conv(pad(xt)), training=True)) * dy)
+    for a, b in [(xt, xt), (fused.kernel, conv.kernel), (fused.gamma, bn.gamma), (fused.beta, bn.beta)]:
+        np.testing.assert_allclose(
+            np.asarray(tape.gradient(got, a)), np.asarray(tape.gradient(want, b)), rtol=1e-5, atol=2e-5
+        )
     with pytest.raises(ValueError):
         ConvBNReLU(6, 2)
+
+
+def test_channel_concat_forward_and_higher_order_gradients():
+    from keras_ee.models.layers import ChannelConcat
+
+    parts = [tf.constant(_rand((2, 3, 3, c))) for c in (4, 1, 2)]
+    layer = ChannelConcat()
+    np.testing.assert_array_equal(np.asarray(layer(parts)), np.concatenate(parts, axis=-1))
+    w = tf.constant(_rand((2, 3, 3, 7)))
+    v = [tf.constant(_rand(tuple(p.shape))) for p in parts]
+
+    def second_order(concat):
+        # d/dw of <d<concat(parts)^2, w>/dparts, v>: exercises the gradient of the gradient.
+        with tf.GradientTape() as outer:
+            outer.watch(w)
+            with tf.GradientTape() as inner:
+                inner.watch(parts)
+                y = tf.reduce_sum(tf.square(concat(parts)) * w)
+            g = inner.gradient(y, parts)
+            z = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, v)])
+        return [np.asarray(t) for t in g], np.asarray(outer.gradient(z, w))
+
+    got_g, got_w = second_order(layer)
+    want_g, want_w = second_order(lambda t: tf.concat(t, axis=-1))
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-6)
+    assert ChannelConcat.from_config(layer.get_config()).axis == -1
+    with pytest.raises(ValueError, match="axis"):
+        ChannelConcat(axis=1)
 
 
 def test_shared_bottleneck_equals_separate_units():

@@ -12,32 +12,13 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
+import tiny_models  # noqa: E402
 
 NUM_CLASSES = 3
 
 
 def tiny_backbone(num_exits=3, dim=4, width=8, seed=0, nan_exit=None):
-    """Dense+BN blocks with a head named exit_k after each block.
-
-    With `nan_exit=k`, exit k's logits are multiplied by exp(1000 * x[:, 0])
-    so a sample with x[:, 0] = 1 makes only that exit's loss non-finite.
-    """
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((dim,))
-    h = inp
-    outs = []
-    for k in range(num_exits):
-        h = keras.layers.Dense(width)(h)
-        h = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(h)
-        h = keras.layers.ReLU()(h)
-        z = keras.layers.Dense(NUM_CLASSES, name=f"exit_{k + 1}"
-                               if nan_exit != k + 1 else "logits_raw")(h)
-        if nan_exit == k + 1:
-            gate = keras.layers.Lambda(
-                lambda t: tf.exp(1000.0 * t[:, :1]))(inp)
-            z = keras.layers.Multiply(name=f"exit_{k + 1}")([z, gate])
-        outs.append(z)
-    return keras.Model(inp, outs)
+    return tiny_models.tiny_backbone(num_exits, NUM_CLASSES, dim, width, seed, nan_exit)
 
 
 def blobs(n=96, dim=4, seed=0):

@@ -161,6 +161,9 @@ class AlignCornersResize(keras.layers.Layer):
         return config
 
 
+_TF_FUSED_BN_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @keras.saving.register_keras_serializable(package="keras_ee")
 class ConvBNReLU(keras.layers.Layer):
     """Conv (no bias) -> BatchNorm -> ReLU as one layer, BN folded at inference.
@@ -248,7 +251,19 @@ class ConvBNReLU(keras.layers.Layer):
     def call(self, inputs, training=None):
         if training:
             y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
-            mean, variance = ops.moments(y, axes=[0, 1, 2])
+            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
+                y, mean, variance = self._tf_fused_batch_norm(y)
+            else:
+                mean, variance = ops.moments(y, axes=[0, 1, 2])
+                y = ops.batch_normalization(
+                    y,
+                    mean,
+                    variance,
+                    axis=-1,
+                    offset=ops.cast(self.beta, y.dtype),
+                    scale=ops.cast(self.gamma, y.dtype),
+                    epsilon=self.epsilon,
+                )
             m = self.momentum
             self.moving_mean.assign(
                 self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m)
@@ -256,15 +271,6 @@ class ConvBNReLU(keras.layers.Layer):
             self.moving_variance.assign(
                 self.moving_variance * m
                 + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
-            )
-            y = ops.batch_normalization(
-                y,
-                mean,
-                variance,
-                axis=-1,
-                offset=ops.cast(self.beta, y.dtype),
-                scale=ops.cast(self.gamma, y.dtype),
-                epsilon=self.epsilon,
             )
         else:
             inv = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
@@ -274,6 +280,30 @@ class ConvBNReLU(keras.layers.Layer):
                 return self._tf_fused(inputs, kernel, shift)
             y = self._conv(inputs, kernel) + shift
         return ops.relu(y) if self.activation else y
+
+    def _tf_fused_batch_norm(self, y):
+        # One FusedBatchNormV3 kernel (and one kernel for its gradient) instead
+        # of about ten elementwise passes for moments + normalisation: the
+        # same math, and what keeps training-mode BN cheap in the many narrow
+        # units of MSDNet/RANet (and in L2W's higher-order gradients).
+        import tensorflow as tf
+
+        out = tf.raw_ops.FusedBatchNormV3(
+            x=y,
+            scale=ops.cast(self.gamma, "float32"),
+            offset=ops.cast(self.beta, "float32"),
+            mean=tf.zeros([0]),
+            variance=tf.zeros([0]),
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        # The kernel returns the Bessel-corrected variance n/(n-1) (n/1 for
+        # n = 1); the moving average of Keras' BN uses the biased one.
+        n = ops.cast(ops.prod(ops.shape(y)[:3]), "float32")
+        variance = out.batch_variance * ops.maximum(n - 1.0, 1.0) / n
+        return out.y, out.batch_mean, variance
 
     def _tf_fused(self, inputs, kernel, shift):
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
@@ -378,3 +408,50 @@ class ChannelSplit(keras.layers.Layer):
         config = super().get_config()
         config.update({"sizes": list(self.sizes)})
         return config
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class ChannelConcat(keras.layers.Concatenate):
+    """`keras.layers.Concatenate` on the channel axis, with a split gradient.
+
+    The same forward as `Concatenate(axis=-1)`. On the TensorFlow backend its
+    gradient is one `split` of the incoming gradient (whose own gradient is
+    one `concat`), where TensorFlow's default is one strided slice per input,
+    whose gradient is a zero-padded full-size copy per input plus their sum.
+    The dense connectivity of MSDNet and RANet concatenates at every layer,
+    and the second-order gradients of meta-learning methods (L2W) pay that
+    difference once per layer and step.
+
+    Args:
+        **kwargs: standard `keras.layers.Layer` arguments (`axis` is -1).
+
+    Example:
+    ```python
+    y = ChannelConcat(name="cat")([keras.Input((8, 8, 6)), keras.Input((8, 8, 4))])
+    ```
+    """
+
+    def __init__(self, **kwargs):
+        axis = kwargs.pop("axis", -1)
+        if axis != -1:
+            raise ValueError(f"ChannelConcat: `axis` must be -1 (channels), received {axis!r}.")
+        super().__init__(axis=-1, **kwargs)
+
+    def call(self, inputs):
+        sizes = [t.shape[-1] for t in inputs]
+        if keras.backend.backend() != "tensorflow" or None in sizes:
+            return super().call(inputs)
+        return _tf_concat_split_grad(list(inputs), sizes)
+
+
+def _tf_concat_split_grad(tensors, sizes):
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def concat(*xs):
+        def grad(dy):
+            return tf.split(dy, sizes, axis=-1)
+
+        return tf.concat(xs, axis=-1), grad
+
+    return concat(*tensors)

@@ -30,6 +30,7 @@ from keras_ee.models.heads import (
     torch_default_bias_init,
     torch_default_init,
 )
+from keras_ee.models.layers import ChannelConcat
 
 _WHERE = "msdnet: "
 
@@ -227,7 +228,7 @@ def msdnet(
                     parts = [by_scale[s], outs[(s, "")]]
                 else:
                     parts = [by_scale[s], outs[(s, "_down")], outs[(s, "_same")]]
-                new_scales.append(layers.Concatenate(axis=-1, name=f"{prefix}_s{s}_cat")(parts))
+                new_scales.append(ChannelConcat(name=f"{prefix}_s{s}_cat")(parts))
             n += growth_rate
             if dropping and reduction > 0:
                 n_new = math.floor(reduction * n)

@@ -33,7 +33,7 @@ from keras_ee.models.heads import (
     he_fan_out_init,
     torch_default_init,
 )
-from keras_ee.models.layers import AlignCornersResize
+from keras_ee.models.layers import AlignCornersResize, ChannelConcat
 
 _WHERE = "ranet: "
 
@@ -198,15 +198,15 @@ def ranet(
                     low_t = bottleneck_unit(ys[l - 1], low, 1, bf[i - 1], f"{p}_l{l}_low", init)
                     low_t = _resize(low_t, size, f"{p}_l{l}_low_resize")
                     ident = _resize(x, size, f"{p}_l{l}_resize")
-                    x = layers.Concatenate(axis=-1, name=f"{p}_l{l}_cat")([ident, low_t, own_t])
+                    x = ChannelConcat(name=f"{p}_l{l}_cat")([ident, low_t, own_t])
                     record.append(x)
                 z = conv_bn_relu(ys[n_layers], math.floor(int(x.shape[-1]) * cf), 1, 1, f"{p}_tail", init)
                 z = _resize(z, x.shape[1:3], f"{p}_tail_resize")
-                out = layers.Concatenate(axis=-1, name=f"{p}_tail_cat")([x, z])
+                out = ChannelConcat(name=f"{p}_tail_cat")([x, z])
             else:
                 for l in range(1, n_layers + 1):
                     new = bottleneck_unit(x, g, 1, bf[i], f"{p}_l{l}", init)
-                    x = layers.Concatenate(axis=-1, name=f"{p}_l{l}_cat")([x, new])
+                    x = ChannelConcat(name=f"{p}_l{l}_cat")([x, new])
                     record.append(x)
                 out = x
             if j in plan[i]["transitions"]:
