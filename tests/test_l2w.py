@@ -285,3 +285,46 @@ def test_reused_forward_real_gradients_match_tape():
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-5,
                                    atol=1e-6)
+
+
+def _conv_backbone(seed=0):
+    """Two stages of ConvBNReLU + ChannelConcat (MSDNet's building blocks), two exits."""
+    from keras_ee.models.layers import ChannelConcat, ConvBNReLU
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6, 6, 3))
+    h = ConvBNReLU(4, 3)(inp)
+    outs = []
+    for k in range(2):
+        h = ChannelConcat()([h, ConvBNReLU(3, 3)(ConvBNReLU(4, 1)(h))])
+        outs.append(keras.layers.Dense(4, name=f"exit_{k + 1}")(keras.layers.GlobalAveragePooling2D()(h)))
+    return keras.Model(inp, outs)
+
+
+def test_meta_gradients_through_fused_batch_norm_and_channel_concat(monkeypatch):
+    # The second-order gradient runs through TensorFlow's FusedBatchNormGradV3
+    # gradient and ChannelConcat's split gradient; it must equal the one
+    # through the plain (composite) BatchNorm and Concatenate.
+    from keras_ee.models import layers as L
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    y = rng.integers(0, 4, size=16).astype("int32")
+
+    def meta_grads():
+        method = T.L2W(wpn_width=8)
+        model = T.MultiExitModel(_conv_backbone(), method=method)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-4))
+        _warm_up(model, x, y)
+        grads, la = method.meta_gradients(model, x[:8], y[:8], x[8:], y[8:])
+        return [g.numpy() for g in grads], [v.numpy() for v in la.non_trainable]
+
+    fused, fused_stats = meta_grads()
+    monkeypatch.setattr(L, "_TF_FUSED_BN_DTYPES", ())
+    monkeypatch.setattr(L.ChannelConcat, "call", keras.layers.Concatenate.call)
+    plain, plain_stats = meta_grads()
+    assert any(np.abs(g).max() > 1e-6 for g in plain)
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6)
+    for a, b in zip(fused_stats, plain_stats):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
