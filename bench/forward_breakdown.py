@@ -1,0 +1,100 @@
+"""Why MSDNet's forward pass costs more than its arithmetic: three measurements.
+
+    PYTHONPATH=. .venv/bin/python bench/forward_breakdown.py
+
+(a) 3x3 conv + bias + ReLU at 32x32, batch 256, for several channel widths: the
+    GMAC/s TensorFlow's CPU kernels reach (MSDNet's finest scale has 6-channel convs).
+(b) Channel concatenation of a C-channel map with two 3-channel maps (one MSDNet
+    dense layer at the finest scale) against an elementwise `x + x` over the
+    C-channel map: both are memory-bound.
+(c) msdnet_cifar_5 and the plain stack of `bench/models.py` on 256 images, whole
+    and in chunks of 64/32/16 inside one `tf.function`: the ratio per chunk size.
+
+Times are the best of 5 (a, b) or the median of 5 interleaved runs (c).
+"""
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_ee import costs, models  # noqa: E402
+from models import matched_plain  # noqa: E402  (bench/models.py)
+
+
+def best_ms(fn, *args, rep=10):
+    fn(*args)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(rep):
+            out = fn(*args)
+        out.numpy()
+        best = min(best, (time.perf_counter() - start) / rep)
+    return best * 1e3
+
+
+def conv_efficiency(n=256, h=32):
+    print("(a) 3x3 conv + bias + ReLU, 32x32, batch 256")
+    for cin, cout in [(6, 6), (8, 8), (16, 6), (16, 16), (32, 32)]:
+        x = tf.random.normal((n, h, h, cin))
+        w = tf.random.normal((3, 3, cin, cout))
+        b = tf.zeros(cout)
+        fn = tf.function(lambda x, w: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)))
+        ms = best_ms(fn, x, w)
+        gmac = n * h * h * cin * cout * 9 / ms / 1e6
+        print(f"    {cin:2d} -> {cout:2d} channels  {ms:7.2f} ms  {gmac:6.1f} GMAC/s")
+
+
+def concat_bandwidth(n=256, h=32):
+    print("(b) concat([x (C ch), a (3), b (3)]) vs elementwise x + x, 32x32, batch 256")
+    for c in (16, 40, 80):
+        x = tf.random.normal((n, h, h, c))
+        a = tf.random.normal((n, h, h, 3))
+        b = tf.random.normal((n, h, h, 3))
+        cat = best_ms(tf.function(lambda x, a, b: tf.concat([x, a, b], -1)), x, a, b)
+        add = best_ms(tf.function(lambda x: x + x), x)
+        moved = 2 * n * h * h * (c + 6) * 4
+        print(f"    C={c:2d}  concat {cat:6.2f} ms ({moved / cat / 1e6:5.1f} GB/s read+write)"
+              f"  x + x {add:6.2f} ms")
+
+
+def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
+    print("(c) forward of 256 images, whole and in chunks inside one tf.function")
+    ee = models.create("msdnet_cifar_5", num_classes=100)
+    plain, _ = matched_plain(costs.exit_costs(ee)["mul_adds"][-1], 100)
+    x = tf.constant(np.random.default_rng(0).random((batch, 32, 32, 3), dtype=np.float32))
+
+    def chunked(model, size):
+        def fn(t):
+            outs = [tf.nest.flatten(model(t[i:i + size], training=False)) for i in range(0, batch, size)]
+            return [tf.concat(parts, 0) for parts in zip(*outs)]
+        return tf.function(fn)
+
+    fns = {(name, c): chunked(m, c) for c in chunks for name, m in (("msdnet", ee), ("plain", plain))}
+    for fn in fns.values():
+        for _ in range(2):
+            [o.numpy() for o in fn(x)]
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            [o.numpy() for o in fn(x)]
+            times[k].append(time.perf_counter() - start)
+    for c in chunks:
+        e = statistics.median(times[("msdnet", c)])
+        p = statistics.median(times[("plain", c)])
+        print(f"    chunk {c:3d}  msdnet {e:.4f} s  plain {p:.4f} s  ratio {e / p:.2f}x")
+
+
+if __name__ == "__main__":
+    conv_efficiency()
+    concat_bandwidth()
+    chunked_forward()
