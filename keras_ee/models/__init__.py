@@ -43,12 +43,13 @@ import keras
 from keras_ee.models import graph
 from keras_ee.models.attach import attach_exits
 from keras_ee.models.cnn import multiexit_cnn
-from keras_ee.models.layers import AlignCornersResize, ConvBNReLU, GradientScale
+from keras_ee.models.layers import AlignCornersResize, ChannelConcat, ConvBNReLU, GradientScale
 from keras_ee.models.msdnet import msdnet
 from keras_ee.models.ranet import ranet
 
 __all__ = [
     "AlignCornersResize",
+    "ChannelConcat",
     "ConvBNReLU",
     "ExitStructure",
     "GradientScale",
