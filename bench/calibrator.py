@@ -91,13 +91,9 @@ def bench_scores(shape, repeat):
 # ----------------------------------------------------------------------------- (b) sweep
 
 
-def numpy_calibrate_sort(scores, fractions):
-    """One calibration as the reference: rank the samples still there by a full sort.
-
-    algorithms.md section 1: "rank the samples that have not exited yet by s[:,k],
-    descending; T_k = s of the n_k-th ranked sample". The descending ranking is the
-    ascending argsort read backwards (a view, no extra pass).
-    """
+def _numpy_calibrate(scores, fractions, kth_largest):
+    """One calibration (algorithms.md section 1): at each exit, T_k is the n_k-th largest
+    score among the samples still there, found by `kth_largest(r, m)`."""
     k, n = scores.shape
     alive = np.arange(n)
     thresholds = np.full(k, np.inf)
@@ -106,30 +102,26 @@ def numpy_calibrate_sort(scores, fractions):
         if n_e == 0 or alive.size == 0:
             continue
         r = scores[e, alive]
-        ranked = np.argsort(r)[::-1]
-        t = r[ranked[min(n_e, r.size) - 1]]
+        t = kth_largest(r, min(n_e, r.size))
         thresholds[e] = float(t)
         alive = alive[r < t]
     thresholds[k - 1] = -np.inf
     return thresholds
+
+
+def numpy_calibrate_sort(scores, fractions):
+    """As the reference: rank the samples still there by a full sort.
+
+    "rank the samples that have not exited yet by s[:,k], descending; T_k = s of the
+    n_k-th ranked sample". The descending ranking is the ascending argsort read
+    backwards (a view, no extra pass).
+    """
+    return _numpy_calibrate(scores, fractions, lambda r, m: r[np.argsort(r)[::-1][m - 1]])
 
 
 def numpy_calibrate_partition(scores, fractions):
-    """One calibration, vectorised: np.partition among the samples still there."""
-    k, n = scores.shape
-    alive = np.arange(n)
-    thresholds = np.full(k, np.inf)
-    for e in range(k - 1):
-        n_e = int(np.floor(n * fractions[e]))
-        if n_e == 0 or alive.size == 0:
-            continue
-        r = scores[e, alive]
-        j = r.size - min(n_e, r.size)
-        t = np.partition(r, j)[j]
-        thresholds[e] = float(t)
-        alive = alive[r < t]
-    thresholds[k - 1] = -np.inf
-    return thresholds
+    """Vectorised: np.partition (O(N) selection) among the samples still there."""
+    return _numpy_calibrate(scores, fractions, lambda r, m: np.partition(r, r.size - m)[r.size - m])
 
 
 def numpy_simulate(scores, correct, thresholds, costs):

@@ -13,6 +13,7 @@
 Times are the best of 5 (a, b) or the median of 5 interleaved runs (c).
 """
 
+import math
 import os
 import statistics
 import sys
@@ -78,6 +79,9 @@ def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
             return [tf.concat(parts, 0) for parts in zip(*outs)]
         return tf.function(fn)
 
+    concat_bytes = sum(4 * batch * math.prod(layer.output.shape[1:]) for layer in ee.layers
+                       if isinstance(layer, models.ChannelConcat))
+    print(f"    msdnet_cifar_5's concatenations write {concat_bytes / 1e9:.2f} GB per forward at batch {batch}")
     fns = {(name, c): chunked(m, c) for c in chunks for name, m in (("msdnet", ee), ("plain", plain))}
     for fn in fns.values():
         for _ in range(2):
