@@ -1,0 +1,103 @@
+"""Where the time goes: TensorFlow profiler op time by op type.
+
+    PYTHONPATH=. .venv/bin/python bench/profile_ops.py forward            # msdnet_cifar_5 inference
+    PYTHONPATH=. .venv/bin/python bench/profile_ops.py train --method l2w  # one training step
+
+Runs `--runs` forward passes (batch 256, `training=False`) or training steps
+(`--method baseline|l2w`, SGD as `bench/train_step.py`) after warm-up under
+`tf.profiler`, then sums the duration of every TensorFlow op on the CPU compute
+threads by op type and prints each type's share (thread time, so with 2 threads
+the total is about twice the wall time). Wrapper events (executor, thread pool)
+are left out so the shares add up to 100%.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_ee import models, training  # noqa: E402
+
+_WRAPPERS = {"ExecutorState::Process", "ParallelFor", "ExecutorDoneCallback"}
+
+
+def op_time_by_type(logdir):
+    """{op type: milliseconds} from the newest xplane file under `logdir`."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    path = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                op_type = plane.event_metadata[event.metadata_id].display_name
+                if op_type and op_type not in _WRAPPERS and not op_type.startswith("Threadpool"):
+                    totals[op_type] += event.duration_ps / 1e9
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["forward", "train"])
+    parser.add_argument("--method", choices=["baseline", "l2w"], default="l2w")
+    parser.add_argument("--model", default="msdnet_cifar_5")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(0)
+    backbone = models.create(args.model, num_classes=100)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, 32, 32, 3)).astype("float32")
+    if args.what == "forward":
+        fn = tf.function(lambda t: backbone(t, training=False))
+
+        def run(n):
+            for _ in range(n):
+                [o.numpy() for o in fn(x)]
+    else:
+        method = training.L2W() if args.method == "l2w" else training.Baseline()
+        model = training.MultiExitModel(backbone, method=method)
+        model.compile(optimizer=keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(0.1, 10_000), momentum=0.9, nesterov=True,
+            weight_decay=1e-4))
+        y = rng.integers(0, 100, size=(args.batch,)).astype("int32")
+        ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+        def run(n):
+            model.fit(ds, epochs=1, steps_per_epoch=n, verbose=0)
+
+    run(1)  # trace
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        run(args.runs)
+        tf.profiler.experimental.stop()
+        totals = op_time_by_type(logdir)
+    total = sum(totals.values())
+    label = args.what if args.what == "forward" else f"{args.method} train step"
+    print(f"{args.model} {label}, batch {args.batch}, {args.runs} runs: {total / 1e3:.2f} s op time")
+    for op_type, ms in totals.most_common(args.top):
+        print(f"  {op_type:<28} {ms / args.runs:9.1f} ms/run  {100 * ms / total:5.1f}%")
+    conv = sum(v for k, v in totals.items() if "Conv2D" in k)
+    print(f"  all Conv2D kernels (forward and gradients): {100 * conv / total:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
