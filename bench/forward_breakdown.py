@@ -1,16 +1,20 @@
-"""Why MSDNet's forward pass costs more than its arithmetic: three measurements.
+"""Why MSDNet's forward pass costs more than its arithmetic: four measurements.
 
-    PYTHONPATH=. .venv/bin/python bench/forward_breakdown.py
+    PYTHONPATH=. .venv/bin/python bench/forward_breakdown.py [--skip-chunked]
 
 (a) 3x3 conv + bias + ReLU at 32x32, batch 256, for several channel widths: the
     GMAC/s TensorFlow's CPU kernels reach (MSDNet's finest scale has 6-channel convs).
+(a2) Every conv shape of msdnet_cifar_5 at batch 256: a plain `tf.nn.conv2d` +
+    bias + ReLU against what `ConvBNReLU` runs at inference (width-packed narrow
+    convs, 1x1 convs as matmuls; see `keras_ee.models.layers.width_packing`),
+    with the count of such convs in the model and the summed time.
 (b) Channel concatenation of a C-channel map with two 3-channel maps (one MSDNet
     dense layer at the finest scale) against an elementwise `x + x` over the
     C-channel map: both are memory-bound.
 (c) msdnet_cifar_5 and the plain stack of `bench/models.py` on 256 images, whole
     and in chunks of 64/32/16 inside one `tf.function`: the ratio per chunk size.
 
-Times are the best of 5 (a, b) or the median of 5 interleaved runs (c).
+Times are the best of 5 (a, a2, b) or the median of 5 interleaved runs (c).
 """
 
 import math
@@ -52,6 +56,45 @@ def conv_efficiency(n=256, h=32):
         ms = best_ms(fn, x, w)
         gmac = n * h * h * cin * cout * 9 / ms / 1e6
         print(f"    {cin:2d} -> {cout:2d} channels  {ms:7.2f} ms  {gmac:6.1f} GMAC/s")
+
+
+def conv_shapes(n=256):
+    print("(a2) msdnet_cifar_5's conv shapes, batch 256: plain conv2d vs ConvBNReLU at inference")
+    from keras_ee.models.layers import ConvBNReLU, width_packing
+
+    ee = models.create("msdnet_cifar_5", num_classes=100)
+    groups = {}
+    for layer in ee.layers:
+        if isinstance(layer, ConvBNReLU):
+            _, h, w, cin = layer.input.shape
+            key = (h, w, cin, layer.kernel_size, layer.strides, layer.filters)
+            groups.setdefault(key, []).append(layer)
+    totals = [0.0, 0.0]
+    rows = []
+    for (h, w, cin, k, s, f), members in groups.items():
+        layer = members[0]
+        x = tf.random.normal((n, h, w, cin))
+        pad = (k - 1) // 2
+        padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]] if s > 1 else "SAME"
+        kernel, bias = tf.random.normal((k, k, cin, f)), tf.zeros(f)
+        plain = tf.function(
+            lambda x: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, s, padding), bias))
+        )
+        ours = tf.function(lambda x, layer=layer: layer(x, training=False))
+        t_plain, t_ours = best_ms(plain, x, rep=3), best_ms(ours, x, rep=3)
+        totals[0] += t_plain * len(members)
+        totals[1] += t_ours * len(members)
+        if k == 1 and s == 1:
+            how = "matmul"
+        else:
+            how = f"packed x{width_packing(f, s, (w - 1) // s + 1)}"
+        rows.append((t_plain * len(members), f"    {h:2d}x{w:<2d} {cin:3d}->{f:3d} k{k} s{s}  x{len(members):2d}  "
+                     f"conv2d {t_plain:6.2f} ms  ConvBNReLU {t_ours:6.2f} ms ({how}, "
+                     f"{t_plain / t_ours:4.2f}x)"))
+    for _, line in sorted(rows, reverse=True):
+        print(line)
+    print(f"    all {sum(len(m) for m in groups.values())} convs: conv2d {totals[0]:.1f} ms, "
+          f"ConvBNReLU {totals[1]:.1f} ms ({totals[0] / totals[1]:.2f}x)")
 
 
 def concat_bandwidth(n=256, h=32):
@@ -100,5 +143,7 @@ def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
 
 if __name__ == "__main__":
     conv_efficiency()
+    conv_shapes()
     concat_bandwidth()
-    chunked_forward()
+    if "--skip-chunked" not in sys.argv[1:]:
+        chunked_forward()

@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from keras_ee import costs, models
 from keras_ee.models import AlignCornersResize, GradientScale
-from keras_ee.models.layers import ConvBNReLU
+from keras_ee.models import layers as layers_module
+from keras_ee.models.layers import ConvBNReLU, width_packing
 from keras_ee.models.layers import align_corners_matrix
 
 # Reduced configurations: same code paths as the presets, fast to run.
@@ -148,19 +149,31 @@ def test_gradient_scale_layer():
         GradientScale(float("nan"))
 
 
-@pytest.mark.parametrize("k,s,h", [(3, 2, 8), (3, 1, 7), (1, 1, 5), (3, 2, 7)])
-def test_conv_bn_relu_matches_keras_layers(k, s, h):
+@pytest.mark.parametrize(
+    "k,s,h,f",
+    [
+        (3, 2, 8, 6),  # stride 2, width-packed at inference (even output width)
+        (3, 1, 7, 6),  # odd width: not packed
+        (1, 1, 5, 6),  # 1x1: a matmul at inference
+        (3, 2, 7, 6),  # odd input, even output width: packed
+        (3, 1, 8, 12),  # stride 1, packed
+        (5, 1, 6, 16),  # 5x5 kernel, packed
+        (3, 2, 8, 12),  # stride 2 and 12 filters: not packed
+        (3, 1, 8, 17),  # too wide to pack
+    ],
+)
+def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
     rng = np.random.default_rng(1)
     x = _rand((4, h, h, 5))
-    fused = ConvBNReLU(6, k, s)
+    fused = ConvBNReLU(f, k, s)
     fused.build(x.shape)
-    fused.gamma.assign(rng.random(6) + 0.5)
-    fused.beta.assign(rng.random(6) - 0.5)
-    fused.moving_mean.assign(rng.random(6))
-    fused.moving_variance.assign(rng.random(6) + 0.5)
+    fused.gamma.assign(rng.random(f) + 0.5)
+    fused.beta.assign(rng.random(f) - 0.5)
+    fused.moving_mean.assign(rng.random(f))
+    fused.moving_variance.assign(rng.random(f) + 0.5)
     # Independent reference: PyTorch-style symmetric padding + Keras layers.
     pad = keras.layers.ZeroPadding2D((k - 1) // 2) if s > 1 else keras.layers.Identity()
-    conv = keras.layers.Conv2D(6, k, strides=s, padding="valid" if s > 1 else "same", use_bias=False)
+    conv = keras.layers.Conv2D(f, k, strides=s, padding="valid" if s > 1 else "same", use_bias=False)
     bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
 
     def ref(t, training):
@@ -171,7 +184,20 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h):
     for a, b in [(bn.gamma, fused.gamma), (bn.beta, fused.beta),
                  (bn.moving_mean, fused.moving_mean), (bn.moving_variance, fused.moving_variance)]:
         a.assign(b)
-    np.testing.assert_allclose(np.asarray(fused(x, training=False)), ref(x, False), atol=1e-5)
+    want = ref(x, False)
+    # Inference: both kernel choices (Eigen's packed convs and matmuls, and
+    # oneDNN's plain ones), eagerly and in a graph, where grappler fuses.
+    for onednn in (False, True):
+        monkeypatch.setattr(layers_module, "_ONEDNN", onednn)
+        np.testing.assert_allclose(np.asarray(fused(x, training=False)), want, atol=1e-5)
+        graph = tf.function(lambda t: fused(t, training=False))
+        np.testing.assert_allclose(graph(tf.constant(x)).numpy(), want, atol=1e-5)
+        # A batch dimension unknown when traced.
+        loose = tf.function(
+            lambda t: fused(t, training=False),
+            input_signature=[tf.TensorSpec((None,) + x.shape[1:], tf.float32)],
+        )
+        np.testing.assert_allclose(loose(tf.constant(x)).numpy(), want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fused(x, training=True)), ref(x, True), atol=1e-5)
     np.testing.assert_allclose(fused.moving_mean.numpy(), bn.moving_mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(fused.moving_variance.numpy(), bn.moving_variance.numpy(), atol=1e-6)
@@ -185,10 +211,23 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h):
         want = tf.reduce_sum(keras.layers.ReLU()(bn(conv(pad(xt)), training=True)) * dy)
     for a, b in [(xt, xt), (fused.kernel, conv.kernel), (fused.gamma, bn.gamma), (fused.beta, bn.beta)]:
         np.testing.assert_allclose(
-            np.asarray(tape.gradient(got, a)), np.asarray(tape.gradient(want, b)), rtol=1e-5, atol=2e-5
+            np.asarray(tape.gradient(got, a)), np.asarray(tape.gradient(want, b)), rtol=1e-5, atol=1e-4
         )
     with pytest.raises(ValueError):
         ConvBNReLU(6, 2)
+
+
+def test_width_packing_rule(monkeypatch):
+    monkeypatch.setattr(layers_module, "_ONEDNN", False)
+    assert width_packing(6, 1, 32) == 2
+    assert width_packing(16, 1, 32) == 2
+    assert width_packing(17, 1, 32) == 1
+    assert width_packing(8, 2, 16) == 2
+    assert width_packing(12, 2, 16) == 1
+    assert width_packing(6, 1, 7) == 1  # odd width
+    assert width_packing(6, 1, None) == 1  # unknown width
+    monkeypatch.setattr(layers_module, "_ONEDNN", True)
+    assert width_packing(6, 1, 32) == 1
 
 
 def test_channel_concat_forward_and_higher_order_gradients():
