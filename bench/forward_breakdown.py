@@ -5,9 +5,9 @@
 (a) 3x3 conv + bias + ReLU at 32x32, batch 256, for several channel widths: the
     GMAC/s TensorFlow's CPU kernels reach (MSDNet's finest scale has 6-channel convs).
 (a2) Every conv shape of msdnet_cifar_5 at batch 256: a plain `tf.nn.conv2d` +
-    bias + ReLU against what `ConvBNReLU` runs at inference (width-packed narrow
-    convs, 1x1 convs as matmuls; see `keras_ee.models.layers.width_packing`),
-    with the count of such convs in the model and the summed time.
+    bias + ReLU against what `ConvBNReLU` runs at inference (narrow convs
+    width-packed, see `keras_ee.models.layers.width_packing`), with the count
+    of such convs in the model and the summed time.
 (b) Channel concatenation of a C-channel map with two 3-channel maps (one MSDNet
     dense layer at the finest scale) against an elementwise `x + x` over the
     C-channel map: both are memory-bound.
@@ -84,10 +84,7 @@ def conv_shapes(n=256):
         t_plain, t_ours = best_ms(plain, x, rep=3), best_ms(ours, x, rep=3)
         totals[0] += t_plain * len(members)
         totals[1] += t_ours * len(members)
-        if k == 1 and s == 1:
-            how = "matmul"
-        else:
-            how = f"packed x{width_packing(f, s, (w - 1) // s + 1)}"
+        how = f"packed x{width_packing(k, f, s, (w - 1) // s + 1)}"
         rows.append((t_plain * len(members), f"    {h:2d}x{w:<2d} {cin:3d}->{f:3d} k{k} s{s}  x{len(members):2d}  "
                      f"conv2d {t_plain:6.2f} ms  ConvBNReLU {t_ours:6.2f} ms ({how}, "
                      f"{t_plain / t_ours:4.2f}x)"))

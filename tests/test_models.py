@@ -154,12 +154,13 @@ def test_gradient_scale_layer():
     [
         (3, 2, 8, 6),  # stride 2, width-packed at inference (even output width)
         (3, 1, 7, 6),  # odd width: not packed
-        (1, 1, 5, 6),  # 1x1: a matmul at inference
+        (1, 1, 5, 6),  # 1x1
         (3, 2, 7, 6),  # odd input, even output width: packed
         (3, 1, 8, 12),  # stride 1, packed
         (5, 1, 6, 16),  # 5x5 kernel, packed
         (3, 2, 8, 12),  # stride 2 and 12 filters: not packed
         (3, 1, 8, 17),  # too wide to pack
+        (5, 2, 9, 8),  # 5x5, stride 2, odd input: packed
     ],
 )
 def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
@@ -185,8 +186,8 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
                  (bn.moving_mean, fused.moving_mean), (bn.moving_variance, fused.moving_variance)]:
         a.assign(b)
     want = ref(x, False)
-    # Inference: both kernel choices (Eigen's packed convs and matmuls, and
-    # oneDNN's plain ones), eagerly and in a graph, where grappler fuses.
+    # Inference: both kernel choices (packed convs for Eigen's kernels, plain
+    # ones for oneDNN's), eagerly and in a graph, where grappler fuses.
     for onednn in (False, True):
         monkeypatch.setattr(layers_module, "_ONEDNN", onednn)
         np.testing.assert_allclose(np.asarray(fused(x, training=False)), want, atol=1e-5)
@@ -198,6 +199,12 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
             input_signature=[tf.TensorSpec((None,) + x.shape[1:], tf.float32)],
         )
         np.testing.assert_allclose(loose(tf.constant(x)).numpy(), want, atol=1e-5)
+        # Unknown height (the width stays static, so packing still applies).
+        tall = tf.function(
+            lambda t: fused(t, training=False),
+            input_signature=[tf.TensorSpec((None, None) + x.shape[2:], tf.float32)],
+        )
+        np.testing.assert_allclose(tall(tf.constant(x)).numpy(), want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fused(x, training=True)), ref(x, True), atol=1e-5)
     np.testing.assert_allclose(fused.moving_mean.numpy(), bn.moving_mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(fused.moving_variance.numpy(), bn.moving_variance.numpy(), atol=1e-6)
@@ -219,15 +226,18 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
 
 def test_width_packing_rule(monkeypatch):
     monkeypatch.setattr(layers_module, "_ONEDNN", False)
-    assert width_packing(6, 1, 32) == 2
-    assert width_packing(16, 1, 32) == 2
-    assert width_packing(17, 1, 32) == 1
-    assert width_packing(8, 2, 16) == 2
-    assert width_packing(12, 2, 16) == 1
-    assert width_packing(6, 1, 7) == 1  # odd width
-    assert width_packing(6, 1, None) == 1  # unknown width
+    assert width_packing(3, 6, 1, 32) == 2
+    assert width_packing(3, 16, 1, 32) == 2
+    assert width_packing(5, 16, 1, 32) == 2
+    assert width_packing(3, 17, 1, 32) == 1
+    assert width_packing(3, 8, 2, 16) == 2
+    assert width_packing(3, 12, 2, 16) == 1
+    assert width_packing(1, 6, 1, 32) == 1  # 1x1: already a matmul
+    assert width_packing(3, 6, 3, 8) == 1
+    assert width_packing(3, 6, 1, 7) == 1  # odd width
+    assert width_packing(3, 6, 1, None) == 1  # unknown width
     monkeypatch.setattr(layers_module, "_ONEDNN", True)
-    assert width_packing(6, 1, 32) == 1
+    assert width_packing(3, 6, 1, 32) == 1
 
 
 def test_channel_concat_forward_and_higher_order_gradients():

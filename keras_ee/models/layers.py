@@ -180,20 +180,24 @@ def _tf_uses_onednn():
 _ONEDNN = None
 
 
-def width_packing(filters, strides, out_width):
+def width_packing(kernel_size, filters, strides, out_width):
     """How many output columns `ConvBNReLU` computes per conv position at
-    inference on TensorFlow: 2 for narrow convs, else 1.
+    inference on TensorFlow: 2 for narrow 3x3 (or larger) convs, else 1.
 
-    Narrow convs (<= 16 output channels, <= 8 at stride 2) run 1.3-2.9x
-    faster as a conv with twice the output channels over half the columns,
-    even though the wider kernel does 4/3 (3x3), 5/3 (3x3 stride 2) or 2x
-    (1x1) the Mul-Adds; wider convs do not gain (measured per shape by
-    `bench/forward_breakdown.py`). Needs a static, even output width.
+    TensorFlow's default (Eigen) CPU conv kernels block over output channels,
+    and with 6 or 12 of them most of each block sits idle. Narrow convs
+    (<= 16 output channels, <= 8 at stride 2) run up to 2.3x faster as one
+    conv with twice the output channels over half the columns, though the
+    wider kernel does 4/3 (3x3) or 5/3 (3x3, stride 2) of the Mul-Adds; wider
+    convs do not gain, and a 1x1 conv already runs as a matmul (measured per
+    shape by `bench/forward_breakdown.py`). oneDNN's kernels handle narrow
+    convs themselves and get 1. Needs stride 1 or 2 and a static, even
+    output width.
     """
-    if out_width is None or out_width % 2 or filters > (16 if strides == 1 else 8):
+    if kernel_size == 1 or strides > 2 or out_width is None or out_width % 2:
         return 1
-    if _tf_uses_onednn():
-        return 1  # oneDNN's own narrow-conv kernels are faster unpacked
+    if filters > (16 if strides == 1 else 8) or _tf_uses_onednn():
+        return 1
     return 2
 
 
@@ -344,22 +348,10 @@ class ConvBNReLU(keras.layers.Layer):
         # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
         import tensorflow as tf
 
-        if self.kernel_size == 1 and self.strides == 1 and not _tf_uses_onednn():
-            # A 1x1 conv is a matmul over pixels; MatMul + BiasAdd + Relu
-            # fuses to one _FusedMatMul, 1.2-3x faster on CPU than the 1x1
-            # _FusedConv2D (bench/forward_breakdown.py).
-            cin = kernel.shape[2]
-            y = tf.matmul(tf.reshape(inputs, [-1, cin]), tf.reshape(kernel, [cin, self.filters]))
-            y = tf.nn.bias_add(y, shift)
-            if self.activation:
-                y = tf.nn.relu(y)
-            dims = [d if d is not None else tf.shape(inputs)[i] for i, d in enumerate(inputs.shape[:3])]
-            dims[0] = -1
-            return tf.reshape(y, dims + [self.filters])
         pad = (self.kernel_size - 1) // 2
         width = inputs.shape[2]
         out_width = None if width is None else (width - 1) // self.strides + 1
-        pack = width_packing(self.filters, self.strides, out_width)
+        pack = width_packing(self.kernel_size, self.filters, self.strides, out_width)
         if pack > 1:
             return self._tf_fused_packed(inputs, kernel, shift, pack, out_width)
         if self.strides > 1 and pad:
@@ -406,7 +398,8 @@ class ConvBNReLU(keras.layers.Layer):
         y = tf.nn.bias_add(y, tf.tile(shift, [pack]))
         if self.activation:
             y = tf.nn.relu(y)
-        return tf.reshape(y, [-1, y.shape[1], out_width, self.filters])
+        height = y.shape[1] if y.shape[1] is not None else tf.shape(y)[1]
+        return tf.reshape(y, [-1, height, out_width, self.filters])
 
     def compute_output_shape(self, input_shape):
         def out(d):
