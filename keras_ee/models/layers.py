@@ -179,6 +179,10 @@ def _tf_uses_onednn():
 
 _ONEDNN = None
 
+# Set to False to turn width packing off (read when a model's inference
+# function is traced); `bench/models.py` does so to measure its gain.
+PACK_NARROW_CONVS = True
+
 
 def width_packing(kernel_size, filters, strides, out_width):
     """How many output columns `ConvBNReLU` computes per conv position at
@@ -194,7 +198,9 @@ def width_packing(kernel_size, filters, strides, out_width):
     convs themselves and get 1. Needs stride 1 or 2 and a static, even
     output width.
     """
-    if kernel_size == 1 or strides > 2 or out_width is None or out_width % 2:
+    if not PACK_NARROW_CONVS or kernel_size == 1 or strides > 2:
+        return 1
+    if out_width is None or out_width % 2:
         return 1
     if filters > (16 if strides == 1 else 8) or _tf_uses_onednn():
         return 1
