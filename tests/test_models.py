@@ -205,8 +205,6 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
             input_signature=[tf.TensorSpec((None, None) + x.shape[2:], tf.float32)],
         )
         np.testing.assert_allclose(tall(tf.constant(x)).numpy(), want, atol=1e-5)
-    # Training runs the packed conv too (where `width_packing` says so).
-    monkeypatch.setattr(layers_module, "_ONEDNN", False)
     np.testing.assert_allclose(np.asarray(fused(x, training=True)), ref(x, True), atol=1e-5)
     np.testing.assert_allclose(fused.moving_mean.numpy(), bn.moving_mean.numpy(), atol=1e-6)
     np.testing.assert_allclose(fused.moving_variance.numpy(), bn.moving_variance.numpy(), atol=1e-6)

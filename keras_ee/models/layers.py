@@ -179,14 +179,14 @@ def _tf_uses_onednn():
 
 _ONEDNN = None
 
-# Set to False to turn width packing off (read when a function calling the
-# layer is traced); `bench/models.py` does so to measure its gain.
+# Set to False to turn width packing off (read when a model's inference
+# function is traced); `bench/models.py` does so to measure its gain.
 PACK_NARROW_CONVS = True
 
 
 def width_packing(kernel_size, filters, strides, out_width):
-    """How many output columns `ConvBNReLU` computes per conv position on
-    TensorFlow: 2 for narrow 3x3 (or larger) convs, else 1.
+    """How many output columns `ConvBNReLU` computes per conv position at
+    inference on TensorFlow: 2 for narrow 3x3 (or larger) convs, else 1.
 
     TensorFlow's default (Eigen) CPU conv kernels block over output channels,
     and with 6 or 12 of them most of each block sits idle. Narrow convs
@@ -219,10 +219,7 @@ class ConvBNReLU(keras.layers.Layer):
     inference it folds the BN scale into the kernel and the shift into a bias,
     so the backend runs one fused conv+bias+ReLU kernel instead of four passes
     over the activations; MSDNet/RANet have hundreds of these small units,
-    and this is what keeps them close to the speed of their arithmetic. On
-    TensorFlow, narrow convs (6-16 output channels) also run width-packed,
-    two output columns per conv position (see `width_packing`), in training
-    and at inference: the same outputs up to float rounding.
+    and this is what keeps them close to the speed of their arithmetic.
 
     Trainable weights: `kernel` (kh, kw, cin, cout), `gamma`, `beta`;
     non-trainable: `moving_mean`, `moving_variance`.
@@ -297,12 +294,7 @@ class ConvBNReLU(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if training:
-            kernel = ops.cast(self.kernel, inputs.dtype)
-            pack, out_width = self._packing(inputs)
-            if pack > 1:
-                y = self._unpack(self._tf_packed_conv(inputs, kernel, pack, out_width), out_width)
-            else:
-                y = self._conv(inputs, kernel)
+            y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
             if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
                 y, mean, variance = self._tf_fused_batch_norm(y)
             else:
@@ -362,13 +354,12 @@ class ConvBNReLU(keras.layers.Layer):
         # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
         import tensorflow as tf
 
-        pack, out_width = self._packing(inputs)
-        if pack > 1:
-            y = self._tf_packed_conv(inputs, kernel, pack, out_width)
-            y = tf.nn.bias_add(y, tf.tile(shift, [pack]))
-            y = tf.nn.relu(y) if self.activation else y
-            return self._unpack(y, out_width)
         pad = (self.kernel_size - 1) // 2
+        width = inputs.shape[2]
+        out_width = None if width is None else (width - 1) // self.strides + 1
+        pack = width_packing(self.kernel_size, self.filters, self.strides, out_width)
+        if pack > 1:
+            return self._tf_fused_packed(inputs, kernel, shift, pack, out_width)
         if self.strides > 1 and pad:
             padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
         else:
@@ -377,25 +368,17 @@ class ConvBNReLU(keras.layers.Layer):
         y = tf.nn.bias_add(y, shift)
         return tf.nn.relu(y) if self.activation else y
 
-    def _packing(self, inputs):
-        """`(pack, out_width)`: the width packing for this input (1 = none)."""
-        if keras.backend.backend() != "tensorflow":
-            return 1, None
-        width = inputs.shape[2]
-        out_width = None if width is None else (width - 1) // self.strides + 1
-        return width_packing(self.kernel_size, self.filters, self.strides, out_width), out_width
-
-    def _tf_packed_conv(self, inputs, kernel, pack, out_width):
+    def _tf_fused_packed(self, inputs, kernel, shift, pack, out_width):
         # The same conv computed `pack` output columns at a time: one conv
         # with `pack * filters` output channels, horizontal stride
         # `pack * strides` and a kernel `strides * (pack - 1)` columns wider,
         # whose output channel group `a` holds the original kernel shifted
         # right by `strides * a` columns (zeros elsewhere). In channels-last
         # layout, its output (N, H, W / pack, pack * filters) is bit-for-bit
-        # the layout of (N, H, W, filters), so `_unpack` is a free reshape.
+        # the layout of (N, H, W, filters), so a free reshape restores it.
         # CPU conv kernels block over output channels; with 6 or 12 of them
         # most of each block is idle, and packing fills it (see
-        # `width_packing`). Gradients flow through the pads to `kernel`.
+        # `bench/forward_breakdown.py` for the measured gain per shape).
         import tensorflow as tf
 
         k, s = self.kernel_size, self.strides
@@ -408,19 +391,19 @@ class ConvBNReLU(keras.layers.Layer):
             ],
             axis=3,
         )
+        groups = out_width // pack
         # Right padding so that the last window (starting at
         # s*pack*(groups-1) - pad) ends exactly at the padded edge.
-        right = s * pack * (out_width // pack - 1) + window - pad - inputs.shape[2]
-        return tf.nn.conv2d(
+        right = s * pack * (groups - 1) + window - pad - inputs.shape[2]
+        y = tf.nn.conv2d(
             inputs,
             kernel,
             strides=[1, s, s * pack, 1],
             padding=[[0, 0], [pad, pad], [pad, right], [0, 0]],
         )
-
-    def _unpack(self, y, out_width):
-        import tensorflow as tf
-
+        y = tf.nn.bias_add(y, tf.tile(shift, [pack]))
+        if self.activation:
+            y = tf.nn.relu(y)
         height = y.shape[1] if y.shape[1] is not None else tf.shape(y)[1]
         return tf.reshape(y, [-1, height, out_width, self.filters])
 
