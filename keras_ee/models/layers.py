@@ -223,9 +223,8 @@ class ConvBNReLU(keras.layers.Layer):
     inference on TensorFlow, narrow convs (6-16 output channels) also run
     width-packed, two output columns per conv position (see
     `width_packing`): the same outputs up to float rounding. Training keeps
-    the plain conv: packed, a baseline step at batch 256 was about 12%
-    faster, but L2W's second-order step at batch 64 took 3.4 s instead of
-    1.9 s (`bench/train_step.py`).
+    the plain conv: packed, L2W's second-order step at batch 64 took 3.4 s
+    instead of 1.9 s (`bench/train_step.py`).
 
     Trainable weights: `kernel` (kh, kw, cin, cout), `gamma`, `beta`;
     non-trainable: `moving_mean`, `moving_variance`.
