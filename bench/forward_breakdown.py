@@ -14,7 +14,12 @@
 (c) msdnet_cifar_5 and the plain stack of `bench/models.py` on 256 images, whole
     and in chunks of 64/32/16 inside one `tf.function`: the ratio per chunk size.
 
-Times are the best of 5 (a, a2, b) or the median of 5 interleaved runs (c).
+(d) Every `AlignCornersResize` shape of ranet_cifar_c1 at batch 256: the two
+    einsums over the interpolation matrices (the layer's portable path) against
+    TensorFlow's `ResizeBilinear` kernel (its TensorFlow path), and their
+    largest difference.
+
+Times are the best of 5 (a, a2, b, d) or the median of 5 interleaved runs (c).
 """
 
 import math
@@ -138,9 +143,42 @@ def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
         print(f"    chunk {c:3d}  msdnet {e:.4f} s  plain {p:.4f} s  ratio {e / p:.2f}x")
 
 
+def resize_shapes(n=256):
+    print("(d) ranet_cifar_c1's align-corners resizes, batch 256: einsum vs ResizeBilinear")
+    from keras import ops
+
+    from keras_ee.models.layers import AlignCornersResize
+
+    ranet = models.create("ranet_cifar_c1", num_classes=100)
+    counts = {}
+    for layer in ranet.layers:
+        if isinstance(layer, AlignCornersResize):
+            key = (tuple(layer.input.shape[1:]), layer.size)
+            counts[key] = counts.get(key, 0) + 1
+    totals = [0.0, 0.0]
+    for (shape, size), count in sorted(counts.items(), key=lambda kv: -kv[0][0][2]):
+        layer = AlignCornersResize(size)
+        x = tf.random.normal((n,) + shape)
+        layer(x)  # builds the matrices
+
+        def einsum(t, layer=layer):
+            t = ops.einsum("ph,nhwc->npwc", tf.constant(layer._mh), t)
+            return ops.einsum("qw,npwc->npqc", tf.constant(layer._mw), t)
+
+        kernel = tf.function(lambda t, layer=layer: layer(t))
+        diff = float(tf.reduce_max(tf.abs(einsum(x) - kernel(x))))
+        t_einsum, t_kernel = best_ms(tf.function(einsum), x, rep=3), best_ms(kernel, x, rep=3)
+        totals[0] += t_einsum * count
+        totals[1] += t_kernel * count
+        print(f"    {shape[0]:2d}x{shape[1]:<2d} x{shape[2]:3d} ch -> {size[0]:2d}x{size[1]:<2d} x{count:2d}  "
+              f"einsum {t_einsum:6.2f} ms  ResizeBilinear {t_kernel:5.2f} ms  max diff {diff:.1e}")
+    print(f"    all: einsum {totals[0]:.1f} ms, ResizeBilinear {totals[1]:.1f} ms")
+
+
 if __name__ == "__main__":
     conv_efficiency()
     conv_shapes()
     concat_bandwidth()
+    resize_shapes()
     if "--skip-chunked" not in sys.argv[1:]:
         chunked_forward()

@@ -298,17 +298,56 @@ def test_shared_bottleneck_equals_separate_units():
         ChannelSplit([3, 0])
 
 
-def test_align_corners_resize_matches_tf_v1():
+def _matrix_resize(x, size):
+    mh = align_corners_matrix(x.shape[1], size[0])
+    mw = align_corners_matrix(x.shape[2], size[1])
+    return np.einsum("qw,npwc->npqc", mw, np.einsum("ph,nhwc->npwc", mh, x))
+
+
+def test_align_corners_resize_matches_interpolation_matrices():
+    # The layer runs TensorFlow's ResizeBilinear kernel; the reference is the
+    # PyTorch align_corners=True interpolation written as two matrices.
     x = _rand((2, 8, 6, 3))
     for size in [(16, 12), (4, 3), (8, 6), (5, 11)]:
         got = np.asarray(AlignCornersResize(size)(x))
-        ref = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-5)
+        np.testing.assert_allclose(got, _matrix_resize(x.astype(np.float64), size), atol=1e-5)
+        graph = tf.function(lambda t, size=size: AlignCornersResize(size)(t))
+        np.testing.assert_allclose(graph(tf.constant(x)).numpy(), got, atol=1e-6)
     m = align_corners_matrix(8, 16)
     np.testing.assert_allclose(m.sum(axis=1), 1.0)
     assert m[0, 0] == 1.0 and m[-1, -1] == 1.0  # corners aligned
     with pytest.raises(ValueError):
         AlignCornersResize((0, 3))
+
+
+@pytest.mark.parametrize("size", [(16, 12), (4, 3)])
+def test_align_corners_resize_gradients_first_and_second_order(size):
+    """Gradients through the kernel path equal those of the matrix einsums,
+    including the second order that L2W's meta-gradient takes."""
+    from keras import ops
+
+    layer = AlignCornersResize(size)
+    x = tf.constant(_rand((2, 8, 6, 3)))
+    layer(x)
+    mh, mw = tf.constant(layer._mh), tf.constant(layer._mw)
+
+    def einsum_resize(t):
+        return ops.einsum("qw,npwc->npqc", mw, ops.einsum("ph,nhwc->npwc", mh, t))
+
+    w = tf.constant(_rand((2,) + tuple(size) + (3,)))
+
+    def grads(resize):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(resize(x)) * w)
+            g = inner.gradient(loss, x)
+            meta = tf.reduce_sum(g * g)
+        return g, outer.gradient(meta, x)
+
+    for got, want in zip(grads(layer), grads(einsum_resize)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,8 @@ class AlignCornersResize(keras.layers.Layer):
         self._mw = align_corners_matrix(input_shape[2], self.size[1]).astype("float32")
 
     def call(self, inputs):
+        if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_RESIZE_DTYPES:
+            return _tf_align_corners_resize(inputs, self.size)
         mh = ops.cast(ops.convert_to_tensor(self._mh), inputs.dtype)
         mw = ops.cast(ops.convert_to_tensor(self._mw), inputs.dtype)
         x = ops.einsum("ph,nhwc->npwc", mh, inputs)
@@ -159,6 +161,52 @@ class AlignCornersResize(keras.layers.Layer):
         config = super().get_config()
         config.update({"size": list(self.size)})
         return config
+
+
+_TF_RESIZE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _tf_align_corners_resize(x, size):
+    """TensorFlow's own bilinear kernel with `align_corners=True` (the
+    interpolation `align_corners_matrix` defines, up to float rounding), with
+    gradients of every order on TensorFlow's kernels too.
+
+    The two einsums over the interpolation matrices cost many times more
+    than the `ResizeBilinear` kernel, most when downsampling wide maps (per
+    RANet shape: `bench/forward_breakdown.py`, part d). The resize is
+    linear, so its gradient
+    is the transposed resize (`ResizeBilinearGrad`) and that one's gradient
+    is the resize again; TensorFlow registers no gradient for
+    `ResizeBilinearGrad`, which second-order methods (L2W) need.
+    """
+    import tensorflow as tf
+
+    dtype = x.dtype
+
+    @tf.custom_gradient
+    def resize(t):
+        def grad(dy):
+            return resize_transposed(dy, t)
+
+        out = tf.raw_ops.ResizeBilinear(
+            images=t, size=list(size), align_corners=True, half_pixel_centers=False
+        )
+        return tf.cast(out, dtype), grad
+
+    @tf.custom_gradient
+    def resize_transposed(dy, like):
+        def grad(ddx):
+            return resize(ddx), tf.zeros_like(like)
+
+        dx = tf.raw_ops.ResizeBilinearGrad(
+            grads=tf.cast(dy, tf.float32),
+            original_image=like,
+            align_corners=True,
+            half_pixel_centers=False,
+        )
+        return tf.cast(dx, dtype), grad
+
+    return resize(x)
 
 
 _TF_FUSED_BN_DTYPES = ("float32", "float16", "bfloat16")
