@@ -63,17 +63,24 @@ def conv_efficiency(n=256, h=32):
         print(f"    {cin:2d} -> {cout:2d} channels  {ms:7.2f} ms  {gmac:6.1f} GMAC/s")
 
 
+def layers_by_shape(model, layer_class, key):
+    """{key(layer): [layers]} over the model's layers of `layer_class`."""
+    groups = {}
+    for layer in model.layers:
+        if isinstance(layer, layer_class):
+            groups.setdefault(key(layer), []).append(layer)
+    return groups
+
+
 def conv_shapes(n=256):
     print("(a2) msdnet_cifar_5's conv shapes, batch 256: plain conv2d vs ConvBNReLU at inference")
     from keras_ee.models.layers import ConvBNReLU, width_packing
 
-    ee = models.create("msdnet_cifar_5", num_classes=100)
-    groups = {}
-    for layer in ee.layers:
-        if isinstance(layer, ConvBNReLU):
-            _, h, w, cin = layer.input.shape
-            key = (h, w, cin, layer.kernel_size, layer.strides, layer.filters)
-            groups.setdefault(key, []).append(layer)
+    groups = layers_by_shape(
+        models.create("msdnet_cifar_5", num_classes=100),
+        ConvBNReLU,
+        lambda l: tuple(l.input.shape[1:]) + (l.kernel_size, l.strides, l.filters),
+    )
     totals = [0.0, 0.0]
     rows = []
     for (h, w, cin, k, s, f), members in groups.items():
@@ -149,14 +156,14 @@ def resize_shapes(n=256):
 
     from keras_ee.models.layers import AlignCornersResize
 
-    ranet = models.create("ranet_cifar_c1", num_classes=100)
-    counts = {}
-    for layer in ranet.layers:
-        if isinstance(layer, AlignCornersResize):
-            key = (tuple(layer.input.shape[1:]), layer.size)
-            counts[key] = counts.get(key, 0) + 1
+    groups = layers_by_shape(
+        models.create("ranet_cifar_c1", num_classes=100),
+        AlignCornersResize,
+        lambda l: (tuple(l.input.shape[1:]), l.size),
+    )
     totals = [0.0, 0.0]
-    for (shape, size), count in sorted(counts.items(), key=lambda kv: -kv[0][0][2]):
+    for (shape, size), members in sorted(groups.items(), key=lambda kv: -kv[0][0][2]):
+        count = len(members)
         layer = AlignCornersResize(size)
         x = tf.random.normal((n,) + shape)
         layer(x)  # builds the matrices

@@ -336,15 +336,16 @@ def test_align_corners_resize_gradients_first_and_second_order(size):
 
     w = tf.constant(_rand((2,) + tuple(size) + (3,)))
 
+    def input_gradient(f, t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            value = f(t)
+        return tape.gradient(value, t)
+
     def grads(resize):
-        with tf.GradientTape() as outer:
-            outer.watch(x)
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                loss = tf.reduce_sum(tf.sin(resize(x)) * w)
-            g = inner.gradient(loss, x)
-            meta = tf.reduce_sum(g * g)
-        return g, outer.gradient(meta, x)
+        loss = lambda t: tf.reduce_sum(tf.sin(resize(t)) * w)  # noqa: E731
+        meta = lambda t: tf.reduce_sum(tf.square(input_gradient(loss, t)))  # noqa: E731
+        return input_gradient(loss, x), input_gradient(meta, x)
 
     for got, want in zip(grads(layer), grads(einsum_resize)):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
