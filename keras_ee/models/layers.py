@@ -147,7 +147,7 @@ class AlignCornersResize(keras.layers.Layer):
         self._mw = align_corners_matrix(input_shape[2], self.size[1]).astype("float32")
 
     def call(self, inputs):
-        if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_RESIZE_DTYPES:
+        if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_KERNEL_FLOATS:
             return _tf_align_corners_resize(inputs, self.size)
         mh = ops.cast(ops.convert_to_tensor(self._mh), inputs.dtype)
         mw = ops.cast(ops.convert_to_tensor(self._mw), inputs.dtype)
@@ -163,7 +163,8 @@ class AlignCornersResize(keras.layers.Layer):
         return config
 
 
-_TF_RESIZE_DTYPES = ("float32", "float16", "bfloat16")
+# Float dtypes TensorFlow's fused BN and bilinear-resize kernels take.
+_TF_KERNEL_FLOATS = ("float32", "float16", "bfloat16")
 
 
 def _tf_align_corners_resize(x, size):
@@ -174,10 +175,9 @@ def _tf_align_corners_resize(x, size):
     The two einsums over the interpolation matrices cost many times more
     than the `ResizeBilinear` kernel, most when downsampling wide maps (per
     RANet shape: `bench/forward_breakdown.py`, part d). The resize is
-    linear, so its gradient
-    is the transposed resize (`ResizeBilinearGrad`) and that one's gradient
-    is the resize again; TensorFlow registers no gradient for
-    `ResizeBilinearGrad`, which second-order methods (L2W) need.
+    linear, so its gradient is the transposed resize (`ResizeBilinearGrad`)
+    and that one's gradient is the resize again; TensorFlow registers no
+    gradient for `ResizeBilinearGrad`, which second-order methods (L2W) need.
     """
     import tensorflow as tf
 
@@ -196,7 +196,7 @@ def _tf_align_corners_resize(x, size):
     @tf.custom_gradient
     def resize_transposed(dy, like):
         def grad(ddx):
-            return resize(ddx), tf.zeros_like(like)
+            return resize(ddx), None  # `like` only lends its shape
 
         dx = tf.raw_ops.ResizeBilinearGrad(
             grads=tf.cast(dy, tf.float32),
@@ -207,9 +207,6 @@ def _tf_align_corners_resize(x, size):
         return tf.cast(dx, dtype), grad
 
     return resize(x)
-
-
-_TF_FUSED_BN_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _tf_uses_onednn():
@@ -253,7 +250,6 @@ def width_packing(kernel_size, filters, strides, out_width):
     if filters > (16 if strides == 1 else 8) or _tf_uses_onednn():
         return 1
     return 2
-
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -348,7 +344,7 @@ class ConvBNReLU(keras.layers.Layer):
     def call(self, inputs, training=None):
         if training:
             y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
-            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
+            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_KERNEL_FLOATS:
                 y, mean, variance = self._tf_fused_batch_norm(y)
             else:
                 mean, variance = ops.moments(y, axes=[0, 1, 2])
