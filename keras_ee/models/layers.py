@@ -147,7 +147,7 @@ class AlignCornersResize(keras.layers.Layer):
         self._mw = align_corners_matrix(input_shape[2], self.size[1]).astype("float32")
 
     def call(self, inputs):
-        if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_KERNEL_FLOATS:
+        if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_RESIZE_DTYPES:
             return _tf_align_corners_resize(inputs, self.size)
         mh = ops.cast(ops.convert_to_tensor(self._mh), inputs.dtype)
         mw = ops.cast(ops.convert_to_tensor(self._mw), inputs.dtype)
@@ -163,8 +163,10 @@ class AlignCornersResize(keras.layers.Layer):
         return config
 
 
-# Float dtypes TensorFlow's fused BN and bilinear-resize kernels take.
-_TF_KERNEL_FLOATS = ("float32", "float16", "bfloat16")
+# Float dtypes TensorFlow's kernels take; one switch per kernel, so a test
+# can turn either path off on its own.
+_TF_RESIZE_DTYPES = ("float32", "float16", "bfloat16")
+_TF_FUSED_BN_DTYPES = _TF_RESIZE_DTYPES
 
 
 def _tf_align_corners_resize(x, size):
@@ -344,7 +346,7 @@ class ConvBNReLU(keras.layers.Layer):
     def call(self, inputs, training=None):
         if training:
             y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
-            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_KERNEL_FLOATS:
+            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
                 y, mean, variance = self._tf_fused_batch_norm(y)
             else:
                 mean, variance = ops.moments(y, axes=[0, 1, 2])
