@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/calibrator.py            # issue sizes (1 GB of logits, 1M + 1M sweep)
     .venv/bin/python bench/calibrator.py --small    # quick run
+    .venv/bin/python bench/calibrator.py --only ties   # just the tie-heavy agreement check
 
 (a) `exit_scores` on float32 logits (K, N, C) versus numpy's `.sum()` over the same
     array (read bandwidth; target >= 0.5x) and versus a vectorised numpy softmax
@@ -16,6 +17,11 @@
     - "numpy partition": the same, with np.partition (O(N) selection) instead of the
       full sort; a stronger numpy baseline than the reference, reported as well.
     Both score each threshold set on val and test with the same vectorised code.
+(c) A tie-heavy dump (max softmax of confident logits, saturated at 1.0 in float32):
+    ties let more than an exit's quota leave early, so a later exit can find fewer
+    samples left than its quota (the "shortfall" branch). `budget_sweep` and both numpy
+    versions must agree there too, under both rules: shortfall="reference" (default,
+    the authors' code: that exit's threshold stays +inf) and "exit_all".
 
 Times are the best of `--repeat` runs (numpy sweep: one run, it is slow). The
 machine may be shared: ratios are what matters, both sides run in the same process.
@@ -91,15 +97,17 @@ def bench_scores(shape, repeat):
 # ----------------------------------------------------------------------------- (b) sweep
 
 
-def _numpy_calibrate(scores, fractions, kth_largest):
+def _numpy_calibrate(scores, fractions, kth_largest, shortfall="reference"):
     """One calibration (algorithms.md section 1): at each exit, T_k is the n_k-th largest
-    score among the samples still there, found by `kth_largest(r, m)`."""
+    score among the samples still there, found by `kth_largest(r, m)`. With fewer than
+    n_k left, T_k stays +inf (shortfall="reference", the authors' code) or is the lowest
+    remaining score ("exit_all")."""
     k, n = scores.shape
     alive = np.arange(n)
     thresholds = np.full(k, np.inf)
     for e in range(k - 1):
         n_e = int(np.floor(n * fractions[e]))
-        if n_e == 0 or alive.size == 0:
+        if n_e == 0 or alive.size == 0 or (n_e > alive.size and shortfall == "reference"):
             continue
         r = scores[e, alive]
         t = kth_largest(r, min(n_e, r.size))
@@ -109,19 +117,19 @@ def _numpy_calibrate(scores, fractions, kth_largest):
     return thresholds
 
 
-def numpy_calibrate_sort(scores, fractions):
+def numpy_calibrate_sort(scores, fractions, shortfall="reference"):
     """As the reference: rank the samples still there by a full sort.
 
     "rank the samples that have not exited yet by s[:,k], descending; T_k = s of the
     n_k-th ranked sample". The descending ranking is the ascending argsort read
     backwards (a view, no extra pass).
     """
-    return _numpy_calibrate(scores, fractions, lambda r, m: r[np.argsort(r)[::-1][m - 1]])
+    return _numpy_calibrate(scores, fractions, lambda r, m: r[np.argsort(r)[::-1][m - 1]], shortfall)
 
 
-def numpy_calibrate_partition(scores, fractions):
+def numpy_calibrate_partition(scores, fractions, shortfall="reference"):
     """Vectorised: np.partition (O(N) selection) among the samples still there."""
-    return _numpy_calibrate(scores, fractions, lambda r, m: np.partition(r, r.size - m)[r.size - m])
+    return _numpy_calibrate(scores, fractions, lambda r, m: np.partition(r, r.size - m)[r.size - m], shortfall)
 
 
 def numpy_simulate(scores, correct, thresholds, costs):
@@ -137,12 +145,12 @@ def numpy_simulate(scores, correct, thresholds, costs):
     return right / n, cost / n, counts
 
 
-def numpy_budget_sweep(vs, vc, ts, tc, costs, qs, calibrate):
+def numpy_budget_sweep(vs, vc, ts, tc, costs, qs, calibrate, shortfall="reference"):
     k = vs.shape[0]
     out = {key: [] for key in ("thresholds", "val_accuracy", "test_accuracy", "mean_cost", "exit_counts")}
     for q in qs:
         f = cal.geometric_fractions(q, k)
-        t = calibrate(vs, f)
+        t = calibrate(vs, f, shortfall)
         va, _, _ = numpy_simulate(vs, vc, t, costs)
         ta, tcost, counts = numpy_simulate(ts, tc, t, costs)
         for key, v in zip(out, (t, va, ta, tcost, counts)):
@@ -187,14 +195,107 @@ def bench_sweep(n, k, repeat):
     return rows, (t_sort / t_rust, t_part / t_rust)
 
 
+# ----------------------------------------------------------------------------- (c) ties
+
+
+def saturating_exits(n, k, rng, classes=10, chunk=100_000):
+    """Max-softmax scores (`exit_scores`) of confident logits: exits share most of each
+    sample's logits and grow more confident with depth, so 40-60% of the scores are
+    exactly 1.0 in float32. Logits are made in chunks of samples (bounded memory)."""
+    scale = np.linspace(40.0, 80.0, k, dtype=np.float32)[:, None, None]
+    scores = np.empty((k, n), np.float32)
+    preds = np.empty((k, n), np.int32)
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        shared = rng.standard_normal((1, m, classes), dtype=np.float32)
+        logits = (0.7 * shared + 0.3 * rng.standard_normal((k, m, classes), dtype=np.float32)) * scale
+        scores[:, i : i + m], preds[:, i : i + m] = cal.exit_scores(logits)
+    labels = np.where(rng.random(n) < 0.8, preds[-1], rng.integers(0, classes, n))
+    return scores, preds == labels[None, :]
+
+
+def _list(qs):
+    """`0.05, 0.1, 0.15` or, for more than five, `0.7, 0.75, ..., 1.95`."""
+    text = [f"{q:g}" for q in qs]
+    return ", ".join(text if len(text) <= 5 else text[:2] + ["..."] + text[-1:]) or "none"
+
+
+def bench_ties(n, k, repeat):
+    rng = np.random.default_rng(2)
+    vs, vc = saturating_exits(n, k, rng)
+    ts, tc = saturating_exits(n, k, rng)
+    costs = np.cumsum(np.linspace(1.0, 2.0, k)) * 1e6
+    qs = cal.default_qs()
+    size = f"{n:,} + {n:,}, K={k}, {len(qs)} budgets"
+    print(
+        f"tie-heavy dump (max softmax of confident logits, {size}): "
+        f"{(vs == 1.0).mean():.1%} of the validation scores are exactly 1.0 "
+        f"(first exit {(vs[0] == 1.0).mean():.1%}, last {(vs[-1] == 1.0).mean():.1%})"
+    )
+    rows, sweeps = [], {}
+    for shortfall in ("reference", "exit_all"):
+        t_rust, got = best_of(lambda: cal.budget_sweep(vs, vc, ts, tc, costs, qs=qs, shortfall=shortfall), repeat)
+        t_sort, want_sort = best_of(
+            lambda: numpy_budget_sweep(vs, vc, ts, tc, costs, qs, numpy_calibrate_sort, shortfall), 1
+        )
+        t_part, want_part = best_of(
+            lambda: numpy_budget_sweep(vs, vc, ts, tc, costs, qs, numpy_calibrate_partition, shortfall), 1
+        )
+        for want in (want_sort, want_part):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key}, shortfall={shortfall}")
+        sweeps[shortfall] = got
+        rows += [
+            (f"numpy budget sweep, sort, tie-heavy, shortfall={shortfall}", t_sort, "", ""),
+            (f"numpy budget sweep, np.partition, tie-heavy, shortfall={shortfall}", t_part, "", ""),
+            (
+                f"keras_ee budget_sweep, tie-heavy, shortfall={shortfall}",
+                t_rust,
+                "",
+                f"{t_sort / t_rust:.1f}x numpy sort, {t_part / t_rust:.1f}x numpy partition; all three identical",
+            ),
+        ]
+    # Where the branch arose: an exit whose quota exceeds the (non-zero) number of
+    # validation samples reaching it, by the reference thresholds.
+    quota = np.floor(n * np.array([cal.geometric_fractions(q, k) for q in qs]))
+    ref_t = sweeps["reference"]["thresholds"]
+    val_counts = np.array([numpy_simulate(vs, vc, t, costs)[2] for t in ref_t])
+    reaching = n - np.cumsum(val_counts, axis=1) + val_counts
+    short = (quota > reaching) & (reaching > 0)
+    short[:, -1] = False
+    assert np.all(np.isposinf(ref_t[short])) and np.all(val_counts[short] == 0)
+    budgets = np.flatnonzero(short.any(axis=1))
+    differ = (ref_t != sweeps["exit_all"]["thresholds"]).any(axis=1)
+    assert np.array_equal(np.flatnonzero(differ), budgets)
+    print(
+        f"  the shortfall branch arose in {budgets.size} of {len(qs)} budgets "
+        f"(q = {_list(qs[budgets])}), at {int(short.sum())} exits in all; "
+        f"the two rules give identical sweeps in the other {len(qs) - budgets.size}"
+    )
+    for shortfall, got in sweeps.items():
+        print(
+            f"  shortfall={shortfall!r}: Rust and both numpy versions agree on thresholds, "
+            f"exit counts, accuracies and costs for all {len(qs)} budgets: yes"
+        )
+    if budgets.size:
+        j = budgets[len(budgets) // 2]
+        for shortfall, got in sweeps.items():
+            print(
+                f"  q={qs[j]:g}, shortfall={shortfall!r}: test exit counts {got['exit_counts'][j].tolist()}, "
+                f"accuracy {got['test_accuracy'][j]:.4f}, mean cost {got['mean_cost'][j] / 1e6:.3f}M"
+            )
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["scores", "sweep"], default=None)
+    ap.add_argument("--only", choices=["scores", "sweep", "ties"], default=None)
     args = ap.parse_args()
     score_shape = (5, 5_000, 1000) if args.small else (5, 50_000, 1000)
     sweep_n = 100_000 if args.small else 1_000_000
+    ties_n = sweep_n // 2
     print(f"cpus available: {len(os.sched_getaffinity(0))}; numpy {np.__version__}")
     rows = []
     if args.only in (None, "scores"):
@@ -205,6 +306,8 @@ def main():
     if args.only in (None, "sweep"):
         r, _ = bench_sweep(sweep_n, 8, args.repeat)
         rows += r
+    if args.only in (None, "ties"):
+        rows += bench_ties(ties_n, 8, args.repeat)
     print()
     print("| what | time (s) | throughput | ratio |")
     print("|---|---:|---:|---|")

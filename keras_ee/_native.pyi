@@ -1,9 +1,12 @@
 """Typed stub of the Rust extension `keras_ee._native` (use `keras_ee.calibration`)."""
 
-from typing import Sequence, TypedDict
+from typing import Literal, Sequence, TypedDict
 
 import numpy as np
 import numpy.typing as npt
+
+# What an exit does when fewer samples are left than its quota (see keras_ee.calibration).
+_Shortfall = Literal["reference", "exit_all"]
 
 class _Sweep(TypedDict):
     q: npt.NDArray[np.float64]
@@ -27,7 +30,9 @@ def simd_path() -> str: ...
 def geometric_fractions(q: float, num_exits: int) -> npt.NDArray[np.float64]: ...
 def per_stage_fractions(q: float, num_exits: int) -> npt.NDArray[np.float64]: ...
 def calibrate(
-    scores: npt.NDArray[np.float32], fractions: npt.NDArray[np.float64]
+    scores: npt.NDArray[np.float32],
+    fractions: npt.NDArray[np.float64],
+    shortfall: _Shortfall,
 ) -> npt.NDArray[np.float64]: ...
 def simulate(
     scores: npt.NDArray[np.float32],
@@ -43,5 +48,6 @@ def budget_sweep(
     test_correct: npt.NDArray[np.bool_],
     costs: npt.NDArray[np.float64],
     qs: npt.NDArray[np.float64],
-    mode: str,
+    mode: Literal["geometric", "per_stage"],
+    shortfall: _Shortfall,
 ) -> _Sweep: ...

@@ -4,16 +4,23 @@ The public façade over the Rust core (`keras_ee._native`). It only checks types
 shapes and hands numpy arrays over without copying; all computation (and the NaN /
 inf scans) runs in Rust with the GIL released, in parallel.
 
-Semantics (MSDNet's budgeted batch classification, see
-`shared/reference/algorithms.md` section 1):
+Semantics (budgeted batch classification of MSDNet, Huang et al., "Multi-Scale Dense
+Networks for Resource Efficient Image Classification", ICLR 2018, arXiv:1703.09844,
+as its authors' code `dynamic_eval_find_threshold` computes it):
 
 - For exits k = 1..K-1, `n_k = floor(float64(N) * f_k)`: one IEEE float64
   multiplication then `floor` (numpy's `np.floor(N * f)`), N = all samples.
 - `T_k = +inf` when `n_k == 0` or no sample is left (the exit takes no sample);
-  otherwise `T_k` is the `min(n_k, remaining)`-th largest exit-k score among the
-  samples not yet exited. When `n_k` exceeds what is left, `T_k` is thus the lowest
-  remaining score and every remaining sample exits at k.
-- A remaining sample exits at k when `s >= T_k`: ties can take more than `n_k`.
+  otherwise, if at least `n_k` samples have not exited yet, `T_k` is the `n_k`-th
+  largest exit-k score among them.
+- A remaining sample exits at k when `s >= T_k`: ties can take more than `n_k`, and a
+  later exit can then find fewer samples left than its `n_k` (tie-heavy scores, e.g.
+  a max softmax saturating at 1.0). The `shortfall` argument of `calibrate` and
+  `budget_sweep` says what that exit does:
+  `"reference"` (default): `T_k = +inf`, nobody exits there and the rest go deeper,
+  as in the authors' code (its count never reaches `n_k`, the threshold keeps its
+  initial `1e8`); `"exit_all"`: `T_k` is the lowest remaining score, so every sample
+  left exits at k.
 - `T_K = -inf`: the last exit takes every sample left.
 - Scoring: each sample exits at its first k with `s[k, i] >= T_k`; accuracy is the
   fraction of samples whose exit predicts right; `mean_cost =
@@ -24,13 +31,16 @@ float32 scores are exact.
 
 Memory: `logits` are read in place whatever their strides (C-contiguous arrays and
 `np.memmap` dumps larger than RAM included); a non-contiguous row is gathered into a
-C-sized buffer. Extra memory is O(K x N). `scores` and `correct` arrays ((K, N),
-small) are made C-contiguous if they are not.
+C-sized buffer. Extra memory is O(K x N): calibrating (K, N) scores takes about
+`8 (K - 1) N` bytes of sort keys plus scratch. `scores` and `correct` arrays ((K, N),
+small) are made C-contiguous if they are not. If the working memory cannot be
+allocated, `MemoryError` says how much was needed (the process is not aborted).
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import numpy as np
 
@@ -45,9 +55,12 @@ __all__ = [
     "budget_sweep",
     "anytime_accuracy",
     "SCORE_KINDS",
+    "SHORTFALL_RULES",
 ]
 
 SCORE_KINDS = ("max_softmax", "margin", "entropy")
+SHORTFALL_RULES = ("reference", "exit_all")
+Shortfall = Literal["reference", "exit_all"]
 
 
 def _array(x, name):
@@ -116,6 +129,14 @@ def _real(x, name):
     return float(x)
 
 
+def _shortfall(x):
+    if not isinstance(x, str):
+        raise TypeError(f"`shortfall` must be one of {SHORTFALL_RULES}; received {x!r}")
+    if x not in SHORTFALL_RULES:
+        raise ValueError(f"`shortfall` must be one of {SHORTFALL_RULES}; received {x!r}")
+    return x
+
+
 def _count(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"`{name}` must be an int; received {x!r}")
@@ -147,6 +168,8 @@ def exit_scores(logits, kind="max_softmax", temperature=1.0):
         ValueError: wrong ndim, empty array, `C < 2`, NaN or inf in `logits` (the
             message gives exit, sample and class), unknown `kind`, bad temperature.
         TypeError: unsupported dtype (ints, bool, complex, non-native byte order).
+        MemoryError: the `(K, N)` outputs cannot be allocated (the message says how
+            much they need).
 
     Example:
 
@@ -232,7 +255,7 @@ def per_stage_fractions(q, num_exits):
     return _native.per_stage_fractions(_real(q, "q"), _count(num_exits, "num_exits"))
 
 
-def calibrate(scores, fractions):
+def calibrate(scores, fractions, shortfall: Shortfall = "reference"):
     """Exit thresholds on a validation set for target exit fractions.
 
     See the module docstring for the exact rule (ties, exits taking no sample).
@@ -240,20 +263,37 @@ def calibrate(scores, fractions):
     Args:
         scores: float32 array `(K, N)` of confidences (e.g. from `exit_scores`).
         fractions: `(K,)` non-negative target fractions summing to 1 (within 1e-9).
+        shortfall: what an exit does when ties at earlier exits left it fewer
+            samples than its quota `n_k`: `"reference"` (default, the authors'
+            code): `T_k = +inf`, nobody exits there; `"exit_all"`: `T_k` is the
+            lowest remaining score, every sample left exits there.
 
     Returns:
         float64 array `(K,)`: `+inf` where an exit takes no sample, `-inf` at the
         last exit.
+
+    Raises:
+        ValueError: bad shapes or values (NaN / inf scores, fractions not summing
+            to 1, unknown `shortfall`).
+        TypeError: wrong dtypes.
+        MemoryError: the working memory (about `8 (K - 1) N` bytes plus scratch)
+            cannot be allocated; the message says how much was needed.
 
     Example:
 
     >>> s = np.array([[0.9, 0.2, 0.6, 0.4], [0.5, 0.5, 0.5, 0.5]], np.float32)
     >>> calibrate(s, [0.5, 0.5]).round(3).tolist()
     [0.6, -inf]
+    >>> ties = np.array([[0.9, 0.9, 0.9, 0.1], [0.2, 0.3, 0.4, 0.7], [0, 0, 0, 0]], np.float32)
+    >>> calibrate(ties, [0.25, 0.5, 0.25]).round(3).tolist()  # exit 2: 1 left, n_2 = 2
+    [0.9, inf, -inf]
+    >>> calibrate(ties, [0.25, 0.5, 0.25], shortfall="exit_all").round(3).tolist()
+    [0.9, 0.7, -inf]
     """
+    sf = _shortfall(shortfall)
     s = _scores_array(scores, "scores")
     f = _vector(fractions, "fractions")
-    return _native.calibrate(s, f)
+    return _native.calibrate(s, f, sf)
 
 
 def simulate(scores, correct, thresholds, costs):
@@ -301,6 +341,7 @@ def budget_sweep(
     costs,
     qs=None,
     mode="geometric",
+    shortfall: Shortfall = "reference",
 ):
     """Calibrates on validation and scores on test for many budgets in one call.
 
@@ -317,11 +358,16 @@ def budget_sweep(
         costs: `(K,)` cumulative cost per exit, `>= 0`, non-decreasing.
         qs: budgets `(B,)`; default `p / 20` for `p = 1..39`.
         mode: `"geometric"` (q > 0) or `"per_stage"` (q in (0, 1]).
+        shortfall: `"reference"` (default) or `"exit_all"`, as in `calibrate`.
 
     Returns:
         dict of arrays, one row per budget: `q` (B,), `thresholds` (B, K),
         `val_accuracy` (B,), `test_accuracy` (B,), `mean_cost` (B,) (expected test
         cost per sample), `exit_counts` (B, K) (test), and `val_mean_cost` (B,).
+
+    Raises:
+        ValueError, TypeError: bad input, as in `calibrate` and `simulate`.
+        MemoryError: the working memory cannot be allocated (as in `calibrate`).
 
     Example:
 
@@ -336,6 +382,7 @@ def budget_sweep(
         raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
     if mode not in ("geometric", "per_stage"):
         raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    sf = _shortfall(shortfall)
     vs = _scores_array(val_scores, "val_scores")
     vc = _correct_array(val_correct, "val_correct", vs.shape)
     ts = _scores_array(test_scores, "test_scores")
@@ -347,7 +394,7 @@ def budget_sweep(
     tc = _correct_array(test_correct, "test_correct", ts.shape)
     w = _vector(costs, "costs")
     q = default_qs() if qs is None else _vector(np.atleast_1d(_array(qs, "qs")), "qs")
-    return _native.budget_sweep(vs, vc, ts, tc, w, q, mode)
+    return _native.budget_sweep(vs, vc, ts, tc, w, q, mode, sf)
 
 
 def anytime_accuracy(correct):

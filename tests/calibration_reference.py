@@ -1,10 +1,11 @@
 """Plain numpy reference of `keras_ee.calibration`, used only by the tests.
 
-Written for clarity, not speed: loops over exits, boolean masks, full sorts. The
-semantics are those of `shared/reference/algorithms.md` section 1, with the
-conventions documented in `keras_ee.calibration` (floor in float64, `+inf` for an
-exit that takes no sample, the lowest remaining score when `n_k` exceeds what is
-left).
+Written for clarity, not speed: loops over exits and samples, boolean masks, full
+sorts. `calibrate` follows the authors' threshold code (MSDNet-PyTorch's
+`dynamic_eval_find_threshold`, the same in IMTA) line by line, with the conventions
+documented in `keras_ee.calibration`: the floor in float64, `+inf` / `-inf` for the
+authors' `1e8` / `-1e8`, and `shortfall="exit_all"` as the documented alternative to
+the authors' rule when fewer samples are left than an exit's quota.
 """
 
 import numpy as np
@@ -58,21 +59,37 @@ def per_stage_fractions(q, num_exits):
     return np.array(f)
 
 
-def calibrate(scores, fractions):
+def calibrate(scores, fractions, shortfall="reference"):
+    """The authors' loop: per exit, walk the samples by descending score, count those
+    not yet exited, and take the score of the `n_k`-th as `T_k`. If the count never
+    gets to `n_k` (`n_k == 0`, or fewer samples left), `T_k` stays `+inf` (nobody
+    exits there); with `shortfall="exit_all"` a non-empty remainder short of `n_k`
+    gets its lowest score instead (everybody left exits). Then every sample with
+    `s >= T_k` is marked exited.
+    """
+    if shortfall not in ("reference", "exit_all"):
+        raise ValueError(shortfall)
     scores = np.asarray(scores, dtype=np.float32)
     k, n = scores.shape
-    exited = np.zeros(n, dtype=bool)
-    thresholds = np.full(k, np.inf)
+    sorted_idx = np.argsort(-scores, axis=1, kind="stable")  # descending
+    filtered = np.zeros(n, dtype=bool)
+    thresholds = np.full(k, np.inf)  # the authors' 1e8
     for e in range(k - 1):
-        n_e = int(np.floor(n * fractions[e]))
-        remaining = scores[e][~exited]
-        if n_e == 0 or remaining.size == 0:
-            continue
-        ranked = np.sort(remaining)[::-1]
-        t = ranked[min(n_e, ranked.size) - 1]
-        exited |= scores[e] >= t
-        thresholds[e] = float(t)
-    thresholds[k - 1] = -np.inf
+        out_n = int(np.floor(n * fractions[e]))
+        count, last = 0, None
+        for i in range(n):
+            ori_idx = sorted_idx[e, i]
+            if not filtered[ori_idx]:
+                count += 1
+                last = ori_idx
+                if count == out_n:
+                    thresholds[e] = float(scores[e, ori_idx])
+                    break
+        else:
+            if shortfall == "exit_all" and 0 < count < out_n:
+                thresholds[e] = float(scores[e, last])
+        filtered |= scores[e].astype(np.float64) >= thresholds[e]
+    thresholds[k - 1] = -np.inf  # the authors' -1e8
     return thresholds
 
 
@@ -95,12 +112,12 @@ def simulate(scores, correct, thresholds, costs):
     return {"accuracy": right / n, "mean_cost": cost / n, "exit_counts": counts}
 
 
-def budget_sweep(val_scores, val_correct, test_scores, test_correct, costs, qs, mode):
+def budget_sweep(val_scores, val_correct, test_scores, test_correct, costs, qs, mode, shortfall="reference"):
     k = val_scores.shape[0]
     frac = geometric_fractions if mode == "geometric" else per_stage_fractions
     rows = []
     for q in qs:
-        t = calibrate(val_scores, frac(q, k))
+        t = calibrate(val_scores, frac(q, k), shortfall)
         v = simulate(val_scores, val_correct, t, costs)
         s = simulate(test_scores, test_correct, t, costs)
         rows.append((t, v, s))

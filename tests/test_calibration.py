@@ -1,6 +1,9 @@
 """Rust calibrator (`keras_ee.calibration`) against the numpy reference."""
 
 import os
+import re
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -78,13 +81,13 @@ def test_per_stage_fractions(q, k):
 
 
 @SETTINGS
-@given(data=score_sets(), q=budgets, per_stage=st.booleans())
-def test_calibrate_identical_to_reference(data, q, per_stage):
+@given(data=score_sets(), q=budgets, per_stage=st.booleans(), shortfall=st.sampled_from(cal.SHORTFALL_RULES))
+def test_calibrate_identical_to_reference(data, q, per_stage, shortfall):
     s, _ = data
     k = s.shape[0]
     f = ref.per_stage_fractions(min(q, 1.0), k) if per_stage else ref.geometric_fractions(q, k)
-    got = cal.calibrate(s, f)
-    np.testing.assert_array_equal(got, ref.calibrate(s, f))
+    got = cal.calibrate(s, f, shortfall=shortfall)
+    np.testing.assert_array_equal(got, ref.calibrate(s, f, shortfall))
     assert got.dtype == np.float64 and got[-1] == -np.inf
 
 
@@ -101,14 +104,17 @@ def test_simulate_identical_to_reference(data, q):
     assert got["mean_cost"] == want["mean_cost"]
     np.testing.assert_array_equal(got["exit_counts"], want["exit_counts"])
     assert got["exit_counts"].sum() == s.shape[1]
-    # On the calibration set, an exit with a quota of n_k takes at least
-    # min(n_k, what reached it) samples.
+    # On the calibration set, an exit with a quota of n_k takes at least n_k samples
+    # if that many reach it, else none (the authors' rule).
     n = s.shape[1]
     f = ref.geometric_fractions(q, k)
     reached = n
     for e in range(k - 1):
         n_e = int(np.floor(n * f[e]))
-        assert got["exit_counts"][e] >= min(n_e, reached)
+        if n_e <= reached:
+            assert got["exit_counts"][e] >= n_e
+        else:
+            assert got["exit_counts"][e] == 0
         reached -= got["exit_counts"][e]
 
 
@@ -135,8 +141,8 @@ def test_threshold_just_above_a_float32_score_is_exact():
 
 
 @settings(max_examples=40, deadline=None)
-@given(v=score_sets(max_n=60), t=score_sets(max_n=60), per_stage=st.booleans())
-def test_budget_sweep_identical_to_reference(v, t, per_stage):
+@given(v=score_sets(max_n=60), t=score_sets(max_n=60), per_stage=st.booleans(), shortfall=st.sampled_from(cal.SHORTFALL_RULES))
+def test_budget_sweep_identical_to_reference(v, t, per_stage, shortfall):
     vs, vc = v
     ts, tc = t
     k = min(vs.shape[0], ts.shape[0])
@@ -146,8 +152,8 @@ def test_budget_sweep_identical_to_reference(v, t, per_stage):
         qs, mode = np.array([1e-6, 0.1, 0.5, 0.9, 1.0]), "per_stage"
     else:
         qs, mode = None, "geometric"
-    got = cal.budget_sweep(vs, vc, ts, tc, costs, qs=qs, mode=mode)
-    want = ref.budget_sweep(vs, vc, ts, tc, costs, cal.default_qs() if qs is None else qs, mode)
+    got = cal.budget_sweep(vs, vc, ts, tc, costs, qs=qs, mode=mode, shortfall=shortfall)
+    want = ref.budget_sweep(vs, vc, ts, tc, costs, cal.default_qs() if qs is None else qs, mode, shortfall)
     assert set(want) <= set(got)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
@@ -170,10 +176,76 @@ def test_edge_cases():
     assert t.tolist() == [0.5, np.inf, -np.inf]
     out = cal.simulate(s, np.ones((3, 10), bool), t, [1, 2, 3])
     assert out["exit_counts"].tolist() == [10, 0, 0] and out["mean_cost"] == 1.0
-    # Quota larger than what is left: the lowest remaining score.
+    # Quota larger than what is left (ties took more): +inf by default (the authors'
+    # rule), the lowest remaining score with shortfall="exit_all".
     s = np.array([[0.9, 0.9, 0.9, 0.1], [0.2, 0.3, 0.4, 0.7], [0, 0, 0, 0]], np.float32)
-    t = cal.calibrate(s, [0.25, 0.5, 0.25])
+    t = cal.calibrate(s, [0.25, 0.5, 0.25], shortfall="exit_all")
     assert t.tolist() == [float(np.float32(0.9)), float(np.float32(0.7)), -np.inf]
+    # Quota exactly what is left: the lowest remaining score under both rules.
+    s = np.array([[0.9, 0.9, 0.1, 0.1], [0.2, 0.3, 0.4, 0.7], [0, 0, 0, 0]], np.float32)
+    for rule in cal.SHORTFALL_RULES:
+        t = cal.calibrate(s, [0.5, 0.5, 0.0], shortfall=rule)
+        assert t.tolist() == [float(np.float32(0.9)), float(np.float32(0.4)), -np.inf]
+
+
+def saturating_dump(k, n, seed):
+    """A tie-heavy dump: max softmax of confident logits, saturated at 1.0 in float32.
+
+    Exits share most of each sample's logits and grow more confident with depth: about
+    40% (first exit) to 60% (last) of the scores are exactly 1.0.
+    """
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(40.0, 80.0, k, dtype=np.float32)[:, None, None]
+    shared = rng.standard_normal((1, n, 10), dtype=np.float32)
+    logits = (0.7 * shared + 0.3 * rng.standard_normal((k, n, 10), dtype=np.float32)) * scale
+    s, _ = cal.exit_scores(logits)
+    correct = rng.random((k, n)) < 0.2 + 0.7 * s
+    return s, correct
+
+
+def test_shortfall_follows_the_authors_code():
+    # Exit 1 has n_1 = 1, but three samples tie at 0.9 and all leave; exit 2 then finds
+    # one sample for its quota of n_2 = 2. MSDNet-PyTorch's dynamic_eval_find_threshold
+    # leaves T_2 at +inf (nobody exits there, the rest go deeper).
+    s = np.array([[0.9, 0.9, 0.9, 0.1], [0.2, 0.3, 0.4, 0.7], [0, 0, 0, 0]], np.float32)
+    f = [0.25, 0.5, 0.25]
+    want = [float(np.float32(0.9)), np.inf, -np.inf]
+    assert cal.calibrate(s, f).tolist() == want
+    assert ref.calibrate(s, f).tolist() == want
+    c = np.ones((3, 4), bool)
+    out = cal.simulate(s, c, cal.calibrate(s, f), [1.0, 2.0, 3.0])
+    assert out["exit_counts"].tolist() == [3, 0, 1]
+
+
+@pytest.mark.parametrize("shortfall", [None, "reference", "exit_all"])
+def test_tie_heavy_budget_sweep_identical_to_reference(shortfall):
+    vs, vc = saturating_dump(5, 3000, 0)
+    ts, tc = saturating_dump(5, 2000, 1)
+    assert (vs == 1.0).mean() > 0.4
+    costs = costs_for(5)
+    qs = cal.default_qs()
+    kw = {} if shortfall is None else {"shortfall": shortfall}
+    got = cal.budget_sweep(vs, vc, ts, tc, costs, **kw)
+    want = ref.budget_sweep(vs, vc, ts, tc, costs, qs, "geometric", shortfall or "reference")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    for j, q in enumerate(qs):
+        t = cal.calibrate(vs, ref.geometric_fractions(q, 5), **kw)
+        np.testing.assert_array_equal(t, got["thresholds"][j])
+    # The branch arose in many budgets: an exit's quota exceeded the (non-zero) number
+    # of validation samples reaching it. The reference rule sends none of them out
+    # there (T = +inf), the other all of them.
+    n = vs.shape[1]
+    quota = np.floor(n * np.array([ref.geometric_fractions(q, 5) for q in qs]))
+    counts = np.array([cal.simulate(vs, vc, t, costs)["exit_counts"] for t in got["thresholds"]])
+    reaching = n - np.cumsum(counts, axis=1) + counts
+    short = (quota > reaching) & (reaching > 0)
+    short[:, -1] = False
+    assert short.any(axis=1).sum() >= 10
+    if (shortfall or "reference") == "reference":
+        assert np.all(np.isposinf(got["thresholds"][short])) and np.all(counts[short] == 0)
+    else:
+        assert np.all(counts[short] == reaching[short])
 
 
 def test_anytime_accuracy():
@@ -386,6 +458,11 @@ C = np.ones((2, 3), bool)
         (lambda: cal.budget_sweep(S, C, S, C, [1, 2], qs=[1.5], mode="per_stage"), ValueError, r"\(0, 1\]"),
         (lambda: cal.budget_sweep(S, C, S, C, [1, 2], qs=[]), ValueError, "at least one"),
         (lambda: cal.budget_sweep(S, C, S, C, [1, 2], mode="uniform"), ValueError, "mode"),
+        (lambda: cal.budget_sweep(S, C, S, C, [1, 2], shortfall="stay"), ValueError, "shortfall"),
+        (lambda: cal.budget_sweep(S, C, S, C, [1, 2], shortfall=None), TypeError, "shortfall"),
+        (lambda: cal.calibrate(S, [0.5, 0.5], shortfall="exit-all"), ValueError, "'reference', 'exit_all'"),
+        (lambda: cal.calibrate(S, [0.5, 0.5], shortfall=0), TypeError, "shortfall"),
+        (lambda: cal._native.calibrate(S, np.array([0.5, 0.5]), "stay"), ValueError, "'reference' or 'exit_all'"),
         (lambda: cal.budget_sweep(S, C, S[:1], C[:1], [1, 2]), ValueError, "K=2"),
         (lambda: cal.budget_sweep(S, C, S, C[:, :1], [1, 2]), ValueError, "test_correct"),
         (lambda: cal.budget_sweep(S, C[:, :2], S, C, [1, 2]), ValueError, "val_correct"),
@@ -398,3 +475,83 @@ C = np.ones((2, 3), bool)
 def test_bad_input_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+# Run in a child process: with its address space limited (RLIMIT_AS, what `ulimit -v`
+# sets) to what it already uses plus `headroom` MB, the inputs exist but the working
+# buffers cannot be allocated. The child must catch MemoryError, not die by SIGABRT.
+# glibc gets one malloc arena (MALLOC_ARENA_MAX=1): a thread's first allocation would
+# otherwise reserve 64 MB of address space for its own arena and eat the headroom, and
+# blocks up to 64 MB could come from space such arenas reserved before the limit.
+_OOM_CHILD = r"""
+import re, resource, sys
+import numpy as np
+from keras_ee import calibration as cal
+
+what, k, n, headroom = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = np.random.default_rng(0)
+if what == "exit_scores":
+    x = rng.random((k, n, 2), dtype=np.float32).astype(np.float16)
+    call = lambda: cal.exit_scores(x)
+else:
+    s = rng.random((k, n), dtype=np.float32)
+    c = s > 0.5
+    call = {
+        "calibrate": lambda: cal.calibrate(s, cal.geometric_fractions(0.5, k)),
+        "budget_sweep": lambda: cal.budget_sweep(s, c, s, c, np.arange(1.0, k + 1)),
+    }[what]
+# Warm up (thread pool, allocator arenas) so that the limit only bites the big buffers.
+small = rng.random((k, 1000), dtype=np.float32)
+cal.budget_sweep(small, small > 0.5, small, small > 0.5, np.arange(1.0, k + 1))
+cal.exit_scores(rng.random((k, 1000, 2), dtype=np.float32))
+vm = int(re.search(r"VmSize:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + headroom * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    call()
+except MemoryError as e:
+    print(f"MemoryError: {e}")
+else:
+    try:  # (probed only now: a failed allocation makes glibc reserve a new arena)
+        np.empty((headroom + 128) * 2**20, np.uint8)  # never touched: harmless if allowed
+    except MemoryError:
+        sys.exit("no MemoryError")
+    sys.exit(77)  # the limit is not enforced here
+# Still usable afterwards.
+assert cal.calibrate(small, cal.geometric_fractions(0.5, k))[-1] == -np.inf
+print("ok")
+"""
+
+_CAL_OOM = "calibration needs 200.0 MB of working memory for 20,000,000 scores; it could not be allocated"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS (ulimit -v) and /proc")
+@pytest.mark.parametrize(
+    "what, k, n, headroom, message",
+    [
+        # (2, 10M) float32 scores: 80 MB of sorted keys, then 80 MB of sort scratch and
+        # 40 MB of ranks. 16 MB spare: the keys do not fit; 100 MB: the scratch does not.
+        ("calibrate", 2, 10_000_000, 16, _CAL_OOM),
+        ("calibrate", 2, 10_000_000, 100, _CAL_OOM),
+        ("budget_sweep", 2, 10_000_000, 16, _CAL_OOM),
+        ("budget_sweep", 2, 10_000_000, 100, _CAL_OOM),
+        # (4, 5M, 2) float16 logits (80 MB): 80 MB of scores and 80 MB of predictions out.
+        ("exit_scores", 4, 5_000_000, 16,
+         "exit_scores needs 160.0 MB for 20,000,000 scores and predictions; it could not be allocated"),
+    ],
+)
+def test_out_of_memory_raises_memory_error(what, k, n, headroom, message):
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_AS"):
+        pytest.skip("no RLIMIT_AS (ulimit -v) on this platform")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", RAYON_NUM_THREADS="2", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _OOM_CHILD, what, str(k), str(n), str(headroom)],
+        capture_output=True, text=True, timeout=120, cwd=root, env=env,
+    )
+    if proc.returncode == 77:
+        pytest.skip("RLIMIT_AS is not enforced on this system")
+    assert proc.returncode == 0, f"child exited with {proc.returncode}: {proc.stdout}{proc.stderr}"
+    assert proc.stdout == f"MemoryError: {message}\nok\n"

@@ -4,22 +4,66 @@
 //! one IEEE float64 multiplication followed by `floor` (exactly numpy's
 //! `np.floor(N * f)`):
 //! - `n_k == 0`, or no sample left: `T_k = +inf` (the exit takes no sample);
-//! - otherwise `T_k` is the `min(n_k, remaining)`-th largest score at exit k among
-//!   the samples that have not exited yet (so when `n_k` exceeds the remaining
-//!   count, `T_k` is the lowest remaining score and every remaining sample exits);
+//! - `n_k` up to the number of samples that have not exited yet: `T_k` is the
+//!   `n_k`-th largest score at exit k among them;
+//! - `n_k` above that number (ties at earlier exits took more than their quotas), by
+//!   the [`Shortfall`] rule: [`Shortfall::Reference`] (the default) keeps `T_k = +inf`
+//!   like the authors' code (MSDNet-PyTorch's `dynamic_eval_find_threshold`, whose
+//!   count never reaches `n_k`): nobody exits at k, the rest go deeper;
+//!   [`Shortfall::ExitAll`] takes the lowest remaining score, so every remaining
+//!   sample exits at k;
 //! - every remaining sample with `s >= T_k` exits at k (ties can take more than `n_k`).
 //!
 //! `T_K = -inf`: the last exit takes the rest. Thresholds are the `f32` scores
-//! widened to `f64` exactly.
+//! widened to `f64` exactly. (The authors write `1e8` and `-1e8`; for scores in
+//! [0, 1] that is the same.)
 //!
 //! Fast path ([`SortedExits`]): each exit's scores are radix-sorted once
 //! (descending); a calibration then walks each exit's order, skipping samples
 //! already gone (a bitset), until `n_k` remaining samples are counted, plus ties.
 //! Many budgets share one sort.
+//!
+//! Working memory (`(K-1) x N` sorted keys, sort scratch, the walks' bitsets) is
+//! allocated fallibly: if it cannot be had, the error says how much was needed.
 
-use crate::error::{Error, Result};
-use crate::hugebuf::HugeBuf;
+use crate::error::{thousands, Error, Result};
+use crate::hugebuf::{try_zeroed_vec, HugeBuf};
 use rayon::prelude::*;
+
+/// What an exit does when fewer samples are left than its quota `n_k` (ties at
+/// earlier exits took more than their quotas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shortfall {
+    /// `T_k = +inf`: nobody exits at k, the rest go deeper (the authors' code).
+    #[default]
+    Reference,
+    /// `T_k` = the lowest remaining score: every remaining sample exits at k.
+    ExitAll,
+}
+
+impl Shortfall {
+    pub fn parse(s: &str) -> Result<Shortfall> {
+        match s {
+            "reference" => Ok(Shortfall::Reference),
+            "exit_all" => Ok(Shortfall::ExitAll),
+            _ => Err(Error::new(format!("shortfall must be 'reference' or 'exit_all'; received {s:?}"))),
+        }
+    }
+
+    /// How many remaining samples exit `k` counts towards its threshold: `n_k`, or
+    /// 0 (threshold `+inf`) / all of them when fewer than `n_k` remain.
+    #[inline]
+    fn target(self, quota: usize, remaining: usize) -> usize {
+        if quota <= remaining {
+            quota
+        } else {
+            match self {
+                Shortfall::Reference => 0,
+                Shortfall::ExitAll => remaining,
+            }
+        }
+    }
+}
 
 /// Fractions for the geometric split `f_k = q^k / sum_j q^j`, k = 1..K.
 ///
@@ -260,6 +304,8 @@ type Mask = u32;
 pub struct SortedExits {
     k: usize,
     n: usize,
+    /// How many quota vectors the caller means to walk (sizes the out-of-memory message).
+    budgets: usize,
     /// `(K-1) * N` packed `(descending key << 32) | sample id`, exit-major, sorted.
     packed: HugeBuf<u64>,
 }
@@ -320,20 +366,56 @@ pub fn group_size(budgets: usize) -> usize {
     budgets.div_ceil(groups).max(1)
 }
 
+/// Exits sorted per scratch buffer, and how many scratch buffers, when sorting `k` exits.
+fn sort_runs(k: usize) -> (usize, usize) {
+    let per = k.saturating_sub(2).div_ceil(rayon::current_num_threads().max(1)).max(1);
+    (per, k.saturating_sub(2).div_ceil(per).max(1))
+}
+
+/// How many walks [`SortedExits::calibrate_many`] runs at once for `budgets` quota vectors.
+pub fn concurrent_walks(budgets: usize) -> usize {
+    budgets.div_ceil(group_size(budgets)).min(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// Peak working memory in bytes of calibrating `(K, N)` scores with `walks` walks at
+/// once: the sorted keys, plus the larger of the sort's scratch (one buffer per
+/// sorting worker and the exit-0 ranks) and the walks' bitsets (freed in between).
+pub fn working_bytes(k: usize, n: usize, walks: usize) -> u128 {
+    if k < 2 {
+        return 0;
+    }
+    let (n, words) = (n as u128, std::mem::size_of::<u64>() as u128);
+    let mask = std::mem::size_of::<Mask>() as u128;
+    let sort = words * n * sort_runs(k).1 as u128 + 4 * n;
+    words * n * (k as u128 - 1) + sort.max(mask * n * walks as u128)
+}
+
+/// The error for working memory that could not be allocated.
+fn out_of_memory(k: usize, n: usize, walks: usize) -> Error {
+    Error::out_of_memory(
+        "calibration",
+        working_bytes(k, n, walks),
+        &format!("of working memory for {} scores", thousands(k as u128 * n as u128)),
+    )
+}
+
 impl SortedExits {
     /// Sorts every exit but the last (whose threshold is always `-inf`); parallel over exits.
-    /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`).
-    pub fn new(scores: &[f32], k: usize, n: usize) -> SortedExits {
-        let mut packed = HugeBuf::zeroed((k - 1) * n);
+    /// `scores` must already be validated (finite, `K*N` values, `N < 2^32`). `budgets`
+    /// (how many quota vectors will be walked) only sizes the out-of-memory message.
+    pub fn new(scores: &[f32], k: usize, n: usize, budgets: usize) -> Result<SortedExits> {
+        let oom = |_| out_of_memory(k, n, concurrent_walks(budgets));
+        let mut packed = HugeBuf::try_zeroed((k - 1) * n).map_err(oom)?;
         if k == 1 {
-            return SortedExits { k, n, packed };
+            return Ok(SortedExits { k, n, budgets, packed });
         }
         let (first, rest) = packed.split_at_mut(n);
         // Exits 1.. are sorted in one run per worker with one scratch buffer each, the
         // first reusing exit 0's (fresh pages cost faults). Mapping is lazy: unused
-        // buffers cost nothing.
-        let per = (k - 2).div_ceil(rayon::current_num_threads().max(1)).max(1);
-        let mut tmps: Vec<HugeBuf<u64>> = (0..(k - 2).div_ceil(per).max(1)).map(|_| HugeBuf::zeroed(n)).collect();
+        // buffers cost nothing (but address space).
+        let (per, runs) = sort_runs(k);
+        let mut tmps: Vec<HugeBuf<u64>> = (0..runs).map(|_| HugeBuf::try_zeroed(n)).collect::<std::result::Result<_, _>>().map_err(oom)?;
+        let mut rank: Vec<u32> = try_zeroed_vec(n).map_err(oom)?;
         sort_exit(&scores[..n], |i| i as u32, first, &mut tmps[0]);
         // Samples are renumbered by their rank at exit 0 (ids need not be the
         // original ones, only consistent across exits). Exits are correlated, so in
@@ -342,7 +424,6 @@ impl SortedExits {
         // exits are built in the original order (sequential reads, no gather). Their
         // order among equal scores then differs, which does not matter: a walk takes
         // every sample tied with the threshold.
-        let mut rank = vec![0u32; n];
         for (p, x) in first.iter_mut().enumerate() {
             rank[(*x & 0xffff_ffff) as usize] = p as u32;
             *x = (*x & !0xffff_ffff) | p as u64;
@@ -353,26 +434,29 @@ impl SortedExits {
                 sort_exit(&scores[e * n..(e + 1) * n], |i| rank[i], out, tmp);
             }
         });
-        SortedExits { k, n, packed }
+        Ok(SortedExits { k, n, budgets, packed })
     }
 
     /// Thresholds `(K,)` for the per-exit quotas `n_k` (see the module docs).
-    pub fn calibrate(&self, quota: &[usize]) -> Vec<f64> {
-        self.calibrate_many(&[quota.to_vec()]).remove(0)
+    pub fn calibrate(&self, quota: &[usize], shortfall: Shortfall) -> Result<Vec<f64>> {
+        Ok(self.calibrate_many(&[quota.to_vec()], shortfall)?.remove(0))
     }
 
     /// Thresholds for many quota vectors: budgets are walked in groups of up to 32
     /// (one pass over each exit's order serves a whole group), groups in parallel.
-    pub fn calibrate_many(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
-        quotas.par_chunks(group_size(quotas.len())).flat_map_iter(|g| self.calibrate_group(g)).collect()
+    pub fn calibrate_many(&self, quotas: &[Vec<usize>], shortfall: Shortfall) -> Result<Vec<Vec<f64>>> {
+        let groups: Vec<Vec<Vec<f64>>> =
+            quotas.par_chunks(group_size(quotas.len())).map(|g| self.calibrate_group(g, shortfall)).collect::<Result<_>>()?;
+        Ok(groups.concat())
     }
 
     /// Thresholds for at most 32 quota vectors, walked together on this thread.
-    pub fn calibrate_group(&self, quotas: &[Vec<usize>]) -> Vec<Vec<f64>> {
+    pub fn calibrate_group(&self, quotas: &[Vec<usize>], shortfall: Shortfall) -> Result<Vec<Vec<f64>>> {
         let (k, n, g) = (self.k, self.n, quotas.len());
         debug_assert!(g <= GROUP);
         let mut thr = vec![vec![f64::INFINITY; k]; g];
-        let mut gone: Vec<Mask> = vec![0; if k > 1 { n } else { 0 }];
+        let mut gone: Vec<Mask> =
+            try_zeroed_vec(if k > 1 { n } else { 0 }).map_err(|_| out_of_memory(k, n, concurrent_walks(self.budgets)))?;
         let mut remaining = vec![n; g];
         let words = g.div_ceil(8);
         for e in 0..k - 1 {
@@ -381,7 +465,7 @@ impl SortedExits {
             let mut cnt = vec![0usize; g];
             let mut counting: Mask = 0; // budgets still counting towards n_k
             for b in 0..g {
-                target[b] = quotas[b][e].min(remaining[b]);
+                target[b] = shortfall.target(quotas[b][e], remaining[b]);
                 if target[b] > 0 {
                     counting |= 1 << b;
                 }
@@ -469,16 +553,16 @@ impl SortedExits {
         for t in thr.iter_mut() {
             t[k - 1] = f64::NEG_INFINITY;
         }
-        thr
+        Ok(thr)
     }
 }
 
 /// Thresholds `(K,)` for `scores` (K*N row-major) and target `fractions` (K,).
-pub fn calibrate(scores: &[f32], k: usize, n: usize, fractions: &[f64]) -> Result<Vec<f64>> {
+pub fn calibrate(scores: &[f32], k: usize, n: usize, fractions: &[f64], shortfall: Shortfall) -> Result<Vec<f64>> {
     validate_scores("scores", scores, k, n)?;
     check_n(n)?;
     validate_fractions(fractions, k)?;
-    Ok(SortedExits::new(scores, k, n).calibrate(&quotas(n, fractions)))
+    SortedExits::new(scores, k, n, 1)?.calibrate(&quotas(n, fractions), shortfall)
 }
 
 /// Sample ids are stored as `u32`.
@@ -491,14 +575,14 @@ pub fn check_n(n: usize) -> Result<()> {
 
 /// Straightforward O(K N log N) calibration used as an independent check in tests.
 #[cfg(test)]
-pub fn calibrate_naive(scores: &[f32], k: usize, n: usize, fractions: &[f64]) -> Vec<f64> {
+pub fn calibrate_naive(scores: &[f32], k: usize, n: usize, fractions: &[f64], shortfall: Shortfall) -> Vec<f64> {
     let mut alive = vec![true; n];
     let mut thr = vec![f64::INFINITY; k];
     for e in 0..k - 1 {
         let nk = (n as f64 * fractions[e]).floor() as usize;
         let row = &scores[e * n..(e + 1) * n];
         let mut rem: Vec<f32> = (0..n).filter(|&i| alive[i]).map(|i| row[i]).collect();
-        if nk == 0 || rem.is_empty() {
+        if nk == 0 || rem.is_empty() || (nk > rem.len() && shortfall == Shortfall::Reference) {
             continue;
         }
         rem.sort_by(|a, b| b.partial_cmp(a).unwrap());
@@ -573,9 +657,13 @@ mod tests {
             let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
             let qs: Vec<f64> = (1..(2 + trial * 3)).map(|p| p as f64 / 20.0).collect();
             let quotas: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
-            let got = SortedExits::new(&scores, k, n).calibrate_many(&quotas);
-            for (j, &q) in qs.iter().enumerate() {
-                assert_eq!(got[j], calibrate_naive(&scores, k, n, &geometric_fractions(q, k).unwrap()), "trial {trial} q {q}");
+            let sorted = SortedExits::new(&scores, k, n, quotas.len()).unwrap();
+            for sf in [Shortfall::Reference, Shortfall::ExitAll] {
+                let got = sorted.calibrate_many(&quotas, sf).unwrap();
+                for (j, &q) in qs.iter().enumerate() {
+                    let want = calibrate_naive(&scores, k, n, &geometric_fractions(q, k).unwrap(), sf);
+                    assert_eq!(got[j], want, "trial {trial} q {q} {sf:?}");
+                }
             }
         }
     }
@@ -618,27 +706,120 @@ mod tests {
             let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
             let q = [0.01, 0.3, 1.0, 1.7, 20.0][trial % 5];
             let f = if trial % 2 == 0 { geometric_fractions(q, k).unwrap() } else { per_stage_fractions(q.min(1.0), k).unwrap() };
-            let fast = calibrate(&scores, k, n, &f).unwrap();
-            let slow = calibrate_naive(&scores, k, n, &f);
-            assert_eq!(fast, slow, "trial {trial} k={k} n={n}");
+            for sf in [Shortfall::Reference, Shortfall::ExitAll] {
+                let fast = calibrate(&scores, k, n, &f, sf).unwrap();
+                let slow = calibrate_naive(&scores, k, n, &f, sf);
+                assert_eq!(fast, slow, "trial {trial} k={k} n={n} {sf:?}");
+            }
         }
+    }
+
+    /// MSDNet-PyTorch's `dynamic_eval_find_threshold` line by line: walk exit k's
+    /// descending order counting samples not yet exited; the threshold is the score of
+    /// the `n_k`-th, and stays `+inf` (the authors' `1e8`) if the count never gets there.
+    fn authors_loop(scores: &[f32], k: usize, n: usize, fractions: &[f64]) -> Vec<f64> {
+        let mut filtered = vec![false; n];
+        let mut t = vec![f64::INFINITY; k];
+        for e in 0..k - 1 {
+            let row = &scores[e * n..(e + 1) * n];
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
+            let out_n = (n as f64 * fractions[e]).floor() as usize;
+            let mut count = 0;
+            for &i in &order {
+                if !filtered[i] {
+                    count += 1;
+                    if count == out_n {
+                        t[e] = row[i] as f64;
+                        break;
+                    }
+                }
+            }
+            for i in 0..n {
+                filtered[i] |= row[i] as f64 >= t[e];
+            }
+        }
+        t[k - 1] = f64::NEG_INFINITY;
+        t
+    }
+
+    #[test]
+    fn tie_heavy_scores_follow_the_authors_loop() {
+        // Exit 0 has n_0 = 1, but three samples tie at 0.9 and all leave; exit 1 then
+        // finds one sample for its quota of 2: nobody exits there.
+        let s = [0.9f32, 0.9, 0.9, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
+        let f = [0.25, 0.5, 0.25];
+        let want = vec![0.9f32 as f64, f64::INFINITY, f64::NEG_INFINITY];
+        assert_eq!(authors_loop(&s, 3, 4, &f), want);
+        assert_eq!(calibrate(&s, 3, 4, &f, Shortfall::Reference).unwrap(), want);
+        assert_eq!(Shortfall::parse("reference").unwrap(), Shortfall::default());
+        // The other rule: the lowest remaining score, everybody left exits.
+        let exit_all = calibrate(&s, 3, 4, &f, Shortfall::ExitAll).unwrap();
+        assert_eq!(exit_all, vec![0.9f32 as f64, 0.7f32 as f64, f64::NEG_INFINITY]);
+        // Saturated max softmax: a third to two thirds of every exit's scores are 1.0.
+        let mut st = 2024u64;
+        let mut shortfalls = 0;
+        for trial in 0..40 {
+            let (k, n) = (2 + trial % 5, 50 + 37 * trial);
+            let scores: Vec<f32> = (0..k * n)
+                .map(|r| {
+                    let x = (rng(&mut st) % 1000) as f32 / 1000.0;
+                    if x < 0.33 + 0.33 * (r / n) as f32 / k as f32 { 1.0 } else { x }
+                })
+                .collect();
+            let qs: Vec<Vec<usize>> = (1..40).map(|p| quotas(n, &geometric_fractions(p as f64 / 20.0, k).unwrap())).collect();
+            let sorted = SortedExits::new(&scores, k, n, qs.len()).unwrap();
+            let got = sorted.calibrate_many(&qs, Shortfall::Reference).unwrap();
+            let got_all = sorted.calibrate_many(&qs, Shortfall::ExitAll).unwrap();
+            for p in 1..40 {
+                let f = geometric_fractions(p as f64 / 20.0, k).unwrap();
+                let want = authors_loop(&scores, k, n, &f);
+                shortfalls += want.iter().zip(&quotas(n, &f)).filter(|(t, &q)| **t == f64::INFINITY && q > 0).count();
+                assert_eq!(got[p - 1], want, "trial {trial} p {p}");
+                assert_eq!(got_all[p - 1], calibrate_naive(&scores, k, n, &f, Shortfall::ExitAll), "trial {trial} p {p}");
+            }
+        }
+        assert!(shortfalls > 100, "the shortfall branch arose only {shortfalls} times");
     }
 
     #[test]
     fn edge_cases() {
+        let r = Shortfall::Reference;
         // K = 1: only -inf.
-        assert_eq!(calibrate(&[0.3, 0.1], 1, 2, &[1.0]).unwrap(), vec![f64::NEG_INFINITY]);
+        assert_eq!(calibrate(&[0.3, 0.1], 1, 2, &[1.0], r).unwrap(), vec![f64::NEG_INFINITY]);
         // N = 1, tiny q: first exit takes nothing.
-        assert_eq!(calibrate(&[0.3, 0.1], 2, 1, &[0.5, 0.5]).unwrap(), vec![f64::INFINITY, f64::NEG_INFINITY]);
-        // All equal scores: the first non-empty quota takes everybody.
+        assert_eq!(calibrate(&[0.3, 0.1], 2, 1, &[0.5, 0.5], r).unwrap(), vec![f64::INFINITY, f64::NEG_INFINITY]);
+        // All equal scores: the first non-empty quota takes everybody, under both rules
+        // (a later exit with nobody left gets +inf).
         let s = vec![0.5f32; 3 * 10];
-        let t = calibrate(&s, 3, 10, &[0.2, 0.3, 0.5]).unwrap();
-        assert_eq!(t, vec![0.5, f64::INFINITY, f64::NEG_INFINITY]);
-        // Quota larger than what is left: the lowest remaining score.
-        let s = [0.9f32, 0.9, 0.9, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
-        let t = calibrate(&s, 3, 4, &[0.25, 0.5, 0.25]).unwrap();
-        assert_eq!(t, vec![0.9f32 as f64, 0.7f32 as f64, f64::NEG_INFINITY]);
-        assert!(calibrate(&[f32::NAN, 0.0], 2, 1, &[0.5, 0.5]).unwrap_err().0.contains("exit k=0, sample i=0"));
-        assert!(calibrate(&[0.0, f32::INFINITY], 1, 2, &[1.0]).unwrap_err().0.contains("sample i=1"));
+        for sf in [Shortfall::Reference, Shortfall::ExitAll] {
+            let t = calibrate(&s, 3, 10, &[0.2, 0.3, 0.5], sf).unwrap();
+            assert_eq!(t, vec![0.5, f64::INFINITY, f64::NEG_INFINITY]);
+        }
+        // Quota exactly what is left: the lowest remaining score, under both rules.
+        let s = [0.9f32, 0.9, 0.1, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
+        for sf in [Shortfall::Reference, Shortfall::ExitAll] {
+            assert_eq!(calibrate(&s, 3, 4, &[0.5, 0.5, 0.0], sf).unwrap(), vec![0.9f32 as f64, 0.4f32 as f64, f64::NEG_INFINITY]);
+        }
+        assert!(calibrate(&[f32::NAN, 0.0], 2, 1, &[0.5, 0.5], r).unwrap_err().message.contains("exit k=0, sample i=0"));
+        assert!(calibrate(&[0.0, f32::INFINITY], 1, 2, &[1.0], r).unwrap_err().message.contains("sample i=1"));
+        assert!(Shortfall::parse("all").unwrap_err().message.contains("'reference' or 'exit_all'"));
+    }
+
+    #[test]
+    fn out_of_memory_message_names_the_need() {
+        let (per, runs) = sort_runs(8);
+        assert!(per * runs >= 6 && runs >= 1);
+        let n = 200_000_000usize;
+        let sort = 8 * n as u128 * runs as u128 + 4 * n as u128;
+        assert_eq!(working_bytes(8, n, 1), 8 * 7 * n as u128 + sort);
+        assert_eq!(working_bytes(8, n, 1000), 8 * 7 * n as u128 + 4000 * n as u128);
+        assert_eq!(working_bytes(1, n, 4), 0);
+        let e = out_of_memory(8, n, 1);
+        assert_eq!(e.kind, crate::error::ErrorKind::OutOfMemory);
+        assert!(e.message.starts_with("calibration needs "), "{e}");
+        assert!(e.message.ends_with(" GB of working memory for 1,600,000,000 scores; it could not be allocated"), "{e}");
+        assert_eq!(concurrent_walks(1), 1);
+        assert!(concurrent_walks(39) <= rayon::current_num_threads().max(1));
     }
 }

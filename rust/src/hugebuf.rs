@@ -1,23 +1,56 @@
 //! Zero-initialised buffers for the large sort arrays, backed by 2 MB transparent
-//! huge pages where Linux allows it.
+//! huge pages where Linux allows it, and fallible zeroed `Vec`s.
 //!
 //! A radix scatter writes to thousands of places in an 8 MB buffer at once: with
 //! 4 KB pages nearly every write misses the TLB, and the fresh pages cost one fault
 //! each. Huge pages cut both by 512x. The buffer is mapped 2 MB-aligned and marked
 //! `MADV_HUGEPAGE` (needed when THP is in `madvise` mode); if the kernel declines,
 //! it is an ordinary zeroed mapping. Elsewhere (or if `mmap` fails) it is a `Vec`.
+//!
+//! Every allocation here is fallible: a refusal (address space limit, no memory)
+//! is an [`AllocError`], never an abort, so callers can report it.
 
 use std::ops::{Deref, DerefMut};
 
 /// Element types whose all-zero bit pattern is a valid value.
 ///
 /// # Safety
-/// Implement only for such types (plain integers).
+/// Implement only for such types (plain integers and floats).
 pub unsafe trait Zeroed: Copy + Send + Sync {}
 // SAFETY: every bit pattern of an integer is valid.
 unsafe impl Zeroed for u32 {}
 // SAFETY: as above.
 unsafe impl Zeroed for u64 {}
+// SAFETY: as above.
+unsafe impl Zeroed for i32 {}
+// SAFETY: all-zero bits are +0.0.
+unsafe impl Zeroed for f32 {}
+
+/// The system refused an allocation of `bytes` bytes (`usize::MAX`: the size overflows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocError {
+    pub bytes: usize,
+}
+
+/// `len` zeros in a `Vec`, or an [`AllocError`] instead of aborting.
+///
+/// Like `vec![0; len]` it asks the allocator for zeroed memory (`calloc`: large
+/// blocks are fresh pages, zero without being written).
+pub fn try_zeroed_vec<T: Zeroed>(len: usize) -> Result<Vec<T>, AllocError> {
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| AllocError { bytes: usize::MAX })?;
+    if layout.size() == 0 {
+        // Zero-sized: no allocation (`Vec` uses a dangling pointer).
+        return Ok(vec![zero::<T>(); len]);
+    }
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(AllocError { bytes: layout.size() });
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `[T; len]`
+    // (the capacity), and its `len` elements are zero, a valid `T` (`T: Zeroed`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
 
 /// A `[T]` of fixed length, initially all zeros.
 pub struct HugeBuf<T: Zeroed> {
@@ -40,17 +73,19 @@ unsafe impl<T: Zeroed> Sync for HugeBuf<T> {}
 const HUGE: usize = 2 << 20;
 
 impl<T: Zeroed> HugeBuf<T> {
-    /// `len` zeros.
-    pub fn zeroed(len: usize) -> HugeBuf<T> {
+    /// `len` zeros: a huge-page mapping where possible, else a heap block; an
+    /// [`AllocError`] if neither can be had.
+    pub fn try_zeroed(len: usize) -> Result<HugeBuf<T>, AllocError> {
         #[cfg(target_os = "linux")]
         if let Some(b) = Self::map(len) {
-            return b;
+            return Ok(b);
         }
-        HugeBuf { inner: Inner::Heap(vec![zero::<T>(); len]) }
+        Ok(HugeBuf { inner: Inner::Heap(try_zeroed_vec(len)?) })
     }
 
     /// Anonymous mapping, 2 MB-aligned inside a slightly larger one; `None` for
-    /// small sizes (a `Vec` is as good) or if the kernel refuses the mapping.
+    /// small sizes (a `Vec` is as good) or if the kernel refuses the mapping (the
+    /// caller then tries the heap, which reports a refusal in turn).
     #[cfg(target_os = "linux")]
     fn map(len: usize) -> Option<HugeBuf<T>> {
         let bytes = len.checked_mul(std::mem::size_of::<T>())?;
@@ -133,7 +168,7 @@ mod tests {
     #[test]
     fn zeroed_writable_any_size() {
         for len in [0usize, 1, 1000, 300_000, (2 << 20) / 8 + 3] {
-            let mut b = HugeBuf::<u64>::zeroed(len);
+            let mut b = HugeBuf::<u64>::try_zeroed(len).unwrap();
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0));
             for (i, x) in b.iter_mut().enumerate() {
@@ -141,7 +176,22 @@ mod tests {
             }
             assert!(b.iter().enumerate().all(|(i, &x)| x == i as u64));
         }
-        let b = HugeBuf::<u32>::zeroed(1 << 20);
+        let b = HugeBuf::<u32>::try_zeroed(1 << 20).unwrap();
         assert_eq!(b.iter().map(|&x| x as u64).sum::<u64>(), 0);
+        for len in [0usize, 1, 5000, 1 << 20] {
+            let v = try_zeroed_vec::<f32>(len).unwrap();
+            assert_eq!((v.len(), v.capacity()), (len, len));
+            assert!(v.iter().all(|&x| x.to_bits() == 0));
+        }
+    }
+
+    #[test]
+    fn refusals_are_errors_not_aborts() {
+        // Sizes no system grants (an eighth of the address space), and overflow.
+        let big = usize::MAX / 64;
+        assert_eq!(try_zeroed_vec::<u64>(big).unwrap_err(), AllocError { bytes: big * 8 });
+        assert!(HugeBuf::<u64>::try_zeroed(big).is_err());
+        assert_eq!(try_zeroed_vec::<u32>(usize::MAX / 2).unwrap_err(), AllocError { bytes: usize::MAX });
+        assert!(HugeBuf::<u64>::try_zeroed(usize::MAX / 4).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! PyO3 bindings (`keras_ee._native`). Thin: borrow numpy arrays without copying,
-//! release the GIL, call the pure-Rust core, turn its errors into `ValueError`.
+//! release the GIL, call the pure-Rust core, turn its errors into `ValueError`
+//! (bad input) or `MemoryError` (working memory that could not be allocated).
 //! Dtype and ndim checks happen in the Python façade (`keras_ee.calibration`).
 
 use crate::calibrate as cal;
@@ -7,7 +8,7 @@ use crate::simulate as sim;
 use crate::{error, scores, sweep};
 use ndarray::{Array2, ArrayView3};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,12 +16,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// `(scores, predictions)` as numpy arrays.
 type ScoresOut<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i32>>);
 
-/// Runs `f` without the GIL; core errors become `ValueError`, a panic `RuntimeError`
-/// (never an abort or a `PanicException`).
+/// Runs `f` without the GIL; core errors become `ValueError` or `MemoryError`, a
+/// panic `RuntimeError` (never an abort or a `PanicException`).
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> error::Result<T> + Send) -> PyResult<T> {
     match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(PyValueError::new_err(e.0)),
+        Ok(Err(e)) => Err(match e.kind {
+            error::ErrorKind::BadInput => PyValueError::new_err(e.message),
+            error::ErrorKind::OutOfMemory => PyMemoryError::new_err(e.message),
+        }),
         Err(p) => {
             let msg = p
                 .downcast_ref::<String>()
@@ -103,10 +107,15 @@ fn per_stage_fractions<'py>(py: Python<'py>, q: f64, num_exits: usize) -> PyResu
 }
 
 #[pyfunction]
-fn calibrate<'py>(py: Python<'py>, scores: PyReadonlyArray2<'py, f32>, fractions: PyReadonlyArray1<'py, f64>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+fn calibrate<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f32>,
+    fractions: PyReadonlyArray1<'py, f64>,
+    shortfall: &str,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let (s, k, n) = c_slice("scores", &scores)?;
     let f = c_vec("fractions", &fractions)?;
-    Ok(run(py, || cal::calibrate(s, k, n, &f))?.into_pyarray(py))
+    Ok(run(py, || cal::calibrate(s, k, n, &f, cal::Shortfall::parse(shortfall)?))?.into_pyarray(py))
 }
 
 /// Returns (accuracy, mean_cost, exit_counts).
@@ -147,6 +156,7 @@ fn budget_sweep<'py>(
     costs: PyReadonlyArray1<'py, f64>,
     qs: PyReadonlyArray1<'py, f64>,
     mode: &str,
+    shortfall: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let (vs, k, vn) = c_slice("val_scores", &val_scores)?;
     let (vc, vck, vcn) = c_slice("val_correct", &val_correct)?;
@@ -165,7 +175,8 @@ fn budget_sweep<'py>(
     let q = c_vec("qs", &qs)?;
     let sw = run(py, || {
         let mode = sweep::Mode::parse(mode)?;
-        sweep::budget_sweep(k, (vs, vc, vn), (ts, tc, tn), &w, &q, mode)
+        let shortfall = cal::Shortfall::parse(shortfall)?;
+        sweep::budget_sweep(k, (vs, vc, vn), (ts, tc, tn), &w, &q, mode, shortfall)
     })?;
     let b = q.len();
     let d = PyDict::new(py);

@@ -5,8 +5,9 @@
 //! (no copy), whatever their strides: a row that is not contiguous is gathered into
 //! a `C`-sized buffer.
 
-use crate::error::{Error, Result};
+use crate::error::{thousands, Error, Result};
 use crate::fastmath::{exp_nonpos, f16_bits_to_f32, EXP_LOWEST};
+use crate::hugebuf::try_zeroed_vec;
 use ndarray::{ArrayView3, Axis};
 use rayon::prelude::*;
 
@@ -574,7 +575,8 @@ pub fn inverse_temperatures(temperatures: &[f64], num_exits: usize) -> Result<Ve
 /// Confidence scores `(K*N,)` and argmax predictions `(K*N,)`, row-major over (exit, sample).
 ///
 /// `inv_t` holds one reciprocal temperature per exit (see [`inverse_temperatures`]).
-/// Errors on empty input, fewer than 2 classes, or a NaN/inf logit (reporting where).
+/// Errors on empty input, fewer than 2 classes, or a NaN/inf logit (reporting where),
+/// and if the outputs cannot be allocated (an out-of-memory error, not an abort).
 pub fn exit_scores<T: Logit>(
     logits: ArrayView3<T>,
     kind: Kind,
@@ -601,8 +603,12 @@ pub fn exit_scores<T: Logit>(
         )));
     }
     let rows = k * n;
-    let mut scores = vec![0.0f32; rows];
-    let mut preds = vec![0i32; rows];
+    let oom = |_| {
+        let bytes = rows as u128 * (std::mem::size_of::<f32>() + std::mem::size_of::<i32>()) as u128;
+        Error::out_of_memory("exit_scores", bytes, &format!("for {} scores and predictions", thousands(rows as u128)))
+    };
+    let mut scores: Vec<f32> = try_zeroed_vec(rows).map_err(oom)?;
+    let mut preds: Vec<i32> = try_zeroed_vec(rows).map_err(oom)?;
     // About 1 MiB of logits per task: amortises scheduling, still thousands of tasks
     // for the big dumps this is meant for.
     let chunk = ((1 << 20) / (c * std::mem::size_of::<T>())).clamp(1, 4096);
@@ -707,7 +713,7 @@ mod tests {
                     let mut b = a.clone();
                     b[[0, 3, j]] = bad;
                     let err = exit_scores(b.view(), Kind::MaxSoftmax, &[1.0]).unwrap_err();
-                    assert!(err.0.contains(&format!("sample i=3, class c={j}")), "c={c} j={j} {bad}: {err}");
+                    assert!(err.message.contains(&format!("sample i=3, class c={j}")), "c={c} j={j} {bad}: {err}");
                 }
             }
         }
@@ -733,15 +739,15 @@ mod tests {
         a[[1, 2, 17]] = f32::NAN;
         a[[1, 3, 0]] = f32::INFINITY;
         let err = exit_scores(a.view(), Kind::MaxSoftmax, &[1.0, 1.0]).unwrap_err();
-        assert!(err.0.contains("exit k=1, sample i=2, class c=17"), "{err}");
+        assert!(err.message.contains("exit k=1, sample i=2, class c=17"), "{err}");
         let h = Array3::<u16>::from_elem((1, 2, 3), 0x3c00);
         let mut h2 = h.clone();
         h2[[0, 1, 2]] = 0xfc00;
         assert!(exit_scores(h.view(), Kind::Margin, &[1.0]).is_ok());
-        assert!(exit_scores(h2.view(), Kind::Margin, &[1.0]).unwrap_err().0.contains("sample i=1, class c=2"));
+        assert!(exit_scores(h2.view(), Kind::Margin, &[1.0]).unwrap_err().message.contains("sample i=1, class c=2"));
         let mut d = Array3::<f64>::zeros((1, 1, 3));
         d[[0, 0, 1]] = f64::NEG_INFINITY;
-        assert!(exit_scores(d.view(), Kind::Entropy, &[1.0]).unwrap_err().0.contains("class c=1"));
+        assert!(exit_scores(d.view(), Kind::Entropy, &[1.0]).unwrap_err().message.contains("class c=1"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! blocks that stay in cache while every budget is applied to them.
 
 use crate::calibrate::MAX_EXITS;
-use crate::error::{Error, Result};
+use crate::error::{thousands, Error, Result};
+use crate::hugebuf::try_zeroed_vec;
 use rayon::prelude::*;
 
 /// Outcome of one threshold set on one data set.
@@ -117,7 +118,8 @@ fn levels(tf: &[f32], k: usize) -> Levels {
 }
 
 /// Scores `B` threshold sets (`thresholds` is `B*K` row-major) on `scores`/`correct`
-/// (`K*N`). Inputs must be validated. Returns one [`Outcome`] per threshold set.
+/// (`K*N`). Inputs must be validated. Returns one [`Outcome`] per threshold set, or
+/// an out-of-memory error if a worker's block buffers cannot be allocated.
 ///
 /// Samples are cut into cache-sized blocks. Per block, each exit's distinct
 /// thresholds become bit masks over the block's samples (bit i: sample i reaches
@@ -132,17 +134,17 @@ pub fn score_many(
     n: usize,
     thresholds: &[f64],
     costs: &[f64],
-) -> Vec<Outcome> {
+) -> Result<Vec<Outcome>> {
     assert!((1..=MAX_EXITS).contains(&k) && scores.len() == k * n && correct.len() == k * n);
     let tf: Vec<f32> = thresholds.iter().map(|&t| f32_ceil(t)).collect();
     let mut out = Vec::with_capacity(tf.len() / k);
     for group in tf.chunks(SET_GROUP * k) {
-        out.extend(score_group(scores, correct, k, n, group, costs));
+        out.extend(score_group(scores, correct, k, n, group, costs)?);
     }
-    out
+    Ok(out)
 }
 
-fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32], costs: &[f64]) -> Vec<Outcome> {
+fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32], costs: &[f64]) -> Result<Vec<Outcome>> {
     let b = tf.len() / k;
     let lv = levels(tf, k);
     // Where each exit's masks start in a block's mask buffer (one run of WORDS per cut).
@@ -155,11 +157,24 @@ fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32],
     let width = k + 1;
     #[cfg(target_arch = "x86_64")]
     let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt");
+    // Each worker's block buffers (at most a few MB: they grow with K and the number
+    // of threshold sets, not with N).
+    let worker_bytes = 8 * (b * width + mask_words + k * WORDS) as u128;
+    let oom = |_| {
+        Error::out_of_memory(
+            "scoring",
+            worker_bytes * rayon::current_num_threads().max(1) as u128,
+            &format!("of working memory for {b} threshold sets on {} scores", thousands((k * n) as u128)),
+        )
+    };
     let totals = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .fold(
-            || (vec![0u64; b * width], vec![0u64; mask_words], vec![0u64; k * WORDS]),
-            |(mut acc, mut masks, mut right), blk| {
+            || -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+                Ok((try_zeroed_vec(b * width).map_err(oom)?, try_zeroed_vec(mask_words).map_err(oom)?, try_zeroed_vec(k * WORDS).map_err(oom)?))
+            },
+            |state, blk| {
+                let (mut acc, mut masks, mut right) = state?;
                 let d = Data { scores, correct, k, n, start: blk * BLOCK };
                 let mut buf = Buffers { first: &first, masks: &mut masks, right: &mut right };
                 #[cfg(target_arch = "x86_64")]
@@ -167,31 +182,31 @@ fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32],
                     if avx2 {
                         // SAFETY: the CPU supports AVX2 and POPCNT.
                         unsafe { score_block_avx2(&d, &lv, &mut acc, &mut buf) };
-                        return (acc, masks, right);
+                        return Ok((acc, masks, right));
                     }
                 }
                 score_block::<false>(&d, &lv, &mut acc, &mut buf);
-                (acc, masks, right)
+                Ok((acc, masks, right))
             },
         )
-        .map(|(acc, _, _)| acc)
-        .reduce(
+        .map(|state| state.map(|(acc, _, _)| acc))
+        .try_reduce(
             || vec![0u64; b * width],
             |mut x, y| {
                 for (a, b) in x.iter_mut().zip(y) {
                     *a += b;
                 }
-                x
+                Ok(x)
             },
-        );
-    (0..b)
+        )?;
+    Ok((0..b)
         .map(|bi| {
             let a = &totals[bi * width..(bi + 1) * width];
             let exit_counts = a[..k].to_vec();
             let cost: f64 = exit_counts.iter().zip(costs).fold(0.0, |s, (&c, &w)| s + c as f64 * w);
             Outcome { accuracy: a[k] as f64 / n as f64, mean_cost: cost / n as f64, exit_counts }
         })
-        .collect()
+        .collect())
 }
 
 struct Data<'a> {
@@ -361,7 +376,7 @@ pub fn simulate(scores: &[f32], correct: &[bool], k: usize, n: usize, thresholds
     check_correct("correct", correct, k, n)?;
     validate_thresholds(thresholds, k)?;
     validate_costs(costs, k)?;
-    Ok(score_many(scores, correct, k, n, thresholds, costs).remove(0))
+    Ok(score_many(scores, correct, k, n, thresholds, costs)?.remove(0))
 }
 
 pub fn check_correct(name: &str, correct: &[bool], k: usize, n: usize) -> Result<()> {
@@ -434,7 +449,7 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(validate_costs(&[1.0, 0.5], 2).unwrap_err().0.contains("non-decreasing"));
+        assert!(validate_costs(&[1.0, 0.5], 2).unwrap_err().message.contains("non-decreasing"));
         assert!(validate_costs(&[-1.0, 0.5], 2).is_err());
         assert!(validate_costs(&[1.0], 2).is_err());
         assert!(validate_thresholds(&[0.5, 0.1], 2).is_err());

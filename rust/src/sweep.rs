@@ -1,7 +1,7 @@
 //! The budget sweep: calibrate on validation scores for every budget `q`, score the
 //! thresholds on validation and test, in one call, parallel over budgets.
 
-use crate::calibrate::{check_n, geometric_fractions, group_size, per_stage_fractions, quotas, validate_scores, SortedExits, MAX_EXITS};
+use crate::calibrate::{check_n, geometric_fractions, group_size, per_stage_fractions, quotas, validate_scores, Shortfall, SortedExits, MAX_EXITS};
 use crate::error::{Error, Result};
 use crate::simulate::{check_correct, score_many, validate_costs, Outcome};
 use rayon::prelude::*;
@@ -49,7 +49,9 @@ pub struct Sweep {
 /// A data set as `(K*N scores, K*N correct flags, N)`.
 pub type Set<'a> = (&'a [f32], &'a [bool], usize);
 
-pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mode: Mode) -> Result<Sweep> {
+/// Calibrates on `val` for every budget in `qs` (fractions by `mode`, short exits by
+/// `shortfall`), then scores the thresholds on `val` and `test`.
+pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mode: Mode, shortfall: Shortfall) -> Result<Sweep> {
     let (vs, vc, vn) = val;
     let (ts, tc, tn) = test;
     let checks = || -> Result<Vec<Vec<f64>>> {
@@ -69,15 +71,16 @@ pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mo
     };
     // The sort of the first exit runs on one thread: the (parallel) checks of both
     // splits fill the other cores meanwhile. The sort needs only a consistent
-    // shape; its result is dropped if a check fails.
+    // shape; its result is dropped if a check fails (bad input is reported before
+    // memory that could not be allocated).
     let shape_ok = (1..=MAX_EXITS).contains(&k) && vn >= 1 && vn <= u32::MAX as usize && vs.len() == k * vn;
     let (fractions, sorted) = if shape_ok {
-        rayon::join(checks, || Some(SortedExits::new(vs, k, vn)))
+        rayon::join(checks, || Some(SortedExits::new(vs, k, vn, qs.len())))
     } else {
         (checks(), None)
     };
     let fractions = fractions?;
-    let sorted = sorted.expect("checks pass only for a consistent shape");
+    let sorted = sorted.expect("checks pass only for a consistent shape")?;
     let q: Vec<Vec<usize>> = fractions.iter().map(|f| quotas(vn, f)).collect();
     // Each group of budgets is scored as soon as its walk ends: walks differ in length
     // (small budgets walk further), so a worker whose walk ends early scores its
@@ -85,12 +88,12 @@ pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mo
     let parts: Vec<(Vec<f64>, Vec<Outcome>, Vec<Outcome>)> = q
         .par_chunks(group_size(q.len()))
         .map(|g| {
-            let t: Vec<f64> = sorted.calibrate_group(g).concat();
-            let v = score_many(vs, vc, k, vn, &t, costs);
-            let o = score_many(ts, tc, k, tn, &t, costs);
-            (t, v, o)
+            let t: Vec<f64> = sorted.calibrate_group(g, shortfall)?.concat();
+            let v = score_many(vs, vc, k, vn, &t, costs)?;
+            let o = score_many(ts, tc, k, tn, &t, costs)?;
+            Ok((t, v, o))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     drop(sorted);
     let mut thresholds = Vec::with_capacity(q.len() * k);
     let (mut val_out, mut test_out) = (Vec::with_capacity(q.len()), Vec::with_capacity(q.len()));
@@ -115,6 +118,23 @@ mod tests {
     use crate::calibrate::calibrate;
     use crate::simulate::simulate;
 
+    /// `(K*N scores, K*N correct flags)`: scores in 1000 levels, or tie-heavy (`saturated`:
+    /// a growing share of 1.0 with depth, as a max softmax that saturates in float32).
+    fn data(k: usize, n: usize, saturated: bool, next: &mut dyn FnMut() -> u64) -> (Vec<f32>, Vec<bool>) {
+        let s = (0..k * n)
+            .map(|r| {
+                let x = (next() % 1000) as f32 / 999.0;
+                if saturated && x < 0.5 + 0.4 * (r / n) as f32 / k as f32 {
+                    1.0
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let c = (0..k * n).map(|_| !next().is_multiple_of(4)).collect();
+        (s, c)
+    }
+
     #[test]
     fn sweep_equals_calibrate_then_simulate() {
         let mut st = 77u64;
@@ -125,30 +145,41 @@ mod tests {
             st
         };
         let (k, vn, tn) = (4, 3000, 2500);
-        let gen = |n: usize, next: &mut dyn FnMut() -> u64| -> (Vec<f32>, Vec<bool>) {
-            let s = (0..k * n).map(|_| (next() % 1000) as f32 / 999.0).collect();
-            let c = (0..k * n).map(|_| !next().is_multiple_of(4)).collect();
-            (s, c)
-        };
-        let (vs, vc) = gen(vn, &mut next);
-        let (ts, tc) = gen(tn, &mut next);
         let costs = [1.0, 2.0, 3.5, 7.0];
-        for mode in [Mode::Geometric, Mode::PerStage] {
-            let qs: Vec<f64> = if mode == Mode::Geometric { (1..40).map(|p| p as f64 / 20.0).collect() } else { vec![0.05, 0.5, 1.0] };
-            let sw = budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &qs, mode).unwrap();
-            for (b, &q) in qs.iter().enumerate() {
-                let t = calibrate(&vs, k, vn, &mode.fractions(q, k).unwrap()).unwrap();
-                assert_eq!(&sw.thresholds[b * k..(b + 1) * k], &t[..]);
-                let o = simulate(&ts, &tc, k, tn, &t, &costs).unwrap();
-                assert_eq!(sw.test_accuracy[b], o.accuracy);
-                assert_eq!(sw.mean_cost[b], o.mean_cost);
-                assert_eq!(&sw.exit_counts[b * k..(b + 1) * k], &o.exit_counts[..]);
-                let v = simulate(&vs, &vc, k, vn, &t, &costs).unwrap();
-                assert_eq!(sw.val_accuracy[b], v.accuracy);
+        let mut shortfalls = 0;
+        for saturated in [false, true] {
+            let (vs, vc) = data(k, vn, saturated, &mut next);
+            let (ts, tc) = data(k, tn, saturated, &mut next);
+            for mode in [Mode::Geometric, Mode::PerStage] {
+                let qs: Vec<f64> = if mode == Mode::Geometric { (1..40).map(|p| p as f64 / 20.0).collect() } else { vec![0.05, 0.5, 1.0] };
+                let mut by_rule = vec![];
+                for sf in [Shortfall::Reference, Shortfall::ExitAll] {
+                    let sw = budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &qs, mode, sf).unwrap();
+                    for (b, &q) in qs.iter().enumerate() {
+                        let t = calibrate(&vs, k, vn, &mode.fractions(q, k).unwrap(), sf).unwrap();
+                        assert_eq!(&sw.thresholds[b * k..(b + 1) * k], &t[..]);
+                        let o = simulate(&ts, &tc, k, tn, &t, &costs).unwrap();
+                        assert_eq!(sw.test_accuracy[b], o.accuracy);
+                        assert_eq!(sw.mean_cost[b], o.mean_cost);
+                        assert_eq!(&sw.exit_counts[b * k..(b + 1) * k], &o.exit_counts[..]);
+                        let v = simulate(&vs, &vc, k, vn, &t, &costs).unwrap();
+                        assert_eq!(sw.val_accuracy[b], v.accuracy);
+                    }
+                    by_rule.push(sw.thresholds);
+                }
+                // The rules differ exactly where the reference leaves a quota'd exit at +inf.
+                shortfalls += by_rule[0].iter().zip(&by_rule[1]).filter(|(r, a)| r != a).count();
+                if !saturated {
+                    assert_eq!(by_rule[0], by_rule[1]);
+                }
             }
         }
-        assert!(budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &[0.5, -1.0], Mode::Geometric).unwrap_err().0.contains("qs[1]"));
-        assert!(budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &[1.5], Mode::PerStage).is_err());
+        assert!(shortfalls > 10, "the tie-heavy data took the shortfall branch only {shortfalls} times");
+        let (vs, vc) = data(k, vn, false, &mut next);
+        let r = Shortfall::Reference;
+        let sweep = |qs: &[f64], mode| budget_sweep(k, (&vs, &vc, vn), (&vs, &vc, vn), &costs, qs, mode, r);
+        assert!(sweep(&[0.5, -1.0], Mode::Geometric).unwrap_err().message.contains("qs[1]"));
+        assert!(sweep(&[1.5], Mode::PerStage).is_err());
         assert!(Mode::parse("uniform").is_err());
     }
 }
@@ -180,20 +211,20 @@ mod timing {
         let mut best = f64::MAX;
         for _ in 0..4 {
             let t = Instant::now();
-            drop(std::hint::black_box(SortedExits::new(&s, k, n)));
+            drop(std::hint::black_box(SortedExits::new(&s, k, n, qs.len()).unwrap()));
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!("sort (best of 4) {:.1} ms", best * 1e3);
-        let sorted = SortedExits::new(&s, k, n);
+        let sorted = SortedExits::new(&s, k, n, qs.len()).unwrap();
         let t = Instant::now();
         let q: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
-        let thr: Vec<f64> = sorted.calibrate_many(&q).concat();
+        let thr: Vec<f64> = sorted.calibrate_many(&q, Shortfall::Reference).unwrap().concat();
         println!("39 calibrations {:?}", t.elapsed());
         let t = Instant::now();
-        let _ = score_many(&s, &c, k, n, &thr, &costs);
+        let _ = score_many(&s, &c, k, n, &thr, &costs).unwrap();
         println!("score 39 budgets {:?}", t.elapsed());
         let t = Instant::now();
-        let _ = budget_sweep(k, (&s, &c, n), (&s, &c, n), &costs, &qs, Mode::Geometric).unwrap();
+        let _ = budget_sweep(k, (&s, &c, n), (&s, &c, n), &costs, &qs, Mode::Geometric, Shortfall::Reference).unwrap();
         println!("full sweep {:?}", t.elapsed());
     }
 }
