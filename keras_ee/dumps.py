@@ -6,14 +6,33 @@ re-calibrated and curves re-drawn without the network:
     DUMP/
       val_logits.npy    (K, N_val, C)  float16 | float32 | float64, exits first
       val_labels.npy    (N_val,)       integer class ids in [0, C)
-      test_logits.npy   (K, N_test, C)
+      test_logits.npy   (K, N_test, C) same K and C as val_logits
       test_labels.npy   (N_test,)
-      costs.json        {"mul_adds": [K ints], "params": [K ints], "rule": "reference"}
+      costs.json        {"mul_adds": [K numbers], "params": [K numbers], "rule": "reference"}
 
 `mul_adds` are the cumulative costs of the exits (backbone up to exit k plus every head
-up to and including head k), as `keras_ee.costs.exit_costs` returns them. The logits are
-opened with `np.load(..., mmap_mode="r")`, so dumps larger than RAM are swept without
-being read into memory (the calibrator is zero-copy on C-contiguous memmaps).
+up to and including head k), as `keras_ee.costs.exit_costs` returns them. Costs are any
+finite, non-negative, non-decreasing numbers, one per exit: integer counts, or fractional
+ones (relative costs such as `[0.2, 0.4, 0.45, 0.9]`, GFLOPs, milliseconds) which are
+kept exactly as given (`params` follows the same rule and defaults to zeros). JSON's
+non-standard `NaN` / `Infinity` (and overflowing literals such as `1e309`) are refused.
+The `.npy` files are standard NumPy arrays without pickled objects, in native byte order.
+
+The logits are opened with `np.load(..., mmap_mode="r")`, so dumps larger than RAM are
+swept without being read into memory (the calibrator is zero-copy on C-contiguous
+memmaps). `load_dump` checks every file (size against the `.npy` header, dtypes, shapes,
+label range, costs) and names the file and what it expected when something is wrong;
+NaN / inf logits are reported by `keras_ee.evaluation` (split, `exit_k` and first sample).
+
+`save_dump` is atomic: it writes the whole dump into a sibling temporary folder
+`DUMP.tmp-<pid>`, fsyncs every file and the folder, then swaps it in (an existing DUMP is
+renamed to `DUMP.old-<pid>`, the new folder renamed to DUMP, the old one deleted). A kill
+at any point leaves either the previous dump or the new one at DUMP, never a mix or a
+half-written file; leftovers of killed saves (`DUMP.tmp-*`, `DUMP.old-*` of processes
+that no longer run) are removed by the next `save_dump`, and `load_dump` names them if
+DUMP itself is missing. Other files of an existing DUMP folder (say the CSVs and plot
+`keras-ee sweep` writes there) are carried over into the new folder before the swap
+(hard-linked, or copied where links are not supported).
 
 Example:
 
@@ -28,25 +47,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from keras_ee.atomic import atomic_write_json, fsync_dir
+
 FILES = ("val_logits.npy", "val_labels.npy", "test_logits.npy", "test_labels.npy", "costs.json")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_NPY_MAGIC = b"\x93NUMPY"
+_EXPECTED = {
+    "val_logits.npy": "a float16/float32/float64 array of shape (num_exits, N_val, num_classes)",
+    "test_logits.npy": "a float16/float32/float64 array of shape (num_exits, N_test, num_classes)",
+    "val_labels.npy": "an integer array of shape (N_val,)",
+    "test_labels.npy": "an integer array of shape (N_test,)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Dump:
-    """Validation and test logits of every exit, their labels and the exits' costs."""
+    """Validation and test logits of every exit, their labels and the exits' costs.
+
+    `mul_adds` and `params` hold one cumulative cost per exit, ints or floats as they
+    were stored.
+    """
 
     val_logits: np.ndarray
     val_labels: np.ndarray
     test_logits: np.ndarray
     test_labels: np.ndarray
-    mul_adds: list[int]
-    params: list[int]
+    mul_adds: list[float]
+    params: list[float]
     path: Path | None = None
 
     @property
@@ -58,89 +95,373 @@ class Dump:
         return int(self.val_logits.shape[2])
 
 
-def _check_split(name: str, logits: np.ndarray, labels: np.ndarray) -> None:
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_logits(logits: np.ndarray, where: str) -> None:
     if logits.ndim != 3:
         raise ValueError(
-            f"`{name}_logits` must have shape (num_exits, num_samples, num_classes); "
-            f"received shape {logits.shape}."
+            f"{where} must have shape (num_exits, num_samples, num_classes); received shape {logits.shape}."
         )
     if logits.dtype.type not in _FLOAT_DTYPES:
+        raise TypeError(f"{where} must be float16, float32 or float64; received dtype {logits.dtype}.")
+    if not logits.dtype.isnative:
         raise TypeError(
-            f"`{name}_logits` must be float16, float32 or float64; received dtype {logits.dtype}."
+            f"{where} is stored in non-native byte order (dtype {logits.dtype.str}); expected native "
+            f"{logits.dtype.newbyteorder('=').str} (re-save it with save_dump, which converts it)."
         )
-    if labels.ndim != 1 or labels.shape[0] != logits.shape[1]:
+
+
+def _check_pair(val_logits, test_logits, val_where: str, test_where: str) -> None:
+    vs, ts = val_logits.shape, test_logits.shape
+    if vs[2] != ts[2]:
         raise ValueError(
-            f"`{name}_labels` must have shape ({logits.shape[1]},) to match `{name}_logits` "
-            f"{logits.shape}; received shape {labels.shape}."
+            f"class-count mismatch: {val_where} has shape {vs} ({vs[2]} classes) but {test_where} has shape "
+            f"{ts} ({ts[2]} classes); both must come from the same model (shape (num_exits, N, num_classes))."
+        )
+    if vs[0] != ts[0]:
+        raise ValueError(
+            f"exit-count mismatch: {val_where} has shape {vs} ({vs[0]} exits) but {test_where} has shape "
+            f"{ts} ({ts[0]} exits); both must come from the same model (shape (num_exits, N, num_classes))."
+        )
+
+
+def _check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: str) -> None:
+    n, c = logits_shape[1], logits_shape[2]
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"{where} must have shape ({n},) to match the {split} logits {logits_shape}; "
+            f"received shape {labels.shape}."
         )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"`{name}_labels` must hold integer class ids; received dtype {labels.dtype}.")
+        raise TypeError(f"{where} must hold integer class ids; received dtype {labels.dtype}.")
     if labels.size == 0:
-        raise ValueError(f"`{name}_labels` is empty: a dump needs at least one {name} sample.")
+        raise ValueError(f"{where} is empty: a dump needs at least one {split} sample.")
     lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= logits.shape[2]:
+    if lo < 0 or hi >= c:
+        bad = int(np.argmax((labels < 0) | (labels >= c)))
         raise ValueError(
-            f"`{name}_labels` must lie in [0, {logits.shape[2]}) (num_classes of the logits); "
-            f"received values in [{lo}, {hi}]."
+            f"{where} must lie in [0, {c}) (num_classes of the logits); received values in [{lo}, {hi}] "
+            f"(first bad label {int(labels[bad])} at index {bad})."
         )
 
 
-def _check_costs(mul_adds, params, num_exits: int) -> tuple[list[int], list[int]]:
+def _number(value, key: str, k: int, where: str, bad_type):
+    """One cost as a Python int or float (as given), or a clear error naming the exit."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise bad_type(
+            f"{where}: `{key}` of exit_{k} is {value!r} ({type(value).__name__}); expected a number."
+        )
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+    elif isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        value = float(str(value))  # float32 0.2 is stored as 0.2, not 0.20000000298023224
+    else:
+        value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{where}: `{key}` of exit_{k} is {value!r}; expected a finite number >= 0 "
+            "(NaN, Infinity and overflowing literals such as 1e309 are not costs)."
+        )
+    if value < 0:
+        raise ValueError(f"{where}: `{key}` of exit_{k} is negative ({value!r}); expected a number >= 0.")
+    return value
+
+
+def _check_costs(values, key: str, num_exits: int, where: str, bad_type=TypeError) -> list:
+    if isinstance(values, np.ndarray):
+        values = list(values) if values.ndim == 1 else values  # numpy scalars: see _number
+    if not isinstance(values, (list, tuple)):
+        raise bad_type(
+            f"{where}: `{key}` must be a list with one number per exit ({num_exits}); "
+            f"received {type(values).__name__} {str(values)[:60]!r}."
+        )
+    if len(values) != num_exits:
+        raise ValueError(
+            f"{where}: `{key}` must have one entry per exit ({num_exits}, as in the logits); "
+            f"received {len(values)}."
+        )
+    out = [_number(v, key, k + 1, where, bad_type) for k, v in enumerate(values)]
+    for k in range(1, len(out)):
+        if out[k] < out[k - 1]:
+            raise ValueError(
+                f"{where}: `{key}` decreases at exit_{k + 1} ({out[k]!r} < {out[k - 1]!r} of exit_{k}); "
+                "costs are cumulative (backbone up to the exit plus every head so far), so they must be "
+                "non-decreasing."
+            )
+    return out
+
+
+def first_non_finite(logits: np.ndarray, chunk: int | None = None) -> tuple[int, int, int] | None:
+    """The first `(exit, sample, class)` (0-based) holding NaN or inf, or None.
+
+    "First" is in exit order, then sample, then class. The array (a memmap too) is
+    scanned exit by exit in blocks of `chunk` samples, so memory stays small.
+
+    Args:
+        logits: float array (K, N, C).
+        chunk: samples per block; default about 2**20 values a block.
+    """
+    logits = np.asarray(logits) if not isinstance(logits, np.ndarray) else logits
+    k_count, n, c = logits.shape
+    step = max(1, int(chunk) if chunk else (1 << 20) // max(c, 1))
+    for k in range(k_count):
+        for start in range(0, n, step):
+            bad = ~np.isfinite(logits[k, start : start + step])
+            if bad.any():
+                i, j = divmod(int(np.flatnonzero(bad.reshape(-1))[0]), c)
+                return k, start + i, j
+    return None
+
+
+# ----------------------------------------------------------------------------- .npy files
+
+
+def _clean(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _read_npy(file: Path, mmap: bool) -> np.ndarray:
+    """np.load with a one-line error naming the file for every way a .npy can be broken."""
+    expected = _EXPECTED.get(file.name, "a NumPy .npy array")
+    shown = repr(str(file))
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+            if head != _NPY_MAGIC:
+                if size == 0:
+                    raise ValueError(
+                        f"{shown} is empty (0 bytes); expected a .npy file holding {expected} "
+                        "(was the save interrupted or the disk full?)."
+                    )
+                if len(head) < len(_NPY_MAGIC) and _NPY_MAGIC.startswith(head):
+                    raise ValueError(
+                        f"{shown} is truncated ({size} bytes, less than a .npy header); expected {expected}."
+                    )
+                hint = " (it is a zip archive, e.g. an .npz)" if head.startswith(b"PK") else ""
+                raise ValueError(
+                    f"{shown} is not a .npy file{hint}: it does not start with the .npy magic "
+                    f"b'\\x93NUMPY'; expected {expected}."
+                )
+            f.seek(0)
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version in ((2, 0), (3, 0)):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+            except (ValueError, EOFError, SyntaxError, TypeError) as e:
+                raise ValueError(
+                    f"{shown} has a damaged or truncated .npy header ({_clean(e)}); expected {expected}."
+                ) from None
+            offset = f.tell()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read {shown}: {_clean(e)}.") from None
+    if dtype.hasobject:
+        raise TypeError(
+            f"{shown} holds Python objects (dtype {dtype}), which a dump never stores; expected {expected}."
+        )
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if size - offset < data_bytes:
+        raise ValueError(
+            f"{shown} is truncated: its header announces shape {shape} of {dtype} ({data_bytes} bytes of data) "
+            f"but the file holds only {size - offset} bytes after the header (was the save interrupted?)."
+        )
+    try:
+        if mmap and data_bytes > 0:
+            return np.load(file, mmap_mode="r", allow_pickle=False)
+        return np.load(file, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{shown} could not be read as a .npy file ({_clean(e)}); expected {expected}.") from None
+
+
+def _read_costs(file: Path, num_exits: int) -> tuple[list, list]:
+    shown = repr(str(file))
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{shown} is not UTF-8 text ({_clean(e)}); expected a JSON object with 'mul_adds'.") from None
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read {shown}: {_clean(e)}.") from None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{shown} is not valid JSON: {_clean(e)}.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{shown} must hold a JSON object like {{\"mul_adds\": [...], \"params\": [...]}}; "
+            f"received a JSON {type(meta).__name__}."
+        )
+    if "mul_adds" not in meta:
+        raise ValueError(f"{shown} must have a 'mul_adds' list; received keys {sorted(meta)}.")
+    mul_adds = _check_costs(meta["mul_adds"], "mul_adds", num_exits, shown, ValueError)
+    params = meta.get("params")
+    params = [0] * num_exits if params is None else _check_costs(params, "params", num_exits, shown, ValueError)
+    return mul_adds, params
+
+
+# ----------------------------------------------------------------------------- save
+
+
+_LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover: no other save of this process is running on it
+    if os.name == "nt":
+        return True  # no safe liveness probe: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Sibling folders `<name>.tmp-<pid>` / `<name>.old-<pid>` that a save_dump left behind."""
+    if not path.parent.is_dir():
+        return []
+    prefix = path.name + "."
     out = []
-    for key, values in (("mul_adds", mul_adds), ("params", params)):
-        values = [int(round(float(v))) for v in values]
-        if len(values) != num_exits:
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(prefix) and _LEFTOVER.fullmatch(entry.name[len(path.name):]):
+            out.append(entry)
+    return sorted(out)
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"cannot save a dump at {str(path)!r}: it is a file, not a folder.")
+    if path.is_dir():
+        here, target = Path.cwd().resolve(), path.resolve()
+        if here == target or target in here.parents:
             raise ValueError(
-                f"costs[{key!r}] must have one entry per exit ({num_exits}); received {len(values)}."
+                f"cannot save a dump at {str(path)!r}: save_dump replaces the folder as a whole, and it holds "
+                "the current working folder; save the dump into a folder of its own."
             )
-        if any(v < 0 for v in values) or any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(
-                f"costs[{key!r}] must be cumulative: non-negative and non-decreasing; received {values}."
-            )
-        out.append(values)
-    return out[0], out[1]
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) the entries of `old` that are not dump files into `new`."""
+    for entry in old.iterdir():
+        if entry.name in FILES or entry.name.endswith(".npy.tmp"):
+            continue  # the new dump's own files; `.npy.tmp` are leftovers of older versions
+        target = new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
 
 
 def save_dump(path, val_logits, val_labels, test_logits, test_labels, costs: dict) -> Path:
-    """Write a dump folder (see the module docstring). Returns its path.
+    """Write a dump folder atomically (see the module docstring). Returns its path.
 
     Args:
-        path: folder to create (parents too); existing dump files in it are replaced.
-        val_logits, test_logits: arrays (K, N, C), exits first.
-        val_labels, test_labels: integer arrays (N,).
-        costs: dict with `mul_adds` and `params`, one cumulative value per exit.
+        path: folder to create (parents too). An existing dump there is replaced
+            atomically; other files in that folder are kept.
+        val_logits, test_logits: float arrays (K, N, C), exits first (converted to native
+            byte order and C order).
+        val_labels, test_labels: integer arrays (N,) in [0, C).
+        costs: dict with `mul_adds` and optionally `params` (default zeros): one
+            cumulative, finite, non-negative, non-decreasing number per exit, kept as
+            given (ints stay ints, fractions are not rounded); optional `rule` string.
+
+    Raises:
+        TypeError / ValueError: bad arrays or costs (nothing is written then).
+        FileExistsError: `path` is a file.
+        ValueError: `path` is (or holds) the current working folder.
+        OSError: disk full or read-only (the previous dump, if any, is left intact).
     """
-    val_logits, test_logits = np.asarray(val_logits), np.asarray(test_logits)
-    val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
-    _check_split("val", val_logits, val_labels)
-    _check_split("test", test_logits, test_labels)
-    if val_logits.shape[0] != test_logits.shape[0] or val_logits.shape[2] != test_logits.shape[2]:
-        raise ValueError(
-            "`val_logits` and `test_logits` must agree in num_exits and num_classes; received "
-            f"{val_logits.shape} and {test_logits.shape}."
+    arrays = {}
+    for name, value in (("val_logits", val_logits), ("test_logits", test_logits)):
+        a = np.asarray(value)
+        if a.dtype.kind == "f" and not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
+        _check_logits(a, f"`{name}`")
+        arrays[name] = a
+    _check_pair(arrays["val_logits"], arrays["test_logits"], "`val_logits`", "`test_logits`")
+    for split, value in (("val", val_labels), ("test", test_labels)):
+        labels = np.asarray(value)
+        _check_labels(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
+        arrays[f"{split}_labels"] = labels
+    if not isinstance(costs, Mapping):
+        raise TypeError(
+            f"`costs` must be a dict with 'mul_adds' (and 'params'); received {type(costs).__name__}."
         )
     if "mul_adds" not in costs:
-        raise ValueError(f"`costs` must have a 'mul_adds' entry; received keys {sorted(costs)}.")
-    mul_adds, params = _check_costs(
-        costs["mul_adds"], costs.get("params", [0] * val_logits.shape[0]), val_logits.shape[0]
-    )
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "val_logits.npy": np.ascontiguousarray(val_logits),
-        "val_labels.npy": val_labels.astype(np.int32),
-        "test_logits.npy": np.ascontiguousarray(test_logits),
-        "test_labels.npy": test_labels.astype(np.int32),
-    }
-    for name, array in arrays.items():
-        # Write then rename, so an interrupted save never leaves a truncated file behind.
-        tmp = path / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path / name)
-    meta = {"mul_adds": mul_adds, "params": params, "rule": costs.get("rule", "reference")}
-    (path / "costs.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+        raise ValueError(f"`costs` must have a 'mul_adds' entry; received keys {sorted(map(str, costs))}.")
+    k = arrays["val_logits"].shape[0]
+    mul_adds = _check_costs(costs["mul_adds"], "mul_adds", k, "costs")
+    params = costs.get("params")
+    params = [0] * k if params is None else _check_costs(params, "params", k, "costs")
+    rule = costs.get("rule", "reference")
+    if not isinstance(rule, str):
+        raise TypeError(f"costs['rule'] must be a string; received {type(rule).__name__}.")
+
+    given = path
+    path = Path(os.path.abspath(path))  # normalised, so "." or "a/.." name a real sibling
+    _check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in _leftovers(path):
+        if not _pid_alive(int(_LEFTOVER.search(leftover.name).group(2))):
+            shutil.rmtree(leftover, ignore_errors=True)
+    pid = os.getpid()
+    tmp = path.with_name(f"{path.name}.tmp-{pid}")
+    old = path.with_name(f"{path.name}.old-{pid}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    moved_aside = False
+    try:
+        for name in ("val_logits", "val_labels", "test_logits", "test_labels"):
+            a = arrays[name]
+            if name.endswith("_logits"):
+                a = np.ascontiguousarray(a)
+            else:
+                a = a.astype(np.int32)
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, a)
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write_json(tmp / "costs.json", {"mul_adds": mul_adds, "params": params, "rule": rule})
+        if path.is_dir():
+            _carry_over(path, tmp)
+        fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            moved_aside = True
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if moved_aside:
+                os.rename(old, path)  # put the previous dump back
+                moved_aside = False
+            raise
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(given)
+
+
+# ----------------------------------------------------------------------------- load
 
 
 def load_dump(path, mmap: bool = True) -> Dump:
@@ -152,36 +473,35 @@ def load_dump(path, mmap: bool = True) -> Dump:
             RAM work; labels are always read into memory.
 
     Raises:
-        FileNotFoundError: the folder or one of its files is missing (all are named).
-        ValueError / TypeError: shapes, dtypes, labels or costs are inconsistent.
+        FileNotFoundError: the folder or one of its files is missing (all are named; so
+            are the leftovers of an interrupted `save_dump`).
+        ValueError / TypeError: a file is empty, truncated, not a .npy file or holds
+            objects; shapes, dtypes, labels or costs are inconsistent. The message names
+            the file and what was expected.
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"dump folder {str(path)!r} does not exist; expected a folder with {FILES}.")
+        if path.exists():
+            raise FileNotFoundError(f"dump path {str(path)!r} is a file, not a folder; expected a folder with {FILES}.")
+        leftovers = [p.name for p in _leftovers(path)]
+        hint = (
+            f"; an interrupted save_dump left {leftovers} next to it ('.old-*' is the previous dump, '.tmp-*' "
+            "the new one, complete if it holds all five files): rename one to "
+            f"{path.name!r}" if leftovers else ""
+        )
+        raise FileNotFoundError(f"dump folder {str(path)!r} does not exist{hint}; expected a folder with {FILES}.")
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"dump folder {str(path)!r} lacks {missing}; a dump holds {FILES}.")
-    mode = "r" if mmap else None
-    try:
-        val_logits = np.load(path / "val_logits.npy", mmap_mode=mode)
-        test_logits = np.load(path / "test_logits.npy", mmap_mode=mode)
-        val_labels = np.load(path / "val_labels.npy")
-        test_labels = np.load(path / "test_labels.npy")
-    except ValueError as e:  # numpy's message for a truncated .npy file
-        raise ValueError(f"dump folder {str(path)!r} holds an unreadable or truncated .npy file: {e}") from e
-    _check_split("val", val_logits, val_labels)
-    _check_split("test", test_logits, test_labels)
-    if val_logits.shape[0] != test_logits.shape[0] or val_logits.shape[2] != test_logits.shape[2]:
-        raise ValueError(
-            f"in {str(path)!r}, val_logits {val_logits.shape} and test_logits {test_logits.shape} "
-            "disagree in num_exits or num_classes."
-        )
-    try:
-        meta = json.loads((path / "costs.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path / 'costs.json')!r} is not valid JSON: {e}") from e
-    if "mul_adds" not in meta:
-        raise ValueError(f"{str(path / 'costs.json')!r} must have a 'mul_adds' list; received keys {sorted(meta)}.")
-    k = val_logits.shape[0]
-    mul_adds, params = _check_costs(meta["mul_adds"], meta.get("params", [0] * k), k)
+        raise FileNotFoundError(f"dump folder {str(path)!r} lacks the file(s) {missing}; a dump holds {FILES}.")
+    where = {f[: -len(".npy")]: repr(str(path / f)) for f in FILES if f.endswith(".npy")}
+    val_logits = _read_npy(path / "val_logits.npy", mmap)
+    test_logits = _read_npy(path / "test_logits.npy", mmap)
+    _check_logits(val_logits, where["val_logits"])
+    _check_logits(test_logits, where["test_logits"])
+    _check_pair(val_logits, test_logits, where["val_logits"], where["test_logits"])
+    val_labels = _read_npy(path / "val_labels.npy", False)
+    test_labels = _read_npy(path / "test_labels.npy", False)
+    _check_labels(val_labels, val_logits.shape, where["val_labels"], "val")
+    _check_labels(test_labels, test_logits.shape, where["test_labels"], "test")
+    mul_adds, params = _read_costs(path / "costs.json", val_logits.shape[0])
     return Dump(val_logits, val_labels, test_logits, test_labels, mul_adds, params, path)

@@ -22,15 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from keras_ee import calibration
-from keras_ee.dumps import Dump
+from keras_ee.dumps import Dump, first_non_finite
 
 
 @dataclasses.dataclass
 class Evaluation:
-    """Anytime accuracy per exit and the budget sweep of one model (accuracies are fractions)."""
+    """Anytime accuracy per exit and the budget sweep of one model (accuracies are fractions).
 
-    mul_adds: list[int]
-    params: list[int]
+    `mul_adds` and `params` are the exits' cumulative costs as the dump stores them
+    (ints, or fractional numbers such as relative costs).
+    """
+
+    mul_adds: list[float]
+    params: list[float]
     val_anytime: np.ndarray  # (K,)
     test_anytime: np.ndarray  # (K,)
     sweep: dict  # keras_ee.calibration.budget_sweep's dict of arrays
@@ -48,9 +52,26 @@ class Evaluation:
         return self.sweep["mean_cost"][order], self.sweep["test_accuracy"][order]
 
 
-def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax", temperature=1.0):
-    """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C)."""
-    scores, predictions = calibration.exit_scores(logits, kind=kind, temperature=temperature)
+def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax", temperature=1.0,
+                       what: str = "the logits"):
+    """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C).
+
+    NaN or inf in `logits` raise a ValueError naming `what` (e.g. a dump's file), the
+    first bad exit (`exit_1` is the first exit) and its first bad sample index.
+    """
+    try:
+        scores, predictions = calibration.exit_scores(logits, kind=kind, temperature=temperature)
+    except ValueError as e:
+        where = None
+        if "finite" in str(e) and isinstance(logits, np.ndarray) and logits.ndim == 3 and logits.dtype.kind == "f":
+            where = first_non_finite(logits)
+        if where is None:
+            raise
+        k, i, c = where
+        raise ValueError(
+            f"NaN or inf in {what}: first at exit_{k + 1}, sample {i}, class {c} (sample and class are "
+            "0-based indices); the model produced non-finite outputs (check its inputs and weights)."
+        ) from None
     return scores, predictions == np.asarray(labels)[None, :]
 
 
@@ -66,8 +87,12 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
         mode: `geometric` (MSDNet's fractions) or `per_stage`.
         name: label used in tables and plots.
     """
-    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, kind, temperature)
-    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, kind, temperature)
+    def what(split):
+        return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
+
+    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, kind, temperature, what("val"))
+    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, kind, temperature,
+                                                   what("test"))
     sweep = calibration.budget_sweep(
         val_scores, val_correct, test_scores, test_correct, np.asarray(dump.mul_adds, np.float64),
         qs=qs, mode=mode,
@@ -119,6 +144,26 @@ def budget_label(mul_adds: float) -> str:
     return f"{mul_adds / scale:.4g}{unit}"
 
 
+def format_count(value: float, scale: float = 1.0) -> str:
+    """`value / scale` for a table cell: two decimals, or 3 significant digits below 1.
+
+    So fractional costs stay readable: 14.4e6 / 1e6 -> '14.40', 0.45 -> '0.45',
+    0.0045 -> '0.0045' (not '0.00'), 0 -> '0.00'.
+    """
+    v = float(value) / scale
+    if v == 0 or abs(v) >= 1 or not np.isfinite(v):
+        return f"{v:.2f}"
+    three = f"{v:.3g}"  # below 1, two decimals could drop digits (0.0045 -> 0.00, 0.125 -> 0.12)
+    return f"{v:.2f}" if float(f"{v:.2f}") == float(three) else three
+
+
+def _csv_number(value) -> str:
+    """A cost for a CSV cell: ints as ints, floats exactly (shortest round-trip repr)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return repr(float(value))
+
+
 def count_unit(values) -> tuple[str, float]:
     """The unit ('G', 'M', 'K' or '') and its scale for printing counts as large as max(values)."""
     top = max(values) if len(values) else 1.0
@@ -142,7 +187,7 @@ def format_anytime(ev: Evaluation) -> str:
     unit, scale = count_unit(ev.mul_adds)
     punit, pscale = count_unit(ev.params)
     rows = [
-        [str(k + 1), f"{ev.params[k] / pscale:.2f}", f"{ev.mul_adds[k] / scale:.2f}",
+        [str(k + 1), format_count(ev.params[k], pscale), format_count(ev.mul_adds[k], scale),
          f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
         for k in range(ev.num_exits)
     ]
@@ -157,7 +202,7 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
     rows = []
     for b in range(0, len(sw["q"]), every):
         share = "/".join(f"{100 * c / n[b]:.0f}" for c in sw["exit_counts"][b])
-        rows.append([f"{sw['q'][b]:.2f}", f"{sw['mean_cost'][b] / scale:.2f}",
+        rows.append([f"{sw['q'][b]:.2f}", format_count(sw["mean_cost"][b], scale),
                      f"{100 * sw['val_accuracy'][b]:.2f}", f"{100 * sw['test_accuracy'][b]:.2f}", share])
     return _table(["q", f"mean Mul-Adds ({unit})", "val acc %", "test acc %", "exit share %"], rows)
 
@@ -172,7 +217,8 @@ def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[
         w = csv.writer(f)
         w.writerow(["exit", "params", "mul_adds", "val_accuracy", "test_accuracy"])
         for k in range(ev.num_exits):
-            w.writerow([k + 1, ev.params[k], ev.mul_adds[k], f"{ev.val_anytime[k]:.6f}", f"{ev.test_anytime[k]:.6f}"])
+            w.writerow([k + 1, _csv_number(ev.params[k]), _csv_number(ev.mul_adds[k]),
+                        f"{ev.val_anytime[k]:.6f}", f"{ev.test_anytime[k]:.6f}"])
     sw = ev.sweep
     with open(out / "budget.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -180,7 +226,7 @@ def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[
         w.writerow(["q", "mean_mul_adds", "val_accuracy", "test_accuracy"]
                    + [f"threshold_{i + 1}" for i in range(k)] + [f"exit_count_{i + 1}" for i in range(k)])
         for b in range(len(sw["q"])):
-            w.writerow([f"{sw['q'][b]:.6g}", f"{sw['mean_cost'][b]:.1f}", f"{sw['val_accuracy'][b]:.6f}",
+            w.writerow([f"{sw['q'][b]:.6g}", f"{sw['mean_cost'][b]:.12g}", f"{sw['val_accuracy'][b]:.6f}",
                         f"{sw['test_accuracy'][b]:.6f}"]
                        + [repr(float(t)) for t in sw["thresholds"][b]] + [int(c) for c in sw["exit_counts"][b]])
     plots.budget_plot({ev.name or "model": ev}, out / "budget.png", title=title)

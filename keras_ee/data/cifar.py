@@ -354,7 +354,18 @@ def _parse_names(data, fmt, num_classes, where):
         key = "label_names" if num_classes == 10 else "fine_label_names"
         if key not in meta:
             raise ValueError(f"{where}: missing key {key!r}; found keys {sorted(meta)}.")
-        names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in meta[key]]
+        raw = meta[key]
+        if isinstance(raw, np.ndarray):
+            raw = raw.tolist() if raw.ndim == 1 else None
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in raw):
+            raise ValueError(
+                f"{where}: {key!r} must be a list of {num_classes} class-name strings; "
+                f"received {type(meta[key]).__name__}."
+            )
+        try:
+            names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in raw]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: a class name in {key!r} is not UTF-8 ({e}).") from None
     if len(names) != num_classes:
         raise ValueError(
             f"{where}: lists {len(names)} class names, expected {num_classes}."

@@ -7,6 +7,7 @@ the file name.
 """
 
 import gzip
+import math
 import os
 import zlib
 
@@ -75,7 +76,7 @@ def parse_idx(data, where="<bytes>"):
     if ndim == 0 or len(data) < header:
         raise ValueError(f"{where}: truncated IDX header ({len(data)} bytes, {ndim} dims).")
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: np.prod would overflow int64 on bogus headers
     if len(data) - header != expected:
         raise ValueError(
             f"{where}: holds {len(data) - header} data bytes, expected {expected} for "

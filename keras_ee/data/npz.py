@@ -1,22 +1,39 @@
 """Bring-your-own data: a NumPy `.npz` archive.
 
 Required keys: `x_train`, `y_train`, `x_test`, `y_test`. Optional:
-`class_names` (a 1-D array of strings, one per class).
+`class_names` (a 1-D array of strings, one per class) and `num_classes` (an
+integer >= 2, e.g. `np.savez(..., num_classes=10)`).
 
+* The file must be a real `.npz`, i.e. a zip archive of `.npy` arrays as
+  `np.savez` / `np.savez_compressed` write it, without pickled objects; an
+  empty, truncated or non-zip file (a renamed text or pickle file) is refused.
 * Images: (N, H, W) or (N, H, W, C). `uint8` pixels are scaled by 1/255;
-  floating-point pixels are used as they are (expected in [0, 1], must be
-  finite); any other dtype is refused.
-* Labels: integers (or integral floats) >= 0, shape (N,) or (N, 1). The number
-  of classes is one more than the largest label (or `len(class_names)`), and
-  every test label must be a training class.
+  floating-point pixels are used as they are and must be finite and within
+  [-255, 255] (this admits [0, 1], [-1, 1], standardized values and 0..255
+  floats, and catches corrupted values such as 1e38); any other dtype is
+  refused.
+* Labels: integers (or integral floats) >= 0, shape (N,) or (N, 1).
+* Number of classes: `num_classes`, else `len(class_names)`, else one more
+  than the largest training label. When it is inferred from the labels, every
+  class 0..max must have a training sample: sparse labels (say 0, 1 and
+  100000) are refused rather than building a 100,001-class model; if such
+  empty classes are real, store `num_classes` (or `class_names`), and the file
+  is then accepted with a `UserWarning` naming how many classes have no
+  training sample. `num_classes` must be >= max label + 1 and agree with
+  `class_names` when both are given; every test label must be below it.
 """
 
 import os
+import warnings
 import zipfile
 
 import numpy as np
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+OPTIONAL_KEYS = ("class_names", "num_classes")
+# Float pixels beyond this magnitude are corrupt, not a pixel convention.
+MAX_FLOAT_PIXEL = 255.0
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 
 
 def _labels(y, key, path):
@@ -46,12 +63,85 @@ def _images(x, key, path):
     if x.dtype == np.uint8:
         return x, 1.0 / 255.0
     if np.issubdtype(x.dtype, np.floating):
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{path}: `{key}` holds NaN or infinite pixels.")
+        if x.size:
+            # min/max propagate NaN and inf, so two reductions check everything.
+            lo, hi = float(x.min()), float(x.max())
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise ValueError(f"{path}: `{key}` holds NaN or infinite pixels; expected finite values.")
+            peak = max(abs(lo), abs(hi))
+            if peak > MAX_FLOAT_PIXEL:
+                raise ValueError(
+                    f"{path}: `{key}` holds float pixels of magnitude up to {peak:g}; expected values in "
+                    f"[-{MAX_FLOAT_PIXEL:g}, {MAX_FLOAT_PIXEL:g}] ([0, 1], [-1, 1], standardized or 0..255)."
+                )
         return x.astype(np.float32, copy=False), 1.0
     raise TypeError(
         f"{path}: `{key}` has dtype {x.dtype}; expected uint8 (0..255) or floating-point pixels."
     )
+
+
+def _open_archive(path):
+    """np.load of an .npz, with the file checked to be a zip archive first."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(
+            f"{path}: the file is empty (0 bytes); expected an .npz (zip) archive with keys "
+            f"{', '.join(REQUIRED_KEYS)}, as np.savez writes it."
+        )
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise ValueError(
+            f"{path}: holds a single .npy array, not an .npz archive; expected an .npz with keys "
+            f"{', '.join(REQUIRED_KEYS)} (write it with np.savez(path, x_train=..., ...))."
+        )
+    if head[:4] not in _ZIP_MAGICS:
+        raise ValueError(
+            f"{path}: not a readable .npz file: it is not an .npz (zip) archive (it starts with "
+            f"{head[:4]!r}, a zip starts with b'PK\\x03\\x04'); expected keys {', '.join(REQUIRED_KEYS)} "
+            "as np.savez writes them."
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path}: not a readable .npz archive ({_one_line(e)}); the zip file is truncated or corrupted."
+        ) from None
+
+
+def _one_line(e):
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _read_member(archive, key, path):
+    try:
+        return archive[key]
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise TypeError(
+                f"{path}: `{key}` holds Python objects (pickled data), which are never loaded; "
+                "expected a numeric (or, for class_names, string) array."
+            ) from None
+        raise ValueError(
+            f"{path}: could not read `{key}` ({_one_line(e)}); the file is truncated or corrupted."
+        ) from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(
+            f"{path}: could not read `{key}` ({_one_line(e)}); the file is truncated or corrupted."
+        ) from None
+
+
+def _num_classes(value, path):
+    v = np.asarray(value)
+    if v.size != 1 or v.ndim > 1 or v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.integer):
+        raise TypeError(
+            f"{path}: `num_classes` must be an integer >= 2 (e.g. np.savez(..., num_classes=10)); "
+            f"received {v.dtype} {v.shape} {v.reshape(-1)[:3].tolist()}."
+        )
+    n = int(v.reshape(-1)[0])
+    if n < 2:
+        raise ValueError(f"{path}: `num_classes` is {n}; expected an integer >= 2.")
+    return n
 
 
 def read_npz(path):
@@ -74,10 +164,7 @@ def read_npz(path):
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such file: {path} (expected an .npz with keys {', '.join(REQUIRED_KEYS)}).")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable .npz archive ({e}).") from e
+    archive = _open_archive(path)
     if not hasattr(archive, "files"):
         raise ValueError(
             f"{path}: holds a single array, expected an .npz archive with keys {', '.join(REQUIRED_KEYS)}."
@@ -87,10 +174,7 @@ def read_npz(path):
         if missing:
             found = ", ".join(archive.files) or "none"
             raise ValueError(f"{path}: missing key(s) {', '.join(missing)}; found {found}.")
-        try:
-            raw = {k: archive[k] for k in archive.files if k in REQUIRED_KEYS + ("class_names",)}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise ValueError(f"{path}: could not read the arrays ({e}); the file is truncated or corrupted.") from e
+        raw = {k: _read_member(archive, k, path) for k in archive.files if k in REQUIRED_KEYS + OPTIONAL_KEYS}
     x_train, scale = _images(raw["x_train"], "x_train", path)
     x_test, test_scale = _images(raw["x_test"], "x_test", path)
     if scale != test_scale:
@@ -107,6 +191,7 @@ def read_npz(path):
     for part, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):
             raise ValueError(f"{path}: {len(x)} {part} images but {len(y)} {part} labels.")
+    class_names = None
     if "class_names" in raw:
         names = np.asarray(raw["class_names"])
         if names.ndim != 1 or names.dtype.kind not in "US":
@@ -114,21 +199,59 @@ def read_npz(path):
                 f"{path}: `class_names` must be a 1-D array of strings; received {names.dtype} {names.shape}."
             )
         class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
-        num_classes = len(class_names)
-        if y_train.max() >= num_classes:
+    top = int(y_train.max())
+    present = np.unique(y_train)  # sorted classes that have a training sample
+    if "num_classes" in raw:
+        num_classes = _num_classes(raw["num_classes"], path)
+        if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
-                f"{path}: `y_train` holds label {int(y_train.max())} but `class_names` lists {num_classes} classes."
+                f"{path}: `num_classes` is {num_classes} but `class_names` lists {len(class_names)} names; "
+                "expected them to agree."
             )
+        if top >= num_classes:
+            raise ValueError(
+                f"{path}: `y_train` holds label {top} but `num_classes` is {num_classes}; expected "
+                f"num_classes >= max label + 1 = {top + 1}."
+            )
+        source = "`num_classes`"
+    elif class_names is not None:
+        num_classes = len(class_names)
+        if top >= num_classes:
+            raise ValueError(
+                f"{path}: `y_train` holds label {top} but `class_names` lists {num_classes} classes."
+            )
+        source = "`class_names`"
     else:
-        num_classes = int(y_train.max()) + 1
-        class_names = [str(i) for i in range(num_classes)]
+        num_classes = top + 1
+        if len(present) < num_classes:
+            gaps = np.flatnonzero(present != np.arange(len(present)))
+            first_empty = int(gaps[0]) if gaps.size else len(present)
+            raise ValueError(
+                f"{path}: the class count is inferred as max label + 1 = {num_classes} (`y_train` holds label "
+                f"{top}), but only {len(present)} of those classes have a training sample "
+                f"({num_classes - len(present)} "
+                f"have no training sample, the first is class {first_empty}); relabel the classes 0..K-1, or, if "
+                "the empty classes are real, store `num_classes` (np.savez(..., num_classes=N)) or `class_names`."
+            )
+        source = None
     if num_classes < 2:
         raise ValueError(f"{path}: found {num_classes} class; expected at least 2.")
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
     if y_test.size and y_test.max() >= num_classes:
+        covered = "the training labels only cover" if source is None else f"{source} only allows"
         raise ValueError(
-            f"{path}: `y_test` holds label {int(y_test.max())}, but the training labels "
-            f"only cover classes 0..{num_classes - 1}."
+            f"{path}: `y_test` holds label {int(y_test.max())}, but {covered} classes 0..{num_classes - 1}."
         )
+    if source is not None:
+        empty = num_classes - len(present)
+        if empty:
+            warnings.warn(
+                f"{path}: {empty} of the {num_classes} classes (from {source}) have no training sample; "
+                "the model gets an output for each of them, but cannot learn them.",
+                UserWarning,
+                stacklevel=2,
+            )
     return {
         "x_train": x_train,
         "y_train": y_train,

@@ -10,24 +10,55 @@ import numpy as np
 
 
 def _check_labels(labels, num_classes=None, what="labels"):
+    """Validates a label vector and returns it as int64.
+
+    Integer dtypes are taken as they are; floating-point labels are accepted only
+    when every value is integral (1.0, not 1.5) and finite. Booleans, strings and
+    objects are refused, as are labels < 0 and, when `num_classes` is given,
+    labels >= `num_classes`.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(
             f"Expected `{what}` to be a 1-D vector of class indices. "
             f"Received shape {labels.shape}."
         )
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    if labels.dtype == np.bool_:
+        raise TypeError(
+            f"Expected `{what}` to hold integer class indices. Received dtype bool "
+            "(convert with labels.astype(int) if True/False really are classes 1/0)."
+        )
+    if labels.size == 0:
+        return labels.astype(np.int64)
+    if np.issubdtype(labels.dtype, np.floating):
+        finite = np.isfinite(labels)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise ValueError(
+                f"Expected `{what}` to hold class indices. Received {labels[bad]} "
+                f"(NaN or inf) at index {bad}."
+            )
+        fractional = labels != np.floor(labels)
+        if fractional.any():
+            bad = int(np.argmax(fractional))
+            raise ValueError(
+                f"Expected `{what}` to hold class indices, but it holds non-integer "
+                f"values, e.g. {float(labels[bad])!r} at index {bad}; float labels must be "
+                "integral (0.0, 1.0, ...), they are never rounded or truncated."
+            )
+    elif not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(
             f"Expected `{what}` to have an integer dtype. Received {labels.dtype}."
         )
-    if labels.size and labels.min() < 0:
+    lo, hi = labels.min(), labels.max()
+    if lo < 0:
         raise ValueError(
-            f"Expected `{what}` to be >= 0. Received a minimum of {labels.min()}."
+            f"Expected `{what}` to be >= 0. Received a minimum of {lo}."
         )
-    if num_classes is not None and labels.size and labels.max() >= num_classes:
+    limit = np.iinfo(np.int64).max if num_classes is None else num_classes
+    if hi >= limit:
         raise ValueError(
-            f"Expected `{what}` in [0, {num_classes}). "
-            f"Received a maximum of {labels.max()}."
+            f"Expected `{what}` in [0, {limit}). Received a maximum of {hi}."
         )
     return labels.astype(np.int64, copy=False)
 
