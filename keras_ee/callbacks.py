@@ -64,6 +64,9 @@ class BudgetCallback(keras.callbacks.Callback):
         kind: confidence measure passed to `calibration.exit_scores`.
         costs: cumulative Mul-Adds per exit; default `keras_ee.costs.exit_costs(model)`.
         qs: budget parameters; default the standard sweep.
+        shortfall: the calibrator's rule when ties leave an exit fewer samples than its
+            quota (`reference`, MSDNet's code, or `exit_all`; see
+            `keras_ee.calibration.calibrate`).
 
     Example:
 
@@ -72,7 +75,7 @@ class BudgetCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, validation_data, budgets=(), every: int = 1, kind: str = "max_softmax",
-                 costs=None, qs=None):
+                 costs=None, qs=None, shortfall="reference"):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"`every` must be a positive number of epochs; received {every!r}.")
@@ -85,6 +88,7 @@ class BudgetCallback(keras.callbacks.Callback):
         self.kind = kind
         self.costs = None if costs is None else [float(c) for c in costs]
         self.qs = qs
+        self.shortfall = shortfall
         self.last_sweep = None
         self._keys = None
 
@@ -97,7 +101,8 @@ class BudgetCallback(keras.callbacks.Callback):
                 f"BudgetCallback got {len(costs)} exit costs for a model with {logits.shape[0]} exits."
             )
         scores, correct = scores_and_correct(logits, labels, self.kind)
-        sweep = calibration.budget_sweep(scores, correct, scores, correct, np.asarray(costs, np.float64), qs=self.qs)
+        sweep = calibration.budget_sweep(scores, correct, scores, correct, np.asarray(costs, np.float64), qs=self.qs,
+                                         shortfall=self.shortfall)
         self.last_sweep = sweep
         x, y = sweep["mean_cost"], sweep["val_accuracy"]
         logs = {f"val_budget_acc@{budget_label(b)}": float(a)

@@ -107,7 +107,7 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from keras_ee import experiment
 
-    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode)
+    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall)
 
 
 def _run_dir(path: Path) -> Path:
@@ -120,16 +120,20 @@ def _run_dir(path: Path) -> Path:
 
 def cmd_compare(args) -> None:
     from keras_ee import dumps, evaluation, plots
+    from keras_ee.atomic import atomic_path, atomic_write_text
 
     names = [p.name for p in args.runs]
     if len(set(names)) != len(names):  # distinct labels for the legend
         names = [str(p) for p in args.runs]
-    evs = [evaluation.evaluate_dump(dumps.load_dump(_run_dir(p) / "dump"), kind=args.confidence, name=n)
+    evs = [evaluation.evaluate_dump(dumps.load_dump(_run_dir(p) / "dump"), kind=args.confidence, name=n,
+                                    shortfall=args.shortfall)
            for p, n in zip(args.runs, names)]
     text, rows = evaluation.compare(evs, budgets=args.budgets)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = plots.budget_plot({ev.name: ev for ev in evs}, args.out / "compare.png")
-    (args.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with atomic_path(args.out / "compare.png") as tmp:
+        plots.budget_plot({ev.name: ev for ev in evs}, tmp)
+    plot = args.out / "compare.png"
+    atomic_write_text(args.out / "compare.json", json.dumps(rows, indent=2) + "\n")  # NaN: a budget off a curve
     print(text)
     print(f"\nwrote {plot} and {args.out / 'compare.json'}")
 
@@ -151,7 +155,7 @@ def cmd_sweep(args) -> None:
     from keras_ee import dumps, evaluation
 
     ev = evaluation.evaluate_dump(dumps.load_dump(args.dump), kind=args.confidence, mode=args.mode,
-                                  name=Path(args.dump).name)
+                                  name=Path(args.dump).name, shortfall=args.shortfall)
     paths = evaluation.write_evaluation(ev, args.out or args.dump)
     print(evaluation.format_anytime(ev))
     print()
@@ -172,6 +176,12 @@ def cmd_datasets(args) -> None:
         print(line)
 
 
+def _shortfall_flag(p) -> None:
+    p.add_argument("--shortfall", default="reference", choices=["reference", "exit_all"],
+                   help="when ties leave an exit fewer samples than its quota: keep its threshold at +inf "
+                        "(reference, MSDNet's code) or send every remaining sample out there (exit_all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keras-ee", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,11 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
+    _shortfall_flag(p)
     p = sub.add_parser("compare", help="overlay the budget curves of several runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--budget", dest="budgets", type=parse_budget, action="append")
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--out", type=Path, default=Path("compare"))
+    _shortfall_flag(p)
     p = sub.add_parser("plot-weights", help="L2W-DEN Figure 8 from an L2W run")
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path)
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for the CSVs and plot (default: the dump folder)")
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
+    _shortfall_flag(p)
     p = sub.add_parser("models", help="table of the architecture presets")
     p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])
@@ -210,19 +223,38 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # Bad input is the user's to fix: say what, without a traceback.
-        if os.environ.get("KERAS_EE_DEBUG"):
-            raise
-        print(f"keras-ee {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except FloatingPointError as e:  # keras_ee.training.NonFiniteLossError: names the step and the exit
         if os.environ.get("KERAS_EE_DEBUG"):
             raise
         print(f"keras-ee {args.command}: training stopped: {e}\n(the last finished epoch is kept in the run's "
               "backup/; lower the learning rate or check the data, in a new --out folder)", file=sys.stderr)
         return 3
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError) as e:
+        # Bad input is the user's to fix: say what, without a traceback.
+        if os.environ.get("KERAS_EE_DEBUG"):
+            raise
+        print(f"keras-ee {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, permissions: name the path
+        if os.environ.get("KERAS_EE_DEBUG"):
+            raise
+        print(f"keras-ee {args.command}: error: {_os_error_text(e)}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"\nkeras-ee {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def _os_error_text(e: OSError) -> str:
+    from keras_ee.runs import RunWriteError
+
+    if isinstance(e, RunWriteError) or not e.strerror:
+        return _one_line(e)
+    where = f" {e.filename!r}" if e.filename else ""
+    return f"cannot access{where}: {e.strerror}."

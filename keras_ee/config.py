@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 SCHEDULES = ("cosine", "constant", "step")
+CONFIDENCES = ("max_softmax", "margin", "entropy")
 
 
 @dataclasses.dataclass
@@ -75,28 +76,53 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(field, expected):
-            raise ValueError(f"config `{field}` must be {expected}; received {getattr(self, field)!r}.")
+            value = getattr(self, field)
+            raise ValueError(f"config `{field}` must be {expected}; received {value!r} ({type(value).__name__}).")
 
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype"):
+            if not isinstance(getattr(self, field), str):
+                bad(field, "a string")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            bad("data_dir", "a folder path (string) or None")
+        for field in ("nesterov", "evaluate"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "true or false")
+        if not is_int(self.epochs) or self.epochs < 1:
             bad("epochs", "a positive integer")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+        if not is_int(self.batch_size) or self.batch_size < 2:
             bad("batch_size", "an integer >= 2")
-        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if not is_int(self.seed):
+            bad("seed", "an integer")
+        for field in ("val_size", "train_size"):
+            v = getattr(self, field)
+            if v is not None and not (is_int(v) and v >= 1 or is_number(v) and isinstance(v, float) and 0 < v < 1):
+                bad(field, "a positive integer count, a fraction in (0, 1), or None")
+        if self.imbalance_factor is not None and not (is_number(self.imbalance_factor) and self.imbalance_factor >= 1):
+            bad("imbalance_factor", "a number >= 1 (200, 100, 50, 20) or None")
+        if self.learning_rate is not None and not (is_number(self.learning_rate) and self.learning_rate > 0):
             bad("learning_rate", "a positive number or None")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"one of {SCHEDULES}")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", "in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", ">= 0")
+        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
+            bad("momentum", "a number in [0, 1)")
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "a number >= 0")
+        if self.confidence not in CONFIDENCES:
+            bad("confidence", f"one of {CONFIDENCES}")
         if self.dump_dtype not in ("float32", "float16"):
             bad("dump_dtype", "'float32' or 'float16'")
         if not isinstance(self.model_options, dict):
             bad("model_options", "a dict")
         if not isinstance(self.method_options, dict):
             bad("method_options", "a dict")
-        if any((not isinstance(b, (int, float))) or b <= 0 for b in self.budgets):
-            bad("budgets", "a list of positive Mul-Add counts")
+        if not isinstance(self.budgets, list) or any(not is_number(b) or b <= 0 for b in self.budgets):
+            bad("budgets", "a list of positive, finite Mul-Add counts")
 
     @property
     def initial_learning_rate(self) -> float:
@@ -114,7 +140,9 @@ class TrainConfig:
         return cls(**values)
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from keras_ee.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
@@ -122,19 +150,28 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not a text file ({e.reason}).") from None
         if path.suffix == ".toml":
             import tomllib
 
-            values = tomllib.loads(text)
+            try:
+                values = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {str(path)!r} is not valid TOML ({e}).") from None
         else:
             try:
                 values = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"config file {str(path)!r} is not valid JSON ({e}); use .json or .toml.") from e
+                raise ValueError(f"config file {str(path)!r} is not valid JSON ({e}); use .json or .toml.") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of settings; received {type(values).__name__}.")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config file {str(path)!r}: {e}") from None
 
     def differences(self, other: "TrainConfig") -> dict:
         """Keys whose values differ: {key: (self's, other's)}."""

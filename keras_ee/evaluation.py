@@ -15,13 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
 
 from keras_ee import calibration
+from keras_ee.atomic import atomic_path, atomic_write_text
 from keras_ee.dumps import Dump, first_non_finite
 
 
@@ -76,7 +79,7 @@ def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax
 
 
 def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=None,
-                  mode: str = "geometric", name: str = "") -> Evaluation:
+                  mode: str = "geometric", name: str = "", shortfall: str = "reference") -> Evaluation:
     """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
 
     Args:
@@ -86,6 +89,10 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
         qs: budget parameters; default p/20 for p = 1..39 (`geometric`).
         mode: `geometric` (MSDNet's fractions) or `per_stage`.
         name: label used in tables and plots.
+        shortfall: what an exit does when ties sent more than the earlier exits' quotas
+            out and fewer samples than its own quota remain: `reference` (MSDNet's
+            code: its threshold stays +inf) or `exit_all` (every remaining sample
+            exits there); see `keras_ee.calibration.calibrate`.
     """
     def what(split):
         return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
@@ -95,7 +102,7 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
                                                    what("test"))
     sweep = calibration.budget_sweep(
         val_scores, val_correct, test_scores, test_correct, np.asarray(dump.mul_adds, np.float64),
-        qs=qs, mode=mode,
+        qs=qs, mode=mode, shortfall=shortfall,
     )
     return Evaluation(
         mul_adds=list(dump.mul_adds), params=list(dump.params),
@@ -207,21 +214,27 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
     return _table(["q", f"mean Mul-Adds ({unit})", "val acc %", "test acc %", "exit share %"], rows)
 
 
+@contextlib.contextmanager
+def _atomic_csv(path):
+    buf = io.StringIO()
+    yield csv.writer(buf, lineterminator="\n")
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[str, Path]:
     """Write `anytime.csv`, `budget.csv` and `budget.png` into `out_dir`; return their paths."""
     from keras_ee import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "anytime.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    # Each file is written whole to a temporary name and renamed (keras_ee.atomic).
+    with _atomic_csv(out / "anytime.csv") as w:
         w.writerow(["exit", "params", "mul_adds", "val_accuracy", "test_accuracy"])
         for k in range(ev.num_exits):
             w.writerow([k + 1, _csv_number(ev.params[k]), _csv_number(ev.mul_adds[k]),
                         f"{ev.val_anytime[k]:.6f}", f"{ev.test_anytime[k]:.6f}"])
     sw = ev.sweep
-    with open(out / "budget.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with _atomic_csv(out / "budget.csv") as w:
         k = ev.num_exits
         w.writerow(["q", "mean_mul_adds", "val_accuracy", "test_accuracy"]
                    + [f"threshold_{i + 1}" for i in range(k)] + [f"exit_count_{i + 1}" for i in range(k)])
@@ -229,7 +242,8 @@ def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[
             w.writerow([f"{sw['q'][b]:.6g}", f"{sw['mean_cost'][b]:.12g}", f"{sw['val_accuracy'][b]:.6f}",
                         f"{sw['test_accuracy'][b]:.6f}"]
                        + [repr(float(t)) for t in sw["thresholds"][b]] + [int(c) for c in sw["exit_counts"][b]])
-    plots.budget_plot({ev.name or "model": ev}, out / "budget.png", title=title)
+    with atomic_path(out / "budget.png") as tmp:
+        plots.budget_plot({ev.name or "model": ev}, tmp, title=title)
     return {"anytime": out / "anytime.csv", "budget": out / "budget.csv", "plot": out / "budget.png"}
 
 

@@ -12,45 +12,96 @@ A run folder holds:
     wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
                          --method-option wpn_weights_path=RUN/wpn.npz
     eval/                anytime.csv, budget.csv, budget.png (after evaluation)
-    backup/              BackupAndRestore state while training; gone when training ends
+    backup/              the training state after the last finished epoch; gone when done
     state.json           whether training finished, and how long it took
+    .lock                the lock of the command working in the folder (see keras_ee.runs)
 
-Interrupting `train` (Ctrl-C, a killed job) loses at most the current epoch: running the
-same command again restores the model, both optimizers and the epoch counter from
-`backup/` and continues.
+What a run can rely on:
+
+- Every file is written atomically (temporary name, fsync, rename): a kill or a full
+  disk leaves the previous complete file, never a torn one.
+- Interrupting `train` (Ctrl-C, kill -9, a crash) loses at most the current epoch:
+  running the same command again restores the model, every optimizer, the method's
+  state and the epoch counter from `backup/` (falling back to an older backup, or to a
+  fresh start, if a backup is damaged, and saying which) and continues. The data order
+  and augmentation of an epoch are a function of (seed, epoch), so the resumed run ends
+  bit-identical to an uninterrupted one (on CPU). `history.csv` never lists an epoch twice.
+- The backup is deleted only after `model.keras` and `state.json` are safely in place.
+- One command at a time: a second `train` on the same folder is refused while the first
+  runs (an OS lock, released when the process ends however it ends).
+- Every setting is checked before the first write; a folder whose run never started
+  (config only) is not a run, so a corrected command can use it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from keras_ee.atomic import atomic_path, atomic_write_json
 from keras_ee.config import TrainConfig
 
 STATE_FILE = "state.json"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
 
 
 def _read_state(workdir: Path) -> dict:
     f = workdir / STATE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        state = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # a damaged state file: treat the run as unfinished (the backup decides)
+    return state if isinstance(state, dict) else {}
 
 
 def _write_state(workdir: Path, **values) -> None:
     state = _read_state(workdir)
     state.update(values)
-    (workdir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    atomic_write_json(workdir / STATE_FILE, state)
 
 
-def prepare_workdir(config: TrainConfig, workdir) -> Path:
-    """Create the run folder, or check that an existing one holds the same run."""
+def run_started(workdir: Path) -> bool:
+    """Whether a run folder holds more than the config of a run that never trained."""
+    from keras_ee import runs
+
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "config.json"
-    if saved.is_file():
-        previous = TrainConfig.from_file(saved)
+    return any((workdir / name).exists() for name in (MODEL_FILE, runs.BACKUP_DIR, runs.HISTORY_FILE, STATE_FILE))
+
+
+def check_out_folder(workdir) -> Path:
+    """Refuse an `--out` that is a file or lies under one, before anything is written."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--out {str(workdir)!r} is an existing file; expected a run folder (new or existing).")
+    for parent in workdir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {str(workdir)!r} lies under the file {str(parent)!r}; expected a folder path.")
+            break
+    return workdir
+
+
+def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
+    """Create the run folder, or check that an existing one holds the same run.
+
+    A folder that holds only the config of a run that never started (a command refused
+    after writing it, by older versions) is not a run: its config is replaced.
+    `write=False` only checks (nothing is created).
+    """
+    workdir = check_out_folder(workdir)
+    saved = workdir / CONFIG_FILE
+    if saved.is_file() and run_started(workdir):
+        try:
+            previous = TrainConfig.from_file(saved)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); "
+                             "use a new --out folder.") from None
         diff = previous.differences(config)
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
@@ -58,12 +109,13 @@ def prepare_workdir(config: TrainConfig, workdir) -> Path:
                 f"{str(workdir)!r} already holds a run with other settings ({lines}). Use a new --out folder, "
                 "or the same settings to resume it."
             )
-    else:
+    elif write:
+        workdir.mkdir(parents=True, exist_ok=True)
         config.to_json(saved)
     return workdir
 
 
-def build_model(config: TrainConfig, splits):
+def build_model(config: TrainConfig, splits, method=None):
     """The backbone preset wrapped in a compiled `MultiExitModel` with the configured method."""
     import keras
 
@@ -71,9 +123,10 @@ def build_model(config: TrainConfig, splits):
 
     backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
                              **config.model_options)
-    method = make_method(config.method, config.method_options)
+    if method is None:
+        method = make_method(config.method, config.method_options)
     model = training.MultiExitModel(backbone, method=method)
-    steps = config.epochs * _batches_per_epoch(splits, config) * method.optimizer_steps_per_batch
+    steps = config.epochs * splits.train_batches(config.batch_size) * method.optimizer_steps_per_batch
     model.compile(optimizer=keras.optimizers.SGD(
         learning_rate=make_schedule(config, steps), momentum=config.momentum, nesterov=config.nesterov,
         weight_decay=config.weight_decay or None))
@@ -88,21 +141,45 @@ def load_data(config: TrainConfig):
                      imbalance_factor=config.imbalance_factor, train_size=config.train_size)
 
 
-def make_method(name: str, options: dict):
-    """The training method called `name` with keyword `options`."""
+METHODS = ("baseline", "l2w")
+
+
+def _method_classes():
     from keras_ee import training
 
-    methods = {"baseline": training.Baseline, "l2w": training.L2W}
+    return {"baseline": training.Baseline, "l2w": training.L2W}
+
+
+def method_options(cls) -> dict:
+    """`{option: default}` of a method class, from its constructor's signature."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _describe_options(cls) -> str:
+    def kind(default):
+        return "any" if default is None else type(default).__name__
+
+    return ", ".join(f"{k} ({kind(d)}, default {d!r})" for k, d in method_options(cls).items())
+
+
+def make_method(name: str, options: dict):
+    """The training method called `name` with keyword `options`."""
+    methods = _method_classes()
     if name not in methods:
         raise ValueError(f"unknown training method {name!r}; available: {sorted(methods)}.")
+    cls = methods[name]
+    if not isinstance(options, dict):
+        raise ValueError(f"options for method {name!r} must be a mapping; received {options!r}.")
+    unknown = sorted(set(options) - set(method_options(cls)))
+    if unknown:
+        raise ValueError(f"bad options for method {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"valid options: {_describe_options(cls)}.")
     try:
-        return methods[name](**options)
+        return cls(**options)
     except (TypeError, ValueError) as e:  # say which method refused which option
         raise ValueError(f"bad options for method {name!r}: {e}") from e
-
-
-def _batches_per_epoch(splits, config: TrainConfig) -> int:
-    return -(-splits.num_train // config.batch_size)
 
 
 def make_schedule(config: TrainConfig, total_steps: int):
@@ -118,8 +195,82 @@ def make_schedule(config: TrainConfig, total_steps: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
+def check_splits(splits, config: TrainConfig) -> None:
+    """Refuse data a run cannot use before anything is trained."""
+    for part in ("val", "test"):
+        if getattr(splits, f"num_{part}") == 0:
+            raise ValueError(f"dataset {config.dataset!r} has no {part} images; a run calibrates on validation "
+                             "and scores on test images, so both must be non-empty.")
+    if splits.num_train < 2:
+        raise ValueError(f"dataset {config.dataset!r} has {splits.num_train} training image(s); expected at least 2.")
+
+
+def load_run_model(path):
+    """Load a run's `model.keras`, with a clear error if the file is damaged."""
+    import keras
+
+    from keras_ee import models, training  # noqa: F401  (registers the custom classes for loading)
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
+                         "a write was probably interrupted).")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # keras reports a torn archive in many ways (even "file not found")
+        raise ValueError(f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+
+
+def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
+    """Restore the newest intact backup, train the remaining epochs, save the final model."""
+    import keras
+
+    from keras_ee import callbacks as ee_callbacks
+    from keras_ee import runs
+
+    backup = runs.RunBackup(workdir / runs.BACKUP_DIR)
+    first_epoch = backup.restore(model)
+    history = runs.HistoryLog(workdir / runs.HISTORY_FILE)
+    history.truncate(first_epoch)
+    val_ds = splits.val_dataset(config.batch_size)
+    cbs = []
+    if config.budgets:
+        cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
+    # The history row of an epoch is written before its backup: a kill between the two
+    # leaves a row that the resume drops (truncate) and trains again.
+    cbs += [history, backup, keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+            *callbacks]
+    if verbose == "progress":
+        cbs.append(ee_callbacks.EpochProgress())
+        verbose = 0
+    start = time.perf_counter()
+    if first_epoch < config.epochs:
+        train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
+                                        epochs=config.epochs)
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=first_epoch,
+                  steps_per_epoch=splits.train_batches(config.batch_size), callbacks=cbs, verbose=verbose,
+                  shuffle=False)  # the pipeline shuffles, by (seed, epoch)
+    try:
+        runs.check_free_space(workdir, int(runs._variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
+        with atomic_path(workdir / MODEL_FILE) as tmp:
+            model.save(tmp)
+    except OSError as e:
+        raise runs.RunWriteError(f"cannot write {str(workdir / MODEL_FILE)!r}: {runs.describe_os_error(e)}; "
+                                 "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
+                                 "command finishes the run without training again.") from None
+    _write_state(workdir, trained=True, train_seconds=round(time.perf_counter() - start, 1),
+                 resumed_at_epoch=first_epoch)
+    backup.remove()  # only now: model.keras and state.json are in place
+
+
 def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbacks=()) -> Path:
     """Train (or resume) a run in `workdir`, then dump logits and, if configured, evaluate.
+
+    Everything is validated before the first write; the folder is locked for the whole
+    call (see the module docstring for what a run folder guarantees).
 
     Args:
         config: the run's settings.
@@ -131,67 +282,101 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     Returns:
         The run folder.
     """
+    from keras_ee import runs
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
+    make_method(config.method, config.method_options)  # refuse bad options before any write
+    workdir = prepare_workdir(config, workdir, write=False)
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise runs.RunWriteError(f"cannot create run folder {str(workdir)!r}: {runs.describe_os_error(e)}.") from None
+    try:
+        _train_locked(config, workdir, verbose, callbacks)
+    except BaseException:
+        if created and not run_started(workdir):  # refused before it started: leave no trace
+            (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
+            (workdir / CONFIG_FILE).unlink(missing_ok=True)
+            try:
+                workdir.rmdir()
+            except OSError:
+                pass
+        raise
+    if config.evaluate:
+        try:
+            evaluate_run(workdir, kind=config.confidence)
+        except OSError as e:
+            raise runs.RunWriteError(
+                f"cannot write {str(e.filename or workdir / 'eval')!r}: {runs.describe_os_error(e)}; nothing was "
+                f"lost: the run is complete, and `keras-ee evaluate {workdir}` writes the evaluation again.") from None
+    return workdir
+
+
+def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks) -> None:
     import keras
 
+    from keras_ee import runs
+
+    with runs.RunLock(workdir):
+        prepare_workdir(config, workdir, write=False)  # again, now that no other command can write
+        runs.remove_temporaries(workdir)  # left by a killed command
+        keras.utils.set_random_seed(config.seed)
+        splits = load_data(config)
+        check_splits(splits, config)
+        model = None
+        state = _read_state(workdir)
+        if state.get("trained") and (workdir / MODEL_FILE).is_file():
+            try:
+                model = load_run_model(workdir / MODEL_FILE)
+                print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
+            except ValueError as e:
+                print(f"[keras-ee] {e} Training it again from the backup, or from the start if none is left.")
+                _write_state(workdir, trained=False)
+        if model is None:
+            model = build_model(config, splits, method=make_method(config.method, config.method_options))
+            prepare_workdir(config, workdir)  # writes config.json: the run starts now
+            _fit(config, splits, model, workdir, verbose, callbacks)
+        try:
+            _write_artifacts(config, splits, model, workdir)
+        except OSError as e:
+            raise runs.RunWriteError(
+                f"cannot write {str(e.filename or workdir)!r}: {runs.describe_os_error(e)}; nothing was lost: the "
+                f"trained model is in {str(workdir / MODEL_FILE)!r}, and rerunning the same command writes the "
+                "rest without training again.") from None
+
+
+def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
+    """costs.json, the logit dump and the method's files, each written atomically."""
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import costs as ee_costs
     from keras_ee import dumps
 
-    workdir = prepare_workdir(config, workdir)
-    keras.utils.set_random_seed(config.seed)
-    splits = load_data(config)
-    state = _read_state(workdir)
-    if state.get("trained") and (workdir / "model.keras").is_file():
-        print(f"[keras-ee] {workdir}: training already finished; loading model.keras.")
-        from keras_ee import models, training  # noqa: F401  (registers the custom classes for loading)
-
-        model = keras.saving.load_model(workdir / "model.keras")
-    else:
-        model = build_model(config, splits)
-        val_ds = splits.val_dataset(config.batch_size)
-        cbs = []
-        if config.budgets:
-            cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
-        cbs += [
-            keras.callbacks.BackupAndRestore(str(workdir / "backup")),
-            keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=True),
-            keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-            *callbacks,
-        ]
-        if verbose == "progress":
-            cbs.append(ee_callbacks.EpochProgress())
-            verbose = 0
-        start = time.perf_counter()
-        model.fit(splits.train_dataset(config.batch_size, seed=config.seed), validation_data=val_ds,
-                  epochs=config.epochs, callbacks=cbs, verbose=verbose, shuffle=False)  # the pipeline shuffles
-        model.save(workdir / "model.keras")
-        _write_state(workdir, trained=True, train_seconds=round(time.perf_counter() - start, 1))
-
-    backbone = model.backbone
-    exit_costs = ee_costs.exit_costs(backbone)
-    (workdir / "costs.json").write_text(json.dumps(exit_costs, indent=2) + "\n")
+    exit_costs = ee_costs.exit_costs(model.backbone)
+    atomic_write_json(workdir / "costs.json", exit_costs)
     dtype = np.dtype(config.dump_dtype)
     val_logits, val_labels = ee_callbacks.predict_exit_logits(model, splits.val_dataset(256))
     test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
     dumps.save_dump(workdir / "dump", val_logits.astype(dtype), val_labels, test_logits.astype(dtype),
                     test_labels, costs={**exit_costs, "rule": "reference"})
     if getattr(model.method, "uses_wpn", False):  # for the frozen-WPN ablation: weighting="frozen"
-        model.method.save_wpn(workdir / "wpn.npz")
+        with atomic_path(workdir / "wpn.npz") as tmp:
+            model.method.save_wpn(tmp)
     if hasattr(model.method, "sample_statistics"):
         stats = model.method.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
-        np.savez_compressed(workdir / "l2w_samples.npz", **stats)
-    if config.evaluate:
-        evaluate_run(workdir, kind=config.confidence)
-    return workdir
+        with atomic_path(workdir / "l2w_samples.npz") as tmp:
+            np.savez_compressed(tmp, **stats)
 
 
-def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True):
+def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True,
+                 shortfall: str = "reference"):
     """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables."""
     from keras_ee import dumps, evaluation
 
     workdir = Path(workdir)
     dump = dumps.load_dump(workdir / "dump")
-    ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name)
+    ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall)
     paths = evaluation.write_evaluation(ev, workdir / "eval", title=_title(workdir))
     if echo:
         print(f"\nAnytime prediction (each exit on the whole test set), {workdir}:")

@@ -100,6 +100,7 @@ def test_interrupted_train_resumes_where_it_stopped(tmp_path):
 
 def test_a_different_config_in_an_existing_run_is_refused(tmp_path, capsys):
     experiment.prepare_workdir(TrainConfig(**TINY), tmp_path)
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n")  # the run has started
     with pytest.raises(ValueError, match="epochs: 2 -> 5"):
         experiment.prepare_workdir(TrainConfig(**{**TINY, "epochs": 5}), tmp_path)
     assert cli.main(["train", "--out", str(tmp_path), "--epochs", "5", "--dataset", "digits"]) == 2

@@ -39,10 +39,28 @@ class DatasetSplits:
     imbalance_factor = None
 
     def train_dataset(
-        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
     ):
-        """Training pipeline: shuffled and augmented (by default) batches."""
+        """Training pipeline: shuffled and augmented (by default) batches.
+
+        With `first_epoch` and `epochs`, the batches of those epochs back to back,
+        each epoch's order and augmentation a function of (seed, epoch) only: what
+        an exactly resumable run needs (fit with `steps_per_epoch=train_batches`).
+        """
         raise NotImplementedError
+
+    def train_batches(self, batch_size, drop_remainder=False):
+        """Batches per epoch of `train_dataset(batch_size, drop_remainder=...)`."""
+        from keras_ee.data.pipeline import epoch_batches
+
+        return epoch_batches(self.num_train, batch_size, drop_remainder)
 
     def val_dataset(self, batch_size):
         """Validation pipeline: not augmented, not shuffled."""
@@ -76,6 +94,12 @@ def _check_images(x, what):
         raise ValueError(
             f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). "
             f"Received shape {x.shape}."
+        )
+    if x.dtype.kind == "f" and x.size and not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).ravel()
+        raise ValueError(
+            f"`{what}` holds NaN or infinite pixels (image {int(bad[0])} first, "
+            f"{len(bad)} image(s) in all); expected finite pixel values."
         )
     return x
 
@@ -204,7 +228,14 @@ class ArraySplits(DatasetSplits):
         )
 
     def train_dataset(
-        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
     ):
         """Training pipeline.
 
@@ -216,6 +247,9 @@ class ArraySplits(DatasetSplits):
                 (`augment_flip`), applied to raw pixels before normalization.
             shuffle: bool. Reshuffle at every epoch.
             drop_remainder: bool. Drop the last incomplete batch.
+            first_epoch, epochs: ints or None. The batches of epochs
+                `first_epoch .. epochs - 1` in one dataset, epoch e's order and
+                augmentation seeded by (seed, e) only (exact resume).
 
         Returns:
             `tf.data.Dataset` of (x float32 (B, H, W, C), y int32 (B,)).
@@ -227,6 +261,8 @@ class ArraySplits(DatasetSplits):
             seed=seed,
             augment=augment,
             drop_remainder=drop_remainder,
+            first_epoch=first_epoch,
+            epochs=epochs,
         )
 
     def val_dataset(self, batch_size):

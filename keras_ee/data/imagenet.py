@@ -183,26 +183,50 @@ class ImageNetSplits(DatasetSplits):
         )
 
     def train_dataset(
-        self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
     ):
         import tensorflow as tf
 
-        ds = self._raw("train", shuffle=shuffle, seed=seed)
-        if shuffle:
-            ds = ds.shuffle(16 * batch_size, seed=seed, reshuffle_each_iteration=True)
         size = self.image_size
-        if augment:
-            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-            ds = tf.data.Dataset.zip((ds, seeds.batch(2)))
-            ds = ds.map(
-                lambda e, s: (train_preprocess(e["image"], s, size), tf.cast(e["label"], tf.int32)),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-        else:
-            ds = ds.map(
+
+        def prepare(ds, shuffle_seed, aug_seeds):
+            if shuffle:
+                ds = ds.shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True)
+            if augment:
+                ds = tf.data.Dataset.zip((ds, aug_seeds))
+                return ds.map(
+                    lambda e, s: (train_preprocess(e["image"], s, size), tf.cast(e["label"], tf.int32)),
+                    num_parallel_calls=tf.data.AUTOTUNE,
+                )
+            return ds.map(
                 lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
+
+        if first_epoch is None:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = prepare(self._raw("train", shuffle=shuffle, seed=seed), seed, seeds)
+        else:
+            # Epoch e: files in their stored order, the shuffle buffer and the crops seeded
+            # by (seed, e) only, so a resumed run reads what an uninterrupted one reads.
+            def one_epoch(epoch):
+                epoch_seed = tf.stack([tf.constant(int(seed), tf.int64), epoch])
+                seeds = tf.data.Dataset.range(1 << 40).map(
+                    lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i))
+                shuffle_seed = tf.random.experimental.stateless_uniform(
+                    [], epoch_seed, minval=0, maxval=1 << 31, dtype=tf.int64)
+                return prepare(self._raw("train", shuffle=False, seed=seed), shuffle_seed, seeds).batch(
+                    batch_size, drop_remainder=drop_remainder)
+
+            ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+            return ds.prefetch(tf.data.AUTOTUNE)
         return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
     def _eval_dataset(self, part, batch_size):

@@ -5,10 +5,17 @@ whole batch in one map call: one vectorized op per batch instead of one small op
 per image keeps the CPU busy with useful work (`num_parallel_calls=AUTOTUNE`
 runs several batches at once, `prefetch` overlaps them with training).
 
-Randomness is seeded and reproducible, yet differs from epoch to epoch: the
-shuffle uses `reshuffle_each_iteration=True` and the augmentation draws its
-per-batch stateless seeds from `tf.data.Dataset.random(seed,
-rerandomize_each_iteration=True)`.
+Randomness is seeded and reproducible, yet differs from epoch to epoch. Two forms:
+
+- `epochs=None` (one epoch per iteration, as `model.fit` iterates a finite dataset):
+  the shuffle uses `reshuffle_each_iteration=True` and the augmentation draws its
+  per-batch stateless seeds from `tf.data.Dataset.random(seed,
+  rerandomize_each_iteration=True)`; the k-th iteration gets the k-th order.
+- `first_epoch` / `epochs` given (what `keras-ee train` uses): the batches of epochs
+  `first_epoch .. epochs - 1` back to back, where epoch e's order is a stateless
+  permutation seeded by (seed, e) and batch b's augmentation seed is (seed, e) folded
+  with b. The data of an epoch is a pure function of (seed, epoch), so a run resumed at
+  epoch e sees exactly what an uninterrupted run sees from epoch e on.
 """
 
 import numpy as np
@@ -77,6 +84,8 @@ def array_dataset(
     pad=0,
     flip=False,
     drop_remainder=False,
+    first_epoch=None,
+    epochs=None,
 ):
     """Batched, normalized `tf.data.Dataset` over in-memory NHWC arrays.
 
@@ -94,6 +103,10 @@ def array_dataset(
         pad: int. Crop padding used when `augment`.
         flip: bool. Horizontal flips used when `augment`.
         drop_remainder: bool. Drop the last, smaller batch.
+        first_epoch, epochs: ints or None. When given, the dataset holds the batches
+            of epochs `first_epoch .. epochs - 1` in a row, each epoch's order and
+            augmentation a function of (seed, epoch) only (see the module docstring);
+            pass `steps_per_epoch=epoch_batches(n, batch_size, drop_remainder)` to `fit`.
 
     Returns:
         A `tf.data.Dataset` of `(x, y)`: x float32 (B, H, W, C), y int32 (B,).
@@ -120,25 +133,58 @@ def array_dataset(
     def normalize(x):
         return (x - mean) * inv_std
 
+    augmenting = augment and (pad > 0 or flip)
+
+    def load_augmented(indices, batch_seed):
+        x, y = gather(indices)
+        x = random_crop_flip(x, pad, flip, batch_seed)
+        return normalize(x), y
+
+    def load(indices):
+        x, y = gather(indices)
+        return normalize(x), y
+
+    if (first_epoch is None) != (epochs is None):
+        raise ValueError(
+            f"Pass both `first_epoch` and `epochs`, or neither. Received {first_epoch!r} and {epochs!r}."
+        )
+    if first_epoch is not None:
+        for name, value in (("first_epoch", first_epoch), ("epochs", epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"Expected `{name}` to be an int >= 0. Received {value!r}.")
+        if first_epoch > epochs:
+            raise ValueError(f"Expected `first_epoch` <= `epochs`. Received {first_epoch} > {epochs}.")
+        base_seed = 0 if seed is None else int(seed)
+
+        def one_epoch(epoch):
+            epoch_seed = tf.stack([tf.constant(base_seed, tf.int64), epoch])
+            order = tf.range(n, dtype=tf.int64)
+            if shuffle and n > 0:
+                order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed)
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+            if not augmenting:
+                return batches
+            return batches.enumerate().map(
+                lambda b, indices: (indices, tf.random.experimental.stateless_fold_in(epoch_seed, b)))
+
+        ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+        ds = ds.map(load_augmented if augmenting else load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
     ds = tf.data.Dataset.range(n)
     if shuffle and n > 0:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if augment and (pad > 0 or flip):
+    if augmenting:
         # Two int64 draws per batch form the stateless seed of its augmentation.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip((ds, seeds.batch(2)))
-
-        def load(indices, batch_seed):
-            x, y = gather(indices)
-            x = random_crop_flip(x, pad, flip, batch_seed)
-            return normalize(x), y
-
-    else:
-
-        def load(indices):
-            x, y = gather(indices)
-            return normalize(x), y
+        load = load_augmented
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_batches(num_samples, batch_size, drop_remainder=False):
+    """Batches per epoch of a pipeline over `num_samples` samples."""
+    return num_samples // batch_size if drop_remainder else -(-num_samples // batch_size)

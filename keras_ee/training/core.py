@@ -301,6 +301,24 @@ def split_halves(*tensors):
     return first, second
 
 
+def first_nonfinite(tensors):
+    """Whether any of `tensors` holds NaN/inf, and the 1-based index of the first that does.
+
+    Returns:
+        `(any_bad, first)`: a boolean scalar and an int64 scalar (0 when none).
+    """
+    def finite(t):
+        if "float" not in keras.backend.standardize_dtype(t.dtype):
+            return ops.convert_to_tensor(True)  # integer counters, seeds: always finite
+        return ops.all(ops.isfinite(t))
+
+    finite = ops.stack([finite(t) for t in tensors])
+    bad = ops.logical_not(finite)
+    first = ops.cast(ops.argmax(ops.cast(bad, "int32")), "int64") + 1
+    any_bad = ops.any(bad)
+    return any_bad, ops.where(any_bad, first, ops.zeros((), "int64"))
+
+
 def weighted_exit_losses(ce, weights):
     """`mean_i(w[i, k] * l[i, k])` per exit, `(num_exits,)`."""
     return ops.mean(ops.cast(weights, ce.dtype) * ce, axis=0)

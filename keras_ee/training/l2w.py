@@ -495,12 +495,7 @@ class L2W(Method):
         )
 
     def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w):
-        opt = model.optimizer
-        if opt.loss_scale_factor is not None:
-            # `apply` unscales; the gradients here are of the unscaled loss.
-            grads = [g * opt.loss_scale_factor for g in grads]
-        model.record_nonfinite(per_exit, phase=0)
-        opt.apply(grads, model.trainable_variables)
+        model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
         self._update_weight_metrics(w)
 

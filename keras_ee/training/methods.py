@@ -102,8 +102,7 @@ class Method(keras.layers.Layer):
             )
             scaled = model.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
-        model.record_nonfinite(per_exit, phase=0)
-        model.optimizer.apply(grads, variables)
+        model.apply_step(grads, per_exit, loss_scaled=True)
         model.update_step_metrics(loss, y, logits, ce)
         return self.step_logs(model)
 

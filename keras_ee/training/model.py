@@ -9,24 +9,30 @@ from keras_ee.training import core
 from keras_ee.training.methods import Baseline
 from keras_ee.training.methods import Method
 
-_PHASES = {
-    0: "training loss",
-    1: "meta loss",
-    2: "batch size",
-}
+# What the training step found wrong, by the `phase` slot of the record.
+_LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
+_PHASES = {_LOSS: "training loss", _META: "meta loss"}
+_NON_INTEGER_LABEL = -(2**62)  # the record's value for a fractional label
+
+# Whether `apply_step` checks gradients and updated weights for NaN/inf (read when a
+# step is traced). Off only for measuring what the checks cost (bench/step_checks.py).
+CHECK_STEP_VALUES = True
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when a training loss becomes NaN or inf."""
+    """Raised when a training loss, a gradient or an updated weight becomes NaN or inf."""
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):
-    """Stops `fit` with a clear error when a loss becomes NaN or inf.
+    """Stops `fit` (and `evaluate`) with a clear error when a step went wrong.
 
-    `MultiExitModel.fit` adds it automatically. The training step records
-    the first optimizer step and exit whose loss was not finite (this works
-    under XLA, where in-graph assertions are dropped); the guard reads that
-    record after every batch and raises `NonFiniteLossError`.
+    `MultiExitModel.fit` and `evaluate` add it automatically. The steps record
+    the first problem of a run in a variable (this works under XLA, where
+    in-graph assertions are dropped): a NaN or inf loss (naming the exit), a
+    non-finite gradient or updated weight (naming the variable), a batch too
+    small for the half-batch exchange, or labels outside the exits' classes.
+    The guard reads that record after every batch and raises
+    `NonFiniteLossError` (non-finite values) or `ValueError` (bad input).
     """
 
     def __init__(self):
@@ -37,25 +43,49 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        flag, step, exit_k, phase = (
-            int(v) for v in np.asarray(self.model._nonfinite.numpy())
+        self._check(f"epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._check(f"evaluation batch {batch + 1}")
+
+    def _check(self, where):
+        model = self.model
+        flag, step, value, phase = (
+            int(v) for v in np.asarray(model._nonfinite.numpy())
         )
         if not flag:
             return
-        self.model._nonfinite.assign(np.zeros(4, dtype="int64"))
-        self.model.stop_training = True
-        if phase == 2:
+        model._nonfinite.assign(np.zeros(4, dtype="int64"))
+        model.stop_training = True
+        if phase == _BATCH:
             raise ValueError(
                 "Half-batch exchange needs batches of at least 2 samples; "
-                f"received a batch of {exit_k} at optimizer step {step} "
-                f"(epoch {self._epoch + 1}, batch {batch + 1}). Use another "
-                "batch size or `drop_remainder=True`."
+                f"received a batch of {value} at optimizer step {step} "
+                f"({where}). Use another batch size or `drop_remainder=True`."
+            )
+        if phase == _LABELS:
+            raise ValueError(
+                f"labels must be integer class indices in 0..{model.num_classes - 1} "
+                f"(the exits have {model.num_classes} classes); received "
+                f"{'a non-integer label' if value == _NON_INTEGER_LABEL else f'label {value}'} "
+                f"({where}). Check the dataset's labels."
+            )
+        if phase in (_GRADIENT, _WEIGHTS):
+            variables = (
+                model.trainable_variables if phase == _GRADIENT
+                else model.checked_variables()
+            )
+            name = variables[value - 1].path if 0 < value <= len(variables) else f"#{value}"
+            what = "gradient of" if phase == _GRADIENT else "updated value of"
+            raise NonFiniteLossError(
+                f"NaN or inf in the {what} {name} at optimizer step {step} "
+                f"({where}), while every exit's loss was finite. Check the "
+                "data for NaN/inf or extreme values, or lower the learning rate."
             )
         raise NonFiniteLossError(
-            f"NaN or inf in the {_PHASES.get(phase, 'loss')} of exit_{exit_k} "
-            f"at optimizer step {step} (epoch {self._epoch + 1}, "
-            f"batch {batch + 1}). Lower the learning rate, check the data "
-            "for NaN/inf, or clip gradients."
+            f"NaN or inf in the {_PHASES.get(phase, 'loss')} of exit_{value} "
+            f"at optimizer step {step} ({where}). Lower the learning rate, "
+            "check the data for NaN/inf, or clip gradients."
         )
 
 
@@ -108,6 +138,7 @@ class MultiExitModel(keras.Model):
                 "`backbone` must be a functional model (its `outputs` define "
                 "the exits); received a model without `outputs`."
             )
+        self.num_classes = _check_exits(backbone)
         method = Baseline() if method is None else method
         if not isinstance(method, Method):
             raise TypeError(
@@ -183,34 +214,89 @@ class MultiExitModel(keras.Model):
         self.compile(**config)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """`keras.Model.fit`, with a guard against non-finite losses."""
-        if callbacks is None:
-            callbacks = []
-        elif isinstance(callbacks, keras.callbacks.Callback):
-            callbacks = [callbacks]
-        elif isinstance(callbacks, (list, tuple)):
-            callbacks = list(callbacks)
-        else:
-            raise TypeError(
-                "`callbacks` must be a list of keras.callbacks.Callback; "
-                f"received {type(callbacks).__name__}."
-            )
-        if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
-            callbacks.append(NonFiniteLossGuard())
-        return super().fit(*args, callbacks=callbacks, **kwargs)
+        """`keras.Model.fit`, with a guard against non-finite values and bad labels."""
+        return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
+
+    def evaluate(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.evaluate`, with a guard against bad labels."""
+        return super().evaluate(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     # --- steps ---------------------------------------------------------------
 
     def train_step(self, data):
-        return self.method.train_step(self, data)
+        return self.method.train_step(self, self.checked_labels(data))
 
     def test_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(self.checked_labels(data))
         logits = self(x, training=False)
         ce = core.per_exit_cross_entropy(y, logits)
         loss = self.method.test_loss(self, y, logits, ce)
         self.update_step_metrics(loss, y, logits, ce)
         return self.model_logs()
+
+    def checked_labels(self, data):
+        """`data` with sparse labels outside `0..num_classes-1` (or non-integer) recorded.
+
+        A bad label is recorded for the guard, which stops `fit`/`evaluate` after the
+        batch with a `ValueError`; the batch itself runs on labels clipped into range
+        (TensorFlow's sparse cross-entropy would otherwise fail with an opaque
+        graph error, and under XLA silently give NaN).
+        """
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            return data
+        y = ops.convert_to_tensor(y)
+        if len(y.shape) >= 2 and y.shape[-1] not in (None, 1):
+            return data  # one-hot or soft labels
+        as_float = ops.cast(y, "float32")
+        integral = ops.all(ops.equal(as_float, ops.round(as_float)))
+        labels = ops.cast(ops.round(as_float), "int64")
+        top = self.num_classes - 1
+        in_range = ops.logical_and(ops.all(labels >= 0), ops.all(labels <= top))
+        worst = ops.where(ops.any(labels > top), ops.max(labels), ops.min(labels))
+        value = ops.where(integral, worst, _NON_INTEGER_LABEL)
+        self._record(ops.logical_not(ops.logical_and(integral, in_range)), value, _LABELS)
+        y = ops.cast(ops.clip(labels, 0, top), "int32")
+        return keras.utils.pack_x_y_sample_weight(x, y, sw)
+
+    def apply_step(self, grads, per_exit_loss, loss_scaled=False):
+        """The real optimizer step of every method, with the non-finite checks.
+
+        Records (for the guard) a non-finite per-exit loss, then a non-finite
+        gradient, then a non-finite weight after the update (BatchNorm moving
+        statistics included), and applies `grads` to the trainable variables.
+        Under a `LossScaleOptimizer` a non-finite gradient is that optimizer's
+        business (it skips the step and lowers the scale), so only the loss and
+        the weights are checked.
+
+        Args:
+            grads: one gradient per `self.trainable_variables` (None allowed).
+            per_exit_loss: `(K,)` tensor of the exits' losses of this step.
+            loss_scaled: whether `grads` are of `optimizer.scale_loss(loss)`
+                (as Keras' own `train_step` computes them); if False they are of
+                the plain loss and are scaled here, since `apply` unscales.
+        """
+        variables = self.trainable_variables
+        opt = self.optimizer
+        self.record_nonfinite(per_exit_loss, phase=_LOSS)
+        checks = CHECK_STEP_VALUES
+        if checks and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
+            bad, first = core.first_nonfinite(
+                [ops.zeros((), "float32") if g is None else g for g in grads]
+            )
+            self._record(bad, first, _GRADIENT)
+        if not loss_scaled and opt.loss_scale_factor is not None:
+            grads = [None if g is None else g * opt.loss_scale_factor for g in grads]
+        opt.apply(grads, variables)
+        if checks:
+            bad, first = core.first_nonfinite(self.checked_variables())
+            self._record(bad, first, _WEIGHTS)
+
+    def checked_variables(self):
+        """The backbone's variables whose values `apply_step` checks after an update."""
+        return list(self.backbone.trainable_variables) + list(
+            self.backbone.non_trainable_variables
+        )
 
     # --- helpers for methods -------------------------------------------------
 
@@ -240,39 +326,35 @@ class MultiExitModel(keras.Model):
             )
         return logs
 
-    def record_nonfinite(self, per_exit_losses, phase=0):
+    def record_nonfinite(self, per_exit_losses, phase=_LOSS):
         """Record the first exit whose loss is NaN/inf (read by the guard).
 
         Args:
             per_exit_losses: `(K,)` tensor of the exits' losses.
             phase: 0 for the training loss, 1 for a meta loss.
         """
-        bad = ops.logical_not(ops.isfinite(per_exit_losses))
-        any_bad = ops.any(bad)
-        first = ops.cast(ops.argmax(ops.cast(bad, "int32")), "int64") + 1
-        step = ops.cast(self.optimizer.iterations, "int64") + 1
-        record = ops.stack(
-            [ops.ones((), "int64"), step, first, ops.cast(phase, "int64")]
+        bad, first = core.first_nonfinite(
+            [per_exit_losses[k] for k in range(self.num_exits)]
         )
-        keep_old = ops.logical_or(
-            ops.logical_not(any_bad), self._nonfinite[0] > 0
-        )
-        self._nonfinite.assign(ops.where(keep_old, self._nonfinite, record))
+        self._record(bad, first, phase)
 
     def record_small_batch(self, batch_size):
         """Record that a batch was too small for the half-batch exchange."""
+        self._record(ops.convert_to_tensor(True), batch_size, _BATCH)
+
+    def _record(self, bad, value, phase):
+        """Keep `[1, step, value, phase]` if `bad` and nothing was recorded before."""
         step = ops.cast(self.optimizer.iterations, "int64") + 1
         record = ops.stack(
             [
                 ops.ones((), "int64"),
                 step,
-                ops.cast(batch_size, "int64"),
-                ops.convert_to_tensor(2, "int64"),
+                ops.cast(value, "int64"),
+                ops.convert_to_tensor(phase, "int64"),
             ]
         )
-        self._nonfinite.assign(
-            ops.where(self._nonfinite[0] > 0, self._nonfinite, record)
-        )
+        keep_old = ops.logical_or(ops.logical_not(bad), self._nonfinite[0] > 0)
+        self._nonfinite.assign(ops.where(keep_old, self._nonfinite, record))
 
     # --- serialization -------------------------------------------------------
 
@@ -293,3 +375,58 @@ class MultiExitModel(keras.Model):
             config.pop("method"), custom_objects=custom_objects
         )
         return cls(backbone=backbone, method=method, **config)
+
+
+def _with_guard(callbacks):
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, keras.callbacks.Callback):
+        callbacks = [callbacks]
+    elif isinstance(callbacks, (list, tuple)):
+        callbacks = list(callbacks)
+    else:
+        raise TypeError(
+            "`callbacks` must be a list of keras.callbacks.Callback; "
+            f"received {type(callbacks).__name__}."
+        )
+    if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
+        callbacks.append(NonFiniteLossGuard())
+    return callbacks
+
+
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
+
+
+def _check_exits(backbone):
+    """The exits' common class count; a clear error for outputs that cannot be logits."""
+    counts = []
+    for k, out in enumerate(backbone.outputs):
+        name = f"exit_{k + 1}"
+        shape = tuple(out.shape)
+        if len(shape) != 2 or shape[-1] is None:
+            raise ValueError(
+                f"{name} of the backbone must output logits of shape (batch, num_classes); "
+                f"received shape {shape}."
+            )
+        if shape[-1] < 2:
+            raise ValueError(
+                f"{name} of the backbone has {shape[-1]} output unit; expected logits over "
+                ">= 2 classes (a 1-unit exit has a cross-entropy of 0 and learns nothing)."
+            )
+        layer = getattr(getattr(out, "_keras_history", None), "operation", None)
+        activation = getattr(layer, "activation", None)
+        act_name = getattr(activation, "__name__", None) if activation is not None else None
+        if isinstance(layer, keras.layers.Softmax) or act_name in _PROBABILITY_ACTIVATIONS:
+            raise ValueError(
+                f"{name} of the backbone ends in a {act_name or 'softmax'} layer "
+                f"({layer.name!r}); MultiExitModel expects logits: remove the activation "
+                "(use activation=None)."
+            )
+        counts.append(shape[-1])
+    if len(set(counts)) > 1:
+        listing = ", ".join(f"exit_{k + 1}: {c}" for k, c in enumerate(counts))
+        raise ValueError(
+            f"the exits have different class counts ({listing}); every exit must "
+            "classify the same classes."
+        )
+    return counts[0]
