@@ -168,12 +168,16 @@ def synthetic_exits(n, k, rng):
     return scores, correct
 
 
+def sweep_inputs(make_exits, n, k, seed):
+    """Validation and test (scores, correct) from `make_exits`, per-exit costs and the default qs."""
+    rng = np.random.default_rng(seed)
+    vs, vc = make_exits(n, k, rng)
+    ts, tc = make_exits(n, k, rng)
+    return vs, vc, ts, tc, np.cumsum(np.linspace(1.0, 2.0, k)) * 1e6, cal.default_qs()
+
+
 def bench_sweep(n, k, repeat):
-    rng = np.random.default_rng(1)
-    vs, vc = synthetic_exits(n, k, rng)
-    ts, tc = synthetic_exits(n, k, rng)
-    costs = np.cumsum(np.linspace(1.0, 2.0, k)) * 1e6
-    qs = cal.default_qs()
+    vs, vc, ts, tc, costs, qs = sweep_inputs(synthetic_exits, n, k, seed=1)
     t_rust, got = best_of(lambda: cal.budget_sweep(vs, vc, ts, tc, costs, qs=qs), repeat)
     t_sort, want_sort = best_of(lambda: numpy_budget_sweep(vs, vc, ts, tc, costs, qs, numpy_calibrate_sort), 1)
     t_part, want_part = best_of(lambda: numpy_budget_sweep(vs, vc, ts, tc, costs, qs, numpy_calibrate_partition), 1)
@@ -221,11 +225,7 @@ def _list(qs):
 
 
 def bench_ties(n, k, repeat):
-    rng = np.random.default_rng(2)
-    vs, vc = saturating_exits(n, k, rng)
-    ts, tc = saturating_exits(n, k, rng)
-    costs = np.cumsum(np.linspace(1.0, 2.0, k)) * 1e6
-    qs = cal.default_qs()
+    vs, vc, ts, tc, costs, qs = sweep_inputs(saturating_exits, n, k, seed=2)
     size = f"{n:,} + {n:,}, K={k}, {len(qs)} budgets"
     print(
         f"tie-heavy dump (max softmax of confident logits, {size}): "

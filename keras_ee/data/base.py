@@ -38,16 +38,8 @@ class DatasetSplits:
     num_test = None
     imbalance_factor = None
 
-    def train_dataset(
-        self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-    ):
+    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
+                      first_epoch=None, epochs=None):
         """Training pipeline: shuffled and augmented (by default) batches.
 
         With `first_epoch` and `epochs`, the batches of those epochs back to back,
@@ -227,16 +219,8 @@ class ArraySplits(DatasetSplits):
             **kwargs,
         )
 
-    def train_dataset(
-        self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-    ):
+    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
+                      first_epoch=None, epochs=None):
         """Training pipeline.
 
         Args:

@@ -182,16 +182,8 @@ class ImageNetSplits(DatasetSplits):
             decoders={"image": tfds.decode.SkipDecoding()},
         )
 
-    def train_dataset(
-        self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-    ):
+    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
+                      first_epoch=None, epochs=None):
         import tensorflow as tf
 
         size = self.image_size
