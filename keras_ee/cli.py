@@ -6,6 +6,7 @@
     keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
     keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
     keras-ee models                  every preset's exits, params and Mul-Adds
+    keras-ee methods                 every training method: paper, options and defaults
     keras-ee datasets                the dataset names
 """
 
@@ -57,10 +58,12 @@ def _train_parser(sub) -> None:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
     g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
-    g.add_argument("--method", help="training method: baseline or l2w")
-    g.add_argument("--q", type=float, help="L2W: meta-data allocation budget parameter")
-    g.add_argument("--delta", type=float, help="L2W: weight perturbation size")
-    g.add_argument("--method-option", type=_key_value, action="append", metavar="KEY=VALUE")
+    g.add_argument("--method", help=f"training method: {_method_names()} (see `keras-ee methods`), or "
+                                    "package.module:Class for one outside keras-ee")
+    g.add_argument("--q", type=float, help="shorthand for --method-option q=Q (L2W's meta-data allocation budget)")
+    g.add_argument("--delta", type=float, help="shorthand for --method-option delta=DELTA (L2W's weight perturbation)")
+    g.add_argument("--method-option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="an option of the method, converted to its declared type (repeatable)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -76,6 +79,12 @@ def _train_parser(sub) -> None:
                    help="log validation accuracy at this Mul-Add budget every epoch (repeatable)")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_const", const=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _method_names() -> str:
+    from keras_ee.training import registry
+
+    return ", ".join(registry.available_methods())
 
 
 def _config_from_args(args):
@@ -169,6 +178,12 @@ def cmd_models(args) -> None:
     print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
 
 
+def cmd_methods(args) -> None:
+    from keras_ee.training import registry
+
+    print(registry.methods_table())
+
+
 def cmd_datasets(args) -> None:
     from keras_ee import data
 
@@ -210,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="table of the architecture presets")
     p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])
+    sub.add_parser("methods", help="every training method: paper, options and defaults")
     sub.add_parser("datasets", help="list the dataset names")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "plot-weights": cmd_plot_weights,
-            "sweep": cmd_sweep, "models": cmd_models, "datasets": cmd_datasets}
+            "sweep": cmd_sweep, "models": cmd_models, "methods": cmd_methods,
+            "datasets": cmd_datasets}
 
 
 def main(argv=None) -> int:

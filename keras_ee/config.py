@@ -37,8 +37,9 @@ class TrainConfig:
             (smaller-scale runs); None uses the whole training split.
         model: a preset of `keras_ee.models.available()`.
         model_options: keyword overrides for the preset (widths, blocks, ...).
-        method: training method, `baseline` or `l2w`.
-        method_options: keyword arguments of the method (`q`, `delta`, ...).
+        method: a registered training method (`keras-ee methods`) or
+            `package.module:Class` for one outside keras-ee.
+        method_options: the method's options (see `keras-ee methods`).
         epochs, batch_size: as in `model.fit` (L2W takes two half-batch steps per batch).
         learning_rate: initial SGD learning rate; None means the papers' rule
             0.1 * batch_size / 64.

@@ -35,7 +35,6 @@ What a run can rely on:
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 import zipfile
@@ -141,45 +140,16 @@ def load_data(config: TrainConfig):
                      imbalance_factor=config.imbalance_factor, train_size=config.train_size)
 
 
-METHODS = ("baseline", "l2w")
+def make_method(name: str, options: dict):
+    """The training method called `name` (registered, or `package.module:Class`) with `options`.
 
-
-def _method_classes():
+    Options are converted to the types the method declares (command-line values arrive
+    as JSON or strings); an unknown option or a bad value is a `ValueError` listing the
+    valid options with their types.
+    """
     from keras_ee import training
 
-    return {"baseline": training.Baseline, "l2w": training.L2W}
-
-
-def method_options(cls) -> dict:
-    """`{option: default}` of a method class, from its constructor's signature."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name: p.default for p in params
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def _describe_options(cls) -> str:
-    def kind(default):
-        return "any" if default is None else type(default).__name__
-
-    return ", ".join(f"{k} ({kind(d)}, default {d!r})" for k, d in method_options(cls).items())
-
-
-def make_method(name: str, options: dict):
-    """The training method called `name` with keyword `options`."""
-    methods = _method_classes()
-    if name not in methods:
-        raise ValueError(f"unknown training method {name!r}; available: {sorted(methods)}.")
-    cls = methods[name]
-    if not isinstance(options, dict):
-        raise ValueError(f"options for method {name!r} must be a mapping; received {options!r}.")
-    unknown = sorted(set(options) - set(method_options(cls)))
-    if unknown:
-        raise ValueError(f"bad options for method {name!r}: unknown option(s) {', '.join(map(repr, unknown))}; "
-                         f"valid options: {_describe_options(cls)}.")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as e:  # say which method refused which option
-        raise ValueError(f"bad options for method {name!r}: {e}") from e
+    return training.get_method(name).create(options)
 
 
 def make_schedule(config: TrainConfig, total_steps: int):
@@ -242,7 +212,7 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
     # The history row of an epoch is written before its backup: a kill between the two
     # leaves a row that the resume drops (truncate) and trains again.
     cbs += [history, backup, keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-            *callbacks]
+            *model.method.callbacks(), *callbacks]
     if verbose == "progress":
         cbs.append(ee_callbacks.EpochProgress())
         verbose = 0
@@ -360,13 +330,7 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
     test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
     dumps.save_dump(workdir / "dump", val_logits.astype(dtype), val_labels, test_logits.astype(dtype),
                     test_labels, costs={**exit_costs, "rule": "reference"})
-    if getattr(model.method, "uses_wpn", False):  # for the frozen-WPN ablation: weighting="frozen"
-        with atomic_path(workdir / "wpn.npz") as tmp:
-            model.method.save_wpn(tmp)
-    if hasattr(model.method, "sample_statistics"):
-        stats = model.method.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
-        with atomic_path(workdir / "l2w_samples.npz") as tmp:
-            np.savez_compressed(tmp, **stats)
+    model.method.save_artifacts(model, splits, workdir)
 
 
 def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True,

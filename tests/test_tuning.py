@@ -27,5 +27,5 @@ def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys)
 def test_unknown_method_and_bad_trials_are_refused(tmp_path):
     with pytest.raises(ValueError, match="trials"):
         search.search(TrainConfig(method="l2w"), tmp_path, trials=0)
-    with pytest.raises(ValueError, match="no search space"):
+    with pytest.raises(ValueError, match="unknown training method 'imta'"):
         search.make_hypermodel(TrainConfig(method="imta"), splits=None)

@@ -2,12 +2,10 @@
 
 The objective is `val_budget_auc` from `keras_ee.callbacks.BudgetCallback`: the mean
 validation accuracy of the budgeted-batch curve over its Mul-Add range, i.e. exactly
-what the papers compare. The searched hyper-parameters are the method's budget knobs:
-
-    l2w:      q (meta-data allocation), delta (weight perturbation)
-    baseline: nothing to search (a single trial, for reference)
-
-Methods added later declare theirs in `SEARCH_SPACES` (budget-aware gating: lambda).
+what the papers compare. The searched hyper-parameters are the ones the method declares
+when it registers (`register_method(..., search_space=...)`; `keras-ee methods` lists
+them): L2W searches q (meta-data allocation) and delta (weight perturbation); a method
+with none (baseline) runs a single trial, for reference.
 
     python -m tuning.search --dataset digits --method l2w --trials 8 --epochs 5 --out runs/tuning
 
@@ -23,12 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-# name -> (low, high, sampling) per method.
-SEARCH_SPACES = {
-    "l2w": {"q": (0.5, 1.0, "linear"), "delta": (0.1, 1.0, "linear")},
-    "baseline": {},
-}
 TUNERS = ("bayesian", "random")
+
+
+def search_space(method: str) -> dict:
+    """`{hyper-parameter: SearchRange | SearchChoice}` the method registered (may be empty)."""
+    from keras_ee.training import registry
+
+    return dict(registry.get_method(method).search_space)
 
 
 def make_hypermodel(config, splits):
@@ -38,16 +38,18 @@ def make_hypermodel(config, splits):
     from keras_ee import experiment
     from keras_ee.callbacks import BudgetCallback
     from keras_ee.config import TrainConfig
+    from keras_ee.training.registry import SearchRange
 
-    space = SEARCH_SPACES.get(config.method)
-    if space is None:
-        raise ValueError(f"no search space for method {config.method!r}; known: {sorted(SEARCH_SPACES)}.")
+    space = search_space(config.method)
 
     class BudgetHyperModel(kt.HyperModel):
         def trial_config(self, hp) -> TrainConfig:
             options = dict(config.method_options)
-            for name, (lo, hi, sampling) in space.items():
-                options[name] = hp.Float(name, lo, hi, sampling=sampling)
+            for name, rng in space.items():
+                if isinstance(rng, SearchRange):
+                    options[name] = hp.Float(name, rng.low, rng.high, sampling=rng.sampling)
+                else:
+                    options[name] = hp.Choice(name, list(rng.values))
             return TrainConfig.from_dict({**config.to_dict(), "method_options": options})
 
         def build(self, hp):
@@ -56,7 +58,7 @@ def make_hypermodel(config, splits):
         def fit(self, hp, model, *args, **kwargs):
             val_ds = splits.val_dataset(config.batch_size)
             # BudgetCallback first: the tuner's own callback reads the objective from the same logs.
-            callbacks = [BudgetCallback(val_ds), *kwargs.pop("callbacks", [])]
+            callbacks = [BudgetCallback(val_ds), *model.method.callbacks(), *kwargs.pop("callbacks", [])]
             kwargs.pop("validation_data", None)
             return model.fit(splits.train_dataset(config.batch_size, seed=config.seed), validation_data=val_ds,
                              epochs=config.epochs, callbacks=callbacks, verbose=kwargs.get("verbose", 0),
@@ -78,10 +80,10 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     workdir = Path(workdir)
     splits = experiment.load_data(config)
     hypermodel = make_hypermodel(config, splits)
-    if not SEARCH_SPACES[config.method]:
+    if not search_space(config.method):
         trials = 1
     objective = kt.Objective("val_budget_auc", direction="max")
-    common = dict(objective=objective, max_trials=trials, directory=str(workdir), project_name=config.method,
+    common = dict(objective=objective, max_trials=trials, directory=str(workdir), project_name=config.method.replace(":", "_"),
                   overwrite=overwrite, seed=config.seed)
     t = kt.BayesianOptimization(hypermodel, **common) if tuner == "bayesian" else kt.RandomSearch(hypermodel, **common)
     t.search(verbose=0)  # keras-tuner resumes a finished or interrupted search from `directory`
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset")
     p.add_argument("--data-dir")
     p.add_argument("--model")
-    p.add_argument("--method", choices=sorted(SEARCH_SPACES))
+    p.add_argument("--method", help="a registered method (`keras-ee methods`) or package.module:Class")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)

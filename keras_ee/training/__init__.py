@@ -26,6 +26,12 @@ from keras_ee.training.methods import Method
 from keras_ee.training.model import MultiExitModel
 from keras_ee.training.model import NonFiniteLossError
 from keras_ee.training.model import NonFiniteLossGuard
+from keras_ee.training.registry import SearchChoice
+from keras_ee.training.registry import SearchRange
+from keras_ee.training.registry import available_methods
+from keras_ee.training.registry import get_method
+from keras_ee.training.registry import methods_table
+from keras_ee.training.registry import register_method
 
 __all__ = [
     "Baseline",
@@ -35,14 +41,20 @@ __all__ = [
     "MultiExitModel",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "SearchChoice",
+    "SearchRange",
     "WeightPredictionNetwork",
     "allocate_by_confidence",
     "allocate_by_confidence_numpy",
+    "available_methods",
     "core",
     "exit_confidence",
     "exit_fractions",
+    "get_method",
     "lookahead_step",
+    "methods_table",
     "per_exit_cross_entropy",
+    "register_method",
     "split_halves",
     "stateless_forward",
     "zero_sum_weights",

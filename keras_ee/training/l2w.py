@@ -32,6 +32,7 @@ Design notes (why it is built this way):
 """
 
 import math
+import typing
 import weakref
 
 import keras
@@ -43,6 +44,8 @@ from keras_ee.training import core
 from keras_ee.training.allocation import allocate_by_confidence
 from keras_ee.training.allocation import allocate_by_confidence_numpy
 from keras_ee.training.methods import Method
+from keras_ee.training.registry import SearchRange
+from keras_ee.training.registry import register_method
 
 _INPUTS = ("loss", "confidence", "both")
 _CONSTRAINTS = ("col", "row", "mat")
@@ -171,6 +174,20 @@ def zero_sum_weights(u, delta, constraint="col"):
     return 1.0 + float(delta) * centered
 
 
+@register_method(
+    "l2w",
+    summary="learning to weight samples: a meta-learned network weights each sample at each exit",
+    paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, "
+          "arXiv:2209.08310)",
+    search_space={"q": SearchRange(0.5, 1.0), "delta": SearchRange(0.1, 1.0)},
+    option_types={
+        "wpn_input": typing.Literal["loss", "confidence", "both"],
+        "constraint": typing.Literal["col", "row", "mat"],
+        "meta_objective": typing.Literal["allocated", "vanilla"],
+        "weighting": typing.Literal["wpn", "frozen", "selection", "rising", "falling"],
+        "wpn_weights_path": typing.Optional[str],
+    },
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class L2W(Method):
     """Learning to weight samples (L2W-DEN) with meta-learning.
@@ -586,6 +603,17 @@ class L2W(Method):
         )
 
     # --- WPN files and statistics ---------------------------------------------
+
+    def save_artifacts(self, model, splits, workdir):
+        """`wpn.npz` (for the frozen-WPN ablation) and `l2w_samples.npz` (Figure 8)."""
+        from keras_ee.atomic import atomic_path
+
+        if self.uses_wpn:
+            with atomic_path(workdir / "wpn.npz") as tmp:
+                self.save_wpn(tmp)
+        stats = self.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
+        with atomic_path(workdir / "l2w_samples.npz") as tmp:
+            np.savez_compressed(tmp, **stats)
 
     def save_wpn(self, path):
         """Save the WPN's weights and shape to an `.npz` file."""

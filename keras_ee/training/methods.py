@@ -20,6 +20,15 @@ Hooks (override what the method needs):
   in `keras_ee.training.core`.
 - `test_loss(model, y, logits, ce)`: the loss reported by `evaluate`.
 - `step_logs(model)`: the dict of logs returned after a step.
+- `callbacks()`: Keras callbacks the method needs during `fit` (added by
+  `keras-ee train`; users of plain `model.fit` add them themselves).
+- `save_artifacts(model, splits, workdir)`: the method's own files in a run
+  folder after training (L2W: `wpn.npz`, `l2w_samples.npz`), written with
+  `keras_ee.atomic`.
+
+A method file registers its class with `keras_ee.training.register_method`
+(name, one-line summary, paper, search space); see
+`keras_ee.training.registry`.
 """
 
 import keras
@@ -28,6 +37,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_ee.training import core
+from keras_ee.training.registry import register_method
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -109,6 +119,19 @@ class Method(keras.layers.Layer):
     def step_logs(self, model):
         return model.model_logs()
 
+    def callbacks(self):
+        """Keras callbacks this method needs during `fit` (default none)."""
+        return []
+
+    def save_artifacts(self, model, splits, workdir):
+        """Write the method's own files into the run folder `workdir` after training.
+
+        Args:
+            model: the trained `MultiExitModel`.
+            splits: the run's `keras_ee.data.DatasetSplits`.
+            workdir: the run folder (`pathlib.Path`); write with `keras_ee.atomic`.
+        """
+
     def get_config(self):
         config = super().get_config()
         # `trainable` and `dtype` are managed by the model, not the user.
@@ -117,6 +140,12 @@ class Method(keras.layers.Layer):
         return config
 
 
+@register_method(
+    "baseline",
+    summary="sum of the exits' cross-entropies, optionally with fixed per-exit weights",
+    paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (Huang et al., ICLR 2018, "
+          "arXiv:1703.09844)",
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class Baseline(Method):
     """Sum of the exits' cross-entropies, with optional fixed exit weights.

@@ -1,0 +1,357 @@
+"""The registry of training methods: one decorator per method file, read by everything else.
+
+A method is one file. It defines a `Method` subclass and registers it:
+
+    @register_method(
+        "l2w",
+        summary="learning to weight samples with a meta-learned weight network",
+        paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, arXiv:2209.08310)",
+        search_space={"q": SearchRange(0.5, 1.0), "delta": SearchRange(0.1, 1.0)},
+    )
+    class L2W(Method): ...
+
+The registry then gives `keras-ee train --method` its choices and help, `keras-ee methods`
+its table, `experiment.make_method` the class and the typed options (from the constructor's
+signature and defaults, or declared with `option_types`), and `python -m tuning.search` the
+search space. Artifacts and callbacks are hooks of the method itself
+(`Method.save_artifacts`, `Method.callbacks`).
+
+Methods from outside the package, without touching keras-ee:
+
+- an entry point in the plug-in's `pyproject.toml`:
+
+      [project.entry-points."keras_ee.methods"]
+      my_method = "my_pkg.methods:MyMethod"
+
+  read with `importlib.metadata` the first time a name is looked up;
+- or a path, `--method my_pkg.methods:MyMethod` (any importable module). A class that is
+  not registered gets a spec from its own signature (and `search_space` attribute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import typing
+
+ENTRY_POINT_GROUP = "keras_ee.methods"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRange:
+    """A float hyper-parameter range for keras-tuner (`hp.Float(name, low, high, sampling=...)`)."""
+
+    low: float
+    high: float
+    sampling: str = "linear"
+
+    def __post_init__(self):
+        if not self.low < self.high:
+            raise ValueError(f"SearchRange needs low < high; received {self.low} and {self.high}.")
+        if self.sampling not in ("linear", "log", "reverse_log"):
+            raise ValueError(f"SearchRange `sampling` must be linear, log or reverse_log; received {self.sampling!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchChoice:
+    """A categorical hyper-parameter for keras-tuner (`hp.Choice(name, values)`)."""
+
+    values: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOption:
+    """One constructor option of a method: its default and the type a command-line value converts to."""
+
+    name: str
+    default: object
+    type: object  # a type, a typing construct (Literal, Optional, ...) or None for "any JSON value"
+
+    def describe(self) -> str:
+        return f"{self.name} ({_type_name(self.type)}, default {self.default!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What the registry knows of one method."""
+
+    name: str
+    cls: type
+    summary: str
+    paper: str
+    options: dict
+    search_space: dict
+    aliases: dict
+
+    def convert(self, options: dict) -> dict:
+        """Options with aliases resolved and command-line strings converted to the declared types.
+
+        Raises:
+            ValueError: an unknown option or a value of the wrong type, listing the valid
+                options with their types.
+        """
+        if not isinstance(options, dict):
+            raise ValueError(f"options for method {self.name!r} must be a mapping; received {options!r}.")
+        out = {}
+        for key, value in options.items():
+            name = self.aliases.get(key, key)
+            if name not in self.options:
+                raise ValueError(f"bad options for method {self.name!r}: unknown option {key!r}; valid options: "
+                                 f"{self.describe_options()}.")
+            try:
+                out[name] = _convert(value, self.options[name].type)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
+                                 f"{self.describe_options()}.") from None
+        return out
+
+    def create(self, options: dict):
+        """An instance of the method with `options` (converted, then passed to the constructor)."""
+        kwargs = self.convert(options)
+        try:
+            return self.cls(**kwargs)
+        except (TypeError, ValueError) as e:  # the constructor's own checks, named
+            raise ValueError(f"bad options for method {self.name!r}: {e}") from e
+
+    def describe_options(self) -> str:
+        return ", ".join(o.describe() for o in self.options.values()) or "none"
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_entry_points_loaded = False
+
+
+def register_method(name: str, *, summary: str, paper: str = "", search_space: dict | None = None,
+                    option_types: dict | None = None, aliases: dict | None = None):
+    """Class decorator that registers a `Method` subclass under `name`.
+
+    Args:
+        name: the name users type (`--method NAME`); lower case, no spaces.
+        summary: one line on what the method does.
+        paper: the paper it implements (title, venue, arXiv id).
+        search_space: `{option: SearchRange | SearchChoice}` for `python -m tuning.search`
+            (keys may be aliases, e.g. `lambda`).
+        option_types: types of options whose default does not tell (default None).
+        aliases: `{alias: option}`, e.g. `{"lambda": "cost_weight"}`.
+
+    Example:
+    >>> @register_method("my_method", summary="...", search_space={"beta": SearchRange(0, 1)})
+    ... class MyMethod(Method):
+    ...     def __init__(self, beta=0.5, **kwargs): ...
+    """
+    if not isinstance(name, str) or not name or name != name.strip() or " " in name:
+        raise ValueError(f"a method name must be a non-empty word; received {name!r}.")
+
+    def decorate(cls):
+        spec = _spec_for(cls, name, summary, paper, search_space, option_types, aliases)
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            existing = _REGISTRY[name].cls
+            if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}.")
+        _REGISTRY[name] = spec
+        cls.method_name = name
+        return cls
+
+    return decorate
+
+
+def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) -> MethodSpec:
+    from keras_ee.training.methods import Method
+
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"a registered method must be a keras_ee.training.Method subclass; received {cls!r}.")
+    option_types = dict(option_types or {})
+    hints = _constructor_hints(cls)
+    options = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name == "self" or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        kind = option_types.get(p.name, hints.get(p.name))
+        if kind is None and default is not None:
+            kind = type(default)
+        options[p.name] = MethodOption(p.name, default, kind)
+    aliases = dict(aliases or {})
+    for alias, target in aliases.items():
+        if target not in options:
+            raise ValueError(f"method {name!r}: alias {alias!r} names the unknown option {target!r}.")
+    space = dict(search_space or {})
+    for key, rng in space.items():
+        if aliases.get(key, key) not in options:
+            raise ValueError(f"method {name!r}: search space names the unknown option {key!r}.")
+        if not isinstance(rng, (SearchRange, SearchChoice)):
+            raise TypeError(f"method {name!r}: search space of {key!r} must be a SearchRange or SearchChoice; "
+                            f"received {rng!r}.")
+    doc = (inspect.getdoc(cls) or "").strip().splitlines()
+    return MethodSpec(name=name, cls=cls, summary=summary or (doc[0] if doc else cls.__name__), paper=paper,
+                      options=options, search_space=space, aliases=aliases)
+
+
+def _constructor_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        return {}
+
+
+def _load_builtins() -> None:
+    # The package's own methods register themselves on import.
+    importlib.import_module("keras_ee.training.methods")
+    importlib.import_module("keras_ee.training.l2w")
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not break the others
+            import warnings
+
+            warnings.warn(f"keras-ee method plug-in {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+            continue
+        if getattr(cls, "method_name", None) not in _REGISTRY:
+            _REGISTRY[ep.name] = _spec_for(cls, ep.name, "", "", getattr(cls, "search_space", None), None, None)
+
+
+def available_methods() -> list[str]:
+    """The registered method names (the package's and the plug-ins'), sorted."""
+    _load_builtins()
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of a registered method, or of `package.module:Class`.
+
+    Raises:
+        ValueError: an unknown name (listing the known ones) or a path that does not
+            import to a `Method` subclass.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"a method name must be a string; received {name!r}.")
+    if ":" in name:
+        return _from_path(name)
+    known = available_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown training method {name!r}; available: {known} "
+                         "(or package.module:Class for a method outside keras-ee).")
+    return _REGISTRY[name]
+
+
+def _from_path(path: str) -> MethodSpec:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"method {path!r}: cannot import module {module_name!r} ({e}).") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"method {path!r}: module {module_name!r} has no attribute {attr!r}.")
+    from keras_ee.training.methods import Method
+
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"method {path!r} is not a keras_ee.training.Method subclass.")
+    registered = getattr(cls, "method_name", None)
+    if registered in _REGISTRY and _REGISTRY[registered].cls is cls:
+        return dataclasses.replace(_REGISTRY[registered], name=path)
+    return _spec_for(cls, path, "", "", getattr(cls, "search_space", None), None, None)
+
+
+def methods_table() -> str:
+    """`keras-ee methods`: name, paper and options with defaults of every method."""
+    lines = []
+    for name in available_methods():
+        spec = _REGISTRY[name]
+        lines.append(f"{name}: {spec.summary}")
+        if spec.paper:
+            lines.append(f"    paper: {spec.paper}")
+        lines.append(f"    options: {spec.describe_options()}")
+        if spec.aliases:
+            lines.append("    aliases: " + ", ".join(f"{a} = {t}" for a, t in spec.aliases.items()))
+        if spec.search_space:
+            lines.append("    tuned: " + ", ".join(_describe_search(k, r) for k, r in spec.search_space.items()))
+    return "\n".join(lines)
+
+
+def _describe_search(key, rng) -> str:
+    if isinstance(rng, SearchRange):
+        return f"{key} in [{rng.low:g}, {rng.high:g}]" + ("" if rng.sampling == "linear" else f" ({rng.sampling})")
+    return f"{key} in {list(rng.values)}"
+
+
+# --- conversion of command-line values ------------------------------------------------
+
+
+def _type_name(kind) -> str:
+    if kind is None:
+        return "any"
+    if kind is type(None):
+        return "None"
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(kind))
+    if origin is typing.Union or type(kind).__name__ == "UnionType":
+        return " | ".join(_type_name(a) for a in typing.get_args(kind))
+    if origin in (list, tuple):
+        return f"{origin.__name__}"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _convert(value, kind):
+    """`value` (a JSON-decoded command-line value or a Python one) as `kind`."""
+    if kind is None or kind is typing.Any:
+        return value
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise ValueError(f"expected one of {list(allowed)}")
+        return value
+    if origin is typing.Union or type(kind).__name__ == "UnionType":
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"expected {_type_name(kind)}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list")
+        return origin(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError("expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise ValueError("expected an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    if isinstance(kind, type) and not isinstance(value, kind):
+        raise ValueError(f"expected {kind.__name__}")
+    return value
