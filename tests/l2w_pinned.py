@@ -32,7 +32,7 @@ def _optimizer(name):
 
 
 def trained_weights(options, optimizer):
-    """Every variable of the model (backbone, WPN, counters) after STEPS loaded batches."""
+    """The backbone's and the method's variables (WPN, counters) after STEPS loaded batches."""
     import keras
 
     from keras_ee import training
@@ -52,8 +52,8 @@ def trained_weights(options, optimizer):
     y = rng.integers(0, 3, STEPS * 16)
     for s in range(STEPS):
         model.train_on_batch(x[16 * s:16 * (s + 1)], y[16 * s:16 * (s + 1)])
-    values = {}
-    for i, v in enumerate(model.weights):
+    values = {}  # the backbone's and the method's (WPN, counters): not the model's bookkeeping
+    for i, v in enumerate(list(model.backbone.weights) + list(model.method.weights)):
         values[f"{i:03d}"] = np.asarray(v.numpy(), dtype=np.float64)
     return values
 
