@@ -452,3 +452,22 @@ def test_a_failed_write_after_training_keeps_the_model_and_says_so(tmp_path, mon
     monkeypatch.setattr(dumps, "save_dump", full)
     with pytest.raises(runs.RunWriteError, match="No space left on device; nothing was lost: the trained model"):
         experiment.train(TrainConfig(**TINY, method="baseline"), run, verbose=0)
+
+
+def test_validation_inside_fit_runs_each_callback_once_and_quietly(capsys):
+    """`fit` hands its CallbackList to `evaluate`; the guard must not wrap it again."""
+    from keras_ee import training
+
+    calls = []
+
+    class Count(keras.callbacks.Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            calls.append(batch)
+
+    model = training.MultiExitModel(_tiny_backbone())
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    x, y = np.zeros((8, 4, 4, 1), "float32"), np.arange(8) % 3
+    capsys.readouterr()
+    model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=1, verbose=0, callbacks=[Count()])
+    assert calls == [0, 1]
+    assert capsys.readouterr().out == ""

@@ -8,11 +8,14 @@ Example:
 >>> model.fit(train_ds, validation_data=val_ds, epochs=10)
 """
 
+from keras_ee.training import bilevel
 from keras_ee.training import core
 from keras_ee.training.allocation import allocate_by_confidence
 from keras_ee.training.allocation import allocate_by_confidence_numpy
 from keras_ee.training.allocation import exit_fractions
-from keras_ee.training.core import LookAhead
+from keras_ee.training.bilevel import MLP
+from keras_ee.training.bilevel import LookAhead
+from keras_ee.training.bilevel import LookAheadResult
 from keras_ee.training.core import exit_confidence
 from keras_ee.training.core import lookahead_step
 from keras_ee.training.core import per_exit_cross_entropy
@@ -37,6 +40,8 @@ __all__ = [
     "Baseline",
     "L2W",
     "LookAhead",
+    "LookAheadResult",
+    "MLP",
     "Method",
     "MultiExitModel",
     "NonFiniteLossError",
@@ -47,6 +52,7 @@ __all__ = [
     "allocate_by_confidence",
     "allocate_by_confidence_numpy",
     "available_methods",
+    "bilevel",
     "core",
     "exit_confidence",
     "exit_fractions",

@@ -13,12 +13,17 @@ this module, so that the delicate parts exist exactly once:
   buffers, Nesterov flag, decoupled weight decay as Keras applies it, gradient
   clipping, variable constraints), as a differentiable function of the
   gradients and without changing any optimizer state.
-- `split_halves`: the half-batch exchange used by L2W (and by bilevel methods
-  such as budget-aware gating): the first half trains while the second is the
-  meta batch, then the roles swap.
+- `split_halves`: the two halves of a loaded batch (the half-batch exchange of
+  `keras_ee.training.bilevel` trains on one while the other is the meta batch).
+- `first_nonfinite`: which of a list of tensors first holds NaN/inf.
+
+The bilevel machinery (look-ahead pass, exchange driver, auxiliary optimizer
+schedule, per-exit statistics, the outer MLP) is in `keras_ee.training.bilevel`.
 
 These functions use the TensorFlow backend (nested `tf.GradientTape`s).
 """
+
+import weakref
 
 import keras
 import tensorflow as tf
@@ -97,7 +102,7 @@ def sparse_labels(y, logits):
     return ops.reshape(ops.cast(y, "int32"), (-1,))
 
 
-def stateless_forward(model, trainable_values, x, training=True):
+def stateless_forward(model, trainable_values, x, training=True, return_tensors=None):
     """Run `model` with substituted trainable values, leaving it untouched.
 
     Gradients flow through `trainable_values` to whatever produced them, which
@@ -108,23 +113,67 @@ def stateless_forward(model, trainable_values, x, training=True):
         trainable_values: tensors, one per `model.trainable_variables`.
         x: the input batch.
         training: forward mode; `True` uses batch statistics in BatchNorm.
+        return_tensors: optional names of layers of a functional `model` whose
+            outputs are wanted too (an exit's pooled feature such as
+            `exit_2_features`, an intermediate map), computed in the same
+            pass with the same substituted values.
 
     Returns:
         `(outputs, non_trainable_values)`: the exits' logits as a list, and
         the non-trainable values the forward pass would have written (e.g.
         updated BatchNorm moving statistics). They are NOT assigned: the
         caller decides whether a real step should keep them (assign with
-        `assign_values`) or whether they are discarded (meta passes).
+        `assign_values`) or whether they are discarded (meta passes). With
+        `return_tensors`, a third item: `{name: tensor}`.
+
+    Example:
+    >>> logits, stats, named = stateless_forward(
+    ...     backbone, theta_hat, x, return_tensors=["exit_1_features"])
     """
-    outputs, non_trainable = model.stateless_call(
-        list(trainable_values),
-        [tf.convert_to_tensor(v) for v in model.non_trainable_variables],
-        x,
-        training=training,
+    if not return_tensors:
+        outputs, non_trainable = model.stateless_call(
+            list(trainable_values),
+            [tf.convert_to_tensor(v) for v in model.non_trainable_variables],
+            x,
+            training=training,
+        )
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        return list(outputs), non_trainable
+    names = tuple(return_tensors)
+    probe = _probe_model(model, names)
+    # The probe shares the model's variables, possibly in another order.
+    trainable_at = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    values = [trainable_values[trainable_at[id(v)]] for v in probe.trainable_variables]
+    non_trainable_at = {id(v): i for i, v in enumerate(probe.non_trainable_variables)}
+    outputs, probe_non_trainable = probe.stateless_call(
+        values, [tf.convert_to_tensor(v) for v in probe.non_trainable_variables], x, training=training
     )
-    if not isinstance(outputs, (list, tuple)):
-        outputs = [outputs]
-    return list(outputs), non_trainable
+    outputs = list(outputs)
+    k = len(outputs) - len(names)
+    non_trainable = [probe_non_trainable[non_trainable_at[id(v)]] for v in model.non_trainable_variables]
+    return outputs[:k], non_trainable, dict(zip(names, outputs[k:]))
+
+
+_PROBES = weakref.WeakKeyDictionary()
+
+
+def _probe_model(model, names):
+    """A functional model with `model`'s outputs plus the named layers' outputs (cached)."""
+    cache = _PROBES.setdefault(model, {})
+    if names not in cache:
+        if not hasattr(model, "outputs") or model.outputs is None:
+            raise ValueError("`return_tensors` needs a functional model (with `inputs` and `outputs`).")
+        extra = []
+        for name in names:
+            try:
+                layer = model.get_layer(name)
+            except ValueError:
+                raise ValueError(f"`return_tensors`: the model has no layer named {name!r}.") from None
+            extra.append(layer.output)
+        outputs = list(model.outputs) if isinstance(model.outputs, (list, tuple)) else [model.outputs]
+        cache[names] = keras.Model(model.inputs, outputs + extra, name=f"{model.name}_probe")
+    return cache[names]
 
 
 def assign_values(variables, values):
@@ -322,107 +371,3 @@ def first_nonfinite(tensors):
 def weighted_exit_losses(ce, weights):
     """`mean_i(w[i, k] * l[i, k])` per exit, `(num_exits,)`."""
     return ops.mean(ops.cast(weights, ce.dtype) * ce, axis=0)
-
-
-class LookAhead:
-    """A look-ahead (one-step bilevel) pass, reusing the forward pass.
-
-    Runs the inner forward on a training batch at the current parameters,
-    differentiates an inner loss that depends on outer ("meta") variables
-    with the graph kept, forms `theta_hat = lookahead_step(...)`, runs the
-    meta batch through `theta_hat` and returns the gradient of an outer loss
-    w.r.t. the outer variables. The inner forward is kept (persistent tape)
-    so that the real step on the same training batch needs only one more
-    backward pass: `real_gradients(coefficients)`, valid whenever the real
-    loss is `sum(coefficients * terms)` for the inner `terms` (L2W's weighted
-    per-sample losses, HDKD's gamma-weighted CE/KD terms).
-
-    Args:
-        model: the backbone (Keras model whose outputs are exit logits).
-        optimizer: the real optimizer (look-ahead mirrors its next step).
-        outer_variables: variables of the outer problem (e.g. the WPN).
-        inner_terms_fn: `fn(logits, y) -> (terms, aux)`; `terms` is a tensor
-            of per-sample loss terms that must not depend on the outer
-            variables (e.g. per-exit cross-entropies, `(batch, K)`).
-        inner_coefficients_fn: `fn(terms, aux) -> coefficients` (same shape
-            as `terms`), differentiable in the outer variables; the inner
-            loss is `sum(coefficients * terms)`.
-        outer_loss_fn: `fn(logits_meta, y_meta) -> scalar` on the meta
-            batch through `theta_hat`.
-
-    Example:
-    >>> la = LookAhead(backbone, opt, wpn.weights, terms_fn, coef_fn, meta_fn)
-    >>> outer_grads = la.run(x_train, y_train, x_meta, y_meta)
-    >>> wpn_opt.apply(outer_grads, wpn.weights)
-    >>> grads = la.real_gradients(new_coefficients)
-    """
-
-    def __init__(
-        self,
-        model,
-        optimizer,
-        outer_variables,
-        inner_terms_fn,
-        inner_coefficients_fn,
-        outer_loss_fn,
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        self.outer_variables = list(outer_variables)
-        self.inner_terms_fn = inner_terms_fn
-        self.inner_coefficients_fn = inner_coefficients_fn
-        self.outer_loss_fn = outer_loss_fn
-
-    def run(self, x_train, y_train, x_meta, y_meta):
-        """Returns the outer gradients; stores the reusable inner pass."""
-        variables = self.model.trainable_variables
-        theta = [tf.convert_to_tensor(v) for v in variables]
-        outer_tape = tf.GradientTape(watch_accessed_variables=False)
-        with outer_tape:
-            # Keras variables wrap tf.Variables (`.value` on this backend).
-            outer_tape.watch([v.value for v in self.outer_variables])
-            inner_tape = tf.GradientTape(
-                persistent=True, watch_accessed_variables=False
-            )
-            with inner_tape:
-                inner_tape.watch(theta)
-                logits, non_trainable = stateless_forward(
-                    self.model, theta, x_train, training=True
-                )
-                terms, aux = self.inner_terms_fn(logits, y_train)
-            # Coefficients depend on the outer variables only (terms are
-            # detached inside the coefficient function), so they stay out of
-            # the inner tape and the second backward pass below is cheap.
-            coefficients = self.inner_coefficients_fn(terms, aux)
-            grads = inner_tape.gradient(
-                terms,
-                theta,
-                output_gradients=ops.cast(coefficients, terms.dtype),
-            )
-            theta_hat = lookahead_step(self.optimizer, variables, theta, grads)
-            logits_meta, _ = stateless_forward(
-                self.model, theta_hat, x_meta, training=True
-            )
-            outer_loss = self.outer_loss_fn(logits_meta, y_meta)
-        outer_grads = outer_tape.gradient(
-            outer_loss, [v.value for v in self.outer_variables]
-        )
-        self._inner_tape = inner_tape
-        self._theta = theta
-        self.terms = terms
-        self.aux = aux
-        self.logits = logits
-        self.non_trainable = non_trainable
-        self.outer_loss = outer_loss
-        self.logits_meta = logits_meta
-        return outer_grads
-
-    def real_gradients(self, coefficients):
-        """Gradient of `sum(coefficients * terms)` w.r.t. the parameters."""
-        grads = self._inner_tape.gradient(
-            self.terms,
-            self._theta,
-            output_gradients=ops.cast(coefficients, self.terms.dtype),
-        )
-        del self._inner_tape
-        return grads

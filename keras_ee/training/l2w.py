@@ -31,7 +31,6 @@ Design notes (why it is built this way):
   value that callbacks may change).
 """
 
-import math
 import typing
 import weakref
 
@@ -40,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee.training import bilevel
 from keras_ee.training import core
 from keras_ee.training.allocation import allocate_by_confidence
 from keras_ee.training.allocation import allocate_by_confidence_numpy
@@ -53,25 +53,16 @@ _WEIGHTINGS = ("wpn", "frozen", "selection", "rising", "falling")
 _OBJECTIVES = ("allocated", "vanilla")
 
 
-def _torch_linear_init(fan_in):
-    # PyTorch nn.Linear's default init (the reference WPN): U(+-1/sqrt(fan_in))
-    # for the kernel (kaiming_uniform with a=sqrt(5)) and for the bias.
-    bound = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(-bound, bound)
-
-
 @keras.saving.register_keras_serializable(package="keras_ee")
-class WeightPredictionNetwork(keras.layers.Layer):
-    """The L2W weight prediction network (WPN): an MLP with tanh output.
+class WeightPredictionNetwork(bilevel.MLP):
+    """The L2W weight prediction network (WPN): an MLP with K tanh outputs.
 
-    `depth` hidden Dense layers of `width` units with ReLU, then a Dense
-    layer with K outputs and tanh. Layers are initialised like PyTorch's
-    `nn.Linear` (as in the reference code).
+    `depth` hidden Dense layers of `width` units with ReLU, then a Dense layer with K
+    outputs and tanh, initialised like PyTorch's `nn.Linear` (as in the reference code).
 
     Args:
         num_exits: K, the number of outputs.
-        input_dim: number of input features (K for losses or confidences,
-            2K for both).
+        input_dim: number of input features (K for losses or confidences, 2K for both).
         depth: number of hidden layers (>= 1; paper 1).
         width: hidden width (paper CIFAR 500).
         **kwargs: standard layer arguments.
@@ -82,69 +73,19 @@ class WeightPredictionNetwork(keras.layers.Layer):
     """
 
     def __init__(self, num_exits, input_dim, depth=1, width=500, **kwargs):
-        super().__init__(**kwargs)
-        for name, value, low in (
-            ("num_exits", num_exits, 1),
-            ("input_dim", input_dim, 1),
-            ("depth", depth, 1),
-            ("width", width, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int; received {value!r}.")
-            if value < low:
-                raise ValueError(f"`{name}` must be >= {low}; received {value}.")
+        if isinstance(num_exits, bool) or not isinstance(num_exits, int):
+            raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
+        if num_exits < 1:
+            raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
+        super().__init__(input_dim=input_dim, output_dim=num_exits, depth=depth, width=width, activation="relu",
+                         output_activation="tanh", **kwargs)
         self.num_exits = num_exits
-        self.input_dim = input_dim
-        self.depth = depth
-        self.width = width
-        self.hidden = []
-        fan_in = input_dim
-        for i in range(depth):
-            init = _torch_linear_init(fan_in)
-            self.hidden.append(
-                keras.layers.Dense(
-                    width,
-                    activation="relu",
-                    kernel_initializer=init,
-                    bias_initializer=init,
-                    name=f"hidden_{i + 1}",
-                )
-            )
-            fan_in = width
-        init = _torch_linear_init(fan_in)
-        self.head = keras.layers.Dense(
-            num_exits,
-            activation="tanh",
-            kernel_initializer=init,
-            bias_initializer=init,
-            name="out",
-        )
-
-    def build(self, input_shape=None):
-        shape = (None, self.input_dim)
-        for layer in self.hidden:
-            layer.build(shape)
-            shape = (None, self.width)
-        self.head.build(shape)
-        self.built = True
-
-    def call(self, inputs):
-        h = inputs
-        for layer in self.hidden:
-            h = layer(h)
-        return self.head(h)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.num_exits)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            num_exits=self.num_exits,
-            input_dim=self.input_dim,
-            depth=self.depth,
-            width=self.width,
-        )
+        for key in ("output_dim", "activation", "output_activation"):
+            config.pop(key)
+        config["num_exits"] = self.num_exits
         return config
 
 
@@ -325,24 +266,12 @@ class L2W(Method):
             self.wpn.trainable = False
             if self.wpn_weights_path is not None:
                 self.load_wpn(self.wpn_weights_path)
-        if self.meta_learns:
-            self.wpn_optimizer = keras.optimizers.Adam(
-                learning_rate=self._wpn_learning_rate_now,
-                name="wpn_adam",
-            )
-            self.wpn_optimizer.build(self.wpn.weights)
-        self.weight_mean_trackers = [
-            keras.metrics.Mean(name=f"exit_{i + 1}_weight_mean")
-            for i in range(k)
-        ]
-        self.weight_min_trackers = [
-            _RunningExtreme("min", name=f"exit_{i + 1}_weight_min")
-            for i in range(k)
-        ]
-        self.weight_max_trackers = [
-            _RunningExtreme("max", name=f"exit_{i + 1}_weight_max")
-            for i in range(k)
-        ]
+        stats = bilevel.PerExitStats(k, "weight")
+        self.weight_stats = stats
+        # Attributes, so that Keras tracks and resets the metrics with the model's.
+        self.weight_mean_trackers = stats.means
+        self.weight_min_trackers = stats.mins
+        self.weight_max_trackers = stats.maxs
         # Loaded batches seen (drives the meta interval).
         self.batch_counter = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False,
@@ -353,6 +282,13 @@ class L2W(Method):
             shape=(), dtype="float32", initializer="zeros", trainable=False,
             name="initial_main_lr",
         )
+        if self.meta_learns:
+            self.wpn_optimizer = keras.optimizers.Adam(
+                learning_rate=bilevel.follow_main_schedule(
+                    self.wpn_learning_rate, self._main_optimizer, self.initial_main_lr),
+                name="wpn_adam",
+            )
+            self.wpn_optimizer.build(self.wpn.weights)
         self.built = True
 
     def check_optimizer(self, optimizer):
@@ -360,30 +296,8 @@ class L2W(Method):
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
 
-    def _wpn_learning_rate_now(self):
-        opt = None
-        if self._main_optimizer_ref is not None:
-            opt = self._main_optimizer_ref()
-        if opt is None:
-            return ops.convert_to_tensor(self.wpn_learning_rate, "float32")
-        lr = ops.cast(opt.learning_rate, "float32")
-        lr0 = self.initial_main_lr
-        ratio = ops.where(lr0 > 0, lr / ops.where(lr0 > 0, lr0, 1.0), 1.0)
-        return self.wpn_learning_rate * ratio
-
-    def _record_initial_lr(self, model):
-        opt = model.optimizer
-        lr_attr = opt._learning_rate
-        if isinstance(lr_attr, keras.optimizers.schedules.LearningRateSchedule):
-            lr0 = lr_attr(0)
-        elif callable(lr_attr) and not isinstance(lr_attr, keras.Variable):
-            lr0 = lr_attr()
-        else:
-            lr0 = opt.learning_rate
-        lr0 = ops.cast(lr0, "float32")
-        self.initial_main_lr.assign(
-            ops.where(self.initial_main_lr > 0, self.initial_main_lr, lr0)
-        )
+    def _main_optimizer(self):
+        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
 
     # --- weights -------------------------------------------------------------
 
@@ -439,32 +353,10 @@ class L2W(Method):
     # --- training ------------------------------------------------------------
 
     def metric_names(self):
-        names = []
-        for k in range(self.num_exits):
-            for stat in ("mean", "min", "max"):
-                names.append(f"exit_{k + 1}_weight_{stat}")
-        return names
-
-    def _weight_trackers(self):
-        return zip(
-            self.weight_mean_trackers,
-            self.weight_min_trackers,
-            self.weight_max_trackers,
-        )
-
-    def _update_weight_metrics(self, w):
-        for k, (mean, lo, hi) in enumerate(self._weight_trackers()):
-            col = ops.cast(w[:, k], "float32")
-            mean.update_state(col)
-            lo.update_state(col)
-            hi.update_state(col)
+        return self.weight_stats.names()
 
     def step_logs(self, model):
-        logs = model.model_logs()
-        for mean, lo, hi in self._weight_trackers():
-            for m in (mean, lo, hi):
-                logs[m.name] = m.result()
-        return logs
+        return {**model.model_logs(), **self.weight_stats.logs()}
 
     def train_step(self, model, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -474,20 +366,9 @@ class L2W(Method):
                 " in the data, expected (x, y)."
             )
         self._main_optimizer_ref = weakref.ref(model.optimizer)
-        self._record_initial_lr(model)
-        n = tf.shape(x)[0]
-
-        def body():
-            (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
-            self._half_step(model, x_a, y_a, x_b, y_b)
-            self._half_step(model, x_b, y_b, x_a, y_a)
-            return ops.zeros((), "int32")
-
-        def too_small():
-            model.record_small_batch(n)
-            return ops.zeros((), "int32")
-
-        tf.cond(n >= 2, body, too_small)
+        bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
+        bilevel.half_batch_exchange(model, x, y, lambda x_t, y_t, x_m, y_m: self._half_step(
+            model, x_t, y_t, x_m, y_m))
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
@@ -495,26 +376,14 @@ class L2W(Method):
         if not self.meta_learns:
             self._plain_step(model, x_t, y_t)
             return
-        if self.meta_interval == 1:
-            self._meta_step(model, x_t, y_t, x_m, y_m)
-            return
-
-        def meta():
-            self._meta_step(model, x_t, y_t, x_m, y_m)
-            return ops.zeros((), "int32")
-
-        def plain():
-            self._plain_step(model, x_t, y_t)
-            return ops.zeros((), "int32")
-
-        tf.cond(
-            ops.equal(self.batch_counter % self.meta_interval, 0), meta, plain
-        )
+        bilevel.every(self.batch_counter, self.meta_interval,
+                      lambda: self._meta_step(model, x_t, y_t, x_m, y_m),
+                      lambda: self._plain_step(model, x_t, y_t))
 
     def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w):
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
-        self._update_weight_metrics(w)
+        self.weight_stats.update(w)
 
     def _plain_step(self, model, x, y):
         variables = model.trainable_variables
@@ -525,7 +394,8 @@ class L2W(Method):
             w = ops.stop_gradient(self.sample_weights(ce, conf))
             per_exit = core.weighted_exit_losses(ce, w)
             loss = ops.sum(per_exit)
-        grads = tape.gradient(loss, variables)
+            scaled = model.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
         self._apply_real(model, grads, per_exit, loss, y, logits, ce, w)
 
     def meta_gradients(self, model, x_t, y_t, x_m, y_m):
@@ -537,13 +407,12 @@ class L2W(Method):
         Nothing is assigned (backbone, BatchNorm statistics, optimizers).
 
         Returns:
-            `(wpn_grads, lookahead)`: the gradients (one per
-            `self.wpn.weights`) and the `core.LookAhead` holding the reusable
-            training-half forward pass (`terms` = per-exit CE, `logits`,
-            `non_trainable` BN statistics, `outer_loss`, `meta_per_exit`).
+            `(wpn_grads, result)`: the gradients (one per
+            `self.wpn.weights`) and the `bilevel.LookAheadResult` holding the
+            reusable training-half forward pass (`terms` = per-exit CE,
+            `logits`, `non_trainable` BN statistics, `outer_loss`, and
+            `outer_aux` = the meta loss's per-exit terms).
         """
-        meta_terms = {}
-
         def terms_fn(logits, y):
             return core.per_exit_cross_entropy(y, logits), logits
 
@@ -553,32 +422,20 @@ class L2W(Method):
 
         def outer_fn(logits_meta, y_meta):
             ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
-            loss, per_exit = self.meta_loss(
-                ce_m, core.exit_confidence(logits_meta)
-            )
-            meta_terms["per_exit"] = per_exit
-            return loss
+            return self.meta_loss(ce_m, core.exit_confidence(logits_meta))  # (loss, per-exit terms)
 
-        lookahead = core.LookAhead(
-            model.backbone,
-            model.optimizer,
-            self.wpn.weights,
-            terms_fn,
-            coefficients_fn,
-            outer_fn,
-        )
-        wpn_grads = lookahead.run(x_t, y_t, x_m, y_m)
-        lookahead.meta_per_exit = meta_terms["per_exit"]
-        return wpn_grads, lookahead
+        lookahead = bilevel.LookAhead(model.backbone, model.optimizer, self.wpn.weights, terms_fn,
+                                      coefficients_fn, outer_fn)
+        result = lookahead.run(x_t, y_t, x_m, y_m)
+        return result.outer_gradients, result
 
     def _meta_step(self, model, x_t, y_t, x_m, y_m):
-        backbone = model.backbone
         wpn_vars = self.wpn.weights
-        wpn_grads, lookahead = self.meta_gradients(model, x_t, y_t, x_m, y_m)
-        ce = lookahead.terms
+        wpn_grads, result = self.meta_gradients(model, x_t, y_t, x_m, y_m)
+        ce = result.terms
         # Report a non-finite training loss before the meta loss it causes.
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
-        model.record_nonfinite(lookahead.meta_per_exit, phase=1)
+        model.record_nonfinite(result.outer_aux, phase=1)
         # L2 weight decay added to the gradient, as torch.optim.Adam does.
         wd = self.wpn_weight_decay
         wpn_grads = [
@@ -588,15 +445,14 @@ class L2W(Method):
         self.wpn_optimizer.apply(wpn_grads, wpn_vars)
 
         # Real step on the training half, reusing the look-ahead's forward.
-        logits = lookahead.logits
+        logits = result.logits
         n = ops.cast(ops.shape(ce)[0], ce.dtype)
         w = ops.stop_gradient(
             self.sample_weights(ce, core.exit_confidence(logits))
         )
-        grads = lookahead.real_gradients(w / n)
-        core.assign_values(
-            backbone.non_trainable_variables, lookahead.non_trainable
-        )
+        # Gradients of the scaled loss, as `apply_step` expects (mixed precision).
+        grads = result.real_gradients(model.optimizer.scale_loss(w / n))
+        core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = core.weighted_exit_losses(ce, w)
         self._apply_real(
             model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w
@@ -708,39 +564,6 @@ class L2W(Method):
             wpn_weights_path=self.wpn_weights_path,
         )
         return config
-
-
-class _RunningExtreme(keras.metrics.Metric):
-    """Running min or max over an epoch."""
-
-    def __init__(self, mode, name=None, dtype="float32"):
-        super().__init__(name=name, dtype=dtype)
-        if mode not in ("min", "max"):
-            raise ValueError(f"`mode` must be 'min' or 'max'; received {mode!r}.")
-        self.mode = mode
-        init = np.inf if mode == "min" else -np.inf
-        self.value = self.add_variable(
-            shape=(), initializer=keras.initializers.Constant(init),
-            name="value",
-        )
-
-    def update_state(self, values, sample_weight=None):
-        values = ops.cast(values, self.dtype)
-        if self.mode == "min":
-            self.value.assign(ops.minimum(self.value, ops.min(values)))
-        else:
-            self.value.assign(ops.maximum(self.value, ops.max(values)))
-
-    def result(self):
-        # A snapshot, not the variable (logs must not change on reset).
-        return tf.identity(self.value)
-
-    def reset_state(self):
-        init = np.inf if self.mode == "min" else -np.inf
-        self.value.assign(init)
-
-    def get_config(self):
-        return {"mode": self.mode, "name": self.name, "dtype": self.dtype}
 
 
 def _check_number(name, value, low=None, high=None, low_inclusive=True):

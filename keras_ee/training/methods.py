@@ -8,6 +8,10 @@ which is tracked as part of the model so that `.keras` saving and
 
 Hooks (override what the method needs):
 
+- `transform_backbone(backbone)`: a new functional backbone built from the
+  given one, before `MultiExitModel` wraps it (IMTA's inline collaboration
+  adds classifiers fed by the previous exit's logits; gating reads each
+  exit's features). Saved models hold the transformed backbone.
 - `setup(model)`: create the method's variables once the backbone is known.
 - `check_optimizer(optimizer)`: reject optimizers the method cannot use.
 - `compute_loss(model, y, logits, ce, sample_weight)`: the training loss
@@ -17,7 +21,12 @@ Hooks (override what the method needs):
 - `train_step(model, data)`: a whole step, for methods that need more
   (L2W's half-batch exchange and look-ahead; HDKD's bilevel gamma update;
   budget-aware gating's alternating gater update). The building blocks live
-  in `keras_ee.training.core`.
+  in `keras_ee.training.core` and `keras_ee.training.bilevel`; the real
+  optimizer step is `model.apply_step(grads, per_exit_loss)` (gradients of
+  `optimizer.scale_loss(loss)`), which also checks for NaN/inf. Forward
+  passes with substituted parameters that also return named intermediate
+  tensors (an exit's pooled feature): `core.stateless_forward(...,
+  return_tensors=[...])`.
 - `test_loss(model, y, logits, ce)`: the loss reported by `evaluate`.
 - `step_logs(model)`: the dict of logs returned after a step.
 - `callbacks()`: Keras callbacks the method needs during `fit` (added by
@@ -59,6 +68,15 @@ class Method(keras.layers.Layer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.num_exits = None
+
+    def transform_backbone(self, backbone):
+        """The backbone this method trains, built from `backbone` (default: itself).
+
+        Called by `MultiExitModel` before wrapping; must return a built
+        functional `keras.Model` whose outputs are the exits' logits, and may
+        reuse `backbone`'s layers (and so its weights).
+        """
+        return backbone
 
     def setup(self, model):
         """Create the method's state; called once by `MultiExitModel`.
@@ -112,7 +130,7 @@ class Method(keras.layers.Layer):
             )
             scaled = model.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
-        model.apply_step(grads, per_exit, loss_scaled=True)
+        model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
         return self.step_logs(model)
 

@@ -1,7 +1,6 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -12,6 +11,8 @@ from keras_ee.training.methods import Method
 # What the training step found wrong, by the `phase` slot of the record.
 _LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
 _PHASES = {_LOSS: "training loss", _META: "meta loss"}
+_KIND_NAMES = {_LOSS: "loss", _META: "meta_loss", _BATCH: "batch_size", _GRADIENT: "gradient",
+               _WEIGHTS: "weights", _LABELS: "labels"}
 _NON_INTEGER_LABEL = -(2**62)  # the record's value for a fractional label
 
 # Whether `apply_step` checks gradients and updated weights for NaN/inf (read when a
@@ -50,12 +51,10 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
 
     def _check(self, where):
         model = self.model
-        flag, step, value, phase = (
-            int(v) for v in np.asarray(model._nonfinite.numpy())
-        )
-        if not flag:
+        fault = model.faults.take()
+        if fault is None:
             return
-        model._nonfinite.assign(np.zeros(4, dtype="int64"))
+        step, value, phase = fault["step"], fault["value"], fault["kind"]
         model.stop_training = True
         if phase == _BATCH:
             raise ValueError(
@@ -89,6 +88,42 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
         )
 
 
+class StepFaults:
+    """The first fault a training step recorded, as named fields (read by the guard).
+
+    Fields (int64 scalar variables): `flag` (1 once something went wrong), `step` (the
+    optimizer step, 1-based), `value` (the exit, 1-based; the variable index, 1-based;
+    the batch size; or the bad label) and `kind` (0 loss, 1 meta loss, 2 batch size,
+    3 gradient, 4 weights, 5 labels). Steps write them in-graph, which works under
+    XLA where assertions are dropped. Not saved with the model: a plain object, so
+    Keras does not track its variables.
+    """
+
+    FIELDS = ("flag", "step", "value", "kind")
+
+    def __init__(self):
+        for field in self.FIELDS:
+            setattr(self, field, keras.Variable(0, dtype="int64", trainable=False, name=f"fault_{field}"))
+
+    def record(self, bad, step, value, kind):
+        """Keep (step, value, kind) if `bad` and nothing was recorded before."""
+        take = ops.logical_and(bad, self.flag == 0)
+        new = {"flag": 1, "step": step, "value": value, "kind": kind}
+        for field in self.FIELDS:
+            var = getattr(self, field)
+            var.assign(ops.where(take, ops.cast(new[field], "int64"), var))
+
+    def take(self):
+        """The recorded fault as a dict (and clear it), or None."""
+        if not int(self.flag.numpy()):
+            return None
+        fault = {field: int(getattr(self, field).numpy()) for field in self.FIELDS}
+        fault["kind_name"] = _KIND_NAMES.get(fault["kind"], "loss")
+        for field in self.FIELDS:
+            getattr(self, field).assign(0)
+        return fault
+
+
 @keras.saving.register_keras_serializable(package="keras_ee")
 class MultiExitModel(keras.Model):
     """Trains a multi-exit backbone with a pluggable training method.
@@ -110,6 +145,9 @@ class MultiExitModel(keras.Model):
     Args:
         backbone: a built `keras.Model` with K >= 1 outputs (logits).
         method: a `keras_ee.training.Method` (default `Baseline()`).
+        transform_backbone: apply `method.transform_backbone` to `backbone`
+            first (default; False when loading, the saved backbone is the
+            transformed one).
         **kwargs: standard `keras.Model` arguments (e.g. `name`).
 
     Example:
@@ -120,8 +158,16 @@ class MultiExitModel(keras.Model):
     >>> exit_logits = model.predict(test_x)   # list of K arrays
     """
 
-    def __init__(self, backbone, method=None, **kwargs):
+    def __init__(self, backbone, method=None, transform_backbone=True, **kwargs):
         super().__init__(**kwargs)
+        method = Baseline() if method is None else method
+        if not isinstance(method, Method):
+            raise TypeError(
+                "`method` must be a keras_ee.training.Method (e.g. Baseline() "
+                f"or L2W()); received {type(method).__name__}."
+            )
+        if transform_backbone and isinstance(backbone, keras.Model):
+            backbone = method.transform_backbone(backbone)
         if not isinstance(backbone, keras.Model):
             raise TypeError(
                 "`backbone` must be a keras.Model with one output per exit; "
@@ -139,12 +185,6 @@ class MultiExitModel(keras.Model):
                 "the exits); received a model without `outputs`."
             )
         self.num_classes = _check_exits(backbone)
-        method = Baseline() if method is None else method
-        if not isinstance(method, Method):
-            raise TypeError(
-                "`method` must be a keras_ee.training.Method (e.g. Baseline() "
-                f"or L2W()); received {type(method).__name__}."
-            )
         self.backbone = backbone
         self.num_exits = len(outputs)
         self.exit_names = [f"exit_{k + 1}" for k in range(self.num_exits)]
@@ -154,13 +194,8 @@ class MultiExitModel(keras.Model):
         self.exit_accuracy_trackers = [
             keras.metrics.Mean(name=f"{n}_accuracy") for n in self.exit_names
         ]
-        # [flag, optimizer step, exit (1-based) or batch size, phase].
-        self._nonfinite = keras.Variable(
-            np.zeros(4, dtype="int64"),
-            dtype="int64",
-            trainable=False,
-            name="nonfinite_record",
-        )
+        # The first fault of a step, read by NonFiniteLossGuard (not saved).
+        self.faults = StepFaults()
         # The method's variables (e.g. the WPN) are saved with the model but
         # are not the model's trainable variables: the real optimizer only
         # sees the backbone.
@@ -259,7 +294,7 @@ class MultiExitModel(keras.Model):
         y = ops.cast(ops.clip(labels, 0, top), "int32")
         return keras.utils.pack_x_y_sample_weight(x, y, sw)
 
-    def apply_step(self, grads, per_exit_loss, loss_scaled=False):
+    def apply_step(self, grads, per_exit_loss):
         """The real optimizer step of every method, with the non-finite checks.
 
         Records (for the guard) a non-finite per-exit loss, then a non-finite
@@ -269,12 +304,13 @@ class MultiExitModel(keras.Model):
         business (it skips the step and lowers the scale), so only the loss and
         the weights are checked.
 
+        One loss-scaling convention for every method: `grads` are gradients of
+        `optimizer.scale_loss(loss)` (as in Keras' own `train_step`); `apply`
+        unscales them.
+
         Args:
             grads: one gradient per `self.trainable_variables` (None allowed).
-            per_exit_loss: `(K,)` tensor of the exits' losses of this step.
-            loss_scaled: whether `grads` are of `optimizer.scale_loss(loss)`
-                (as Keras' own `train_step` computes them); if False they are of
-                the plain loss and are scaled here, since `apply` unscales.
+            per_exit_loss: `(K,)` tensor of the exits' (unscaled) losses.
         """
         variables = self.trainable_variables
         opt = self.optimizer
@@ -285,8 +321,6 @@ class MultiExitModel(keras.Model):
                 [ops.zeros((), "float32") if g is None else g for g in grads]
             )
             self._record(bad, first, _GRADIENT)
-        if not loss_scaled and opt.loss_scale_factor is not None:
-            grads = [None if g is None else g * opt.loss_scale_factor for g in grads]
         opt.apply(grads, variables)
         if checks:
             bad, first = core.first_nonfinite(self.checked_variables())
@@ -343,18 +377,15 @@ class MultiExitModel(keras.Model):
         self._record(ops.convert_to_tensor(True), batch_size, _BATCH)
 
     def _record(self, bad, value, phase):
-        """Keep `[1, step, value, phase]` if `bad` and nothing was recorded before."""
-        step = ops.cast(self.optimizer.iterations, "int64") + 1
-        record = ops.stack(
-            [
-                ops.ones((), "int64"),
-                step,
-                ops.cast(value, "int64"),
-                ops.convert_to_tensor(phase, "int64"),
-            ]
-        )
-        keep_old = ops.logical_or(ops.logical_not(bad), self._nonfinite[0] > 0)
-        self._nonfinite.assign(ops.where(keep_old, self._nonfinite, record))
+        """Record a fault of kind `phase` with `value` if `bad` and none is recorded yet."""
+        self.faults.record(bad, ops.cast(self.optimizer.iterations, "int64") + 1, value, phase)
+
+    def load_own_variables(self, store):
+        # Files written before the fault record became `StepFaults` hold its packed
+        # int64 vector as the model's one own variable: nothing to restore.
+        if len(store.keys()) == 1 and not (self._trainable_variables + self._non_trainable_variables):
+            return
+        super().load_own_variables(store)
 
     # --- serialization -------------------------------------------------------
 
@@ -363,6 +394,8 @@ class MultiExitModel(keras.Model):
             "name": self.name,
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "method": keras.saving.serialize_keras_object(self.method),
+            # The saved backbone is already the method's transform of the original.
+            "transform_backbone": False,
         }
 
     @classmethod
@@ -378,6 +411,10 @@ class MultiExitModel(keras.Model):
 
 
 def _with_guard(callbacks):
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        # `fit` passes its own list to `evaluate` for validation: it holds the guard already,
+        # and wrapping it would add a second progress bar and call its test hooks twice.
+        return callbacks
     if callbacks is None:
         callbacks = []
     elif isinstance(callbacks, keras.callbacks.Callback):

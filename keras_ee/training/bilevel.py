@@ -1,0 +1,367 @@
+"""The bilevel core: what every meta-learning method of keras-ee is built from.
+
+L2W (learning to weight samples), budget-aware gating (a gater trained on a held-out half)
+and HDKD (loss weights trained on a meta stream) share one pattern: an *inner* step of the
+backbone on training data and an *outer* step of a small auxiliary network on other data,
+coupled through a look-ahead of the real optimizer. The pieces live here, once:
+
+- `half_batch_exchange`: split each loaded batch into halves A and B; A trains while B is
+  the meta batch, then the roles swap (batches of fewer than 2 samples are recorded for the
+  guard).
+- `every`: run the meta step every `interval` loaded batches, the plain step otherwise.
+- `LookAhead` / `LookAheadResult`: the one-step bilevel pass. It returns its results (outer
+  gradients, outer loss and auxiliary values, the reusable inner forward) instead of
+  keeping them on itself.
+- `follow_main_schedule`: the learning rate of an auxiliary optimizer that follows the
+  main optimizer's schedule shape, `base * lr(t) / lr(0)`, from public Keras API only.
+- `PerExitStats`: mean/min/max of a per-sample, per-exit quantity over an epoch, logged as
+  `exit_k_<name>_mean/min/max`.
+- `MLP`: the small network of the outer problem (L2W's WPN now, the gater next).
+
+These use the TensorFlow backend (nested `tf.GradientTape`s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_ee.training import core
+
+
+def half_batch_exchange(model, x, y, half_step):
+    """Two half steps on one loaded batch: `half_step(x_a, y_a, x_b, y_b)`, then with B and A swapped.
+
+    The first half gets `batch // 2` samples, the second the rest. A batch of fewer than 2
+    samples runs no step and is recorded for `NonFiniteLossGuard`, which stops `fit` with a
+    clear error (a graph cannot raise mid-step under XLA).
+
+    Args:
+        model: the `MultiExitModel`.
+        x, y: the loaded batch.
+        half_step: `fn(x_train, y_train, x_meta, y_meta)`, building one real step.
+    """
+    n = tf.shape(x)[0]
+
+    def body():
+        (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
+        half_step(x_a, y_a, x_b, y_b)
+        half_step(x_b, y_b, x_a, y_a)
+        return ops.zeros((), "int32")
+
+    def too_small():
+        model.record_small_batch(n)
+        return ops.zeros((), "int32")
+
+    tf.cond(n >= 2, body, too_small)
+
+
+def every(counter, interval: int, step, otherwise):
+    """`step()` when `counter % interval == 0`, else `otherwise()` (one graph, no retracing).
+
+    With `interval == 1` only `step` is built.
+    """
+    if interval == 1:
+        step()
+        return
+
+    def run(fn):
+        def branch():
+            fn()
+            return ops.zeros((), "int32")
+
+        return branch
+
+    tf.cond(ops.equal(counter % interval, 0), run(step), run(otherwise))
+
+
+@dataclasses.dataclass
+class LookAheadResult:
+    """What one `LookAhead.run` computed.
+
+    Attributes:
+        outer_gradients: one per outer variable.
+        outer_loss: the outer (meta) loss through the look-ahead parameters.
+        outer_aux: whatever the outer loss function returned besides the loss (or None).
+        terms: the inner per-sample loss terms at the current parameters.
+        aux: the inner terms function's auxiliary value (e.g. the logits).
+        logits: the inner forward's outputs (the exits' logits).
+        non_trainable: the non-trainable values the inner forward computed (BatchNorm
+            statistics): assign them if the real step keeps this forward.
+        logits_meta: the meta batch's outputs through the look-ahead parameters.
+    """
+
+    outer_gradients: list
+    outer_loss: object
+    outer_aux: object
+    terms: object
+    aux: object
+    logits: list
+    non_trainable: list
+    logits_meta: list
+    _tape: object = dataclasses.field(repr=False, default=None)
+    _theta: list = dataclasses.field(repr=False, default=None)
+
+    def real_gradients(self, coefficients):
+        """Gradient of `sum(coefficients * terms)` w.r.t. the parameters (one backward pass).
+
+        Valid once per result: the inner tape is released afterwards.
+        """
+        if self._tape is None:
+            raise RuntimeError("real_gradients was already called on this look-ahead result.")
+        grads = self._tape.gradient(self.terms, self._theta,
+                                    output_gradients=ops.cast(coefficients, self.terms.dtype))
+        self._tape = None
+        return grads
+
+
+class LookAhead:
+    """A look-ahead (one-step bilevel) pass that reuses the inner forward.
+
+    Runs the inner forward on a training batch at the current parameters, differentiates
+    an inner loss that depends on outer ("meta") variables with the graph kept, forms
+    `theta_hat = lookahead_step(...)` (the real optimizer's exact next step), runs the
+    meta batch through `theta_hat` and differentiates the outer loss w.r.t. the outer
+    variables. The inner forward is kept, so that the real step on the same training
+    batch needs only one more backward pass (`LookAheadResult.real_gradients`), valid
+    whenever the real loss is `sum(coefficients * terms)` for the inner `terms`.
+
+    Args:
+        model: the backbone (Keras model whose outputs are exit logits).
+        optimizer: the real optimizer (the look-ahead mirrors its next step).
+        outer_variables: variables of the outer problem (e.g. the WPN's).
+        inner_terms_fn: `fn(logits, y) -> (terms, aux)`; `terms` is a tensor of per-sample
+            loss terms that must not depend on the outer variables.
+        inner_coefficients_fn: `fn(terms, aux) -> coefficients` (the shape of `terms`),
+            differentiable in the outer variables; the inner loss is
+            `sum(coefficients * terms)`.
+        outer_loss_fn: `fn(logits_meta, y_meta) -> loss` or `-> (loss, aux)`.
+
+    Example:
+    >>> la = LookAhead(backbone, opt, wpn.weights, terms_fn, coef_fn, meta_fn)
+    >>> result = la.run(x_train, y_train, x_meta, y_meta)
+    >>> wpn_opt.apply(result.outer_gradients, wpn.weights)
+    >>> grads = result.real_gradients(new_coefficients)
+    """
+
+    def __init__(self, model, optimizer, outer_variables, inner_terms_fn, inner_coefficients_fn, outer_loss_fn):
+        self.model = model
+        self.optimizer = optimizer
+        self.outer_variables = list(outer_variables)
+        self.inner_terms_fn = inner_terms_fn
+        self.inner_coefficients_fn = inner_coefficients_fn
+        self.outer_loss_fn = outer_loss_fn
+
+    def run(self, x_train, y_train, x_meta, y_meta) -> LookAheadResult:
+        variables = self.model.trainable_variables
+        theta = [tf.convert_to_tensor(v) for v in variables]
+        outer_values = [v.value for v in self.outer_variables]  # Keras variables wrap tf.Variables
+        outer_tape = tf.GradientTape(watch_accessed_variables=False)
+        with outer_tape:
+            outer_tape.watch(outer_values)
+            inner_tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
+            with inner_tape:
+                inner_tape.watch(theta)
+                logits, non_trainable = core.stateless_forward(self.model, theta, x_train, training=True)
+                terms, aux = self.inner_terms_fn(logits, y_train)
+            # The coefficients depend on the outer variables only (the terms are detached
+            # inside the coefficient function), so they stay out of the inner tape and the
+            # second backward pass below is cheap.
+            coefficients = self.inner_coefficients_fn(terms, aux)
+            grads = inner_tape.gradient(terms, theta, output_gradients=ops.cast(coefficients, terms.dtype))
+            theta_hat = core.lookahead_step(self.optimizer, variables, theta, grads)
+            logits_meta, _ = core.stateless_forward(self.model, theta_hat, x_meta, training=True)
+            outer = self.outer_loss_fn(logits_meta, y_meta)
+            outer_loss, outer_aux = outer if isinstance(outer, tuple) else (outer, None)
+        outer_gradients = outer_tape.gradient(outer_loss, outer_values)
+        return LookAheadResult(outer_gradients=outer_gradients, outer_loss=outer_loss, outer_aux=outer_aux,
+                               terms=terms, aux=aux, logits=logits, non_trainable=non_trainable,
+                               logits_meta=logits_meta, _tape=inner_tape, _theta=theta)
+
+
+def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr):
+    """A learning-rate callable for an auxiliary optimizer: `base * lr(t) / lr(0)`.
+
+    `lr(t)` is the main optimizer's current learning rate (`optimizer.learning_rate`, which
+    Keras evaluates from its schedule at the current iteration) and `lr(0)` is what
+    `record_initial_learning_rate` stored in `initial_main_lr` at the first step. Before
+    that (lr(0) still 0) the ratio is 1. So the auxiliary optimizer (L2W's WPN Adam, the
+    gater's optimizer, HDKD's loss-weight optimizer) decays exactly as the main schedule
+    does, also when callbacks change a plain learning rate.
+
+    Args:
+        base_learning_rate: the auxiliary optimizer's learning rate at lr(0).
+        main_optimizer: a callable returning the main optimizer (or None before compile),
+            e.g. a `weakref.ref`: the optimizer belongs to the model, not to the method.
+        initial_main_lr: a float32 scalar variable (saved with the method).
+    """
+    base = float(base_learning_rate)
+
+    def learning_rate():
+        opt = main_optimizer()
+        if opt is None:
+            return ops.convert_to_tensor(base, "float32")
+        lr = ops.cast(opt.learning_rate, "float32")
+        lr0 = initial_main_lr
+        ratio = ops.where(lr0 > 0, lr / ops.where(lr0 > 0, lr0, 1.0), 1.0)
+        return base * ratio
+
+    return learning_rate
+
+
+def record_initial_learning_rate(optimizer, initial_main_lr) -> None:
+    """Store the main optimizer's learning rate at the first training step (if not stored yet).
+
+    Called at the start of every train step; only the first, at iteration 0 (or the first
+    after a model was built), stores, so `lr(0)` is the schedule's value at iteration 0.
+    A resumed run restores the variable from its backup.
+    """
+    lr = ops.cast(optimizer.learning_rate, "float32")
+    initial_main_lr.assign(ops.where(initial_main_lr > 0, initial_main_lr, lr))
+
+
+class RunningExtreme(keras.metrics.Metric):
+    """Running min or max over an epoch."""
+
+    def __init__(self, mode, name=None, dtype="float32"):
+        super().__init__(name=name, dtype=dtype)
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max'; received {mode!r}.")
+        self.mode = mode
+        init = np.inf if mode == "min" else -np.inf
+        self.value = self.add_variable(shape=(), initializer=keras.initializers.Constant(init), name="value")
+
+    def update_state(self, values, sample_weight=None):
+        values = ops.cast(values, self.dtype)
+        if self.mode == "min":
+            self.value.assign(ops.minimum(self.value, ops.min(values)))
+        else:
+            self.value.assign(ops.maximum(self.value, ops.max(values)))
+
+    def result(self):
+        # A snapshot, not the variable (logs must not change on reset).
+        return tf.identity(self.value)
+
+    def reset_state(self):
+        self.value.assign(np.inf if self.mode == "min" else -np.inf)
+
+    def get_config(self):
+        return {"mode": self.mode, "name": self.name, "dtype": self.dtype}
+
+
+class PerExitStats:
+    """Mean, min and max over an epoch of a `(batch, K)` quantity, per exit.
+
+    Logged as `exit_k_<name>_mean`, `exit_k_<name>_min`, `exit_k_<name>_max`. Assign the
+    three lists to attributes of the method (`means`, `mins`, `maxs` here) so that Keras
+    tracks and resets them with the model's metrics.
+
+    Args:
+        num_exits: K.
+        name: the quantity's name in the logs (e.g. `weight`).
+    """
+
+    def __init__(self, num_exits: int, name: str):
+        self.means = [keras.metrics.Mean(name=f"exit_{k + 1}_{name}_mean") for k in range(num_exits)]
+        self.mins = [RunningExtreme("min", name=f"exit_{k + 1}_{name}_min") for k in range(num_exits)]
+        self.maxs = [RunningExtreme("max", name=f"exit_{k + 1}_{name}_max") for k in range(num_exits)]
+
+    def _trackers(self):
+        return zip(self.means, self.mins, self.maxs)
+
+    def names(self) -> list[str]:
+        return [m.name for trio in self._trackers() for m in trio]
+
+    def update(self, values) -> None:
+        for k, trio in enumerate(self._trackers()):
+            column = ops.cast(values[:, k], "float32")
+            for tracker in trio:
+                tracker.update_state(column)
+
+    def logs(self) -> dict:
+        return {m.name: m.result() for trio in self._trackers() for m in trio}
+
+
+def torch_linear_init(fan_in):
+    """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
+
+    (kaiming_uniform with a=sqrt(5) for the kernel gives the same bound.)
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class MLP(keras.layers.Layer):
+    """A small MLP for the outer problem: `depth` hidden Dense layers, then an output layer.
+
+    Layers are initialised like PyTorch's `nn.Linear` (as the papers' reference code
+    does), so hidden widths and learning rates carry over from the papers.
+
+    Args:
+        input_dim: number of input features.
+        output_dim: number of outputs.
+        depth: hidden layers (>= 1).
+        width: hidden width.
+        activation: hidden activation (default `relu`).
+        output_activation: output activation (e.g. `tanh` for L2W's WPN, `sigmoid` for a
+            gater; default None).
+        **kwargs: standard layer arguments.
+
+    Example:
+    >>> gater = MLP(input_dim=2, output_dim=1, depth=1, width=500, output_activation="sigmoid")
+    """
+
+    def __init__(self, input_dim, output_dim, depth=1, width=500, activation="relu", output_activation=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim), ("depth", depth),
+                            ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int; received {value!r}.")
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1; received {value}.")
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.depth = depth
+        self.width = width
+        self.activation = activation
+        self.output_activation = output_activation
+        self.hidden = []
+        fan_in = input_dim
+        for i in range(depth):
+            init = torch_linear_init(fan_in)
+            self.hidden.append(keras.layers.Dense(width, activation=activation, kernel_initializer=init,
+                                                  bias_initializer=init, name=f"hidden_{i + 1}"))
+            fan_in = width
+        init = torch_linear_init(fan_in)
+        self.head = keras.layers.Dense(output_dim, activation=output_activation, kernel_initializer=init,
+                                       bias_initializer=init, name="out")
+
+    def build(self, input_shape=None):
+        shape = (None, self.input_dim)
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = (None, self.width)
+        self.head.build(shape)
+        self.built = True
+
+    def call(self, inputs):
+        h = inputs
+        for layer in self.hidden:
+            h = layer(h)
+        return self.head(h)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_dim=self.input_dim, output_dim=self.output_dim, depth=self.depth, width=self.width,
+                      activation=self.activation, output_activation=self.output_activation)
+        return config
