@@ -1,0 +1,81 @@
+"""bench/methods.py: methods x seeds into one table, JSON and plot; bad names and options refused up front."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--train-size", "200", "--val-size", "200", "--epochs", "1", "--batch-size", "128",
+        "--seeds", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = TINY + ["--methods", "baseline", "l2w", "--method-option", "l2w:q=0.5", "--out", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("results.md", "results.json", "budget_curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = (out / "results.md").read_text()
+    assert table in printed
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    header, methods = rows[0], rows[1:3]  # the main table; the difference table follows
+    assert "s/epoch" in header and "exit 4" in header
+    assert [r.split("|")[1].strip() for r in methods] == ["baseline", "l2w q=0.5"]
+    assert all("±" in cell for r in methods for cell in r.strip("|").split("|")[1:])  # every figure measured
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["baseline", "l2w"]
+    assert results["methods"]["l2w"]["options"] == {"q": 0.5}
+    assert len(results["budgets"]) == 4 and results["seeds"] == [0]
+    for entry in results["methods"].values():
+        assert len(entry["budget_acc"]) == 1 and len(entry["anytime"][0]) == 4
+        assert entry["timing_source"] == ["epoch_times.json"] and entry["seconds_per_epoch"][0] > 0
+    assert list(results["differences"]) == ["l2w"]
+    for run in ("baseline-s0", "l2w-s0"):  # ordinary run folders
+        assert (out / run / "model.keras").is_file() and (out / run / "eval" / "budget.csv").is_file()
+        assert json.loads((out / run / "epoch_times.json").read_text())["traced"] == [0]
+
+    # Rerunning reuses the finished runs; other settings for the same folders are refused up front.
+    assert bench.main(argv) == 0
+    assert printed.count("training into") == 2 and capsys.readouterr().out.count("finished earlier: reusing") == 2
+    assert bench.main(TINY + ["--epochs", "2", "--methods", "baseline", "--out", str(out)]) == 2
+    assert "already holds a run with other settings (epochs: 1 -> 2)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "baseline", "nope"], "unknown training method 'nope'"),
+    (["--methods", "baseline", "l2w", "--method-option", "l2w:qq=1"], "unknown option 'qq'"),
+    (["--methods", "l2w", "--method-option", "l2w:q=-1"], "`q` must be"),
+    (["--methods", "baseline", "--method-option", "l2w:q=0.5"], "'l2w' is not among --methods"),
+    (["--methods", "baseline", "baseline"], "more than once"),
+    (["--methods", "keras_ee.training.methods:Nope"], "has no attribute 'Nope'"),
+])
+def test_bad_methods_and_options_fail_before_training(bench, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert bench.main(TINY + argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_method_option_syntax(bench):
+    assert bench.parse_method_option("l2w:q=0.5") == ("l2w", "q", 0.5)
+    assert bench.parse_method_option("l2w:weighting=frozen") == ("l2w", "weighting", "frozen")
+    assert bench.parse_method_option("pkg.mod:Cls:path=a:b=c") == ("pkg.mod:Cls", "path", "a:b=c")
+    assert bench.parse_method_entry("l2w_q05=l2w") == ("l2w_q05", "l2w")
+    assert bench.parse_method_entry("pkg.mod:Cls") == ("pkg.mod:Cls", "pkg.mod:Cls")
+    with pytest.raises(Exception, match="METHOD:KEY=VALUE"):
+        bench.parse_method_option("q=0.5")
