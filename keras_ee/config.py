@@ -35,6 +35,11 @@ class TrainConfig:
         imbalance_factor: long-tailed CIFAR (200, 100, 50, 20); None for balanced.
         train_size: train on a stratified subset of this many training images
             (smaller-scale runs); None uses the whole training split.
+        meta_split_size: for methods with a meta stream (outer steps on held-out
+            batches, e.g. HDKD): None (default) feeds them the validation split, as
+            the HDKD paper does; the thresholds calibrated on it are then
+            optimistic. A count or fraction holds out a separate split of that
+            size from the training images instead.
         model: a preset of `keras_ee.models.available()`.
         model_options: keyword overrides for the preset (widths, blocks, ...).
         method: a registered training method (`keras-ee methods`) or
@@ -58,6 +63,7 @@ class TrainConfig:
     val_size: int | None = None
     imbalance_factor: int | None = None
     train_size: int | None = None
+    meta_split_size: int | None = None
     model: str = "multiexit_cnn"
     model_options: dict = dataclasses.field(default_factory=dict)
     method: str = "l2w"
@@ -100,7 +106,7 @@ class TrainConfig:
             bad("batch_size", "an integer >= 2")
         if not is_int(self.seed):
             bad("seed", "an integer")
-        for field in ("val_size", "train_size"):
+        for field in ("val_size", "train_size", "meta_split_size"):
             v = getattr(self, field)
             if v is not None and not (is_int(v) and v >= 1 or is_number(v) and isinstance(v, float) and 0 < v < 1):
                 bad(field, "a positive integer count, a fraction in (0, 1), or None")

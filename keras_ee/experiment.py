@@ -137,7 +137,8 @@ def load_data(config: TrainConfig):
     from keras_ee import data
 
     return data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
-                     imbalance_factor=config.imbalance_factor, train_size=config.train_size)
+                     imbalance_factor=config.imbalance_factor, train_size=config.train_size,
+                     meta_size=config.meta_split_size)
 
 
 def make_method(name: str, options: dict):
@@ -163,6 +164,25 @@ def make_schedule(config: TrainConfig, total_steps: int):
         return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
     bounds = [max(1, int(total_steps * 0.5)), max(2, int(total_steps * 0.75))]
     return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
+
+
+def training_data(config: TrainConfig, splits, method, first_epoch: int = 0):
+    """The batches of epochs `first_epoch .. config.epochs - 1`, each a function of (seed, epoch).
+
+    A method with a meta stream (`Method.uses_meta_stream`) gets `((x, y), (x_meta,
+    y_meta))` per step, the meta batch from `splits.meta_dataset` (the calibration
+    hold-out unless `config.meta_split_size` holds out a split of its own). Fit with
+    `steps_per_epoch=splits.train_batches(config.batch_size)`.
+    """
+    train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
+                                    epochs=config.epochs)
+    if not method.uses_meta_stream:
+        return train_ds
+    import tensorflow as tf
+
+    meta = splits.meta_dataset(config.batch_size, splits.train_batches(config.batch_size), seed=config.seed,
+                               first_epoch=first_epoch, epochs=config.epochs)
+    return tf.data.Dataset.zip((train_ds, meta))
 
 
 def check_splits(splits, config: TrainConfig) -> None:
@@ -218,9 +238,7 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
         verbose = 0
     start = time.perf_counter()
     if first_epoch < config.epochs:
-        train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
-                                        epochs=config.epochs)
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=first_epoch,
+        model.fit(training_data(config, splits, model.method, first_epoch), validation_data=val_ds, epochs=config.epochs, initial_epoch=first_epoch,
                   steps_per_epoch=splits.train_batches(config.batch_size), callbacks=cbs, verbose=verbose,
                   shuffle=False)  # the pipeline shuffles, by (seed, epoch)
     try:

@@ -2,6 +2,8 @@
 passes that return named intermediate tensors, the bilevel core's pieces, and the fault record
 as named fields."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -141,3 +143,59 @@ def test_the_fault_record_has_named_fields():
     model = training.MultiExitModel(_backbone())
     assert not any("fault" in v.path for v in model.weights)  # bookkeeping, not saved
     model.load_own_variables({"0": np.zeros(4, "int64")})  # a file with the old packed record loads
+
+
+@keras.saving.register_keras_serializable(package="keras_ee_test_hooks")
+class CountsMetaSamples(training.Baseline):
+    """A Baseline step on the training batch; counts the held-out samples it was given."""
+
+    uses_meta_stream = True
+
+    def setup(self, model):
+        super().setup(model)
+        self.meta_seen = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                         name="meta_seen")
+        self.meta_label_sum = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                              name="meta_label_sum")
+
+    def train_step(self, model, data, meta_batch=None):
+        x_meta, y_meta = meta_batch
+        self.meta_seen.assign_add(ops.cast(ops.shape(x_meta)[0], "int64"))
+        self.meta_label_sum.assign_add(ops.sum(ops.cast(y_meta, "int64")))
+        return super().train_step(model, data)
+
+
+def test_the_meta_stream_comes_from_the_calibration_hold_out_or_its_own_split():
+    from keras_ee import data
+
+    splits = data.load("digits", val_size=200)
+    assert splits.meta_source == "calibration" and splits.num_meta == 200
+    val = {x.tobytes() for x in np.concatenate([b[0].numpy() for b in splits.val_dataset(64)])}
+    stream = list(splits.meta_dataset(64, batches_per_epoch=5, seed=1, first_epoch=0, epochs=2))
+    assert len(stream) == 10 and all(b[0].shape[0] == 64 for b in stream)
+    assert all(x.tobytes() in val for b in stream for x in b[0].numpy())
+    again = list(splits.meta_dataset(64, batches_per_epoch=5, seed=1, first_epoch=1, epochs=2))
+    for a, b in zip(stream[5:], again):  # epoch 1's stream alone = epoch 1's after epoch 0
+        np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    own = data.load("digits", val_size=200, meta_size=100)
+    assert own.meta_source == "split" and own.num_meta == 100 and own.num_train == splits.num_train - 100
+    train = {x.tobytes() for x in own._x_train}
+    assert not any(x.tobytes() in train for x in own._x_meta)
+    assert not any(x.tobytes() in {v.tobytes() for v in own._x_val} for x in own._x_meta)
+
+
+def test_a_meta_stream_method_trains_through_experiment_train(tmp_path):
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200,
+                      train_size=300, evaluate=False, method=f"{__name__}:CountsMetaSamples", meta_split_size=60)
+    run = experiment.train(cfg, tmp_path / "r", verbose=0)
+    assert json.loads((run / "config.json").read_text())["meta_split_size"] == 60  # the choice is recorded
+    model = experiment.load_run_model(run / "model.keras")
+    batches = 2 * -(-300 // 128)
+    assert int(model.method.meta_seen.numpy()) == batches * 60  # batch capped at the 60 held-out images
+    model = training.MultiExitModel(_backbone(), method=CountsMetaSamples())
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"needs a meta stream: feed `fit` batches \(\(x, y\), \(x_meta, y_meta\)\)"):
+        model.fit(np.zeros((8, 5), "float32"), np.zeros(8), verbose=0)

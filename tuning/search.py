@@ -60,9 +60,11 @@ def make_hypermodel(config, splits):
             # BudgetCallback first: the tuner's own callback reads the objective from the same logs.
             callbacks = [BudgetCallback(val_ds), *model.method.callbacks(), *kwargs.pop("callbacks", [])]
             kwargs.pop("validation_data", None)
-            return model.fit(splits.train_dataset(config.batch_size, seed=config.seed), validation_data=val_ds,
-                             epochs=config.epochs, callbacks=callbacks, verbose=kwargs.get("verbose", 0),
-                             shuffle=False)  # the pipeline shuffles
+            trial = self.trial_config(hp)
+            return model.fit(experiment.training_data(trial, splits, model.method), validation_data=val_ds,
+                             epochs=config.epochs, steps_per_epoch=splits.train_batches(config.batch_size),
+                             callbacks=callbacks, verbose=kwargs.get("verbose", 0),
+                             shuffle=False)  # the pipeline shuffles, by (seed, epoch)
 
     return BudgetHyperModel()
 

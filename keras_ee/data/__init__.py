@@ -181,6 +181,7 @@ def load(
     augment_pad=None,
     augment_flip=None,
     train_size=None,
+    meta_size=None,
 ):
     """Loads a dataset as train / validation / test splits.
 
@@ -223,6 +224,11 @@ def load(
         train_size: int, float in (0, 1) or None. Train on a stratified,
             seeded subset of this size of the training split (validation and
             test are unchanged); None uses the whole training split.
+        meta_size: int, float in (0, 1) or None. A separate stratified split of
+            this size, held out from the training split, for methods with a meta
+            stream (`DatasetSplits.meta_dataset`); None (default) gives them the
+            validation split, as the HDKD paper does (thresholds calibrated on it are
+            then optimistic).
 
     Returns:
         `DatasetSplits`.
@@ -252,6 +258,9 @@ def load(
             raise ValueError("`imbalance_factor` is supported for the in-memory datasets, not ImageNet.")
         if train_size is not None:
             raise ValueError("`train_size` is supported for the in-memory datasets, not ImageNet.")
+        if meta_size is not None:
+            raise ValueError("`meta_size` is supported for the in-memory datasets, not ImageNet "
+                             "(its meta stream is the validation split).")
         if augment_pad is not None or augment_flip is not None:
             raise ValueError("ImageNet uses random-resized crops; `augment_pad`/`augment_flip` do not apply.")
         return imagenet.ImageNetSplits(data_dir, default_val if val_size is None else val_size)
@@ -302,6 +311,7 @@ def load(
         augment_pad=pad if augment_pad is None else augment_pad,
         augment_flip=flip if augment_flip is None else bool(augment_flip),
         train_size=train_size,
+        meta_size=meta_size,
     )
 
 

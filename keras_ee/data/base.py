@@ -58,6 +58,22 @@ class DatasetSplits:
         """Validation pipeline: not augmented, not shuffled."""
         raise NotImplementedError
 
+    # Where the meta stream comes from: "calibration" (the validation split, as the HDKD
+    # paper does) or "split" (a separate hold-out of its own, `meta_size` in `load`).
+    meta_source = "calibration"
+    num_meta = None
+
+    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+        """Held-out batches for a method's outer step (e.g. HDKD's loss weights).
+
+        `batches_per_epoch` batches for each of epochs `first_epoch .. epochs - 1`, from
+        the meta split (`meta_source`): by default the calibration hold-out, so the
+        thresholds are then calibrated on data the method also fitted its weights on,
+        which makes them optimistic; `keras_ee.data.load(..., meta_size=N)` holds out a
+        separate split instead. Each epoch's stream depends on (seed, epoch) only.
+        """
+        raise NotImplementedError
+
     def test_dataset(self, batch_size):
         """Test pipeline: not augmented, not shuffled."""
         raise NotImplementedError
@@ -143,6 +159,8 @@ class ArraySplits(DatasetSplits):
         imbalance_factor=None,
         mean=None,
         std=None,
+        x_meta=None,
+        y_meta=None,
     ):
         self.name = name
         self.class_names = [str(c) for c in class_names]
@@ -156,7 +174,7 @@ class ArraySplits(DatasetSplits):
             ("train", x_train, y_train),
             ("val", x_val, y_val),
             ("test", x_test, y_test),
-        ):
+        ) + ((("meta", x_meta, y_meta),) if x_meta is not None else ()):
             x = _check_images(x, f"x_{part}")
             y = splits_lib._check_labels(y, self.num_classes, f"y_{part}")
             if len(x) != len(y):
@@ -173,6 +191,9 @@ class ArraySplits(DatasetSplits):
         self._x_train, self._y_train = arrays["train"]
         self._x_val, self._y_val = arrays["val"]
         self._x_test, self._y_test = arrays["test"]
+        if "meta" in arrays:
+            self._x_meta, self._y_meta = arrays["meta"]
+            self.meta_source = "split"
         self.input_shape = tuple(int(d) for d in self._x_train.shape[1:])
         self.pixel_scale = float(pixel_scale)
         self.augment_pad = int(augment_pad)
@@ -192,6 +213,7 @@ class ArraySplits(DatasetSplits):
         self.num_train = len(self._x_train)
         self.num_val = len(self._x_val)
         self.num_test = len(self._x_test)
+        self.num_meta = len(self._x_meta) if self.meta_source == "split" else self.num_val
         self._tensors = {}
 
     def _pipeline(self, part, batch_size, **kwargs):
@@ -253,6 +275,16 @@ class ArraySplits(DatasetSplits):
         """Validation pipeline: normalized, never augmented, fixed order."""
         return self._pipeline("val", batch_size)
 
+    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+        from keras_ee.data import pipeline
+
+        part = "meta" if self.meta_source == "split" else "val"
+        return pipeline.meta_stream(getattr(self, f"_x_{part}"), getattr(self, f"_y_{part}").astype(np.int32),
+                                    batch_size, self.pixel_scale, self.mean, self.std, batches_per_epoch,
+                                    seed=seed, first_epoch=first_epoch, epochs=epochs)
+
+    meta_dataset.__doc__ = DatasetSplits.meta_dataset.__doc__
+
     def test_dataset(self, batch_size):
         """Test pipeline: normalized, never augmented, fixed order."""
         return self._pipeline("test", batch_size)
@@ -286,6 +318,7 @@ def build_array_splits(
     augment_pad=0,
     augment_flip=False,
     train_size=None,
+    meta_size=None,
 ):
     """Long-tail (optional), hold out validation, and wrap into `ArraySplits`.
 
@@ -310,6 +343,9 @@ def build_array_splits(
         train_size: int, float in (0, 1) or None. Keep only a stratified, seeded
             subset of this size of the training split (after validation is held
             out), for runs at a smaller scale; None keeps everything.
+        meta_size: int, float in (0, 1) or None. Hold out a separate stratified
+            split of this size from the training split for a method's meta stream
+            (`meta_dataset`); None uses the calibration (validation) split.
 
     Returns:
         `ArraySplits`.
@@ -332,6 +368,12 @@ def build_array_splits(
     train_idx, val_idx = splits_lib.stratified_split(
         y_train, val_size, seed=seed, num_classes=num_classes
     )
+    meta_idx = None
+    if meta_size is not None:
+        rest, held = splits_lib.stratified_split(
+            y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes
+        )
+        train_idx, meta_idx = train_idx[rest], train_idx[held]
     if train_size is not None:
         _, keep = splits_lib.stratified_split(
             y_train[train_idx], train_size, seed=seed, num_classes=num_classes
@@ -350,4 +392,6 @@ def build_array_splits(
         augment_pad=augment_pad,
         augment_flip=augment_flip,
         imbalance_factor=None if imbalance_factor is None else float(imbalance_factor),
+        x_meta=None if meta_idx is None else x_train[meta_idx],
+        y_meta=None if meta_idx is None else y_train[meta_idx],
     )

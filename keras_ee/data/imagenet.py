@@ -234,6 +234,25 @@ class ImageNetSplits(DatasetSplits):
     def val_dataset(self, batch_size):
         return self._eval_dataset("val", batch_size)
 
+    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+        """The validation split, shuffled and repeated, `batches_per_epoch` per epoch.
+
+        Epoch e's stream is seeded by (seed, e) only (see `DatasetSplits.meta_dataset`).
+        """
+        import tensorflow as tf
+
+        size = self.image_size
+
+        def one_epoch(epoch):
+            shuffle_seed = tf.random.experimental.stateless_uniform(
+                [], tf.stack([tf.constant(int(seed), tf.int64), epoch]), minval=0, maxval=1 << 31, dtype=tf.int64)
+            ds = self._raw("val").shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+            ds = ds.map(lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+            return ds.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
+
+        return tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
     def test_dataset(self, batch_size):
         return self._eval_dataset("test", batch_size)
 

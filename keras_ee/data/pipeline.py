@@ -157,15 +157,7 @@ def array_dataset(
         base_seed = 0 if seed is None else int(seed)
 
         def one_epoch(epoch):
-            epoch_seed = tf.stack([tf.constant(base_seed, tf.int64), epoch])
-            order = tf.range(n, dtype=tf.int64)
-            if shuffle and n > 0:
-                order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed)
-            batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
-            if not augmenting:
-                return batches
-            return batches.enumerate().map(
-                lambda b, indices: (indices, tf.random.experimental.stateless_fold_in(epoch_seed, b)))
+            return _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed, epoch)
 
         ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
         ds = ds.map(load_augmented if augmenting else load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -183,6 +175,61 @@ def array_dataset(
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed, pass_index):
+    """The index batches of one pass over n samples: order and augmentation seeded by (seed, pass)."""
+    pass_seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(pass_index, tf.int64)])
+    order = tf.range(n, dtype=tf.int64)
+    if shuffle and n > 0:
+        order = tf.random.experimental.stateless_shuffle(order, seed=pass_seed)
+    batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+    if not augmenting:
+        return batches
+    return batches.enumerate().map(
+        lambda b, indices: (indices, tf.random.experimental.stateless_fold_in(pass_seed, b)))
+
+
+# Passes of the meta stream reserved per training epoch (more than any epoch can use).
+_META_PASSES_PER_EPOCH = 1 << 20
+
+
+def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_epoch, seed=0, first_epoch=0,
+                epochs=1):
+    """Held-out batches for a method's outer step, `batches_per_epoch` per training epoch.
+
+    Each training epoch e reads its own endless sequence of shuffled passes over the
+    held-out samples (pass p of epoch e seeded by (seed, e * 2**20 + p)), cut after
+    `batches_per_epoch` batches: the stream of an epoch depends on (seed, epoch) only, so
+    a resumed run reads what an uninterrupted one reads. Batches have exactly
+    `batch_size` samples (the remainder of a pass is dropped; `batch_size` is capped at
+    the number of samples), never augmented.
+
+    Returns:
+        A `tf.data.Dataset` of `(x, y)` to zip with the training batches.
+    """
+    images = tf.convert_to_tensor(images)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
+    n = int(images.shape[0])
+    if n == 0:
+        raise ValueError("the meta split is empty; a method with a meta stream needs held-out images.")
+    batch_size = min(int(batch_size), n)
+    mean = tf.constant(np.asarray(mean, np.float32))
+    inv_std = tf.constant(1.0 / np.asarray(std, np.float32))
+    scale = tf.constant(float(pixel_scale), tf.float32)
+    base_seed = 0 if seed is None else int(seed)
+
+    def load(indices):
+        x = tf.cast(tf.gather(images, indices), tf.float32) * scale
+        return (x - mean) * inv_std, tf.gather(labels, indices)
+
+    def one_epoch(epoch):
+        passes = tf.data.Dataset.range(epoch * _META_PASSES_PER_EPOCH, (epoch + 1) * _META_PASSES_PER_EPOCH)
+        return passes.flat_map(
+            lambda p: _pass_batches(n, batch_size, True, True, False, base_seed, p)).take(batches_per_epoch)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def epoch_batches(num_samples, batch_size, drop_remainder=False):

@@ -27,6 +27,9 @@ Hooks (override what the method needs):
   passes with substituted parameters that also return named intermediate
   tensors (an exit's pooled feature): `core.stateless_forward(...,
   return_tensors=[...])`.
+- `uses_meta_stream = True`: each step also gets a held-out batch
+  (`train_step(model, data, meta_batch)`), by default from the calibration
+  hold-out (`keras_ee.data.DatasetSplits.meta_dataset`).
 - `test_loss(model, y, logits, ce)`: the loss reported by `evaluate`.
 - `step_logs(model)`: the dict of logs returned after a step.
 - `callbacks()`: Keras callbacks the method needs during `fit` (added by
@@ -64,6 +67,10 @@ class Method(keras.layers.Layer):
     # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
     # iterations, so a run's total is epochs * batches * this.
     optimizer_steps_per_batch = 1
+    # Whether each step also gets a batch of held-out data: then `train_step` is called
+    # as `train_step(model, data, meta_batch=(x_meta, y_meta))` and the data fed to
+    # `fit` is `((x, y), (x_meta, y_meta))` (`keras_ee.experiment.training_data`).
+    uses_meta_stream = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -259,7 +259,17 @@ class MultiExitModel(keras.Model):
     # --- steps ---------------------------------------------------------------
 
     def train_step(self, data):
-        return self.method.train_step(self, self.checked_labels(data))
+        if not self.method.uses_meta_stream:
+            return self.method.train_step(self, self.checked_labels(data))
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list))):
+            raise ValueError(
+                f"{type(self.method).__name__} needs a meta stream: feed `fit` batches "
+                "((x, y), (x_meta, y_meta)), e.g. keras_ee.experiment.training_data(...)."
+            )
+        train, meta = data
+        return self.method.train_step(
+            self, self.checked_labels(tuple(train)), meta_batch=self.checked_labels(tuple(meta))
+        )
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(self.checked_labels(data))
