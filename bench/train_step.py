@@ -1,30 +1,75 @@
-"""Time and peak memory of a Baseline step vs an L2W step, side by side.
+"""Time per step and peak memory of a Baseline step vs an L2W step, side by side.
 
-Same model (msdnet_cifar_5 with 100 classes when `keras_ee.models` is
-available, else a representative conv CNN), same data, same loaded batch
-size, CPU. One "step" is one loaded batch: Baseline takes one optimizer step
-on it; L2W takes two (half-batch exchange), each with its meta step, so the
-ratio of times per loaded batch is the ratio of times per epoch.
+Same model (msdnet_cifar_5, 100 classes, 32x32x3 inputs), same random data,
+same loaded batch size, CPU, `tf.function` (`--jit` for XLA). One "step" is
+one loaded batch: Baseline takes one optimizer step on it; L2W takes two
+half-batch optimizer steps (the half-batch exchange), each with its meta
+step, so the ratio of times per loaded batch is the ratio of times per epoch.
 
-Each (method, batch size) runs in its own subprocess so peak memory is
-measured cleanly: after warm-up (tracing/compilation done), the process's
-RSS high-water mark is reset (`/proc/self/clear_refs`), one more step runs,
-and the peak growth over the pre-step RSS is reported.
+What is timed: each step on its own. A Keras callback records the time from
+`on_train_batch_begin` to `on_train_batch_end` of every batch (the train
+function, input fetch included; the loss is read back to Python before
+`on_train_batch_end` runs, so the step has finished), and also the period
+from one batch end to the next as a check. The figure reported is the median
+over the timed steps; the warm-up steps (tracing, first call) and the memory
+step are not timed, nor is anything `fit()` does before the first or after
+the last step.
+
+How: each side (a method, at one batch size, from one source tree) runs in
+its own worker process, started once: it builds and traces the model, runs
+`--warmup` steps, then one step with its resident-memory high-water mark
+reset (`/proc/self/clear_refs`) to measure that step's peak growth over the
+RSS before it, then waits. The parent then asks the two sides of a
+comparison for `--steps` timed steps each, in alternating rounds (A B, B A,
+A B, ...), so that load from other jobs on the machine falls on both sides
+alike, and reports per side the median step time and, per round, the ratio
+of the two sides' medians (its median and range over the rounds).
+
+Modes:
+- default: Baseline against L2W of the working tree this script is in (or,
+  with `--rev REV`, of git revision REV checked out into a temporary
+  worktree as below), per batch size; reports the L2W/baseline ratio
+  (target <= 4x) and the peak memory ratio (target <= 2x).
+- `--compare-with REV`: the same step of one method (`--methods`, default
+  l2w) from git revision REV ("old", checked out into a temporary
+  `git worktree`, with the built extension `keras_ee/_native*.so` copied in
+  from the working tree since it is untracked) against the working tree
+  ("new"); reports the new/old ratio. The worktree is removed at the end.
+  Both sides run this file's worker code; it uses only
+  `keras_ee.models.create`, `keras_ee.training.MultiExitModel`,
+  `training.L2W()`, `training.Baseline()`, `compile` and `fit`.
+
+The worker imports `keras_ee` from the tree under test (PYTHONPATH is set to
+that tree and nothing else) and checks that it did.
 
 Usage:
     python bench/train_step.py [--batch-sizes 64 256] [--steps 3]
-        [--warmup 1] [--model msdnet_cifar_5] [--jit]
+        [--rounds 3] [--warmup 1] [--model msdnet_cifar_5] [--jit]
+        [--rev REV | --compare-with REV [--methods baseline l2w]]
+        [--json PATH]
 """
 
 import argparse
+import glob
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+_TAG = "@@train_step "  # prefix of the worker's protocol lines on stdout
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NOTE = ("one step = one loaded batch: Baseline takes one optimizer step on "
+         "it, L2W two half-batch optimizer steps (each with its meta step)")
+
+
+# ---------------------------------------------------------------- worker side
 
 
 def _status_kb(field):
@@ -55,13 +100,12 @@ def _reset_peak_rss():
 def _build_backbone(name, num_classes):
     import keras
 
-    try:
+    if name != "small_cnn":
         from keras_ee import models
-    except ImportError:
-        models = None
-    if models is not None and name in models.available():
-        return models.create(name, num_classes=num_classes), name
-    # Fallback: a conv CNN with 4 exits.
+
+        return models.create(name, num_classes=num_classes,
+                             input_shape=(32, 32, 3))
+    # A conv CNN with 4 exits, defined here (no keras_ee.models).
     inp = keras.Input((32, 32, 3))
     h = inp
     outs = []
@@ -73,7 +117,12 @@ def _build_backbone(name, num_classes):
             h = keras.layers.MaxPooling2D()(h)
         g = keras.layers.GlobalAveragePooling2D()(h)
         outs.append(keras.layers.Dense(num_classes, name=f"exit_{k + 1}")(g))
-    return keras.Model(inp, outs), "fallback_cnn"
+    return keras.Model(inp, outs)
+
+
+def _send(obj):
+    sys.stdout.write(_TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 def worker(args):
@@ -81,13 +130,41 @@ def worker(args):
     import numpy as np
     import tensorflow as tf
 
+    import keras_ee
     from keras_ee import training
 
+    root = os.path.realpath(args.expect_root)
+    here = os.path.realpath(keras_ee.__file__)
+    if not here.startswith(root + os.sep):
+        raise SystemExit(f"keras_ee imported from {here}, not from {root}")
+
+    class StepTimer(keras.callbacks.Callback):
+        """Per-batch times; optionally the peak RSS growth of the batch."""
+
+        def __init__(self, probe_memory=False):
+            super().__init__()
+            self.probe_memory = probe_memory
+            self.steps, self.begins, self.ends = [], [], []
+            self.resettable = False
+            self.rss_before = self.peak = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.probe_memory:
+                self.resettable = _reset_peak_rss()
+                self.rss_before = _status_kb("VmRSS")
+            self._t0 = time.perf_counter()
+            self.begins.append(self._t0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            t = time.perf_counter()
+            if self.probe_memory:
+                self.peak = _status_kb("VmHWM")
+            self.steps.append(t - self._t0)
+            self.ends.append(t)
+
     keras.utils.set_random_seed(0)
-    backbone, model_name = _build_backbone(args.model, 100)
-    method = (
-        training.L2W() if args.method == "l2w" else training.Baseline()
-    )
+    backbone = _build_backbone(args.model, 100)
+    method = training.L2W() if args.method == "l2w" else training.Baseline()
     model = training.MultiExitModel(backbone, method=method)
     model.compile(
         optimizer=keras.optimizers.SGD(
@@ -103,89 +180,329 @@ def worker(args):
     y = rng.integers(0, 100, size=(args.batch_size,)).astype("int32")
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
 
-    t0 = time.perf_counter()
-    model.fit(ds, epochs=1, steps_per_epoch=args.warmup, verbose=0)
-    trace_s = time.perf_counter() - t0
+    def run(steps, probe_memory=False):
+        timer = StepTimer(probe_memory)
+        t0 = time.perf_counter()
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0,
+                  callbacks=[timer])
+        t1 = time.perf_counter()
+        # fit()'s own time before the first and after the last timed step
+        timer.outside = (timer.begins[0] - t0, t1 - timer.ends[-1])
+        return timer, t1 - t0
 
-    resettable = _reset_peak_rss()
-    rss_before = _status_kb("VmRSS")
-    model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)
-    peak = _status_kb("VmHWM")
-    step_peak_mb = (peak - rss_before) / 1024 if resettable else float("nan")
+    warm, warm_fit_s = run(args.warmup)
+    mem, _ = run(1, probe_memory=True)
+    _send(dict(
+        ready=True,
+        keras_ee=here,
+        warmup_steps_s=warm.steps,
+        warmup_fit_s=warm_fit_s,
+        memory_step_s=mem.steps[0],
+        step_peak_mb=((mem.peak - mem.rss_before) / 1024
+                      if mem.resettable else float("nan")),
+        rss_mb=mem.rss_before / 1024,
+        process_peak_mb=_status_kb("VmPeak") / 1024,
+    ))
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        timer, fit_s = run(cmd["steps"])
+        _send(dict(
+            steps_s=timer.steps,
+            periods_s=[b - a for a, b in zip(timer.ends, timer.ends[1:])],
+            fit_s=fit_s,
+            before_first_s=timer.outside[0],
+            after_last_s=timer.outside[1],
+        ))
 
-    t0 = time.perf_counter()
-    model.fit(ds, epochs=1, steps_per_epoch=args.steps, verbose=0)
-    step_s = (time.perf_counter() - t0) / args.steps
-    print(
-        json.dumps(
-            dict(
-                model=model_name,
-                method=args.method,
-                batch_size=args.batch_size,
-                jit=args.jit,
-                step_s=step_s,
-                first_call_s=trace_s,
-                step_peak_mb=step_peak_mb,
-                process_peak_mb=_status_kb("VmPeak") / 1024,
-                rss_mb=rss_before / 1024,
-            )
-        )
-    )
+
+# ---------------------------------------------------------------- parent side
+
+
+def _git(*argv, cwd=_REPO):
+    return subprocess.run(["git", *argv], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _tree_state(root):
+    """`abc1234` or `abc1234 + uncommitted changes in keras_ee/`."""
+    head = _git("rev-parse", "--short", "HEAD", cwd=root)
+    dirty = _git("status", "--porcelain", "--", "keras_ee", cwd=root)
+    return head + (" + uncommitted changes in keras_ee/" if dirty else "")
+
+
+def _loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+class Side:
+    """One worker process: a method at a batch size from a source tree."""
+
+    def __init__(self, label, root, method, batch_size, args):
+        self.label, self.root, self.method = label, root, method
+        self.steps, self.periods, self.fit_s, self.outside = [], [], [], []
+        self.round_medians = []
+        env = dict(os.environ, PYTHONPATH=root)
+        self.cmd = [
+            sys.executable, os.path.abspath(__file__), "--worker",
+            "--method", method, "--batch-size", str(batch_size),
+            "--model", args.model, "--warmup", str(args.warmup),
+            "--expect-root", root,
+        ] + (["--jit"] if args.jit else [])
+        self.errfile = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=root, env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.errfile, text=True)
+
+    def _receive(self):
+        for line in self.proc.stdout:
+            if line.startswith(_TAG):
+                return json.loads(line[len(_TAG):])
+        self.proc.wait()
+        self.errfile.seek(0)
+        sys.stderr.write(self.errfile.read()[-4000:])
+        raise SystemExit(f"{self.label} worker failed (exit code "
+                         f"{self.proc.returncode}): {' '.join(self.cmd)}")
+
+    def ready(self):
+        self.info = self._receive()
+        return self.info
+
+    def timed_round(self, steps):
+        self.proc.stdin.write(json.dumps(dict(steps=steps)) + "\n")
+        self.proc.stdin.flush()
+        r = self._receive()
+        self.steps += r["steps_s"]
+        self.periods += r["periods_s"]
+        self.fit_s.append(r["fit_s"])
+        self.outside.append((r["before_first_s"], r["after_last_s"]))
+        self.round_medians.append(statistics.median(r["steps_s"]))
+        return r
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps(dict(quit=True)) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.errfile.close()
+
+    def summary(self):
+        return dict(
+            label=self.label, root=self.root, method=self.method,
+            median_step_s=statistics.median(self.steps),
+            min_step_s=min(self.steps), max_step_s=max(self.steps),
+            median_period_s=(statistics.median(self.periods)
+                             if self.periods else float("nan")),
+            steps_s=self.steps, round_medians_s=self.round_medians,
+            fit_s=self.fit_s, fit_outside_steps_s=self.outside, **self.info)
+
+
+def compare(a, b, args, batch_size):
+    """Alternating rounds of a and b; returns both summaries and the ratios."""
+    print(f"batch {batch_size}: starting {a.label} and {b.label} workers "
+          f"(build, trace, {args.warmup} warm-up step(s), memory step)",
+          flush=True)
+    for s in (a, b):
+        info = s.ready()
+        warm = " ".join(f"{t:.2f}" for t in info["warmup_steps_s"])
+        name = s.label if s.label == s.method else f"{s.label} ({s.method})"
+        print(f"  {name:>8}: warm-up steps {warm} s, "
+              f"memory step {info['memory_step_s']:.3f} s, step peak "
+              f"{info['step_peak_mb']:.0f} MB over RSS "
+              f"{info['rss_mb']:.0f} MB", flush=True)
+    ratios, loads = [], []
+    for r in range(args.rounds):
+        order = (a, b) if r % 2 == 0 else (b, a)
+        for s in order:
+            s.timed_round(args.steps)
+        ratios.append(b.round_medians[-1] / a.round_medians[-1])
+        loads.append(_loadavg())
+        print(f"  round {r + 1} ({order[0].label} first, load {loads[-1]}): "
+              + "  ".join(
+                  f"{s.label} " + " ".join(
+                      f"{t:.3f}" for t in s.steps[-args.steps:])
+                  for s in (a, b))
+              + f"  -> {b.label}/{a.label} {ratios[-1]:.3f}", flush=True)
+    sa, sb = a.summary(), b.summary()
+    for s in (sa, sb):
+        pre = " ".join(f"{p:.2f}" for p, _ in s["fit_outside_steps_s"])
+        post = " ".join(f"{q:.2f}" for _, q in s["fit_outside_steps_s"])
+        print(f"  {s['label']:>8}: median step {s['median_step_s']:.3f} s "
+              f"(n={len(s['steps_s'])}, {s['min_step_s']:.3f}.."
+              f"{s['max_step_s']:.3f}), median batch-end period "
+              f"{s['median_period_s']:.3f} s; untimed time in fit() before "
+              f"the first step {pre} s, after the last {post} s",
+              flush=True)
+    return dict(
+        batch_size=batch_size, a=sa, b=sb, round_ratios=ratios,
+        ratio_of_medians=sb["median_step_s"] / sa["median_step_s"],
+        memory_ratio=sb["step_peak_mb"] / sa["step_peak_mb"],
+        loads=loads)
+
+
+def _ratio_text(res):
+    rr = res["round_ratios"]
+    return (f"{res['ratio_of_medians']:.3f}x (per round: median "
+            f"{statistics.median(rr):.3f}x, range {min(rr):.3f}.."
+            f"{max(rr):.3f}x over {len(rr)} rounds)")
+
+
+def _run_pair(make_a, make_b, args, bs):
+    sides = []
+    try:
+        sides.append(make_a())
+        sides.append(make_b())
+        return compare(sides[0], sides[1], args, bs)
+    finally:
+        for s in sides:
+            s.close()
+
+
+def _checkout(rev):
+    """Checks REV out into a temporary worktree; returns (commit, tmp, path)."""
+    commit = _git("rev-parse", "--verify", rev + "^{commit}")
+    sos = glob.glob(os.path.join(_REPO, "keras_ee", "_native*.so"))
+    if not sos:
+        raise SystemExit("no keras_ee/_native*.so in the working tree: "
+                         "build the extension first (maturin develop)")
+    tmp = tempfile.mkdtemp(prefix="keras-ee-old-")
+    path = os.path.join(tmp, "tree")
+    _git("worktree", "add", "--detach", path, commit)
+    for so in sos:
+        shutil.copy2(so, os.path.join(path, "keras_ee"))
+    return commit, tmp, path
+
+
+def _remove_worktree(tmp, path):
+    try:
+        _git("worktree", "remove", "--force", path)
+    except subprocess.CalledProcessError as e:
+        sys.stderr.write(f"git worktree remove failed: {e.stderr}\n")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="msdnet_cifar_5")
+    parser.add_argument("--model", default="msdnet_cifar_5",
+                        help="a keras_ee.models preset, or small_cnn "
+                             "(a 4-exit CNN defined in this script)")
     parser.add_argument("--batch-sizes", type=int, nargs="+",
                         default=[64, 256])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps after building (the first "
+                             "traces); one untimed memory step follows")
     parser.add_argument("--jit", action="store_true",
                         help="compile the train step with XLA")
+    parser.add_argument("--methods", nargs="+", choices=["baseline", "l2w"],
+                        help="with --compare-with: methods to compare "
+                             "(default l2w)")
+    parser.add_argument("--compare-with", metavar="REV",
+                        help="time the same step from git revision REV "
+                             "(old) against the working tree (new)")
+    parser.add_argument("--rev", metavar="REV",
+                        help="default mode: measure git revision REV "
+                             "(checked out into a temporary worktree) "
+                             "instead of the working tree")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every measurement to PATH")
     parser.add_argument("--worker", action="store_true",
                         help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=["baseline", "l2w"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--expect-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 1:
+        parser.error("--steps, --rounds and --warmup must be >= 1")
+    if args.rev and args.compare_with:
+        parser.error("--rev goes with the default mode, not --compare-with")
+    if args.methods and not args.compare_with:
+        parser.error("--methods goes with --compare-with (the default mode "
+                     "always compares baseline with l2w)")
 
-    rows = []
-    for bs in args.batch_sizes:
-        for method in ("baseline", "l2w"):
-            cmd = [
-                sys.executable, __file__, "--worker", "--method", method,
-                "--batch-size", str(bs), "--model", args.model,
-                "--steps", str(args.steps), "--warmup", str(args.warmup),
-            ] + (["--jit"] if args.jit else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"worker failed: {' '.join(cmd)}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(
-                f"{row['model']:>16} {method:>8} batch {bs:4d} jit={row['jit']!s:5}"
-                f" step {row['step_s']:8.3f} s  first call "
-                f"{row['first_call_s']:7.1f} s  step peak "
-                f"{row['step_peak_mb']:8.1f} MB  (RSS {row['rss_mb']:.0f} MB)",
-                flush=True,
-            )
-    print()
-    print("batch  time L2W/baseline (target <= 4)  "
-          "peak memory L2W/baseline (target <= 2)")
-    for bs in args.batch_sizes:
-        base = next(r for r in rows if r["batch_size"] == bs
-                    and r["method"] == "baseline")
-        l2w = next(r for r in rows if r["batch_size"] == bs
-                   and r["method"] == "l2w")
-        print(
-            f"{bs:5d}  {l2w['step_s'] / base['step_s']:8.2f}x"
-            f"                        "
-            f"{l2w['step_peak_mb'] / base['step_peak_mb']:8.2f}x"
-        )
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)")
+    print(f"model {args.model}, 100 classes, 32x32x3 random data, "
+          f"jit={args.jit}, TF_ENABLE_ONEDNN_OPTS={onednn}; {args.warmup} "
+          f"warm-up + 1 memory step untimed, then {args.rounds} rounds x "
+          f"{args.steps} timed steps per side")
+    print(_NOTE)
+    print(f"load average at start: {_loadavg()}", flush=True)
+    results = []
+    if not args.compare_with:
+        root, tmp = _REPO, None
+        if args.rev:
+            commit, tmp, root = _checkout(args.rev)
+            state = f"{args.rev} = {commit[:12]}, in a temporary worktree"
+        else:
+            state = f"working tree at {_tree_state(_REPO)}"
+        print(f"code: {root} ({state})", flush=True)
+        try:
+            for bs in args.batch_sizes:
+                results.append(_run_pair(
+                    lambda: Side("baseline", root, "baseline", bs, args),
+                    lambda: Side("l2w", root, "l2w", bs, args), args, bs))
+        finally:
+            if tmp:
+                _remove_worktree(tmp, root)
+        print()
+        print(f"load average at end: {_loadavg()}")
+        print(f"L2W/baseline per loaded batch ({_NOTE}):")
+        for res in results:
+            print(f"  batch {res['batch_size']:4d}: median step baseline "
+                  f"{res['a']['median_step_s']:.3f} s, L2W "
+                  f"{res['b']['median_step_s']:.3f} s; time ratio "
+                  f"{_ratio_text(res)} (target <= 4); step peak memory "
+                  f"{res['a']['step_peak_mb']:.0f} -> "
+                  f"{res['b']['step_peak_mb']:.0f} MB, "
+                  f"{res['memory_ratio']:.2f}x (target <= 2)")
+        record = dict(mode="baseline_vs_l2w", code=state, results=results)
+    else:
+        methods = args.methods or ["l2w"]
+        commit, tmp, path = _checkout(args.compare_with)
+        try:
+            state = _tree_state(_REPO)
+            print(f"old: {args.compare_with} = {commit[:12]}, worktree "
+                  f"{path} (keras_ee/_native*.so copied from the working "
+                  f"tree)\nnew: {_REPO} ({state})", flush=True)
+            for method in methods:
+                for bs in args.batch_sizes:
+                    print(f"{method}:", flush=True)
+                    res = _run_pair(
+                        lambda: Side("old", path, method, bs, args),
+                        lambda: Side("new", _REPO, method, bs, args),
+                        args, bs)
+                    res["method"] = method
+                    results.append(res)
+        finally:
+            _remove_worktree(tmp, path)
+        print()
+        print(f"load average at end: {_loadavg()}")
+        print(f"new/old step time ({_NOTE}); old = {args.compare_with} "
+              f"({commit[:12]}), new = working tree ({state}):")
+        for res in results:
+            print(f"  {res['method']:>8} batch {res['batch_size']:4d}: "
+                  f"median step old {res['a']['median_step_s']:.3f} s, new "
+                  f"{res['b']['median_step_s']:.3f} s; new/old "
+                  f"{_ratio_text(res)}; step peak memory "
+                  f"{res['a']['step_peak_mb']:.0f} -> "
+                  f"{res['b']['step_peak_mb']:.0f} MB")
+        record = dict(mode="compare", old=commit, new=state, results=results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
