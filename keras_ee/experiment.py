@@ -238,11 +238,12 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
         verbose = 0
     start = time.perf_counter()
     if first_epoch < config.epochs:
-        model.fit(training_data(config, splits, model.method, first_epoch), validation_data=val_ds, epochs=config.epochs, initial_epoch=first_epoch,
+        model.fit(training_data(config, splits, model.method, first_epoch), validation_data=val_ds,
+                  epochs=config.epochs, initial_epoch=first_epoch,
                   steps_per_epoch=splits.train_batches(config.batch_size), callbacks=cbs, verbose=verbose,
                   shuffle=False)  # the pipeline shuffles, by (seed, epoch)
     try:
-        runs.check_free_space(workdir, int(runs._variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
+        runs.check_free_space(workdir, int(runs.variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
         with atomic_path(workdir / MODEL_FILE) as tmp:
             model.save(tmp)
     except OSError as e:

@@ -161,7 +161,7 @@ def _read_holder(fd) -> str:
     return text
 
 
-def _variable_bytes(model) -> int:
+def variable_bytes(model) -> int:
     """Bytes of every variable an `.weights.h5` of `model` would hold (model and optimizers)."""
     return sum(int(math.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
                for v in _all_variables(model))
@@ -270,7 +270,7 @@ class RunBackup(keras.callbacks.Callback):
         weights, meta = self._paths(epochs_done)
         try:
             self.backup_dir.mkdir(parents=True, exist_ok=True)
-            check_free_space(self.backup_dir, int(_variable_bytes(self.model) * 1.1) + (1 << 20),
+            check_free_space(self.backup_dir, int(variable_bytes(self.model) * 1.1) + (1 << 20),
                              f"the backup after epoch {epochs_done}")
             with atomic_path(weights) as tmp:
                 self.model.save_weights(tmp)

@@ -1,7 +1,6 @@
 """Faults in user data: bad .npz files and label arrays get one-line errors naming what and where."""
 
 import warnings
-import zipfile
 
 import numpy as np
 import pytest

@@ -361,8 +361,7 @@ def first_nonfinite(tensors):
             return ops.convert_to_tensor(True)  # integer counters, seeds: always finite
         return ops.all(ops.isfinite(t))
 
-    finite = ops.stack([finite(t) for t in tensors])
-    bad = ops.logical_not(finite)
+    bad = ops.logical_not(ops.stack([finite(t) for t in tensors]))
     first = ops.cast(ops.argmax(ops.cast(bad, "int32")), "int64") + 1
     any_bad = ops.any(bad)
     return any_bad, ops.where(any_bad, first, ops.zeros((), "int64"))

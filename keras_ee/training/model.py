@@ -1,14 +1,13 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from keras_ee.training import core
 from keras_ee.training.methods import Baseline
 from keras_ee.training.methods import Method
 
-# What the training step found wrong, by the `phase` slot of the record.
+# What a training step found wrong: the `kind` field of `StepFaults`.
 _LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
 _PHASES = {_LOSS: "training loss", _META: "meta loss"}
 _KIND_NAMES = {_LOSS: "loss", _META: "meta_loss", _BATCH: "batch_size", _GRADIENT: "gradient",
@@ -293,9 +292,13 @@ class MultiExitModel(keras.Model):
         y = ops.convert_to_tensor(y)
         if len(y.shape) >= 2 and y.shape[-1] not in (None, 1):
             return data  # one-hot or soft labels
-        as_float = ops.cast(y, "float32")
-        integral = ops.all(ops.equal(as_float, ops.round(as_float)))
-        labels = ops.cast(ops.round(as_float), "int64")
+        if "int" in keras.backend.standardize_dtype(y.dtype):
+            integral = ops.convert_to_tensor(True)
+            labels = ops.cast(y, "int64")
+        else:
+            as_float = ops.cast(y, "float32")
+            integral = ops.all(ops.equal(as_float, ops.round(as_float)))
+            labels = ops.cast(ops.round(as_float), "int64")
         top = self.num_classes - 1
         in_range = ops.logical_and(ops.all(labels >= 0), ops.all(labels <= top))
         worst = ops.where(ops.any(labels > top), ops.max(labels), ops.min(labels))

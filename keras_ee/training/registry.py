@@ -319,20 +319,19 @@ def _convert(value, kind):
         args = typing.get_args(kind)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
+            except (TypeError, ValueError):
+                continue
         raise ValueError(f"expected {_type_name(kind)}")
     if origin in (list, tuple):
         if isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list")
+            raise ValueError("expected a list")
         return origin(value)
     if kind is bool:
         if isinstance(value, bool):
