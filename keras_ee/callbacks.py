@@ -134,13 +134,19 @@ class EpochProgress(keras.callbacks.Callback):
     Keras' own bar prints every log key (dozens for a multi-exit model with per-exit
     weight statistics); this one shows the loss while training and then the accuracy
     of every exit on training and validation data, which is what one watches.
-    Use it with `fit(..., verbose=0)`.
+    Use it with `fit(..., verbose=0)`. `label` (e.g. "phase_2 (2/2)", set by
+    `keras-ee train` for multi-phase methods) prefixes the bar and the line.
     """
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, label=None):
         super().__init__()
         self.stream = stream
+        self.label = label
         self._bar = None
+
+    def _prefix(self, epoch):
+        text = f"epoch {epoch + 1}/{self.epochs}"
+        return f"{self.label} {text}" if self.label else text
 
     def on_train_begin(self, logs=None):
         self.epochs = self.params.get("epochs")
@@ -150,7 +156,7 @@ class EpochProgress(keras.callbacks.Callback):
         from tqdm.auto import tqdm
 
         self._epoch = epoch
-        self._bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+        self._bar = tqdm(total=self.steps, desc=self._prefix(epoch), unit="batch",
                          leave=False, file=self.stream, dynamic_ncols=True)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -175,7 +181,7 @@ class EpochProgress(keras.callbacks.Callback):
                 k += 1
             return "/".join(values)
 
-        parts = [f"epoch {epoch + 1}/{self.epochs}", f"loss {float(logs.get('loss', float('nan'))):.4f}",
+        parts = [self._prefix(epoch), f"loss {float(logs.get('loss', float('nan'))):.4f}",
                  f"train acc % {accs('')}"]
         if "val_exit_1_accuracy" in logs:
             parts.append(f"val acc % {accs('val_')}")

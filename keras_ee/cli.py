@@ -65,7 +65,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--method-option", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="an option of the method, converted to its declared type (repeatable)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="epochs (of phase I for a method with phases, e.g. IMTA)")
+    g.add_argument("--phase2-epochs", type=int,
+                   help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", dest="learning_rate", type=float, help="default 0.1 * batch_size / 64")
     g.add_argument("--schedule", choices=["cosine", "step", "constant"])
@@ -98,8 +100,8 @@ def _config_from_args(args):
             values[key] = getattr(args, key)
     values["model_options"] = {**values["model_options"], **dict(args.model_option or [])}
     method_options = {**values["method_options"], **dict(args.method_option or [])}
-    for key in ("q", "delta"):
-        if getattr(args, key) is not None:
+    for key in ("q", "delta", "phase2_epochs"):
+        if getattr(args, key, None) is not None:
             method_options[key] = getattr(args, key)
     values["method_options"] = method_options
     return TrainConfig.from_dict(values)

@@ -176,7 +176,11 @@ def _model_ops(model, rule):
 
 
 def _params(layer):
-    return int(sum(math.prod(w.shape) for w in getattr(layer, "trainable_weights", [])))
+    # The weights a layer learns, also while it is frozen (`trainable=False`, e.g. in
+    # IMTA's phase II): everything but normalization statistics.
+    weights = getattr(layer, "weights", [])
+    return int(sum(math.prod(w.shape) for w in weights
+                   if w.trainable or not w.path.rsplit("/", 1)[-1].startswith("moving_")))
 
 
 def exit_costs(model, rule="reference"):

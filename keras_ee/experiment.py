@@ -115,9 +115,7 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
 
 
 def build_model(config: TrainConfig, splits, method=None):
-    """The backbone preset wrapped in a compiled `MultiExitModel` with the configured method."""
-    import keras
-
+    """The backbone preset wrapped in a `MultiExitModel` with the configured method, compiled for phase 1."""
     from keras_ee import models, training
 
     backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
@@ -125,11 +123,36 @@ def build_model(config: TrainConfig, splits, method=None):
     if method is None:
         method = make_method(config.method, config.method_options)
     model = training.MultiExitModel(backbone, method=method)
-    steps = config.epochs * splits.train_batches(config.batch_size) * method.optimizer_steps_per_batch
-    model.compile(optimizer=keras.optimizers.SGD(
-        learning_rate=make_schedule(config, steps), momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay or None))
+    compile_phase(model, config, splits, 0)
     return model
+
+
+def run_phases(config: TrainConfig, method):
+    """The method's phases for this run (`Method.phases(config.epochs)`)."""
+    return method.phases(config.epochs)
+
+
+def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = True):
+    """Configure `model` for phase `index` and compile it with that phase's new optimizer.
+
+    The optimizer is the run's SGD (with the phase's `optimizer_options`) and its
+    learning-rate schedule spans the phase's optimizer steps, or the phase's own
+    `make_optimizer`.
+    """
+    import keras
+
+    phase = run_phases(config, model.method)[index]
+    model.enter_phase(index, fresh=fresh)
+    steps = phase.epochs * splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
+    if phase.make_optimizer is not None:
+        optimizer = phase.make_optimizer(steps)
+    else:
+        settings = {"learning_rate": config.initial_learning_rate, "momentum": config.momentum,
+                    "nesterov": config.nesterov, "weight_decay": config.weight_decay, **phase.optimizer_options}
+        optimizer = keras.optimizers.SGD(
+            learning_rate=make_schedule(config, steps, settings["learning_rate"]), momentum=settings["momentum"],
+            nesterov=settings["nesterov"], weight_decay=settings["weight_decay"] or None)
+    model.compile(optimizer=optimizer)
 
 
 def load_data(config: TrainConfig):
@@ -153,11 +176,11 @@ def make_method(name: str, options: dict):
     return training.get_method(name).create(options)
 
 
-def make_schedule(config: TrainConfig, total_steps: int):
-    """The learning-rate schedule over optimizer iterations."""
+def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None):
+    """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's)."""
     import keras
 
-    lr = config.initial_learning_rate
+    lr = config.initial_learning_rate if learning_rate is None else learning_rate
     if config.schedule == "constant":
         return lr
     if config.schedule == "cosine":
@@ -166,22 +189,26 @@ def make_schedule(config: TrainConfig, total_steps: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
-def training_data(config: TrainConfig, splits, method, first_epoch: int = 0):
-    """The batches of epochs `first_epoch .. config.epochs - 1`, each a function of (seed, epoch).
+def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end_epoch: int | None = None):
+    """The batches of epochs `first_epoch .. end_epoch - 1`, each a function of (seed, epoch).
 
-    A method with a meta stream (`Method.uses_meta_stream`) gets `((x, y), (x_meta,
-    y_meta))` per step, the meta batch from `splits.meta_dataset` (the calibration
-    hold-out unless `config.meta_split_size` holds out a split of its own). Fit with
+    `end_epoch` defaults to the end of the run (`config.epochs` for a one-phase method;
+    epochs are counted over all phases). A method with a meta stream
+    (`Method.uses_meta_stream`) gets `((x, y), (x_meta, y_meta))` per step, the meta
+    batch from `splits.meta_dataset` (the calibration hold-out unless
+    `config.meta_split_size` holds out a split of its own). Fit with
     `steps_per_epoch=splits.train_batches(config.batch_size)`.
     """
+    if end_epoch is None:
+        end_epoch = sum(p.epochs for p in run_phases(config, method))
     train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
-                                    epochs=config.epochs)
+                                    epochs=end_epoch)
     if not method.uses_meta_stream:
         return train_ds
     import tensorflow as tf
 
     meta = splits.meta_dataset(config.batch_size, splits.train_batches(config.batch_size), seed=config.seed,
-                               first_epoch=first_epoch, epochs=config.epochs)
+                               first_epoch=first_epoch, epochs=end_epoch)
     return tf.data.Dataset.zip((train_ds, meta))
 
 
@@ -214,15 +241,63 @@ def load_run_model(path):
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
 
 
+def fit_run(config: TrainConfig, splits, model, callbacks, verbose=0, first_epoch: int = 0, configured: int = 0,
+            progress=None, validation_data=None):
+    """Train every phase of the run from epoch `first_epoch` (counted over all phases).
+
+    Each phase that starts here is configured and compiled with its own optimizer
+    (`compile_phase`); the model must be compiled for phase `configured` already (a
+    fresh `build_model`: 0; a restored backup: the phase of its last epoch).
+
+    Returns:
+        The `History` of the last `fit` (None if nothing was left to train).
+    """
+    from keras_ee.training.methods import phase_starts
+
+    phases = run_phases(config, model.method)
+    starts, _ = phase_starts(phases)
+    history = None
+    for index, (phase, begin) in enumerate(zip(phases, starts)):
+        end = begin + phase.epochs
+        if first_epoch >= end:
+            continue
+        if index != configured:  # a new phase starts now
+            compile_phase(model, config, splits, index, fresh=True)
+            configured = index
+        if progress is not None and len(phases) > 1:
+            progress.label = f"{phase.name} ({index + 1}/{len(phases)})"
+        initial = max(first_epoch, begin)
+        history = model.fit(training_data(config, splits, model.method, initial, end),
+                            validation_data=validation_data, epochs=end, initial_epoch=initial,
+                            steps_per_epoch=splits.train_batches(config.batch_size), callbacks=callbacks,
+                            verbose=verbose, shuffle=False)  # the pipeline shuffles, by (seed, epoch)
+    return history
+
+
 def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
     """Restore the newest intact backup, train the remaining epochs, save the final model."""
     import keras
 
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import runs
+    from keras_ee.training.methods import phase_of_epoch
+
+    phases = run_phases(config, model.method)
+    configured = [0]  # the phase the model is compiled for (build_model: phase 1)
+
+    def configure_for_backup(epochs_done):
+        # A backup after `epochs_done` epochs holds the state of the phase of its last
+        # epoch (its trainable set and optimizer): configure that phase before loading.
+        index = phase_of_epoch(phases, epochs_done - 1) if epochs_done else 0
+        if index != configured[0]:
+            compile_phase(model, config, splits, index, fresh=False)
+            configured[0] = index
 
     backup = runs.RunBackup(workdir / runs.BACKUP_DIR)
-    first_epoch = backup.restore(model)
+    first_epoch = backup.restore(model, prepare=configure_for_backup)
+    if first_epoch == 0 and configured[0] != 0:  # every backup was damaged: start over from phase 1
+        compile_phase(model, config, splits, 0, fresh=False)
+        configured[0] = 0
     history = runs.HistoryLog(workdir / runs.HISTORY_FILE)
     history.truncate(first_epoch)
     val_ds = splits.val_dataset(config.batch_size)
@@ -233,15 +308,14 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
     # leaves a row that the resume drops (truncate) and trains again.
     cbs += [history, backup, keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
             *model.method.callbacks(), *callbacks]
+    progress = None
     if verbose == "progress":
-        cbs.append(ee_callbacks.EpochProgress())
+        progress = ee_callbacks.EpochProgress()
+        cbs.append(progress)
         verbose = 0
     start = time.perf_counter()
-    if first_epoch < config.epochs:
-        model.fit(training_data(config, splits, model.method, first_epoch), validation_data=val_ds,
-                  epochs=config.epochs, initial_epoch=first_epoch,
-                  steps_per_epoch=splits.train_batches(config.batch_size), callbacks=cbs, verbose=verbose,
-                  shuffle=False)  # the pipeline shuffles, by (seed, epoch)
+    fit_run(config, splits, model, cbs, verbose=verbose, first_epoch=first_epoch, configured=configured[0],
+            progress=progress, validation_data=val_ds)
     try:
         runs.check_free_space(workdir, int(runs.variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
         with atomic_path(workdir / MODEL_FILE) as tmp:

@@ -220,26 +220,34 @@ class RunBackup(keras.callbacks.Callback):
 
     # --- restore -------------------------------------------------------------
 
-    def restore(self, model) -> int:
+    def restore(self, model, prepare=None) -> int:
         """Load the newest backup that reads back into `model`; return its epoch count.
 
         A damaged backup (torn file, wrong content) is reported and skipped; the next
         older one is tried; with none left, training starts over (0 is returned and
         the model keeps its fresh initialisation, which `restore` re-creates by loading
         nothing: the caller builds the model before calling it).
+
+        Args:
+            model: the model (compiled) to load into.
+            prepare: optional `fn(epochs_done)` called before each backup is loaded,
+                to configure the model for the state that backup holds (a
+                multi-phase method: the phase of its last epoch, with that phase's
+                trainable set and optimizer).
         """
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        fresh = None
         damaged = []
         for epoch in self.backups():
             weights, meta = self._paths(epoch)
+            fresh = None
             try:
                 info = json.loads(meta.read_text())
                 if info.get("epoch") != epoch:
                     raise ValueError(f"metadata says epoch {info.get('epoch')!r}")
-                if fresh is None:  # to undo a partial load of a damaged file
-                    fresh = [v.numpy() for v in _all_variables(model)]
+                if prepare is not None:
+                    prepare(epoch)
+                if model.optimizer is not None and not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)
+                fresh = [v.numpy() for v in _all_variables(model)]  # to undo a partial load of a damaged file
                 model.load_weights(weights)
                 seeds = info.get("seed_states", [])
                 states = _seed_states(model)
@@ -261,6 +269,8 @@ class RunBackup(keras.callbacks.Callback):
         if damaged:
             self._say(f"backup {', '.join(damaged)} is damaged and no older backup is intact; "
                       "starting the training over.")
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
         return 0
 
     # --- save ----------------------------------------------------------------

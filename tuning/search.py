@@ -61,10 +61,9 @@ def make_hypermodel(config, splits):
             callbacks = [BudgetCallback(val_ds), *model.method.callbacks(), *kwargs.pop("callbacks", [])]
             kwargs.pop("validation_data", None)
             trial = self.trial_config(hp)
-            return model.fit(experiment.training_data(trial, splits, model.method), validation_data=val_ds,
-                             epochs=config.epochs, steps_per_epoch=splits.train_batches(config.batch_size),
-                             callbacks=callbacks, verbose=kwargs.get("verbose", 0),
-                             shuffle=False)  # the pipeline shuffles, by (seed, epoch)
+            # Every phase of the method (IMTA: two); the last phase's logs are the objective.
+            return experiment.fit_run(trial, splits, model, callbacks, verbose=kwargs.get("verbose", 0),
+                                      validation_data=val_ds)
 
     return BudgetHyperModel()
 

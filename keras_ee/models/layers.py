@@ -344,7 +344,9 @@ class ConvBNReLU(keras.layers.Layer):
         return ops.conv(x, kernel, strides=self.strides, padding=padding)
 
     def call(self, inputs, training=None):
-        if training:
+        # As Keras' BatchNormalization: a frozen layer (trainable=False) runs in
+        # inference mode, with its moving statistics, and does not update them.
+        if training and self.trainable:
             y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
             if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
                 y, mean, variance = self._tf_fused_batch_norm(y)

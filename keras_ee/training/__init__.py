@@ -21,14 +21,20 @@ from keras_ee.training.core import lookahead_step
 from keras_ee.training.core import per_exit_cross_entropy
 from keras_ee.training.core import split_halves
 from keras_ee.training.core import stateless_forward
+from keras_ee.training.imta import IMTA
+from keras_ee.training.imta import CollaborationGate
+from keras_ee.training.imta import distillation_terms
 from keras_ee.training.l2w import L2W
+from keras_ee.training.l2w_imta import L2WIMTA
 from keras_ee.training.l2w import WeightPredictionNetwork
 from keras_ee.training.l2w import zero_sum_weights
 from keras_ee.training.methods import Baseline
 from keras_ee.training.methods import Method
+from keras_ee.training.methods import Phase
 from keras_ee.training.model import MultiExitModel
 from keras_ee.training.model import NonFiniteLossError
 from keras_ee.training.model import NonFiniteLossGuard
+from keras_ee.training.model import fit_phases
 from keras_ee.training.registry import SearchChoice
 from keras_ee.training.registry import SearchRange
 from keras_ee.training.registry import available_methods
@@ -38,7 +44,10 @@ from keras_ee.training.registry import register_method
 
 __all__ = [
     "Baseline",
+    "CollaborationGate",
+    "IMTA",
     "L2W",
+    "L2WIMTA",
     "LookAhead",
     "LookAheadResult",
     "MLP",
@@ -46,6 +55,7 @@ __all__ = [
     "MultiExitModel",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "Phase",
     "SearchChoice",
     "SearchRange",
     "WeightPredictionNetwork",
@@ -54,8 +64,10 @@ __all__ = [
     "available_methods",
     "bilevel",
     "core",
+    "distillation_terms",
     "exit_confidence",
     "exit_fractions",
+    "fit_phases",
     "get_method",
     "lookahead_step",
     "methods_table",

@@ -141,7 +141,7 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
             outputs = [outputs]
         return list(outputs), non_trainable
     names = tuple(return_tensors)
-    probe = _probe_model(model, names)
+    probe = probe_model(model, names)
     # The probe shares the model's variables, possibly in another order.
     trainable_at = {id(v): i for i, v in enumerate(model.trainable_variables)}
     values = [trainable_values[trainable_at[id(v)]] for v in probe.trainable_variables]
@@ -158,8 +158,12 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
 _PROBES = weakref.WeakKeyDictionary()
 
 
-def _probe_model(model, names):
-    """A functional model with `model`'s outputs plus the named layers' outputs (cached)."""
+def probe_model(model, names):
+    """A functional model with `model`'s outputs plus the named layers' outputs (cached).
+
+    It shares `model`'s layers and variables; calling it computes the named tensors in
+    the same forward pass as the exits' logits (e.g. `("exit_5_features",)`).
+    """
     cache = _PROBES.setdefault(model, {})
     if names not in cache:
         if not hasattr(model, "outputs") or model.outputs is None:

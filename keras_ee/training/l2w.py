@@ -385,14 +385,25 @@ class L2W(Method):
         model.update_step_metrics(loss, y, logits, ce)
         self.weight_stats.update(w)
 
+    def loss_terms(self, model, x):
+        """`fn(ce, logits) -> (batch, K)` terms that the sample weights multiply, for batch `x`.
+
+        Default: the cross-entropies themselves. A method built on L2W can weight other
+        per-exit terms (L2W + IMTA's phase II: each exit's CE + distillation term); the
+        WPN's inputs stay the cross-entropies and confidences.
+        """
+        return None
+
     def _plain_step(self, model, x, y):
         variables = model.trainable_variables
+        terms_of = self.loss_terms(model, x)
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             ce = core.per_exit_cross_entropy(y, logits)
             conf = core.exit_confidence(logits)
             w = ops.stop_gradient(self.sample_weights(ce, conf))
-            per_exit = core.weighted_exit_losses(ce, w)
+            terms = ce if terms_of is None else terms_of(ce, logits)
+            per_exit = core.weighted_exit_losses(terms, w)
             loss = ops.sum(per_exit)
             scaled = model.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
@@ -409,14 +420,19 @@ class L2W(Method):
         Returns:
             `(wpn_grads, result)`: the gradients (one per
             `self.wpn.weights`) and the `bilevel.LookAheadResult` holding the
-            reusable training-half forward pass (`terms` = per-exit CE,
-            `logits`, `non_trainable` BN statistics, `outer_loss`, and
+            reusable training-half forward pass (`terms` = the weighted
+            per-exit terms, the CE unless `loss_terms` says otherwise; `aux` =
+            `(ce, logits)`; `logits`, `non_trainable` BN statistics, `outer_loss`, and
             `outer_aux` = the meta loss's per-exit terms).
         """
-        def terms_fn(logits, y):
-            return core.per_exit_cross_entropy(y, logits), logits
+        terms_of = self.loss_terms(model, x_t)
 
-        def coefficients_fn(ce, logits):
+        def terms_fn(logits, y):
+            ce = core.per_exit_cross_entropy(y, logits)
+            return (ce if terms_of is None else terms_of(ce, logits)), (ce, logits)
+
+        def coefficients_fn(terms, aux):
+            ce, logits = aux
             w = self.sample_weights(ce, core.exit_confidence(logits))
             return w / ops.cast(ops.shape(ce)[0], w.dtype)
 
@@ -432,7 +448,7 @@ class L2W(Method):
     def _meta_step(self, model, x_t, y_t, x_m, y_m):
         wpn_vars = self.wpn.weights
         wpn_grads, result = self.meta_gradients(model, x_t, y_t, x_m, y_m)
-        ce = result.terms
+        ce, _ = result.aux
         # Report a non-finite training loss before the meta loss it causes.
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
         model.record_nonfinite(result.outer_aux, phase=1)
@@ -453,7 +469,7 @@ class L2W(Method):
         # Gradients of the scaled loss, as `apply_step` expects (mixed precision).
         grads = result.real_gradients(model.optimizer.scale_loss(w / n))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
-        per_exit = core.weighted_exit_losses(ce, w)
+        per_exit = core.weighted_exit_losses(result.terms, w)
         self._apply_real(
             model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w
         )

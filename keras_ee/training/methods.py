@@ -37,11 +37,25 @@ Hooks (override what the method needs):
 - `save_artifacts(model, splits, workdir)`: the method's own files in a run
   folder after training (L2W: `wpn.npz`, `l2w_samples.npz`), written with
   `keras_ee.atomic`.
+- `phases(epochs)` and `enter_phase(model, index, fresh)`: training in
+  several phases (IMTA: phase I trains everything, phase II freezes it and
+  trains new classifiers). `phases` lists `Phase`s (name, epochs, optimizer
+  settings); `enter_phase` configures the model for one of them (which layers
+  train, the mode of frozen BatchNorm, what the loss is). `keras-ee train`
+  runs every phase, each with its own optimizer and learning-rate schedule
+  over the phase's steps, shows the phase in its progress, and resumes an
+  interrupted run inside the right phase. With plain `model.fit`, use
+  `keras_ee.training.fit_phases`, or per phase: `model.enter_phase(i)`,
+  `model.compile(optimizer=...)` (a new optimizer: the trainable set
+  changed), `model.fit(..., epochs=phase.epochs)`.
 
 A method file registers its class with `keras_ee.training.register_method`
 (name, one-line summary, paper, search space); see
 `keras_ee.training.registry`.
 """
+
+import dataclasses
+from typing import Callable
 
 import keras
 import numpy as np
@@ -50,6 +64,54 @@ from keras import ops
 
 from keras_ee.training import core
 from keras_ee.training.registry import register_method
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a method's training (see `Method.phases`).
+
+    Attributes:
+        name: a short name shown in progress output (e.g. "phase_2").
+        epochs: the phase's epochs (>= 1).
+        optimizer_options: overrides of the run's SGD settings for this phase
+            (`momentum`, `nesterov`, `weight_decay`, `learning_rate`), e.g. IMTA's
+            `{"nesterov": True}`.
+        make_optimizer: optional `fn(total_steps) -> keras optimizer` that replaces
+            the run's optimizer for this phase entirely (`total_steps`: the phase's
+            optimizer steps, for a schedule).
+    """
+
+    name: str
+    epochs: int
+    optimizer_options: dict = dataclasses.field(default_factory=dict)
+    make_optimizer: Callable | None = None
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"phase {self.name!r}: `epochs` must be an int >= 1; received {self.epochs!r}.")
+        unknown = sorted(set(self.optimizer_options) - {"momentum", "nesterov", "weight_decay", "learning_rate"})
+        if unknown:
+            raise ValueError(f"phase {self.name!r}: unknown optimizer options {unknown}; expected momentum, "
+                             "nesterov, weight_decay or learning_rate.")
+
+
+def phase_of_epoch(phases, epoch):
+    """Index of the phase that epoch `epoch` (0-based, counted over all phases) belongs to."""
+    end = 0
+    for i, phase in enumerate(phases):
+        end += phase.epochs
+        if epoch < end:
+            return i
+    return len(phases) - 1
+
+
+def phase_starts(phases):
+    """First epoch (0-based, over all phases) of every phase, and the total epoch count."""
+    starts, total = [], 0
+    for phase in phases:
+        starts.append(total)
+        total += phase.epochs
+    return starts, total
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -75,6 +137,32 @@ class Method(keras.layers.Layer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.num_exits = None
+        self.current_phase = 0
+
+    def phases(self, epochs):
+        """The method's training phases for a run of `epochs` (default: one phase).
+
+        Args:
+            epochs: the run's `epochs` setting (multi-phase methods document what it
+                means for them; IMTA: phase I's epochs).
+
+        Returns:
+            A list of `Phase`s, run in order.
+        """
+        return [Phase("train", int(epochs))]
+
+    def enter_phase(self, model, index, fresh=True):
+        """Configure `model` for phase `index` (trainable layers, BatchNorm mode, loss).
+
+        Must work from any current phase (a resumed run may go back to an earlier
+        phase's backup). `fresh=True` when the phase starts now (a method may
+        initialise what the phase trains, or take a snapshot of a teacher);
+        `fresh=False` when a backup's weights are about to be loaded into it.
+        The caller compiles the model with a new optimizer afterwards.
+        """
+        if index != 0:
+            raise ValueError(f"{type(self).__name__} has one training phase; received phase index {index}.")
+        self.current_phase = 0
 
     def transform_backbone(self, backbone):
         """The backbone this method trains, built from `backbone` (default: itself).

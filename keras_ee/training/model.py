@@ -247,6 +247,16 @@ class MultiExitModel(keras.Model):
             config.pop(key, None)
         self.compile(**config)
 
+    def enter_phase(self, index, fresh=True):
+        """Configure the model for phase `index` of its method (`method.phases`).
+
+        Compile afterwards with a new optimizer (the trainable variables may have
+        changed); `keras_ee.training.fit_phases` does both for every phase.
+        """
+        self.method.enter_phase(self, int(index), fresh=fresh)
+        # Traced steps hold the previous phase's graph (trainable set, BatchNorm mode).
+        self.train_function = self.test_function = self.predict_function = None
+
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, with a guard against non-finite values and bad labels."""
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
@@ -421,6 +431,48 @@ class MultiExitModel(keras.Model):
             config.pop("method"), custom_objects=custom_objects
         )
         return cls(backbone=backbone, method=method, **config)
+
+
+def fit_phases(model, x, epochs, make_optimizer, steps_per_epoch=None, callbacks=None, **fit_kwargs):
+    """Train every phase of `model.method` with plain `model.fit`, one after the other.
+
+    Args:
+        model: a `MultiExitModel` (compiled or not).
+        x: the training data for `fit` (repeated every epoch, as `fit` does).
+        epochs: the run's epochs, as given to `method.phases(epochs)`.
+        make_optimizer: `fn(phase, index) -> keras optimizer`, called for each phase
+            (a new optimizer: the trainable set changes between phases). A
+            phase's own `make_optimizer`, if set, is used instead.
+        steps_per_epoch, callbacks, **fit_kwargs: passed to every `fit`.
+
+    Returns:
+        The list of each phase's `History`.
+
+    Example:
+    >>> histories = fit_phases(model, train_ds, epochs=300,
+    ...     make_optimizer=lambda phase, i: keras.optimizers.SGD(0.1, momentum=0.9))
+    """
+    histories = []
+    for i, phase in enumerate(model.method.phases(epochs)):
+        model.enter_phase(i)
+        if phase.make_optimizer is not None:
+            steps = phase.epochs * (steps_per_epoch or 0) * model.method.optimizer_steps_per_batch
+            optimizer = phase.make_optimizer(steps)
+        else:
+            optimizer = make_optimizer(phase, i)
+        model.compile(optimizer=optimizer, **_compile_options(model))
+        histories.append(model.fit(x, epochs=phase.epochs, steps_per_epoch=steps_per_epoch,
+                                   callbacks=callbacks, **fit_kwargs))
+    return histories
+
+
+def _compile_options(model):
+    """The compile settings (other than the optimizer) the model was compiled with, if any."""
+    config = getattr(model, "_compile_config", None)
+    options = dict(config.config) if config is not None else {}
+    for key in ("optimizer", "loss", "metrics", "weighted_metrics", "loss_weights"):
+        options.pop(key, None)
+    return options
 
 
 def _with_guard(callbacks):

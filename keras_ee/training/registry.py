@@ -165,9 +165,7 @@ def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) ->
     option_types = dict(option_types or {})
     hints = _constructor_hints(cls)
     options = {}
-    for p in inspect.signature(cls.__init__).parameters.values():
-        if p.name == "self" or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            continue
+    for p in _constructor_parameters(cls, Method):
         default = None if p.default is inspect.Parameter.empty else p.default
         kind = option_types.get(p.name, hints.get(p.name))
         if kind is None and default is not None:
@@ -189,17 +187,46 @@ def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) ->
                       options=options, search_space=space, aliases=aliases)
 
 
+def _constructor_parameters(cls, base):
+    """The named constructor parameters of `cls`, and of its bases while `**kwargs` passes them on.
+
+    A method built by cooperative inheritance (L2W + IMTA: `class L2WIMTA(IMTA, L2W)`, each
+    `__init__` taking its own options and `**kwargs`) has the options of all of them.
+    The walk stops at `base` (`Method`, whose `**kwargs` are Keras layer arguments).
+    """
+    params, seen = [], set()
+    for klass in cls.__mro__:
+        if klass is base or not issubclass(klass, base) or "__init__" not in vars(klass):
+            continue
+        more = False
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind == p.VAR_KEYWORD:
+                more = True
+            elif p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in seen:
+                seen.add(p.name)
+                params.append(p)
+        if not more:
+            break
+    return params
+
+
 def _constructor_hints(cls) -> dict:
-    try:
-        return typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: fall back to the defaults' types
-        return {}
+    hints = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            try:
+                hints.update(typing.get_type_hints(klass.__init__))
+            except Exception:  # unresolvable annotations: fall back to the defaults' types
+                pass
+    return hints
 
 
 def _load_builtins() -> None:
     # The package's own methods register themselves on import.
     importlib.import_module("keras_ee.training.methods")
     importlib.import_module("keras_ee.training.l2w")
+    importlib.import_module("keras_ee.training.imta")
+    importlib.import_module("keras_ee.training.l2w_imta")
 
 
 def _load_entry_points() -> None:
