@@ -24,7 +24,10 @@ existing run folder is checked before anything is trained.
 Training time per epoch is the wall time of each epoch (fit's `on_epoch_begin` to
 `on_epoch_end`: training steps, validation, the run's history and backup writes), which
 a callback records into the run folder's `epoch_times.json`; for a run trained without
-it, `state.json`'s `train_seconds` divided by the epochs that invocation trained.
+it, `state.json`'s `train_seconds` divided by the epochs that invocation trained. A method
+with several phases (`Method.phases`; IMTA: `--epochs` is phase I, phase II adds its own
+epochs) trains the sum of its phases' epochs, counted on across the phases; its time per
+epoch is given per phase ("12.3 (I) / 5.1 (II)"), each phase being its own training call.
 
 Examples:
 
@@ -285,20 +288,49 @@ def finished(workdir: Path):
         return None
 
 
-def epoch_seconds(workdir: Path, epochs: int) -> dict:
+def run_phases(config):
+    """The run's phases (`Method.phases(config.epochs)` of its method with its options)."""
+    from keras_ee import experiment
+
+    return experiment.make_method(config.method, config.method_options).phases(config.epochs)
+
+
+def _mean_untraced(times: dict, traced: set, epochs) -> float:
+    plain = [times[e] for e in epochs if e not in traced] or [times[e] for e in epochs]
+    return float(np.mean(plain))
+
+
+def epoch_seconds(workdir: Path, epochs) -> dict:
     """A finished run's epoch times: `per_epoch` (list, or None if unknown), `steady` (the mean over
-    the epochs without tracing, or over all if every epoch has it), `first` (epoch 1's) and `source`."""
+    the epochs without tracing, or over all if every epoch has it), `first` (epoch 1's) and `source`.
+
+    `epochs` is the run's epoch count, or the list of its phases' epochs (a multi-phase method:
+    `epoch_times.json` counts epochs on across the phases, and every phase is its own training
+    call, so its first epoch traces again). With more than one phase, the figures above cover
+    all the run's epochs, and `phases` holds each phase's `epochs`, `steady` and `first` (None
+    where unknown).
+    """
+    counts = [int(epochs)] if isinstance(epochs, (int, np.integer)) else [int(n) for n in epochs]
+    total = sum(counts)
+    starts = np.cumsum([0] + counts[:-1]).tolist()
     times, traced = read_epoch_times(workdir)
-    if all(e in times for e in range(epochs)):
-        plain = [times[e] for e in range(epochs) if e not in traced] or [times[e] for e in range(epochs)]
-        return {"per_epoch": [times[e] for e in range(epochs)], "traced": sorted(traced),
-                "steady": float(np.mean(plain)), "first": times[0], "source": EPOCH_TIMES_FILE}
+    if all(e in times for e in range(total)):
+        out = {"per_epoch": [times[e] for e in range(total)], "traced": sorted(traced),
+               "steady": _mean_untraced(times, traced, range(total)), "first": times[0], "source": EPOCH_TIMES_FILE}
+        if len(counts) > 1:
+            out["phases"] = [{"epochs": n, "steady": _mean_untraced(times, traced, range(b, b + n)), "first": times[b]}
+                             for b, n in zip(starts, counts)]
+        return out
     state = _state(workdir)  # a run trained without the callback: the last invocation's mean
-    trained = epochs - int(state.get("resumed_at_epoch") or 0)
+    trained = total - int(state.get("resumed_at_epoch") or 0)
     if state.get("train_seconds") is not None and trained > 0:
-        return {"per_epoch": None, "traced": None, "steady": float(state["train_seconds"]) / trained, "first": None,
-                "source": "state.json"}
-    return {"per_epoch": None, "traced": None, "steady": None, "first": None, "source": "none"}
+        out = {"per_epoch": None, "traced": None, "steady": float(state["train_seconds"]) / trained, "first": None,
+               "source": "state.json"}
+    else:
+        out = {"per_epoch": None, "traced": None, "steady": None, "first": None, "source": "none"}
+    if len(counts) > 1:
+        out["phases"] = [{"epochs": n, "steady": None, "first": None} for n in counts]
+    return out
 
 
 def run_all(runs, quiet: bool) -> None:
@@ -319,7 +351,9 @@ def run_all(runs, quiet: bool) -> None:
         evaluation.write_evaluation(ev, workdir / "eval", title=f"{r['config'].model} / {r['label']} on "
                                                                 f"{r['config'].dataset}, seed {r['seed']}")
         r["evaluation"] = ev
-        r["timing"] = epoch_seconds(workdir, r["config"].epochs)
+        phases = run_phases(r["config"])
+        r["phases"] = [{"name": p.name, "epochs": p.epochs} for p in phases]
+        r["timing"] = epoch_seconds(workdir, [p.epochs for p in phases])
 
 
 # ----------------------------------------------------------------------------- report
@@ -391,7 +425,18 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
                  "first_epoch_seconds": first_epoch, "epoch_seconds": [r["timing"]["per_epoch"] for r in rs],
                  "traced_epochs": [r["timing"]["traced"] for r in rs],
                  "timing_source": [r["timing"]["source"] for r in rs]}
-        for key in ("budget_acc", "mean_acc", "anytime", "seconds_per_epoch", "first_epoch_seconds"):
+        keys = ["budget_acc", "mean_acc", "anytime", "seconds_per_epoch", "first_epoch_seconds"]
+        if len(rs[0]["phases"]) > 1:  # a multi-phase method: its epochs and times per phase too
+            def per_phase(field):
+                return np.array([[np.nan if p[field] is None else p[field] for p in r["timing"]["phases"]]
+                                 for r in rs], np.float64)
+
+            entry["phases"] = rs[0]["phases"]
+            entry["epochs"] = sum(p["epochs"] for p in rs[0]["phases"])
+            entry["phase_seconds_per_epoch"] = per_phase("steady")
+            entry["phase_first_epoch_seconds"] = per_phase("first")
+            keys += ["phase_seconds_per_epoch", "phase_first_epoch_seconds"]
+        for key in keys:
             mean, std, n = _stats(entry[key])
             entry[f"{key}_mean"], entry[f"{key}_std"], entry[f"{key}_n"] = mean, std, n
         out["methods"][m["label"]] = entry
@@ -409,6 +454,43 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
                 d[f"{key}_mean"], d[f"{key}_std"], d[f"{key}_n"] = mean, std, n
             out["differences"][label] = d
     return out
+
+
+_ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X")
+
+
+def _roman(index: int) -> str:
+    """Phase `index` (0-based) as I, II, ..."""
+    return _ROMAN[index] if index < len(_ROMAN) else str(index + 1)
+
+
+def _time_cell(entry: dict, key: str, total: int) -> list[str]:
+    """The s/epoch or 1st-epoch cell: mean ± std, per phase ("12.3 ± 0.1 (I) / 5.1 ± 0.0 (II)") for a
+    multi-phase method whose per-phase times are known."""
+    if "phases" in entry:
+        parts = _cells(entry, f"phase_{key}", total, 1)
+        if any(p != "–" for p in parts):
+            return [" / ".join(f"{p} ({_roman(i)})" for i, p in enumerate(parts))]
+    return _cells(entry, key, total, 1)
+
+
+def _phases_text(summary: dict, epochs: int) -> str:
+    """The caption's sentence on multi-phase methods ("" if there are none)."""
+    groups: dict[str, list[str]] = {}
+    most = 1
+    for label, e in summary["methods"].items():
+        if "phases" in e:
+            later = ", ".join(f"phase {_roman(i)} {p['epochs']} epoch{'s' if p['epochs'] != 1 else ''}"
+                              for i, p in enumerate(e["phases"][1:], 1))
+            groups.setdefault(later, []).append(label)
+            most = max(most, len(e["phases"]))
+    if not groups:
+        return ""
+    return (f" For methods with phases, the {epochs} epoch{'s' if epochs != 1 else ''} above "
+            f"{'are' if epochs != 1 else 'is'} phase I and later phases add their own ("
+            + "; ".join(f"{', '.join(labels)}: {later}" for later, labels in groups.items())
+            + "), counted on across the phases; their s/epoch and 1st epoch s are given per phase ("
+            + " / ".join(_roman(i) for i in range(most)) + "), each phase being its own training call.")
 
 
 def markdown(summary: dict, base, command: str) -> str:
@@ -429,7 +511,8 @@ def markdown(summary: dict, base, command: str) -> str:
         f"{evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} (the range every curve covers), "
         "anytime accuracy (%) of every exit on the whole test set, and the wall time of a training epoch (s; "
         "training, validation and the run's writes): s/epoch is the mean over the epochs after the first of each "
-        "training call (the first one also traces the train and test functions; it is shown on its own).",
+        "training call (the first one also traces the train and test functions; it is shown on its own)."
+        + _phases_text(summary, base.epochs),
         "",
         "| method | " + " | ".join(f"@{b}" for b in summary["budget_labels"])
         + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | "
@@ -438,7 +521,7 @@ def markdown(summary: dict, base, command: str) -> str:
     ]
     for label, e in summary["methods"].items():
         cells = (_cells(e, "budget_acc", ns) + _cells(e, "mean_acc", ns) + _cells(e, "anytime", ns)
-                 + _cells(e, "seconds_per_epoch", ns, 1) + _cells(e, "first_epoch_seconds", ns, 1))
+                 + _time_cell(e, "seconds_per_epoch", ns) + _time_cell(e, "first_epoch_seconds", ns))
         name = label if label == e["method"] else f"{label} ({e['method']})"
         if e["options"]:
             name += " " + ", ".join(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"

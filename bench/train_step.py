@@ -1,10 +1,20 @@
-"""Time per step and peak memory of a Baseline step vs an L2W step, side by side.
+"""Time per step and peak memory of training steps (Baseline, L2W, IMTA's phases), side by side.
 
 Same model (msdnet_cifar_5, 100 classes, 32x32x3 inputs), same random data,
 same loaded batch size, CPU, `tf.function` (`--jit` for XLA). One "step" is
-one loaded batch: Baseline takes one optimizer step on it; L2W takes two
-half-batch optimizer steps (the half-batch exchange), each with its meta
-step, so the ratio of times per loaded batch is the ratio of times per epoch.
+one loaded batch, so the ratio of times per loaded batch is the ratio of
+times per epoch. The worker "methods":
+- `baseline`: `training.Baseline()`, one optimizer step on the batch.
+- `l2w`: `training.L2W()`, two half-batch optimizer steps (the half-batch
+  exchange), each with its meta step.
+- `imta_phase1`: `training.IMTA()` in phase I (the model as built), one
+  optimizer step of the whole network with gradient equilibrium (the
+  inline-collaboration transfer paths are built but closed).
+- `imta_phase2`: `training.IMTA()` after `model.enter_phase(1)`, one optimizer
+  step of the classifiers and transfer paths only over the frozen network
+  (BatchNorm in inference mode), with one-for-all distillation.
+Every method compiles the same SGD (cosine schedule, Nesterov momentum,
+weight decay); IMTA's phase II compiles it after `enter_phase(1)`.
 
 What is timed: each step on its own. A Keras callback records the time from
 `on_train_batch_begin` to `on_train_batch_end` of every batch (the train
@@ -19,25 +29,34 @@ How: each side (a method, at one batch size, from one source tree) runs in
 its own worker process, started once: it builds and traces the model, runs
 `--warmup` steps, then one step with its resident-memory high-water mark
 reset (`/proc/self/clear_refs`) to measure that step's peak growth over the
-RSS before it, then waits. The parent then asks the two sides of a
-comparison for `--steps` timed steps each, in alternating rounds (A B, B A,
-A B, ...), so that load from other jobs on the machine falls on both sides
-alike, and reports per side the median step time and, per round, the ratio
-of the two sides' medians (its median and range over the rounds).
+RSS before it, then waits. The parent then asks the sides of a comparison
+for `--steps` timed steps each, in alternating rounds (A B, B A, A B, ...;
+with more than two sides A B C, C B A, ...), so that load from other jobs on
+the machine falls on every side alike, and reports per side the median step
+time and, per round, the ratio of each side's median to the first side's
+(its median and range over the rounds).
 
 Modes:
-- default: Baseline against L2W of the working tree this script is in (or,
-  with `--rev REV`, of git revision REV checked out into a temporary
-  worktree as below), per batch size; reports the L2W/baseline ratio
-  (target <= 4x) and the peak memory ratio (target <= 2x).
+- default, `--vs-baseline METHOD ...` (default `l2w`): Baseline against each
+  listed method (`l2w`, `imta_phase1`, `imta_phase2`) of the working tree
+  this script is in (or, with `--rev REV`, of git revision REV checked out
+  into a temporary worktree as below), per batch size, all in the same
+  alternating rounds (one Baseline worker per batch size); reports each
+  method's METHOD/baseline step time ratio and peak memory ratio next to the
+  issues' targets: L2W time <= 4x and memory <= 2x; IMTA phase I (with
+  gradient equilibrium) time <= 1.1x; IMTA phase II time <= 0.6x.
 - `--compare-with REV`: the same step of one method (`--methods`, default
-  l2w) from git revision REV ("old", checked out into a temporary
-  `git worktree`, with the built extension `keras_ee/_native*.so` copied in
-  from the working tree since it is untracked) against the working tree
-  ("new"); reports the new/old ratio. The worktree is removed at the end.
+  l2w; any worker method) from git revision REV ("old", checked out into a
+  temporary `git worktree`, with the built extension `keras_ee/_native*.so`
+  copied in from the working tree since it is untracked) against the working
+  tree ("new"); reports the new/old ratio. The worktree is removed at the end.
   Both sides run this file's worker code; it uses only
   `keras_ee.models.create`, `keras_ee.training.MultiExitModel`,
-  `training.L2W()`, `training.Baseline()`, `compile` and `fit`.
+  `training.L2W()`, `training.Baseline()`, `training.IMTA()` with
+  `MultiExitModel.enter_phase` (IMTA workers only), `compile` and `fit`.
+  A revision without `keras_ee.training.IMTA` (older than IMTA) can time
+  baseline and l2w only: asking it for an IMTA worker (here, or with `--rev`)
+  is refused in one line before any worker starts.
 
 The worker imports `keras_ee` from the tree under test (PYTHONPATH is set to
 that tree and nothing else) and checks that it did.
@@ -45,8 +64,11 @@ that tree and nothing else) and checks that it did.
 Usage:
     python bench/train_step.py [--batch-sizes 64 256] [--steps 3]
         [--rounds 3] [--warmup 1] [--model msdnet_cifar_5] [--jit]
-        [--rev REV | --compare-with REV [--methods baseline l2w]]
+        [[--vs-baseline l2w imta_phase1 imta_phase2] [--rev REV]
+         | --compare-with REV [--methods baseline l2w imta_phase1 imta_phase2]]
         [--json PATH]
+    # IMTA's phases against a Baseline step:
+    python bench/train_step.py --vs-baseline imta_phase1 imta_phase2 --batch-sizes 64
 """
 
 import argparse
@@ -65,8 +87,29 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 _TAG = "@@train_step "  # prefix of the worker's protocol lines on stdout
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_NOTE = ("one step = one loaded batch: Baseline takes one optimizer step on "
-         "it, L2W two half-batch optimizer steps (each with its meta step)")
+
+# The worker methods: what one step (one loaded batch) of each does, its name in
+# the report, and the issues' targets for its ratio to a Baseline step.
+METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2")
+_NAMES = dict(baseline="Baseline", l2w="L2W", imta_phase1="IMTA phase I",
+              imta_phase2="IMTA phase II")
+_STEPS = dict(
+    baseline="one optimizer step on it",
+    l2w="two half-batch optimizer steps (each with its meta step)",
+    imta_phase1="one optimizer step of the whole network (gradient "
+                "equilibrium)",
+    imta_phase2="one optimizer step of the classifiers and transfer paths "
+                "over the frozen network (distillation)")
+TARGETS = dict(l2w=dict(time=4, memory=2), imta_phase1=dict(time=1.1),
+               imta_phase2=dict(time=0.6))
+
+
+def _note(methods):
+    """'one step = one loaded batch: Baseline takes ..., L2W ...'."""
+    methods = ["baseline"] + [m for m in methods if m != "baseline"]
+    parts = [f"{_NAMES[m]} {'takes ' if i == 0 else ''}{_STEPS[m]}"
+             for i, m in enumerate(methods)]
+    return "one step = one loaded batch: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- worker side
@@ -162,10 +205,22 @@ def worker(args):
             self.steps.append(t - self._t0)
             self.ends.append(t)
 
+    imta = args.method.startswith("imta_")
+    if imta and not hasattr(training, "IMTA"):
+        _send(dict(error=f"{args.method}: keras_ee.training in {root} has no "
+                         "IMTA (only baseline and l2w can be timed there)"))
+        raise SystemExit(2)
     keras.utils.set_random_seed(0)
     backbone = _build_backbone(args.model, 100)
-    method = training.L2W() if args.method == "l2w" else training.Baseline()
+    if imta:
+        method = training.IMTA()
+    elif args.method == "l2w":
+        method = training.L2W()
+    else:
+        method = training.Baseline()
     model = training.MultiExitModel(backbone, method=method)
+    if args.method == "imta_phase2":
+        model.enter_phase(1)  # freezes the network, opens the transfer paths
     model.compile(
         optimizer=keras.optimizers.SGD(
             keras.optimizers.schedules.CosineDecay(0.1, 10_000),
@@ -259,7 +314,11 @@ class Side:
     def _receive(self):
         for line in self.proc.stdout:
             if line.startswith(_TAG):
-                return json.loads(line[len(_TAG):])
+                msg = json.loads(line[len(_TAG):])
+                if "error" in msg:
+                    raise SystemExit(f"bench/train_step.py: error: {self.label} "
+                                     f"worker: {msg['error']}")
+                return msg
         self.proc.wait()
         self.errfile.seek(0)
         sys.stderr.write(self.errfile.read()[-4000:])
@@ -281,7 +340,10 @@ class Side:
         self.round_medians.append(statistics.median(r["steps_s"]))
         return r
 
-    def close(self):
+    def close(self, kill=False):
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps(dict(quit=True)) + "\n")
@@ -303,47 +365,59 @@ class Side:
             fit_s=self.fit_s, fit_outside_steps_s=self.outside, **self.info)
 
 
-def compare(a, b, args, batch_size):
-    """Alternating rounds of a and b; returns both summaries and the ratios."""
-    print(f"batch {batch_size}: starting {a.label} and {b.label} workers "
-          f"(build, trace, {args.warmup} warm-up step(s), memory step)",
-          flush=True)
-    for s in (a, b):
+def compare(sides, args, batch_size):
+    """Alternating rounds of the sides; each against the first.
+
+    Rounds run the sides in order, then in reverse order, and so on (two
+    sides: A B, B A, ...). Returns one result per side after the first: both
+    summaries (`a`: the first side, `b`: that side) and the ratios b/a.
+    """
+    ref, others = sides[0], sides[1:]
+    width = max(8, *(len(s.label) for s in sides))
+    print(f"batch {batch_size}: starting "
+          + " and ".join(s.label for s in sides)
+          + f" workers (build, trace, {args.warmup} warm-up step(s), memory "
+          "step)", flush=True)
+    for s in sides:
         info = s.ready()
         warm = " ".join(f"{t:.2f}" for t in info["warmup_steps_s"])
         name = s.label if s.label == s.method else f"{s.label} ({s.method})"
-        print(f"  {name:>8}: warm-up steps {warm} s, "
+        print(f"  {name:>{width}}: warm-up steps {warm} s, "
               f"memory step {info['memory_step_s']:.3f} s, step peak "
               f"{info['step_peak_mb']:.0f} MB over RSS "
               f"{info['rss_mb']:.0f} MB", flush=True)
-    ratios, loads = [], []
+    ratios, loads = {s.label: [] for s in others}, []
     for r in range(args.rounds):
-        order = (a, b) if r % 2 == 0 else (b, a)
+        order = sides if r % 2 == 0 else sides[::-1]
         for s in order:
             s.timed_round(args.steps)
-        ratios.append(b.round_medians[-1] / a.round_medians[-1])
+        for s in others:
+            ratios[s.label].append(s.round_medians[-1] / ref.round_medians[-1])
         loads.append(_loadavg())
         print(f"  round {r + 1} ({order[0].label} first, load {loads[-1]}): "
               + "  ".join(
                   f"{s.label} " + " ".join(
                       f"{t:.3f}" for t in s.steps[-args.steps:])
-                  for s in (a, b))
-              + f"  -> {b.label}/{a.label} {ratios[-1]:.3f}", flush=True)
-    sa, sb = a.summary(), b.summary()
-    for s in (sa, sb):
+                  for s in sides)
+              + "  -> " + ", ".join(
+                  f"{s.label}/{ref.label} {ratios[s.label][-1]:.3f}"
+                  for s in others), flush=True)
+    summaries = [s.summary() for s in sides]
+    for s in summaries:
         pre = " ".join(f"{p:.2f}" for p, _ in s["fit_outside_steps_s"])
         post = " ".join(f"{q:.2f}" for _, q in s["fit_outside_steps_s"])
-        print(f"  {s['label']:>8}: median step {s['median_step_s']:.3f} s "
+        print(f"  {s['label']:>{width}}: median step {s['median_step_s']:.3f} s "
               f"(n={len(s['steps_s'])}, {s['min_step_s']:.3f}.."
               f"{s['max_step_s']:.3f}), median batch-end period "
               f"{s['median_period_s']:.3f} s; untimed time in fit() before "
               f"the first step {pre} s, after the last {post} s",
               flush=True)
-    return dict(
-        batch_size=batch_size, a=sa, b=sb, round_ratios=ratios,
+    sa = summaries[0]
+    return [dict(
+        batch_size=batch_size, a=sa, b=sb, round_ratios=ratios[sb["label"]],
         ratio_of_medians=sb["median_step_s"] / sa["median_step_s"],
         memory_ratio=sb["step_peak_mb"] / sa["step_peak_mb"],
-        loads=loads)
+        loads=loads) for sb in summaries[1:]]
 
 
 def _ratio_text(res):
@@ -353,15 +427,41 @@ def _ratio_text(res):
             f"{max(rr):.3f}x over {len(rr)} rounds)")
 
 
-def _run_pair(make_a, make_b, args, bs):
-    sides = []
+def _run_sides(makers, args, bs):
+    """Starts a worker per maker, times them in alternating rounds, stops them."""
+    sides, ok = [], False
     try:
-        sides.append(make_a())
-        sides.append(make_b())
-        return compare(sides[0], sides[1], args, bs)
+        for make in makers:
+            sides.append(make())
+        results = compare(sides, args, bs)
+        ok = True
+        return results
     finally:
         for s in sides:
-            s.close()
+            s.close(kill=not ok)
+
+
+_CHECK_IMTA = ("import sys\nfrom keras_ee import training\n"
+               "sys.exit(0 if hasattr(training, 'IMTA') else 3)")
+
+
+def _check_tree(root, methods, what):
+    """One-line error unless the tree at `root` has what `methods` need (IMTA)."""
+    imta = [m for m in methods if m.startswith("imta_")]
+    if not imta:
+        return
+    proc = subprocess.run([sys.executable, "-c", _CHECK_IMTA], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root),
+                          capture_output=True, text=True)
+    if proc.returncode == 3:
+        raise SystemExit(
+            f"bench/train_step.py: error: {what} has no keras_ee.training.IMTA, "
+            f"so it cannot time {', '.join(imta)} (only baseline and l2w are "
+            "valid there)")
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"bench/train_step.py: error: importing "
+                         f"keras_ee.training from {what} failed")
 
 
 def _checkout(rev):
@@ -403,7 +503,11 @@ def main():
                              "traces); one untimed memory step follows")
     parser.add_argument("--jit", action="store_true",
                         help="compile the train step with XLA")
-    parser.add_argument("--methods", nargs="+", choices=["baseline", "l2w"],
+    parser.add_argument("--vs-baseline", nargs="+", metavar="METHOD",
+                        choices=[m for m in METHODS if m != "baseline"],
+                        help="default mode: methods timed against Baseline "
+                             "(l2w, imta_phase1, imta_phase2; default l2w)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="with --compare-with: methods to compare "
                              "(default l2w)")
     parser.add_argument("--compare-with", metavar="REV",
@@ -417,8 +521,7 @@ def main():
                         help="also write every measurement to PATH")
     parser.add_argument("--worker", action="store_true",
                         help=argparse.SUPPRESS)
-    parser.add_argument("--method", choices=["baseline", "l2w"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--expect-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -431,14 +534,22 @@ def main():
         parser.error("--rev goes with the default mode, not --compare-with")
     if args.methods and not args.compare_with:
         parser.error("--methods goes with --compare-with (the default mode "
-                     "always compares baseline with l2w)")
+                     "compares baseline with the --vs-baseline methods)")
+    if args.vs_baseline and args.compare_with:
+        parser.error("--vs-baseline goes with the default mode, not "
+                     "--compare-with (use --methods there)")
 
+    if args.compare_with:
+        methods = list(dict.fromkeys(args.methods or ["l2w"]))
+    else:
+        methods = list(dict.fromkeys(args.vs_baseline or ["l2w"]))
+    note = _note(methods)
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)")
     print(f"model {args.model}, 100 classes, 32x32x3 random data, "
           f"jit={args.jit}, TF_ENABLE_ONEDNN_OPTS={onednn}; {args.warmup} "
           f"warm-up + 1 memory step untimed, then {args.rounds} rounds x "
           f"{args.steps} timed steps per side")
-    print(_NOTE)
+    print(note)
     print(f"load average at start: {_loadavg()}", flush=True)
     results = []
     if not args.compare_with:
@@ -450,39 +561,56 @@ def main():
             state = f"working tree at {_tree_state(_REPO)}"
         print(f"code: {root} ({state})", flush=True)
         try:
+            if args.rev:
+                _check_tree(root, methods, f"revision {args.rev} "
+                                           f"({commit[:12]})")
             for bs in args.batch_sizes:
-                results.append(_run_pair(
-                    lambda: Side("baseline", root, "baseline", bs, args),
-                    lambda: Side("l2w", root, "l2w", bs, args), args, bs))
+                makers = [lambda m=m: Side(m, root, m, bs, args)
+                          for m in ["baseline"] + methods]
+                for res in _run_sides(makers, args, bs):
+                    res["method"] = res["b"]["method"]
+                    results.append(res)
         finally:
             if tmp:
                 _remove_worktree(tmp, root)
         print()
         print(f"load average at end: {_loadavg()}")
-        print(f"L2W/baseline per loaded batch ({_NOTE}):")
-        for res in results:
-            print(f"  batch {res['batch_size']:4d}: median step baseline "
-                  f"{res['a']['median_step_s']:.3f} s, L2W "
-                  f"{res['b']['median_step_s']:.3f} s; time ratio "
-                  f"{_ratio_text(res)} (target <= 4); step peak memory "
-                  f"{res['a']['step_peak_mb']:.0f} -> "
-                  f"{res['b']['step_peak_mb']:.0f} MB, "
-                  f"{res['memory_ratio']:.2f}x (target <= 2)")
-        record = dict(mode="baseline_vs_l2w", code=state, results=results)
+        for method in methods:
+            name, target = _NAMES[method], TARGETS.get(method, {})
+            print(f"{name}/baseline per loaded batch ({_note([method])}):")
+            for res in results:
+                if res["method"] != method:
+                    continue
+                time_target = (f" (target <= {target['time']})"
+                               if "time" in target else "")
+                mem_target = (f" (target <= {target['memory']})"
+                              if "memory" in target else "")
+                print(f"  batch {res['batch_size']:4d}: median step baseline "
+                      f"{res['a']['median_step_s']:.3f} s, {name} "
+                      f"{res['b']['median_step_s']:.3f} s; time ratio "
+                      f"{_ratio_text(res)}{time_target}; step peak memory "
+                      f"{res['a']['step_peak_mb']:.0f} -> "
+                      f"{res['b']['step_peak_mb']:.0f} MB, "
+                      f"{res['memory_ratio']:.2f}x{mem_target}")
+        record = dict(mode=("baseline_vs_l2w" if methods == ["l2w"]
+                            else "vs_baseline"),
+                      methods=methods, code=state, targets=TARGETS,
+                      results=results)
     else:
-        methods = args.methods or ["l2w"]
         commit, tmp, path = _checkout(args.compare_with)
         try:
             state = _tree_state(_REPO)
             print(f"old: {args.compare_with} = {commit[:12]}, worktree "
                   f"{path} (keras_ee/_native*.so copied from the working "
                   f"tree)\nnew: {_REPO} ({state})", flush=True)
+            _check_tree(path, methods, f"revision {args.compare_with} "
+                                       f"({commit[:12]})")
             for method in methods:
                 for bs in args.batch_sizes:
                     print(f"{method}:", flush=True)
-                    res = _run_pair(
-                        lambda: Side("old", path, method, bs, args),
-                        lambda: Side("new", _REPO, method, bs, args),
+                    (res,) = _run_sides(
+                        [lambda: Side("old", path, method, bs, args),
+                         lambda: Side("new", _REPO, method, bs, args)],
                         args, bs)
                     res["method"] = method
                     results.append(res)
@@ -490,10 +618,11 @@ def main():
             _remove_worktree(tmp, path)
         print()
         print(f"load average at end: {_loadavg()}")
-        print(f"new/old step time ({_NOTE}); old = {args.compare_with} "
+        width = max(8, *(len(m) for m in methods))
+        print(f"new/old step time ({note}); old = {args.compare_with} "
               f"({commit[:12]}), new = working tree ({state}):")
         for res in results:
-            print(f"  {res['method']:>8} batch {res['batch_size']:4d}: "
+            print(f"  {res['method']:>{width}} batch {res['batch_size']:4d}: "
                   f"median step old {res['a']['median_step_s']:.3f} s, new "
                   f"{res['b']['median_step_s']:.3f} s; new/old "
                   f"{_ratio_text(res)}; step peak memory "

@@ -79,3 +79,32 @@ def test_method_option_syntax(bench):
     assert bench.parse_method_entry("pkg.mod:Cls") == ("pkg.mod:Cls", "pkg.mod:Cls")
     with pytest.raises(Exception, match="METHOD:KEY=VALUE"):
         bench.parse_method_option("q=0.5")
+
+
+def test_epoch_seconds_per_phase(bench, tmp_path):
+    # Phase I: epochs 0-2, phase II: epochs 3-4 (counted on); each phase's first epoch traces.
+    times = {"0": 10.0, "1": 5.0, "2": 7.0, "3": 8.0, "4": 2.0}
+    (tmp_path / bench.EPOCH_TIMES_FILE).write_text(json.dumps({"epoch_seconds": times, "traced": [0, 3]}))
+    one = bench.epoch_seconds(tmp_path, 3)  # a one-phase reading of the same file: the first 3 epochs, no phases
+    assert one["per_epoch"] == [10.0, 5.0, 7.0] and one["steady"] == 6.0 and "phases" not in one
+    two = bench.epoch_seconds(tmp_path, [3, 2])
+    assert two["per_epoch"] == [10.0, 5.0, 7.0, 8.0, 2.0] and two["steady"] == pytest.approx(14 / 3)
+    assert two["phases"] == [{"epochs": 3, "steady": 6.0, "first": 10.0}, {"epochs": 2, "steady": 2.0, "first": 8.0}]
+    assert bench.epoch_seconds(tmp_path, [3, 3])["source"] == "none"  # phase II's last epoch missing
+
+
+def test_two_phase_method_times_every_phase(bench, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench.main(TINY + ["--methods", "baseline", "imta", "--out", str(out)]) == 0  # IMTA: 1 + 1 epochs
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    imta, baseline = results["methods"]["imta"], results["methods"]["baseline"]
+    assert imta["phases"] == [{"name": "phase_1", "epochs": 1}, {"name": "phase_2", "epochs": 1}]
+    assert imta["epochs"] == 2 and len(imta["epoch_seconds"][0]) == 2 and imta["traced_epochs"] == [[0, 1]]
+    assert len(imta["phase_seconds_per_epoch"][0]) == 2 and all(t > 0 for t in imta["phase_seconds_per_epoch"][0])
+    assert "phases" not in baseline and len(baseline["epoch_seconds"][0]) == 1
+    table = (out / "results.md").read_text()
+    assert "the 1 epoch above is phase I and later phases add their own (imta: phase II 1 epoch)" in table
+    rows = {r.split("|")[1].strip(): r for r in table.splitlines() if r.startswith("| ")}
+    assert rows["imta"].count(" (I) / ") == 2 and rows["imta"].count(" (II) |") == 2  # s/epoch and 1st epoch s
+    assert "(I)" not in rows["baseline"]

@@ -199,3 +199,58 @@ def test_a_meta_stream_method_trains_through_experiment_train(tmp_path):
     model.compile(optimizer="sgd")
     with pytest.raises(ValueError, match=r"needs a meta stream: feed `fit` batches \(\(x, y\), \(x_meta, y_meta\)\)"):
         model.fit(np.zeros((8, 5), "float32"), np.zeros(8), verbose=0)
+
+
+@keras.saving.register_keras_serializable(package="keras_ee_test_hooks")
+class TwoPhases(training.Baseline):
+    """Phase 1 trains everything with the run's SGD; phase 2 only exit 2's head, with Adam."""
+
+    def phases(self, epochs):
+        return [training.Phase("all", epochs),
+                training.Phase("head", 1, make_optimizer=lambda steps: keras.optimizers.Adam(1e-3))]
+
+    def enter_phase(self, model, index, fresh=True):
+        for layer in model.backbone.layers:
+            layer.trainable = index == 0 or layer.name == "exit_2"
+        self.current_phase = index
+
+
+def test_a_method_declares_phases_and_keras_ee_train_runs_them(tmp_path, capsys):
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", method="tests.test_method_hooks:TwoPhases",
+                      epochs=1, batch_size=128, train_size=300, val_size=200, evaluate=False)
+    experiment.train(cfg, tmp_path / "run", verbose="progress")
+    out = capsys.readouterr().out
+    assert "all (1/2) epoch 1/1" in out and "head (2/2) epoch 2/2" in out  # the progress shows the phase
+    model = experiment.load_run_model(tmp_path / "run" / "model.keras")
+    assert isinstance(model.optimizer, keras.optimizers.Adam)  # phase 2's own optimizer
+    assert [v.path for v in model.trainable_variables] == ["exit_2/kernel", "exit_2/bias"]
+    with open(tmp_path / "run" / "history.csv") as f:
+        assert len(f.read().splitlines()) == 3  # header + one row per epoch of both phases
+
+
+def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_path):
+    from keras_ee import experiment, runs
+    from keras_ee.config import TrainConfig
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", method="imta", method_options={"phase2_epochs": 2},
+                      epochs=1, batch_size=128, train_size=300, val_size=200, evaluate=False)
+    experiment.train(cfg, tmp_path / "straight", verbose=0)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(cfg, run, verbose=0, callbacks=[Stop()])
+    backup = runs.RunBackup(run / "backup")
+    assert backup.backups() == [2]
+    (run / "backup" / "epoch-0002.weights.h5").write_bytes(b"torn")
+    experiment.train(cfg, run, verbose=0)
+    a = experiment.load_run_model(tmp_path / "straight" / "model.keras")
+    b = experiment.load_run_model(run / "model.keras")
+    for x, y in zip(a.variables + a.optimizer.variables, b.variables + b.optimizer.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
