@@ -45,7 +45,8 @@ class TrainConfig:
         method: a registered training method (`keras-ee methods`) or
             `package.module:Class` for one outside keras-ee.
         method_options: the method's options (see `keras-ee methods`).
-        epochs, batch_size: as in `model.fit` (L2W takes two half-batch steps per batch).
+        epochs, batch_size: as in `model.fit` (L2W takes two half-batch steps per batch). For a
+            method with phases, `epochs` is phase I (IMTA: phase II adds `phase2_epochs`).
         learning_rate: initial SGD learning rate; None means the papers' rule
             0.1 * batch_size / 64.
         schedule: `cosine` (per iteration, the papers' choice), `step` (x0.1 at 50% and
