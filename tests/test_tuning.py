@@ -27,5 +27,26 @@ def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys)
 def test_unknown_method_and_bad_trials_are_refused(tmp_path):
     with pytest.raises(ValueError, match="trials"):
         search.search(TrainConfig(method="l2w"), tmp_path, trials=0)
-    with pytest.raises(ValueError, match="unknown training method 'imta'"):
-        search.make_hypermodel(TrainConfig(method="imta"), splits=None)
+    with pytest.raises(ValueError, match="unknown training method 'gating'"):
+        search.make_hypermodel(TrainConfig(method="gating"), splits=None)
+
+
+def test_a_method_with_phases_is_tuned_over_all_its_phases(tmp_path, monkeypatch):
+    from keras_ee import experiment
+
+    entered = []
+    compile_phase = experiment.compile_phase
+
+    def spy(model, config, splits, index, fresh=True):
+        entered.append(index)
+        return compile_phase(model, config, splits, index, fresh)
+
+    monkeypatch.setattr(experiment, "compile_phase", spy)
+    argv = ["--dataset", "digits", "--method", "imta", "--epochs", "1", "--batch-size", "128", "--trials", "1",
+            "--tuner", "random", "--out", str(tmp_path)]
+    assert search.main(argv) == 0
+    best = TrainConfig.from_file(tmp_path / "best.json")
+    assert best.method == "imta" and 1.0 <= best.method_options["temperature"] <= 5.0
+    assert 0.1 <= best.method_options["distill_weight"] <= 0.95
+    # The trial was built for phase I, then trained phase II (whose logs are the objective).
+    assert entered[-2:] == [0, 1]

@@ -22,6 +22,8 @@ reference rule. IMTA's published tables print MSDNet's own costs for the IMTA mo
 ours are higher by that amount (about 0.03 M Mul-Adds per exit on CIFAR-100 at d = 128).
 """
 
+import typing
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -100,6 +102,8 @@ def distillation_terms(ce, logits, teacher_logits, temperature, weight, reductio
             "new classifiers over the frozen network (phase II)",
     paper="Improved Techniques for Training Adaptive Deep Networks (Li et al., ICCV 2019, arXiv:1908.06294)",
     search_space={"temperature": SearchRange(1.0, 5.0), "distill_weight": SearchRange(0.1, 0.95)},
+    option_types={"kl_reduction": typing.Literal[_KL_REDUCTIONS], "frozen_batchnorm": typing.Literal[_FROZEN_BN],
+                  "phase2_init": typing.Literal[_PHASE2_INITS]},
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class IMTA(Method):

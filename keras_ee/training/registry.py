@@ -163,6 +163,12 @@ def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) ->
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"a registered method must be a keras_ee.training.Method subclass; received {cls!r}.")
     option_types = dict(option_types or {})
+    # A method built on registered ones (L2W + IMTA) keeps their declared option types.
+    for base in reversed(cls.__mro__[1:]):
+        for spec in list(_REGISTRY.values()):
+            if spec.cls is base:
+                for opt in spec.options.values():
+                    option_types.setdefault(opt.name, opt.type)
     hints = _constructor_hints(cls)
     options = {}
     for p in _constructor_parameters(cls, Method):
