@@ -26,6 +26,9 @@ What a run can rely on:
   fresh start, if a backup is damaged, and saying which) and continues. The data order
   and augmentation of an epoch are a function of (seed, epoch), so the resumed run ends
   bit-identical to an uninterrupted one (on CPU). `history.csv` never lists an epoch twice.
+  A method with phases (IMTA) counts epochs on through its phases; a resumed run is first
+  configured for the phase of the backup's last epoch (its trainable set and optimizer),
+  then continues in that phase or starts the next.
 - The backup is deleted only after `model.keras` and `state.json` are safely in place.
 - One command at a time: a second `train` on the same folder is refused while the first
   runs (an OS lock, released when the process ends however it ends).

@@ -18,8 +18,11 @@ reference code builds new ones). The previous exit's logits cross the stage boun
 through a `stage_{k-1}_state_i` marker, so `keras_ee.costs.exit_costs` and
 `keras_ee.models.split_stages` include the transfer paths: exit k pays for `C*d + d`
 (transfer Dense) and `2d*C + C` (classifier) instead of `d*C + C`, plus the ReLU's d in the
-reference rule. IMTA's published tables print MSDNet's own costs for the IMTA models, so
-ours are higher by that amount (about 0.03 M Mul-Adds per exit on CIFAR-100 at d = 128).
+reference rule. IMTA's Table 1 prints MSDNet's own costs for its IMTA models (params 0.30 ...
+4.0 M, Mul-Adds 6.86 ... 137.3 M for the 7-exit CIFAR-100 model), i.e. it does not count
+the transfer paths; ours are higher by exactly 25,856 Mul-Adds and 25,984 parameters per
+exit after the first (C = 100, d = 128): msdnet_cifar_7's last exit costs 137.44 M Mul-Adds
+and 4.12 M parameters instead of 137.28 M and 3.97 M.
 """
 
 import typing
@@ -138,7 +141,8 @@ class IMTA(Method):
             forward in inference mode and only the new parts run backward) or "batch"
             (the reference code: batch statistics, moving statistics keep updating).
         nesterov: bool, Nesterov momentum in both phases (default True, the paper; the
-            reference code uses none).
+            reference code uses none). It decides for IMTA runs of `keras-ee train`, over
+            the run's `--nesterov`.
         phase2_epochs: int or None (default: max(1, round(0.6 * epochs))).
         phase2_init: "phase1" (default: phase II starts from the phase-I classifiers, the
             transfer rows at zero) or "random" (new classifiers, as the reference code).
