@@ -410,3 +410,15 @@ def test_registry_and_cli_know_both_methods():
     assert [p.epochs for p in experiment.make_method(cfg.method, cfg.method_options).phases(cfg.epochs)] == [5, 2]
     with pytest.raises(ValueError, match="phase2_epochs"):
         experiment.make_method("imta", {"phase2_epochs": "x"})
+
+
+def test_transfer_widths_set_each_transfer_path_and_are_checked():
+    model = training.MultiExitModel(_cnn(), method=training.IMTA(transfer_widths=[1, 3, 5, 7]))
+    for k, w in ((2, 3), (3, 5), (4, 7)):
+        d = int(model.backbone.get_layer(f"exit_{k}_features").output.shape[-1])
+        assert model.backbone.get_layer(f"exit_{k}_collab_dense").units == w
+        assert tuple(model.backbone.get_layer(f"exit_{k}").kernel.shape) == (d + w, CNN["num_classes"])
+    with pytest.raises(ValueError, match="transfer_widths"):
+        training.MultiExitModel(_cnn(), method=training.IMTA(transfer_widths=[1, 2]))
+    with pytest.raises(ValueError, match="transfer_widths"):
+        training.IMTA(transfer_widths=[0, 1])

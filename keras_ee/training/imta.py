@@ -146,6 +146,13 @@ class IMTA(Method):
         phase2_epochs: int or None (default: max(1, round(0.6 * epochs))).
         phase2_init: "phase1" (default: phase II starts from the phase-I classifiers, the
             transfer rows at zero) or "random" (new classifiers, as the reference code).
+        transfer_widths: None (default: each exit's transfer path is as wide as its pooled
+            feature d, which is the reference's d = 128 on CIFAR and its ImageNet step-4
+            list [384, 384, 352, 304, 560]) or one width per exit. The reference's
+            ImageNet lists for steps 6 and 7 ([512, 544, 496, 880, 792], [576, 640, 608,
+            528, 976]) differ from the pooled features of our msdnet_imagenet_s6/s7 (which
+            match MSDNet's published costs: [384, 448, 448, 416, 800], [384, 480, 496,
+            472, 920]); pass them here to use them as the transfer widths.
         **kwargs: standard layer arguments.
 
     Example:
@@ -167,6 +174,7 @@ class IMTA(Method):
         nesterov=True,
         phase2_epochs: int | None = None,
         phase2_init="phase1",
+        transfer_widths: list | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -200,6 +208,13 @@ class IMTA(Method):
         self.nesterov = bool(nesterov)
         self.phase2_epochs = phase2_epochs
         self.phase2_init = phase2_init
+        if transfer_widths is not None:
+            if isinstance(transfer_widths, (str, bytes)) or not hasattr(transfer_widths, "__len__") or any(
+                    isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in transfer_widths):
+                raise ValueError("`transfer_widths` must be None or a list of positive ints (one per exit); "
+                                 f"received {transfer_widths!r}.")
+            transfer_widths = [int(w) for w in transfer_widths]
+        self.transfer_widths = transfer_widths
 
     @property
     def has_phase2(self):
@@ -215,6 +230,9 @@ class IMTA(Method):
         structure = _structure(backbone)
         if not self.inline_collaboration:
             return backbone
+        if self.transfer_widths is not None and len(self.transfer_widths) != structure.num_exits:
+            raise ValueError(f"`transfer_widths` has {len(self.transfer_widths)} entries but the backbone has "
+                             f"{structure.num_exits} exits.")
         outputs = []
         for k in range(1, structure.num_exits + 1):
             old = structure.logits[k - 1]
@@ -223,10 +241,11 @@ class IMTA(Method):
                 outputs.append(old(features))
                 continue
             d, c = int(features.shape[-1]), int(old.units)
+            width = d if self.transfer_widths is None else self.transfer_widths[k - 1]
             state_index = len(structure.stage_states[k - 2])
             prev = keras.layers.Identity(name=f"stage_{k - 1}_state_{state_index}")(outputs[-1])
             prev = models.GradientScale(0.0 if self.detach_transfer else 1.0, name=f"exit_{k}_collab_detach")(prev)
-            t = keras.layers.Dense(d, kernel_initializer=heads.torch_default_init(),
+            t = keras.layers.Dense(width, kernel_initializer=heads.torch_default_init(),
                                    bias_initializer=heads.torch_default_bias_init(c),
                                    name=f"exit_{k}_collab_dense")(prev)
             t = keras.layers.BatchNormalization(epsilon=heads.BN_EPSILON, momentum=heads.BN_MOMENTUM,
@@ -235,11 +254,11 @@ class IMTA(Method):
             t = CollaborationGate(False, name=f"exit_{k}_collab_gate")(t)
             joint = keras.layers.Concatenate(name=f"exit_{k}_collab_concat")([features, t])
             new = keras.layers.Dense(c, kernel_initializer=heads.torch_default_init(),
-                                     bias_initializer=heads.torch_default_bias_init(2 * d), name=f"exit_{k}")
+                                     bias_initializer=heads.torch_default_bias_init(d + width), name=f"exit_{k}")
             outputs.append(new(joint))
             # Phase I is the original network: its classifier in the first d rows, zeros below.
             kernel, bias = old.get_weights()
-            new.set_weights([np.concatenate([kernel, np.zeros((d, c), kernel.dtype)]), bias])
+            new.set_weights([np.concatenate([kernel, np.zeros((width, c), kernel.dtype)]), bias])
         return keras.Model(backbone.inputs, outputs, name=backbone.name)
 
     def setup(self, model):
@@ -381,7 +400,7 @@ class IMTA(Method):
             distillation=self.distillation, temperature=self.temperature, distill_weight=self.distill_weight,
             kl_reduction=self.kl_reduction, detach_transfer=self.detach_transfer,
             frozen_batchnorm=self.frozen_batchnorm, nesterov=self.nesterov, phase2_epochs=self.phase2_epochs,
-            phase2_init=self.phase2_init, current_phase=self.current_phase)
+            phase2_init=self.phase2_init, transfer_widths=self.transfer_widths, current_phase=self.current_phase)
         return config
 
     @classmethod
