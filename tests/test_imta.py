@@ -422,3 +422,14 @@ def test_transfer_widths_set_each_transfer_path_and_are_checked():
         training.MultiExitModel(_cnn(), method=training.IMTA(transfer_widths=[1, 2]))
     with pytest.raises(ValueError, match="transfer_widths"):
         training.IMTA(transfer_widths=[0, 1])
+
+
+def test_fit_after_enter_phase_without_compile_is_a_clear_error():
+    model = training.MultiExitModel(_cnn(), method=training.IMTA())
+    _compile(model)
+    model.enter_phase(1)
+    x, y = _batch()
+    with pytest.raises(ValueError, match="not compiled since"):
+        model.fit(x, y, epochs=1, verbose=0)
+    _compile(model)
+    model.fit(x, y, epochs=1, verbose=0)

@@ -237,6 +237,7 @@ class MultiExitModel(keras.Model):
                 f"received loss_weights={kwargs['loss_weights']!r}."
             )
         super().compile(optimizer=optimizer, **kwargs)
+        self._phase_compiled = True
         self.method.check_optimizer(self.optimizer)
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
@@ -256,9 +257,15 @@ class MultiExitModel(keras.Model):
         self.method.enter_phase(self, int(index), fresh=fresh)
         # Traced steps hold the previous phase's graph (trainable set, BatchNorm mode).
         self.train_function = self.test_function = self.predict_function = None
+        self._phase_compiled = False
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, with a guard against non-finite values and bad labels."""
+        if not getattr(self, "_phase_compiled", True):
+            raise ValueError(
+                f"the model entered phase {self.method.current_phase + 1} of {type(self.method).__name__} "
+                "but was not compiled since: call model.compile(optimizer=...) with a new optimizer "
+                "(the trainable variables changed), or use keras_ee.training.fit_phases.")
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     def evaluate(self, *args, callbacks=None, **kwargs):
@@ -442,7 +449,8 @@ def fit_phases(model, x, epochs, make_optimizer, steps_per_epoch=None, callbacks
         epochs: the run's epochs, as given to `method.phases(epochs)`.
         make_optimizer: `fn(phase, index) -> keras optimizer`, called for each phase
             (a new optimizer: the trainable set changes between phases). A
-            phase's own `make_optimizer`, if set, is used instead.
+            phase's own `make_optimizer`, if set, is used instead (it gets the
+            phase's optimizer steps, 0 when `steps_per_epoch` is not given).
         steps_per_epoch, callbacks, **fit_kwargs: passed to every `fit`.
 
     Returns:
