@@ -374,3 +374,13 @@ def first_nonfinite(tensors):
 def weighted_exit_losses(ce, weights):
     """`mean_i(w[i, k] * l[i, k])` per exit, `(num_exits,)`."""
     return ops.mean(ops.cast(weights, ce.dtype) * ce, axis=0)
+
+
+def sample_weighted_exit_losses(terms, sample_weight=None):
+    """`mean_i(sw_i * l[i, k])` per exit, `(num_exits,)`; plain means without sample weights.
+
+    Keras' "sum over batch size" convention for optional `(batch,)` sample weights.
+    """
+    if sample_weight is None:
+        return ops.mean(terms, axis=0)
+    return ops.mean(terms * ops.reshape(ops.cast(sample_weight, terms.dtype), (-1, 1)), axis=0)

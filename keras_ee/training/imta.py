@@ -301,16 +301,16 @@ class IMTA(Method):
             if trunk is not None:
                 trunk.scale = (remaining - 1) / remaining if self.gradient_equilibrium else 1.0
         heads = self._phase2_layer_names(k_total)
+        collab = {f"exit_{k}_{part}" for k in range(2, k_total + 1) for part in _COLLAB}
         for layer in backbone.layers:
             if isinstance(layer, CollaborationGate):
                 layer.open = index == 1
-        for layer in backbone.layers:
             if not layer.weights:
                 continue
-            collab = any(layer.name == f"exit_{k}_{part}" for k in range(2, k_total + 1) for part in _COLLAB)
             if index == 0:
                 # Everything trains but the transfer paths (their gate is closed).
-                self._set_trainable(layer, not collab, not collab)
+                trains = layer.name not in collab
+                self._set_trainable(layer, trains, trains)
             elif layer.name in heads:
                 self._set_trainable(layer, True, True)
             elif self.frozen_batchnorm == "inference":
@@ -364,9 +364,7 @@ class IMTA(Method):
         return distillation_terms(ce, logits, teacher, self.temperature, self.distill_weight, self.kl_reduction)
 
     def compute_loss(self, model, y, logits, ce, sample_weight=None):
-        if sample_weight is not None:
-            ce = ce * ops.reshape(ops.cast(sample_weight, ce.dtype), (-1, 1))
-        per_exit = ops.mean(ce, axis=0)
+        per_exit = core.sample_weighted_exit_losses(ce, sample_weight)
         return ops.sum(per_exit), per_exit
 
     def train_step(self, model, data):
@@ -380,10 +378,7 @@ class IMTA(Method):
             *logits, features = probe(x, training=True)
             ce = core.per_exit_cross_entropy(y, logits)
             teacher = self.teacher_logits(features) if self.distillation else None
-            terms = self.exit_terms(ce, logits, teacher)
-            if sample_weight is not None:
-                terms = terms * ops.reshape(ops.cast(sample_weight, terms.dtype), (-1, 1))
-            per_exit = ops.mean(terms, axis=0)
+            per_exit = core.sample_weighted_exit_losses(self.exit_terms(ce, logits, teacher), sample_weight)
             loss = ops.sum(per_exit)
             scaled = model.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)

@@ -314,10 +314,7 @@ class Baseline(Method):
         return ops.convert_to_tensor(self.exit_weights, dtype=dtype)
 
     def compute_loss(self, model, y, logits, ce, sample_weight=None):
-        if sample_weight is not None:
-            sw = ops.reshape(ops.cast(sample_weight, ce.dtype), (-1, 1))
-            ce = ce * sw
-        per_exit = ops.mean(ce, axis=0) * self._coefficients(ce.dtype)
+        per_exit = core.sample_weighted_exit_losses(ce, sample_weight) * self._coefficients(ce.dtype)
         return ops.sum(per_exit), per_exit
 
     def test_loss(self, model, y, logits, ce):
