@@ -2,6 +2,7 @@
 
     keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
     keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
+                                     (--confidence gater: a gating run's learned gater as the score)
     keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
     keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
     keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
@@ -206,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="anytime and budget evaluation of a run")
     p.add_argument("run", type=Path)
-    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
+    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy", "gater"],
+                   help="confidence score of the thresholds; gater: the learned gater's exit probability of a "
+                        "run trained with --method gating (written to RUN/eval/gater/)")
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
     p = sub.add_parser("compare", help="overlay the budget curves of several runs")

@@ -79,7 +79,8 @@ def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax
 
 
 def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=None,
-                  mode: str = "geometric", name: str = "", shortfall: str = "reference") -> Evaluation:
+                  mode: str = "geometric", name: str = "", shortfall: str = "reference",
+                  scores=None) -> Evaluation:
     """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
 
     Args:
@@ -93,13 +94,20 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
             out and fewer samples than its own quota remain: `reference` (MSDNet's
             code: its threshold stays +inf) or `exit_all` (every remaining sample
             exits there); see `keras_ee.calibration.calibrate`.
+        scores: optional `(val_scores, test_scores)`, each `(K, N)`, a confidence score of
+            another kind than the built-in ones (e.g. budget-aware gating's gater, `kind`
+            then names it); predictions and correctness still come from the logits.
     """
     def what(split):
         return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
 
-    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, kind, temperature, what("val"))
-    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, kind, temperature,
+    builtin = kind if scores is None else "max_softmax"
+    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, builtin, temperature, what("val"))
+    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, builtin, temperature,
                                                    what("test"))
+    if scores is not None:
+        val_scores, test_scores = (_given_scores(s, ref, f"{kind} {split} scores")
+                                   for s, ref, split in zip(scores, (val_scores, test_scores), ("val", "test")))
     sweep = calibration.budget_sweep(
         val_scores, val_correct, test_scores, test_correct, np.asarray(dump.mul_adds, np.float64),
         qs=qs, mode=mode, shortfall=shortfall,
@@ -110,6 +118,17 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
         test_anytime=calibration.anytime_accuracy(test_correct),
         sweep=sweep, kind=kind, mode=mode, name=name,
     )
+
+
+def _given_scores(scores, reference: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(scores)
+    if a.shape != reference.shape:
+        raise ValueError(f"{what} have shape {a.shape}; the dump's logits need (num_exits, num_samples) = "
+                         f"{reference.shape}.")
+    if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} must be finite floats; received dtype {a.dtype}"
+                         + ("" if a.dtype.kind != "f" else " with NaN or inf") + ".")
+    return np.ascontiguousarray(a, dtype=reference.dtype)
 
 
 # ----------------------------------------------------------------------------- curves

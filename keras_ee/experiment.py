@@ -11,7 +11,9 @@ A run folder holds:
     l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
     wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
                          --method-option wpn_weights_path=RUN/wpn.npz
-    eval/                anytime.csv, budget.csv, budget.png (after evaluation)
+    scores/              a method's own confidence scores of the dump (gating: gater.npz)
+    eval/                anytime.csv, budget.csv, budget.png (after evaluation); eval/gater/ for
+                         the gater's scores and confidence.png with both curves
     backup/              the training state after the last finished epoch; gone when done
     state.json           whether training finished, and how long it took
     .lock                the lock of the command working in the folder (see keras_ee.runs)
@@ -49,6 +51,7 @@ from keras_ee.atomic import atomic_path, atomic_write_json
 from keras_ee.config import TrainConfig
 
 STATE_FILE = "state.json"
+SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 
@@ -372,7 +375,11 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         raise
     if config.evaluate:
         try:
-            evaluate_run(workdir, kind=config.confidence)
+            evaluations = {config.confidence: evaluate_run(workdir, kind=config.confidence)}
+            for kind in run_score_kinds(workdir):  # the method's own scores (gating: the gater's)
+                evaluations[kind] = evaluate_run(workdir, kind=kind)
+            if len(evaluations) > 1:
+                print(f"wrote {compare_confidences(workdir, evaluations)} (the budget curve of each confidence)")
         except OSError as e:
             raise runs.RunWriteError(
                 f"cannot write {str(e.filename or workdir / 'eval')!r}: {runs.describe_os_error(e)}; nothing was "
@@ -431,13 +438,23 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
 
 def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True,
                  shortfall: str = "reference"):
-    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables."""
-    from keras_ee import dumps, evaluation
+    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
+
+    `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
+    `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
+    gating's `gater`: written to `eval/<kind>/`).
+    """
+    from keras_ee import calibration, dumps, evaluation
 
     workdir = Path(workdir)
     dump = dumps.load_dump(workdir / "dump")
-    ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall)
-    paths = evaluation.write_evaluation(ev, workdir / "eval", title=_title(workdir))
+    scores, out = None, workdir / "eval"
+    if kind not in calibration.SCORE_KINDS:
+        scores = load_run_scores(workdir, kind)
+        out = out / kind
+    ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall,
+                                  scores=scores)
+    paths = evaluation.write_evaluation(ev, out, title=_title(workdir))
     if echo:
         print(f"\nAnytime prediction (each exit on the whole test set), {workdir}:")
         print(evaluation.format_anytime(ev))
@@ -445,6 +462,40 @@ def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geome
         print(evaluation.format_budget(ev, every=2))
         print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
     return ev
+
+
+def run_score_kinds(workdir) -> list[str]:
+    """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
+    folder = Path(workdir) / SCORES_DIR
+    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def load_run_scores(workdir, kind: str):
+    """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
+    from keras_ee import calibration
+
+    path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
+    if not path.is_file():
+        saved = run_score_kinds(workdir)
+        raise ValueError(f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
+                         f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
+                         "scores come from a run trained with --method gating).")
+    try:
+        with np.load(path) as f:
+            return np.asarray(f["val"]), np.asarray(f["test"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
+                         "settings to write it again.") from None
+
+
+def compare_confidences(workdir, evaluations: dict) -> Path:
+    """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
+    from keras_ee import plots
+
+    out = Path(workdir) / "eval" / "confidence.png"
+    with atomic_path(out) as tmp:
+        plots.budget_plot(evaluations, tmp, title=_title(Path(workdir)))
+    return out
 
 
 def _title(workdir: Path) -> str | None:

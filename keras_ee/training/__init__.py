@@ -21,6 +21,8 @@ from keras_ee.training.core import lookahead_step
 from keras_ee.training.core import per_exit_cross_entropy
 from keras_ee.training.core import split_halves
 from keras_ee.training.core import stateless_forward
+from keras_ee.training.gating import BudgetAwareGating
+from keras_ee.training.gating import ExitGater
 from keras_ee.training.imta import IMTA
 from keras_ee.training.imta import CollaborationGate
 from keras_ee.training.imta import distillation_terms
@@ -44,7 +46,9 @@ from keras_ee.training.registry import register_method
 
 __all__ = [
     "Baseline",
+    "BudgetAwareGating",
     "CollaborationGate",
+    "ExitGater",
     "IMTA",
     "L2W",
     "L2WIMTA",

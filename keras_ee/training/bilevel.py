@@ -16,7 +16,7 @@ coupled through a look-ahead of the real optimizer. The pieces live here, once:
   main optimizer's schedule shape, `base * lr(t) / lr(0)`, from public Keras API only.
 - `PerExitStats`: mean/min/max of a per-sample, per-exit quantity over an epoch, logged as
   `exit_k_<name>_mean/min/max`.
-- `MLP`: the small network of the outer problem (L2W's WPN now, the gater next).
+- `MLP`: the small network of the outer problem (L2W's WPN, the budget-aware gater).
 
 These use the TensorFlow backend (nested `tf.GradientTape`s).
 """
@@ -184,23 +184,30 @@ class LookAhead:
                                logits_meta=logits_meta, _tape=inner_tape, _theta=theta)
 
 
-def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr):
-    """A learning-rate callable for an auxiliary optimizer: `base * lr(t) / lr(0)`.
+def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr,
+                         final_learning_rate: float = 0.0):
+    """A learning-rate callable for an auxiliary optimizer that follows the main schedule's shape.
 
-    `lr(t)` is the main optimizer's current learning rate (`optimizer.learning_rate`, which
-    Keras evaluates from its schedule at the current iteration) and `lr(0)` is what
-    `record_initial_learning_rate` stored in `initial_main_lr` at the first step. Before
-    that (lr(0) still 0) the ratio is 1. So the auxiliary optimizer (L2W's WPN Adam, the
-    gater's optimizer, HDKD's loss-weight optimizer) decays exactly as the main schedule
-    does, also when callbacks change a plain learning rate.
+    `lr_aux(t) = final + (base - final) * lr(t) / lr_peak`, with `lr(t)` the main
+    optimizer's current learning rate (`optimizer.learning_rate`, which Keras evaluates
+    from its schedule at the current iteration) and `lr_peak` the largest main learning
+    rate seen so far, which `record_initial_learning_rate` keeps in `initial_main_lr`
+    (the rate at iteration 0 for a decaying schedule; the end of a warm-up otherwise).
+    Before the first step (still 0) the ratio is 1. So the auxiliary optimizer (L2W's
+    WPN Adam, the gater's optimizer, HDKD's loss-weight optimizer) decays exactly as the
+    main schedule does, also when callbacks lower a plain learning rate: with the main
+    cosine decay to 0, `final=1e-5` gives a cosine from `base` to 1e-5 (budget-aware
+    gating's gater schedule). During a main warm-up the ratio stays 1.
 
     Args:
-        base_learning_rate: the auxiliary optimizer's learning rate at lr(0).
+        base_learning_rate: the auxiliary optimizer's learning rate at the main peak.
         main_optimizer: a callable returning the main optimizer (or None before compile),
             e.g. a `weakref.ref`: the optimizer belongs to the model, not to the method.
         initial_main_lr: a float32 scalar variable (saved with the method).
+        final_learning_rate: the auxiliary rate when the main rate reaches 0 (default 0).
     """
     base = float(base_learning_rate)
+    final = float(final_learning_rate)
 
     def learning_rate():
         opt = main_optimizer()
@@ -209,20 +216,21 @@ def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main
         lr = ops.cast(opt.learning_rate, "float32")
         lr0 = initial_main_lr
         ratio = ops.where(lr0 > 0, lr / ops.where(lr0 > 0, lr0, 1.0), 1.0)
-        return base * ratio
+        return final + (base - final) * ops.minimum(ratio, 1.0)
 
     return learning_rate
 
 
 def record_initial_learning_rate(optimizer, initial_main_lr) -> None:
-    """Store the main optimizer's learning rate at the first training step (if not stored yet).
+    """Keep the largest main learning rate seen so far in `initial_main_lr` (`lr_peak`).
 
-    Called at the start of every train step; only the first, at iteration 0 (or the first
-    after a model was built), stores, so `lr(0)` is the schedule's value at iteration 0.
-    A resumed run restores the variable from its backup.
+    Called at the start of every train step. For a schedule that only decays (cosine,
+    step, constant) this is the rate at iteration 0, recorded at the first step; after a
+    warm-up it is the warm-up's target. A resumed run restores the variable from its
+    backup.
     """
     lr = ops.cast(optimizer.learning_rate, "float32")
-    initial_main_lr.assign(ops.where(initial_main_lr > 0, initial_main_lr, lr))
+    initial_main_lr.assign(ops.maximum(initial_main_lr, lr))
 
 
 class RunningExtreme(keras.metrics.Metric):

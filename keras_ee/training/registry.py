@@ -233,6 +233,7 @@ def _load_builtins() -> None:
     importlib.import_module("keras_ee.training.l2w")
     importlib.import_module("keras_ee.training.imta")
     importlib.import_module("keras_ee.training.l2w_imta")
+    importlib.import_module("keras_ee.training.gating")
 
 
 def _load_entry_points() -> None:

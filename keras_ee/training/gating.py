@@ -1,0 +1,588 @@
+"""Budget-aware early exiting: a learned gater, a cost weight lambda, bi-level training.
+
+Implements "Balancing Accuracy and Efficiency in Budget-Aware Early-Exiting Neural
+Networks" (Addad, Lechervy and Jurie, 2024 preprint, HAL hal-04683503; no arXiv id) on
+`MultiExitModel`, with the paper's CIFAR settings as defaults and each departure of the
+authors' public code as an option.
+
+The pieces (what the paper specifies, section 3):
+
+- A gater: one small MLP per early exit k < K on confidence features `s_k` of exit k's
+  prediction (max probability, margin, entropy), sigmoid output `P_k`, "the probability
+  that exit k is confident enough".
+- The exit distribution `Pr(1) = P_1`, `Pr(k) = P_k prod_{j<k} (1 - P_j)`,
+  `Pr(K) = prod_{j<K} (1 - P_j)` (it sums to 1), sharpened with a temperature T:
+  `A_k = Pr(k)^(1/T) / sum_j Pr(j)^(1/T)`. Both are computed in log space from the gater's
+  pre-sigmoid outputs (`log P = log_sigmoid(z)`, `log(1 - P) = log_sigmoid(-z)`), so a P
+  near 0 or 1 gives no NaN (the code adds 1e-5 inside the logs instead).
+- The normalised cost `Cost_k = mul_adds[k] / mul_adds[K]` of the actual model
+  (`keras_ee.costs.exit_costs`) and its weight lambda (`cost_weight`).
+- Inner (backbone) loss `mean_i sum_k (A_ik + 1)(CE_ik + lambda Cost_k)` (Eq. 4/10): every
+  exit keeps a weight of at least 1, and the gater's choice adds more. Cost_k is a
+  constant, so lambda reaches the backbone only through dA/dtheta, i.e. through the
+  features of the exits' predictions (Eq. 11). With `detach_features=True` that path is
+  cut: the backbone's gradient is `(A + 1) dCE/dtheta` and lambda has no effect on it.
+- Outer (gater) loss `mean_i sum_k (CE_ik + lambda Cost_k) A_ik` with the backbone fixed
+  (Eq. 10/12): the gater learns to put each sample's mass on the exit where its
+  cross-entropy plus the price of computing that far is lowest.
+
+Schedule. `gater_update="alternate"` (default; what the authors' code does): every
+`gater_interval` loaded batches (10 on CIFAR, 100 on ImageNet) the batch is split in two
+halves; the backbone takes its step on the first half, then the gater takes one step on
+the second half with the (updated) backbone in inference mode, so the outer step changes
+the gater only (BatchNorm statistics untouched). Every other batch is one backbone step
+on the whole batch. `gater_update="lookahead"` is the paper's bi-level reading with a
+one-step look-ahead (as L2W): on a gater batch the backbone's next step on the first half
+is taken virtually (`keras_ee.training.bilevel.LookAhead`: the real optimizer's exact
+step), the outer loss is evaluated on the second half through those parameters and
+differentiated w.r.t. the gater, the gater steps, then the backbone takes its real step
+with the updated gater (the look-ahead's forward is reused). The look-ahead's meta forward
+runs in training mode (batch statistics, discarded), as L2W's.
+
+Gater optimizer: AdamW (default), Adam (L2 decay added to the gradient, as
+`torch.optim.Adam`) or SGD with momentum 0.9, learning rate `gater_learning_rate` (1e-3)
+decaying to `gater_final_learning_rate` (1e-5, the paper; the code: 1e-6) with the main
+schedule's progress (`bilevel.follow_main_schedule`), weight decay 1e-4. The paper does
+not name the optimizer; the code uses the backbone's family (AdamW in its defaults):
+`gater_optimizer="sgd"` next to an SGD backbone is that.
+
+Inference: the ordinary threshold sweep on the clean hold-out (`keras-ee evaluate`,
+geometric or the paper's per-stage mode), and, what neither the paper nor its code has,
+the gater's own `P_k` as the confidence score of exit k (`--confidence gater`), calibrated
+by the same sweep: `save_artifacts` writes `scores/gater.npz` (validation and test scores
+of the run's dump) and `keras-ee train` reports both curves.
+
+Logs per epoch: `exit_k_A_mean` (mean A of exit k on the training batches),
+`expected_cost` (mean `sum_k A_k Cost_k`, a fraction of the last exit's Mul-Adds) and
+`gater_loss` (the outer loss, mean over the epoch's gater steps).
+
+Special cases (tested): `cost_weight=0` makes both losses pure accuracy terms (the gater
+then routes each sample to its lowest-CE exit); `temperature=1` gives `A = Pr`; a very
+small T makes A one-hot on the most likely exit.
+"""
+
+from __future__ import annotations
+
+import typing
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_ee.training import bilevel
+from keras_ee.training import core
+from keras_ee.training.methods import Method
+from keras_ee.training.registry import SearchRange
+from keras_ee.training.registry import register_method
+
+FEATURES = ("max_prob", "margin", "entropy")
+_UPDATES = ("alternate", "lookahead")
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+SCORES_DIR = "scores"
+
+
+def confidence_features(logits, names=("max_prob", "entropy")):
+    """The gater's inputs: confidence features of each exit's prediction, `(batch, len(logits), F)`.
+
+    `max_prob` is the largest softmax probability, `margin` the largest minus the second
+    largest, `entropy` `-sum_c p_c log p_c` (computed as `logsumexp(z) - sum_c p_c z_c`,
+    finite for any finite logits). The paper writes the entropy feature as `sum p log p`,
+    its negative; the MLP's first layer absorbs the sign. Differentiable in the logits.
+
+    Args:
+        logits: list of `(batch, C)` logit tensors (the early exits').
+        names: the features, a subset of `FEATURES` in any order.
+    """
+    columns = []
+    for z in logits:
+        z = core._as_float32(z)
+        p = ops.softmax(z, axis=-1)
+        values = {}
+        if "max_prob" in names or "margin" in names:
+            top = ops.top_k(p, 2)[0]
+            values["max_prob"] = top[:, 0]
+            values["margin"] = top[:, 0] - top[:, 1]
+        if "entropy" in names:
+            values["entropy"] = ops.logsumexp(z, axis=-1) - ops.sum(p * z, axis=-1)
+        columns.append(ops.stack([values[n] for n in names], axis=-1))
+    return ops.stack(columns, axis=1)
+
+
+def exit_distribution(log_p, log_not_p, temperature=0.5):
+    """`Pr(k)` (Eq. 5) and the sharpened `A_k` (Eq. 9) from per-gate log probabilities.
+
+    Args:
+        log_p: `(batch, K - 1)` `log P_k` of the early exits (may hold -inf for P = 0).
+        log_not_p: `(batch, K - 1)` `log(1 - P_k)` (may hold -inf for P = 1).
+        temperature: T > 0.
+
+    Returns:
+        `(pr, a)`, both `(batch, K)`, each summing to 1 per sample.
+    """
+    survive = ops.cumsum(log_not_p, axis=1)  # log prod_{j<=k} (1 - P_j)
+    # log prod_{j<k} (1 - P_j) as an exclusive sum (not `survive - log_not_p`: -inf - -inf is NaN).
+    before = ops.concatenate([ops.zeros_like(survive[:, :1]), survive[:, :-1]], axis=1)
+    log_pr = ops.concatenate([log_p + before, survive[:, -1:]], axis=1)
+    pr = ops.exp(log_pr)
+    a = ops.softmax(log_pr / ops.cast(temperature, log_pr.dtype), axis=1)
+    return pr, a
+
+
+def exit_distribution_from_probabilities(p, temperature=0.5):
+    """`exit_distribution` from gate probabilities `P` `(batch, K - 1)` in [0, 1] (0 and 1 allowed)."""
+    p = ops.convert_to_tensor(p)
+    return exit_distribution(ops.log(p), ops.log1p(-p), temperature)
+
+
+def exit_distribution_from_logits(z, temperature=0.5):
+    """`exit_distribution` from the gater's pre-sigmoid outputs `z` `(batch, K - 1)` (stable)."""
+    return exit_distribution(ops.log_sigmoid(z), ops.log_sigmoid(-z), temperature)
+
+
+def inner_loss_terms(ce, a, relative_costs, cost_weight):
+    """`(A + 1)(CE + lambda Cost)`, `(batch, K)`: the backbone's per-sample, per-exit loss terms."""
+    priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
+    return (ops.cast(a, ce.dtype) + 1.0) * priced
+
+
+def outer_loss_terms(ce, a, relative_costs, cost_weight):
+    """`(CE + lambda Cost) A`, `(batch, K)`: the gater's per-sample, per-exit loss terms."""
+    priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
+    return priced * ops.cast(a, ce.dtype)
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class ExitGater(keras.layers.Layer):
+    """One MLP per early exit: confidence features of exit k -> the pre-sigmoid `z_k`.
+
+    Args:
+        num_gates: K - 1, the early exits.
+        num_features: features per exit (1-3).
+        depth: hidden layers of each MLP (paper 1).
+        width: hidden width (paper 500; the code 100).
+        activation: hidden activation (any Keras activation name; the code uses GELU).
+        **kwargs: standard layer arguments.
+
+    Example:
+    >>> gater = ExitGater(num_gates=3, num_features=2)
+    >>> z = gater(features)    # (batch, 3); P = sigmoid(z)
+    """
+
+    def __init__(self, num_gates, num_features, depth=1, width=500, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("num_gates", num_gates), ("num_features", num_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1; received {value!r}.")
+        self.num_gates = num_gates
+        self.num_features = num_features
+        self.depth = depth
+        self.width = width
+        self.activation = activation
+        self.gates = [bilevel.MLP(num_features, 1, depth=depth, width=width, activation=activation,
+                                  name=f"gate_{k + 1}", dtype=self.dtype_policy) for k in range(num_gates)]
+
+    def build(self, input_shape=None):
+        for gate in self.gates:
+            gate.build((None, self.num_features))
+        self.built = True
+
+    def call(self, features):
+        return ops.concatenate([gate(features[:, k, :]) for k, gate in enumerate(self.gates)], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_gates)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_gates=self.num_gates, num_features=self.num_features, depth=self.depth,
+                      width=self.width, activation=self.activation)
+        return config
+
+
+def _check_positive(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number; received {value!r}.")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}; received {value}.")
+    return value
+
+
+def _parse_features(features):
+    if isinstance(features, str):
+        features = [f.strip() for f in features.replace("+", ",").split(",") if f.strip()]
+    if not isinstance(features, (list, tuple)) or not features:
+        raise ValueError(f"`features` must be a non-empty list drawn from {FEATURES}; received {features!r}.")
+    bad = [f for f in features if f not in FEATURES]
+    if bad or len(set(features)) != len(features):
+        raise ValueError(f"`features` must be distinct names from {FEATURES}; received {list(features)!r}.")
+    return tuple(features)
+
+
+@register_method(
+    "gating",
+    summary="budget-aware early exiting: a learned gater routes samples, lambda prices each exit's cost",
+    paper="Balancing Accuracy and Efficiency in Budget-Aware Early-Exiting Neural Networks (Addad, Lechervy and "
+          "Jurie, 2024 preprint, HAL hal-04683503)",
+    search_space={"lambda": SearchRange(0.01, 10.0, "log"), "temperature": SearchRange(0.1, 2.0)},
+    option_types={
+        "features": typing.Union[str, list],
+        "gater_update": typing.Literal["alternate", "lookahead"],
+        "gater_optimizer": typing.Literal["adamw", "adam", "sgd"],
+    },
+    aliases={"lambda": "cost_weight"},
+)
+@keras.saving.register_keras_serializable(package="keras_ee")
+class BudgetAwareGating(Method):
+    """Budget-aware gating: a gater MLP per early exit, trained bi-level with the backbone.
+
+    See the module docstring for the losses, the schedule and the inference scores.
+
+    Args:
+        cost_weight: lambda, the weight of the normalised exit cost (paper 2 for every
+            budget; the code 0.1). `--method-option lambda=...` is its alias and `lambda`
+            its keras-tuner hyper-parameter.
+        temperature: T of the sharpened exit distribution (paper 0.5).
+        features: the gater's inputs per exit, from `max_prob`, `margin`, `entropy`
+            (paper CIFAR: max_prob + entropy, the default; ImageNet: all three; the code:
+            max_prob + margin); a list or a comma-separated string.
+        gater_width: hidden width (paper 500; the code 100).
+        gater_depth: hidden layers (1).
+        gater_activation: hidden activation (`relu` by default; the code `gelu`).
+        detach_features: stop the gradient at the gater's inputs in the backbone's loss
+            (default False, as the code and Eq. 11). Detached, lambda no longer reaches
+            the backbone: its gradient is `(A + 1) dCE/dtheta` for any lambda.
+        gater_interval: a gater step every this many loaded batches (paper CIFAR 10,
+            ImageNet 100).
+        gater_update: `"alternate"` (default, the code) or `"lookahead"` (one-step
+            bi-level look-ahead through the real optimizer's step).
+        gater_optimizer: `"adamw"` (default), `"adam"` or `"sgd"`.
+        gater_learning_rate: initial gater learning rate (1e-3).
+        gater_final_learning_rate: its value when the main schedule reaches 0 (1e-5).
+        gater_weight_decay: 1e-4.
+        **kwargs: standard layer arguments.
+
+    Example:
+    >>> model = MultiExitModel(backbone, method=BudgetAwareGating(cost_weight=2.0))
+    >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-4))
+    >>> model.fit(train_ds, epochs=300)
+    """
+
+    def __init__(self, cost_weight=2.0, temperature=0.5, features=("max_prob", "entropy"), gater_width=500,
+                 gater_depth=1, gater_activation="relu", detach_features=False, gater_interval=10,
+                 gater_update="alternate", gater_optimizer="adamw", gater_learning_rate=1e-3,
+                 gater_final_learning_rate=1e-5, gater_weight_decay=1e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
+        self.temperature = _check_positive("temperature", temperature)
+        self.features = _parse_features(features)
+        for name, value in (("gater_width", gater_width), ("gater_depth", gater_depth),
+                            ("gater_interval", gater_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1; received {value!r}.")
+        if not isinstance(gater_activation, str):
+            raise ValueError(f"`gater_activation` must be a Keras activation name; received {gater_activation!r}.")
+        try:
+            keras.activations.get(gater_activation)
+        except (ValueError, TypeError):
+            raise ValueError(f"`gater_activation` must be a Keras activation name (relu, gelu, ...); received "
+                             f"{gater_activation!r}.") from None
+        if not isinstance(detach_features, bool):
+            raise ValueError(f"`detach_features` must be true or false; received {detach_features!r}.")
+        if gater_update not in _UPDATES:
+            raise ValueError(f"`gater_update` must be one of {_UPDATES}; received {gater_update!r}.")
+        if gater_optimizer not in _OPTIMIZERS:
+            raise ValueError(f"`gater_optimizer` must be one of {_OPTIMIZERS}; received {gater_optimizer!r}.")
+        self.gater_width = gater_width
+        self.gater_depth = gater_depth
+        self.gater_activation = gater_activation
+        self.detach_features = detach_features
+        self.gater_interval = gater_interval
+        self.gater_update = gater_update
+        self.gater_optimizer_name = gater_optimizer
+        self.gater_learning_rate = _check_positive("gater_learning_rate", gater_learning_rate)
+        self.gater_final_learning_rate = _check_positive("gater_final_learning_rate", gater_final_learning_rate,
+                                                         allow_zero=True)
+        if self.gater_final_learning_rate > self.gater_learning_rate:
+            raise ValueError("`gater_final_learning_rate` must be <= `gater_learning_rate`; received "
+                             f"{self.gater_final_learning_rate} > {self.gater_learning_rate}.")
+        self.gater_weight_decay = _check_positive("gater_weight_decay", gater_weight_decay, allow_zero=True)
+        self._main_optimizer_ref = None
+
+    # --- setup ---------------------------------------------------------------
+
+    def setup(self, model):
+        from keras_ee import costs
+
+        k = model.num_exits
+        if k < 2:
+            raise ValueError(f"budget-aware gating needs at least 2 exits; the backbone has {k}.")
+        self.num_exits = k
+        mul_adds = np.asarray(costs.exit_costs(model.backbone)["mul_adds"], np.float64)
+        if not (np.all(np.isfinite(mul_adds)) and mul_adds[-1] > 0):
+            raise ValueError(f"the exits' Mul-Adds {mul_adds.tolist()} cannot be normalised by the last exit's.")
+        # Cost_k = cost[k] / cost[K] of this very model (a constant of the losses).
+        self.relative_costs = (mul_adds / mul_adds[-1]).tolist()
+        dtype = "float64" if model.backbone.trainable_variables and \
+            model.backbone.trainable_variables[0].dtype == "float64" else "float32"
+        self.gater = ExitGater(k - 1, len(self.features), depth=self.gater_depth, width=self.gater_width,
+                               activation=self.gater_activation, name="gater", dtype=dtype)
+        self.gater.build((None, k - 1, len(self.features)))
+        self.gater.trainable = False  # trained by its own optimizer, not the model's
+        self.batch_counter = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                                             name="batch_counter")
+        self.initial_main_lr = self.add_weight(shape=(), dtype="float32", initializer="zeros", trainable=False,
+                                               name="initial_main_lr")
+        lr = bilevel.follow_main_schedule(self.gater_learning_rate, self._main_optimizer, self.initial_main_lr,
+                                          final_learning_rate=self.gater_final_learning_rate)
+        wd = self.gater_weight_decay or None
+        if self.gater_optimizer_name == "adamw":
+            self.gater_optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd, name="gater_adamw")
+        elif self.gater_optimizer_name == "adam":
+            self.gater_optimizer = keras.optimizers.Adam(learning_rate=lr, name="gater_adam")
+        else:
+            self.gater_optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, weight_decay=wd,
+                                                        name="gater_sgd")
+        self.gater_optimizer.build(self.gater.weights)
+        self.share_trackers = [keras.metrics.Mean(name=f"exit_{i + 1}_A_mean") for i in range(k)]
+        self.cost_tracker = keras.metrics.Mean(name="expected_cost")
+        self.gater_loss_tracker = keras.metrics.Mean(name="gater_loss")
+        self.built = True
+
+    def check_optimizer(self, optimizer):
+        if self.gater_update == "lookahead":
+            core.check_lookahead_support(optimizer)
+        self._main_optimizer_ref = weakref.ref(optimizer)
+
+    def _main_optimizer(self):
+        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
+
+    # --- the gater -------------------------------------------------------------
+
+    def gate_inputs(self, logits):
+        """The gater's features of the early exits' logits, `(batch, K - 1, F)`."""
+        return confidence_features(logits[:-1], self.features)
+
+    def distribution(self, features):
+        """`(pr, a)` of the current gater on `features` (`(batch, K - 1, F)`)."""
+        z = self.gater(ops.cast(features, self.gater.compute_dtype))
+        return exit_distribution_from_logits(z, self.temperature)
+
+    def gate_probabilities(self, logits):
+        """`P_k` of every early exit, `(batch, K - 1)`: the gater's confidence that exit k suffices."""
+        return ops.sigmoid(self.gater(ops.cast(self.gate_inputs(logits), self.gater.compute_dtype)))
+
+    def _costs(self, dtype):
+        return ops.convert_to_tensor(np.asarray(self.relative_costs), dtype=dtype)
+
+    # --- training --------------------------------------------------------------
+
+    def metric_names(self):
+        return [m.name for m in (*self.share_trackers, self.cost_tracker, self.gater_loss_tracker)]
+
+    def step_logs(self, model):
+        logs = model.model_logs()
+        for m in (*self.share_trackers, self.cost_tracker, self.gater_loss_tracker):
+            logs[m.name] = m.result()
+        return logs
+
+    def inner_loss(self, y, logits, sample_weight=None):
+        """`(loss, per_exit, ce, a)` of the backbone's loss on one forward (differentiable).
+
+        `per_exit[k] = mean_i sw_i (A_ik + 1)(CE_ik + lambda Cost_k)`, `loss = sum_k per_exit[k]`.
+        """
+        ce = core.per_exit_cross_entropy(y, logits)
+        features = self.gate_inputs(logits)
+        if self.detach_features:
+            features = ops.stop_gradient(features)
+        _, a = self.distribution(features)
+        a = ops.cast(a, ce.dtype)
+        terms = inner_loss_terms(ce, a, self._costs(ce.dtype), self.cost_weight)
+        per_exit = core.sample_weighted_exit_losses(terms, sample_weight)
+        return ops.sum(per_exit), per_exit, ce, a
+
+    def outer_loss(self, y, logits):
+        """`(loss, per_exit)` of the gater's loss, the backbone's outputs taken as given."""
+        logits = [ops.stop_gradient(z) for z in logits]
+        ce = core.per_exit_cross_entropy(y, logits)
+        _, a = self.distribution(self.gate_inputs(logits))
+        per_exit = ops.mean(outer_loss_terms(ce, ops.cast(a, ce.dtype), self._costs(ce.dtype), self.cost_weight),
+                            axis=0)
+        return ops.sum(per_exit), per_exit
+
+    def train_step(self, model, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._main_optimizer_ref = weakref.ref(model.optimizer)
+        bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
+        bilevel.every(self.batch_counter, self.gater_interval,
+                      lambda: self._gater_batch(model, x, y, sample_weight),
+                      lambda: self._backbone_step(model, x, y, sample_weight))
+        self.batch_counter.assign_add(1)
+        return self.step_logs(model)
+
+    def _gater_batch(self, model, x, y, sample_weight):
+        n = tf.shape(x)[0]
+
+        def split():
+            (x_a, y_a, sw_a), (x_b, y_b, _) = core.split_halves(x, y, sample_weight)
+            if self.gater_update == "lookahead":
+                self._lookahead_step(model, x_a, y_a, sw_a, x_b, y_b)
+            else:
+                self._backbone_step(model, x_a, y_a, sw_a)
+                self._gater_step(model, x_b, y_b)
+            return ops.zeros((), "int32")
+
+        def whole():  # a batch of one sample: no half for the gater
+            self._backbone_step(model, x, y, sample_weight)
+            return ops.zeros((), "int32")
+
+        tf.cond(n >= 2, split, whole)
+
+    def _record(self, a):
+        for k, tracker in enumerate(self.share_trackers):
+            tracker.update_state(ops.cast(a[:, k], "float32"))
+        self.cost_tracker.update_state(ops.cast(ops.sum(a * self._costs(a.dtype)[None, :], axis=1), "float32"))
+
+    def _backbone_step(self, model, x, y, sample_weight):
+        variables = model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss, per_exit, ce, a = self.inner_loss(y, logits, sample_weight)
+            scaled = model.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        model.apply_step(grads, per_exit)
+        model.update_step_metrics(loss, y, logits, ce)
+        self._record(a)
+
+    def _apply_gater(self, model, grads, per_exit):
+        variables = self.gater.weights
+        grads = [ops.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        if self.gater_optimizer_name == "adam":  # L2 decay in the gradient, as torch.optim.Adam
+            grads = [g + self.gater_weight_decay * v for g, v in zip(grads, variables)]
+        model.record_nonfinite(per_exit, phase=1)
+        self.gater_optimizer.apply(grads, variables)
+        self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
+
+    def gater_gradients(self, model, x, y):
+        """`(grads, per_exit)`: the outer loss's gradient w.r.t. the gater's weights on `(x, y)`.
+
+        The backbone runs in inference mode (BatchNorm statistics are neither used from
+        the batch nor updated) and receives no gradient.
+        """
+        logits = model(x, training=False)
+        values = [v.value for v in self.gater.weights]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(values)
+            loss, per_exit = self.outer_loss(y, logits)
+        return tape.gradient(loss, values), per_exit
+
+    def _gater_step(self, model, x, y):
+        grads, per_exit = self.gater_gradients(model, x, y)
+        self._apply_gater(model, grads, per_exit)
+
+    def lookahead(self, model, x_t, y_t, sw_t, x_m, y_m):
+        """The one-step bi-level pass (`gater_update="lookahead"`): a `bilevel.LookAheadResult`.
+
+        The inner loss is written as `sum(coefficients * terms)` for the look-ahead core:
+        `terms = [CE, features]` per sample, with coefficients `(A + 1) sw / N` for the
+        cross-entropies and, for the features (unless detached), the vector-Jacobian
+        product of A with `(CE + lambda Cost) sw / N`, i.e. exactly Eq. 11's two parts.
+        """
+        k1, f = self.num_exits - 1, len(self.features)
+
+        def terms_fn(logits, y):
+            ce = core.per_exit_cross_entropy(y, logits)
+            features = self.gate_inputs(logits)
+            if self.detach_features:
+                return ce, (ce, features)
+            flat = ops.reshape(ops.cast(features, ce.dtype), (-1, k1 * f))
+            return ops.concatenate([ce, flat], axis=1), (ce, features)
+
+        def coefficients_fn(terms, aux):
+            ce, features = (ops.stop_gradient(t) for t in aux)
+            n = ops.cast(ops.shape(ce)[0], ce.dtype)
+            sw = ops.ones_like(ce[:, :1]) if sw_t is None else ops.reshape(ops.cast(sw_t, ce.dtype), (-1, 1))
+            if self.detach_features:
+                _, a = self.distribution(features)
+                return (ops.cast(a, ce.dtype) + 1.0) * sw / n
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(features)
+                _, a = self.distribution(features)
+                a = ops.cast(a, ce.dtype)
+            priced = (ce + self.cost_weight * self._costs(ce.dtype)[None, :]) * sw / n
+            feature_coefficients = tape.gradient(a, features, output_gradients=priced)
+            return ops.concatenate([(a + 1.0) * sw / n, ops.reshape(ops.cast(feature_coefficients, ce.dtype),
+                                                                    (-1, k1 * f))], axis=1)
+
+        def outer_fn(logits_meta, y_meta):
+            ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
+            _, a_m = self.distribution(self.gate_inputs(logits_meta))
+            per_exit = ops.mean(outer_loss_terms(ce_m, ops.cast(a_m, ce_m.dtype), self._costs(ce_m.dtype),
+                                                 self.cost_weight), axis=0)
+            return ops.sum(per_exit), per_exit
+
+        la = bilevel.LookAhead(model.backbone, model.optimizer, self.gater.weights, terms_fn, coefficients_fn,
+                               outer_fn)
+        return la.run(x_t, y_t, x_m, y_m), coefficients_fn
+
+    def _lookahead_step(self, model, x_t, y_t, sw_t, x_m, y_m):
+        result, coefficients_fn = self.lookahead(model, x_t, y_t, sw_t, x_m, y_m)
+        ce, features = result.aux
+        model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
+        self._apply_gater(model, result.outer_gradients, result.outer_aux)
+        # The real step on the first half with the updated gater, reusing the inner forward.
+        coefficients = ops.stop_gradient(coefficients_fn(result.terms, result.aux))
+        grads = result.real_gradients(model.optimizer.scale_loss(coefficients))
+        core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
+        _, a = self.distribution(ops.stop_gradient(features))
+        a = ops.cast(a, ce.dtype)
+        per_exit = core.sample_weighted_exit_losses(inner_loss_terms(ce, a, self._costs(ce.dtype), self.cost_weight),
+                                                    sw_t)
+        model.apply_step(grads, per_exit)
+        model.update_step_metrics(ops.sum(per_exit), y_t, result.logits, ce)
+        self._record(a)
+
+    # --- inference scores --------------------------------------------------------
+
+    def exit_scores(self, logits):
+        """The gater's confidence per exit, `(K, N)` float32 numpy, for `--confidence gater`.
+
+        Exit k < K scores the gater's pre-sigmoid `z_k` (`P_k = sigmoid(z_k)`: the same
+        order, without float32's saturation of P at 1 for confident samples); the last exit,
+        which takes every remaining sample, scores 0.
+
+        Args:
+            logits: `(K, N, C)` array of every exit's logits (a dump's).
+        """
+        out = []
+        for start in range(0, logits.shape[1], 4096):
+            chunk = [ops.convert_to_tensor(np.asarray(logits[k, start:start + 4096], np.float32))
+                     for k in range(logits.shape[0])]
+            z = self.gater(ops.cast(self.gate_inputs(chunk), self.gater.compute_dtype))
+            out.append(np.asarray(ops.convert_to_numpy(z), np.float32))
+        z = np.concatenate(out, axis=0).T if out else np.zeros((logits.shape[0] - 1, 0), np.float32)
+        return np.concatenate([z, np.zeros((1, z.shape[1]), np.float32)], axis=0)
+
+    def save_artifacts(self, model, splits, workdir):
+        """`scores/gater.npz`: the gater's confidence on the run's validation and test dump."""
+        from keras_ee import dumps
+        from keras_ee.atomic import atomic_path
+
+        dump = dumps.load_dump(workdir / "dump")
+        (workdir / SCORES_DIR).mkdir(exist_ok=True)
+        with atomic_path(workdir / SCORES_DIR / "gater.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, val=self.exit_scores(dump.val_logits), test=self.exit_scores(dump.test_logits))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(cost_weight=self.cost_weight, temperature=self.temperature, features=list(self.features),
+                      gater_width=self.gater_width, gater_depth=self.gater_depth,
+                      gater_activation=self.gater_activation, detach_features=self.detach_features,
+                      gater_interval=self.gater_interval, gater_update=self.gater_update,
+                      gater_optimizer=self.gater_optimizer_name, gater_learning_rate=self.gater_learning_rate,
+                      gater_final_learning_rate=self.gater_final_learning_rate,
+                      gater_weight_decay=self.gater_weight_decay)
+        return config
