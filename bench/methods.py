@@ -14,6 +14,10 @@ held-out validation split, accuracy is measured on the test set. The script writ
     budget_curves.png  all methods' budget curves (mean over seeds, ± std shaded) and
                        every exit's anytime accuracy (mean, ± std error bars)
 
+A method that saves its own confidence scores (budget-aware gating: the gater's exit
+probability, `scores/gater.npz`) gets a second row per label, `LABEL [gater]`: the same runs
+with thresholds calibrated on that score instead of the max softmax.
+
 Methods are registered names (`keras-ee methods`; default: all of them) or
 `package.module:Class`. `LABEL=METHOD` runs a method under another label, so that one
 method can take part twice with different options (`--methods l2w l2w_q05=l2w`).
@@ -356,6 +360,30 @@ def run_all(runs, quiet: bool) -> None:
         r["timing"] = epoch_seconds(workdir, [p.epochs for p in phases])
 
 
+def score_variants(runs, methods) -> tuple[list[dict], list[dict]]:
+    """Each method's runs again under every confidence score its method saved, as rows `LABEL [KIND]`.
+
+    A method may save its own confidence scores of the dump (`scores/<kind>.npz`; budget-aware
+    gating: the gater's); the same thresholds sweep then calibrates them, and the table and
+    plot show both curves of the same runs side by side.
+    """
+    from keras_ee import dumps, evaluation, experiment
+
+    extra_runs, extra_methods = [], []
+    for m in methods:
+        rs = [r for r in runs if r["label"] == m["label"]]
+        kinds = set.intersection(*(set(experiment.run_score_kinds(r["workdir"])) for r in rs)) if rs else set()
+        for kind in sorted(kinds):
+            label = f"{m['label']} [{kind}]"
+            extra_methods.append({**m, "label": label})
+            for r in rs:
+                ev = evaluation.evaluate_dump(dumps.load_dump(r["workdir"] / "dump"), kind=kind,
+                                              name=f"{label}-s{r['seed']}",
+                                              scores=experiment.load_run_scores(r["workdir"], kind))
+                extra_runs.append({**r, "label": label, "evaluation": ev})
+    return extra_runs, extra_methods
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -608,6 +636,8 @@ def main(argv=None) -> int:
     print(f"{len(methods)} method(s) x {len(args.seeds)} seed(s) = {len(runs)} runs into {args.out}: "
           + ", ".join(m["label"] for m in methods), flush=True)
     run_all(runs, args.quiet)
+    extra_runs, extra_methods = score_variants(runs, methods)
+    runs, methods = runs + extra_runs, methods + extra_methods
     summary = summarize(runs, methods, list(args.seeds), args.budgets, args.reference)
     table = markdown(summary, base, command)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,12 @@ times per epoch. The worker "methods":
 - `imta_phase2`: `training.IMTA()` after `model.enter_phase(1)`, one optimizer
   step of the classifiers and transfer paths only over the frozen network
   (BatchNorm in inference mode), with one-for-all distillation.
+- `gating`: `training.BudgetAwareGating()` (interval 10): the median step is
+  the common batch, one optimizer step whose loss runs the gater on every
+  exit's features; `gating_every_batch` (`gater_interval=1`): every batch is
+  a gater batch, a backbone step on one half and a gater step on the other
+  (backbone in inference mode). An epoch at the default interval costs 0.9 x
+  the first plus 0.1 x the second.
 Every method compiles the same SGD (cosine schedule, Nesterov momentum,
 weight decay); IMTA's phase II compiles it after `enter_phase(1)`.
 
@@ -90,18 +96,24 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The worker methods: what one step (one loaded batch) of each does, its name in
 # the report, and the issues' targets for its ratio to a Baseline step.
-METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2")
+METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2", "gating", "gating_every_batch")
 _NAMES = dict(baseline="Baseline", l2w="L2W", imta_phase1="IMTA phase I",
-              imta_phase2="IMTA phase II")
+              imta_phase2="IMTA phase II", gating="gating (interval 10)",
+              gating_every_batch="gating (gater every batch)")
 _STEPS = dict(
     baseline="one optimizer step on it",
     l2w="two half-batch optimizer steps (each with its meta step)",
     imta_phase1="one optimizer step of the whole network (gradient "
                 "equilibrium)",
     imta_phase2="one optimizer step of the classifiers and transfer paths "
-                "over the frozen network (distillation)")
+                "over the frozen network (distillation)",
+    gating="one optimizer step with the gater in the loss (9 of 10 "
+           "batches at the default interval)",
+    gating_every_batch="a half-batch optimizer step, then a gater step on "
+                       "the other half (every 10th batch by default)")
 TARGETS = dict(l2w=dict(time=4, memory=2), imta_phase1=dict(time=1.1),
-               imta_phase2=dict(time=0.6))
+               imta_phase2=dict(time=0.6), gating=dict(time=1.3),
+               gating_every_batch=dict(time=1.3))
 
 
 def _note(methods):
@@ -206,14 +218,19 @@ def worker(args):
             self.ends.append(t)
 
     imta = args.method.startswith("imta_")
-    if imta and not hasattr(training, "IMTA"):
-        _send(dict(error=f"{args.method}: keras_ee.training in {root} has no "
-                         "IMTA (only baseline and l2w can be timed there)"))
-        raise SystemExit(2)
+    gating = args.method.startswith("gating")
+    for needed, cls in ((imta, "IMTA"), (gating, "BudgetAwareGating")):
+        if needed and not hasattr(training, cls):
+            _send(dict(error=f"{args.method}: keras_ee.training in {root} has no "
+                             f"{cls} (only older methods can be timed there)"))
+            raise SystemExit(2)
     keras.utils.set_random_seed(0)
     backbone = _build_backbone(args.model, 100)
     if imta:
         method = training.IMTA()
+    elif gating:
+        method = training.BudgetAwareGating(
+            gater_interval=1 if args.method == "gating_every_batch" else 10)
     elif args.method == "l2w":
         method = training.L2W()
     else:

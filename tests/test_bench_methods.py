@@ -108,3 +108,18 @@ def test_two_phase_method_times_every_phase(bench, tmp_path, capsys):
     rows = {r.split("|")[1].strip(): r for r in table.splitlines() if r.startswith("| ")}
     assert rows["imta"].count(" (I) / ") == 2 and rows["imta"].count(" (II) |") == 2  # s/epoch and 1st epoch s
     assert "(I)" not in rows["baseline"]
+
+
+def test_a_method_with_its_own_confidence_gets_a_row_per_score(bench, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = TINY + ["--methods", "baseline", "gating", "--method-option", "gating:gater_width=16", "--out", str(out)]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["baseline", "gating", "gating [gater]"]
+    same, gater = results["methods"]["gating"], results["methods"]["gating [gater]"]
+    assert gater["runs"] == same["runs"] and gater["anytime"] == same["anytime"]  # the same runs, other thresholds
+    assert gater["budget_acc"] != same["budget_acc"]
+    assert set(results["differences"]) == {"gating", "gating [gater]"}
+    rows = [r.split("|")[1].strip() for r in (out / "results.md").read_text().splitlines() if r.startswith("| ")]
+    assert any(r.startswith("gating [gater]") for r in rows)
