@@ -14,22 +14,11 @@ from keras_ee import cli, experiment, runs  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.config import TrainConfig  # noqa: E402
 from keras_ee.training import gating  # noqa: E402
-from tiny_models import tiny_backbone  # noqa: E402
+from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
 
 
-@pytest.fixture
-def float64():
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(old)
-    keras.config.set_dtype_policy(old_policy)
+_data = tiny_data
 
-
-def _data(n=16, dim=5, classes=4, seed=1, dtype="float32"):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, dim)).astype(dtype), rng.integers(0, classes, size=n).astype("int32")
 
 
 def _model(seed=0, optimizer=None, **options):
@@ -312,16 +301,6 @@ def test_save_and_load_restore_the_gater_and_its_optimizer(tmp_path, update):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
 
 
-class _StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, train_size=300,
             method="gating", method_options={"gater_interval": 2, "gater_width": 16})
 
@@ -338,7 +317,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_report
     assert scores["val"].shape == (4, 200) and np.all(scores["val"][-1] == 0)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        experiment.train(TrainConfig(**{**TINY, "evaluate": False}), run, verbose=0, callbacks=[_StopAtEpoch(1)])
+        experiment.train(TrainConfig(**{**TINY, "evaluate": False}), run, verbose=0, callbacks=[StopAt(1)])
     assert runs.RunBackup(run / "backup").backups() == [1]
     experiment.train(TrainConfig(**{**TINY, "evaluate": False}), run, verbose=0)
     a = experiment.load_run_model(straight / "model.keras")

@@ -11,6 +11,7 @@ from keras_ee import costs, experiment, models, runs, training
 from keras_ee.config import TrainConfig
 from keras_ee.models.layers import GradientScale
 from keras_ee.training import core
+from tiny_models import StopAt
 
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 CNN = dict(input_shape=(8, 8, 1), num_classes=4)
@@ -331,16 +332,6 @@ TINY = dict(dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, v
             train_size=300)
 
 
-class _StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def _run_weights(run):
     model = experiment.load_run_model(run / "model.keras")
     return model, [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
@@ -355,7 +346,7 @@ def test_a_run_resumed_across_the_phase_boundary_equals_an_uninterrupted_one(met
     assert "phase_1 (1/2) epoch 1/1" in printed and "phase_2 (2/2) epoch 2/2" in printed
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        experiment.train(cfg, run, verbose=0, callbacks=[_StopAtEpoch(1)])  # phase II's first epoch
+        experiment.train(cfg, run, verbose=0, callbacks=[StopAt(1)])  # phase II's first epoch
     assert runs.RunBackup(run / "backup").backups() == [1]
     experiment.train(cfg, run, verbose=0)
     (ma, a), (mb, b) = _run_weights(straight), _run_weights(run)
@@ -373,7 +364,7 @@ def test_a_resume_inside_phase2_loads_the_phase2_state(tmp_path):
     experiment.train(cfg, straight, verbose=0)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        experiment.train(cfg, run, verbose=0, callbacks=[_StopAtEpoch(2)])  # after phase II's first epoch
+        experiment.train(cfg, run, verbose=0, callbacks=[StopAt(2)])  # after phase II's first epoch
     assert runs.RunBackup(run / "backup").backups() == [2]
     experiment.train(cfg, run, verbose=0)
     for x, y in zip(_run_weights(straight)[1], _run_weights(run)[1]):

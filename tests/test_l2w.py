@@ -11,25 +11,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
-from tiny_models import tiny_backbone  # noqa: E402
+from tiny_models import tiny_backbone, tiny_data  # noqa: E402
 
 
-@pytest.fixture
-def float64():
-    # The default dtype policy is cached from floatx on first use: set both.
-    old, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(old)
-    keras.config.set_dtype_policy(old_policy)
+_data = tiny_data
 
-
-def _data(n=16, dim=5, classes=4, seed=1, dtype="float32"):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, dim)).astype(dtype)
-    y = rng.integers(0, classes, size=n).astype("int32")
-    return x, y
 
 
 # --- allocation ------------------------------------------------------------

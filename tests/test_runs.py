@@ -15,6 +15,7 @@ import pytest
 
 from keras_ee import cli, experiment, runs
 from keras_ee.config import TrainConfig
+from tiny_models import StopAt  # noqa: E402
 
 TINY = dict(dataset="digits", model="multiexit_cnn", epochs=3, batch_size=128, val_size=200, evaluate=False,
             train_size=400)
@@ -44,23 +45,6 @@ def _assert_same_run(a, b):
     np.testing.assert_array_equal(np.load(a / "dump" / "test_logits.npy"), np.load(b / "dump" / "test_logits.npy"))
 
 
-class _StopAt(keras.callbacks.Callback):
-    """Interrupts fit at the start of `epoch`, or after its batch `batch` (inside it)."""
-
-    def __init__(self, epoch, batch=None):
-        super().__init__()
-        self.epoch, self.batch, self._epoch = epoch, batch, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        if self.batch is None and epoch == self.epoch:
-            raise KeyboardInterrupt
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.batch is not None and self._epoch == self.epoch and batch == self.batch:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
@@ -76,7 +60,7 @@ def uninterrupted(tmp_path_factory):
 def test_an_interrupted_run_resumes_bit_identical(method, where, uninterrupted, tmp_path):
     cfg = TrainConfig(**TINY, method=method)
     run = tmp_path / "run"
-    stop = _StopAt(1) if where == "between_epochs" else _StopAt(1, batch=1)
+    stop = StopAt(1) if where == "between_epochs" else StopAt(1, batch=1)
     with pytest.raises(KeyboardInterrupt):
         experiment.train(cfg, run, verbose=0, callbacks=[stop])
     assert not (run / "model.keras").exists() and runs.RunBackup(run / "backup").backups() == [1]
@@ -156,7 +140,7 @@ def test_a_damaged_backup_falls_back_or_starts_over_and_says_so(tmp_path, capsys
     cfg = TrainConfig(**TINY, method="baseline")
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        experiment.train(cfg, run, verbose=0, callbacks=[_StopAt(2)])
+        experiment.train(cfg, run, verbose=0, callbacks=[StopAt(2)])
     backups = runs.RunBackup(run / "backup")
     assert backups.backups() == [2]
     newest = run / "backup" / "epoch-0002.weights.h5"

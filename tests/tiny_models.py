@@ -1,4 +1,4 @@
-"""A tiny Dense+BN multi-exit backbone shared by the training tests."""
+"""What the training tests share: a tiny Dense+BN multi-exit backbone, random data, a fit interrupter."""
 
 import keras
 import tensorflow as tf
@@ -24,3 +24,28 @@ def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0, nan_exit=N
             z = keras.layers.Multiply(name=f"exit_{k + 1}")([z, gate])
         outs.append(z)
     return keras.Model(inp, outs)
+
+
+class StopAt(keras.callbacks.Callback):
+    """Interrupts fit at the start of `epoch`, or after its batch `batch` (inside it)."""
+
+    def __init__(self, epoch, batch=None):
+        super().__init__()
+        self.epoch, self.batch, self._epoch = epoch, batch, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        if self.batch is None and epoch == self.epoch:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.batch is not None and self._epoch == self.epoch and batch == self.batch:
+            raise KeyboardInterrupt
+
+
+def tiny_data(n=16, dim=5, classes=4, seed=1, dtype="float32"):
+    """Random inputs `(n, dim)` and integer labels `(n,)` for `tiny_backbone`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dim)).astype(dtype), rng.integers(0, classes, size=n).astype("int32")

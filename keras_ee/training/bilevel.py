@@ -295,6 +295,15 @@ class PerExitStats:
         return {m.name: m.result() for trio in self._trackers() for m in trio}
 
 
+def check_counts(**values) -> None:
+    """Raise a clear error unless every value is an int >= 1 (widths, depths, intervals, counts)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int; received {value!r}.")
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1; received {value}.")
+
+
 def torch_linear_init(fan_in):
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 
@@ -328,12 +337,7 @@ class MLP(keras.layers.Layer):
     def __init__(self, input_dim, output_dim, depth=1, width=500, activation="relu", output_activation=None,
                  **kwargs):
         super().__init__(**kwargs)
-        for name, value in (("input_dim", input_dim), ("output_dim", output_dim), ("depth", depth),
-                            ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int; received {value!r}.")
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1; received {value}.")
+        check_counts(input_dim=input_dim, output_dim=output_dim, depth=depth, width=width)
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.depth = depth

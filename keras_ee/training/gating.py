@@ -172,9 +172,7 @@ class ExitGater(keras.layers.Layer):
 
     def __init__(self, num_gates, num_features, depth=1, width=500, activation="relu", **kwargs):
         super().__init__(**kwargs)
-        for name, value in (("num_gates", num_gates), ("num_features", num_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1; received {value!r}.")
+        bilevel.check_counts(num_gates=num_gates, num_features=num_features)
         self.num_gates = num_gates
         self.num_features = num_features
         self.depth = depth
@@ -278,10 +276,7 @@ class BudgetAwareGating(Method):
         self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
         self.temperature = _check_positive("temperature", temperature)
         self.features = _parse_features(features)
-        for name, value in (("gater_width", gater_width), ("gater_depth", gater_depth),
-                            ("gater_interval", gater_interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1; received {value!r}.")
+        bilevel.check_counts(gater_width=gater_width, gater_depth=gater_depth, gater_interval=gater_interval)
         if not isinstance(gater_activation, str):
             raise ValueError(f"`gater_activation` must be a Keras activation name; received {gater_activation!r}.")
         try:

@@ -194,12 +194,7 @@ class L2W(Method):
         _check_number("delta", delta, low=0.0, high=1.0, low_inclusive=False)
         _check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
         _check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
-        for name, value in (("wpn_depth", wpn_depth), ("wpn_width", wpn_width),
-                            ("meta_interval", meta_interval)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int; received {value!r}.")
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1; received {value}.")
+        bilevel.check_counts(wpn_depth=wpn_depth, wpn_width=wpn_width, meta_interval=meta_interval)
         for name, value, allowed in (
             ("wpn_input", wpn_input, _INPUTS),
             ("constraint", constraint, _CONSTRAINTS),
