@@ -5,6 +5,7 @@ import keras
 from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
+    nonlinearity_scope,
     branch_and_trunk,
     conv_bn_relu,
     he_fan_out_init,
@@ -21,6 +22,7 @@ def multiexit_cnn(
     depth=2,
     num_exits=None,
     gradient_equilibrium=False,
+    activation="relu",
     name="multiexit_cnn",
 ):
     """Plain conv stages, each followed by an exit (pool + Dense).
@@ -68,19 +70,20 @@ def multiexit_cnn(
     gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, w)
     init = he_fan_out_init()
 
-    inputs = keras.Input(input_shape, name="image")
-    x = inputs
-    outputs = []
-    k_total = len(widths)
-    for k, width in enumerate(widths, start=1):
-        for d in range(depth):
-            stride = 2 if (k > 1 and d == 0 and min(x.shape[1:3]) >= 4) else 1
-            x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init)
-        last = k == k_total
-        branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
-        outputs.append(
-            pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width))
-        )
-        if not last:
-            (x,) = mark_stage(k, [trunk])
-    return keras.Model(inputs, outputs, name=name)
+    with nonlinearity_scope(activation):
+        inputs = keras.Input(input_shape, name="image")
+        x = inputs
+        outputs = []
+        k_total = len(widths)
+        for k, width in enumerate(widths, start=1):
+            for d in range(depth):
+                stride = 2 if (k > 1 and d == 0 and min(x.shape[1:3]) >= 4) else 1
+                x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init)
+            last = k == k_total
+            branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
+            outputs.append(
+                pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width))
+            )
+            if not last:
+                (x,) = mark_stage(k, [trunk])
+        return keras.Model(inputs, outputs, name=name)

@@ -7,6 +7,8 @@ into the conv at inference for speed. `keras_ee.costs` counts it as its conv
 plus its ReLU, as the reference op counter does.
 """
 
+import contextlib
+import contextvars
 import math
 
 import keras
@@ -14,6 +16,34 @@ from keras import layers
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+
+# The nonlinearity of the `conv_bn_relu` units built inside `nonlinearity_scope`.
+_NONLINEARITY = contextvars.ContextVar("keras_ee_nonlinearity", default="relu")
+
+
+@contextlib.contextmanager
+def nonlinearity_scope(name):
+    """Build the `conv_bn_relu` units (and `activation_layer`s) in this block with `name`.
+
+    `name` is `"relu"` or `"gelu"` (see `ConvBNReLU`); the builders' `activation`
+    argument sets it for a whole model.
+    """
+    from keras_ee.models.layers import NONLINEARITIES
+
+    if name not in NONLINEARITIES:
+        raise ValueError(f"`activation` must be one of {list(NONLINEARITIES)}, received {name!r}.")
+    token = _NONLINEARITY.set(name)
+    try:
+        yield
+    finally:
+        _NONLINEARITY.reset(token)
+
+
+def activation_layer(name):
+    """A stand-alone activation layer with the scope's nonlinearity (ReLU by default)."""
+    if _NONLINEARITY.get() == "gelu":
+        return layers.Activation("gelu", name=name)  # keras.activations.gelu: exact (erf) by default
+    return layers.ReLU(name=name)
 
 
 def torch_default_init():
@@ -59,6 +89,7 @@ def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
         kernel_initializer=kernel_initializer,
+        nonlinearity=_NONLINEARITY.get(),
         name=name,
     )(x)
 

@@ -254,6 +254,9 @@ def width_packing(kernel_size, filters, strides, out_width):
     return 2
 
 
+NONLINEARITIES = ("relu", "gelu")
+
+
 @keras.saving.register_keras_serializable(package="keras_ee")
 class ConvBNReLU(keras.layers.Layer):
     """Conv (no bias) -> BatchNorm -> ReLU as one layer, BN folded at inference.
@@ -279,7 +282,10 @@ class ConvBNReLU(keras.layers.Layer):
         filters: int, output channels.
         kernel_size: int, odd square kernel size.
         strides: int.
-        activation: bool, apply the ReLU (default True).
+        activation: bool, apply the nonlinearity (default True).
+        nonlinearity: `"relu"` (default) or `"gelu"` (exact, erf-based, as
+            PyTorch's `nn.GELU()`; the budget-aware paper's MSDNet). Parameter
+            and Mul-Add counts do not depend on it.
         epsilon: float, BN epsilon (PyTorch default 1e-5).
         momentum: float, BN moving-average momentum in Keras' convention
             (0.9 = PyTorch's 0.1).
@@ -301,9 +307,14 @@ class ConvBNReLU(keras.layers.Layer):
         epsilon=1e-5,
         momentum=0.9,
         kernel_initializer="he_normal",
+        nonlinearity="relu",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"ConvBNReLU: `nonlinearity` must be one of {list(NONLINEARITIES)}, "
+                             f"received {nonlinearity!r}.")
+        self.nonlinearity = nonlinearity
         for arg, val in (("filters", filters), ("kernel_size", kernel_size), ("strides", strides)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"ConvBNReLU: `{arg}` must be a positive int, received {val!r}.")
@@ -376,7 +387,18 @@ class ConvBNReLU(keras.layers.Layer):
             if keras.backend.backend() == "tensorflow":
                 return self._tf_fused(inputs, kernel, shift)
             y = self._conv(inputs, kernel) + shift
-        return ops.relu(y) if self.activation else y
+        return self._act(y) if self.activation else y
+
+    def _act(self, y, tf_native=False):
+        # The TensorFlow inference paths keep tf.nn.relu: Conv2D + BiasAdd + Relu is the
+        # pattern grappler fuses (GELU runs unfused there).
+        if self.nonlinearity == "gelu":
+            return ops.gelu(y, approximate=False)
+        if tf_native:
+            import tensorflow as tf
+
+            return tf.nn.relu(y)
+        return ops.relu(y)
 
     def _tf_fused_batch_norm(self, y):
         # One FusedBatchNormV3 kernel (and one kernel for its gradient) instead
@@ -419,7 +441,7 @@ class ConvBNReLU(keras.layers.Layer):
             padding = "SAME"
         y = tf.nn.conv2d(inputs, kernel, strides=self.strides, padding=padding)
         y = tf.nn.bias_add(y, shift)
-        return tf.nn.relu(y) if self.activation else y
+        return self._act(y, tf_native=True) if self.activation else y
 
     def _tf_fused_packed(self, inputs, kernel, shift, pack, out_width):
         # The same conv computed `pack` output columns at a time: one conv
@@ -456,7 +478,7 @@ class ConvBNReLU(keras.layers.Layer):
         )
         y = tf.nn.bias_add(y, tf.tile(shift, [pack]))
         if self.activation:
-            y = tf.nn.relu(y)
+            y = self._act(y, tf_native=True)
         height = y.shape[1] if y.shape[1] is not None else tf.shape(y)[1]
         return tf.reshape(y, [-1, height, out_width, self.filters])
 
@@ -476,6 +498,7 @@ class ConvBNReLU(keras.layers.Layer):
                 "kernel_size": self.kernel_size,
                 "strides": self.strides,
                 "activation": self.activation,
+                "nonlinearity": self.nonlinearity,
                 "epsilon": self.epsilon,
                 "momentum": self.momentum,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),

@@ -21,6 +21,8 @@ from keras import layers
 from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
+    activation_layer,
+    nonlinearity_scope,
     BN_EPSILON,
     BN_MOMENTUM,
     branch_and_trunk,
@@ -71,6 +73,7 @@ def msdnet(
     stem="cifar",
     head_channels=128,
     gradient_equilibrium=False,
+    activation="relu",
     name="msdnet",
 ):
     """Builds a multi-scale dense network with one exit per block.
@@ -149,105 +152,106 @@ def msdnet(
             "(shorter growth_factor/bottleneck_factor)."
         )
 
-    init = torch_default_init()
-    inputs = keras.Input(input_shape, name="image")
+    with nonlinearity_scope(activation):
+        init = torch_default_init()
+        inputs = keras.Input(input_shape, name="image")
 
-    # Stem: one map per scale, each from the previous one.
-    if stem == "cifar":
-        x = conv_bn_relu(inputs, num_channels * gr[0], 3, 1, "stem_s0", init)
-    else:
-        x = layers.ZeroPadding2D(3, name="stem_s0_pad")(inputs)
-        x = layers.Conv2D(
-            num_channels * gr[0],
-            7,
-            strides=2,
-            padding="valid",
-            use_bias=True,
-            kernel_initializer=init,
-            bias_initializer=torch_default_bias_init(7 * 7 * input_shape[2]),
-            name="stem_s0_conv",
-        )(x)
-        x = layers.BatchNormalization(
-            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_s0_bn"
-        )(x)
-        x = layers.ReLU(name="stem_s0_relu")(x)
-        # Zero padding is exact for the max-pool: its input is post-ReLU (>= 0).
-        x = layers.ZeroPadding2D(1, name="stem_s0_pool_pad")(x)
-        x = layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_s0_pool")(x)
-    scales = [x]
-    for s in range(1, num_scales):
-        scales.append(conv_bn_relu(scales[-1], num_channels * gr[s], 3, 2, f"stem_s{s}", init))
+        # Stem: one map per scale, each from the previous one.
+        if stem == "cifar":
+            x = conv_bn_relu(inputs, num_channels * gr[0], 3, 1, "stem_s0", init)
+        else:
+            x = layers.ZeroPadding2D(3, name="stem_s0_pad")(inputs)
+            x = layers.Conv2D(
+                num_channels * gr[0],
+                7,
+                strides=2,
+                padding="valid",
+                use_bias=True,
+                kernel_initializer=init,
+                bias_initializer=torch_default_bias_init(7 * 7 * input_shape[2]),
+                name="stem_s0_conv",
+            )(x)
+            x = layers.BatchNormalization(
+                epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_s0_bn"
+            )(x)
+            x = activation_layer("stem_s0_relu")(x)
+            # Zero padding is exact for the max-pool: its input is post-ReLU (>= 0).
+            x = layers.ZeroPadding2D(1, name="stem_s0_pool_pad")(x)
+            x = layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_s0_pool")(x)
+        scales = [x]
+        for s in range(1, num_scales):
+            scales.append(conv_bn_relu(scales[-1], num_channels * gr[s], 3, 2, f"stem_s{s}", init))
 
-    lengths = block_lengths(num_blocks, step_mode, step, base)
-    schedule = scale_schedule(sum(lengths), num_scales)
-    n = num_channels
-    layer_index = 0
-    outputs = []
-    for block in range(1, num_blocks + 1):
-        for _ in range(lengths[block - 1]):
-            layer_index += 1
-            in_scales, out_scales = schedule[layer_index - 1]
-            offset = num_scales - out_scales
-            dropping = in_scales > out_scales
-            # `scales` holds the in_scales active maps, finest first.
-            by_scale = dict(zip(range(num_scales - in_scales, num_scales), scales))
-            prefix = f"l{layer_index}"
-            # Every 3x3 unit of this layer: (out scale, branch, source scale,
-            # filters, bottleneck factor of the source scale).
-            units = []
-            for s in range(offset, num_scales):
-                if s == offset and not dropping:
-                    units.append((s, "", s, growth_rate * gr[s], bn[s]))
-                else:
-                    half = growth_rate * gr[s] // 2
-                    units.append((s, "_down", s - 1, half, bn[s - 1]))
-                    units.append((s, "_same", s, half, bn[s]))
-            # The 1x1 bottlenecks that read the same map (scale s's own unit
-            # and scale s+1's down unit) run as one wider conv + split:
-            # identical math, parameters and Mul-Adds (see shared_bottleneck).
-            inner = {}
-            if bottleneck:
-                for src in sorted({u[2] for u in units}):
-                    readers = [u for u in units if u[2] == src]
-                    # Own/same unit first, then the down unit into scale src+1.
-                    readers.sort(key=lambda u: u[0])
-                    cin = int(by_scale[src].shape[-1])
-                    widths = [min(cin, u[4] * u[3]) for u in readers]
-                    parts = shared_bottleneck(by_scale[src], widths, f"{prefix}_x{src}_a", init)
-                    inner.update({(u[0], u[1]): t for u, t in zip(readers, parts)})
-            outs = {}
-            for s, branch, src, filters, _ in units:
-                x_in = inner[(s, branch)] if bottleneck else by_scale[src]
-                stride = 2 if branch == "_down" else 1
-                outs[(s, branch)] = conv_bn_relu(
-                    x_in, filters, 3, stride, f"{prefix}_s{s}{branch}_b", init
-                )
-            new_scales = []
-            for s in range(offset, num_scales):
-                if (s, "") in outs:
-                    parts = [by_scale[s], outs[(s, "")]]
-                else:
-                    parts = [by_scale[s], outs[(s, "_down")], outs[(s, "_same")]]
-                new_scales.append(ChannelConcat(name=f"{prefix}_s{s}_cat")(parts))
-            n += growth_rate
-            if dropping and reduction > 0:
-                n_new = math.floor(reduction * n)
-                new_scales = [
-                    conv_bn_relu(t, n_new * gr[s], 1, 1, f"{prefix}_s{s}_transition", init)
-                    for s, t in zip(range(offset, num_scales), new_scales)
-                ]
-                n = n_new
-            for s, t in zip(range(offset, num_scales), new_scales):
-                # Internal consistency of the channel bookkeeping (n * grFactor).
-                assert int(t.shape[-1]) == n * gr[s], (prefix, s, t.shape, n)
-            scales = new_scales
+        lengths = block_lengths(num_blocks, step_mode, step, base)
+        schedule = scale_schedule(sum(lengths), num_scales)
+        n = num_channels
+        layer_index = 0
+        outputs = []
+        for block in range(1, num_blocks + 1):
+            for _ in range(lengths[block - 1]):
+                layer_index += 1
+                in_scales, out_scales = schedule[layer_index - 1]
+                offset = num_scales - out_scales
+                dropping = in_scales > out_scales
+                # `scales` holds the in_scales active maps, finest first.
+                by_scale = dict(zip(range(num_scales - in_scales, num_scales), scales))
+                prefix = f"l{layer_index}"
+                # Every 3x3 unit of this layer: (out scale, branch, source scale,
+                # filters, bottleneck factor of the source scale).
+                units = []
+                for s in range(offset, num_scales):
+                    if s == offset and not dropping:
+                        units.append((s, "", s, growth_rate * gr[s], bn[s]))
+                    else:
+                        half = growth_rate * gr[s] // 2
+                        units.append((s, "_down", s - 1, half, bn[s - 1]))
+                        units.append((s, "_same", s, half, bn[s]))
+                # The 1x1 bottlenecks that read the same map (scale s's own unit
+                # and scale s+1's down unit) run as one wider conv + split:
+                # identical math, parameters and Mul-Adds (see shared_bottleneck).
+                inner = {}
+                if bottleneck:
+                    for src in sorted({u[2] for u in units}):
+                        readers = [u for u in units if u[2] == src]
+                        # Own/same unit first, then the down unit into scale src+1.
+                        readers.sort(key=lambda u: u[0])
+                        cin = int(by_scale[src].shape[-1])
+                        widths = [min(cin, u[4] * u[3]) for u in readers]
+                        parts = shared_bottleneck(by_scale[src], widths, f"{prefix}_x{src}_a", init)
+                        inner.update({(u[0], u[1]): t for u, t in zip(readers, parts)})
+                outs = {}
+                for s, branch, src, filters, _ in units:
+                    x_in = inner[(s, branch)] if bottleneck else by_scale[src]
+                    stride = 2 if branch == "_down" else 1
+                    outs[(s, branch)] = conv_bn_relu(
+                        x_in, filters, 3, stride, f"{prefix}_s{s}{branch}_b", init
+                    )
+                new_scales = []
+                for s in range(offset, num_scales):
+                    if (s, "") in outs:
+                        parts = [by_scale[s], outs[(s, "")]]
+                    else:
+                        parts = [by_scale[s], outs[(s, "_down")], outs[(s, "_same")]]
+                    new_scales.append(ChannelConcat(name=f"{prefix}_s{s}_cat")(parts))
+                n += growth_rate
+                if dropping and reduction > 0:
+                    n_new = math.floor(reduction * n)
+                    new_scales = [
+                        conv_bn_relu(t, n_new * gr[s], 1, 1, f"{prefix}_s{s}_transition", init)
+                        for s, t in zip(range(offset, num_scales), new_scales)
+                    ]
+                    n = n_new
+                for s, t in zip(range(offset, num_scales), new_scales):
+                    # Internal consistency of the channel bookkeeping (n * grFactor).
+                    assert int(t.shape[-1]) == n * gr[s], (prefix, s, t.shape, n)
+                scales = new_scales
 
-        last = block == num_blocks
-        branch, trunk = branch_and_trunk(
-            scales[-1], block, num_blocks, gradient_equilibrium, has_trunk=not last
-        )
-        outputs.append(conv_head(branch, block, num_classes, head_channels, init))
-        if not last:
-            scales = mark_stage(block, scales[:-1] + [trunk])
+            last = block == num_blocks
+            branch, trunk = branch_and_trunk(
+                scales[-1], block, num_blocks, gradient_equilibrium, has_trunk=not last
+            )
+            outputs.append(conv_head(branch, block, num_classes, head_channels, init))
+            if not last:
+                scales = mark_stage(block, scales[:-1] + [trunk])
 
-    return keras.Model(inputs, outputs, name=name)
+        return keras.Model(inputs, outputs, name=name)

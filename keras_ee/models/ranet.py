@@ -26,6 +26,7 @@ from keras import layers
 from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
+    nonlinearity_scope,
     bottleneck_unit,
     branch_and_trunk,
     conv_bn_relu,
@@ -79,6 +80,7 @@ def ranet(
     reduction=0.5,
     head_channels=128,
     gradient_equilibrium=False,
+    activation="relu",
     name="ranet",
 ):
     """Builds a resolution-adaptive network (CIFAR stem and heads).
@@ -168,86 +170,87 @@ def ranet(
     def layers_in(j):
         return step if step_mode == "even" else step * j
 
-    inputs = keras.Input(input_shape, name="image")
-    stem = {flows - 1: conv_bn_relu(inputs, num_channels * gf[-1], 3, 1, f"stem_f{flows - 1}", stem_init)}
-    for i in range(flows - 2, -1, -1):
-        stride = 1 if rs[i] == rs[i + 1] else 2
-        stem[i] = conv_bn_relu(stem[i + 1], num_channels * gf[i], 3, stride, f"stem_f{i}", stem_init)
+    with nonlinearity_scope(activation):
+        inputs = keras.Input(input_shape, name="image")
+        stem = {flows - 1: conv_bn_relu(inputs, num_channels * gf[-1], 3, 1, f"stem_f{flows - 1}", stem_init)}
+        for i in range(flows - 2, -1, -1):
+            stride = 1 if rs[i] == rs[i + 1] else 2
+            stem[i] = conv_bn_relu(stem[i + 1], num_channels * gf[i], 3, stride, f"stem_f{i}", stem_init)
 
-    outputs = []
-    prev_lists = {}  # block j -> [Y_0..Y_L] of the lower flow
-    exit_index = 0
-    for i in range(flows):
-        x = stem.pop(i)
-        g = growth_rate * gf[i]
-        cur_lists = {}
-        for j in range(1, plan[i]["blocks"] + 1):
-            p = f"f{i}_b{j}"
-            n_layers = layers_in(j)
-            fusion = i > 0 and j <= plan[i - 1]["blocks"]
-            record = [x]
-            if fusion:
-                ys = prev_lists.pop(j)
-                low = math.floor(g * cf)
-                own = g - low
-                down = j in plan[i]["downs"]
-                for l in range(1, n_layers + 1):
-                    stride = 2 if down and l == n_layers else 1
-                    own_t = bottleneck_unit(x, own, stride, bf[i], f"{p}_l{l}_own", init)
-                    size = own_t.shape[1:3]
-                    low_t = bottleneck_unit(ys[l - 1], low, 1, bf[i - 1], f"{p}_l{l}_low", init)
-                    low_t = _resize(low_t, size, f"{p}_l{l}_low_resize")
-                    ident = _resize(x, size, f"{p}_l{l}_resize")
-                    x = ChannelConcat(name=f"{p}_l{l}_cat")([ident, low_t, own_t])
-                    record.append(x)
-                z = conv_bn_relu(ys[n_layers], math.floor(int(x.shape[-1]) * cf), 1, 1, f"{p}_tail", init)
-                z = _resize(z, x.shape[1:3], f"{p}_tail_resize")
-                out = ChannelConcat(name=f"{p}_tail_cat")([x, z])
-            else:
-                for l in range(1, n_layers + 1):
-                    new = bottleneck_unit(x, g, 1, bf[i], f"{p}_l{l}", init)
-                    x = ChannelConcat(name=f"{p}_l{l}_cat")([x, new])
-                    record.append(x)
-                out = x
-            if j in plan[i]["transitions"]:
-                out = conv_bn_relu(
-                    out, math.floor(reduction * int(out.shape[-1])), 1, 1, f"{p}_transition", init
-                )
-            if i + 1 < flows:
-                cur_lists[j] = record
-            x = out
-            if fusion:
-                continue
-            exit_index += 1
-            more_blocks = j < plan[i]["blocks"]
-            branch, trunk = branch_and_trunk(
-                x, exit_index, num_exits, gradient_equilibrium, has_trunk=more_blocks
-            )
-            outputs.append(
-                conv_head(branch, exit_index, num_classes, head_channels, init, zero_dense_bias=True)
-            )
-            if exit_index == num_exits:
-                break
-            # Stage boundary: carry exactly what later stages read.
-            carried = []
-            if more_blocks:
-                carried.append(("x", trunk))
-            for jj in sorted(cur_lists):
-                carried += [(("cur", jj, l), t) for l, t in enumerate(cur_lists[jj])]
-            for jj in sorted(prev_lists):
-                carried += [(("prev", jj, l), t) for l, t in enumerate(prev_lists[jj])]
-            for ii in sorted(stem):
-                carried.append((("stem", ii), stem[ii]))
-            marked = mark_stage(exit_index, [t for _, t in carried])
-            for (key, _), t in zip(carried, marked):
-                if key == "x":
-                    x = t
-                elif key[0] == "cur":
-                    cur_lists[key[1]][key[2]] = t
-                elif key[0] == "prev":
-                    prev_lists[key[1]][key[2]] = t
+        outputs = []
+        prev_lists = {}  # block j -> [Y_0..Y_L] of the lower flow
+        exit_index = 0
+        for i in range(flows):
+            x = stem.pop(i)
+            g = growth_rate * gf[i]
+            cur_lists = {}
+            for j in range(1, plan[i]["blocks"] + 1):
+                p = f"f{i}_b{j}"
+                n_layers = layers_in(j)
+                fusion = i > 0 and j <= plan[i - 1]["blocks"]
+                record = [x]
+                if fusion:
+                    ys = prev_lists.pop(j)
+                    low = math.floor(g * cf)
+                    own = g - low
+                    down = j in plan[i]["downs"]
+                    for l in range(1, n_layers + 1):
+                        stride = 2 if down and l == n_layers else 1
+                        own_t = bottleneck_unit(x, own, stride, bf[i], f"{p}_l{l}_own", init)
+                        size = own_t.shape[1:3]
+                        low_t = bottleneck_unit(ys[l - 1], low, 1, bf[i - 1], f"{p}_l{l}_low", init)
+                        low_t = _resize(low_t, size, f"{p}_l{l}_low_resize")
+                        ident = _resize(x, size, f"{p}_l{l}_resize")
+                        x = ChannelConcat(name=f"{p}_l{l}_cat")([ident, low_t, own_t])
+                        record.append(x)
+                    z = conv_bn_relu(ys[n_layers], math.floor(int(x.shape[-1]) * cf), 1, 1, f"{p}_tail", init)
+                    z = _resize(z, x.shape[1:3], f"{p}_tail_resize")
+                    out = ChannelConcat(name=f"{p}_tail_cat")([x, z])
                 else:
-                    stem[key[1]] = t
-        prev_lists = cur_lists
+                    for l in range(1, n_layers + 1):
+                        new = bottleneck_unit(x, g, 1, bf[i], f"{p}_l{l}", init)
+                        x = ChannelConcat(name=f"{p}_l{l}_cat")([x, new])
+                        record.append(x)
+                    out = x
+                if j in plan[i]["transitions"]:
+                    out = conv_bn_relu(
+                        out, math.floor(reduction * int(out.shape[-1])), 1, 1, f"{p}_transition", init
+                    )
+                if i + 1 < flows:
+                    cur_lists[j] = record
+                x = out
+                if fusion:
+                    continue
+                exit_index += 1
+                more_blocks = j < plan[i]["blocks"]
+                branch, trunk = branch_and_trunk(
+                    x, exit_index, num_exits, gradient_equilibrium, has_trunk=more_blocks
+                )
+                outputs.append(
+                    conv_head(branch, exit_index, num_classes, head_channels, init, zero_dense_bias=True)
+                )
+                if exit_index == num_exits:
+                    break
+                # Stage boundary: carry exactly what later stages read.
+                carried = []
+                if more_blocks:
+                    carried.append(("x", trunk))
+                for jj in sorted(cur_lists):
+                    carried += [(("cur", jj, l), t) for l, t in enumerate(cur_lists[jj])]
+                for jj in sorted(prev_lists):
+                    carried += [(("prev", jj, l), t) for l, t in enumerate(prev_lists[jj])]
+                for ii in sorted(stem):
+                    carried.append((("stem", ii), stem[ii]))
+                marked = mark_stage(exit_index, [t for _, t in carried])
+                for (key, _), t in zip(carried, marked):
+                    if key == "x":
+                        x = t
+                    elif key[0] == "cur":
+                        cur_lists[key[1]][key[2]] = t
+                    elif key[0] == "prev":
+                        prev_lists[key[1]][key[2]] = t
+                    else:
+                        stem[key[1]] = t
+            prev_lists = cur_lists
 
-    return keras.Model(inputs, outputs, name=name)
+        return keras.Model(inputs, outputs, name=name)
