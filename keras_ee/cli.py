@@ -70,12 +70,45 @@ def _train_parser(sub) -> None:
     g.add_argument("--phase2-epochs", type=int,
                    help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", dest="learning_rate", type=float, help="default 0.1 * batch_size / 64")
+    g.add_argument("--optimizer", help="sgd (default, the papers') or adamw (Keras' AdamW, epsilon 1e-8, no weight "
+                                       "decay on biases and BatchNorm parameters)")
+    g.add_argument("--lr", dest="learning_rate", type=float,
+                   help="learning rate after the warm-up; default sgd: 0.1 * batch_size / 64, adamw: 5e-4 * "
+                        "batch_size / 512 (DeiT's rule)")
     g.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    g.add_argument("--momentum", type=float)
+    g.add_argument("--warmup-epochs", type=int, metavar="N",
+                   help="linear warm-up from 0 over N epochs of optimizer steps, then the schedule (cosine or "
+                        "constant; default 0)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--nesterov", action="store_const", const=True)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay", type=float, help="default sgd: 1e-4, adamw: 0.05")
     g.add_argument("--seed", type=int)
+    g = p.add_argument_group(
+        "training recipe", "The budget-aware early-exiting paper's recipe (timm's, with Keras' own layers), every "
+        "part off by default and usable with every method. Augmentations draw from each batch's stateless seed, "
+        "so a resumed run stays bit-identical. Validation, test and meta batches are never augmented.")
+    g.add_argument("--recipe", choices=sorted(_recipes()),
+                   help="budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
+                        "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
+                        "--weight-decay 0.05 --warmup-epochs 20; the flags below override it, config.json stores "
+                        "the resolved values")
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="Keras' MixUp with Beta(ALPHA, ALPHA) (0: off)")
+    g.add_argument("--cutmix", type=float, metavar="ALPHA",
+                   help="Keras' CutMix with Beta(ALPHA, ALPHA) (0: off); with --mixup, one of the two per batch, "
+                        "probability 1/2 each")
+    g.add_argument("--randaugment", type=float, metavar="M",
+                   help="Keras' RandAugment at magnitude M of 10 (timm's scale; Keras' factor (M -+ std) / 10, its "
+                        "ops stronger than timm's at equal M), 2 ops chosen per image")
+    g.add_argument("--randaugment-std", type=float, metavar="STD", help="magnitude spread (default 0.5)")
+    g.add_argument("--randaugment-ops", type=int, metavar="N", help="ops per image (default 2)")
+    g.add_argument("--random-erasing", type=float, metavar="P", help="Keras' RandomErasing with probability P per image")
+    g.add_argument("--color-jitter", type=float, metavar="S",
+                   help="Keras' RandomColorJitter: brightness +-S, contrast and saturation x(1 -+ S) (timm: 0.4)")
+    g.add_argument("--label-smoothing", type=float, metavar="EPS", help="soft training targets (1 - EPS) one-hot + EPS / C")
+    g.add_argument("--ema", type=float, metavar="MOMENTUM",
+                   help="exponential moving average of the weights (optimizer use_ema), used for validation, the "
+                        "saved model, the logit dump and evaluation; 0.9999 averages over ~10,000 steps, so on a "
+                        "short run it keeps mostly the early weights")
     g = p.add_argument_group("evaluation")
     g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
     g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
@@ -90,17 +123,34 @@ def _method_names() -> str:
     return ", ".join(registry.available_methods())
 
 
-def _config_from_args(args):
-    from keras_ee.config import TrainConfig
+def _recipes():
+    from keras_ee.config import RECIPES
 
-    values = TrainConfig.from_file(args.config).to_dict() if args.config else TrainConfig().to_dict()
+    return RECIPES
+
+
+_RECIPE_KEYS = ("optimizer", "warmup_epochs", "ema", "label_smoothing", "mixup", "cutmix", "randaugment",
+                "randaugment_std", "randaugment_ops", "random_erasing", "color_jitter")
+
+
+def _config_from_args(args):
+    """Defaults <- --config file <- --recipe <- flags (keys the file leaves out keep their defaults)."""
+    from keras_ee.config import TrainConfig, recipe_values
+
+    values = {}
+    if args.config:
+        TrainConfig.from_file(args.config)  # its own errors first, naming the file
+        values = TrainConfig.read_values(args.config)
+    if getattr(args, "recipe", None):
+        dataset = args.dataset if args.dataset is not None else values.get("dataset", TrainConfig.dataset)
+        values.update(recipe_values(args.recipe, dataset))
     for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "model", "method", "epochs",
                 "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
-                "confidence", "budgets", "evaluate"):
-        if getattr(args, key) is not None:
+                "confidence", "budgets", "evaluate", *_RECIPE_KEYS):
+        if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
-    values["model_options"] = {**values["model_options"], **dict(args.model_option or [])}
-    method_options = {**values["method_options"], **dict(args.method_option or [])}
+    values["model_options"] = {**values.get("model_options", {}), **dict(args.model_option or [])}
+    method_options = {**values.get("method_options", {}), **dict(args.method_option or [])}
     for key in ("q", "delta", "phase2_epochs"):
         if getattr(args, key, None) is not None:
             method_options[key] = getattr(args, key)

@@ -21,6 +21,32 @@ from pathlib import Path
 
 SCHEDULES = ("cosine", "constant", "step")
 CONFIDENCES = ("max_softmax", "margin", "entropy")
+OPTIMIZERS = ("sgd", "adamw")
+# Weight decay when the config does not set one: SGD as the papers (1e-4); AdamW as DeiT
+# and the budget-aware paper on ImageNet (0.05).
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+
+# The training recipe of "Balancing Accuracy and Efficiency in Budget-Aware Early-Exiting
+# Neural Networks" (timm's DeiT-style recipe), as TrainConfig values: `--recipe budget-aware`.
+RECIPES = {
+    "budget-aware": {
+        "mixup": 0.8, "cutmix": 1.0, "randaugment": 9.0, "randaugment_std": 0.5, "randaugment_ops": 2,
+        "random_erasing": 0.25, "color_jitter": 0.4, "label_smoothing": 0.1, "ema": 0.9999,
+    },
+}
+# ... and on ImageNet its optimizer: AdamW, weight decay 0.05, 20 warm-up epochs (on CIFAR the
+# paper keeps the papers' SGD, which is this package's default).
+RECIPE_IMAGENET_OPTIMIZER = {"budget-aware": {"optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 20}}
+
+
+def recipe_values(name: str, dataset: str = "digits") -> dict:
+    """The TrainConfig values a named recipe sets for `dataset` (ImageNet adds its optimizer)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}.")
+    values = dict(RECIPES[name])
+    if dataset == "imagenet":
+        values.update(RECIPE_IMAGENET_OPTIMIZER.get(name, {}))
+    return values
 
 
 @dataclasses.dataclass
@@ -47,11 +73,47 @@ class TrainConfig:
         method_options: the method's options (see `keras-ee methods`).
         epochs, batch_size: as in `model.fit` (L2W takes two half-batch steps per batch). For a
             method with phases, `epochs` is phase I (IMTA: phase II adds `phase2_epochs`).
-        learning_rate: initial SGD learning rate; None means the papers' rule
-            0.1 * batch_size / 64.
+        optimizer: `sgd` (the papers', default) or `adamw` (Keras' AdamW with PyTorch's
+            epsilon 1e-8 and betas (0.9, 0.999); biases and BatchNorm scales and shifts,
+            i.e. every variable of rank <= 1, get no weight decay, as timm does).
+        learning_rate: initial learning rate (after the warm-up); None means the rule of
+            the optimizer: SGD 0.1 * batch_size / 64 (the papers'), AdamW
+            5e-4 * batch_size / 512 (DeiT's; 1e-3 at the budget-aware paper's batch 1024).
         schedule: `cosine` (per iteration, the papers' choice), `step` (x0.1 at 50% and
             75% of training) or `constant`.
-        momentum, nesterov, weight_decay: SGD settings (papers: 0.9, False, 1e-4).
+        warmup_epochs: epochs of linear learning-rate warm-up from 0 (counted in optimizer
+            steps: epochs x batches x the method's optimizer steps per batch) before the
+            schedule, which then spans the remaining steps; with `cosine` or `constant`
+            (Keras' `CosineDecay` warm-up). A method with phases warms up each phase.
+        momentum, nesterov: SGD settings (papers: 0.9, False); not used by AdamW.
+        weight_decay: None (default) resolves to the optimizer's default, 1e-4 for SGD and
+            0.05 for AdamW, and is stored resolved.
+        ema: momentum of an exponential moving average of the trainable weights (the
+            optimizer's `use_ema`/`ema_momentum`; paper: 0.9999), None for none. The
+            average is what validation during training, the saved model, the logit dump
+            and the evaluation use; BatchNorm statistics are the trained ones (Keras
+            averages trainable variables only). The average starts at the weights after
+            the first step, so 0.9999 (a horizon of ~10,000 steps) over a short run keeps
+            mostly the early weights. A method with phases (IMTA) ends each phase on its
+            average and starts the next phase's (new) optimizer and average from it.
+        label_smoothing: eps in [0, 1): training targets become (1 - eps) one-hot + eps / C
+            (soft targets, in every method's loss); validation and test stay hard.
+        mixup, cutmix: Beta(alpha, alpha) of Keras' `MixUp` / `CutMix` on each training
+            batch, 0 for off (paper: 0.8 and 1.0); with both on, each batch takes one of
+            them with probability 1/2 (timm's switch).
+        randaugment: magnitude M on timm's 0..10 scale for Keras' `RandAugment`, None for
+            off (paper: 9); Keras' strength `factor` is the range (M -+ randaugment_std) / 10.
+            Keras' ops are not timm's at equal strength (e.g. rotations up to factor x 360
+            degrees, translations up to factor x the size, reflected fill).
+        randaugment_std: spread of the magnitude (timm's mstd; paper 0.5).
+        randaugment_ops: ops per image (timm's n; 2), chosen per image.
+        random_erasing: probability of Keras' `RandomErasing` per image (paper: 0.25),
+            after normalization, the patch filled with N(0, 1) noise clipped to [-1, 1].
+        color_jitter: strength S of Keras' `RandomColorJitter` (timm's 0.4): brightness
+            +-S of the range, contrast x(1 -+ S), saturation x(1 -+ S) (RGB only); 0 off.
+            Pixel augmentations see the raw pixels in [0, 1], after the crop and flip and
+            before normalization. Every training batch's augmentation is drawn from its
+            stateless seed, a function of (seed, epoch, batch): resume stays exact.
         seed: seeds data splits, shuffling, augmentation and initialization.
         confidence: confidence measure for calibration (`max_softmax`, `margin`, `entropy`).
         budgets: Mul-Add budgets logged by `BudgetCallback` each epoch (e.g. [15e6]).
@@ -75,7 +137,18 @@ class TrainConfig:
     schedule: str = "cosine"
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    ema: float | None = None
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    randaugment: float | None = None
+    randaugment_std: float = 0.5
+    randaugment_ops: int = 2
+    random_erasing: float = 0.0
+    color_jitter: float = 0.0
     seed: int = 0
     confidence: str = "max_softmax"
     budgets: list = dataclasses.field(default_factory=list)
@@ -93,7 +166,7 @@ class TrainConfig:
         def is_number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype"):
+        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype", "optimizer"):
             if not isinstance(getattr(self, field), str):
                 bad(field, "a string")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
@@ -119,8 +192,33 @@ class TrainConfig:
             bad("schedule", f"one of {SCHEDULES}")
         if not is_number(self.momentum) or not 0 <= self.momentum < 1:
             bad("momentum", "a number in [0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"one of {OPTIMIZERS}")
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         if not is_number(self.weight_decay) or self.weight_decay < 0:
-            bad("weight_decay", "a number >= 0")
+            bad("weight_decay", "a number >= 0 (or None: 1e-4 for sgd, 0.05 for adamw)")
+        if not is_int(self.warmup_epochs) or self.warmup_epochs < 0:
+            bad("warmup_epochs", "an integer >= 0")
+        if self.warmup_epochs and self.schedule == "step":
+            bad("warmup_epochs", "0 with schedule 'step' (warm-up works with 'cosine' and 'constant')")
+        if self.ema is not None and not (is_number(self.ema) and 0 < self.ema < 1):
+            bad("ema", "a momentum in (0, 1), e.g. 0.9999, or None")
+        if not is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", "a number in [0, 1)")
+        for field in ("mixup", "cutmix"):
+            if not is_number(getattr(self, field)) or getattr(self, field) < 0:
+                bad(field, "a Beta alpha >= 0 (0: off)")
+        if self.randaugment is not None and not (is_number(self.randaugment) and 0 <= self.randaugment <= 10):
+            bad("randaugment", "a magnitude in [0, 10] (timm's scale), or None")
+        if not is_number(self.randaugment_std) or self.randaugment_std < 0:
+            bad("randaugment_std", "a number >= 0")
+        if not is_int(self.randaugment_ops) or self.randaugment_ops < 1:
+            bad("randaugment_ops", "a positive integer")
+        if not is_number(self.random_erasing) or not 0 <= self.random_erasing <= 1:
+            bad("random_erasing", "a probability in [0, 1]")
+        if not is_number(self.color_jitter) or not 0 <= self.color_jitter < 1:
+            bad("color_jitter", "a strength in [0, 1) (0: off)")
         if self.confidence not in CONFIDENCES:
             bad("confidence", f"one of {CONFIDENCES}")
         if self.dump_dtype not in ("float32", "float16"):
@@ -134,7 +232,19 @@ class TrainConfig:
 
     @property
     def initial_learning_rate(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else 0.1 * self.batch_size / 64
+        """The learning rate after the warm-up: `learning_rate`, or the optimizer's rule."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if self.optimizer == "adamw":
+            return 5e-4 * self.batch_size / 512
+        return 0.1 * self.batch_size / 64
+
+    @property
+    def augmentation_recipe(self) -> dict:
+        """The recipe keys that shape the training batches (for `keras_ee.data.recipe.Recipe`)."""
+        return {k: getattr(self, k) for k in ("label_smoothing", "mixup", "cutmix", "randaugment",
+                                              "randaugment_std", "randaugment_ops", "random_erasing",
+                                              "color_jitter")}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,6 +265,15 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
         """Read a `.json` or `.toml` config file."""
+        values = cls.read_values(path)
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config file {str(path)!r}: {e}") from None
+
+    @classmethod
+    def read_values(cls, path) -> dict:
+        """The settings a `.json` or `.toml` config file holds, as written (not validated)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
@@ -176,10 +295,7 @@ class TrainConfig:
                 raise ValueError(f"config file {str(path)!r} is not valid JSON ({e}); use .json or .toml.") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of settings; received {type(values).__name__}.")
-        try:
-            return cls.from_dict(values)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"config file {str(path)!r}: {e}") from None
+        return values
 
     def differences(self, other: "TrainConfig") -> dict:
         """Keys whose values differ: {key: (self's, other's)}."""

@@ -141,24 +141,48 @@ def run_phases(config: TrainConfig, method):
 def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = True):
     """Configure `model` for phase `index` and compile it with that phase's new optimizer.
 
-    The optimizer is the run's SGD (with the phase's `optimizer_options`) and its
-    learning-rate schedule spans the phase's optimizer steps, or the phase's own
-    `make_optimizer`.
+    The optimizer is the run's (`make_optimizer`: SGD or AdamW, with the phase's
+    `optimizer_options`, the warm-up and EMA settings) and its learning-rate schedule spans
+    the phase's optimizer steps, or the phase's own `make_optimizer`.
     """
-    import keras
-
     phase = run_phases(config, model.method)[index]
     model.enter_phase(index, fresh=fresh)
-    steps = phase.epochs * splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
+    batches = splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
+    steps = phase.epochs * batches
     if phase.make_optimizer is not None:
         optimizer = phase.make_optimizer(steps)
     else:
-        settings = {"learning_rate": config.initial_learning_rate, "momentum": config.momentum,
-                    "nesterov": config.nesterov, "weight_decay": config.weight_decay, **phase.optimizer_options}
-        optimizer = keras.optimizers.SGD(
-            learning_rate=make_schedule(config, steps, settings["learning_rate"]), momentum=settings["momentum"],
-            nesterov=settings["nesterov"], weight_decay=settings["weight_decay"] or None)
+        optimizer = make_optimizer(config, steps, model.trainable_variables, phase.optimizer_options,
+                                   warmup_steps=min(config.warmup_epochs * batches, steps))
     model.compile(optimizer=optimizer)
+
+
+# PyTorch's AdamW epsilon (Keras' default is 1e-7), as the budget-aware paper's timm recipe.
+ADAMW_EPSILON = 1e-8
+
+
+def make_optimizer(config: TrainConfig, steps: int, variables=(), overrides=None, warmup_steps: int = 0):
+    """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
+
+    `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
+    epsilon 1e-8, no weight decay on `variables` of rank <= 1: biases, BatchNorm scales and
+    shifts, as timm). `config.ema` adds the optimizer's weight average (`use_ema`,
+    `ema_momentum`; no overwriting during training: Keras' `fit` writes the average into the
+    weights when it ends). `overrides` are a phase's `optimizer_options`.
+    """
+    import keras
+
+    settings = {"learning_rate": config.initial_learning_rate, "momentum": config.momentum,
+                "nesterov": config.nesterov, "weight_decay": config.weight_decay, **(overrides or {})}
+    schedule = make_schedule(config, steps, settings["learning_rate"], warmup_steps=warmup_steps)
+    ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
+    if config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(settings["weight_decay"]),
+                                           epsilon=ADAMW_EPSILON, **ema)
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+        return optimizer
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=settings["momentum"],
+                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"] or None, **ema)
 
 
 def load_data(config: TrainConfig):
@@ -182,11 +206,24 @@ def make_method(name: str, options: dict):
     return training.get_method(name).create(options)
 
 
-def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None):
-    """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's)."""
+def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None,
+                  warmup_steps: int = 0):
+    """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's).
+
+    With `warmup_steps`, a linear warm-up from 0 to the learning rate over those steps, then
+    the schedule over the remaining ones (Keras' `CosineDecay` warm-up; `constant` is a
+    cosine with `alpha=1`). The `step` schedule has no warm-up (the config refuses one).
+    """
     import keras
 
     lr = config.initial_learning_rate if learning_rate is None else learning_rate
+    if warmup_steps > 0:
+        if config.schedule == "step":
+            raise ValueError("config `warmup_epochs` must be 0 with schedule 'step'; warm-up works with 'cosine' "
+                             "and 'constant'.")
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(1, total_steps - warmup_steps), alpha=1.0 if config.schedule == "constant" else 0.0,
+            warmup_target=lr, warmup_steps=warmup_steps)
     if config.schedule == "constant":
         return lr
     if config.schedule == "cosine":
@@ -203,12 +240,18 @@ def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end
     (`Method.uses_meta_stream`) gets `((x, y), (x_meta, y_meta))` per step, the meta
     batch from `splits.meta_dataset` (the calibration hold-out unless
     `config.meta_split_size` holds out a split of its own). Fit with
-    `steps_per_epoch=splits.train_batches(config.batch_size)`.
+    `steps_per_epoch=splits.train_batches(config.batch_size)`. The config's augmentation
+    recipe (`training_recipe`) shapes the training batches only: they carry float32 soft
+    targets (B, C) when it smooths or mixes labels; the meta stream stays sparse and plain.
     """
     if end_epoch is None:
         end_epoch = sum(p.epochs for p in run_phases(config, method))
+    extra = {}
+    recipe = training_recipe(config)
+    if recipe is not None:  # only then: a DatasetSplits of another package may not take it
+        extra["recipe"] = recipe
     train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
-                                    epochs=end_epoch)
+                                    epochs=end_epoch, **extra)
     if not method.uses_meta_stream:
         return train_ds
     import tensorflow as tf
@@ -216,6 +259,46 @@ def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end
     meta = splits.meta_dataset(config.batch_size, splits.train_batches(config.batch_size), seed=config.seed,
                                first_epoch=first_epoch, epochs=end_epoch)
     return tf.data.Dataset.zip((train_ds, meta))
+
+
+def training_recipe(config: TrainConfig):
+    """The config's batch augmentation (`keras_ee.data.recipe.Recipe`), or None when it has none."""
+    from keras_ee.data.recipe import Recipe
+
+    recipe = Recipe(**config.augmentation_recipe)
+    return recipe if recipe.active else None
+
+
+def ema_validation_callback():
+    """Keras' `SwapEMAWeights` for validation during `fit`, swapping exactly.
+
+    It puts the optimizer's weight average into the model for each validation pass
+    (`on_test_begin`) and the trained weights back after it. Keras' TensorFlow path swaps
+    with additions and subtractions (`a + b - b`), which changes the trained weights by
+    float rounding at every swap; this one copies (as Keras' other backends do), so a run
+    with validation trains exactly as one without. Prediction hooks are left alone.
+    """
+    import keras
+
+    class ExactSwapEMAWeights(keras.callbacks.SwapEMAWeights):
+        _tf_swap_variables = keras.callbacks.SwapEMAWeights._backend_swap_variables
+
+        def on_predict_begin(self, logs=None):
+            pass
+
+        def on_predict_end(self, logs=None):
+            pass
+
+    return ExactSwapEMAWeights()
+
+
+def finalize_ema(model) -> None:
+    """Write the optimizer's weight average into the model, as Keras' `fit` does when it ends."""
+    import keras
+
+    optimizer = model.optimizer
+    if isinstance(optimizer, keras.optimizers.Optimizer) and getattr(optimizer, "use_ema", False):
+        optimizer.finalize_variable_values(model.trainable_weights)
 
 
 def check_splits(splits, config: TrainConfig) -> None:
@@ -266,6 +349,10 @@ def fit_run(config: TrainConfig, splits, model, callbacks, verbose=0, first_epoc
     for index, (phase, begin) in enumerate(zip(phases, starts)):
         end = begin + phase.epochs
         if first_epoch >= end:
+            if index == configured:
+                # Restored from the backup of this phase's last epoch: its `fit` has not ended
+                # in this process, so write its weight average (EMA) as that `fit` would have.
+                finalize_ema(model)
             continue
         if index != configured:  # a new phase starts now
             compile_phase(model, config, splits, index, fresh=True)
@@ -312,6 +399,8 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
         cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
     # The history row of an epoch is written before its backup: a kill between the two
     # leaves a row that the resume drops (truncate) and trains again.
+    if config.ema:  # validate on the weight average (the backups keep the trained weights)
+        cbs.append(ema_validation_callback())
     cbs += [history, backup, keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
             *model.method.callbacks(), *callbacks]
     progress = None

@@ -39,12 +39,15 @@ class DatasetSplits:
     imbalance_factor = None
 
     def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None):
+                      first_epoch=None, epochs=None, recipe=None):
         """Training pipeline: shuffled and augmented (by default) batches.
 
         With `first_epoch` and `epochs`, the batches of those epochs back to back,
         each epoch's order and augmentation a function of (seed, epoch) only: what
         an exactly resumable run needs (fit with `steps_per_epoch=train_batches`).
+        `recipe` (a `keras_ee.data.recipe.Recipe`) adds the budget-aware paper's
+        augmentations; its labels are then float32 (B, num_classes) soft targets
+        when it smooths or mixes them.
         """
         raise NotImplementedError
 
@@ -242,7 +245,7 @@ class ArraySplits(DatasetSplits):
         )
 
     def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None):
+                      first_epoch=None, epochs=None, recipe=None):
         """Training pipeline.
 
         Args:
@@ -256,10 +259,17 @@ class ArraySplits(DatasetSplits):
             first_epoch, epochs: ints or None. The batches of epochs
                 `first_epoch .. epochs - 1` in one dataset, epoch e's order and
                 augmentation seeded by (seed, e) only (exact resume).
+            recipe: a `keras_ee.data.recipe.Recipe` or None (see
+                `keras_ee.data.pipeline`), applied when `augment`.
 
         Returns:
-            `tf.data.Dataset` of (x float32 (B, H, W, C), y int32 (B,)).
+            `tf.data.Dataset` of (x float32 (B, H, W, C), y int32 (B,)); y is
+            float32 (B, num_classes) when the recipe smooths or mixes labels.
         """
+        if recipe is not None:
+            from keras_ee.data.recipe import check_recipe
+
+            check_recipe(recipe, self.input_shape)
         return self._pipeline(
             "train",
             batch_size,
@@ -269,6 +279,8 @@ class ArraySplits(DatasetSplits):
             drop_remainder=drop_remainder,
             first_epoch=first_epoch,
             epochs=epochs,
+            recipe=recipe,
+            num_classes=self.num_classes,
         )
 
     def val_dataset(self, batch_size):

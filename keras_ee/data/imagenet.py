@@ -41,13 +41,15 @@ def _normalize(image):
     return (tf.cast(image, tf.float32) / 255.0 - MEAN) / STD
 
 
-def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE):
+def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE, normalize=True):
     """Random-resized crop and flip of one encoded JPEG, normalized.
 
     Args:
         jpeg_bytes: scalar string tensor, an encoded JPEG.
         seed: int tensor of shape (2,), stateless seed.
         image_size: int. Output height and width.
+        normalize: bool. False returns the pixels in [0, 1] (for a recipe's
+            pixel augmentations, which normalize afterwards).
 
     Returns:
         float32 tensor (image_size, image_size, 3).
@@ -70,6 +72,8 @@ def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE):
     image = tf.image.decode_and_crop_jpeg(jpeg_bytes, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if not normalize:
+        return tf.clip_by_value(image / 255.0, 0.0, 1.0)
     return _normalize(image)
 
 
@@ -183,18 +187,34 @@ class ImageNetSplits(DatasetSplits):
         )
 
     def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None):
+                      first_epoch=None, epochs=None, recipe=None):
+        """Training pipeline (see `DatasetSplits.train_dataset`).
+
+        With a `recipe` (`keras_ee.data.recipe.Recipe`), each image is cropped and flipped
+        as without one but not normalized, and the recipe runs on the batch (normalizing
+        between its pixel and batch steps), seeded by (seed, epoch, batch) with
+        `first_epoch` given.
+        """
         import tensorflow as tf
 
+        from keras_ee.data.pipeline import RECIPE_STREAM
+
         size = self.image_size
+        batch_recipe = None
+        if augment and recipe is not None and recipe.active:
+            from keras_ee.data.recipe import BatchAugmentation, check_recipe
+
+            check_recipe(recipe, self.input_shape)
+            batch_recipe = BatchAugmentation(recipe, self.num_classes, self.input_shape, MEAN, STD)
 
         def prepare(ds, shuffle_seed, aug_seeds):
             if shuffle:
                 ds = ds.shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True)
             if augment:
                 ds = tf.data.Dataset.zip((ds, aug_seeds))
+                normalize = batch_recipe is None
                 return ds.map(
-                    lambda e, s: (train_preprocess(e["image"], s, size), tf.cast(e["label"], tf.int32)),
+                    lambda e, s: (train_preprocess(e["image"], s, size, normalize), tf.cast(e["label"], tf.int32)),
                     num_parallel_calls=tf.data.AUTOTUNE,
                 )
             return ds.map(
@@ -202,9 +222,20 @@ class ImageNetSplits(DatasetSplits):
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
 
+        def with_recipe(batches, batch_seeds):
+            # The recipe of batch b: its own stateless seed (see keras_ee.data.pipeline).
+            if batch_recipe is None:
+                return batches
+            return tf.data.Dataset.zip((batches, batch_seeds)).map(
+                lambda xy, s: batch_recipe(xy[0], xy[1], s), num_parallel_calls=tf.data.AUTOTUNE)
+
         if first_epoch is None:
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
             ds = prepare(self._raw("train", shuffle=shuffle, seed=seed), seed, seeds)
+            recipe_seeds = tf.data.Dataset.random(seed=(seed or 0) + RECIPE_STREAM,
+                                                  rerandomize_each_iteration=True).batch(2)
+            ds = with_recipe(ds.batch(batch_size, drop_remainder=drop_remainder), recipe_seeds)
+            return ds.prefetch(tf.data.AUTOTUNE)
         else:
             # Epoch e: files in their stored order, the shuffle buffer and the crops seeded
             # by (seed, e) only, so a resumed run reads what an uninterrupted one reads.
@@ -212,14 +243,16 @@ class ImageNetSplits(DatasetSplits):
                 epoch_seed = tf.stack([tf.constant(int(seed), tf.int64), epoch])
                 seeds = tf.data.Dataset.range(1 << 40).map(
                     lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i))
-                shuffle_seed = tf.random.experimental.stateless_uniform(
+                shuffle_seed = tf.random.stateless_uniform(
                     [], epoch_seed, minval=0, maxval=1 << 31, dtype=tf.int64)
-                return prepare(self._raw("train", shuffle=False, seed=seed), shuffle_seed, seeds).batch(
+                batches = prepare(self._raw("train", shuffle=False, seed=seed), shuffle_seed, seeds).batch(
                     batch_size, drop_remainder=drop_remainder)
+                recipe_seed = tf.random.experimental.stateless_fold_in(epoch_seed, RECIPE_STREAM)
+                return with_recipe(batches, tf.data.Dataset.range(1 << 40).map(
+                    lambda b: tf.random.experimental.stateless_fold_in(recipe_seed, b)))
 
             ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
             return ds.prefetch(tf.data.AUTOTUNE)
-        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
     def _eval_dataset(self, part, batch_size):
         import tensorflow as tf
@@ -244,7 +277,7 @@ class ImageNetSplits(DatasetSplits):
         size = self.image_size
 
         def one_epoch(epoch):
-            shuffle_seed = tf.random.experimental.stateless_uniform(
+            shuffle_seed = tf.random.stateless_uniform(
                 [], tf.stack([tf.constant(int(seed), tf.int64), epoch]), minval=0, maxval=1 << 31, dtype=tf.int64)
             ds = self._raw("val").shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
             ds = ds.map(lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),

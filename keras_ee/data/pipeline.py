@@ -16,10 +16,20 @@ Randomness is seeded and reproducible, yet differs from epoch to epoch. Two form
   permutation seeded by (seed, e) and batch b's augmentation seed is (seed, e) folded
   with b. The data of an epoch is a pure function of (seed, epoch), so a run resumed at
   epoch e sees exactly what an uninterrupted run sees from epoch e on.
+
+A `recipe` (`keras_ee.data.recipe.Recipe`: RandAugment, colour jitter, random erasing, label
+smoothing, MixUp/CutMix) runs in the same map call, after the crop and flip, drawing all
+its randomness from the batch's stateless seed (folded with `RECIPE_STREAM`), so the
+property above holds with it too; its batches carry float32 (B, C) soft targets when it
+smooths or mixes labels.
 """
 
 import numpy as np
 import tensorflow as tf
+
+# The recipe's seed of a batch: the batch seed folded with this (the crop and flip keep the
+# batch seed itself, so their draws are those of a run without the recipe).
+RECIPE_STREAM = 0x5EED
 
 
 def random_crop_flip(images, pad, flip, seed):
@@ -86,6 +96,8 @@ def array_dataset(
     drop_remainder=False,
     first_epoch=None,
     epochs=None,
+    recipe=None,
+    num_classes=None,
 ):
     """Batched, normalized `tf.data.Dataset` over in-memory NHWC arrays.
 
@@ -107,9 +119,12 @@ def array_dataset(
             of epochs `first_epoch .. epochs - 1` in a row, each epoch's order and
             augmentation a function of (seed, epoch) only (see the module docstring);
             pass `steps_per_epoch=epoch_batches(n, batch_size, drop_remainder)` to `fit`.
+        recipe: a `keras_ee.data.recipe.Recipe` applied with `augment` (None: none).
+        num_classes: int. Classes of the recipe's soft targets (needed with one).
 
     Returns:
-        A `tf.data.Dataset` of `(x, y)`: x float32 (B, H, W, C), y int32 (B,).
+        A `tf.data.Dataset` of `(x, y)`: x float32 (B, H, W, C), y int32 (B,), or float32
+        (B, num_classes) soft targets when the recipe smooths or mixes labels.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise TypeError(
@@ -133,11 +148,22 @@ def array_dataset(
     def normalize(x):
         return (x - mean) * inv_std
 
-    augmenting = augment and (pad > 0 or flip)
+    batch_recipe = None
+    if augment and recipe is not None and recipe.active:
+        from keras_ee.data.recipe import BatchAugmentation
+
+        if num_classes is None:
+            raise ValueError("a recipe needs `num_classes` (the classes of its soft targets).")
+        batch_recipe = BatchAugmentation(recipe, num_classes, tuple(images.shape[1:]), mean.numpy(),
+                                         1.0 / inv_std.numpy())
+    augmenting = augment and (pad > 0 or flip or batch_recipe is not None)
 
     def load_augmented(indices, batch_seed):
         x, y = gather(indices)
         x = random_crop_flip(x, pad, flip, batch_seed)
+        if batch_recipe is not None:
+            return batch_recipe(x, y, tf.random.experimental.stateless_fold_in(
+                tf.cast(batch_seed, tf.int64), RECIPE_STREAM))
         return normalize(x), y
 
     def load(indices):

@@ -1,0 +1,221 @@
+"""The budget-aware paper's batch augmentation with Keras' own layers, seeded per batch.
+
+`Recipe` holds the settings (the `TrainConfig` keys `label_smoothing`, `mixup`, `cutmix`,
+`randaugment*`, `random_erasing`, `color_jitter`) and `BatchAugmentation` applies them to
+one training batch inside the tf.data pipeline (`keras_ee.data.pipeline.array_dataset`):
+
+    raw pixels in [0, 1], cropped and flipped
+      -> keras.layers.RandAugment (value_range (0, 1), ops chosen per image)
+      -> keras.layers.RandomColorJitter (value_range (0, 1))
+      -> per-channel normalization
+      -> keras.layers.RandomErasing (per image, N(0, 1) fill clipped to [-1, 1])
+      -> labels one-hot, smoothed (timm's `mixup_target`)
+      -> keras.layers.CutMix or keras.layers.MixUp (one per batch: probability 1/2 each
+         when both are on, as timm's `switch_prob=0.5`), which mix the labels too.
+
+Randomness. Keras' layers draw their random numbers from a `keras.random.SeedGenerator`
+(a variable, advanced at every draw): in a tf.data map that runs several batches at once
+its draws would depend on the order the batches ran. Here every draw of a batch comes from
+that batch's stateless seed instead (`_BatchSeeds`: a `SeedGenerator` whose `next()`
+folds the batch seed with a counter that advances while the map function is traced), passed
+as `get_random_transformation(..., seed=...)` or, for the layers that draw from their own
+generator (RandAugment, RandomColorJitter), set as the layer's generator while the map
+function is traced. The augmentation of a batch is then a pure function of its seed,
+whatever `num_parallel_calls` does, and the pipeline's (seed, epoch) -> data property (and
+so exact resume) holds.
+
+Keras' RandAugment picks its `num_ops` ops once per batch; timm picks them per image. The
+transformation is Keras' own, with the op choice drawn per image (`layer_idxes` of shape
+(num_ops, B, 1, 1, 1), which Keras' `transform_images` broadcasts). It computes every op
+for every image (Keras' design), which is most of the recipe's cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Settings of the training-batch augmentation (see `keras_ee.config.TrainConfig`)."""
+
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    randaugment: float | None = None
+    randaugment_std: float = 0.5
+    randaugment_ops: int = 2
+    random_erasing: float = 0.0
+    color_jitter: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether the recipe changes the training batches at all."""
+        return bool(self.soft_labels or self.randaugment is not None or self.random_erasing or self.color_jitter)
+
+    @property
+    def soft_labels(self) -> bool:
+        """Whether the training labels become (B, C) float32 targets."""
+        return bool(self.label_smoothing or self.mixup or self.cutmix)
+
+    @property
+    def randaugment_factor(self) -> tuple[float, float]:
+        """Keras' RandAugment `factor` range for timm's magnitude M and std: (M -+ std) / 10."""
+        m, sd = float(self.randaugment), float(self.randaugment_std)
+        low, high = min(max((m - sd) / 10, 0.0), 1.0), min(max((m + sd) / 10, 0.0), 1.0)
+        return low, high
+
+
+class _BatchSeeds:
+    """Stands in for a `keras.random.SeedGenerator`: draw i is the batch seed folded with i.
+
+    Created while the map function is traced; `next()` is called (in Python) once per
+    random op Keras builds, so each op of the graph gets its own stateless seed derived
+    from the batch's seed tensor.
+    """
+
+    def __init__(self, seed, stream):
+        self._seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), stream)
+        self._count = 0
+
+    def next(self, ordered=True):
+        self._count += 1
+        return tf.random.experimental.stateless_fold_in(self._seed, self._count)
+
+
+def _seed_generator_class():
+    import keras
+
+    # A subclass, so that Keras' `draw_seed` accepts it; no state of its own (no variable).
+    return type("BatchSeedGenerator", (_BatchSeeds, keras.random.SeedGenerator), {})
+
+
+class BatchAugmentation:
+    """Applies a `Recipe` to a training batch, every draw from the batch's stateless seed.
+
+    Args:
+        recipe: the `Recipe`.
+        num_classes: classes of the soft targets.
+        image_shape: (H, W, C) of the images.
+        mean, std: per-channel normalization (applied here, between the pixel-level and
+            the batch-level augmentations).
+
+    Call it (inside a tf.data map) as `x, y = aug(x_raw, y_int, seed)` with `x_raw` float32
+    pixels in [0, 1] and `seed` an int tensor of shape (2,); `y` comes back int32 (B,) when
+    the recipe has no soft labels, else float32 (B, num_classes).
+    """
+
+    def __init__(self, recipe: Recipe, num_classes: int, image_shape, mean, std):
+        import keras
+
+        self.recipe = recipe
+        self.num_classes = int(num_classes)
+        self.channels = int(image_shape[-1])
+        self.mean = tf.constant(np.asarray(mean, np.float32))
+        self.inv_std = tf.constant(1.0 / np.asarray(std, np.float32))
+        self._seeds = _seed_generator_class()
+        shape = (None, *[int(d) for d in image_shape])
+        r = recipe
+        self.randaugment = self.color_jitter = self.erasing = self.mixup = self.cutmix = None
+        if r.randaugment is not None:
+            self.randaugment = keras.layers.RandAugment(value_range=(0, 1), num_ops=r.randaugment_ops,
+                                                        factor=r.randaugment_factor)
+        if r.color_jitter:
+            s = float(r.color_jitter)
+            saturation = ((1 - s) / (2 - s), (1 + s) / (2 + s)) if self.channels == 3 else None
+            self.color_jitter = keras.layers.RandomColorJitter(
+                value_range=(0, 1), brightness_factor=s, contrast_factor=s, saturation_factor=saturation)
+        if r.random_erasing:
+            p = float(r.random_erasing)
+            self.erasing = keras.layers.RandomErasing(factor=(p, p), value_range=(-1, 1))
+        if r.mixup:
+            self.mixup = keras.layers.MixUp(alpha=float(r.mixup))
+        if r.cutmix:
+            self.cutmix = keras.layers.CutMix(factor=float(r.cutmix))
+        for layer in (self.randaugment, self.color_jitter, self.erasing, self.mixup, self.cutmix):
+            if layer is not None:
+                layer.build(shape)
+
+    def seeds(self, seed, stream):
+        """A seed generator for Keras' layers: stream `stream` of the batch seed."""
+        return self._seeds(seed, stream)
+
+    def pixels(self, x, seed):
+        """RandAugment and colour jitter of raw pixels in [0, 1] (before normalization)."""
+        if self.randaugment is not None:
+            layer = self.randaugment
+            with _own_generator(layer, self.seeds(seed, 1)):
+                transformation = layer.get_random_transformation(x, training=True)
+            batch = tf.shape(x)[0]
+            # One op choice per image (Keras: per batch); broadcast by Keras' transform_images.
+            transformation["layer_idxes"] = tf.random.stateless_uniform(
+                [layer.num_ops, batch, 1, 1, 1], self.seeds(seed, 2).next(), minval=0,
+                maxval=len(layer._AUGMENT_LAYERS), dtype=tf.int32)
+            x = tf.clip_by_value(layer.transform_images(x, transformation), 0.0, 1.0)
+        if self.color_jitter is not None:
+            with _own_generator(self.color_jitter, self.seeds(seed, 3)):
+                x = self.color_jitter.transform_images(x, None)
+            x = tf.clip_by_value(x, 0.0, 1.0)
+        return x
+
+    def batch(self, x, y, seed):
+        """Random erasing of normalized images, soft labels, then CutMix or MixUp."""
+        if self.erasing is not None:
+            t = self.erasing.get_random_transformation(x, training=True, seed=self.seeds(seed, 4))
+            x = self.erasing.transform_images(x, t)
+        if not self.recipe.soft_labels:
+            return x, y
+        eps = float(self.recipe.label_smoothing)
+        c = self.num_classes
+        y = tf.one_hot(tf.cast(y, tf.int32), c, on_value=1.0 - eps + eps / c, off_value=eps / c)
+
+        def mix(layer, stream):
+            def run():
+                t = layer.get_random_transformation(x, training=True, seed=self.seeds(seed, stream))
+                return layer.transform_images(x, t), tf.cast(layer.transform_labels(y, t), tf.float32)
+            return run
+
+        if self.mixup is not None and self.cutmix is not None:
+            coin = tf.random.stateless_uniform([], self.seeds(seed, 5).next()) < 0.5
+            x, y = tf.cond(coin, mix(self.cutmix, 6), mix(self.mixup, 7))
+        elif self.cutmix is not None:
+            x, y = mix(self.cutmix, 6)()
+        elif self.mixup is not None:
+            x, y = mix(self.mixup, 7)()
+        return x, y
+
+    def __call__(self, x, y, seed):
+        x = self.pixels(x, seed)
+        x = (x - self.mean) * self.inv_std
+        return self.batch(x, y, seed)
+
+
+class _own_generator:
+    """Set `layer.generator` (and its sub-layers') to `seeds` while a graph is built."""
+
+    def __init__(self, layer, seeds):
+        self.layer, self.seeds, self.saved = layer, seeds, []
+
+    def __enter__(self):
+        for sub in self.layer._flatten_layers(include_self=True, recursive=True):
+            if hasattr(sub, "generator"):
+                self.saved.append((sub, sub.__dict__.get("generator")))
+                # Past Keras' attribute tracking (a built layer refuses new state).
+                object.__setattr__(sub, "generator", self.seeds)
+
+    def __exit__(self, *exc):
+        for sub, generator in reversed(self.saved):
+            object.__setattr__(sub, "generator", generator)
+        return False
+
+
+def check_recipe(recipe: Recipe, image_shape) -> None:
+    """Refuse a recipe the images cannot take, with a one-line reason."""
+    h, w, c = (int(d) for d in image_shape)
+    if recipe.randaugment is not None and c not in (1, 3):
+        raise ValueError(f"randaugment needs images with 1 or 3 channels; received {c} channels.")
+    if recipe.cutmix and min(h, w) < 2:
+        raise ValueError(f"cutmix needs images of at least 2x2 pixels; received {h}x{w}.")
