@@ -23,6 +23,11 @@ from keras_ee.training.core import split_halves
 from keras_ee.training.core import stateless_forward
 from keras_ee.training.gating import BudgetAwareGating
 from keras_ee.training.gating import ExitGater
+from keras_ee.training.hdkd import DBT
+from keras_ee.training.hdkd import HDBT
+from keras_ee.training.hdkd import HDKD
+from keras_ee.training.hdkd import HMSDNet
+from keras_ee.training.hdkd import NaiveDKD
 from keras_ee.training.imta import IMTA
 from keras_ee.training.imta import CollaborationGate
 from keras_ee.training.imta import distillation_terms
@@ -48,7 +53,11 @@ __all__ = [
     "Baseline",
     "BudgetAwareGating",
     "CollaborationGate",
+    "DBT",
     "ExitGater",
+    "HDBT",
+    "HDKD",
+    "HMSDNet",
     "IMTA",
     "L2W",
     "L2WIMTA",
@@ -57,6 +66,7 @@ __all__ = [
     "MLP",
     "Method",
     "MultiExitModel",
+    "NaiveDKD",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "Phase",

@@ -234,6 +234,7 @@ def _load_builtins() -> None:
     importlib.import_module("keras_ee.training.imta")
     importlib.import_module("keras_ee.training.l2w_imta")
     importlib.import_module("keras_ee.training.gating")
+    importlib.import_module("keras_ee.training.hdkd")
 
 
 def _load_entry_points() -> None:
