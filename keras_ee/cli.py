@@ -2,7 +2,8 @@
 
     keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
     keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
-                                     (--confidence gater: a gating run's learned gater as the score)
+                                     (--confidence gater: a gating run's learned gater as the score;
+                                     --metric top5: top-5 correctness, into RUN/eval/top5/)
     keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
     keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
     keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
@@ -56,6 +57,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--val-size", type=int, help="held-out validation images for calibration")
     g.add_argument("--imbalance-factor", type=int, help="long-tailed CIFAR: 200, 100, 50 or 20")
     g.add_argument("--train-size", type=int, help="train on a stratified subset of this many images")
+    g.add_argument("--samples-per-class", type=int, metavar="X",
+                   help="low-data CIFAR(X) of the HDKD paper: train on X seeded images of every class, taken after "
+                        "the validation hold-out")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
     g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
@@ -144,7 +148,8 @@ def _config_from_args(args):
     if getattr(args, "recipe", None):
         dataset = args.dataset if args.dataset is not None else values.get("dataset", TrainConfig.dataset)
         values.update(recipe_values(args.recipe, dataset))
-    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "model", "method", "epochs",
+    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "samples_per_class", "model",
+                "method", "epochs",
                 "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
                 "confidence", "budgets", "evaluate", *_RECIPE_KEYS):
         if getattr(args, key, None) is not None:
@@ -169,7 +174,8 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from keras_ee import experiment
 
-    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall)
+    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall,
+                            metric=args.metric)
 
 
 def _run_dir(path: Path) -> Path:
@@ -188,7 +194,7 @@ def cmd_compare(args) -> None:
     if len(set(names)) != len(names):  # distinct labels for the legend
         names = [str(p) for p in args.runs]
     evs = [evaluation.evaluate_dump(dumps.load_dump(_run_dir(p) / "dump"), kind=args.confidence, name=n,
-                                    shortfall=args.shortfall)
+                                    shortfall=args.shortfall, metric=args.metric)
            for p, n in zip(args.runs, names)]
     text, rows = evaluation.compare(evs, budgets=args.budgets)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,8 +223,9 @@ def cmd_sweep(args) -> None:
     from keras_ee import dumps, evaluation
 
     ev = evaluation.evaluate_dump(dumps.load_dump(args.dump), kind=args.confidence, mode=args.mode,
-                                  name=Path(args.dump).name, shortfall=args.shortfall)
-    paths = evaluation.write_evaluation(ev, args.out or args.dump)
+                                  name=Path(args.dump).name, shortfall=args.shortfall, metric=args.metric)
+    default_out = args.dump if args.metric == "top1" else Path(args.dump) / args.metric
+    paths = evaluation.write_evaluation(ev, args.out or default_out)
     print(evaluation.format_anytime(ev))
     print()
     print(evaluation.format_budget(ev, every=2))
@@ -244,6 +251,12 @@ def cmd_datasets(args) -> None:
         print(line)
 
 
+def _metric_flag(p) -> None:
+    p.add_argument("--metric", default="top1", choices=["top1", "top5"],
+                   help="what counts as correct: the top-1 prediction (default) or the label among the exit's 5 "
+                        "largest logits (the HDKD paper's tables); exits are still chosen by the confidence score")
+
+
 def _shortfall_flag(p) -> None:
     p.add_argument("--shortfall", default="reference", choices=["reference", "exit_all"],
                    help="when ties leave an exit fewer samples than its quota: keep its threshold at +inf "
@@ -262,21 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "run trained with --method gating (written to RUN/eval/gater/)")
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
+    p.add_argument("--metric", default="top1", choices=["top1", "top5"],
+                   help="top1 (default) or top5: the label among the exit's 5 largest logits counts as correct (the "
+                        "HDKD paper's measure; written to RUN/eval/top5/); exits are still chosen by the confidence")
     p = sub.add_parser("compare", help="overlay the budget curves of several runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--budget", dest="budgets", type=parse_budget, action="append")
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--out", type=Path, default=Path("compare"))
     _shortfall_flag(p)
+    _metric_flag(p)
     p = sub.add_parser("plot-weights", help="L2W-DEN Figure 8 from an L2W run")
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path)
     p = sub.add_parser("sweep", help="budget sweep of a dump folder")
     p.add_argument("dump", type=Path)
-    p.add_argument("--out", type=Path, help="folder for the CSVs and plot (default: the dump folder)")
+    p.add_argument("--out", type=Path, help="folder for the CSVs and plot (default: the dump folder; DUMP/top5 "
+                                            "with --metric top5)")
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
+    _metric_flag(p)
     p = sub.add_parser("models", help="table of the architecture presets")
     p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])

@@ -44,6 +44,7 @@ class Evaluation:
     kind: str = "max_softmax"
     mode: str = "geometric"
     name: str = ""
+    metric: str = "top1"  # what "correct" means: top-1 (the default) or top-5
 
     @property
     def num_exits(self) -> int:
@@ -55,13 +56,52 @@ class Evaluation:
         return self.sweep["mean_cost"][order], self.sweep["test_accuracy"][order]
 
 
+METRICS = ("top1", "top5")
+
+
+def check_metric(metric: str) -> int:
+    """The k of a correctness metric (`top1` -> 1, `top5` -> 5); a clear error otherwise."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}; received {metric!r}.")
+    return int(metric[3:])
+
+
+def metric_label(metric: str) -> str:
+    """'accuracy' for top-1 (the default everywhere), 'top-5 accuracy' for top-5 (tables, plots)."""
+    return "accuracy" if metric == "top1" else f"top-{check_metric(metric)} accuracy"
+
+
+def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int = 5, chunk: int = 4096) -> np.ndarray:
+    """(K, N) bool: whether each sample's label is among each exit's `k` largest logits.
+
+    A class ranks before the label when its logit is larger, or equal with a smaller class
+    index (the order of `argmax` and `top_k`), so `k = 1` is exactly `argmax == label`.
+    Works through `chunk` samples at a time (dumps may be memory-mapped and large).
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    num_exits, n, classes = logits.shape
+    out = np.empty((num_exits, n), bool)
+    index = np.arange(classes)
+    for start in range(0, n, chunk):
+        z = np.asarray(logits[:, start:start + chunk, :])
+        y = labels[start:start + chunk]
+        zy = np.take_along_axis(z, np.broadcast_to(y[None, :, None], (num_exits, len(y), 1)), axis=2)
+        ahead = (z > zy) | ((z == zy) & (index[None, None, :] < y[None, :, None]))
+        out[:, start:start + chunk] = ahead.sum(axis=2) < k
+    return out
+
+
 def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax", temperature=1.0,
-                       what: str = "the logits"):
+                       what: str = "the logits", metric: str = "top1"):
     """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C).
 
-    NaN or inf in `logits` raise a ValueError naming `what` (e.g. a dump's file), the
-    first bad exit (`exit_1` is the first exit) and its first bad sample index.
+    `metric="top1"` (default): the exit's prediction is the label; `"top5"`: the label is
+    among its 5 largest logits (`top_k_correct`). The scores, and so which exit a sample
+    leaves at, are the same for both. NaN or inf in `logits` raise a ValueError naming
+    `what` (e.g. a dump's file), the first bad exit (`exit_1` is the first exit) and its
+    first bad sample index.
     """
+    top = check_metric(metric)
     try:
         scores, predictions = calibration.exit_scores(logits, kind=kind, temperature=temperature)
     except ValueError as e:
@@ -75,12 +115,14 @@ def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax
             f"NaN or inf in {what}: first at exit_{k + 1}, sample {i}, class {c} (sample and class are "
             "0-based indices); the model produced non-finite outputs (check its inputs and weights)."
         ) from None
-    return scores, predictions == np.asarray(labels)[None, :]
+    if top == 1:
+        return scores, predictions == np.asarray(labels)[None, :]
+    return scores, top_k_correct(logits, labels, top)
 
 
 def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=None,
                   mode: str = "geometric", name: str = "", shortfall: str = "reference",
-                  scores=None) -> Evaluation:
+                  scores=None, metric: str = "top1") -> Evaluation:
     """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
 
     Args:
@@ -97,14 +139,19 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
         scores: optional `(val_scores, test_scores)`, each `(K, N)`, a confidence score of
             another kind than the built-in ones (e.g. budget-aware gating's gater, `kind`
             then names it); predictions and correctness still come from the logits.
+        metric: `top1` (default) or `top5`: which predictions count as correct, in the
+            anytime accuracies and the budget sweep (the HDKD paper reports top-5); the
+            exits are still chosen by the confidence score.
     """
     def what(split):
         return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
 
     builtin = kind if scores is None else "max_softmax"
-    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, builtin, temperature, what("val"))
+    check_metric(metric)
+    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, builtin, temperature, what("val"),
+                                                 metric=metric)
     test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, builtin, temperature,
-                                                   what("test"))
+                                                   what("test"), metric=metric)
     if scores is not None:
         val_scores, test_scores = (_given_scores(s, ref, f"{kind} {split} scores")
                                    for s, ref, split in zip(scores, (val_scores, test_scores), ("val", "test")))
@@ -116,7 +163,7 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
         mul_adds=list(dump.mul_adds), params=list(dump.params),
         val_anytime=calibration.anytime_accuracy(val_correct),
         test_anytime=calibration.anytime_accuracy(test_correct),
-        sweep=sweep, kind=kind, mode=mode, name=name,
+        sweep=sweep, kind=kind, mode=mode, name=name, metric=metric,
     )
 
 
@@ -217,7 +264,12 @@ def format_anytime(ev: Evaluation) -> str:
          f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
         for k in range(ev.num_exits)
     ]
-    return _table(["exit", f"params ({punit})", f"Mul-Adds ({unit})", "val acc %", "test acc %"], rows)
+    acc = _short(ev.metric)
+    return _table(["exit", f"params ({punit})", f"Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %"], rows)
+
+
+def _short(metric: str) -> str:
+    return "acc" if metric == "top1" else f"top-{check_metric(metric)}"
 
 
 def format_budget(ev: Evaluation, every: int = 1) -> str:
@@ -230,7 +282,8 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
         share = "/".join(f"{100 * c / n[b]:.0f}" for c in sw["exit_counts"][b])
         rows.append([f"{sw['q'][b]:.2f}", format_count(sw["mean_cost"][b], scale),
                      f"{100 * sw['val_accuracy'][b]:.2f}", f"{100 * sw['test_accuracy'][b]:.2f}", share])
-    return _table(["q", f"mean Mul-Adds ({unit})", "val acc %", "test acc %", "exit share %"], rows)
+    acc = _short(ev.metric)
+    return _table(["q", f"mean Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %", "exit share %"], rows)
 
 
 @contextlib.contextmanager
@@ -293,5 +346,9 @@ def compare(evaluations: list[Evaluation], budgets=None) -> tuple[str, list[dict
         rows.append({"name": ev.name, **{f"acc@{l}": float(a) for l, a in zip(labels, accs)}, "auc": auc})
         cells.append([ev.name] + [("-" if np.isnan(a) else f"{100 * a:.2f}") for a in accs]
                      + ["-" if np.isnan(auc) else f"{100 * auc:.2f}"])
-    header = ["run"] + [f"acc@{l} %" for l in labels] + [f"mean acc {budget_label(lo)}-{budget_label(hi)} %"]
+    metrics = {ev.metric for ev in evaluations}
+    if len(metrics) > 1:
+        raise ValueError(f"compare needs evaluations of one metric; received {sorted(metrics)}.")
+    acc = _short(metrics.pop())
+    header = ["run"] + [f"{acc}@{l} %" for l in labels] + [f"mean {acc} {budget_label(lo)}-{budget_label(hi)} %"]
     return _table(header, cells), rows

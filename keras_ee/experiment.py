@@ -191,7 +191,7 @@ def load_data(config: TrainConfig):
 
     return data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
                      imbalance_factor=config.imbalance_factor, train_size=config.train_size,
-                     meta_size=config.meta_split_size)
+                     meta_size=config.meta_split_size, samples_per_class=config.samples_per_class)
 
 
 def make_method(name: str, options: dict):
@@ -526,28 +526,38 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
 
 
 def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True,
-                 shortfall: str = "reference"):
+                 shortfall: str = "reference", metric: str = "top1"):
     """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
 
     `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
     `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
-    gating's `gater`: written to `eval/<kind>/`).
+    gating's `gater`: written to `eval/<kind>/`). `metric="top5"` counts a sample correct
+    when its label is among the exit's 5 largest logits (the HDKD paper's measure; exits
+    are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
+    so the top-1 files stay.
     """
     from keras_ee import calibration, dumps, evaluation
 
+    evaluation.check_metric(metric)
     workdir = Path(workdir)
     dump = dumps.load_dump(workdir / "dump")
     scores, out = None, workdir / "eval"
+    if metric != "top1":
+        out = out / metric
     if kind not in calibration.SCORE_KINDS:
         scores = load_run_scores(workdir, kind)
         out = out / kind
     ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall,
-                                  scores=scores)
-    paths = evaluation.write_evaluation(ev, out, title=_title(workdir))
+                                  scores=scores, metric=metric)
+    title = _title(workdir)
+    if metric != "top1" and title:
+        title = f"{title} ({evaluation.metric_label(metric)})"
+    paths = evaluation.write_evaluation(ev, out, title=title)
     if echo:
-        print(f"\nAnytime prediction (each exit on the whole test set), {workdir}:")
+        what = "" if metric == "top1" else f", {evaluation.metric_label(metric)}"
+        print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
         print(evaluation.format_anytime(ev))
-        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}):")
+        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")
         print(evaluation.format_budget(ev, every=2))
         print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
     return ev

@@ -39,7 +39,10 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
         ax.plot(np.asarray(ev.mul_adds) / scale, 100 * np.asarray(ev.test_anytime), "o--", color=color,
                 ms=4, lw=0.8, alpha=0.7, label=f"{name}: single exits")
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
-    ax.set_ylabel("test accuracy (%)")
+    from keras_ee.evaluation import metric_label
+
+    metrics = {getattr(ev, "metric", "top1") for ev in evaluations.values()}
+    ax.set_ylabel(f"test {metric_label(metrics.pop()) if len(metrics) == 1 else 'accuracy'} (%)")
     ax.grid(alpha=0.3)
     if len(evaluations) > 2:  # many runs: keep the legend off the curves
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

@@ -75,3 +75,69 @@ def test_compare_reports_budgets_and_common_range(tmp_path):
     assert rows[0]["acc@300"] == pytest.approx(float(evaluation.accuracy_at(xa, ya, [300])[0]))
     with pytest.raises(ValueError, match="at least one"):
         evaluation.compare([])
+
+
+# --- top-5 (the HDKD paper's measure) -------------------------------------------------------------
+
+
+def test_top_k_correct_is_argmax_for_k_1_and_a_rank_test_for_k_5():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 500, 12)).astype(np.float32)
+    logits[:, :50, :] = np.round(logits[:, :50, :])  # ties
+    labels = rng.integers(0, 12, size=500)
+    np.testing.assert_array_equal(evaluation.top_k_correct(logits, labels, 1, chunk=64),
+                                  np.argmax(logits, axis=-1) == labels[None])
+    top5 = np.argsort(-logits, axis=-1, kind="stable")[..., :5]  # ties: the smaller class first, as argmax
+    np.testing.assert_array_equal(evaluation.top_k_correct(logits, labels, 5, chunk=64),
+                                  (top5 == labels[None, :, None]).any(axis=-1))
+    assert evaluation.top_k_correct(logits[:, :, :4], labels % 4, 5).all()  # fewer classes than k
+
+
+def test_top5_evaluation_keeps_the_exits_and_counts_the_label_among_the_five_largest(tmp_path):
+    d = dumps.load_dump(_dump(tmp_path / "dump"))
+    top1 = evaluation.evaluate_dump(d, name="x")
+    top5 = evaluation.evaluate_dump(d, name="x", metric="top5")
+    manual = (np.argsort(-np.asarray(d.test_logits), axis=-1)[..., :5] == d.test_labels[None, :, None]).any(-1)
+    np.testing.assert_allclose(top5.test_anytime, manual.mean(axis=1))
+    assert np.all(top5.test_anytime >= top1.test_anytime) and top5.test_anytime[0] > top1.test_anytime[0]
+    # exits are decided by the confidence score, so the same samples leave at the same exits
+    np.testing.assert_array_equal(top5.sweep["exit_counts"], top1.sweep["exit_counts"])
+    np.testing.assert_array_equal(top5.sweep["mean_cost"], top1.sweep["mean_cost"])
+    assert np.all(top5.sweep["test_accuracy"] >= top1.sweep["test_accuracy"])
+    assert "test top-5 %" in evaluation.format_anytime(top5) and "val top-5 %" in evaluation.format_budget(top5)
+    assert "test acc %" in evaluation.format_anytime(top1)
+    text, _ = evaluation.compare([top5], budgets=[200])
+    assert "top-5@200 %" in text
+    with pytest.raises(ValueError, match="one metric"):
+        evaluation.compare([top1, top5])
+    with pytest.raises(ValueError, match=r"metric must be one of \['top1', 'top5'\]; received 'top3'"):
+        evaluation.evaluate_dump(d, metric="top3")
+
+
+def test_evaluate_run_writes_top5_to_its_own_folder_and_keeps_the_method_scores_path(tmp_path, capsys):
+    from keras_ee import cli, experiment
+
+    run = tmp_path / "run"
+    _dump(run / "dump")
+    assert cli.main(["evaluate", str(run)]) == 0
+    before = (run / "eval" / "anytime.csv").read_bytes()
+    assert cli.main(["evaluate", str(run), "--metric", "top5"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-5 accuracy" in printed and "test top-5 %" in printed
+    assert (run / "eval" / "anytime.csv").read_bytes() == before  # the top-1 files stay
+    rows = list(csv.DictReader(open(run / "eval" / "top5" / "anytime.csv")))
+    d = dumps.load_dump(run / "dump")
+    expected = evaluation.evaluate_dump(d, metric="top5").test_anytime
+    np.testing.assert_allclose([float(r["test_accuracy"]) for r in rows], expected, atol=1e-6)
+    assert (run / "eval" / "top5" / "budget.png").is_file()
+    # a method's own scores (scores/<kind>.npz, as gating's gater) go to eval/top5/<kind>/
+    (run / "scores").mkdir()
+    rng = np.random.default_rng(1)
+    np.savez(run / "scores" / "mine.npz", val=rng.random((3, 400)).astype(np.float32),
+             test=rng.random((3, 400)).astype(np.float32))
+    ev = experiment.evaluate_run(run, kind="mine", metric="top5", echo=False)
+    assert ev.metric == "top5" and (run / "eval" / "top5" / "mine" / "budget.csv").is_file()
+    assert cli.main(["sweep", str(run / "dump"), "--metric", "top5"]) == 0
+    assert (run / "dump" / "top5" / "budget.csv").is_file()
+    assert cli.main(["compare", str(run), str(run), "--metric", "top5", "--out", str(tmp_path / "cmp")]) == 0
+    assert "top-5@" in capsys.readouterr().out
