@@ -61,6 +61,10 @@ class TrainConfig:
         imbalance_factor: long-tailed CIFAR (200, 100, 50, 20); None for balanced.
         train_size: train on a stratified subset of this many training images
             (smaller-scale runs); None uses the whole training split.
+        samples_per_class: train on X images of every class (the HDKD paper's low-data
+            CIFAR(X)), a stratified, seeded choice from the training split after the
+            validation (and meta) hold-out; an error if a class has fewer; None uses
+            every training image. Not together with `train_size`.
         meta_split_size: for methods with a meta stream (outer steps on held-out
             batches, e.g. HDKD): None (default) feeds them the validation split, as
             the HDKD paper does; the thresholds calibrated on it are then
@@ -126,6 +130,7 @@ class TrainConfig:
     val_size: int | None = None
     imbalance_factor: int | None = None
     train_size: int | None = None
+    samples_per_class: int | None = None
     meta_split_size: int | None = None
     model: str = "multiexit_cnn"
     model_options: dict = dataclasses.field(default_factory=dict)
@@ -184,6 +189,11 @@ class TrainConfig:
             v = getattr(self, field)
             if v is not None and not (is_int(v) and v >= 1 or is_number(v) and isinstance(v, float) and 0 < v < 1):
                 bad(field, "a positive integer count, a fraction in (0, 1), or None")
+        if self.samples_per_class is not None and not (is_int(self.samples_per_class) and self.samples_per_class >= 1):
+            bad("samples_per_class", "a positive integer (training images per class) or None")
+        if self.samples_per_class is not None and self.train_size is not None:
+            bad("samples_per_class", f"None when `train_size` is set (received train_size={self.train_size!r}); "
+                "use one of the two")
         if self.imbalance_factor is not None and not (is_number(self.imbalance_factor) and self.imbalance_factor >= 1):
             bad("imbalance_factor", "a number >= 1 (200, 100, 50, 20) or None")
         if self.learning_rate is not None and not (is_number(self.learning_rate) and self.learning_rate > 0):

@@ -661,3 +661,42 @@ def test_train_size_keeps_a_stratified_seeded_subset():
     np.testing.assert_array_equal(again.train_labels(), sub.train_labels())
     with pytest.raises(ValueError):
         data.load("digits", train_size=10_000)
+
+
+def test_samples_per_class_takes_x_seeded_images_of_every_class_after_the_hold_out():
+    from keras_ee.config import TrainConfig
+
+    full = data.load("digits", seed=3, val_size=300)
+    sub = data.load("digits", seed=3, val_size=300, samples_per_class=40)
+    assert np.array_equal(np.bincount(sub.train_labels(), minlength=10), np.full(10, 40))
+    np.testing.assert_array_equal(sub._x_val, full._x_val)  # the hold-out is unchanged
+    train = {x.tobytes() for x in full._x_train}
+    assert all(x.tobytes() in train for x in sub._x_train)
+    again = data.load("digits", seed=3, val_size=300, samples_per_class=40)
+    np.testing.assert_array_equal(again._x_train, sub._x_train)
+    other = data.load("digits", seed=4, val_size=300, samples_per_class=40)
+    assert not np.array_equal(other._y_train, sub._y_train)
+    assert len(set(sub.train_labels()[:20].tolist())) > 3  # a class mix, not sorted
+    with pytest.raises(ValueError, match=r"`samples_per_class` is 500, but class \d has only \d+ training images"):
+        data.load("digits", val_size=300, samples_per_class=500)
+    with pytest.raises(ValueError, match="both choose the training subset"):
+        data.load("digits", samples_per_class=10, train_size=100)
+    with pytest.raises(ValueError, match=r"config `samples_per_class` must be a positive integer"):
+        TrainConfig(samples_per_class=0)
+    with pytest.raises(ValueError, match=r"config `samples_per_class` must be None when `train_size` is set"):
+        TrainConfig(samples_per_class=10, train_size=100)
+    cfg = TrainConfig(samples_per_class=30, val_size=200)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_samples_per_class_on_the_command_line(tmp_path):
+    import json
+
+    from keras_ee import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "baseline", "--epochs", "1", "--batch-size", "128", "--val-size", "200",
+                     "--samples-per-class", "20", "--no-evaluate", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["samples_per_class"] == 20
+    assert cli.main(["train", "--method", "baseline", "--samples-per-class", "1000", "--epochs", "1",
+                     "--out", str(tmp_path / "bad")]) == 2

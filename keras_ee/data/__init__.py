@@ -182,6 +182,7 @@ def load(
     augment_flip=None,
     train_size=None,
     meta_size=None,
+    samples_per_class=None,
 ):
     """Loads a dataset as train / validation / test splits.
 
@@ -229,6 +230,10 @@ def load(
             stream (`DatasetSplits.meta_dataset`); None (default) gives them the
             validation split, as the HDKD paper does (thresholds calibrated on it are
             then optimistic).
+        samples_per_class: int >= 1 or None. Train on this many images of every
+            class (the HDKD paper's low-data CIFAR(X)): a seeded choice from the
+            training split after the validation and meta hold-outs; a ValueError
+            names the first class with fewer. Not together with `train_size`.
 
     Returns:
         `DatasetSplits`.
@@ -258,6 +263,8 @@ def load(
             raise ValueError("`imbalance_factor` is supported for the in-memory datasets, not ImageNet.")
         if train_size is not None:
             raise ValueError("`train_size` is supported for the in-memory datasets, not ImageNet.")
+        if samples_per_class is not None:
+            raise ValueError("`samples_per_class` is supported for the in-memory datasets, not ImageNet.")
         if meta_size is not None:
             raise ValueError("`meta_size` is supported for the in-memory datasets, not ImageNet "
                              "(its meta stream is the validation split).")
@@ -312,6 +319,7 @@ def load(
         augment_flip=flip if augment_flip is None else bool(augment_flip),
         train_size=train_size,
         meta_size=meta_size,
+        samples_per_class=samples_per_class,
     )
 
 

@@ -331,6 +331,7 @@ def build_array_splits(
     augment_flip=False,
     train_size=None,
     meta_size=None,
+    samples_per_class=None,
 ):
     """Long-tail (optional), hold out validation, and wrap into `ArraySplits`.
 
@@ -358,6 +359,9 @@ def build_array_splits(
         meta_size: int, float in (0, 1) or None. Hold out a separate stratified
             split of this size from the training split for a method's meta stream
             (`meta_dataset`); None uses the calibration (validation) split.
+        samples_per_class: int >= 1 or None. Keep exactly this many training images
+            of every class (`splits.per_class_subset`, seeded), after the validation
+            and meta hold-outs; not together with `train_size`.
 
     Returns:
         `ArraySplits`.
@@ -386,10 +390,17 @@ def build_array_splits(
             y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes
         )
         train_idx, meta_idx = train_idx[rest], train_idx[held]
+    if train_size is not None and samples_per_class is not None:
+        raise ValueError(f"`samples_per_class` ({samples_per_class!r}) and `train_size` ({train_size!r}) both "
+                         "choose the training subset; expected one of them.")
     if train_size is not None:
         _, keep = splits_lib.stratified_split(
             y_train[train_idx], train_size, seed=seed, num_classes=num_classes
         )
+        train_idx = train_idx[keep]
+    if samples_per_class is not None:
+        keep = splits_lib.per_class_subset(y_train[train_idx], samples_per_class, seed=seed,
+                                           num_classes=num_classes)
         train_idx = train_idx[keep]
     return ArraySplits(
         name,

@@ -174,6 +174,45 @@ def stratified_split(labels, size, seed=0, num_classes=None):
     return rest[rng.permutation(len(rest))], held[rng.permutation(len(held))]
 
 
+def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
+    """Seeded indices of exactly `samples_per_class` samples of every class (low-data CIFAR(X)).
+
+    Every class in `0..num_classes-1` (or every class present, without `num_classes`)
+    contributes a seeded random choice of `samples_per_class` of its samples; the
+    result comes back in a seeded random order (a class mix in every prefix).
+
+    Args:
+        labels: 1-D integer array of class indices.
+        samples_per_class: int >= 1.
+        seed: int. Seed of the choice and the order.
+        num_classes: int, optional. Number of classes.
+
+    Returns:
+        int64 array of `samples_per_class * classes` indices into `labels`.
+
+    Raises:
+        ValueError: a class has fewer samples, naming the class, its count and the
+            number asked for.
+    """
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral) \
+            or samples_per_class < 1:
+        raise ValueError(f"Expected `samples_per_class` to be an int >= 1. Received {samples_per_class!r}.")
+    labels = _check_labels(labels, num_classes)
+    counts = np.bincount(labels, minlength=num_classes or 0)
+    classes = np.arange(len(counts)) if num_classes is not None else np.unique(labels)
+    short = [int(c) for c in classes if counts[c] < samples_per_class]
+    if short:
+        c = short[0]
+        raise ValueError(
+            f"`samples_per_class` is {samples_per_class}, but class {c} has only {int(counts[c])} training "
+            f"images after the validation (and meta) hold-outs ({len(short)} class(es) have fewer than {samples_per_class}); "
+            "expected at most the smallest class's count (or a smaller validation split).")
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(labels == c), size=int(samples_per_class), replace=False) for c in classes]
+    keep = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
+    return keep[rng.permutation(len(keep))]
+
+
 def long_tail_counts(max_count, num_classes, imbalance_factor):
     """Per-class sample counts of a long-tailed dataset (Cui et al., 2019).
 
