@@ -12,8 +12,11 @@ A run folder holds:
     wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
                          --method-option wpn_weights_path=RUN/wpn.npz
     scores/              a method's own confidence scores of the dump (gating: gater.npz)
+    hdkd.json            an HDKD-family run's final loss weights, moving averages, temperatures and
+                         `meta_source` (which split fed the meta batches); hdkd_gamma.png its heat map
     eval/                anytime.csv, budget.csv, budget.png (after evaluation); eval/gater/ for
-                         the gater's scores and confidence.png with both curves
+                         the gater's scores and confidence.png with both curves; eval/top5/ for
+                         `keras-ee evaluate --metric top5`
     backup/              the training state after the last finished epoch; gone when done
     state.json           whether training finished, and how long it took
     .lock                the lock of the command working in the folder (see keras_ee.runs)

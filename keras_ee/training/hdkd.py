@@ -3,7 +3,7 @@
 Implements "Harmonized Dense Knowledge Distillation Training for Multi-Exit Architectures"
 (Xinglu Wang and Yingming Li, AAAI 2021; the paper's text names no arXiv id) on
 `MultiExitModel`, with the paper's settings as defaults and every choice it leaves open as
-an option. No public code exists; `bench/` and `docs/` hold the measurements.
+an option. No public code exists.
 
 The loss (Eq. 5). With K exits, per sample:
 
