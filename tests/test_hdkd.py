@@ -338,6 +338,8 @@ def test_meta_batches_never_come_from_the_training_split_and_the_run_records_the
     fixed = experiment.train(TrainConfig(**{**TINY, "method": "naive_dkd", "method_options": {}}),
                              tmp_path / "naive", verbose=0)
     assert json.loads((fixed / hdkd.ARTIFACT).read_text())["meta_source"] is None  # takes no meta batches
+    loaded = experiment.load_run_model(fixed / "model.keras").method
+    assert isinstance(loaded, T.NaiveDKD) and (loaded.teachers, loaded.learn_weights) == ("dense", False)
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
