@@ -24,7 +24,8 @@ function is traced. The augmentation of a batch is then a pure function of its s
 whatever `num_parallel_calls` does, and the pipeline's (seed, epoch) -> data property (and
 so exact resume) holds.
 
-Keras' RandAugment picks its `num_ops` ops once per batch; timm picks them per image. The
+Keras' RandAugment picks its `num_ops` ops once per batch; timm picks them per image. Its
+ops are rescaled to timm's strengths (`timm_scaled_randaugment`). The
 transformation is Keras' own, with the op choice drawn per image (`layer_idxes` of shape
 (num_ops, B, 1, 1, 1), which Keras' `transform_images` broadcasts). It computes every op
 for every image (Keras' design), which is most of the recipe's cost.
@@ -62,11 +63,46 @@ class Recipe:
         return bool(self.label_smoothing or self.mixup or self.cutmix)
 
     @property
-    def randaugment_factor(self) -> tuple[float, float]:
-        """Keras' RandAugment `factor` range for timm's magnitude M and std: (M -+ std) / 10."""
+    def randaugment_level(self) -> float:
+        """The largest op strength, a fraction of timm's maximum: (M + std) / 10, at most 1.
+
+        timm draws each op's magnitude from N(M, std) (out of 10) with a random sign; here
+        each op's strength is drawn uniformly (Keras' layers) up to this level, both signs.
+        """
         m, sd = float(self.randaugment), float(self.randaugment_std)
-        low, high = min(max((m - sd) / 10, 0.0), 1.0), min(max((m + sd) / 10, 0.0), 1.0)
-        return low, high
+        return min(max((m + sd) / 10, 0.0), 1.0)
+
+
+def timm_scaled_randaugment(level: float, num_ops: int):
+    """`keras.layers.RandAugment` on pixels in [0, 1] with its ops at timm's strengths for `level`.
+
+    Keras' RandAugment hands one `factor` to every op, and each op reads it its own way: at
+    0.9 a translation by up to 90% of the image, a rotation by up to 324 degrees, a
+    brightness shift by up to 90% of the range, always in one direction. timm's RandAugment
+    (the paper's `rand-m9-mstd0.5-inc1`) scales each op to its own maximum instead. So the
+    ops whose Keras reading is far from timm's are replaced by the same Keras layers with
+    timm's ranges at `level` (a fraction of the maximum; the paper's M = 9 of 10 with std
+    0.5: 0.95), both signs: rotation +-30 degrees x level, translation +-45% x level,
+    shear +-0.3 x level (gray fill, as timm), contrast 1 +- 0.9 x level, brightness +-0.45 x
+    level of the range (timm multiplies by 1 +- 0.9 x level), colour towards gray by up to
+    0.9 x level, sharpness 0.5 +- 0.45 x level (0.5 leaves the image unchanged).
+    Posterization, solarization, auto-contrast and equalization keep Keras' own mapping of
+    `factor=level`.
+    """
+    import keras
+
+    layers = keras.layers
+    lv = float(level)
+    ra = layers.RandAugment(value_range=(0, 1), num_ops=int(num_ops), factor=lv)
+    fill = dict(fill_mode="constant", fill_value=0.5)
+    ra.random_rotation = layers.RandomRotation(factor=(-30 * lv / 360, 30 * lv / 360), **fill)
+    ra.random_translation = layers.RandomTranslation((-0.45 * lv, 0.45 * lv), (-0.45 * lv, 0.45 * lv), **fill)
+    ra.random_shear = layers.RandomShear(x_factor=(0.0, 0.3 * lv), y_factor=(0.0, 0.3 * lv), **fill)
+    ra.random_contrast = layers.RandomContrast(factor=(0.9 * lv, 0.9 * lv), value_range=(0, 1))
+    ra.random_brightness = layers.RandomBrightness(factor=(-0.45 * lv, 0.45 * lv), value_range=(0, 1))
+    ra.random_color_degeneration = layers.RandomColorDegeneration(factor=(0.0, 0.9 * lv), value_range=(0, 1))
+    ra.random_sharpness = layers.RandomSharpness(factor=(0.5 - 0.45 * lv, 0.5 + 0.45 * lv), value_range=(0, 1))
+    return ra
 
 
 class _BatchSeeds:
@@ -121,8 +157,7 @@ class BatchAugmentation:
         r = recipe
         self.randaugment = self.color_jitter = self.erasing = self.mixup = self.cutmix = None
         if r.randaugment is not None:
-            self.randaugment = keras.layers.RandAugment(value_range=(0, 1), num_ops=r.randaugment_ops,
-                                                        factor=r.randaugment_factor)
+            self.randaugment = timm_scaled_randaugment(r.randaugment_level, r.randaugment_ops)
         if r.color_jitter:
             s = float(r.color_jitter)
             saturation = ((1 - s) / (2 - s), (1 + s) / (2 + s)) if self.channels == 3 else None
