@@ -12,6 +12,7 @@ import pytest
 from keras_ee import cli, data, experiment, models, runs
 from keras_ee.config import RECIPES, TrainConfig
 from keras_ee.data.recipe import Recipe
+from tiny_models import StopAt
 
 TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, evaluate=False,
             train_size=400)
@@ -203,16 +204,6 @@ def test_ema_validation_swap_is_exact(tmp_path):
 # ------------------------------------------------------------------ exact resume with the recipe on
 
 
-class _StopAt(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def _all_weights(run):
     model = experiment.load_run_model(run / "model.keras")
     return [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
@@ -231,7 +222,7 @@ def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_pa
     run = tmp_path / "run"
     if stop is not None:
         with pytest.raises(KeyboardInterrupt):
-            experiment.train(cfg, run, verbose=0, callbacks=[_StopAt(stop)])
+            experiment.train(cfg, run, verbose=0, callbacks=[StopAt(stop)])
     else:  # the backup of the last epoch written, then killed before model.keras
         real_save = keras.Model.save
 
