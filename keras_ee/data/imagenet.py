@@ -208,8 +208,13 @@ class ImageNetSplits(DatasetSplits):
             batch_recipe = BatchAugmentation(recipe, self.num_classes, self.input_shape, MEAN, STD)
 
         def prepare(ds, shuffle_seed, aug_seeds):
-            if shuffle:
+            if shuffle and isinstance(shuffle_seed, (int, type(None))):
                 ds = ds.shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True)
+            elif shuffle:
+                # A tensor seed (epoch e's): tf.data's shuffle reads it through the global seed
+                # logic, which fails on a tensor once a global seed is set; shuffle stateless
+                # blocks of the same size instead.
+                ds = _stateless_block_shuffle(ds, 16 * batch_size, shuffle_seed)
             if augment:
                 ds = tf.data.Dataset.zip((ds, aug_seeds))
                 normalize = batch_recipe is None
@@ -243,8 +248,7 @@ class ImageNetSplits(DatasetSplits):
                 epoch_seed = tf.stack([tf.constant(int(seed), tf.int64), epoch])
                 seeds = tf.data.Dataset.range(1 << 40).map(
                     lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i))
-                shuffle_seed = tf.random.stateless_uniform(
-                    [], epoch_seed, minval=0, maxval=1 << 31, dtype=tf.int64)
+                shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1 << 41)
                 batches = prepare(self._raw("train", shuffle=False, seed=seed), shuffle_seed, seeds).batch(
                     batch_size, drop_remainder=drop_remainder)
                 recipe_seed = tf.random.experimental.stateless_fold_in(epoch_seed, RECIPE_STREAM)
@@ -302,3 +306,16 @@ class ImageNetSplits(DatasetSplits):
 
     def test_labels(self):
         return self._part_labels("test")
+
+
+def _stateless_block_shuffle(ds, block, seed):
+    """`ds` with each run of `block` elements in a random order drawn from `seed` (shape (2,)) and the block index."""
+    import tensorflow as tf
+
+    def shuffle_block(index, elements):
+        n = tf.shape(tf.nest.flatten(elements)[0])[0]
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.random.experimental.stateless_fold_in(seed, index))
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
+
+    return ds.batch(block).enumerate().map(shuffle_block).unbatch()
