@@ -19,6 +19,9 @@ times per epoch. The worker "methods":
   a gater batch, a backbone step on one half and a gater step on the other
   (backbone in inference mode). An epoch at the default interval costs 0.9 x
   the first plus 0.1 x the second.
+- `hdkd`: `training.HDKD()` (its meta batch: the same random batch again, fed
+  as the meta stream); `naive_dkd`: `training.NaiveDKD()`, dense distillation
+  with fixed uniform weights (no meta step).
 Every method compiles the same SGD (cosine schedule, Nesterov momentum,
 weight decay); IMTA's phase II compiles it after `enter_phase(1)`.
 
@@ -96,10 +99,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The worker methods: what one step (one loaded batch) of each does, its name in
 # the report, and the issues' targets for its ratio to a Baseline step.
-METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2", "gating", "gating_every_batch")
+METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2", "gating", "gating_every_batch", "hdkd", "naive_dkd")
 _NAMES = dict(baseline="Baseline", l2w="L2W", imta_phase1="IMTA phase I",
               imta_phase2="IMTA phase II", gating="gating (interval 10)",
-              gating_every_batch="gating (gater every batch)")
+              gating_every_batch="gating (gater every batch)", hdkd="HDKD",
+              naive_dkd="NaiveDKD")
 _STEPS = dict(
     baseline="one optimizer step on it",
     l2w="two half-batch optimizer steps (each with its meta step)",
@@ -110,10 +114,14 @@ _STEPS = dict(
     gating="one optimizer step with the gater in the loss (9 of 10 "
            "batches at the default interval)",
     gating_every_batch="a half-batch optimizer step, then a gater step on "
-                       "the other half (every 10th batch by default)")
+                       "the other half (every 10th batch by default)",
+    hdkd="a look-ahead step, a loss-weight step on a held-out batch of the "
+         "same size, then one optimizer step (dense distillation)",
+    naive_dkd="one optimizer step with dense distillation, fixed weights")
 TARGETS = dict(l2w=dict(time=4, memory=2), imta_phase1=dict(time=1.1),
                imta_phase2=dict(time=0.6), gating=dict(time=1.3),
-               gating_every_batch=dict(time=1.3))
+               gating_every_batch=dict(time=1.3), hdkd=dict(time=3),
+               naive_dkd=dict(time=3))
 
 
 def _note(methods):
@@ -219,7 +227,8 @@ def worker(args):
 
     imta = args.method.startswith("imta_")
     gating = args.method.startswith("gating")
-    for needed, cls in ((imta, "IMTA"), (gating, "BudgetAwareGating")):
+    kd = {"hdkd": "HDKD", "naive_dkd": "NaiveDKD"}.get(args.method)
+    for needed, cls in ((imta, "IMTA"), (gating, "BudgetAwareGating"), (kd, kd)):
         if needed and not hasattr(training, cls):
             _send(dict(error=f"{args.method}: keras_ee.training in {root} has no "
                              f"{cls} (only older methods can be timed there)"))
@@ -231,6 +240,8 @@ def worker(args):
     elif gating:
         method = training.BudgetAwareGating(
             gater_interval=1 if args.method == "gating_every_batch" else 10)
+    elif kd:
+        method = getattr(training, kd)()
     elif args.method == "l2w":
         method = training.L2W()
     else:
@@ -250,7 +261,8 @@ def worker(args):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 100, size=(args.batch_size,)).astype("int32")
-    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+    batch = ((x, y), (x, y)) if method.uses_meta_stream else (x, y)
+    ds = tf.data.Dataset.from_tensors(batch).repeat()
 
     def run(steps, probe_memory=False):
         timer = StepTimer(probe_memory)
