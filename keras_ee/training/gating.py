@@ -80,7 +80,6 @@ from keras_ee.training.registry import register_method
 FEATURES = ("max_prob", "margin", "entropy")
 _UPDATES = ("alternate", "lookahead")
 _OPTIMIZERS = ("adamw", "adam", "sgd")
-SCORES_DIR = "scores"
 
 
 def confidence_features(logits, names=("max_prob", "entropy")):
@@ -564,6 +563,7 @@ class BudgetAwareGating(Method):
         """`scores/gater.npz`: the gater's confidence on the run's validation and test dump."""
         from keras_ee import dumps
         from keras_ee.atomic import atomic_path
+        from keras_ee.experiment import SCORES_DIR
 
         dump = dumps.load_dump(workdir / "dump")
         (workdir / SCORES_DIR).mkdir(exist_ok=True)
