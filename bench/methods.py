@@ -14,6 +14,11 @@ held-out validation split, accuracy is measured on the test set. The script writ
     budget_curves.png  all methods' budget curves (mean over seeds, ± std shaded) and
                        every exit's anytime accuracy (mean, ± std error bars)
 
+With `--metric top5` the same tables and curves count a sample correct when its label is among
+the exit's five largest logits (the HDKD paper's measure; exits are still chosen by the confidence
+score), written as `results_top5.md`, `results_top5.json` and `budget_curves_top5.png` next to the
+top-1 files; finished runs are reused, so a top-5 table of earlier runs trains nothing.
+
 A method that saves its own confidence scores (budget-aware gating: the gater's exit
 probability, `scores/gater.npz`) gets a second row per label, `LABEL [gater]`: the same runs
 with thresholds calibrated on that score instead of the max softmax.
@@ -123,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int)
     g.add_argument("--train-size", type=int, help="stratified subset of the training split")
     g.add_argument("--imbalance-factor", type=int)
+    g.add_argument("--samples-per-class", type=int,
+                   help="train on X images of every class (the HDKD paper's low-data CIFAR(X); stratified, seeded)")
     g.add_argument("--model", help="default multiexit_cnn")
     g.add_argument("--model-option", type=_model_option, action="append", default=[],
                    metavar="KEY=VALUE")
@@ -136,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
                    help="a Mul-Add budget of the table (15M, 1.2G; repeatable); default four evenly spaced inside "
                         "the range every curve covers")
+    g.add_argument("--metric", default="top1", choices=["top1", "top5"],
+                   help="top1 (default) or top5 correctness (the HDKD paper's measure) in every table and curve; "
+                        "the exits are still chosen by the confidence score. Finished runs are reused, so a top-5 "
+                        "table of runs trained earlier costs no training")
     g.add_argument("--reference", default="baseline",
                    help="label the per-seed differences are taken against (default baseline, if it is run)")
     g.add_argument("--out", type=Path, default=Path("bench/out/methods"))
@@ -152,7 +163,7 @@ def _model_option(text: str):
 
 DEFAULTS = dict(dataset="cifar100", data_dir=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                 model="multiexit_cnn", epochs=15, batch_size=128)
-FLAG_FIELDS = ("dataset", "data_dir", "val_size", "train_size", "imbalance_factor", "model", "epochs", "batch_size",
+FLAG_FIELDS = ("dataset", "data_dir", "val_size", "train_size", "samples_per_class", "imbalance_factor", "model", "epochs", "batch_size",
                "learning_rate", "schedule", "weight_decay", "confidence")
 
 
@@ -337,7 +348,7 @@ def epoch_seconds(workdir: Path, epochs) -> dict:
     return out
 
 
-def run_all(runs, quiet: bool) -> None:
+def run_all(runs, quiet: bool, metric: str = "top1") -> None:
     from keras_ee import dumps, evaluation, experiment
 
     for i, r in enumerate(runs, 1):
@@ -351,8 +362,10 @@ def run_all(runs, quiet: bool) -> None:
             dump = dumps.load_dump(workdir / "dump")
         else:
             print(f"{tag} finished earlier: reusing {workdir}", flush=True)
-        ev = evaluation.evaluate_dump(dump, kind=r["config"].confidence, name=f"{r['label']}-s{r['seed']}")
-        evaluation.write_evaluation(ev, workdir / "eval", title=f"{r['config'].model} / {r['label']} on "
+        ev = evaluation.evaluate_dump(dump, kind=r["config"].confidence, name=f"{r['label']}-s{r['seed']}",
+                                      metric=metric)
+        # The folder `keras-ee evaluate --metric` writes to, so the two never overwrite each other.
+        evaluation.write_evaluation(ev, workdir / "eval" / ("" if metric == "top1" else metric), title=f"{r['config'].model} / {r['label']} on "
                                                                 f"{r['config'].dataset}, seed {r['seed']}")
         r["evaluation"] = ev
         phases = run_phases(r["config"])
@@ -360,7 +373,7 @@ def run_all(runs, quiet: bool) -> None:
         r["timing"] = epoch_seconds(workdir, [p.epochs for p in phases])
 
 
-def score_variants(runs, methods) -> tuple[list[dict], list[dict]]:
+def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], list[dict]]:
     """Each method's runs again under every confidence score its method saved, as rows `LABEL [KIND]`.
 
     A method may save its own confidence scores of the dump (`scores/<kind>.npz`; budget-aware
@@ -379,7 +392,7 @@ def score_variants(runs, methods) -> tuple[list[dict], list[dict]]:
             for r in rs:
                 ev = evaluation.evaluate_dump(dumps.load_dump(r["workdir"] / "dump"), kind=kind,
                                               name=f"{label}-s{r['seed']}",
-                                              scores=experiment.load_run_scores(r["workdir"], kind))
+                                              scores=experiment.load_run_scores(r["workdir"], kind), metric=metric)
                 extra_runs.append({**r, "label": label, "evaluation": ev})
     return extra_runs, extra_methods
 
@@ -521,7 +534,17 @@ def _phases_text(summary: dict, epochs: int) -> str:
             + " / ".join(_roman(i) for i in range(most)) + "), each phase being its own training call.")
 
 
-def markdown(summary: dict, base, command: str) -> str:
+def _accuracy_name(metric: str) -> str:
+    return "Test accuracy" if metric == "top1" else f"Top-{metric[3:]} test accuracy"
+
+
+def result_names(metric: str) -> tuple[str, str, str]:
+    """results.md, results.json, budget_curves.png; with a `_top5` suffix for top-5, so both tables coexist."""
+    suffix = "" if metric == "top1" else f"_{metric}"
+    return f"results{suffix}.md", f"results{suffix}.json", f"budget_curves{suffix}.png"
+
+
+def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
     from keras_ee import evaluation
 
     seeds, lo, hi = summary["seeds"], *summary["mean_range"]
@@ -532,9 +555,11 @@ def markdown(summary: dict, base, command: str) -> str:
     lines = [
         f"{base.model} on {base.dataset}"
         + (f" (train_size {base.train_size})" if base.train_size else "")
+        + (f" ({base.samples_per_class} training images per class)" if base.samples_per_class else "")
         + f", {base.epochs} epoch{'s' if base.epochs != 1 else ''}, batch {base.batch_size}; "
         f"exits at {exits} {unit} Mul-Adds. "
-        f"Mean ± std (ddof=0) over seeds {', '.join(map(str, seeds))}. Test accuracy (%) at Mul-Add budgets "
+        f"Mean ± std (ddof=0) over seeds {', '.join(map(str, seeds))}. {_accuracy_name(metric)} (%) at Mul-Add "
+        "budgets "
         f"(thresholds calibrated on validation, {base.confidence}), the mean accuracy over "
         f"{evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} (the range every curve covers), "
         "anytime accuracy (%) of every exit on the whole test set, and the wall time of a training epoch (s; "
@@ -574,7 +599,7 @@ def markdown(summary: dict, base, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs, summary: dict, base, path: Path) -> Path:
+def plot(runs, summary: dict, base, path: Path, metric: str = "top1") -> Path:
     """Every method's budget curve (mean over seeds, ± std shaded) and anytime accuracy per exit."""
     import matplotlib
 
@@ -601,7 +626,7 @@ def plot(runs, summary: dict, base, path: Path) -> Path:
     for b in summary["budgets"]:
         ax.axvline(b / scale, color="0.6", lw=0.6, ls=":")
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{_accuracy_name(metric).lower()} (%)")
     seeds = summary["seeds"]
     ax.set_title(f"{base.model} on {base.dataset}, {base.epochs} epoch{'s' if base.epochs != 1 else ''}: "
                  + (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"),
@@ -635,20 +660,21 @@ def main(argv=None) -> int:
     command = "python bench/methods.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     print(f"{len(methods)} method(s) x {len(args.seeds)} seed(s) = {len(runs)} runs into {args.out}: "
           + ", ".join(m["label"] for m in methods), flush=True)
-    run_all(runs, args.quiet)
-    extra_runs, extra_methods = score_variants(runs, methods)
+    run_all(runs, args.quiet, args.metric)
+    extra_runs, extra_methods = score_variants(runs, methods, args.metric)
     runs, methods = runs + extra_runs, methods + extra_methods
     summary = summarize(runs, methods, list(args.seeds), args.budgets, args.reference)
-    table = markdown(summary, base, command)
+    table = markdown(summary, base, command, args.metric)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "results.md", table)
-    atomic_write_json(args.out / "results.json", _json_safe({
-        "command": command, "settings": {k: v for k, v in base.to_dict().items()
+    names = [args.out / n for n in result_names(args.metric)]
+    atomic_write_text(names[0], table)
+    atomic_write_json(names[1], _json_safe({
+        "command": command, "metric": args.metric, "settings": {k: v for k, v in base.to_dict().items()
                                          if k not in ("method", "method_options", "seed", "evaluate")},
         **summary}))
-    plot(runs, summary, base, args.out / "budget_curves.png")
+    plot(runs, summary, base, names[2], args.metric)
     print("\n" + table)
-    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'budget_curves.png'}")
+    print("wrote " + ", ".join(map(str, names)))
     return 0
 
 

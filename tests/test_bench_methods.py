@@ -54,6 +54,22 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
     assert bench.main(TINY + ["--epochs", "2", "--methods", "baseline", "--out", str(out)]) == 2
     assert "already holds a run with other settings (epochs: 1 -> 2)" in capsys.readouterr().err
 
+    # Top-5 of the same runs: nothing trained, its own files next to the top-1 ones (left as they were).
+    top1_table = (out / "results.md").read_text()
+    assert bench.main(argv + ["--metric", "top5"]) == 0
+    printed = capsys.readouterr().out
+    assert "training into" not in printed and "Top-5 test accuracy" in printed
+    assert (out / "results.md").read_text() == top1_table
+    top5 = json.loads((out / "results_top5.json").read_text())
+    assert top5["metric"] == "top5" and (out / "budget_curves_top5.png").is_file()
+    assert "Top-5 test accuracy" in (out / "results_top5.md").read_text()
+    for label, entry in top5["methods"].items():
+        top1_anytime = results["methods"][label]["anytime"][0]
+        # Every exit's top-5 accuracy is at least its top-1, and strictly above it somewhere (10 classes).
+        assert all(a5 >= a1 for a5, a1 in zip(entry["anytime"][0], top1_anytime))
+        assert any(a5 > a1 for a5, a1 in zip(entry["anytime"][0], top1_anytime))
+        assert (out / f"{label}-s0" / "eval" / "top5" / "budget.csv").is_file()
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "baseline", "nope"], "unknown training method 'nope'"),
