@@ -51,3 +51,11 @@ def budget_sweep(
     mode: Literal["geometric", "per_stage"],
     shortfall: _Shortfall,
 ) -> _Sweep: ...
+def solve_budget(
+    scores: npt.NDArray[np.float32],
+    costs: npt.NDArray[np.float64],
+    target: float,
+    grid: npt.NDArray[np.float64],
+    mode: Literal["geometric", "per_stage"],
+    shortfall: _Shortfall,
+) -> tuple[float, npt.NDArray[np.float64], float]: ...

@@ -54,6 +54,7 @@ __all__ = [
     "simulate",
     "budget_sweep",
     "anytime_accuracy",
+    "solve_budget",
     "SCORE_KINDS",
     "SHORTFALL_RULES",
 ]
@@ -412,3 +413,57 @@ def anytime_accuracy(correct):
     [0.5, 1.0]
     """
     return _native.anytime_accuracy(_correct_array(correct, "correct"))
+
+
+def solve_budget(
+    val_scores,
+    costs,
+    target,
+    qs=None,
+    mode="geometric",
+    shortfall: Shortfall = "reference",
+):
+    """The budget `q` whose validation mean cost meets a target cost, and its thresholds.
+
+    The validation mean cost of the thresholds calibrated at `q` is a step function of
+    `q`; this brackets `target` on the grid `qs` (a saved sweep's budgets, widened by end
+    points where almost everyone leaves at exit 1 / runs to exit K), then bisects in
+    `ln q`. It returns the latest split found (largest `q` for the geometric split,
+    smallest for the per-stage one) whose validation mean cost is `<= target`.
+
+    Args:
+        val_scores: float32 `(K, N)` validation confidences.
+        costs: `(K,)` cumulative cost per exit, `>= 0`, non-decreasing.
+        target: the mean cost per sample to meet, in `[costs[0], costs[-1]]`.
+        qs: the bracketing grid `(B,)`; default `p / 20` for `p = 1..39`.
+        mode: `"geometric"` or `"per_stage"`, as in `budget_sweep`.
+        shortfall: `"reference"` (default) or `"exit_all"`, as in `calibrate`.
+
+    Returns:
+        dict with `q` (float; `0` / `inf` for geometric, `1` / `0` for per-stage mean
+        everyone at exit 1 / everyone at exit K), `thresholds` (float64 `(K,)`, as
+        `calibrate` gives them at `q`) and `val_mean_cost` (float, `<= target`).
+
+    Raises:
+        ValueError: `target` below the first exit's cost or above the last one's, bad
+            shapes or values, a grid value invalid for `mode`.
+        TypeError: wrong dtypes.
+
+    Example:
+
+    >>> s = np.array([[0.9, 0.2, 0.6, 0.4], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    >>> out = solve_budget(s, [1.0, 3.0], 2.0)
+    >>> out["val_mean_cost"], out["thresholds"].round(3).tolist()
+    (2.0, [0.6, -inf])
+    """
+    if not isinstance(mode, str):
+        raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    if mode not in ("geometric", "per_stage"):
+        raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    sf = _shortfall(shortfall)
+    vs = _scores_array(val_scores, "val_scores")
+    w = _vector(costs, "costs")
+    t = _real(target, "target")
+    q = default_qs() if qs is None else _vector(np.atleast_1d(_array(qs, "qs")), "qs")
+    q_star, thresholds, cost = _native.solve_budget(vs, w, t, q, mode, sf)
+    return {"q": q_star, "thresholds": thresholds, "val_mean_cost": cost}

@@ -17,22 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
-
-
 def parse_budget(text: str) -> float:
-    """'15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a Mul-Add count like 15M, 1.2G or 8000")
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"budget {text!r} must be positive")
-    return value
+    """'15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0 (`keras_ee.costs.parse_mul_adds` for argparse)."""
+    from keras_ee.costs import parse_mul_adds
+
+    try:
+        return parse_mul_adds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _key_value(text: str) -> tuple[str, object]:

@@ -38,12 +38,47 @@ costs.exit_costs(model)["mul_adds"][0]  # 6859876
 """
 
 import math
+import numbers
+import re
 
 import keras
 from keras import layers as L
 
 from keras_ee.models import graph
 from keras_ee.models.layers import ConvBNReLU
+
+_UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_mul_adds(value):
+    """A Mul-Add count from a number or a string: '15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0.
+
+    The one parser of budgets (the command line's `--budget`, `keras_ee.inference`).
+
+    Args:
+        value: a positive int or float, or a string: a number with an optional unit
+            K, M or G (case-insensitive).
+
+    Returns:
+        float, positive.
+
+    Raises:
+        ValueError: not a positive, finite Mul-Add count.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"budget {value!r} must be a positive, finite Mul-Add count")
+        return v
+    if not isinstance(value, str):
+        raise ValueError(f"budget {value!r} is not a Mul-Add count like 15M, 1.2G or 8000")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", value)
+    if not m:
+        raise ValueError(f"budget {value!r} is not a Mul-Add count like 15M, 1.2G or 8000")
+    v = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"budget {value!r} must be positive")
+    return v
 
 RULES = ("reference", "macs")
 

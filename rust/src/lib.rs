@@ -10,6 +10,7 @@ pub mod fastmath;
 pub mod hugebuf;
 pub mod scores;
 pub mod simulate;
+pub mod solve;
 pub mod sweep;
 
 #[cfg(feature = "python")]

@@ -5,7 +5,7 @@
 
 use crate::calibrate as cal;
 use crate::simulate as sim;
-use crate::{error, scores, sweep};
+use crate::{error, scores, solve, sweep};
 use ndarray::{Array2, ArrayView3};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
@@ -193,6 +193,29 @@ fn budget_sweep<'py>(
     Ok(d)
 }
 
+/// Returns (q, thresholds, val_mean_cost) of the latest split meeting `target`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn solve_budget<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray2<'py, f32>,
+    costs: PyReadonlyArray1<'py, f64>,
+    target: f64,
+    grid: PyReadonlyArray1<'py, f64>,
+    mode: &str,
+    shortfall: &str,
+) -> PyResult<(f64, Bound<'py, PyArray1<f64>>, f64)> {
+    let (s, k, n) = c_slice("scores", &scores)?;
+    let w = c_vec("costs", &costs)?;
+    let g = c_vec("grid", &grid)?;
+    let sol = run(py, || {
+        let mode = sweep::Mode::parse(mode)?;
+        let shortfall = cal::Shortfall::parse(shortfall)?;
+        solve::solve_budget(s, k, n, &w, target, &g, mode, shortfall)
+    })?;
+    Ok((sol.q, sol.thresholds.into_pyarray(py), sol.val_mean_cost))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exit_scores_f32, m)?)?;
@@ -205,5 +228,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(anytime_accuracy, m)?)?;
     m.add_function(wrap_pyfunction!(budget_sweep, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(solve_budget, m)?)?;
     Ok(())
 }
