@@ -1,0 +1,592 @@
+"""Real early exit at inference: run the stages in order and stop each sample at its exit.
+
+Budgeted batch classification (Huang et al., "Multi-Scale Dense Networks for Resource
+Efficient Image Classification", ICLR 2018, arXiv:1703.09844) calibrates one threshold
+per exit on validation data; `keras_ee.calibration` simulates the rule on logits of
+every exit. `EarlyExitModel` applies it for real: it runs the stage sub-models of
+`keras_ee.models.split_stages` one after the other, and after exit k keeps only the
+samples whose calibrated confidence is below `T_k`, so later stages see only them.
+
+    from keras_ee import inference
+    ee = inference.EarlyExitModel.from_run("runs/msd-l2w", budget="15M")
+    out = ee.predict(images, batch_size=64)   # {"label", "exit", "confidence"}, numpy
+    ee.set_budget("10M")                      # new thresholds from the saved validation data
+    ee.save("msd-l2w-15M.keras")              # keras.saving.load_model reads it back
+    ee.export("serving/")                     # a SavedModel that needs only TensorFlow
+
+The rule is exactly `calibration.simulate`'s: a sample leaves at its first exit k with
+`score_k >= T_k` (`T_K = -inf`: the last exit takes the rest), where `score_k` is the
+same confidence (`max_softmax`, `margin` or `entropy` of `softmax(logits / t_k)`) that
+calibrated the thresholds, computed in the graph in float32 as the Rust kernel does
+(max-shifted, clamped at `exp(-87.34)`, summed in float64). The two can differ in the
+last float32 bit, so a sample whose score lies within ~1e-7 of a threshold may take a
+neighbouring exit; away from thresholds the decisions are identical.
+
+Mechanics (eager, inside `tf.function` with an unknown batch size, and in the exported
+SavedModel alike): survivor positions come from `tf.where`, every carried state tensor
+is cut with `tf.gather`, results are written back into input order with
+`tf.tensor_scatter_nd_update`, and a `tf.cond` skips the remaining stages once no
+sample is left.
+
+Conventions: exits are numbered 1..K (as the `exit_k` layers and the tables); costs and
+budgets are cumulative Mul-Adds per sample (`keras_ee.costs.exit_costs`); a budget is a
+number or a string such as `"15M"` (`keras_ee.costs.parse_mul_adds`). Inputs must be
+preprocessed as in training (the dataset pipelines normalise with the training split's
+per-channel mean and std; `keras-ee predict` does this for raw images).
+
+Anytime prediction (`deadline=k`, Huang et al.'s "anytime" setting): the same rule, but
+every sample still running after stage k takes exit k's prediction, so no sample costs
+more than exit k's Mul-Adds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_ee import calibration, models
+from keras_ee.atomic import atomic_path
+from keras_ee.costs import parse_mul_adds
+
+__all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
+
+OUTPUT_KEYS = ("label", "exit", "confidence")
+# exp(EXP_LOWEST) is float32's smallest normal number: the Rust kernel clamps there.
+_EXP_LOWEST = np.float32(-87.33654)
+_SWEEP_KEYS = ("q", "thresholds", "val_mean_cost", "val_accuracy")
+
+
+def _fmt(mul_adds):
+    from keras_ee.evaluation import budget_label
+
+    return budget_label(float(mul_adds))
+
+
+def _thresholds_array(thresholds, num_exits, what="thresholds"):
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if t.shape != (num_exits,):
+        raise ValueError(f"EarlyExitModel: {what} has {t.size} values; the model has {num_exits} exits "
+                         f"(one threshold per exit, -inf at the last).")
+    if np.isnan(t).any():
+        raise ValueError(f"EarlyExitModel: {what} holds NaN at exit {int(np.argmax(np.isnan(t))) + 1}.")
+    if t[-1] != -np.inf:
+        raise ValueError(f"EarlyExitModel: the last threshold must be -inf (the last exit takes every sample "
+                         f"left); received {t[-1]}.")
+    return t
+
+
+def _costs_array(costs, num_exits):
+    c = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if c.shape != (num_exits,):
+        raise ValueError(f"EarlyExitModel: costs has {c.size} values; the model has {num_exits} exits (the "
+                         "cumulative Mul-Adds of each exit).")
+    if not np.isfinite(c).all() or (c < 0).any() or (np.diff(c) < 0).any():
+        raise ValueError(f"EarlyExitModel: costs must be finite, >= 0 and non-decreasing (cumulative Mul-Adds); "
+                         f"received {c.tolist()}.")
+    return c
+
+
+def _temperatures(temperature, num_exits):
+    t = np.asarray(temperature, dtype=np.float64).reshape(-1)
+    if t.size == 1:
+        t = np.repeat(t, num_exits)
+    if t.shape != (num_exits,) or not np.isfinite(t).all() or (t <= 0).any():
+        raise ValueError(f"EarlyExitModel: temperature must be a positive number or {num_exits} positive numbers "
+                         f"(one per exit); received {temperature!r}.")
+    return t
+
+
+def _backbone_of(model):
+    """The functional multi-exit model (a training `MultiExitModel` hands over its backbone)."""
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, keras.Model) and getattr(inner, "outputs", None):
+        return inner
+    return model
+
+
+class _Stages:
+    """Holds the stage models outside Keras' attribute tracking: they share the backbone's
+    weights, which are saved once, with the backbone."""
+
+    def __init__(self, stages):
+        self.stages = stages
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class EarlyExitModel(keras.Model):
+    """A multi-exit model that really stops each sample at its calibrated exit.
+
+    Build it with `from_run` or `from_model` (they calibrate the thresholds for a budget
+    on validation logits), or directly from thresholds.
+
+    Args:
+        backbone: a keras-ee multi-exit model (`keras_ee.models.create`,
+            `attach_exits`, a builder) with stage markers; a training
+            `MultiExitModel` is unwrapped to its backbone.
+        thresholds: `(K,)` exit thresholds, `-inf` at the last exit (as from
+            `calibration.calibrate`).
+        costs: `(K,)` cumulative Mul-Adds of each exit.
+        kind: the confidence score the thresholds were calibrated with.
+        temperature: softmax temperature, one number or one per exit.
+        budget: the Mul-Add budget the thresholds were picked for (information; None
+            for hand-made thresholds).
+        sweep: the validation sweep they came from: a dict with `q` (B,), `thresholds`
+            (B, K), `val_mean_cost` (B,), `val_accuracy` (B,), and `mode`, `shortfall`,
+            plus the solved `q` and `val_mean_cost` of the current thresholds.
+        val_scores: float32 `(K, N)` validation confidences: kept (in the `.keras` file)
+            so that `set_budget` can solve for a new budget.
+        name: model name.
+
+    Calling the model (`ee(images)`, `ee(images, deadline=k)`) returns a dict of
+    tensors: `label` (int32, the exit's argmax), `exit` (int32, 1..K) and `confidence`
+    (float32, the score at that exit); `predict` does it in batches on numpy arrays.
+    """
+
+    def __init__(self, backbone, thresholds, costs, kind="max_softmax", temperature=1.0, budget=None,
+                 sweep=None, val_scores=None, name=None, **kwargs):
+        backbone = _backbone_of(backbone)
+        if not isinstance(backbone, keras.Model) or not getattr(backbone, "outputs", None):
+            raise TypeError(f"EarlyExitModel expects a built functional keras-ee multi-exit model; received "
+                            f"{type(backbone).__name__}.")
+        try:
+            stages = models.split_stages(backbone)
+        except ValueError as e:
+            raise ValueError(f"EarlyExitModel needs a keras-ee multi-exit model with stage markers "
+                             f"(keras_ee.models.create, attach_exits or a builder): {e}") from None
+        num_exits = len(stages)
+        super().__init__(name=name or f"{backbone.name}_early_exit", **kwargs)
+        if kind not in calibration.SCORE_KINDS:
+            raise ValueError(f"EarlyExitModel: kind must be one of {calibration.SCORE_KINDS}; received {kind!r}.")
+        self.backbone = backbone
+        self._runtime = _Stages(stages)
+        self.num_exits = num_exits
+        self.kind = kind
+        self.costs = _costs_array(costs, num_exits)
+        self.temperature = _temperatures(temperature, num_exits)
+        self._inv_t = [np.float32(1.0 / t) for t in self.temperature]  # as the Rust kernel: 1/t in float32
+        self.budget = None if budget is None else float(budget)
+        self.sweep = self._check_sweep(sweep)
+        t = _thresholds_array(thresholds, num_exits)
+        self._thresholds = self.add_weight(name="thresholds", shape=(num_exits,), dtype="float64",
+                                           trainable=False, initializer=keras.initializers.Constant(0.0))
+        self._thresholds.assign(t)
+        self._val_scores = None
+        if val_scores is not None:
+            vs = np.asarray(val_scores, dtype=np.float32)
+            if vs.ndim != 2 or vs.shape[0] != num_exits or vs.shape[1] < 1:
+                raise ValueError(f"EarlyExitModel: val_scores must be (K={num_exits}, N) confidences; received "
+                                 f"shape {vs.shape}.")
+            self._val_scores = self.add_weight(name="val_scores", shape=vs.shape, dtype="float32",
+                                               trainable=False, initializer="zeros")
+            self._val_scores.assign(vs)
+        self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
+        self._serve = None
+        self.built = True
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_model(cls, model, val_logits, val_labels, budget, costs=None, kind="max_softmax", temperature=1.0,
+                   mode="geometric", shortfall="reference", qs=None, name=None):
+        """Calibrates thresholds for `budget` on validation logits and wraps `model`.
+
+        Args:
+            model: a keras-ee multi-exit model (or a training `MultiExitModel`).
+            val_logits: `(K, N, C)` validation logits of `model`.
+            val_labels: `(N,)` their labels (for the sweep's validation accuracy).
+            budget: mean Mul-Adds per sample, a number or a string like `"15M"`, in
+                `[costs[0], costs[-1]]`.
+            costs: `(K,)` cumulative Mul-Adds; default `keras_ee.costs.exit_costs(model)`.
+            kind, temperature: the confidence score (as `calibration.exit_scores`).
+            mode, shortfall, qs: as `calibration.budget_sweep` (the saved sweep).
+            name: model name.
+
+        Returns:
+            `EarlyExitModel`.
+        """
+        from keras_ee import costs as ee_costs
+        from keras_ee.evaluation import scores_and_correct
+
+        backbone = _backbone_of(model)
+        if costs is None:
+            costs = ee_costs.exit_costs(backbone)["mul_adds"]
+        val_logits = np.asarray(val_logits)
+        if val_logits.ndim != 3 or val_logits.shape[0] != len(backbone.outputs):
+            raise ValueError(f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
+                             f"received shape {val_logits.shape}.")
+        scores, correct = scores_and_correct(val_logits, np.asarray(val_labels), kind, temperature,
+                                             "the validation logits")
+        sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode,
+                                      shortfall=shortfall)
+        sweep = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
+        sweep.update(mode=mode, shortfall=shortfall)
+        ee = cls(model, thresholds=[0.0] * (len(costs) - 1) + [-np.inf], costs=costs, kind=kind,
+                 temperature=temperature, sweep=sweep, val_scores=scores, name=name)
+        ee.set_budget(budget)
+        return ee
+
+    @classmethod
+    def from_run(cls, path, budget, kind=None, temperature=1.0, mode="geometric", shortfall="reference", qs=None):
+        """Loads a finished run folder (`model.keras`, `dump/`) and calibrates for `budget`.
+
+        Args:
+            path: the run folder of `keras-ee train`.
+            budget: mean Mul-Adds per sample, a number or a string like `"15M"`.
+            kind: confidence score; default the run's `confidence` setting.
+            temperature, mode, shortfall, qs: as `from_model`.
+
+        Returns:
+            `EarlyExitModel`.
+
+        Raises:
+            FileNotFoundError: the folder lacks `model.keras` or `dump/`.
+            ValueError: a bad budget, a damaged model, a confidence that is not a
+                built-in score.
+        """
+        from keras_ee import dumps, experiment
+
+        path = Path(path)
+        for need in (experiment.MODEL_FILE, "dump"):
+            if not (path / need).exists():
+                raise FileNotFoundError(f"{str(path)!r} is not a finished run folder: it has no {need} (train it "
+                                        f"first with `keras-ee train --out {path}`).")
+        if kind is None:
+            try:
+                kind = json.loads((path / experiment.CONFIG_FILE).read_text()).get("confidence", "max_softmax")
+            except (OSError, ValueError):
+                kind = "max_softmax"
+        if kind not in calibration.SCORE_KINDS:
+            raise ValueError(f"real early exit needs a built-in confidence score {calibration.SCORE_KINDS}; "
+                             f"received {kind!r}.")
+        dump = dumps.load_dump(path / "dump")
+        model = experiment.load_run_model(path / experiment.MODEL_FILE)
+        return cls.from_model(model, np.asarray(dump.val_logits), np.asarray(dump.val_labels), budget,
+                              costs=dump.mul_adds, kind=kind, temperature=temperature, mode=mode,
+                              shortfall=shortfall, qs=qs, name=f"{path.name}_early_exit")
+
+    @staticmethod
+    def load(path):
+        """Loads a `.keras` file written by `save` (a clear error for a missing or damaged file)."""
+        from keras_ee import experiment
+
+        ee = experiment.load_run_model(path)
+        if not isinstance(ee, EarlyExitModel):
+            raise ValueError(f"{str(path)!r} holds a {type(ee).__name__}, not an EarlyExitModel.")
+        return ee
+
+    def _check_sweep(self, sweep):
+        if sweep is None:
+            return None
+        if not isinstance(sweep, dict) or any(key not in sweep for key in _SWEEP_KEYS):
+            raise ValueError(f"EarlyExitModel: sweep must be a dict with {list(_SWEEP_KEYS)}; received "
+                             f"{sorted(sweep) if isinstance(sweep, dict) else type(sweep).__name__}.")
+        out = {key: np.asarray(sweep[key], dtype=np.float64).tolist() for key in _SWEEP_KEYS}
+        if np.asarray(out["thresholds"]).ndim != 2 or np.asarray(out["thresholds"]).shape[1] != self.num_exits:
+            raise ValueError(f"EarlyExitModel: the sweep's thresholds must be (B, K={self.num_exits}); received "
+                             f"shape {np.asarray(out['thresholds']).shape}.")
+        out["mode"] = sweep.get("mode", "geometric")
+        out["shortfall"] = sweep.get("shortfall", "reference")
+        for key in ("solved_q", "solved_val_mean_cost"):
+            if sweep.get(key) is not None:
+                out[key] = float(sweep[key])
+        return out
+
+    # ------------------------------------------------------------------ budget
+
+    @property
+    def thresholds(self):
+        """The current `(K,)` thresholds (float64, -inf at the last exit)."""
+        return np.asarray(self._thresholds.numpy(), dtype=np.float64)
+
+    @property
+    def val_scores(self):
+        """The saved `(K, N)` validation confidences, or None."""
+        return None if self._val_scores is None else np.asarray(self._val_scores.numpy())
+
+    def set_thresholds(self, thresholds):
+        """Sets `(K,)` thresholds directly (`-inf` at the last exit); the budget becomes unknown."""
+        self._thresholds.assign(_thresholds_array(thresholds, self.num_exits))
+        self.budget = None
+
+    def set_budget(self, mul_adds):
+        """Re-picks the thresholds for a new mean Mul-Add budget from the saved validation data.
+
+        Solves for the budget parameter q whose validation mean cost meets the budget
+        (`calibration.solve_budget`: bracketed on the saved sweep's q grid, bisected in
+        ln q) and calibrates the thresholds there.
+
+        Args:
+            mul_adds: a number or a string like `"15M"`, between the first exit's cost
+                and the last exit's.
+
+        Returns:
+            dict with the solved `q` and the validation mean cost `val_mean_cost` of the
+            new thresholds (at most the budget).
+
+        Raises:
+            ValueError: a budget outside `[costs[0], costs[-1]]` or not a Mul-Add count;
+                a model without saved validation scores and sweep.
+        """
+        budget = parse_mul_adds(mul_adds)
+        first, last = float(self.costs[0]), float(self.costs[-1])
+        if budget < first:
+            raise ValueError(f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is below the first exit's cost "
+                             f"{_fmt(first)} ({first:g}): no early exit can meet it; choose a budget in "
+                             f"[{_fmt(first)}, {_fmt(last)}].")
+        if budget > last:
+            raise ValueError(f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is above the last exit's cost "
+                             f"{_fmt(last)} ({last:g}): every sample already runs the whole network; choose a "
+                             f"budget in [{_fmt(first)}, {_fmt(last)}].")
+        if self._val_scores is None or self.sweep is None:
+            raise ValueError("set_budget needs the validation scores and sweep the thresholds came from; this model "
+                             "was built from thresholds alone (use EarlyExitModel.from_model or from_run).")
+        sol = calibration.solve_budget(self.val_scores, self.costs, budget, qs=self.sweep["q"],
+                                       mode=self.sweep["mode"], shortfall=self.sweep["shortfall"])
+        self._thresholds.assign(_thresholds_array(sol["thresholds"], self.num_exits))
+        self.budget = budget
+        self.sweep["solved_q"] = float(sol["q"])
+        self.sweep["solved_val_mean_cost"] = float(sol["val_mean_cost"])
+        return {"q": float(sol["q"]), "val_mean_cost": float(sol["val_mean_cost"])}
+
+    # ------------------------------------------------------------------ the runtime
+
+    def _score(self, logits, k):
+        """(score float32, prediction int32) of exit k (0-based), as `calibration.exit_scores`."""
+        x = tf.cast(logits, tf.float32)
+        m = tf.reduce_max(x, axis=-1, keepdims=True)
+        inv_t = self._inv_t[k]
+        d = x - m if inv_t == 1.0 else (x - m) * inv_t
+        d = tf.maximum(d, _EXP_LOWEST)
+        e = tf.exp(d)
+        total = tf.reduce_sum(tf.cast(e, tf.float64), axis=-1)
+        if self.kind == "max_softmax":
+            score = 1.0 / total
+        elif self.kind == "margin":
+            top2 = tf.math.top_k(x, k=2, sorted=True).values
+            d2 = top2[:, 1] - m[:, 0]
+            d2 = d2 if inv_t == 1.0 else d2 * inv_t
+            e2 = tf.cast(tf.exp(tf.maximum(d2, _EXP_LOWEST)), tf.float64)
+            score = (1.0 - e2) / total
+        else:
+            w = tf.reduce_sum(tf.cast(e * d, tf.float64), axis=-1)
+            num_classes = float(x.shape[-1]) if x.shape[-1] is not None else tf.cast(tf.shape(x)[-1], tf.float64)
+            plogp = w / total - tf.math.log(total)
+            score = tf.clip_by_value(1.0 + plogp / tf.math.log(tf.cast(num_classes, tf.float64)), 0.0, 1.0)
+        return tf.cast(score, tf.float32), tf.argmax(x, axis=-1, output_type=tf.int32)
+
+    def _run_from(self, k, state, idx, acc, thresholds, deadline):
+        stage = self._runtime.stages[k]
+        out = stage(state if k > 0 else state[0], training=False)
+        score, pred = self._score(out[0], k)
+        last = k == self.num_exits - 1
+        if last:
+            leave = tf.ones_like(score, dtype=tf.bool)
+        else:
+            # A sample leaves at its first exit with score >= T_k (calibration.simulate).
+            leave = tf.logical_or(tf.cast(score, tf.float64) >= thresholds[k], deadline <= k + 1)
+        gone = tf.where(leave)[:, 0]
+        where = tf.expand_dims(tf.gather(idx, gone), 1)
+        labels, exits, conf = acc
+        labels = tf.tensor_scatter_nd_update(labels, where, tf.gather(pred, gone))
+        exits = tf.tensor_scatter_nd_update(exits, where, tf.fill(tf.shape(gone), tf.constant(k + 1, tf.int32)))
+        conf = tf.tensor_scatter_nd_update(conf, where, tf.gather(score, gone))
+        acc = (labels, exits, conf)
+        if last:
+            return acc
+        stay = tf.where(tf.logical_not(leave))[:, 0]
+        rest_idx = tf.gather(idx, stay)
+        rest = [tf.gather(s, stay) for s in out[1:]]
+        return tf.cond(tf.size(stay) > 0,
+                       lambda: self._run_from(k + 1, rest, rest_idx, acc, thresholds, deadline),
+                       lambda: acc)
+
+    def early_exit(self, images, deadline=None):
+        """The early-exit pass on one batch of tensors: dict of `label`, `exit`, `confidence`.
+
+        Args:
+            images: `(B, H, W, C)` tensor (any B, also unknown inside `tf.function`).
+            deadline: None, or an int (or int32 scalar tensor) in 1..K: samples still
+                running after stage `deadline` take exit `deadline`'s prediction.
+        """
+        images = tf.convert_to_tensor(images)
+        if images.dtype != tf.float32:
+            images = tf.cast(images, tf.float32)
+        if deadline is None:
+            deadline = tf.constant(self.num_exits, tf.int32)
+        deadline = tf.convert_to_tensor(deadline, tf.int32)
+        n = tf.shape(images)[0]
+        acc = (tf.zeros([n], tf.int32), tf.zeros([n], tf.int32), tf.zeros([n], tf.float32))
+        thresholds = tf.convert_to_tensor(self._thresholds.value)
+        labels, exits, conf = tf.cond(
+            n > 0, lambda: self._run_from(0, [images], tf.range(n), acc, thresholds, deadline), lambda: acc)
+        return {"label": labels, "exit": exits, "confidence": conf}
+
+    def call(self, images, deadline=None, training=False):
+        return self.early_exit(images, deadline=deadline)
+
+    def _check_deadline(self, deadline):
+        if deadline is None:
+            return self.num_exits
+        if isinstance(deadline, (bool, np.bool_)) or not isinstance(deadline, (int, np.integer)) or not (
+                1 <= int(deadline) <= self.num_exits):
+            raise ValueError(f"deadline must be an int stage in 1..{self.num_exits} (1-based: samples still running "
+                             f"after that stage take its exit); received {deadline!r}.")
+        return int(deadline)
+
+    def _check_images(self, images):
+        if isinstance(images, tf.Tensor):
+            images = images.numpy()
+        a = np.asarray(images)
+        want = self.input_shape_hw
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"images must be a numeric array of shape (N, {', '.join(map(str, want))}); received "
+                             f"dtype {a.dtype}.")
+        if a.ndim != 1 + len(want) or tuple(a.shape[1:]) != want:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, want))}) as the model's input; "
+                             f"received {a.shape}.")
+        return a
+
+    def serving_function(self):
+        """The compiled early-exit pass `f(images, deadline)` (input signature `[None, H, W, C]`
+        float32 and an int32 scalar; one trace for every batch size)."""
+        if self._serve is None:
+            spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
+            self._serve = tf.function(
+                lambda images, deadline: self.early_exit(images, deadline),
+                input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")])
+        return self._serve
+
+    def predict(self, images, batch_size=64, deadline=None, verbose=0, **kwargs):
+        """Early-exit predictions for a numpy array of preprocessed images.
+
+        Args:
+            images: `(N, H, W, C)` array (cast to float32), preprocessed as in training.
+            batch_size: samples per compiled call.
+            deadline: None (the budget's thresholds only), or an int stage k in 1..K:
+                anytime mode, every sample has its prediction after stage k at the latest.
+
+        Returns:
+            dict of numpy arrays `(N,)`: `label` (int32), `exit` (int32, 1-based),
+            `confidence` (float32, the calibrated score at that exit).
+        """
+        if kwargs:
+            raise TypeError(f"EarlyExitModel.predict got unexpected arguments {sorted(kwargs)}.")
+        a = self._check_images(images)
+        d = self._check_deadline(deadline)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
+        fn = self.serving_function()
+        deadline_t = tf.constant(d, tf.int32)
+        parts = {key: [] for key in OUTPUT_KEYS}
+        for start in range(0, len(a), int(batch_size)):
+            out = fn(tf.constant(a[start:start + int(batch_size)], tf.float32), deadline_t)
+            for key in OUTPUT_KEYS:
+                parts[key].append(out[key].numpy())
+        empty = {"label": np.int32, "exit": np.int32, "confidence": np.float32}
+        return {key: np.concatenate(parts[key]) if parts[key] else np.zeros(0, empty[key]) for key in OUTPUT_KEYS}
+
+    def expected_costs(self, exits):
+        """Mul-Adds per sample of 1-based exit indices (`costs[exit - 1]`)."""
+        return self.costs[np.asarray(exits) - 1]
+
+    # ------------------------------------------------------------------ saving
+
+    def get_config(self):
+        config = {
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "thresholds": [_json_float(t) for t in self.thresholds],
+            "costs": self.costs.tolist(),
+            "kind": self.kind,
+            "temperature": self.temperature.tolist(),
+            "budget": self.budget,
+            "sweep": None if self.sweep is None else _json_sweep(self.sweep),
+            "num_val": None if self._val_scores is None else int(self._val_scores.shape[1]),
+            "name": self.name,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
+        num_val = config.pop("num_val", None)
+        thresholds = [_from_json_float(t) for t in config.pop("thresholds")]
+        sweep = config.pop("sweep", None)
+        if sweep is not None:
+            sweep = dict(sweep, thresholds=[[_from_json_float(t) for t in row] for row in sweep["thresholds"]])
+        val_scores = None if num_val is None else np.zeros((len(thresholds), int(num_val)), np.float32)
+        return cls(backbone, thresholds=thresholds, sweep=sweep, val_scores=val_scores, **config)
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Saves to a `.keras` file atomically (thresholds, score, temperature, costs, budget,
+        sweep and validation scores included); `keras.saving.load_model` or `load` reads it."""
+        path = Path(filepath)
+        if path.suffix != ".keras":
+            raise ValueError(f"EarlyExitModel.save writes a .keras file; received {str(path)!r}.")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists (pass overwrite=True to replace it).")
+        with atomic_path(path) as tmp:
+            super().save(tmp, **kwargs)
+        return path
+
+    def export(self, filepath, overwrite=True):
+        """Writes a TensorFlow SavedModel whose signatures do the early exit (no keras_ee needed).
+
+        Signatures: `serving_default` / `serve(images)` and `anytime(images, deadline)`,
+        `images` float32 `(None, H, W, C)`, `deadline` int32 scalar; both return the dict
+        `label`, `exit`, `confidence`. Load with `tf.saved_model.load(path)`.
+
+        The folder is written next to its target and renamed into place.
+        """
+        path = Path(filepath)
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{str(path)!r} exists (pass overwrite=True to replace it).")
+            if not path.is_dir():
+                raise ValueError(f"{str(path)!r} is a file; export writes a SavedModel folder.")
+        spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        archive.add_endpoint("serve", lambda images: self.early_exit(images), input_signature=[spec])
+        archive.add_endpoint("anytime", lambda images, deadline: self.early_exit(images, deadline),
+                             input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        try:
+            with atomic_path(path) as tmp:
+                archive.write_out(str(tmp), verbose=False)
+        except BaseException:
+            if old is not None and not path.exists():
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+
+def _json_float(x):
+    x = float(x)
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _from_json_float(x):
+    return float(x)
+
+
+def _json_sweep(sweep):
+    out = dict(sweep)
+    out["thresholds"] = [[_json_float(t) for t in row] for row in sweep["thresholds"]]
+    for key in ("solved_q",):
+        if key in out:
+            out[key] = _json_float(out[key])
+    return out
