@@ -7,6 +7,8 @@
     keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
     keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
     keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
+    keras-ee predict RUN --budget 15M --images DIR_OR_NPZ --out predictions.csv
+                                     real early exit (keras_ee.inference) on raw images
     keras-ee models                  every preset's exits, params and Mul-Adds
     keras-ee methods                 every training method: paper, options and defaults
     keras-ee datasets                the dataset names
@@ -227,6 +229,89 @@ def cmd_sweep(args) -> None:
     print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_images(source: Path, channels: int):
+    """(images, names) from an .npz (key `x` or `images`, or its only array) or a folder of PNG/JPEG files."""
+    import numpy as np
+
+    if source.is_dir():
+        import tensorflow as tf
+
+        files = sorted(f for f in source.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"--images {str(source)!r} holds no .png, .jpg or .jpeg files.")
+        images = []
+        for f in files:
+            try:
+                img = tf.io.decode_image(f.read_bytes(), channels=channels, expand_animations=False).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError(f"cannot decode {str(f)!r}: {e.message.splitlines()[0]}") from None
+            if images and img.shape != images[0].shape:
+                raise ValueError(f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
+                                 f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the model's size.")
+            images.append(img)
+        return np.stack(images), [f.name for f in files]
+    if not source.is_file():
+        raise FileNotFoundError(f"--images {str(source)!r} does not exist (a folder of PNG/JPEG files or an .npz).")
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = next((k for k in ("x", "images") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"--images {str(source)!r} holds arrays {keys}; expected one named 'x' or 'images'.")
+            images = z[key]
+    except (OSError, EOFError) as e:
+        raise ValueError(f"--images {str(source)!r} is not a readable .npz ({e}).") from None
+    if images.ndim == 3 and channels == 1:
+        images = images[..., None]
+    return images, [str(i) for i in range(len(images))]
+
+
+def cmd_predict(args) -> None:
+    import numpy as np
+
+    from keras_ee import experiment
+    from keras_ee.atomic import atomic_write_text
+    from keras_ee.config import TrainConfig
+    from keras_ee.evaluation import budget_label
+    from keras_ee.inference import EarlyExitModel
+
+    run = args.run
+    if run.is_file():  # a saved EarlyExitModel
+        ee = EarlyExitModel.load(run)
+        if args.budget is not None:
+            ee.set_budget(args.budget)
+        if not args.normalized:
+            raise ValueError(f"{str(run)!r} is a saved model without its dataset's statistics: pass --normalized "
+                             "with images already preprocessed as in training, or give the run folder.")
+    else:
+        if args.budget is None:
+            raise ValueError("predict RUN needs --budget (mean Mul-Adds per image, e.g. 15M).")
+        ee = EarlyExitModel.from_run(_run_dir(run), budget=args.budget, kind=args.confidence)
+    shape = ee.input_shape_hw
+    images, names = _read_images(args.images, shape[-1])
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"--images {str(args.images)!r} has images of shape {tuple(images.shape[1:])}; the model "
+                         f"takes {shape} (no resizing is done).")
+    if not args.normalized:
+        splits = experiment.load_data(TrainConfig.from_file(run / experiment.CONFIG_FILE))
+        images = (images.astype(np.float32) * np.float32(splits.pixel_scale) - splits.mean) / splits.std
+    out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline)
+    cost = ee.costs[out["exit"] - 1]
+    lines = ["image,label,exit,confidence,mul_adds"]
+    for name, label, ex, conf, c in zip(names, out["label"], out["exit"], out["confidence"], cost):
+        lines.append(f"{name},{int(label)},{int(ex)},{repr(float(conf))},{int(c) if float(c).is_integer() else c}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    counts = np.bincount(out["exit"], minlength=ee.num_exits + 1)[1:]
+    budget = "thresholds as given" if ee.budget is None else f"budget {budget_label(ee.budget)}"
+    print(f"{len(names)} images, {budget}: mean {budget_label(float(cost.mean()) if len(cost) else 0.0)} Mul-Adds "
+          f"per image (the last exit {budget_label(ee.costs[-1])}); per exit {counts.tolist()}")
+    print(f"wrote {args.out}")
+
+
 def cmd_models(args) -> None:
     from keras_ee import costs
 
@@ -291,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
     _metric_flag(p)
+    p = sub.add_parser("predict", help="real early exit on images at a Mul-Add budget (keras_ee.inference)",
+                       description="Classify images with real early exit: each image stops at the first exit whose "
+                                   "calibrated confidence reaches its threshold for the budget.")
+    p.add_argument("run", type=Path, help="a finished run folder, or a .keras file saved by EarlyExitModel.save")
+    p.add_argument("--budget", type=parse_budget, help="mean Mul-Adds per image, e.g. 15M (required for a run folder)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="a folder of PNG/JPEG files (sorted by name) or an .npz (array 'x' or 'images'), raw pixels "
+                        "as the dataset stores them; normalised with the run's training statistics")
+    p.add_argument("--out", type=Path, required=True, help="the CSV: image,label,exit,confidence,mul_adds")
+    p.add_argument("--normalized", action="store_true", help="the images are already preprocessed as in training")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--deadline", type=int, help="anytime mode: every image has its prediction after this stage (1..K)")
+    p.add_argument("--confidence", default=None, choices=["max_softmax", "margin", "entropy"],
+                   help="confidence score (default: the run's)")
     p = sub.add_parser("models", help="table of the architecture presets")
     p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])
@@ -300,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "plot-weights": cmd_plot_weights,
-            "sweep": cmd_sweep, "models": cmd_models, "methods": cmd_methods,
+            "sweep": cmd_sweep, "predict": cmd_predict, "models": cmd_models, "methods": cmd_methods,
             "datasets": cmd_datasets}
 
 

@@ -1,0 +1,180 @@
+"""Real early exit (`keras_ee.inference.EarlyExitModel`) against the full network, on CPU.
+
+    PYTHONPATH=. .venv/bin/python bench/inference.py [--quick] [--models msdnet_cifar_5 ranet_cifar_c1]
+
+For each model (untrained weights: the thresholds are calibrated on the logits of random
+validation images, so the exit fractions, not the accuracy, are what matters) and each
+budget fraction f of the last exit's Mul-Adds (30%, 50%, 70%), the thresholds are solved
+on 1024 random validation images (`EarlyExitModel.set_budget(f * cost_K)`), then 256
+other random images are classified at batch 1 (the first 32 images), 64 and 256:
+
+- Mul-Add saving: `1 - mean(cost of each test sample's real exit) / cost_K`, from the
+  exits the runtime took;
+- wall saving: `1 - time(early exit) / time(full network)`, the full network being
+  `model(x, training=False)` in one `tf.function` with a `[None, H, W, C]` signature;
+  the two run side by side, interleaved, in every round (median of the rounds);
+- ratio: wall saving / Mul-Add saving (target >= 0.8 at batch 64 and 256);
+- per stage: the milliseconds per batch of each stage on the samples it really saw
+  (each stage and each exit-split step compiled on its own, so the sum is a little
+  above the fused pass) and the samples that entered it.
+
+Then the batch-1 overhead with every sample running to the last exit (thresholds +inf):
+`time(early exit) / time(full) - 1` (target <= 10%).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_ee import costs, models  # noqa: E402
+from keras_ee.inference import EarlyExitModel  # noqa: E402
+
+
+def _sync(out):
+    for v in (out.values() if isinstance(out, dict) else out):
+        v.numpy()
+
+
+def _time_batches(fn, batches):
+    t0 = time.perf_counter()
+    for b in batches:
+        _sync(fn(b))
+    return time.perf_counter() - t0
+
+
+def _stage_breakdown(ee, batches):
+    """Per-stage ms per batch on the samples each stage really saw, and samples entering."""
+    stages = ee._runtime.stages
+    fns = []
+    for k, st in enumerate(stages):
+        spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in st.inputs]
+        if k == 0:
+            fns.append(tf.function(lambda x, st=st: st(x, training=False), input_signature=spec))
+        else:
+            fns.append(tf.function(lambda *xs, st=st: st(list(xs), training=False), input_signature=spec))
+    thr = ee.thresholds
+
+    def split(k):
+        @tf.function(reduce_retracing=True)
+        def f(logits, *state):
+            score, _ = ee._score(logits, k)
+            stay = tf.where(tf.cast(score, tf.float64) < thr[k])[:, 0]
+            return [tf.gather(s, stay) for s in state]
+        return f
+
+    splits = [split(k) for k in range(len(stages) - 1)]
+    times = np.zeros(len(stages))
+    seen = np.zeros(len(stages), int)
+    for rnd in range(2):  # the first round traces every shape
+        times[:] = 0
+        seen[:] = 0
+        for b in batches:
+            state = [b]
+            for k in range(len(stages)):
+                if int(state[0].shape[0]) == 0:
+                    break
+                seen[k] += int(state[0].shape[0])
+                t0 = time.perf_counter()
+                out = fns[k](*state)
+                if k + 1 < len(stages):
+                    state = splits[k](out[0], *out[1:])
+                    _sync(state)
+                else:
+                    _sync(out)
+                times[k] += time.perf_counter() - t0
+    return times * 1e3 / len(batches), seen
+
+
+def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
+    model = models.create(name)
+    c = np.asarray(costs.exit_costs(model)["mul_adds"], np.float64)
+    shape = tuple(model.inputs[0].shape[1:])
+    rng = np.random.default_rng(0)
+    val = rng.normal(size=(n_val,) + shape).astype("float32")
+    test = rng.normal(size=(n_test,) + shape).astype("float32")
+    full = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
+    val_logits = np.concatenate([np.stack([o.numpy() for o in full(tf.constant(val[i:i + 256]))], 0)
+                                 for i in range(0, n_val, 256)], axis=1)
+    ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
+    serve = ee.serving_function()
+    deadline = tf.constant(ee.num_exits, tf.int32)
+    rows = []
+    for f in fractions:
+        solved = ee.set_budget(f * c[-1])
+        thresholds = ee.thresholds
+        for bs in batch_sizes:
+            imgs = test[:32] if bs == 1 else test
+            batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
+            run_ee = lambda b: serve(b, deadline)  # noqa: E731
+            _time_batches(full, batches)  # warm-up: traces and oneDNN primitives of every shape
+            _time_batches(run_ee, batches)
+            t_full, t_ee = [], []
+            for _ in range(rounds):
+                t_full.append(_time_batches(full, batches))
+                t_ee.append(_time_batches(run_ee, batches))
+            exits = np.concatenate([serve(b, deadline)["exit"].numpy() for b in batches])
+            mul_saving = 1 - c[exits - 1].mean() / c[-1]
+            tf_med, te_med = statistics.median(t_full), statistics.median(t_ee)
+            wall_saving = 1 - te_med / tf_med
+            stage_ms, seen = _stage_breakdown(ee, batches)
+            rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
+                             mul_saving=mul_saving, wall_saving=wall_saving,
+                             ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
+                             full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
+                             stage_ms=stage_ms, seen=seen, thresholds=thresholds))
+    # Batch 1, everyone to the last exit: the runtime's overhead over the full network.
+    ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
+    batches = [tf.constant(test[i:i + 1]) for i in range(64)]
+    run_ee = lambda b: serve(b, deadline)  # noqa: E731
+    _time_batches(full, batches)
+    _time_batches(run_ee, batches)
+    t_full, t_ee = [], []
+    for _ in range(max(rounds, 5)):
+        t_full.append(_time_batches(full, batches))
+        t_ee.append(_time_batches(run_ee, batches))
+    overhead = statistics.median(t_ee) / statistics.median(t_full) - 1
+    return c, rows, dict(full_ms=statistics.median(t_full) * 1e3 / 64, ee_ms=statistics.median(t_ee) * 1e3 / 64,
+                         overhead=overhead)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["msdnet_cifar_5", "ranet_cifar_c1"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="2 rounds, 256 validation and 64 test images, batches 1 and 64")
+    args = p.parse_args(argv)
+    n_val, n_test = 1024, 256
+    if args.quick:
+        args.rounds, n_val, n_test = 2, 256, 64
+        args.batches = [b for b in args.batches if b <= 64]
+    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
+          f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}; rounds {args.rounds}")
+    for name in args.models:
+        t0 = time.time()
+        c, rows, last = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test)
+        print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
+              f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
+        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | full ms/batch | early exit "
+              "ms/batch | per stage ms/batch (samples in) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            stages = " ".join(f"{ms:.1f}({n})" for ms, n in zip(r["stage_ms"], r["seen"]))
+            print(f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
+                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
+        print(f"batch 1, every sample to the last exit: full {last['full_ms']:.2f} ms, early exit "
+              f"{last['ee_ms']:.2f} ms, overhead {last['overhead']:+.1%}  ({time.time() - t0:.0f} s)")
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

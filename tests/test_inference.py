@@ -1,0 +1,366 @@
+"""Real early exit (keras_ee.inference): parity with calibration.simulate, order, batches, tf.function,
+the architectures, save/load, SavedModel export without keras_ee, budgets, deadlines, errors, the CLI."""
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_ee import calibration, cli, models
+from keras_ee.inference import EarlyExitModel
+from tiny_models import tiny_backbone
+
+SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
+SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
+
+
+def _logits(model, x):
+    out = model.predict_on_batch(x)
+    return np.stack([np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])])
+
+
+def _simulated(logits, thresholds, kind="max_softmax", temperature=1.0):
+    """Per-sample (exit 1-based, label, score, near-threshold count) by calibration's rule."""
+    scores, preds = calibration.exit_scores(logits, kind=kind, temperature=temperature)
+    k, n = scores.shape
+    exit0 = np.full(n, k - 1)
+    for e in range(k - 2, -1, -1):
+        exit0 = np.where(scores[e].astype(np.float64) >= thresholds[e], e, exit0)
+    near = 0
+    for e in range(k - 1):
+        t = thresholds[e]
+        if np.isfinite(t):
+            near += int(np.sum(np.abs(scores[e].astype(np.float64) - t) <= 1e-6 * abs(t)))
+    rows = np.arange(n)
+    return exit0 + 1, preds[exit0, rows], scores[exit0, rows], near
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A multiexit_cnn trained a few epochs on a learnable 10-class task (8x8x1), with val and test images."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 10))
+    x = rng.normal(size=(1400, 8, 8, 1)).astype("float32")
+    y = np.argmax(x.reshape(len(x), -1) @ w + rng.normal(scale=2.0, size=(len(x), 10)), axis=1).astype("int32")
+    model = models.create("multiexit_cnn", input_shape=(8, 8, 1), num_classes=10)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 4)
+    model.fit(x[:800], [y[:800]] * 4, epochs=3, batch_size=64, verbose=0)
+    return model, (x[800:1100], y[800:1100]), (x[1100:], y[1100:])
+
+
+@pytest.fixture(scope="module")
+def ee(trained):
+    model, (xv, yv), _ = trained
+    return EarlyExitModel.from_model(model, _logits(model, xv), yv, budget=_mid_budget(model))
+
+
+def _mid_budget(model):
+    from keras_ee import costs
+
+    c = costs.exit_costs(model)["mul_adds"]
+    return 0.5 * (c[0] + c[-1])
+
+
+@pytest.mark.parametrize("kind,temperature", [("max_softmax", 1.0), ("margin", 1.0), ("entropy", 1.0),
+                                              ("max_softmax", [1.5, 1.2, 1.0, 0.8])])
+def test_parity_with_simulate(trained, kind, temperature):
+    model, (xv, yv), (xt, yt) = trained
+    e = EarlyExitModel.from_model(model, _logits(model, xv), yv, budget=_mid_budget(model), kind=kind,
+                                  temperature=temperature)
+    out = e.predict(xt, batch_size=64)
+    exits, labels, scores, near = _simulated(_logits(model, xt), e.thresholds, kind, temperature)
+    assert near == 0  # no test score within 1e-6 (relative) of a threshold on this fixture
+    np.testing.assert_array_equal(out["exit"], exits)
+    np.testing.assert_array_equal(out["label"], labels)
+    np.testing.assert_allclose(out["confidence"], scores, rtol=1e-5)
+    # The exits really spread over the network, and agree with simulate's counts.
+    counts = np.bincount(out["exit"] - 1, minlength=4)
+    assert (counts > 0).sum() >= 3, counts
+    s, p = calibration.exit_scores(_logits(model, xt), kind=kind, temperature=temperature)
+    sim = calibration.simulate(s, p == yt[None], e.thresholds, e.costs)
+    np.testing.assert_array_equal(sim["exit_counts"], counts)
+    assert sim["accuracy"] == pytest.approx(np.mean(out["label"] == yt))
+
+
+def test_order_batches_and_extremes(trained, ee):
+    _, _, (xt, _) = trained
+    ref = ee.predict(xt, batch_size=64)
+    perm = np.random.default_rng(3).permutation(len(xt))
+    shuffled = ee.predict(xt[perm], batch_size=64)
+    # Convolutions may round differently at another batch size (oneDNN picks kernels by shape): the
+    # decisions are the same, the confidences agree to float32 rounding.
+    for got, rows in ((shuffled, perm), (ee.predict(xt, batch_size=1), slice(None)),  # batch of 1
+                      (ee.predict(xt[:37], batch_size=16), slice(0, 37)),  # 16, 16, 5
+                      (ee.predict(xt[:1]), slice(0, 1))):
+        np.testing.assert_array_equal(got["exit"], ref["exit"][rows])
+        np.testing.assert_array_equal(got["label"], ref["label"][rows])
+        np.testing.assert_allclose(got["confidence"], ref["confidence"][rows], rtol=1e-5)
+    empty = ee.predict(xt[:0])
+    assert all(v.shape == (0,) for v in empty.values())
+    logits = _logits(ee.backbone, xt)
+    saved = ee.thresholds
+    try:
+        ee.set_thresholds([-np.inf] * 4)  # everyone leaves at exit 1
+        out = ee.predict(xt)
+        assert (out["exit"] == 1).all()
+        np.testing.assert_array_equal(out["label"], logits[0].argmax(-1))
+        ee.set_thresholds([np.inf] * 3 + [-np.inf])  # nobody leaves early
+        out = ee.predict(xt)
+        assert (out["exit"] == 4).all()
+        np.testing.assert_array_equal(out["label"], logits[3].argmax(-1))
+    finally:
+        ee._thresholds.assign(saved)
+
+
+def test_eager_and_tf_function_with_unknown_batch(trained, ee):
+    _, _, (xt, _) = trained
+    ref = ee.predict(xt[:50])
+    eager = ee(tf.constant(xt[:50]))
+    for key in ref:
+        np.testing.assert_array_equal(eager[key].numpy(), ref[key])
+    fn = tf.function(lambda x: ee(x), input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32)])
+    for n in (1, 7, 50):
+        out = fn(tf.constant(xt[:n]))
+        np.testing.assert_array_equal(out["exit"].numpy(), ref["exit"][:n])
+        np.testing.assert_array_equal(out["label"].numpy(), ref["label"][:n])
+        np.testing.assert_allclose(out["confidence"].numpy(), ref["confidence"][:n], rtol=1e-5)
+    assert len(fn._list_all_concrete_functions()) == 1
+
+
+def test_deadline(trained, ee):
+    _, _, (xt, _) = trained
+    ref = ee.predict(xt)
+    logits = _logits(ee.backbone, xt)
+    one = ee.predict(xt, deadline=1)
+    assert (one["exit"] == 1).all()
+    np.testing.assert_array_equal(one["label"], logits[0].argmax(-1))
+    two = ee.predict(xt, deadline=2)
+    early = ref["exit"] <= 2
+    assert (two["exit"] <= 2).all() and (two["exit"][~early] == 2).all()
+    np.testing.assert_array_equal(two["exit"][early], ref["exit"][early])
+    np.testing.assert_array_equal(two["label"][~early], logits[1].argmax(-1)[~early])
+    for key in ref:
+        np.testing.assert_array_equal(ee.predict(xt, deadline=4)[key], ref[key])
+    for bad in (0, 5, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="deadline"):
+            ee.predict(xt, deadline=bad)
+
+
+def test_set_budget_from_the_saved_sweep(trained, ee):
+    model, (xv, yv), _ = trained
+    c = ee.costs
+    saved = ee.thresholds.copy(), ee.budget
+    try:
+        costs_seen = []
+        for f in (0.2, 0.4, 0.6, 0.8):
+            b = c[0] + f * (c[-1] - c[0])
+            info = ee.set_budget(b)
+            assert ee.budget == b
+            assert info["val_mean_cost"] <= b
+            s = ee.val_scores
+            sim = calibration.simulate(s, np.zeros_like(s, bool), ee.thresholds, c)
+            assert sim["mean_cost"] == info["val_mean_cost"]
+            # Within a few samples' worth of the target (300 validation samples).
+            assert b - info["val_mean_cost"] <= 3 * (c[-1] - c[0]) / s.shape[1]
+            costs_seen.append(info["val_mean_cost"])
+        assert costs_seen == sorted(costs_seen)
+        ee.set_budget(f"{c[-1] / 1e3}K")
+        assert (ee.thresholds[:-1] == np.inf).all()
+        ee.set_budget(c[0])
+        assert (ee.thresholds == -np.inf).all()
+        with pytest.raises(ValueError, match="below the first exit's cost"):
+            ee.set_budget(c[0] * 0.9)
+        with pytest.raises(ValueError, match="above the last exit's cost"):
+            ee.set_budget(c[-1] * 1.1)
+        with pytest.raises(ValueError, match="Mul-Add count"):
+            ee.set_budget("fast")
+        with pytest.raises(ValueError, match="positive"):
+            ee.set_budget(-3)
+    finally:
+        ee._thresholds.assign(saved[0])
+        ee.budget = saved[1]
+
+
+def test_save_load_and_export_round_trips(trained, ee, tmp_path):
+    _, _, (xt, _) = trained
+    ref = ee.predict(xt)
+    path = ee.save(tmp_path / "ee.keras")
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, EarlyExitModel)
+    np.testing.assert_array_equal(loaded.thresholds, ee.thresholds)
+    np.testing.assert_array_equal(loaded.val_scores, ee.val_scores)
+    np.testing.assert_array_equal(loaded.costs, ee.costs)
+    assert (loaded.kind, loaded.budget, loaded.sweep) == (ee.kind, ee.budget, ee.sweep)
+    for key, value in loaded.predict(xt).items():
+        np.testing.assert_array_equal(value, ref[key])
+    b = 0.3 * ee.costs[0] + 0.7 * ee.costs[-1]
+    assert loaded.set_budget(b) == EarlyExitModel.load(path).set_budget(b)
+    # The SavedModel runs in a process where keras_ee cannot be imported.
+    out_dir = ee.export(tmp_path / "serving")
+    np.save(tmp_path / "x.npy", xt)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["keras_ee"] = None
+        try:
+            import keras_ee
+            raise SystemExit("keras_ee importable")
+        except ImportError:
+            pass
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({str(out_dir)!r})
+        x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))
+        out = m.signatures["serving_default"](images=x)
+        np.savez({str(tmp_path / 'served.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})
+        two = m.anytime(x, tf.constant(2, tf.int32))
+        np.save({str(tmp_path / 'anytime.npy')!r}, two["exit"].numpy())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = np.load(tmp_path / "served.npz")
+    for key in ref:
+        np.testing.assert_array_equal(served[key], ref[key])
+    np.testing.assert_array_equal(np.load(tmp_path / "anytime.npy"), ee.predict(xt, deadline=2)["exit"])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
+    lambda: models.ranet(num_classes=5, **SMALL_RANET),
+    lambda: models.attach_exits(_residual_backbone(), ["b", "d"], num_classes=5),
+], ids=["msdnet", "ranet", "attach_exits"])
+def test_architectures(build):
+    keras.utils.set_random_seed(1)
+    model = build()
+    shape = tuple(model.inputs[0].shape[1:])
+    rng = np.random.default_rng(0)
+    xv, xt = rng.normal(size=(120,) + shape).astype("float32"), rng.normal(size=(45,) + shape).astype("float32")
+    e = EarlyExitModel.from_model(model, _logits(model, xv), rng.integers(0, 5, 120), budget=_mid_budget(model))
+    out = e.predict(xt, batch_size=16)
+    exits, labels, _, near = _simulated(_logits(model, xt), e.thresholds)
+    ok = np.ones(len(xt), bool)
+    if near:  # an untrained model's near-uniform scores: skip exactly those samples
+        s, _ = calibration.exit_scores(_logits(model, xt))
+        for k in range(len(e.thresholds) - 1):
+            t = e.thresholds[k]
+            if np.isfinite(t):
+                ok &= np.abs(s[k].astype(np.float64) - t) > 1e-6 * abs(t)
+    np.testing.assert_array_equal(out["exit"][ok], exits[ok])
+    np.testing.assert_array_equal(out["label"][ok], labels[ok])
+    assert len(set(out["exit"].tolist())) >= 2
+
+
+def _residual_backbone():
+    inp = keras.Input((16, 16, 3))
+    a = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    b = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="b")(a)
+    c = keras.layers.Add(name="add")([a, b])
+    d = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="d")(c)
+    return keras.Model(inp, keras.layers.Dense(4, name="top")(keras.layers.GlobalAveragePooling2D()(d)))
+
+
+def test_clear_errors(trained, ee):
+    model, (xv, yv), _ = trained
+    with pytest.raises(ValueError, match="stage markers"):
+        EarlyExitModel(tiny_backbone(), [0.5, 0.5, -np.inf], [1, 2, 3])
+    with pytest.raises(ValueError, match="3 values; the model has 4 exits"):
+        EarlyExitModel(model, [0.5, 0.5, -np.inf], ee.costs)
+    with pytest.raises(ValueError, match="last threshold must be -inf"):
+        EarlyExitModel(model, [0.5] * 4, ee.costs)
+    with pytest.raises(ValueError, match="costs"):
+        EarlyExitModel(model, [0.5] * 3 + [-np.inf], [3, 2, 1, 0])
+    with pytest.raises(ValueError, match="kind"):
+        EarlyExitModel(model, [0.5] * 3 + [-np.inf], ee.costs, kind="gater")
+    with pytest.raises(ValueError, match="below the first exit's cost"):
+        EarlyExitModel.from_model(model, _logits(model, xv), yv, budget=1)
+    with pytest.raises(ValueError, match="set_budget needs"):
+        EarlyExitModel(model, [0.5] * 3 + [-np.inf], ee.costs).set_budget(ee.costs[1])
+    with pytest.raises(ValueError, match=r"shape \(N, 8, 8, 1\)"):
+        ee.predict(np.zeros((3, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="numeric"):
+        ee.predict(np.zeros((3, 8, 8, 1), bool))
+    with pytest.raises(FileNotFoundError, match="model.keras"):
+        EarlyExitModel.from_run("/nonexistent/run", budget="1M")
+
+
+def test_solve_budget_wrapper():
+    rng = np.random.default_rng(0)
+    s = (rng.random((3, 400)) * 0.8 + np.arange(3)[:, None] * 0.05).astype(np.float32)
+    c = [1.0, 2.0, 4.0]
+    for target in (1.3, 2.5, 3.9):
+        out = calibration.solve_budget(s, c, target)
+        assert out["val_mean_cost"] <= target and target - out["val_mean_cost"] < 3 * 3 / 400
+        want = calibration.calibrate(s, calibration.geometric_fractions(out["q"], 3))
+        np.testing.assert_array_equal(out["thresholds"], want)
+    out = calibration.solve_budget(s, c, 2.5, mode="per_stage", qs=[0.1, 0.5, 0.9])
+    assert out["val_mean_cost"] <= 2.5
+    with pytest.raises(ValueError, match="below the first exit's cost"):
+        calibration.solve_budget(s, c, 0.5)
+    with pytest.raises(ValueError, match="above the last exit's cost"):
+        calibration.solve_budget(s, c, 5.0)
+    with pytest.raises(ValueError, match="mode"):
+        calibration.solve_budget(s, c, 2.0, mode="uniform")
+    with pytest.raises(TypeError, match="target"):
+        calibration.solve_budget(s, c, "2M")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "cnn"
+    argv = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--method", "baseline", "--epochs", "2",
+            "--batch-size", "64", "--val-size", "200", "--no-evaluate", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    return out
+
+
+def test_from_run_and_cli_predict(run, tmp_path, capsys):
+    from keras_ee import dumps, experiment
+
+    dump = dumps.load_dump(run / "dump")
+    budget = 0.5 * (dump.mul_adds[0] + dump.mul_adds[-1])
+    e = EarlyExitModel.from_run(run, budget=budget)
+    splits = experiment.load_data(experiment.TrainConfig.from_file(run / "config.json"))
+    raw = splits._x_test[:40] if hasattr(splits, "_x_test") else None
+    if raw is None:
+        pytest.skip("the digits splits keep no raw test images")
+    norm = (raw.astype(np.float32) * np.float32(splits.pixel_scale) - splits.mean) / splits.std
+    if norm.ndim == 3:
+        norm = norm[..., None]
+    ref = e.predict(norm)
+    exits, labels, _, near = _simulated(_logits(e.backbone, norm), e.thresholds)
+    assert near == 0
+    np.testing.assert_array_equal(ref["exit"], exits)
+    np.testing.assert_array_equal(ref["label"], labels)
+    np.savez(tmp_path / "images.npz", x=raw)
+    csv_path = tmp_path / "pred.csv"
+    argv = ["predict", str(run), "--budget", f"{budget / 1e3}K", "--images", str(tmp_path / "images.npz"),
+            "--out", str(csv_path)]
+    assert cli.main(argv) == 0
+    assert "40 images" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()
+    assert [int(r["label"]) for r in rows] == ref["label"].tolist()
+    # A folder of PNG files gives the same answers (sorted by name).
+    folder = tmp_path / "png"
+    folder.mkdir()
+    pixels = np.asarray(raw if raw.ndim == 4 else raw[..., None])
+    if pixels.dtype != np.uint8:
+        pytest.skip("the digits images are not uint8")
+    for i, img in enumerate(pixels):
+        (folder / f"img_{i:03d}.png").write_bytes(tf.io.encode_png(img).numpy())
+    assert cli.main(["predict", str(run), "--budget", str(budget), "--images", str(folder), "--out",
+                     str(tmp_path / "png.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "png.csv")))
+    assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()
+    assert rows[0]["image"] == "img_000.png"
+    # Errors are one line.
+    capsys.readouterr()
+    assert cli.main(["predict", str(run), "--budget", "1", "--images", str(folder), "--out", str(csv_path)]) == 2
+    assert "below the first exit's cost" in capsys.readouterr().err
+    assert cli.main(["predict", str(run), "--budget", "1M", "--images", str(tmp_path / "nope"), "--out",
+                     str(csv_path)]) == 2
