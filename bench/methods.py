@@ -147,8 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="top1 (default) or top5 correctness (the HDKD paper's measure) in every table and curve; "
                         "the exits are still chosen by the confidence score. Finished runs are reused, so a top-5 "
                         "table of runs trained earlier costs no training")
-    g.add_argument("--reference", default="baseline",
-                   help="label the per-seed differences are taken against (default baseline, if it is run)")
+    g.add_argument("--reference", nargs="+", default=["baseline"], metavar="LABEL",
+                   help="label(s) the per-seed differences are taken against (default baseline, if it is run); "
+                        "each further label adds its own difference table (e.g. --reference baseline dbt)")
     g.add_argument("--out", type=Path, default=Path("bench/out/methods"))
     g.add_argument("--quiet", action="store_true", help="no per-epoch output from training")
     return p
@@ -438,6 +439,22 @@ def _json_safe(x):
     return x
 
 
+def paired_differences(entries: dict, reference: str) -> dict:
+    """Every other label's per-seed difference to `reference` (budget accuracies and the mean), with stats."""
+    ref = entries[reference]
+    differences = {}
+    for label, e in entries.items():
+        if label == reference:
+            continue
+        d_acc, d_auc = e["budget_acc"] - ref["budget_acc"], e["mean_acc"] - ref["mean_acc"]
+        d = {"budget_acc": d_acc, "mean_acc": d_auc, "seeds_better": int(np.sum(d_auc > 0))}
+        for key in ("budget_acc", "mean_acc"):
+            mean, std, n = _stats(d[key])
+            d[f"{key}_mean"], d[f"{key}_std"], d[f"{key}_n"] = mean, std, n
+        differences[label] = d
+    return differences
+
+
 def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
     """Per method (label): per-seed and mean ± std of every figure of the table, in percent and seconds."""
     from keras_ee import evaluation
@@ -481,19 +498,14 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
             mean, std, n = _stats(entry[key])
             entry[f"{key}_mean"], entry[f"{key}_std"], entry[f"{key}_n"] = mean, std, n
         out["methods"][m["label"]] = entry
-    if reference in out["methods"] and len(methods) > 1:
-        ref = out["methods"][reference]
-        out["reference"] = reference
-        out["differences"] = {}
-        for label, e in out["methods"].items():
-            if label == reference:
-                continue
-            d_acc, d_auc = e["budget_acc"] - ref["budget_acc"], e["mean_acc"] - ref["mean_acc"]
-            d = {"budget_acc": d_acc, "mean_acc": d_auc, "seeds_better": int(np.sum(d_auc > 0))}
-            for key in ("budget_acc", "mean_acc"):
-                mean, std, n = _stats(d[key])
-                d[f"{key}_mean"], d[f"{key}_std"], d[f"{key}_n"] = mean, std, n
-            out["differences"][label] = d
+    # The first reference present is the main one (`reference`, `differences`); any further ones go to
+    # `more_differences` with a table each.
+    references = [r for r in ([reference] if isinstance(reference, str) else reference) if r in out["methods"]]
+    if references and len(methods) > 1:
+        out["reference"] = references[0]
+        out["differences"] = paired_differences(out["methods"], references[0])
+        if len(references) > 1:
+            out["more_differences"] = {r: paired_differences(out["methods"], r) for r in references[1:]}
     return out
 
 
@@ -580,14 +592,15 @@ def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
             name += " " + ", ".join(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
                                     for key, value in e["options"].items())
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if summary.get("differences"):
-        ref = summary["reference"]
+    tables = {summary["reference"]: summary["differences"]} if summary.get("differences") else {}
+    tables.update(summary.get("more_differences", {}))
+    for ref, differences in tables.items():
         lines += ["", f"Paired difference to {ref} (points; per seed, then mean ± std over seeds):", "",
                   "| method | " + " | ".join(f"@{b}" for b in summary["budget_labels"])
                   + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | seeds better (mean) |",
                   "|---" * (len(summary["budgets"]) + 3) + "|"]
         per_seed_lines = []
-        for label, d in summary["differences"].items():
+        for label, d in differences.items():
             cells = _cells(d, "budget_acc", ns) + _cells(d, "mean_acc", ns)
             per_seed = "; ".join(f"s{s}: " + " ".join("–" if not np.isfinite(v) else f"{v:+.2f}" for v in row)
                                  for s, row in zip(seeds, d["budget_acc"]))

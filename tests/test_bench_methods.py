@@ -56,12 +56,16 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
 
     # Top-5 of the same runs: nothing trained, its own files next to the top-1 ones (left as they were).
     top1_table = (out / "results.md").read_text()
-    assert bench.main(argv + ["--metric", "top5"]) == 0
+    assert bench.main(argv + ["--metric", "top5", "--reference", "baseline", "l2w"]) == 0
     printed = capsys.readouterr().out
+    assert "Paired difference to baseline" in printed and "| baseline − l2w |" in printed
     assert "training into" not in printed and "Top-5 test accuracy" in printed
     assert (out / "results.md").read_text() == top1_table
     top5 = json.loads((out / "results_top5.json").read_text())
     assert top5["metric"] == "top5" and (out / "budget_curves_top5.png").is_file()
+    assert list(top5["differences"]) == ["l2w"] and list(top5["more_differences"]) == ["l2w"]
+    assert list(top5["more_differences"]["l2w"]) == ["baseline"]
+    assert top5["more_differences"]["l2w"]["baseline"]["mean_acc"] == [-d for d in top5["differences"]["l2w"]["mean_acc"]]
     assert "Top-5 test accuracy" in (out / "results_top5.md").read_text()
     for label, entry in top5["methods"].items():
         top1_anytime = results["methods"][label]["anytime"][0]
