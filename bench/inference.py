@@ -12,11 +12,13 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   exits the runtime took;
 - wall saving: `1 - time(early exit) / time(full network)`, the full network being
   `model(x, training=False)` in one `tf.function` with a `[None, H, W, C]` signature;
-  the two run side by side, interleaved, in every round (median of the rounds);
+  the two run side by side, batch by batch in alternation (the order swapped every
+  round), and the median of the rounds' totals is taken;
 - ratio: wall saving / Mul-Add saving (target >= 0.8 at batch 64 and 256);
 - per stage: the milliseconds per batch of each stage on the samples it really saw
-  (each stage and each exit-split step compiled on its own, so the sum is a little
-  above the fused pass) and the samples that entered it.
+  (each stage and its exit split compiled on its own and timed separately, so the sum
+  differs a little from the fused pass) and the samples that entered it over all the
+  batches of the row.
 
 Then the batch-1 overhead with every sample running to the last exit (thresholds +inf):
 `time(early exit) / time(full) - 1` (target <= 10%).
@@ -48,6 +50,28 @@ def _time_batches(fn, batches):
     for b in batches:
         _sync(fn(b))
     return time.perf_counter() - t0
+
+
+def _paired(fa, fb, batches, rounds):
+    """Median per-round totals of `fa` and `fb`, timed batch by batch in alternation (a, b, a, b,
+    ... with the order swapped every round), so that load from other processes hits both alike."""
+    _time_batches(fa, batches)  # warm-up: traces and oneDNN primitives of every shape
+    _time_batches(fb, batches)
+    ta, tb = [], []
+    for r in range(rounds):
+        sa = sb = 0.0
+        for b in batches:
+            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                _sync((fa, fb)[which](b))
+                dt = time.perf_counter() - t0
+                if which == 0:
+                    sa += dt
+                else:
+                    sb += dt
+        ta.append(sa)
+        tb.append(sb)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def _stage_breakdown(ee, batches):
@@ -105,7 +129,6 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
                                  for i in range(0, n_val, 256)], axis=1)
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
     serve = ee.serving_function()
-    deadline = tf.constant(ee.num_exits, tf.int32)
     rows = []
     for f in fractions:
         solved = ee.set_budget(f * c[-1])
@@ -113,16 +136,9 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
         for bs in batch_sizes:
             imgs = test[:32] if bs == 1 else test
             batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
-            run_ee = lambda b: serve(b, deadline)  # noqa: E731
-            _time_batches(full, batches)  # warm-up: traces and oneDNN primitives of every shape
-            _time_batches(run_ee, batches)
-            t_full, t_ee = [], []
-            for _ in range(rounds):
-                t_full.append(_time_batches(full, batches))
-                t_ee.append(_time_batches(run_ee, batches))
-            exits = np.concatenate([serve(b, deadline)["exit"].numpy() for b in batches])
+            tf_med, te_med = _paired(full, serve, batches, rounds)
+            exits = np.concatenate([serve(b)["exit"].numpy() for b in batches])
             mul_saving = 1 - c[exits - 1].mean() / c[-1]
-            tf_med, te_med = statistics.median(t_full), statistics.median(t_ee)
             wall_saving = 1 - te_med / tf_med
             stage_ms, seen = _stage_breakdown(ee, batches)
             rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
@@ -133,16 +149,8 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
     # Batch 1, everyone to the last exit: the runtime's overhead over the full network.
     ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
     batches = [tf.constant(test[i:i + 1]) for i in range(64)]
-    run_ee = lambda b: serve(b, deadline)  # noqa: E731
-    _time_batches(full, batches)
-    _time_batches(run_ee, batches)
-    t_full, t_ee = [], []
-    for _ in range(max(rounds, 5)):
-        t_full.append(_time_batches(full, batches))
-        t_ee.append(_time_batches(run_ee, batches))
-    overhead = statistics.median(t_ee) / statistics.median(t_full) - 1
-    return c, rows, dict(full_ms=statistics.median(t_full) * 1e3 / 64, ee_ms=statistics.median(t_ee) * 1e3 / 64,
-                         overhead=overhead)
+    t_full, t_ee = _paired(full, serve, batches, max(rounds, 5))
+    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1)
 
 
 def main(argv=None):

@@ -390,7 +390,9 @@ class EarlyExitModel(keras.Model):
             leave = tf.ones_like(score, dtype=tf.bool)
         else:
             # A sample leaves at its first exit with score >= T_k (calibration.simulate).
-            leave = tf.logical_or(tf.cast(score, tf.float64) >= thresholds[k], deadline <= k + 1)
+            leave = tf.cast(score, tf.float64) >= thresholds[k]
+            if deadline is not None:
+                leave = tf.logical_or(leave, deadline <= k + 1)
         gone = tf.where(leave)[:, 0]
         where = tf.expand_dims(tf.gather(idx, gone), 1)
         labels, exits, conf = acc
@@ -401,8 +403,11 @@ class EarlyExitModel(keras.Model):
         if last:
             return acc
         stay = tf.where(tf.logical_not(leave))[:, 0]
-        rest_idx = tf.gather(idx, stay)
-        rest = [tf.gather(s, stay) for s in out[1:]]
+        state = list(out[1:])
+        # Nobody left here: hand the state on as it is (no copy of the carried tensors).
+        rest_idx, *rest = tf.cond(tf.size(gone) > 0,
+                                  lambda: [tf.gather(t, stay) for t in [idx] + state],
+                                  lambda: [tf.identity(t) for t in [idx] + state])
         return tf.cond(tf.size(stay) > 0,
                        lambda: self._run_from(k + 1, rest, rest_idx, acc, thresholds, deadline),
                        lambda: acc)
@@ -418,9 +423,8 @@ class EarlyExitModel(keras.Model):
         images = tf.convert_to_tensor(images)
         if images.dtype != tf.float32:
             images = tf.cast(images, tf.float32)
-        if deadline is None:
-            deadline = tf.constant(self.num_exits, tf.int32)
-        deadline = tf.convert_to_tensor(deadline, tf.int32)
+        if deadline is not None:
+            deadline = tf.convert_to_tensor(deadline, tf.int32)
         n = tf.shape(images)[0]
         acc = (tf.zeros([n], tf.int32), tf.zeros([n], tf.int32), tf.zeros([n], tf.float32))
         thresholds = tf.convert_to_tensor(self._thresholds.value)
@@ -453,15 +457,17 @@ class EarlyExitModel(keras.Model):
                              f"received {a.shape}.")
         return a
 
-    def serving_function(self):
-        """The compiled early-exit pass `f(images, deadline)` (input signature `[None, H, W, C]`
-        float32 and an int32 scalar; one trace for every batch size)."""
+    def serving_function(self, deadline=False):
+        """The compiled early-exit pass `f(images)`, or `f(images, deadline)` with `deadline=True`
+        (input signature `[None, H, W, C]` float32 and an int32 scalar; one trace for every
+        batch size)."""
         if self._serve is None:
             spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
-            self._serve = tf.function(
-                lambda images, deadline: self.early_exit(images, deadline),
-                input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")])
-        return self._serve
+            self._serve = (
+                tf.function(lambda images: self.early_exit(images), input_signature=[spec]),
+                tf.function(lambda images, deadline: self.early_exit(images, deadline),
+                            input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")]))
+        return self._serve[1 if deadline else 0]
 
     def predict(self, images, batch_size=64, deadline=None, verbose=0, **kwargs):
         """Early-exit predictions for a numpy array of preprocessed images.
@@ -482,11 +488,14 @@ class EarlyExitModel(keras.Model):
         d = self._check_deadline(deadline)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
-        fn = self.serving_function()
-        deadline_t = tf.constant(d, tf.int32)
+        if deadline is None:
+            fn = self.serving_function()
+        else:
+            with_deadline, deadline_t = self.serving_function(deadline=True), tf.constant(d, tf.int32)
+            fn = lambda x: with_deadline(x, deadline_t)  # noqa: E731
         parts = {key: [] for key in OUTPUT_KEYS}
         for start in range(0, len(a), int(batch_size)):
-            out = fn(tf.constant(a[start:start + int(batch_size)], tf.float32), deadline_t)
+            out = fn(tf.constant(a[start:start + int(batch_size)], tf.float32))
             for key in OUTPUT_KEYS:
                 parts[key].append(out[key].numpy())
         empty = {"label": np.int32, "exit": np.int32, "confidence": np.float32}
