@@ -11,15 +11,25 @@ with none (baseline) runs a single trial, for reference.
 
 writes keras-tuner's trial folder under `--out`, prints the ranking and saves
 `best.json` (the winning TrainConfig, ready for `keras-ee train --config best.json`).
+
+With `--distributed` the same command runs one process of keras-tuner's chief/worker search,
+its role read from KERASTUNER_TUNER_ID / KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT
+(`tuning.distributed`): the chief ("chief") serves the oracle, waits until every trial has
+been given out and finished, then prints the ranking and writes `best.json`, once; each
+worker ("tuner0", "tuner1", ...) trains the trials it is given, prints them and exits 0.
+docs/distributed_tuning.md shows how to run it on one machine and across machines.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
+
+from tuning import distributed
 
 TUNERS = ("bayesian", "random")
 
@@ -68,8 +78,46 @@ def make_hypermodel(config, splits):
     return BudgetHyperModel()
 
 
-def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite: bool = False):
-    """Run the search; return (best TrainConfig, list of (score, hyper-parameters))."""
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """A trial a worker ran, as the chief's oracle scored it."""
+
+    trial_id: str
+    status: str
+    score: float | None
+    values: dict
+
+
+def _tracking(tuner_class):
+    """`tuner_class` recording each trial it ran (its id, status and score from the oracle)."""
+
+    class Tracking(tuner_class):
+        def __init__(self, *args, report=None, **kwargs):
+            self.ran_trials = []
+            self._report = report
+            super().__init__(*args, **kwargs)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)  # reports the trial to the oracle (the chief's, on a worker)
+            scored = self.oracle.get_trial(trial.trial_id)
+            record = TrialRecord(trial.trial_id, scored.status, scored.score, dict(scored.hyperparameters.values))
+            self.ran_trials.append(record)
+            if self._report is not None:
+                self._report(record)
+
+    Tracking.__name__ = Tracking.__qualname__ = tuner_class.__name__
+    return Tracking
+
+
+def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite: bool = False, role=None,
+           report=None):
+    """Run the search; return (best TrainConfig, list of (score, hyper-parameters)).
+
+    `role` (a `tuning.distributed.Role`) makes this process one of a distributed search:
+    the chief blocks until the oracle has given out and received every trial and returns
+    as above; a worker returns `(None, [TrialRecord of each trial it ran])`. `report`, if
+    given, is called with each `TrialRecord` as the trial ends (progress on a worker).
+    """
     import keras_tuner as kt
 
     from keras_ee import experiment
@@ -78,16 +126,50 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
         raise ValueError(f"`tuner` must be one of {TUNERS}; received {tuner!r}.")
     if trials < 1:
         raise ValueError(f"`trials` must be >= 1; received {trials}.")
+    if role is None:
+        distributed.refuse_stray_env()
+    else:
+        # A worker must never wipe the project: sharing `directory` with the chief, it would
+        # delete the chief's oracle.json and trial folders. `overwrite` is the chief's call.
+        overwrite = overwrite and role.is_chief
     workdir = Path(workdir)
     splits = experiment.load_data(config)
     hypermodel = make_hypermodel(config, splits)
     if not search_space(config.method):
         trials = 1
-    objective = kt.Objective("val_budget_auc", direction="max")
-    common = dict(objective=objective, max_trials=trials, directory=str(workdir), project_name=config.method.replace(":", "_"),
-                  overwrite=overwrite, seed=config.seed)
-    t = kt.BayesianOptimization(hypermodel, **common) if tuner == "bayesian" else kt.RandomSearch(hypermodel, **common)
-    t.search(verbose=0)  # keras-tuner resumes a finished or interrupted search from `directory`
+    # keras-tuner reads its role from the environment (when the tuner is built, searches and saves).
+    with role.environment() if role is not None else contextlib.nullcontext():
+        objective = kt.Objective("val_budget_auc", direction="max")
+        common = dict(objective=objective, max_trials=trials, directory=str(workdir),
+                      project_name=config.method.replace(":", "_"), overwrite=overwrite, seed=config.seed)
+        tuner_class = _tracking(kt.BayesianOptimization if tuner == "bayesian" else kt.RandomSearch)
+        t = tuner_class(hypermodel, report=report, **common)
+        try:
+            if role is not None and not role.is_chief:
+                # Blocks until the chief serves (gRPC wait_for_ready); then a worker started with another
+                # --method / --config than the chief's is refused before it trains anything.
+                theirs, ours = sorted(hp.name for hp in t.oracle.get_space().space), sorted(search_space(config.method))
+                if theirs != ours:
+                    raise ValueError(f"--distributed: the chief at {role.address} searches {theirs or 'nothing'}, "
+                                     f"but this worker's method {config.method!r} searches {ours or 'nothing'}; "
+                                     "run every process with the same --method/--config.")
+            t.search(verbose=0)  # keras-tuner resumes a finished or interrupted search from `directory`
+        except RuntimeError as e:
+            if role is not None and role.is_chief and str(e).startswith("Failed to bind"):
+                raise ValueError(f"--distributed: the chief cannot listen on {role.address} (port in use, or not "
+                                 "an address of this machine; 0.0.0.0 listens on all of them).") from None
+            raise
+        except Exception as e:
+            import grpc
+
+            if role is not None and isinstance(e, grpc.RpcError):
+                raise ValueError(f"--distributed: lost the chief oracle at {role.address}: {e.code().name} "
+                                 f"({e.details()}).") from None
+            raise
+    if role is not None and not role.is_chief:
+        return None, list(t.ran_trials)
+    # On the chief, `search` returned once every trial was given out and has ended: the
+    # oracle's records are final, and this is the one place that reads the winner.
     ranking = [(t.oracle.trials[tr.trial_id].score, tr.hyperparameters.values)
                for tr in t.oracle.get_best_trials(num_trials=trials)]
     best = hypermodel.trial_config(t.get_best_hyperparameters(1)[0])
@@ -110,25 +192,52 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--tuner", choices=TUNERS, default="bayesian")
     p.add_argument("--out", type=Path, default=Path("runs/tuning"))
-    p.add_argument("--overwrite", action="store_true", help="start the search afresh instead of resuming")
+    p.add_argument("--overwrite", action="store_true", help="start the search afresh instead of resuming "
+                   "(with --distributed: the chief's only; workers never delete the project)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of keras-tuner's chief/worker search, its role from KERASTUNER_TUNER_ID "
+                        "(chief | tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT")
     args = p.parse_args(argv)
+    try:
+        role = distributed.role_from_env() if args.distributed else None
+    except ValueError as e:
+        print(f"tuning.search: error: {e}", file=sys.stderr)
+        return 2
     values = TrainConfig.from_file(args.config).to_dict() if args.config else TrainConfig(epochs=5).to_dict()
     for key in ("dataset", "data_dir", "model", "method", "epochs", "batch_size", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    def report(record):
+        print(f"{role.tuner_id}: trial {record.trial_id} {record.status.lower()}, " + _describe(record), flush=True)
+
+    worker = role is not None and not role.is_chief
+    if role is not None:
+        what = ("starting the oracle" if role.is_chief else "waiting for trials from the chief") + f" at {role.address}"
+        print(f"{role.tuner_id}: {what} ({args.trials} trials, project {args.out})", flush=True)
     try:
         best, ranking = search(TrainConfig.from_dict(values), args.out, trials=args.trials, tuner=args.tuner,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, role=role, report=report if worker else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"tuning.search: error: {e}", file=sys.stderr)
         return 2
+    if worker:
+        # The chief holds the ranking and writes best.json; a worker only says what it ran.
+        ids = ", ".join(r.trial_id for r in ranking) or "none"
+        print(f"{role.tuner_id}: done, ran {len(ranking)} trial(s): {ids}", flush=True)
+        return 0
     print("rank  val_budget_auc %  hyper-parameters")
     for i, (score, hp) in enumerate(ranking, 1):
         print(f"{i:>4}  {100 * score:>16.2f}  " + ", ".join(f"{k}={v:.3g}" for k, v in hp.items()))
     args.out.mkdir(parents=True, exist_ok=True)
-    best.to_json(args.out / "best.json")
+    best.to_json(args.out / "best.json")  # atomic (keras_ee.atomic): a reader never sees half of it
     print(f"\nwrote {args.out / 'best.json'} (train it with: keras-ee train --config {args.out / 'best.json'})")
     return 0
+
+
+def _describe(record) -> str:
+    score = "no score" if record.score is None else f"val_budget_auc {100 * record.score:.2f} %"
+    values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.values.items())
+    return f"{score}: {values}" if values else score
 
 
 if __name__ == "__main__":
