@@ -118,6 +118,9 @@ def _stage_breakdown(ee, batches):
 
 
 def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
+    import keras
+
+    keras.utils.set_random_seed(0)  # the same untrained weights in every run
     model = models.create(name)
     c = np.asarray(costs.exit_costs(model)["mul_adds"], np.float64)
     shape = tuple(model.inputs[0].shape[1:])

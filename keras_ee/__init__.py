@@ -6,6 +6,7 @@ Submodules (imported on first use, so `import keras_ee` does not start TensorFlo
 - `keras_ee.costs`: exact per-exit parameter and Mul-Add counts.
 - `keras_ee.training`: `MultiExitModel` with pluggable methods (`Baseline`, `L2W`).
 - `keras_ee.calibration`: the Rust budget calibrator (thresholds, budget sweeps).
+- `keras_ee.inference`: `EarlyExitModel`, real early exit at inference (save, SavedModel export).
 - `keras_ee.data`: datasets and tf.data pipelines; `keras_ee.dumps`: the logit dump format.
 - `keras_ee.evaluation`, `keras_ee.plots`, `keras_ee.callbacks`, `keras_ee.experiment`, `keras_ee.cli`.
 """
@@ -15,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("models", "costs", "training", "calibration", "data", "dumps", "evaluation", "plots",
-               "callbacks", "experiment", "config", "cli")
+               "callbacks", "experiment", "config", "cli", "inference")
 
 
 def __getattr__(name):

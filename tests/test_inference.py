@@ -364,3 +364,10 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     assert "below the first exit's cost" in capsys.readouterr().err
     assert cli.main(["predict", str(run), "--budget", "1M", "--images", str(tmp_path / "nope"), "--out",
                      str(csv_path)]) == 2
+
+
+def test_lazy_submodule():
+    import keras_ee
+
+    assert keras_ee.inference.EarlyExitModel is EarlyExitModel
+    assert "inference" in dir(keras_ee)
