@@ -88,7 +88,8 @@ def _free_port() -> int:
 
 
 def _tiny_config(path):
-    TrainConfig(dataset="digits", train_size=160, val_size=96, epochs=1, batch_size=64, method="l2w").to_json(path)
+    # gating: the cheapest method with a search space (lambda, temperature) to trace and train
+    TrainConfig(dataset="digits", train_size=160, val_size=96, epochs=1, batch_size=64, method="gating").to_json(path)
     return path
 
 
@@ -117,20 +118,20 @@ def test_a_chief_that_cannot_listen_says_so(tmp_path):
 @pytest.mark.slow
 def test_a_worker_with_another_method_than_the_chief_is_refused(tmp_path):
     env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
-    config = str(_tiny_config(tmp_path / "c.json"))   # l2w: q, delta
+    config = str(_tiny_config(tmp_path / "c.json"))   # gating: lambda, temperature
     common = ["--distributed", "--config", config, "--tuner", "random", "--trials", "2", "--out", str(tmp_path)]
     chief = subprocess.Popen([sys.executable, "-m", "tuning.search", *common], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**env, "KERASTUNER_TUNER_ID": "chief"})
     try:
-        worker = subprocess.run([sys.executable, "-m", "tuning.search", *common, "--method", "gating"], cwd=ROOT,
+        worker = subprocess.run([sys.executable, "-m", "tuning.search", *common, "--method", "l2w"], cwd=ROOT,
                                 env={**env, "KERASTUNER_TUNER_ID": "tuner0"}, capture_output=True, text=True,
                                 timeout=300)
     finally:
         chief.kill()   # no worker ran its trials: the chief would wait for one
         chief.wait(timeout=30)
     assert worker.returncode == 2, worker.stdout + worker.stderr
-    assert "the chief at 127.0.0.1:" in worker.stderr and "searches ['delta', 'q'], but this worker's method " \
-        "'gating' searches ['lambda', 'temperature']" in worker.stderr and "Traceback" not in worker.stderr
+    assert "the chief at 127.0.0.1:" in worker.stderr and "searches ['lambda', 'temperature'], but this worker's method " \
+        "'l2w' searches ['delta', 'q']" in worker.stderr and "Traceback" not in worker.stderr
     assert not list(tmp_path.rglob("checkpoint.weights.h5"))
 
 
@@ -184,7 +185,7 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
 
     # The chief's oracle gave out and scored exactly the requested trials ...
     records = {json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
-               for p in (shared / "l2w").glob("trial_*/trial.json")}
+               for p in (shared / "gating").glob("trial_*/trial.json")}
     assert len(records) == trials and all(r["status"] == "COMPLETED" for r in records.values())
     # ... split between the two workers, each trial run by one of them.
     ran = {t: [line.split()[2] for line in outputs[t].splitlines() if line.startswith(f"{t}: trial ")]
@@ -193,7 +194,7 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
     assert sorted(ran["tuner0"] + ran["tuner1"]) == sorted(records), ran
     assert f"tuner1: done, ran {len(ran['tuner1'])} trial(s)" in outputs["tuner1"]
     # worker1 wrote its own trials' checkpoints in its own folder, the chief's records need nothing from it.
-    assert sorted(p.parent.name[len("trial_"):] for p in (own / "l2w").glob("trial_*/checkpoint.weights.h5")) \
+    assert sorted(p.parent.name[len("trial_"):] for p in (own / "gating").glob("trial_*/checkpoint.weights.h5")) \
         == sorted(ran["tuner1"])
 
     # best.json: written once, by the chief, after the search; the workers wrote none.
@@ -201,7 +202,7 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
     assert outputs["chief"].count("wrote ") == 1 and "best.json" not in outputs["tuner0"] + outputs["tuner1"]
     best = TrainConfig.from_file(shared / "best.json")
     top = max(records.values(), key=lambda r: r["score"])
-    assert best.method == "l2w" and best.train_size == 160
+    assert best.method == "gating" and best.train_size == 160
     assert best.method_options == pytest.approx(top["hyperparameters"]["values"])
     ranking = [line.split() for line in outputs["chief"].splitlines() if line[:4].strip().isdigit()]
     assert len(ranking) == trials and float(ranking[0][1]) == pytest.approx(100 * top["score"], abs=0.01)
