@@ -444,7 +444,7 @@ class BudgetAwareGating(Method):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             loss, per_exit, ce, a = self.inner_loss(y, logits, sample_weight)
-            scaled = model.optimizer.scale_loss(loss)
+            scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
@@ -528,7 +528,7 @@ class BudgetAwareGating(Method):
         self._apply_gater(model, result.outer_gradients, result.outer_aux)
         # The real step on the first half with the updated gater, reusing the inner forward.
         coefficients = ops.stop_gradient(coefficients_fn(result.terms, result.aux))
-        grads = result.real_gradients(model.optimizer.scale_loss(coefficients))
+        grads = result.real_gradients(model.scale_loss(coefficients))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         _, a = self.distribution(ops.stop_gradient(features))
         a = ops.cast(a, ce.dtype)

@@ -456,7 +456,7 @@ class HDKD(Method):
             terms, ce = self.loss_terms(y, logits)
             per_exit = self.per_exit_losses(terms, sample_weight)
             loss = ops.sum(per_exit)
-            scaled = model.optimizer.scale_loss(loss)
+            scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
@@ -509,7 +509,7 @@ class HDKD(Method):
         # The real step with the new gamma, reusing the look-ahead's forward.
         gamma = ops.stop_gradient(self.gamma())
         coefficients = self._coefficients(result.terms, sample_weight, gamma)
-        grads = result.real_gradients(model.optimizer.scale_loss(coefficients))
+        grads = result.real_gradients(model.scale_loss(coefficients))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = self.per_exit_losses(result.terms, sample_weight, gamma)
         model.apply_step(grads, per_exit)

@@ -380,7 +380,7 @@ class IMTA(Method):
             teacher = self.teacher_logits(features) if self.distillation else None
             per_exit = core.sample_weighted_exit_losses(self.exit_terms(ce, logits, teacher), sample_weight)
             loss = ops.sum(per_exit)
-            scaled = model.optimizer.scale_loss(loss)
+            scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)

@@ -400,7 +400,7 @@ class L2W(Method):
             terms = ce if terms_of is None else terms_of(ce, logits)
             per_exit = core.weighted_exit_losses(terms, w)
             loss = ops.sum(per_exit)
-            scaled = model.optimizer.scale_loss(loss)
+            scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         self._apply_real(model, grads, per_exit, loss, y, logits, ce, w)
 
@@ -462,7 +462,7 @@ class L2W(Method):
             self.sample_weights(ce, core.exit_confidence(logits))
         )
         # Gradients of the scaled loss, as `apply_step` expects (mixed precision).
-        grads = result.real_gradients(model.optimizer.scale_loss(w / n))
+        grads = result.real_gradients(model.scale_loss(w / n))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = core.weighted_exit_losses(result.terms, w)
         self._apply_real(

@@ -23,7 +23,8 @@ Hooks (override what the method needs):
   budget-aware gating's alternating gater update). The building blocks live
   in `keras_ee.training.core` and `keras_ee.training.bilevel`; the real
   optimizer step is `model.apply_step(grads, per_exit_loss)` (gradients of
-  `optimizer.scale_loss(loss)`), which also checks for NaN/inf. Forward
+  `model.scale_loss(loss)`: over the replicas, times the loss scale), which
+  also checks for NaN/inf. Forward
   passes with substituted parameters that also return named intermediate
   tensors (an exit's pooled feature): `core.stateless_forward(...,
   return_tensors=[...])`.
@@ -223,7 +224,7 @@ class Method(keras.layers.Layer):
             loss, per_exit = self.compute_loss(
                 model, y, logits, ce, sample_weight
             )
-            scaled = model.optimizer.scale_loss(loss)
+            scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)

@@ -1,6 +1,7 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_ee.training import core
@@ -324,6 +325,23 @@ class MultiExitModel(keras.Model):
         y = ops.cast(ops.clip(labels, 0, top), "int32")
         return keras.utils.pack_x_y_sample_weight(x, y, sw)
 
+    def scale_loss(self, loss):
+        """The loss whose gradients every method hands to `apply_step`.
+
+        Divided by the number of replicas in sync, then multiplied by the
+        optimizer's loss scale (mixed precision), as Keras' own `compute_loss`
+        and `train_step` do: under `tf.distribute` each replica's loss is the
+        mean over its own part of the global batch and the optimizer sums the
+        replicas' gradients, so without the division R replicas would take R
+        times the step of one device on the same global batch. Identity on
+        one device without loss scaling. Linear, so a method may scale
+        per-sample coefficients instead of a loss.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            loss = loss * ops.cast(1.0 / replicas, loss.dtype)
+        return self.optimizer.scale_loss(loss)
+
     def apply_step(self, grads, per_exit_loss):
         """The real optimizer step of every method, with the non-finite checks.
 
@@ -335,8 +353,8 @@ class MultiExitModel(keras.Model):
         the weights are checked.
 
         One loss-scaling convention for every method: `grads` are gradients of
-        `optimizer.scale_loss(loss)` (as in Keras' own `train_step`); `apply`
-        unscales them.
+        `self.scale_loss(loss)` (as in Keras' own `train_step`); `apply`
+        unscales them and, under `tf.distribute`, sums them over the replicas.
 
         Args:
             grads: one gradient per `self.trainable_variables` (None allowed).
