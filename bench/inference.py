@@ -27,7 +27,6 @@ Then the batch-1 overhead with every sample running to the last exit (thresholds
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

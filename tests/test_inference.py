@@ -105,7 +105,7 @@ def test_order_batches_and_extremes(trained, ee):
     empty = ee.predict(xt[:0])
     assert all(v.shape == (0,) for v in empty.values())
     logits = _logits(ee.backbone, xt)
-    saved = ee.thresholds
+    saved, budget = ee.thresholds, ee.budget
     try:
         ee.set_thresholds([-np.inf] * 4)  # everyone leaves at exit 1
         out = ee.predict(xt)
@@ -117,6 +117,7 @@ def test_order_batches_and_extremes(trained, ee):
         np.testing.assert_array_equal(out["label"], logits[3].argmax(-1))
     finally:
         ee._thresholds.assign(saved)
+        ee.budget = budget
 
 
 def test_eager_and_tf_function_with_unknown_batch(trained, ee):
@@ -371,3 +372,40 @@ def test_lazy_submodule():
 
     assert keras_ee.inference.EarlyExitModel is EarlyExitModel
     assert "inference" in dir(keras_ee)
+
+
+def test_empty_remainder_skips_later_stages(trained, ee):
+    _, _, (xt, _) = trained
+    calls = []
+    stages = ee._runtime.stages
+
+    class Counting:
+        def __init__(self, k, stage):
+            self.k, self.stage, self.outputs = k, stage, stage.outputs
+
+        def __call__(self, *args, **kwargs):
+            calls.append(self.k)
+            return self.stage(*args, **kwargs)
+
+    saved, budget = ee.thresholds, ee.budget
+    try:
+        ee._runtime.stages = [Counting(k + 1, s) for k, s in enumerate(stages)]
+        ee.set_thresholds([-np.inf] * 4)
+        out = ee(tf.constant(xt[:20]))  # eager: only the branch taken runs
+        assert calls == [1] and (out["exit"].numpy() == 1).all()
+        calls.clear()
+        ee.set_thresholds([np.inf] * 3 + [-np.inf])
+        ee(tf.constant(xt[:20]))
+        assert calls == [1, 2, 3, 4]
+        calls.clear()
+        ee(tf.constant(xt[:20]), deadline=2)
+        assert calls == [1, 2]
+        calls.clear()
+        out = ee(tf.zeros((0, 8, 8, 1)))
+        assert calls == [] and all(v.shape == (0,) for v in out.values())
+    finally:
+        ee._runtime.stages = stages
+        ee._thresholds.assign(saved)
+        ee.budget = budget
+    fn = tf.function(lambda x: ee(x), input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32)])
+    assert all(v.shape == (0,) for v in fn(tf.zeros((0, 8, 8, 1))).values())
