@@ -16,6 +16,11 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   round); each batch counts with its fastest of the rounds (the least disturbed by other
   processes), for both alike;
 - ratio: wall saving / Mul-Add saving (target >= 0.8 at batch 64 and 256);
+- stage-time saving: the saving if each stage's time were its share of the full pass
+  (measured with every sample running every stage) times the fraction of samples that
+  ran it; wall / stage-time is then the runtime's own efficiency, apart from how the
+  network's time is spread over its stages (on CPU, MSDNet's first stages take more time
+  per Mul-Add than its last ones, so saving late Mul-Adds saves less time);
 - per stage: the milliseconds per batch of each stage on the samples it really saw
   (each stage and its exit split compiled on its own and timed separately, so the sum
   differs a little from the fused pass) and the samples that entered it over all the
@@ -27,7 +32,6 @@ Then the batch-1 overhead with every sample running to the last exit (thresholds
 
 import argparse
 import os
-import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -131,6 +135,14 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
                                  for i in range(0, n_val, 256)], axis=1)
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
     serve = ee.serving_function()
+    # Each stage's share of the time when every sample runs it (per batch size): the wall
+    # saving that stage-proportional timing would give, apart from the runtime's own cost.
+    shares = {}
+    for bs in batch_sizes:
+        imgs = test[:32] if bs == 1 else test
+        ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
+        ms, _ = _stage_breakdown(ee, [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)])
+        shares[bs] = ms / ms.sum()
     rows = []
     for f in fractions:
         solved = ee.set_budget(f * c[-1])
@@ -143,7 +155,9 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
             mul_saving = 1 - c[exits - 1].mean() / c[-1]
             wall_saving = 1 - te_med / tf_med
             stage_ms, seen = _stage_breakdown(ee, batches)
+            time_saving = 1 - float(np.sum(shares[bs] * seen / len(imgs)))
             rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
+                             time_saving=time_saving,
                              mul_saving=mul_saving, wall_saving=wall_saving,
                              ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
                              full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
@@ -152,7 +166,7 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
     ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
     batches = [tf.constant(test[i:i + 1]) for i in range(64)]
     t_full, t_ee = _paired(full, serve, batches, max(rounds, 5))
-    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1)
+    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1), shares
 
 
 def main(argv=None):
@@ -171,16 +185,21 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}; rounds {args.rounds}")
     for name in args.models:
         t0 = time.time()
-        c, rows, last = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test)
+        c, rows, last, shares = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test)
         print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
               f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
-        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | full ms/batch | early exit "
-              "ms/batch | per stage ms/batch (samples in) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | stage-time saving | wall / "
+              "stage-time | full ms/batch | early exit ms/batch | per stage ms/batch (samples in) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             stages = " ".join(f"{ms:.1f}({n})" for ms, n in zip(r["stage_ms"], r["seen"]))
             print(f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
-                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
+                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['time_saving']:.1%} | "
+                  f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
+                  f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
+        print("stage time shares with every sample running every stage: " + "; ".join(
+            f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
+        print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))
         print(f"batch 1, every sample to the last exit: full {last['full_ms']:.2f} ms, early exit "
               f"{last['ee_ms']:.2f} ms, overhead {last['overhead']:+.1%}  ({time.time() - t0:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
