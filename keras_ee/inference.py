@@ -381,19 +381,23 @@ class EarlyExitModel(keras.Model):
             score = tf.clip_by_value(1.0 + plogp / tf.math.log(tf.cast(num_classes, tf.float64)), 0.0, 1.0)
         return tf.cast(score, tf.float32), tf.argmax(x, axis=-1, output_type=tf.int32)
 
-    def _stage_or_empty(self, k, state, alive):
-        """Stage k's outputs `[logits_k, *state_k]`, or empty (batch 0) tensors when nobody is left.
+    def _stage_or_empty(self, k, state, stay, alive):
+        """Stage k's outputs `[logits_k, *state_k]` on the samples `stay` of the carried `state`
+        (all of them for stage 1), or empty (batch 0) tensors when nobody is left.
 
         One `tf.cond` per stage, side by side rather than nested: lowered to Switch/Merge,
         a cond gets one Switch per tensor its branches capture, and a nested cond running
         the rest of the network would capture the variables of every later stage at every
         exit (about 15% of a batch-1 pass of msdnet_cifar_5); here each stage's variables
-        are captured once.
+        are captured once. The carried tensors are cut inside the branch, so a stage that
+        nobody reaches copies nothing.
         """
         stage = self._runtime.stages[k]
 
         def run():
-            return list(stage(state if k > 0 else state[0], training=False))
+            if k == 0:
+                return list(stage(state[0], training=False))
+            return list(stage([tf.gather(t, stay) for t in state], training=False))
 
         def empty():
             return [tf.zeros((0,) + tuple(t.shape[1:]), t.dtype) for t in stage.outputs]
@@ -417,9 +421,9 @@ class EarlyExitModel(keras.Model):
         labels, exits, conf = tf.zeros([n], tf.int32), tf.zeros([n], tf.int32), tf.zeros([n], tf.float32)
         thresholds = tf.convert_to_tensor(self._thresholds.value)
         idx = tf.range(n)  # input positions of the samples still running
-        state = [images]
+        state, stay = [images], None
         for k in range(self.num_exits):
-            out = self._stage_or_empty(k, state, tf.size(idx) > 0)
+            out = self._stage_or_empty(k, state, stay, tf.size(idx) > 0)
             score, pred = self._score(out[0], k)
             last = k == self.num_exits - 1
             if last:
@@ -438,11 +442,7 @@ class EarlyExitModel(keras.Model):
             if last:
                 break
             stay = tf.where(tf.logical_not(leave))[:, 0]
-            carried = [idx] + list(out[1:])
-            # Nobody left here: hand the state on as it is (no copy of the carried tensors).
-            idx, *state = tf.cond(tf.size(gone) > 0,
-                                  lambda carried=carried, stay=stay: [tf.gather(t, stay) for t in carried],
-                                  lambda carried=carried: [tf.identity(t) for t in carried])
+            idx, state = tf.gather(idx, stay), list(out[1:])
         return {"label": labels, "exit": exits, "confidence": conf}
 
     def call(self, images, deadline=None, training=False):
