@@ -100,6 +100,29 @@ def allocate_by_confidence(confidence, q):
     return tf.cast(tf.stack(columns, axis=1), dtype)
 
 
+def allocate_by_confidence_across_replicas(confidence, q):
+    """`allocate_by_confidence` over the global batch, under `tf.distribute`: this replica's rows.
+
+    In a replica context with more than one replica in sync, the confidences (and the
+    replicas' batch sizes, which may differ) are gathered from every replica
+    (`all_gather`, in replica order), the whole global batch is allocated at once, and the
+    rows of this replica are returned: the mask is that of one device on the concatenated
+    batch. Without a strategy (or with one replica) this is `allocate_by_confidence`.
+    """
+    ctx = tf.distribute.get_replica_context() if tf.distribute.has_strategy() else None
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return allocate_by_confidence(confidence, q)
+    confidence = tf.stop_gradient(tf.convert_to_tensor(confidence))
+    size = tf.shape(confidence)[:1]
+    sizes = ctx.all_gather(size, axis=0)
+    # (the gather may lose the static number of exits)
+    everything = tf.reshape(ctx.all_gather(confidence, axis=0), [-1, confidence.shape[1]])
+    mask = allocate_by_confidence(everything, q)
+    replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    start = tf.reduce_sum(sizes[:replica])
+    return mask[start:start + size[0]]
+
+
 def allocate_by_confidence_numpy(confidence, q):
     """NumPy version of `allocate_by_confidence` returning exit indices.
 

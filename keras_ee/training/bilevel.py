@@ -9,6 +9,10 @@ coupled through a look-ahead of the real optimizer. The pieces live here, once:
   the meta batch, then the roles swap (batches of fewer than 2 samples are recorded for the
   guard).
 - `every`: run the meta step every `interval` loaded batches, the plain step otherwise.
+- `replica_cond`: a condition whose branches hold synchronisation points (optimizer
+  steps), taken in the cross-replica context under `tf.distribute`.
+- `global_mean_gradients`, `global_mean`, `global_sum`, `all_reduced_gradients`: what is
+  global under `tf.distribute` (identities on one device).
 - `LookAhead` / `LookAheadResult`: the one-step bilevel pass. It returns its results (outer
   gradients, outer loss and auxiliary values, the reusable inner forward) instead of
   keeping them on itself.
@@ -34,6 +38,127 @@ from keras import ops
 from keras_ee.training import core
 
 
+def replica_context():
+    """The replica context of a `tf.distribute` strategy, or None (no strategy, or cross-replica).
+
+    None means "no strategy": the code paths of one device stay exactly as they are.
+    """
+    if not tf.distribute.has_strategy():
+        return None
+    return tf.distribute.get_replica_context()
+
+
+def num_replicas() -> int:
+    """`num_replicas_in_sync` of the current strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def global_mean_gradients(grads):
+    """The share of an auxiliary optimizer's gradients this replica hands to `apply`.
+
+    Keras' TensorFlow optimizers sum the replicas' gradients in `apply`, so each replica
+    divides its gradient (weight decay added to it included) by the number of replicas in
+    sync: the auxiliary network (L2W's WPN, the gater, HDKD's gamma) then takes the step
+    of the replicas' mean gradient, identical on every replica, as `MultiExitModel.
+    scale_loss` does for the backbone. Identity (the very same list) on one device.
+    """
+    replicas = num_replicas()
+    if replicas == 1:
+        return grads
+    return [None if g is None else g * ops.cast(1.0 / replicas, g.dtype) for g in grads]
+
+
+def global_mean(value):
+    """The mean of `value` over the replicas in sync (differentiable); `value` itself on one device.
+
+    Its gradient (Keras' all-reduce convention) is that of the sum of every replica's loss,
+    so with `global_mean_gradients` the auxiliary step is that of the replicas' mean loss.
+    """
+    ctx = replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+
+
+def global_sum(value):
+    """The sum of `value` over the replicas in sync (differentiable); `value` itself on one device."""
+    ctx = replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def all_reduced_gradients(grads):
+    """The gradient the real optimizer will apply: the sum over the replicas of each replica's share.
+
+    Each replica's gradients come from `MultiExitModel.scale_loss`-scaled coefficients (its
+    share, already divided by the replicas), and Keras' optimizer sums them: the look-ahead
+    takes that same summed step, so `theta_hat` is identical on every replica and equals the
+    one-device look-ahead on the global batch. Differentiable: the outer gradient flows back
+    through the all-reduce to every replica's inner batch. Identity on one device.
+    """
+    ctx = replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+    out = list(grads)
+    for i, g in zip(present, reduced):
+        out[i] = g
+    return out
+
+
+def replica_cond(pred, true_fn, false_fn, args=()):
+    """`true_fn(*args)` if `pred`, else `false_fn(*args)`, also when the branches hold sync points.
+
+    Without a strategy (and in a cross-replica context) this is the plain `tf.cond`. Under a
+    `tf.distribute` strategy a `tf.cond` in a replica context may not contain a
+    synchronisation point (`optimizer.apply`'s `merge_call`, an all-reduce), so, as Keras'
+    `LossScaleOptimizer` does, the condition is taken in the cross-replica context: a
+    `merge_call` receives `pred` and `args` from every replica (as per-replica values), takes
+    the branch of "`pred` on every replica" and runs it on each replica with its own `args`
+    (`call_for_each_replica`). Every replica thus takes the same branch, as the collectives
+    inside it require: a `pred` that differs between replicas (e.g. a batch size) selects
+    `true_fn` only if it holds on all of them. Strategies that run without `merge_call`
+    (`strategy_supports_no_merge_call`) get a `tf.cond` on the all-reduced condition.
+
+    The branches must take every per-replica tensor they use through `args` (a captured
+    tensor would be the first replica's); variables, layers and Python values may be
+    captured. Their return values are discarded.
+    """
+    def branch(fn):
+        def run():
+            fn(*args)
+            return ops.zeros((), "int32")
+
+        return run
+
+    ctx = replica_context()
+    if ctx is None:
+        tf.cond(pred, branch(true_fn), branch(false_fn))
+        return
+    pred = tf.convert_to_tensor(pred)
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        votes = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(pred, tf.int32))
+        tf.cond(ops.equal(votes, ctx.num_replicas_in_sync), branch(true_fn), branch(false_fn))
+        return
+
+    def cross_replica(distribution, pred, *args):
+        together = tf.reduce_all(tf.stack([tf.identity(p) for p in distribution.experimental_local_results(pred)]))
+
+        def on_each_replica(fn):
+            def run():
+                distribution.extended.call_for_each_replica(fn, args=args)
+                return ops.zeros((), "int32")
+
+            return run
+
+        # In the cross-replica context: a cond whose branches hold merge_calls is allowed here.
+        tf.cond(together, on_each_replica(true_fn), on_each_replica(false_fn))
+
+    ctx.merge_call(cross_replica, args=(pred, *args))
+
+
 def half_batch_exchange(model, x, y, half_step):
     """Two half steps on one loaded batch: `half_step(x_a, y_a, x_b, y_b)`, then with B and A swapped.
 
@@ -41,43 +166,42 @@ def half_batch_exchange(model, x, y, half_step):
     samples runs no step and is recorded for `NonFiniteLossGuard`, which stops `fit` with a
     clear error (a graph cannot raise mid-step under XLA).
 
+    Under a `tf.distribute` strategy each replica splits its own part of the global batch
+    into halves (the halves are per replica; the real steps' gradients are summed over the
+    replicas by the optimizer, so each half step is one step on the global half batch), and
+    the halves are exchanged only if every replica holds at least 2 samples (see
+    `replica_cond`); otherwise every replica records its batch as too small.
+
     Args:
         model: the `MultiExitModel`.
         x, y: the loaded batch.
-        half_step: `fn(x_train, y_train, x_meta, y_meta)`, building one real step.
+        half_step: `fn(x_train, y_train, x_meta, y_meta)`, building one real step; it must
+            not capture per-replica tensors other than its arguments.
     """
     n = tf.shape(x)[0]
 
-    def body():
+    def body(x, y):
         (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
         half_step(x_a, y_a, x_b, y_b)
         half_step(x_b, y_b, x_a, y_a)
-        return ops.zeros((), "int32")
 
-    def too_small():
-        model.record_small_batch(n)
-        return ops.zeros((), "int32")
+    def too_small(x, y):
+        model.record_small_batch(tf.shape(x)[0])
 
-    tf.cond(n >= 2, body, too_small)
+    replica_cond(n >= 2, body, too_small, args=(x, y))
 
 
-def every(counter, interval: int, step, otherwise):
-    """`step()` when `counter % interval == 0`, else `otherwise()` (one graph, no retracing).
+def every(counter, interval: int, step, otherwise, args=()):
+    """`step(*args)` when `counter % interval == 0`, else `otherwise(*args)` (one graph, no retracing).
 
-    With `interval == 1` only `step` is built.
+    With `interval == 1` only `step` is built. `counter` (a variable, the same on every
+    replica) and the branches follow `replica_cond`: pass the per-replica tensors the
+    branches use as `args`.
     """
     if interval == 1:
-        step()
+        step(*args)
         return
-
-    def run(fn):
-        def branch():
-            fn()
-            return ops.zeros((), "int32")
-
-        return branch
-
-    tf.cond(ops.equal(counter % interval, 0), run(step), run(otherwise))
+    replica_cond(ops.equal(counter % interval, 0), step, otherwise, args=args)
 
 
 @dataclasses.dataclass
@@ -131,6 +255,20 @@ class LookAhead:
     batch needs only one more backward pass (`LookAheadResult.real_gradients`), valid
     whenever the real loss is `sum(coefficients * terms)` for the inner `terms`.
 
+    Under `tf.distribute` (R replicas in sync) the inner and meta batches are the replica's
+    own parts of the global batches, and the look-ahead takes the real optimizer's global
+    step: the inner gradients (of the replica's coefficients, a mean over its part) are
+    divided by R and summed over the replicas (`all_reduced_gradients`), so `theta_hat` is
+    the same on every replica. The outer gradient of a replica is then that of the sum of
+    all replicas' outer losses through its own inner batch (the all-reduce's gradient is
+    an all-reduce); handed to the auxiliary optimizer through `global_mean_gradients`, the
+    auxiliary step is that of the replicas' mean outer loss, identical on every replica.
+    An outer loss that is a mean over the meta batch thus gives the one-device step on
+    the global batches when the replicas' parts are equal (otherwise normalise it by
+    global counts, e.g. `global_sum`, as L2W does). Per replica stay: the inner forward and
+    its BatchNorm statistics (`BatchNormalization(synchronized=True)` for global ones), the real
+    step's gradient before the optimizer's sum, and the meta forward.
+
     Args:
         model: the backbone (Keras model whose outputs are exit logits).
         optimizer: the real optimizer (the look-ahead mirrors its next step).
@@ -174,6 +312,9 @@ class LookAhead:
             # second backward pass below is cheap.
             coefficients = self.inner_coefficients_fn(terms, aux)
             grads = inner_tape.gradient(terms, theta, output_gradients=ops.cast(coefficients, terms.dtype))
+            if replica_context() is not None and num_replicas() > 1:
+                # Under tf.distribute: the real step's global gradient (see `all_reduced_gradients`).
+                grads = all_reduced_gradients([g * ops.cast(1.0 / num_replicas(), g.dtype) for g in grads])
             theta_hat = core.lookahead_step(self.optimizer, variables, theta, grads)
             logits_meta, _ = core.stateless_forward(self.model, theta_hat, x_meta, training=True)
             outer = self.outer_loss_fn(logits_meta, y_meta)

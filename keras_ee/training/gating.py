@@ -411,28 +411,28 @@ class BudgetAwareGating(Method):
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
         bilevel.every(self.batch_counter, self.gater_interval,
-                      lambda: self._gater_batch(model, x, y, sample_weight),
-                      lambda: self._backbone_step(model, x, y, sample_weight))
+                      lambda x, y, sw: self._gater_batch(model, x, y, sw),
+                      lambda x, y, sw: self._backbone_step(model, x, y, sw),
+                      args=(x, y, sample_weight))
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
     def _gater_batch(self, model, x, y, sample_weight):
         n = tf.shape(x)[0]
 
-        def split():
+        def split(x, y, sample_weight):
             (x_a, y_a, sw_a), (x_b, y_b, _) = core.split_halves(x, y, sample_weight)
             if self.gater_update == "lookahead":
                 self._lookahead_step(model, x_a, y_a, sw_a, x_b, y_b)
             else:
                 self._backbone_step(model, x_a, y_a, sw_a)
                 self._gater_step(model, x_b, y_b)
-            return ops.zeros((), "int32")
 
-        def whole():  # a batch of one sample: no half for the gater
+        def whole(x, y, sample_weight):  # a batch of one sample: no half for the gater
             self._backbone_step(model, x, y, sample_weight)
-            return ops.zeros((), "int32")
 
-        tf.cond(n >= 2, split, whole)
+        # Under tf.distribute: split only if every replica holds 2 samples (bilevel.replica_cond).
+        bilevel.replica_cond(n >= 2, split, whole, args=(x, y, sample_weight))
 
     def _record(self, a):
         for k, tracker in enumerate(self.share_trackers):
@@ -456,7 +456,8 @@ class BudgetAwareGating(Method):
         if self.gater_optimizer_name == "adam":  # L2 decay in the gradient, as torch.optim.Adam
             grads = [g + self.gater_weight_decay * v for g, v in zip(grads, variables)]
         model.record_nonfinite(per_exit, phase=1)
-        self.gater_optimizer.apply(grads, variables)
+        # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
+        self.gater_optimizer.apply(bilevel.global_mean_gradients(grads), variables)
         self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
 
     def gater_gradients(self, model, x, y):

@@ -404,7 +404,8 @@ class HDKD(Method):
         for k in range(self.num_exits):
             if k in teachers:
                 z = ops.stop_gradient(ops.cast(logits[k], t.dtype))
-                confidence = ops.mean(ops.max(ops.softmax(z / t[k], axis=-1), axis=-1))
+                # (under tf.distribute over the global batch: the same temperatures on every replica)
+                confidence = bilevel.global_mean(ops.mean(ops.max(ops.softmax(z / t[k], axis=-1), axis=-1)))
                 factors.append(ops.where(confidence > ADAPTIVE_CONFIDENCE, ADAPTIVE_FACTOR, 1.0))
             else:
                 factors.append(ops.ones((), t.dtype))
@@ -444,8 +445,9 @@ class HDKD(Method):
             x_m, y_m, _ = keras.utils.unpack_x_y_sample_weight(tuple(meta_batch))
             bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
             bilevel.every(self.batch_counter, self.meta_interval,
-                          lambda: self._meta_step(model, x, y, sample_weight, x_m, y_m),
-                          lambda: self._plain_step(model, x, y, sample_weight))
+                          lambda x, y, sw, x_m, y_m: self._meta_step(model, x, y, sw, x_m, y_m),
+                          lambda x, y, sw, x_m, y_m: self._plain_step(model, x, y, sw),
+                          args=(x, y, sample_weight, x_m, y_m))
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
@@ -461,7 +463,7 @@ class HDKD(Method):
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
         if self.ema_source == "train":
-            self._update_ema(ops.mean(ce, axis=0))
+            self._update_ema(bilevel.global_mean(ops.mean(ce, axis=0)))  # global under tf.distribute
         self._update_temperatures(logits)
 
     def lookahead(self, model, x_t, y_t, sw_t, x_m, y_m):
@@ -482,8 +484,10 @@ class HDKD(Method):
             return self._coefficients(terms, sw_t)
 
         def outer_fn(logits_meta, y_meta):
-            ce_means = ops.mean(core.per_exit_cross_entropy(y_meta, logits_meta), axis=0)
-            source = ce_means if self.ema_source == "meta" else ops.mean(stash["ce"], axis=0)
+            # Under tf.distribute: the global meta batch's means (equal parts), so the balanced
+            # loss and the EMA are those of one device. One device: unchanged.
+            ce_means = bilevel.global_mean(ops.mean(core.per_exit_cross_entropy(y_meta, logits_meta), axis=0))
+            source = ce_means if self.ema_source == "meta" else bilevel.global_mean(ops.mean(stash["ce"], axis=0))
             ema = ops.stop_gradient(self._ema_value(ops.cast(source, ce_means.dtype)))
             return balanced_loss(ce_means, ema, self.alpha), (ce_means, ema)
 
@@ -495,7 +499,8 @@ class HDKD(Method):
         grad = grads[0]
         grad = ops.zeros_like(self.gamma_raw) if grad is None else ops.cast(grad, self.gamma_raw.dtype)
         model.record_nonfinite(ce_means_meta, phase=1)
-        self.gamma_optimizer.apply([grad], [self.gamma_raw])
+        # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
+        self.gamma_optimizer.apply(bilevel.global_mean_gradients([grad]), [self.gamma_raw])
         if self.gamma_parametrization == "clip":
             self.gamma_raw.assign(ops.maximum(self.gamma_raw, 0.0))
 
@@ -514,7 +519,7 @@ class HDKD(Method):
         per_exit = self.per_exit_losses(result.terms, sample_weight, gamma)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(ops.sum(per_exit), y, result.logits, ce)
-        self._update_ema(ce_means_meta if self.ema_source == "meta" else ops.mean(ce, axis=0))
+        self._update_ema(ce_means_meta if self.ema_source == "meta" else bilevel.global_mean(ops.mean(ce, axis=0)))
         self._update_temperatures(result.logits)
 
     # --- run-folder files --------------------------------------------------------

@@ -29,6 +29,16 @@ Design notes (why it is built this way):
   `lr(t)` the main optimizer's current learning rate and `lr(0)` its value at
   iteration 0 (recorded when training starts if the learning rate is a plain
   value that callbacks may change).
+- Under `tf.distribute` (R replicas): each replica splits its own part of the
+  global batch into halves (the global half is the union of the replicas'
+  halves); the meta step runs in the cross-replica context's condition
+  (`bilevel.replica_cond`); the look-ahead takes the real optimizer's global
+  step (all-reduced gradient); the q-allocation ranks the whole global meta
+  batch (`allocate_by_confidence_across_replicas`) and each exit's meta loss is
+  a mean over its global count; the WPN's gradient is shared by the replicas
+  (`bilevel.global_mean_gradients`), so the WPN is one network, the same on
+  every replica, taking the one-device step on the global halves. The
+  `"selection"` ablation allocates each replica's training half on its own.
 """
 
 import typing
@@ -42,6 +52,7 @@ from keras import ops
 from keras_ee.training import bilevel
 from keras_ee.training import core
 from keras_ee.training.allocation import allocate_by_confidence
+from keras_ee.training.allocation import allocate_by_confidence_across_replicas
 from keras_ee.training.allocation import allocate_by_confidence_numpy
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange
@@ -336,9 +347,15 @@ class L2W(Method):
         if self.meta_objective == "vanilla":
             per_exit = ops.mean(ce_meta, axis=0)
         else:
-            mask = allocate_by_confidence(confidence_meta, self.q)
+            # Under tf.distribute: allocated over the global meta batch, each exit's mean
+            # taken over its global count (times the replicas, as the replicas' mean loss
+            # is what the WPN steps on; see `bilevel.LookAhead`). One device: unchanged.
+            mask = allocate_by_confidence_across_replicas(confidence_meta, self.q)
             mask = ops.cast(mask, ce_meta.dtype)
             counts = ops.sum(mask, axis=0)
+            replicas = bilevel.num_replicas()
+            if replicas > 1 and bilevel.replica_context() is not None:
+                counts = bilevel.global_sum(counts) * ops.cast(1.0 / replicas, counts.dtype)
             # Empty subsets contribute nothing (skipped).
             per_exit = ops.sum(mask * ce_meta, axis=0) / ops.maximum(
                 counts, 1.0
@@ -372,8 +389,9 @@ class L2W(Method):
             self._plain_step(model, x_t, y_t)
             return
         bilevel.every(self.batch_counter, self.meta_interval,
-                      lambda: self._meta_step(model, x_t, y_t, x_m, y_m),
-                      lambda: self._plain_step(model, x_t, y_t))
+                      lambda x_t, y_t, x_m, y_m: self._meta_step(model, x_t, y_t, x_m, y_m),
+                      lambda x_t, y_t, x_m, y_m: self._plain_step(model, x_t, y_t),
+                      args=(x_t, y_t, x_m, y_m))
 
     def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w):
         model.apply_step(grads, per_exit)
@@ -453,7 +471,8 @@ class L2W(Method):
             ops.zeros_like(v) if g is None else g + wd * v
             for g, v in zip(wpn_grads, wpn_vars)
         ]
-        self.wpn_optimizer.apply(wpn_grads, wpn_vars)
+        # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
+        self.wpn_optimizer.apply(bilevel.global_mean_gradients(wpn_grads), wpn_vars)
 
         # Real step on the training half, reusing the look-ahead's forward.
         logits = result.logits
