@@ -138,6 +138,14 @@ def _shortfall(x):
     return x
 
 
+def _mode(mode):
+    if not isinstance(mode, str):
+        raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    if mode not in ("geometric", "per_stage"):
+        raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    return mode
+
+
 def _count(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"`{name}` must be an int; received {x!r}")
@@ -379,10 +387,7 @@ def budget_sweep(
     >>> out["thresholds"].shape, out["exit_counts"].sum(axis=1).tolist()[:2]
     ((39, 3), [100, 100])
     """
-    if not isinstance(mode, str):
-        raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
-    if mode not in ("geometric", "per_stage"):
-        raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    _mode(mode)
     sf = _shortfall(shortfall)
     vs = _scores_array(val_scores, "val_scores")
     vc = _correct_array(val_correct, "val_correct", vs.shape)
@@ -456,10 +461,7 @@ def solve_budget(
     >>> out["val_mean_cost"], out["thresholds"].round(3).tolist()
     (2.0, [0.6, -inf])
     """
-    if not isinstance(mode, str):
-        raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
-    if mode not in ("geometric", "per_stage"):
-        raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
+    _mode(mode)
     sf = _shortfall(shortfall)
     vs = _scores_array(val_scores, "val_scores")
     w = _vector(costs, "costs")
