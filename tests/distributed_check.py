@@ -32,6 +32,7 @@ import keras  # noqa: E402
 
 from keras_ee import training  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
+from tiny_models import mlp_backbone  # noqa: E402  (tests/ is this script's folder)
 
 GLOBAL_BATCH, STEPS, DIM, CLASSES = 16, 4, 5, 4
 # Rows of a global batch so that replica 0 holds one-device rows 0-3 | 8-11, replica 1 rows 4-7 | 12-15.
@@ -39,12 +40,7 @@ PERMUTATION = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 
 def backbone():
-    inp = keras.Input((DIM,))
-    h, outs = inp, []
-    for k in range(3):
-        h = keras.layers.Dense(8, activation="relu")(h)
-        outs.append(keras.layers.Dense(CLASSES, name=f"exit_{k + 1}")(h))
-    return keras.Model(inp, outs)
+    return mlp_backbone(num_classes=CLASSES, dim=DIM)
 
 
 def auxiliary_variables(method):

@@ -26,6 +26,17 @@ def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0, nan_exit=N
     return keras.Model(inp, outs)
 
 
+def mlp_backbone(num_exits=3, num_classes=4, dim=5, width=8):
+    """Dense+ReLU blocks with a head `exit_k` after each, no BatchNorm (per-replica BN statistics
+    would make a distributed run differ from one device)."""
+    inp = keras.Input((dim,))
+    h, outs = inp, []
+    for k in range(num_exits):
+        h = keras.layers.Dense(width, activation="relu")(h)
+        outs.append(keras.layers.Dense(num_classes, name=f"exit_{k + 1}")(h))
+    return keras.Model(inp, outs)
+
+
 class StopAt(keras.callbacks.Callback):
     """Interrupts fit at the start of `epoch`, or after its batch `batch` (inside it)."""
 
