@@ -70,7 +70,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--epochs", type=int, help="epochs (of phase I for a method with phases, e.g. IMTA)")
     g.add_argument("--phase2-epochs", type=int,
                    help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="the batch of one step; under --strategy the global batch")
     g.add_argument("--optimizer", help="sgd (default, the papers') or adamw (Keras' AdamW, epsilon 1e-8, no weight "
                                        "decay on biases and BatchNorm parameters)")
     g.add_argument("--lr", dest="learning_rate", type=float,
@@ -110,6 +110,18 @@ def _train_parser(sub) -> None:
                    help="exponential moving average of the weights (optimizer use_ema), used for validation, the "
                         "saved model, the logit dump and evaluation; 0.9999 averages over ~10,000 steps, so on a "
                         "short run it keeps mostly the early weights")
+    g = p.add_argument_group(
+        "devices", "tf.distribute and mixed precision (see docs/distributed.md). Under a strategy --batch-size is "
+        "the global batch, split evenly over the replicas; scale --lr with it (linear scaling).")
+    g.add_argument("--strategy", choices=["none", "mirrored", "multi_worker", "tpu"],
+                   help="none (default: one device), mirrored (MirroredStrategy: every GPU of this machine), "
+                        "multi_worker (MultiWorkerMirroredStrategy: the cluster in TF_CONFIG; only the chief writes "
+                        "--out) or tpu (TPUStrategy)")
+    g.add_argument("--precision", choices=["float32", "mixed_float16", "mixed_bfloat16"],
+                   help="Keras dtype policy of the model (default float32); mixed_float16 adds loss scaling")
+    g.add_argument("--sync-batchnorm", dest="sync_batchnorm", action="store_const", const=True,
+                   help="BatchNorm statistics of the global batch (all-reduced over the replicas) instead of each "
+                        "replica's own")
     g = p.add_argument_group("evaluation")
     g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
     g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
@@ -148,7 +160,7 @@ def _config_from_args(args):
     for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "samples_per_class", "model",
                 "method", "epochs",
                 "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
-                "confidence", "budgets", "evaluate", *_RECIPE_KEYS):
+                "confidence", "budgets", "evaluate", "strategy", "precision", "sync_batchnorm", *_RECIPE_KEYS):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     values["model_options"] = {**values.get("model_options", {}), **dict(args.model_option or [])}

@@ -22,6 +22,8 @@ from pathlib import Path
 SCHEDULES = ("cosine", "constant", "step")
 CONFIDENCES = ("max_softmax", "margin", "entropy")
 OPTIMIZERS = ("sgd", "adamw")
+STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Weight decay when the config does not set one: SGD as the papers (1e-4); AdamW as DeiT
 # and the budget-aware paper on ImageNet (0.05).
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
@@ -123,6 +125,15 @@ class TrainConfig:
         budgets: Mul-Add budgets logged by `BudgetCallback` each epoch (e.g. [15e6]).
         evaluate: run the budget evaluation after training.
         dump_dtype: dtype of the saved logits (`float32` or `float16`).
+        strategy: the `tf.distribute` strategy of the training: `none` (default, one
+            device), `mirrored` (`MirroredStrategy`, every visible GPU), `multi_worker`
+            (`MultiWorkerMirroredStrategy`, the cluster in `TF_CONFIG`) or `tpu`
+            (`TPUStrategy`). `batch_size` is the global batch, split over the replicas.
+        precision: the Keras dtype policy the model is built under: `float32` (default),
+            `mixed_float16` (Keras' compile adds a `LossScaleOptimizer`) or `mixed_bfloat16`.
+        sync_batchnorm: build the backbone's BatchNorm with synchronized (all-reduced)
+            batch statistics, so that under a strategy the global batch is normalised as
+            on one device (a collective per layer); default False (per-replica statistics).
     """
 
     dataset: str = "digits"
@@ -159,6 +170,9 @@ class TrainConfig:
     budgets: list = dataclasses.field(default_factory=list)
     evaluate: bool = True
     dump_dtype: str = "float32"
+    strategy: str = "none"
+    precision: str = "float32"
+    sync_batchnorm: bool = False
 
     def __post_init__(self):
         def bad(field, expected):
@@ -171,12 +185,13 @@ class TrainConfig:
         def is_number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype", "optimizer"):
+        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype", "optimizer", "strategy",
+                      "precision"):
             if not isinstance(getattr(self, field), str):
                 bad(field, "a string")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             bad("data_dir", "a folder path (string) or None")
-        for field in ("nesterov", "evaluate"):
+        for field in ("nesterov", "evaluate", "sync_batchnorm"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "true or false")
         if not is_int(self.epochs) or self.epochs < 1:
@@ -231,6 +246,10 @@ class TrainConfig:
             bad("color_jitter", "a strength in [0, 1) (0: off)")
         if self.confidence not in CONFIDENCES:
             bad("confidence", f"one of {CONFIDENCES}")
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"one of {STRATEGIES}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {PRECISIONS}")
         if self.dump_dtype not in ("float32", "float16"):
             bad("dump_dtype", "'float32' or 'float16'")
         if not isinstance(self.model_options, dict):

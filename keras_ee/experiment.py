@@ -39,11 +39,23 @@ What a run can rely on:
   runs (an OS lock, released when the process ends however it ends).
 - Every setting is checked before the first write; a folder whose run never started
   (config only) is not a run, so a corrected command can use it.
+
+Under a `tf.distribute` strategy (`config.strategy`, see `make_strategy`) the model, its
+method and every optimizer are built under `strategy.scope()` and `fit` distributes the
+global batches. Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
+the run folder; every other worker trains in a temporary folder of its own that is deleted
+when it ends, and resumes from the chief's `backup/` (so the run folder must be on a
+filesystem all workers share, as for Keras' `BackupAndRestore`). `state.json` records the
+strategy's replica count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -123,16 +135,25 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
     return workdir
 
 
-def build_model(config: TrainConfig, splits, method=None):
-    """The backbone preset wrapped in a `MultiExitModel` with the configured method, compiled for phase 1."""
+def build_model(config: TrainConfig, splits, method=None, strategy=None):
+    """The backbone preset wrapped in a `MultiExitModel` with the configured method, compiled for phase 1.
+
+    With a `tf.distribute` `strategy`, backbone, method and optimizer are created under
+    `strategy.scope()` (mirrored variables); `config.sync_batchnorm` builds every BatchNorm
+    of the backbone (and of the method's own layers) with synchronized statistics.
+    """
     from keras_ee import models, training
 
-    backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
-                             **config.model_options)
-    if method is None:
-        method = make_method(config.method, config.method_options)
-    model = training.MultiExitModel(backbone, method=method)
-    compile_phase(model, config, splits, 0)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm):
+        backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
+                                 **config.model_options)
+        if method is None:
+            method = make_method(config.method, config.method_options)
+        model = training.MultiExitModel(backbone, method=method)
+        compile_phase(model, config, splits, 0)
+    if needs_multi_worker_fit_workaround(strategy):
+        apply_multi_worker_fit_workaround(model, strategy)
     return model
 
 
@@ -149,15 +170,17 @@ def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = 
     the phase's optimizer steps, or the phase's own `make_optimizer`.
     """
     phase = run_phases(config, model.method)[index]
-    model.enter_phase(index, fresh=fresh)
-    batches = splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
-    steps = phase.epochs * batches
-    if phase.make_optimizer is not None:
-        optimizer = phase.make_optimizer(steps)
-    else:
-        optimizer = make_optimizer(config, steps, model.trainable_variables, phase.optimizer_options,
-                                   warmup_steps=min(config.warmup_epochs * batches, steps))
-    model.compile(optimizer=optimizer)
+    # A later phase's optimizer must be mirrored as the first one (a no-op without a strategy).
+    with model.distribute_strategy.scope():
+        model.enter_phase(index, fresh=fresh)
+        batches = splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
+        steps = phase.epochs * batches
+        if phase.make_optimizer is not None:
+            optimizer = phase.make_optimizer(steps)
+        else:
+            optimizer = make_optimizer(config, steps, model.trainable_variables, phase.optimizer_options,
+                                       warmup_steps=min(config.warmup_epochs * batches, steps))
+        model.compile(optimizer=optimizer)
 
 
 # PyTorch's AdamW epsilon (Keras' default is 1e-7), as the budget-aware paper's timm recipe.
@@ -186,6 +209,165 @@ def make_optimizer(config: TrainConfig, steps: int, variables=(), overrides=None
         return optimizer
     return keras.optimizers.SGD(learning_rate=schedule, momentum=settings["momentum"],
                                 nesterov=settings["nesterov"], weight_decay=settings["weight_decay"] or None, **ema)
+
+
+_STRATEGIES = {}  # multi_worker and tpu: one per process (TensorFlow configures its cluster once)
+
+
+def make_strategy(name: str):
+    """The `tf.distribute` strategy of `config.strategy`, or None for `none` (one device).
+
+    - `mirrored`: `MirroredStrategy` over every visible GPU; without a GPU, over every
+      logical CPU device (one unless `tf.config.set_logical_device_configuration` made more).
+    - `multi_worker`: `MultiWorkerMirroredStrategy`, the cluster read from `TF_CONFIG`
+      (checked first). Create it before any other TensorFlow op of the process.
+    - `tpu`: `TPUStrategy` on the TPU that `TPUClusterResolver` finds.
+
+    Under a strategy the configured batch size is the global batch.
+    """
+    import tensorflow as tf
+
+    from keras_ee.config import STRATEGIES
+
+    if name == "none":
+        return None
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ValueError(f"--strategy tpu: no TPU found ({reason}); expected a TPU VM or a TPU named by "
+                             "TPU_NAME.") from None
+        strategy = tf.distribute.TPUStrategy(resolver)
+    else:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; received {name!r}.")
+    _STRATEGIES[name] = strategy
+    return strategy
+
+
+def check_tf_config(text) -> dict:
+    """The parsed `TF_CONFIG` of a multi-worker run, or a one-line `ValueError` saying what is wrong."""
+    example = ('expected e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    if not text:
+        raise ValueError(f"--strategy multi_worker needs the TF_CONFIG environment variable, which is not set; "
+                         f"{example}.")
+    try:
+        tf_config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e.msg}); {example}.") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise ValueError(f"TF_CONFIG has no cluster with workers (received {text!r}); {example}.")
+    if any(not isinstance(v, list) or not all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
+        raise ValueError(f"TF_CONFIG's cluster must map task types to lists of 'host:port' (received "
+                         f"{cluster!r}); {example}.")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    if kind not in cluster or isinstance(index, bool) or not isinstance(index, int) or not (
+            0 <= index < len(cluster[kind])):
+        raise ValueError(f"TF_CONFIG's task must name a type of the cluster and an index in it (received "
+                         f"{task!r}); {example}.")
+    return tf_config
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run folder: always, except on a multi-worker cluster's non-chiefs."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if strategy is None or resolver is None or not _is_multi_worker(strategy):
+        return True
+    kind, index = resolver.task_type, resolver.task_id
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def _is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def needs_multi_worker_fit_workaround(strategy) -> bool:
+    """Whether `fit` under this strategy needs `apply_multi_worker_fit_workaround`.
+
+    Keras 3 (3.15, pinned here, and the 3.x releases since the bug was filed) cannot `fit`
+    under `MultiWorkerMirroredStrategy` with more than one worker: keras-team/keras#20585,
+    tensorflow/tensorflow#72388. Only then, and only on Keras 3 whose TensorFlow trainer has
+    the private hook the workaround replaces; check again when Keras is upgraded.
+    """
+    import keras
+
+    if strategy is None or not _is_multi_worker(strategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec()
+    if sum(spec.num_tasks(kind) for kind in spec.jobs if kind in ("chief", "worker")) < 2:
+        return False
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return keras.version().startswith("3.") and hasattr(TensorFlowTrainer, "_maybe_symbolic_build")
+
+
+def apply_multi_worker_fit_workaround(model, strategy) -> None:
+    """Work around Keras 3's two multi-worker `fit` failures on this `model` instance only.
+
+    1. `TensorFlowTrainer._maybe_symbolic_build` reduces the first distributed batch, a
+       tuple, with `strategy.reduce("MEAN", batch, axis=None)`, which the collective ops of
+       several workers cannot take ("Attempt to convert a value (PerReplica:{...}) with an
+       unsupported type"). The build only needs shapes: this one builds on the replica's
+       own part of the batch.
+    2. The train and test steps' logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
+       which fails on scalars ("Invalid reduction dimension 0 for input with 0
+       dimensions"): the steps here return each log with shape (1,), whose reduction is the
+       replicas' mean, a scalar again.
+    """
+    import tensorflow as tf
+
+    def local_part(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:  # as Keras: the first batch of the epoch iterator
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(local_part, next(it))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    def reducible(step):
+        def step_with_reducible_logs(data):
+            return {k: tf.reshape(v, [1]) if len(v.shape) == 0 else v for k, v in step(data).items()}
+
+        return step_with_reducible_logs
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model.train_step = reducible(model.train_step)
+    model.test_step = reducible(model.test_step)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras' global dtype policy set to `name` (`float32`, `mixed_float16`, `mixed_bfloat16`) inside."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def load_data(config: TrainConfig):
@@ -370,8 +552,12 @@ def fit_run(config: TrainConfig, splits, model, callbacks, verbose=0, first_epoc
     return history
 
 
-def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
-    """Restore the newest intact backup, train the remaining epochs, save the final model."""
+def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, restore_from: Path | None = None):
+    """Restore the newest intact backup, train the remaining epochs, save the final model.
+
+    `restore_from`: a multi-worker non-chief's run folder (the chief's), whose backup it
+    restores; it then writes only its own temporary `workdir` and saves no model.
+    """
     import keras
 
     from keras_ee import callbacks as ee_callbacks
@@ -390,7 +576,9 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
             configured[0] = index
 
     backup = runs.RunBackup(workdir / runs.BACKUP_DIR)
-    first_epoch = backup.restore(model, prepare=configure_for_backup)
+    source = backup if restore_from is None else runs.RunBackup(restore_from / runs.BACKUP_DIR)
+    with model.distribute_strategy.scope():  # an optimizer built here must be mirrored too
+        first_epoch = source.restore(model, prepare=configure_for_backup)
     if first_epoch == 0 and configured[0] != 0:  # every backup was damaged: start over from phase 1
         compile_phase(model, config, splits, 0, fresh=False)
         configured[0] = 0
@@ -414,6 +602,8 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
     start = time.perf_counter()
     fit_run(config, splits, model, cbs, verbose=verbose, first_epoch=first_epoch, configured=configured[0],
             progress=progress, validation_data=val_ds)
+    if restore_from is not None:
+        return
     try:
         runs.check_free_space(workdir, int(runs.variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
         with atomic_path(workdir / MODEL_FILE) as tmp:
@@ -423,7 +613,8 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks):
                                  "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
                                  "command finishes the run without training again.") from None
     _write_state(workdir, trained=True, train_seconds=round(time.perf_counter() - start, 1),
-                 resumed_at_epoch=first_epoch)
+                 resumed_at_epoch=first_epoch, strategy=config.strategy,
+                 replicas=model.distribute_strategy.num_replicas_in_sync)
     backup.remove()  # only now: model.keras and state.json are in place
 
 
@@ -449,13 +640,17 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
     make_method(config.method, config.method_options)  # refuse bad options before any write
     workdir = prepare_workdir(config, workdir, write=False)
+    strategy = make_strategy(config.strategy)
+    if not is_chief(strategy):
+        _train_worker(config, workdir, strategy, callbacks)
+        return workdir
     created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise runs.RunWriteError(f"cannot create run folder {str(workdir)!r}: {runs.describe_os_error(e)}.") from None
     try:
-        _train_locked(config, workdir, verbose, callbacks)
+        _train_locked(config, workdir, verbose, callbacks, strategy)
     except BaseException:
         if created and not run_started(workdir):  # refused before it started: leave no trace
             (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
@@ -479,12 +674,32 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     return workdir
 
 
-def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks) -> None:
+def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> None:
+    """A multi-worker non-chief: the same training, from the chief's backup, into a temporary folder."""
+    import keras
+
+    resolver = strategy.cluster_resolver
+    own = Path(tempfile.mkdtemp(prefix=f"keras-ee-{resolver.task_type}{resolver.task_id}-"))
+    try:
+        with dtype_policy(config.precision):
+            keras.utils.set_random_seed(config.seed)
+            splits = load_data(config)
+            check_splits(splits, config)
+            if _read_state(workdir).get("trained"):
+                return  # the chief loads its model.keras and trains nothing either
+            model = build_model(config, splits, method=make_method(config.method, config.method_options),
+                                strategy=strategy)
+            _fit(config, splits, model, own, 0, callbacks, restore_from=workdir)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strategy=None) -> None:
     import keras
 
     from keras_ee import runs
 
-    with runs.RunLock(workdir):
+    with runs.RunLock(workdir), dtype_policy(config.precision):
         prepare_workdir(config, workdir, write=False)  # again, now that no other command can write
         runs.remove_temporaries(workdir)  # left by a killed command
         keras.utils.set_random_seed(config.seed)
@@ -500,7 +715,8 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks) -> Non
                 print(f"[keras-ee] {e} Training it again from the backup, or from the start if none is left.")
                 _write_state(workdir, trained=False)
         if model is None:
-            model = build_model(config, splits, method=make_method(config.method, config.method_options))
+            model = build_model(config, splits, method=make_method(config.method, config.method_options),
+                                strategy=strategy)
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
             _fit(config, splits, model, workdir, verbose, callbacks)
         try:
