@@ -43,6 +43,7 @@ import keras
 from keras_ee.models import graph
 from keras_ee.models.attach import attach_exits
 from keras_ee.models.cnn import multiexit_cnn
+from keras_ee.models.heads import batchnorm_options
 from keras_ee.models.layers import AlignCornersResize, ChannelConcat, ConvBNReLU, GradientScale
 from keras_ee.models.msdnet import msdnet
 from keras_ee.models.ranet import ranet
@@ -55,6 +56,7 @@ __all__ = [
     "GradientScale",
     "attach_exits",
     "available",
+    "batchnorm_options",
     "create",
     "exit_structure",
     "msdnet",

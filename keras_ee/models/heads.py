@@ -39,6 +39,38 @@ def nonlinearity_scope(name):
         _NONLINEARITY.reset(token)
 
 
+# Whether the BatchNorm layers built inside `batchnorm_options(synchronized=True)` all-reduce
+# their batch statistics across the replicas of a `tf.distribute` strategy.
+_SYNCHRONIZED_BN = contextvars.ContextVar("keras_ee_synchronized_bn", default=False)
+
+
+@contextlib.contextmanager
+def batchnorm_options(synchronized=False):
+    """Build every BatchNorm in this block (`conv_bn_relu`, `batch_normalization`) with these options.
+
+    `synchronized=True` is Keras' `BatchNormalization(synchronized=True)`: in training
+    under a `tf.distribute` strategy the batch mean and variance are those of the global
+    batch (an all-reduce per layer), so the replicas normalise as one device would; with
+    one replica it changes nothing. Models built outside it use per-replica statistics.
+
+    Args:
+        synchronized: bool.
+    """
+    if not isinstance(synchronized, bool):
+        raise ValueError(f"`synchronized` must be True or False; received {synchronized!r}.")
+    token = _SYNCHRONIZED_BN.set(synchronized)
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED_BN.reset(token)
+
+
+def batch_normalization(name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM):
+    """A `keras.layers.BatchNormalization` with the scope's `synchronized` option."""
+    return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, synchronized=_SYNCHRONIZED_BN.get(),
+                                     name=name)
+
+
 def activation_layer(name):
     """A stand-alone activation layer with the scope's nonlinearity (ReLU by default)."""
     if _NONLINEARITY.get() == "gelu":
@@ -90,6 +122,7 @@ def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
         momentum=BN_MOMENTUM,
         kernel_initializer=kernel_initializer,
         nonlinearity=_NONLINEARITY.get(),
+        synchronized=_SYNCHRONIZED_BN.get(),
         name=name,
     )(x)
 

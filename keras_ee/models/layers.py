@@ -211,6 +211,81 @@ def _tf_align_corners_resize(x, size):
     return resize(x)
 
 
+def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
+    """Training-mode BatchNorm over NHWC `x` as TensorFlow's fused kernels, to every order.
+
+    Returns `(y, batch_mean, biased_batch_variance)`; the statistics feed only the moving
+    averages and carry no gradient. The first-order gradient is the `FusedBatchNormGradV3`
+    kernel, as TensorFlow's own. Its gradient (what L2W's and HDKD's meta-gradients take
+    through the look-ahead's backward pass) is where this differs: TensorFlow registers an
+    unfused re-derivation (about fifteen elementwise passes and reductions per layer), while
+    the part that meta-gradients need, the one with respect to the incoming gradient `dy`,
+    is the same kernel again plus one multiply-add, because `dy -> dx` is a symmetric map
+    (`scale / sigma` times the projection removing the channel mean and the `x_hat`
+    component). The parts with respect to `x` and `scale` (for Hessian-vector products in
+    the weights) come from the unfused formula; a graph that does not use them prunes them.
+    """
+    import tensorflow as tf
+
+    n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+
+    def unfused_backward(dy, x, scale):
+        # dx, dscale, doffset of training-mode BN, as TensorFlow's reference gradient.
+        dy32, x32 = tf.cast(dy, tf.float32), tf.cast(x, tf.float32)
+        mean, var = tf.nn.moments(x32, axes=[0, 1, 2])
+        rstd = tf.math.rsqrt(var + epsilon)
+        xhat = (x32 - mean) * rstd
+        dscale = tf.reduce_sum(dy32 * xhat, axis=[0, 1, 2])
+        doffset = tf.reduce_sum(dy32, axis=[0, 1, 2])
+        dx = scale * rstd * (dy32 - doffset / n - xhat * dscale / n)
+        return tf.cast(dx, x.dtype), dscale, doffset
+
+    @tf.custom_gradient
+    def batch_norm(x, scale, offset):
+        out = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
+            epsilon=epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+        reserves = dict(reserve_space_1=out.reserve_space_1, reserve_space_2=out.reserve_space_2,
+                        reserve_space_3=out.reserve_space_3)
+        # The kernel returns the Bessel-corrected variance n/(n-1) (n/1 for
+        # n = 1); the moving average of Keras' BN uses the biased one.
+        variance = out.batch_variance * tf.maximum(n - 1.0, 1.0) / n
+        mean = out.batch_mean
+
+        def kernel_backward(dy):
+            dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=scale, epsilon=epsilon, data_format="NHWC", is_training=True,
+                **reserves)
+            return dx, dscale, doffset
+
+        @tf.custom_gradient
+        def backward(dy, x, scale):
+            def grad_of_grad(g_dx, g_dscale, g_doffset):
+                g_dscale = tf.zeros_like(scale) if g_dscale is None else g_dscale
+                g_doffset = tf.zeros_like(scale) if g_doffset is None else g_doffset
+                # d/d dy: the symmetric dy -> dx map on g_dx (the same kernel), plus the
+                # transposes of dscale = sum(dy * x_hat) and doffset = sum(dy).
+                a = kernel_backward(tf.zeros_like(dy) if g_dx is None else tf.cast(g_dx, dy.dtype))[0]
+                coef = g_dscale * tf.math.rsqrt(variance + epsilon)
+                d_dy = a + tf.cast(tf.cast(x, tf.float32) * coef + (g_doffset - mean * coef), dy.dtype)
+                with tf.GradientTape() as tape:
+                    tape.watch([x, scale])
+                    ref = unfused_backward(tf.stop_gradient(dy), x, scale)
+                d_x, d_scale = tape.gradient(ref, [x, scale], output_gradients=[
+                    tf.zeros_like(x) if g_dx is None else tf.cast(g_dx, x.dtype), g_dscale, g_doffset])
+                return d_dy, d_x, d_scale
+
+            return kernel_backward(dy), grad_of_grad
+
+        def grad(dy, d_mean=None, d_variance=None):
+            return backward(dy, x, scale)
+
+        return (out.y, mean, variance), grad
+
+    y, mean, variance = batch_norm(x, scale, offset)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
 def _tf_uses_onednn():
     """Whether TensorFlow runs its oneDNN CPU kernels (`TF_ENABLE_ONEDNN_OPTS`)."""
     global _ONEDNN
@@ -290,6 +365,9 @@ class ConvBNReLU(keras.layers.Layer):
         momentum: float, BN moving-average momentum in Keras' convention
             (0.9 = PyTorch's 0.1).
         kernel_initializer: initializer for the kernel.
+        synchronized: bool, as Keras' `BatchNormalization(synchronized=True)`: in
+            training under a `tf.distribute` strategy, the batch statistics are
+            all-reduced over the replicas (those of the global batch). Default False.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -308,9 +386,13 @@ class ConvBNReLU(keras.layers.Layer):
         momentum=0.9,
         kernel_initializer="he_normal",
         nonlinearity="relu",
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not isinstance(synchronized, bool):
+            raise ValueError(f"ConvBNReLU: `synchronized` must be True or False, received {synchronized!r}.")
+        self.synchronized = synchronized
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"ConvBNReLU: `nonlinearity` must be one of {list(NONLINEARITIES)}, "
                              f"received {nonlinearity!r}.")
@@ -359,10 +441,12 @@ class ConvBNReLU(keras.layers.Layer):
         # inference mode, with its moving statistics, and does not update them.
         if training and self.trainable:
             y = self._conv(inputs, ops.cast(self.kernel, inputs.dtype))
-            if keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES:
+            # The fused kernel cannot all-reduce its statistics: synchronized BN takes moments.
+            fused = keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES
+            if fused and not self.synchronized:
                 y, mean, variance = self._tf_fused_batch_norm(y)
             else:
-                mean, variance = ops.moments(y, axes=[0, 1, 2])
+                mean, variance = ops.moments(y, axes=[0, 1, 2], synchronized=self.synchronized)
                 y = ops.batch_normalization(
                     y,
                     mean,
@@ -407,22 +491,9 @@ class ConvBNReLU(keras.layers.Layer):
         # units of MSDNet/RANet (and in L2W's higher-order gradients).
         import tensorflow as tf
 
-        out = tf.raw_ops.FusedBatchNormV3(
-            x=y,
-            scale=ops.cast(self.gamma, "float32"),
-            offset=ops.cast(self.beta, "float32"),
-            mean=tf.zeros([0]),
-            variance=tf.zeros([0]),
-            epsilon=self.epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
-        )
-        # The kernel returns the Bessel-corrected variance n/(n-1) (n/1 for
-        # n = 1); the moving average of Keras' BN uses the biased one.
-        n = ops.cast(ops.prod(ops.shape(y)[:3]), "float32")
-        variance = out.batch_variance * ops.maximum(n - 1.0, 1.0) / n
-        return out.y, out.batch_mean, variance
+        y, mean, variance = _tf_fused_batch_norm_train(
+            y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon)
+        return y, mean, variance
 
     def _tf_fused(self, inputs, kernel, shift):
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
@@ -502,6 +573,7 @@ class ConvBNReLU(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "momentum": self.momentum,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "synchronized": self.synchronized,
             }
         )
         return config

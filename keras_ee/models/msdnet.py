@@ -23,8 +23,7 @@ from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
     activation_layer,
     nonlinearity_scope,
-    BN_EPSILON,
-    BN_MOMENTUM,
+    batch_normalization,
     branch_and_trunk,
     conv_bn_relu,
     conv_head,
@@ -171,9 +170,7 @@ def msdnet(
                 bias_initializer=torch_default_bias_init(7 * 7 * input_shape[2]),
                 name="stem_s0_conv",
             )(x)
-            x = layers.BatchNormalization(
-                epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_s0_bn"
-            )(x)
+            x = batch_normalization("stem_s0_bn")(x)
             x = activation_layer("stem_s0_relu")(x)
             # Zero padding is exact for the max-pool: its input is post-ReLU (>= 0).
             x = layers.ZeroPadding2D(1, name="stem_s0_pool_pad")(x)

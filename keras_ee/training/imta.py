@@ -248,8 +248,7 @@ class IMTA(Method):
             t = keras.layers.Dense(width, kernel_initializer=heads.torch_default_init(),
                                    bias_initializer=heads.torch_default_bias_init(c),
                                    name=f"exit_{k}_collab_dense")(prev)
-            t = keras.layers.BatchNormalization(epsilon=heads.BN_EPSILON, momentum=heads.BN_MOMENTUM,
-                                                name=f"exit_{k}_collab_bn")(t)
+            t = heads.batch_normalization(f"exit_{k}_collab_bn")(t)  # synchronized in `batchnorm_options`
             t = keras.layers.ReLU(name=f"exit_{k}_collab_relu")(t)
             t = CollaborationGate(False, name=f"exit_{k}_collab_gate")(t)
             joint = keras.layers.Concatenate(name=f"exit_{k}_collab_concat")([features, t])
