@@ -4,7 +4,8 @@
     PYTHONPATH=. .venv/bin/python bench/profile_ops.py train --method l2w  # one training step
 
 Runs `--runs` forward passes (batch 256, `training=False`) or training steps
-(`--method baseline|l2w`, SGD as `bench/train_step.py`) after warm-up under
+(`--method baseline|l2w|hdkd|naive_dkd`, SGD and batches as `bench/train_step.py`: HDKD's meta
+stream is the same random batch again) after warm-up under
 `tf.profiler`, then sums the duration of every TensorFlow op on the CPU compute
 threads by op type and prints each type's share (thread time, so with 2 threads
 the total is about twice the wall time). Wrapper events (executor, thread pool)
@@ -27,6 +28,8 @@ import tensorflow as tf  # noqa: E402
 
 from keras_ee import models, training  # noqa: E402
 
+_METHODS = {"baseline": training.Baseline, "l2w": training.L2W, "hdkd": training.HDKD,
+            "naive_dkd": training.NaiveDKD}
 _WRAPPERS = {"ExecutorState::Process", "ParallelFor", "ExecutorDoneCallback"}
 
 
@@ -55,7 +58,7 @@ def op_time_by_type(logdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["forward", "train"])
-    parser.add_argument("--method", choices=["baseline", "l2w"], default="l2w")
+    parser.add_argument("--method", choices=sorted(_METHODS), default="l2w")
     parser.add_argument("--model", default="msdnet_cifar_5")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--runs", type=int, default=2)
@@ -73,13 +76,13 @@ def main():
             for _ in range(n):
                 [o.numpy() for o in fn(x)]
     else:
-        method = training.L2W() if args.method == "l2w" else training.Baseline()
+        method = _METHODS[args.method]()
         model = training.MultiExitModel(backbone, method=method)
         model.compile(optimizer=keras.optimizers.SGD(
             keras.optimizers.schedules.CosineDecay(0.1, 10_000), momentum=0.9, nesterov=True,
             weight_decay=1e-4))
         y = rng.integers(0, 100, size=(args.batch,)).astype("int32")
-        ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+        ds = tf.data.Dataset.from_tensors(((x, y), (x, y)) if method.uses_meta_stream else (x, y)).repeat()
 
         def run(n):
             model.fit(ds, epochs=1, steps_per_epoch=n, verbose=0)

@@ -224,6 +224,60 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
         ConvBNReLU(6, 2)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_conv_bn_relu_second_order_gradients_match_keras_layers(graph):
+    """The fused BN's gradient of the gradient (L2W's and HDKD's meta-gradients) equals
+    that of Conv2D + training-mode BN written out + ReLU: with respect to the incoming
+    gradient's seed (the meta-gradient's path) and with respect to the input (a
+    Hessian-vector product), in eager and in a traced function. The reference takes its
+    moments without `tf.nn.moments`, whose `stop_gradient` on the mean (also in Keras'
+    BatchNormalization) leaves out a term of the second derivative in the input."""
+    rng = np.random.default_rng(3)
+    x = tf.constant(_rand((4, 6, 6, 3), seed=1))
+    fused = ConvBNReLU(5, 3, 2)
+    fused.build(x.shape)
+    fused.gamma.assign(rng.random(5) + 0.5)
+    fused.beta.assign(rng.random(5) - 0.5)
+    conv = keras.layers.Conv2D(5, 3, strides=2, padding="valid", use_bias=False)
+    pad = keras.layers.ZeroPadding2D(1)
+    gamma, beta = tf.Variable(fused.gamma.numpy()), tf.Variable(fused.beta.numpy())
+
+    def reference(t):
+        h = conv(pad(t))
+        mean = tf.reduce_mean(h, axis=[0, 1, 2])
+        var = tf.reduce_mean(tf.square(h - mean), axis=[0, 1, 2])
+        return tf.nn.relu((h - mean) * tf.math.rsqrt(var + 1e-5) * gamma + beta)
+
+    reference(x)
+    conv.kernel.assign(fused.kernel)
+    out_shape = tuple(reference(x).shape)
+    w = tf.constant(_rand(out_shape, seed=2))
+    seed = tf.constant(_rand(out_shape, seed=4))
+    v = [tf.constant(_rand(tuple(t.shape), seed=5 + i)) for i, t in enumerate([x] + fused.trainable_weights)]
+
+    def second_order(layer_fn, weights, x, seed):
+        # seed plays the meta-gradient's coefficients: d/d seed and d/dx of <dL/d(x, w), v>.
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch([x, seed])
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.square(layer_fn(x)) * w * seed)
+            g = inner.gradient(loss, [x] + weights)
+            z = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, v)])
+        return [outer.gradient(z, seed), outer.gradient(z, x)] + g
+
+    def got_fn(x, seed):
+        return second_order(lambda t: fused(t, training=True), fused.trainable_weights, x, seed)
+
+    def want_fn(x, seed):
+        return second_order(reference, [conv.kernel, gamma, beta], x, seed)
+
+    got = (tf.function(got_fn) if graph else got_fn)(x, seed)
+    want = (tf.function(want_fn) if graph else want_fn)(x, seed)
+    for name, a, b in zip(["d seed", "d x (second order)", "dx", "dkernel", "dgamma", "dbeta"], got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
 def test_width_packing_rule(monkeypatch):
     monkeypatch.setattr(layers_module, "_ONEDNN", False)
     assert width_packing(3, 6, 1, 32) == 2
