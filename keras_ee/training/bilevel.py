@@ -15,7 +15,9 @@ coupled through a look-ahead of the real optimizer. The pieces live here, once:
   global under `tf.distribute` (identities on one device).
 - `LookAhead` / `LookAheadResult`: the one-step bilevel pass. It returns its results (outer
   gradients, outer loss and auxiliary values, the reusable inner forward) instead of
-  keeping them on itself.
+  keeping them on itself. Under loss scaling (mixed precision) it scales and unscales its
+  own backward passes and says whether they overflowed; `unless_overflow` then skips the
+  auxiliary update.
 - `follow_main_schedule`: the learning rate of an auxiliary optimizer that follows the
   main optimizer's schedule shape, `base * lr(t) / lr(0)`, from public Keras API only.
 - `PerExitStats`: mean/min/max of a per-sample, per-exit quantity over an epoch, logged as
@@ -218,6 +220,16 @@ class LookAheadResult:
         non_trainable: the non-trainable values the inner forward computed (BatchNorm
             statistics): assign them if the real step keeps this forward.
         logits_meta: the meta batch's outputs through the look-ahead parameters.
+        finite: None unless the real optimizer skips non-finite steps (a
+            `LossScaleOptimizer`); then a boolean scalar, the same on every replica:
+            whether the look-ahead's inner and outer gradients were all finite. Where it
+            is False the loss scale overflowed: skip the auxiliary update
+            (`unless_overflow`) and hand `finite` to `MultiExitModel.apply_step`, which
+            makes the optimizer skip the real step and lower the scale.
+        inner_finite: likewise, whether the pseudo-step's gradient was finite. Where it
+            is not, `theta_hat` and so the outer loss are not finite because of the
+            overflow, which is not a fault: record the outer loss with
+            `when=inner_finite`.
     """
 
     outer_gradients: list
@@ -228,6 +240,8 @@ class LookAheadResult:
     logits: list
     non_trainable: list
     logits_meta: list
+    finite: object = None
+    inner_finite: object = None
     _tape: object = dataclasses.field(repr=False, default=None)
     _theta: list = dataclasses.field(repr=False, default=None)
 
@@ -268,6 +282,16 @@ class LookAhead:
     global counts, e.g. `global_sum`, as L2W does). Per replica stay: the inner forward and
     its BatchNorm statistics (`BatchNormalization(synchronized=True)` for global ones), the real
     step's gradient before the optimizer's sum, and the meta forward.
+
+    Under loss scaling (the real optimizer is a `LossScaleOptimizer`, as `compile` makes it
+    under `mixed_float16`, or has a `loss_scale_factor`) with scale S: the inner coefficients
+    are multiplied by S and the inner gradient divided by S before the pseudo-step, so the
+    inner backward pass stays in float16's range and `theta_hat` uses the unscaled gradient;
+    both rescalings pass gradients straight through (`core.straight_through_scale`), so the
+    backward pass through the inner backward pass sees the cotangents of the outer loss
+    scaled by S, which seeds the outer backward pass; the outer gradients are divided by S.
+    `lookahead_step` mirrors the wrapped optimizer. With a `LossScaleOptimizer` the result's
+    `finite` and `inner_finite` say whether these gradients overflowed.
 
     Args:
         model: the backbone (Keras model whose outputs are exit logits).
@@ -310,8 +334,13 @@ class LookAhead:
             # The coefficients depend on the outer variables only (the terms are detached
             # inside the coefficient function), so they stay out of the inner tape and the
             # second backward pass below is cheap.
-            coefficients = self.inner_coefficients_fn(terms, aux)
-            grads = inner_tape.gradient(terms, theta, output_gradients=ops.cast(coefficients, terms.dtype))
+            coefficients = ops.cast(self.inner_coefficients_fn(terms, aux), terms.dtype)
+            scale = core.loss_scale(self.optimizer)
+            if scale is not None:
+                coefficients = core.straight_through_scale(coefficients, scale)
+            grads = inner_tape.gradient(terms, theta, output_gradients=coefficients)
+            if scale is not None:
+                grads = [None if g is None else core.straight_through_scale(g, 1.0 / scale) for g in grads]
             if replica_context() is not None and num_replicas() > 1:
                 # Under tf.distribute: the real step's global gradient (see `all_reduced_gradients`).
                 grads = all_reduced_gradients([g * ops.cast(1.0 / num_replicas(), g.dtype) for g in grads])
@@ -319,10 +348,48 @@ class LookAhead:
             logits_meta, _ = core.stateless_forward(self.model, theta_hat, x_meta, training=True)
             outer = self.outer_loss_fn(logits_meta, y_meta)
             outer_loss, outer_aux = outer if isinstance(outer, tuple) else (outer, None)
-        outer_gradients = outer_tape.gradient(outer_loss, outer_values)
+        if scale is None:
+            outer_gradients = outer_tape.gradient(outer_loss, outer_values)
+        else:
+            outer_gradients = outer_tape.gradient(outer_loss, outer_values,
+                                                  output_gradients=ops.cast(scale, outer_loss.dtype))
+            outer_gradients = [None if g is None else g / ops.cast(scale, g.dtype) for g in outer_gradients]
+        finite = inner_finite = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            inner_finite = _all_replicas(ops.logical_not(core.first_nonfinite(_present(grads))[0]))
+            finite = ops.logical_and(
+                inner_finite, _all_replicas(ops.logical_not(core.first_nonfinite(_present(outer_gradients))[0])))
         return LookAheadResult(outer_gradients=outer_gradients, outer_loss=outer_loss, outer_aux=outer_aux,
                                terms=terms, aux=aux, logits=logits, non_trainable=non_trainable,
-                               logits_meta=logits_meta, _tape=inner_tape, _theta=theta)
+                               logits_meta=logits_meta, finite=finite, inner_finite=inner_finite,
+                               _tape=inner_tape, _theta=theta)
+
+
+def _present(tensors):
+    """The tensors that are not None (a scalar 0 if none is), for `core.first_nonfinite`."""
+    return [t for t in tensors if t is not None] or [ops.zeros((), "float32")]
+
+
+def _all_replicas(flag):
+    """Whether the boolean scalar `flag` holds on every replica in sync (`flag` itself on one device)."""
+    if replica_context() is None or num_replicas() == 1:
+        return flag
+    return ops.equal(global_sum(ops.cast(flag, "int32")), num_replicas())
+
+
+def unless_overflow(finite, fn, args=()):
+    """`fn(*args)`, unless `finite` (a `LookAheadResult.finite`) says the loss scale overflowed.
+
+    The auxiliary update (L2W's WPN, the gater, HDKD's gamma) of a step that Keras'
+    `LossScaleOptimizer` skips: with `finite` None (no loss scaling) `fn` just runs; otherwise
+    it runs only where `finite` holds, so an overflow leaves the auxiliary network, its
+    optimizer's buffers and its iteration counter as they were. Under `tf.distribute` pass
+    the per-replica tensors `fn` uses as `args` (see `replica_cond`).
+    """
+    if finite is None:
+        fn(*args)
+        return
+    replica_cond(finite, fn, lambda *args: None, args=args)
 
 
 def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr,
@@ -445,6 +512,16 @@ def check_counts(**values) -> None:
             raise ValueError(f"`{name}` must be >= 1; received {value}.")
 
 
+def auxiliary_dtype(model) -> str:
+    """The dtype of a method's own network (WPN, gater, loss weights): float64 with a float64 backbone, else float32.
+
+    float32 also under a mixed dtype policy: the auxiliary networks are small, and their
+    optimizers scale no loss, so half precision would only lose their small gradients.
+    """
+    variables = model.backbone.trainable_variables
+    return "float64" if variables and variables[0].dtype == "float64" else "float32"
+
+
 def torch_linear_init(fan_in):
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 
@@ -487,14 +564,16 @@ class MLP(keras.layers.Layer):
         self.output_activation = output_activation
         self.hidden = []
         fan_in = input_dim
+        # Keras does not hand a layer's dtype policy down to the layers it creates.
+        policy = self.dtype_policy
         for i in range(depth):
             init = torch_linear_init(fan_in)
             self.hidden.append(keras.layers.Dense(width, activation=activation, kernel_initializer=init,
-                                                  bias_initializer=init, name=f"hidden_{i + 1}"))
+                                                  bias_initializer=init, name=f"hidden_{i + 1}", dtype=policy))
             fan_in = width
         init = torch_linear_init(fan_in)
         self.head = keras.layers.Dense(output_dim, activation=output_activation, kernel_initializer=init,
-                                       bias_initializer=init, name="out")
+                                       bias_initializer=init, name="out", dtype=policy)
 
     def build(self, input_shape=None):
         shape = (None, self.input_dim)

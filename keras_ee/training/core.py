@@ -16,6 +16,10 @@ this module, so that the delicate parts exist exactly once:
 - `split_halves`: the two halves of a loaded batch (the half-batch exchange of
   `keras_ee.training.bilevel` trains on one while the other is the meta batch).
 - `first_nonfinite`: which of a list of tensors first holds NaN/inf.
+- Mixed precision: `float32_logits` (the exits' logits as float32 under a
+  `mixed_float16` / `mixed_bfloat16` policy), `inner_optimizer` (the optimizer
+  whose step a `LossScaleOptimizer` takes), `loss_scale` and
+  `straight_through_scale` (loss scaling through the look-ahead).
 
 The bilevel machinery (look-ahead pass, exchange driver, auxiliary optimizer
 schedule, per-exit statistics, the outer MLP) is in `keras_ee.training.bilevel`.
@@ -33,6 +37,17 @@ from keras import ops
 
 def _as_float32(x):
     return ops.cast(x, "float32") if x.dtype != "float64" else x
+
+
+def float32_logits(outputs):
+    """`outputs` with float16/bfloat16 tensors cast to float32 (float32 and float64 unchanged).
+
+    Under a mixed dtype policy the exits compute in half precision; their logits are
+    cast to float32 before any softmax or loss, as Keras' mixed-precision guide asks of a
+    model's outputs.
+    """
+    return [ops.cast(z, "float32") if keras.backend.standardize_dtype(z.dtype) in ("float16", "bfloat16")
+            else z for z in outputs]
 
 
 def labels_are_one_hot(y, logits):
@@ -119,7 +134,8 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
             pass with the same substituted values.
 
     Returns:
-        `(outputs, non_trainable_values)`: the exits' logits as a list, and
+        `(outputs, non_trainable_values)`: the exits' logits as a list (float32
+        under a mixed dtype policy, see `float32_logits`), and
         the non-trainable values the forward pass would have written (e.g.
         updated BatchNorm moving statistics). They are NOT assigned: the
         caller decides whether a real step should keep them (assign with
@@ -139,7 +155,7 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
         )
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return list(outputs), non_trainable
+        return float32_logits(outputs), non_trainable
     names = tuple(return_tensors)
     probe = probe_model(model, names)
     # The probe shares the model's variables, possibly in another order.
@@ -152,7 +168,7 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
     outputs = list(outputs)
     k = len(outputs) - len(names)
     non_trainable = [probe_non_trainable[non_trainable_at[id(v)]] for v in model.non_trainable_variables]
-    return outputs[:k], non_trainable, dict(zip(names, outputs[k:]))
+    return float32_logits(outputs[:k]), non_trainable, dict(zip(names, outputs[k:]))
 
 
 _PROBES = weakref.WeakKeyDictionary()
@@ -189,16 +205,58 @@ def assign_values(variables, values):
 _SUPPORTED_LOOKAHEAD = ("SGD", "Adam", "AdamW")
 
 
+def inner_optimizer(optimizer):
+    """The optimizer whose update `optimizer.apply` takes: a `LossScaleOptimizer`'s wrapped one.
+
+    Keras' `LossScaleOptimizer` (which `compile` adds under `mixed_float16`) unscales the
+    gradients, skips the step when they are not finite, and otherwise applies its
+    `inner_optimizer`, whose iterations, learning rate and buffers are the real ones.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def loss_scale(optimizer):
+    """The float32 factor `optimizer.scale_loss` multiplies a loss by, or None if it scales nothing.
+
+    A `LossScaleOptimizer`'s current dynamic scale, or a static `loss_scale_factor`;
+    `optimizer.apply` divides the gradients by the same factor.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or optimizer.loss_scale_factor is not None:
+        return ops.cast(optimizer.scale_loss(ops.ones((), "float32")), "float32")
+    return None
+
+
+@tf.custom_gradient
+def straight_through_scale(x, factor):
+    """`x * factor`, whose gradient is the upstream one unchanged (as if the factor were 1).
+
+    The look-ahead scales its inner coefficients by the loss scale (so that the inner
+    backward pass stays in float16's range) and unscales the resulting gradient; with
+    both rescalings straight through, the outer gradient is exactly that of the
+    unscaled pseudo-step, while the backward pass through the inner backward pass
+    receives cotangents of the loss-scaled outer loss (in float16's range too).
+    """
+    def grad(upstream):
+        return upstream, tf.zeros_like(factor)
+
+    return x * ops.cast(factor, x.dtype), grad
+
+
 def check_lookahead_support(optimizer):
     """Raise a clear error if `lookahead_step` cannot mirror `optimizer`.
 
     Supported: `keras.optimizers.SGD` (momentum, nesterov, weight_decay),
     `keras.optimizers.Adam` and `keras.optimizers.AdamW` (amsgrad included),
     each with any learning-rate schedule, gradient clipping and
-    `loss_scale_factor`. Subclasses that override `update_step`, gradient
-    accumulation and EMA weight overwriting are rejected: their next step is
-    not the one this function computes.
+    `loss_scale_factor`, also wrapped in a `keras.optimizers.LossScaleOptimizer`
+    (mixed precision; the wrapped optimizer is checked and mirrored).
+    Subclasses that override `update_step`, gradient accumulation and EMA
+    weight overwriting are rejected: their next step is not the one this
+    function computes.
     """
+    optimizer = inner_optimizer(optimizer)
     cls = type(optimizer)
     known = {
         "SGD": keras.optimizers.SGD,
@@ -245,12 +303,17 @@ def lookahead_step(optimizer, variables, values, grads):
     does the same.
 
     Args:
-        optimizer: a built `keras.optimizers.SGD`, `Adam` or `AdamW`.
+        optimizer: a built `keras.optimizers.SGD`, `Adam` or `AdamW`, or a
+            `LossScaleOptimizer` wrapping one (the wrapped optimizer's step is
+            mirrored: its iterations, learning rate and buffers; the step that
+            `apply` skips on non-finite gradients is not this function's
+            business).
         variables: the model variables the optimizer was built on (used to
             find their buffers, weight-decay exclusions and constraints).
         values: current values of `variables` (tensors; gradients may flow
             through them).
-        grads: gradients of the (unscaled) loss w.r.t. `values`.
+        grads: gradients of the unscaled loss w.r.t. `values` (divide
+            gradients of a loss-scaled loss by `loss_scale(optimizer)` first).
 
     Returns:
         A list of tensors: the look-ahead values, one per variable.
@@ -261,6 +324,7 @@ def lookahead_step(optimizer, variables, values, grads):
     ...                            model.trainable_variables, theta, grads)
     """
     kind = check_lookahead_support(optimizer)
+    optimizer = inner_optimizer(optimizer)
     if not optimizer.built:
         raise ValueError(
             "The optimizer must be built (e.g. `optimizer.build(variables)`) "

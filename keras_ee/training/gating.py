@@ -319,10 +319,8 @@ class BudgetAwareGating(Method):
             raise ValueError(f"the exits' Mul-Adds {mul_adds.tolist()} cannot be normalised by the last exit's.")
         # Cost_k = cost[k] / cost[K] of this very model (a constant of the losses).
         self.relative_costs = (mul_adds / mul_adds[-1]).tolist()
-        dtype = "float64" if model.backbone.trainable_variables and \
-            model.backbone.trainable_variables[0].dtype == "float64" else "float32"
         self.gater = ExitGater(k - 1, len(self.features), depth=self.gater_depth, width=self.gater_width,
-                               activation=self.gater_activation, name="gater", dtype=dtype)
+                               activation=self.gater_activation, name="gater", dtype=bilevel.auxiliary_dtype(model))
         self.gater.build((None, k - 1, len(self.features)))
         self.gater.trainable = False  # trained by its own optimizer, not the model's
         self.batch_counter = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
@@ -450,15 +448,21 @@ class BudgetAwareGating(Method):
         model.update_step_metrics(loss, y, logits, ce)
         self._record(a)
 
-    def _apply_gater(self, model, grads, per_exit):
+    def _apply_gater(self, model, grads, per_exit, lookahead=None):
+        """The gater's step on `grads`; with a look-ahead's result, skipped where its loss scale overflowed."""
         variables = self.gater.weights
         grads = [ops.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
         if self.gater_optimizer_name == "adam":  # L2 decay in the gradient, as torch.optim.Adam
             grads = [g + self.gater_weight_decay * v for g, v in zip(grads, variables)]
-        model.record_nonfinite(per_exit, phase=1)
-        # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
-        self.gater_optimizer.apply(bilevel.global_mean_gradients(grads), variables)
-        self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
+        finite, inner_finite = (None, None) if lookahead is None else (lookahead.finite, lookahead.inner_finite)
+        model.record_nonfinite(per_exit, phase=1, when=inner_finite)
+
+        def step(grads, per_exit):
+            # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
+            self.gater_optimizer.apply(bilevel.global_mean_gradients(grads), variables)
+            self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
+
+        bilevel.unless_overflow(finite, step, args=(grads, per_exit))
 
     def gater_gradients(self, model, x, y):
         """`(grads, per_exit)`: the outer loss's gradient w.r.t. the gater's weights on `(x, y)`.
@@ -526,7 +530,7 @@ class BudgetAwareGating(Method):
         result, coefficients_fn = self.lookahead(model, x_t, y_t, sw_t, x_m, y_m)
         ce, features = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
-        self._apply_gater(model, result.outer_gradients, result.outer_aux)
+        self._apply_gater(model, result.outer_gradients, result.outer_aux, lookahead=result)
         # The real step on the first half with the updated gater, reusing the inner forward.
         coefficients = ops.stop_gradient(coefficients_fn(result.terms, result.aux))
         grads = result.real_gradients(model.scale_loss(coefficients))
@@ -535,7 +539,7 @@ class BudgetAwareGating(Method):
         a = ops.cast(a, ce.dtype)
         per_exit = core.sample_weighted_exit_losses(inner_loss_terms(ce, a, self._costs(ce.dtype), self.cost_weight),
                                                     sw_t)
-        model.apply_step(grads, per_exit)
+        model.apply_step(grads, per_exit, finite=result.finite)
         model.update_step_metrics(ops.sum(per_exit), y_t, result.logits, ce)
         self._record(a)
 

@@ -267,6 +267,7 @@ class L2W(Method):
                 depth=self.wpn_depth,
                 width=self.wpn_width,
                 name="wpn",
+                dtype=bilevel.auxiliary_dtype(model),
             )
             self.wpn.build((None, input_dim))
             self.wpn.trainable = False
@@ -393,8 +394,8 @@ class L2W(Method):
                       lambda x_t, y_t, x_m, y_m: self._plain_step(model, x_t, y_t),
                       args=(x_t, y_t, x_m, y_m))
 
-    def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w):
-        model.apply_step(grads, per_exit)
+    def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w, finite=None):
+        model.apply_step(grads, per_exit, finite=finite)
         model.update_step_metrics(loss, y, logits, ce)
         self.weight_stats.update(w)
 
@@ -464,7 +465,7 @@ class L2W(Method):
         ce, _ = result.aux
         # Report a non-finite training loss before the meta loss it causes.
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
-        model.record_nonfinite(result.outer_aux, phase=1)
+        model.record_nonfinite(result.outer_aux, phase=1, when=result.inner_finite)
         # L2 weight decay added to the gradient, as torch.optim.Adam does.
         wd = self.wpn_weight_decay
         wpn_grads = [
@@ -472,7 +473,10 @@ class L2W(Method):
             for g, v in zip(wpn_grads, wpn_vars)
         ]
         # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
-        self.wpn_optimizer.apply(bilevel.global_mean_gradients(wpn_grads), wpn_vars)
+        # Under loss scaling: no WPN step where the look-ahead overflowed (the real step is skipped too).
+        bilevel.unless_overflow(
+            result.finite, lambda g: self.wpn_optimizer.apply(bilevel.global_mean_gradients(g), wpn_vars),
+            args=(wpn_grads,))
 
         # Real step on the training half, reusing the look-ahead's forward.
         logits = result.logits
@@ -485,7 +489,7 @@ class L2W(Method):
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = core.weighted_exit_losses(result.terms, w)
         self._apply_real(
-            model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w
+            model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w, finite=result.finite
         )
 
     # --- WPN files and statistics ---------------------------------------------

@@ -208,7 +208,8 @@ class MultiExitModel(keras.Model):
         outputs = self.backbone(inputs, training=training)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
-        return list(outputs)
+        # Under a mixed dtype policy every loss, softmax and dump works on float32 logits.
+        return core.float32_logits(outputs)
 
     # --- compile / fit -------------------------------------------------------
 
@@ -342,15 +343,15 @@ class MultiExitModel(keras.Model):
             loss = loss * ops.cast(1.0 / replicas, loss.dtype)
         return self.optimizer.scale_loss(loss)
 
-    def apply_step(self, grads, per_exit_loss):
+    def apply_step(self, grads, per_exit_loss, finite=None):
         """The real optimizer step of every method, with the non-finite checks.
 
         Records (for the guard) a non-finite per-exit loss, then a non-finite
         gradient, then a non-finite weight after the update (BatchNorm moving
         statistics included), and applies `grads` to the trainable variables.
         Under a `LossScaleOptimizer` a non-finite gradient is that optimizer's
-        business (it skips the step and lowers the scale), so only the loss and
-        the weights are checked.
+        business (it skips the step, halves the scale and does not advance its
+        `iterations`), so only the loss and the weights are checked.
 
         One loss-scaling convention for every method: `grads` are gradients of
         `self.scale_loss(loss)` (as in Keras' own `train_step`); `apply`
@@ -359,10 +360,22 @@ class MultiExitModel(keras.Model):
         Args:
             grads: one gradient per `self.trainable_variables` (None allowed).
             per_exit_loss: `(K,)` tensor of the exits' (unscaled) losses.
+            finite: optional boolean scalar (`bilevel.LookAheadResult.finite`):
+                False when the step's other gradients (a look-ahead's) overflowed
+                under loss scaling. `grads` then reach the `LossScaleOptimizer` as
+                non-finite, so it skips this step and lowers the scale exactly as
+                on an overflow of its own.
         """
         variables = self.trainable_variables
         opt = self.optimizer
         self.record_nonfinite(per_exit_loss, phase=_LOSS)
+        if finite is not None and isinstance(opt, keras.optimizers.LossScaleOptimizer):
+            grads = list(grads)
+            i = next((i for i, g in enumerate(grads) if g is not None), None)
+            if i is not None:
+                # One NaN suffices: the optimizer checks every gradient before applying any.
+                grads[i] = grads[i] + ops.where(finite, ops.zeros((), grads[i].dtype),
+                                                ops.full((), float("nan"), grads[i].dtype))
         checks = CHECK_STEP_VALUES
         if checks and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
             bad, first = core.first_nonfinite(
@@ -408,16 +421,22 @@ class MultiExitModel(keras.Model):
             )
         return logs
 
-    def record_nonfinite(self, per_exit_losses, phase=_LOSS):
+    def record_nonfinite(self, per_exit_losses, phase=_LOSS, when=None):
         """Record the first exit whose loss is NaN/inf (read by the guard).
 
         Args:
             per_exit_losses: `(K,)` tensor of the exits' losses.
             phase: 0 for the training loss, 1 for a meta loss.
+            when: optional boolean scalar; record only where it holds (a meta
+                loss through a pseudo-step whose gradient overflowed under loss
+                scaling, `bilevel.LookAheadResult.inner_finite`, is a skipped
+                step, not a fault).
         """
         bad, first = core.first_nonfinite(
             [per_exit_losses[k] for k in range(self.num_exits)]
         )
+        if when is not None:
+            bad = ops.logical_and(bad, when)
         self._record(bad, first, phase)
 
     def record_small_batch(self, batch_size):
