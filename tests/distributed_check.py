@@ -1,8 +1,9 @@
 """Run by tests/test_distribute.py in a fresh process: two logical CPU devices must be set before
 TensorFlow starts, which pytest's process has already done.
 
-    python tests/distributed_check.py METHOD [OPTIONS_JSON]   ->  prints one JSON line
-    python tests/distributed_check.py allocation              ->  prints one JSON line
+    python tests/distributed_check.py METHOD [OPTIONS_JSON] [--sync-batchnorm]   ->  one JSON line
+    python tests/distributed_check.py allocation                                 ->  one JSON line
+    python tests/distributed_check.py experiment OUT_DIR                         ->  one JSON line
 
 METHOD: trains the method (with the options, e.g. '{"gater_interval": 2}') for one epoch of 4
 global batches of 16 on a multi-exit MLP without BatchNorm, once on one device and once under a
@@ -12,8 +13,19 @@ rows [8r, 8r + 8) of each global batch; the global batch is fed permuted so that
 halves of a half-batch exchange (each replica's first half, then its second half) are the
 one-device halves (rows 0-7, then 8-15) in the same order.
 
+A method with two phases (IMTA, L2W+IMTA) trains on an `attach_exits` MLP (IMTA's hooks:
+branch/trunk gradient scales, `exit_k_features`), one epoch per phase, phase II with a new SGD.
+`--sync-batchnorm` builds the model inside `models.batchnorm_options(synchronized=True)` (IMTA's
+transfer paths have BatchNorm). METHOD `sync_bn` is Baseline on a small `multiexit_cnn` (8x8x1
+inputs, a conv-BN-ReLU unit per stage): the differences then include the BN moving statistics.
+
 `allocation`: `allocate_by_confidence_across_replicas` on two replicas of unequal sizes against
 `allocate_by_confidence` on the concatenated batch.
+
+`experiment`: `experiment.train` with `strategy="mirrored"` on digits (a small `multiexit_cnn`,
+L2W, 2 epochs), once uninterrupted and once interrupted after epoch 1 and resumed by the same
+call; prints the replica count recorded in `state.json` and the largest difference between the
+two final models.
 """
 
 import json
@@ -30,32 +42,57 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 
-from keras_ee import training  # noqa: E402
+from keras_ee import models, training  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
-from tiny_models import mlp_backbone  # noqa: E402  (tests/ is this script's folder)
+from tiny_models import StopAt, mlp_backbone  # noqa: E402  (tests/ is this script's folder)
 
 GLOBAL_BATCH, STEPS, DIM, CLASSES = 16, 4, 5, 4
 # Rows of a global batch so that replica 0 holds one-device rows 0-3 | 8-11, replica 1 rows 4-7 | 12-15.
 PERMUTATION = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 
-def backbone():
-    return mlp_backbone(num_classes=CLASSES, dim=DIM)
+PHASED = ("imta", "l2w_imta")
+IMAGE = (8, 8, 1)  # the inputs of `sync_bn`
+
+
+def backbone(method_name="baseline"):
+    if method_name == "sync_bn":  # conv-BN-ReLU units (`ConvBNReLU`) as the presets build them
+        return models.multiexit_cnn(num_classes=CLASSES, input_shape=IMAGE, widths=(4, 8), depth=1)
+    if method_name not in PHASED:
+        return mlp_backbone(num_classes=CLASSES, dim=DIM)
+    inp = keras.Input((DIM,))
+    h = inp
+    for k in range(3):
+        h = keras.layers.Dense(8, activation="relu", name=f"block_{k + 1}")(h)
+    return models.attach_exits(keras.Model(inp, h), ["block_1", "block_2", "block_3"], num_classes=CLASSES,
+                               head=lambda x, k: keras.layers.Dense(8, activation="relu", name=f"head_{k}")(x))
 
 
 def auxiliary_variables(method):
-    """The auxiliary network's variables: L2W's WPN, the gater, HDKD's gamma (none otherwise)."""
+    """The method's own variables: L2W's WPN, the gater, HDKD's gamma, IMTA's teacher (none otherwise)."""
+    out = []
     for name in ("wpn", "gater"):
         if getattr(method, name, None) is not None:
-            return list(getattr(method, name).weights)
+            out = list(getattr(method, name).weights)
+            break
     if getattr(method, "gamma_raw", None) is not None:
-        return [method.gamma_raw]
-    return []
+        out = [method.gamma_raw]
+    return out + [getattr(method, n) for n in ("teacher_kernel", "teacher_bias") if hasattr(method, n)]
 
 
-def data(permute):
+def moving_statistics(backbone):
+    """The BatchNorm moving means and variances (not every non-trainable weight: IMTA freezes others)."""
+    return [np.asarray(v.numpy()) for v in backbone.weights if "moving_" in v.path]
+
+
+def make_model(method_name, options):
+    method = training.Baseline() if method_name == "sync_bn" else training.get_method(method_name).cls(**options)
+    return training.MultiExitModel(backbone(method_name), method=method)
+
+
+def data(permute, shape=(DIM,)):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(GLOBAL_BATCH * STEPS, DIM)).astype("float32")
+    x = rng.normal(size=(GLOBAL_BATCH * STEPS, *shape)).astype("float32")
     y = rng.integers(0, CLASSES, size=GLOBAL_BATCH * STEPS).astype("int32")
     xm = rng.normal(size=(GLOBAL_BATCH * STEPS, DIM)).astype("float32")
     ym = rng.integers(0, CLASSES, size=GLOBAL_BATCH * STEPS).astype("int32")
@@ -65,41 +102,53 @@ def data(permute):
     return x, y, xm, ym
 
 
-def train(method_name, options, strategy, initial, aux_initial, permute):
-    with strategy.scope():
-        model = training.MultiExitModel(backbone(), method=training.get_method(method_name).cls(**options))
+def train(method_name, options, strategy, initial, aux_initial, permute, sync_bn):
+    with strategy.scope(), models.batchnorm_options(synchronized=sync_bn):
+        model = make_model(method_name, options)
         model.backbone.set_weights(initial)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         aux = auxiliary_variables(model.method)
         if aux_initial is not None:
             for v, value in zip(aux, aux_initial):
                 v.assign(value)
-    x, y, xm, ym = data(permute)
+    x, y, xm, ym = data(permute, IMAGE if method_name == "sync_bn" else (DIM,))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     if model.method.uses_meta_stream:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices((xm, ym)).batch(GLOBAL_BATCH)))
     history = model.fit(ds, epochs=1, verbose=0)
+    for phase in range(1, len(model.method.phases(1))):  # IMTA: phase II, with a new optimizer
+        with strategy.scope():
+            model.enter_phase(phase)
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        history = model.fit(ds, epochs=1, verbose=0)
     # Every replica's copy of each auxiliary variable.
     aux_replicas = [[np.asarray(r) for r in strategy.experimental_local_results(v.value)] for v in aux]
-    return model.backbone.get_weights(), aux_replicas, history.history["loss"][-1]
+    stats = moving_statistics(model.backbone)
+    return model.backbone.get_weights(), aux_replicas, history.history["loss"][-1], stats
 
 
-def method_check(method_name, options):
+def method_check(method_name, options, sync_bn=False):
     keras.utils.set_random_seed(0)
-    initial = backbone().get_weights()
+    with models.batchnorm_options(synchronized=sync_bn):
+        start = make_model(method_name, options).backbone  # IMTA's network: transformed
+        initial, stats_initial = start.get_weights(), moving_statistics(start)
     with tf.distribute.get_strategy().scope():
-        probe = training.MultiExitModel(backbone(), method=training.get_method(method_name).cls(**options))
+        probe = make_model(method_name, options)
         probe.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         aux_initial = [np.asarray(v.numpy()) for v in auxiliary_variables(probe.method)]
-    one, aux_one, loss_one = train(method_name, options, tf.distribute.get_strategy(), initial, aux_initial, False)
+    one, aux_one, loss_one, stats_one = train(method_name, options, tf.distribute.get_strategy(), initial, aux_initial, False,
+                                   sync_bn)
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    two, aux_two, loss_two = train(method_name, options, mirrored, initial, aux_initial, True)
+    two, aux_two, loss_two, stats_two = train(method_name, options, mirrored, initial, aux_initial, True, sync_bn)
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(one, initial))
     diff = max(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-6))) for a, b in zip(one, two))
     absolute = max(float(np.max(np.abs(a - b))) for a, b in zip(one, two))
     out = {"replicas": mirrored.num_replicas_in_sync, "max_relative_difference": diff,
            "max_difference": absolute, "difference_over_moved": absolute / moved,
            "moved": moved, "loss_one": float(loss_one), "loss_two": float(loss_two)}
+    if stats_one:
+        out.update(stats_difference=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_two)),
+                   stats_moved=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_initial)))
     if aux_initial:
         aux_moved = max(float(np.max(np.abs(r[0] - a))) for r, a in zip(aux_one, aux_initial))
         aux_diff = max(float(np.max(np.abs(r1[0] - r2[0]))) for r1, r2 in zip(aux_one, aux_two))
@@ -142,12 +191,41 @@ def allocation_check():
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "sizes": sizes, "results": results}))
 
 
+def experiment_check(out):
+    """`experiment.train` under `strategy="mirrored"`: an interrupted run resumes to the uninterrupted one."""
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    config = TrainConfig(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, method="l2w",
+                         epochs=2, train_size=64, batch_size=32, strategy="mirrored", evaluate=False)
+    experiment.train(config, f"{out}/full", verbose=0)
+    interrupted = False
+    try:
+        experiment.train(config, f"{out}/resumed", verbose=0, callbacks=[StopAt(1)])
+    except KeyboardInterrupt:
+        interrupted = True
+    experiment.train(config, f"{out}/resumed", verbose=0)
+    full, resumed = (experiment.load_run_model(f"{out}/{name}/model.keras") for name in ("full", "resumed"))
+    states = [json.load(open(f"{out}/{name}/state.json")) for name in ("full", "resumed")]
+    history = open(f"{out}/resumed/history.csv").read().strip().splitlines()
+    print(json.dumps({
+        "interrupted": interrupted, "replicas": [s.get("replicas") for s in states],
+        "strategy": [s.get("strategy") for s in states], "resumed_at_epoch": states[1].get("resumed_at_epoch"),
+        "history_rows": len(history) - 1, "dtype_policy": keras.config.dtype_policy().name,
+        "max_difference": max(float(np.max(np.abs(a - b))) for a, b in zip(full.get_weights(), resumed.get_weights())),
+    }))
+
+
 def main():
     if sys.argv[1] == "allocation":
         allocation_check()
         return
-    options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    method_check(sys.argv[1], options)
+    if sys.argv[1] == "experiment":
+        experiment_check(sys.argv[2])
+        return
+    args = [a for a in sys.argv[2:] if a != "--sync-batchnorm"]
+    options = json.loads(args[0]) if args else {}
+    method_check(sys.argv[1], options, sync_bn="--sync-batchnorm" in sys.argv)
 
 
 if __name__ == "__main__":
