@@ -8,7 +8,16 @@
         `tf.data.Dataset`; Keras' `fit` distributes it with `strategy.
         experimental_distribute_dataset`, which shards it across the workers (auto-shard policy
         AUTO, DATA for an in-memory dataset): worker r gets rows [8r, 8r + 8) of each global batch.
-        Keras 3 needs two workarounds for this (`symbolic_build_workaround`).
+        Keras 3 needs two workarounds for this (`experiment.apply_multi_worker_fit_workaround`).
+
+    python tests/multiworker_check.py experiment OUT_DIR OUT_NPZ [STOP_AT_EPOCH]
+        One worker of a two-worker cluster (TF_CONFIG set by the caller) running
+        `experiment.train` with `strategy="multi_worker"` (what `keras-ee train --strategy
+        multi_worker` runs) on digits, every worker with the same OUT_DIR: a small multiexit_cnn
+        with synchronized BN, baseline, 2 epochs of 2 global batches of 32. Writes the final
+        backbone weights (BN moving statistics included) to OUT_NPZ when a training ends. With
+        STOP_AT_EPOCH, every worker is interrupted at the start of that epoch; the same command
+        then resumes (the non-chief from the chief's backup).
 
     python tests/multiworker_check.py single METHOD OUT_NPZ
         The same training on one device, on the global batches in one-device order (the reference).
@@ -52,33 +61,6 @@ def dataset(permute=False):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH, drop_remainder=True)
 
 
-def symbolic_build_workaround(model, strategy):
-    """Keras 3 (3.15 here) cannot `fit` under MultiWorkerMirroredStrategy as it is.
-
-    `Trainer._maybe_symbolic_build` (keras/src/backend/tensorflow/trainer.py) takes the first
-    distributed batch and calls `strategy.reduce("MEAN", (x, y), axis=None)` on the whole tuple;
-    with more than one worker, `CollectiveAllReduceExtended._reduce_to` hands the tuple to the
-    cross-device ops, which try to convert it to one tensor: "ValueError: Attempt to convert a
-    value (PerReplica:{...}) with an unsupported type". The known upstream problem
-    (keras-team/keras#20585, tensorflow/tensorflow#72388). The build only needs the shapes, so
-    here it runs once, under the scope, on one local batch, and fit's own attempt is skipped.
-    """
-    x, y = next(iter(dataset()))
-    local = GLOBAL_BATCH // strategy.num_replicas_in_sync
-    model._symbolic_build(data_batch=(x[:local], y[:local]))
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    # Second problem: with more than one worker, fit's step reduces every log with
-    # `strategy.reduce("MEAN", v, axis=0)` (`reduce_per_replica`, reduction "auto", hard-coded in
-    # `_make_function`), which fails on the scalar logs ("Invalid reduction dimension 0 for input
-    # with 0 dimensions"). Logs of shape (1,) reduce to the replicas' mean, a scalar again.
-    train_step = model.train_step
-
-    def train_step_with_reducible_logs(data):
-        return {k: tf.reshape(v, [1]) for k, v in train_step(data).items()}
-
-    model.train_step = train_step_with_reducible_logs
-
-
 def worker(method_name, out_path, single=False):
     """One worker of the cluster; with `single`, the same training on one device (the reference)."""
     if single:
@@ -87,14 +69,15 @@ def worker(method_name, out_path, single=False):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TensorFlow op
     import keras
 
-    from keras_ee import training
+    from keras_ee import experiment, training
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = training.MultiExitModel(backbone(keras), method=training.get_method(method_name).cls())
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        if not single:
-            symbolic_build_workaround(model, strategy)
+    if not single:  # Keras 3's multi-worker fit bug (keras-team/keras#20585), as experiment.train does
+        assert experiment.needs_multi_worker_fit_workaround(strategy)
+        experiment.apply_multi_worker_fit_workaround(model, strategy)
     initial = [np.asarray(w) for w in model.backbone.get_weights()]
     history = model.fit(dataset(permute=not single), epochs=1, verbose=0)
     loss = history.history["loss"][-1]
@@ -170,9 +153,38 @@ def resume(method_name, backup_dir):
     print(json.dumps(out))
 
 
+def experiment_worker(out_dir, out_path, stop_at=None):
+    """One worker of `experiment.train(config(strategy="multi_worker"), out_dir)`, 2 epochs.
+
+    With `stop_at`, every worker is interrupted at the start of that epoch (`StopAt`).
+    """
+    import keras
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tiny_models import StopAt
+
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    class SaveWeights(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            np.savez(out_path, **{f"w{i}": w for i, w in enumerate(self.model.backbone.get_weights())})
+
+    config = TrainConfig(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, method="baseline",
+                         epochs=2, train_size=64, batch_size=32, strategy="multi_worker", evaluate=False,
+                         sync_batchnorm=True)  # else each worker keeps its own BN moving statistics
+    stop = [StopAt(int(stop_at))] if stop_at is not None else []
+    try:
+        experiment.train(config, out_dir, verbose=0, callbacks=[SaveWeights(), *stop])
+    except KeyboardInterrupt:
+        print("interrupted")
+
+
 def main():
     mode, method_name, path = sys.argv[1:4]
-    if mode in ("worker", "single"):
+    if mode == "experiment":
+        experiment_worker(method_name, path, *sys.argv[4:5])
+    elif mode in ("worker", "single"):
         worker(method_name, path, single=mode == "single")
     elif mode == "resume":
         resume(method_name, path)

@@ -36,16 +36,17 @@ def free_ports(n):
             s.close()
 
 
-def run_workers(method, tmp_path):
+def run_workers(method, tmp_path, mode="worker", extra=(), tag=""):
+    """Two workers of a localhost cluster running `multiworker_check.py MODE METHOD worker_r.npz EXTRA`."""
     ports = free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs, outs = [], []
     try:
         for index in range(2):
-            out = tmp_path / f"worker_{index}.npz"
-            log = open(tmp_path / f"worker_{index}.log", "w")
+            out = tmp_path / f"worker_{index}{tag}.npz"
+            log = open(tmp_path / f"worker_{index}{tag}.log", "w")
             tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append((subprocess.Popen([sys.executable, str(CHECK), "worker", method, str(out)],
+            procs.append((subprocess.Popen([sys.executable, str(CHECK), mode, method, str(out), *extra],
                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                            env=env(TF_CONFIG=tf_config)), log))
             outs.append(out)
@@ -58,8 +59,8 @@ def run_workers(method, tmp_path):
                 proc.wait(timeout=30)
             log.close()
     for index, (proc, _) in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"worker_{index}.log").read_text()[-3000:]
-    return [dict(np.load(out)) for out in outs]
+        assert proc.returncode == 0, (tmp_path / f"worker_{index}{tag}.log").read_text()[-3000:]
+    return [dict(np.load(out)) if out.exists() else {} for out in outs]  # none from an interrupted run
 
 
 def run_single(method, tmp_path):
@@ -77,7 +78,7 @@ def largest(a, b, prefix):
 
 
 # Keras 3.15 cannot `fit` under MultiWorkerMirroredStrategy as it is (keras-team/keras#20585):
-# the check works around its two failures (see `symbolic_build_workaround` there). Both workers
+# the check applies the library's workaround (`experiment.apply_multi_worker_fit_workaround`). Both workers
 # build the same global dataset; fit shards it, worker r taking rows [8r, 8r + 8) of each global
 # batch of 16. Measured (2026-12, 2-core machine, ~25-35 s each): the two workers end 0.0 apart
 # (backbone moved 0.2-0.5, the WPN the same on both) and 6e-8 (baseline) / 1.2e-7 (L2W; WPN
@@ -105,6 +106,40 @@ def test_two_workers_end_with_identical_weights(method, tmp_path):
     assert to_single < 1e-5 and aux_to_single < 1e-5, (to_single, aux_to_single)
     assert float(results[0]["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
     assert float(results[0]["loss"]) == pytest.approx(float(results[1]["loss"]), rel=1e-6)
+
+
+# `experiment.train` with strategy="multi_worker" (`keras-ee train --strategy multi_worker`), both
+# workers given the same run folder: the workaround applied by the library, only the chief writing
+# the folder, and both workers ending with the same weights, BN moving statistics included: with
+# --sync-batchnorm (measured 2026-12: per-replica BN leaves the workers' moving statistics up to 0.012
+# apart, every trainable weight 0.0 apart).
+@pytest.mark.slow
+def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
+    run = tmp_path / "run"
+    results = run_workers(str(run), tmp_path, mode="experiment")
+    keys = sorted(k for k in results[0] if k.startswith("w"))
+    assert keys and keys == sorted(k for k in results[1] if k.startswith("w"))
+    difference = max(float(np.max(np.abs(results[0][k] - results[1][k]))) for k in keys)
+    assert difference <= 1e-6, difference
+    state = json.loads((run / "state.json").read_text())
+    assert state["trained"] and state["strategy"] == "multi_worker" and state["replicas"] == 2, state
+    assert (run / "model.keras").is_file() and not (run / "backup").exists()
+    assert json.loads((run / "config.json").read_text())["strategy"] == "multi_worker"
+    # Only the chief wrote it: one history row per epoch, no file of the other worker.
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 3
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [".lock", "config.json", "costs.json", "dump", "history.csv", "model.keras", "state.json", "tensorboard"])
+    # Interrupted at the start of epoch 1 on both workers, then the same command again: the chief
+    # resumes from its backup, the other worker from the chief's, and both end where the
+    # uninterrupted run ended.
+    resumed = tmp_path / "resumed"
+    run_workers(str(resumed), tmp_path, mode="experiment", extra=["1"], tag="_stopped")
+    assert (resumed / "backup").is_dir() and not (resumed / "model.keras").exists()
+    again = run_workers(str(resumed), tmp_path, mode="experiment", tag="_resumed")
+    state = json.loads((resumed / "state.json").read_text())
+    assert state["resumed_at_epoch"] == 1, state
+    for r in again:
+        assert max(float(np.max(np.abs(r[k] - results[0][k]))) for k in keys) <= 1e-6
 
 
 def run_resume(method, tmp_path):
