@@ -512,16 +512,6 @@ def check_counts(**values) -> None:
             raise ValueError(f"`{name}` must be >= 1; received {value}.")
 
 
-def auxiliary_dtype(model) -> str:
-    """The dtype of a method's own network (WPN, gater, loss weights): float64 with a float64 backbone, else float32.
-
-    float32 also under a mixed dtype policy: the auxiliary networks are small, and their
-    optimizers scale no loss, so half precision would only lose their small gradients.
-    """
-    variables = model.backbone.trainable_variables
-    return "float64" if variables and variables[0].dtype == "float64" else "float32"
-
-
 def torch_linear_init(fan_in):
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 

@@ -319,8 +319,10 @@ class BudgetAwareGating(Method):
             raise ValueError(f"the exits' Mul-Adds {mul_adds.tolist()} cannot be normalised by the last exit's.")
         # Cost_k = cost[k] / cost[K] of this very model (a constant of the losses).
         self.relative_costs = (mul_adds / mul_adds[-1]).tolist()
+        dtype = "float64" if model.backbone.trainable_variables and \
+            model.backbone.trainable_variables[0].dtype == "float64" else "float32"
         self.gater = ExitGater(k - 1, len(self.features), depth=self.gater_depth, width=self.gater_width,
-                               activation=self.gater_activation, name="gater", dtype=bilevel.auxiliary_dtype(model))
+                               activation=self.gater_activation, name="gater", dtype=dtype)
         self.gater.build((None, k - 1, len(self.features)))
         self.gater.trainable = False  # trained by its own optimizer, not the model's
         self.batch_counter = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,

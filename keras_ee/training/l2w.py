@@ -267,7 +267,9 @@ class L2W(Method):
                 depth=self.wpn_depth,
                 width=self.wpn_width,
                 name="wpn",
-                dtype=bilevel.auxiliary_dtype(model),
+                # The policy's variable dtype: float32 also under a mixed policy (a small
+                # network whose optimizer scales no loss would lose its small gradients).
+                dtype=keras.config.dtype_policy().variable_dtype,
             )
             self.wpn.build((None, input_dim))
             self.wpn.trainable = False
