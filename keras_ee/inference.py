@@ -24,9 +24,9 @@ neighbouring exit; away from thresholds the decisions are identical.
 
 Mechanics (eager, inside `tf.function` with an unknown batch size, and in the exported
 SavedModel alike): survivor positions come from `tf.where`, every carried state tensor
-is cut with `tf.gather`, results are written back into input order with
-`tf.tensor_scatter_nd_update`, and a `tf.cond` per stage skips it (and so every later
-stage) once no sample is left.
+is cut with `tf.gather` (or handed on uncut when nobody left at that exit), results are
+written back into input order by one `tf.dynamic_stitch` per output, and a `tf.cond` per
+stage skips it (and so every later stage) once no sample is left.
 
 Conventions: exits are numbered 1..K (as the `exit_k` layers and the tables); costs and
 budgets are cumulative Mul-Adds per sample (`keras_ee.costs.exit_costs`); a budget is a
@@ -381,7 +381,7 @@ class EarlyExitModel(keras.Model):
             score = tf.clip_by_value(1.0 + plogp / tf.math.log(tf.cast(num_classes, tf.float64)), 0.0, 1.0)
         return tf.cast(score, tf.float32), tf.argmax(x, axis=-1, output_type=tf.int32)
 
-    def _stage_or_empty(self, k, state, stay, alive):
+    def _stage_or_empty(self, k, state, stay, alive, all_stay):
         """Stage k's outputs `[logits_k, *state_k]` on the samples `stay` of the carried `state`
         (all of them for stage 1), or empty (batch 0) tensors when nobody is left.
 
@@ -389,15 +389,19 @@ class EarlyExitModel(keras.Model):
         a cond gets one Switch per tensor its branches capture, and a nested cond running
         the rest of the network would capture the variables of every later stage at every
         exit (about 15% of a batch-1 pass of msdnet_cifar_5); here each stage's variables
-        are captured once. The carried tensors are cut inside the branch, so a stage that
-        nobody reaches copies nothing.
+        are captured once. oneDNN convolutions reject a batch of 0, so an empty stage must
+        be skipped, not run. The carried tensors are cut inside the branch, so a stage that
+        nobody reaches copies nothing; when every sample stays (`all_stay`) an inner cond
+        over the carried tensors only hands them on uncut, saving a copy of the whole state.
         """
         stage = self._runtime.stages[k]
 
         def run():
             if k == 0:
                 return list(stage(state[0], training=False))
-            return list(stage([tf.gather(t, stay) for t in state], training=False))
+            kept = tf.cond(all_stay, lambda: [tf.identity(t) for t in state],
+                           lambda: [tf.gather(t, stay) for t in state])
+            return list(stage(kept, training=False))
 
         def empty():
             return [tf.zeros((0,) + tuple(t.shape[1:]), t.dtype) for t in stage.outputs]
@@ -418,32 +422,37 @@ class EarlyExitModel(keras.Model):
         if deadline is not None:
             deadline = tf.convert_to_tensor(deadline, tf.int32)
         n = tf.shape(images)[0]
-        labels, exits, conf = tf.zeros([n], tf.int32), tf.zeros([n], tf.int32), tf.zeros([n], tf.float32)
         thresholds = tf.convert_to_tensor(self._thresholds.value)
         idx = tf.range(n)  # input positions of the samples still running
-        state, stay = [images], None
+        state, stay, all_stay = [images], None, None
+        # Per exit: the input positions of the samples leaving there and their results,
+        # written into input order by one dynamic_stitch per output at the end (every
+        # position leaves exactly once) instead of three scatters per exit.
+        where, labels, exits, conf = [], [], [], []
         for k in range(self.num_exits):
-            out = self._stage_or_empty(k, state, stay, tf.size(idx) > 0)
+            out = self._stage_or_empty(k, state, stay, tf.size(idx) > 0, all_stay)
             score, pred = self._score(out[0], k)
             last = k == self.num_exits - 1
             if last:
-                leave = tf.ones_like(score, dtype=tf.bool)
-            else:
-                # A sample leaves at its first exit with score >= T_k (calibration.simulate).
-                leave = tf.cast(score, tf.float64) >= thresholds[k]
-                if deadline is not None:
-                    leave = tf.logical_or(leave, deadline <= k + 1)
-            gone = tf.where(leave)[:, 0]
-            where = tf.expand_dims(tf.gather(idx, gone), 1)
-            labels = tf.tensor_scatter_nd_update(labels, where, tf.gather(pred, gone))
-            exits = tf.tensor_scatter_nd_update(exits, where,
-                                                tf.fill(tf.shape(gone), tf.constant(k + 1, tf.int32)))
-            conf = tf.tensor_scatter_nd_update(conf, where, tf.gather(score, gone))
-            if last:
+                where.append(idx)
+                labels.append(pred)
+                exits.append(tf.fill(tf.shape(idx), tf.constant(k + 1, tf.int32)))
+                conf.append(score)
                 break
+            # A sample leaves at its first exit with score >= T_k (calibration.simulate).
+            leave = tf.cast(score, tf.float64) >= thresholds[k]
+            if deadline is not None:
+                leave = tf.logical_or(leave, deadline <= k + 1)
+            gone = tf.where(leave)[:, 0]
+            where.append(tf.gather(idx, gone))
+            labels.append(tf.gather(pred, gone))
+            exits.append(tf.fill(tf.shape(gone), tf.constant(k + 1, tf.int32)))
+            conf.append(tf.gather(score, gone))
             stay = tf.where(tf.logical_not(leave))[:, 0]
+            all_stay = tf.equal(tf.size(gone), 0)
             idx, state = tf.gather(idx, stay), list(out[1:])
-        return {"label": labels, "exit": exits, "confidence": conf}
+        return {"label": tf.dynamic_stitch(where, labels), "exit": tf.dynamic_stitch(where, exits),
+                "confidence": tf.dynamic_stitch(where, conf)}
 
     def call(self, images, deadline=None, training=False):
         return self.early_exit(images, deadline=deadline)

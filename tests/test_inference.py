@@ -409,3 +409,43 @@ def test_empty_remainder_skips_later_stages(trained, ee):
         ee.budget = budget
     fn = tf.function(lambda x: ee(x), input_signature=[tf.TensorSpec((None, 8, 8, 1), tf.float32)])
     assert all(v.shape == (0,) for v in fn(tf.zeros((0, 8, 8, 1))).values())
+
+
+def test_all_stay_fast_path_keeps_order_and_parity(trained, ee, monkeypatch):
+    """When nobody leaves at an exit, the carried state goes on uncut (no gather over it): the
+    decisions, labels and order still equal simulate's, also after a later exit where some leave."""
+    import keras_ee.inference as inference
+
+    _, _, (xt, _) = trained
+    logits = _logits(ee.backbone, xt)
+    cut = []
+    real_gather = tf.gather
+
+    def spy(params, indices, *args, **kwargs):
+        if len(params.shape) == 4:  # a carried feature map, not an index or score vector
+            cut.append(int(params.shape[0]))
+        return real_gather(params, indices, *args, **kwargs)
+
+    saved, budget = ee.thresholds, ee.budget
+    try:
+        for thresholds in ([np.inf, np.inf, np.inf, -np.inf], [np.inf, saved[1], saved[2], -np.inf]):
+            ee.set_thresholds(thresholds)
+            exits, labels, _, near = _simulated(logits, ee.thresholds)
+            assert near == 0
+            perm = np.random.default_rng(5).permutation(len(xt))
+            cut.clear()
+            monkeypatch.setattr(inference.tf, "gather", spy)
+            out = ee(tf.constant(xt[perm]))  # eager: only the branch taken runs
+            monkeypatch.setattr(inference.tf, "gather", real_gather)
+            np.testing.assert_array_equal(out["exit"].numpy(), exits[perm])
+            np.testing.assert_array_equal(out["label"].numpy(), labels[perm])
+            got = ee.predict(xt, batch_size=64)  # compiled, batches 64, 64, ..., 44
+            np.testing.assert_array_equal(got["exit"], exits)
+            np.testing.assert_array_equal(got["label"], labels)
+            if np.isinf(thresholds[1]):
+                assert cut == []  # everyone stayed everywhere: nothing was copied
+            else:
+                assert len(cut) > 0 and (exits > 2).any() and (exits == 2).any()
+    finally:
+        ee._thresholds.assign(saved)
+        ee.budget = budget
