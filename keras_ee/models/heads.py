@@ -32,11 +32,17 @@ def nonlinearity_scope(name):
 
     if name not in NONLINEARITIES:
         raise ValueError(f"`activation` must be one of {list(NONLINEARITIES)}, received {name!r}.")
-    token = _NONLINEARITY.set(name)
+    with _scoped(_NONLINEARITY, name):
+        yield
+
+
+@contextlib.contextmanager
+def _scoped(variable, value):
+    token = variable.set(value)
     try:
         yield
     finally:
-        _NONLINEARITY.reset(token)
+        variable.reset(token)
 
 
 # Whether the BatchNorm layers built inside `batchnorm_options(synchronized=True)` all-reduce
@@ -58,11 +64,8 @@ def batchnorm_options(synchronized=False):
     """
     if not isinstance(synchronized, bool):
         raise ValueError(f"`synchronized` must be True or False; received {synchronized!r}.")
-    token = _SYNCHRONIZED_BN.set(synchronized)
-    try:
+    with _scoped(_SYNCHRONIZED_BN, synchronized):
         yield
-    finally:
-        _SYNCHRONIZED_BN.reset(token)
 
 
 def batch_normalization(name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM):
