@@ -152,6 +152,23 @@ def test_a_loss_scaled_lookahead_equals_the_unscaled_one(build, method):
         np.testing.assert_allclose(gb.numpy() / 2.0**12, ga.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_a_float16_meta_gradient_matches_float32_where_its_cotangents_would_underflow(build):
+    """At a learning rate of 1e-6 the cotangents that reach the inner backward pass (lr * dL/dtheta_hat,
+    ~1e-8 here) are below float16's normal range; the loss-scaled outer loss keeps them in it.
+    Measured: 0.2% from float32 (15% with the scale cancelled on the way, i.e. not straight through)."""
+    def optimizer():
+        return keras.optimizers.SGD(1e-6)
+
+    ref = build("float32", "l2w", optimizer())
+    half = build("mixed_float16", "l2w", keras.optimizers.LossScaleOptimizer(optimizer(), initial_scale=2.0**12))
+    x, y = tiny_data(BATCH, seed=3)
+    g_ref, _ = ref.method.meta_gradients(ref, x[:8], y[:8], x[8:], y[8:])
+    g_half, result = half.method.meta_gradients(half, x[:8], y[:8], x[8:], y[8:])
+    assert bool(result.finite.numpy())
+    g_ref, g_half = _flat(g_ref), _flat(g_half)
+    assert np.linalg.norm(g_half - g_ref) / np.linalg.norm(g_ref) < 0.02
+
+
 def test_lookahead_step_mirrors_the_wrapped_optimizer():
     variables = [keras.Variable(np.array([1.0, -2.0], np.float32))]
     inner = keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
