@@ -16,6 +16,8 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   round); each batch counts with its fastest of the rounds (the least disturbed by other
   processes), for both alike;
 - ratio: wall saving / Mul-Add saving (target >= 0.8 at batch 64 and 256);
+- ideal ratio: stage-time saving (below) / Mul-Add saving, the ratio a runtime without any
+  cost of its own would reach given how the network's time is spread over its stages;
 - stage-time saving: the saving if each stage's time were its share of the full pass
   (measured with every sample running every stage) times the fraction of samples that
   ran it; wall / stage-time is then the runtime's own efficiency, apart from how the
@@ -27,7 +29,11 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   batches of the row.
 
 Then the batch-1 overhead with every sample running to the last exit (thresholds +inf):
-`time(early exit) / time(full) - 1` (target <= 10%).
+`time(early exit) / time(full) - 1` (target <= 10%), next to two passes in between, timed
+in the same alternation: the stages chained in one `tf.function` (what the split alone
+costs) and chained with each stage waiting for the previous exit's score (what deciding
+before going on costs); and how many times the early-exit pass was traced over the whole
+run (1: one graph for every batch size and survivor count).
 """
 
 import argparse
@@ -56,22 +62,45 @@ def _time_batches(fn, batches):
     return time.perf_counter() - t0
 
 
-def _paired(fa, fb, batches, rounds):
-    """Totals over the batches of `fa` and `fb`, each batch's time the fastest of `rounds`
-    tries. They are timed batch by batch in alternation (a, b, a, b, ..., the order swapped
-    every round), so that load from other processes hits both alike; the fastest try of a
+def _timed_together(fns, batches, rounds):
+    """Totals over the batches of each of `fns`, each batch's time the fastest of `rounds`
+    tries. They are timed batch by batch in alternation (a, b, a, b, ..., the order reversed
+    every round), so that load from other processes hits all alike; the fastest try of a
     batch is the least disturbed one."""
-    _time_batches(fa, batches)  # warm-up: traces and oneDNN primitives of every shape
-    _time_batches(fb, batches)
-    ta = np.full((rounds, len(batches)), np.inf)
-    tb = np.full((rounds, len(batches)), np.inf)
+    for f in fns:  # warm-up: traces and oneDNN primitives of every shape
+        _time_batches(f, batches)
+    t = np.full((len(fns), rounds, len(batches)), np.inf)
     for r in range(rounds):
         for i, b in enumerate(batches):
-            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            for which in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
                 t0 = time.perf_counter()
-                _sync((fa, fb)[which](b))
-                (ta, tb)[which][r, i] = time.perf_counter() - t0
-    return float(ta.min(axis=0).sum()), float(tb.min(axis=0).sum())
+                _sync(fns[which](b))
+                t[which, r, i] = time.perf_counter() - t0
+    return [float(v) for v in t.min(axis=1).sum(axis=1)]
+
+
+def _overhead_parts(ee, shape):
+    """Compiled passes between the full network and the early exit with everyone running to
+    the last exit: the stages chained (what splitting alone costs), and the stages chained
+    with each waiting for the previous exit's score (what deciding before going on costs:
+    in the full network an exit head runs beside the next stage, here before it)."""
+    stages = ee._runtime.stages
+    spec = [tf.TensorSpec((None,) + shape, tf.float32)]
+
+    def chain(x, wait):
+        out = stages[0](x, training=False)
+        res = [ee._score(out[0], 0)[0]]
+        for k, st in enumerate(stages[1:]):
+            state = list(out[1:])
+            if wait:
+                with tf.control_dependencies([res[-1]]):
+                    state = [tf.identity(t) for t in state]
+            out = st(state, training=False)
+            res.append(ee._score(out[0], k + 1)[0])
+        return res
+
+    return (tf.function(lambda x: chain(x, False), input_signature=spec),
+            tf.function(lambda x: chain(x, True), input_signature=spec))
 
 
 def _stage_breakdown(ee, batches):
@@ -150,7 +179,7 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
         for bs in batch_sizes:
             imgs = test[:32] if bs == 1 else test
             batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
-            tf_med, te_med = _paired(full, serve, batches, rounds)
+            tf_med, te_med = _timed_together([full, serve], batches, rounds)
             exits = np.concatenate([serve(b)["exit"].numpy() for b in batches])
             mul_saving = 1 - c[exits - 1].mean() / c[-1]
             wall_saving = 1 - te_med / tf_med
@@ -162,11 +191,16 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
                              ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
                              full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
                              stage_ms=stage_ms, seen=seen, thresholds=thresholds))
-    # Batch 1, everyone to the last exit: the runtime's overhead over the full network.
+    # Batch 1, everyone to the last exit: the runtime's overhead over the full network, and
+    # the passes in between (stages chained; chained and waiting for each exit's score).
     ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
     batches = [tf.constant(test[i:i + 1]) for i in range(64)]
-    t_full, t_ee = _paired(full, serve, batches, max(rounds, 5))
-    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1), shares
+    chained, waiting = _overhead_parts(ee, shape)
+    t_full, t_ee, t_chain, t_wait = _timed_together([full, serve, chained, waiting], batches, max(rounds, 5))
+    # One trace of the early-exit pass for every batch size and survivor count of the run.
+    traces = serve.experimental_get_tracing_count()
+    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1,
+                         chain=t_chain / t_full - 1, wait=t_wait / t_full - 1, traces=traces), shares
 
 
 def main(argv=None):
@@ -188,20 +222,23 @@ def main(argv=None):
         c, rows, last, shares = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test)
         print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
               f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
-        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | stage-time saving | wall / "
-              "stage-time | full ms/batch | early exit ms/batch | per stage ms/batch (samples in) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | stage-time saving | ideal ratio | "
+              "wall / stage-time | full ms/batch | early exit ms/batch | per stage ms/batch (samples in) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             stages = " ".join(f"{ms:.1f}({n})" for ms, n in zip(r["stage_ms"], r["seen"]))
             print(f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
                   f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['time_saving']:.1%} | "
+                  f"{r['time_saving'] / r['mul_saving'] if r['mul_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
         print("stage time shares with every sample running every stage: " + "; ".join(
             f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
         print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))
         print(f"batch 1, every sample to the last exit: full {last['full_ms']:.2f} ms, early exit "
-              f"{last['ee_ms']:.2f} ms, overhead {last['overhead']:+.1%}  ({time.time() - t0:.0f} s)")
+              f"{last['ee_ms']:.2f} ms, overhead {last['overhead']:+.1%}; stages chained {last['chain']:+.1%}, "
+              f"chained and waiting for each exit's score {last['wait']:+.1%}; early-exit pass traced "
+              f"{last['traces']} time(s)  ({time.time() - t0:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 
