@@ -191,7 +191,7 @@ def test_lookahead_step_mirrors_the_wrapped_optimizer():
         core.check_lookahead_support(keras.optimizers.LossScaleOptimizer(keras.optimizers.RMSprop()))
 
 
-@pytest.mark.parametrize("method", ["baseline", "l2w", "gating"])
+@pytest.mark.parametrize("method", ["baseline", "l2w", "gating", "hdkd"])
 def test_a_loss_scale_overflow_skips_the_step_cleanly_then_a_normal_step_proceeds(build, method):
     # mixed_float16 on CPU (Dense layers; TensorFlow's CPU kernels also run float16 convolutions).
     # A scale of 2^100 makes every float16 gradient inf.

@@ -495,31 +495,40 @@ class HDKD(Method):
                                outer_fn)
         return la.run(x_t, y_t, x_m, y_m)
 
-    def _apply_gamma(self, model, grads, ce_means_meta):
+    def _apply_gamma(self, model, grads, ce_means_meta, result=None):
         grad = grads[0]
         grad = ops.zeros_like(self.gamma_raw) if grad is None else ops.cast(grad, self.gamma_raw.dtype)
-        model.record_nonfinite(ce_means_meta, phase=1)
-        # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
-        self.gamma_optimizer.apply(bilevel.global_mean_gradients([grad]), [self.gamma_raw])
-        if self.gamma_parametrization == "clip":
-            self.gamma_raw.assign(ops.maximum(self.gamma_raw, 0.0))
+        model.record_nonfinite(ce_means_meta, phase=1, when=None if result is None else result.inner_finite)
+
+        def step(grad):
+            # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
+            self.gamma_optimizer.apply(bilevel.global_mean_gradients([grad]), [self.gamma_raw])
+            if self.gamma_parametrization == "clip":
+                self.gamma_raw.assign(ops.maximum(self.gamma_raw, 0.0))
+
+        # Under loss scaling: no gamma step where the look-ahead overflowed.
+        bilevel.unless_overflow(None if result is None else result.finite, step, args=(grad,))
 
     def _meta_step(self, model, x, y, sample_weight, x_m, y_m):
         result = self.lookahead(model, x, y, sample_weight, x_m, y_m)
         ce = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)  # a bad training loss before the meta loss
         ce_means_meta, _ = result.outer_aux
-        self._apply_gamma(model, result.outer_gradients, ce_means_meta)
-        self.balanced_loss_tracker.update_state(ops.cast(result.outer_loss, "float32"))
+        self._apply_gamma(model, result.outer_gradients, ce_means_meta, result)
+        bilevel.unless_overflow(result.finite, lambda loss: self.balanced_loss_tracker.update_state(
+            ops.cast(loss, "float32")), args=(result.outer_loss,))
         # The real step with the new gamma, reusing the look-ahead's forward.
         gamma = ops.stop_gradient(self.gamma())
         coefficients = self._coefficients(result.terms, sample_weight, gamma)
         grads = result.real_gradients(model.scale_loss(coefficients))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = self.per_exit_losses(result.terms, sample_weight, gamma)
-        model.apply_step(grads, per_exit)
+        model.apply_step(grads, per_exit, finite=result.finite)
         model.update_step_metrics(ops.sum(per_exit), y, result.logits, ce)
-        self._update_ema(ce_means_meta if self.ema_source == "meta" else bilevel.global_mean(ops.mean(ce, axis=0)))
+        if self.ema_source == "meta":  # not the meta losses of an overflowed look-ahead
+            bilevel.unless_overflow(result.finite, self._update_ema, args=(ce_means_meta,))
+        else:
+            self._update_ema(bilevel.global_mean(ops.mean(ce, axis=0)))
         self._update_temperatures(result.logits)
 
     # --- run-folder files --------------------------------------------------------
