@@ -79,6 +79,20 @@ def _timed_together(fns, batches, rounds):
     return [float(v) for v in t.min(axis=1).sum(axis=1)]
 
 
+def _timed_whole(fns, rounds):
+    """Fastest of `rounds` runs of each no-argument `fn` (each a whole pass over a set of
+    images), alternating the order every round."""
+    for f in fns:  # warm-up
+        f()
+    t = np.full((len(fns), rounds), np.inf)
+    for r in range(rounds):
+        for which in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            t0 = time.perf_counter()
+            fns[which]()
+            t[which, r] = time.perf_counter() - t0
+    return [float(v) for v in t.min(axis=1)]
+
+
 def _overhead_parts(ee, shape):
     """Compiled passes between the full network and the early exit with everyone running to
     the last exit: the stages chained (what splitting alone costs), and the stages chained
@@ -149,7 +163,7 @@ def _stage_breakdown(ee, batches):
     return best * 1e3 / len(batches), seen
 
 
-def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
+def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
     import keras
 
     keras.utils.set_random_seed(0)  # the same untrained weights in every run
@@ -172,6 +186,7 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
         ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
         ms, _ = _stage_breakdown(ee, [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)])
         shares[bs] = ms / ms.sum()
+    pool_set = rng.normal(size=(n_pooled,) + shape).astype("float32")
     rows = []
     for f in fractions:
         solved = ee.set_budget(f * c[-1])
@@ -185,12 +200,24 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test):
             wall_saving = 1 - te_med / tf_med
             stage_ms, seen = _stage_breakdown(ee, batches)
             time_saving = 1 - float(np.sum(shares[bs] * seen / len(imgs)))
+            pooled = None
+            if bs > 1 and n_pooled:
+                # Throughput mode on a larger set: survivors pooled across batches per stage.
+                pool_batches = [tf.constant(pool_set[i:i + bs]) for i in range(0, n_pooled, bs)]
+                t_full, t_pool = _timed_whole([lambda: [_sync(full(b)) for b in pool_batches],
+                                               lambda: ee.predict(pool_set, batch_size=bs, pooled=True)],
+                                              max(3, rounds // 2))
+                pool_exits = ee.predict(pool_set, batch_size=bs, pooled=True)["exit"]
+                pool_mul = 1 - c[pool_exits - 1].mean() / c[-1]
+                pooled = dict(mul_saving=pool_mul, wall_saving=1 - t_pool / t_full,
+                              ratio=(1 - t_pool / t_full) / pool_mul if pool_mul > 0 else float("nan"),
+                              full_ms=t_full * 1e3 / len(pool_batches), pool_ms=t_pool * 1e3 / len(pool_batches))
             rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
                              time_saving=time_saving,
                              mul_saving=mul_saving, wall_saving=wall_saving,
                              ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
                              full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
-                             stage_ms=stage_ms, seen=seen, thresholds=thresholds))
+                             stage_ms=stage_ms, seen=seen, thresholds=thresholds, pooled=pooled))
     # Batch 1, everyone to the last exit: the runtime's overhead over the full network, and
     # the passes in between (stages chained; chained and waiting for each exit's score).
     ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
@@ -209,17 +236,21 @@ def main(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--pooled-images", type=int, default=1024,
+                   help="images of the throughput-mode rows (predict(pooled=True)); 0 skips them")
     p.add_argument("--quick", action="store_true", help="2 rounds, 256 validation and 64 test images, batches 1 and 64")
     args = p.parse_args(argv)
     n_val, n_test = 1024, 256
     if args.quick:
         args.rounds, n_val, n_test = 2, 256, 64
+        args.pooled_images = min(args.pooled_images, 256)
         args.batches = [b for b in args.batches if b <= 64]
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}; rounds {args.rounds}")
     for name in args.models:
         t0 = time.time()
-        c, rows, last, shares = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test)
+        c, rows, last, shares = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test,
+                                            args.pooled_images)
         print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
               f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
         print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | stage-time saving | ideal ratio | "
@@ -232,6 +263,16 @@ def main(argv=None):
                   f"{r['time_saving'] / r['mul_saving'] if r['mul_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
+        pooled_rows = [r for r in rows if r["pooled"]]
+        if pooled_rows:
+            print(f"\nthroughput mode, predict(pooled=True) on {args.pooled_images} other images against the full "
+                  f"network on the same batches (whole passes, fastest of {max(3, args.rounds // 2)}):")
+            print("| batch | budget | Mul-Add saving | wall saving | ratio | full ms/batch | pooled ms/batch |")
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+            for r in pooled_rows:
+                q = r["pooled"]
+                print(f"| {r['batch']} | {r['fraction']:.0%} | {q['mul_saving']:.1%} | {q['wall_saving']:.1%} | "
+                      f"{q['ratio']:.2f} | {q['full_ms']:.1f} | {q['pool_ms']:.1f} |")
         print("stage time shares with every sample running every stage: " + "; ".join(
             f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
         print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))

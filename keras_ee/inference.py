@@ -188,6 +188,7 @@ class EarlyExitModel(keras.Model):
             self._val_scores.assign(vs)
         self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
         self._serve = None
+        self._pool_steps = {}
         self.built = True
 
     # ------------------------------------------------------------------ construction
@@ -491,7 +492,7 @@ class EarlyExitModel(keras.Model):
                             input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")]))
         return self._serve[1 if deadline else 0]
 
-    def predict(self, images, batch_size=64, deadline=None, verbose=0, **kwargs):
+    def predict(self, images, batch_size=64, deadline=None, pooled=False, verbose=0, **kwargs):
         """Early-exit predictions for a numpy array of preprocessed images.
 
         Args:
@@ -499,6 +500,14 @@ class EarlyExitModel(keras.Model):
             batch_size: samples per compiled call.
             deadline: None (the budget's thresholds only), or an int stage k in 1..K:
                 anytime mode, every sample has its prediction after stage k at the latest.
+            pooled: False: each batch of `batch_size` images runs through the stages on
+                its own (the serving pass), so later stages see only that batch's
+                survivors. True (throughput mode, for a set of images known up front, as
+                in budgeted batch classification): the survivors of every batch are
+                pooled per stage and a stage runs once `batch_size` of them are waiting
+                (the rest at the end), so every stage works on full batches. The same
+                decisions (each sample's computation does not depend on its batch
+                mates; scores may differ in the last float32 bit).
 
         Returns:
             dict of numpy arrays `(N,)`: `label` (int32), `exit` (int32, 1-based),
@@ -510,6 +519,10 @@ class EarlyExitModel(keras.Model):
         d = self._check_deadline(deadline)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
+        if not isinstance(pooled, (bool, np.bool_)):
+            raise ValueError(f"pooled must be True or False; received {pooled!r}.")
+        if pooled:
+            return self._predict_pooled(a, int(batch_size), d)
         if deadline is None:
             fn = self.serving_function()
         else:
@@ -522,6 +535,75 @@ class EarlyExitModel(keras.Model):
                 parts[key].append(out[key].numpy())
         empty = {"label": np.int32, "exit": np.int32, "confidence": np.float32}
         return {key: np.concatenate(parts[key]) if parts[key] else np.zeros(0, empty[key]) for key in OUTPUT_KEYS}
+
+    def _pool_step(self, k, final):
+        """Compiled stage k (0-based) on a pool of its inputs: `(score, prediction, stay, *state)`
+        where `stay` are the pool rows that go on and `state` their carried tensors (`final`:
+        everybody leaves here, no state). One trace per stage: unknown batch size."""
+        key = (k, bool(final))
+        if key not in self._pool_steps:
+            stage = self._runtime.stages[k]
+            spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in stage.inputs]
+
+            def step(*state):
+                out = stage(list(state) if k else state[0], training=False)
+                score, pred = self._score(out[0], k)
+                if final:
+                    return score, pred
+                stay = tf.where(tf.cast(score, tf.float64) < tf.convert_to_tensor(self._thresholds.value)[k])[:, 0]
+                return (score, pred, stay, *[tf.gather(t, stay) for t in out[1:]])
+
+            self._pool_steps[key] = tf.function(step, input_signature=spec)
+        return self._pool_steps[key]
+
+    def _predict_pooled(self, a, batch_size, last):
+        """`predict(pooled=True)`: a queue of waiting samples per stage, each run at `batch_size`."""
+        n = len(a)
+        labels, exits, conf = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
+        queues = [[] for _ in range(last)]  # per stage: chunks of (input positions, [state tensors])
+
+        def waiting(k):
+            return sum(len(pos) for pos, _ in queues[k])
+
+        def take(k, size):
+            """The first `size` waiting samples of stage k (or all of them), as one pool."""
+            chunks, got = [], 0
+            while queues[k] and got < size:
+                pos, state = queues[k].pop(0)
+                if got + len(pos) > size:  # split the chunk: the rest waits at the front
+                    cut = size - got
+                    queues[k].insert(0, (pos[cut:], [t[cut:] for t in state]))
+                    pos, state = pos[:cut], [t[:cut] for t in state]
+                chunks.append((pos, state))
+                got += len(pos)
+            if len(chunks) == 1:
+                return chunks[0]
+            return (np.concatenate([pos for pos, _ in chunks]),
+                    [tf.concat(parts, 0) for parts in zip(*[state for _, state in chunks])])
+
+        def run(k, pos, state):
+            final = k == last - 1
+            out = self._pool_step(k, final)(*state)
+            score, pred = out[0].numpy(), out[1].numpy()
+            leave = np.ones(len(pos), bool)
+            if not final:
+                stay = out[2].numpy()
+                leave[stay] = False
+                if len(stay):
+                    queues[k + 1].append((pos[stay], list(out[3:])))
+            gone = pos[leave]
+            labels[gone], exits[gone], conf[gone] = pred[leave], k + 1, score[leave]
+
+        def drain(flush):
+            for k in range(1, last):
+                while waiting(k) >= batch_size or (flush and waiting(k)):
+                    run(k, *take(k, batch_size))
+
+        for start in range(0, n, batch_size):
+            run(0, np.arange(start, min(start + batch_size, n)), [tf.constant(a[start:start + batch_size], tf.float32)])
+            drain(flush=False)
+        drain(flush=True)
+        return {"label": labels, "exit": exits, "confidence": conf}
 
     def expected_costs(self, exits):
         """Mul-Adds per sample of 1-based exit indices (`costs[exit - 1]`)."""

@@ -135,6 +135,39 @@ def test_eager_and_tf_function_with_unknown_batch(trained, ee):
     assert len(fn._list_all_concrete_functions()) == 1
 
 
+def test_pooled_predict_takes_the_same_decisions_on_full_batches(trained, ee, monkeypatch):
+    _, _, (xt, _) = trained
+    ref = ee.predict(xt, batch_size=64)
+    seen = []  # the pool size of every stage call
+    step = ee._pool_step
+
+    def counting(k, final):
+        fn = step(k, final)
+        return lambda *state: (seen.append((k, int(state[0].shape[0]))), fn(*state))[1]
+
+    monkeypatch.setattr(ee, "_pool_step", counting)
+    for batch_size in (64, 7, 1, 1000):
+        seen.clear()
+        got = ee.predict(xt, batch_size=batch_size, pooled=True)
+        np.testing.assert_array_equal(got["exit"], ref["exit"])
+        np.testing.assert_array_equal(got["label"], ref["label"])
+        np.testing.assert_allclose(got["confidence"], ref["confidence"], rtol=1e-5)
+        for k in range(ee.num_exits):  # full pools, except the last call of each stage
+            sizes = [size for stage, size in seen if stage == k]
+            assert sum(sizes) == int(np.sum(ref["exit"] > k)), (batch_size, k, sizes)
+            assert all(size == min(batch_size, len(xt)) for size in sizes[:-1]), (batch_size, k, sizes)
+            assert all(size > 0 for size in sizes)
+    monkeypatch.undo()
+    shuffled = np.random.default_rng(4).permutation(len(xt))
+    np.testing.assert_array_equal(ee.predict(xt[shuffled], batch_size=16, pooled=True)["exit"], ref["exit"][shuffled])
+    for deadline in (1, 2):
+        np.testing.assert_array_equal(ee.predict(xt, batch_size=16, pooled=True, deadline=deadline)["exit"],
+                                      ee.predict(xt, deadline=deadline)["exit"])
+    assert all(v.shape == (0,) for v in ee.predict(xt[:0], pooled=True).values())
+    with pytest.raises(ValueError, match="pooled must be True or False"):
+        ee.predict(xt, pooled="yes")
+
+
 def test_deadline(trained, ee):
     _, _, (xt, _) = trained
     ref = ee.predict(xt)
@@ -254,6 +287,11 @@ def test_architectures(build):
     np.testing.assert_array_equal(out["exit"][ok], exits[ok])
     np.testing.assert_array_equal(out["label"][ok], labels[ok])
     assert len(set(out["exit"].tolist())) >= 2
+    # Throughput mode: survivors pooled across batches (several carried tensors per stage here).
+    pooled = e.predict(xt, batch_size=16, pooled=True)
+    np.testing.assert_array_equal(pooled["exit"][ok], exits[ok])
+    np.testing.assert_array_equal(pooled["label"][ok], labels[ok])
+    np.testing.assert_allclose(pooled["confidence"], out["confidence"], rtol=1e-5)
 
 
 def _residual_backbone():

@@ -444,7 +444,12 @@ class ConvBNReLU(keras.layers.Layer):
             # The fused kernel cannot all-reduce its statistics: synchronized BN takes moments.
             fused = keras.backend.backend() == "tensorflow" and y.dtype in _TF_FUSED_BN_DTYPES
             if fused and not self.synchronized:
-                y, mean, variance = self._tf_fused_batch_norm(y)
+                # One FusedBatchNormV3 kernel (and one for its gradient) instead of about ten
+                # elementwise passes for moments + normalisation: the same math, and what keeps
+                # training-mode BN cheap in MSDNet/RANet's many narrow units and in the
+                # meta-gradients' second-order passes.
+                y, mean, variance = _tf_fused_batch_norm_train(
+                    y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon)
             else:
                 mean, variance = ops.moments(y, axes=[0, 1, 2], synchronized=self.synchronized)
                 y = ops.batch_normalization(
@@ -483,17 +488,6 @@ class ConvBNReLU(keras.layers.Layer):
 
             return tf.nn.relu(y)
         return ops.relu(y)
-
-    def _tf_fused_batch_norm(self, y):
-        # One FusedBatchNormV3 kernel (and one kernel for its gradient) instead
-        # of about ten elementwise passes for moments + normalisation: the
-        # same math, and what keeps training-mode BN cheap in the many narrow
-        # units of MSDNet/RANet (and in L2W's higher-order gradients).
-        import tensorflow as tf
-
-        y, mean, variance = _tf_fused_batch_norm_train(
-            y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon)
-        return y, mean, variance
 
     def _tf_fused(self, inputs, kernel, shift):
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
