@@ -28,6 +28,11 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   differs a little from the fused pass) and the samples that entered it over all the
   batches of the row.
 
+Throughput mode (batches above 1): `predict(pooled=True)` on `--pooled-images` other random
+images (default 1024; survivors pooled across batches per stage) against the full network on
+the same batches, both timed as whole passes, the fastest of max(3, rounds // 2) alternating
+rounds.
+
 Then the batch-1 overhead with every sample running to the last exit (thresholds +inf):
 `time(early exit) / time(full) - 1` (target <= 10%), next to two passes in between, timed
 in the same alternation: the stages chained in one `tf.function` (what the split alone
