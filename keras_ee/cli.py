@@ -286,7 +286,6 @@ def cmd_predict(args) -> None:
 
     from keras_ee import experiment
     from keras_ee.atomic import atomic_write_text
-    from keras_ee.config import TrainConfig
     from keras_ee.evaluation import budget_label
     from keras_ee.inference import EarlyExitModel
 
@@ -308,9 +307,12 @@ def cmd_predict(args) -> None:
         raise ValueError(f"--images {str(args.images)!r} has images of shape {tuple(images.shape[1:])}; the model "
                          f"takes {shape} (no resizing is done).")
     if not args.normalized:
-        splits = experiment.load_data(TrainConfig.from_file(run / experiment.CONFIG_FILE))
-        images = (images.astype(np.float32) * np.float32(splits.pixel_scale) - splits.mean) / splits.std
-    out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline)
+        scale, mean, std = experiment.read_preprocessing(run)
+        if mean.shape != (shape[-1],):
+            raise ValueError(f"{str(run)!r}: its normalisation has {mean.shape[0]} channels; the model takes "
+                             f"{shape[-1]}.")
+        images = (images.astype(np.float32) * np.float32(scale) - mean) / std
+    out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline, pooled=args.pooled)
     cost = ee.costs[out["exit"] - 1]
     lines = ["image,label,exit,confidence,mul_adds"]
     for name, label, ex, conf, c in zip(names, out["label"], out["exit"], out["confidence"], cost):
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the CSV: image,label,exit,confidence,mul_adds")
     p.add_argument("--normalized", action="store_true", help="the images are already preprocessed as in training")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pooled", action="store_true",
+                   help="throughput mode: pool the survivors of every batch per stage (the same decisions)")
     p.add_argument("--deadline", type=int, help="anytime mode: every image has its prediction after this stage (1..K)")
     p.add_argument("--confidence", default=None, choices=["max_softmax", "margin", "entropy"],
                    help="confidence score (default: the run's)")

@@ -7,6 +7,8 @@ A run folder holds:
     history.csv          per-epoch logs (loss and accuracy of every exit, WPN weight stats)
     tensorboard/         TensorBoard logs
     costs.json           per-exit cumulative params and Mul-Adds
+    preprocessing.json   the input normalisation: pixel scale and the training split's
+                         per-channel mean and std (what `keras-ee predict` applies to raw images)
     dump/                validation and test logits in the calibrator's dump format
     l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
     wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
@@ -68,6 +70,7 @@ from keras_ee.config import TrainConfig
 STATE_FILE = "state.json"
 SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
 CONFIG_FILE = "config.json"
+PREPROCESSING_FILE = "preprocessing.json"
 MODEL_FILE = "model.keras"
 
 
@@ -368,6 +371,26 @@ def dtype_policy(name: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def read_preprocessing(workdir) -> tuple[float, np.ndarray, np.ndarray]:
+    """`(pixel_scale, mean, std)` of a run's inputs: from `preprocessing.json`, or (a run
+    from before that file) from its dataset's training split, which is loaded for it."""
+    workdir = Path(workdir)
+    path = workdir / PREPROCESSING_FILE
+    if not path.is_file():
+        splits = load_data(TrainConfig.from_file(workdir / CONFIG_FILE))
+        return float(splits.pixel_scale), np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
+    try:
+        saved = json.loads(path.read_text())
+        scale, mean, std = float(saved["pixel_scale"]), np.asarray(saved["mean"], np.float32), np.asarray(
+            saved["std"], np.float32)
+        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{str(path)!r} is damaged: expected pixel_scale, and mean and std of one number per "
+                         "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it.") from None
+    return scale, mean, std
 
 
 def load_data(config: TrainConfig):
@@ -736,6 +759,9 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
 
     exit_costs = ee_costs.exit_costs(model.backbone)
     atomic_write_json(workdir / "costs.json", exit_costs)
+    atomic_write_json(workdir / PREPROCESSING_FILE, {
+        "pixel_scale": float(splits.pixel_scale), "mean": np.asarray(splits.mean, np.float64).tolist(),
+        "std": np.asarray(splits.std, np.float64).tolist()})
     dtype = np.dtype(config.dump_dtype)
     val_logits, val_labels = ee_callbacks.predict_exit_logits(model, splits.val_dataset(256))
     test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))

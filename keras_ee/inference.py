@@ -112,11 +112,12 @@ def _backbone_of(model):
 
 
 class _Stages:
-    """Holds the stage models outside Keras' attribute tracking: they share the backbone's
-    weights, which are saved once, with the backbone."""
+    """Holds the stage models (and compiled functions of them) outside Keras' attribute
+    tracking: they share the backbone's weights, which are saved once, with the backbone."""
 
     def __init__(self, stages):
         self.stages = stages
+        self.pool_steps = {}  # predict(pooled=True)'s compiled stages, by (stage, final)
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -188,7 +189,6 @@ class EarlyExitModel(keras.Model):
             self._val_scores.assign(vs)
         self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
         self._serve = None
-        self._pool_steps = {}
         self.built = True
 
     # ------------------------------------------------------------------ construction
@@ -542,7 +542,8 @@ class EarlyExitModel(keras.Model):
         where `stay` are the pool rows that go on and `state` their carried tensors (`final`:
         everybody leaves here, no state). One trace per stage: unknown batch size."""
         key = (k, bool(final))
-        if key not in self._pool_steps:
+        steps = self._runtime.pool_steps
+        if key not in steps:
             stage = self._runtime.stages[k]
             spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in stage.inputs]
 
@@ -554,8 +555,8 @@ class EarlyExitModel(keras.Model):
                 stay = tf.where(tf.cast(score, tf.float64) < tf.convert_to_tensor(self._thresholds.value)[k])[:, 0]
                 return (score, pred, stay, *[tf.gather(t, stay) for t in out[1:]])
 
-            self._pool_steps[key] = tf.function(step, input_signature=spec)
-        return self._pool_steps[key]
+            steps[key] = tf.function(step, input_signature=spec)
+        return steps[key]
 
     def _predict_pooled(self, a, batch_size, last):
         """`predict(pooled=True)`: a queue of waiting samples per stage, each run at `batch_size`."""

@@ -128,7 +128,8 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
     # Only the chief wrote it: one history row per epoch, no file of the other worker.
     assert len((run / "history.csv").read_text().strip().splitlines()) == 3
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [".lock", "config.json", "costs.json", "dump", "history.csv", "model.keras", "state.json", "tensorboard"])
+        [".lock", "config.json", "costs.json", "dump", "history.csv", "model.keras", "preprocessing.json", "state.json",
+         "tensorboard"])
     # Interrupted at the start of epoch 1 on both workers, then the same command again: the chief
     # resumes from its backup, the other worker from the chief's, and both end where the
     # uninterrupted run ended.

@@ -2,6 +2,8 @@
 the architectures, save/load, SavedModel export without keras_ee, budgets, deadlines, errors, the CLI."""
 
 import csv
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -385,6 +387,29 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     rows = list(csv.DictReader(open(csv_path)))
     assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()
     assert [int(r["label"]) for r in rows] == ref["label"].tolist()
+    # The normalisation comes from the run's preprocessing.json: no dataset is loaded for it.
+    saved = json.loads((run / "preprocessing.json").read_text())
+    np.testing.assert_allclose(saved["mean"], splits.mean, rtol=1e-6)
+    np.testing.assert_allclose(saved["std"], splits.std, rtol=1e-6)
+    assert saved["pixel_scale"] == pytest.approx(splits.pixel_scale)
+
+    def no_dataset(config):
+        raise AssertionError("predict loaded the dataset")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experiment, "load_data", no_dataset)
+        assert cli.main(argv[:-1] + [str(tmp_path / "pooled.csv"), "--pooled", "--batch-size", "16"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pooled.csv")))
+    assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()
+    # A run from before preprocessing.json: the statistics come from its dataset, as before.
+    old_run = tmp_path / "old_run"
+    shutil.copytree(run, old_run)
+    (old_run / "preprocessing.json").unlink()
+    assert cli.main(["predict", str(old_run)] + argv[2:-1] + [str(tmp_path / "old.csv")]) == 0
+    assert [int(r["exit"]) for r in csv.DictReader(open(tmp_path / "old.csv"))] == ref["exit"].tolist()
+    (old_run / "preprocessing.json").write_text('{"pixel_scale": 1, "mean": [0.5], "std": [0]}')
+    assert cli.main(["predict", str(old_run)] + argv[2:-1] + [str(tmp_path / "bad.csv")]) == 2
+    assert "preprocessing.json' is damaged" in capsys.readouterr().err
     # A folder of PNG files gives the same answers (sorted by name).
     folder = tmp_path / "png"
     folder.mkdir()
