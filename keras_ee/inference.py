@@ -506,9 +506,9 @@ class EarlyExitModel(keras.Model):
                 in budgeted batch classification): the survivors of every batch are
                 pooled per stage and a stage runs once `batch_size` of them are waiting,
                 on all of them (the rest at the end), so every stage works on full
-                batches. The same
-                decisions (each sample's computation does not depend on its batch
-                mates; scores may differ in the last float32 bit).
+                batches. The decisions are the same (each sample's computation does
+                not depend on its batch mates; scores may differ in the last float32
+                bit).
 
         Returns:
             dict of numpy arrays `(N,)`: `label` (int32), `exit` (int32, 1-based),
