@@ -382,6 +382,13 @@ class EarlyExitModel(keras.Model):
             score = tf.clip_by_value(1.0 + plogp / tf.math.log(tf.cast(num_classes, tf.float64)), 0.0, 1.0)
         return tf.cast(score, tf.float32), tf.argmax(x, axis=-1, output_type=tf.int32)
 
+    @staticmethod
+    def _leaves(score, thresholds, k):
+        """Whether each sample leaves at exit k (0-based): `score >= T_k` in float64, the rule of
+        `calibration.simulate`; one definition for both runtimes (a NaN score compares false, so
+        it never leaves early in either)."""
+        return tf.cast(score, tf.float64) >= thresholds[k]
+
     def _stage_or_empty(self, k, state, stay, alive, all_stay):
         """Stage k's outputs `[logits_k, *state_k]` on the samples `stay` of the carried `state`
         (all of them for stage 1), or empty (batch 0) tensors when nobody is left.
@@ -440,8 +447,7 @@ class EarlyExitModel(keras.Model):
                 exits.append(tf.fill(tf.shape(idx), tf.constant(k + 1, tf.int32)))
                 conf.append(score)
                 break
-            # A sample leaves at its first exit with score >= T_k (calibration.simulate).
-            leave = tf.cast(score, tf.float64) >= thresholds[k]
+            leave = self._leaves(score, thresholds, k)
             if deadline is not None:
                 leave = tf.logical_or(leave, deadline <= k + 1)
             gone = tf.where(leave)[:, 0]
@@ -552,7 +558,8 @@ class EarlyExitModel(keras.Model):
                 score, pred = self._score(out[0], k)
                 if final:
                     return score, pred
-                stay = tf.where(tf.cast(score, tf.float64) < tf.convert_to_tensor(self._thresholds.value)[k])[:, 0]
+                thresholds = tf.convert_to_tensor(self._thresholds.value)
+                stay = tf.where(tf.logical_not(self._leaves(score, thresholds, k)))[:, 0]
                 return (score, pred, stay, *[tf.gather(t, stay) for t in out[1:]])
 
             steps[key] = tf.function(step, input_signature=spec)

@@ -407,6 +407,9 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     (old_run / "preprocessing.json").unlink()
     assert cli.main(["predict", str(old_run)] + argv[2:-1] + [str(tmp_path / "old.csv")]) == 0
     assert [int(r["exit"]) for r in csv.DictReader(open(tmp_path / "old.csv"))] == ref["exit"].tolist()
+    (old_run / "preprocessing.json").write_text('{"pixel_scale": 1, "mean": [0.5, 0.5, 0.5], "std": [1, 1, 1]}')
+    assert cli.main(["predict", str(old_run)] + argv[2:-1] + [str(tmp_path / "bad.csv")]) == 2
+    assert "normalisation has 3 channels; the model takes 1" in capsys.readouterr().err
     (old_run / "preprocessing.json").write_text('{"pixel_scale": 1, "mean": [0.5], "std": [0]}')
     assert cli.main(["predict", str(old_run)] + argv[2:-1] + [str(tmp_path / "bad.csv")]) == 2
     assert "preprocessing.json' is damaged" in capsys.readouterr().err
