@@ -697,6 +697,22 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     return workdir
 
 
+def _finished_model(workdir: Path):
+    """`(model, None)` for a finished run whose model.keras loads; `(None, error)` if it is
+    finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
+
+    Under multi_worker every worker decides by this one rule on the same files, so either all
+    of them train or none does: a chief retraining a damaged model alone would wait forever
+    for the others' collectives.
+    """
+    if not (_read_state(workdir).get("trained") and (workdir / MODEL_FILE).is_file()):
+        return None, None
+    try:
+        return load_run_model(workdir / MODEL_FILE), None
+    except ValueError as e:
+        return None, e
+
+
 def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> None:
     """A multi-worker non-chief: the same training, from the chief's backup, into a temporary folder."""
     import keras
@@ -708,8 +724,8 @@ def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> No
             keras.utils.set_random_seed(config.seed)
             splits = load_data(config)
             check_splits(splits, config)
-            if _read_state(workdir).get("trained"):
-                return  # the chief loads its model.keras and trains nothing either
+            if _finished_model(workdir)[0] is not None:
+                return  # the chief loads the same model.keras and trains nothing either
             model = build_model(config, splits, method=make_method(config.method, config.method_options),
                                 strategy=strategy)
             _fit(config, splits, model, own, 0, callbacks, restore_from=workdir)
@@ -728,15 +744,12 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strate
         keras.utils.set_random_seed(config.seed)
         splits = load_data(config)
         check_splits(splits, config)
-        model = None
-        state = _read_state(workdir)
-        if state.get("trained") and (workdir / MODEL_FILE).is_file():
-            try:
-                model = load_run_model(workdir / MODEL_FILE)
-                print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
-            except ValueError as e:
-                print(f"[keras-ee] {e} Training it again from the backup, or from the start if none is left.")
-                _write_state(workdir, trained=False)
+        model, damage = _finished_model(workdir)
+        if model is not None:
+            print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
+        elif damage is not None:
+            print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
+            _write_state(workdir, trained=False)
         if model is None:
             model = build_model(config, splits, method=make_method(config.method, config.method_options),
                                 strategy=strategy)

@@ -141,6 +141,16 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
     assert state["resumed_at_epoch"] == 1, state
     for r in again:
         assert max(float(np.max(np.abs(r[k] - results[0][k]))) for k in keys) <= 1e-6
+    # A finished run whose model.keras is damaged: every worker must see it and train again
+    # (before, the other worker trusted state.json and left, and the chief, retraining alone,
+    # died in its first collective with "tasks are unhealthy (stopped sending heartbeats)").
+    model_file = resumed / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    retrained = run_workers(str(resumed), tmp_path, mode="experiment", tag="_damaged")
+    assert "is damaged" in (tmp_path / "worker_0_damaged.log").read_text()
+    assert json.loads((resumed / "state.json").read_text())["trained"]
+    for r in retrained:
+        assert max(float(np.max(np.abs(r[k] - results[0][k]))) for k in keys) <= 1e-6
 
 
 def run_resume(method, tmp_path):

@@ -512,6 +512,22 @@ def check_counts(**values) -> None:
             raise ValueError(f"`{name}` must be >= 1; received {value}.")
 
 
+def check_number(name, value, low=None, high=None, low_open=False) -> float:
+    """`value` as a float, or a clear error unless it is a finite number in [low, high]
+    (`(low, high]` with `low_open`; either bound None for none): the methods' scalar options."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number; received {value!r}.")
+    value = float(value)
+    ok = np.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and (
+        high is None or value <= high)
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"`{name}` must be a finite number in {'(' if low_open or low is None else '['}{lo}, "
+                         f"{hi}{']' if high is not None else ')'}; received {value}.")
+    return value
+
+
 def torch_linear_init(fan_in):
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 

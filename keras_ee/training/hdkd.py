@@ -198,20 +198,6 @@ def _softplus_inverse(gamma):
     return gamma + np.log(-np.expm1(-gamma))  # log(exp(g) - 1), stable for large g
 
 
-def _check_number(name, value, low=None, high=None, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{name}` must be a number; received {value!r}.")
-    value = float(value)
-    ok = np.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and (
-        high is None or value <= high)
-    if not ok:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"`{name}` must be a finite number in {'(' if low_open or low is None else '['}{lo}, "
-                         f"{hi}{']' if high is not None else ')'}; received {value}.")
-    return value
-
-
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
@@ -276,10 +262,10 @@ class HDKD(Method):
             raise ValueError(f"`learn_weights` must be true or false; received {learn_weights!r}.")
         self.learn_weights = learn_weights
         self.init = _check_choice("init", init, _INITS)
-        self.temperature = _check_number("temperature", temperature, low=0.0, low_open=True)
+        self.temperature = bilevel.check_number("temperature", temperature, low=0.0, low_open=True)
         self.temperature_rule = _check_choice("temperature_rule", temperature_rule, _TEMPERATURE_RULES)
-        self.alpha = _check_number("alpha", alpha, low=0.0, high=1.0)
-        self.ema_momentum = _check_number("ema_momentum", ema_momentum, low=0.0, high=1.0)
+        self.alpha = bilevel.check_number("alpha", alpha, low=0.0, high=1.0)
+        self.ema_momentum = bilevel.check_number("ema_momentum", ema_momentum, low=0.0, high=1.0)
         if self.ema_momentum == 1.0:
             raise ValueError("`ema_momentum` must be a finite number in [0, 1); received 1.0 (E would never move).")
         self.ema_source = _check_choice("ema_source", ema_source, _EMA_SOURCES)
@@ -287,7 +273,8 @@ class HDKD(Method):
         self.meta_interval = meta_interval
         self.gamma_parametrization = _check_choice("gamma_parametrization", gamma_parametrization, _PARAMETRIZATIONS)
         self.gamma_optimizer_name = _check_choice("gamma_optimizer", gamma_optimizer, _OPTIMIZERS)
-        self.gamma_learning_rate = _check_number("gamma_learning_rate", gamma_learning_rate, low=0.0, low_open=True)
+        self.gamma_learning_rate = bilevel.check_number("gamma_learning_rate", gamma_learning_rate, low=0.0,
+                                                        low_open=True)
         if isinstance(init_seed, bool) or not isinstance(init_seed, (int, np.integer)):
             raise TypeError(f"`init_seed` must be an int; received {init_seed!r}.")
         self.init_seed = int(init_seed)

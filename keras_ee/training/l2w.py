@@ -201,10 +201,10 @@ class L2W(Method):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_number("q", q, low=0.0, low_inclusive=False)
-        _check_number("delta", delta, low=0.0, high=1.0, low_inclusive=False)
-        _check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
-        _check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
+        bilevel.check_number("q", q, low=0.0, low_open=True)
+        bilevel.check_number("delta", delta, low=0.0, high=1.0, low_open=True)
+        bilevel.check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
+        bilevel.check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
         bilevel.check_counts(wpn_depth=wpn_depth, wpn_width=wpn_width, meta_interval=meta_interval)
         for name, value, allowed in (
             ("wpn_input", wpn_input, _INPUTS),
@@ -601,22 +601,3 @@ class L2W(Method):
         )
         return config
 
-
-def _check_number(name, value, low=None, high=None, low_inclusive=True):
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.floating, np.integer)
-    ):
-        raise TypeError(f"`{name}` must be a number; received {value!r}.")
-    value = float(value)
-    ok = np.isfinite(value)
-    if low is not None:
-        ok = ok and (value >= low if low_inclusive else value > low)
-    if high is not None:
-        ok = ok and value <= high
-    if not ok:
-        lo = "" if low is None else ("[" if low_inclusive else "(") + str(low)
-        hi = "" if high is None else str(high) + "]"
-        raise ValueError(
-            f"`{name}` must be a finite number in {lo or '(-inf'}, "
-            f"{hi or 'inf)'}; received {value}."
-        )
