@@ -33,12 +33,16 @@ images (default 1024; survivors pooled across batches per stage) against the ful
 the same batches, both timed as whole passes, the fastest of max(3, rounds // 2) alternating
 rounds.
 
-Then the batch-1 overhead with every sample running to the last exit (thresholds +inf):
-`time(early exit) / time(full) - 1` (target <= 10%), next to two passes in between, timed
-in the same alternation: the stages chained in one `tf.function` (what the split alone
-costs) and chained with each stage waiting for the previous exit's score (what deciding
-before going on costs); and how many times the early-exit pass was traced over the whole
-run (1: one graph for every batch size and survivor count).
+Then, at every batch size, the overhead with every sample running to the last exit
+(thresholds +inf): `time(early exit) / time(full) - 1` (target at batch 1: <= 10%), next to
+three passes in between, timed in the same alternation: the stages chained in one
+`tf.function` (what the split alone costs), chained with each stage waiting for the previous
+exit's score (what deciding before going on costs: in the full network an exit head runs
+beside the next stage), and the throughput mode's stage steps called one after the other
+(what running each stage as a graph of its own costs); beside them the full network with its
+weights frozen into constants (what folding BatchNorm into the kernels on every call costs,
+a cost the early-exit pass pays too, per stage reached); and how many times the early-exit
+pass was traced over the whole run (1: one graph for every batch size and survivor count).
 """
 
 import argparse
@@ -50,6 +54,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
 
 from keras_ee import costs, models  # noqa: E402
 from keras_ee.inference import EarlyExitModel  # noqa: E402
@@ -118,8 +123,18 @@ def _overhead_parts(ee, shape):
             res.append(ee._score(out[0], k + 1)[0])
         return res
 
+    def apart(x):
+        # The throughput mode's per-stage steps, called one after the other from Python on
+        # the whole batch (it syncs on each step's exit decision, as predict(pooled=True)).
+        state = [x]
+        for k in range(ee.num_exits):
+            out = ee._pool_step(k, k == ee.num_exits - 1)(*state)
+            out[0].numpy()
+            state = list(out[3:])
+        return out[:2]
+
     return (tf.function(lambda x: chain(x, False), input_signature=spec),
-            tf.function(lambda x: chain(x, True), input_signature=spec))
+            tf.function(lambda x: chain(x, True), input_signature=spec), apart)
 
 
 def _stage_breakdown(ee, batches):
@@ -223,16 +238,25 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
                              ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
                              full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
                              stage_ms=stage_ms, seen=seen, thresholds=thresholds, pooled=pooled))
-    # Batch 1, everyone to the last exit: the runtime's overhead over the full network, and
-    # the passes in between (stages chained; chained and waiting for each exit's score).
+    # Everyone to the last exit, at every batch size: the runtime's overhead over the full
+    # network (the target is at batch 1), and the passes in between (stages chained; chained
+    # and waiting for each exit's score; the throughput mode's stage steps called apart).
     ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
-    batches = [tf.constant(test[i:i + 1]) for i in range(64)]
-    chained, waiting = _overhead_parts(ee, shape)
-    t_full, t_ee, t_chain, t_wait = _timed_together([full, serve, chained, waiting], batches, max(rounds, 5))
+    chained, waiting, apart = _overhead_parts(ee, shape)
+    # The full network with its weights frozen into constants: what ConvBNReLU's folding of
+    # BatchNorm into the kernels on every call costs (grappler folds the constants once).
+    frozen = convert_variables_to_constants_v2(full.get_concrete_function())
+    overheads = []
+    for bs in batch_sizes:
+        imgs = test[:64] if bs == 1 else test
+        batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
+        t = _timed_together([full, serve, chained, waiting, apart, frozen], batches, max(rounds, 5))
+        overheads.append(dict(batch=bs, full_ms=t[0] * 1e3 / len(batches), ee_ms=t[1] * 1e3 / len(batches),
+                              overhead=t[1] / t[0] - 1, chain=t[2] / t[0] - 1, wait=t[3] / t[0] - 1,
+                              apart=t[4] / t[0] - 1, frozen=t[5] / t[0] - 1))
     # One trace of the early-exit pass for every batch size and survivor count of the run.
     traces = serve.experimental_get_tracing_count()
-    return c, rows, dict(full_ms=t_full * 1e3 / 64, ee_ms=t_ee * 1e3 / 64, overhead=t_ee / t_full - 1,
-                         chain=t_chain / t_full - 1, wait=t_wait / t_full - 1, traces=traces), shares
+    return c, rows, dict(overheads=overheads, traces=traces), shares
 
 
 def main(argv=None):
@@ -281,10 +305,15 @@ def main(argv=None):
         print("stage time shares with every sample running every stage: " + "; ".join(
             f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
         print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))
-        print(f"batch 1, every sample to the last exit: full {last['full_ms']:.2f} ms, early exit "
-              f"{last['ee_ms']:.2f} ms, overhead {last['overhead']:+.1%}; stages chained {last['chain']:+.1%}, "
-              f"chained and waiting for each exit's score {last['wait']:+.1%}; early-exit pass traced "
-              f"{last['traces']} time(s)  ({time.time() - t0:.0f} s)")
+        print("\nevery sample to the last exit (thresholds +inf), time against the full network "
+              "(target at batch 1: early exit <= +10%):")
+        print("| batch | full ms/batch | early exit | stages chained | chained, waiting for each exit's score | "
+              "stage steps apart (throughput mode's) | full, weights frozen to constants |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for o in last["overheads"]:
+            print(f"| {o['batch']} | {o['full_ms']:.2f} | {o['overhead']:+.1%} | {o['chain']:+.1%} | "
+                  f"{o['wait']:+.1%} | {o['apart']:+.1%} | {o['frozen']:+.1%} |")
+        print(f"early-exit pass traced {last['traces']} time(s)  ({time.time() - t0:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 

@@ -560,7 +560,11 @@ class EarlyExitModel(keras.Model):
                     return score, pred
                 thresholds = tf.convert_to_tensor(self._thresholds.value)
                 stay = tf.where(tf.logical_not(self._leaves(score, thresholds, k)))[:, 0]
-                return (score, pred, stay, *[tf.gather(t, stay) for t in out[1:]])
+                # When nobody leaves, hand the state on uncut: MSDNet carries 20-60K floats
+                # a sample, and copying them all cost more than the stage's own exit.
+                state = tf.cond(tf.equal(tf.size(stay), tf.size(score)), lambda: [tf.identity(t) for t in out[1:]],
+                                lambda: [tf.gather(t, stay) for t in out[1:]])
+                return (score, pred, stay, *state)
 
             steps[key] = tf.function(step, input_signature=spec)
         return steps[key]
