@@ -702,8 +702,8 @@ def _finished_model(workdir: Path):
     finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
 
     Under multi_worker every worker decides by this one rule on the same files, so either all
-    of them train or none does: a chief retraining a damaged model alone would wait forever
-    for the others' collectives.
+    of them train or none does: a chief retraining a damaged model alone failed in its first
+    collective, the other workers having left.
     """
     if not (_read_state(workdir).get("trained") and (workdir / MODEL_FILE).is_file()):
         return None, None
