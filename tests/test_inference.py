@@ -167,6 +167,17 @@ def test_pooled_predict_takes_the_same_decisions_on_full_batches(trained, ee, mo
         np.testing.assert_array_equal(ee.predict(xt, batch_size=16, pooled=True, deadline=deadline)["exit"],
                                       ee.predict(xt, deadline=deadline)["exit"])
     assert all(v.shape == (0,) for v in ee.predict(xt[:0], pooled=True).values())
+    # Nobody leaves early: every stage step hands its whole state on uncut (no gather).
+    kept = ee.thresholds
+    ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
+    try:
+        everyone = ee.predict(xt, batch_size=16, pooled=True)
+        serving = ee.predict(xt, batch_size=16)
+    finally:
+        ee.set_thresholds(kept)
+    np.testing.assert_array_equal(everyone["exit"], np.full(len(xt), ee.num_exits))
+    np.testing.assert_array_equal(everyone["label"], serving["label"])
+    np.testing.assert_allclose(everyone["confidence"], serving["confidence"], rtol=1e-5)
     with pytest.raises(ValueError, match="pooled must be True or False"):
         ee.predict(xt, pooled="yes")
 
