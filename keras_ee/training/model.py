@@ -1,9 +1,9 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from keras_ee.training import bilevel
 from keras_ee.training import core
 from keras_ee.training.methods import Baseline
 from keras_ee.training.methods import Method
@@ -338,7 +338,7 @@ class MultiExitModel(keras.Model):
         one device without loss scaling. Linear, so a method may scale
         per-sample coefficients instead of a loss.
         """
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replicas = bilevel.num_replicas()
         if replicas > 1:
             loss = loss * ops.cast(1.0 / replicas, loss.dtype)
         return self.optimizer.scale_loss(loss)
