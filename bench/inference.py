@@ -153,7 +153,7 @@ def _stage_breakdown(ee, batches):
         @tf.function(reduce_retracing=True)
         def f(logits, *state):
             score, _ = ee._score(logits, k)
-            stay = tf.where(tf.cast(score, tf.float64) < thr[k])[:, 0]
+            stay = tf.where(tf.logical_not(ee._leaves(score, thr, k)))[:, 0]
             return [tf.gather(s, stay) for s in state]
         return f
 

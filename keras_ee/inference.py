@@ -389,6 +389,13 @@ class EarlyExitModel(keras.Model):
         it never leaves early in either)."""
         return tf.cast(score, tf.float64) >= thresholds[k]
 
+    @staticmethod
+    def _rows(state, stay, all_stay):
+        """The rows `stay` of every carried tensor in `state`; when every sample stays
+        (`all_stay`), the tensors uncut instead of a copy of them all (MSDNet carries 20-60K
+        floats a sample; bench/inference.py, stage steps apart at batch 256: +18% -> +7%)."""
+        return tf.cond(all_stay, lambda: [tf.identity(t) for t in state], lambda: [tf.gather(t, stay) for t in state])
+
     def _stage_or_empty(self, k, state, stay, alive, all_stay):
         """Stage k's outputs `[logits_k, *state_k]` on the samples `stay` of the carried `state`
         (all of them for stage 1), or empty (batch 0) tensors when nobody is left.
@@ -399,7 +406,7 @@ class EarlyExitModel(keras.Model):
         exit (about 15% of a batch-1 pass of msdnet_cifar_5); here each stage's variables
         are captured once. oneDNN convolutions reject a batch of 0, so an empty stage must
         be skipped, not run. The carried tensors are cut inside the branch, so a stage that
-        nobody reaches copies nothing; when every sample stays (`all_stay`) an inner cond
+        nobody reaches copies nothing; when every sample stays (`all_stay`) an inner cond (`_rows`)
         over the carried tensors only hands them on uncut, saving a copy of the whole state.
         """
         stage = self._runtime.stages[k]
@@ -407,9 +414,7 @@ class EarlyExitModel(keras.Model):
         def run():
             if k == 0:
                 return list(stage(state[0], training=False))
-            kept = tf.cond(all_stay, lambda: [tf.identity(t) for t in state],
-                           lambda: [tf.gather(t, stay) for t in state])
-            return list(stage(kept, training=False))
+            return list(stage(self._rows(state, stay, all_stay), training=False))
 
         def empty():
             return [tf.zeros((0,) + tuple(t.shape[1:]), t.dtype) for t in stage.outputs]
@@ -560,11 +565,7 @@ class EarlyExitModel(keras.Model):
                     return score, pred
                 thresholds = tf.convert_to_tensor(self._thresholds.value)
                 stay = tf.where(tf.logical_not(self._leaves(score, thresholds, k)))[:, 0]
-                # When nobody leaves, hand the state on uncut: MSDNet carries 20-60K floats a
-                # sample (bench/inference.py, stage steps apart at batch 256: +18% -> +7%).
-                state = tf.cond(tf.equal(tf.size(stay), tf.size(score)), lambda: [tf.identity(t) for t in out[1:]],
-                                lambda: [tf.gather(t, stay) for t in out[1:]])
-                return (score, pred, stay, *state)
+                return (score, pred, stay, *self._rows(out[1:], stay, tf.equal(tf.size(stay), tf.size(score))))
 
             steps[key] = tf.function(step, input_signature=spec)
         return steps[key]
