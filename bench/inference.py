@@ -16,6 +16,9 @@ other random images are classified at batch 1 (the first 32 images), 64 and 256:
   round); each batch counts with its fastest of the rounds (the least disturbed by other
   processes), for both alike;
 - ratio: wall saving / Mul-Add saving (target >= 0.8 at batch 64 and 256);
+- ratio on the snapshot: the same against the full network run on the early-exit model's
+  own folded kernels (`InferenceSnapshot`: BatchNorm folded once, not on every call), so
+  that the runtime's saving is not credited with what the snapshot alone saves;
 - ideal ratio: stage-time saving (below) / Mul-Add saving, the ratio a runtime without any
   cost of its own would reach given how the network's time is spread over its stages;
 - stage-time saving: the saving if each stage's time were its share of the full pass
@@ -34,14 +37,16 @@ the same batches, both timed as whole passes, the fastest of max(3, rounds // 2)
 rounds.
 
 Then, at every batch size, the overhead with every sample running to the last exit
-(thresholds +inf): `time(early exit) / time(full) - 1` (target at batch 1: <= 10%), next to
-three passes in between, timed in the same alternation: the stages chained in one
+(thresholds +inf): `time(early exit) / time(full) - 1` (target at batch 1: <= 10%), against
+the full network as `model(x)` runs it and against the full network on the same snapshot of
+folded kernels; then, against the latter, three passes in between, timed in the same
+alternation (all on the snapshot): the stages chained in one
 `tf.function` (what the split alone costs), chained with each stage waiting for the previous
 exit's score (what deciding before going on costs: in the full network an exit head runs
 beside the next stage), and the throughput mode's stage steps called one after the other
-(what running each stage as a graph of its own costs); beside them the full network with its
-weights frozen into constants (what folding BatchNorm into the kernels on every call costs,
-a cost the early-exit pass pays too, per stage reached); and how many times the early-exit
+(what running each stage as a graph of its own costs); beside them, against `model(x)`, the
+full network on the snapshot and the full network with its weights frozen into constants
+(grappler folds everything once); and how many times the early-exit
 pass was traced over the whole run (1: one graph for every batch size and survivor count).
 """
 
@@ -112,6 +117,10 @@ def _overhead_parts(ee, shape):
     spec = [tf.TensorSpec((None,) + shape, tf.float32)]
 
     def chain(x, wait):
+        with ee._runtime.snapshot.active():
+            return chain_on_snapshot(x, wait)
+
+    def chain_on_snapshot(x, wait):
         out = stages[0](x, training=False)
         res = [ee._score(out[0], 0)[0]]
         for k, st in enumerate(stages[1:]):
@@ -141,12 +150,16 @@ def _stage_breakdown(ee, batches):
     """Per-stage ms per batch on the samples each stage really saw, and samples entering."""
     stages = ee._runtime.stages
     fns = []
+
+    def on_snapshot(st):
+        def run(*xs):
+            with ee._runtime.snapshot.active():
+                return st(xs[0] if len(xs) == 1 and len(st.inputs) == 1 else list(xs), training=False)
+        return run
+
     for k, st in enumerate(stages):
         spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in st.inputs]
-        if k == 0:
-            fns.append(tf.function(lambda x, st=st: st(x, training=False), input_signature=spec))
-        else:
-            fns.append(tf.function(lambda *xs, st=st: st(list(xs), training=False), input_signature=spec))
+        fns.append(tf.function(on_snapshot(st), input_signature=spec))
     thr = ee.thresholds
 
     def split(k):
@@ -198,6 +211,12 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
                                  for i in range(0, n_val, 256)], axis=1)
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
     serve = ee.serving_function()
+
+    def on_snapshot(x):
+        with ee._runtime.snapshot.active():
+            return model(x, training=False)
+
+    full_snap = tf.function(on_snapshot, input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
     # Each stage's share of the time when every sample runs it (per batch size): the wall
     # saving that stage-proportional timing would give, apart from the runtime's own cost.
     shares = {}
@@ -214,28 +233,32 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
         for bs in batch_sizes:
             imgs = test[:32] if bs == 1 else test
             batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
-            tf_med, te_med = _timed_together([full, serve], batches, rounds)
+            tf_med, ts_med, te_med = _timed_together([full, full_snap, serve], batches, rounds)
             exits = np.concatenate([serve(b)["exit"].numpy() for b in batches])
             mul_saving = 1 - c[exits - 1].mean() / c[-1]
             wall_saving = 1 - te_med / tf_med
+            snap_saving = 1 - te_med / ts_med
             stage_ms, seen = _stage_breakdown(ee, batches)
             time_saving = 1 - float(np.sum(shares[bs] * seen / len(imgs)))
             pooled = None
             if bs > 1 and n_pooled:
                 # Throughput mode on a larger set: survivors pooled across batches per stage.
                 pool_batches = [tf.constant(pool_set[i:i + bs]) for i in range(0, n_pooled, bs)]
-                t_full, t_pool = _timed_whole([lambda: [_sync(full(b)) for b in pool_batches],
-                                               lambda: ee.predict(pool_set, batch_size=bs, pooled=True)],
-                                              max(3, rounds // 2))
+                t_full, t_snap, t_pool = _timed_whole([lambda: [_sync(full(b)) for b in pool_batches],
+                                                       lambda: [_sync(full_snap(b)) for b in pool_batches],
+                                                       lambda: ee.predict(pool_set, batch_size=bs, pooled=True)],
+                                                      max(3, rounds // 2))
                 pool_exits = ee.predict(pool_set, batch_size=bs, pooled=True)["exit"]
                 pool_mul = 1 - c[pool_exits - 1].mean() / c[-1]
                 pooled = dict(mul_saving=pool_mul, wall_saving=1 - t_pool / t_full,
                               ratio=(1 - t_pool / t_full) / pool_mul if pool_mul > 0 else float("nan"),
+                              ratio_snap=(1 - t_pool / t_snap) / pool_mul if pool_mul > 0 else float("nan"),
                               full_ms=t_full * 1e3 / len(pool_batches), pool_ms=t_pool * 1e3 / len(pool_batches))
             rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
                              time_saving=time_saving,
                              mul_saving=mul_saving, wall_saving=wall_saving,
                              ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
+                             ratio_snap=snap_saving / mul_saving if mul_saving > 0 else float("nan"),
                              full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
                              stage_ms=stage_ms, seen=seen, thresholds=thresholds, pooled=pooled))
     # Everyone to the last exit, at every batch size: the runtime's overhead over the full
@@ -250,10 +273,11 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
     for bs in batch_sizes:
         imgs = test[:64] if bs == 1 else test
         batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
-        t = _timed_together([full, serve, chained, waiting, apart, frozen], batches, max(rounds, 5))
-        overheads.append(dict(batch=bs, full_ms=t[0] * 1e3 / len(batches), ee_ms=t[1] * 1e3 / len(batches),
-                              overhead=t[1] / t[0] - 1, chain=t[2] / t[0] - 1, wait=t[3] / t[0] - 1,
-                              apart=t[4] / t[0] - 1, frozen=t[5] / t[0] - 1))
+        t = _timed_together([full, full_snap, serve, chained, waiting, apart, frozen], batches, max(rounds, 5))
+        overheads.append(dict(batch=bs, full_ms=t[0] * 1e3 / len(batches), snap_ms=t[1] * 1e3 / len(batches),
+                              ee_ms=t[2] * 1e3 / len(batches), snap=t[1] / t[0] - 1,
+                              overhead=t[2] / t[0] - 1, overhead_snap=t[2] / t[1] - 1, chain=t[3] / t[1] - 1,
+                              wait=t[4] / t[1] - 1, apart=t[5] / t[1] - 1, frozen=t[6] / t[0] - 1))
     # One trace of the early-exit pass for every batch size and survivor count of the run.
     traces = serve.experimental_get_tracing_count()
     return c, rows, dict(overheads=overheads, traces=traces), shares
@@ -282,13 +306,14 @@ def main(argv=None):
                                             args.pooled_images)
         print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
               f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
-        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | stage-time saving | ideal ratio | "
-              "wall / stage-time | full ms/batch | early exit ms/batch | per stage ms/batch (samples in) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | ratio on the snapshot | "
+              "stage-time saving | ideal ratio | wall / stage-time | full ms/batch | early exit ms/batch | "
+              "per stage ms/batch (samples in) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             stages = " ".join(f"{ms:.1f}({n})" for ms, n in zip(r["stage_ms"], r["seen"]))
             print(f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
-                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['time_saving']:.1%} | "
+                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['ratio_snap']:.2f} | {r['time_saving']:.1%} | "
                   f"{r['time_saving'] / r['mul_saving'] if r['mul_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
                   f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
@@ -296,23 +321,26 @@ def main(argv=None):
         if pooled_rows:
             print(f"\nthroughput mode, predict(pooled=True) on {args.pooled_images} other images against the full "
                   f"network on the same batches (whole passes, fastest of {max(3, args.rounds // 2)}):")
-            print("| batch | budget | Mul-Add saving | wall saving | ratio | full ms/batch | pooled ms/batch |")
-            print("|---:|---:|---:|---:|---:|---:|---:|")
+            print("| batch | budget | Mul-Add saving | wall saving | ratio | ratio on the snapshot | full ms/batch | "
+                  "pooled ms/batch |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in pooled_rows:
                 q = r["pooled"]
                 print(f"| {r['batch']} | {r['fraction']:.0%} | {q['mul_saving']:.1%} | {q['wall_saving']:.1%} | "
-                      f"{q['ratio']:.2f} | {q['full_ms']:.1f} | {q['pool_ms']:.1f} |")
+                      f"{q['ratio']:.2f} | {q['ratio_snap']:.2f} | {q['full_ms']:.1f} | {q['pool_ms']:.1f} |")
         print("stage time shares with every sample running every stage: " + "; ".join(
             f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
         print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))
-        print("\nevery sample to the last exit (thresholds +inf), time against the full network "
-              "(target at batch 1: early exit <= +10%):")
-        print("| batch | full ms/batch | early exit | stages chained | chained, waiting for each exit's score | "
-              "stage steps apart (throughput mode's) | full, weights frozen to constants |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("\nevery sample to the last exit (thresholds +inf), time against the full network as model(x) runs "
+              "it and against the full network on the snapshot (target at batch 1: early exit <= +10%):")
+        print("| batch | full ms/batch | early exit | full on the snapshot | full, weights frozen to constants | "
+              "early exit against the full network on the snapshot | stages chained | chained, waiting for each "
+              "exit's score | stage steps apart (throughput mode's) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for o in last["overheads"]:
-            print(f"| {o['batch']} | {o['full_ms']:.2f} | {o['overhead']:+.1%} | {o['chain']:+.1%} | "
-                  f"{o['wait']:+.1%} | {o['apart']:+.1%} | {o['frozen']:+.1%} |")
+            print(f"| {o['batch']} | {o['full_ms']:.2f} | {o['overhead']:+.1%} | {o['snap']:+.1%} | "
+                  f"{o['frozen']:+.1%} | {o['overhead_snap']:+.1%} | {o['chain']:+.1%} | {o['wait']:+.1%} | "
+                  f"{o['apart']:+.1%} |")
         print(f"early-exit pass traced {last['traces']} time(s)  ({time.time() - t0:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 

@@ -53,6 +53,7 @@ import tensorflow as tf
 
 from keras_ee import calibration, models
 from keras_ee.atomic import atomic_path
+from keras_ee.models.layers import InferenceSnapshot
 from keras_ee.costs import parse_mul_adds
 
 __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
@@ -112,11 +113,13 @@ def _backbone_of(model):
 
 
 class _Stages:
-    """Holds the stage models (and compiled functions of them) outside Keras' attribute
-    tracking: they share the backbone's weights, which are saved once, with the backbone."""
+    """Holds the stage models (and compiled functions of them) and the backbone's folded
+    inference kernels outside Keras' attribute tracking: they share or derive from the
+    backbone's weights, which are saved once, with the backbone."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, snapshot):
         self.stages = stages
+        self.snapshot = snapshot  # refreshed at every entry point that reads the weights
         self.pool_steps = {}  # predict(pooled=True)'s compiled stages, by (stage, final)
 
 
@@ -166,7 +169,7 @@ class EarlyExitModel(keras.Model):
         if kind not in calibration.SCORE_KINDS:
             raise ValueError(f"EarlyExitModel: kind must be one of {calibration.SCORE_KINDS}; received {kind!r}.")
         self.backbone = backbone
-        self._runtime = _Stages(stages)
+        self._runtime = _Stages(stages, InferenceSnapshot(backbone))
         self.num_exits = num_exits
         self.kind = kind
         self.costs = _costs_array(costs, num_exits)
@@ -429,6 +432,12 @@ class EarlyExitModel(keras.Model):
             deadline: None, or an int (or int32 scalar tensor) in 1..K: samples still
                 running after stage `deadline` take exit `deadline`'s prediction.
         """
+        if tf.executing_eagerly():
+            self.refresh()
+        with self._runtime.snapshot.active():
+            return self._early_exit(images, deadline)
+
+    def _early_exit(self, images, deadline):
         images = tf.convert_to_tensor(images)
         if images.dtype != tf.float32:
             images = tf.cast(images, tf.float32)
@@ -469,6 +478,16 @@ class EarlyExitModel(keras.Model):
     def call(self, images, deadline=None, training=False):
         return self.early_exit(images, deadline=deadline)
 
+    def refresh(self):
+        """Re-reads the backbone's weights into the folded inference kernels the early-exit
+        pass runs on (BatchNorm folded into each conv once instead of on every call).
+
+        `predict`, `export`, `serving_function` and eager calls do it themselves; call it
+        after changing the backbone's weights if you hold a compiled function of the pass
+        (from `serving_function`, or your own `tf.function` around the model).
+        """
+        self._runtime.snapshot.refresh()
+
     def _check_deadline(self, deadline):
         if deadline is None:
             return self.num_exits
@@ -494,7 +513,11 @@ class EarlyExitModel(keras.Model):
     def serving_function(self, deadline=False):
         """The compiled early-exit pass `f(images)`, or `f(images, deadline)` with `deadline=True`
         (input signature `[None, H, W, C]` float32 and an int32 scalar; one trace for every
-        batch size)."""
+        batch size). It runs on the backbone's weights as of this call (see `refresh`)."""
+        self.refresh()
+        return self._compiled(deadline)
+
+    def _compiled(self, deadline):
         if self._serve is None:
             spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
             self._serve = (
@@ -529,6 +552,7 @@ class EarlyExitModel(keras.Model):
             raise TypeError(f"EarlyExitModel.predict got unexpected arguments {sorted(kwargs)}.")
         a = self._check_images(images)
         d = self._check_deadline(deadline)
+        self.refresh()
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
         if not isinstance(pooled, (bool, np.bool_)):
@@ -536,9 +560,9 @@ class EarlyExitModel(keras.Model):
         if pooled:
             return self._predict_pooled(a, int(batch_size), d)
         if deadline is None:
-            fn = self.serving_function()
+            fn = self._compiled(deadline=False)
         else:
-            with_deadline, deadline_t = self.serving_function(deadline=True), tf.constant(d, tf.int32)
+            with_deadline, deadline_t = self._compiled(deadline=True), tf.constant(d, tf.int32)
             fn = lambda x: with_deadline(x, deadline_t)  # noqa: E731
         parts = {key: [] for key in OUTPUT_KEYS}
         for start in range(0, len(a), int(batch_size)):
@@ -559,7 +583,8 @@ class EarlyExitModel(keras.Model):
             spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in stage.inputs]
 
             def step(*state):
-                out = stage(list(state) if k else state[0], training=False)
+                with self._runtime.snapshot.active():
+                    out = stage(list(state) if k else state[0], training=False)
                 score, pred = self._score(out[0], k)
                 if final:
                     return score, pred
@@ -672,8 +697,10 @@ class EarlyExitModel(keras.Model):
             if not path.is_dir():
                 raise ValueError(f"{str(path)!r} is a file; export writes a SavedModel folder.")
         spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
+        self.refresh()
         archive = keras.export.ExportArchive()
         archive.track(self)
+        archive.track(self._runtime.snapshot.module)
         archive.add_endpoint("serve", lambda images: self.early_exit(images), input_signature=[spec])
         archive.add_endpoint("anytime", lambda images, deadline: self.early_exit(images, deadline),
                              input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")])

@@ -527,3 +527,33 @@ def test_all_stay_fast_path_keeps_order_and_parity(trained, ee, monkeypatch):
     finally:
         ee._thresholds.assign(saved)
         ee.budget = budget
+
+
+def test_folded_kernels_follow_the_backbone_weights(trained, ee, tmp_path):
+    """The pass runs on a snapshot of the BatchNorm-folded kernels (InferenceSnapshot):
+    predict, eager calls, serving_function and a loaded model all see the backbone's current
+    weights; a compiled function held from before a weight change sees it after refresh()."""
+    model, _, (xt, _) = trained
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    e = EarlyExitModel(copy, ee.thresholds, ee.costs)
+    assert len(e._runtime.snapshot) > 0
+    held = e.serving_function()
+    x = tf.constant(xt[:64])
+    before = {k: v.numpy() for k, v in held(x).items()}
+    unit = [l for l in copy.layers if isinstance(l, models.ConvBNReLU)][0]
+    unit.moving_variance.assign(unit.moving_variance * 9.0)
+    unit.beta.assign(unit.beta + 0.5)
+    fresh = EarlyExitModel(copy, ee.thresholds, ee.costs).predict(xt[:64])
+    exits, labels, _, _ = _simulated(_logits(copy, xt[:64]), ee.thresholds)
+    np.testing.assert_array_equal(fresh["exit"], exits)
+    np.testing.assert_array_equal(fresh["label"], labels)
+    assert not np.array_equal(fresh["confidence"], before["confidence"])
+    stale = {k: v.numpy() for k, v in held(x).items()}  # documented: held functions need refresh()
+    np.testing.assert_array_equal(stale["confidence"], before["confidence"])
+    for out in (e.predict(xt[:64]), e(x), e.serving_function()(x), held(x)):
+        for key in fresh:
+            np.testing.assert_array_equal(np.asarray(out[key]), fresh[key])
+    loaded = keras.saving.load_model(e.save(tmp_path / "changed.keras"))
+    for key, value in loaded.serving_function()(x).items():
+        np.testing.assert_array_equal(value.numpy(), fresh[key])

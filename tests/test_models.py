@@ -522,3 +522,59 @@ def test_attach_exits_mobilenet(tmp_path):
     path = str(tmp_path / "mb.keras")
     model.save(path)
     np.testing.assert_array_equal(_as_list(keras.saving.load_model(path).predict_on_batch(x))[1], out[1])
+
+
+@pytest.mark.parametrize("onednn", [False, True], ids=["packed", "onednn"])
+def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monkeypatch):
+    """InferenceSnapshot: the same outputs as folding on every call (packed and plain convs, a
+    stride-2 unit, a nested model, a unit called at two widths), stale after a weight change
+    until refresh(), inactive outside its context."""
+    monkeypatch.setattr(layers_module, "_ONEDNN", onednn)
+    rng = np.random.default_rng(3)
+    shared = ConvBNReLU(6, 3, name="shared")  # 6 filters at width 16 and 8: packed on Eigen's kernels
+    inner_in = keras.Input((8, 8, 6))
+    inner = keras.Model(inner_in, ConvBNReLU(12, 3, name="inner_unit")(inner_in), name="inner")
+    inp = keras.Input((16, 16, 3))
+    a = shared(ConvBNReLU(3, 1, name="pointwise")(inp))
+    b = ConvBNReLU(6, 3, strides=2, name="down")(a)
+    out = inner(shared(b))
+    model = keras.Model(inp, [a, out])
+    for layer in [l for l in model.layers if isinstance(l, ConvBNReLU)] + [inner.layers[-1]]:
+        f = layer.filters
+        layer.gamma.assign(rng.random(f) + 0.5)
+        layer.beta.assign(rng.random(f) - 0.5)
+        layer.moving_mean.assign(rng.random(f))
+        layer.moving_variance.assign(rng.random(f) + 0.5)
+    snapshot = layers_module.InferenceSnapshot(model)
+    assert len(snapshot) == 5  # pointwise, shared at widths 16 and 8, down, inner_unit
+    if not onednn:  # the snapshot holds the shared unit's packed kernel at both widths
+        assert {p for (_, _, p) in snapshot._entries.values()} == {1, 2}
+    x = tf.constant(_rand((3, 16, 16, 3), seed=4))
+    spec = [tf.TensorSpec((None, 16, 16, 3), tf.float32)]
+    plain = tf.function(lambda t: model(t, training=False), input_signature=spec)
+
+    def snapped(t):
+        with snapshot.active():
+            return model(t, training=False)
+
+    on_snapshot = tf.function(snapped, input_signature=spec)
+
+    def check(want, got):
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+    check(plain(x), on_snapshot(x))
+    check(plain(x), snapped(x))  # eager too
+    # A weight change: per-call folding sees it at once, the snapshot only after refresh().
+    before = [np.asarray(o) for o in on_snapshot(x)]
+    inner.layers[-1].moving_variance.assign(inner.layers[-1].moving_variance * 4.0)
+    shared.gamma.assign(shared.gamma * 0.5)
+    check(before, on_snapshot(x))
+    assert not np.allclose(np.asarray(plain(x)[1]), before[1])
+    snapshot.refresh()
+    check(plain(x), on_snapshot(x))
+    # Outside the context, and for an input width it does not hold, the layer folds as usual.
+    with snapshot.active():
+        wide = shared(tf.constant(_rand((2, 24, 24, 3), seed=5)), training=False)
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(shared(tf.constant(_rand((2, 24, 24, 3), seed=5)),
+                                                                   training=False)), rtol=1e-6, atol=1e-6)

@@ -5,6 +5,9 @@ All layers are registered with
 model built by `keras_ee.models` saves to `.keras` and loads back unchanged.
 """
 
+import contextlib
+import threading
+
 import numpy as np
 import keras
 from keras import ops
@@ -470,13 +473,39 @@ class ConvBNReLU(keras.layers.Layer):
                 + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
             )
         else:
-            inv = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
-            kernel = ops.cast(self.kernel * inv, inputs.dtype)
-            shift = ops.cast(self.beta - self.moving_mean * inv, inputs.dtype)
+            folded = _snapshot_entry(self, inputs)
+            kernel, shift, pack = folded if folded is not None else self.inference_weights(inputs.dtype, inputs.shape[2])
             if keras.backend.backend() == "tensorflow":
-                return self._tf_fused(inputs, kernel, shift)
+                return self._tf_fused(inputs, kernel, shift, pack)
             y = self._conv(inputs, kernel) + shift
         return self._act(y) if self.activation else y
+
+    def _out_width(self, width):
+        return None if width is None else (width - 1) // self.strides + 1
+
+    def inference_weights(self, dtype, width):
+        """`(kernel, shift, pack)` of the inference conv: BatchNorm's scale folded into the
+        kernel and its shift into a bias, cast to `dtype`, and (TensorFlow) width-packed
+        `pack` output columns per conv position for an input `width` columns wide (see
+        `width_packing`). Computed on every inference call unless an `InferenceSnapshot`
+        is active."""
+        inv = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
+        kernel = ops.cast(self.kernel * inv, dtype)
+        shift = ops.cast(self.beta - self.moving_mean * inv, dtype)
+        if keras.backend.backend() != "tensorflow":
+            return kernel, shift, 1
+        pack = width_packing(self.kernel_size, self.filters, self.strides, self._out_width(width))
+        if pack == 1:
+            return kernel, shift, 1
+        import tensorflow as tf
+
+        # The packed kernel: output channel group `a` holds the kernel shifted right by
+        # `strides * a` columns (zeros elsewhere), so one conv computes `pack` columns.
+        k, s = self.kernel_size, self.strides
+        window = s * (pack - 1) + k
+        kernel = tf.concat(
+            [tf.pad(kernel, [[0, 0], [s * a, window - k - s * a], [0, 0], [0, 0]]) for a in range(pack)], axis=3)
+        return kernel, tf.tile(shift, [pack]), pack
 
     def _act(self, y, tf_native=False):
         # The TensorFlow inference paths keep tf.nn.relu: Conv2D + BiasAdd + Relu is the
@@ -489,17 +518,14 @@ class ConvBNReLU(keras.layers.Layer):
             return tf.nn.relu(y)
         return ops.relu(y)
 
-    def _tf_fused(self, inputs, kernel, shift):
+    def _tf_fused(self, inputs, kernel, shift, pack=1):
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
         # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
         import tensorflow as tf
 
         pad = (self.kernel_size - 1) // 2
-        width = inputs.shape[2]
-        out_width = None if width is None else (width - 1) // self.strides + 1
-        pack = width_packing(self.kernel_size, self.filters, self.strides, out_width)
         if pack > 1:
-            return self._tf_fused_packed(inputs, kernel, shift, pack, out_width)
+            return self._tf_fused_packed(inputs, kernel, shift, pack)
         if self.strides > 1 and pad:
             padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
         else:
@@ -508,14 +534,12 @@ class ConvBNReLU(keras.layers.Layer):
         y = tf.nn.bias_add(y, shift)
         return self._act(y, tf_native=True) if self.activation else y
 
-    def _tf_fused_packed(self, inputs, kernel, shift, pack, out_width):
-        # The same conv computed `pack` output columns at a time: one conv
-        # with `pack * filters` output channels, horizontal stride
-        # `pack * strides` and a kernel `strides * (pack - 1)` columns wider,
-        # whose output channel group `a` holds the original kernel shifted
-        # right by `strides * a` columns (zeros elsewhere). In channels-last
-        # layout, its output (N, H, W / pack, pack * filters) is bit-for-bit
-        # the layout of (N, H, W, filters), so a free reshape restores it.
+    def _tf_fused_packed(self, inputs, kernel, shift, pack):
+        # The same conv computed `pack` output columns at a time (`inference_weights`
+        # built the kernel): one conv with `pack * filters` output channels, horizontal
+        # stride `pack * strides` and a kernel `strides * (pack - 1)` columns wider. In
+        # channels-last layout, its output (N, H, W / pack, pack * filters) is
+        # bit-for-bit the layout of (N, H, W, filters), so a free reshape restores it.
         # CPU conv kernels block over output channels; with 6 or 12 of them
         # most of each block is idle, and packing fills it (see
         # `bench/forward_breakdown.py` for the measured gain per shape).
@@ -524,13 +548,7 @@ class ConvBNReLU(keras.layers.Layer):
         k, s = self.kernel_size, self.strides
         pad = (k - 1) // 2
         window = s * (pack - 1) + k
-        kernel = tf.concat(
-            [
-                tf.pad(kernel, [[0, 0], [s * a, window - k - s * a], [0, 0], [0, 0]])
-                for a in range(pack)
-            ],
-            axis=3,
-        )
+        out_width = self._out_width(inputs.shape[2])
         groups = out_width // pack
         # Right padding so that the last window (starting at
         # s*pack*(groups-1) - pad) ends exactly at the padded edge.
@@ -541,7 +559,7 @@ class ConvBNReLU(keras.layers.Layer):
             strides=[1, s, s * pack, 1],
             padding=[[0, 0], [pad, pad], [pad, right], [0, 0]],
         )
-        y = tf.nn.bias_add(y, tf.tile(shift, [pack]))
+        y = tf.nn.bias_add(y, shift)
         if self.activation:
             y = self._act(y, tf_native=True)
         height = y.shape[1] if y.shape[1] is not None else tf.shape(y)[1]
@@ -685,3 +703,111 @@ def _tf_concat_split_grad(tensors, sizes):
         return tf.concat(xs, axis=-1), grad
 
     return concat(*tensors)
+
+
+_ACTIVE_SNAPSHOTS = threading.local()
+
+
+def _snapshot_entry(layer, inputs):
+    """The active `InferenceSnapshot`'s `(kernel, shift, pack)` for `layer` called on
+    `inputs`, or None (no snapshot active, or a layer or input width it does not hold)."""
+    stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
+    if not stack:
+        return None
+    entry = stack[-1]._entries.get((id(layer), inputs.shape[2]))
+    if entry is None:
+        return None
+    kernel, shift, pack = entry
+    if kernel.dtype != inputs.dtype:
+        return ops.cast(kernel, inputs.dtype), ops.cast(shift, inputs.dtype), pack
+    return kernel, shift, pack
+
+
+class InferenceSnapshot:
+    """The BatchNorm-folded (and width-packed) inference kernels of every `ConvBNReLU` in a
+    model, computed once and held in variables, for serving.
+
+    At inference a `ConvBNReLU` folds its BatchNorm into the kernel on every call, so that it
+    is always right when the weights change. For MSDNet/RANet's hundreds of units those small
+    weight ops are a large share of a batch-1 pass (`bench/inference.py`). Inside
+    `with snapshot.active():` the units use the snapshot instead: the same kernels, read from
+    variables. The snapshot holds the weights as of its last `refresh()`: refresh it after
+    changing the model's weights (`keras_ee.inference.EarlyExitModel` refreshes its own at
+    every `predict`, eager call, `serving_function` and `export`).
+
+    Args:
+        model: a built Keras model; its `ConvBNReLU` layers (nested models included) are held
+            at every input width they are called at in the model's graph.
+
+    Example:
+    ```python
+    snapshot = InferenceSnapshot(model)
+    with snapshot.active():
+        logits = model(images, training=False)
+    ```
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self._entries = {}  # (id(layer), input width) -> (kernel, shift, pack)
+        self._sources = []  # (layer, input width, dtype, kernel variable, shift variable)
+        for layer in _conv_bn_units(model):
+            widths = dict.fromkeys(n.input_tensors[0].shape[2] for n in layer._inbound_nodes if n.input_tensors)
+            for width in widths:
+                kernel, shift, pack = layer.inference_weights(layer.compute_dtype, width)
+                k = tf.Variable(kernel, trainable=False, name=f"{layer.name}_folded_kernel")
+                b = tf.Variable(shift, trainable=False, name=f"{layer.name}_folded_shift")
+                self._entries[(id(layer), width)] = (k, b, pack)
+                self._sources.append((layer, width, k, b))
+        self.module = tf.Module(name="inference_snapshot")  # tracks the variables (SavedModel export)
+        self.module.folded = [v for _, _, k, b in self._sources for v in (k, b)]
+        self._refresh = None
+
+    def __len__(self):
+        return len(self._entries)
+
+    def refresh(self):
+        """Re-folds the kernels from the model's current weights (one compiled call)."""
+        if not self._sources:
+            return
+        if self._refresh is None:
+            import tensorflow as tf
+
+            def refresh():
+                for layer, width, k, b in self._sources:
+                    kernel, shift, _ = layer.inference_weights(k.dtype, width)
+                    k.assign(kernel)
+                    b.assign(shift)
+
+            self._refresh = tf.function(refresh)
+        self._refresh()
+
+    @contextlib.contextmanager
+    def active(self):
+        """Inside it, inference calls of the held layers use the snapshot's kernels."""
+        stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
+        if stack is None:
+            stack = _ACTIVE_SNAPSHOTS.stack = []
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.pop()
+
+
+def _conv_bn_units(model):
+    seen, out = set(), []
+
+    def walk(m):
+        for layer in getattr(m, "layers", ()):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, ConvBNReLU):
+                out.append(layer)
+            elif isinstance(layer, keras.Model):
+                walk(layer)
+
+    walk(model)
+    return out
