@@ -53,9 +53,10 @@ def packing_x4_stride2(kernel_size, filters, strides, out_width):
 
 
 def constant_bn_call(self, inputs, training=None):
-    gamma, var, kernel, beta, mean = self._numpy_weights
-    inv = gamma / np.sqrt(var + self.epsilon)
-    return self._tf_fused(inputs, tf.constant(kernel * inv), tf.constant(beta - mean * inv))
+    with tf.init_scope():  # folded (and packed) once, eagerly, then embedded as graph constants
+        kernel, shift, pack = self.inference_weights(inputs.dtype, inputs.shape[2])
+        kernel, shift = kernel.numpy(), shift.numpy()
+    return self._tf_fused(inputs, tf.constant(kernel), tf.constant(shift), pack)
 
 
 def coarse_separate_bottleneck(x, widths, name, init):
@@ -82,10 +83,6 @@ def main():
     args = parser.parse_args()
     x = tf.constant(np.random.default_rng(0).random((args.batch, 32, 32, 3), dtype=np.float32))
     ee = models.create("msdnet_cifar_5", num_classes=100)
-    for layer in ee.layers:
-        if isinstance(layer, L.ConvBNReLU):
-            layer._numpy_weights = [w.numpy() for w in (layer.gamma, layer.moving_variance,
-                                                        layer.kernel, layer.beta, layer.moving_mean)]
     msdnet_module.shared_bottleneck = coarse_separate_bottleneck
     try:
         separate = models.create("msdnet_cifar_5", num_classes=100)
