@@ -16,6 +16,13 @@ from `on_train_batch_begin` to `on_train_batch_end` (the loss is read back first
 
 Targets (issue 16): mirrored/none <= 1.2x for the Baseline step, <= 1.3x for the L2W step.
 
+`--serial-halves` adds a third side, "halves": no strategy, each step the `--replicas` shares
+of the global batch trained one after the other on one device (batch / replicas per optimizer
+step; L2W halves each share again, as each replica does). It is the replicas' own work done
+serially, so mirrored/halves is what the strategy adds beyond running smaller kernels
+(collectives, synchronisation, two replicas sharing the cores), and halves/none what the
+smaller per-replica batches cost by themselves.
+
 Usage:
     python bench/distributed.py [--methods baseline l2w] [--batch-size 64] [--replicas 2]
         [--model msdnet_cifar_5] [--steps 3] [--rounds 3] [--warmup 2] [--json PATH]
@@ -37,7 +44,7 @@ sys.path.insert(0, _HERE)
 import train_step  # noqa: E402  (bench/: its worker protocol, Side, compare and backbones)
 
 TARGETS = {"baseline": 1.2, "l2w": 1.3}
-STRATEGIES = ("none", "mirrored")
+STRATEGIES = ("none", "mirrored", "halves")
 
 
 def worker(args):
@@ -51,7 +58,9 @@ def worker(args):
 
     from keras_ee import experiment, training
 
-    strategy = experiment.make_strategy(args.strategy)  # mirrored: every logical CPU device
+    strategy = experiment.make_strategy("none" if args.strategy == "halves" else args.strategy)  # mirrored: every
+    # logical CPU device; halves: one device, `per` optimizer steps on the shares per timed step
+    per = args.replicas if args.strategy == "halves" else 1
     keras.utils.set_random_seed(0)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         method = training.L2W() if args.method == "l2w" else training.Baseline()
@@ -59,8 +68,8 @@ def worker(args):
         model.compile(optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 10_000),
                                                      momentum=0.9, nesterov=True, weight_decay=1e-4))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch_size, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 100, size=(args.batch_size,)).astype("int32")
+    x = rng.normal(size=(args.batch_size // per, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 100, size=(args.batch_size // per,)).astype("int32")
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     class Timer(keras.callbacks.Callback):
@@ -77,7 +86,10 @@ def worker(args):
 
     def run(steps):
         timer, t0 = Timer(), time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+        model.fit(ds, epochs=1, steps_per_epoch=steps * per, verbose=0, callbacks=[timer])
+        if per > 1:  # one timed step = the `per` optimizer steps on the shares of one global batch
+            timer.steps = [sum(timer.steps[i:i + per]) for i in range(0, len(timer.steps), per)]
+            timer.begins, timer.ends = timer.begins[::per], timer.ends[per - 1::per]
         return timer, t0, time.perf_counter()
 
     warm, _, _ = run(args.warmup)
@@ -118,6 +130,8 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after building (the first traces)")
+    p.add_argument("--serial-halves", action="store_true",
+                   help="also time the replicas' shares one after the other on one device (see above)")
     p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--strategy", choices=STRATEGIES, help=argparse.SUPPRESS)
@@ -135,15 +149,23 @@ def main():
     rows = []
     for method in args.methods:
         print(f"== {method}", flush=True)
-        result, = train_step._run_sides([lambda m=method, s=s: StrategySide(s, m, args) for s in STRATEGIES],
+        sides = STRATEGIES if args.serial_halves else STRATEGIES[:2]
+        results = train_step._run_sides([lambda m=method, s=s: StrategySide(s, m, args) for s in sides],
                                         args, args.batch_size)
-        rows.append(dict(method=method, **result))
+        rows.append(dict(method=method, **results[0]))
+        if args.serial_halves:
+            rows[-1]["halves"] = results[1]
     print(f"\nmirrored/none step time at global batch {args.batch_size} ({args.model}, {args.replicas} replicas):")
     for row in rows:
         ratio = row["ratio_of_medians"]
         verdict = "met" if ratio <= TARGETS[row["method"]] else f"missed by {ratio / TARGETS[row['method']] - 1:.0%}"
         print(f"  {row['method']:>8}: none {row['a']['median_step_s']:.3f} s, mirrored {row['b']['median_step_s']:.3f} s"
               f" -> {train_step._ratio_text(row)}; target <= {TARGETS[row['method']]}x: {verdict}")
+        if "halves" in row:
+            h = row["halves"]
+            print(f"  {'':>8}  halves {h['b']['median_step_s']:.3f} s: halves/none {h['ratio_of_medians']:.3f}x "
+                  f"(the smaller kernels alone), mirrored/halves {ratio / h['ratio_of_medians']:.3f}x "
+                  f"(what the strategy adds to the replicas' own work)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), results=rows), f, indent=1, default=str)
