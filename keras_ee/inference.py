@@ -27,6 +27,9 @@ SavedModel alike): survivor positions come from `tf.where`, every carried state 
 is cut with `tf.gather` (or handed on uncut when nobody left at that exit), results are
 written back into input order by one `tf.dynamic_stitch` per output, and a `tf.cond` per
 stage skips it (and so every later stage) once no sample is left.
+The stages run on a snapshot of the backbone's BatchNorm-folded conv kernels
+(`keras_ee.models.layers.InferenceSnapshot`) instead of folding them on every call;
+`predict`, `export`, `serving_function` and eager calls refresh it from the weights.
 
 Conventions: exits are numbered 1..K (as the `exit_k` layers and the tables); costs and
 budgets are cumulative Mul-Adds per sample (`keras_ee.costs.exit_costs`); a budget is a
@@ -53,8 +56,8 @@ import tensorflow as tf
 
 from keras_ee import calibration, models
 from keras_ee.atomic import atomic_path
-from keras_ee.models.layers import InferenceSnapshot
 from keras_ee.costs import parse_mul_adds
+from keras_ee.models.layers import InferenceSnapshot
 
 __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
 
@@ -151,6 +154,7 @@ class EarlyExitModel(keras.Model):
     Calling the model (`ee(images)`, `ee(images, deadline=k)`) returns a dict of
     tensors: `label` (int32, the exit's argmax), `exit` (int32, 1..K) and `confidence`
     (float32, the score at that exit); `predict` does it in batches on numpy arrays.
+    The pass runs on folded kernels refreshed at each entry point (see `refresh`).
     """
 
     def __init__(self, backbone, thresholds, costs, kind="max_softmax", temperature=1.0, budget=None,
@@ -552,11 +556,11 @@ class EarlyExitModel(keras.Model):
             raise TypeError(f"EarlyExitModel.predict got unexpected arguments {sorted(kwargs)}.")
         a = self._check_images(images)
         d = self._check_deadline(deadline)
-        self.refresh()
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
         if not isinstance(pooled, (bool, np.bool_)):
             raise ValueError(f"pooled must be True or False; received {pooled!r}.")
+        self.refresh()
         if pooled:
             return self._predict_pooled(a, int(batch_size), d)
         if deadline is None:
