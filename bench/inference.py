@@ -108,6 +108,14 @@ def _timed_whole(fns, rounds):
     return [float(v) for v in t.min(axis=1)]
 
 
+def _on_snapshot(ee, fn):
+    """`fn` run on the early-exit model's folded kernels, as its own pass runs."""
+    def run(*args):
+        with ee._runtime.snapshot.active():
+            return fn(*args)
+    return run
+
+
 def _overhead_parts(ee, shape):
     """Compiled passes between the full network and the early exit with everyone running to
     the last exit: the stages chained (what splitting alone costs), and the stages chained
@@ -117,10 +125,6 @@ def _overhead_parts(ee, shape):
     spec = [tf.TensorSpec((None,) + shape, tf.float32)]
 
     def chain(x, wait):
-        with ee._runtime.snapshot.active():
-            return chain_on_snapshot(x, wait)
-
-    def chain_on_snapshot(x, wait):
         out = stages[0](x, training=False)
         res = [ee._score(out[0], 0)[0]]
         for k, st in enumerate(stages[1:]):
@@ -142,24 +146,21 @@ def _overhead_parts(ee, shape):
             state = list(out[3:])
         return out[:2]
 
-    return (tf.function(lambda x: chain(x, False), input_signature=spec),
-            tf.function(lambda x: chain(x, True), input_signature=spec), apart)
+    return (tf.function(_on_snapshot(ee, lambda x: chain(x, False)), input_signature=spec),
+            tf.function(_on_snapshot(ee, lambda x: chain(x, True)), input_signature=spec), apart)
 
 
 def _stage_breakdown(ee, batches):
     """Per-stage ms per batch on the samples each stage really saw, and samples entering."""
     stages = ee._runtime.stages
     fns = []
-
-    def on_snapshot(st):
-        def run(*xs):
-            with ee._runtime.snapshot.active():
-                return st(xs[0] if len(xs) == 1 and len(st.inputs) == 1 else list(xs), training=False)
-        return run
-
     for k, st in enumerate(stages):
         spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in st.inputs]
-        fns.append(tf.function(on_snapshot(st), input_signature=spec))
+        if k == 0:
+            fns.append(tf.function(_on_snapshot(ee, lambda x, st=st: st(x, training=False)), input_signature=spec))
+        else:
+            fns.append(tf.function(_on_snapshot(ee, lambda *xs, st=st: st(list(xs), training=False)),
+                                   input_signature=spec))
     thr = ee.thresholds
 
     def split(k):
@@ -211,12 +212,8 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
                                  for i in range(0, n_val, 256)], axis=1)
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
     serve = ee.serving_function()
-
-    def on_snapshot(x):
-        with ee._runtime.snapshot.active():
-            return model(x, training=False)
-
-    full_snap = tf.function(on_snapshot, input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
+    full_snap = tf.function(_on_snapshot(ee, lambda x: model(x, training=False)),
+                            input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
     # Each stage's share of the time when every sample runs it (per batch size): the wall
     # saving that stage-proportional timing would give, apart from the runtime's own cost.
     shares = {}

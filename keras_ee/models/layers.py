@@ -480,8 +480,9 @@ class ConvBNReLU(keras.layers.Layer):
             y = self._conv(inputs, kernel) + shift
         return self._act(y) if self.activation else y
 
-    def _out_width(self, width):
-        return None if width is None else (width - 1) // self.strides + 1
+    def _out_size(self, size):
+        """Output height or width for an input `size` (None if unknown): PyTorch's symmetric padding."""
+        return None if size is None else (size - 1) // self.strides + 1
 
     def inference_weights(self, dtype, width):
         """`(kernel, shift, pack)` of the inference conv: BatchNorm's scale folded into the
@@ -494,7 +495,7 @@ class ConvBNReLU(keras.layers.Layer):
         shift = ops.cast(self.beta - self.moving_mean * inv, dtype)
         if keras.backend.backend() != "tensorflow":
             return kernel, shift, 1
-        pack = width_packing(self.kernel_size, self.filters, self.strides, self._out_width(width))
+        pack = width_packing(self.kernel_size, self.filters, self.strides, self._out_size(width))
         if pack == 1:
             return kernel, shift, 1
         import tensorflow as tf
@@ -518,7 +519,7 @@ class ConvBNReLU(keras.layers.Layer):
             return tf.nn.relu(y)
         return ops.relu(y)
 
-    def _tf_fused(self, inputs, kernel, shift, pack=1):
+    def _tf_fused(self, inputs, kernel, shift, pack):
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
         # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
         import tensorflow as tf
@@ -548,7 +549,7 @@ class ConvBNReLU(keras.layers.Layer):
         k, s = self.kernel_size, self.strides
         pad = (k - 1) // 2
         window = s * (pack - 1) + k
-        out_width = self._out_width(inputs.shape[2])
+        out_width = self._out_size(inputs.shape[2])
         groups = out_width // pack
         # Right padding so that the last window (starting at
         # s*pack*(groups-1) - pad) ends exactly at the padded edge.
@@ -566,12 +567,7 @@ class ConvBNReLU(keras.layers.Layer):
         return tf.reshape(y, [-1, height, out_width, self.filters])
 
     def compute_output_shape(self, input_shape):
-        def out(d):
-            if d is None:
-                return None
-            return (d - 1) // self.strides + 1
-
-        return (input_shape[0], out(input_shape[1]), out(input_shape[2]), self.filters)
+        return (input_shape[0], self._out_size(input_shape[1]), self._out_size(input_shape[2]), self.filters)
 
     def get_config(self):
         config = super().get_config()
