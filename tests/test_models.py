@@ -578,3 +578,5 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
         wide = shared(tf.constant(_rand((2, 24, 24, 3), seed=5)), training=False)
     np.testing.assert_allclose(np.asarray(wide), np.asarray(shared(tf.constant(_rand((2, 24, 24, 3), seed=5)),
                                                                    training=False)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expects a built Keras model; received ConvBNReLU"):
+        layers_module.InferenceSnapshot(shared)

@@ -746,6 +746,9 @@ class InferenceSnapshot:
     def __init__(self, model):
         import tensorflow as tf
 
+        if not isinstance(model, keras.Model) or not model.built:
+            what = "an unbuilt model" if isinstance(model, keras.Model) else type(model).__name__
+            raise ValueError(f"InferenceSnapshot expects a built Keras model; received {what}.")
         self._entries = {}  # (id(layer), input width) -> (kernel, shift, pack)
         self._sources = []  # (layer, input width, dtype, kernel variable, shift variable)
         for layer in _conv_bn_units(model):
