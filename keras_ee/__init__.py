@@ -12,8 +12,19 @@ Submodules (imported on first use, so `import keras_ee` does not start TensorFlo
 """
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# oneDNN keeps one compiled kernel (primitive) per convolution and input shape in an LRU cache
+# of 1024 entries by default. The early-exit pass runs each stage on however many samples are
+# left, so a server meets every survivor count up to its batch size, thousands of shapes,
+# and with 1024 entries it rebuilds kernels all the time (bench/primitive_cache.py: serving
+# fresh batches of 64, 1.13x (MSDNet) / 1.39x (RANet) slower). oneDNN reads the variable once,
+# when TensorFlow first runs a oneDNN kernel, so it is set here, before any model runs; a value
+# the user set wins. docs/inference.md, "Serving many batch sizes".
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 16384
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
 
 _SUBMODULES = ("models", "costs", "training", "calibration", "data", "dumps", "evaluation", "plots",
                "callbacks", "experiment", "config", "cli", "inference")

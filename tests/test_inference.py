@@ -557,3 +557,18 @@ def test_folded_kernels_follow_the_backbone_weights(trained, ee, tmp_path):
     loaded = keras.saving.load_model(e.save(tmp_path / "changed.keras"))
     for key, value in loaded.serving_function()(x).items():
         np.testing.assert_array_equal(value.numpy(), fresh[key])
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "16384"), ("2048", "2048")])
+def test_import_raises_onednn_primitive_cache_unless_set(preset, expected):
+    # The early-exit pass meets every survivor count; oneDNN's 1024-entry cache thrashes on a
+    # stream of fresh batches (bench/primitive_cache.py), so `import keras_ee` raises it, before
+    # TensorFlow runs anything, and never overrides the user's own value.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, sys, keras_ee; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], 'tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "False"]
