@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # oneDNN keeps one compiled kernel (primitive) per convolution and input shape in an LRU cache
 # of 1024 entries by default. The early-exit pass runs each stage on however many samples are
-# left, so a server meets every survivor count up to its batch size, thousands of shapes,
+# left, so a server meets every survivor count up to its batch size: thousands of kernels,
 # and with 1024 entries it rebuilds kernels all the time (bench/primitive_cache.py: serving
 # fresh batches of 64, 1.07x (MSDNet) / 1.33x (RANet) slower than with 16384). oneDNN reads it once,
 # when TensorFlow first runs a oneDNN kernel, so it is set here, before any model runs; a value
