@@ -197,23 +197,32 @@ def _stage_breakdown(ee, batches):
     return best * 1e3 / len(batches), seen
 
 
-def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
+def calibrated_model(name, n_val):
+    """The seeded untrained `name`, its exit costs, its input shape, the compiled full network
+    (`model(x)` and on the snapshot), and an `EarlyExitModel` calibrated on the logits of
+    `n_val` random images (budget: the last exit; `set_budget` picks another), then `rng`,
+    the generator those images came from, for the caller's own test images."""
     import keras
 
     keras.utils.set_random_seed(0)  # the same untrained weights in every run
     model = models.create(name)
     c = np.asarray(costs.exit_costs(model)["mul_adds"], np.float64)
     shape = tuple(model.inputs[0].shape[1:])
+    spec = [tf.TensorSpec((None,) + shape, tf.float32)]
     rng = np.random.default_rng(0)
     val = rng.normal(size=(n_val,) + shape).astype("float32")
-    test = rng.normal(size=(n_test,) + shape).astype("float32")
-    full = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
+    full = tf.function(lambda x: model(x, training=False), input_signature=spec)
     val_logits = np.concatenate([np.stack([o.numpy() for o in full(tf.constant(val[i:i + 256]))], 0)
                                  for i in range(0, n_val, 256)], axis=1)
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
+    full_snap = tf.function(_on_snapshot(ee, lambda x: model(x, training=False)), input_signature=spec)
+    return c, shape, full, full_snap, ee, rng
+
+
+def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
+    c, shape, full, full_snap, ee, rng = calibrated_model(name, n_val)
+    test = rng.normal(size=(n_test,) + shape).astype("float32")
     serve = ee.serving_function()
-    full_snap = tf.function(_on_snapshot(ee, lambda x: model(x, training=False)),
-                            input_signature=[tf.TensorSpec((None,) + shape, tf.float32)])
     # Each stage's share of the time when every sample runs it (per batch size): the wall
     # saving that stage-proportional timing would give, apart from the runtime's own cost.
     shares = {}

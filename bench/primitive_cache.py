@@ -39,38 +39,23 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 _STREAM_SEED = 1
 _CHUNK = 8
 
 
 def _worker(name, batch, fraction, n_batches):
     """Serve commands from stdin: `warmup N`, `time START STOP`, `quit`; one JSON line each."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    import keras
     import resource
+
     import tensorflow as tf
 
-    from keras_ee import costs, models
-    from keras_ee.inference import EarlyExitModel
+    from inference import _sync, calibrated_model  # bench/inference.py: the same seeded model and calibration
 
-    keras.utils.set_random_seed(0)  # the same untrained weights in both workers
-    model = models.create(name)
-    c = np.asarray(costs.exit_costs(model)["mul_adds"], np.float64)
-    shape = tuple(model.inputs[0].shape[1:])
-    spec = [tf.TensorSpec((None,) + shape, tf.float32)]
-    full = tf.function(lambda x: model(x, training=False), input_signature=spec)
-    val = np.random.default_rng(0).normal(size=(1024,) + shape).astype("float32")
-    val_logits = np.concatenate([np.stack([o.numpy() for o in full(tf.constant(val[i:i + 256]))], 0)
-                                 for i in range(0, len(val), 256)], axis=1)
-    ee = EarlyExitModel.from_model(model, val_logits, np.zeros(len(val), np.int32), budget=fraction * c[-1], costs=c)
+    c, shape, _, full_snap, ee, _ = calibrated_model(name, 1024)
+    ee.set_budget(fraction * c[-1])
     serve = ee.serving_function()
-
-    def full_snap(x):
-        with ee._runtime.snapshot.active():
-            return model(x, training=False)
-
-    full_snap = tf.function(full_snap, input_signature=spec)
     rng = np.random.default_rng(_STREAM_SEED)
     stream = [rng.normal(size=(batch,) + shape).astype("float32") for _ in range(n_batches)]
     tensors = [tf.constant(b) for b in stream]
@@ -78,8 +63,7 @@ def _worker(name, batch, fraction, n_batches):
 
     def run(fn, b):
         out = fn(b)
-        for v in (out.values() if isinstance(out, dict) else out):
-            v.numpy()
+        _sync(out)
         return out
 
     def send(**msg):
