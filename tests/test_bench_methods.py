@@ -1,22 +1,18 @@
 """bench/methods.py: methods x seeds into one table, JSON and plot; bad names and options refused up front."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import bench_scripts
+
 TINY = ["--dataset", "digits", "--train-size", "200", "--val-size", "200", "--epochs", "1", "--batch-size", "128",
         "--seeds", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("methods")
 
 
 def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, capsys):

@@ -1,19 +1,13 @@
 """bench/primitive_cache.py: bad options are refused up front with one line naming the option."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import bench_scripts
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_primitive_cache", ROOT / "bench" / "primitive_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("primitive_cache")
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -1,6 +1,5 @@
 """bench/train_step.py: the IMTA phase workers run a step, and a tree without IMTA is refused in one line."""
 
-import importlib.util
 import io
 import json
 import sys
@@ -9,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("train_step")
 
 
 def _messages(text, tag):
