@@ -52,9 +52,14 @@ def main():
         img = tf.image.random_flip_left_right(img)
         return (img - mean) / std, label
 
-    usual = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(10_000).repeat()
-             .map(per_image, num_parallel_calls=tf.data.AUTOTUNE).batch(args.batch_size)
-             .prefetch(tf.data.AUTOTUNE))
+    usual = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(10_000)
+        .repeat()
+        .map(per_image, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(args.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     ours = splits.train_dataset(args.batch_size).repeat()
     plain = splits.train_dataset(args.batch_size, augment=False).repeat()
     r_ours, r_usual, r_plain = (_rate(d, args.batches) for d in (ours, usual, plain))

@@ -89,21 +89,26 @@ def conv_shapes(n=256):
         pad = (k - 1) // 2
         padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]] if s > 1 else "SAME"
         kernel, bias = tf.random.normal((k, k, cin, f)), tf.zeros(f)
-        plain = tf.function(
-            lambda x: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, s, padding), bias))
-        )
+        plain = tf.function(lambda x: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, s, padding), bias)))
         ours = tf.function(lambda x, layer=layer: layer(x, training=False))
         t_plain, t_ours = best_ms(plain, x, rep=3), best_ms(ours, x, rep=3)
         totals[0] += t_plain * len(members)
         totals[1] += t_ours * len(members)
         how = f"packed x{width_packing(k, f, s, (w - 1) // s + 1)}"
-        rows.append((t_plain * len(members), f"    {h:2d}x{w:<2d} {cin:3d}->{f:3d} k{k} s{s}  x{len(members):2d}  "
-                     f"conv2d {t_plain:6.2f} ms  ConvBNReLU {t_ours:6.2f} ms ({how}, "
-                     f"{t_plain / t_ours:4.2f}x)"))
+        rows.append(
+            (
+                t_plain * len(members),
+                f"    {h:2d}x{w:<2d} {cin:3d}->{f:3d} k{k} s{s}  x{len(members):2d}  "
+                f"conv2d {t_plain:6.2f} ms  ConvBNReLU {t_ours:6.2f} ms ({how}, "
+                f"{t_plain / t_ours:4.2f}x)",
+            )
+        )
     for _, line in sorted(rows, reverse=True):
         print(line)
-    print(f"    all {sum(len(m) for m in groups.values())} convs: conv2d {totals[0]:.1f} ms, "
-          f"ConvBNReLU {totals[1]:.1f} ms ({totals[0] / totals[1]:.2f}x)")
+    print(
+        f"    all {sum(len(m) for m in groups.values())} convs: conv2d {totals[0]:.1f} ms, "
+        f"ConvBNReLU {totals[1]:.1f} ms ({totals[0] / totals[1]:.2f}x)"
+    )
 
 
 def concat_bandwidth(n=256, h=32):
@@ -115,8 +120,7 @@ def concat_bandwidth(n=256, h=32):
         cat = best_ms(tf.function(lambda x, a, b: tf.concat([x, a, b], -1)), x, a, b)
         add = best_ms(tf.function(lambda x: x + x), x)
         moved = 2 * n * h * h * (c + 6) * 4
-        print(f"    C={c:2d}  concat {cat:6.2f} ms ({moved / cat / 1e6:5.1f} GB/s read+write)"
-              f"  x + x {add:6.2f} ms")
+        print(f"    C={c:2d}  concat {cat:6.2f} ms ({moved / cat / 1e6:5.1f} GB/s read+write)  x + x {add:6.2f} ms")
 
 
 def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
@@ -127,12 +131,14 @@ def chunked_forward(batch=256, chunks=(256, 64, 32, 16), repeats=5):
 
     def chunked(model, size):
         def fn(t):
-            outs = [tf.nest.flatten(model(t[i:i + size], training=False)) for i in range(0, batch, size)]
+            outs = [tf.nest.flatten(model(t[i : i + size], training=False)) for i in range(0, batch, size)]
             return [tf.concat(parts, 0) for parts in zip(*outs)]
+
         return tf.function(fn)
 
-    concat_bytes = sum(4 * batch * math.prod(layer.output.shape[1:]) for layer in ee.layers
-                       if isinstance(layer, models.ChannelConcat))
+    concat_bytes = sum(
+        4 * batch * math.prod(layer.output.shape[1:]) for layer in ee.layers if isinstance(layer, models.ChannelConcat)
+    )
     print(f"    msdnet_cifar_5's concatenations write {concat_bytes / 1e9:.2f} GB per forward at batch {batch}")
     fns = {(name, c): chunked(m, c) for c in chunks for name, m in (("msdnet", ee), ("plain", plain))}
     for fn in fns.values():
@@ -177,8 +183,10 @@ def resize_shapes(n=256):
         t_einsum, t_kernel = best_ms(tf.function(einsum), x, rep=3), best_ms(kernel, x, rep=3)
         totals[0] += t_einsum * count
         totals[1] += t_kernel * count
-        print(f"    {shape[0]:2d}x{shape[1]:<2d} x{shape[2]:3d} ch -> {size[0]:2d}x{size[1]:<2d} x{count:2d}  "
-              f"einsum {t_einsum:6.2f} ms  ResizeBilinear {t_kernel:5.2f} ms  max diff {diff:.1e}")
+        print(
+            f"    {shape[0]:2d}x{shape[1]:<2d} x{shape[2]:3d} ch -> {size[0]:2d}x{size[1]:<2d} x{count:2d}  "
+            f"einsum {t_einsum:6.2f} ms  ResizeBilinear {t_kernel:5.2f} ms  max diff {diff:.1e}"
+        )
     print(f"    all: einsum {totals[0]:.1f} ms, ResizeBilinear {totals[1]:.1f} ms")
 
 

@@ -66,7 +66,7 @@ from keras_ee.inference import EarlyExitModel  # noqa: E402
 
 
 def _sync(out):
-    for v in (out.values() if isinstance(out, dict) else out):
+    for v in out.values() if isinstance(out, dict) else out:
         v.numpy()
 
 
@@ -87,7 +87,7 @@ def _timed_together(fns, batches, rounds):
     t = np.full((len(fns), rounds, len(batches)), np.inf)
     for r in range(rounds):
         for i, b in enumerate(batches):
-            for which in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            for which in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
                 t0 = time.perf_counter()
                 _sync(fns[which](b))
                 t[which, r, i] = time.perf_counter() - t0
@@ -101,7 +101,7 @@ def _timed_whole(fns, rounds):
         f()
     t = np.full((len(fns), rounds), np.inf)
     for r in range(rounds):
-        for which in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+        for which in range(len(fns)) if r % 2 == 0 else reversed(range(len(fns))):
             t0 = time.perf_counter()
             fns[which]()
             t[which, r] = time.perf_counter() - t0
@@ -110,9 +110,11 @@ def _timed_whole(fns, rounds):
 
 def _on_snapshot(ee, fn):
     """`fn` run on the early-exit model's folded kernels, as its own pass runs."""
+
     def run(*args):
         with ee._runtime.snapshot.active():
             return fn(*args)
+
     return run
 
 
@@ -146,8 +148,11 @@ def _overhead_parts(ee, shape):
             state = list(out[3:])
         return out[:2]
 
-    return (tf.function(_on_snapshot(ee, lambda x: chain(x, False)), input_signature=spec),
-            tf.function(_on_snapshot(ee, lambda x: chain(x, True)), input_signature=spec), apart)
+    return (
+        tf.function(_on_snapshot(ee, lambda x: chain(x, False)), input_signature=spec),
+        tf.function(_on_snapshot(ee, lambda x: chain(x, True)), input_signature=spec),
+        apart,
+    )
 
 
 def _stage_breakdown(ee, batches):
@@ -159,8 +164,9 @@ def _stage_breakdown(ee, batches):
         if k == 0:
             fns.append(tf.function(_on_snapshot(ee, lambda x, st=st: st(x, training=False)), input_signature=spec))
         else:
-            fns.append(tf.function(_on_snapshot(ee, lambda *xs, st=st: st(list(xs), training=False)),
-                                   input_signature=spec))
+            fns.append(
+                tf.function(_on_snapshot(ee, lambda *xs, st=st: st(list(xs), training=False)), input_signature=spec)
+            )
     thr = ee.thresholds
 
     def split(k):
@@ -169,6 +175,7 @@ def _stage_breakdown(ee, batches):
             score, _ = ee._score(logits, k)
             stay = tf.where(tf.logical_not(ee._leaves(score, thr, k)))[:, 0]
             return [tf.gather(s, stay) for s in state]
+
         return f
 
     splits = [split(k) for k in range(len(stages) - 1)]
@@ -212,8 +219,9 @@ def calibrated_model(name, n_val):
     rng = np.random.default_rng(0)
     val = rng.normal(size=(n_val,) + shape).astype("float32")
     full = tf.function(lambda x: model(x, training=False), input_signature=spec)
-    val_logits = np.concatenate([np.stack([o.numpy() for o in full(tf.constant(val[i:i + 256]))], 0)
-                                 for i in range(0, n_val, 256)], axis=1)
+    val_logits = np.concatenate(
+        [np.stack([o.numpy() for o in full(tf.constant(val[i : i + 256]))], 0) for i in range(0, n_val, 256)], axis=1
+    )
     ee = EarlyExitModel.from_model(model, val_logits, np.zeros(n_val, np.int32), budget=c[-1], costs=c)
     full_snap = tf.function(_on_snapshot(ee, lambda x: model(x, training=False)), input_signature=spec)
     return c, shape, full, full_snap, ee, rng
@@ -229,7 +237,7 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
     for bs in batch_sizes:
         imgs = test[:32] if bs == 1 else test
         ee.set_thresholds([np.inf] * (ee.num_exits - 1) + [-np.inf])
-        ms, _ = _stage_breakdown(ee, [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)])
+        ms, _ = _stage_breakdown(ee, [tf.constant(imgs[i : i + bs]) for i in range(0, len(imgs), bs)])
         shares[bs] = ms / ms.sum()
     pool_set = rng.normal(size=(n_pooled,) + shape).astype("float32")
     rows = []
@@ -238,7 +246,7 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
         thresholds = ee.thresholds
         for bs in batch_sizes:
             imgs = test[:32] if bs == 1 else test
-            batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
+            batches = [tf.constant(imgs[i : i + bs]) for i in range(0, len(imgs), bs)]
             tf_med, ts_med, te_med = _timed_together([full, full_snap, serve], batches, rounds)
             exits = np.concatenate([serve(b)["exit"].numpy() for b in batches])
             mul_saving = 1 - c[exits - 1].mean() / c[-1]
@@ -249,24 +257,44 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
             pooled = None
             if bs > 1 and n_pooled:
                 # Throughput mode on a larger set: survivors pooled across batches per stage.
-                pool_batches = [tf.constant(pool_set[i:i + bs]) for i in range(0, n_pooled, bs)]
-                t_full, t_snap, t_pool = _timed_whole([lambda: [_sync(full(b)) for b in pool_batches],
-                                                       lambda: [_sync(full_snap(b)) for b in pool_batches],
-                                                       lambda: ee.predict(pool_set, batch_size=bs, pooled=True)],
-                                                      max(3, rounds // 2))
+                pool_batches = [tf.constant(pool_set[i : i + bs]) for i in range(0, n_pooled, bs)]
+                t_full, t_snap, t_pool = _timed_whole(
+                    [
+                        lambda: [_sync(full(b)) for b in pool_batches],
+                        lambda: [_sync(full_snap(b)) for b in pool_batches],
+                        lambda: ee.predict(pool_set, batch_size=bs, pooled=True),
+                    ],
+                    max(3, rounds // 2),
+                )
                 pool_exits = ee.predict(pool_set, batch_size=bs, pooled=True)["exit"]
                 pool_mul = 1 - c[pool_exits - 1].mean() / c[-1]
-                pooled = dict(mul_saving=pool_mul, wall_saving=1 - t_pool / t_full,
-                              ratio=(1 - t_pool / t_full) / pool_mul if pool_mul > 0 else float("nan"),
-                              ratio_snap=(1 - t_pool / t_snap) / pool_mul if pool_mul > 0 else float("nan"),
-                              full_ms=t_full * 1e3 / len(pool_batches), pool_ms=t_pool * 1e3 / len(pool_batches))
-            rows.append(dict(model=name, batch=bs, fraction=f, val_cost=solved["val_mean_cost"] / c[-1],
-                             time_saving=time_saving,
-                             mul_saving=mul_saving, wall_saving=wall_saving,
-                             ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
-                             ratio_snap=snap_saving / mul_saving if mul_saving > 0 else float("nan"),
-                             full_ms=tf_med * 1e3 / len(batches), ee_ms=te_med * 1e3 / len(batches),
-                             stage_ms=stage_ms, seen=seen, thresholds=thresholds, pooled=pooled))
+                pooled = dict(
+                    mul_saving=pool_mul,
+                    wall_saving=1 - t_pool / t_full,
+                    ratio=(1 - t_pool / t_full) / pool_mul if pool_mul > 0 else float("nan"),
+                    ratio_snap=(1 - t_pool / t_snap) / pool_mul if pool_mul > 0 else float("nan"),
+                    full_ms=t_full * 1e3 / len(pool_batches),
+                    pool_ms=t_pool * 1e3 / len(pool_batches),
+                )
+            rows.append(
+                dict(
+                    model=name,
+                    batch=bs,
+                    fraction=f,
+                    val_cost=solved["val_mean_cost"] / c[-1],
+                    time_saving=time_saving,
+                    mul_saving=mul_saving,
+                    wall_saving=wall_saving,
+                    ratio=wall_saving / mul_saving if mul_saving > 0 else float("nan"),
+                    ratio_snap=snap_saving / mul_saving if mul_saving > 0 else float("nan"),
+                    full_ms=tf_med * 1e3 / len(batches),
+                    ee_ms=te_med * 1e3 / len(batches),
+                    stage_ms=stage_ms,
+                    seen=seen,
+                    thresholds=thresholds,
+                    pooled=pooled,
+                )
+            )
     # Everyone to the last exit, at every batch size: the runtime's overhead over the full
     # network (the target is at batch 1), and the passes in between (stages chained; chained
     # and waiting for each exit's score; the throughput mode's stage steps called apart).
@@ -278,12 +306,23 @@ def bench_model(name, batch_sizes, fractions, rounds, n_val, n_test, n_pooled):
     overheads = []
     for bs in batch_sizes:
         imgs = test[:64] if bs == 1 else test
-        batches = [tf.constant(imgs[i:i + bs]) for i in range(0, len(imgs), bs)]
+        batches = [tf.constant(imgs[i : i + bs]) for i in range(0, len(imgs), bs)]
         t = _timed_together([full, full_snap, serve, chained, waiting, apart, frozen], batches, max(rounds, 5))
-        overheads.append(dict(batch=bs, full_ms=t[0] * 1e3 / len(batches), snap_ms=t[1] * 1e3 / len(batches),
-                              ee_ms=t[2] * 1e3 / len(batches), snap=t[1] / t[0] - 1,
-                              overhead=t[2] / t[0] - 1, overhead_snap=t[2] / t[1] - 1, chain=t[3] / t[1] - 1,
-                              wait=t[4] / t[1] - 1, apart=t[5] / t[1] - 1, frozen=t[6] / t[0] - 1))
+        overheads.append(
+            dict(
+                batch=bs,
+                full_ms=t[0] * 1e3 / len(batches),
+                snap_ms=t[1] * 1e3 / len(batches),
+                ee_ms=t[2] * 1e3 / len(batches),
+                snap=t[1] / t[0] - 1,
+                overhead=t[2] / t[0] - 1,
+                overhead_snap=t[2] / t[1] - 1,
+                chain=t[3] / t[1] - 1,
+                wait=t[4] / t[1] - 1,
+                apart=t[5] / t[1] - 1,
+                frozen=t[6] / t[0] - 1,
+            )
+        )
     # One trace of the early-exit pass for every batch size and survivor count of the run.
     traces = serve.experimental_get_tracing_count()
     return c, rows, dict(overheads=overheads, traces=traces), shares
@@ -295,8 +334,12 @@ def main(argv=None):
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--pooled-images", type=int, default=1024,
-                   help="images of the throughput-mode rows (predict(pooled=True)); 0 skips them")
+    p.add_argument(
+        "--pooled-images",
+        type=int,
+        default=1024,
+        help="images of the throughput-mode rows (predict(pooled=True)); 0 skips them",
+    )
     p.add_argument("--quick", action="store_true", help="2 rounds, 256 validation and 64 test images, batches 1 and 64")
     args = p.parse_args(argv)
     n_val, n_test = 1024, 256
@@ -304,49 +347,72 @@ def main(argv=None):
         args.rounds, n_val, n_test = 2, 256, 64
         args.pooled_images = min(args.pooled_images, 256)
         args.batches = [b for b in args.batches if b <= 64]
-    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
-          f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}; rounds {args.rounds}")
+    print(
+        f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
+        f"{os.cpu_count()} CPUs; TensorFlow {tf.__version__}; rounds {args.rounds}"
+    )
     for name in args.models:
         t0 = time.time()
-        c, rows, last, shares = bench_model(name, args.batches, args.fractions, args.rounds, n_val, n_test,
-                                            args.pooled_images)
-        print(f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
-              f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})")
-        print("| batch | budget | val cost | Mul-Add saving | wall saving | ratio | ratio on the snapshot | "
-              "stage-time saving | ideal ratio | wall / stage-time | full ms/batch | early exit ms/batch | "
-              "per stage ms/batch (samples in) |")
+        c, rows, last, shares = bench_model(
+            name, args.batches, args.fractions, args.rounds, n_val, n_test, args.pooled_images
+        )
+        print(
+            f"\n{name}: exit Mul-Adds {', '.join(f'{v / 1e6:.2f}M' for v in c)} "
+            f"(fractions of the last: {', '.join(f'{v / c[-1]:.2f}' for v in c)})"
+        )
+        print(
+            "| batch | budget | val cost | Mul-Add saving | wall saving | ratio | ratio on the snapshot | "
+            "stage-time saving | ideal ratio | wall / stage-time | full ms/batch | early exit ms/batch | "
+            "per stage ms/batch (samples in) |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             stages = " ".join(f"{ms:.1f}({n})" for ms, n in zip(r["stage_ms"], r["seen"]))
-            print(f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
-                  f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['ratio_snap']:.2f} | {r['time_saving']:.1%} | "
-                  f"{r['time_saving'] / r['mul_saving'] if r['mul_saving'] > 0 else float('nan'):.2f} | "
-                  f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
-                  f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |")
+            print(
+                f"| {r['batch']} | {r['fraction']:.0%} | {r['val_cost']:.1%} | {r['mul_saving']:.1%} | "
+                f"{r['wall_saving']:.1%} | {r['ratio']:.2f} | {r['ratio_snap']:.2f} | {r['time_saving']:.1%} | "
+                f"{r['time_saving'] / r['mul_saving'] if r['mul_saving'] > 0 else float('nan'):.2f} | "
+                f"{r['wall_saving'] / r['time_saving'] if r['time_saving'] > 0 else float('nan'):.2f} | "
+                f"{r['full_ms']:.1f} | {r['ee_ms']:.1f} | {stages} |"
+            )
         pooled_rows = [r for r in rows if r["pooled"]]
         if pooled_rows:
-            print(f"\nthroughput mode, predict(pooled=True) on {args.pooled_images} other images against the full "
-                  f"network on the same batches (whole passes, fastest of {max(3, args.rounds // 2)}):")
-            print("| batch | budget | Mul-Add saving | wall saving | ratio | ratio on the snapshot | full ms/batch | "
-                  "pooled ms/batch |")
+            print(
+                f"\nthroughput mode, predict(pooled=True) on {args.pooled_images} other images against the full "
+                f"network on the same batches (whole passes, fastest of {max(3, args.rounds // 2)}):"
+            )
+            print(
+                "| batch | budget | Mul-Add saving | wall saving | ratio | ratio on the snapshot | full ms/batch | "
+                "pooled ms/batch |"
+            )
             print("|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in pooled_rows:
                 q = r["pooled"]
-                print(f"| {r['batch']} | {r['fraction']:.0%} | {q['mul_saving']:.1%} | {q['wall_saving']:.1%} | "
-                      f"{q['ratio']:.2f} | {q['ratio_snap']:.2f} | {q['full_ms']:.1f} | {q['pool_ms']:.1f} |")
-        print("stage time shares with every sample running every stage: " + "; ".join(
-            f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items()))
+                print(
+                    f"| {r['batch']} | {r['fraction']:.0%} | {q['mul_saving']:.1%} | {q['wall_saving']:.1%} | "
+                    f"{q['ratio']:.2f} | {q['ratio_snap']:.2f} | {q['full_ms']:.1f} | {q['pool_ms']:.1f} |"
+                )
+        print(
+            "stage time shares with every sample running every stage: "
+            + "; ".join(f"batch {bs}: " + " ".join(f"{v:.2f}" for v in sh) for bs, sh in shares.items())
+        )
         print("stage Mul-Add shares: " + " ".join(f"{v:.2f}" for v in np.diff(np.concatenate([[0.0], c])) / c[-1]))
-        print("\nevery sample to the last exit (thresholds +inf), time against the full network as model(x) runs "
-              "it and against the full network on the snapshot (target at batch 1: early exit <= +10%):")
-        print("| batch | full ms/batch | early exit | full on the snapshot | full, weights frozen to constants | "
-              "early exit against the full network on the snapshot | stages chained | chained, waiting for each "
-              "exit's score | stage steps apart (throughput mode's) |")
+        print(
+            "\nevery sample to the last exit (thresholds +inf), time against the full network as model(x) runs "
+            "it and against the full network on the snapshot (target at batch 1: early exit <= +10%):"
+        )
+        print(
+            "| batch | full ms/batch | early exit | full on the snapshot | full, weights frozen to constants | "
+            "early exit against the full network on the snapshot | stages chained | chained, waiting for each "
+            "exit's score | stage steps apart (throughput mode's) |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for o in last["overheads"]:
-            print(f"| {o['batch']} | {o['full_ms']:.2f} | {o['overhead']:+.1%} | {o['snap']:+.1%} | "
-                  f"{o['frozen']:+.1%} | {o['overhead_snap']:+.1%} | {o['chain']:+.1%} | {o['wait']:+.1%} | "
-                  f"{o['apart']:+.1%} |")
+            print(
+                f"| {o['batch']} | {o['full_ms']:.2f} | {o['overhead']:+.1%} | {o['snap']:+.1%} | "
+                f"{o['frozen']:+.1%} | {o['overhead_snap']:+.1%} | {o['chain']:+.1%} | {o['wait']:+.1%} | "
+                f"{o['apart']:+.1%} |"
+            )
         print(f"early-exit pass traced {last['traces']} time(s)  ({time.time() - t0:.0f} s)")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 

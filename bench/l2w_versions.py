@@ -51,12 +51,13 @@ def worker(args):
             method = training.Baseline() if name == "baseline" else training.L2W(q=0.75, delta=0.8)
             model = training.MultiExitModel(backbone, method=method)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-4))
-            model.fit(x[:64 * batches], y[:64 * batches], batch_size=64, epochs=1, shuffle=False, verbose=0)
+            model.fit(x[: 64 * batches], y[: 64 * batches], batch_size=64, epochs=1, shuffle=False, verbose=0)
             out[f"{name}/backbone/{batches}"] = np.concatenate([v.numpy().ravel() for v in backbone.trainable_weights])
             if name == "l2w":
                 out[f"l2w/wpn/{batches}"] = np.concatenate([v.numpy().ravel() for v in method.wpn.weights])
                 out[f"l2w/wpn_adam/{batches}"] = np.concatenate(
-                    [v.numpy().ravel() for v in method.wpn_optimizer.variables if "float" in str(v.dtype)])
+                    [v.numpy().ravel() for v in method.wpn_optimizer.variables if "float" in str(v.dtype)]
+                )
     np.savez(args.out, **out)
 
 
@@ -75,8 +76,9 @@ def fused_check():
             layers._TF_FUSED_BN_DTYPES = ()
         try:
             keras.utils.set_random_seed(0)
-            model = training.MultiExitModel(models.create("multiexit_cnn", input_shape=(8, 8, 3), num_classes=5),
-                                            method=training.L2W())
+            model = training.MultiExitModel(
+                models.create("multiexit_cnn", input_shape=(8, 8, 3), num_classes=5), method=training.L2W()
+            )
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
             rng = np.random.default_rng(0)
             x = tf.constant(rng.normal(size=(16, 8, 8, 3)).astype("float32"))
@@ -110,8 +112,17 @@ def main():
     try:
         for side, root, plain in (("old", path, False), ("new", _REPO, args.plain_bn)):
             files[side] = os.path.join(tempfile.mkdtemp(), f"{side}.npz")
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--rev", args.rev, "--out", files[side],
-                   "--batches", *map(str, args.batches)] + (["--plain-bn"] if plain else [])
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                "--rev",
+                args.rev,
+                "--out",
+                files[side],
+                "--batches",
+                *map(str, args.batches),
+            ] + (["--plain-bn"] if plain else [])
             env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
             subprocess.run(cmd, env=env, check=True, cwd=tempfile.gettempdir())
     finally:

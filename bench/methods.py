@@ -112,27 +112,45 @@ def folder_label(label: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     from keras_ee.cli import parse_budget
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="registered names, package.module:Class, or LABEL=METHOD (default: every registered method)")
-    p.add_argument("--method-option", type=parse_method_option, action="append", default=[],
-                   metavar="METHOD:KEY=VALUE", help="an option of one method (its label), e.g. l2w:q=0.5; repeatable")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]),
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help="registered names, package.module:Class, or LABEL=METHOD (default: every registered method)",
+    )
+    p.add_argument(
+        "--method-option",
+        type=parse_method_option,
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="an option of one method (its label), e.g. l2w:q=0.5; repeatable",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g = p.add_argument_group("the runs' settings (the same for every method and seed)")
-    g.add_argument("--config", type=Path, help="a TrainConfig .json/.toml as the base; the flags below override it "
-                                               "(its method, method_options, seed and evaluate are not used)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        help="a TrainConfig .json/.toml as the base; the flags below override it "
+        "(its method, method_options, seed and evaluate are not used)",
+    )
     g.add_argument("--dataset", help="default cifar100")
     g.add_argument("--data-dir", help="default ../shared/data next to the repository")
     g.add_argument("--val-size", type=int)
     g.add_argument("--train-size", type=int, help="stratified subset of the training split")
     g.add_argument("--imbalance-factor", type=int)
-    g.add_argument("--samples-per-class", type=int,
-                   help="train on X images of every class (the HDKD paper's low-data CIFAR(X); stratified, seeded)")
+    g.add_argument(
+        "--samples-per-class",
+        type=int,
+        help="train on X images of every class (the HDKD paper's low-data CIFAR(X); stratified, seeded)",
+    )
     g.add_argument("--model", help="default multiexit_cnn")
-    g.add_argument("--model-option", type=_model_option, action="append", default=[],
-                   metavar="KEY=VALUE")
+    g.add_argument("--model-option", type=_model_option, action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--epochs", type=int, help="default 15")
     g.add_argument("--batch-size", type=int, help="default 128")
     g.add_argument("--lr", dest="learning_rate", type=float, help="default 0.1 * batch_size / 64")
@@ -140,16 +158,30 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
     g = p.add_argument_group("report")
-    g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
-                   help="a Mul-Add budget of the table (15M, 1.2G; repeatable); default four evenly spaced inside "
-                        "the range every curve covers")
-    g.add_argument("--metric", default="top1", choices=["top1", "top5"],
-                   help="top1 (default) or top5 correctness (the HDKD paper's measure) in every table and curve; "
-                        "the exits are still chosen by the confidence score. Finished runs are reused, so a top-5 "
-                        "table of runs trained earlier costs no training")
-    g.add_argument("--reference", nargs="+", default=["baseline"], metavar="LABEL",
-                   help="label(s) the per-seed differences are taken against (default baseline, if it is run); "
-                        "each further label adds its own difference table (e.g. --reference baseline dbt)")
+    g.add_argument(
+        "--budget",
+        dest="budgets",
+        type=parse_budget,
+        action="append",
+        help="a Mul-Add budget of the table (15M, 1.2G; repeatable); default four evenly spaced inside "
+        "the range every curve covers",
+    )
+    g.add_argument(
+        "--metric",
+        default="top1",
+        choices=["top1", "top5"],
+        help="top1 (default) or top5 correctness (the HDKD paper's measure) in every table and curve; "
+        "the exits are still chosen by the confidence score. Finished runs are reused, so a top-5 "
+        "table of runs trained earlier costs no training",
+    )
+    g.add_argument(
+        "--reference",
+        nargs="+",
+        default=["baseline"],
+        metavar="LABEL",
+        help="label(s) the per-seed differences are taken against (default baseline, if it is run); "
+        "each further label adds its own difference table (e.g. --reference baseline dbt)",
+    )
     g.add_argument("--out", type=Path, default=Path("bench/out/methods"))
     g.add_argument("--quiet", action="store_true", help="no per-epoch output from training")
     return p
@@ -162,10 +194,28 @@ def _model_option(text: str):
     return key.strip(), _json_or_str(value)
 
 
-DEFAULTS = dict(dataset="cifar100", data_dir=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-                model="multiexit_cnn", epochs=15, batch_size=128)
-FLAG_FIELDS = ("dataset", "data_dir", "val_size", "train_size", "samples_per_class", "imbalance_factor", "model", "epochs", "batch_size",
-               "learning_rate", "schedule", "weight_decay", "confidence")
+DEFAULTS = dict(
+    dataset="cifar100",
+    data_dir=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+    model="multiexit_cnn",
+    epochs=15,
+    batch_size=128,
+)
+FLAG_FIELDS = (
+    "dataset",
+    "data_dir",
+    "val_size",
+    "train_size",
+    "samples_per_class",
+    "imbalance_factor",
+    "model",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "schedule",
+    "weight_decay",
+    "confidence",
+)
 
 
 def base_config(args):
@@ -278,8 +328,7 @@ def read_epoch_times(workdir: Path) -> tuple[dict[int, float], set[int]]:
     """({epoch: seconds}, {epochs that include tracing}) from `epoch_times.json`; empty if none."""
     try:
         raw = json.loads((Path(workdir) / EPOCH_TIMES_FILE).read_text())
-        return ({int(k): float(v) for k, v in raw["epoch_seconds"].items()},
-                {int(e) for e in raw.get("traced", [])})
+        return ({int(k): float(v) for k, v in raw["epoch_seconds"].items()}, {int(e) for e in raw.get("traced", [])})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}, set()
 
@@ -331,17 +380,29 @@ def epoch_seconds(workdir: Path, epochs) -> dict:
     starts = np.cumsum([0] + counts[:-1]).tolist()
     times, traced = read_epoch_times(workdir)
     if all(e in times for e in range(total)):
-        out = {"per_epoch": [times[e] for e in range(total)], "traced": sorted(traced),
-               "steady": _mean_untraced(times, traced, range(total)), "first": times[0], "source": EPOCH_TIMES_FILE}
+        out = {
+            "per_epoch": [times[e] for e in range(total)],
+            "traced": sorted(traced),
+            "steady": _mean_untraced(times, traced, range(total)),
+            "first": times[0],
+            "source": EPOCH_TIMES_FILE,
+        }
         if len(counts) > 1:
-            out["phases"] = [{"epochs": n, "steady": _mean_untraced(times, traced, range(b, b + n)), "first": times[b]}
-                             for b, n in zip(starts, counts)]
+            out["phases"] = [
+                {"epochs": n, "steady": _mean_untraced(times, traced, range(b, b + n)), "first": times[b]}
+                for b, n in zip(starts, counts)
+            ]
         return out
     state = _state(workdir)  # a run trained without the callback: the last invocation's mean
     trained = total - int(state.get("resumed_at_epoch") or 0)
     if state.get("train_seconds") is not None and trained > 0:
-        out = {"per_epoch": None, "traced": None, "steady": float(state["train_seconds"]) / trained, "first": None,
-               "source": "state.json"}
+        out = {
+            "per_epoch": None,
+            "traced": None,
+            "steady": float(state["train_seconds"]) / trained,
+            "first": None,
+            "source": "state.json",
+        }
     else:
         out = {"per_epoch": None, "traced": None, "steady": None, "first": None, "source": "none"}
     if len(counts) > 1:
@@ -363,11 +424,15 @@ def run_all(runs, quiet: bool, metric: str = "top1") -> None:
             dump = dumps.load_dump(workdir / "dump")
         else:
             print(f"{tag} finished earlier: reusing {workdir}", flush=True)
-        ev = evaluation.evaluate_dump(dump, kind=r["config"].confidence, name=f"{r['label']}-s{r['seed']}",
-                                      metric=metric)
+        ev = evaluation.evaluate_dump(
+            dump, kind=r["config"].confidence, name=f"{r['label']}-s{r['seed']}", metric=metric
+        )
         # The folder `keras-ee evaluate --metric` writes to, so the two never overwrite each other.
-        evaluation.write_evaluation(ev, workdir / "eval" / ("" if metric == "top1" else metric), title=f"{r['config'].model} / {r['label']} on "
-                                                                f"{r['config'].dataset}, seed {r['seed']}")
+        evaluation.write_evaluation(
+            ev,
+            workdir / "eval" / ("" if metric == "top1" else metric),
+            title=f"{r['config'].model} / {r['label']} on {r['config'].dataset}, seed {r['seed']}",
+        )
         r["evaluation"] = ev
         phases = run_phases(r["config"])
         r["phases"] = [{"name": p.name, "epochs": p.epochs} for p in phases]
@@ -391,9 +456,13 @@ def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], lis
             label = f"{m['label']} [{kind}]"
             extra_methods.append({**m, "label": label})
             for r in rs:
-                ev = evaluation.evaluate_dump(dumps.load_dump(r["workdir"] / "dump"), kind=kind,
-                                              name=f"{label}-s{r['seed']}",
-                                              scores=experiment.load_run_scores(r["workdir"], kind), metric=metric)
+                ev = evaluation.evaluate_dump(
+                    dumps.load_dump(r["workdir"] / "dump"),
+                    kind=kind,
+                    name=f"{label}-s{r['seed']}",
+                    scores=experiment.load_run_scores(r["workdir"], kind),
+                    metric=metric,
+                )
                 extra_runs.append({**r, "label": label, "evaluation": ev})
     return extra_runs, extra_methods
 
@@ -468,9 +537,15 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
     else:
         budgets = np.array([lo])
     first = runs[0]["evaluation"]
-    out = {"seeds": list(seeds), "budgets": budgets.tolist(),
-           "budget_labels": [evaluation.budget_label(b) for b in budgets],
-           "mean_range": [lo, hi], "mul_adds": list(first.mul_adds), "params": list(first.params), "methods": {}}
+    out = {
+        "seeds": list(seeds),
+        "budgets": budgets.tolist(),
+        "budget_labels": [evaluation.budget_label(b) for b in budgets],
+        "mean_range": [lo, hi],
+        "mul_adds": list(first.mul_adds),
+        "params": list(first.params),
+        "methods": {},
+    }
     for m in methods:
         rs = sorted((r for r in runs if r["label"] == m["label"]), key=lambda r: seeds.index(r["seed"]))
         acc = np.array([evaluation.accuracy_at(*r["evaluation"].curve(), budgets) for r in rs]) * 100
@@ -478,16 +553,26 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
         anytime = np.array([r["evaluation"].test_anytime for r in rs]) * 100
         spe = np.array([np.nan if r["timing"]["steady"] is None else r["timing"]["steady"] for r in rs])
         first_epoch = np.array([np.nan if r["timing"]["first"] is None else r["timing"]["first"] for r in rs])
-        entry = {"method": m["method"], "options": m["options"], "runs": [str(r["workdir"]) for r in rs],
-                 "budget_acc": acc, "mean_acc": auc, "anytime": anytime, "seconds_per_epoch": spe,
-                 "first_epoch_seconds": first_epoch, "epoch_seconds": [r["timing"]["per_epoch"] for r in rs],
-                 "traced_epochs": [r["timing"]["traced"] for r in rs],
-                 "timing_source": [r["timing"]["source"] for r in rs]}
+        entry = {
+            "method": m["method"],
+            "options": m["options"],
+            "runs": [str(r["workdir"]) for r in rs],
+            "budget_acc": acc,
+            "mean_acc": auc,
+            "anytime": anytime,
+            "seconds_per_epoch": spe,
+            "first_epoch_seconds": first_epoch,
+            "epoch_seconds": [r["timing"]["per_epoch"] for r in rs],
+            "traced_epochs": [r["timing"]["traced"] for r in rs],
+            "timing_source": [r["timing"]["source"] for r in rs],
+        }
         keys = ["budget_acc", "mean_acc", "anytime", "seconds_per_epoch", "first_epoch_seconds"]
         if len(rs[0]["phases"]) > 1:  # a multi-phase method: its epochs and times per phase too
+
             def per_phase(field):
-                return np.array([[np.nan if p[field] is None else p[field] for p in r["timing"]["phases"]]
-                                 for r in rs], np.float64)
+                return np.array(
+                    [[np.nan if p[field] is None else p[field] for p in r["timing"]["phases"]] for r in rs], np.float64
+                )
 
             entry["phases"] = rs[0]["phases"]
             entry["epochs"] = sum(p["epochs"] for p in rs[0]["phases"])
@@ -533,17 +618,22 @@ def _phases_text(summary: dict, epochs: int) -> str:
     most = 1
     for label, e in summary["methods"].items():
         if "phases" in e:
-            later = ", ".join(f"phase {_roman(i)} {p['epochs']} epoch{'s' if p['epochs'] != 1 else ''}"
-                              for i, p in enumerate(e["phases"][1:], 1))
+            later = ", ".join(
+                f"phase {_roman(i)} {p['epochs']} epoch{'s' if p['epochs'] != 1 else ''}"
+                for i, p in enumerate(e["phases"][1:], 1)
+            )
             groups.setdefault(later, []).append(label)
             most = max(most, len(e["phases"]))
     if not groups:
         return ""
-    return (f" For methods with phases, the {epochs} epoch{'s' if epochs != 1 else ''} above "
-            f"{'are' if epochs != 1 else 'is'} phase I and later phases add their own ("
-            + "; ".join(f"{', '.join(labels)}: {later}" for later, labels in groups.items())
-            + "), counted on across the phases; their s/epoch and 1st epoch s are given per phase ("
-            + " / ".join(_roman(i) for i in range(most)) + "), each phase being its own training call.")
+    return (
+        f" For methods with phases, the {epochs} epoch{'s' if epochs != 1 else ''} above "
+        f"{'are' if epochs != 1 else 'is'} phase I and later phases add their own ("
+        + "; ".join(f"{', '.join(labels)}: {later}" for later, labels in groups.items())
+        + "), counted on across the phases; their s/epoch and 1st epoch s are given per phase ("
+        + " / ".join(_roman(i) for i in range(most))
+        + "), each phase being its own training call."
+    )
 
 
 def _accuracy_name(metric: str) -> str:
@@ -579,31 +669,47 @@ def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
         "training call (the first one also traces the train and test functions; it is shown on its own)."
         + _phases_text(summary, base.epochs),
         "",
-        "| method | " + " | ".join(f"@{b}" for b in summary["budget_labels"])
+        "| method | "
+        + " | ".join(f"@{b}" for b in summary["budget_labels"])
         + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | "
-        + " | ".join(f"exit {j + 1}" for j in range(k)) + " | s/epoch | 1st epoch s |",
+        + " | ".join(f"exit {j + 1}" for j in range(k))
+        + " | s/epoch | 1st epoch s |",
         "|---" * (len(summary["budgets"]) + k + 4) + "|",
     ]
     for label, e in summary["methods"].items():
-        cells = (_cells(e, "budget_acc", ns) + _cells(e, "mean_acc", ns) + _cells(e, "anytime", ns)
-                 + _time_cell(e, "seconds_per_epoch", ns) + _time_cell(e, "first_epoch_seconds", ns))
+        cells = (
+            _cells(e, "budget_acc", ns)
+            + _cells(e, "mean_acc", ns)
+            + _cells(e, "anytime", ns)
+            + _time_cell(e, "seconds_per_epoch", ns)
+            + _time_cell(e, "first_epoch_seconds", ns)
+        )
         name = label if label == e["method"] else f"{label} ({e['method']})"
         if e["options"]:
-            name += " " + ", ".join(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
-                                    for key, value in e["options"].items())
+            name += " " + ", ".join(
+                f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+                for key, value in e["options"].items()
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     tables = {summary["reference"]: summary["differences"]} if summary.get("differences") else {}
     tables.update(summary.get("more_differences", {}))
     for ref, differences in tables.items():
-        lines += ["", f"Paired difference to {ref} (points; per seed, then mean ± std over seeds):", "",
-                  "| method | " + " | ".join(f"@{b}" for b in summary["budget_labels"])
-                  + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | seeds better (mean) |",
-                  "|---" * (len(summary["budgets"]) + 3) + "|"]
+        lines += [
+            "",
+            f"Paired difference to {ref} (points; per seed, then mean ± std over seeds):",
+            "",
+            "| method | "
+            + " | ".join(f"@{b}" for b in summary["budget_labels"])
+            + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | seeds better (mean) |",
+            "|---" * (len(summary["budgets"]) + 3) + "|",
+        ]
         per_seed_lines = []
         for label, d in differences.items():
             cells = _cells(d, "budget_acc", ns) + _cells(d, "mean_acc", ns)
-            per_seed = "; ".join(f"s{s}: " + " ".join("–" if not np.isfinite(v) else f"{v:+.2f}" for v in row)
-                                 for s, row in zip(seeds, d["budget_acc"]))
+            per_seed = "; ".join(
+                f"s{s}: " + " ".join("–" if not np.isfinite(v) else f"{v:+.2f}" for v in row)
+                for s, row in zip(seeds, d["budget_acc"])
+            )
             lines.append(f"| {label} − {ref} | " + " | ".join(cells) + f" | {d['seeds_better']}/{ns} |")
             per_seed_lines.append(f"- {label} − {ref} at " + ", ".join(summary["budget_labels"]) + f": {per_seed}")
         lines += ["", *per_seed_lines]
@@ -634,16 +740,28 @@ def plot(runs, summary: dict, base, path: Path, metric: str = "top1") -> Path:
         ax.plot(grid / scale, mean, "-", color=color, lw=1.8, label=f"{label}: budgeted batch")
         if len(curves) > 1:
             ax.fill_between(grid / scale, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        ax.errorbar(costs, e["anytime_mean"], yerr=e["anytime_std"] if len(curves) > 1 else None, fmt="o--",
-                    color=color, ms=4, lw=0.8, alpha=0.75, capsize=3, label=f"{label}: single exits")
+        ax.errorbar(
+            costs,
+            e["anytime_mean"],
+            yerr=e["anytime_std"] if len(curves) > 1 else None,
+            fmt="o--",
+            color=color,
+            ms=4,
+            lw=0.8,
+            alpha=0.75,
+            capsize=3,
+            label=f"{label}: single exits",
+        )
     for b in summary["budgets"]:
         ax.axvline(b / scale, color="0.6", lw=0.6, ls=":")
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
     ax.set_ylabel(f"{_accuracy_name(metric).lower()} (%)")
     seeds = summary["seeds"]
-    ax.set_title(f"{base.model} on {base.dataset}, {base.epochs} epoch{'s' if base.epochs != 1 else ''}: "
-                 + (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"),
-                 fontsize=10)
+    ax.set_title(
+        f"{base.model} on {base.dataset}, {base.epochs} epoch{'s' if base.epochs != 1 else ''}: "
+        + (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"),
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     if len(summary["methods"]) > 2:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -671,8 +789,11 @@ def main(argv=None) -> int:
     from keras_ee.atomic import atomic_write_json, atomic_write_text
 
     command = "python bench/methods.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    print(f"{len(methods)} method(s) x {len(args.seeds)} seed(s) = {len(runs)} runs into {args.out}: "
-          + ", ".join(m["label"] for m in methods), flush=True)
+    print(
+        f"{len(methods)} method(s) x {len(args.seeds)} seed(s) = {len(runs)} runs into {args.out}: "
+        + ", ".join(m["label"] for m in methods),
+        flush=True,
+    )
     run_all(runs, args.quiet, args.metric)
     extra_runs, extra_methods = score_variants(runs, methods, args.metric)
     runs, methods = runs + extra_runs, methods + extra_methods
@@ -681,10 +802,19 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     names = [args.out / n for n in result_names(args.metric)]
     atomic_write_text(names[0], table)
-    atomic_write_json(names[1], _json_safe({
-        "command": command, "metric": args.metric, "settings": {k: v for k, v in base.to_dict().items()
-                                         if k not in ("method", "method_options", "seed", "evaluate")},
-        **summary}))
+    atomic_write_json(
+        names[1],
+        _json_safe(
+            {
+                "command": command,
+                "metric": args.metric,
+                "settings": {
+                    k: v for k, v in base.to_dict().items() if k not in ("method", "method_options", "seed", "evaluate")
+                },
+                **summary,
+            }
+        ),
+    )
     plot(runs, summary, base, names[2], args.metric)
     print("\n" + table)
     print("wrote " + ", ".join(map(str, names)))

@@ -113,18 +113,20 @@ def main():
         for k, fn in fns.items():
             times[k].append(timed(fn, x))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"threads: intra={tf.config.threading.get_intra_op_parallelism_threads()} "
-          f"inter={tf.config.threading.get_inter_op_parallelism_threads()} cpus={os.cpu_count()} "
-          f"onednn={_onednn_enabled()} jit={args.jit}")
+    print(
+        f"threads: intra={tf.config.threading.get_intra_op_parallelism_threads()} "
+        f"inter={tf.config.threading.get_inter_op_parallelism_threads()} cpus={os.cpu_count()} "
+        f"onednn={_onednn_enabled()} jit={args.jit}"
+    )
     print(f"batch {args.batch}, {args.repeats} runs after {args.warmup} warm-up, median seconds")
-    print(f"{args.model:<16} Mul-Adds/img {ee_ops / 1e6:8.2f}M  {med[args.model]:.4f}s  "
-          f"({len(ee.layers)} layers)")
-    print(f"{'plain':<16} Mul-Adds/img {plain_ops / 1e6:8.2f}M  {med['plain']:.4f}s  "
-          f"({len(plain.layers)} layers)")
+    print(f"{args.model:<16} Mul-Adds/img {ee_ops / 1e6:8.2f}M  {med[args.model]:.4f}s  ({len(ee.layers)} layers)")
+    print(f"{'plain':<16} Mul-Adds/img {plain_ops / 1e6:8.2f}M  {med['plain']:.4f}s  ({len(plain.layers)} layers)")
     print(f"{'  unpacked convs':<16} same model, no width packing  {med['unpacked']:.4f}s")
     ratio = med[args.model] / med["plain"]
-    print(f"ratio {args.model}/plain = {ratio:.2f}x (target <= 1.5x); "
-          f"without packing {med['unpacked'] / med['plain']:.2f}x")
+    print(
+        f"ratio {args.model}/plain = {ratio:.2f}x (target <= 1.5x); "
+        f"without packing {med['unpacked'] / med['plain']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def _worker(name, batch, fraction, n_batches):
             for i in range(int(cmd[1])):
                 exits[i] = run(serve, tensors[i])["exit"].numpy()
             for i in range(0, int(cmd[1]), _CHUNK):
-                ee.predict(np.concatenate(stream[i:i + _CHUNK]), batch_size=batch, pooled=True)
+                ee.predict(np.concatenate(stream[i : i + _CHUNK]), batch_size=batch, pooled=True)
             send(done=True)
         elif cmd[0] == "time":
             lo, hi = int(cmd[1]), int(cmd[2])
@@ -98,8 +98,13 @@ def _worker(name, batch, fraction, n_batches):
             t_pooled = time.perf_counter() - t0
             if not np.array_equal(pooled, np.concatenate(exits[lo:hi])):
                 raise SystemExit("bench/primitive_cache.py: the throughput mode's exits differ from the serving pass's")
-            send(ee=t_ee, full=t_full, pooled=t_pooled, exits=[e.tolist() for e in exits[lo:hi]],
-                 rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            send(
+                ee=t_ee,
+                full=t_full,
+                pooled=t_pooled,
+                exits=[e.tolist() for e in exits[lo:hi]],
+                rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            )
 
 
 def _survivor_shapes(exits, num_exits):
@@ -122,9 +127,25 @@ class _Worker:
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
         self.capacity = capacity
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--fraction", str(args.fraction),
-             "--warmup", str(args.warmup), "--timed", str(args.timed)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--batch",
+                str(args.batch),
+                "--fraction",
+                str(args.fraction),
+                "--warmup",
+                str(args.warmup),
+                "--timed",
+                str(args.timed),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     def ask(self, line=None):
         if line is not None:
@@ -132,8 +153,10 @@ class _Worker:
             self.proc.stdin.flush()
         reply = self.proc.stdout.readline()
         if not reply:
-            raise SystemExit(f"bench/primitive_cache.py: the worker (capacity {self.capacity or 'default'}) "
-                             f"exited with code {self.proc.wait()}")
+            raise SystemExit(
+                f"bench/primitive_cache.py: the worker (capacity {self.capacity or 'default'}) "
+                f"exited with code {self.proc.wait()}"
+            )
         return json.loads(reply)
 
     def close(self):
@@ -158,7 +181,7 @@ def bench_model(name, args):
     flip = False
     for _ in range(args.rounds):
         for j, (s, e) in enumerate(chunks):
-            for which in ((1, 0) if flip else (0, 1)):
+            for which in (1, 0) if flip else (0, 1):
                 r = workers[which].ask(f"time {s} {e}")
                 best[which, :, j] = np.minimum(best[which, :, j], [r["ee"], r["full"], r["pooled"]])
                 rss[which] = r["rss_mib"]
@@ -173,8 +196,14 @@ def bench_model(name, args):
     all_exits = np.concatenate([np.asarray(e).ravel() for e in exits])
     mul_saving = 1 - c[all_exits - 1].mean() / c[-1]
     tot = best.sum(axis=2) * 1e3 / args.timed  # ms per batch
-    return dict(model=name, costs=c, mul_saving=mul_saving, ms=tot, rss=rss,
-                shapes=_survivor_shapes([e for ch in exits for e in ch], len(c)))
+    return dict(
+        model=name,
+        costs=c,
+        mul_saving=mul_saving,
+        ms=tot,
+        rss=rss,
+        shapes=_survivor_shapes([e for ch in exits for e in ch], len(c)),
+    )
 
 
 def main(argv=None):
@@ -184,9 +213,13 @@ def main(argv=None):
     p.add_argument("--fraction", type=float, default=0.5, help="budget as a fraction of the last exit's Mul-Adds")
     p.add_argument("--warmup", type=int, default=64, help="untimed fresh batches served first")
     p.add_argument("--timed", type=int, default=64, help="timed fresh batches after the warm-up")
-    p.add_argument("--capacity", type=int, default=0,
-                   help="the second worker's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default: unset, so keras_ee's own "
-                        "default, keras_ee.ONEDNN_PRIMITIVE_CACHE_CAPACITY)")
+    p.add_argument(
+        "--capacity",
+        type=int,
+        default=0,
+        help="the second worker's ONEDNN_PRIMITIVE_CACHE_CAPACITY (default: unset, so keras_ee's own "
+        "default, keras_ee.ONEDNN_PRIMITIVE_CACHE_CAPACITY)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -204,26 +237,34 @@ def main(argv=None):
         import keras_ee
 
         args.capacity = keras_ee.ONEDNN_PRIMITIVE_CACHE_CAPACITY
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
-          f"batch {args.batch}; budget {args.fraction:.0%} of the last exit; {args.warmup} warm-up and "
-          f"{args.timed} timed fresh batches, {args.rounds} rounds; cache of 1024 (oneDNN's default) against "
-          f"{args.capacity} entries")
-    print("| model | distinct (stage, survivors) shapes | Mul-Add saving | cache | full on the snapshot ms/batch | "
-          "serving pass ms/batch | ratio | 1024 / other | throughput mode ms/batch | ratio | "
-          "1024 / other | max RSS MiB |")
+    print(
+        f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs; "
+        f"batch {args.batch}; budget {args.fraction:.0%} of the last exit; {args.warmup} warm-up and "
+        f"{args.timed} timed fresh batches, {args.rounds} rounds; cache of 1024 (oneDNN's default) against "
+        f"{args.capacity} entries"
+    )
+    print(
+        "| model | distinct (stage, survivors) shapes | Mul-Add saving | cache | full on the snapshot ms/batch | "
+        "serving pass ms/batch | ratio | 1024 / other | throughput mode ms/batch | ratio | "
+        "1024 / other | max RSS MiB |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         t0 = time.time()
         r = bench_model(name, args)
+
         def ratio(ms, full_ms):
             return (1 - ms / full_ms) / r["mul_saving"] if r["mul_saving"] > 0 else float("nan")
 
         for which, label in ((0, "1024 (oneDNN's default)"), (1, str(args.capacity))):
             ee_ms, full_ms, pooled_ms = r["ms"][which]
             rel = [f"{r['ms'][0][i] / r['ms'][1][i]:.3f}x" if which == 0 else "" for i in (0, 2)]
-            print(f"| {name} | {r['shapes']} | {r['mul_saving']:.1%} | {label} | {full_ms:.1f} | {ee_ms:.1f} | "
-                  f"{ratio(ee_ms, full_ms):.2f} | {rel[0]} | {pooled_ms:.1f} | {ratio(pooled_ms, full_ms):.2f} | "
-                  f"{rel[1]} | {r['rss'][which]:.0f} |", flush=True)
+            print(
+                f"| {name} | {r['shapes']} | {r['mul_saving']:.1%} | {label} | {full_ms:.1f} | {ee_ms:.1f} | "
+                f"{ratio(ee_ms, full_ms):.2f} | {rel[0]} | {pooled_ms:.1f} | {ratio(pooled_ms, full_ms):.2f} | "
+                f"{rel[1]} | {r['rss'][which]:.0f} |",
+                flush=True,
+            )
         print(f"<!-- {name}: {time.time() - t0:.0f} s -->", flush=True)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -36,8 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_ee import models, training  # noqa: E402
 
-_METHODS = {"baseline": training.Baseline, "l2w": training.L2W, "hdkd": training.HDKD,
-            "naive_dkd": training.NaiveDKD}
+_METHODS = {"baseline": training.Baseline, "l2w": training.L2W, "hdkd": training.HDKD, "naive_dkd": training.NaiveDKD}
 _WRAPPERS = {"ExecutorState::Process", "ParallelFor", "ExecutorDoneCallback"}
 
 
@@ -99,9 +98,11 @@ def main():
                 backbone = models.create(args.model, num_classes=100)
             method = _METHODS[args.method]()
             model = training.MultiExitModel(backbone, method=method)
-            model.compile(optimizer=keras.optimizers.SGD(
-                keras.optimizers.schedules.CosineDecay(0.1, 10_000), momentum=0.9, nesterov=True,
-                weight_decay=1e-4))
+            model.compile(
+                optimizer=keras.optimizers.SGD(
+                    keras.optimizers.schedules.CosineDecay(0.1, 10_000), momentum=0.9, nesterov=True, weight_decay=1e-4
+                )
+            )
         y = rng.integers(0, 100, size=(args.batch,)).astype("int32")
         ds = tf.data.Dataset.from_tensors(((x, y), (x, y)) if method.uses_meta_stream else (x, y)).repeat()
 
@@ -120,8 +121,10 @@ def main():
     label = args.what if args.what == "forward" else f"{args.method} train step"
     if strategy is not None:
         label += f" under MirroredStrategy ({args.replicas} logical CPU devices)"
-    print(f"{args.model} {label}, batch {args.batch}, {args.runs} runs: {total / 1e3:.2f} s op time, "
-          f"{wall:.2f} s wall (profiler on); cores busy {total / 1e3 / (wall * os.cpu_count()):.0%}")
+    print(
+        f"{args.model} {label}, batch {args.batch}, {args.runs} runs: {total / 1e3:.2f} s op time, "
+        f"{wall:.2f} s wall (profiler on); cores busy {total / 1e3 / (wall * os.cpu_count()):.0%}"
+    )
     for op_type, ms in totals.most_common(args.top):
         print(f"  {op_type:<28} {ms / args.runs:9.1f} ms/run  {100 * ms / total:5.1f}%")
     conv = sum(v for k, v in totals.items() if "Conv2D" in k)

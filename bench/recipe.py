@@ -27,8 +27,18 @@ def splits(n, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(n + 256, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=n + 256)
-    return ArraySplits("random32", x[:n], y[:n], x[n:n + 128], y[n:n + 128], x[n + 128:], y[n + 128:],
-                       [str(i) for i in range(10)], augment_pad=4, augment_flip=True)
+    return ArraySplits(
+        "random32",
+        x[:n],
+        y[:n],
+        x[n : n + 128],
+        y[n : n + 128],
+        x[n + 128 :],
+        y[n + 128 :],
+        [str(i) for i in range(10)],
+        augment_pad=4,
+        augment_flip=True,
+    )
 
 
 def measure(cfg, data, epochs):
@@ -55,8 +65,14 @@ def measure(cfg, data, epochs):
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t)
 
-    model.fit(experiment.training_data(cfg, data, method, 0, epochs + 1), epochs=epochs + 1, steps_per_epoch=steps,
-              callbacks=[Clock()], verbose=0, shuffle=False)
+    model.fit(
+        experiment.training_data(cfg, data, method, 0, epochs + 1),
+        epochs=epochs + 1,
+        steps_per_epoch=steps,
+        callbacks=[Clock()],
+        verbose=0,
+        shuffle=False,
+    )
     return pipeline, float(np.mean(times[1:]))
 
 
@@ -67,15 +83,23 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
     data = splits(args.images)
-    base = dict(dataset="random32", model="multiexit_cnn", method="baseline", batch_size=args.batch_size,
-                epochs=args.epochs + 1, evaluate=False)
+    base = dict(
+        dataset="random32",
+        model="multiexit_cnn",
+        method="baseline",
+        batch_size=args.batch_size,
+        epochs=args.epochs + 1,
+        evaluate=False,
+    )
     recipe = dict(RECIPES["budget-aware"])
     ema = recipe.pop("ema")
     variants = [("off", {}), ("budget-aware, no EMA", recipe), ("budget-aware", {**recipe, "ema": ema})]
     for key in ("randaugment", "color_jitter", "random_erasing", "mixup", "cutmix", "label_smoothing"):
         variants.append((f"{key} alone", {key: recipe[key]}))
-    print(f"{args.images} random 32x32x3 images, batch {args.batch_size}, multiexit_cnn, baseline, "
-          f"{os.cpu_count()} CPUs; seconds per epoch (mean of {args.epochs}, the first left out)")
+    print(
+        f"{args.images} random 32x32x3 images, batch {args.batch_size}, multiexit_cnn, baseline, "
+        f"{os.cpu_count()} CPUs; seconds per epoch (mean of {args.epochs}, the first left out)"
+    )
     print(f"{'recipe':<24} {'pipeline':>9} {'ratio':>6} {'train':>8} {'ratio':>6}")
     ref = None
     for name, values in variants:

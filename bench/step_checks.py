@@ -62,16 +62,19 @@ def main():
             m.train_on_batch(x, y)
         times = {True: [], False: []}
         for r in range(args.rounds):
-            for checks in ((True, False) if r % 2 == 0 else (False, True)):
+            for checks in (True, False) if r % 2 == 0 else (False, True):
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     variants[checks].train_on_batch(x, y)
                 times[checks].append((time.perf_counter() - start) / args.steps)
         on, off = statistics.median(times[True]), statistics.median(times[False])
         ratios = [a / b for a, b in zip(times[True], times[False])]
-        print(f"{method:8s} {args.model} batch {args.batch_size}: step with checks {on * 1e3:.1f} ms, without "
-              f"{off * 1e3:.1f} ms; ratio on/off median {statistics.median(ratios):.3f} "
-              f"(rounds {min(ratios):.3f}..{max(ratios):.3f})", flush=True)
+        print(
+            f"{method:8s} {args.model} batch {args.batch_size}: step with checks {on * 1e3:.1f} ms, without "
+            f"{off * 1e3:.1f} ms; ratio on/off median {statistics.median(ratios):.3f} "
+            f"(rounds {min(ratios):.3f}..{max(ratios):.3f})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

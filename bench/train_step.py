@@ -100,35 +100,42 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The worker methods: what one step (one loaded batch) of each does, its name in
 # the report, and the issues' targets for its ratio to a Baseline step.
 METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2", "gating", "gating_every_batch", "hdkd", "naive_dkd")
-_NAMES = dict(baseline="Baseline", l2w="L2W", imta_phase1="IMTA phase I",
-              imta_phase2="IMTA phase II", gating="gating (interval 10)",
-              gating_every_batch="gating (gater every batch)", hdkd="HDKD",
-              naive_dkd="NaiveDKD")
+_NAMES = dict(
+    baseline="Baseline",
+    l2w="L2W",
+    imta_phase1="IMTA phase I",
+    imta_phase2="IMTA phase II",
+    gating="gating (interval 10)",
+    gating_every_batch="gating (gater every batch)",
+    hdkd="HDKD",
+    naive_dkd="NaiveDKD",
+)
 _STEPS = dict(
     baseline="one optimizer step on it",
     l2w="two half-batch optimizer steps (each with its meta step)",
-    imta_phase1="one optimizer step of the whole network (gradient "
-                "equilibrium)",
-    imta_phase2="one optimizer step of the classifiers and transfer paths "
-                "over the frozen network (distillation)",
-    gating="one optimizer step with the gater in the loss (9 of 10 "
-           "batches at the default interval)",
-    gating_every_batch="a half-batch optimizer step, then a gater step on "
-                       "the other half (every 10th batch by default)",
+    imta_phase1="one optimizer step of the whole network (gradient equilibrium)",
+    imta_phase2="one optimizer step of the classifiers and transfer paths over the frozen network (distillation)",
+    gating="one optimizer step with the gater in the loss (9 of 10 batches at the default interval)",
+    gating_every_batch="a half-batch optimizer step, then a gater step on the other half (every 10th batch by default)",
     hdkd="a look-ahead step, a loss-weight step on a held-out batch of the "
-         "same size, then one optimizer step (dense distillation)",
-    naive_dkd="one optimizer step with dense distillation, fixed weights")
-TARGETS = dict(l2w=dict(time=4, memory=2), imta_phase1=dict(time=1.1),
-               imta_phase2=dict(time=0.6), gating=dict(time=1.3),
-               gating_every_batch=dict(time=1.3), hdkd=dict(time=3),
-               naive_dkd=dict(time=3))
+    "same size, then one optimizer step (dense distillation)",
+    naive_dkd="one optimizer step with dense distillation, fixed weights",
+)
+TARGETS = dict(
+    l2w=dict(time=4, memory=2),
+    imta_phase1=dict(time=1.1),
+    imta_phase2=dict(time=0.6),
+    gating=dict(time=1.3),
+    gating_every_batch=dict(time=1.3),
+    hdkd=dict(time=3),
+    naive_dkd=dict(time=3),
+)
 
 
 def _note(methods):
     """'one step = one loaded batch: Baseline takes ..., L2W ...'."""
     methods = ["baseline"] + [m for m in methods if m != "baseline"]
-    parts = [f"{_NAMES[m]} {'takes ' if i == 0 else ''}{_STEPS[m]}"
-             for i, m in enumerate(methods)]
+    parts = [f"{_NAMES[m]} {'takes ' if i == 0 else ''}{_STEPS[m]}" for i, m in enumerate(methods)]
     return "one step = one loaded batch: " + ", ".join(parts)
 
 
@@ -166,8 +173,7 @@ def _build_backbone(name, num_classes):
     if name != "small_cnn":
         from keras_ee import models
 
-        return models.create(name, num_classes=num_classes,
-                             input_shape=(32, 32, 3))
+        return models.create(name, num_classes=num_classes, input_shape=(32, 32, 3))
     # A conv CNN with 4 exits, defined here (no keras_ee.models).
     inp = keras.Input((32, 32, 3))
     h = inp
@@ -230,16 +236,19 @@ def worker(args):
     kd = {"hdkd": "HDKD", "naive_dkd": "NaiveDKD"}.get(args.method)
     for needed, cls in ((imta, "IMTA"), (gating, "BudgetAwareGating"), (kd, kd)):
         if needed and not hasattr(training, cls):
-            _send(dict(error=f"{args.method}: keras_ee.training in {root} has no "
-                             f"{cls} (only older methods can be timed there)"))
+            _send(
+                dict(
+                    error=f"{args.method}: keras_ee.training in {root} has no "
+                    f"{cls} (only older methods can be timed there)"
+                )
+            )
             raise SystemExit(2)
     keras.utils.set_random_seed(0)
     backbone = _build_backbone(args.model, 100)
     if imta:
         method = training.IMTA()
     elif gating:
-        method = training.BudgetAwareGating(
-            gater_interval=1 if args.method == "gating_every_batch" else 10)
+        method = training.BudgetAwareGating(gater_interval=1 if args.method == "gating_every_batch" else 10)
     elif kd:
         method = getattr(training, kd)()
     elif args.method == "l2w":
@@ -267,8 +276,7 @@ def worker(args):
     def run(steps, probe_memory=False):
         timer = StepTimer(probe_memory)
         t0 = time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0,
-                  callbacks=[timer])
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
         t1 = time.perf_counter()
         # fit()'s own time before the first and after the last timed step
         timer.outside = (timer.begins[0] - t0, t1 - timer.ends[-1])
@@ -276,37 +284,39 @@ def worker(args):
 
     warm, warm_fit_s = run(args.warmup)
     mem, _ = run(1, probe_memory=True)
-    _send(dict(
-        ready=True,
-        keras_ee=here,
-        warmup_steps_s=warm.steps,
-        warmup_fit_s=warm_fit_s,
-        memory_step_s=mem.steps[0],
-        step_peak_mb=((mem.peak - mem.rss_before) / 1024
-                      if mem.resettable else float("nan")),
-        rss_mb=mem.rss_before / 1024,
-        process_peak_mb=_status_kb("VmPeak") / 1024,
-    ))
+    _send(
+        dict(
+            ready=True,
+            keras_ee=here,
+            warmup_steps_s=warm.steps,
+            warmup_fit_s=warm_fit_s,
+            memory_step_s=mem.steps[0],
+            step_peak_mb=((mem.peak - mem.rss_before) / 1024 if mem.resettable else float("nan")),
+            rss_mb=mem.rss_before / 1024,
+            process_peak_mb=_status_kb("VmPeak") / 1024,
+        )
+    )
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
             break
         timer, fit_s = run(cmd["steps"])
-        _send(dict(
-            steps_s=timer.steps,
-            periods_s=[b - a for a, b in zip(timer.ends, timer.ends[1:])],
-            fit_s=fit_s,
-            before_first_s=timer.outside[0],
-            after_last_s=timer.outside[1],
-        ))
+        _send(
+            dict(
+                steps_s=timer.steps,
+                periods_s=[b - a for a, b in zip(timer.ends, timer.ends[1:])],
+                fit_s=fit_s,
+                before_first_s=timer.outside[0],
+                after_last_s=timer.outside[1],
+            )
+        )
 
 
 # ---------------------------------------------------------------- parent side
 
 
 def _git(*argv, cwd=_REPO):
-    return subprocess.run(["git", *argv], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["git", *argv], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def _tree_state(root):
@@ -330,29 +340,36 @@ class Side:
         self.round_medians = []
         env = dict(os.environ, PYTHONPATH=root)
         self.cmd = [
-            sys.executable, os.path.abspath(__file__), "--worker",
-            "--method", method, "--batch-size", str(batch_size),
-            "--model", args.model, "--warmup", str(args.warmup),
-            "--expect-root", root,
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--method",
+            method,
+            "--batch-size",
+            str(batch_size),
+            "--model",
+            args.model,
+            "--warmup",
+            str(args.warmup),
+            "--expect-root",
+            root,
         ] + (["--jit"] if args.jit else [])
         self.errfile = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            self.cmd, cwd=root, env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.errfile, text=True)
+            self.cmd, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errfile, text=True
+        )
 
     def _receive(self):
         for line in self.proc.stdout:
             if line.startswith(_TAG):
-                msg = json.loads(line[len(_TAG):])
+                msg = json.loads(line[len(_TAG) :])
                 if "error" in msg:
-                    raise SystemExit(f"bench/train_step.py: error: {self.label} "
-                                     f"worker: {msg['error']}")
+                    raise SystemExit(f"bench/train_step.py: error: {self.label} worker: {msg['error']}")
                 return msg
         self.proc.wait()
         self.errfile.seek(0)
         sys.stderr.write(self.errfile.read()[-4000:])
-        raise SystemExit(f"{self.label} worker failed (exit code "
-                         f"{self.proc.returncode}): {' '.join(self.cmd)}")
+        raise SystemExit(f"{self.label} worker failed (exit code {self.proc.returncode}): {' '.join(self.cmd)}")
 
     def ready(self):
         self.info = self._receive()
@@ -385,13 +402,19 @@ class Side:
 
     def summary(self):
         return dict(
-            label=self.label, root=self.root, method=self.method,
+            label=self.label,
+            root=self.root,
+            method=self.method,
             median_step_s=statistics.median(self.steps),
-            min_step_s=min(self.steps), max_step_s=max(self.steps),
-            median_period_s=(statistics.median(self.periods)
-                             if self.periods else float("nan")),
-            steps_s=self.steps, round_medians_s=self.round_medians,
-            fit_s=self.fit_s, fit_outside_steps_s=self.outside, **self.info)
+            min_step_s=min(self.steps),
+            max_step_s=max(self.steps),
+            median_period_s=(statistics.median(self.periods) if self.periods else float("nan")),
+            steps_s=self.steps,
+            round_medians_s=self.round_medians,
+            fit_s=self.fit_s,
+            fit_outside_steps_s=self.outside,
+            **self.info,
+        )
 
 
 def compare(sides, args, batch_size):
@@ -403,18 +426,24 @@ def compare(sides, args, batch_size):
     """
     ref, others = sides[0], sides[1:]
     width = max(8, *(len(s.label) for s in sides))
-    print(f"batch {batch_size}: starting "
-          + " and ".join(s.label for s in sides)
-          + f" workers (build, trace, {args.warmup} warm-up step(s), memory "
-          "step)", flush=True)
+    print(
+        f"batch {batch_size}: starting "
+        + " and ".join(s.label for s in sides)
+        + f" workers (build, trace, {args.warmup} warm-up step(s), memory "
+        "step)",
+        flush=True,
+    )
     for s in sides:
         info = s.ready()
         warm = " ".join(f"{t:.2f}" for t in info["warmup_steps_s"])
         name = s.label if s.label == s.method else f"{s.label} ({s.method})"
-        print(f"  {name:>{width}}: warm-up steps {warm} s, "
-              f"memory step {info['memory_step_s']:.3f} s, step peak "
-              f"{info['step_peak_mb']:.0f} MB over RSS "
-              f"{info['rss_mb']:.0f} MB", flush=True)
+        print(
+            f"  {name:>{width}}: warm-up steps {warm} s, "
+            f"memory step {info['memory_step_s']:.3f} s, step peak "
+            f"{info['step_peak_mb']:.0f} MB over RSS "
+            f"{info['rss_mb']:.0f} MB",
+            flush=True,
+        )
     ratios, loads = {s.label: [] for s in others}, []
     for r in range(args.rounds):
         order = sides if r % 2 == 0 else sides[::-1]
@@ -423,37 +452,47 @@ def compare(sides, args, batch_size):
         for s in others:
             ratios[s.label].append(s.round_medians[-1] / ref.round_medians[-1])
         loads.append(_loadavg())
-        print(f"  round {r + 1} ({order[0].label} first, load {loads[-1]}): "
-              + "  ".join(
-                  f"{s.label} " + " ".join(
-                      f"{t:.3f}" for t in s.steps[-args.steps:])
-                  for s in sides)
-              + "  -> " + ", ".join(
-                  f"{s.label}/{ref.label} {ratios[s.label][-1]:.3f}"
-                  for s in others), flush=True)
+        print(
+            f"  round {r + 1} ({order[0].label} first, load {loads[-1]}): "
+            + "  ".join(f"{s.label} " + " ".join(f"{t:.3f}" for t in s.steps[-args.steps :]) for s in sides)
+            + "  -> "
+            + ", ".join(f"{s.label}/{ref.label} {ratios[s.label][-1]:.3f}" for s in others),
+            flush=True,
+        )
     summaries = [s.summary() for s in sides]
     for s in summaries:
         pre = " ".join(f"{p:.2f}" for p, _ in s["fit_outside_steps_s"])
         post = " ".join(f"{q:.2f}" for _, q in s["fit_outside_steps_s"])
-        print(f"  {s['label']:>{width}}: median step {s['median_step_s']:.3f} s "
-              f"(n={len(s['steps_s'])}, {s['min_step_s']:.3f}.."
-              f"{s['max_step_s']:.3f}), median batch-end period "
-              f"{s['median_period_s']:.3f} s; untimed time in fit() before "
-              f"the first step {pre} s, after the last {post} s",
-              flush=True)
+        print(
+            f"  {s['label']:>{width}}: median step {s['median_step_s']:.3f} s "
+            f"(n={len(s['steps_s'])}, {s['min_step_s']:.3f}.."
+            f"{s['max_step_s']:.3f}), median batch-end period "
+            f"{s['median_period_s']:.3f} s; untimed time in fit() before "
+            f"the first step {pre} s, after the last {post} s",
+            flush=True,
+        )
     sa = summaries[0]
-    return [dict(
-        batch_size=batch_size, a=sa, b=sb, round_ratios=ratios[sb["label"]],
-        ratio_of_medians=sb["median_step_s"] / sa["median_step_s"],
-        memory_ratio=sb["step_peak_mb"] / sa["step_peak_mb"],
-        loads=loads) for sb in summaries[1:]]
+    return [
+        dict(
+            batch_size=batch_size,
+            a=sa,
+            b=sb,
+            round_ratios=ratios[sb["label"]],
+            ratio_of_medians=sb["median_step_s"] / sa["median_step_s"],
+            memory_ratio=sb["step_peak_mb"] / sa["step_peak_mb"],
+            loads=loads,
+        )
+        for sb in summaries[1:]
+    ]
 
 
 def _ratio_text(res):
     rr = res["round_ratios"]
-    return (f"{res['ratio_of_medians']:.3f}x (per round: median "
-            f"{statistics.median(rr):.3f}x, range {min(rr):.3f}.."
-            f"{max(rr):.3f}x over {len(rr)} rounds)")
+    return (
+        f"{res['ratio_of_medians']:.3f}x (per round: median "
+        f"{statistics.median(rr):.3f}x, range {min(rr):.3f}.."
+        f"{max(rr):.3f}x over {len(rr)} rounds)"
+    )
 
 
 def _run_sides(makers, args, bs):
@@ -470,8 +509,7 @@ def _run_sides(makers, args, bs):
             s.close(kill=not ok)
 
 
-_CHECK_IMTA = ("import sys\nfrom keras_ee import training\n"
-               "sys.exit(0 if hasattr(training, 'IMTA') else 3)")
+_CHECK_IMTA = "import sys\nfrom keras_ee import training\nsys.exit(0 if hasattr(training, 'IMTA') else 3)"
 
 
 def _check_tree(root, methods, what):
@@ -479,18 +517,22 @@ def _check_tree(root, methods, what):
     imta = [m for m in methods if m.startswith("imta_")]
     if not imta:
         return
-    proc = subprocess.run([sys.executable, "-c", _CHECK_IMTA], cwd=root,
-                          env=dict(os.environ, PYTHONPATH=root),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECK_IMTA],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode == 3:
         raise SystemExit(
             f"bench/train_step.py: error: {what} has no keras_ee.training.IMTA, "
             f"so it cannot time {', '.join(imta)} (only baseline and l2w are "
-            "valid there)")
+            "valid there)"
+        )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"bench/train_step.py: error: importing "
-                         f"keras_ee.training from {what} failed")
+        raise SystemExit(f"bench/train_step.py: error: importing keras_ee.training from {what} failed")
 
 
 def _checkout(rev):
@@ -498,8 +540,7 @@ def _checkout(rev):
     commit = _git("rev-parse", "--verify", rev + "^{commit}")
     sos = glob.glob(os.path.join(_REPO, "keras_ee", "_native*.so"))
     if not sos:
-        raise SystemExit("no keras_ee/_native*.so in the working tree: "
-                         "build the extension first (maturin develop)")
+        raise SystemExit("no keras_ee/_native*.so in the working tree: build the extension first (maturin develop)")
     tmp = tempfile.mkdtemp(prefix="keras-ee-old-")
     path = os.path.join(tmp, "tree")
     _git("worktree", "add", "--detach", path, commit)
@@ -518,38 +559,45 @@ def _remove_worktree(tmp, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="msdnet_cifar_5",
-                        help="a keras_ee.models preset, or small_cnn "
-                             "(a 4-exit CNN defined in this script)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+",
-                        default=[64, 256])
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed steps per side and round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps after building (the first "
-                             "traces); one untimed memory step follows")
-    parser.add_argument("--jit", action="store_true",
-                        help="compile the train step with XLA")
-    parser.add_argument("--vs-baseline", nargs="+", metavar="METHOD",
-                        choices=[m for m in METHODS if m != "baseline"],
-                        help="default mode: methods timed against Baseline "
-                             "(l2w, imta_phase1, imta_phase2; default l2w)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="with --compare-with: methods to compare "
-                             "(default l2w)")
-    parser.add_argument("--compare-with", metavar="REV",
-                        help="time the same step from git revision REV "
-                             "(old) against the working tree (new)")
-    parser.add_argument("--rev", metavar="REV",
-                        help="default mode: measure git revision REV "
-                             "(checked out into a temporary worktree) "
-                             "instead of the working tree")
-    parser.add_argument("--json", metavar="PATH",
-                        help="also write every measurement to PATH")
-    parser.add_argument("--worker", action="store_true",
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model",
+        default="msdnet_cifar_5",
+        help="a keras_ee.models preset, or small_cnn (a 4-exit CNN defined in this script)",
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps after building (the first traces); one untimed memory step follows",
+    )
+    parser.add_argument("--jit", action="store_true", help="compile the train step with XLA")
+    parser.add_argument(
+        "--vs-baseline",
+        nargs="+",
+        metavar="METHOD",
+        choices=[m for m in METHODS if m != "baseline"],
+        help="default mode: methods timed against Baseline (l2w, imta_phase1, imta_phase2; default l2w)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="with --compare-with: methods to compare (default l2w)"
+    )
+    parser.add_argument(
+        "--compare-with",
+        metavar="REV",
+        help="time the same step from git revision REV (old) against the working tree (new)",
+    )
+    parser.add_argument(
+        "--rev",
+        metavar="REV",
+        help="default mode: measure git revision REV "
+        "(checked out into a temporary worktree) "
+        "instead of the working tree",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--expect-root", help=argparse.SUPPRESS)
@@ -562,11 +610,11 @@ def main():
     if args.rev and args.compare_with:
         parser.error("--rev goes with the default mode, not --compare-with")
     if args.methods and not args.compare_with:
-        parser.error("--methods goes with --compare-with (the default mode "
-                     "compares baseline with the --vs-baseline methods)")
+        parser.error(
+            "--methods goes with --compare-with (the default mode compares baseline with the --vs-baseline methods)"
+        )
     if args.vs_baseline and args.compare_with:
-        parser.error("--vs-baseline goes with the default mode, not "
-                     "--compare-with (use --methods there)")
+        parser.error("--vs-baseline goes with the default mode, not --compare-with (use --methods there)")
 
     if args.compare_with:
         methods = list(dict.fromkeys(args.methods or ["l2w"]))
@@ -574,10 +622,12 @@ def main():
         methods = list(dict.fromkeys(args.vs_baseline or ["l2w"]))
     note = _note(methods)
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TF default)")
-    print(f"model {args.model}, 100 classes, 32x32x3 random data, "
-          f"jit={args.jit}, TF_ENABLE_ONEDNN_OPTS={onednn}; {args.warmup} "
-          f"warm-up + 1 memory step untimed, then {args.rounds} rounds x "
-          f"{args.steps} timed steps per side")
+    print(
+        f"model {args.model}, 100 classes, 32x32x3 random data, "
+        f"jit={args.jit}, TF_ENABLE_ONEDNN_OPTS={onednn}; {args.warmup} "
+        f"warm-up + 1 memory step untimed, then {args.rounds} rounds x "
+        f"{args.steps} timed steps per side"
+    )
     print(note)
     print(f"load average at start: {_loadavg()}", flush=True)
     results = []
@@ -591,11 +641,9 @@ def main():
         print(f"code: {root} ({state})", flush=True)
         try:
             if args.rev:
-                _check_tree(root, methods, f"revision {args.rev} "
-                                           f"({commit[:12]})")
+                _check_tree(root, methods, f"revision {args.rev} ({commit[:12]})")
             for bs in args.batch_sizes:
-                makers = [lambda m=m: Side(m, root, m, bs, args)
-                          for m in ["baseline"] + methods]
+                makers = [lambda m=m: Side(m, root, m, bs, args) for m in ["baseline"] + methods]
                 for res in _run_sides(makers, args, bs):
                     res["method"] = res["b"]["method"]
                     results.append(res)
@@ -610,37 +658,43 @@ def main():
             for res in results:
                 if res["method"] != method:
                     continue
-                time_target = (f" (target <= {target['time']})"
-                               if "time" in target else "")
-                mem_target = (f" (target <= {target['memory']})"
-                              if "memory" in target else "")
-                print(f"  batch {res['batch_size']:4d}: median step baseline "
-                      f"{res['a']['median_step_s']:.3f} s, {name} "
-                      f"{res['b']['median_step_s']:.3f} s; time ratio "
-                      f"{_ratio_text(res)}{time_target}; step peak memory "
-                      f"{res['a']['step_peak_mb']:.0f} -> "
-                      f"{res['b']['step_peak_mb']:.0f} MB, "
-                      f"{res['memory_ratio']:.2f}x{mem_target}")
-        record = dict(mode=("baseline_vs_l2w" if methods == ["l2w"]
-                            else "vs_baseline"),
-                      methods=methods, code=state, targets=TARGETS,
-                      results=results)
+                time_target = f" (target <= {target['time']})" if "time" in target else ""
+                mem_target = f" (target <= {target['memory']})" if "memory" in target else ""
+                print(
+                    f"  batch {res['batch_size']:4d}: median step baseline "
+                    f"{res['a']['median_step_s']:.3f} s, {name} "
+                    f"{res['b']['median_step_s']:.3f} s; time ratio "
+                    f"{_ratio_text(res)}{time_target}; step peak memory "
+                    f"{res['a']['step_peak_mb']:.0f} -> "
+                    f"{res['b']['step_peak_mb']:.0f} MB, "
+                    f"{res['memory_ratio']:.2f}x{mem_target}"
+                )
+        record = dict(
+            mode=("baseline_vs_l2w" if methods == ["l2w"] else "vs_baseline"),
+            methods=methods,
+            code=state,
+            targets=TARGETS,
+            results=results,
+        )
     else:
         commit, tmp, path = _checkout(args.compare_with)
         try:
             state = _tree_state(_REPO)
-            print(f"old: {args.compare_with} = {commit[:12]}, worktree "
-                  f"{path} (keras_ee/_native*.so copied from the working "
-                  f"tree)\nnew: {_REPO} ({state})", flush=True)
-            _check_tree(path, methods, f"revision {args.compare_with} "
-                                       f"({commit[:12]})")
+            print(
+                f"old: {args.compare_with} = {commit[:12]}, worktree "
+                f"{path} (keras_ee/_native*.so copied from the working "
+                f"tree)\nnew: {_REPO} ({state})",
+                flush=True,
+            )
+            _check_tree(path, methods, f"revision {args.compare_with} ({commit[:12]})")
             for method in methods:
                 for bs in args.batch_sizes:
                     print(f"{method}:", flush=True)
                     (res,) = _run_sides(
-                        [lambda: Side("old", path, method, bs, args),
-                         lambda: Side("new", _REPO, method, bs, args)],
-                        args, bs)
+                        [lambda: Side("old", path, method, bs, args), lambda: Side("new", _REPO, method, bs, args)],
+                        args,
+                        bs,
+                    )
                     res["method"] = method
                     results.append(res)
         finally:
@@ -648,15 +702,16 @@ def main():
         print()
         print(f"load average at end: {_loadavg()}")
         width = max(8, *(len(m) for m in methods))
-        print(f"new/old step time ({note}); old = {args.compare_with} "
-              f"({commit[:12]}), new = working tree ({state}):")
+        print(f"new/old step time ({note}); old = {args.compare_with} ({commit[:12]}), new = working tree ({state}):")
         for res in results:
-            print(f"  {res['method']:>{width}} batch {res['batch_size']:4d}: "
-                  f"median step old {res['a']['median_step_s']:.3f} s, new "
-                  f"{res['b']['median_step_s']:.3f} s; new/old "
-                  f"{_ratio_text(res)}; step peak memory "
-                  f"{res['a']['step_peak_mb']:.0f} -> "
-                  f"{res['b']['step_peak_mb']:.0f} MB")
+            print(
+                f"  {res['method']:>{width}} batch {res['batch_size']:4d}: "
+                f"median step old {res['a']['median_step_s']:.3f} s, new "
+                f"{res['b']['median_step_s']:.3f} s; new/old "
+                f"{_ratio_text(res)}; step peak memory "
+                f"{res['a']['step_peak_mb']:.0f} -> "
+                f"{res['b']['step_peak_mb']:.0f} MB"
+            )
         record = dict(mode="compare", old=commit, new=state, results=results)
     if args.json:
         with open(args.json, "w") as f:

@@ -26,8 +26,21 @@ __version__ = "0.1.0"
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 16384
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
 
-_SUBMODULES = ("models", "costs", "training", "calibration", "data", "dumps", "evaluation", "plots",
-               "callbacks", "experiment", "config", "cli", "inference")
+_SUBMODULES = (
+    "models",
+    "costs",
+    "training",
+    "calibration",
+    "data",
+    "dumps",
+    "evaluation",
+    "plots",
+    "callbacks",
+    "experiment",
+    "config",
+    "cli",
+    "inference",
+)
 
 
 def __getattr__(name):

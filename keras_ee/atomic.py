@@ -99,9 +99,7 @@ def atomic_path(path):
     """
     target = Path(path)
     if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist."
-        )
+        raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist.")
     tmp = _temp_name(target)
     try:
         yield tmp
@@ -185,7 +183,5 @@ def atomic_write_json(path, obj) -> Path:
     try:
         text = json.dumps(obj, indent=2, allow_nan=False)
     except ValueError as e:
-        raise ValueError(
-            f"cannot write {str(path)!r}: JSON has no NaN or Infinity ({e})."
-        ) from None
+        raise ValueError(f"cannot write {str(path)!r}: JSON has no NaN or Infinity ({e}).") from None
     return atomic_write_text(path, text + "\n")

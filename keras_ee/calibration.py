@@ -74,10 +74,7 @@ def _array(x, name):
 
 def _check_ndim(a, ndim, name, layout):
     if a.ndim != ndim:
-        raise ValueError(
-            f"`{name}` must be a {ndim}-D array of shape {layout}; "
-            f"received shape {a.shape}"
-        )
+        raise ValueError(f"`{name}` must be a {ndim}-D array of shape {layout}; received shape {a.shape}")
 
 
 def _scores_array(x, name):
@@ -86,10 +83,7 @@ def _scores_array(x, name):
     _check_ndim(a, 2, name, "(K, N) (exits first)")
     if a.dtype != np.float32:
         if a.dtype.kind != "f":
-            raise TypeError(
-                f"`{name}` must be a float32 array (as returned by exit_scores); "
-                f"received dtype {a.dtype}"
-            )
+            raise TypeError(f"`{name}` must be a float32 array (as returned by exit_scores); received dtype {a.dtype}")
         b = a.astype(np.float32)
         # A lossy cast would silently move samples across thresholds.
         with np.errstate(invalid="ignore"):
@@ -109,9 +103,7 @@ def _correct_array(x, name, shape=None):
     if a.dtype != np.bool_:
         raise TypeError(f"`{name}` must be a bool array; received dtype {a.dtype}")
     if shape is not None and a.shape != shape:
-        raise ValueError(
-            f"`{name}` must have the shape of the scores {shape}; received {a.shape}"
-        )
+        raise ValueError(f"`{name}` must have the shape of the scores {shape}; received {a.shape}")
     return np.ascontiguousarray(a)
 
 
@@ -194,9 +186,7 @@ def exit_scores(logits, kind="max_softmax", temperature=1.0):
     if kind not in SCORE_KINDS:
         raise ValueError(f"`kind` must be one of {SCORE_KINDS}; received {kind!r}")
     if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(
-            f"`logits` must be float16, float32 or float64; received dtype {a.dtype}"
-        )
+        raise TypeError(f"`logits` must be float16, float32 or float64; received dtype {a.dtype}")
     if not a.dtype.isnative:
         raise TypeError(
             f"`logits` must be in native byte order; received dtype {a.dtype.str} "
@@ -207,8 +197,7 @@ def exit_scores(logits, kind="max_softmax", temperature=1.0):
     t = np.asarray(temperature)
     if t.dtype.kind not in "fiu" or t.ndim > 1:
         raise TypeError(
-            "`temperature` must be a positive float or a 1-D sequence of K positive "
-            f"floats; received {temperature!r}"
+            f"`temperature` must be a positive float or a 1-D sequence of K positive floats; received {temperature!r}"
         )
     temps = [float(v) for v in t.reshape(-1)]
     if not temps:
@@ -393,10 +382,7 @@ def budget_sweep(
     vc = _correct_array(val_correct, "val_correct", vs.shape)
     ts = _scores_array(test_scores, "test_scores")
     if ts.shape[0] != vs.shape[0]:
-        raise ValueError(
-            f"`test_scores` must have K={vs.shape[0]} exits like `val_scores`; "
-            f"received shape {ts.shape}"
-        )
+        raise ValueError(f"`test_scores` must have K={vs.shape[0]} exits like `val_scores`; received shape {ts.shape}")
     tc = _correct_array(test_correct, "test_correct", ts.shape)
     w = _vector(costs, "costs")
     q = default_qs() if qs is None else _vector(np.atleast_1d(_array(qs, "qs")), "qs")

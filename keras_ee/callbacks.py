@@ -74,8 +74,16 @@ class BudgetCallback(keras.callbacks.Callback):
         model.fit(train_ds, epochs=10, callbacks=[cb, keras.callbacks.TensorBoard("logs")])
     """
 
-    def __init__(self, validation_data, budgets=(), every: int = 1, kind: str = "max_softmax",
-                 costs=None, qs=None, shortfall="reference"):
+    def __init__(
+        self,
+        validation_data,
+        budgets=(),
+        every: int = 1,
+        kind: str = "max_softmax",
+        costs=None,
+        qs=None,
+        shortfall="reference",
+    ):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"`every` must be a positive number of epochs; received {every!r}.")
@@ -97,16 +105,16 @@ class BudgetCallback(keras.callbacks.Callback):
         logits, labels = predict_exit_logits(self.model, self.validation_data)
         costs = self.costs if self.costs is not None else _exit_costs(self.model)
         if len(costs) != logits.shape[0]:
-            raise ValueError(
-                f"BudgetCallback got {len(costs)} exit costs for a model with {logits.shape[0]} exits."
-            )
+            raise ValueError(f"BudgetCallback got {len(costs)} exit costs for a model with {logits.shape[0]} exits.")
         scores, correct = scores_and_correct(logits, labels, self.kind)
-        sweep = calibration.budget_sweep(scores, correct, scores, correct, np.asarray(costs, np.float64), qs=self.qs,
-                                         shortfall=self.shortfall)
+        sweep = calibration.budget_sweep(
+            scores, correct, scores, correct, np.asarray(costs, np.float64), qs=self.qs, shortfall=self.shortfall
+        )
         self.last_sweep = sweep
         x, y = sweep["mean_cost"], sweep["val_accuracy"]
-        logs = {f"val_budget_acc@{budget_label(b)}": float(a)
-                for b, a in zip(self.budgets, accuracy_at(x, y, self.budgets))}
+        logs = {
+            f"val_budget_acc@{budget_label(b)}": float(a) for b, a in zip(self.budgets, accuracy_at(x, y, self.budgets))
+        }
         logs["val_budget_auc"] = mean_accuracy_over(x, y, float(np.min(x)), float(np.max(x)))
         if not np.isfinite(logs["val_budget_auc"]):  # a single-point curve (e.g. one exit)
             logs["val_budget_auc"] = float(np.mean(y))
@@ -124,7 +132,9 @@ class BudgetCallback(keras.callbacks.Callback):
             logs.update({k: float("nan") for k in self._keys})
         else:  # before the first computation: the keys are known without running the model
             keys = [f"val_budget_acc@{budget_label(b)}" for b in self.budgets] + ["val_budget_auc"]
-            keys += [f"val_anytime_acc_{k + 1}" for k in range(len(getattr(self.model, "backbone", self.model).outputs))]
+            keys += [
+                f"val_anytime_acc_{k + 1}" for k in range(len(getattr(self.model, "backbone", self.model).outputs))
+            ]
             logs.update({k: float("nan") for k in keys})
 
 
@@ -156,8 +166,9 @@ class EpochProgress(keras.callbacks.Callback):
         from tqdm.auto import tqdm
 
         self._epoch = epoch
-        self._bar = tqdm(total=self.steps, desc=self._prefix(epoch), unit="batch",
-                         leave=False, file=self.stream, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=self.steps, desc=self._prefix(epoch), unit="batch", leave=False, file=self.stream, dynamic_ncols=True
+        )
 
     def on_train_batch_end(self, batch, logs=None):
         if self._bar is not None:
@@ -181,8 +192,7 @@ class EpochProgress(keras.callbacks.Callback):
                 k += 1
             return "/".join(values)
 
-        parts = [self._prefix(epoch), f"loss {float(logs.get('loss', float('nan'))):.4f}",
-                 f"train acc % {accs('')}"]
+        parts = [self._prefix(epoch), f"loss {float(logs.get('loss', float('nan'))):.4f}", f"train acc % {accs('')}"]
         if "val_exit_1_accuracy" in logs:
             parts.append(f"val acc % {accs('val_')}")
         if "val_budget_auc" in logs:

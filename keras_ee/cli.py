@@ -1,17 +1,17 @@
 """The `keras-ee` command line (also `python -m keras_ee`).
 
-    keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
-    keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
-                                     (--confidence gater: a gating run's learned gater as the score;
-                                     --metric top5: top-5 correctness, into RUN/eval/top5/)
-    keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
-    keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
-    keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
-    keras-ee predict RUN --budget 15M --images DIR_OR_NPZ --out predictions.csv
-                                     real early exit (keras_ee.inference) on raw images
-    keras-ee models                  every preset's exits, params and Mul-Adds
-    keras-ee methods                 every training method: paper, options and defaults
-    keras-ee datasets                the dataset names
+keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
+keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
+                                 (--confidence gater: a gating run's learned gater as the score;
+                                 --metric top5: top-5 correctness, into RUN/eval/top5/)
+keras-ee compare RUN RUN ...     overlay curves, accuracy at budgets, mean accuracy over the common range
+keras-ee plot-weights RUN        L2W-DEN Figure 8 from RUN/l2w_samples.npz
+keras-ee sweep DUMP              budget sweep of any dump folder (see keras_ee.dumps)
+keras-ee predict RUN --budget 15M --images DIR_OR_NPZ --out predictions.csv
+                                 real early exit (keras_ee.inference) on raw images
+keras-ee models                  every preset's exits, params and Mul-Adds
+keras-ee methods                 every training method: paper, options and defaults
+keras-ee datasets                the dataset names
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+
 
 def parse_budget(text: str) -> float:
     """'15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0 (`keras_ee.costs.parse_mul_adds` for argparse)."""
@@ -43,9 +44,12 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a multi-exit model, dump its logits and evaluate it",
-                       description="Train a multi-exit model. Flags override --config; an interrupted run "
-                                   "resumes when the same command is run again.")
+    p = sub.add_parser(
+        "train",
+        help="train a multi-exit model, dump its logits and evaluate it",
+        description="Train a multi-exit model. Flags override --config; an interrupted run "
+        "resumes when the same command is run again.",
+    )
     p.add_argument("--config", type=Path, help="a .json or .toml file with TrainConfig keys")
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<method>-<dataset>-s<seed>)")
     g = p.add_argument_group("data")
@@ -54,78 +58,146 @@ def _train_parser(sub) -> None:
     g.add_argument("--val-size", type=int, help="held-out validation images for calibration")
     g.add_argument("--imbalance-factor", type=int, help="long-tailed CIFAR: 200, 100, 50 or 20")
     g.add_argument("--train-size", type=int, help="train on a stratified subset of this many images")
-    g.add_argument("--samples-per-class", type=int, metavar="X",
-                   help="low-data CIFAR(X) of the HDKD paper: train on X seeded images of every class, taken after "
-                        "the validation hold-out")
+    g.add_argument(
+        "--samples-per-class",
+        type=int,
+        metavar="X",
+        help="low-data CIFAR(X) of the HDKD paper: train on X seeded images of every class, taken after "
+        "the validation hold-out",
+    )
     g = p.add_argument_group("model and method")
     g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
     g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
-    g.add_argument("--method", help=f"training method: {_method_names()} (see `keras-ee methods`), or "
-                                    "package.module:Class for one outside keras-ee")
+    g.add_argument(
+        "--method",
+        help=f"training method: {_method_names()} (see `keras-ee methods`), or "
+        "package.module:Class for one outside keras-ee",
+    )
     g.add_argument("--q", type=float, help="shorthand for --method-option q=Q (L2W's meta-data allocation budget)")
     g.add_argument("--delta", type=float, help="shorthand for --method-option delta=DELTA (L2W's weight perturbation)")
-    g.add_argument("--method-option", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="an option of the method, converted to its declared type (repeatable)")
+    g.add_argument(
+        "--method-option",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the method, converted to its declared type (repeatable)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs (of phase I for a method with phases, e.g. IMTA)")
-    g.add_argument("--phase2-epochs", type=int,
-                   help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)")
+    g.add_argument(
+        "--phase2-epochs",
+        type=int,
+        help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)",
+    )
     g.add_argument("--batch-size", type=int, help="the batch of one step; under --strategy the global batch")
-    g.add_argument("--optimizer", help="sgd (default, the papers') or adamw (Keras' AdamW, epsilon 1e-8, no weight "
-                                       "decay on biases and BatchNorm parameters)")
-    g.add_argument("--lr", dest="learning_rate", type=float,
-                   help="learning rate after the warm-up; default sgd: 0.1 * batch_size / 64, adamw: 5e-4 * "
-                        "batch_size / 512 (DeiT's rule)")
+    g.add_argument(
+        "--optimizer",
+        help="sgd (default, the papers') or adamw (Keras' AdamW, epsilon 1e-8, no weight "
+        "decay on biases and BatchNorm parameters)",
+    )
+    g.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=float,
+        help="learning rate after the warm-up; default sgd: 0.1 * batch_size / 64, adamw: 5e-4 * "
+        "batch_size / 512 (DeiT's rule)",
+    )
     g.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    g.add_argument("--warmup-epochs", type=int, metavar="N",
-                   help="linear warm-up from 0 over N epochs of optimizer steps, then the schedule (cosine or "
-                        "constant; default 0)")
+    g.add_argument(
+        "--warmup-epochs",
+        type=int,
+        metavar="N",
+        help="linear warm-up from 0 over N epochs of optimizer steps, then the schedule (cosine or "
+        "constant; default 0)",
+    )
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--nesterov", action="store_const", const=True)
     g.add_argument("--weight-decay", type=float, help="default sgd: 1e-4, adamw: 0.05")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group(
-        "training recipe", "The budget-aware early-exiting paper's recipe (timm's, with Keras' own layers), every "
+        "training recipe",
+        "The budget-aware early-exiting paper's recipe (timm's, with Keras' own layers), every "
         "part off by default and usable with every method. Augmentations draw from each batch's stateless seed, "
-        "so a resumed run stays bit-identical. Validation, test and meta batches are never augmented.")
-    g.add_argument("--recipe", choices=sorted(_recipes()),
-                   help="budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
-                        "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
-                        "--weight-decay 0.05 --warmup-epochs 20; the flags below override it, config.json stores "
-                        "the resolved values")
+        "so a resumed run stays bit-identical. Validation, test and meta batches are never augmented.",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=sorted(_recipes()),
+        help="budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
+        "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
+        "--weight-decay 0.05 --warmup-epochs 20; the flags below override it, config.json stores "
+        "the resolved values",
+    )
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="Keras' MixUp with Beta(ALPHA, ALPHA) (0: off)")
-    g.add_argument("--cutmix", type=float, metavar="ALPHA",
-                   help="Keras' CutMix with Beta(ALPHA, ALPHA) (0: off); with --mixup, one of the two per batch, "
-                        "probability 1/2 each")
-    g.add_argument("--randaugment", type=float, metavar="M",
-                   help="Keras' RandAugment at magnitude M of 10 (timm's scale; Keras' factor (M -+ std) / 10, its "
-                        "ops stronger than timm's at equal M), 2 ops chosen per image")
+    g.add_argument(
+        "--cutmix",
+        type=float,
+        metavar="ALPHA",
+        help="Keras' CutMix with Beta(ALPHA, ALPHA) (0: off); with --mixup, one of the two per batch, "
+        "probability 1/2 each",
+    )
+    g.add_argument(
+        "--randaugment",
+        type=float,
+        metavar="M",
+        help="Keras' RandAugment at magnitude M of 10 (timm's scale; Keras' factor (M -+ std) / 10, its "
+        "ops stronger than timm's at equal M), 2 ops chosen per image",
+    )
     g.add_argument("--randaugment-std", type=float, metavar="STD", help="magnitude spread (default 0.5)")
     g.add_argument("--randaugment-ops", type=int, metavar="N", help="ops per image (default 2)")
-    g.add_argument("--random-erasing", type=float, metavar="P", help="Keras' RandomErasing with probability P per image")
-    g.add_argument("--color-jitter", type=float, metavar="S",
-                   help="Keras' RandomColorJitter: brightness +-S, contrast and saturation x(1 -+ S) (timm: 0.4)")
-    g.add_argument("--label-smoothing", type=float, metavar="EPS", help="soft training targets (1 - EPS) one-hot + EPS / C")
-    g.add_argument("--ema", type=float, metavar="MOMENTUM",
-                   help="exponential moving average of the weights (optimizer use_ema), used for validation, the "
-                        "saved model, the logit dump and evaluation; 0.9999 averages over ~10,000 steps, so on a "
-                        "short run it keeps mostly the early weights")
+    g.add_argument(
+        "--random-erasing", type=float, metavar="P", help="Keras' RandomErasing with probability P per image"
+    )
+    g.add_argument(
+        "--color-jitter",
+        type=float,
+        metavar="S",
+        help="Keras' RandomColorJitter: brightness +-S, contrast and saturation x(1 -+ S) (timm: 0.4)",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, metavar="EPS", help="soft training targets (1 - EPS) one-hot + EPS / C"
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        metavar="MOMENTUM",
+        help="exponential moving average of the weights (optimizer use_ema), used for validation, the "
+        "saved model, the logit dump and evaluation; 0.9999 averages over ~10,000 steps, so on a "
+        "short run it keeps mostly the early weights",
+    )
     g = p.add_argument_group(
-        "devices", "tf.distribute and mixed precision (see docs/distributed.md). Under a strategy --batch-size is "
-        "the global batch, split evenly over the replicas; scale --lr with it (linear scaling).")
-    g.add_argument("--strategy", choices=["none", "mirrored", "multi_worker", "tpu"],
-                   help="none (default: one device), mirrored (MirroredStrategy: every GPU of this machine), "
-                        "multi_worker (MultiWorkerMirroredStrategy: the cluster in TF_CONFIG; only the chief writes "
-                        "--out) or tpu (TPUStrategy)")
-    g.add_argument("--precision", choices=["float32", "mixed_float16", "mixed_bfloat16"],
-                   help="Keras dtype policy of the model (default float32); mixed_float16 adds loss scaling")
-    g.add_argument("--sync-batchnorm", dest="sync_batchnorm", action="store_const", const=True,
-                   help="BatchNorm statistics of the global batch (all-reduced over the replicas) instead of each "
-                        "replica's own")
+        "devices",
+        "tf.distribute and mixed precision (see docs/distributed.md). Under a strategy --batch-size is "
+        "the global batch, split evenly over the replicas; scale --lr with it (linear scaling).",
+    )
+    g.add_argument(
+        "--strategy",
+        choices=["none", "mirrored", "multi_worker", "tpu"],
+        help="none (default: one device), mirrored (MirroredStrategy: every GPU of this machine), "
+        "multi_worker (MultiWorkerMirroredStrategy: the cluster in TF_CONFIG; only the chief writes "
+        "--out) or tpu (TPUStrategy)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=["float32", "mixed_float16", "mixed_bfloat16"],
+        help="Keras dtype policy of the model (default float32); mixed_float16 adds loss scaling",
+    )
+    g.add_argument(
+        "--sync-batchnorm",
+        dest="sync_batchnorm",
+        action="store_const",
+        const=True,
+        help="BatchNorm statistics of the global batch (all-reduced over the replicas) instead of each replica's own",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
-    g.add_argument("--budget", dest="budgets", type=parse_budget, action="append",
-                   help="log validation accuracy at this Mul-Add budget every epoch (repeatable)")
+    g.add_argument(
+        "--budget",
+        dest="budgets",
+        type=parse_budget,
+        action="append",
+        help="log validation accuracy at this Mul-Add budget every epoch (repeatable)",
+    )
     g.add_argument("--no-evaluate", dest="evaluate", action="store_const", const=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -142,8 +214,19 @@ def _recipes():
     return RECIPES
 
 
-_RECIPE_KEYS = ("optimizer", "warmup_epochs", "ema", "label_smoothing", "mixup", "cutmix", "randaugment",
-                "randaugment_std", "randaugment_ops", "random_erasing", "color_jitter")
+_RECIPE_KEYS = (
+    "optimizer",
+    "warmup_epochs",
+    "ema",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
+    "randaugment",
+    "randaugment_std",
+    "randaugment_ops",
+    "random_erasing",
+    "color_jitter",
+)
 
 
 def _config_from_args(args):
@@ -157,10 +240,31 @@ def _config_from_args(args):
     if getattr(args, "recipe", None):
         dataset = args.dataset if args.dataset is not None else values.get("dataset", TrainConfig.dataset)
         values.update(recipe_values(args.recipe, dataset))
-    for key in ("dataset", "data_dir", "val_size", "imbalance_factor", "train_size", "samples_per_class", "model",
-                "method", "epochs",
-                "batch_size", "learning_rate", "schedule", "momentum", "nesterov", "weight_decay", "seed",
-                "confidence", "budgets", "evaluate", "strategy", "precision", "sync_batchnorm", *_RECIPE_KEYS):
+    for key in (
+        "dataset",
+        "data_dir",
+        "val_size",
+        "imbalance_factor",
+        "train_size",
+        "samples_per_class",
+        "model",
+        "method",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "schedule",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "seed",
+        "confidence",
+        "budgets",
+        "evaluate",
+        "strategy",
+        "precision",
+        "sync_batchnorm",
+        *_RECIPE_KEYS,
+    ):
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     values["model_options"] = {**values.get("model_options", {}), **dict(args.model_option or [])}
@@ -183,8 +287,9 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from keras_ee import experiment
 
-    experiment.evaluate_run(_run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall,
-                            metric=args.metric)
+    experiment.evaluate_run(
+        _run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall, metric=args.metric
+    )
 
 
 def _run_dir(path: Path) -> Path:
@@ -202,9 +307,16 @@ def cmd_compare(args) -> None:
     names = [p.name for p in args.runs]
     if len(set(names)) != len(names):  # distinct labels for the legend
         names = [str(p) for p in args.runs]
-    evs = [evaluation.evaluate_dump(dumps.load_dump(_run_dir(p) / "dump"), kind=args.confidence, name=n,
-                                    shortfall=args.shortfall, metric=args.metric)
-           for p, n in zip(args.runs, names)]
+    evs = [
+        evaluation.evaluate_dump(
+            dumps.load_dump(_run_dir(p) / "dump"),
+            kind=args.confidence,
+            name=n,
+            shortfall=args.shortfall,
+            metric=args.metric,
+        )
+        for p, n in zip(args.runs, names)
+    ]
     text, rows = evaluation.compare(evs, budgets=args.budgets)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "compare.png") as tmp:
@@ -224,15 +336,23 @@ def cmd_plot_weights(args) -> None:
     if not f.is_file():
         raise FileNotFoundError(f"{str(f)!r} not found: plot-weights needs a finished L2W run (method l2w).")
     stats = np.load(f)
-    out = plots.sample_weight_plot(stats["loss"], stats["weight"], stats["selected_by_exit_1"], args.out or args.run / "weights.png")
+    out = plots.sample_weight_plot(
+        stats["loss"], stats["weight"], stats["selected_by_exit_1"], args.out or args.run / "weights.png"
+    )
     print(f"wrote {out}")
 
 
 def cmd_sweep(args) -> None:
     from keras_ee import dumps, evaluation
 
-    ev = evaluation.evaluate_dump(dumps.load_dump(args.dump), kind=args.confidence, mode=args.mode,
-                                  name=Path(args.dump).name, shortfall=args.shortfall, metric=args.metric)
+    ev = evaluation.evaluate_dump(
+        dumps.load_dump(args.dump),
+        kind=args.confidence,
+        mode=args.mode,
+        name=Path(args.dump).name,
+        shortfall=args.shortfall,
+        metric=args.metric,
+    )
     default_out = args.dump if args.metric == "top1" else Path(args.dump) / args.metric
     paths = evaluation.write_evaluation(ev, args.out or default_out)
     print(evaluation.format_anytime(ev))
@@ -261,8 +381,10 @@ def _read_images(source: Path, channels: int):
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(f"cannot decode {str(f)!r}: {e.message.splitlines()[0]}") from None
             if images and img.shape != images[0].shape:
-                raise ValueError(f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the model's size.")
+                raise ValueError(
+                    f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
+                    f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the model's size."
+                )
             images.append(img)
         return np.stack(images), [f.name for f in files]
     if not source.is_file():
@@ -295,8 +417,10 @@ def cmd_predict(args) -> None:
         if args.budget is not None:
             ee.set_budget(args.budget)
         if not args.normalized:
-            raise ValueError(f"{str(run)!r} is a saved model without its dataset's statistics: pass --normalized "
-                             "with images already preprocessed as in training, or give the run folder.")
+            raise ValueError(
+                f"{str(run)!r} is a saved model without its dataset's statistics: pass --normalized "
+                "with images already preprocessed as in training, or give the run folder."
+            )
     else:
         if args.budget is None:
             raise ValueError("predict RUN needs --budget (mean Mul-Adds per image, e.g. 15M).")
@@ -304,13 +428,16 @@ def cmd_predict(args) -> None:
     shape = ee.input_shape_hw
     images, names = _read_images(args.images, shape[-1])
     if tuple(images.shape[1:]) != shape:
-        raise ValueError(f"--images {str(args.images)!r} has images of shape {tuple(images.shape[1:])}; the model "
-                         f"takes {shape} (no resizing is done).")
+        raise ValueError(
+            f"--images {str(args.images)!r} has images of shape {tuple(images.shape[1:])}; the model "
+            f"takes {shape} (no resizing is done)."
+        )
     if not args.normalized:
         scale, mean, std = experiment.read_preprocessing(run)
         if mean.shape != (shape[-1],):
-            raise ValueError(f"{str(run)!r}: its normalisation has {mean.shape[0]} channels; the model takes "
-                             f"{shape[-1]}.")
+            raise ValueError(
+                f"{str(run)!r}: its normalisation has {mean.shape[0]} channels; the model takes {shape[-1]}."
+            )
         images = (images.astype(np.float32) * np.float32(scale) - mean) / std
     out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline, pooled=args.pooled)
     cost = ee.costs[out["exit"] - 1]
@@ -321,8 +448,10 @@ def cmd_predict(args) -> None:
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     counts = np.bincount(out["exit"], minlength=ee.num_exits + 1)[1:]
     budget = "thresholds as given" if ee.budget is None else f"budget {budget_label(ee.budget)}"
-    print(f"{len(names)} images, {budget}: mean {budget_label(float(cost.mean()) if len(cost) else 0.0)} Mul-Adds "
-          f"per image (the last exit {budget_label(ee.costs[-1])}); per exit {counts.tolist()}")
+    print(
+        f"{len(names)} images, {budget}: mean {budget_label(float(cost.mean()) if len(cost) else 0.0)} Mul-Adds "
+        f"per image (the last exit {budget_label(ee.costs[-1])}); per exit {counts.tolist()}"
+    )
     print(f"wrote {args.out}")
 
 
@@ -346,32 +475,49 @@ def cmd_datasets(args) -> None:
 
 
 def _metric_flag(p) -> None:
-    p.add_argument("--metric", default="top1", choices=["top1", "top5"],
-                   help="what counts as correct: the top-1 prediction (default) or the label among the exit's 5 "
-                        "largest logits (the HDKD paper's tables); exits are still chosen by the confidence score")
+    p.add_argument(
+        "--metric",
+        default="top1",
+        choices=["top1", "top5"],
+        help="what counts as correct: the top-1 prediction (default) or the label among the exit's 5 "
+        "largest logits (the HDKD paper's tables); exits are still chosen by the confidence score",
+    )
 
 
 def _shortfall_flag(p) -> None:
-    p.add_argument("--shortfall", default="reference", choices=["reference", "exit_all"],
-                   help="when ties leave an exit fewer samples than its quota: keep its threshold at +inf "
-                        "(reference, MSDNet's code) or send every remaining sample out there (exit_all)")
+    p.add_argument(
+        "--shortfall",
+        default="reference",
+        choices=["reference", "exit_all"],
+        help="when ties leave an exit fewer samples than its quota: keep its threshold at +inf "
+        "(reference, MSDNet's code) or send every remaining sample out there (exit_all)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keras-ee", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="keras-ee", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="anytime and budget evaluation of a run")
     p.add_argument("run", type=Path)
-    p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy", "gater"],
-                   help="confidence score of the thresholds; gater: the learned gater's exit probability of a "
-                        "run trained with --method gating (written to RUN/eval/gater/)")
+    p.add_argument(
+        "--confidence",
+        default="max_softmax",
+        choices=["max_softmax", "margin", "entropy", "gater"],
+        help="confidence score of the thresholds; gater: the learned gater's exit probability of a "
+        "run trained with --method gating (written to RUN/eval/gater/)",
+    )
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
-    p.add_argument("--metric", default="top1", choices=["top1", "top5"],
-                   help="top1 (default) or top5: the label among the exit's 5 largest logits counts as correct (the "
-                        "HDKD paper's measure; written to RUN/eval/top5/); exits are still chosen by the confidence")
+    p.add_argument(
+        "--metric",
+        default="top1",
+        choices=["top1", "top5"],
+        help="top1 (default) or top5: the label among the exit's 5 largest logits counts as correct (the "
+        "HDKD paper's measure; written to RUN/eval/top5/); exits are still chosen by the confidence",
+    )
     p = sub.add_parser("compare", help="overlay the budget curves of several runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--budget", dest="budgets", type=parse_budget, action="append")
@@ -384,39 +530,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path)
     p = sub.add_parser("sweep", help="budget sweep of a dump folder")
     p.add_argument("dump", type=Path)
-    p.add_argument("--out", type=Path, help="folder for the CSVs and plot (default: the dump folder; DUMP/top5 "
-                                            "with --metric top5)")
+    p.add_argument(
+        "--out", type=Path, help="folder for the CSVs and plot (default: the dump folder; DUMP/top5 with --metric top5)"
+    )
     p.add_argument("--confidence", default="max_softmax", choices=["max_softmax", "margin", "entropy"])
     p.add_argument("--mode", default="geometric", choices=["geometric", "per_stage"])
     _shortfall_flag(p)
     _metric_flag(p)
-    p = sub.add_parser("predict", help="real early exit on images at a Mul-Add budget (keras_ee.inference)",
-                       description="Classify images with real early exit: each image stops at the first exit whose "
-                                   "calibrated confidence reaches its threshold for the budget.")
+    p = sub.add_parser(
+        "predict",
+        help="real early exit on images at a Mul-Add budget (keras_ee.inference)",
+        description="Classify images with real early exit: each image stops at the first exit whose "
+        "calibrated confidence reaches its threshold for the budget.",
+    )
     p.add_argument("run", type=Path, help="a finished run folder, or a .keras file saved by EarlyExitModel.save")
     p.add_argument("--budget", type=parse_budget, help="mean Mul-Adds per image, e.g. 15M (required for a run folder)")
-    p.add_argument("--images", type=Path, required=True,
-                   help="a folder of PNG/JPEG files (sorted by name) or an .npz (array 'x' or 'images'), raw pixels "
-                        "as the dataset stores them; normalised with the run's training statistics")
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="a folder of PNG/JPEG files (sorted by name) or an .npz (array 'x' or 'images'), raw pixels "
+        "as the dataset stores them; normalised with the run's training statistics",
+    )
     p.add_argument("--out", type=Path, required=True, help="the CSV: image,label,exit,confidence,mul_adds")
     p.add_argument("--normalized", action="store_true", help="the images are already preprocessed as in training")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--pooled", action="store_true",
-                   help="throughput mode: pool the survivors of every batch per stage (the same decisions)")
+    p.add_argument(
+        "--pooled",
+        action="store_true",
+        help="throughput mode: pool the survivors of every batch per stage (the same decisions)",
+    )
     p.add_argument("--deadline", type=int, help="anytime mode: every image has its prediction after this stage (1..K)")
-    p.add_argument("--confidence", default=None, choices=["max_softmax", "margin", "entropy"],
-                   help="confidence score (default: the run's)")
+    p.add_argument(
+        "--confidence",
+        default=None,
+        choices=["max_softmax", "margin", "entropy"],
+        help="confidence score (default: the run's)",
+    )
     p = sub.add_parser("models", help="table of the architecture presets")
-    p.add_argument("--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="default: each preset's own (100 CIFAR, 1000 ImageNet)"
+    )
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])
     sub.add_parser("methods", help="every training method: paper, options and defaults")
     sub.add_parser("datasets", help="list the dataset names")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare, "plot-weights": cmd_plot_weights,
-            "sweep": cmd_sweep, "predict": cmd_predict, "models": cmd_models, "methods": cmd_methods,
-            "datasets": cmd_datasets}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "compare": cmd_compare,
+    "plot-weights": cmd_plot_weights,
+    "sweep": cmd_sweep,
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "methods": cmd_methods,
+    "datasets": cmd_datasets,
+}
 
 
 def main(argv=None) -> int:
@@ -427,8 +598,11 @@ def main(argv=None) -> int:
     except FloatingPointError as e:  # keras_ee.training.NonFiniteLossError: names the step and the exit
         if os.environ.get("KERAS_EE_DEBUG"):
             raise
-        print(f"keras-ee {args.command}: training stopped: {e}\n(the last finished epoch is kept in the run's "
-              "backup/; lower the learning rate or check the data, in a new --out folder)", file=sys.stderr)
+        print(
+            f"keras-ee {args.command}: training stopped: {e}\n(the last finished epoch is kept in the run's "
+            "backup/; lower the learning rate or check the data, in a new --out folder)",
+            file=sys.stderr,
+        )
         return 3
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError) as e:
         # Bad input is the user's to fix: say what, without a traceback.

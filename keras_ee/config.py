@@ -32,8 +32,15 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 # Neural Networks" (timm's DeiT-style recipe), as TrainConfig values: `--recipe budget-aware`.
 RECIPES = {
     "budget-aware": {
-        "mixup": 0.8, "cutmix": 1.0, "randaugment": 9.0, "randaugment_std": 0.5, "randaugment_ops": 2,
-        "random_erasing": 0.25, "color_jitter": 0.4, "label_smoothing": 0.1, "ema": 0.9999,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "randaugment": 9.0,
+        "randaugment_std": 0.5,
+        "randaugment_ops": 2,
+        "random_erasing": 0.25,
+        "color_jitter": 0.4,
+        "label_smoothing": 0.1,
+        "ema": 0.9999,
     },
 }
 # ... and on ImageNet its optimizer: AdamW, weight decay 0.05, 20 warm-up epochs (on CIFAR the
@@ -185,8 +192,17 @@ class TrainConfig:
         def is_number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for field in ("dataset", "model", "method", "schedule", "confidence", "dump_dtype", "optimizer", "strategy",
-                      "precision"):
+        for field in (
+            "dataset",
+            "model",
+            "method",
+            "schedule",
+            "confidence",
+            "dump_dtype",
+            "optimizer",
+            "strategy",
+            "precision",
+        ):
             if not isinstance(getattr(self, field), str):
                 bad(field, "a string")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
@@ -207,8 +223,10 @@ class TrainConfig:
         if self.samples_per_class is not None and not (is_int(self.samples_per_class) and self.samples_per_class >= 1):
             bad("samples_per_class", "a positive integer (training images per class) or None")
         if self.samples_per_class is not None and self.train_size is not None:
-            bad("samples_per_class", f"None when `train_size` is set (received train_size={self.train_size!r}); "
-                "use one of the two")
+            bad(
+                "samples_per_class",
+                f"None when `train_size` is set (received train_size={self.train_size!r}); use one of the two",
+            )
         if self.imbalance_factor is not None and not (is_number(self.imbalance_factor) and self.imbalance_factor >= 1):
             bad("imbalance_factor", "a number >= 1 (200, 100, 50, 20) or None")
         if self.learning_rate is not None and not (is_number(self.learning_rate) and self.learning_rate > 0):
@@ -271,9 +289,19 @@ class TrainConfig:
     @property
     def augmentation_recipe(self) -> dict:
         """The recipe keys that shape the training batches (for `keras_ee.data.recipe.Recipe`)."""
-        return {k: getattr(self, k) for k in ("label_smoothing", "mixup", "cutmix", "randaugment",
-                                              "randaugment_std", "randaugment_ops", "random_erasing",
-                                              "color_jitter")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "label_smoothing",
+                "mixup",
+                "cutmix",
+                "randaugment",
+                "randaugment_std",
+                "randaugment_ops",
+                "random_erasing",
+                "color_jitter",
+            )
+        }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -323,7 +351,9 @@ class TrainConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"config file {str(path)!r} is not valid JSON ({e}); use .json or .toml.") from None
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of settings; received {type(values).__name__}.")
+            raise ValueError(
+                f"config file {str(path)!r} must hold a mapping of settings; received {type(values).__name__}."
+            )
         return values
 
     def differences(self, other: "TrainConfig") -> dict:

@@ -80,44 +80,54 @@ def parse_mul_adds(value):
         raise ValueError(f"budget {value!r} must be positive")
     return v
 
+
 RULES = ("reference", "macs")
 
-_TRANSPOSED = tuple(
-    getattr(L, n) for n in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose") if hasattr(L, n)
-)
+_TRANSPOSED = tuple(getattr(L, n) for n in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose") if hasattr(L, n))
 _SEPARABLE = tuple(getattr(L, n) for n in ("SeparableConv1D", "SeparableConv2D") if hasattr(L, n))
 _DEPTHWISE = tuple(getattr(L, n) for n in ("DepthwiseConv1D", "DepthwiseConv2D") if hasattr(L, n))
 _CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
 _POOL = tuple(
     getattr(L, n)
     for n in (
-        "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
-        "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
     )
 )
 _GLOBAL_POOL = tuple(
     getattr(L, n)
     for n in (
-        "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
-        "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
     )
 )
 # Normalization layers: the reference counter gives BatchNorm 0 ops.
 _NORMALIZATION = tuple(
-    getattr(L, n)
-    for n in ("BatchNormalization", "LayerNormalization", "GroupNormalization")
-    if hasattr(L, n)
+    getattr(L, n) for n in ("BatchNormalization", "LayerNormalization", "GroupNormalization") if hasattr(L, n)
 )
 _ACTIVATION = tuple(
-    getattr(L, n)
-    for n in ("ReLU", "Activation", "LeakyReLU", "PReLU", "ELU", "Softmax")
-    if hasattr(L, n)
+    getattr(L, n) for n in ("ReLU", "Activation", "LeakyReLU", "PReLU", "ELU", "Softmax") if hasattr(L, n)
 )
 
 
 _HEAVY_OPS = {
-    "matmul", "dot", "tensordot", "einsum", "conv", "depthwiseconv",
-    "separableconv", "convtranspose", "dotproductattention",
+    "matmul",
+    "dot",
+    "tensordot",
+    "einsum",
+    "conv",
+    "depthwiseconv",
+    "separableconv",
+    "convtranspose",
+    "dotproductattention",
 }
 
 
@@ -204,8 +214,7 @@ def _model_ops(model, rule):
     functional = model if hasattr(model, "outputs") and model.outputs else getattr(model, "_functional", None)
     if functional is None:
         raise ValueError(
-            f"keras_ee.costs cannot walk nested model {model.name!r}: it is not a "
-            "built functional or Sequential model."
+            f"keras_ee.costs cannot walk nested model {model.name!r}: it is not a built functional or Sequential model."
         )
     return sum(_node_ops(n, rule) for n in graph.collect_nodes(functional.outputs))
 
@@ -214,8 +223,9 @@ def _params(layer):
     # The weights a layer learns, also while it is frozen (`trainable=False`, e.g. in
     # IMTA's phase II): everything but normalization statistics.
     weights = getattr(layer, "weights", [])
-    return int(sum(math.prod(w.shape) for w in weights
-                   if w.trainable or not w.path.rsplit("/", 1)[-1].startswith("moving_")))
+    return int(
+        sum(math.prod(w.shape) for w in weights if w.trainable or not w.path.rsplit("/", 1)[-1].startswith("moving_"))
+    )
 
 
 def exit_costs(model, rule="reference"):
@@ -246,10 +256,7 @@ def exit_costs(model, rule="reference"):
     if rule not in RULES:
         raise ValueError(f"exit_costs: `rule` must be one of {list(RULES)}, received {rule!r}.")
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
-        raise TypeError(
-            "exit_costs expects a built functional keras.Model, received "
-            f"{type(model).__name__}."
-        )
+        raise TypeError(f"exit_costs expects a built functional keras.Model, received {type(model).__name__}.")
     stages = graph.stage_nodes(model)
     boundaries, has_markers = graph.stage_boundaries(model)
     seen_layers = set()
@@ -257,7 +264,7 @@ def exit_costs(model, rule="reference"):
     num_exits = len(stages)
     for k, nodes in enumerate(stages):
         if k + 1 < num_exits:
-            later = boundaries[k + 1] if has_markers else model.outputs[k + 1:]
+            later = boundaries[k + 1] if has_markers else model.outputs[k + 1 :]
             trunk = {id(n) for n in graph.collect_nodes(later, stop_tensors=boundaries[k])}
         else:
             trunk = set()
@@ -286,9 +293,7 @@ def exit_costs(model, rule="reference"):
             out.append(total)
         return out
 
-    own_params = [
-        sum(trunk_params[:k]) + stage_params[k] for k in range(num_exits)
-    ]
+    own_params = [sum(trunk_params[:k]) + stage_params[k] for k in range(num_exits)]
     own_ops = [sum(trunk_ops[:k]) + stage_ops[k] for k in range(num_exits)]
     return {
         "params": running(stage_params),
@@ -314,18 +319,17 @@ def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2
         A string, e.g. `"msdnet_cifar_5  5  params(M)  0.30 0.65 ..."`.
     """
     if not isinstance(costs_by_name, dict):
-        raise TypeError(
-            f"format_table expects a dict name -> costs, received {type(costs_by_name).__name__}."
-        )
+        raise TypeError(f"format_table expects a dict name -> costs, received {type(costs_by_name).__name__}.")
     p_unit = {1: "", 1e3: "K", 1e6: "M", 1e9: "G"}.get(params_scale, f"/{params_scale:g}")
     m_unit = {1: "", 1e3: "K", 1e6: "M", 1e9: "G"}.get(mul_adds_scale, f"/{mul_adds_scale:g}")
     rows = []
     for name, c in costs_by_name.items():
         if "params" not in c or "mul_adds" not in c:
             raise ValueError(f"format_table: entry {name!r} lacks 'params'/'mul_adds'.")
+
         def fmt(v):
             # Fixed decimals as the papers print them; small values keep 2 significant digits.
-            return f"{v:.{decimals}f}" if v == 0 or abs(v) >= 10 ** -decimals * 5 else f"{v:.2g}"
+            return f"{v:.{decimals}f}" if v == 0 or abs(v) >= 10**-decimals * 5 else f"{v:.2g}"
 
         rows.append(
             (

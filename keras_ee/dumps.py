@@ -130,8 +130,7 @@ def _check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: st
     n, c = logits_shape[1], logits_shape[2]
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(
-            f"{where} must have shape ({n},) to match the {split} logits {logits_shape}; "
-            f"received shape {labels.shape}."
+            f"{where} must have shape ({n},) to match the {split} logits {logits_shape}; received shape {labels.shape}."
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"{where} must hold integer class ids; received dtype {labels.dtype}.")
@@ -149,9 +148,7 @@ def _check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: st
 def _number(value, key: str, k: int, where: str, bad_type):
     """One cost as a Python int or float (as given), or a clear error naming the exit."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise bad_type(
-            f"{where}: `{key}` of exit_{k} is {value!r} ({type(value).__name__}); expected a number."
-        )
+        raise bad_type(f"{where}: `{key}` of exit_{k} is {value!r} ({type(value).__name__}); expected a number.")
     if isinstance(value, numbers.Integral):
         value = int(value)
     elif isinstance(value, np.floating) and value.dtype.itemsize < 8:
@@ -178,8 +175,7 @@ def _check_costs(values, key: str, num_exits: int, where: str, bad_type=TypeErro
         )
     if len(values) != num_exits:
         raise ValueError(
-            f"{where}: `{key}` must have one entry per exit ({num_exits}, as in the logits); "
-            f"received {len(values)}."
+            f"{where}: `{key}` must have one entry per exit ({num_exits}, as in the logits); received {len(values)}."
         )
     out = [_number(v, key, k + 1, where, bad_type) for k, v in enumerate(values)]
     for k in range(1, len(out)):
@@ -292,7 +288,7 @@ def _read_costs(file: Path, num_exits: int) -> tuple[list, list]:
         raise ValueError(f"{shown} is not valid JSON: {_clean(e)}.") from None
     if not isinstance(meta, dict):
         raise ValueError(
-            f"{shown} must hold a JSON object like {{\"mul_adds\": [...], \"params\": [...]}}; "
+            f'{shown} must hold a JSON object like {{"mul_adds": [...], "params": [...]}}; '
             f"received a JSON {type(meta).__name__}."
         )
     if "mul_adds" not in meta:
@@ -330,7 +326,7 @@ def _leftovers(path: Path) -> list[Path]:
     prefix = path.name + "."
     out = []
     for entry in path.parent.iterdir():
-        if entry.name.startswith(prefix) and _LEFTOVER.fullmatch(entry.name[len(path.name):]):
+        if entry.name.startswith(prefix) and _LEFTOVER.fullmatch(entry.name[len(path.name) :]):
             out.append(entry)
     return sorted(out)
 
@@ -400,9 +396,7 @@ def save_dump(path, val_logits, val_labels, test_logits, test_labels, costs: dic
         _check_labels(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
         arrays[f"{split}_labels"] = labels
     if not isinstance(costs, Mapping):
-        raise TypeError(
-            f"`costs` must be a dict with 'mul_adds' (and 'params'); received {type(costs).__name__}."
-        )
+        raise TypeError(f"`costs` must be a dict with 'mul_adds' (and 'params'); received {type(costs).__name__}.")
     if "mul_adds" not in costs:
         raise ValueError(f"`costs` must have a 'mul_adds' entry; received keys {sorted(map(str, costs))}.")
     k = arrays["val_logits"].shape[0]
@@ -487,7 +481,9 @@ def load_dump(path, mmap: bool = True) -> Dump:
         hint = (
             f"; an interrupted save_dump left {leftovers} next to it ('.old-*' is the previous dump, '.tmp-*' "
             "the new one, complete if it holds all five files): rename one to "
-            f"{path.name!r}" if leftovers else ""
+            f"{path.name!r}"
+            if leftovers
+            else ""
         )
         raise FileNotFoundError(f"dump folder {str(path)!r} does not exist{hint}; expected a folder with {FILES}.")
     missing = [f for f in FILES if not (path / f).is_file()]

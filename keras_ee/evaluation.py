@@ -83,16 +83,22 @@ def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int = 5, chunk: int
     out = np.empty((num_exits, n), bool)
     index = np.arange(classes)
     for start in range(0, n, chunk):
-        z = np.asarray(logits[:, start:start + chunk, :])
-        y = labels[start:start + chunk]
+        z = np.asarray(logits[:, start : start + chunk, :])
+        y = labels[start : start + chunk]
         zy = np.take_along_axis(z, np.broadcast_to(y[None, :, None], (num_exits, len(y), 1)), axis=2)
         ahead = (z > zy) | ((z == zy) & (index[None, None, :] < y[None, :, None]))
-        out[:, start:start + chunk] = ahead.sum(axis=2) < k
+        out[:, start : start + chunk] = ahead.sum(axis=2) < k
     return out
 
 
-def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax", temperature=1.0,
-                       what: str = "the logits", metric: str = "top1"):
+def scores_and_correct(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    kind="max_softmax",
+    temperature=1.0,
+    what: str = "the logits",
+    metric: str = "top1",
+):
     """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C).
 
     `metric="top1"` (default): the exit's prediction is the label; `"top5"`: the label is
@@ -120,9 +126,17 @@ def scores_and_correct(logits: np.ndarray, labels: np.ndarray, kind="max_softmax
     return scores, top_k_correct(logits, labels, top)
 
 
-def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=None,
-                  mode: str = "geometric", name: str = "", shortfall: str = "reference",
-                  scores=None, metric: str = "top1") -> Evaluation:
+def evaluate_dump(
+    dump: Dump,
+    kind: str = "max_softmax",
+    temperature=1.0,
+    qs=None,
+    mode: str = "geometric",
+    name: str = "",
+    shortfall: str = "reference",
+    scores=None,
+    metric: str = "top1",
+) -> Evaluation:
     """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
 
     Args:
@@ -143,38 +157,58 @@ def evaluate_dump(dump: Dump, kind: str = "max_softmax", temperature=1.0, qs=Non
             anytime accuracies and the budget sweep (the HDKD paper reports top-5); the
             exits are still chosen by the confidence score.
     """
+
     def what(split):
         return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
 
     builtin = kind if scores is None else "max_softmax"
     check_metric(metric)
-    val_scores, val_correct = scores_and_correct(dump.val_logits, dump.val_labels, builtin, temperature, what("val"),
-                                                 metric=metric)
-    test_scores, test_correct = scores_and_correct(dump.test_logits, dump.test_labels, builtin, temperature,
-                                                   what("test"), metric=metric)
+    val_scores, val_correct = scores_and_correct(
+        dump.val_logits, dump.val_labels, builtin, temperature, what("val"), metric=metric
+    )
+    test_scores, test_correct = scores_and_correct(
+        dump.test_logits, dump.test_labels, builtin, temperature, what("test"), metric=metric
+    )
     if scores is not None:
-        val_scores, test_scores = (_given_scores(s, ref, f"{kind} {split} scores")
-                                   for s, ref, split in zip(scores, (val_scores, test_scores), ("val", "test")))
+        val_scores, test_scores = (
+            _given_scores(s, ref, f"{kind} {split} scores")
+            for s, ref, split in zip(scores, (val_scores, test_scores), ("val", "test"))
+        )
     sweep = calibration.budget_sweep(
-        val_scores, val_correct, test_scores, test_correct, np.asarray(dump.mul_adds, np.float64),
-        qs=qs, mode=mode, shortfall=shortfall,
+        val_scores,
+        val_correct,
+        test_scores,
+        test_correct,
+        np.asarray(dump.mul_adds, np.float64),
+        qs=qs,
+        mode=mode,
+        shortfall=shortfall,
     )
     return Evaluation(
-        mul_adds=list(dump.mul_adds), params=list(dump.params),
+        mul_adds=list(dump.mul_adds),
+        params=list(dump.params),
         val_anytime=calibration.anytime_accuracy(val_correct),
         test_anytime=calibration.anytime_accuracy(test_correct),
-        sweep=sweep, kind=kind, mode=mode, name=name, metric=metric,
+        sweep=sweep,
+        kind=kind,
+        mode=mode,
+        name=name,
+        metric=metric,
     )
 
 
 def _given_scores(scores, reference: np.ndarray, what: str) -> np.ndarray:
     a = np.asarray(scores)
     if a.shape != reference.shape:
-        raise ValueError(f"{what} have shape {a.shape}; the dump's logits need (num_exits, num_samples) = "
-                         f"{reference.shape}.")
+        raise ValueError(
+            f"{what} have shape {a.shape}; the dump's logits need (num_exits, num_samples) = {reference.shape}."
+        )
     if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
-        raise ValueError(f"{what} must be finite floats; received dtype {a.dtype}"
-                         + ("" if a.dtype.kind != "f" else " with NaN or inf") + ".")
+        raise ValueError(
+            f"{what} must be finite floats; received dtype {a.dtype}"
+            + ("" if a.dtype.kind != "f" else " with NaN or inf")
+            + "."
+        )
     return np.ascontiguousarray(a, dtype=reference.dtype)
 
 
@@ -260,8 +294,13 @@ def format_anytime(ev: Evaluation) -> str:
     unit, scale = count_unit(ev.mul_adds)
     punit, pscale = count_unit(ev.params)
     rows = [
-        [str(k + 1), format_count(ev.params[k], pscale), format_count(ev.mul_adds[k], scale),
-         f"{100 * ev.val_anytime[k]:.2f}", f"{100 * ev.test_anytime[k]:.2f}"]
+        [
+            str(k + 1),
+            format_count(ev.params[k], pscale),
+            format_count(ev.mul_adds[k], scale),
+            f"{100 * ev.val_anytime[k]:.2f}",
+            f"{100 * ev.test_anytime[k]:.2f}",
+        ]
         for k in range(ev.num_exits)
     ]
     acc = _short(ev.metric)
@@ -280,8 +319,15 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
     rows = []
     for b in range(0, len(sw["q"]), every):
         share = "/".join(f"{100 * c / n[b]:.0f}" for c in sw["exit_counts"][b])
-        rows.append([f"{sw['q'][b]:.2f}", format_count(sw["mean_cost"][b], scale),
-                     f"{100 * sw['val_accuracy'][b]:.2f}", f"{100 * sw['test_accuracy'][b]:.2f}", share])
+        rows.append(
+            [
+                f"{sw['q'][b]:.2f}",
+                format_count(sw["mean_cost"][b], scale),
+                f"{100 * sw['val_accuracy'][b]:.2f}",
+                f"{100 * sw['test_accuracy'][b]:.2f}",
+                share,
+            ]
+        )
     acc = _short(ev.metric)
     return _table(["q", f"mean Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %", "exit share %"], rows)
 
@@ -303,17 +349,34 @@ def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[
     with _atomic_csv(out / "anytime.csv") as w:
         w.writerow(["exit", "params", "mul_adds", "val_accuracy", "test_accuracy"])
         for k in range(ev.num_exits):
-            w.writerow([k + 1, _csv_number(ev.params[k]), _csv_number(ev.mul_adds[k]),
-                        f"{ev.val_anytime[k]:.6f}", f"{ev.test_anytime[k]:.6f}"])
+            w.writerow(
+                [
+                    k + 1,
+                    _csv_number(ev.params[k]),
+                    _csv_number(ev.mul_adds[k]),
+                    f"{ev.val_anytime[k]:.6f}",
+                    f"{ev.test_anytime[k]:.6f}",
+                ]
+            )
     sw = ev.sweep
     with _atomic_csv(out / "budget.csv") as w:
         k = ev.num_exits
-        w.writerow(["q", "mean_mul_adds", "val_accuracy", "test_accuracy"]
-                   + [f"threshold_{i + 1}" for i in range(k)] + [f"exit_count_{i + 1}" for i in range(k)])
+        w.writerow(
+            ["q", "mean_mul_adds", "val_accuracy", "test_accuracy"]
+            + [f"threshold_{i + 1}" for i in range(k)]
+            + [f"exit_count_{i + 1}" for i in range(k)]
+        )
         for b in range(len(sw["q"])):
-            w.writerow([f"{sw['q'][b]:.6g}", f"{sw['mean_cost'][b]:.12g}", f"{sw['val_accuracy'][b]:.6f}",
-                        f"{sw['test_accuracy'][b]:.6f}"]
-                       + [repr(float(t)) for t in sw["thresholds"][b]] + [int(c) for c in sw["exit_counts"][b]])
+            w.writerow(
+                [
+                    f"{sw['q'][b]:.6g}",
+                    f"{sw['mean_cost'][b]:.12g}",
+                    f"{sw['val_accuracy'][b]:.6f}",
+                    f"{sw['test_accuracy'][b]:.6f}",
+                ]
+                + [repr(float(t)) for t in sw["thresholds"][b]]
+                + [int(c) for c in sw["exit_counts"][b]]
+            )
     with atomic_path(out / "budget.png") as tmp:
         plots.budget_plot({ev.name or "model": ev}, tmp, title=title)
     return {"anytime": out / "anytime.csv", "budget": out / "budget.csv", "plot": out / "budget.png"}
@@ -344,8 +407,11 @@ def compare(evaluations: list[Evaluation], budgets=None) -> tuple[str, list[dict
         accs = accuracy_at(x, y, budgets)
         auc = mean_accuracy_over(x, y, lo, hi)
         rows.append({"name": ev.name, **{f"acc@{l}": float(a) for l, a in zip(labels, accs)}, "auc": auc})
-        cells.append([ev.name] + [("-" if np.isnan(a) else f"{100 * a:.2f}") for a in accs]
-                     + ["-" if np.isnan(auc) else f"{100 * auc:.2f}"])
+        cells.append(
+            [ev.name]
+            + [("-" if np.isnan(a) else f"{100 * a:.2f}") for a in accs]
+            + ["-" if np.isnan(auc) else f"{100 * auc:.2f}"]
+        )
     metrics = {ev.metric for ev in evaluations}
     if len(metrics) > 1:
         raise ValueError(f"compare needs evaluations of one metric; received {sorted(metrics)}.")

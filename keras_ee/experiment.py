@@ -123,8 +123,9 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
         try:
             previous = TrainConfig.from_file(saved)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); "
-                             "use a new --out folder.") from None
+            raise ValueError(
+                f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
+            ) from None
         diff = previous.differences(config)
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
@@ -149,8 +150,9 @@ def build_model(config: TrainConfig, splits, method=None, strategy=None):
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope, models.batchnorm_options(synchronized=config.sync_batchnorm):
-        backbone = models.create(config.model, num_classes=splits.num_classes, input_shape=splits.input_shape,
-                                 **config.model_options)
+        backbone = models.create(
+            config.model, num_classes=splits.num_classes, input_shape=splits.input_shape, **config.model_options
+        )
         if method is None:
             method = make_method(config.method, config.method_options)
         model = training.MultiExitModel(backbone, method=method)
@@ -181,8 +183,13 @@ def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = 
         if phase.make_optimizer is not None:
             optimizer = phase.make_optimizer(steps)
         else:
-            optimizer = make_optimizer(config, steps, model.trainable_variables, phase.optimizer_options,
-                                       warmup_steps=min(config.warmup_epochs * batches, steps))
+            optimizer = make_optimizer(
+                config,
+                steps,
+                model.trainable_variables,
+                phase.optimizer_options,
+                warmup_steps=min(config.warmup_epochs * batches, steps),
+            )
         model.compile(optimizer=optimizer)
 
 
@@ -201,17 +208,28 @@ def make_optimizer(config: TrainConfig, steps: int, variables=(), overrides=None
     """
     import keras
 
-    settings = {"learning_rate": config.initial_learning_rate, "momentum": config.momentum,
-                "nesterov": config.nesterov, "weight_decay": config.weight_decay, **(overrides or {})}
+    settings = {
+        "learning_rate": config.initial_learning_rate,
+        "momentum": config.momentum,
+        "nesterov": config.nesterov,
+        "weight_decay": config.weight_decay,
+        **(overrides or {}),
+    }
     schedule = make_schedule(config, steps, settings["learning_rate"], warmup_steps=warmup_steps)
     ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(settings["weight_decay"]),
-                                           epsilon=ADAMW_EPSILON, **ema)
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=schedule, weight_decay=float(settings["weight_decay"]), epsilon=ADAMW_EPSILON, **ema
+        )
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
         return optimizer
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=settings["momentum"],
-                                nesterov=settings["nesterov"], weight_decay=settings["weight_decay"] or None, **ema)
+    return keras.optimizers.SGD(
+        learning_rate=schedule,
+        momentum=settings["momentum"],
+        nesterov=settings["nesterov"],
+        weight_decay=settings["weight_decay"] or None,
+        **ema,
+    )
 
 
 _STRATEGIES = {}  # multi_worker and tpu: one per process (TensorFlow configures its cluster once)
@@ -249,8 +267,9 @@ def make_strategy(name: str):
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, RuntimeError, tf.errors.OpError) as e:
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ValueError(f"--strategy tpu: no TPU found ({reason}); expected a TPU VM or a TPU named by "
-                             "TPU_NAME.") from None
+            raise ValueError(
+                f"--strategy tpu: no TPU found ({reason}); expected a TPU VM or a TPU named by TPU_NAME."
+            ) from None
         strategy = tf.distribute.TPUStrategy(resolver)
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}; received {name!r}.")
@@ -260,11 +279,13 @@ def make_strategy(name: str):
 
 def check_tf_config(text) -> dict:
     """The parsed `TF_CONFIG` of a multi-worker run, or a one-line `ValueError` saying what is wrong."""
-    example = ('expected e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-               '"task": {"type": "worker", "index": 0}}')
+    example = (
+        'expected e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
+    )
     if not text:
-        raise ValueError(f"--strategy multi_worker needs the TF_CONFIG environment variable, which is not set; "
-                         f"{example}.")
+        raise ValueError(
+            f"--strategy multi_worker needs the TF_CONFIG environment variable, which is not set; {example}."
+        )
     try:
         tf_config = json.loads(text)
     except json.JSONDecodeError as e:
@@ -274,13 +295,19 @@ def check_tf_config(text) -> dict:
     if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
         raise ValueError(f"TF_CONFIG has no cluster with workers (received {text!r}); {example}.")
     if any(not isinstance(v, list) or not all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
-        raise ValueError(f"TF_CONFIG's cluster must map task types to lists of 'host:port' (received "
-                         f"{cluster!r}); {example}.")
+        raise ValueError(
+            f"TF_CONFIG's cluster must map task types to lists of 'host:port' (received {cluster!r}); {example}."
+        )
     kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
-    if kind not in cluster or isinstance(index, bool) or not isinstance(index, int) or not (
-            0 <= index < len(cluster[kind])):
-        raise ValueError(f"TF_CONFIG's task must name a type of the cluster and an index in it (received "
-                         f"{task!r}); {example}.")
+    if (
+        kind not in cluster
+        or isinstance(index, bool)
+        or not isinstance(index, int)
+        or not (0 <= index < len(cluster[kind]))
+    ):
+        raise ValueError(
+            f"TF_CONFIG's task must name a type of the cluster and an index in it (received {task!r}); {example}."
+        )
     return tf_config
 
 
@@ -383,13 +410,18 @@ def read_preprocessing(workdir) -> tuple[float, np.ndarray, np.ndarray]:
         return float(splits.pixel_scale), np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
     try:
         saved = json.loads(path.read_text())
-        scale, mean, std = float(saved["pixel_scale"]), np.asarray(saved["mean"], np.float32), np.asarray(
-            saved["std"], np.float32)
+        scale, mean, std = (
+            float(saved["pixel_scale"]),
+            np.asarray(saved["mean"], np.float32),
+            np.asarray(saved["std"], np.float32),
+        )
         if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{str(path)!r} is damaged: expected pixel_scale, and mean and std of one number per "
-                         "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it.") from None
+        raise ValueError(
+            f"{str(path)!r} is damaged: expected pixel_scale, and mean and std of one number per "
+            "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it."
+        ) from None
     return scale, mean, std
 
 
@@ -397,9 +429,16 @@ def load_data(config: TrainConfig):
     """The configured dataset's splits."""
     from keras_ee import data
 
-    return data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed,
-                     imbalance_factor=config.imbalance_factor, train_size=config.train_size,
-                     meta_size=config.meta_split_size, samples_per_class=config.samples_per_class)
+    return data.load(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        seed=config.seed,
+        imbalance_factor=config.imbalance_factor,
+        train_size=config.train_size,
+        meta_size=config.meta_split_size,
+        samples_per_class=config.samples_per_class,
+    )
 
 
 def make_method(name: str, options: dict):
@@ -414,8 +453,7 @@ def make_method(name: str, options: dict):
     return training.get_method(name).create(options)
 
 
-def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None,
-                  warmup_steps: int = 0):
+def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None, warmup_steps: int = 0):
     """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's).
 
     With `warmup_steps`, a linear warm-up from 0 to the learning rate over those steps, then
@@ -427,11 +465,16 @@ def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | 
     lr = config.initial_learning_rate if learning_rate is None else learning_rate
     if warmup_steps > 0:
         if config.schedule == "step":
-            raise ValueError("config `warmup_epochs` must be 0 with schedule 'step'; warm-up works with 'cosine' "
-                             "and 'constant'.")
+            raise ValueError(
+                "config `warmup_epochs` must be 0 with schedule 'step'; warm-up works with 'cosine' and 'constant'."
+            )
         return keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=max(1, total_steps - warmup_steps), alpha=1.0 if config.schedule == "constant" else 0.0,
-            warmup_target=lr, warmup_steps=warmup_steps)
+            0.0,
+            decay_steps=max(1, total_steps - warmup_steps),
+            alpha=1.0 if config.schedule == "constant" else 0.0,
+            warmup_target=lr,
+            warmup_steps=warmup_steps,
+        )
     if config.schedule == "constant":
         return lr
     if config.schedule == "cosine":
@@ -458,14 +501,20 @@ def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end
     recipe = training_recipe(config)
     if recipe is not None:  # only then: a DatasetSplits of another package may not take it
         extra["recipe"] = recipe
-    train_ds = splits.train_dataset(config.batch_size, seed=config.seed, first_epoch=first_epoch,
-                                    epochs=end_epoch, **extra)
+    train_ds = splits.train_dataset(
+        config.batch_size, seed=config.seed, first_epoch=first_epoch, epochs=end_epoch, **extra
+    )
     if not method.uses_meta_stream:
         return train_ds
     import tensorflow as tf
 
-    meta = splits.meta_dataset(config.batch_size, splits.train_batches(config.batch_size), seed=config.seed,
-                               first_epoch=first_epoch, epochs=end_epoch)
+    meta = splits.meta_dataset(
+        config.batch_size,
+        splits.train_batches(config.batch_size),
+        seed=config.seed,
+        first_epoch=first_epoch,
+        epochs=end_epoch,
+    )
     return tf.data.Dataset.zip((train_ds, meta))
 
 
@@ -513,8 +562,10 @@ def check_splits(splits, config: TrainConfig) -> None:
     """Refuse data a run cannot use before anything is trained."""
     for part in ("val", "test"):
         if getattr(splits, f"num_{part}") == 0:
-            raise ValueError(f"dataset {config.dataset!r} has no {part} images; a run calibrates on validation "
-                             "and scores on test images, so both must be non-empty.")
+            raise ValueError(
+                f"dataset {config.dataset!r} has no {part} images; a run calibrates on validation "
+                "and scores on test images, so both must be non-empty."
+            )
     if splits.num_train < 2:
         raise ValueError(f"dataset {config.dataset!r} has {splits.num_train} training image(s); expected at least 2.")
 
@@ -529,17 +580,30 @@ def load_run_model(path):
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist.")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
-                         "a write was probably interrupted).")
+        raise ValueError(
+            f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
+            "a write was probably interrupted)."
+        )
     try:
         return keras.saving.load_model(path)
     except Exception as e:  # keras reports a torn archive in many ways (even "file not found")
-        raise ValueError(f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from None
+        raise ValueError(
+            f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})."
+        ) from None
 
 
-def fit_run(config: TrainConfig, splits, model, callbacks, verbose=0, first_epoch: int = 0, configured: int = 0,
-            progress=None, validation_data=None):
+def fit_run(
+    config: TrainConfig,
+    splits,
+    model,
+    callbacks,
+    verbose=0,
+    first_epoch: int = 0,
+    configured: int = 0,
+    progress=None,
+    validation_data=None,
+):
     """Train every phase of the run from epoch `first_epoch` (counted over all phases).
 
     Each phase that starts here is configured and compiled with its own optimizer
@@ -568,10 +632,16 @@ def fit_run(config: TrainConfig, splits, model, callbacks, verbose=0, first_epoc
         if progress is not None and len(phases) > 1:
             progress.label = f"{phase.name} ({index + 1}/{len(phases)})"
         initial = max(first_epoch, begin)
-        history = model.fit(training_data(config, splits, model.method, initial, end),
-                            validation_data=validation_data, epochs=end, initial_epoch=initial,
-                            steps_per_epoch=splits.train_batches(config.batch_size), callbacks=callbacks,
-                            verbose=verbose, shuffle=False)  # the pipeline shuffles, by (seed, epoch)
+        history = model.fit(
+            training_data(config, splits, model.method, initial, end),
+            validation_data=validation_data,
+            epochs=end,
+            initial_epoch=initial,
+            steps_per_epoch=splits.train_batches(config.batch_size),
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the pipeline shuffles, by (seed, epoch)
     return history
 
 
@@ -615,16 +685,30 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, 
     # leaves a row that the resume drops (truncate) and trains again.
     if config.ema:  # validate on the weight average (the backups keep the trained weights)
         cbs.append(ema_validation_callback())
-    cbs += [history, backup, keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-            *model.method.callbacks(), *callbacks]
+    cbs += [
+        history,
+        backup,
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+        *model.method.callbacks(),
+        *callbacks,
+    ]
     progress = None
     if verbose == "progress":
         progress = ee_callbacks.EpochProgress()
         cbs.append(progress)
         verbose = 0
     start = time.perf_counter()
-    fit_run(config, splits, model, cbs, verbose=verbose, first_epoch=first_epoch, configured=configured[0],
-            progress=progress, validation_data=val_ds)
+    fit_run(
+        config,
+        splits,
+        model,
+        cbs,
+        verbose=verbose,
+        first_epoch=first_epoch,
+        configured=configured[0],
+        progress=progress,
+        validation_data=val_ds,
+    )
     if restore_from is not None:
         return
     try:
@@ -632,12 +716,19 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, 
         with atomic_path(workdir / MODEL_FILE) as tmp:
             model.save(tmp)
     except OSError as e:
-        raise runs.RunWriteError(f"cannot write {str(workdir / MODEL_FILE)!r}: {runs.describe_os_error(e)}; "
-                                 "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
-                                 "command finishes the run without training again.") from None
-    _write_state(workdir, trained=True, train_seconds=round(time.perf_counter() - start, 1),
-                 resumed_at_epoch=first_epoch, strategy=config.strategy,
-                 replicas=model.distribute_strategy.num_replicas_in_sync)
+        raise runs.RunWriteError(
+            f"cannot write {str(workdir / MODEL_FILE)!r}: {runs.describe_os_error(e)}; "
+            "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
+            "command finishes the run without training again."
+        ) from None
+    _write_state(
+        workdir,
+        trained=True,
+        train_seconds=round(time.perf_counter() - start, 1),
+        resumed_at_epoch=first_epoch,
+        strategy=config.strategy,
+        replicas=model.distribute_strategy.num_replicas_in_sync,
+    )
     backup.remove()  # only now: model.keras and state.json are in place
 
 
@@ -693,7 +784,8 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         except OSError as e:
             raise runs.RunWriteError(
                 f"cannot write {str(e.filename or workdir / 'eval')!r}: {runs.describe_os_error(e)}; nothing was "
-                f"lost: the run is complete, and `keras-ee evaluate {workdir}` writes the evaluation again.") from None
+                f"lost: the run is complete, and `keras-ee evaluate {workdir}` writes the evaluation again."
+            ) from None
     return workdir
 
 
@@ -726,8 +818,9 @@ def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> No
             check_splits(splits, config)
             if _finished_model(workdir)[0] is not None:
                 return  # the chief loads the same model.keras and trains nothing either
-            model = build_model(config, splits, method=make_method(config.method, config.method_options),
-                                strategy=strategy)
+            model = build_model(
+                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+            )
             _fit(config, splits, model, own, 0, callbacks, restore_from=workdir)
     finally:
         shutil.rmtree(own, ignore_errors=True)
@@ -751,8 +844,9 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strate
             print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
             _write_state(workdir, trained=False)
         if model is None:
-            model = build_model(config, splits, method=make_method(config.method, config.method_options),
-                                strategy=strategy)
+            model = build_model(
+                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+            )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
             _fit(config, splits, model, workdir, verbose, callbacks)
         try:
@@ -761,7 +855,8 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strate
             raise runs.RunWriteError(
                 f"cannot write {str(e.filename or workdir)!r}: {runs.describe_os_error(e)}; nothing was lost: the "
                 f"trained model is in {str(workdir / MODEL_FILE)!r}, and rerunning the same command writes the "
-                "rest without training again.") from None
+                "rest without training again."
+            ) from None
 
 
 def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
@@ -772,19 +867,37 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
 
     exit_costs = ee_costs.exit_costs(model.backbone)
     atomic_write_json(workdir / "costs.json", exit_costs)
-    atomic_write_json(workdir / PREPROCESSING_FILE, {
-        "pixel_scale": float(splits.pixel_scale), "mean": np.asarray(splits.mean, np.float64).tolist(),
-        "std": np.asarray(splits.std, np.float64).tolist()})
+    atomic_write_json(
+        workdir / PREPROCESSING_FILE,
+        {
+            "pixel_scale": float(splits.pixel_scale),
+            "mean": np.asarray(splits.mean, np.float64).tolist(),
+            "std": np.asarray(splits.std, np.float64).tolist(),
+        },
+    )
     dtype = np.dtype(config.dump_dtype)
     val_logits, val_labels = ee_callbacks.predict_exit_logits(model, splits.val_dataset(256))
     test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
-    dumps.save_dump(workdir / "dump", val_logits.astype(dtype), val_labels, test_logits.astype(dtype),
-                    test_labels, costs={**exit_costs, "rule": "reference"})
+    dumps.save_dump(
+        workdir / "dump",
+        val_logits.astype(dtype),
+        val_labels,
+        test_logits.astype(dtype),
+        test_labels,
+        costs={**exit_costs, "rule": "reference"},
+    )
     model.method.save_artifacts(model, splits, workdir)
 
 
-def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geometric", echo: bool = True,
-                 shortfall: str = "reference", metric: str = "top1"):
+def evaluate_run(
+    workdir,
+    kind: str = "max_softmax",
+    qs=None,
+    mode: str = "geometric",
+    echo: bool = True,
+    shortfall: str = "reference",
+    metric: str = "top1",
+):
     """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
 
     `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
@@ -805,8 +918,9 @@ def evaluate_run(workdir, kind: str = "max_softmax", qs=None, mode: str = "geome
     if kind not in calibration.SCORE_KINDS:
         scores = load_run_scores(workdir, kind)
         out = out / kind
-    ev = evaluation.evaluate_dump(dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall,
-                                  scores=scores, metric=metric)
+    ev = evaluation.evaluate_dump(
+        dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall, scores=scores, metric=metric
+    )
     title = _title(workdir)
     if metric != "top1" and title:
         title = f"{title} ({evaluation.metric_label(metric)})"
@@ -834,15 +948,19 @@ def load_run_scores(workdir, kind: str):
     path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
     if not path.is_file():
         saved = run_score_kinds(workdir)
-        raise ValueError(f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
-                         f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
-                         "scores come from a run trained with --method gating).")
+        raise ValueError(
+            f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
+            f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
+            "scores come from a run trained with --method gating)."
+        )
     try:
         with np.load(path) as f:
             return np.asarray(f["val"]), np.asarray(f["test"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
-                         "settings to write it again.") from None
+        raise ValueError(
+            f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
+            "settings to write it again."
+        ) from None
 
 
 def compare_confidences(workdir, evaluations: dict) -> Path:

@@ -76,24 +76,32 @@ def _fmt(mul_adds):
 def _thresholds_array(thresholds, num_exits, what="thresholds"):
     t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if t.shape != (num_exits,):
-        raise ValueError(f"EarlyExitModel: {what} has {t.size} values; the model has {num_exits} exits "
-                         f"(one threshold per exit, -inf at the last).")
+        raise ValueError(
+            f"EarlyExitModel: {what} has {t.size} values; the model has {num_exits} exits "
+            f"(one threshold per exit, -inf at the last)."
+        )
     if np.isnan(t).any():
         raise ValueError(f"EarlyExitModel: {what} holds NaN at exit {int(np.argmax(np.isnan(t))) + 1}.")
     if t[-1] != -np.inf:
-        raise ValueError(f"EarlyExitModel: the last threshold must be -inf (the last exit takes every sample "
-                         f"left); received {t[-1]}.")
+        raise ValueError(
+            f"EarlyExitModel: the last threshold must be -inf (the last exit takes every sample "
+            f"left); received {t[-1]}."
+        )
     return t
 
 
 def _costs_array(costs, num_exits):
     c = np.asarray(costs, dtype=np.float64).reshape(-1)
     if c.shape != (num_exits,):
-        raise ValueError(f"EarlyExitModel: costs has {c.size} values; the model has {num_exits} exits (the "
-                         "cumulative Mul-Adds of each exit).")
+        raise ValueError(
+            f"EarlyExitModel: costs has {c.size} values; the model has {num_exits} exits (the "
+            "cumulative Mul-Adds of each exit)."
+        )
     if not np.isfinite(c).all() or (c < 0).any() or (np.diff(c) < 0).any():
-        raise ValueError(f"EarlyExitModel: costs must be finite, >= 0 and non-decreasing (cumulative Mul-Adds); "
-                         f"received {c.tolist()}.")
+        raise ValueError(
+            f"EarlyExitModel: costs must be finite, >= 0 and non-decreasing (cumulative Mul-Adds); "
+            f"received {c.tolist()}."
+        )
     return c
 
 
@@ -102,8 +110,10 @@ def _temperatures(temperature, num_exits):
     if t.size == 1:
         t = np.repeat(t, num_exits)
     if t.shape != (num_exits,) or not np.isfinite(t).all() or (t <= 0).any():
-        raise ValueError(f"EarlyExitModel: temperature must be a positive number or {num_exits} positive numbers "
-                         f"(one per exit); received {temperature!r}.")
+        raise ValueError(
+            f"EarlyExitModel: temperature must be a positive number or {num_exits} positive numbers "
+            f"(one per exit); received {temperature!r}."
+        )
     return t
 
 
@@ -157,17 +167,32 @@ class EarlyExitModel(keras.Model):
     The pass runs on folded kernels refreshed at each entry point (see `refresh`).
     """
 
-    def __init__(self, backbone, thresholds, costs, kind="max_softmax", temperature=1.0, budget=None,
-                 sweep=None, val_scores=None, name=None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        thresholds,
+        costs,
+        kind="max_softmax",
+        temperature=1.0,
+        budget=None,
+        sweep=None,
+        val_scores=None,
+        name=None,
+        **kwargs,
+    ):
         backbone = _backbone_of(backbone)
         if not isinstance(backbone, keras.Model) or not getattr(backbone, "outputs", None):
-            raise TypeError(f"EarlyExitModel expects a built functional keras-ee multi-exit model; received "
-                            f"{type(backbone).__name__}.")
+            raise TypeError(
+                f"EarlyExitModel expects a built functional keras-ee multi-exit model; received "
+                f"{type(backbone).__name__}."
+            )
         try:
             stages = models.split_stages(backbone)
         except ValueError as e:
-            raise ValueError(f"EarlyExitModel needs a keras-ee multi-exit model with stage markers "
-                             f"(keras_ee.models.create, attach_exits or a builder): {e}") from None
+            raise ValueError(
+                f"EarlyExitModel needs a keras-ee multi-exit model with stage markers "
+                f"(keras_ee.models.create, attach_exits or a builder): {e}"
+            ) from None
         num_exits = len(stages)
         super().__init__(name=name or f"{backbone.name}_early_exit", **kwargs)
         if kind not in calibration.SCORE_KINDS:
@@ -182,17 +207,24 @@ class EarlyExitModel(keras.Model):
         self.budget = None if budget is None else float(budget)
         self.sweep = self._check_sweep(sweep)
         t = _thresholds_array(thresholds, num_exits)
-        self._thresholds = self.add_weight(name="thresholds", shape=(num_exits,), dtype="float64",
-                                           trainable=False, initializer=keras.initializers.Constant(0.0))
+        self._thresholds = self.add_weight(
+            name="thresholds",
+            shape=(num_exits,),
+            dtype="float64",
+            trainable=False,
+            initializer=keras.initializers.Constant(0.0),
+        )
         self._thresholds.assign(t)
         self._val_scores = None
         if val_scores is not None:
             vs = np.asarray(val_scores, dtype=np.float32)
             if vs.ndim != 2 or vs.shape[0] != num_exits or vs.shape[1] < 1:
-                raise ValueError(f"EarlyExitModel: val_scores must be (K={num_exits}, N) confidences; received "
-                                 f"shape {vs.shape}.")
-            self._val_scores = self.add_weight(name="val_scores", shape=vs.shape, dtype="float32",
-                                               trainable=False, initializer="zeros")
+                raise ValueError(
+                    f"EarlyExitModel: val_scores must be (K={num_exits}, N) confidences; received shape {vs.shape}."
+                )
+            self._val_scores = self.add_weight(
+                name="val_scores", shape=vs.shape, dtype="float32", trainable=False, initializer="zeros"
+            )
             self._val_scores.assign(vs)
         self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
         self._serve = None
@@ -201,8 +233,20 @@ class EarlyExitModel(keras.Model):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_model(cls, model, val_logits, val_labels, budget, costs=None, kind="max_softmax", temperature=1.0,
-                   mode="geometric", shortfall="reference", qs=None, name=None):
+    def from_model(
+        cls,
+        model,
+        val_logits,
+        val_labels,
+        budget,
+        costs=None,
+        kind="max_softmax",
+        temperature=1.0,
+        mode="geometric",
+        shortfall="reference",
+        qs=None,
+        name=None,
+    ):
         """Calibrates thresholds for `budget` on validation logits and wraps `model`.
 
         Args:
@@ -227,16 +271,26 @@ class EarlyExitModel(keras.Model):
             costs = ee_costs.exit_costs(backbone)["mul_adds"]
         val_logits = np.asarray(val_logits)
         if val_logits.ndim != 3 or val_logits.shape[0] != len(backbone.outputs):
-            raise ValueError(f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
-                             f"received shape {val_logits.shape}.")
-        scores, correct = scores_and_correct(val_logits, np.asarray(val_labels), kind, temperature,
-                                             "the validation logits")
-        sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode,
-                                      shortfall=shortfall)
+            raise ValueError(
+                f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
+                f"received shape {val_logits.shape}."
+            )
+        scores, correct = scores_and_correct(
+            val_logits, np.asarray(val_labels), kind, temperature, "the validation logits"
+        )
+        sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode, shortfall=shortfall)
         sweep = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
         sweep.update(mode=mode, shortfall=shortfall)
-        ee = cls(model, thresholds=[0.0] * (len(costs) - 1) + [-np.inf], costs=costs, kind=kind,
-                 temperature=temperature, sweep=sweep, val_scores=scores, name=name)
+        ee = cls(
+            model,
+            thresholds=[0.0] * (len(costs) - 1) + [-np.inf],
+            costs=costs,
+            kind=kind,
+            temperature=temperature,
+            sweep=sweep,
+            val_scores=scores,
+            name=name,
+        )
         ee.set_budget(budget)
         return ee
 
@@ -263,21 +317,34 @@ class EarlyExitModel(keras.Model):
         path = Path(path)
         for need in (experiment.MODEL_FILE, "dump"):
             if not (path / need).exists():
-                raise FileNotFoundError(f"{str(path)!r} is not a finished run folder: it has no {need} (train it "
-                                        f"first with `keras-ee train --out {path}`).")
+                raise FileNotFoundError(
+                    f"{str(path)!r} is not a finished run folder: it has no {need} (train it "
+                    f"first with `keras-ee train --out {path}`)."
+                )
         if kind is None:
             try:
                 kind = json.loads((path / experiment.CONFIG_FILE).read_text()).get("confidence", "max_softmax")
             except (OSError, ValueError):
                 kind = "max_softmax"
         if kind not in calibration.SCORE_KINDS:
-            raise ValueError(f"real early exit needs a built-in confidence score {calibration.SCORE_KINDS}; "
-                             f"received {kind!r}.")
+            raise ValueError(
+                f"real early exit needs a built-in confidence score {calibration.SCORE_KINDS}; received {kind!r}."
+            )
         dump = dumps.load_dump(path / "dump")
         model = experiment.load_run_model(path / experiment.MODEL_FILE)
-        return cls.from_model(model, np.asarray(dump.val_logits), np.asarray(dump.val_labels), budget,
-                              costs=dump.mul_adds, kind=kind, temperature=temperature, mode=mode,
-                              shortfall=shortfall, qs=qs, name=f"{path.name}_early_exit")
+        return cls.from_model(
+            model,
+            np.asarray(dump.val_logits),
+            np.asarray(dump.val_labels),
+            budget,
+            costs=dump.mul_adds,
+            kind=kind,
+            temperature=temperature,
+            mode=mode,
+            shortfall=shortfall,
+            qs=qs,
+            name=f"{path.name}_early_exit",
+        )
 
     @staticmethod
     def load(path):
@@ -293,12 +360,16 @@ class EarlyExitModel(keras.Model):
         if sweep is None:
             return None
         if not isinstance(sweep, dict) or any(key not in sweep for key in _SWEEP_KEYS):
-            raise ValueError(f"EarlyExitModel: sweep must be a dict with {list(_SWEEP_KEYS)}; received "
-                             f"{sorted(sweep) if isinstance(sweep, dict) else type(sweep).__name__}.")
+            raise ValueError(
+                f"EarlyExitModel: sweep must be a dict with {list(_SWEEP_KEYS)}; received "
+                f"{sorted(sweep) if isinstance(sweep, dict) else type(sweep).__name__}."
+            )
         out = {key: np.asarray(sweep[key], dtype=np.float64).tolist() for key in _SWEEP_KEYS}
         if np.asarray(out["thresholds"]).ndim != 2 or np.asarray(out["thresholds"]).shape[1] != self.num_exits:
-            raise ValueError(f"EarlyExitModel: the sweep's thresholds must be (B, K={self.num_exits}); received "
-                             f"shape {np.asarray(out['thresholds']).shape}.")
+            raise ValueError(
+                f"EarlyExitModel: the sweep's thresholds must be (B, K={self.num_exits}); received "
+                f"shape {np.asarray(out['thresholds']).shape}."
+            )
         out["mode"] = sweep.get("mode", "geometric")
         out["shortfall"] = sweep.get("shortfall", "reference")
         for key in ("solved_q", "solved_val_mean_cost"):
@@ -345,18 +416,30 @@ class EarlyExitModel(keras.Model):
         budget = parse_mul_adds(mul_adds)
         first, last = float(self.costs[0]), float(self.costs[-1])
         if budget < first:
-            raise ValueError(f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is below the first exit's cost "
-                             f"{_fmt(first)} ({first:g}): no early exit can meet it; choose a budget in "
-                             f"[{_fmt(first)}, {_fmt(last)}].")
+            raise ValueError(
+                f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is below the first exit's cost "
+                f"{_fmt(first)} ({first:g}): no early exit can meet it; choose a budget in "
+                f"[{_fmt(first)}, {_fmt(last)}]."
+            )
         if budget > last:
-            raise ValueError(f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is above the last exit's cost "
-                             f"{_fmt(last)} ({last:g}): every sample already runs the whole network; choose a "
-                             f"budget in [{_fmt(first)}, {_fmt(last)}].")
+            raise ValueError(
+                f"budget {_fmt(budget)} ({budget:g} Mul-Adds) is above the last exit's cost "
+                f"{_fmt(last)} ({last:g}): every sample already runs the whole network; choose a "
+                f"budget in [{_fmt(first)}, {_fmt(last)}]."
+            )
         if self._val_scores is None or self.sweep is None:
-            raise ValueError("set_budget needs the validation scores and sweep the thresholds came from; this model "
-                             "was built from thresholds alone (use EarlyExitModel.from_model or from_run).")
-        sol = calibration.solve_budget(self.val_scores, self.costs, budget, qs=self.sweep["q"],
-                                       mode=self.sweep["mode"], shortfall=self.sweep["shortfall"])
+            raise ValueError(
+                "set_budget needs the validation scores and sweep the thresholds came from; this model "
+                "was built from thresholds alone (use EarlyExitModel.from_model or from_run)."
+            )
+        sol = calibration.solve_budget(
+            self.val_scores,
+            self.costs,
+            budget,
+            qs=self.sweep["q"],
+            mode=self.sweep["mode"],
+            shortfall=self.sweep["shortfall"],
+        )
         self._thresholds.assign(_thresholds_array(sol["thresholds"], self.num_exits))
         self.budget = budget
         self.sweep["solved_q"] = float(sol["q"])
@@ -476,8 +559,11 @@ class EarlyExitModel(keras.Model):
             stay = tf.where(tf.logical_not(leave))[:, 0]
             all_stay = tf.equal(tf.size(gone), 0)
             idx, state = tf.gather(idx, stay), list(out[1:])
-        return {"label": tf.dynamic_stitch(where, labels), "exit": tf.dynamic_stitch(where, exits),
-                "confidence": tf.dynamic_stitch(where, conf)}
+        return {
+            "label": tf.dynamic_stitch(where, labels),
+            "exit": tf.dynamic_stitch(where, exits),
+            "confidence": tf.dynamic_stitch(where, conf),
+        }
 
     def call(self, images, deadline=None, training=False):
         return self.early_exit(images, deadline=deadline)
@@ -495,10 +581,15 @@ class EarlyExitModel(keras.Model):
     def _check_deadline(self, deadline):
         if deadline is None:
             return self.num_exits
-        if isinstance(deadline, (bool, np.bool_)) or not isinstance(deadline, (int, np.integer)) or not (
-                1 <= int(deadline) <= self.num_exits):
-            raise ValueError(f"deadline must be an int stage in 1..{self.num_exits} (1-based: samples still running "
-                             f"after that stage take its exit); received {deadline!r}.")
+        if (
+            isinstance(deadline, (bool, np.bool_))
+            or not isinstance(deadline, (int, np.integer))
+            or not (1 <= int(deadline) <= self.num_exits)
+        ):
+            raise ValueError(
+                f"deadline must be an int stage in 1..{self.num_exits} (1-based: samples still running "
+                f"after that stage take its exit); received {deadline!r}."
+            )
         return int(deadline)
 
     def _check_images(self, images):
@@ -507,11 +598,13 @@ class EarlyExitModel(keras.Model):
         a = np.asarray(images)
         want = self.input_shape_hw
         if a.dtype.kind not in "fiu":
-            raise ValueError(f"images must be a numeric array of shape (N, {', '.join(map(str, want))}); received "
-                             f"dtype {a.dtype}.")
+            raise ValueError(
+                f"images must be a numeric array of shape (N, {', '.join(map(str, want))}); received dtype {a.dtype}."
+            )
         if a.ndim != 1 + len(want) or tuple(a.shape[1:]) != want:
-            raise ValueError(f"images must have shape (N, {', '.join(map(str, want))}) as the model's input; "
-                             f"received {a.shape}.")
+            raise ValueError(
+                f"images must have shape (N, {', '.join(map(str, want))}) as the model's input; received {a.shape}."
+            )
         return a
 
     def serving_function(self, deadline=False):
@@ -526,8 +619,11 @@ class EarlyExitModel(keras.Model):
             spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
             self._serve = (
                 tf.function(lambda images: self.early_exit(images), input_signature=[spec]),
-                tf.function(lambda images, deadline: self.early_exit(images, deadline),
-                            input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")]))
+                tf.function(
+                    lambda images, deadline: self.early_exit(images, deadline),
+                    input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")],
+                ),
+            )
         return self._serve[1 if deadline else 0]
 
     def predict(self, images, batch_size=64, deadline=None, pooled=False, verbose=0, **kwargs):
@@ -570,7 +666,7 @@ class EarlyExitModel(keras.Model):
             fn = lambda x: with_deadline(x, deadline_t)  # noqa: E731
         parts = {key: [] for key in OUTPUT_KEYS}
         for start in range(0, len(a), int(batch_size)):
-            out = fn(tf.constant(a[start:start + int(batch_size)], tf.float32))
+            out = fn(tf.constant(a[start : start + int(batch_size)], tf.float32))
             for key in OUTPUT_KEYS:
                 parts[key].append(out[key].numpy())
         empty = {"label": np.int32, "exit": np.int32, "confidence": np.float32}
@@ -614,8 +710,10 @@ class EarlyExitModel(keras.Model):
             chunks, queues[k] = queues[k], []
             if len(chunks) == 1:
                 return chunks[0]
-            return (np.concatenate([pos for pos, _ in chunks]),
-                    [tf.concat(parts, 0) for parts in zip(*[state for _, state in chunks])])
+            return (
+                np.concatenate([pos for pos, _ in chunks]),
+                [tf.concat(parts, 0) for parts in zip(*[state for _, state in chunks])],
+            )
 
         def run(k, pos, state):
             final = k == last - 1
@@ -636,7 +734,11 @@ class EarlyExitModel(keras.Model):
                     run(k, *take(k))
 
         for start in range(0, n, batch_size):
-            run(0, np.arange(start, min(start + batch_size, n)), [tf.constant(a[start:start + batch_size], tf.float32)])
+            run(
+                0,
+                np.arange(start, min(start + batch_size, n)),
+                [tf.constant(a[start : start + batch_size], tf.float32)],
+            )
             drain(flush=False)
         drain(flush=True)
         return {"label": labels, "exit": exits, "confidence": conf}
@@ -706,8 +808,11 @@ class EarlyExitModel(keras.Model):
         archive.track(self)
         archive.track(self._runtime.snapshot.module)
         archive.add_endpoint("serve", lambda images: self.early_exit(images), input_signature=[spec])
-        archive.add_endpoint("anytime", lambda images, deadline: self.early_exit(images, deadline),
-                             input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")])
+        archive.add_endpoint(
+            "anytime",
+            lambda images, deadline: self.early_exit(images, deadline),
+            input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")],
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if path.exists():

@@ -36,8 +36,16 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
         color = f"C{i}"
         x, y = ev.curve()
         ax.plot(x / scale, 100 * y, "-", color=color, lw=1.8, label=f"{name}: budgeted batch")
-        ax.plot(np.asarray(ev.mul_adds) / scale, 100 * np.asarray(ev.test_anytime), "o--", color=color,
-                ms=4, lw=0.8, alpha=0.7, label=f"{name}: single exits")
+        ax.plot(
+            np.asarray(ev.mul_adds) / scale,
+            100 * np.asarray(ev.test_anytime),
+            "o--",
+            color=color,
+            ms=4,
+            lw=0.8,
+            alpha=0.7,
+            label=f"{name}: single exits",
+        )
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
     from keras_ee.evaluation import metric_label
 
@@ -58,8 +66,9 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
     return path
 
 
-def sample_weight_plot(loss: np.ndarray, weight: np.ndarray, selected: np.ndarray, path,
-                       max_points: int = 4000, seed: int = 0) -> Path:
+def sample_weight_plot(
+    loss: np.ndarray, weight: np.ndarray, selected: np.ndarray, path, max_points: int = 4000, seed: int = 0
+) -> Path:
     """L2W-DEN's Figure 8: the WPN's weight against the sample's loss, one panel per exit.
 
     Args:
@@ -80,8 +89,10 @@ def sample_weight_plot(loss: np.ndarray, weight: np.ndarray, selected: np.ndarra
     idx = np.random.default_rng(seed).permutation(n)[:max_points]
     fig, axes = plt.subplots(1, k, figsize=(3.0 * k, 3.0), dpi=110, sharey=True, squeeze=False)
     for j, ax in enumerate(axes[0]):
-        for mask, color, label in ((~selected[idx], "C1", "not selected by exit 1"),
-                                   (selected[idx], "C0", "selected by exit 1")):
+        for mask, color, label in (
+            (~selected[idx], "C1", "not selected by exit 1"),
+            (selected[idx], "C0", "selected by exit 1"),
+        ):
             ax.scatter(loss[idx][mask, j], weight[idx][mask, j], s=3, alpha=0.4, c=color, label=label)
         ax.set_title(f"exit {j + 1}")
         ax.set_xlabel("loss")

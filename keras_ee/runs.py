@@ -97,8 +97,14 @@ class RunLock:
             raise RunWriteError(f"cannot lock run folder {str(self.workdir)!r}: {describe_os_error(e)}.") from None
         # Who holds it, for the message of a second command (the content is informative only:
         # the lock itself is the flock, which dies with this process).
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "command": " ".join(sys.argv)[:500]})
+        info = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)[:500],
+            }
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode() + b"\n", 0)
         self._fd = fd
@@ -163,8 +169,10 @@ def _read_holder(fd) -> str:
 
 def variable_bytes(model) -> int:
     """Bytes of every variable an `.weights.h5` of `model` would hold (model and optimizers)."""
-    return sum(int(math.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-               for v in _all_variables(model))
+    return sum(
+        int(math.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in _all_variables(model)
+    )
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
@@ -267,8 +275,9 @@ class RunBackup(keras.callbacks.Callback):
                 self._say(f"resuming from the backup after epoch {epoch}.")
             return epoch
         if damaged:
-            self._say(f"backup {', '.join(damaged)} is damaged and no older backup is intact; "
-                      "starting the training over.")
+            self._say(
+                f"backup {', '.join(damaged)} is damaged and no older backup is intact; starting the training over."
+            )
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         return 0
@@ -280,20 +289,34 @@ class RunBackup(keras.callbacks.Callback):
         weights, meta = self._paths(epochs_done)
         try:
             self.backup_dir.mkdir(parents=True, exist_ok=True)
-            check_free_space(self.backup_dir, int(variable_bytes(self.model) * 1.1) + (1 << 20),
-                             f"the backup after epoch {epochs_done}")
+            check_free_space(
+                self.backup_dir,
+                int(variable_bytes(self.model) * 1.1) + (1 << 20),
+                f"the backup after epoch {epochs_done}",
+            )
             with atomic_path(weights) as tmp:
                 self.model.save_weights(tmp)
-            atomic_write_json(meta, {"epoch": epochs_done, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                     "seed_states": [v.numpy().tolist() for v in _seed_states(self.model)]})
+            atomic_write_json(
+                meta,
+                {
+                    "epoch": epochs_done,
+                    "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "seed_states": [v.numpy().tolist() for v in _seed_states(self.model)],
+                },
+            )
         except OSError as e:
             previous = [b for b in self.backups() if b != epochs_done]
-            kept = (f"the backup after epoch {previous[0]} is intact" if previous
-                    else "no earlier backup exists, so a rerun starts over")
+            kept = (
+                f"the backup after epoch {previous[0]} is intact"
+                if previous
+                else "no earlier backup exists, so a rerun starts over"
+            )
             reason = e if isinstance(e, RunWriteError) else f"cannot write {str(weights)!r}: {describe_os_error(e)}"
-            raise RunWriteError(f"{reason}; nothing else was lost: {kept}. Free space (or fix the "
-                                "permissions) and rerun the same command to resume.") from None
-        for old in self.backups()[self.keep:]:
+            raise RunWriteError(
+                f"{reason}; nothing else was lost: {kept}. Free space (or fix the "
+                "permissions) and rerun the same command to resume."
+            ) from None
+        for old in self.backups()[self.keep :]:
             for f in self._paths(old):
                 f.unlink(missing_ok=True)
         fsync_dir(self.backup_dir)
@@ -370,8 +393,9 @@ class HistoryLog(keras.callbacks.Callback):
 
     def _write(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["epoch", *self.keys], restval="", extrasaction="ignore",
-                                lineterminator="\n")
+        writer = csv.DictWriter(
+            buf, fieldnames=["epoch", *self.keys], restval="", extrasaction="ignore", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.path, buf.getvalue())
@@ -386,8 +410,10 @@ class HistoryLog(keras.callbacks.Callback):
         try:
             self._write()
         except OSError as e:
-            raise RunWriteError(f"cannot write {str(self.path)!r}: {describe_os_error(e)}; the previous "
-                                "history and backup are intact. Rerun the same command to resume.") from None
+            raise RunWriteError(
+                f"cannot write {str(self.path)!r}: {describe_os_error(e)}; the previous "
+                "history and backup are intact. Rerun the same command to resume."
+            ) from None
 
 
 def _csv_value(v) -> str:

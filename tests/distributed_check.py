@@ -64,8 +64,12 @@ def backbone(method_name="baseline"):
     h = inp
     for k in range(3):
         h = keras.layers.Dense(8, activation="relu", name=f"block_{k + 1}")(h)
-    return models.attach_exits(keras.Model(inp, h), ["block_1", "block_2", "block_3"], num_classes=CLASSES,
-                               head=lambda x, k: keras.layers.Dense(8, activation="relu", name=f"head_{k}")(x))
+    return models.attach_exits(
+        keras.Model(inp, h),
+        ["block_1", "block_2", "block_3"],
+        num_classes=CLASSES,
+        head=lambda x, k: keras.layers.Dense(8, activation="relu", name=f"head_{k}")(x),
+    )
 
 
 def auxiliary_variables(method):
@@ -136,26 +140,38 @@ def method_check(method_name, options, sync_bn=False):
         probe = make_model(method_name, options)
         probe.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         aux_initial = [np.asarray(v.numpy()) for v in auxiliary_variables(probe.method)]
-    one, aux_one, loss_one, stats_one = train(method_name, options, tf.distribute.get_strategy(), initial, aux_initial, False,
-                                   sync_bn)
+    one, aux_one, loss_one, stats_one = train(
+        method_name, options, tf.distribute.get_strategy(), initial, aux_initial, False, sync_bn
+    )
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     two, aux_two, loss_two, stats_two = train(method_name, options, mirrored, initial, aux_initial, True, sync_bn)
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(one, initial))
     diff = max(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-6))) for a, b in zip(one, two))
     absolute = max(float(np.max(np.abs(a - b))) for a, b in zip(one, two))
-    out = {"replicas": mirrored.num_replicas_in_sync, "max_relative_difference": diff,
-           "max_difference": absolute, "difference_over_moved": absolute / moved,
-           "moved": moved, "loss_one": float(loss_one), "loss_two": float(loss_two)}
+    out = {
+        "replicas": mirrored.num_replicas_in_sync,
+        "max_relative_difference": diff,
+        "max_difference": absolute,
+        "difference_over_moved": absolute / moved,
+        "moved": moved,
+        "loss_one": float(loss_one),
+        "loss_two": float(loss_two),
+    }
     if stats_one:
-        out.update(stats_difference=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_two)),
-                   stats_moved=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_initial)))
+        out.update(
+            stats_difference=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_two)),
+            stats_moved=max(float(np.max(np.abs(a - b))) for a, b in zip(stats_one, stats_initial)),
+        )
     if aux_initial:
         aux_moved = max(float(np.max(np.abs(r[0] - a))) for r, a in zip(aux_one, aux_initial))
         aux_diff = max(float(np.max(np.abs(r1[0] - r2[0]))) for r1, r2 in zip(aux_one, aux_two))
-        out.update(aux_moved=aux_moved, aux_difference=aux_diff,
-                   aux_difference_over_moved=aux_diff / aux_moved if aux_moved else None,
-                   aux_replica_spread=max(float(np.max(np.abs(r[0] - r[-1]))) for r in aux_two),
-                   aux_replicas=len(aux_two[0]))
+        out.update(
+            aux_moved=aux_moved,
+            aux_difference=aux_diff,
+            aux_difference_over_moved=aux_diff / aux_moved if aux_moved else None,
+            aux_replica_spread=max(float(np.max(np.abs(r[0] - r[-1]))) for r in aux_two),
+            aux_replicas=len(aux_two[0]),
+        )
     print(json.dumps(out))
 
 
@@ -185,9 +201,12 @@ def allocation_check():
         got = np.concatenate(local, axis=0)
         # What each replica would allocate on its own part (the gather must matter here).
         alone = np.concatenate([allocation.allocate_by_confidence(tf.constant(p), q).numpy() for p in parts])
-        results[str(q)] = {"equal": bool(np.array_equal(got, expected)), "shapes": [t.shape[0] for t in local],
-                           "per_exit": expected.sum(axis=0).tolist(),
-                           "alone_differs": bool(not np.array_equal(alone, expected))}
+        results[str(q)] = {
+            "equal": bool(np.array_equal(got, expected)),
+            "shapes": [t.shape[0] for t in local],
+            "per_exit": expected.sum(axis=0).tolist(),
+            "alone_differs": bool(not np.array_equal(alone, expected)),
+        }
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "sizes": sizes, "results": results}))
 
 
@@ -196,8 +215,16 @@ def experiment_check(out):
     from keras_ee import experiment
     from keras_ee.config import TrainConfig
 
-    config = TrainConfig(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, method="l2w",
-                         epochs=2, train_size=64, batch_size=32, strategy="mirrored", evaluate=False)
+    config = TrainConfig(
+        model="multiexit_cnn",
+        model_options={"widths": [4, 8], "depth": 1},
+        method="l2w",
+        epochs=2,
+        train_size=64,
+        batch_size=32,
+        strategy="mirrored",
+        evaluate=False,
+    )
     experiment.train(config, f"{out}/full", verbose=0)
     interrupted = False
     try:
@@ -208,12 +235,21 @@ def experiment_check(out):
     full, resumed = (experiment.load_run_model(f"{out}/{name}/model.keras") for name in ("full", "resumed"))
     states = [json.load(open(f"{out}/{name}/state.json")) for name in ("full", "resumed")]
     history = open(f"{out}/resumed/history.csv").read().strip().splitlines()
-    print(json.dumps({
-        "interrupted": interrupted, "replicas": [s.get("replicas") for s in states],
-        "strategy": [s.get("strategy") for s in states], "resumed_at_epoch": states[1].get("resumed_at_epoch"),
-        "history_rows": len(history) - 1, "dtype_policy": keras.config.dtype_policy().name,
-        "max_difference": max(float(np.max(np.abs(a - b))) for a, b in zip(full.get_weights(), resumed.get_weights())),
-    }))
+    print(
+        json.dumps(
+            {
+                "interrupted": interrupted,
+                "replicas": [s.get("replicas") for s in states],
+                "strategy": [s.get("strategy") for s in states],
+                "resumed_at_epoch": states[1].get("resumed_at_epoch"),
+                "history_rows": len(history) - 1,
+                "dtype_policy": keras.config.dtype_policy().name,
+                "max_difference": max(
+                    float(np.max(np.abs(a - b))) for a, b in zip(full.get_weights(), resumed.get_weights())
+                ),
+            }
+        )
+    )
 
 
 def main():

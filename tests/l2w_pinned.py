@@ -28,7 +28,8 @@ def _optimizer(name):
     if name == "adam":
         return keras.optimizers.Adam(1e-2)
     return keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(0.1, decay_steps=20), momentum=0.9, nesterov=True, weight_decay=1e-3)
+        keras.optimizers.schedules.CosineDecay(0.1, decay_steps=20), momentum=0.9, nesterov=True, weight_decay=1e-3
+    )
 
 
 def trained_weights(options, optimizer):
@@ -51,7 +52,7 @@ def trained_weights(options, optimizer):
     x = rng.normal(size=(STEPS * 16, 6))
     y = rng.integers(0, 3, STEPS * 16)
     for s in range(STEPS):
-        model.train_on_batch(x[16 * s:16 * (s + 1)], y[16 * s:16 * (s + 1)])
+        model.train_on_batch(x[16 * s : 16 * (s + 1)], y[16 * s : 16 * (s + 1)])
     values = {}  # the backbone's and the method's (WPN, counters): not the model's bookkeeping
     for i, v in enumerate(list(model.backbone.weights) + list(model.method.weights)):
         values[f"{i:03d}"] = np.asarray(v.numpy(), dtype=np.float64)

@@ -34,11 +34,17 @@ def main(name):
     try:
         with strategy.scope():
             keras.utils.set_random_seed(0)
-            method = (training.L2W(wpn_width=16) if name == "l2w" else
-                      training.BudgetAwareGating(gater_width=16, gater_interval=1, gater_update="lookahead"))
+            method = (
+                training.L2W(wpn_width=16)
+                if name == "l2w"
+                else training.BudgetAwareGating(gater_width=16, gater_interval=1, gater_update="lookahead")
+            )
             model = training.MultiExitModel(mlp_backbone(), method=method)
-            model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
-                keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**100))
+            model.compile(
+                optimizer=keras.optimizers.LossScaleOptimizer(
+                    keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**100
+                )
+            )
     finally:
         keras.config.set_dtype_policy("float32")
     aux = (model.method.wpn if name == "l2w" else model.method.gater).weights

@@ -1,32 +1,32 @@
 """Run by tests/test_distribute_multiworker.py in fresh processes (TensorFlow must not have started).
 
-    python tests/multiworker_check.py worker METHOD OUT_NPZ
-        One worker of a two-worker MultiWorkerMirroredStrategy (TF_CONFIG set by the caller, CPU
-        only): builds and compiles the model under the strategy's scope, trains METHOD for one
-        epoch of 4 global batches of 16 and writes the final backbone weights (the initial ones,
-        L2W's WPN, the logged loss) to OUT_NPZ. Both workers build the same global
-        `tf.data.Dataset`; Keras' `fit` distributes it with `strategy.
-        experimental_distribute_dataset`, which shards it across the workers (auto-shard policy
-        AUTO, DATA for an in-memory dataset): worker r gets rows [8r, 8r + 8) of each global batch.
-        Keras 3 needs two workarounds for this (`experiment.apply_multi_worker_fit_workaround`).
+python tests/multiworker_check.py worker METHOD OUT_NPZ
+    One worker of a two-worker MultiWorkerMirroredStrategy (TF_CONFIG set by the caller, CPU
+    only): builds and compiles the model under the strategy's scope, trains METHOD for one
+    epoch of 4 global batches of 16 and writes the final backbone weights (the initial ones,
+    L2W's WPN, the logged loss) to OUT_NPZ. Both workers build the same global
+    `tf.data.Dataset`; Keras' `fit` distributes it with `strategy.
+    experimental_distribute_dataset`, which shards it across the workers (auto-shard policy
+    AUTO, DATA for an in-memory dataset): worker r gets rows [8r, 8r + 8) of each global batch.
+    Keras 3 needs two workarounds for this (`experiment.apply_multi_worker_fit_workaround`).
 
-    python tests/multiworker_check.py experiment OUT_DIR OUT_NPZ [STOP_AT_EPOCH]
-        One worker of a two-worker cluster (TF_CONFIG set by the caller) running
-        `experiment.train` with `strategy="multi_worker"` (what `keras-ee train --strategy
-        multi_worker` runs) on digits, every worker with the same OUT_DIR: a small multiexit_cnn
-        with synchronized BN, baseline, 2 epochs of 2 global batches of 32. Writes the final
-        backbone weights (BN moving statistics included) to OUT_NPZ when a training ends. With
-        STOP_AT_EPOCH, every worker is interrupted at the start of that epoch; the same command
-        then resumes (the non-chief from the chief's backup).
+python tests/multiworker_check.py experiment OUT_DIR OUT_NPZ [STOP_AT_EPOCH]
+    One worker of a two-worker cluster (TF_CONFIG set by the caller) running
+    `experiment.train` with `strategy="multi_worker"` (what `keras-ee train --strategy
+    multi_worker` runs) on digits, every worker with the same OUT_DIR: a small multiexit_cnn
+    with synchronized BN, baseline, 2 epochs of 2 global batches of 32. Writes the final
+    backbone weights (BN moving statistics included) to OUT_NPZ when a training ends. With
+    STOP_AT_EPOCH, every worker is interrupted at the start of that epoch; the same command
+    then resumes (the non-chief from the chief's backup).
 
-    python tests/multiworker_check.py single METHOD OUT_NPZ
-        The same training on one device, on the global batches in one-device order (the reference).
+python tests/multiworker_check.py single METHOD OUT_NPZ
+    The same training on one device, on the global batches in one-device order (the reference).
 
-    python tests/multiworker_check.py resume METHOD BACKUP_DIR
-        Two logical CPU devices, MirroredStrategy: trains METHOD for 3 epochs uninterrupted,
-        then again from the same initial weights for 1 epoch, interrupted at the start of epoch 1
-        (`StopAt`), and resumed with `keras.callbacks.BackupAndRestore` on the same backup dir
-        for the remaining epochs. Prints one JSON line with the largest weight differences.
+python tests/multiworker_check.py resume METHOD BACKUP_DIR
+    Two logical CPU devices, MirroredStrategy: trains METHOD for 3 epochs uninterrupted,
+    then again from the same initial weights for 1 epoch, interrupted at the start of epoch 1
+    (`StopAt`), and resumed with `keras.callbacks.BackupAndRestore` on the same backup dir
+    for the remaining epochs. Prints one JSON line with the largest weight differences.
 """
 
 import json
@@ -84,9 +84,14 @@ def worker(method_name, out_path, single=False):
     final = model.backbone.get_weights()
     aux = getattr(model.method, "wpn", None)
     aux = [np.asarray(v.numpy()) for v in aux.weights] if aux is not None else []
-    np.savez(out_path, replicas=strategy.num_replicas_in_sync, loss=loss,
-             **{f"w{i}": w for i, w in enumerate(final)}, **{f"i{i}": w for i, w in enumerate(initial)},
-             **{f"a{i}": w for i, w in enumerate(aux)})
+    np.savez(
+        out_path,
+        replicas=strategy.num_replicas_in_sync,
+        loss=loss,
+        **{f"w{i}": w for i, w in enumerate(final)},
+        **{f"i{i}": w for i, w in enumerate(initial)},
+        **{f"a{i}": w for i, w in enumerate(aux)},
+    )
 
 
 def resume(method_name, backup_dir):
@@ -124,8 +129,7 @@ def resume(method_name, backup_dir):
     first = build()
     interrupted = False
     try:
-        first.fit(dataset(), epochs=3, verbose=0,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)])
+        first.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)])
     except KeyboardInterrupt:
         interrupted = True
     after_one = first.backbone.get_weights()
@@ -134,22 +138,24 @@ def resume(method_name, backup_dir):
     second = build()
     epochs_run = []
     epoch_logger = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs=None: epochs_run.append(e))
-    second.fit(dataset(), epochs=3, verbose=0,
-               callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger])
+    second.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger])
     got, got_aux = second.backbone.get_weights(), aux(second)
 
     def largest(a, b):
         return max((float(np.max(np.abs(x - y))) for x, y in zip(a, b)), default=0.0)
 
-    out = {"replicas": strategy.num_replicas_in_sync, "interrupted": interrupted,
-           "backed_up": backed_up, "resumed_epochs": epochs_run,
-           "moved": largest(expected, initial), "moved_in_epoch_0": largest(after_one, initial),
-           "max_difference": largest(expected, got),
-           "optimizer_iterations": [int(full.optimizer.iterations.numpy()),
-                                    int(second.optimizer.iterations.numpy())]}
+    out = {
+        "replicas": strategy.num_replicas_in_sync,
+        "interrupted": interrupted,
+        "backed_up": backed_up,
+        "resumed_epochs": epochs_run,
+        "moved": largest(expected, initial),
+        "moved_in_epoch_0": largest(after_one, initial),
+        "max_difference": largest(expected, got),
+        "optimizer_iterations": [int(full.optimizer.iterations.numpy()), int(second.optimizer.iterations.numpy())],
+    }
     if expected_aux:
-        out.update(aux_difference=largest(expected_aux, got_aux),
-                   aux_moved=largest(expected_aux, aux(build())))
+        out.update(aux_difference=largest(expected_aux, got_aux), aux_moved=largest(expected_aux, aux(build())))
     print(json.dumps(out))
 
 
@@ -170,9 +176,17 @@ def experiment_worker(out_dir, out_path, stop_at=None):
         def on_train_end(self, logs=None):
             np.savez(out_path, **{f"w{i}": w for i, w in enumerate(self.model.backbone.get_weights())})
 
-    config = TrainConfig(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, method="baseline",
-                         epochs=2, train_size=64, batch_size=32, strategy="multi_worker", evaluate=False,
-                         sync_batchnorm=True)  # else each worker keeps its own BN moving statistics
+    config = TrainConfig(
+        model="multiexit_cnn",
+        model_options={"widths": [4, 8], "depth": 1},
+        method="baseline",
+        epochs=2,
+        train_size=64,
+        batch_size=32,
+        strategy="multi_worker",
+        evaluate=False,
+        sync_batchnorm=True,
+    )  # else each worker keeps its own BN moving statistics
     stop = [StopAt(int(stop_at))] if stop_at is not None else []
     try:
         experiment.train(config, out_dir, verbose=0, callbacks=[SaveWeights(), *stop])

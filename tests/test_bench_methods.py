@@ -6,8 +6,21 @@ import pytest
 
 import bench_scripts
 
-TINY = ["--dataset", "digits", "--train-size", "200", "--val-size", "200", "--epochs", "1", "--batch-size", "128",
-        "--seeds", "0", "--quiet"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--train-size",
+    "200",
+    "--val-size",
+    "200",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "128",
+    "--seeds",
+    "0",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +74,9 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
     assert top5["metric"] == "top5" and (out / "budget_curves_top5.png").is_file()
     assert list(top5["differences"]) == ["l2w"] and list(top5["more_differences"]) == ["l2w"]
     assert list(top5["more_differences"]["l2w"]) == ["baseline"]
-    assert top5["more_differences"]["l2w"]["baseline"]["mean_acc"] == [-d for d in top5["differences"]["l2w"]["mean_acc"]]
+    assert top5["more_differences"]["l2w"]["baseline"]["mean_acc"] == [
+        -d for d in top5["differences"]["l2w"]["mean_acc"]
+    ]
     assert "Top-5 test accuracy" in (out / "results_top5.md").read_text()
     for label, entry in top5["methods"].items():
         top1_anytime = results["methods"][label]["anytime"][0]
@@ -71,14 +86,17 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
         assert (out / f"{label}-s0" / "eval" / "top5" / "budget.csv").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--methods", "baseline", "nope"], "unknown training method 'nope'"),
-    (["--methods", "baseline", "l2w", "--method-option", "l2w:qq=1"], "unknown option 'qq'"),
-    (["--methods", "l2w", "--method-option", "l2w:q=-1"], "`q` must be"),
-    (["--methods", "baseline", "--method-option", "l2w:q=0.5"], "'l2w' is not among --methods"),
-    (["--methods", "baseline", "baseline"], "more than once"),
-    (["--methods", "keras_ee.training.methods:Nope"], "has no attribute 'Nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "baseline", "nope"], "unknown training method 'nope'"),
+        (["--methods", "baseline", "l2w", "--method-option", "l2w:qq=1"], "unknown option 'qq'"),
+        (["--methods", "l2w", "--method-option", "l2w:q=-1"], "`q` must be"),
+        (["--methods", "baseline", "--method-option", "l2w:q=0.5"], "'l2w' is not among --methods"),
+        (["--methods", "baseline", "baseline"], "more than once"),
+        (["--methods", "keras_ee.training.methods:Nope"], "has no attribute 'Nope'"),
+    ],
+)
 def test_bad_methods_and_options_fail_before_training(bench, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     assert bench.main(TINY + argv + ["--out", str(out)]) == 2

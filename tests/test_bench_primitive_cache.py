@@ -10,12 +10,18 @@ def bench():
     return bench_scripts.load("primitive_cache")
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--batch", "0"], "--batch must be at least 1; received 0"),
-    (["--timed", "-3"], "--timed must be at least 1; received -3"),
-    (["--capacity", "-1"], "--capacity must be 0 (keras_ee's default) or a positive number of entries; received -1"),
-    (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1; received 1.5"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--batch", "0"], "--batch must be at least 1; received 0"),
+        (["--timed", "-3"], "--timed must be at least 1; received -3"),
+        (
+            ["--capacity", "-1"],
+            "--capacity must be 0 (keras_ee's default) or a positive number of entries; received -1",
+        ),
+        (["--fraction", "1.5"], "--fraction must lie strictly between 0 and 1; received 1.5"),
+    ],
+)
 def test_bad_options_are_refused_before_any_worker_starts(bench, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)

@@ -19,13 +19,14 @@ def bench():
 
 
 def _messages(text, tag):
-    return [json.loads(line[len(tag):]) for line in text.splitlines() if line.startswith(tag)]
+    return [json.loads(line[len(tag) :]) for line in text.splitlines() if line.startswith(tag)]
 
 
 @pytest.mark.parametrize("method", ["imta_phase1", "imta_phase2"])
 def test_imta_worker_times_steps(bench, method, monkeypatch, capsys):
-    args = types.SimpleNamespace(expect_root=str(ROOT), model="multiexit_cnn", method=method, batch_size=4,
-                                 warmup=1, jit=False)
+    args = types.SimpleNamespace(
+        expect_root=str(ROOT), model="multiexit_cnn", method=method, batch_size=4, warmup=1, jit=False
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"steps": 2}) + "\n" + json.dumps({"quit": True}) + "\n"))
     bench.worker(args)
     ready, timed = _messages(capsys.readouterr().out, bench._TAG)
@@ -47,6 +48,8 @@ def test_tree_without_imta_is_refused_in_one_line(bench, tmp_path):
 
 
 def test_note_and_targets(bench):
-    assert bench._note(["l2w"]) == ("one step = one loaded batch: Baseline takes one optimizer step on it, L2W two "
-                                    "half-batch optimizer steps (each with its meta step)")
+    assert bench._note(["l2w"]) == (
+        "one step = one loaded batch: Baseline takes one optimizer step on it, L2W two "
+        "half-batch optimizer steps (each with its meta step)"
+    )
     assert bench.TARGETS["imta_phase1"]["time"] == 1.1 and bench.TARGETS["imta_phase2"]["time"] == 0.6

@@ -141,7 +141,12 @@ def test_threshold_just_above_a_float32_score_is_exact():
 
 
 @settings(max_examples=40, deadline=None)
-@given(v=score_sets(max_n=60), t=score_sets(max_n=60), per_stage=st.booleans(), shortfall=st.sampled_from(cal.SHORTFALL_RULES))
+@given(
+    v=score_sets(max_n=60),
+    t=score_sets(max_n=60),
+    per_stage=st.booleans(),
+    shortfall=st.sampled_from(cal.SHORTFALL_RULES),
+)
 def test_budget_sweep_identical_to_reference(v, t, per_stage, shortfall):
     vs, vc = v
     ts, tc = t
@@ -428,7 +433,11 @@ C = np.ones((2, 3), bool)
         (lambda: cal.calibrate(S[0], [1.0]), ValueError, "2-D"),
         (lambda: cal.calibrate(np.zeros((2, 0), np.float32), [0.5, 0.5]), ValueError, "non-empty"),
         (lambda: cal.calibrate(S.astype(int), [0.5, 0.5]), TypeError, "float32"),
-        (lambda: cal.calibrate(np.where(S == 0.2, np.nan, S).astype(np.float32), [0.5, 0.5]), ValueError, "exit k=0, sample i=1"),
+        (
+            lambda: cal.calibrate(np.where(S == 0.2, np.nan, S).astype(np.float32), [0.5, 0.5]),
+            ValueError,
+            "exit k=0, sample i=1",
+        ),
         (lambda: cal.calibrate(np.where(S == 0.9, np.inf, S).astype(np.float32), [0.5, 0.5]), ValueError, "sample i=2"),
         (lambda: cal.calibrate(S, [1.0]), ValueError, "K=2"),
         (lambda: cal.calibrate(S, [0.6, 0.6]), ValueError, "sum to 1"),
@@ -537,8 +546,13 @@ _CAL_OOM = "calibration needs 200.0 MB of working memory for 20,000,000 scores; 
         ("budget_sweep", 2, 10_000_000, 16, _CAL_OOM),
         ("budget_sweep", 2, 10_000_000, 100, _CAL_OOM),
         # (4, 5M, 2) float16 logits (80 MB): 80 MB of scores and 80 MB of predictions out.
-        ("exit_scores", 4, 5_000_000, 16,
-         "exit_scores needs 160.0 MB for 20,000,000 scores and predictions; it could not be allocated"),
+        (
+            "exit_scores",
+            4,
+            5_000_000,
+            16,
+            "exit_scores needs 160.0 MB for 20,000,000 scores and predictions; it could not be allocated",
+        ),
     ],
 )
 def test_out_of_memory_raises_memory_error(what, k, n, headroom, message):
@@ -549,7 +563,11 @@ def test_out_of_memory_raises_memory_error(what, k, n, headroom, message):
     env = dict(os.environ, MALLOC_ARENA_MAX="1", RAYON_NUM_THREADS="2", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", _OOM_CHILD, what, str(k), str(n), str(headroom)],
-        capture_output=True, text=True, timeout=120, cwd=root, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env=env,
     )
     if proc.returncode == 77:
         pytest.skip("RLIMIT_AS is not enforced on this system")

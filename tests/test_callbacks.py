@@ -67,8 +67,9 @@ def test_predict_exit_logits_shapes():
     np.testing.assert_array_equal(labels, y)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"every": 0}, "every"), ({"budgets": [-5]}, "budgets"),
-                                           ({"budgets": [float("nan")]}, "budgets")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"every": 0}, "every"), ({"budgets": [-5]}, "budgets"), ({"budgets": [float("nan")]}, "budgets")]
+)
 def test_bad_arguments(kwargs, match):
     ds, _, _ = _data()
     with pytest.raises(ValueError, match=match):

@@ -24,8 +24,26 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for method in ("baseline", "l2w"):
-        argv = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--method", method, "--epochs", "2",
-                "--batch-size", "64", "--val-size", "200", "--budget", "20K", "--quiet", "--out", str(root / method)]
+        argv = [
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "multiexit_cnn",
+            "--method",
+            method,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--val-size",
+            "200",
+            "--budget",
+            "20K",
+            "--quiet",
+            "--out",
+            str(root / method),
+        ]
         assert cli.main(argv) == 0
         out[method] = root / method
     return out
@@ -33,8 +51,16 @@ def runs(tmp_path_factory):
 
 def test_train_writes_a_complete_run_folder(runs):
     for method, run in runs.items():
-        for name in ("config.json", "model.keras", "history.csv", "costs.json", "dump/val_logits.npy",
-                     "eval/anytime.csv", "eval/budget.csv", "eval/budget.png"):
+        for name in (
+            "config.json",
+            "model.keras",
+            "history.csv",
+            "costs.json",
+            "dump/val_logits.npy",
+            "eval/anytime.csv",
+            "eval/budget.csv",
+            "eval/budget.png",
+        ):
             assert (run / name).exists(), f"{method}: {name} missing"
         assert (run / "tensorboard").is_dir()
         assert not (run / "backup").exists()  # removed once training finished
@@ -76,8 +102,12 @@ class _Interrupt(keras.callbacks.Callback):
 
 
 def test_frozen_wpn_ablation_trains_from_a_previous_runs_wpn(runs, tmp_path):
-    cfg = TrainConfig(**TINY, method="l2w", evaluate=False,
-                      method_options={"weighting": "frozen", "wpn_weights_path": str(runs["l2w"] / "wpn.npz")})
+    cfg = TrainConfig(
+        **TINY,
+        method="l2w",
+        evaluate=False,
+        method_options={"weighting": "frozen", "wpn_weights_path": str(runs["l2w"] / "wpn.npz")},
+    )
     cfg.epochs = 1
     experiment.train(cfg, tmp_path / "frozen", verbose=0)
     saved, reused = np.load(runs["l2w"] / "wpn.npz"), np.load(tmp_path / "frozen" / "wpn.npz")
@@ -147,20 +177,53 @@ def test_rerunning_a_finished_run_in_a_fresh_process_reuses_the_model(runs):
     import sys
 
     before = (runs["baseline"] / "model.keras").stat().st_mtime
-    out = subprocess.run([sys.executable, "-m", "keras_ee", "train", "--dataset", "digits", "--model", "multiexit_cnn",
-                          "--method", "baseline", "--epochs", "2", "--batch-size", "64", "--val-size", "200",
-                          "--budget", "20K", "--quiet", "--out", str(runs["baseline"])],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_ee",
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "multiexit_cnn",
+            "--method",
+            "baseline",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--val-size",
+            "200",
+            "--budget",
+            "20K",
+            "--quiet",
+            "--out",
+            str(runs["baseline"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "training already finished" in out.stdout
     assert (runs["baseline"] / "model.keras").stat().st_mtime == before
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("epochs", 0, "epochs"), ("batch_size", 1, "batch_size"), ("learning_rate", -0.1, "learning_rate"),
-    ("schedule", "linear", "schedule"), ("momentum", 1.0, "momentum"), ("weight_decay", -1, "weight_decay"),
-    ("dump_dtype", "int8", "dump_dtype"), ("budgets", [0], "budgets"), ("model_options", [1], "model_options"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("epochs", 0, "epochs"),
+        ("batch_size", 1, "batch_size"),
+        ("learning_rate", -0.1, "learning_rate"),
+        ("schedule", "linear", "schedule"),
+        ("momentum", 1.0, "momentum"),
+        ("weight_decay", -1, "weight_decay"),
+        ("dump_dtype", "int8", "dump_dtype"),
+        ("budgets", [0], "budgets"),
+        ("model_options", [1], "model_options"),
+    ],
+)
 def test_train_config_refuses_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})

@@ -16,11 +16,7 @@ import tensorflow as tf
 from keras_ee import data
 from keras_ee.data import cifar, idx, npz, pipeline, splits
 
-SHARED = Path(
-    os.environ.get(
-        "KERAS_EE_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    )
-)
+SHARED = Path(os.environ.get("KERAS_EE_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
 # ------------------------------------------------------------------ file generators
@@ -359,16 +355,22 @@ def test_npz_round_trip_uint8_and_float(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)
     y = np.arange(50) % 5
-    path = _write_npz(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10],
-                      class_names=np.array(list("abcde")))
+    path = _write_npz(
+        tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10], class_names=np.array(list("abcde"))
+    )
     s = data.load(f"npz:{path}", val_size=10)
     assert (s.num_classes, s.class_names, s.input_shape) == (5, list("abcde"), (12, 12, 3))
     assert (s.num_train, s.num_val, s.num_test, s.augment_pad, s.augment_flip) == (40, 10, 10, 2, False)
     xt, _ = next(iter(s.test_dataset(10)))
     np.testing.assert_allclose(xt.numpy(), (x[:10] / 255 - s.mean) / s.std, atol=1e-5)
     xf = rng.random((30, 8, 8)).astype(np.float64)
-    path = _write_npz(tmp_path / "f.npz", x_train=xf, y_train=(np.arange(30) % 3).astype(np.float32),
-                      x_test=xf[:6], y_test=np.arange(6)[:, None] % 3)
+    path = _write_npz(
+        tmp_path / "f.npz",
+        x_train=xf,
+        y_train=(np.arange(30) % 3).astype(np.float32),
+        x_test=xf[:6],
+        y_test=np.arange(6)[:, None] % 3,
+    )
     s = data.load(f"npz:{path}")  # default validation: 10%
     assert (s.num_classes, s.input_shape, s.num_val, s.pixel_scale) == (3, (8, 8, 1), 3, 1.0)
 
@@ -459,8 +461,9 @@ def _toy_splits(pad=2, flip=True, n=40):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 6, 5, 2), dtype=np.uint8)
     y = np.arange(n) % 4
-    return data.ArraySplits("toy", x, y, x[:12], y[:12], x[:9], y[:9], list("abcd"),
-                            pixel_scale=1 / 255, augment_pad=pad, augment_flip=flip)
+    return data.ArraySplits(
+        "toy", x, y, x[:12], y[:12], x[:9], y[:9], list("abcd"), pixel_scale=1 / 255, augment_pad=pad, augment_flip=flip
+    )
 
 
 def _is_crop_of(out, image, pad, flip):
@@ -468,7 +471,7 @@ def _is_crop_of(out, image, pad, flip):
     h, w = image.shape[:2]
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[dy:dy + h, dx:dx + w]
+            crop = padded[dy : dy + h, dx : dx + w]
             if np.allclose(out, crop, atol=1e-5) or (flip and np.allclose(out, crop[:, ::-1], atol=1e-5)):
                 return (dy, dx)
     return None
@@ -481,8 +484,10 @@ def test_random_crop_flip_outputs_are_shifted_or_flipped_inputs():
     offsets = [_is_crop_of(o, i, 2, True) for o, i in zip(out, images)]
     assert all(o is not None for o in offsets)
     assert len(set(offsets)) > 5  # the offsets vary within the batch
-    flipped = [np.allclose(o, _crop(i, 2, off)[:, ::-1]) and not np.allclose(o, _crop(i, 2, off))
-               for o, i, off in zip(out, images, offsets)]
+    flipped = [
+        np.allclose(o, _crop(i, 2, off)[:, ::-1]) and not np.allclose(o, _crop(i, 2, off))
+        for o, i, off in zip(out, images, offsets)
+    ]
     assert 10 < sum(flipped) < 54
     same = pipeline.random_crop_flip(tf.constant(images), 0, False, tf.constant([3, 4])).numpy()
     np.testing.assert_array_equal(same, images)
@@ -492,7 +497,7 @@ def test_random_crop_flip_outputs_are_shifted_or_flipped_inputs():
 
 def _crop(image, pad, off):
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    return padded[off[0]:off[0] + image.shape[0], off[1]:off[1] + image.shape[1]]
+    return padded[off[0] : off[0] + image.shape[0], off[1] : off[1] + image.shape[1]]
 
 
 def test_pipelines_shapes_normalization_and_order():
@@ -506,8 +511,10 @@ def test_pipelines_shapes_normalization_and_order():
     np.testing.assert_allclose(x, (s._x_train / 255 - s.mean) / s.std, atol=1e-5)
     assert [b[0].shape[0] for b in s.train_dataset(16, drop_remainder=True)] == [16, 16]
     # Validation and test: exact, in order, never augmented.
-    for ds, labels, raw in ((s.val_dataset(5), s.val_labels(), s._x_val),
-                            (s.test_dataset(4), s.test_labels(), s._x_test)):
+    for ds, labels, raw in (
+        (s.val_dataset(5), s.val_labels(), s._x_val),
+        (s.test_dataset(4), s.test_labels(), s._x_test),
+    ):
         xs, ys = zip(*[(a.numpy(), b.numpy()) for a, b in ds])
         np.testing.assert_array_equal(np.concatenate(ys), labels)
         np.testing.assert_allclose(np.concatenate(xs), (raw / 255 - s.mean) / s.std, atol=1e-5)
@@ -565,8 +572,9 @@ def test_imagenet_preprocessing_shapes():
     assert train.dtype == tf.float32
     # Normalized with the ImageNet statistics: a mid-gray image maps near (0.5 - mean) / std.
     gray = tf.io.encode_jpeg(tf.fill([100, 120, 3], tf.constant(128, tf.uint8)))
-    np.testing.assert_allclose(imagenet.eval_preprocess(gray, 32).numpy()[16, 16],
-                               (128 / 255 - imagenet.MEAN) / imagenet.STD, atol=0.05)
+    np.testing.assert_allclose(
+        imagenet.eval_preprocess(gray, 32).numpy()[16, 16], (128 / 255 - imagenet.MEAN) / imagenet.STD, atol=0.05
+    )
 
 
 # ------------------------------------------------------------------ real data (skipped without it)
@@ -595,15 +603,26 @@ def test_real_cifar100_counts_and_published_statistics(real_cifar100):
 
 def test_real_cifar100_splits(real_cifar100):
     d = real_cifar100
-    s = data.build_array_splits("cifar100", d["x_train"], d["y_train"], d["x_test"], d["y_test"],
-                                d["class_names"], 5000, seed=0, augment_pad=4, augment_flip=True)
+    s = data.build_array_splits(
+        "cifar100",
+        d["x_train"],
+        d["y_train"],
+        d["x_test"],
+        d["y_test"],
+        d["class_names"],
+        5000,
+        seed=0,
+        augment_pad=4,
+        augment_flip=True,
+    )
     assert (s.num_train, s.num_val, s.num_test) == (45000, 5000, 10000)
     np.testing.assert_array_equal(np.bincount(s.val_labels()), [50] * 100)
     np.testing.assert_allclose(s.mean, [0.5071, 0.4865, 0.4409], atol=3e-3)
     x, y = next(iter(s.train_dataset(256)))
     assert x.shape == (256, 32, 32, 3) and len(np.unique(y.numpy())) > 50  # shuffled across classes
-    lt = data.build_array_splits("cifar100", d["x_train"], d["y_train"], d["x_test"], d["y_test"],
-                                 d["class_names"], 0.1, imbalance_factor=100)
+    lt = data.build_array_splits(
+        "cifar100", d["x_train"], d["y_train"], d["x_test"], d["y_test"], d["class_names"], 0.1, imbalance_factor=100
+    )
     assert lt.num_train + lt.num_val == 10847 and lt.num_test == 10000
     counts = np.bincount(np.concatenate([lt.train_labels(), lt.val_labels()]))
     assert counts[0] == 500 and counts[-1] == 5
@@ -626,8 +645,14 @@ def test_tfds_is_the_fallback_and_a_local_copy_is_preferred(tmp_path, monkeypatc
 
     def fake_tfds(name, data_dir=None, download=True):
         calls.append((name, data_dir))
-        return {"x_train": x, "y_train": y, "x_test": x[:40], "y_test": y[:40],
-                "class_names": [f"t{i}" for i in range(10)], "source": "tfds"}
+        return {
+            "x_train": x,
+            "y_train": y,
+            "x_test": x[:40],
+            "y_test": y[:40],
+            "class_names": [f"t{i}" for i in range(10)],
+            "source": "tfds",
+        }
 
     monkeypatch.setattr(cifar, "load_tfds_arrays", fake_tfds)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -695,8 +720,42 @@ def test_samples_per_class_on_the_command_line(tmp_path):
     from keras_ee import cli
 
     out = tmp_path / "run"
-    assert cli.main(["train", "--method", "baseline", "--epochs", "1", "--batch-size", "128", "--val-size", "200",
-                     "--samples-per-class", "20", "--no-evaluate", "--quiet", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--method",
+                "baseline",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "128",
+                "--val-size",
+                "200",
+                "--samples-per-class",
+                "20",
+                "--no-evaluate",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["samples_per_class"] == 20
-    assert cli.main(["train", "--method", "baseline", "--samples-per-class", "1000", "--epochs", "1",
-                     "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--method",
+                "baseline",
+                "--samples-per-class",
+                "1000",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )

@@ -29,11 +29,14 @@ def _one_line(e):
 # ----------------------------------------------------------------------------- not an .npz
 
 
-@pytest.mark.parametrize("content", [
-    np.random.default_rng(0).bytes(500),
-    b"x_train,y_train\n1,2\n3,4\n",  # a text (CSV) file renamed to .npz
-    b"\x80\x04\x95garbage pickle",  # what numpy would offer to unpickle
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        np.random.default_rng(0).bytes(500),
+        b"x_train,y_train\n1,2\n3,4\n",  # a text (CSV) file renamed to .npz
+        b"\x80\x04\x95garbage pickle",  # what numpy would offer to unpickle
+    ],
+)
 def test_garbage_npz_is_not_a_zip_archive(tmp_path, content):
     path = tmp_path / "d.npz"
     path.write_bytes(content)
@@ -127,14 +130,17 @@ def test_no_warning_when_every_class_has_samples(tmp_path):
         assert len(npz.read_npz(path)["class_names"]) == 4
 
 
-@pytest.mark.parametrize("value, match", [
-    (np.int64(1), ">= 2"),
-    (np.int64(3), "label 3"),  # labels go up to 3
-    (np.float64(4.0), "integer"),
-    (np.array([4, 5]), "integer"),
-    (np.array(True), "integer"),
-    (np.array("4"), "integer"),
-])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (np.int64(1), ">= 2"),
+        (np.int64(3), "label 3"),  # labels go up to 3
+        (np.float64(4.0), "integer"),
+        (np.array([4, 5]), "integer"),
+        (np.array(True), "integer"),
+        (np.array("4"), "integer"),
+    ],
+)
 def test_bad_num_classes(tmp_path, value, match):
     path = _write(tmp_path / "d.npz", **_good(classes=4), num_classes=value)
     with pytest.raises((ValueError, TypeError), match=match) as e:
@@ -196,17 +202,20 @@ def test_integral_float_labels_are_accepted():
     assert out.dtype == np.int64 and out.tolist() == [0, 2, 1]
 
 
-@pytest.mark.parametrize("labels, error, match", [
-    (np.array([0.0, 1.5, 2.0]), ValueError, "non-integer.*1.5.*index 1"),
-    (np.array([0.0, np.nan]), ValueError, "NaN"),
-    (np.array([0.0, np.inf]), ValueError, "inf"),
-    (np.array([True, False]), TypeError, "bool"),
-    (np.array([0, 3]), ValueError, r"\[0, 3\)"),
-    (np.array([0, -1]), ValueError, ">= 0"),
-    (np.array([0.0, -1.0]), ValueError, ">= 0"),
-    (np.array(["a", "b"]), TypeError, "integer"),
-    (np.array([0, 2**63 + 5], dtype=np.uint64), ValueError, r"\[0, 3\)"),
-])
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        (np.array([0.0, 1.5, 2.0]), ValueError, "non-integer.*1.5.*index 1"),
+        (np.array([0.0, np.nan]), ValueError, "NaN"),
+        (np.array([0.0, np.inf]), ValueError, "inf"),
+        (np.array([True, False]), TypeError, "bool"),
+        (np.array([0, 3]), ValueError, r"\[0, 3\)"),
+        (np.array([0, -1]), ValueError, ">= 0"),
+        (np.array([0.0, -1.0]), ValueError, ">= 0"),
+        (np.array(["a", "b"]), TypeError, "integer"),
+        (np.array([0, 2**63 + 5], dtype=np.uint64), ValueError, r"\[0, 3\)"),
+    ],
+)
 def test_bad_labels_are_refused(labels, error, match):
     with pytest.raises(error, match=match) as e:
         splits._check_labels(labels, 3, "y_train")

@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_check(*args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed_check.py"), *args],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "distributed_check.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -41,11 +47,15 @@ def test_two_replicas_take_the_step_of_one_device(method):
 # then the one-device computation on the same samples, summed in another order: measured (2026-12)
 # backbone ~2e-7 and auxiliary ~2e-5 of their movement (the auxiliary Adam divides by tiny second
 # moments). Each fix missing leaves L2W's WPN 0.17-1.2 of its movement away, so 1e-3 separates them.
-@pytest.mark.parametrize("method, options", [
-    ("l2w", {}),  # half-batch exchange, meta step every batch, WPN Adam
-    ("gating", {"gater_interval": 2}),  # gater batches (halves) and backbone batches, 2 of each
-    ("hdkd", {}),  # a meta stream, gamma
-], ids=["l2w", "gating", "hdkd"])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("l2w", {}),  # half-batch exchange, meta step every batch, WPN Adam
+        ("gating", {"gater_interval": 2}),  # gater batches (halves) and backbone batches, 2 of each
+        ("hdkd", {}),  # a meta stream, gamma
+    ],
+    ids=["l2w", "gating", "hdkd"],
+)
 def test_bilevel_methods_train_under_mirrored_strategy_as_on_one_device(method, options):
     out = run_check(method, json.dumps(options))
     assert out["replicas"] == 2 and out["aux_replicas"] == 2
@@ -70,8 +80,9 @@ def test_allocation_over_replicas_is_the_allocation_of_the_concatenated_batch():
 # the replicas take the one-device steps: measured (2026-12) 1.3e-7 of the movement (backbone)
 # and 4e-8 (the teacher). The transfer paths have BatchNorm: with per-replica statistics the
 # run ends 0.066 of its movement away from one device, with synchronized BN 1.4e-6.
-@pytest.mark.parametrize("options, sync_bn", [({"inline_collaboration": False}, False), ({}, True)],
-                         ids=["ge+ofa", "ge+isc+ofa-sync-bn"])
+@pytest.mark.parametrize(
+    "options, sync_bn", [({"inline_collaboration": False}, False), ({}, True)], ids=["ge+ofa", "ge+isc+ofa-sync-bn"]
+)
 def test_imta_trains_under_mirrored_strategy_as_on_one_device(options, sync_bn):
     out = run_check("imta", json.dumps(options), *(["--sync-batchnorm"] if sync_bn else []))
     assert out["replicas"] == 2 and out["aux_replicas"] == 2

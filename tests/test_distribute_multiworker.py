@@ -46,9 +46,18 @@ def run_workers(method, tmp_path, mode="worker", extra=(), tag=""):
             out = tmp_path / f"worker_{index}{tag}.npz"
             log = open(tmp_path / f"worker_{index}{tag}.log", "w")
             tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append((subprocess.Popen([sys.executable, str(CHECK), mode, method, str(out), *extra],
-                                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                           env=env(TF_CONFIG=tf_config)), log))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, str(CHECK), mode, method, str(out), *extra],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                        env=env(TF_CONFIG=tf_config),
+                    ),
+                    log,
+                )
+            )
             outs.append(out)
         for proc, _ in procs:
             proc.wait(timeout=TIMEOUT)
@@ -65,8 +74,14 @@ def run_workers(method, tmp_path, mode="worker", extra=(), tag=""):
 
 def run_single(method, tmp_path):
     out = tmp_path / "single.npz"
-    proc = subprocess.run([sys.executable, str(CHECK), "single", method, str(out)],
-                          capture_output=True, text=True, timeout=TIMEOUT, env=env(), cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(CHECK), "single", method, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(out))
 
@@ -92,8 +107,7 @@ def test_two_workers_end_with_identical_weights(method, tmp_path):
     to_single = largest(results[0], single, "w")
     aux_to_single = largest(results[0], single, "a")
     aux_spread = largest(results[0], results[1], "a")
-    print(f"{method}: one device {to_single:.3g} (aux {aux_to_single:.3g}) away, "
-          f"aux spread {aux_spread:.3g}")
+    print(f"{method}: one device {to_single:.3g} (aux {aux_to_single:.3g}) away, aux spread {aux_spread:.3g}")
     assert [int(r["replicas"]) for r in results] == [2, 2]
     keys = sorted(k for k in results[0] if k.startswith("w"))
     assert keys and keys == sorted(k for k in results[1] if k.startswith("w"))
@@ -128,8 +142,18 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
     # Only the chief wrote it: one history row per epoch, no file of the other worker.
     assert len((run / "history.csv").read_text().strip().splitlines()) == 3
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [".lock", "config.json", "costs.json", "dump", "history.csv", "model.keras", "preprocessing.json", "state.json",
-         "tensorboard"])
+        [
+            ".lock",
+            "config.json",
+            "costs.json",
+            "dump",
+            "history.csv",
+            "model.keras",
+            "preprocessing.json",
+            "state.json",
+            "tensorboard",
+        ]
+    )
     # Interrupted at the start of epoch 1 on both workers, then the same command again: the chief
     # resumes from its backup, the other worker from the chief's, and both end where the
     # uninterrupted run ended.
@@ -154,8 +178,14 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
 
 
 def run_resume(method, tmp_path):
-    proc = subprocess.run([sys.executable, str(CHECK), "resume", method, str(tmp_path / "backup")],
-                          capture_output=True, text=True, timeout=TIMEOUT, env=env(), cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(CHECK), "resume", method, str(tmp_path / "backup")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

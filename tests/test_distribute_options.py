@@ -15,32 +15,39 @@ from keras_ee.config import TrainConfig
 
 
 def test_cli_flags_set_the_config_fields():
-    args = cli.build_parser().parse_args(["train", "--strategy", "mirrored", "--precision", "mixed_bfloat16",
-                                          "--sync-batchnorm"])
+    args = cli.build_parser().parse_args(
+        ["train", "--strategy", "mirrored", "--precision", "mixed_bfloat16", "--sync-batchnorm"]
+    )
     config = cli._config_from_args(args)
     assert (config.strategy, config.precision, config.sync_batchnorm) == ("mirrored", "mixed_bfloat16", True)
     default = cli._config_from_args(cli.build_parser().parse_args(["train"]))
     assert (default.strategy, default.precision, default.sync_batchnorm) == ("none", "float32", False)
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("strategy", "gpu", "strategy` must be one of"),
-    ("precision", "float16", "precision` must be one of"),
-    ("sync_batchnorm", "yes", "sync_batchnorm` must be true or false"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("strategy", "gpu", "strategy` must be one of"),
+        ("precision", "float16", "precision` must be one of"),
+        ("sync_batchnorm", "yes", "sync_batchnorm` must be true or false"),
+    ],
+)
 def test_config_refuses_bad_distribution_settings(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
 
 
-@pytest.mark.parametrize("text, match", [
-    (None, "TF_CONFIG environment variable, which is not set"),
-    ("{cluster", "not valid JSON"),
-    ('{"task": {"type": "worker", "index": 0}}', "no cluster with workers"),
-    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "lists of 'host:port'"),
-    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "an index in it"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}', "name a type of the cluster"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (None, "TF_CONFIG environment variable, which is not set"),
+        ("{cluster", "not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', "no cluster with workers"),
+        ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "lists of 'host:port'"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "an index in it"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}', "name a type of the cluster"),
+    ],
+)
 def test_multi_worker_refuses_a_missing_or_malformed_tf_config(text, match):
     with pytest.raises(ValueError, match=match) as e:
         experiment.check_tf_config(text)
@@ -82,8 +89,16 @@ def test_batchnorm_options_build_synchronized_batchnorm_and_nothing_else_changes
 
 
 def test_train_records_precision_and_strategy_and_restores_the_dtype_policy(tmp_path):
-    config = TrainConfig(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, method="baseline",
-                         epochs=1, train_size=32, batch_size=16, precision="mixed_bfloat16", evaluate=False)
+    config = TrainConfig(
+        model="multiexit_cnn",
+        model_options={"widths": [4, 8], "depth": 1},
+        method="baseline",
+        epochs=1,
+        train_size=32,
+        batch_size=16,
+        precision="mixed_bfloat16",
+        evaluate=False,
+    )
     experiment.train(config, tmp_path / "run", verbose=0)
     assert keras.config.dtype_policy().name == "float32"  # restored: nothing leaks into other tests
     state = json.loads((tmp_path / "run" / "state.json").read_text())

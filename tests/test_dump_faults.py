@@ -12,8 +12,12 @@ from keras_ee import dumps, evaluation
 
 def _arrays(k=3, n_val=20, n_test=30, c=5, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(k, n_val, c)).astype(np.float32), rng.integers(0, c, n_val),
-            rng.normal(size=(k, n_test, c)).astype(np.float32), rng.integers(0, c, n_test))
+    return (
+        rng.normal(size=(k, n_val, c)).astype(np.float32),
+        rng.integers(0, c, n_val),
+        rng.normal(size=(k, n_test, c)).astype(np.float32),
+        rng.integers(0, c, n_test),
+    )
 
 
 COSTS = {"mul_adds": [10, 20, 35], "params": [1, 2, 3]}
@@ -59,11 +63,14 @@ def test_non_finite_costs_json_is_refused(tmp_path, value):
     assert "costs.json" in text and "exit_2" in text and "finite" in text
 
 
-@pytest.mark.parametrize("values, exit_name, word", [
-    ([10, -1, 35], "exit_2", "negative"),
-    ([-0.5, 1, 35], "exit_1", "negative"),
-    ([10, 20, 15], "exit_3", "decreas"),
-])
+@pytest.mark.parametrize(
+    "values, exit_name, word",
+    [
+        ([10, -1, 35], "exit_2", "negative"),
+        ([-0.5, 1, 35], "exit_1", "negative"),
+        ([10, 20, 15], "exit_3", "decreas"),
+    ],
+)
 def test_negative_or_decreasing_costs_json_names_the_exit(tmp_path, values, exit_name, word):
     _save(tmp_path)
     (tmp_path / "costs.json").write_text(json.dumps({"mul_adds": values}))
@@ -83,14 +90,17 @@ def test_non_number_costs_are_refused(tmp_path, value):
     assert "costs.json" in text and "exit_2" in text and "number" in text
 
 
-@pytest.mark.parametrize("text, match", [
-    ("[10, 20, 35]", "JSON object"),
-    ('{"mul_adds": 10}', "list"),
-    ('{"mul_adds": "10, 20, 35"}', "list"),
-    ('{"mul_adds": [10, 20, 35], "params": {"a": 1}}', "params"),
-    ('{"mul_adds": [10, 20]}', "one entry per exit"),
-    ("", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[10, 20, 35]", "JSON object"),
+        ('{"mul_adds": 10}', "list"),
+        ('{"mul_adds": "10, 20, 35"}', "list"),
+        ('{"mul_adds": [10, 20, 35], "params": {"a": 1}}', "params"),
+        ('{"mul_adds": [10, 20]}', "one entry per exit"),
+        ("", "not valid JSON"),
+    ],
+)
 def test_malformed_costs_json(tmp_path, text, match):
     _save(tmp_path)
     (tmp_path / "costs.json").write_text(text)
@@ -107,16 +117,19 @@ def test_binary_costs_json(tmp_path):
     assert "costs.json" in _one_line(e)
 
 
-@pytest.mark.parametrize("costs, error, match", [
-    ({"mul_adds": [1, float("inf"), 3]}, ValueError, "exit_2.*finite"),
-    ({"mul_adds": [1, float("nan"), 3]}, ValueError, "exit_2.*finite"),
-    ({"mul_adds": [1, 2, 1.5]}, ValueError, "exit_3.*decreas"),
-    ({"mul_adds": "123"}, TypeError, "list"),
-    ({"mul_adds": 5}, TypeError, "list"),
-    ({"mul_adds": [1, "2", 3]}, TypeError, "exit_2.*number"),
-    ({"mul_adds": [1, True, 3]}, TypeError, "exit_2.*number"),
-    ([1, 2, 3], TypeError, "dict"),
-])
+@pytest.mark.parametrize(
+    "costs, error, match",
+    [
+        ({"mul_adds": [1, float("inf"), 3]}, ValueError, "exit_2.*finite"),
+        ({"mul_adds": [1, float("nan"), 3]}, ValueError, "exit_2.*finite"),
+        ({"mul_adds": [1, 2, 1.5]}, ValueError, "exit_3.*decreas"),
+        ({"mul_adds": "123"}, TypeError, "list"),
+        ({"mul_adds": 5}, TypeError, "list"),
+        ({"mul_adds": [1, "2", 3]}, TypeError, "exit_2.*number"),
+        ({"mul_adds": [1, True, 3]}, TypeError, "exit_2.*number"),
+        ([1, 2, 3], TypeError, "dict"),
+    ],
+)
 def test_save_dump_refuses_bad_costs(tmp_path, costs, error, match):
     with pytest.raises(error, match=match):
         dumps.save_dump(tmp_path / "d", *_arrays(), costs)
@@ -231,12 +244,15 @@ def test_exit_count_mismatch(tmp_path):
     assert "(3, 20, 5)" in _one_line(e)
 
 
-@pytest.mark.parametrize("labels, match", [
-    (np.zeros(19, np.int64), r"test_labels.npy.*\(30,\)"),
-    (np.zeros((30, 1), np.int64), r"test_labels.npy.*\(30,\)"),
-    (np.full(30, 7), r"test_labels.npy.*\[0, 5\)"),
-    (np.zeros(30, np.float32), "test_labels.npy.*integer"),
-])
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.zeros(19, np.int64), r"test_labels.npy.*\(30,\)"),
+        (np.zeros((30, 1), np.int64), r"test_labels.npy.*\(30,\)"),
+        (np.full(30, 7), r"test_labels.npy.*\[0, 5\)"),
+        (np.zeros(30, np.float32), "test_labels.npy.*integer"),
+    ],
+)
 def test_bad_labels_name_the_file(tmp_path, labels, match):
     _save(tmp_path)
     np.save(tmp_path / "test_labels.npy", labels)
@@ -432,8 +448,14 @@ def _fractional_eval(tmp_path, mul_adds):
     for e in range(k):
         for s in range(2):
             logits[s, e, np.arange(200), labels[s]] += 1.0 + e
-    dumps.save_dump(tmp_path / "dump", logits[0], labels[0], logits[1], labels[1],
-                    {"mul_adds": mul_adds, "params": [0.5 * (i + 1) for i in range(k)]})
+    dumps.save_dump(
+        tmp_path / "dump",
+        logits[0],
+        labels[0],
+        logits[1],
+        labels[1],
+        {"mul_adds": mul_adds, "params": [0.5 * (i + 1) for i in range(k)]},
+    )
     return evaluation.evaluate_dump(dumps.load_dump(tmp_path / "dump"), name="frac")
 
 

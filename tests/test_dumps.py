@@ -10,8 +10,12 @@ from keras_ee import dumps
 
 def _arrays(k=3, n_val=20, n_test=30, c=5, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(k, n_val, c)).astype(np.float32), rng.integers(0, c, n_val),
-            rng.normal(size=(k, n_test, c)).astype(np.float32), rng.integers(0, c, n_test))
+    return (
+        rng.normal(size=(k, n_val, c)).astype(np.float32),
+        rng.integers(0, c, n_val),
+        rng.normal(size=(k, n_test, c)).astype(np.float32),
+        rng.integers(0, c, n_test),
+    )
 
 
 COSTS = {"mul_adds": [10, 20, 35], "params": [1, 2, 3]}

@@ -41,8 +41,9 @@ def _dump(tmp_path, seed=0, k=3, n=400, c=10):
     for e in range(k):
         for s in range(2):
             logits[s, e, np.arange(n), labels[s]] += 1.0 + e
-    return dumps.save_dump(tmp_path, logits[0], labels[0], logits[1], labels[1],
-                           {"mul_adds": [100, 250, 400], "params": [1, 2, 3]})
+    return dumps.save_dump(
+        tmp_path, logits[0], labels[0], logits[1], labels[1], {"mul_adds": [100, 250, 400], "params": [1, 2, 3]}
+    )
 
 
 def test_evaluate_dump_matches_a_hand_computation_and_writes_files(tmp_path):
@@ -85,11 +86,13 @@ def test_top_k_correct_is_argmax_for_k_1_and_a_rank_test_for_k_5():
     logits = rng.normal(size=(3, 500, 12)).astype(np.float32)
     logits[:, :50, :] = np.round(logits[:, :50, :])  # ties
     labels = rng.integers(0, 12, size=500)
-    np.testing.assert_array_equal(evaluation.top_k_correct(logits, labels, 1, chunk=64),
-                                  np.argmax(logits, axis=-1) == labels[None])
+    np.testing.assert_array_equal(
+        evaluation.top_k_correct(logits, labels, 1, chunk=64), np.argmax(logits, axis=-1) == labels[None]
+    )
     top5 = np.argsort(-logits, axis=-1, kind="stable")[..., :5]  # ties: the smaller class first, as argmax
-    np.testing.assert_array_equal(evaluation.top_k_correct(logits, labels, 5, chunk=64),
-                                  (top5 == labels[None, :, None]).any(axis=-1))
+    np.testing.assert_array_equal(
+        evaluation.top_k_correct(logits, labels, 5, chunk=64), (top5 == labels[None, :, None]).any(axis=-1)
+    )
     assert evaluation.top_k_correct(logits[:, :, :4], labels % 4, 5).all()  # fewer classes than k
 
 
@@ -133,8 +136,11 @@ def test_evaluate_run_writes_top5_to_its_own_folder_and_keeps_the_method_scores_
     # a method's own scores (scores/<kind>.npz, as gating's gater) go to eval/top5/<kind>/
     (run / "scores").mkdir()
     rng = np.random.default_rng(1)
-    np.savez(run / "scores" / "mine.npz", val=rng.random((3, 400)).astype(np.float32),
-             test=rng.random((3, 400)).astype(np.float32))
+    np.savez(
+        run / "scores" / "mine.npz",
+        val=rng.random((3, 400)).astype(np.float32),
+        test=rng.random((3, 400)).astype(np.float32),
+    )
     ev = experiment.evaluate_run(run, kind="mine", metric="top5", echo=False)
     assert ev.metric == "top5" and (run / "eval" / "top5" / "mine" / "budget.csv").is_file()
     assert cli.main(["sweep", str(run / "dump"), "--metric", "top5"]) == 0

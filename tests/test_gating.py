@@ -20,7 +20,6 @@ from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
 _data = tiny_data
 
 
-
 def _model(seed=0, optimizer=None, **options):
     options.setdefault("gater_width", 7)
     model = T.MultiExitModel(tiny_backbone(seed=seed), method=T.BudgetAwareGating(**options))
@@ -107,7 +106,7 @@ def test_both_losses_equal_a_numpy_computation(features):
     feats = np.stack([_np_features(z.astype(np.float64), features) for z in logits[:-1]], axis=1)
     p = 1 / (1 + np.exp(-_np_gater(method, feats)))
     pr = _numpy_pr(p)
-    a = pr ** 2 / (pr ** 2).sum(axis=1, keepdims=True)  # T = 0.5
+    a = pr**2 / (pr**2).sum(axis=1, keepdims=True)  # T = 0.5
     ce = np.stack([-np.log(_np_softmax(z.astype(np.float64))[np.arange(9), y]) for z in logits], axis=1)
     cost = np.asarray(method.relative_costs)
     assert cost[-1] == 1.0 and np.all(np.diff(cost) > 0)
@@ -205,8 +204,12 @@ def _fd_lookahead_outer(model, x_t, y_t, x_m, y_m):
 
 
 def test_lookahead_gater_gradient_matches_finite_differences(float64):
-    model = _model(cost_weight=2.0, gater_update="lookahead", gater_width=5,
-                   optimizer=keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True))
+    model = _model(
+        cost_weight=2.0,
+        gater_update="lookahead",
+        gater_width=5,
+        optimizer=keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True),
+    )
     x, y = _data(n=24, dtype="float64")
     x_t, y_t, x_m, y_m = x[:12], y[:12], x[12:], y[12:]
     result, _ = model.method.lookahead(model, x_t, y_t, None, x_m, y_m)
@@ -246,8 +249,12 @@ def test_the_outer_step_changes_the_gater_only():
 
 
 def test_gater_steps_follow_the_interval_and_the_gater_schedule_ends_at_its_final_rate():
-    model = _model(gater_interval=3, gater_learning_rate=1e-3, gater_final_learning_rate=1e-5,
-                   optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 8), momentum=0.9))
+    model = _model(
+        gater_interval=3,
+        gater_learning_rate=1e-3,
+        gater_final_learning_rate=1e-5,
+        optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 8), momentum=0.9),
+    )
     x, y = _data(n=80)
     model.fit(x, y, batch_size=10, epochs=1, verbose=0, shuffle=False)  # 8 batches: gater at 0, 3, 6
     assert int(model.method.gater_optimizer.iterations.numpy()) == 3
@@ -269,10 +276,14 @@ def test_epoch_logs_hold_the_exit_shares_the_expected_cost_and_the_gater_loss():
 
 
 def test_bad_options_are_clear_errors():
-    for options, match in [({"temperature": 0}, "temperature"), ({"features": ["max_prob", "spread"]}, "features"),
-                           ({"gater_update": "bilevel"}, "gater_update"), ({"lambda": -1}, "cost_weight"),
-                           ({"gater_activation": "nope"}, "gater_activation"),
-                           ({"gater_final_learning_rate": 1.0}, "gater_final_learning_rate")]:
+    for options, match in [
+        ({"temperature": 0}, "temperature"),
+        ({"features": ["max_prob", "spread"]}, "features"),
+        ({"gater_update": "bilevel"}, "gater_update"),
+        ({"lambda": -1}, "cost_weight"),
+        ({"gater_activation": "nope"}, "gater_activation"),
+        ({"gater_final_learning_rate": 1.0}, "gater_final_learning_rate"),
+    ]:
         with pytest.raises(ValueError, match=match):
             experiment.make_method("gating", options)
     method = experiment.make_method("gating", {"lambda": 0.1, "features": "max_prob,margin"})
@@ -301,15 +312,22 @@ def test_save_and_load_restore_the_gater_and_its_optimizer(tmp_path, update):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
 
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, train_size=300,
-            method="gating", method_options={"gater_interval": 2, "gater_width": 16})
+TINY = dict(
+    dataset="digits",
+    model="multiexit_cnn",
+    epochs=2,
+    batch_size=128,
+    val_size=200,
+    train_size=300,
+    method="gating",
+    method_options={"gater_interval": 2, "gater_width": 16},
+)
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_reported(tmp_path, capsys):
     cfg = TrainConfig(**TINY)
     straight = tmp_path / "straight"
-    assert cli.main(["train", "--config", _write(tmp_path / "cfg.json", cfg), "--out", str(straight),
-                     "--quiet"]) == 0
+    assert cli.main(["train", "--config", _write(tmp_path / "cfg.json", cfg), "--out", str(straight), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "thresholds calibrated on validation, gater" in printed and "max_softmax" in printed
     assert (straight / "eval" / "gater" / "budget.csv").is_file() and (straight / "eval" / "confidence.png").is_file()
@@ -324,8 +342,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_report
     b = experiment.load_run_model(run / "model.keras")
     for m in (a, b):
         assert m.method.gater.weights[0].path in {v.path for v in m.variables}
-    for x, y in zip(a.variables + a.method.gater_optimizer.variables,
-                    b.variables + b.method.gater_optimizer.variables):
+    for x, y in zip(a.variables + a.method.gater_optimizer.variables, b.variables + b.method.gater_optimizer.variables):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     # Evaluating the gater's scores again from the command line; refused for a run without them.
     assert cli.main(["evaluate", str(run), "--confidence", "gater"]) == 0
@@ -344,8 +361,22 @@ def _write(path, cfg):
 def test_tuning_searches_lambda_and_the_temperature(tmp_path):
     from tuning import search
 
-    argv = ["--dataset", "digits", "--method", "gating", "--epochs", "1", "--batch-size", "128", "--trials", "2",
-            "--tuner", "random", "--out", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--method",
+        "gating",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--trials",
+        "2",
+        "--tuner",
+        "random",
+        "--out",
+        str(tmp_path),
+    ]
     assert search.main(argv) == 0
     best = TrainConfig.from_file(tmp_path / "best.json")
     assert best.method == "gating"

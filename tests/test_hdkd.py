@@ -86,8 +86,13 @@ def test_kd_is_zero_for_equal_predictions_and_the_variants_have_their_pairs():
     np.testing.assert_allclose(hdkd.dense_kd_terms([z, z], [(1, 0)], [3.0, 3.0]).numpy(), 0.0, atol=1e-12)
     assert hdkd.kd_pairs(4, "dense") == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
     assert hdkd.kd_pairs(4, "last") == [(3, 0), (3, 1), (3, 2)] and hdkd.kd_pairs(4, "none") == []
-    for name, teachers, learns in [("hdkd", "dense", True), ("naive_dkd", "dense", False), ("dbt", "last", False),
-                                   ("hmsdnet", "none", True), ("hdbt", "last", True)]:
+    for name, teachers, learns in [
+        ("hdkd", "dense", True),
+        ("naive_dkd", "dense", False),
+        ("dbt", "last", False),
+        ("hmsdnet", "none", True),
+        ("hdbt", "last", True),
+    ]:
         method = T.get_method(name).create({})
         assert (method.teachers, method.learn_weights, method.uses_meta_stream) == (teachers, learns, learns)
 
@@ -127,8 +132,9 @@ def test_the_initialisations():
     # through the parametrisations: softplus cannot hold a zero (a small floor), clip holds it exactly
     soft = _model(init="dbt").method.gamma().numpy()
     np.testing.assert_allclose(soft, [1, 1, 1, hdkd.SOFTPLUS_FLOOR, 1, 1], rtol=1e-5)
-    np.testing.assert_array_equal(_model(init="dbt", gamma_parametrization="clip").method.gamma().numpy(),
-                                  np.float32([1, 1, 1, 0, 1, 1]))
+    np.testing.assert_array_equal(
+        _model(init="dbt", gamma_parametrization="clip").method.gamma().numpy(), np.float32([1, 1, 1, 0, 1, 1])
+    )
 
 
 @pytest.mark.parametrize("name", ["naive_dkd", "dbt"])
@@ -177,8 +183,12 @@ def _fd_outer(model, x_t, y_t, x_m, y_m, ema):
 
 @pytest.mark.parametrize("parametrization", ["softplus", "clip"])
 def test_gamma_meta_gradient_matches_finite_differences(float64, parametrization):
-    model = _model(init="random", gamma_parametrization=parametrization, alpha=0.3,
-                   optimizer=keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-3))
+    model = _model(
+        init="random",
+        gamma_parametrization=parametrization,
+        alpha=0.3,
+        optimizer=keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    )
     x, y = tiny_data(n=24, dtype="float64")
     _fit(model, x, y, batch=12)  # momentum buffers, E and BatchNorm statistics are no longer trivial
     assert int(model.method.ema_steps.numpy()) == 2
@@ -238,8 +248,11 @@ def test_the_outer_step_changes_gamma_and_e_and_the_real_step_uses_the_new_gamma
 
 
 def test_gamma_steps_follow_the_interval_and_the_main_schedule():
-    model = _model(meta_interval=3, gamma_learning_rate=1e-2,
-                   optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 8), momentum=0.9))
+    model = _model(
+        meta_interval=3,
+        gamma_learning_rate=1e-2,
+        optimizer=keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 8), momentum=0.9),
+    )
     x, y = tiny_data(n=80)
     _fit(model, x, y)  # 8 batches: gamma steps at 0, 3, 6
     assert int(model.method.gamma_optimizer.iterations.numpy()) == 3
@@ -275,10 +288,17 @@ def test_the_adaptive_temperature_grows_while_the_teacher_is_confident():
 
 
 def test_bad_options_are_clear_errors():
-    for options, match in [({"teachers": "all"}, "teachers"), ({"alpha": 1.5}, "alpha"), ({"temperature": 0}, "temperature"),
-                           ({"ema_momentum": 1.0}, "ema_momentum"), ({"meta_interval": 0}, "meta_interval"),
-                           ({"gamma_parametrization": "exp"}, "gamma_parametrization"), ({"init": "zeros"}, "init"),
-                           ({"gamma_learning_rate": -1}, "gamma_learning_rate"), ({"ema_source": "val"}, "ema_source")]:
+    for options, match in [
+        ({"teachers": "all"}, "teachers"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"temperature": 0}, "temperature"),
+        ({"ema_momentum": 1.0}, "ema_momentum"),
+        ({"meta_interval": 0}, "meta_interval"),
+        ({"gamma_parametrization": "exp"}, "gamma_parametrization"),
+        ({"init": "zeros"}, "init"),
+        ({"gamma_learning_rate": -1}, "gamma_learning_rate"),
+        ({"ema_source": "val"}, "ema_source"),
+    ]:
         with pytest.raises(ValueError, match=match) as e:
             experiment.make_method("hdkd", options)
         assert "\n" not in str(e.value)
@@ -300,10 +320,26 @@ def test_save_and_load_restore_gamma_its_optimizer_the_moving_averages_and_the_t
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     a, b = model.method, loaded.method
-    for va, vb in zip([a.gamma_raw, a.ema_ce, a.ema_steps, a.temperatures, a.batch_counter, a.initial_main_lr,
-                       *a.gamma_optimizer.variables],
-                      [b.gamma_raw, b.ema_ce, b.ema_steps, b.temperatures, b.batch_counter, b.initial_main_lr,
-                       *b.gamma_optimizer.variables]):
+    for va, vb in zip(
+        [
+            a.gamma_raw,
+            a.ema_ce,
+            a.ema_steps,
+            a.temperatures,
+            a.batch_counter,
+            a.initial_main_lr,
+            *a.gamma_optimizer.variables,
+        ],
+        [
+            b.gamma_raw,
+            b.ema_ce,
+            b.ema_steps,
+            b.temperatures,
+            b.batch_counter,
+            b.initial_main_lr,
+            *b.gamma_optimizer.variables,
+        ],
+    ):
         np.testing.assert_array_equal(va.numpy(), vb.numpy())
     assert int(b.gamma_optimizer.iterations.numpy()) == 4 and b.get_config() == a.get_config()
     for m in (model, loaded):  # continuing both gives the same gamma
@@ -311,8 +347,17 @@ def test_save_and_load_restore_gamma_its_optimizer_the_moving_averages_and_the_t
     np.testing.assert_allclose(a.gamma().numpy(), b.gamma().numpy(), rtol=1e-5, atol=1e-7)
 
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, train_size=300,
-            method="hdkd", method_options={"gamma_learning_rate": 0.01}, evaluate=False)
+TINY = dict(
+    dataset="digits",
+    model="multiexit_cnn",
+    epochs=2,
+    batch_size=128,
+    val_size=200,
+    train_size=300,
+    method="hdkd",
+    method_options={"gamma_learning_rate": 0.01},
+    evaluate=False,
+)
 
 
 def _images(dataset):
@@ -335,19 +380,20 @@ def test_meta_batches_never_come_from_the_training_split_and_the_run_records_the
     assert record["meta_source"] == "calibration" and record["num_meta"] == 200
     assert record["gamma_steps"] == 2 * 3 and len(record["gamma_kd"]) == 6  # multiexit_cnn: 4 exits
     assert (run / hdkd.HEATMAP).stat().st_size > 0
-    fixed = experiment.train(TrainConfig(**{**TINY, "method": "naive_dkd", "method_options": {}}),
-                             tmp_path / "naive", verbose=0)
+    fixed = experiment.train(
+        TrainConfig(**{**TINY, "method": "naive_dkd", "method_options": {}}), tmp_path / "naive", verbose=0
+    )
     assert json.loads((fixed / hdkd.ARTIFACT).read_text())["meta_source"] is None  # takes no meta batches
     loaded = experiment.load_run_model(fixed / "model.keras").method
     assert isinstance(loaded, T.NaiveDKD) and (loaded.teachers, loaded.learn_weights) == ("dense", False)
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    cfg = TrainConfig(**{**TINY, "method_options": {"gamma_learning_rate": 0.01, "temperature_rule": "adaptive",
-                                                    "temperature": 1.0}})
+    cfg = TrainConfig(
+        **{**TINY, "method_options": {"gamma_learning_rate": 0.01, "temperature_rule": "adaptive", "temperature": 1.0}}
+    )
     straight = tmp_path / "straight"
-    assert cli.main(["train", "--config", _write(tmp_path / "cfg.json", cfg), "--out", str(straight),
-                     "--quiet"]) == 0
+    assert cli.main(["train", "--config", _write(tmp_path / "cfg.json", cfg), "--out", str(straight), "--quiet"]) == 0
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         experiment.train(cfg, run, verbose=0, callbacks=[StopAt(1)])
@@ -356,8 +402,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     a = experiment.load_run_model(straight / "model.keras")
     b = experiment.load_run_model(run / "model.keras")
     assert a.method.gamma_raw.path in {v.path for v in a.variables}
-    for x, y in zip(a.variables + a.method.gamma_optimizer.variables,
-                    b.variables + b.method.gamma_optimizer.variables):
+    for x, y in zip(a.variables + a.method.gamma_optimizer.variables, b.variables + b.method.gamma_optimizer.variables):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 3 and "gamma_kd_4_1" in history[0] and "balanced_loss" in history[0]

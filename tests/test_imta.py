@@ -244,7 +244,7 @@ def test_phase1_is_the_original_network_exactly():
     # The transfer rows of every classifier stayed zero.
     for k in range(2, imta.num_exits + 1):
         kernel = imta.backbone.get_layer(f"exit_{k}").kernel.numpy()
-        np.testing.assert_array_equal(kernel[kernel.shape[0] // 2:], 0.0)
+        np.testing.assert_array_equal(kernel[kernel.shape[0] // 2 :], 0.0)
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -319,8 +319,7 @@ def test_fit_phases_runs_every_phase_with_plain_fit():
         made.append((phase.name, index))
         return keras.optimizers.SGD(0.05, momentum=0.9, nesterov=phase.optimizer_options["nesterov"])
 
-    histories = training.fit_phases(model, x, epochs=2, make_optimizer=make_optimizer, y=y, batch_size=16,
-                                    verbose=0)
+    histories = training.fit_phases(model, x, epochs=2, make_optimizer=make_optimizer, y=y, batch_size=16, verbose=0)
     assert made == [("phase_1", 0), ("phase_2", 1)]
     assert [len(h.history["loss"]) for h in histories] == [2, 1]
     assert model.method.current_phase == 1
@@ -328,8 +327,9 @@ def test_fit_phases_runs_every_phase_with_plain_fit():
 
 # --- runs: both phases, resume across the boundary --------------------------------
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, evaluate=False,
-            train_size=300)
+TINY = dict(
+    dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, evaluate=False, train_size=300
+)
 
 
 def _run_weights(run):

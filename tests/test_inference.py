@@ -51,8 +51,9 @@ def trained():
     x = rng.normal(size=(1400, 8, 8, 1)).astype("float32")
     y = np.argmax(x.reshape(len(x), -1) @ w + rng.normal(scale=2.0, size=(len(x), 10)), axis=1).astype("int32")
     model = models.create("multiexit_cnn", input_shape=(8, 8, 1), num_classes=10)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 4)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3), loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 4
+    )
     model.fit(x[:800], [y[:800]] * 4, epochs=3, batch_size=64, verbose=0)
     return model, (x[800:1100], y[800:1100]), (x[1100:], y[1100:])
 
@@ -70,12 +71,14 @@ def _mid_budget(model):
     return 0.5 * (c[0] + c[-1])
 
 
-@pytest.mark.parametrize("kind,temperature", [("max_softmax", 1.0), ("margin", 1.0), ("entropy", 1.0),
-                                              ("max_softmax", [1.5, 1.2, 1.0, 0.8])])
+@pytest.mark.parametrize(
+    "kind,temperature", [("max_softmax", 1.0), ("margin", 1.0), ("entropy", 1.0), ("max_softmax", [1.5, 1.2, 1.0, 0.8])]
+)
 def test_parity_with_simulate(trained, kind, temperature):
     model, (xv, yv), (xt, yt) = trained
-    e = EarlyExitModel.from_model(model, _logits(model, xv), yv, budget=_mid_budget(model), kind=kind,
-                                  temperature=temperature)
+    e = EarlyExitModel.from_model(
+        model, _logits(model, xv), yv, budget=_mid_budget(model), kind=kind, temperature=temperature
+    )
     out = e.predict(xt, batch_size=64)
     exits, labels, scores, near = _simulated(_logits(model, xt), e.thresholds, kind, temperature)
     assert near == 0  # no test score within 1e-6 (relative) of a threshold on this fixture
@@ -98,9 +101,12 @@ def test_order_batches_and_extremes(trained, ee):
     shuffled = ee.predict(xt[perm], batch_size=64)
     # Convolutions may round differently at another batch size (oneDNN picks kernels by shape): the
     # decisions are the same, the confidences agree to float32 rounding.
-    for got, rows in ((shuffled, perm), (ee.predict(xt, batch_size=1), slice(None)),  # batch of 1
-                      (ee.predict(xt[:37], batch_size=16), slice(0, 37)),  # 16, 16, 5
-                      (ee.predict(xt[:1]), slice(0, 1))):
+    for got, rows in (
+        (shuffled, perm),
+        (ee.predict(xt, batch_size=1), slice(None)),  # batch of 1
+        (ee.predict(xt[:37], batch_size=16), slice(0, 37)),  # 16, 16, 5
+        (ee.predict(xt[:1]), slice(0, 1)),
+    ):
         np.testing.assert_array_equal(got["exit"], ref["exit"][rows])
         np.testing.assert_array_equal(got["label"], ref["label"][rows])
         np.testing.assert_allclose(got["confidence"], ref["confidence"][rows], rtol=1e-5)
@@ -158,14 +164,18 @@ def test_pooled_predict_takes_the_same_decisions_on_full_batches(trained, ee, mo
             sizes = [size for stage, size in seen if stage == k]
             assert sum(sizes) == int(np.sum(ref["exit"] > k)), (batch_size, k, sizes)
             full = min(batch_size, len(xt))  # at least a full batch, except the last call
-            assert all(size >= full for size in sizes[:-1]) and all(size == full for size in sizes[:-1] if k == 0), sizes
+            assert all(size >= full for size in sizes[:-1]) and all(size == full for size in sizes[:-1] if k == 0), (
+                sizes
+            )
             assert all(size > 0 for size in sizes)
     monkeypatch.undo()
     shuffled = np.random.default_rng(4).permutation(len(xt))
     np.testing.assert_array_equal(ee.predict(xt[shuffled], batch_size=16, pooled=True)["exit"], ref["exit"][shuffled])
     for deadline in (1, 2):
-        np.testing.assert_array_equal(ee.predict(xt, batch_size=16, pooled=True, deadline=deadline)["exit"],
-                                      ee.predict(xt, deadline=deadline)["exit"])
+        np.testing.assert_array_equal(
+            ee.predict(xt, batch_size=16, pooled=True, deadline=deadline)["exit"],
+            ee.predict(xt, deadline=deadline)["exit"],
+        )
     assert all(v.shape == (0,) for v in ee.predict(xt[:0], pooled=True).values())
     # Nobody leaves early: every stage step hands its whole state on uncut (no gather).
     kept = ee.thresholds
@@ -263,11 +273,11 @@ def test_save_load_and_export_round_trips(trained, ee, tmp_path):
             pass
         import numpy as np, tensorflow as tf
         m = tf.saved_model.load({str(out_dir)!r})
-        x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))
+        x = tf.constant(np.load({str(tmp_path / "x.npy")!r}))
         out = m.signatures["serving_default"](images=x)
-        np.savez({str(tmp_path / 'served.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})
+        np.savez({str(tmp_path / "served.npz")!r}, **{{k: v.numpy() for k, v in out.items()}})
         two = m.anytime(x, tf.constant(2, tf.int32))
-        np.save({str(tmp_path / 'anytime.npy')!r}, two["exit"].numpy())
+        np.save({str(tmp_path / "anytime.npy")!r}, two["exit"].numpy())
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -277,11 +287,15 @@ def test_save_load_and_export_round_trips(trained, ee, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "anytime.npy"), ee.predict(xt, deadline=2)["exit"])
 
 
-@pytest.mark.parametrize("build", [
-    lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
-    lambda: models.ranet(num_classes=5, **SMALL_RANET),
-    lambda: models.attach_exits(_residual_backbone(), ["b", "d"], num_classes=5),
-], ids=["msdnet", "ranet", "attach_exits"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
+        lambda: models.ranet(num_classes=5, **SMALL_RANET),
+        lambda: models.attach_exits(_residual_backbone(), ["b", "d"], num_classes=5),
+    ],
+    ids=["msdnet", "ranet", "attach_exits"],
+)
 def test_architectures(build):
     keras.utils.set_random_seed(1)
     model = build()
@@ -365,8 +379,25 @@ def test_solve_budget_wrapper():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "cnn"
-    argv = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--method", "baseline", "--epochs", "2",
-            "--batch-size", "64", "--val-size", "200", "--no-evaluate", "--quiet", "--out", str(out)]
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "multiexit_cnn",
+        "--method",
+        "baseline",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--val-size",
+        "200",
+        "--no-evaluate",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     return out
 
@@ -391,8 +422,16 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     np.testing.assert_array_equal(ref["label"], labels)
     np.savez(tmp_path / "images.npz", x=raw)
     csv_path = tmp_path / "pred.csv"
-    argv = ["predict", str(run), "--budget", f"{budget / 1e3}K", "--images", str(tmp_path / "images.npz"),
-            "--out", str(csv_path)]
+    argv = [
+        "predict",
+        str(run),
+        "--budget",
+        f"{budget / 1e3}K",
+        "--images",
+        str(tmp_path / "images.npz"),
+        "--out",
+        str(csv_path),
+    ]
     assert cli.main(argv) == 0
     assert "40 images" in capsys.readouterr().out
     rows = list(csv.DictReader(open(csv_path)))
@@ -432,8 +471,12 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
         pytest.skip("the digits images are not uint8")
     for i, img in enumerate(pixels):
         (folder / f"img_{i:03d}.png").write_bytes(tf.io.encode_png(img).numpy())
-    assert cli.main(["predict", str(run), "--budget", str(budget), "--images", str(folder), "--out",
-                     str(tmp_path / "png.csv")]) == 0
+    assert (
+        cli.main(
+            ["predict", str(run), "--budget", str(budget), "--images", str(folder), "--out", str(tmp_path / "png.csv")]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "png.csv")))
     assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()
     assert rows[0]["image"] == "img_000.png"
@@ -441,8 +484,10 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["predict", str(run), "--budget", "1", "--images", str(folder), "--out", str(csv_path)]) == 2
     assert "below the first exit's cost" in capsys.readouterr().err
-    assert cli.main(["predict", str(run), "--budget", "1M", "--images", str(tmp_path / "nope"), "--out",
-                     str(csv_path)]) == 2
+    assert (
+        cli.main(["predict", str(run), "--budget", "1M", "--images", str(tmp_path / "nope"), "--out", str(csv_path)])
+        == 2
+    )
 
 
 def test_lazy_submodule():

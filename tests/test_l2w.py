@@ -17,7 +17,6 @@ from tiny_models import tiny_backbone, tiny_data  # noqa: E402
 _data = tiny_data
 
 
-
 # --- allocation ------------------------------------------------------------
 
 
@@ -61,8 +60,7 @@ def test_allocation_matches_brute_force(q, n):
     assert mask.shape == (n, 4)
     np.testing.assert_array_equal(mask.sum(axis=1), 1)
     np.testing.assert_array_equal(mask.argmax(axis=1), expected)
-    np.testing.assert_array_equal(T.allocate_by_confidence_numpy(conf, q),
-                                  expected)
+    np.testing.assert_array_equal(T.allocate_by_confidence_numpy(conf, q), expected)
 
 
 # --- zero-sum weights -------------------------------------------------------
@@ -75,8 +73,7 @@ def test_zero_sum_constraint(constraint):
     pert = (w - 1.0) / 0.8
     axis = {"col": 1, "row": 0, "mat": None}[constraint]
     np.testing.assert_allclose(pert.sum(axis=axis), 0.0, atol=1e-12)
-    ref = u - (u.mean(axis=axis, keepdims=True) if axis is not None
-               else u.mean())
+    ref = u - (u.mean(axis=axis, keepdims=True) if axis is not None else u.mean())
     np.testing.assert_allclose(w, 1 + 0.8 * ref, rtol=1e-12)
     with pytest.raises(ValueError):
         T.zero_sum_weights(tf.constant(u), 0.8, "diag")
@@ -86,21 +83,19 @@ def test_zero_sum_constraint(constraint):
 
 
 def _random_grads(variables, rng):
-    return [tf.constant(rng.normal(size=v.shape).astype(v.dtype))
-            for v in variables]
+    return [tf.constant(rng.normal(size=v.shape).astype(v.dtype)) for v in variables]
 
 
 OPTIMIZERS = {
-    "sgd_momentum_wd": lambda: keras.optimizers.SGD(
-        0.1, momentum=0.9, weight_decay=1e-2),
+    "sgd_momentum_wd": lambda: keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-2),
     "sgd_nesterov_cosine": lambda: keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(0.1, decay_steps=7),
-        momentum=0.9, nesterov=True, weight_decay=1e-2),
+        keras.optimizers.schedules.CosineDecay(0.1, decay_steps=7), momentum=0.9, nesterov=True, weight_decay=1e-2
+    ),
     "sgd_plain_clip": lambda: keras.optimizers.SGD(0.05, clipnorm=0.5),
     "adam_wd": lambda: keras.optimizers.Adam(1e-2, weight_decay=1e-2),
     "adamw_amsgrad_schedule": lambda: keras.optimizers.AdamW(
-        keras.optimizers.schedules.ExponentialDecay(1e-2, 3, 0.5),
-        amsgrad=True),
+        keras.optimizers.schedules.ExponentialDecay(1e-2, 3, 0.5), amsgrad=True
+    ),
 }
 
 
@@ -116,8 +111,7 @@ def test_lookahead_equals_real_step(name):
     before_opt = [v.numpy().copy() for v in opt.variables]
     before = [v.numpy().copy() for v in variables]
     grads = _random_grads(variables, rng)
-    theta_hat = T.lookahead_step(
-        opt, variables, [tf.convert_to_tensor(v) for v in variables], grads)
+    theta_hat = T.lookahead_step(opt, variables, [tf.convert_to_tensor(v) for v in variables], grads)
     # Nothing changed: parameters, buffers, iteration counter.
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
@@ -125,11 +119,9 @@ def test_lookahead_equals_real_step(name):
         np.testing.assert_array_equal(v.numpy(), b)
     opt.apply(grads, variables)
     for v, t in zip(variables, theta_hat):
-        np.testing.assert_allclose(t.numpy(), v.numpy(), rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(t.numpy(), v.numpy(), rtol=1e-5, atol=1e-7)
     # The step is not trivial.
-    assert any(not np.allclose(v.numpy(), b) for v, b in zip(variables,
-                                                            before))
+    assert any(not np.allclose(v.numpy(), b) for v, b in zip(variables, before))
 
 
 def test_lookahead_rejects_unsupported_optimizer():
@@ -137,9 +129,9 @@ def test_lookahead_rejects_unsupported_optimizer():
     opt = keras.optimizers.RMSprop()
     opt.build(model.trainable_variables)
     with pytest.raises(ValueError, match="RMSprop"):
-        T.lookahead_step(opt, model.trainable_variables,
-                         list(model.trainable_variables),
-                         list(model.trainable_variables))
+        T.lookahead_step(
+            opt, model.trainable_variables, list(model.trainable_variables), list(model.trainable_variables)
+        )
     acc = keras.optimizers.SGD(gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="gradient_accumulation"):
         T.core.check_lookahead_support(acc)
@@ -172,13 +164,11 @@ def _fd_meta_loss(model, method, x_t, y_t, x_m, y_m):
     with tf.GradientTape() as tape:
         logits = model(x_t, training=True)
         ce = T.per_exit_cross_entropy(y_t, logits)
-        w = tf.stop_gradient(
-            method.sample_weights(ce, T.exit_confidence(logits)))
+        w = tf.stop_gradient(method.sample_weights(ce, T.exit_confidence(logits)))
         loss = tf.reduce_sum(tf.reduce_mean(w * ce, axis=0))
     model.optimizer.apply(tape.gradient(loss, variables), variables)
     logits_m = model(x_m, training=True)
-    meta, _ = method.meta_loss(T.per_exit_cross_entropy(y_m, logits_m),
-                               T.exit_confidence(logits_m))
+    meta, _ = method.meta_loss(T.per_exit_cross_entropy(y_m, logits_m), T.exit_confidence(logits_m))
     for v, s in zip(model.variables, saved_model):
         v.assign(s)
     for v, s in zip(model.optimizer.variables, saved_opt):
@@ -196,8 +186,7 @@ def _fd_meta_loss(model, method, x_t, y_t, x_m, y_m):
 )
 def test_meta_gradient_matches_finite_differences(float64, options):
     method = T.L2W(wpn_width=5, **options)
-    opt = keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True,
-                               weight_decay=1e-2)
+    opt = keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-2)
     model = _l2w_model(method, opt)
     x, y = _data(n=24, dtype="float64")
     _warm_up(model, x, y)
@@ -208,10 +197,11 @@ def test_meta_gradient_matches_finite_differences(float64, options):
     checked = 0
     for var, g in zip(method.wpn.weights, grads):
         g = g.numpy()
-        flat_idx = rng.choice(var.shape.num_elements()
-                              if hasattr(var.shape, "num_elements")
-                              else int(np.prod(var.shape)), size=2,
-                              replace=False)
+        flat_idx = rng.choice(
+            var.shape.num_elements() if hasattr(var.shape, "num_elements") else int(np.prod(var.shape)),
+            size=2,
+            replace=False,
+        )
         for fi in flat_idx:
             idx = np.unravel_index(fi, var.shape)
             base = var.numpy().copy()
@@ -239,8 +229,7 @@ def test_meta_step_leaves_model_and_optimizer_untouched():
     _warm_up(model, x, y)
     before = [v.numpy().copy() for v in model.backbone.variables]
     opt_before = [v.numpy().copy() for v in model.optimizer.variables]
-    bn = [v for v in model.backbone.non_trainable_variables
-          if "moving" in v.path]
+    bn = [v for v in model.backbone.non_trainable_variables if "moving" in v.path]
     assert bn, "the backbone must have BatchNorm moving statistics"
     grads, la = method.meta_gradients(model, x[:8], y[:8], x[8:], y[8:])
     assert all(g is not None for g in grads)
@@ -249,9 +238,9 @@ def test_meta_step_leaves_model_and_optimizer_untouched():
     for v, b in zip(model.optimizer.variables, opt_before):
         np.testing.assert_array_equal(v.numpy(), b)
     # The forward pass did compute new statistics (they were discarded).
-    moved = [nv.numpy() for v, nv in zip(model.backbone.non_trainable_variables,
-                                         la.non_trainable)
-             if "moving" in v.path]
+    moved = [
+        nv.numpy() for v, nv in zip(model.backbone.non_trainable_variables, la.non_trainable) if "moving" in v.path
+    ]
     assert any(not np.allclose(m, v.numpy()) for m, v in zip(moved, bn))
 
 
@@ -260,8 +249,7 @@ def test_reused_forward_real_gradients_match_tape():
     model = _l2w_model(method, keras.optimizers.SGD(0.1, momentum=0.9))
     x, y = _data(n=16)
     _, la = method.meta_gradients(model, x[:8], y[:8], x[8:], y[8:])
-    coeff = tf.constant(np.random.default_rng(0).uniform(
-        size=(8, 3)).astype("float32"))
+    coeff = tf.constant(np.random.default_rng(0).uniform(size=(8, 3)).astype("float32"))
     grads = la.real_gradients(coeff)
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
@@ -269,8 +257,7 @@ def test_reused_forward_real_gradients_match_tape():
         loss = tf.reduce_sum(coeff * ce)
     ref = tape.gradient(loss, variables)
     for g, r in zip(grads, ref):
-        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _conv_backbone(seed=0):

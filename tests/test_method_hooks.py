@@ -55,14 +55,18 @@ def test_stateless_forward_returns_named_tensors_with_substituted_values():
     x = tf.constant(np.random.default_rng(1).normal(size=(8, 5)).astype("float32"))
     theta = [v.value * 0.5 for v in backbone.trainable_variables]  # other values than the model's
     logits, stats = core.stateless_forward(backbone, theta, x)
-    logits2, stats2, named = core.stateless_forward(backbone, theta, x,
-                                                    return_tensors=["exit_1_features", "exit_2_features"])
+    logits2, stats2, named = core.stateless_forward(
+        backbone, theta, x, return_tensors=["exit_1_features", "exit_2_features"]
+    )
     for a, b in zip(logits + stats, logits2 + stats2):  # same pass, same order of the model's variables
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     features = keras.Model(backbone.inputs, backbone.get_layer("exit_1_features").output)
     want, _ = features.stateless_call(
         [theta[[id(v) for v in backbone.trainable_variables].index(id(w))] for w in features.trainable_variables],
-        [w.value for w in features.non_trainable_variables], x, training=True)
+        [w.value for w in features.non_trainable_variables],
+        x,
+        training=True,
+    )
     np.testing.assert_allclose(np.asarray(named["exit_1_features"]), np.asarray(want), rtol=1e-6)
     assert not np.allclose(np.asarray(named["exit_1_features"]), np.asarray(features(x, training=True)))
     # Gradients flow through the substituted values to the named tensor.
@@ -123,8 +127,16 @@ def test_per_exit_stats_and_the_mlp():
     stats = bilevel.PerExitStats(2, "gate")
     stats.update(tf.constant([[0.2, 1.0], [0.6, -1.0]]))
     logs = {k: float(v) for k, v in stats.logs().items()}
-    assert logs == pytest.approx({"exit_1_gate_mean": 0.4, "exit_1_gate_min": 0.2, "exit_1_gate_max": 0.6,
-                                  "exit_2_gate_mean": 0.0, "exit_2_gate_min": -1.0, "exit_2_gate_max": 1.0})
+    assert logs == pytest.approx(
+        {
+            "exit_1_gate_mean": 0.4,
+            "exit_1_gate_min": 0.2,
+            "exit_1_gate_max": 0.6,
+            "exit_2_gate_mean": 0.0,
+            "exit_2_gate_min": -1.0,
+            "exit_2_gate_max": 1.0,
+        }
+    )
     mlp = bilevel.MLP(input_dim=2, output_dim=1, depth=2, width=7, output_activation="sigmoid")
     out = mlp(tf.zeros((3, 2)))
     assert out.shape == (3, 1) and np.all((np.asarray(out) > 0) & (np.asarray(out) < 1))
@@ -153,10 +165,12 @@ class CountsMetaSamples(training.Baseline):
 
     def setup(self, model):
         super().setup(model)
-        self.meta_seen = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                         name="meta_seen")
-        self.meta_label_sum = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                              name="meta_label_sum")
+        self.meta_seen = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="meta_seen"
+        )
+        self.meta_label_sum = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="meta_label_sum"
+        )
 
     def train_step(self, model, data, meta_batch=None):
         x_meta, y_meta = meta_batch
@@ -188,8 +202,17 @@ def test_a_meta_stream_method_trains_through_experiment_train(tmp_path):
     from keras_ee import experiment
     from keras_ee.config import TrainConfig
 
-    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200,
-                      train_size=300, evaluate=False, method=f"{__name__}:CountsMetaSamples", meta_split_size=60)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="multiexit_cnn",
+        epochs=2,
+        batch_size=128,
+        val_size=200,
+        train_size=300,
+        evaluate=False,
+        method=f"{__name__}:CountsMetaSamples",
+        meta_split_size=60,
+    )
     run = experiment.train(cfg, tmp_path / "r", verbose=0)
     assert json.loads((run / "config.json").read_text())["meta_split_size"] == 60  # the choice is recorded
     model = experiment.load_run_model(run / "model.keras")
@@ -206,8 +229,10 @@ class TwoPhases(training.Baseline):
     """Phase 1 trains everything with the run's SGD; phase 2 only exit 2's head, with Adam."""
 
     def phases(self, epochs):
-        return [training.Phase("all", epochs),
-                training.Phase("head", 1, make_optimizer=lambda steps: keras.optimizers.Adam(1e-3))]
+        return [
+            training.Phase("all", epochs),
+            training.Phase("head", 1, make_optimizer=lambda steps: keras.optimizers.Adam(1e-3)),
+        ]
 
     def enter_phase(self, model, index, fresh=True):
         for layer in model.backbone.layers:
@@ -219,8 +244,16 @@ def test_a_method_declares_phases_and_keras_ee_train_runs_them(tmp_path, capsys)
     from keras_ee import experiment
     from keras_ee.config import TrainConfig
 
-    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", method="tests.test_method_hooks:TwoPhases",
-                      epochs=1, batch_size=128, train_size=300, val_size=200, evaluate=False)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="multiexit_cnn",
+        method="tests.test_method_hooks:TwoPhases",
+        epochs=1,
+        batch_size=128,
+        train_size=300,
+        val_size=200,
+        evaluate=False,
+    )
     experiment.train(cfg, tmp_path / "run", verbose="progress")
     out = capsys.readouterr().out
     assert "all (1/2) epoch 1/1" in out and "head (2/2) epoch 2/2" in out  # the progress shows the phase
@@ -240,8 +273,17 @@ def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_
             if epoch == 2:
                 raise KeyboardInterrupt
 
-    cfg = TrainConfig(dataset="digits", model="multiexit_cnn", method="imta", method_options={"phase2_epochs": 2},
-                      epochs=1, batch_size=128, train_size=300, val_size=200, evaluate=False)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="multiexit_cnn",
+        method="imta",
+        method_options={"phase2_epochs": 2},
+        epochs=1,
+        batch_size=128,
+        train_size=300,
+        val_size=200,
+        evaluate=False,
+    )
     experiment.train(cfg, tmp_path / "straight", verbose=0)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

@@ -16,8 +16,9 @@ from keras_ee.atomic import atomic_write_json
 from keras_ee.config import TrainConfig
 from keras_ee.training import registry
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, train_size=300,
-            evaluate=False)
+TINY = dict(
+    dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, train_size=300, evaluate=False
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_ee_test_plugin")
@@ -34,7 +35,7 @@ class DeepFirst(training.Method):
 
     def compute_loss(self, model, y, logits, ce, sample_weight=None):
         k = np.arange(1, self.num_exits + 1) / self.num_exits
-        per_exit = ops.mean(ce, axis=0) * ops.convert_to_tensor(k ** self.power, ce.dtype)
+        per_exit = ops.mean(ce, axis=0) * ops.convert_to_tensor(k**self.power, ce.dtype)
         return ops.sum(per_exit), per_exit
 
     def save_artifacts(self, model, splits, workdir):
@@ -56,9 +57,29 @@ def test_a_method_from_a_module_path_trains_through_experiment_train(tmp_path):
 
 
 def test_a_method_from_a_module_path_trains_through_the_command_line(tmp_path, capsys):
-    argv = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--epochs", "1", "--batch-size", "128",
-            "--val-size", "200", "--train-size", "300", "--no-evaluate", "--quiet", "--method", PATH,
-            "--method-option", "power=2", "--out", str(tmp_path / "r")]
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "multiexit_cnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--val-size",
+        "200",
+        "--train-size",
+        "300",
+        "--no-evaluate",
+        "--quiet",
+        "--method",
+        PATH,
+        "--method-option",
+        "power=2",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert cli.main(argv) == 0
     assert json.loads((tmp_path / "r" / "deep_first.json").read_text())["power"] == 2.0
     assert cli.main(argv[:-4] + ["--method-option", "power=lots", "--out", str(tmp_path / "bad")]) == 2
@@ -90,8 +111,7 @@ def test_registering_checks_the_declaration():
     with pytest.raises(TypeError, match="Method subclass"):
         training.register_method("not_a_method", summary="x")(object)
     with pytest.raises(ValueError, match="unknown option 'beta'"):
-        training.register_method("bad_space", summary="x", search_space={"beta": training.SearchRange(0, 1)})(
-            DeepFirst)
+        training.register_method("bad_space", summary="x", search_space={"beta": training.SearchRange(0, 1)})(DeepFirst)
     with pytest.raises(ValueError, match="already registered"):
         training.register_method("l2w", summary="x")(DeepFirst)
     assert "bad_space" not in training.available_methods()
@@ -100,7 +120,10 @@ def test_registering_checks_the_declaration():
 def test_registered_options_convert_command_line_values():
     spec = training.get_method("l2w")
     assert spec.convert({"q": 1, "meta_interval": 2.0, "weighting": "selection"}) == {
-        "q": 1.0, "meta_interval": 2, "weighting": "selection"}
+        "q": 1.0,
+        "meta_interval": 2,
+        "weighting": "selection",
+    }
     with pytest.raises(ValueError, match=r"weighting='wpm': expected one of \['wpn', 'frozen'"):
         spec.convert({"weighting": "wpm"})
     with pytest.raises(ValueError, match="meta_interval=1.5: expected an integer"):

@@ -136,8 +136,11 @@ def test_a_loss_scaled_lookahead_equals_the_unscaled_one(build, method):
     """Float32, so nothing overflows: scaling by a power of two and unscaling is exact, and a
     scale left in (or missing from) any of the look-ahead's gradients would be off by 2^12."""
     plain = build("float32", method)
-    scaled = build("float32", method, keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**12))
+    scaled = build(
+        "float32",
+        method,
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**12),
+    )
     rng = np.random.default_rng(0)
     for i, v in enumerate(plain.trainable_variables):  # the same non-zero momentum buffers in both
         m = rng.normal(size=v.shape).astype("float32") * 0.1
@@ -161,6 +164,7 @@ def test_a_float16_meta_gradient_matches_float32_where_its_cotangents_would_unde
     """At a learning rate of 1e-6 the cotangents that reach the inner backward pass (lr * dL/dtheta_hat,
     ~1e-8 here) are below float16's normal range; the loss-scaled outer loss keeps them in it.
     With the scale cancelled on the way instead of passed straight through, this bound fails."""
+
     def optimizer():
         return keras.optimizers.SGD(1e-6)
 
@@ -184,8 +188,10 @@ def test_lookahead_step_mirrors_the_wrapped_optimizer():
     inner.momentums[0].assign([0.5, 0.25])
     grads = [tf.constant([0.3, -0.7])]
     values = [tf.convert_to_tensor(variables[0])]
-    np.testing.assert_array_equal(core.lookahead_step(wrapped, variables, values, grads)[0].numpy(),
-                                  core.lookahead_step(inner, variables, values, grads)[0].numpy())
+    np.testing.assert_array_equal(
+        core.lookahead_step(wrapped, variables, values, grads)[0].numpy(),
+        core.lookahead_step(inner, variables, values, grads)[0].numpy(),
+    )
     assert core.check_lookahead_support(wrapped) == "SGD"
     with pytest.raises(ValueError, match="received optimizer RMSprop"):
         core.check_lookahead_support(keras.optimizers.LossScaleOptimizer(keras.optimizers.RMSprop()))
@@ -195,8 +201,11 @@ def test_lookahead_step_mirrors_the_wrapped_optimizer():
 def test_a_loss_scale_overflow_skips_the_step_cleanly_then_a_normal_step_proceeds(build, method):
     # mixed_float16 on CPU (Dense layers; TensorFlow's CPU kernels also run float16 convolutions).
     # A scale of 2^100 makes every float16 gradient inf.
-    model = build("mixed_float16", method, keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**100))
+    model = build(
+        "mixed_float16",
+        method,
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), initial_scale=2.0**100),
+    )
     opt, steps = model.optimizer, model.method.optimizer_steps_per_batch
     assert model.backbone.layers[1].compute_dtype == "float16"
     aux, aux_opt = _auxiliary(model.method)
@@ -204,7 +213,9 @@ def test_a_loss_scale_overflow_skips_the_step_cleanly_then_a_normal_step_proceed
     weights = _flat(model.backbone.trainable_variables)
     aux_weights, aux_state = (_flat(aux), _flat(aux_opt.variables)) if aux else (None, None)
     data = list(_data(model, 2))
-    history = model.fit(tf.data.Dataset.from_tensors(data[0]), epochs=1, verbose=0, shuffle=False).history  # no fault raised
+    history = model.fit(
+        tf.data.Dataset.from_tensors(data[0]), epochs=1, verbose=0, shuffle=False
+    ).history  # no fault raised
     assert np.isfinite(history["loss"][0])
     np.testing.assert_array_equal(_flat(model.backbone.trainable_variables), weights)
     assert opt.iterations.numpy() == 0 and opt.step_counter.numpy() == 0
@@ -226,8 +237,9 @@ def test_a_loss_scale_overflow_skips_the_step_cleanly_then_a_normal_step_proceed
 
 
 def test_apply_step_skips_finite_gradients_when_the_lookahead_overflowed(build):
-    model = build("float32", "baseline", keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(0.05), initial_scale=4.0))
+    model = build(
+        "float32", "baseline", keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=4.0)
+    )
     opt, variables = model.optimizer, model.trainable_variables
     grads = [tf.ones_like(v) for v in variables]
     before = _flat(variables)
@@ -245,8 +257,14 @@ def test_an_overflow_under_mirrored_strategy_skips_on_every_replica_then_a_norma
     """Two logical CPUs in a fresh process (tests/mixed_precision_check.py)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     script = Path(__file__).parent / "mixed_precision_check.py"
-    proc = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=script.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), method],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=script.parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     steps, skipped, normal = out["steps_per_batch"], out["overflow"], out["normal"]

@@ -16,9 +16,7 @@ from keras_ee.models.layers import ConvBNReLU, width_packing
 from keras_ee.models.layers import align_corners_matrix
 
 # Reduced configurations: same code paths as the presets, fast to run.
-SMALL_MSDNET = dict(
-    input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8
-)
+SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
 
 
@@ -44,8 +42,14 @@ def _chain(stages, x):
 def test_available_and_unknown_preset():
     names = models.available()
     for n in [
-        "msdnet_cifar_5", "msdnet_cifar_7", "msdnet_imagenet_s4", "msdnet_imagenet_s6",
-        "msdnet_imagenet_s7", "ranet_cifar_c1", "ranet_cifar_c2", "multiexit_cnn",
+        "msdnet_cifar_5",
+        "msdnet_cifar_7",
+        "msdnet_imagenet_s4",
+        "msdnet_imagenet_s6",
+        "msdnet_imagenet_s7",
+        "ranet_cifar_c1",
+        "ranet_cifar_c2",
+        "multiexit_cnn",
     ]:
         assert n in names
     with pytest.raises(ValueError, match="msdnet_cifar_5"):
@@ -62,8 +66,7 @@ def test_bad_overrides_and_inputs():
     with pytest.raises(ValueError, match=">= 8"):
         models.create("multiexit_cnn", input_shape=(7, 7, 1))
     with pytest.raises(ValueError, match="even"):
-        models.create("msdnet_cifar_5", growth_rate=3, growth_factor=(1, 1, 1),
-                      bottleneck_factor=(1, 1, 1))
+        models.create("msdnet_cifar_5", growth_rate=3, growth_factor=(1, 1, 1), bottleneck_factor=(1, 1, 1))
     with pytest.raises(TypeError):
         models.create("multiexit_cnn", num_classes="10")
     with pytest.raises(ValueError, match="scale_list"):
@@ -182,8 +185,12 @@ def test_conv_bn_relu_matches_keras_layers(k, s, h, f, monkeypatch):
 
     ref(x, False)
     conv.kernel.assign(fused.kernel)
-    for a, b in [(bn.gamma, fused.gamma), (bn.beta, fused.beta),
-                 (bn.moving_mean, fused.moving_mean), (bn.moving_variance, fused.moving_variance)]:
+    for a, b in [
+        (bn.gamma, fused.gamma),
+        (bn.beta, fused.beta),
+        (bn.moving_mean, fused.moving_mean),
+        (bn.moving_variance, fused.moving_variance),
+    ]:
         a.assign(b)
     want = ref(x, False)
     # Inference: both kernel choices (packed convs for Eigen's kernels, plain
@@ -411,10 +418,20 @@ def test_align_corners_resize_gradients_first_and_second_order(size):
         lambda: models.create("multiexit_cnn", input_shape=(8, 8, 1)),
         lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
         lambda: models.ranet(num_classes=5, **SMALL_RANET),
-        lambda: models.msdnet(num_classes=5, stem="imagenet", head_channels=None,
-                              input_shape=(64, 64, 3), num_blocks=2, num_channels=4,
-                              growth_rate=2, growth_factor=(1, 2, 4, 4),
-                              bottleneck_factor=(1, 2, 4, 4), step_mode="even", step=2, base=2),
+        lambda: models.msdnet(
+            num_classes=5,
+            stem="imagenet",
+            head_channels=None,
+            input_shape=(64, 64, 3),
+            num_blocks=2,
+            num_channels=4,
+            growth_rate=2,
+            growth_factor=(1, 2, 4, 4),
+            bottleneck_factor=(1, 2, 4, 4),
+            step_mode="even",
+            step=2,
+            base=2,
+        ),
     ],
     ids=["cnn", "msdnet", "ranet", "msdnet_imagenet_stem"],
 )
@@ -493,7 +510,9 @@ def test_attach_exits_tiny_residual():
     conv_b = 9 * 8 * 8 * 256 + 8 * 256
     assert c["mul_adds"][0] == conv_a + conv_b + 8 * 256 + 8 * 3 + 3
     custom = models.attach_exits(
-        backbone, ["b", "d"], num_classes=3,
+        backbone,
+        ["b", "d"],
+        num_classes=3,
         head=lambda t, k: keras.layers.Flatten(name=f"flat_{k}")(t),
     )
     assert custom.get_layer("exit_2_features").output.shape == (None, 8 * 8 * 16)
@@ -576,7 +595,11 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
     # Outside the context, and for an input width it does not hold, the layer folds as usual.
     with snapshot.active():
         wide = shared(tf.constant(_rand((2, 24, 24, 3), seed=5)), training=False)
-    np.testing.assert_allclose(np.asarray(wide), np.asarray(shared(tf.constant(_rand((2, 24, 24, 3), seed=5)),
-                                                                   training=False)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(wide),
+        np.asarray(shared(tf.constant(_rand((2, 24, 24, 3), seed=5)), training=False)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="expects a built Keras model; received ConvBNReLU"):
         layers_module.InferenceSnapshot(shared)

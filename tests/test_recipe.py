@@ -14,8 +14,9 @@ from keras_ee.config import RECIPES, TrainConfig
 from keras_ee.data.recipe import Recipe
 from tiny_models import StopAt
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, evaluate=False,
-            train_size=400)
+TINY = dict(
+    dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, evaluate=False, train_size=400
+)
 RECIPE = dict(mixup=0.8, cutmix=1.0, randaugment=9.0, random_erasing=0.25, color_jitter=0.4, label_smoothing=0.1)
 FULL = Recipe(**RECIPE)
 
@@ -25,8 +26,17 @@ FULL = Recipe(**RECIPE)
 
 def test_recipe_keys_are_off_by_default_and_round_trip(tmp_path):
     cfg = TrainConfig()
-    assert (cfg.optimizer, cfg.warmup_epochs, cfg.ema, cfg.mixup, cfg.cutmix, cfg.randaugment, cfg.random_erasing,
-            cfg.color_jitter, cfg.label_smoothing) == ("sgd", 0, None, 0.0, 0.0, None, 0.0, 0.0, 0.0)
+    assert (
+        cfg.optimizer,
+        cfg.warmup_epochs,
+        cfg.ema,
+        cfg.mixup,
+        cfg.cutmix,
+        cfg.randaugment,
+        cfg.random_erasing,
+        cfg.color_jitter,
+        cfg.label_smoothing,
+    ) == ("sgd", 0, None, 0.0, 0.0, None, 0.0, 0.0, 0.0)
     assert experiment.training_recipe(cfg) is None
     assert cfg.weight_decay == 1e-4 and cfg.initial_learning_rate == 0.1  # unchanged defaults
     adamw = TrainConfig(optimizer="adamw", batch_size=1024, warmup_epochs=20, ema=0.9999, **RECIPE)
@@ -37,13 +47,22 @@ def test_recipe_keys_are_off_by_default_and_round_trip(tmp_path):
     assert TrainConfig.from_file(tmp_path / "c.json") == adamw
 
 
-@pytest.mark.parametrize("values, key", [
-    (dict(mixup=-1), "mixup"), (dict(cutmix="x"), "cutmix"), (dict(label_smoothing=1.5), "label_smoothing"),
-    (dict(optimizer="rmsprop"), "optimizer"), (dict(ema=1.0), "ema"), (dict(randaugment=11), "randaugment"),
-    (dict(random_erasing=1.5), "random_erasing"), (dict(color_jitter=-0.1), "color_jitter"),
-    (dict(warmup_epochs=-1), "warmup_epochs"), (dict(warmup_epochs=2, schedule="step"), "warmup_epochs"),
-    (dict(randaugment_ops=0), "randaugment_ops"),
-])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        (dict(mixup=-1), "mixup"),
+        (dict(cutmix="x"), "cutmix"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(ema=1.0), "ema"),
+        (dict(randaugment=11), "randaugment"),
+        (dict(random_erasing=1.5), "random_erasing"),
+        (dict(color_jitter=-0.1), "color_jitter"),
+        (dict(warmup_epochs=-1), "warmup_epochs"),
+        (dict(warmup_epochs=2, schedule="step"), "warmup_epochs"),
+        (dict(randaugment_ops=0), "randaugment_ops"),
+    ],
+)
 def test_bad_recipe_values_are_one_line_errors_naming_the_key(values, key):
     with pytest.raises(ValueError) as e:
         TrainConfig(**values)
@@ -73,11 +92,16 @@ def test_recipe_flag_resolves_into_explicit_keys_and_flags_override_it(tmp_path)
     assert _cli_config("--config", str(tmp_path / "a.json")).weight_decay == 0.05
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--mixup", "-1"], "`mixup`"), (["--label-smoothing", "1.5"], "`label_smoothing`"),
-    (["--optimizer", "rmsprop"], "`optimizer`"), (["--model-option", "activation=swish"], "activation"),
-    (["--model-option", "nonlinearity=gelu"], "unknown override"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--mixup", "-1"], "`mixup`"),
+        (["--label-smoothing", "1.5"], "`label_smoothing`"),
+        (["--optimizer", "rmsprop"], "`optimizer`"),
+        (["--model-option", "activation=swish"], "activation"),
+        (["--model-option", "nonlinearity=gelu"], "unknown override"),
+    ],
+)
 def test_cli_refuses_bad_recipe_values_in_one_line(argv, expected, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *[str(a) for a in (*TINY_ARGS, *argv)], "--out", str(run)]) == 2
@@ -86,8 +110,20 @@ def test_cli_refuses_bad_recipe_values_in_one_line(argv, expected, tmp_path, cap
     assert not run.exists()  # refused before the run started
 
 
-TINY_ARGS = ("--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--val-size", "200", "--train-size",
-             "400", "--quiet", "--no-evaluate")
+TINY_ARGS = (
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "128",
+    "--val-size",
+    "200",
+    "--train-size",
+    "400",
+    "--quiet",
+    "--no-evaluate",
+)
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -162,11 +198,14 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("baseline", dict(ema=0.9, warmup_epochs=1)),
-    ("l2w", dict(optimizer="adamw", ema=0.999)),
-    ("imta", dict(ema=0.9, method_options={"phase2_epochs": 1})),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("baseline", dict(ema=0.9, warmup_epochs=1)),
+        ("l2w", dict(optimizer="adamw", ema=0.999)),
+        ("imta", dict(ema=0.9, method_options={"phase2_epochs": 1})),
+    ],
+)
 def test_methods_train_with_soft_targets_and_end_on_the_ema_weights(method, extra, tmp_path):
     cfg = TrainConfig(**{**TINY, "epochs": 1}, **RECIPE, **extra, method=method)
     run = experiment.train(cfg, tmp_path / method, verbose=0)
@@ -209,13 +248,16 @@ def _all_weights(run):
     return [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
 
 
-@pytest.mark.parametrize("method, stop, extra", [
-    ("baseline", 1, dict(ema=0.9, optimizer="adamw", warmup_epochs=1)),
-    # Killed after phase I's last epoch: the resume must start phase II from phase I's average.
-    ("imta", 1, dict(ema=0.9, epochs=1, method_options={"phase2_epochs": 1})),
-    # Killed with every epoch done: the resume must still end on the average.
-    ("baseline", None, dict(ema=0.9)),
-])
+@pytest.mark.parametrize(
+    "method, stop, extra",
+    [
+        ("baseline", 1, dict(ema=0.9, optimizer="adamw", warmup_epochs=1)),
+        # Killed after phase I's last epoch: the resume must start phase II from phase I's average.
+        ("imta", 1, dict(ema=0.9, epochs=1, method_options={"phase2_epochs": 1})),
+        # Killed with every epoch done: the resume must still end on the average.
+        ("baseline", None, dict(ema=0.9)),
+    ],
+)
 def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**TINY, **RECIPE, **extra, "method": method})
     straight = experiment.train(cfg, tmp_path / "straight", verbose=0)
@@ -240,8 +282,9 @@ def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_pa
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert _history(run) == _history(straight)
-    np.testing.assert_array_equal(np.load(run / "dump" / "test_logits.npy"),
-                                  np.load(straight / "dump" / "test_logits.npy"))
+    np.testing.assert_array_equal(
+        np.load(run / "dump" / "test_logits.npy"), np.load(straight / "dump" / "test_logits.npy")
+    )
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -321,8 +364,12 @@ def test_imagenet_training_pipeline_takes_the_recipe_seeded_by_epoch(monkeypatch
     splits = object.__new__(imagenet.ImageNetSplits)
     splits.image_size, splits.input_shape, splits.num_classes = 32, (32, 32, 3), 3
     splits.mean, splits.std = imagenet.MEAN, imagenet.STD
-    monkeypatch.setattr(splits, "_raw", lambda part, shuffle=False, seed=None: tf.data.Dataset.from_tensor_slices(
-        {"image": jpegs, "label": labels}), raising=False)
+    monkeypatch.setattr(
+        splits,
+        "_raw",
+        lambda part, shuffle=False, seed=None: tf.data.Dataset.from_tensor_slices({"image": jpegs, "label": labels}),
+        raising=False,
+    )
 
     def batches(first, end):
         return _batches(splits.train_dataset(4, seed=1, first_epoch=first, epochs=end, recipe=FULL))

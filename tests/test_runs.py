@@ -17,8 +17,9 @@ from keras_ee import cli, experiment, runs
 from keras_ee.config import TrainConfig
 from tiny_models import StopAt  # noqa: E402
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=3, batch_size=128, val_size=200, evaluate=False,
-            train_size=400)
+TINY = dict(
+    dataset="digits", model="multiexit_cnn", epochs=3, batch_size=128, val_size=200, evaluate=False, train_size=400
+)
 METHODS = ("baseline", "l2w")
 
 
@@ -80,8 +81,8 @@ def test_the_data_order_is_a_function_of_seed_and_epoch():
     whole = labels(splits.train_dataset(64, seed=3, first_epoch=0, epochs=3))
     n = splits.num_train
     tail = labels(splits.train_dataset(64, seed=3, first_epoch=2, epochs=3))
-    np.testing.assert_array_equal(whole[2 * n:], tail)  # epoch 2 alone = epoch 2 after 0 and 1
-    assert not np.array_equal(whole[:n], whole[n:2 * n])  # epochs differ
+    np.testing.assert_array_equal(whole[2 * n :], tail)  # epoch 2 alone = epoch 2 after 0 and 1
+    assert not np.array_equal(whole[:n], whole[n : 2 * n])  # epochs differ
     x_a = next(iter(splits.train_dataset(64, seed=3, first_epoch=1, epochs=2)))[0].numpy()
     x_b = next(iter(splits.train_dataset(64, seed=3, first_epoch=1, epochs=2)))[0].numpy()
     np.testing.assert_array_equal(x_a, x_b)  # augmentation too
@@ -91,8 +92,9 @@ def test_the_data_order_is_a_function_of_seed_and_epoch():
 def _child(script, cwd):
     """Run a Python script in a fresh process; return (returncode, stdout + stderr)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     return out.returncode, out.stdout + out.stderr
 
 
@@ -125,11 +127,14 @@ def test_kill_9_while_writing_a_backup_or_the_final_model_loses_nothing(uninterr
     rc, out = _child(_KILL_ON_REPLACE.format(target="model.keras", cfg=cfg, run=str(run)), tmp_path)
     assert rc == -signal.SIGKILL, out
     assert not (run / "model.keras").exists() and runs.RunBackup(run / "backup").backups() == [3]
-    rc, out = _child(f"""
+    rc, out = _child(
+        f"""
         from keras_ee import experiment
         from keras_ee.config import TrainConfig
         experiment.train(TrainConfig(**{cfg!r}), {str(run)!r}, verbose=0)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert rc == 0, out
     assert "resuming from the backup after epoch 3" in out
     _assert_same_run(run, uninterrupted["baseline"])  # every epoch once, and the same result
@@ -175,9 +180,32 @@ def test_a_full_disk_during_a_backup_is_a_clear_error_and_resumable(tmp_path, mo
     with pytest.raises(runs.RunWriteError, match="not enough disk space.*backup after epoch 1 is intact"):
         experiment.train(cfg, run, verbose=0)
     monkeypatch.setattr(runs.shutil, "disk_usage", real)
-    assert cli.main(["train", "--out", str(run), "--dataset", "digits", "--model", "multiexit_cnn", "--method",
-                     "baseline", "--epochs", "3", "--batch-size", "128", "--val-size", "200", "--train-size",
-                     "400", "--no-evaluate", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--out",
+                str(run),
+                "--dataset",
+                "digits",
+                "--model",
+                "multiexit_cnn",
+                "--method",
+                "baseline",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "128",
+                "--val-size",
+                "200",
+                "--train-size",
+                "400",
+                "--no-evaluate",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert [r["epoch"] for r in _history(run)] == ["0", "1", "2"]
 
 
@@ -214,7 +242,7 @@ def test_a_second_command_on_a_locked_folder_is_refused_naming_the_holder(tmp_pa
         assert f"in use by process {os.getpid()}" in err and len(err.strip().splitlines()) == 1
         assert not (run / "config.json").exists()
     # A lock file left by a dead process is stale: the next command takes it over.
-    (run / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "command": "keras-ee train"}))
+    (run / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "command": "keras-ee train"}))
     with runs.RunLock(run):
         pass
 
@@ -222,13 +250,21 @@ def test_a_second_command_on_a_locked_folder_is_refused_naming_the_holder(tmp_pa
 def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from keras_ee import runs
         lock = runs.RunLock({str(run)!r}).acquire()
         print("locked", flush=True)
         time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         with pytest.raises(runs.RunFolderBusyError, match=f"process {child.pid}"):
@@ -242,8 +278,23 @@ def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
 
 def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    base = ["train", "--dataset", "digits", "--model", "multiexit_cnn", "--epochs", "1", "--batch-size", "128",
-            "--val-size", "200", "--train-size", "400", "--no-evaluate", "--quiet"]
+    base = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "multiexit_cnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--val-size",
+        "200",
+        "--train-size",
+        "400",
+        "--no-evaluate",
+        "--quiet",
+    ]
     assert cli.main(base + ["--q", "0"]) == 2  # the default folder
     assert "q" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.json"))
@@ -302,9 +353,10 @@ def test_dropout_and_every_variable_come_back_from_a_backup(tmp_path):
         keras.utils.set_random_seed(1)
         inp = keras.Input((6,))
         h = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(inp))
-        model = training.MultiExitModel(keras.Model(inp, [keras.layers.Dense(3, name="exit_1")(inp),
-                                                          keras.layers.Dense(3, name="exit_2")(h)]),
-                                        method=training.L2W())
+        model = training.MultiExitModel(
+            keras.Model(inp, [keras.layers.Dense(3, name="exit_1")(inp), keras.layers.Dense(3, name="exit_2")(h)]),
+            method=training.L2W(),
+        )
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         return model
 
@@ -318,8 +370,7 @@ def test_dropout_and_every_variable_come_back_from_a_backup(tmp_path):
     resumed = build()
     assert runs.RunBackup(tmp_path / "backup").restore(resumed) == 1
     resumed.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, shuffle=False, verbose=0)
-    for a, b in zip(straight.variables + straight.optimizer.variables,
-                    resumed.variables + resumed.optimizer.variables):
+    for a, b in zip(straight.variables + straight.optimizer.variables, resumed.variables + resumed.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -348,9 +399,14 @@ def test_multi_exit_model_refuses_exits_that_cannot_be_trained():
         training.MultiExitModel(keras.Model(inp, [probs]))
 
 
-@pytest.mark.parametrize("labels, match", [(np.array([0, 1, 2, 7] * 4), "received label 7"),
-                                           (np.array([0, 1, 2, -1] * 4), "received label -1"),
-                                           (np.array([0, 1, 2, 1.5] * 4), "non-integer label")])
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.array([0, 1, 2, 7] * 4), "received label 7"),
+        (np.array([0, 1, 2, -1] * 4), "received label -1"),
+        (np.array([0, 1, 2, 1.5] * 4), "non-integer label"),
+    ],
+)
 def test_bad_labels_in_the_python_api_are_a_clear_error(labels, match):
     from keras_ee import training
 
@@ -363,12 +419,17 @@ def test_bad_labels_in_the_python_api_are_a_clear_error(labels, match):
         model.evaluate(x, labels, batch_size=16, verbose=0)
 
 
-@pytest.mark.parametrize("values, match", [({"epochs": True}, "`epochs` must be a positive integer; received True"),
-                                           ({"seed": 1.5}, "`seed` must be an integer"),
-                                           ({"nesterov": "yes"}, "`nesterov` must be true or false"),
-                                           ({"dataset": 3}, "`dataset` must be a string"),
-                                           ({"confidence": "max"}, "`confidence` must be one of"),
-                                           ({"budgets": [float("inf")]}, "`budgets`")])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"epochs": True}, "`epochs` must be a positive integer; received True"),
+        ({"seed": 1.5}, "`seed` must be an integer"),
+        ({"nesterov": "yes"}, "`nesterov` must be true or false"),
+        ({"dataset": 3}, "`dataset` must be a string"),
+        ({"confidence": "max"}, "`confidence` must be one of"),
+        ({"budgets": [float("inf")]}, "`budgets`"),
+    ],
+)
 def test_config_type_errors_name_the_field_and_the_file(values, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(values)
@@ -414,8 +475,13 @@ def test_a_finished_run_with_a_damaged_model_trains_again_and_says_so(tmp_path, 
 def test_an_npz_without_test_images_is_refused_before_training(tmp_path):
     f = tmp_path / "d.npz"
     rng = np.random.default_rng(0)
-    np.savez(f, x_train=rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8), y_train=np.arange(60) % 3,
-             x_test=np.zeros((0, 8, 8, 1), np.uint8), y_test=np.zeros((0,), np.int64))
+    np.savez(
+        f,
+        x_train=rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8),
+        y_train=np.arange(60) % 3,
+        x_test=np.zeros((0, 8, 8, 1), np.uint8),
+        y_test=np.zeros((0,), np.int64),
+    )
     cfg = TrainConfig(**{**TINY, "dataset": f"npz:{f}", "val_size": 10, "train_size": None})
     with pytest.raises(ValueError, match="no test images"):
         experiment.train(cfg, tmp_path / "run", verbose=0)

@@ -57,14 +57,10 @@ METHODS = {
     "l2w_selection": lambda p: T.L2W(weighting="selection"),
     "l2w_rising": lambda p: T.L2W(weighting="rising"),
     "l2w_falling": lambda p: T.L2W(weighting="falling"),
-    "l2w_frozen": lambda p: T.L2W(wpn_width=16, weighting="frozen",
-                                  wpn_weights_path=_saved_wpn(p)),
-    "l2w_vanilla_objective": lambda p: T.L2W(wpn_width=16,
-                                             meta_objective="vanilla"),
-    "l2w_both_row_interval2": lambda p: T.L2W(
-        wpn_width=16, wpn_input="both", constraint="row", meta_interval=2),
-    "l2w_confidence_mat": lambda p: T.L2W(
-        wpn_width=16, wpn_input="confidence", constraint="mat"),
+    "l2w_frozen": lambda p: T.L2W(wpn_width=16, weighting="frozen", wpn_weights_path=_saved_wpn(p)),
+    "l2w_vanilla_objective": lambda p: T.L2W(wpn_width=16, meta_objective="vanilla"),
+    "l2w_both_row_interval2": lambda p: T.L2W(wpn_width=16, wpn_input="both", constraint="row", meta_interval=2),
+    "l2w_confidence_mat": lambda p: T.L2W(wpn_width=16, wpn_input="confidence", constraint="mat"),
 }
 
 
@@ -73,16 +69,14 @@ def test_fit_lowers_loss(name, tmp_path):
     x, y = blobs()
     model = make(METHODS[name](tmp_path))
     before = model.evaluate(x, y, verbose=0, return_dict=True)
-    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
-                        shuffle=False)
+    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False)
     after = model.evaluate(x, y, verbose=0, return_dict=True)
     assert after["loss"] < 0.8 * before["loss"], (before, after)
     for k in range(1, 4):
         assert f"exit_{k}_loss" in history.history
         assert f"exit_{k}_accuracy" in history.history
         if name.startswith("l2w"):
-            stats = [history.history[f"exit_{k}_weight_{s}"][-1]
-                     for s in ("min", "mean", "max")]
+            stats = [history.history[f"exit_{k}_weight_{s}"][-1] for s in ("min", "mean", "max")]
             assert stats[0] <= stats[1] + 1e-5
             assert stats[1] <= stats[2] + 1e-5
             assert np.all(np.isfinite(stats))
@@ -91,14 +85,18 @@ def test_fit_lowers_loss(name, tmp_path):
 def test_logs_and_predict_have_every_exit():
     x, y = blobs(n=32)
     model = make(T.L2W(wpn_width=8))
-    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-                     validation_data=(x, y))
+    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0, validation_data=(x, y))
     expected = {"loss", "val_loss"}
     for k in range(1, 4):
-        expected |= {f"exit_{k}_loss", f"exit_{k}_accuracy",
-                     f"val_exit_{k}_loss", f"val_exit_{k}_accuracy",
-                     f"exit_{k}_weight_mean", f"exit_{k}_weight_min",
-                     f"exit_{k}_weight_max"}
+        expected |= {
+            f"exit_{k}_loss",
+            f"exit_{k}_accuracy",
+            f"val_exit_{k}_loss",
+            f"val_exit_{k}_accuracy",
+            f"exit_{k}_weight_mean",
+            f"exit_{k}_weight_min",
+            f"exit_{k}_weight_max",
+        }
     assert set(hist.history) == expected
     preds = model.predict(x, verbose=0)
     assert isinstance(preds, list) and len(preds) == 3
@@ -107,34 +105,29 @@ def test_logs_and_predict_have_every_exit():
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
     for k, p in enumerate(preds):
         acc = np.mean(np.argmax(p, axis=1) == y)
-        np.testing.assert_allclose(logs[f"exit_{k + 1}_accuracy"], acc,
-                                   atol=1e-6)
-        logp = p - np.log(np.exp(p - p.max(1, keepdims=True)).sum(
-            1, keepdims=True)) - p.max(1, keepdims=True)
+        np.testing.assert_allclose(logs[f"exit_{k + 1}_accuracy"], acc, atol=1e-6)
+        logp = p - np.log(np.exp(p - p.max(1, keepdims=True)).sum(1, keepdims=True)) - p.max(1, keepdims=True)
         ce = -logp[np.arange(len(y)), y].mean()
-        np.testing.assert_allclose(logs[f"exit_{k + 1}_loss"], ce,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(logs[f"exit_{k + 1}_loss"], ce, rtol=1e-4)
 
 
 def test_baseline_step_matches_manual_step():
     x, y = blobs(n=16)
-    model = make(T.Baseline(exit_weights=[1.0, 0.5, 2.0]),
-                 optimizer=keras.optimizers.SGD(0.1))
+    model = make(T.Baseline(exit_weights=[1.0, 0.5, 2.0]), optimizer=keras.optimizers.SGD(0.1))
     ref = tiny_backbone(seed=0)
     ref.set_weights(model.backbone.get_weights())
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     with tf.GradientTape() as tape:
         logits = ref(x, training=True)
-        loss = sum(c * tf.reduce_mean(
-            keras.losses.sparse_categorical_crossentropy(
-                y, z, from_logits=True))
-                   for c, z in zip([1.0, 0.5, 2.0], logits))
+        loss = sum(
+            c * tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True))
+            for c, z in zip([1.0, 0.5, 2.0], logits)
+        )
     grads = tape.gradient(loss, ref.trainable_variables)
     for v, g in zip(ref.trainable_variables, grads):
         v.assign(v - 0.1 * g)
     for a, b in zip(model.backbone.weights, ref.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # --- serialization and resume ----------------------------------------------
@@ -163,8 +156,7 @@ def test_save_load_identical(tmp_path):
     assert isinstance(loaded, T.MultiExitModel)
     assert isinstance(loaded.method, T.L2W)
     assert loaded.method.get_config() == model.method.get_config()
-    for a, b in zip(model.predict(x, verbose=0), loaded.predict(x,
-                                                                verbose=0)):
+    for a, b in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_state(model), _state(loaded)):
         np.testing.assert_array_equal(a, b)
@@ -181,13 +173,11 @@ class _Interrupt(keras.callbacks.Callback):
 @pytest.mark.parametrize("method", ["l2w", "baseline"])
 def test_backup_and_restore_resumes_identically(method, tmp_path):
     x, y = blobs(n=32)
-    factory = {"l2w": lambda: T.L2W(wpn_width=8),
-               "baseline": lambda: T.Baseline()}[method]
+    factory = {"l2w": lambda: T.L2W(wpn_width=8), "baseline": lambda: T.Baseline()}[method]
     schedule = keras.optimizers.schedules.CosineDecay(0.05, 16)
 
     def fresh(seed):
-        return make(factory(), seed=seed, optimizer=keras.optimizers.SGD(
-            schedule, momentum=0.9, weight_decay=1e-4))
+        return make(factory(), seed=seed, optimizer=keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4))
 
     full = fresh(0)
     full.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
@@ -195,19 +185,25 @@ def test_backup_and_restore_resumes_identically(method, tmp_path):
     backup = str(tmp_path / "backup")
     first = fresh(0)
     with pytest.raises(RuntimeError, match="interrupted"):
-        first.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-                  callbacks=[keras.callbacks.BackupAndRestore(backup),
-                             _Interrupt()])
+        first.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras.callbacks.BackupAndRestore(backup), _Interrupt()],
+        )
     resumed = fresh(1)  # different initialisation: all must come from backup
-    resumed.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
-                callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    resumed.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[keras.callbacks.BackupAndRestore(backup)]
+    )
     full_state, resumed_state = _state(full), _state(resumed)
     assert len(full_state) == len(resumed_state)
     for a, b in zip(full_state, resumed_state):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # And it did not just restart from scratch: the interrupted run differs.
-    assert int(resumed.optimizer.iterations.numpy()) == int(
-        full.optimizer.iterations.numpy())
+    assert int(resumed.optimizer.iterations.numpy()) == int(full.optimizer.iterations.numpy())
 
 
 # --- non-finite losses -------------------------------------------------------
@@ -223,9 +219,11 @@ def test_nonfinite_loss_names_step_and_exit(method):
     model = T.MultiExitModel(tiny_backbone(nan_exit=2), method=m)
     model.compile(optimizer=sgd())
     step = {"baseline": 2, "l2w": 3}[method]
-    with pytest.raises(T.NonFiniteLossError,
-                       match=rf"training loss of exit_2 at optimizer step "
-                             rf"{step} \(epoch 1, batch 2\)"):
+    with pytest.raises(
+        T.NonFiniteLossError,
+        match=rf"training loss of exit_2 at optimizer step "
+        rf"{step} \(epoch 1, batch 2\)",
+    ):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
 
 
@@ -260,8 +258,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="RMSprop"):
         model.compile(optimizer=keras.optimizers.RMSprop())
     # Methods without a look-ahead accept any optimizer.
-    T.MultiExitModel(tiny_backbone(), method=T.L2W(weighting="rising")
-                     ).compile(optimizer=keras.optimizers.RMSprop())
+    T.MultiExitModel(tiny_backbone(), method=T.L2W(weighting="rising")).compile(optimizer=keras.optimizers.RMSprop())
 
 
 def test_sample_statistics():

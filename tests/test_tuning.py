@@ -9,8 +9,22 @@ from tuning import search
 
 
 def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys):
-    argv = ["--dataset", "digits", "--method", "l2w", "--epochs", "1", "--batch-size", "128", "--trials", "2",
-            "--tuner", "random", "--out", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--method",
+        "l2w",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--trials",
+        "2",
+        "--tuner",
+        "random",
+        "--out",
+        str(tmp_path),
+    ]
     assert search.main(argv) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line[:4].strip().isdigit()]
@@ -42,8 +56,22 @@ def test_a_method_with_phases_is_tuned_over_all_its_phases(tmp_path, monkeypatch
         return compile_phase(model, config, splits, index, fresh)
 
     monkeypatch.setattr(experiment, "compile_phase", spy)
-    argv = ["--dataset", "digits", "--method", "imta", "--epochs", "1", "--batch-size", "128", "--trials", "1",
-            "--tuner", "random", "--out", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--method",
+        "imta",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--trials",
+        "1",
+        "--tuner",
+        "random",
+        "--out",
+        str(tmp_path),
+    ]
     assert search.main(argv) == 0
     best = TrainConfig.from_file(tmp_path / "best.json")
     assert best.method == "imta" and 1.0 <= best.method_options["temperature"] <= 5.0

@@ -26,15 +26,18 @@ def test_each_missing_variable_is_named(missing):
         distributed.role_from_env({**env, missing: " "})
 
 
-@pytest.mark.parametrize("name,value,problem", [
-    ("KERASTUNER_ORACLE_PORT", "80x", "'80x', not an integer"),
-    ("KERASTUNER_ORACLE_PORT", "0", "0, out of range"),
-    ("KERASTUNER_ORACLE_PORT", "70000", "70000, out of range"),
-    ("KERASTUNER_TUNER_ID", "mischief", "'mischief'"),   # keras-tuner would take it for the chief
-    ("KERASTUNER_TUNER_ID", "tuner 0", "'tuner 0'"),
-    ("KERASTUNER_ORACLE_IP", "127.0.0.1:8000", "'127.0.0.1:8000' (a port goes in KERASTUNER_ORACLE_PORT"),
-    ("KERASTUNER_ORACLE_IP", "http://host", "'http://host'"),
-])
+@pytest.mark.parametrize(
+    "name,value,problem",
+    [
+        ("KERASTUNER_ORACLE_PORT", "80x", "'80x', not an integer"),
+        ("KERASTUNER_ORACLE_PORT", "0", "0, out of range"),
+        ("KERASTUNER_ORACLE_PORT", "70000", "70000, out of range"),
+        ("KERASTUNER_TUNER_ID", "mischief", "'mischief'"),  # keras-tuner would take it for the chief
+        ("KERASTUNER_TUNER_ID", "tuner 0", "'tuner 0'"),
+        ("KERASTUNER_ORACLE_IP", "127.0.0.1:8000", "'127.0.0.1:8000' (a port goes in KERASTUNER_ORACLE_PORT"),
+        ("KERASTUNER_ORACLE_IP", "http://host", "'http://host'"),
+    ],
+)
 def test_malformed_values_are_refused_with_the_expected_form(name, value, problem):
     with pytest.raises(ValueError, match="expected") as info:
         distributed.role_from_env({**GOOD, name: value})
@@ -94,20 +97,42 @@ def _tiny_config(path):
 
 
 def _env(**extra):
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-            "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+        **extra,
+    }
 
 
 @pytest.mark.slow
 def test_a_chief_that_cannot_listen_says_so(tmp_path):
-    with socket.socket() as taken:   # no SO_REUSEPORT: gRPC cannot bind next to it
+    with socket.socket() as taken:  # no SO_REUSEPORT: gRPC cannot bind next to it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = _env(KERASTUNER_TUNER_ID="chief", KERASTUNER_ORACLE_IP="127.0.0.1",
-                   KERASTUNER_ORACLE_PORT=str(taken.getsockname()[1]))
+        env = _env(
+            KERASTUNER_TUNER_ID="chief",
+            KERASTUNER_ORACLE_IP="127.0.0.1",
+            KERASTUNER_ORACLE_PORT=str(taken.getsockname()[1]),
+        )
         config = _tiny_config(tmp_path / "c.json")
-        argv = [sys.executable, "-m", "tuning.search", "--distributed", "--config", str(config), "--tuner", "random",
-                "--trials", "2", "--out", str(tmp_path / "out")]
+        argv = [
+            sys.executable,
+            "-m",
+            "tuning.search",
+            "--distributed",
+            "--config",
+            str(config),
+            "--tuner",
+            "random",
+            "--trials",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "tuning.search: error: --distributed: the chief cannot listen on 127.0.0.1:" in proc.stderr
@@ -118,20 +143,34 @@ def test_a_chief_that_cannot_listen_says_so(tmp_path):
 @pytest.mark.slow
 def test_a_worker_with_another_method_than_the_chief_is_refused(tmp_path):
     env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
-    config = str(_tiny_config(tmp_path / "c.json"))   # gating: lambda, temperature
+    config = str(_tiny_config(tmp_path / "c.json"))  # gating: lambda, temperature
     common = ["--distributed", "--config", config, "--tuner", "random", "--trials", "2", "--out", str(tmp_path)]
-    chief = subprocess.Popen([sys.executable, "-m", "tuning.search", *common], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**env, "KERASTUNER_TUNER_ID": "chief"})
+    chief = subprocess.Popen(
+        [sys.executable, "-m", "tuning.search", *common],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**env, "KERASTUNER_TUNER_ID": "chief"},
+    )
     try:
-        worker = subprocess.run([sys.executable, "-m", "tuning.search", *common, "--method", "l2w"], cwd=ROOT,
-                                env={**env, "KERASTUNER_TUNER_ID": "tuner0"}, capture_output=True, text=True,
-                                timeout=300)
+        worker = subprocess.run(
+            [sys.executable, "-m", "tuning.search", *common, "--method", "l2w"],
+            cwd=ROOT,
+            env={**env, "KERASTUNER_TUNER_ID": "tuner0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
-        chief.kill()   # no worker ran its trials: the chief would wait for one
+        chief.kill()  # no worker ran its trials: the chief would wait for one
         chief.wait(timeout=30)
     assert worker.returncode == 2, worker.stdout + worker.stderr
-    assert "the chief at 127.0.0.1:" in worker.stderr and "searches ['lambda', 'temperature'], but this worker's method " \
-        "'l2w' searches ['delta', 'q']" in worker.stderr and "Traceback" not in worker.stderr
+    assert (
+        "the chief at 127.0.0.1:" in worker.stderr
+        and "searches ['lambda', 'temperature'], but this worker's method 'l2w' searches ['delta', 'q']"
+        in worker.stderr
+        and "Traceback" not in worker.stderr
+    )
     assert not list(tmp_path.rglob("checkpoint.weights.h5"))
 
 
@@ -147,18 +186,31 @@ def _wait_for(predicate, procs, deadline, what):
 def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tmp_path):
     trials = 4
     config = _tiny_config(tmp_path / "base.json")
-    shared, own = tmp_path / "shared", tmp_path / "worker1_only"   # worker1: as on a machine of its own
+    shared, own = tmp_path / "shared", tmp_path / "worker1_only"  # worker1: as on a machine of its own
     port = _free_port()
     base_env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(port))
     logs, procs = {}, {}
 
     def start(tuner_id, out):
         logs[tuner_id] = tmp_path / f"{tuner_id}.log"
-        argv = [sys.executable, "-m", "tuning.search", "--distributed", "--config", str(config), "--tuner", "random",
-                "--trials", str(trials), "--out", str(out)]
+        argv = [
+            sys.executable,
+            "-m",
+            "tuning.search",
+            "--distributed",
+            "--config",
+            str(config),
+            "--tuner",
+            "random",
+            "--trials",
+            str(trials),
+            "--out",
+            str(out),
+        ]
         with open(logs[tuner_id], "w") as log:
-            procs[tuner_id] = subprocess.Popen(argv, cwd=ROOT, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id},
-                                               stdout=log, stderr=subprocess.STDOUT)
+            procs[tuner_id] = subprocess.Popen(
+                argv, cwd=ROOT, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id}, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def text(tuner_id):
         return logs[tuner_id].read_text()
@@ -168,8 +220,12 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
         # The workers first: they block on the chief's address, so both are waiting when it starts serving.
         start("tuner0", shared)
         start("tuner1", own)
-        _wait_for(lambda: all("waiting for trials" in text(t) for t in ("tuner0", "tuner1")), list(procs.values()),
-                  deadline, "the workers")
+        _wait_for(
+            lambda: all("waiting for trials" in text(t) for t in ("tuner0", "tuner1")),
+            list(procs.values()),
+            deadline,
+            "the workers",
+        )
         start("chief", shared)
         for tuner_id, proc in procs.items():
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -184,18 +240,23 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
     assert {t: p.returncode for t, p in procs.items()} == {"chief": 0, "tuner0": 0, "tuner1": 0}, outputs
 
     # The chief's oracle gave out and scored exactly the requested trials ...
-    records = {json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
-               for p in (shared / "gating").glob("trial_*/trial.json")}
+    records = {
+        json.loads(p.read_text())["trial_id"]: json.loads(p.read_text())
+        for p in (shared / "gating").glob("trial_*/trial.json")
+    }
     assert len(records) == trials and all(r["status"] == "COMPLETED" for r in records.values())
     # ... split between the two workers, each trial run by one of them.
-    ran = {t: [line.split()[2] for line in outputs[t].splitlines() if line.startswith(f"{t}: trial ")]
-           for t in ("tuner0", "tuner1")}
+    ran = {
+        t: [line.split()[2] for line in outputs[t].splitlines() if line.startswith(f"{t}: trial ")]
+        for t in ("tuner0", "tuner1")
+    }
     assert all(ran.values()), ran
     assert sorted(ran["tuner0"] + ran["tuner1"]) == sorted(records), ran
     assert f"tuner1: done, ran {len(ran['tuner1'])} trial(s)" in outputs["tuner1"]
     # worker1 wrote its own trials' checkpoints in its own folder, the chief's records need nothing from it.
-    assert sorted(p.parent.name[len("trial_"):] for p in (own / "gating").glob("trial_*/checkpoint.weights.h5")) \
-        == sorted(ran["tuner1"])
+    assert sorted(
+        p.parent.name[len("trial_") :] for p in (own / "gating").glob("trial_*/checkpoint.weights.h5")
+    ) == sorted(ran["tuner1"])
 
     # best.json: written once, by the chief, after the search; the workers wrote none.
     assert list(tmp_path.rglob("best.json")) == [shared / "best.json"]

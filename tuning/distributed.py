@@ -109,6 +109,8 @@ def refuse_stray_env(environ=None) -> None:
     """Without `--distributed`, keras-tuner would still go distributed if the variables are set: refuse."""
     environ = os.environ if environ is None else environ
     if environ.get(ORACLE_IP):
-        raise ValueError(f"{ORACLE_IP} is set ({environ[ORACLE_IP]!r}), which makes keras-tuner search distributed; "
-                         f"pass --distributed to run as {environ.get(TUNER_ID, '?')!r}, or unset {ORACLE_IP} "
-                         "for a local search.")
+        raise ValueError(
+            f"{ORACLE_IP} is set ({environ[ORACLE_IP]!r}), which makes keras-tuner search distributed; "
+            f"pass --distributed to run as {environ.get(TUNER_ID, '?')!r}, or unset {ORACLE_IP} "
+            "for a local search."
+        )

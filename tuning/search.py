@@ -72,8 +72,9 @@ def make_hypermodel(config, splits):
             kwargs.pop("validation_data", None)
             trial = self.trial_config(hp)
             # Every phase of the method (IMTA: two); the last phase's logs are the objective.
-            return experiment.fit_run(trial, splits, model, callbacks, verbose=kwargs.get("verbose", 0),
-                                      validation_data=val_ds)
+            return experiment.fit_run(
+                trial, splits, model, callbacks, verbose=kwargs.get("verbose", 0), validation_data=val_ds
+            )
 
     return BudgetHyperModel()
 
@@ -109,8 +110,7 @@ def _tracking(tuner_class):
     return Tracking
 
 
-def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite: bool = False, role=None,
-           report=None):
+def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite: bool = False, role=None, report=None):
     """Run the search; return (best TrainConfig, list of (score, hyper-parameters)).
 
     `role` (a `tuning.distributed.Role`) makes this process one of a distributed search:
@@ -140,8 +140,14 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     # keras-tuner reads its role from the environment (when the tuner is built, searches and saves).
     with role.environment() if role is not None else contextlib.nullcontext():
         objective = kt.Objective("val_budget_auc", direction="max")
-        common = dict(objective=objective, max_trials=trials, directory=str(workdir),
-                      project_name=config.method.replace(":", "_"), overwrite=overwrite, seed=config.seed)
+        common = dict(
+            objective=objective,
+            max_trials=trials,
+            directory=str(workdir),
+            project_name=config.method.replace(":", "_"),
+            overwrite=overwrite,
+            seed=config.seed,
+        )
         tuner_class = _tracking(kt.BayesianOptimization if tuner == "bayesian" else kt.RandomSearch)
         t = tuner_class(hypermodel, report=report, **common)
         try:
@@ -150,28 +156,35 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
                 # --method / --config than the chief's is refused before it trains anything.
                 theirs, ours = sorted(hp.name for hp in t.oracle.get_space().space), sorted(search_space(config.method))
                 if theirs != ours:
-                    raise ValueError(f"--distributed: the chief at {role.address} searches {theirs or 'nothing'}, "
-                                     f"but this worker's method {config.method!r} searches {ours or 'nothing'}; "
-                                     "run every process with the same --method/--config.")
+                    raise ValueError(
+                        f"--distributed: the chief at {role.address} searches {theirs or 'nothing'}, "
+                        f"but this worker's method {config.method!r} searches {ours or 'nothing'}; "
+                        "run every process with the same --method/--config."
+                    )
             t.search(verbose=0)  # keras-tuner resumes a finished or interrupted search from `directory`
         except RuntimeError as e:
             if role is not None and role.is_chief and str(e).startswith("Failed to bind"):
-                raise ValueError(f"--distributed: the chief cannot listen on {role.address} (port in use, or not "
-                                 "an address of this machine; 0.0.0.0 listens on all of them).") from None
+                raise ValueError(
+                    f"--distributed: the chief cannot listen on {role.address} (port in use, or not "
+                    "an address of this machine; 0.0.0.0 listens on all of them)."
+                ) from None
             raise
         except Exception as e:
             import grpc
 
             if role is not None and isinstance(e, grpc.RpcError):
-                raise ValueError(f"--distributed: lost the chief oracle at {role.address}: {e.code().name} "
-                                 f"({e.details()}).") from None
+                raise ValueError(
+                    f"--distributed: lost the chief oracle at {role.address}: {e.code().name} ({e.details()})."
+                ) from None
             raise
     if role is not None and not role.is_chief:
         return None, list(t.ran_trials)
     # On the chief, `search` returned once every trial was given out and has ended: the
     # oracle's records are final, and this is the one place that reads the winner.
-    ranking = [(t.oracle.trials[tr.trial_id].score, tr.hyperparameters.values)
-               for tr in t.oracle.get_best_trials(num_trials=trials)]
+    ranking = [
+        (t.oracle.trials[tr.trial_id].score, tr.hyperparameters.values)
+        for tr in t.oracle.get_best_trials(num_trials=trials)
+    ]
     best = hypermodel.trial_config(t.get_best_hyperparameters(1)[0])
     return best, ranking
 
@@ -192,11 +205,18 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--tuner", choices=TUNERS, default="bayesian")
     p.add_argument("--out", type=Path, default=Path("runs/tuning"))
-    p.add_argument("--overwrite", action="store_true", help="start the search afresh instead of resuming "
-                   "(with --distributed: the chief's only; workers never delete the project)")
-    p.add_argument("--distributed", action="store_true",
-                   help="one process of keras-tuner's chief/worker search, its role from KERASTUNER_TUNER_ID "
-                        "(chief | tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the search afresh instead of resuming "
+        "(with --distributed: the chief's only; workers never delete the project)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process of keras-tuner's chief/worker search, its role from KERASTUNER_TUNER_ID "
+        "(chief | tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT",
+    )
     args = p.parse_args(argv)
     try:
         role = distributed.role_from_env() if args.distributed else None
@@ -207,6 +227,7 @@ def main(argv=None) -> int:
     for key in ("dataset", "data_dir", "model", "method", "epochs", "batch_size", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+
     def report(record):
         print(f"{role.tuner_id}: trial {record.trial_id} {record.status.lower()}, " + _describe(record), flush=True)
 
@@ -215,8 +236,15 @@ def main(argv=None) -> int:
         what = ("starting the oracle" if role.is_chief else "waiting for trials from the chief") + f" at {role.address}"
         print(f"{role.tuner_id}: {what} ({args.trials} trials, project {args.out})", flush=True)
     try:
-        best, ranking = search(TrainConfig.from_dict(values), args.out, trials=args.trials, tuner=args.tuner,
-                               overwrite=args.overwrite, role=role, report=report if worker else None)
+        best, ranking = search(
+            TrainConfig.from_dict(values),
+            args.out,
+            trials=args.trials,
+            tuner=args.tuner,
+            overwrite=args.overwrite,
+            role=role,
+            report=report if worker else None,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"tuning.search: error: {e}", file=sys.stderr)
         return 2

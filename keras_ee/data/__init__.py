@@ -138,10 +138,7 @@ def _resolve_name(name):
     key = _ALIASES.get(key, key)
     if key not in _DATASETS or key == "npz:PATH":
         listing = ", ".join(d.name for d in available())
-        raise ValueError(
-            f"Unknown dataset {name!r}. Available: {listing} "
-            "(descriptions: keras_ee.data.available())."
-        )
+        raise ValueError(f"Unknown dataset {name!r}. Available: {listing} (descriptions: keras_ee.data.available()).")
     return key, None
 
 
@@ -266,8 +263,10 @@ def load(
         if samples_per_class is not None:
             raise ValueError("`samples_per_class` is supported for the in-memory datasets, not ImageNet.")
         if meta_size is not None:
-            raise ValueError("`meta_size` is supported for the in-memory datasets, not ImageNet "
-                             "(its meta stream is the validation split).")
+            raise ValueError(
+                "`meta_size` is supported for the in-memory datasets, not ImageNet "
+                "(its meta stream is the validation split)."
+            )
         if augment_pad is not None or augment_flip is not None:
             raise ValueError("ImageNet uses random-resized crops; `augment_pad`/`augment_flip` do not apply.")
         return imagenet.ImageNetSplits(data_dir, default_val if val_size is None else val_size)

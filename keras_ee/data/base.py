@@ -38,8 +38,17 @@ class DatasetSplits:
     num_test = None
     imbalance_factor = None
 
-    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None, recipe=None):
+    def train_dataset(
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
+        recipe=None,
+    ):
         """Training pipeline: shuffled and augmented (by default) batches.
 
         With `first_epoch` and `epochs`, the batches of those epochs back to back,
@@ -102,10 +111,7 @@ def _check_images(x, what):
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(
-            f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). "
-            f"Received shape {x.shape}."
-        )
+        raise ValueError(f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). Received shape {x.shape}.")
     if x.dtype.kind == "f" and x.size and not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).ravel()
         raise ValueError(
@@ -169,9 +175,7 @@ class ArraySplits(DatasetSplits):
         self.class_names = [str(c) for c in class_names]
         self.num_classes = len(self.class_names)
         if self.num_classes < 2:
-            raise ValueError(
-                f"Expected at least 2 classes. Received class names {class_names!r}."
-            )
+            raise ValueError(f"Expected at least 2 classes. Received class names {class_names!r}.")
         arrays = {}
         for part, x, y in (
             ("train", x_train, y_train),
@@ -244,8 +248,17 @@ class ArraySplits(DatasetSplits):
             **kwargs,
         )
 
-    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None, recipe=None):
+    def train_dataset(
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
+        recipe=None,
+    ):
         """Training pipeline.
 
         Args:
@@ -291,9 +304,18 @@ class ArraySplits(DatasetSplits):
         from keras_ee.data import pipeline
 
         part = "meta" if self.meta_source == "split" else "val"
-        return pipeline.meta_stream(getattr(self, f"_x_{part}"), getattr(self, f"_y_{part}").astype(np.int32),
-                                    batch_size, self.pixel_scale, self.mean, self.std, batches_per_epoch,
-                                    seed=seed, first_epoch=first_epoch, epochs=epochs)
+        return pipeline.meta_stream(
+            getattr(self, f"_x_{part}"),
+            getattr(self, f"_y_{part}").astype(np.int32),
+            batch_size,
+            self.pixel_scale,
+            self.mean,
+            self.std,
+            batches_per_epoch,
+            seed=seed,
+            first_epoch=first_epoch,
+            epochs=epochs,
+        )
 
     meta_dataset.__doc__ = DatasetSplits.meta_dataset.__doc__
 
@@ -371,36 +393,28 @@ def build_array_splits(
     y_train = splits_lib._check_labels(y_train, num_classes, "y_train")
     if len(x_train) != len(y_train):
         raise ValueError(
-            "Expected as many training labels as images. "
-            f"Received {len(x_train)} images and {len(y_train)} labels."
+            f"Expected as many training labels as images. Received {len(x_train)} images and {len(y_train)} labels."
         )
     if imbalance_factor is not None:
-        keep = splits_lib.long_tail_indices(
-            y_train, imbalance_factor, num_classes, seed=0
-        )
+        keep = splits_lib.long_tail_indices(y_train, imbalance_factor, num_classes, seed=0)
         x_train, y_train = x_train[keep], y_train[keep]
         factor = float(imbalance_factor)
         name = f"{name}-lt{int(factor) if factor.is_integer() else factor:g}"
-    train_idx, val_idx = splits_lib.stratified_split(
-        y_train, val_size, seed=seed, num_classes=num_classes
-    )
+    train_idx, val_idx = splits_lib.stratified_split(y_train, val_size, seed=seed, num_classes=num_classes)
     meta_idx = None
     if meta_size is not None:
-        rest, held = splits_lib.stratified_split(
-            y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes
-        )
+        rest, held = splits_lib.stratified_split(y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes)
         train_idx, meta_idx = train_idx[rest], train_idx[held]
     if train_size is not None and samples_per_class is not None:
-        raise ValueError(f"`samples_per_class` ({samples_per_class!r}) and `train_size` ({train_size!r}) both "
-                         "choose the training subset; expected one of them.")
-    if train_size is not None:
-        _, keep = splits_lib.stratified_split(
-            y_train[train_idx], train_size, seed=seed, num_classes=num_classes
+        raise ValueError(
+            f"`samples_per_class` ({samples_per_class!r}) and `train_size` ({train_size!r}) both "
+            "choose the training subset; expected one of them."
         )
+    if train_size is not None:
+        _, keep = splits_lib.stratified_split(y_train[train_idx], train_size, seed=seed, num_classes=num_classes)
         train_idx = train_idx[keep]
     if samples_per_class is not None:
-        keep = splits_lib.per_class_subset(y_train[train_idx], samples_per_class, seed=seed,
-                                           num_classes=num_classes)
+        keep = splits_lib.per_class_subset(y_train[train_idx], samples_per_class, seed=seed, num_classes=num_classes)
         train_idx = train_idx[keep]
     return ArraySplits(
         name,

@@ -48,9 +48,7 @@ def load_digits_arrays():
         )
     images = images.astype(np.uint8)[..., None]
     labels = np.asarray(bunch.target, np.int64)
-    train_idx, test_idx = splits_lib.stratified_split(
-        labels, TEST_SIZE, seed=TEST_SEED, num_classes=10
-    )
+    train_idx, test_idx = splits_lib.stratified_split(labels, TEST_SIZE, seed=TEST_SEED, num_classes=10)
     # Ascending order: the split is a fixed property of the dataset, and
     # the pipelines shuffle the training part anyway.
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)

@@ -262,8 +262,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
-                f"Refusing to load {module}.{name}: a CIFAR pickle holds only "
-                "NumPy arrays, lists, strings and numbers."
+                f"Refusing to load {module}.{name}: a CIFAR pickle holds only NumPy arrays, lists, strings and numbers."
             )
         if module == "numpy.core.multiarray":
             module = "numpy._core.multiarray"
@@ -279,9 +278,7 @@ def _unpickle(data, where):
             "truncated or not in the official cifar-*-python format."
         ) from e
     if not isinstance(obj, dict):
-        raise ValueError(
-            f"{where}: expected a pickled dict, received {type(obj).__name__}."
-        )
+        raise ValueError(f"{where}: expected a pickled dict, received {type(obj).__name__}.")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -314,26 +311,18 @@ def parse_pickle(data, num_classes, where, expected=None):
         or pixels.shape[1] != IMAGE_BYTES
     ):
         desc = (
-            f"{pixels.dtype} array of shape {pixels.shape}"
-            if isinstance(pixels, np.ndarray)
-            else type(pixels).__name__
+            f"{pixels.dtype} array of shape {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
         )
-        raise ValueError(
-            f"{where}: 'data' must be a uint8 array of shape (N, {IMAGE_BYTES}); "
-            f"received a {desc}."
-        )
+        raise ValueError(f"{where}: 'data' must be a uint8 array of shape (N, {IMAGE_BYTES}); received a {desc}.")
     labels = np.asarray(batch[label_key])
-    if labels.ndim != 1 or len(labels) != len(pixels) or (
-        labels.size and not np.issubdtype(labels.dtype, np.integer)
-    ):
+    if labels.ndim != 1 or len(labels) != len(pixels) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(
             f"{where}: {label_key!r} must be {len(pixels)} integer labels (one per "
             f"image); received {labels.dtype} of shape {labels.shape}."
         )
     if expected is not None and len(pixels) != expected:
         raise ValueError(
-            f"{where}: holds {len(pixels)} images, expected {expected}. The file is "
-            "truncated or not the official one."
+            f"{where}: holds {len(pixels)} images, expected {expected}. The file is truncated or not the official one."
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         bad = int(np.argmax((labels < 0) | (labels >= num_classes)))
@@ -367,9 +356,7 @@ def _parse_names(data, fmt, num_classes, where):
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: a class name in {key!r} is not UTF-8 ({e}).") from None
     if len(names) != num_classes:
-        raise ValueError(
-            f"{where}: lists {len(names)} class names, expected {num_classes}."
-        )
+        raise ValueError(f"{where}: lists {len(names)} class names, expected {num_classes}.")
     return names
 
 
@@ -403,8 +390,7 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"No such file or directory: {path} (expected a CIFAR-{num_classes} "
-            "archive or folder)."
+            f"No such file or directory: {path} (expected a CIFAR-{num_classes} archive or folder)."
         )
     if os.path.isdir(path):
         found = find_cifar(num_classes, [path])
@@ -412,8 +398,7 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
             raise FileNotFoundError(
                 f"No CIFAR-{num_classes} data found in {path}. Expected "
                 + " or ".join(
-                    f"{_LAYOUTS[(num_classes, f)]['archive']}, "
-                    f"{_LAYOUTS[(num_classes, f)]['folder']}/"
+                    f"{_LAYOUTS[(num_classes, f)]['archive']}, {_LAYOUTS[(num_classes, f)]['folder']}/"
                     for f in ("binary", "python")
                 )
                 + ", or the data files themselves."
@@ -432,11 +417,7 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
     if fmt is None:
         # An archive of either layout: the one whose data files it holds.
         fmt = next(
-            (
-                f
-                for f in formats
-                if all(n in files for n in _LAYOUTS[(num_classes, f)]["train"])
-            ),
+            (f for f in formats if all(n in files for n in _LAYOUTS[(num_classes, f)]["train"])),
             "binary",
         )
     layout = _LAYOUTS[(num_classes, fmt)]
@@ -455,27 +436,18 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
         per_file = None
         if total is not None:
             if total % len(layout[part]):
-                raise ValueError(
-                    f"Expected {part} count {total} to split evenly over "
-                    f"{len(layout[part])} files."
-                )
+                raise ValueError(f"Expected {part} count {total} to split evenly over {len(layout[part])} files.")
             per_file = total // len(layout[part])
-        parsed = [
-            parse(files.pop(n), num_classes, source.describe(n), per_file)
-            for n in layout[part]
-        ]
+        parsed = [parse(files.pop(n), num_classes, source.describe(n), per_file) for n in layout[part]]
         out[f"x_{part}"] = np.concatenate([p[0] for p in parsed])
         out[f"y_{part}"] = np.concatenate([p[1] for p in parsed])
     if layout["meta"] in files:
-        out["class_names"] = _parse_names(
-            files[layout["meta"]], fmt, num_classes, source.describe(layout["meta"])
-        )
+        out["class_names"] = _parse_names(files[layout["meta"]], fmt, num_classes, source.describe(layout["meta"]))
     elif num_classes == 10:
         out["class_names"] = list(CIFAR10_CLASSES)
     else:
         warnings.warn(
-            f"{source.describe(layout['meta'])} is missing: CIFAR-100 classes are "
-            "named class_0 ... class_99.",
+            f"{source.describe(layout['meta'])} is missing: CIFAR-100 classes are named class_0 ... class_99.",
             stacklevel=2,
         )
         out["class_names"] = [f"class_{i}" for i in range(100)]
@@ -539,8 +511,7 @@ def load_tfds_arrays(tfds_name, data_dir=None, download=True):
         host = hosts.get(tfds_name, "storage.googleapis.com")
         if not download:
             raise FileNotFoundError(
-                f"tensorflow_datasets has no prepared {tfds_name} in "
-                f"{builder.data_dir} and downloading is disabled."
+                f"tensorflow_datasets has no prepared {tfds_name} in {builder.data_dir} and downloading is disabled."
             )
         if not can_reach(host, 443 if tfds_name != "fashion_mnist" else 80):
             raise FileNotFoundError(

@@ -63,13 +63,11 @@ def parse_idx(data, where="<bytes>"):
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
             raise ValueError(
-                f"{where}: could not decompress the gzip stream ({e}); the file is "
-                "truncated or corrupted."
+                f"{where}: could not decompress the gzip stream ({e}); the file is truncated or corrupted."
             ) from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise ValueError(
-            f"{where}: not an IDX file (magic bytes {data[:4].hex() or 'missing'}; "
-            "expected 00 00 <type 08-0e> <ndim>)."
+            f"{where}: not an IDX file (magic bytes {data[:4].hex() or 'missing'}; expected 00 00 <type 08-0e> <ndim>)."
         )
     dtype, ndim = _IDX_TYPES[data[2]], data[3]
     header = 4 + 4 * ndim

@@ -115,17 +115,10 @@ def _prepared_builder(data_dir):
     manual = os.path.expanduser(str(data_dir)) if data_dir else None
     if manual and all(os.path.isfile(os.path.join(manual, f)) for f in MANUAL_FILES):
         builder = tfds.builder(TFDS_NAME)
-        print(
-            f"keras_ee.data: preparing ImageNet from {manual} into {builder.data_dir} "
-            "(one-time; this takes hours)."
-        )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual)
-        )
+        print(f"keras_ee.data: preparing ImageNet from {manual} into {builder.data_dir} (one-time; this takes hours).")
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
         return builder
-    present = (
-        [f for f in MANUAL_FILES if os.path.isfile(os.path.join(manual, f))] if manual else []
-    )
+    present = [f for f in MANUAL_FILES if os.path.isfile(os.path.join(manual, f))] if manual else []
     raise FileNotFoundError(
         "ImageNet needs a manual download: put "
         + " and ".join(MANUAL_FILES)
@@ -186,8 +179,17 @@ class ImageNetSplits(DatasetSplits):
             decoders={"image": tfds.decode.SkipDecoding()},
         )
 
-    def train_dataset(self, batch_size, seed=0, augment=True, shuffle=True, drop_remainder=False,
-                      first_epoch=None, epochs=None, recipe=None):
+    def train_dataset(
+        self,
+        batch_size,
+        seed=0,
+        augment=True,
+        shuffle=True,
+        drop_remainder=False,
+        first_epoch=None,
+        epochs=None,
+        recipe=None,
+    ):
         """Training pipeline (see `DatasetSplits.train_dataset`).
 
         With a `recipe` (`keras_ee.data.recipe.Recipe`), each image is cropped and flipped
@@ -232,13 +234,15 @@ class ImageNetSplits(DatasetSplits):
             if batch_recipe is None:
                 return batches
             return tf.data.Dataset.zip((batches, batch_seeds)).map(
-                lambda xy, s: batch_recipe(xy[0], xy[1], s), num_parallel_calls=tf.data.AUTOTUNE)
+                lambda xy, s: batch_recipe(xy[0], xy[1], s), num_parallel_calls=tf.data.AUTOTUNE
+            )
 
         if first_epoch is None:
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
             ds = prepare(self._raw("train", shuffle=shuffle, seed=seed), seed, seeds)
-            recipe_seeds = tf.data.Dataset.random(seed=(seed or 0) + RECIPE_STREAM,
-                                                  rerandomize_each_iteration=True).batch(2)
+            recipe_seeds = tf.data.Dataset.random(
+                seed=(seed or 0) + RECIPE_STREAM, rerandomize_each_iteration=True
+            ).batch(2)
             ds = with_recipe(ds.batch(batch_size, drop_remainder=drop_remainder), recipe_seeds)
             return ds.prefetch(tf.data.AUTOTUNE)
         else:
@@ -247,13 +251,19 @@ class ImageNetSplits(DatasetSplits):
             def one_epoch(epoch):
                 epoch_seed = tf.stack([tf.constant(int(seed), tf.int64), epoch])
                 seeds = tf.data.Dataset.range(1 << 40).map(
-                    lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i))
+                    lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i)
+                )
                 shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1 << 41)
                 batches = prepare(self._raw("train", shuffle=False, seed=seed), shuffle_seed, seeds).batch(
-                    batch_size, drop_remainder=drop_remainder)
+                    batch_size, drop_remainder=drop_remainder
+                )
                 recipe_seed = tf.random.experimental.stateless_fold_in(epoch_seed, RECIPE_STREAM)
-                return with_recipe(batches, tf.data.Dataset.range(1 << 40).map(
-                    lambda b: tf.random.experimental.stateless_fold_in(recipe_seed, b)))
+                return with_recipe(
+                    batches,
+                    tf.data.Dataset.range(1 << 40).map(
+                        lambda b: tf.random.experimental.stateless_fold_in(recipe_seed, b)
+                    ),
+                )
 
             ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
             return ds.prefetch(tf.data.AUTOTUNE)
@@ -282,10 +292,13 @@ class ImageNetSplits(DatasetSplits):
 
         def one_epoch(epoch):
             shuffle_seed = tf.random.stateless_uniform(
-                [], tf.stack([tf.constant(int(seed), tf.int64), epoch]), minval=0, maxval=1 << 31, dtype=tf.int64)
+                [], tf.stack([tf.constant(int(seed), tf.int64), epoch]), minval=0, maxval=1 << 31, dtype=tf.int64
+            )
             ds = self._raw("val").shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
-            ds = ds.map(lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(
+                lambda e: (eval_preprocess(e["image"], size), tf.cast(e["label"], tf.int32)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
             return ds.batch(batch_size, drop_remainder=True).take(batches_per_epoch)
 
         return tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
@@ -315,7 +328,8 @@ def _stateless_block_shuffle(ds, block, seed):
     def shuffle_block(index, elements):
         n = tf.shape(tf.nest.flatten(elements)[0])[0]
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.random.experimental.stateless_fold_in(seed, index))
+            tf.range(n), seed=tf.random.experimental.stateless_fold_in(seed, index)
+        )
         return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
 
     return ds.batch(block).enumerate().map(shuffle_block).unbatch()

@@ -75,9 +75,7 @@ def _images(x, key, path):
                     f"[-{MAX_FLOAT_PIXEL:g}, {MAX_FLOAT_PIXEL:g}] ([0, 1], [-1, 1], standardized or 0..255)."
                 )
         return x.astype(np.float32, copy=False), 1.0
-    raise TypeError(
-        f"{path}: `{key}` has dtype {x.dtype}; expected uint8 (0..255) or floating-point pixels."
-    )
+    raise TypeError(f"{path}: `{key}` has dtype {x.dtype}; expected uint8 (0..255) or floating-point pixels.")
 
 
 def _open_archive(path):
@@ -217,9 +215,7 @@ def read_npz(path):
     elif class_names is not None:
         num_classes = len(class_names)
         if top >= num_classes:
-            raise ValueError(
-                f"{path}: `y_train` holds label {top} but `class_names` lists {num_classes} classes."
-            )
+            raise ValueError(f"{path}: `y_train` holds label {top} but `class_names` lists {num_classes} classes.")
         source = "`class_names`"
     else:
         num_classes = top + 1

@@ -65,12 +65,8 @@ def random_crop_flip(images, pad, flip, seed):
     height, width = images.shape[1], images.shape[2]
     if pad > 0:
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        dy = tf.random.stateless_uniform(
-            [batch], seeds[0], minval=0, maxval=2 * pad + 1, dtype=tf.int32
-        )
-        dx = tf.random.stateless_uniform(
-            [batch], seeds[1], minval=0, maxval=2 * pad + 1, dtype=tf.int32
-        )
+        dy = tf.random.stateless_uniform([batch], seeds[0], minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+        dx = tf.random.stateless_uniform([batch], seeds[1], minval=0, maxval=2 * pad + 1, dtype=tf.int32)
         rows = dy[:, None] + tf.range(height, dtype=tf.int32)[None, :]
         cols = dx[:, None] + tf.range(width, dtype=tf.int32)[None, :]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
@@ -127,13 +123,9 @@ def array_dataset(
         (B, num_classes) soft targets when the recipe smooths or mixes labels.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(
-            f"Expected `batch_size` to be a positive int. Received {batch_size!r}."
-        )
+        raise TypeError(f"Expected `batch_size` to be a positive int. Received {batch_size!r}.")
     if batch_size <= 0:
-        raise ValueError(
-            f"Expected `batch_size` to be a positive int. Received {batch_size}."
-        )
+        raise ValueError(f"Expected `batch_size` to be a positive int. Received {batch_size}.")
     images = tf.convert_to_tensor(images)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     n = int(images.shape[0])
@@ -154,16 +146,18 @@ def array_dataset(
 
         if num_classes is None:
             raise ValueError("a recipe needs `num_classes` (the classes of its soft targets).")
-        batch_recipe = BatchAugmentation(recipe, num_classes, tuple(images.shape[1:]), mean.numpy(),
-                                         1.0 / inv_std.numpy())
+        batch_recipe = BatchAugmentation(
+            recipe, num_classes, tuple(images.shape[1:]), mean.numpy(), 1.0 / inv_std.numpy()
+        )
     augmenting = augment and (pad > 0 or flip or batch_recipe is not None)
 
     def load_augmented(indices, batch_seed):
         x, y = gather(indices)
         x = random_crop_flip(x, pad, flip, batch_seed)
         if batch_recipe is not None:
-            return batch_recipe(x, y, tf.random.experimental.stateless_fold_in(
-                tf.cast(batch_seed, tf.int64), RECIPE_STREAM))
+            return batch_recipe(
+                x, y, tf.random.experimental.stateless_fold_in(tf.cast(batch_seed, tf.int64), RECIPE_STREAM)
+            )
         return normalize(x), y
 
     def load(indices):
@@ -171,9 +165,7 @@ def array_dataset(
         return normalize(x), y
 
     if (first_epoch is None) != (epochs is None):
-        raise ValueError(
-            f"Pass both `first_epoch` and `epochs`, or neither. Received {first_epoch!r} and {epochs!r}."
-        )
+        raise ValueError(f"Pass both `first_epoch` and `epochs`, or neither. Received {first_epoch!r} and {epochs!r}.")
     if first_epoch is not None:
         for name, value in (("first_epoch", first_epoch), ("epochs", epochs)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -212,16 +204,14 @@ def _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed,
     batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
     if not augmenting:
         return batches
-    return batches.enumerate().map(
-        lambda b, indices: (indices, tf.random.experimental.stateless_fold_in(pass_seed, b)))
+    return batches.enumerate().map(lambda b, indices: (indices, tf.random.experimental.stateless_fold_in(pass_seed, b)))
 
 
 # Passes of the meta stream reserved per training epoch (more than any epoch can use).
 _META_PASSES_PER_EPOCH = 1 << 20
 
 
-def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_epoch, seed=0, first_epoch=0,
-                epochs=1):
+def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
     """Held-out batches for a method's outer step, `batches_per_epoch` per training epoch.
 
     Each training epoch e reads its own endless sequence of shuffled passes over the
@@ -251,8 +241,9 @@ def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_
 
     def one_epoch(epoch):
         passes = tf.data.Dataset.range(epoch * _META_PASSES_PER_EPOCH, (epoch + 1) * _META_PASSES_PER_EPOCH)
-        return passes.flat_map(
-            lambda p: _pass_batches(n, batch_size, True, True, False, base_seed, p)).take(batches_per_epoch)
+        return passes.flat_map(lambda p: _pass_batches(n, batch_size, True, True, False, base_seed, p)).take(
+            batches_per_epoch
+        )
 
     ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

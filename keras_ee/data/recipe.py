@@ -162,7 +162,8 @@ class BatchAugmentation:
             s = float(r.color_jitter)
             saturation = ((1 - s) / (2 - s), (1 + s) / (2 + s)) if self.channels == 3 else None
             self.color_jitter = keras.layers.RandomColorJitter(
-                value_range=(0, 1), brightness_factor=s, contrast_factor=s, saturation_factor=saturation)
+                value_range=(0, 1), brightness_factor=s, contrast_factor=s, saturation_factor=saturation
+            )
         if r.random_erasing:
             p = float(r.random_erasing)
             self.erasing = keras.layers.RandomErasing(factor=(p, p), value_range=(-1, 1))
@@ -187,8 +188,12 @@ class BatchAugmentation:
             batch = tf.shape(x)[0]
             # One op choice per image (Keras: per batch); broadcast by Keras' transform_images.
             transformation["layer_idxes"] = tf.random.stateless_uniform(
-                [layer.num_ops, batch, 1, 1, 1], self.seeds(seed, 2).next(), minval=0,
-                maxval=len(layer._AUGMENT_LAYERS), dtype=tf.int32)
+                [layer.num_ops, batch, 1, 1, 1],
+                self.seeds(seed, 2).next(),
+                minval=0,
+                maxval=len(layer._AUGMENT_LAYERS),
+                dtype=tf.int32,
+            )
             x = tf.clip_by_value(layer.transform_images(x, transformation), 0.0, 1.0)
         if self.color_jitter is not None:
             with _own_generator(self.color_jitter, self.seeds(seed, 3)):
@@ -211,6 +216,7 @@ class BatchAugmentation:
             def run():
                 t = layer.get_random_transformation(x, training=True, seed=self.seeds(seed, stream))
                 return layer.transform_images(x, t), tf.cast(layer.transform_labels(y, t), tf.float32)
+
             return run
 
         if self.mixup is not None and self.cutmix is not None:

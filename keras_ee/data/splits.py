@@ -19,10 +19,7 @@ def _check_labels(labels, num_classes=None, what="labels"):
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(
-            f"Expected `{what}` to be a 1-D vector of class indices. "
-            f"Received shape {labels.shape}."
-        )
+        raise ValueError(f"Expected `{what}` to be a 1-D vector of class indices. Received shape {labels.shape}.")
     if labels.dtype == np.bool_:
         raise TypeError(
             f"Expected `{what}` to hold integer class indices. Received dtype bool "
@@ -35,8 +32,7 @@ def _check_labels(labels, num_classes=None, what="labels"):
         if not finite.all():
             bad = int(np.argmin(finite))
             raise ValueError(
-                f"Expected `{what}` to hold class indices. Received {labels[bad]} "
-                f"(NaN or inf) at index {bad}."
+                f"Expected `{what}` to hold class indices. Received {labels[bad]} (NaN or inf) at index {bad}."
             )
         fractional = labels != np.floor(labels)
         if fractional.any():
@@ -47,19 +43,13 @@ def _check_labels(labels, num_classes=None, what="labels"):
                 "integral (0.0, 1.0, ...), they are never rounded or truncated."
             )
     elif not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(
-            f"Expected `{what}` to have an integer dtype. Received {labels.dtype}."
-        )
+        raise TypeError(f"Expected `{what}` to have an integer dtype. Received {labels.dtype}.")
     lo, hi = labels.min(), labels.max()
     if lo < 0:
-        raise ValueError(
-            f"Expected `{what}` to be >= 0. Received a minimum of {lo}."
-        )
+        raise ValueError(f"Expected `{what}` to be >= 0. Received a minimum of {lo}.")
     limit = np.iinfo(np.int64).max if num_classes is None else num_classes
     if hi >= limit:
-        raise ValueError(
-            f"Expected `{what}` in [0, {limit}). Received a maximum of {hi}."
-        )
+        raise ValueError(f"Expected `{what}` in [0, {limit}). Received a maximum of {hi}.")
     return labels.astype(np.int64, copy=False)
 
 
@@ -77,23 +67,16 @@ def resolve_size(size, total, what="val_size"):
     """
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
         raise TypeError(
-            f"Expected `{what}` to be an int or a float in (0, 1). "
-            f"Received {size!r} of type {type(size).__name__}."
+            f"Expected `{what}` to be an int or a float in (0, 1). Received {size!r} of type {type(size).__name__}."
         )
     if isinstance(size, numbers.Integral):
         count = int(size)
     elif 0.0 < float(size) < 1.0:
         count = int(round(float(size) * total))
     else:
-        raise ValueError(
-            f"Expected a float `{what}` to lie in (0, 1) (a fraction). "
-            f"Received {size!r}."
-        )
+        raise ValueError(f"Expected a float `{what}` to lie in (0, 1) (a fraction). Received {size!r}.")
     if count < 0 or count > total:
-        raise ValueError(
-            f"Expected `{what}` in [0, {total}] (the number of samples "
-            f"available). Received {size!r}."
-        )
+        raise ValueError(f"Expected `{what}` in [0, {total}] (the number of samples available). Received {size!r}.")
     return count
 
 
@@ -194,8 +177,11 @@ def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
         ValueError: a class has fewer samples, naming the class, its count and the
             number asked for.
     """
-    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral) \
-            or samples_per_class < 1:
+    if (
+        isinstance(samples_per_class, bool)
+        or not isinstance(samples_per_class, numbers.Integral)
+        or samples_per_class < 1
+    ):
         raise ValueError(f"Expected `samples_per_class` to be an int >= 1. Received {samples_per_class!r}.")
     labels = _check_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes or 0)
@@ -206,7 +192,8 @@ def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
         raise ValueError(
             f"`samples_per_class` is {samples_per_class}, but class {c} has only {int(counts[c])} training "
             f"images after the validation (and meta) hold-outs ({len(short)} class(es) have fewer than {samples_per_class}); "
-            "expected at most the smallest class's count (or a smaller validation split).")
+            "expected at most the smallest class's count (or a smaller validation split)."
+        )
     rng = np.random.default_rng(seed)
     keep = [rng.choice(np.flatnonzero(labels == c), size=int(samples_per_class), replace=False) for c in classes]
     keep = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
@@ -235,9 +222,7 @@ def long_tail_counts(max_count, num_classes, imbalance_factor):
     long_tail_counts(500, 100, 100).sum()  # 10847 (CIFAR-100-LT, factor 100)
     ```
     """
-    if isinstance(imbalance_factor, bool) or not isinstance(
-        imbalance_factor, numbers.Real
-    ):
+    if isinstance(imbalance_factor, bool) or not isinstance(imbalance_factor, numbers.Real):
         raise TypeError(
             "Expected `imbalance_factor` to be a number >= 1 (the paper uses "
             f"200, 100, 50 and 20). Received {imbalance_factor!r}."
@@ -248,9 +233,7 @@ def long_tail_counts(max_count, num_classes, imbalance_factor):
             f"paper uses 200, 100, 50 and 20). Received {imbalance_factor!r}."
         )
     if num_classes < 2:
-        raise ValueError(
-            f"A long-tailed split needs at least 2 classes. Received {num_classes}."
-        )
+        raise ValueError(f"A long-tailed split needs at least 2 classes. Received {num_classes}.")
     c = np.arange(num_classes, dtype=np.float64)
     counts = max_count * (1.0 / float(imbalance_factor)) ** (c / (num_classes - 1))
     # A small epsilon so that exact products such as 500 * 0.01 = 5 are not
@@ -304,8 +287,7 @@ def channel_stats(images, scale=1.0, chunk=8192):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(
-            "Expected a non-empty NHWC image array to compute channel "
-            f"statistics. Received shape {images.shape}."
+            f"Expected a non-empty NHWC image array to compute channel statistics. Received shape {images.shape}."
         )
     channels = images.shape[-1]
     if images.dtype == np.uint8:

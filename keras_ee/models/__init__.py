@@ -68,12 +68,25 @@ __all__ = [
 _CIFAR = (32, 32, 3)
 _IMAGENET = (224, 224, 3)
 _MSDNET_CIFAR = dict(
-    step_mode="lin_grow", step=1, base=1, num_channels=16, growth_rate=6,
-    growth_factor=(1, 2, 4), bottleneck_factor=(1, 2, 4), stem="cifar", head_channels=128,
+    step_mode="lin_grow",
+    step=1,
+    base=1,
+    num_channels=16,
+    growth_rate=6,
+    growth_factor=(1, 2, 4),
+    bottleneck_factor=(1, 2, 4),
+    stem="cifar",
+    head_channels=128,
 )
 _MSDNET_IMAGENET = dict(
-    num_blocks=5, step_mode="even", base=4, num_channels=32, growth_rate=16,
-    growth_factor=(1, 2, 4, 4), bottleneck_factor=(1, 2, 4, 4), stem="imagenet",
+    num_blocks=5,
+    step_mode="even",
+    base=4,
+    num_channels=32,
+    growth_rate=16,
+    growth_factor=(1, 2, 4, 4),
+    bottleneck_factor=(1, 2, 4, 4),
+    stem="imagenet",
     head_channels=None,
 )
 
@@ -136,8 +149,7 @@ def create(name, num_classes=None, input_shape=None, **overrides):
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(
-            f"create({name!r}): unknown override(s) {unknown}; {builder.__name__} "
-            f"accepts {sorted(allowed)}."
+            f"create({name!r}): unknown override(s) {unknown}; {builder.__name__} accepts {sorted(allowed)}."
         )
     kwargs = dict(preset)
     kwargs.update(overrides)
@@ -172,8 +184,10 @@ class ExitStructure:
     @property
     def names(self):
         """The same structure with layer names instead of layer objects."""
+
         def nm(layer):
             return None if layer is None else layer.name
+
         return {
             "num_exits": self.num_exits,
             "logits": [nm(l) for l in self.logits],
@@ -198,9 +212,7 @@ def exit_structure(model):
         ValueError: the outputs are not `exit_1..exit_K` or hooks are missing.
     """
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
-        raise TypeError(
-            f"exit_structure expects a built functional keras.Model, received {type(model).__name__}."
-        )
+        raise TypeError(f"exit_structure expects a built functional keras.Model, received {type(model).__name__}.")
     num_exits = len(model.outputs)
     expected = [f"exit_{k}" for k in range(1, num_exits + 1)]
     names = [graph.producer(t)[1].name for t in model.outputs]

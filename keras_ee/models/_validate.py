@@ -5,10 +5,7 @@ import numpy as np
 
 def check_int(name, value, minimum=None, where=""):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"{where}`{name}` must be an int, received {value!r} "
-            f"of type {type(value).__name__}."
-        )
+        raise TypeError(f"{where}`{name}` must be an int, received {value!r} of type {type(value).__name__}.")
     if minimum is not None and value < minimum:
         raise ValueError(f"{where}`{name}` must be >= {minimum}, received {value}.")
     return int(value)
@@ -16,25 +13,18 @@ def check_int(name, value, minimum=None, where=""):
 
 def check_int_tuple(name, value, minimum=1, where="", length=None):
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise TypeError(
-            f"{where}`{name}` must be a sequence of ints, received {value!r}."
-        )
+        raise TypeError(f"{where}`{name}` must be a sequence of ints, received {value!r}.")
     out = tuple(check_int(f"{name}[{i}]", v, minimum, where) for i, v in enumerate(value))
     if not out:
         raise ValueError(f"{where}`{name}` must not be empty.")
     if length is not None and len(out) != length:
-        raise ValueError(
-            f"{where}`{name}` must have {length} entries, received {len(out)}: {out}."
-        )
+        raise ValueError(f"{where}`{name}` must have {length} entries, received {len(out)}: {out}.")
     return out
 
 
 def check_input_shape(input_shape, where="", min_size=1):
     if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__len__"):
-        raise TypeError(
-            f"{where}`input_shape` must be a tuple (height, width, channels), "
-            f"received {input_shape!r}."
-        )
+        raise TypeError(f"{where}`input_shape` must be a tuple (height, width, channels), received {input_shape!r}.")
     if len(input_shape) != 3:
         raise ValueError(
             f"{where}`input_shape` must be (height, width, channels) "
@@ -42,10 +32,7 @@ def check_input_shape(input_shape, where="", min_size=1):
         )
     shape = tuple(check_int("input_shape", v, 1, where) for v in input_shape)
     if min(shape[:2]) < min_size:
-        raise ValueError(
-            f"{where}input height and width must be >= {min_size}, received "
-            f"input_shape={shape}."
-        )
+        raise ValueError(f"{where}input height and width must be >= {min_size}, received input_shape={shape}.")
     return shape
 
 
@@ -57,9 +44,7 @@ def check_bool(name, value, where=""):
 
 def check_choice(name, value, choices, where=""):
     if value not in choices:
-        raise ValueError(
-            f"{where}`{name}` must be one of {list(choices)}, received {value!r}."
-        )
+        raise ValueError(f"{where}`{name}` must be one of {list(choices)}, received {value!r}.")
     return value
 
 
@@ -69,9 +54,7 @@ def check_fraction(name, value, low, high, where="", low_inclusive=True):
     ok_low = value >= low if low_inclusive else value > low
     if not (ok_low and value < high):
         bracket = "[" if low_inclusive else "("
-        raise ValueError(
-            f"{where}`{name}` must be in {bracket}{low}, {high}), received {value}."
-        )
+        raise ValueError(f"{where}`{name}` must be in {bracket}{low}, {high}), received {value}.")
     return float(value)
 
 

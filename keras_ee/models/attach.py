@@ -15,9 +15,7 @@ from keras_ee.models.heads import (
 
 def _backbone_graph(backbone):
     if not isinstance(backbone, keras.Model):
-        raise TypeError(
-            f"attach_exits: `backbone` must be a keras.Model, received {type(backbone).__name__}."
-        )
+        raise TypeError(f"attach_exits: `backbone` must be a keras.Model, received {type(backbone).__name__}.")
     inputs = getattr(backbone, "inputs", None)
     outputs = getattr(backbone, "outputs", None)
     if not inputs or not outputs:
@@ -83,15 +81,12 @@ def attach_exits(
     num_classes = v.check_int("num_classes", num_classes, 1, where)
     gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, where)
     if isinstance(layer_names, str) or not isinstance(layer_names, (list, tuple)) or not layer_names:
-        raise TypeError(
-            f"{where}`layer_names` must be a non-empty list of layer names, received {layer_names!r}."
-        )
+        raise TypeError(f"{where}`layer_names` must be a non-empty list of layer names, received {layer_names!r}.")
     if len(set(layer_names)) != len(layer_names):
         raise ValueError(f"{where}`layer_names` has duplicates: {list(layer_names)}.")
     if not (head is None or head == "conv" or callable(head)):
         raise ValueError(
-            f"{where}`head` must be None, 'conv' or a callable (x, exit_index) -> "
-            f"features, received {head!r}."
+            f"{where}`head` must be None, 'conv' or a callable (x, exit_index) -> features, received {head!r}."
         )
     by_name = {layer.name: layer for layer in backbone.layers}
     for layer in backbone.layers:
@@ -104,9 +99,7 @@ def attach_exits(
     exit_tensors = []
     for lname in layer_names:
         if lname not in by_name:
-            candidates = [
-                l.name for l in backbone.layers if not isinstance(l, keras.layers.InputLayer)
-            ]
+            candidates = [l.name for l in backbone.layers if not isinstance(l, keras.layers.InputLayer)]
             shown = candidates if len(candidates) <= 12 else candidates[:6] + ["..."] + candidates[-6:]
             raise ValueError(
                 f"{where}no layer named {lname!r} in backbone {backbone.name!r}. "
@@ -146,9 +139,7 @@ def attach_exits(
                 )
 
     num_exits = len(exit_tensors)
-    new_input = keras.Input(
-        shape=tuple(old_input.shape[1:]), dtype=old_input.dtype, name=old_input.name
-    )
+    new_input = keras.Input(shape=tuple(old_input.shape[1:]), dtype=old_input.dtype, name=old_input.name)
     tensor_map = {id(old_input): new_input}
     done = set()
     outputs = []
@@ -181,9 +172,7 @@ def attach_exits(
 
 def _make_head(x, k, num_classes, head):
     if head is None:
-        return pooled_logits(
-            x, k, num_classes, torch_default_init(), torch_default_bias_init(int(x.shape[-1]))
-        )
+        return pooled_logits(x, k, num_classes, torch_default_init(), torch_default_bias_init(int(x.shape[-1])))
     if head == "conv":
         return conv_head(x, k, num_classes, 128)
     features = head(x, k)

@@ -63,8 +63,7 @@ def multiexit_cnn(
             widths = tuple(16 * (k + 1) for k in range(num_exits))
         elif len(widths) != num_exits:
             raise ValueError(
-                f"{w}num_exits={num_exits} disagrees with widths={widths} "
-                f"({len(widths)} stages); pass one of them."
+                f"{w}num_exits={num_exits} disagrees with widths={widths} ({len(widths)} stages); pass one of them."
             )
     depth = v.check_int("depth", depth, 1, w)
     gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, w)
@@ -81,9 +80,7 @@ def multiexit_cnn(
                 x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init)
             last = k == k_total
             branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
-            outputs.append(
-                pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width))
-            )
+            outputs.append(pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width)))
             if not last:
                 (x,) = mark_stage(k, [trunk])
         return keras.Model(inputs, outputs, name=name)

@@ -24,10 +24,7 @@ def producer(tensor):
     """Returns `(node, layer)` that produced a KerasTensor."""
     history = getattr(tensor, "_keras_history", None)
     if history is None:
-        raise TypeError(
-            "Expected a symbolic KerasTensor of a functional model, received "
-            f"{type(tensor).__name__}."
-        )
+        raise TypeError(f"Expected a symbolic KerasTensor of a functional model, received {type(tensor).__name__}.")
     layer, node_index, _ = history
     return layer._inbound_nodes[node_index], layer
 
@@ -100,10 +97,7 @@ def mark_stage(stage, tensors):
     Returns:
         List of marker outputs; later layers must consume these.
     """
-    return [
-        keras.layers.Identity(name=f"stage_{stage}_state_{i}")(t)
-        for i, t in enumerate(tensors)
-    ]
+    return [keras.layers.Identity(name=f"stage_{stage}_state_{i}")(t) for i, t in enumerate(tensors)]
 
 
 def stage_markers(model):

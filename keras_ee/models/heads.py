@@ -70,8 +70,7 @@ def batchnorm_options(synchronized=False):
 
 def batch_normalization(name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM):
     """A `keras.layers.BatchNormalization` with the scope's `synchronized` option."""
-    return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, synchronized=_SYNCHRONIZED_BN.get(),
-                                     name=name)
+    return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, synchronized=_SYNCHRONIZED_BN.get(), name=name)
 
 
 def activation_layer(name):
@@ -83,16 +82,12 @@ def activation_layer(name):
 
 def torch_default_init():
     """PyTorch's default conv/linear kernel init, U(+-1/sqrt(fan_in))."""
-    return keras.initializers.VarianceScaling(
-        scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-    )
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
 
 
 def he_fan_out_init():
     """The reference code's intended conv init, N(0, sqrt(2 / (k*k*cout)))."""
-    return keras.initializers.VarianceScaling(
-        scale=2.0, mode="fan_out", distribution="untruncated_normal"
-    )
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
 def torch_default_bias_init(fan_in):
@@ -130,9 +125,7 @@ def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
     )(x)
 
 
-def bottleneck_unit(
-    x, filters, strides, bottleneck_width, name, kernel_initializer, bottleneck=True
-):
+def bottleneck_unit(x, filters, strides, bottleneck_width, name, kernel_initializer, bottleneck=True):
     """MSDNet/RANet unit: 1x1 CBR to `min(cin, width*filters)`, then 3x3 CBR.
 
     Args:

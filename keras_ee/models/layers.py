@@ -39,17 +39,12 @@ class GradientScale(keras.layers.Layer):
 
     def __init__(self, scale=1.0, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(scale, bool) or not isinstance(
-            scale, (int, float, np.integer, np.floating)
-        ):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
             raise TypeError(
-                f"GradientScale: `scale` must be a real number, received "
-                f"{scale!r} of type {type(scale).__name__}."
+                f"GradientScale: `scale` must be a real number, received {scale!r} of type {type(scale).__name__}."
             )
         if not np.isfinite(scale):
-            raise ValueError(
-                f"GradientScale: `scale` must be finite, received {scale!r}."
-            )
+            raise ValueError(f"GradientScale: `scale` must be finite, received {scale!r}.")
         self.scale = float(scale)
 
     def call(self, inputs):
@@ -83,10 +78,7 @@ def align_corners_matrix(n_in, n_out):
         A float64 numpy array of shape `(n_out, n_in)` whose rows sum to 1.
     """
     if int(n_in) < 1 or int(n_out) < 1:
-        raise ValueError(
-            f"align_corners_matrix: sizes must be >= 1, received n_in={n_in}, "
-            f"n_out={n_out}."
-        )
+        raise ValueError(f"align_corners_matrix: sizes must be >= 1, received n_in={n_in}, n_out={n_out}.")
     n_in, n_out = int(n_in), int(n_out)
     matrix = np.zeros((n_out, n_in), dtype=np.float64)
     if n_out == 1 or n_in == 1:
@@ -134,8 +126,7 @@ class AlignCornersResize(keras.layers.Layer):
             or min(size) < 1
         ):
             raise ValueError(
-                "AlignCornersResize: `size` must be a pair of positive ints "
-                f"(height, width), received {size!r}."
+                f"AlignCornersResize: `size` must be a pair of positive ints (height, width), received {size!r}."
             )
         self.size = (int(size[0]), int(size[1]))
 
@@ -193,9 +184,7 @@ def _tf_align_corners_resize(x, size):
         def grad(dy):
             return resize_transposed(dy, t)
 
-        out = tf.raw_ops.ResizeBilinear(
-            images=t, size=list(size), align_corners=True, half_pixel_centers=False
-        )
+        out = tf.raw_ops.ResizeBilinear(images=t, size=list(size), align_corners=True, half_pixel_centers=False)
         return tf.cast(out, dtype), grad
 
     @tf.custom_gradient
@@ -246,10 +235,21 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
     @tf.custom_gradient
     def batch_norm(x, scale, offset):
         out = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
-            epsilon=epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
-        reserves = dict(reserve_space_1=out.reserve_space_1, reserve_space_2=out.reserve_space_2,
-                        reserve_space_3=out.reserve_space_3)
+            x=x,
+            scale=scale,
+            offset=offset,
+            mean=tf.zeros([0]),
+            variance=tf.zeros([0]),
+            epsilon=epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        reserves = dict(
+            reserve_space_1=out.reserve_space_1,
+            reserve_space_2=out.reserve_space_2,
+            reserve_space_3=out.reserve_space_3,
+        )
         # The kernel returns the Bessel-corrected variance n/(n-1) (n/1 for
         # n = 1); the moving average of Keras' BN uses the biased one.
         variance = out.batch_variance * tf.maximum(n - 1.0, 1.0) / n
@@ -257,8 +257,8 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
 
         def kernel_backward(dy):
             dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=scale, epsilon=epsilon, data_format="NHWC", is_training=True,
-                **reserves)
+                y_backprop=dy, x=x, scale=scale, epsilon=epsilon, data_format="NHWC", is_training=True, **reserves
+            )
             return dx, dscale, doffset
 
         @tf.custom_gradient
@@ -274,8 +274,15 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
                 with tf.GradientTape() as tape:
                     tape.watch([x, scale])
                     ref = unfused_backward(tf.stop_gradient(dy), x, scale)
-                d_x, d_scale = tape.gradient(ref, [x, scale], output_gradients=[
-                    tf.zeros_like(x) if g_dx is None else tf.cast(g_dx, x.dtype), g_dscale, g_doffset])
+                d_x, d_scale = tape.gradient(
+                    ref,
+                    [x, scale],
+                    output_gradients=[
+                        tf.zeros_like(x) if g_dx is None else tf.cast(g_dx, x.dtype),
+                        g_dscale,
+                        g_doffset,
+                    ],
+                )
                 return d_dy, d_x, d_scale
 
             return kernel_backward(dy), grad_of_grad
@@ -397,8 +404,9 @@ class ConvBNReLU(keras.layers.Layer):
             raise ValueError(f"ConvBNReLU: `synchronized` must be True or False, received {synchronized!r}.")
         self.synchronized = synchronized
         if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"ConvBNReLU: `nonlinearity` must be one of {list(NONLINEARITIES)}, "
-                             f"received {nonlinearity!r}.")
+            raise ValueError(
+                f"ConvBNReLU: `nonlinearity` must be one of {list(NONLINEARITIES)}, received {nonlinearity!r}."
+            )
         self.nonlinearity = nonlinearity
         for arg, val in (("filters", filters), ("kernel_size", kernel_size), ("strides", strides)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
@@ -452,7 +460,8 @@ class ConvBNReLU(keras.layers.Layer):
                 # training-mode BN cheap in MSDNet/RANet's many narrow units and in the
                 # meta-gradients' second-order passes.
                 y, mean, variance = _tf_fused_batch_norm_train(
-                    y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon)
+                    y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon
+                )
             else:
                 mean, variance = ops.moments(y, axes=[0, 1, 2], synchronized=self.synchronized)
                 y = ops.batch_normalization(
@@ -465,16 +474,15 @@ class ConvBNReLU(keras.layers.Layer):
                     epsilon=self.epsilon,
                 )
             m = self.momentum
-            self.moving_mean.assign(
-                self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m)
-            )
+            self.moving_mean.assign(self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m))
             self.moving_variance.assign(
-                self.moving_variance * m
-                + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
+                self.moving_variance * m + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
             )
         else:
             folded = _snapshot_entry(self, inputs)
-            kernel, shift, pack = folded if folded is not None else self.inference_weights(inputs.dtype, inputs.shape[2])
+            kernel, shift, pack = (
+                folded if folded is not None else self.inference_weights(inputs.dtype, inputs.shape[2])
+            )
             if keras.backend.backend() == "tensorflow":
                 return self._tf_fused(inputs, kernel, shift, pack)
             y = self._conv(inputs, kernel) + shift
@@ -505,7 +513,8 @@ class ConvBNReLU(keras.layers.Layer):
         k, s = self.kernel_size, self.strides
         window = s * (pack - 1) + k
         kernel = tf.concat(
-            [tf.pad(kernel, [[0, 0], [s * a, window - k - s * a], [0, 0], [0, 0]]) for a in range(pack)], axis=3)
+            [tf.pad(kernel, [[0, 0], [s * a, window - k - s * a], [0, 0], [0, 0]]) for a in range(pack)], axis=3
+        )
         return kernel, tf.tile(shift, [pack]), pack
 
     def _act(self, y, tf_native=False):
@@ -615,15 +624,9 @@ class ChannelSplit(keras.layers.Layer):
         if (
             not isinstance(sizes, (list, tuple))
             or not sizes
-            or not all(
-                isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
-                for s in sizes
-            )
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in sizes)
         ):
-            raise ValueError(
-                "ChannelSplit: `sizes` must be a non-empty list of positive ints, "
-                f"received {sizes!r}."
-            )
+            raise ValueError(f"ChannelSplit: `sizes` must be a non-empty list of positive ints, received {sizes!r}.")
         self.sizes = [int(s) for s in sizes]
 
     def build(self, input_shape):
@@ -643,10 +646,7 @@ class ChannelSplit(keras.layers.Layer):
         return [tuple(input_shape[:-1]) + (s,) for s in self.sizes]
 
     def compute_output_spec(self, inputs):
-        return [
-            keras.KerasTensor(tuple(inputs.shape[:-1]) + (s,), dtype=inputs.dtype)
-            for s in self.sizes
-        ]
+        return [keras.KerasTensor(tuple(inputs.shape[:-1]) + (s,), dtype=inputs.dtype) for s in self.sizes]
 
     def get_config(self):
         config = super().get_config()

@@ -220,9 +220,7 @@ def msdnet(
                 for s, branch, src, filters, _ in units:
                     x_in = inner[(s, branch)] if bottleneck else by_scale[src]
                     stride = 2 if branch == "_down" else 1
-                    outs[(s, branch)] = conv_bn_relu(
-                        x_in, filters, 3, stride, f"{prefix}_s{s}{branch}_b", init
-                    )
+                    outs[(s, branch)] = conv_bn_relu(x_in, filters, 3, stride, f"{prefix}_s{s}{branch}_b", init)
                 new_scales = []
                 for s in range(offset, num_scales):
                     if (s, "") in outs:
@@ -244,9 +242,7 @@ def msdnet(
                 scales = new_scales
 
             last = block == num_blocks
-            branch, trunk = branch_and_trunk(
-                scales[-1], block, num_blocks, gradient_equilibrium, has_trunk=not last
-            )
+            branch, trunk = branch_and_trunk(scales[-1], block, num_blocks, gradient_equilibrium, has_trunk=not last)
             outputs.append(conv_head(branch, block, num_classes, head_channels, init))
             if not last:
                 scales = mark_stage(block, scales[:-1] + [trunk])

@@ -59,7 +59,7 @@ def flow_plan(scale_list, num_blocks, block_step):
         n = counts[i]
         transitions = {math.floor(k * n / r) for k in range(1, r)}
         candidates = [0] + counts[:i]
-        downs = set(candidates[len(candidates) - (r - 1):]) if r > 1 else set()
+        downs = set(candidates[len(candidates) - (r - 1) :]) if r > 1 else set()
         plan.append({"blocks": n, "transitions": transitions, "downs": downs})
     return plan
 
@@ -129,8 +129,7 @@ def ranet(
     rs = v.check_int_tuple("scale_list", scale_list, 1, w, length=flows)
     if rs[0] != 1 or any(b - a not in (0, 1) for a, b in zip(rs, rs[1:])):
         raise ValueError(
-            f"{w}`scale_list` must start at 1 and rise by 0 or 1 per flow "
-            f"(lowest resolution first), received {rs}."
+            f"{w}`scale_list` must start at 1 and rise by 0 or 1 per flow (lowest resolution first), received {rs}."
         )
     num_blocks = v.check_int("num_blocks", num_blocks, 1, w)
     block_step = v.check_int("block_step", block_step, 0, w)
@@ -213,9 +212,7 @@ def ranet(
                         record.append(x)
                     out = x
                 if j in plan[i]["transitions"]:
-                    out = conv_bn_relu(
-                        out, math.floor(reduction * int(out.shape[-1])), 1, 1, f"{p}_transition", init
-                    )
+                    out = conv_bn_relu(out, math.floor(reduction * int(out.shape[-1])), 1, 1, f"{p}_transition", init)
                 if i + 1 < flows:
                     cur_lists[j] = record
                 x = out
@@ -223,12 +220,8 @@ def ranet(
                     continue
                 exit_index += 1
                 more_blocks = j < plan[i]["blocks"]
-                branch, trunk = branch_and_trunk(
-                    x, exit_index, num_exits, gradient_equilibrium, has_trunk=more_blocks
-                )
-                outputs.append(
-                    conv_head(branch, exit_index, num_classes, head_channels, init, zero_dense_bias=True)
-                )
+                branch, trunk = branch_and_trunk(x, exit_index, num_exits, gradient_equilibrium, has_trunk=more_blocks)
+                outputs.append(conv_head(branch, exit_index, num_classes, head_channels, init, zero_dense_bias=True))
                 if exit_index == num_exits:
                     break
                 # Stage boundary: carry exactly what later stages read.

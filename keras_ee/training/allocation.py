@@ -34,9 +34,7 @@ def exit_fractions(q, num_exits):
     """
     _check_q(q)
     if isinstance(num_exits, bool) or not isinstance(num_exits, int):
-        raise TypeError(
-            f"`num_exits` must be an int; received {num_exits!r}."
-        )
+        raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
     if num_exits < 1:
         raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
     k = np.arange(1, num_exits + 1, dtype=np.float64)
@@ -68,10 +66,7 @@ def allocate_by_confidence(confidence, q):
     _check_q(q)
     confidence = tf.stop_gradient(tf.convert_to_tensor(confidence))
     if confidence.shape.rank != 2:
-        raise ValueError(
-            "`confidence` must have shape (batch, num_exits); received shape "
-            f"{confidence.shape}."
-        )
+        raise ValueError(f"`confidence` must have shape (batch, num_exits); received shape {confidence.shape}.")
     num_exits = confidence.shape[1]
     if num_exits is None:
         raise ValueError("The number of exits (axis 1) must be static.")
@@ -90,9 +85,7 @@ def allocate_by_confidence(confidence, q):
         )
         # Rank of every sample by descending score (stable: index breaks ties).
         order = tf.argsort(-score, stable=True)
-        rank = tf.scatter_nd(
-            order[:, None], tf.range(n, dtype=tf.int32), shape=[n]
-        )
+        rank = tf.scatter_nd(order[:, None], tf.range(n, dtype=tf.int32), shape=[n])
         taken = tf.logical_and(rank < count, available)
         columns.append(taken)
         available = tf.logical_and(available, tf.logical_not(taken))
@@ -120,7 +113,7 @@ def allocate_by_confidence_across_replicas(confidence, q):
     mask = allocate_by_confidence(everything, q)
     replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
     start = tf.reduce_sum(sizes[:replica])
-    return mask[start:start + size[0]]
+    return mask[start : start + size[0]]
 
 
 def allocate_by_confidence_numpy(confidence, q):
@@ -131,10 +124,7 @@ def allocate_by_confidence_numpy(confidence, q):
     """
     confidence = np.asarray(confidence, dtype=np.float64)
     if confidence.ndim != 2:
-        raise ValueError(
-            "`confidence` must have shape (batch, num_exits); received shape "
-            f"{confidence.shape}."
-        )
+        raise ValueError(f"`confidence` must have shape (batch, num_exits); received shape {confidence.shape}.")
     n, num_exits = confidence.shape
     fractions = exit_fractions(q, int(num_exits))
     exit_of = np.full(n, num_exits - 1, dtype=np.int64)

@@ -128,6 +128,7 @@ def replica_cond(pred, true_fn, false_fn, args=()):
     tensor would be the first replica's); variables, layers and Python values may be
     captured. Their return values are discarded.
     """
+
     def branch(fn):
         def run():
             fn(*args)
@@ -252,8 +253,7 @@ class LookAheadResult:
         """
         if self._tape is None:
             raise RuntimeError("real_gradients was already called on this look-ahead result.")
-        grads = self._tape.gradient(self.terms, self._theta,
-                                    output_gradients=ops.cast(coefficients, self.terms.dtype))
+        grads = self._tape.gradient(self.terms, self._theta, output_gradients=ops.cast(coefficients, self.terms.dtype))
         self._tape = None
         return grads
 
@@ -351,18 +351,30 @@ class LookAhead:
         if scale is None:
             outer_gradients = outer_tape.gradient(outer_loss, outer_values)
         else:
-            outer_gradients = outer_tape.gradient(outer_loss, outer_values,
-                                                  output_gradients=ops.cast(scale, outer_loss.dtype))
+            outer_gradients = outer_tape.gradient(
+                outer_loss, outer_values, output_gradients=ops.cast(scale, outer_loss.dtype)
+            )
             outer_gradients = [None if g is None else g / ops.cast(scale, g.dtype) for g in outer_gradients]
         finite = inner_finite = None
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             inner_finite = _all_replicas(ops.logical_not(core.first_nonfinite(_present(grads))[0]))
             finite = ops.logical_and(
-                inner_finite, _all_replicas(ops.logical_not(core.first_nonfinite(_present(outer_gradients))[0])))
-        return LookAheadResult(outer_gradients=outer_gradients, outer_loss=outer_loss, outer_aux=outer_aux,
-                               terms=terms, aux=aux, logits=logits, non_trainable=non_trainable,
-                               logits_meta=logits_meta, finite=finite, inner_finite=inner_finite,
-                               _tape=inner_tape, _theta=theta)
+                inner_finite, _all_replicas(ops.logical_not(core.first_nonfinite(_present(outer_gradients))[0]))
+            )
+        return LookAheadResult(
+            outer_gradients=outer_gradients,
+            outer_loss=outer_loss,
+            outer_aux=outer_aux,
+            terms=terms,
+            aux=aux,
+            logits=logits,
+            non_trainable=non_trainable,
+            logits_meta=logits_meta,
+            finite=finite,
+            inner_finite=inner_finite,
+            _tape=inner_tape,
+            _theta=theta,
+        )
 
 
 def _present(tensors):
@@ -392,8 +404,7 @@ def unless_overflow(finite, fn, args=()):
     replica_cond(finite, fn, lambda *args: None, args=args)
 
 
-def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr,
-                         final_learning_rate: float = 0.0):
+def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr, final_learning_rate: float = 0.0):
     """A learning-rate callable for an auxiliary optimizer that follows the main schedule's shape.
 
     `lr_aux(t) = final + (base - final) * lr(t) / lr_peak`, with `lr(t)` the main
@@ -518,13 +529,18 @@ def check_number(name, value, low=None, high=None, low_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be a number; received {value!r}.")
     value = float(value)
-    ok = np.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and (
-        high is None or value <= high)
+    ok = (
+        np.isfinite(value)
+        and (low is None or (value > low if low_open else value >= low))
+        and (high is None or value <= high)
+    )
     if not ok:
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"`{name}` must be a finite number in {'(' if low_open or low is None else '['}{lo}, "
-                         f"{hi}{']' if high is not None else ')'}; received {value}.")
+        raise ValueError(
+            f"`{name}` must be a finite number in {'(' if low_open or low is None else '['}{lo}, "
+            f"{hi}{']' if high is not None else ')'}; received {value}."
+        )
     return value
 
 
@@ -558,8 +574,7 @@ class MLP(keras.layers.Layer):
     >>> gater = MLP(input_dim=2, output_dim=1, depth=1, width=500, output_activation="sigmoid")
     """
 
-    def __init__(self, input_dim, output_dim, depth=1, width=500, activation="relu", output_activation=None,
-                 **kwargs):
+    def __init__(self, input_dim, output_dim, depth=1, width=500, activation="relu", output_activation=None, **kwargs):
         super().__init__(**kwargs)
         check_counts(input_dim=input_dim, output_dim=output_dim, depth=depth, width=width)
         self.input_dim = input_dim
@@ -574,12 +589,26 @@ class MLP(keras.layers.Layer):
         policy = self.dtype_policy
         for i in range(depth):
             init = torch_linear_init(fan_in)
-            self.hidden.append(keras.layers.Dense(width, activation=activation, kernel_initializer=init,
-                                                  bias_initializer=init, name=f"hidden_{i + 1}", dtype=policy))
+            self.hidden.append(
+                keras.layers.Dense(
+                    width,
+                    activation=activation,
+                    kernel_initializer=init,
+                    bias_initializer=init,
+                    name=f"hidden_{i + 1}",
+                    dtype=policy,
+                )
+            )
             fan_in = width
         init = torch_linear_init(fan_in)
-        self.head = keras.layers.Dense(output_dim, activation=output_activation, kernel_initializer=init,
-                                       bias_initializer=init, name="out", dtype=policy)
+        self.head = keras.layers.Dense(
+            output_dim,
+            activation=output_activation,
+            kernel_initializer=init,
+            bias_initializer=init,
+            name="out",
+            dtype=policy,
+        )
 
     def build(self, input_shape=None):
         shape = (None, self.input_dim)
@@ -600,6 +629,12 @@ class MLP(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(input_dim=self.input_dim, output_dim=self.output_dim, depth=self.depth, width=self.width,
-                      activation=self.activation, output_activation=self.output_activation)
+        config.update(
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            depth=self.depth,
+            width=self.width,
+            activation=self.activation,
+            output_activation=self.output_activation,
+        )
         return config

@@ -34,7 +34,6 @@ import tensorflow as tf
 from keras import ops
 
 
-
 def _as_float32(x):
     return ops.cast(x, "float32") if x.dtype != "float64" else x
 
@@ -46,8 +45,10 @@ def float32_logits(outputs):
     cast to float32 before any softmax or loss, as Keras' mixed-precision guide asks of a
     model's outputs.
     """
-    return [ops.cast(z, "float32") if keras.backend.standardize_dtype(z.dtype) in ("float16", "bfloat16")
-            else z for z in outputs]
+    return [
+        ops.cast(z, "float32") if keras.backend.standardize_dtype(z.dtype) in ("float16", "bfloat16") else z
+        for z in outputs
+    ]
 
 
 def labels_are_one_hot(y, logits):
@@ -82,22 +83,17 @@ def per_exit_cross_entropy(y, logits):
     """
     if not isinstance(logits, (list, tuple)) or not logits:
         raise TypeError(
-            "`logits` must be a non-empty list of per-exit logit tensors; "
-            f"received {type(logits).__name__}."
+            f"`logits` must be a non-empty list of per-exit logit tensors; received {type(logits).__name__}."
         )
     one_hot = labels_are_one_hot(y, logits[0])
     columns = []
     for z in logits:
         z = _as_float32(z)
         if one_hot:
-            ce = ops.categorical_crossentropy(
-                ops.cast(y, z.dtype), z, from_logits=True
-            )
+            ce = ops.categorical_crossentropy(ops.cast(y, z.dtype), z, from_logits=True)
         else:
             labels = ops.reshape(ops.cast(y, "int32"), (-1,))
-            ce = ops.sparse_categorical_crossentropy(
-                labels, z, from_logits=True
-            )
+            ce = ops.sparse_categorical_crossentropy(labels, z, from_logits=True)
         columns.append(ce)
     return ops.stack(columns, axis=1)
 
@@ -238,6 +234,7 @@ def straight_through_scale(x, factor):
     unscaled pseudo-step, while the backward pass through the inner backward pass
     receives cotangents of the loss-scaled outer loss (in float16's range too).
     """
+
     def grad(upstream):
         return upstream, tf.zeros_like(factor)
 
@@ -265,9 +262,7 @@ def check_lookahead_support(optimizer):
     }
     base = None
     for name, klass in known.items():
-        if isinstance(optimizer, klass) and (
-            cls.update_step is klass.update_step
-        ):
+        if isinstance(optimizer, klass) and (cls.update_step is klass.update_step):
             base = name
     if base is None:
         raise ValueError(
@@ -326,19 +321,13 @@ def lookahead_step(optimizer, variables, values, grads):
     kind = check_lookahead_support(optimizer)
     optimizer = inner_optimizer(optimizer)
     if not optimizer.built:
-        raise ValueError(
-            "The optimizer must be built (e.g. `optimizer.build(variables)`) "
-            "before a look-ahead step."
-        )
+        raise ValueError("The optimizer must be built (e.g. `optimizer.build(variables)`) before a look-ahead step.")
     if len(variables) != len(values) or len(values) != len(grads):
         raise ValueError(
             "`variables`, `values` and `grads` must have the same length; "
             f"received {len(variables)}, {len(values)} and {len(grads)}."
         )
-    grads = [
-        ops.zeros_like(v) if g is None else ops.cast(g, v.dtype)
-        for g, v in zip(grads, values)
-    ]
+    grads = [ops.zeros_like(v) if g is None else ops.cast(g, v.dtype) for g, v in zip(grads, values)]
     grads = optimizer._clip_gradients(grads)
     lr_now = optimizer.learning_rate
     new_values = []
@@ -347,9 +336,7 @@ def lookahead_step(optimizer, variables, values, grads):
         lr = ops.cast(lr_now, dtype)
         theta = value
         # Keras applies decoupled weight decay before the update step.
-        if optimizer.weight_decay is not None and optimizer._use_weight_decay(
-            var
-        ):
+        if optimizer.weight_decay is not None and optimizer._use_weight_decay(var):
             wd = ops.cast(optimizer.weight_decay, dtype)
             theta = theta - theta * wd * lr
         index = optimizer._get_variable_index(var)
@@ -368,9 +355,7 @@ def lookahead_step(optimizer, variables, values, grads):
             step = ops.cast(optimizer.iterations + 1, dtype)
             b1 = ops.cast(optimizer.beta_1, dtype)
             b2 = ops.cast(optimizer.beta_2, dtype)
-            alpha = lr * ops.sqrt(1 - ops.power(b2, step)) / (
-                1 - ops.power(b1, step)
-            )
+            alpha = lr * ops.sqrt(1 - ops.power(b2, step)) / (1 - ops.power(b1, step))
             m = ops.cast(optimizer._momentums[index], dtype)
             v = ops.cast(optimizer._velocities[index], dtype)
             m_new = m + (g - m) * (1 - b1)
@@ -378,9 +363,7 @@ def lookahead_step(optimizer, variables, values, grads):
             if optimizer.amsgrad:
                 v_hat = ops.cast(optimizer._velocity_hats[index], dtype)
                 v_new = ops.maximum(v_hat, v_new)
-            theta = theta - (m_new * alpha) / (
-                _safe_sqrt(v_new) + ops.cast(optimizer.epsilon, dtype)
-            )
+            theta = theta - (m_new * alpha) / (_safe_sqrt(v_new) + ops.cast(optimizer.epsilon, dtype))
         if getattr(var, "constraint", None) is not None:
             theta = var.constraint(theta)
         new_values.append(theta)
@@ -424,6 +407,7 @@ def first_nonfinite(tensors):
     Returns:
         `(any_bad, first)`: a boolean scalar and an int64 scalar (0 when none).
     """
+
     def finite(t):
         if "float" not in keras.backend.standardize_dtype(t.dtype):
             return ops.convert_to_tensor(True)  # integer counters, seeds: always finite

@@ -177,8 +177,18 @@ class ExitGater(keras.layers.Layer):
         self.depth = depth
         self.width = width
         self.activation = activation
-        self.gates = [bilevel.MLP(num_features, 1, depth=depth, width=width, activation=activation,
-                                  name=f"gate_{k + 1}", dtype=self.dtype_policy) for k in range(num_gates)]
+        self.gates = [
+            bilevel.MLP(
+                num_features,
+                1,
+                depth=depth,
+                width=width,
+                activation=activation,
+                name=f"gate_{k + 1}",
+                dtype=self.dtype_policy,
+            )
+            for k in range(num_gates)
+        ]
 
     def build(self, input_shape=None):
         for gate in self.gates:
@@ -193,8 +203,13 @@ class ExitGater(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_gates=self.num_gates, num_features=self.num_features, depth=self.depth,
-                      width=self.width, activation=self.activation)
+        config.update(
+            num_gates=self.num_gates,
+            num_features=self.num_features,
+            depth=self.depth,
+            width=self.width,
+            activation=self.activation,
+        )
         return config
 
 
@@ -222,7 +237,7 @@ def _parse_features(features):
     "gating",
     summary="budget-aware early exiting: a learned gater routes samples, lambda prices each exit's cost",
     paper="Balancing Accuracy and Efficiency in Budget-Aware Early-Exiting Neural Networks (Addad, Lechervy and "
-          "Jurie, 2024 preprint, HAL hal-04683503)",
+    "Jurie, 2024 preprint, HAL hal-04683503)",
     search_space={"lambda": SearchRange(0.01, 10.0, "log"), "temperature": SearchRange(0.1, 2.0)},
     option_types={
         "features": typing.Union[str, list],
@@ -267,10 +282,23 @@ class BudgetAwareGating(Method):
     >>> model.fit(train_ds, epochs=300)
     """
 
-    def __init__(self, cost_weight=2.0, temperature=0.5, features=("max_prob", "entropy"), gater_width=500,
-                 gater_depth=1, gater_activation="relu", detach_features=False, gater_interval=10,
-                 gater_update="alternate", gater_optimizer="adamw", gater_learning_rate=1e-3,
-                 gater_final_learning_rate=1e-5, gater_weight_decay=1e-4, **kwargs):
+    def __init__(
+        self,
+        cost_weight=2.0,
+        temperature=0.5,
+        features=("max_prob", "entropy"),
+        gater_width=500,
+        gater_depth=1,
+        gater_activation="relu",
+        detach_features=False,
+        gater_interval=10,
+        gater_update="alternate",
+        gater_optimizer="adamw",
+        gater_learning_rate=1e-3,
+        gater_final_learning_rate=1e-5,
+        gater_weight_decay=1e-4,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
         self.temperature = _check_positive("temperature", temperature)
@@ -281,8 +309,9 @@ class BudgetAwareGating(Method):
         try:
             keras.activations.get(gater_activation)
         except (ValueError, TypeError):
-            raise ValueError(f"`gater_activation` must be a Keras activation name (relu, gelu, ...); received "
-                             f"{gater_activation!r}.") from None
+            raise ValueError(
+                f"`gater_activation` must be a Keras activation name (relu, gelu, ...); received {gater_activation!r}."
+            ) from None
         if not isinstance(detach_features, bool):
             raise ValueError(f"`detach_features` must be true or false; received {detach_features!r}.")
         if gater_update not in _UPDATES:
@@ -297,11 +326,14 @@ class BudgetAwareGating(Method):
         self.gater_update = gater_update
         self.gater_optimizer_name = gater_optimizer
         self.gater_learning_rate = _check_positive("gater_learning_rate", gater_learning_rate)
-        self.gater_final_learning_rate = _check_positive("gater_final_learning_rate", gater_final_learning_rate,
-                                                         allow_zero=True)
+        self.gater_final_learning_rate = _check_positive(
+            "gater_final_learning_rate", gater_final_learning_rate, allow_zero=True
+        )
         if self.gater_final_learning_rate > self.gater_learning_rate:
-            raise ValueError("`gater_final_learning_rate` must be <= `gater_learning_rate`; received "
-                             f"{self.gater_final_learning_rate} > {self.gater_learning_rate}.")
+            raise ValueError(
+                "`gater_final_learning_rate` must be <= `gater_learning_rate`; received "
+                f"{self.gater_final_learning_rate} > {self.gater_learning_rate}."
+            )
         self.gater_weight_decay = _check_positive("gater_weight_decay", gater_weight_decay, allow_zero=True)
         self._main_optimizer_ref = None
 
@@ -319,26 +351,43 @@ class BudgetAwareGating(Method):
             raise ValueError(f"the exits' Mul-Adds {mul_adds.tolist()} cannot be normalised by the last exit's.")
         # Cost_k = cost[k] / cost[K] of this very model (a constant of the losses).
         self.relative_costs = (mul_adds / mul_adds[-1]).tolist()
-        dtype = "float64" if model.backbone.trainable_variables and \
-            model.backbone.trainable_variables[0].dtype == "float64" else "float32"
-        self.gater = ExitGater(k - 1, len(self.features), depth=self.gater_depth, width=self.gater_width,
-                               activation=self.gater_activation, name="gater", dtype=dtype)
+        dtype = (
+            "float64"
+            if model.backbone.trainable_variables and model.backbone.trainable_variables[0].dtype == "float64"
+            else "float32"
+        )
+        self.gater = ExitGater(
+            k - 1,
+            len(self.features),
+            depth=self.gater_depth,
+            width=self.gater_width,
+            activation=self.gater_activation,
+            name="gater",
+            dtype=dtype,
+        )
         self.gater.build((None, k - 1, len(self.features)))
         self.gater.trainable = False  # trained by its own optimizer, not the model's
-        self.batch_counter = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                             name="batch_counter")
-        self.initial_main_lr = self.add_weight(shape=(), dtype="float32", initializer="zeros", trainable=False,
-                                               name="initial_main_lr")
-        lr = bilevel.follow_main_schedule(self.gater_learning_rate, self._main_optimizer, self.initial_main_lr,
-                                          final_learning_rate=self.gater_final_learning_rate)
+        self.batch_counter = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="batch_counter"
+        )
+        self.initial_main_lr = self.add_weight(
+            shape=(), dtype="float32", initializer="zeros", trainable=False, name="initial_main_lr"
+        )
+        lr = bilevel.follow_main_schedule(
+            self.gater_learning_rate,
+            self._main_optimizer,
+            self.initial_main_lr,
+            final_learning_rate=self.gater_final_learning_rate,
+        )
         wd = self.gater_weight_decay or None
         if self.gater_optimizer_name == "adamw":
             self.gater_optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd, name="gater_adamw")
         elif self.gater_optimizer_name == "adam":
             self.gater_optimizer = keras.optimizers.Adam(learning_rate=lr, name="gater_adam")
         else:
-            self.gater_optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, weight_decay=wd,
-                                                        name="gater_sgd")
+            self.gater_optimizer = keras.optimizers.SGD(
+                learning_rate=lr, momentum=0.9, weight_decay=wd, name="gater_sgd"
+            )
         self.gater_optimizer.build(self.gater.weights)
         self.share_trackers = [keras.metrics.Mean(name=f"exit_{i + 1}_A_mean") for i in range(k)]
         self.cost_tracker = keras.metrics.Mean(name="expected_cost")
@@ -402,18 +451,22 @@ class BudgetAwareGating(Method):
         logits = [ops.stop_gradient(z) for z in logits]
         ce = core.per_exit_cross_entropy(y, logits)
         _, a = self.distribution(self.gate_inputs(logits))
-        per_exit = ops.mean(outer_loss_terms(ce, ops.cast(a, ce.dtype), self._costs(ce.dtype), self.cost_weight),
-                            axis=0)
+        per_exit = ops.mean(
+            outer_loss_terms(ce, ops.cast(a, ce.dtype), self._costs(ce.dtype), self.cost_weight), axis=0
+        )
         return ops.sum(per_exit), per_exit
 
     def train_step(self, model, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
-        bilevel.every(self.batch_counter, self.gater_interval,
-                      lambda x, y, sw: self._gater_batch(model, x, y, sw),
-                      lambda x, y, sw: self._backbone_step(model, x, y, sw),
-                      args=(x, y, sample_weight))
+        bilevel.every(
+            self.batch_counter,
+            self.gater_interval,
+            lambda x, y, sw: self._gater_batch(model, x, y, sw),
+            lambda x, y, sw: self._backbone_step(model, x, y, sw),
+            args=(x, y, sample_weight),
+        )
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
@@ -514,18 +567,19 @@ class BudgetAwareGating(Method):
                 a = ops.cast(a, ce.dtype)
             priced = (ce + self.cost_weight * self._costs(ce.dtype)[None, :]) * sw / n
             feature_coefficients = tape.gradient(a, features, output_gradients=priced)
-            return ops.concatenate([(a + 1.0) * sw / n, ops.reshape(ops.cast(feature_coefficients, ce.dtype),
-                                                                    (-1, k1 * f))], axis=1)
+            return ops.concatenate(
+                [(a + 1.0) * sw / n, ops.reshape(ops.cast(feature_coefficients, ce.dtype), (-1, k1 * f))], axis=1
+            )
 
         def outer_fn(logits_meta, y_meta):
             ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
             _, a_m = self.distribution(self.gate_inputs(logits_meta))
-            per_exit = ops.mean(outer_loss_terms(ce_m, ops.cast(a_m, ce_m.dtype), self._costs(ce_m.dtype),
-                                                 self.cost_weight), axis=0)
+            per_exit = ops.mean(
+                outer_loss_terms(ce_m, ops.cast(a_m, ce_m.dtype), self._costs(ce_m.dtype), self.cost_weight), axis=0
+            )
             return ops.sum(per_exit), per_exit
 
-        la = bilevel.LookAhead(model.backbone, model.optimizer, self.gater.weights, terms_fn, coefficients_fn,
-                               outer_fn)
+        la = bilevel.LookAhead(model.backbone, model.optimizer, self.gater.weights, terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m), coefficients_fn
 
     def _lookahead_step(self, model, x_t, y_t, sw_t, x_m, y_m):
@@ -539,8 +593,9 @@ class BudgetAwareGating(Method):
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         _, a = self.distribution(ops.stop_gradient(features))
         a = ops.cast(a, ce.dtype)
-        per_exit = core.sample_weighted_exit_losses(inner_loss_terms(ce, a, self._costs(ce.dtype), self.cost_weight),
-                                                    sw_t)
+        per_exit = core.sample_weighted_exit_losses(
+            inner_loss_terms(ce, a, self._costs(ce.dtype), self.cost_weight), sw_t
+        )
         model.apply_step(grads, per_exit, finite=result.finite)
         model.update_step_metrics(ops.sum(per_exit), y_t, result.logits, ce)
         self._record(a)
@@ -559,8 +614,10 @@ class BudgetAwareGating(Method):
         """
         out = []
         for start in range(0, logits.shape[1], 4096):
-            chunk = [ops.convert_to_tensor(np.asarray(logits[k, start:start + 4096], np.float32))
-                     for k in range(logits.shape[0])]
+            chunk = [
+                ops.convert_to_tensor(np.asarray(logits[k, start : start + 4096], np.float32))
+                for k in range(logits.shape[0])
+            ]
             z = self.gater(ops.cast(self.gate_inputs(chunk), self.gater.compute_dtype))
             out.append(np.asarray(ops.convert_to_numpy(z), np.float32))
         z = np.concatenate(out, axis=0).T if out else np.zeros((logits.shape[0] - 1, 0), np.float32)
@@ -580,11 +637,19 @@ class BudgetAwareGating(Method):
 
     def get_config(self):
         config = super().get_config()
-        config.update(cost_weight=self.cost_weight, temperature=self.temperature, features=list(self.features),
-                      gater_width=self.gater_width, gater_depth=self.gater_depth,
-                      gater_activation=self.gater_activation, detach_features=self.detach_features,
-                      gater_interval=self.gater_interval, gater_update=self.gater_update,
-                      gater_optimizer=self.gater_optimizer_name, gater_learning_rate=self.gater_learning_rate,
-                      gater_final_learning_rate=self.gater_final_learning_rate,
-                      gater_weight_decay=self.gater_weight_decay)
+        config.update(
+            cost_weight=self.cost_weight,
+            temperature=self.temperature,
+            features=list(self.features),
+            gater_width=self.gater_width,
+            gater_depth=self.gater_depth,
+            gater_activation=self.gater_activation,
+            detach_features=self.detach_features,
+            gater_interval=self.gater_interval,
+            gater_update=self.gater_update,
+            gater_optimizer=self.gater_optimizer_name,
+            gater_learning_rate=self.gater_learning_rate,
+            gater_final_learning_rate=self.gater_final_learning_rate,
+            gater_weight_decay=self.gater_weight_decay,
+        )
         return config

@@ -121,8 +121,10 @@ ADAPTIVE_CONFIDENCE = 0.5
 ARTIFACT = "hdkd.json"
 HEATMAP = "hdkd_gamma.png"
 
-PAPER = ("Harmonized Dense Knowledge Distillation Training for Multi-Exit Architectures (Wang and Li, AAAI 2021; "
-         "no arXiv id in the paper)")
+PAPER = (
+    "Harmonized Dense Knowledge Distillation Training for Multi-Exit Architectures (Wang and Li, AAAI 2021; "
+    "no arXiv id in the paper)"
+)
 
 
 def kd_pairs(num_exits: int, teachers: str = "dense") -> list[tuple[int, int]]:
@@ -217,7 +219,7 @@ _OPTION_TYPES = {
 @register_method(
     "hdkd",
     summary="harmonized dense KD: every later exit teaches every earlier one; the K CE and K(K-1)/2 KD "
-            "weights are learned bilevel on a held-out meta stream (balanced validation loss)",
+    "weights are learned bilevel on a held-out meta stream (balanced validation loss)",
     paper=PAPER,
     search_space={"temperature": SearchRange(1.0, 5.0), "alpha": SearchRange(0.0, 1.0)},
     option_types=_OPTION_TYPES,
@@ -253,9 +255,23 @@ class HDKD(Method):
     ...           steps_per_epoch=splits.train_batches(64))
     """
 
-    def __init__(self, teachers="dense", learn_weights=True, init="ds", temperature=3.0, temperature_rule="fixed",
-                 alpha=0.5, ema_momentum=0.9, ema_source="meta", meta_interval=1, gamma_parametrization="softplus",
-                 gamma_optimizer="adam", gamma_learning_rate=1e-3, init_seed=0, **kwargs):
+    def __init__(
+        self,
+        teachers="dense",
+        learn_weights=True,
+        init="ds",
+        temperature=3.0,
+        temperature_rule="fixed",
+        alpha=0.5,
+        ema_momentum=0.9,
+        ema_source="meta",
+        meta_interval=1,
+        gamma_parametrization="softplus",
+        gamma_optimizer="adam",
+        gamma_learning_rate=1e-3,
+        init_seed=0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.teachers = _check_choice("teachers", teachers, _TEACHERS)
         if not isinstance(learn_weights, bool):
@@ -273,8 +289,9 @@ class HDKD(Method):
         self.meta_interval = meta_interval
         self.gamma_parametrization = _check_choice("gamma_parametrization", gamma_parametrization, _PARAMETRIZATIONS)
         self.gamma_optimizer_name = _check_choice("gamma_optimizer", gamma_optimizer, _OPTIMIZERS)
-        self.gamma_learning_rate = bilevel.check_number("gamma_learning_rate", gamma_learning_rate, low=0.0,
-                                                        low_open=True)
+        self.gamma_learning_rate = bilevel.check_number(
+            "gamma_learning_rate", gamma_learning_rate, low=0.0, low_open=True
+        )
         if isinstance(init_seed, bool) or not isinstance(init_seed, (int, np.integer)):
             raise TypeError(f"`init_seed` must be an int; received {init_seed!r}.")
         self.init_seed = int(init_seed)
@@ -292,14 +309,18 @@ class HDKD(Method):
         self.num_exits = k
         self.pairs = kd_pairs(k, self.teachers)
         m = k + len(self.pairs)
-        dtype = "float64" if model.backbone.trainable_variables and \
-            model.backbone.trainable_variables[0].dtype == "float64" else "float32"
+        dtype = (
+            "float64"
+            if model.backbone.trainable_variables and model.backbone.trainable_variables[0].dtype == "float64"
+            else "float32"
+        )
         gamma0 = initial_gamma(k, self.pairs, self.init, self.init_seed)
         raw0 = _softplus_inverse(gamma0) if self.gamma_parametrization == "softplus" else gamma0
         # Trained by its own optimizer; the method layer is not trainable, so the model's
         # optimizer never sees it.
-        self.gamma_raw = self.add_weight(shape=(m,), dtype=dtype, initializer=keras.initializers.Constant(raw0),
-                                         trainable=True, name="gamma_raw")
+        self.gamma_raw = self.add_weight(
+            shape=(m,), dtype=dtype, initializer=keras.initializers.Constant(raw0), trainable=True, name="gamma_raw"
+        )
         # Which exit each term's gradient trains (CE_k: k; KD i->j: the student j), for the per-exit logs.
         owner = np.zeros((m, k))
         owner[np.arange(k), np.arange(k)] = 1.0
@@ -307,15 +328,22 @@ class HDKD(Method):
             owner[k + p, j] = 1.0
         self._owner = owner
         self.ema_ce = self.add_weight(shape=(k,), dtype=dtype, initializer="zeros", trainable=False, name="ema_ce")
-        self.ema_steps = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                         name="ema_steps")
-        self.temperatures = self.add_weight(shape=(k,), dtype=dtype,
-                                            initializer=keras.initializers.Constant(self.temperature),
-                                            trainable=False, name="temperatures")
-        self.batch_counter = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False,
-                                             name="batch_counter")
-        self.initial_main_lr = self.add_weight(shape=(), dtype="float32", initializer="zeros", trainable=False,
-                                               name="initial_main_lr")
+        self.ema_steps = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="ema_steps"
+        )
+        self.temperatures = self.add_weight(
+            shape=(k,),
+            dtype=dtype,
+            initializer=keras.initializers.Constant(self.temperature),
+            trainable=False,
+            name="temperatures",
+        )
+        self.batch_counter = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="batch_counter"
+        )
+        self.initial_main_lr = self.add_weight(
+            shape=(), dtype="float32", initializer="zeros", trainable=False, name="initial_main_lr"
+        )
         if self.learn_weights:
             lr = bilevel.follow_main_schedule(self.gamma_learning_rate, self._main_optimizer, self.initial_main_lr)
             if self.gamma_optimizer_name == "adam":
@@ -338,8 +366,9 @@ class HDKD(Method):
 
     def term_names(self) -> list[str]:
         """Log names of the weights, in term order: `gamma_ce_k`, then `gamma_kd_i_j` (teacher i -> student j)."""
-        return ([f"gamma_ce_{k + 1}" for k in range(self.num_exits)]
-                + [f"gamma_kd_{i + 1}_{j + 1}" for i, j in self.pairs])
+        return [f"gamma_ce_{k + 1}" for k in range(self.num_exits)] + [
+            f"gamma_kd_{i + 1}_{j + 1}" for i, j in self.pairs
+        ]
 
     def gamma(self):
         """The current loss weights `(K + pairs,)`, non-negative (differentiable in `gamma_raw`)."""
@@ -357,8 +386,11 @@ class HDKD(Method):
         """`gamma * sw / N` broadcast to the terms' shape: the inner loss is `sum(coefficients * terms)`."""
         gamma = self.gamma() if gamma is None else gamma
         n = ops.cast(ops.shape(terms)[0], terms.dtype)
-        sw = ops.ones_like(terms[:, :1]) if sample_weight is None else \
-            ops.reshape(ops.cast(sample_weight, terms.dtype), (-1, 1))
+        sw = (
+            ops.ones_like(terms[:, :1])
+            if sample_weight is None
+            else ops.reshape(ops.cast(sample_weight, terms.dtype), (-1, 1))
+        )
         return ops.cast(gamma, terms.dtype)[None, :] * sw / n
 
     def per_exit_losses(self, terms, sample_weight=None, gamma=None):
@@ -427,14 +459,19 @@ class HDKD(Method):
             self._plain_step(model, x, y, sample_weight)
         else:
             if meta_batch is None:
-                raise ValueError(f"{type(self).__name__} with learn_weights=True needs a meta batch: "
-                                 "train_step(model, data, meta_batch=(x_meta, y_meta)).")
+                raise ValueError(
+                    f"{type(self).__name__} with learn_weights=True needs a meta batch: "
+                    "train_step(model, data, meta_batch=(x_meta, y_meta))."
+                )
             x_m, y_m, _ = keras.utils.unpack_x_y_sample_weight(tuple(meta_batch))
             bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
-            bilevel.every(self.batch_counter, self.meta_interval,
-                          lambda x, y, sw, x_m, y_m: self._meta_step(model, x, y, sw, x_m, y_m),
-                          lambda x, y, sw, x_m, y_m: self._plain_step(model, x, y, sw),
-                          args=(x, y, sample_weight, x_m, y_m))
+            bilevel.every(
+                self.batch_counter,
+                self.meta_interval,
+                lambda x, y, sw, x_m, y_m: self._meta_step(model, x, y, sw, x_m, y_m),
+                lambda x, y, sw, x_m, y_m: self._plain_step(model, x, y, sw),
+                args=(x, y, sample_weight, x_m, y_m),
+            )
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
@@ -478,8 +515,7 @@ class HDKD(Method):
             ema = ops.stop_gradient(self._ema_value(ops.cast(source, ce_means.dtype)))
             return balanced_loss(ce_means, ema, self.alpha), (ce_means, ema)
 
-        la = bilevel.LookAhead(model.backbone, model.optimizer, [self.gamma_raw], terms_fn, coefficients_fn,
-                               outer_fn)
+        la = bilevel.LookAhead(model.backbone, model.optimizer, [self.gamma_raw], terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m)
 
     def _apply_gamma(self, model, grads, ce_means_meta, result=None):
@@ -502,8 +538,11 @@ class HDKD(Method):
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)  # a bad training loss before the meta loss
         ce_means_meta, _ = result.outer_aux
         self._apply_gamma(model, result.outer_gradients, ce_means_meta, result)
-        bilevel.unless_overflow(result.finite, lambda loss: self.balanced_loss_tracker.update_state(
-            ops.cast(loss, "float32")), args=(result.outer_loss,))
+        bilevel.unless_overflow(
+            result.finite,
+            lambda loss: self.balanced_loss_tracker.update_state(ops.cast(loss, "float32")),
+            args=(result.outer_loss,),
+        )
         # The real step with the new gamma, reusing the look-ahead's forward.
         gamma = ops.stop_gradient(self.gamma())
         coefficients = self._coefficients(result.terms, sample_weight, gamma)
@@ -541,7 +580,9 @@ class HDKD(Method):
             "gamma_ce": gamma[:k],
             "gamma_kd": {f"{i + 1}->{j + 1}": gamma[k + p] for p, (i, j) in enumerate(self.pairs)},
             "ema_ce": [float(v) for v in self.ema_ce.numpy()],
-            "temperatures": {str(i + 1): float(self.temperatures.numpy()[i]) for i in sorted({i for i, _ in self.pairs})},
+            "temperatures": {
+                str(i + 1): float(self.temperatures.numpy()[i]) for i in sorted({i for i, _ in self.pairs})
+            },
             "gamma_steps": int(self.gamma_optimizer.iterations.numpy()) if self.learn_weights else 0,
         }
 
@@ -556,11 +597,21 @@ class HDKD(Method):
 
     def get_config(self):
         config = super().get_config()
-        config.update(teachers=self.teachers, learn_weights=self.learn_weights, init=self.init,
-                      temperature=self.temperature, temperature_rule=self.temperature_rule, alpha=self.alpha,
-                      ema_momentum=self.ema_momentum, ema_source=self.ema_source, meta_interval=self.meta_interval,
-                      gamma_parametrization=self.gamma_parametrization, gamma_optimizer=self.gamma_optimizer_name,
-                      gamma_learning_rate=self.gamma_learning_rate, init_seed=self.init_seed)
+        config.update(
+            teachers=self.teachers,
+            learn_weights=self.learn_weights,
+            init=self.init,
+            temperature=self.temperature,
+            temperature_rule=self.temperature_rule,
+            alpha=self.alpha,
+            ema_momentum=self.ema_momentum,
+            ema_source=self.ema_source,
+            meta_interval=self.meta_interval,
+            gamma_parametrization=self.gamma_parametrization,
+            gamma_optimizer=self.gamma_optimizer_name,
+            gamma_learning_rate=self.gamma_learning_rate,
+            init_seed=self.init_seed,
+        )
         return config
 
 
@@ -597,8 +648,13 @@ def kd_heatmap(matrix, path, title=None):
 # --- the paper's named variants: the same class, other option defaults ------------------------
 
 
-@register_method("naive_dkd", summary="NaiveDKD: dense KD (every later exit teaches every earlier one), uniform "
-                 "fixed weights (Eq. 4, lambda = 1)", paper=PAPER, option_types=_OPTION_TYPES)
+@register_method(
+    "naive_dkd",
+    summary="NaiveDKD: dense KD (every later exit teaches every earlier one), uniform "
+    "fixed weights (Eq. 4, lambda = 1)",
+    paper=PAPER,
+    option_types=_OPTION_TYPES,
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class NaiveDKD(HDKD):
     """HDKD's dense KD with every weight fixed at 1 (`teachers="dense"`, `learn_weights=False`, `init="uniform"`)."""
@@ -607,8 +663,13 @@ class NaiveDKD(HDKD):
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
-@register_method("dbt", summary="DBT as compared in HDKD: the last exit teaches every earlier one, uniform fixed "
-                 "weights (Eq. 3, lambda = 1)", paper=PAPER, option_types=_OPTION_TYPES)
+@register_method(
+    "dbt",
+    summary="DBT as compared in HDKD: the last exit teaches every earlier one, uniform fixed "
+    "weights (Eq. 3, lambda = 1)",
+    paper=PAPER,
+    option_types=_OPTION_TYPES,
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class DBT(HDKD):
     """Distillation-based training (`teachers="last"`, `learn_weights=False`, `init="uniform"`).
@@ -620,8 +681,12 @@ class DBT(HDKD):
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
-@register_method("hmsdnet", summary="HMSDNet: the exits' CE weights learned bilevel as HDKD, no distillation",
-                 paper=PAPER, option_types=_OPTION_TYPES)
+@register_method(
+    "hmsdnet",
+    summary="HMSDNet: the exits' CE weights learned bilevel as HDKD, no distillation",
+    paper=PAPER,
+    option_types=_OPTION_TYPES,
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class HMSDNet(HDKD):
     """Learned CE weights only (`teachers="none"`, `learn_weights=True`)."""
@@ -630,8 +695,12 @@ class HMSDNet(HDKD):
         super().__init__(teachers=teachers, learn_weights=learn_weights, **kwargs)
 
 
-@register_method("hdbt", summary="HDBT: DBT's losses (the last exit teaches) with weights learned bilevel as HDKD",
-                 paper=PAPER, option_types=_OPTION_TYPES)
+@register_method(
+    "hdbt",
+    summary="HDBT: DBT's losses (the last exit teaches) with weights learned bilevel as HDKD",
+    paper=PAPER,
+    option_types=_OPTION_TYPES,
+)
 @keras.saving.register_keras_serializable(package="keras_ee")
 class HDBT(HDKD):
     """Learned weights, the last exit teaches (`teachers="last"`, `learn_weights=True`)."""

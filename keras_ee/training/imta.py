@@ -102,11 +102,14 @@ def distillation_terms(ce, logits, teacher_logits, temperature, weight, reductio
 @register_method(
     "imta",
     summary="gradient equilibrium (phase I), then inline collaboration + one-for-all distillation on "
-            "new classifiers over the frozen network (phase II)",
+    "new classifiers over the frozen network (phase II)",
     paper="Improved Techniques for Training Adaptive Deep Networks (Li et al., ICCV 2019, arXiv:1908.06294)",
     search_space={"temperature": SearchRange(1.0, 5.0), "distill_weight": SearchRange(0.1, 0.95)},
-    option_types={"kl_reduction": typing.Literal[_KL_REDUCTIONS], "frozen_batchnorm": typing.Literal[_FROZEN_BN],
-                  "phase2_init": typing.Literal[_PHASE2_INITS]},
+    option_types={
+        "kl_reduction": typing.Literal[_KL_REDUCTIONS],
+        "frozen_batchnorm": typing.Literal[_FROZEN_BN],
+        "phase2_init": typing.Literal[_PHASE2_INITS],
+    },
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class IMTA(Method):
@@ -178,24 +181,37 @@ class IMTA(Method):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value in (("gradient_equilibrium", gradient_equilibrium),
-                            ("inline_collaboration", inline_collaboration), ("distillation", distillation),
-                            ("detach_transfer", detach_transfer), ("nesterov", nesterov)):
+        for name, value in (
+            ("gradient_equilibrium", gradient_equilibrium),
+            ("inline_collaboration", inline_collaboration),
+            ("distillation", distillation),
+            ("detach_transfer", detach_transfer),
+            ("nesterov", nesterov),
+        ):
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"`{name}` must be True or False; received {value!r}.")
-        for name, value, allowed in (("kl_reduction", kl_reduction, _KL_REDUCTIONS),
-                                     ("frozen_batchnorm", frozen_batchnorm, _FROZEN_BN),
-                                     ("phase2_init", phase2_init, _PHASE2_INITS)):
+        for name, value, allowed in (
+            ("kl_reduction", kl_reduction, _KL_REDUCTIONS),
+            ("frozen_batchnorm", frozen_batchnorm, _FROZEN_BN),
+            ("phase2_init", phase2_init, _PHASE2_INITS),
+        ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                np.isfinite(temperature) and temperature > 0):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (np.isfinite(temperature) and temperature > 0)
+        ):
             raise ValueError(f"`temperature` must be a finite number > 0; received {temperature!r}.")
-        if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not (
-                0 <= distill_weight <= 1):
+        if (
+            isinstance(distill_weight, bool)
+            or not isinstance(distill_weight, (int, float))
+            or not (0 <= distill_weight <= 1)
+        ):
             raise ValueError(f"`distill_weight` must be a number in [0, 1]; received {distill_weight!r}.")
-        if phase2_epochs is not None and (isinstance(phase2_epochs, bool) or not isinstance(phase2_epochs, int)
-                                          or phase2_epochs < 1):
+        if phase2_epochs is not None and (
+            isinstance(phase2_epochs, bool) or not isinstance(phase2_epochs, int) or phase2_epochs < 1
+        ):
             raise ValueError(f"`phase2_epochs` must be an int >= 1 or None; received {phase2_epochs!r}.")
         self.gradient_equilibrium = bool(gradient_equilibrium)
         self.inline_collaboration = bool(inline_collaboration)
@@ -209,10 +225,15 @@ class IMTA(Method):
         self.phase2_epochs = phase2_epochs
         self.phase2_init = phase2_init
         if transfer_widths is not None:
-            if isinstance(transfer_widths, (str, bytes)) or not hasattr(transfer_widths, "__len__") or any(
-                    isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in transfer_widths):
-                raise ValueError("`transfer_widths` must be None or a list of positive ints (one per exit); "
-                                 f"received {transfer_widths!r}.")
+            if (
+                isinstance(transfer_widths, (str, bytes))
+                or not hasattr(transfer_widths, "__len__")
+                or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in transfer_widths)
+            ):
+                raise ValueError(
+                    "`transfer_widths` must be None or a list of positive ints (one per exit); "
+                    f"received {transfer_widths!r}."
+                )
             transfer_widths = [int(w) for w in transfer_widths]
         self.transfer_widths = transfer_widths
 
@@ -231,8 +252,10 @@ class IMTA(Method):
         if not self.inline_collaboration:
             return backbone
         if self.transfer_widths is not None and len(self.transfer_widths) != structure.num_exits:
-            raise ValueError(f"`transfer_widths` has {len(self.transfer_widths)} entries but the backbone has "
-                             f"{structure.num_exits} exits.")
+            raise ValueError(
+                f"`transfer_widths` has {len(self.transfer_widths)} entries but the backbone has "
+                f"{structure.num_exits} exits."
+            )
         outputs = []
         for k in range(1, structure.num_exits + 1):
             old = structure.logits[k - 1]
@@ -245,15 +268,22 @@ class IMTA(Method):
             state_index = len(structure.stage_states[k - 2])
             prev = keras.layers.Identity(name=f"stage_{k - 1}_state_{state_index}")(outputs[-1])
             prev = models.GradientScale(0.0 if self.detach_transfer else 1.0, name=f"exit_{k}_collab_detach")(prev)
-            t = keras.layers.Dense(width, kernel_initializer=heads.torch_default_init(),
-                                   bias_initializer=heads.torch_default_bias_init(c),
-                                   name=f"exit_{k}_collab_dense")(prev)
+            t = keras.layers.Dense(
+                width,
+                kernel_initializer=heads.torch_default_init(),
+                bias_initializer=heads.torch_default_bias_init(c),
+                name=f"exit_{k}_collab_dense",
+            )(prev)
             t = heads.batch_normalization(f"exit_{k}_collab_bn")(t)  # synchronized in `batchnorm_options`
             t = keras.layers.ReLU(name=f"exit_{k}_collab_relu")(t)
             t = CollaborationGate(False, name=f"exit_{k}_collab_gate")(t)
             joint = keras.layers.Concatenate(name=f"exit_{k}_collab_concat")([features, t])
-            new = keras.layers.Dense(c, kernel_initializer=heads.torch_default_init(),
-                                     bias_initializer=heads.torch_default_bias_init(d + width), name=f"exit_{k}")
+            new = keras.layers.Dense(
+                c,
+                kernel_initializer=heads.torch_default_init(),
+                bias_initializer=heads.torch_default_bias_init(d + width),
+                name=f"exit_{k}",
+            )
             outputs.append(new(joint))
             # Phase I is the original network: its classifier in the first d rows, zeros below.
             kernel, bias = old.get_weights()
@@ -267,10 +297,10 @@ class IMTA(Method):
         if self.distillation:
             d = int(structure.features[-1].output.shape[-1])
             c = model.num_classes
-            self.teacher_kernel = self.add_weight(shape=(d, c), initializer="zeros", trainable=False,
-                                                  name="teacher_kernel")
-            self.teacher_bias = self.add_weight(shape=(c,), initializer="zeros", trainable=False,
-                                                name="teacher_bias")
+            self.teacher_kernel = self.add_weight(
+                shape=(d, c), initializer="zeros", trainable=False, name="teacher_kernel"
+            )
+            self.teacher_bias = self.add_weight(shape=(c,), initializer="zeros", trainable=False, name="teacher_bias")
         # Variables that are not trainable by nature (BatchNorm statistics); phase II in
         # "batch" mode freezes the others by their own flag, which is not saved.
         self._statistics = frozenset(id(v) for v in model.backbone.weights if not v.trainable)
@@ -287,8 +317,9 @@ class IMTA(Method):
 
     def enter_phase(self, model, index, fresh=True):
         if index not in range(len(self.phases(1))):
-            raise ValueError(f"IMTA with these options has {len(self.phases(1))} phase(s); received phase "
-                             f"index {index}.")
+            raise ValueError(
+                f"IMTA with these options has {len(self.phases(1))} phase(s); received phase index {index}."
+            )
         backbone = model.backbone
         structure = _structure(backbone)
         k_total = structure.num_exits
@@ -390,11 +421,20 @@ class IMTA(Method):
     def get_config(self):
         config = super().get_config()
         config.update(
-            gradient_equilibrium=self.gradient_equilibrium, inline_collaboration=self.inline_collaboration,
-            distillation=self.distillation, temperature=self.temperature, distill_weight=self.distill_weight,
-            kl_reduction=self.kl_reduction, detach_transfer=self.detach_transfer,
-            frozen_batchnorm=self.frozen_batchnorm, nesterov=self.nesterov, phase2_epochs=self.phase2_epochs,
-            phase2_init=self.phase2_init, transfer_widths=self.transfer_widths, current_phase=self.current_phase)
+            gradient_equilibrium=self.gradient_equilibrium,
+            inline_collaboration=self.inline_collaboration,
+            distillation=self.distillation,
+            temperature=self.temperature,
+            distill_weight=self.distill_weight,
+            kl_reduction=self.kl_reduction,
+            detach_transfer=self.detach_transfer,
+            frozen_batchnorm=self.frozen_batchnorm,
+            nesterov=self.nesterov,
+            phase2_epochs=self.phase2_epochs,
+            phase2_init=self.phase2_init,
+            transfer_widths=self.transfer_widths,
+            current_phase=self.current_phase,
+        )
         return config
 
     @classmethod
@@ -414,4 +454,5 @@ def _structure(backbone):
     except ValueError as e:
         raise ValueError(
             f"IMTA needs a keras-ee multi-exit backbone (models.create, a builder or attach_exits: named "
-            f"exit_k, exit_k_features, branch/trunk and stage-marker layers); {e}") from None
+            f"exit_k, exit_k_features, branch/trunk and stage-marker layers); {e}"
+        ) from None

@@ -88,8 +88,15 @@ class WeightPredictionNetwork(bilevel.MLP):
             raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
         if num_exits < 1:
             raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
-        super().__init__(input_dim=input_dim, output_dim=num_exits, depth=depth, width=width, activation="relu",
-                         output_activation="tanh", **kwargs)
+        super().__init__(
+            input_dim=input_dim,
+            output_dim=num_exits,
+            depth=depth,
+            width=width,
+            activation="relu",
+            output_activation="tanh",
+            **kwargs,
+        )
         self.num_exits = num_exits
 
     def get_config(self):
@@ -119,18 +126,14 @@ def zero_sum_weights(u, delta, constraint="col"):
     elif constraint == "mat":
         centered = u - ops.mean(u)
     else:
-        raise ValueError(
-            f"`constraint` must be one of {_CONSTRAINTS}; received "
-            f"{constraint!r}."
-        )
+        raise ValueError(f"`constraint` must be one of {_CONSTRAINTS}; received {constraint!r}.")
     return 1.0 + float(delta) * centered
 
 
 @register_method(
     "l2w",
     summary="learning to weight samples: a meta-learned network weights each sample at each exit",
-    paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, "
-          "arXiv:2209.08310)",
+    paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, arXiv:2209.08310)",
     search_space={"q": SearchRange(0.5, 1.0), "delta": SearchRange(0.1, 1.0)},
     option_types={
         "wpn_input": typing.Literal["loss", "confidence", "both"],
@@ -213,18 +216,14 @@ class L2W(Method):
             ("meta_objective", meta_objective, _OBJECTIVES),
         ):
             if value not in allowed:
-                raise ValueError(
-                    f"`{name}` must be one of {allowed}; received {value!r}."
-                )
+                raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
         if weighting == "frozen" and wpn_weights_path is None:
             raise ValueError(
-                "`weighting='frozen'` needs `wpn_weights_path` (a file written "
-                "by `L2W.save_wpn`); received None."
+                "`weighting='frozen'` needs `wpn_weights_path` (a file written by `L2W.save_wpn`); received None."
             )
         if wpn_weights_path is not None and weighting not in ("wpn", "frozen"):
             raise ValueError(
-                "`wpn_weights_path` is only used with weighting 'wpn' or "
-                f"'frozen'; received weighting={weighting!r}."
+                f"`wpn_weights_path` is only used with weighting 'wpn' or 'frozen'; received weighting={weighting!r}."
             )
         self.q = float(q)
         self.delta = float(delta)
@@ -283,18 +282,25 @@ class L2W(Method):
         self.weight_max_trackers = stats.maxs
         # Loaded batches seen (drives the meta interval).
         self.batch_counter = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
             name="batch_counter",
         )
         # Main optimizer's learning rate at iteration 0 (WPN schedule shape).
         self.initial_main_lr = self.add_weight(
-            shape=(), dtype="float32", initializer="zeros", trainable=False,
+            shape=(),
+            dtype="float32",
+            initializer="zeros",
+            trainable=False,
             name="initial_main_lr",
         )
         if self.meta_learns:
             self.wpn_optimizer = keras.optimizers.Adam(
                 learning_rate=bilevel.follow_main_schedule(
-                    self.wpn_learning_rate, self._main_optimizer, self.initial_main_lr),
+                    self.wpn_learning_rate, self._main_optimizer, self.initial_main_lr
+                ),
                 name="wpn_adam",
             )
             self.wpn_optimizer.build(self.wpn.weights)
@@ -329,8 +335,7 @@ class L2W(Method):
         n = ops.shape(ce)[0]
         if self.uses_wpn:
             u = self.wpn(self.wpn_features(ce, confidence))
-            return zero_sum_weights(ops.cast(u, dtype), self.delta,
-                                    self.constraint)
+            return zero_sum_weights(ops.cast(u, dtype), self.delta, self.constraint)
         if self.weighting in ("rising", "falling"):
             w = np.linspace(0.6, 1.4, self.num_exits)
             if self.weighting == "falling":
@@ -360,9 +365,7 @@ class L2W(Method):
             if replicas > 1 and bilevel.replica_context() is not None:
                 counts = bilevel.global_sum(counts) * ops.cast(1.0 / replicas, counts.dtype)
             # Empty subsets contribute nothing (skipped).
-            per_exit = ops.sum(mask * ce_meta, axis=0) / ops.maximum(
-                counts, 1.0
-            )
+            per_exit = ops.sum(mask * ce_meta, axis=0) / ops.maximum(counts, 1.0)
         return ops.sum(per_exit), per_exit
 
     # --- training ------------------------------------------------------------
@@ -377,13 +380,11 @@ class L2W(Method):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError(
-                "L2W learns its own sample weights; received `sample_weight`"
-                " in the data, expected (x, y)."
+                "L2W learns its own sample weights; received `sample_weight` in the data, expected (x, y)."
             )
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
-        bilevel.half_batch_exchange(model, x, y, lambda x_t, y_t, x_m, y_m: self._half_step(
-            model, x_t, y_t, x_m, y_m))
+        bilevel.half_batch_exchange(model, x, y, lambda x_t, y_t, x_m, y_m: self._half_step(model, x_t, y_t, x_m, y_m))
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
@@ -391,10 +392,13 @@ class L2W(Method):
         if not self.meta_learns:
             self._plain_step(model, x_t, y_t)
             return
-        bilevel.every(self.batch_counter, self.meta_interval,
-                      lambda x_t, y_t, x_m, y_m: self._meta_step(model, x_t, y_t, x_m, y_m),
-                      lambda x_t, y_t, x_m, y_m: self._plain_step(model, x_t, y_t),
-                      args=(x_t, y_t, x_m, y_m))
+        bilevel.every(
+            self.batch_counter,
+            self.meta_interval,
+            lambda x_t, y_t, x_m, y_m: self._meta_step(model, x_t, y_t, x_m, y_m),
+            lambda x_t, y_t, x_m, y_m: self._plain_step(model, x_t, y_t),
+            args=(x_t, y_t, x_m, y_m),
+        )
 
     def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w, finite=None):
         model.apply_step(grads, per_exit, finite=finite)
@@ -456,8 +460,9 @@ class L2W(Method):
             ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
             return self.meta_loss(ce_m, core.exit_confidence(logits_meta))  # (loss, per-exit terms)
 
-        lookahead = bilevel.LookAhead(model.backbone, model.optimizer, self.wpn.weights, terms_fn,
-                                      coefficients_fn, outer_fn)
+        lookahead = bilevel.LookAhead(
+            model.backbone, model.optimizer, self.wpn.weights, terms_fn, coefficients_fn, outer_fn
+        )
         result = lookahead.run(x_t, y_t, x_m, y_m)
         return result.outer_gradients, result
 
@@ -470,29 +475,24 @@ class L2W(Method):
         model.record_nonfinite(result.outer_aux, phase=1, when=result.inner_finite)
         # L2 weight decay added to the gradient, as torch.optim.Adam does.
         wd = self.wpn_weight_decay
-        wpn_grads = [
-            ops.zeros_like(v) if g is None else g + wd * v
-            for g, v in zip(wpn_grads, wpn_vars)
-        ]
+        wpn_grads = [ops.zeros_like(v) if g is None else g + wd * v for g, v in zip(wpn_grads, wpn_vars)]
         # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
         # Under loss scaling: no WPN step where the look-ahead overflowed (the real step is skipped too).
         bilevel.unless_overflow(
-            result.finite, lambda g: self.wpn_optimizer.apply(bilevel.global_mean_gradients(g), wpn_vars),
-            args=(wpn_grads,))
+            result.finite,
+            lambda g: self.wpn_optimizer.apply(bilevel.global_mean_gradients(g), wpn_vars),
+            args=(wpn_grads,),
+        )
 
         # Real step on the training half, reusing the look-ahead's forward.
         logits = result.logits
         n = ops.cast(ops.shape(ce)[0], ce.dtype)
-        w = ops.stop_gradient(
-            self.sample_weights(ce, core.exit_confidence(logits))
-        )
+        w = ops.stop_gradient(self.sample_weights(ce, core.exit_confidence(logits)))
         # Gradients of the scaled loss, as `apply_step` expects (mixed precision).
         grads = result.real_gradients(model.scale_loss(w / n))
         core.assign_values(model.backbone.non_trainable_variables, result.non_trainable)
         per_exit = core.weighted_exit_losses(result.terms, w)
-        self._apply_real(
-            model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w, finite=result.finite
-        )
+        self._apply_real(model, grads, per_exit, ops.sum(per_exit), y_t, logits, ce, w, finite=result.finite)
 
     # --- WPN files and statistics ---------------------------------------------
 
@@ -510,17 +510,11 @@ class L2W(Method):
     def save_wpn(self, path):
         """Save the WPN's weights and shape to an `.npz` file."""
         if not self.uses_wpn:
-            raise ValueError(
-                f"weighting={self.weighting!r} has no WPN to save."
-            )
-        arrays = {f"w{i}": np.asarray(v.numpy())
-                  for i, v in enumerate(self.wpn.weights)}
+            raise ValueError(f"weighting={self.weighting!r} has no WPN to save.")
+        arrays = {f"w{i}": np.asarray(v.numpy()) for i, v in enumerate(self.wpn.weights)}
         np.savez(
             path,
-            config=np.array(
-                [self.wpn.num_exits, self.wpn.input_dim, self.wpn.depth,
-                 self.wpn.width]
-            ),
+            config=np.array([self.wpn.num_exits, self.wpn.input_dim, self.wpn.depth, self.wpn.width]),
             **arrays,
         )
 
@@ -528,8 +522,7 @@ class L2W(Method):
         """Load WPN weights written by `save_wpn` (checks the shapes)."""
         with np.load(path) as data:
             config = data["config"].tolist()
-            expected = [self.wpn.num_exits, self.wpn.input_dim,
-                        self.wpn.depth, self.wpn.width]
+            expected = [self.wpn.num_exits, self.wpn.input_dim, self.wpn.depth, self.wpn.width]
             if config != expected:
                 raise ValueError(
                     f"WPN file {path!r} holds a WPN with (num_exits, "
@@ -557,8 +550,7 @@ class L2W(Method):
             `weight` `(N, K)`, `exit` `(N,)` (0-based allocated exit),
             `selected_by_exit_1` `(N,)` bool, `correct` `(N, K)` bool.
         """
-        out = {k: [] for k in ("loss", "confidence", "weight", "exit",
-                               "correct")}
+        out = {k: [] for k in ("loss", "confidence", "weight", "exit", "correct")}
         for batch in dataset:
             x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
             logits = model(x, training=False)
@@ -567,8 +559,7 @@ class L2W(Method):
             w = self.sample_weights(ce, conf)
             labels = core.sparse_labels(y, logits)
             correct = ops.stack(
-                [ops.equal(ops.cast(ops.argmax(z, axis=-1), "int32"),
-                           ops.cast(labels, "int32")) for z in logits],
+                [ops.equal(ops.cast(ops.argmax(z, axis=-1), "int32"), ops.cast(labels, "int32")) for z in logits],
                 axis=1,
             )
             conf_np = np.asarray(ops.convert_to_numpy(conf))
@@ -600,4 +591,3 @@ class L2W(Method):
             wpn_weights_path=self.wpn_weights_path,
         )
         return config
-

@@ -30,7 +30,7 @@ from keras_ee.training.registry import register_method
     "l2w_imta",
     summary="L2W's meta-learned sample weights in both IMTA phases (GE, then ISC + OFA on the frozen network)",
     paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, "
-          "arXiv:2209.08310), Table 1; IMTA (Li et al., ICCV 2019, arXiv:1908.06294)",
+    "arXiv:2209.08310), Table 1; IMTA (Li et al., ICCV 2019, arXiv:1908.06294)",
     search_space={"q": SearchRange(0.5, 1.0), "delta": SearchRange(0.1, 1.0)},
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -57,6 +57,11 @@ class L2WIMTA(IMTA, L2W):
         # statistics updates are discarded (the step's own forward makes them).
         k = model.num_exits
         backbone = model.backbone
-        _, _, named = core.stateless_forward(backbone, [v.value for v in backbone.trainable_variables], x,
-                                             training=True, return_tensors=[f"exit_{k}_features"])
+        _, _, named = core.stateless_forward(
+            backbone,
+            [v.value for v in backbone.trainable_variables],
+            x,
+            training=True,
+            return_tensors=[f"exit_{k}_features"],
+        )
         return self.teacher_logits(named[f"exit_{k}_features"])

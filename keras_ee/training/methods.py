@@ -92,8 +92,10 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: `epochs` must be an int >= 1; received {self.epochs!r}.")
         unknown = sorted(set(self.optimizer_options) - {"momentum", "nesterov", "weight_decay", "learning_rate"})
         if unknown:
-            raise ValueError(f"phase {self.name!r}: unknown optimizer options {unknown}; expected momentum, "
-                             "nesterov, weight_decay or learning_rate.")
+            raise ValueError(
+                f"phase {self.name!r}: unknown optimizer options {unknown}; expected momentum, "
+                "nesterov, weight_decay or learning_rate."
+            )
 
 
 def phase_of_epoch(phases, epoch):
@@ -205,10 +207,7 @@ class Method(keras.layers.Layer):
             `(total_loss, per_exit_loss)`: a scalar and a `(K,)` tensor whose
             sum is `total_loss` (used for logs and the non-finite check).
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement `compute_loss` or "
-            "override `train_step`."
-        )
+        raise NotImplementedError(f"{type(self).__name__} must implement `compute_loss` or override `train_step`.")
 
     def test_loss(self, model, y, logits, ce):
         """Loss reported by `evaluate`: sum of the exits' mean CE."""
@@ -221,9 +220,7 @@ class Method(keras.layers.Layer):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             ce = core.per_exit_cross_entropy(y, logits)
-            loss, per_exit = self.compute_loss(
-                model, y, logits, ce, sample_weight
-            )
+            loss, per_exit = self.compute_loss(model, y, logits, ce, sample_weight)
             scaled = model.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
@@ -258,7 +255,7 @@ class Method(keras.layers.Layer):
     "baseline",
     summary="sum of the exits' cross-entropies, optionally with fixed per-exit weights",
     paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (Huang et al., ICLR 2018, "
-          "arXiv:1703.09844)",
+    "arXiv:1703.09844)",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class Baseline(Method):
@@ -280,32 +277,20 @@ class Baseline(Method):
     def __init__(self, exit_weights=None, **kwargs):
         super().__init__(**kwargs)
         if exit_weights is not None:
-            if isinstance(exit_weights, (str, bytes)) or not hasattr(
-                exit_weights, "__len__"
-            ):
-                raise TypeError(
-                    "`exit_weights` must be None or a sequence of floats; "
-                    f"received {exit_weights!r}."
-                )
+            if isinstance(exit_weights, (str, bytes)) or not hasattr(exit_weights, "__len__"):
+                raise TypeError(f"`exit_weights` must be None or a sequence of floats; received {exit_weights!r}.")
             arr = np.asarray(exit_weights, dtype=np.float64)
-            if arr.ndim != 1 or not np.all(np.isfinite(arr)) or np.any(
-                arr < 0
-            ):
+            if arr.ndim != 1 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
                 raise ValueError(
-                    "`exit_weights` must be a 1-D sequence of finite, "
-                    f"non-negative floats; received {exit_weights!r}."
+                    f"`exit_weights` must be a 1-D sequence of finite, non-negative floats; received {exit_weights!r}."
                 )
             exit_weights = [float(v) for v in arr]
         self.exit_weights = exit_weights
 
     def setup(self, model):
-        if (
-            self.exit_weights is not None
-            and len(self.exit_weights) != model.num_exits
-        ):
+        if self.exit_weights is not None and len(self.exit_weights) != model.num_exits:
             raise ValueError(
-                f"`exit_weights` has {len(self.exit_weights)} entries but the "
-                f"backbone has {model.num_exits} exits."
+                f"`exit_weights` has {len(self.exit_weights)} entries but the backbone has {model.num_exits} exits."
             )
         super().setup(model)
 

@@ -11,8 +11,14 @@ from keras_ee.training.methods import Method
 # What a training step found wrong: the `kind` field of `StepFaults`.
 _LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
 _PHASES = {_LOSS: "training loss", _META: "meta loss"}
-_KIND_NAMES = {_LOSS: "loss", _META: "meta_loss", _BATCH: "batch_size", _GRADIENT: "gradient",
-               _WEIGHTS: "weights", _LABELS: "labels"}
+_KIND_NAMES = {
+    _LOSS: "loss",
+    _META: "meta_loss",
+    _BATCH: "batch_size",
+    _GRADIENT: "gradient",
+    _WEIGHTS: "weights",
+    _LABELS: "labels",
+}
 _NON_INTEGER_LABEL = -(2**62)  # the record's value for a fractional label
 
 # Whether `apply_step` checks gradients and updated weights for NaN/inf (read when a
@@ -70,10 +76,7 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
                 f"({where}). Check the dataset's labels."
             )
         if phase in (_GRADIENT, _WEIGHTS):
-            variables = (
-                model.trainable_variables if phase == _GRADIENT
-                else model.checked_variables()
-            )
+            variables = model.trainable_variables if phase == _GRADIENT else model.checked_variables()
             name = variables[value - 1].path if 0 < value <= len(variables) else f"#{value}"
             what = "gradient of" if phase == _GRADIENT else "updated value of"
             raise NonFiniteLossError(
@@ -170,14 +173,10 @@ class MultiExitModel(keras.Model):
             backbone = method.transform_backbone(backbone)
         if not isinstance(backbone, keras.Model):
             raise TypeError(
-                "`backbone` must be a keras.Model with one output per exit; "
-                f"received {type(backbone).__name__}."
+                f"`backbone` must be a keras.Model with one output per exit; received {type(backbone).__name__}."
             )
         if not backbone.built:
-            raise ValueError(
-                "`backbone` must be built (a functional model, or call it on "
-                "a batch first)."
-            )
+            raise ValueError("`backbone` must be built (a functional model, or call it on a batch first).")
         outputs = getattr(backbone, "outputs", None)
         if outputs is None:
             raise ValueError(
@@ -188,12 +187,8 @@ class MultiExitModel(keras.Model):
         self.backbone = backbone
         self.num_exits = len(outputs)
         self.exit_names = [f"exit_{k + 1}" for k in range(self.num_exits)]
-        self.exit_loss_trackers = [
-            keras.metrics.Mean(name=f"{n}_loss") for n in self.exit_names
-        ]
-        self.exit_accuracy_trackers = [
-            keras.metrics.Mean(name=f"{n}_accuracy") for n in self.exit_names
-        ]
+        self.exit_loss_trackers = [keras.metrics.Mean(name=f"{n}_loss") for n in self.exit_names]
+        self.exit_accuracy_trackers = [keras.metrics.Mean(name=f"{n}_accuracy") for n in self.exit_names]
         # The first fault of a step, read by NonFiniteLossGuard (not saved).
         self.faults = StepFaults()
         # The method's variables (e.g. the WPN) are saved with the model but
@@ -224,14 +219,10 @@ class MultiExitModel(keras.Model):
                 `steps_per_execution`, `run_eagerly`, ...).
         """
         if loss is not None:
-            raise ValueError(
-                "MultiExitModel's loss is defined by its method; received "
-                f"loss={loss!r}, expected None."
-            )
+            raise ValueError(f"MultiExitModel's loss is defined by its method; received loss={loss!r}, expected None.")
         if metrics is not None or kwargs.get("weighted_metrics") is not None:
             raise ValueError(
-                "MultiExitModel logs per-exit loss and accuracy itself; "
-                f"received metrics={metrics!r}, expected None."
+                f"MultiExitModel logs per-exit loss and accuracy itself; received metrics={metrics!r}, expected None."
             )
         if kwargs.get("loss_weights") is not None:
             raise ValueError(
@@ -267,7 +258,8 @@ class MultiExitModel(keras.Model):
             raise ValueError(
                 f"the model entered phase {self.method.current_phase + 1} of {type(self.method).__name__} "
                 "but was not compiled since: call model.compile(optimizer=...) with a new optimizer "
-                "(the trainable variables changed), or use keras_ee.training.fit_phases.")
+                "(the trainable variables changed), or use keras_ee.training.fit_phases."
+            )
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     def evaluate(self, *args, callbacks=None, **kwargs):
@@ -374,13 +366,12 @@ class MultiExitModel(keras.Model):
             i = next((i for i, g in enumerate(grads) if g is not None), None)
             if i is not None:
                 # One NaN suffices: the optimizer checks every gradient before applying any.
-                grads[i] = grads[i] + ops.where(finite, ops.zeros((), grads[i].dtype),
-                                                ops.full((), float("nan"), grads[i].dtype))
+                grads[i] = grads[i] + ops.where(
+                    finite, ops.zeros((), grads[i].dtype), ops.full((), float("nan"), grads[i].dtype)
+                )
         checks = CHECK_STEP_VALUES
         if checks and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
-            bad, first = core.first_nonfinite(
-                [ops.zeros((), "float32") if g is None else g for g in grads]
-            )
+            bad, first = core.first_nonfinite([ops.zeros((), "float32") if g is None else g for g in grads])
             self._record(bad, first, _GRADIENT)
         opt.apply(grads, variables)
         if checks:
@@ -389,9 +380,7 @@ class MultiExitModel(keras.Model):
 
     def checked_variables(self):
         """The backbone's variables whose values `apply_step` checks after an update."""
-        return list(self.backbone.trainable_variables) + list(
-            self.backbone.non_trainable_variables
-        )
+        return list(self.backbone.trainable_variables) + list(self.backbone.non_trainable_variables)
 
     # --- helpers for methods -------------------------------------------------
 
@@ -413,12 +402,8 @@ class MultiExitModel(keras.Model):
     def model_logs(self):
         logs = {"loss": self._loss_tracker.result()}
         for k in range(self.num_exits):
-            logs[self.exit_loss_trackers[k].name] = self.exit_loss_trackers[
-                k
-            ].result()
-            logs[self.exit_accuracy_trackers[k].name] = (
-                self.exit_accuracy_trackers[k].result()
-            )
+            logs[self.exit_loss_trackers[k].name] = self.exit_loss_trackers[k].result()
+            logs[self.exit_accuracy_trackers[k].name] = self.exit_accuracy_trackers[k].result()
         return logs
 
     def record_nonfinite(self, per_exit_losses, phase=_LOSS, when=None):
@@ -432,9 +417,7 @@ class MultiExitModel(keras.Model):
                 scaling, `bilevel.LookAheadResult.inner_finite`, is a skipped
                 step, not a fault).
         """
-        bad, first = core.first_nonfinite(
-            [per_exit_losses[k] for k in range(self.num_exits)]
-        )
+        bad, first = core.first_nonfinite([per_exit_losses[k] for k in range(self.num_exits)])
         if when is not None:
             bad = ops.logical_and(bad, when)
         self._record(bad, first, phase)
@@ -468,12 +451,8 @@ class MultiExitModel(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects
-        )
-        method = keras.saving.deserialize_keras_object(
-            config.pop("method"), custom_objects=custom_objects
-        )
+        backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
+        method = keras.saving.deserialize_keras_object(config.pop("method"), custom_objects=custom_objects)
         return cls(backbone=backbone, method=method, **config)
 
 
@@ -506,8 +485,9 @@ def fit_phases(model, x, epochs, make_optimizer, steps_per_epoch=None, callbacks
         else:
             optimizer = make_optimizer(phase, i)
         model.compile(optimizer=optimizer, **_compile_options(model))
-        histories.append(model.fit(x, epochs=phase.epochs, steps_per_epoch=steps_per_epoch,
-                                   callbacks=callbacks, **fit_kwargs))
+        histories.append(
+            model.fit(x, epochs=phase.epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, **fit_kwargs)
+        )
     return histories
 
 
@@ -532,10 +512,7 @@ def _with_guard(callbacks):
     elif isinstance(callbacks, (list, tuple)):
         callbacks = list(callbacks)
     else:
-        raise TypeError(
-            "`callbacks` must be a list of keras.callbacks.Callback; "
-            f"received {type(callbacks).__name__}."
-        )
+        raise TypeError(f"`callbacks` must be a list of keras.callbacks.Callback; received {type(callbacks).__name__}.")
     if not any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
         callbacks.append(NonFiniteLossGuard())
     return callbacks
@@ -552,8 +529,7 @@ def _check_exits(backbone):
         shape = tuple(out.shape)
         if len(shape) != 2 or shape[-1] is None:
             raise ValueError(
-                f"{name} of the backbone must output logits of shape (batch, num_classes); "
-                f"received shape {shape}."
+                f"{name} of the backbone must output logits of shape (batch, num_classes); received shape {shape}."
             )
         if shape[-1] < 2:
             raise ValueError(
@@ -573,7 +549,6 @@ def _check_exits(backbone):
     if len(set(counts)) > 1:
         listing = ", ".join(f"exit_{k + 1}: {c}" for k, c in enumerate(counts))
         raise ValueError(
-            f"the exits have different class counts ({listing}); every exit must "
-            "classify the same classes."
+            f"the exits have different class counts ({listing}); every exit must classify the same classes."
         )
     return counts[0]

@@ -98,13 +98,17 @@ class MethodSpec:
         for key, value in options.items():
             name = self.aliases.get(key, key)
             if name not in self.options:
-                raise ValueError(f"bad options for method {self.name!r}: unknown option {key!r}; valid options: "
-                                 f"{self.describe_options()}.")
+                raise ValueError(
+                    f"bad options for method {self.name!r}: unknown option {key!r}; valid options: "
+                    f"{self.describe_options()}."
+                )
             try:
                 out[name] = _convert(value, self.options[name].type)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
-                                 f"{self.describe_options()}.") from None
+                raise ValueError(
+                    f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
+                    f"{self.describe_options()}."
+                ) from None
         return out
 
     def create(self, options: dict):
@@ -123,8 +127,15 @@ _REGISTRY: dict[str, MethodSpec] = {}
 _entry_points_loaded = False
 
 
-def register_method(name: str, *, summary: str, paper: str = "", search_space: dict | None = None,
-                    option_types: dict | None = None, aliases: dict | None = None):
+def register_method(
+    name: str,
+    *,
+    summary: str,
+    paper: str = "",
+    search_space: dict | None = None,
+    option_types: dict | None = None,
+    aliases: dict | None = None,
+):
     """Class decorator that registers a `Method` subclass under `name`.
 
     Args:
@@ -149,7 +160,9 @@ def register_method(name: str, *, summary: str, paper: str = "", search_space: d
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             existing = _REGISTRY[name].cls
             if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-                raise ValueError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}.")
+                raise ValueError(
+                    f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}."
+                )
         _REGISTRY[name] = spec
         cls.method_name = name
         return cls
@@ -186,11 +199,19 @@ def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) ->
         if aliases.get(key, key) not in options:
             raise ValueError(f"method {name!r}: search space names the unknown option {key!r}.")
         if not isinstance(rng, (SearchRange, SearchChoice)):
-            raise TypeError(f"method {name!r}: search space of {key!r} must be a SearchRange or SearchChoice; "
-                            f"received {rng!r}.")
+            raise TypeError(
+                f"method {name!r}: search space of {key!r} must be a SearchRange or SearchChoice; received {rng!r}."
+            )
     doc = (inspect.getdoc(cls) or "").strip().splitlines()
-    return MethodSpec(name=name, cls=cls, summary=summary or (doc[0] if doc else cls.__name__), paper=paper,
-                      options=options, search_space=space, aliases=aliases)
+    return MethodSpec(
+        name=name,
+        cls=cls,
+        summary=summary or (doc[0] if doc else cls.__name__),
+        paper=paper,
+        options=options,
+        search_space=space,
+        aliases=aliases,
+    )
 
 
 def _constructor_parameters(cls, base):
@@ -276,8 +297,10 @@ def get_method(name: str) -> MethodSpec:
         return _from_path(name)
     known = available_methods()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown training method {name!r}; available: {known} "
-                         "(or package.module:Class for a method outside keras-ee).")
+        raise ValueError(
+            f"unknown training method {name!r}; available: {known} "
+            "(or package.module:Class for a method outside keras-ee)."
+        )
     return _REGISTRY[name]
 
 
