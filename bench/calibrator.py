@@ -272,7 +272,7 @@ def bench_ties(n, k, repeat):
         f"(q = {_list(qs[budgets])}), at {int(short.sum())} exits in all; "
         f"the two rules give identical sweeps in the other {len(qs) - budgets.size}"
     )
-    for shortfall, got in sweeps.items():
+    for shortfall, _got in sweeps.items():
         print(
             f"  shortfall={shortfall!r}: Rust and both numpy versions agree on thresholds, "
             f"exit counts, accuracies and costs for all {len(qs)} budgets: yes"

@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from models import matched_plain  # noqa: E402  (bench/models.py)
 
 from keras_ee import costs, models  # noqa: E402
-from models import matched_plain  # noqa: E402  (bench/models.py)
 
 
 def best_ms(fn, *args, rep=10):

@@ -29,8 +29,8 @@ _REPO = os.path.dirname(_HERE)
 
 
 def worker(args):
-    import numpy as np
     import keras
+    import numpy as np
 
     from keras_ee import models, training
 
@@ -63,8 +63,8 @@ def worker(args):
 
 def fused_check():
     """Max abs difference of L2W's meta-gradients with and without the fused BatchNorm kernel."""
-    import numpy as np
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from keras_ee import models, training

@@ -44,7 +44,7 @@ def plain_stack(num_layers, width, num_classes, input_shape=(32, 32, 3)):
     resolution + GAP + Dense: standard Keras layers, as a user would write."""
     inp = keras.Input(input_shape)
     x = inp
-    for i in range(num_layers + 1):
+    for _ in range(num_layers + 1):
         x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
         x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(x)
         x = keras.layers.ReLU()(x)

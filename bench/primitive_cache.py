@@ -50,7 +50,6 @@ def _worker(name, batch, fraction, n_batches):
     import resource
 
     import tensorflow as tf
-
     from inference import _sync, calibrated_model  # bench/inference.py: the same seeded model and calibration
 
     c, shape, _, full_snap, ee, _ = calibrated_model(name, 1024)

@@ -23,7 +23,6 @@ import collections
 import contextlib
 import glob
 import os
-import sys
 import tempfile
 import time
 

@@ -1,6 +1,7 @@
 """Typed stub of the Rust extension `keras_ee._native` (use `keras_ee.calibration`)."""
 
-from typing import Literal, Sequence, TypedDict
+from collections.abc import Sequence
+from typing import Literal, TypedDict
 
 import numpy as np
 import numpy.typing as npt

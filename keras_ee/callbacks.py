@@ -7,8 +7,8 @@ other metric.
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 
 from keras_ee import calibration
 from keras_ee.evaluation import accuracy_at, budget_label, mean_accuracy_over, scores_and_correct

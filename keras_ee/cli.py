@@ -295,7 +295,8 @@ def cmd_evaluate(args) -> None:
 def _run_dir(path: Path) -> Path:
     if not (path / "dump").is_dir():
         raise FileNotFoundError(
-            f"{str(path)!r} is not a finished run folder: it has no dump/ (train it first with `keras-ee train --out {path}`)."
+            f"{str(path)!r} is not a finished run folder: it has no dump/ "
+            f"(train it first with `keras-ee train --out {path}`)."
         )
     return path
 

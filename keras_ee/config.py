@@ -307,7 +307,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -320,7 +320,7 @@ class TrainConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_file(cls, path) -> "TrainConfig":
+    def from_file(cls, path) -> TrainConfig:
         """Read a `.json` or `.toml` config file."""
         values = cls.read_values(path)
         try:
@@ -356,7 +356,7 @@ class TrainConfig:
             )
         return values
 
-    def differences(self, other: "TrainConfig") -> dict:
+    def differences(self, other: TrainConfig) -> dict:
         """Keys whose values differ: {key: (self's, other's)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}

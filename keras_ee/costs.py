@@ -14,7 +14,7 @@ MSDNet/RANet op counter measures and what the papers publish as "Mul-Add"):
 
 | layer | ops |
 |---|---|
-| Conv (incl. depthwise/separable/transposed) | kernel size x output positions (input positions for transposed); no bias |
+| Conv (incl. depthwise/separable/transposed) | kernel size x output (transposed: input) positions; no bias |
 | `ConvBNReLU` | its conv, plus its ReLU (one per output element) |
 | Dense | in*out (+ out with bias), per leading position |
 | ReLU / Activation / other activation layers | one per input element |

@@ -78,7 +78,7 @@ class RunLock:
         self.workdir = Path(workdir)
         self._fd = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         path = self.workdir / LOCK_FILE

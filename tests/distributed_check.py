@@ -41,10 +41,10 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
+from tiny_models import StopAt, mlp_backbone  # noqa: E402  (tests/ is this script's folder)
 
 from keras_ee import models, training  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
-from tiny_models import StopAt, mlp_backbone  # noqa: E402  (tests/ is this script's folder)
 
 GLOBAL_BATCH, STEPS, DIM, CLASSES = 16, 4, 5, 4
 # Rows of a global batch so that replica 0 holds one-device rows 0-3 | 8-11, replica 1 rows 4-7 | 12-15.

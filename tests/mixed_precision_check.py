@@ -23,9 +23,9 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
+from tiny_models import mlp_backbone, tiny_data  # noqa: E402  (tests/ is this script's folder)
 
 from keras_ee import training  # noqa: E402
-from tiny_models import mlp_backbone, tiny_data  # noqa: E402  (tests/ is this script's folder)
 
 
 def main(name):

@@ -2,9 +2,8 @@
 
 import json
 
-import pytest
-
 import bench_scripts
+import pytest
 
 TINY = [
     "--dataset",

@@ -1,8 +1,7 @@
 """bench/primitive_cache.py: bad options are refused up front with one line naming the option."""
 
-import pytest
-
 import bench_scripts
+import pytest
 
 
 @pytest.fixture(scope="module")

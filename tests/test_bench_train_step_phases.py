@@ -6,9 +6,8 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
-
 import bench_scripts
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

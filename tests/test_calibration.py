@@ -1,18 +1,17 @@
 """Rust calibrator (`keras_ee.calibration`) against the numpy reference."""
 
 import os
-import re
 import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import calibration_reference as ref
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import calibration_reference as ref
 from keras_ee import calibration as cal
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

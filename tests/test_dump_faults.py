@@ -56,7 +56,7 @@ def test_hand_written_fractional_costs_are_kept(tmp_path):
 @pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e309"])
 def test_non_finite_costs_json_is_refused(tmp_path, value):
     _save(tmp_path)
-    (tmp_path / "costs.json").write_text('{"mul_adds": [10, %s, 35], "params": [1, 2, 3]}' % value)
+    (tmp_path / "costs.json").write_text('{"mul_adds": [10, ' + value + ', 35], "params": [1, 2, 3]}')
     with pytest.raises(ValueError) as e:
         dumps.load_dump(tmp_path)
     text = _one_line(e)
@@ -83,7 +83,7 @@ def test_negative_or_decreasing_costs_json_names_the_exit(tmp_path, values, exit
 @pytest.mark.parametrize("value", ['"abc"', "null", "true", "[1]", '{"a": 1}'])
 def test_non_number_costs_are_refused(tmp_path, value):
     _save(tmp_path)
-    (tmp_path / "costs.json").write_text('{"mul_adds": [10, %s, 35]}' % value)
+    (tmp_path / "costs.json").write_text('{"mul_adds": [10, ' + value + ", 35]}")
     with pytest.raises((ValueError, TypeError)) as e:
         dumps.load_dump(tmp_path)
     text = _one_line(e)

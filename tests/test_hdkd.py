@@ -10,12 +10,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
 
 from keras_ee import cli, experiment, runs  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.config import TrainConfig  # noqa: E402
 from keras_ee.training import hdkd  # noqa: E402
-from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
 
 VARIANTS = ("hdkd", "dbt", "naive_dkd", "hmsdnet", "hdbt")
 

@@ -6,12 +6,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_models import StopAt
 
 from keras_ee import costs, experiment, models, runs, training
 from keras_ee.config import TrainConfig
 from keras_ee.models.layers import GradientScale
 from keras_ee.training import core
-from tiny_models import StopAt
 
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 CNN = dict(input_shape=(8, 8, 1), num_classes=4)

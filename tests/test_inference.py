@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_models import tiny_backbone
 
 from keras_ee import calibration, cli, models
 from keras_ee.inference import EarlyExitModel
-from tiny_models import tiny_backbone
 
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)

@@ -9,10 +9,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-from keras_ee import training as T  # noqa: E402
 from tiny_models import tiny_backbone, tiny_data  # noqa: E402
 
+from keras_ee import training as T  # noqa: E402
 
 _data = tiny_data
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from l2w_pinned import all_cases, trained_weights
 
 FIXTURE = Path(__file__).parent / "data" / "l2w_pinned.npz"

@@ -14,10 +14,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tiny_models import mlp_backbone, tiny_data  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
 from keras_ee.training import core  # noqa: E402
-from tiny_models import mlp_backbone, tiny_data  # noqa: E402
 
 BATCH = 16
 

@@ -12,8 +12,7 @@ import tensorflow as tf
 from keras_ee import costs, models
 from keras_ee.models import AlignCornersResize, GradientScale
 from keras_ee.models import layers as layers_module
-from keras_ee.models.layers import ConvBNReLU, width_packing
-from keras_ee.models.layers import align_corners_matrix
+from keras_ee.models.layers import ConvBNReLU, align_corners_matrix, width_packing
 
 # Reduced configurations: same code paths as the presets, fast to run.
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)

@@ -8,11 +8,11 @@ import json
 import keras
 import numpy as np
 import pytest
+from tiny_models import StopAt
 
 from keras_ee import cli, data, experiment, models, runs
 from keras_ee.config import RECIPES, TrainConfig
 from keras_ee.data.recipe import Recipe
-from tiny_models import StopAt
 
 TINY = dict(
     dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, evaluate=False, train_size=400

@@ -12,10 +12,10 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from tiny_models import StopAt  # noqa: E402
 
 from keras_ee import cli, experiment, runs
 from keras_ee.config import TrainConfig
-from tiny_models import StopAt  # noqa: E402
 
 TINY = dict(
     dataset="digits", model="multiexit_cnn", epochs=3, batch_size=128, val_size=200, evaluate=False, train_size=400

@@ -10,9 +10,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tiny_models  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
-import tiny_models  # noqa: E402
 
 NUM_CLASSES = 3
 

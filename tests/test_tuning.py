@@ -1,7 +1,5 @@
 """keras-tuner search of the budget hyper-parameters, on tiny settings."""
 
-import json
-
 import pytest
 
 from keras_ee.config import TrainConfig

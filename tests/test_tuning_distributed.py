@@ -227,7 +227,7 @@ def test_chief_and_two_workers_split_the_trials_and_best_json_is_written_once(tm
             "the workers",
         )
         start("chief", shared)
-        for tuner_id, proc in procs.items():
+        for proc in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except (AssertionError, subprocess.TimeoutExpired) as e:
         pytest.fail(f"{e}\n" + "\n".join(f"--- {t}:\n{text(t)[-3000:]}" for t in logs))

@@ -18,17 +18,9 @@ model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 import numbers
 import os
 
-from keras_ee.data import builtin
-from keras_ee.data import cifar
-from keras_ee.data import idx
-from keras_ee.data import npz
-from keras_ee.data.base import ArraySplits
-from keras_ee.data.base import DatasetSplits
-from keras_ee.data.base import build_array_splits
-from keras_ee.data.splits import channel_stats
-from keras_ee.data.splits import long_tail_counts
-from keras_ee.data.splits import long_tail_indices
-from keras_ee.data.splits import stratified_split
+from keras_ee.data import builtin, cifar, idx, npz
+from keras_ee.data.base import ArraySplits, DatasetSplits, build_array_splits
+from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indices, stratified_split
 
 DEFAULT_DATASET = "digits"
 

@@ -191,7 +191,8 @@ def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
         c = short[0]
         raise ValueError(
             f"`samples_per_class` is {samples_per_class}, but class {c} has only {int(counts[c])} training "
-            f"images after the validation (and meta) hold-outs ({len(short)} class(es) have fewer than {samples_per_class}); "
+            f"images after the validation (and meta) hold-outs ({len(short)} class(es) have fewer than "
+            f"{samples_per_class}); "
             "expected at most the smallest class's count (or a smaller validation split)."
         )
     rng = np.random.default_rng(seed)

@@ -5,10 +5,10 @@ import keras
 from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
-    nonlinearity_scope,
     branch_and_trunk,
     conv_bn_relu,
     he_fan_out_init,
+    nonlinearity_scope,
     pooled_logits,
     torch_default_bias_init,
     torch_default_init,

@@ -8,8 +8,8 @@ model built by `keras_ee.models` saves to `.keras` and loads back unchanged.
 import contextlib
 import threading
 
-import numpy as np
 import keras
+import numpy as np
 from keras import ops
 
 

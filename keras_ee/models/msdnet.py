@@ -22,11 +22,11 @@ from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
     activation_layer,
-    nonlinearity_scope,
     batch_normalization,
     branch_and_trunk,
     conv_bn_relu,
     conv_head,
+    nonlinearity_scope,
     shared_bottleneck,
     torch_default_bias_init,
     torch_default_init,

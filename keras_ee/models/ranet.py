@@ -21,17 +21,16 @@ only through the per-layer lists, which are not rescaled).
 import math
 
 import keras
-from keras import layers
 
 from keras_ee.models import _validate as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
-    nonlinearity_scope,
     bottleneck_unit,
     branch_and_trunk,
     conv_bn_relu,
     conv_head,
     he_fan_out_init,
+    nonlinearity_scope,
     torch_default_init,
 )
 from keras_ee.models.layers import AlignCornersResize, ChannelConcat

@@ -71,11 +71,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_ee.training import bilevel
-from keras_ee.training import core
+from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
-from keras_ee.training.registry import SearchRange
-from keras_ee.training.registry import register_method
+from keras_ee.training.registry import SearchRange, register_method
 
 FEATURES = ("max_prob", "margin", "entropy")
 _UPDATES = ("alternate", "lookahead")
@@ -240,7 +238,7 @@ def _parse_features(features):
     "Jurie, 2024 preprint, HAL hal-04683503)",
     search_space={"lambda": SearchRange(0.01, 10.0, "log"), "temperature": SearchRange(0.1, 2.0)},
     option_types={
-        "features": typing.Union[str, list],
+        "features": str | list,
         "gater_update": typing.Literal["alternate", "lookahead"],
         "gater_optimizer": typing.Literal["adamw", "adam", "sgd"],
     },

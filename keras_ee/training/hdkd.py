@@ -101,11 +101,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_ee.training import bilevel
-from keras_ee.training import core
+from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
-from keras_ee.training.registry import SearchRange
-from keras_ee.training.registry import register_method
+from keras_ee.training.registry import SearchRange, register_method
 
 _TEACHERS = ("dense", "last", "none")
 _INITS = ("ds", "uniform", "dbt", "random")

@@ -33,10 +33,8 @@ import tensorflow as tf
 from keras import ops
 
 from keras_ee.training import core
-from keras_ee.training.methods import Method
-from keras_ee.training.methods import Phase
-from keras_ee.training.registry import SearchRange
-from keras_ee.training.registry import register_method
+from keras_ee.training.methods import Method, Phase
+from keras_ee.training.registry import SearchRange, register_method
 
 _KL_REDUCTIONS = ("batchmean", "mean")
 _FROZEN_BN = ("inference", "batch")

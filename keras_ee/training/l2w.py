@@ -49,14 +49,14 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_ee.training import bilevel
-from keras_ee.training import core
-from keras_ee.training.allocation import allocate_by_confidence
-from keras_ee.training.allocation import allocate_by_confidence_across_replicas
-from keras_ee.training.allocation import allocate_by_confidence_numpy
+from keras_ee.training import bilevel, core
+from keras_ee.training.allocation import (
+    allocate_by_confidence,
+    allocate_by_confidence_across_replicas,
+    allocate_by_confidence_numpy,
+)
 from keras_ee.training.methods import Method
-from keras_ee.training.registry import SearchRange
-from keras_ee.training.registry import register_method
+from keras_ee.training.registry import SearchRange, register_method
 
 _INPUTS = ("loss", "confidence", "both")
 _CONSTRAINTS = ("col", "row", "mat")
@@ -140,7 +140,7 @@ def zero_sum_weights(u, delta, constraint="col"):
         "constraint": typing.Literal["col", "row", "mat"],
         "meta_objective": typing.Literal["allocated", "vanilla"],
         "weighting": typing.Literal["wpn", "frozen", "selection", "rising", "falling"],
-        "wpn_weights_path": typing.Optional[str],
+        "wpn_weights_path": str | None,
     },
 )
 @keras.saving.register_keras_serializable(package="keras_ee")

@@ -22,8 +22,7 @@ import keras
 from keras_ee.training import core
 from keras_ee.training.imta import IMTA
 from keras_ee.training.l2w import L2W
-from keras_ee.training.registry import SearchRange
-from keras_ee.training.registry import register_method
+from keras_ee.training.registry import SearchRange, register_method
 
 
 @register_method(

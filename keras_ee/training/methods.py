@@ -56,7 +56,7 @@ A method file registers its class with `keras_ee.training.register_method`
 """
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

@@ -3,10 +3,8 @@
 import keras
 from keras import ops
 
-from keras_ee.training import bilevel
-from keras_ee.training import core
-from keras_ee.training.methods import Baseline
-from keras_ee.training.methods import Method
+from keras_ee.training import bilevel, core
+from keras_ee.training.methods import Baseline, Method
 
 # What a training step found wrong: the `kind` field of `StepFaults`.
 _LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
