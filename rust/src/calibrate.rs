@@ -46,7 +46,9 @@ impl Shortfall {
         match s {
             "reference" => Ok(Shortfall::Reference),
             "exit_all" => Ok(Shortfall::ExitAll),
-            _ => Err(Error::new(format!("shortfall must be 'reference' or 'exit_all'; received {s:?}"))),
+            _ => Err(Error::new(format!(
+                "shortfall must be 'reference' or 'exit_all'; received {s:?}"
+            ))),
         }
     }
 
@@ -107,14 +109,20 @@ fn check_q(q: f64, num_exits: usize, per_stage: bool) -> Result<()> {
         return Err(Error::new("num_exits must be >= 1; received 0"));
     }
     if num_exits > MAX_EXITS {
-        return Err(Error::new(format!("num_exits must be <= {MAX_EXITS}; received {num_exits}")));
+        return Err(Error::new(format!(
+            "num_exits must be <= {MAX_EXITS}; received {num_exits}"
+        )));
     }
     if per_stage {
         if !(q > 0.0 && q <= 1.0) {
-            return Err(Error::new(format!("q must be in (0, 1] for the per-stage split; received {q}")));
+            return Err(Error::new(format!(
+                "q must be in (0, 1] for the per-stage split; received {q}"
+            )));
         }
     } else if !(q > 0.0 && q.is_finite()) {
-        return Err(Error::new(format!("q must be positive and finite; received {q}")));
+        return Err(Error::new(format!(
+            "q must be positive and finite; received {q}"
+        )));
     }
     Ok(())
 }
@@ -130,19 +138,30 @@ pub fn validate_fractions(fractions: &[f64], num_exits: usize) -> Result<()> {
             fractions.len()
         )));
     }
-    if let Some((k, f)) = fractions.iter().enumerate().find(|(_, f)| !(f.is_finite() && **f >= 0.0)) {
-        return Err(Error::new(format!("fractions must be finite and >= 0; received {f} at exit {k}")));
+    if let Some((k, f)) = fractions
+        .iter()
+        .enumerate()
+        .find(|(_, f)| !(f.is_finite() && **f >= 0.0))
+    {
+        return Err(Error::new(format!(
+            "fractions must be finite and >= 0; received {f} at exit {k}"
+        )));
     }
     let total: f64 = fractions.iter().sum();
     if (total - 1.0).abs() > 1e-9 {
-        return Err(Error::new(format!("fractions must sum to 1 (tolerance 1e-9); they sum to {total}")));
+        return Err(Error::new(format!(
+            "fractions must sum to 1 (tolerance 1e-9); they sum to {total}"
+        )));
     }
     Ok(())
 }
 
 /// `n_k = floor(f64(N) * f_k)` for each exit.
 pub fn quotas(n: usize, fractions: &[f64]) -> Vec<usize> {
-    fractions.iter().map(|&f| (n as f64 * f).floor() as usize).collect()
+    fractions
+        .iter()
+        .map(|&f| (n as f64 * f).floor() as usize)
+        .collect()
 }
 
 /// Checks a `(K, N)` row-major score array: shape consistent, non-empty, all finite.
@@ -153,10 +172,16 @@ pub fn validate_scores(name: &str, scores: &[f32], k: usize, n: usize) -> Result
         )));
     }
     if k > MAX_EXITS {
-        return Err(Error::new(format!("{name} has K={k} exits; at most {MAX_EXITS} are supported")));
+        return Err(Error::new(format!(
+            "{name} has K={k} exits; at most {MAX_EXITS} are supported"
+        )));
     }
     if scores.len() != k * n {
-        return Err(Error::new(format!("{name} has {} values; expected K*N = {}", scores.len(), k * n)));
+        return Err(Error::new(format!(
+            "{name} has {} values; expected K*N = {}",
+            scores.len(),
+            k * n
+        )));
     }
     let bad = scores
         .par_chunks(1 << 16)
@@ -165,11 +190,15 @@ pub fn validate_scores(name: &str, scores: &[f32], k: usize, n: usize) -> Result
             // A cheap vectorised test first: with the sign cleared, a finite `f32`'s bits
             // are below those of +inf. (An integer max vectorises; a float sum would
             // run as one serial chain of additions.)
-            let top = ch.iter().fold(0u32, |a, &x| a.max(x.to_bits() & 0x7fff_ffff));
+            let top = ch
+                .iter()
+                .fold(0u32, |a, &x| a.max(x.to_bits() & 0x7fff_ffff));
             if top < f32::INFINITY.to_bits() {
                 None
             } else {
-                ch.iter().position(|x| !x.is_finite()).map(|p| (c << 16) + p)
+                ch.iter()
+                    .position(|x| !x.is_finite())
+                    .map(|p| (c << 16) + p)
             }
         })
         .min();
@@ -196,7 +225,11 @@ fn desc_key(s: f32) -> u32 {
 #[inline(always)]
 fn key_to_score(key: u32) -> f32 {
     let asc = !key;
-    f32::from_bits(if asc >> 31 == 1 { asc & 0x7fff_ffff } else { !asc })
+    f32::from_bits(if asc >> 31 == 1 {
+        asc & 0x7fff_ffff
+    } else {
+        !asc
+    })
 }
 
 /// Widest radix digit. A scatter pass is bound by the distinct cache lines it
@@ -233,7 +266,9 @@ fn sort_exit(row: &[f32], id: impl Fn(usize) -> u32, out: &mut [u64], tmp: &mut 
         3 => histograms::<3>(row, lo, width, &mut hist),
         _ => histograms::<4>(row, lo, width, &mut hist),
     }
-    let live: Vec<usize> = (0..passes).filter(|&d| !hist[d].iter().any(|&c| c as usize == n)).collect();
+    let live: Vec<usize> = (0..passes)
+        .filter(|&d| !hist[d].iter().any(|&c| c as usize == n))
+        .collect();
     // The first pass writes to `out` iff the number of passes is odd.
     let mut in_tmp = live.len().is_multiple_of(2);
     for (j, &d) in live.iter().enumerate() {
@@ -249,7 +284,11 @@ fn sort_exit(row: &[f32], id: impl Fn(usize) -> u32, out: &mut [u64], tmp: &mut 
             let dst: &mut [u64] = if in_tmp { &mut *tmp } else { &mut *out };
             scatter(row.iter().enumerate().map(pack), h, shift, mask, dst);
         } else {
-            let (src, dst): (&[u64], &mut [u64]) = if in_tmp { (&*tmp, &mut *out) } else { (&*out, &mut *tmp) };
+            let (src, dst): (&[u64], &mut [u64]) = if in_tmp {
+                (&*tmp, &mut *out)
+            } else {
+                (&*out, &mut *tmp)
+            };
             scatter(src.iter().copied(), h, shift, mask, dst);
             in_tmp = !in_tmp;
         }
@@ -258,7 +297,12 @@ fn sort_exit(row: &[f32], id: impl Fn(usize) -> u32, out: &mut [u64], tmp: &mut 
 }
 
 /// Counts of the `P` digits of `width` bits above bit `lo` of every key (one pass).
-fn histograms<const P: usize>(row: &[f32], lo: u32, width: u32, hist: &mut [[u32; 1 << MAX_BITS]; 4]) {
+fn histograms<const P: usize>(
+    row: &[f32],
+    lo: u32,
+    width: u32,
+    hist: &mut [[u32; 1 << MAX_BITS]; 4],
+) {
     let mask = (1u32 << width) - 1;
     for &s in row {
         let key = desc_key(s) >> lo;
@@ -320,7 +364,10 @@ fn prefetch(v: &[Mask], i: usize) {
         if i < v.len() {
             // SAFETY: in bounds; a prefetch has no architectural effect.
             unsafe {
-                std::arch::x86_64::_mm_prefetch(v.as_ptr().add(i) as *const i8, std::arch::x86_64::_MM_HINT_T0);
+                std::arch::x86_64::_mm_prefetch(
+                    v.as_ptr().add(i) as *const i8,
+                    std::arch::x86_64::_MM_HINT_T0,
+                );
             }
         }
     }
@@ -362,19 +409,29 @@ fn count_chunk<const SAVE: bool>(
 /// How many budgets [`SortedExits::calibrate_many`] walks together (at most 32): as
 /// many groups as workers, or more when there are more than 32 budgets per worker.
 pub fn group_size(budgets: usize) -> usize {
-    let groups = budgets.div_ceil(GROUP).max(rayon::current_num_threads()).min(budgets).max(1);
+    let groups = budgets
+        .div_ceil(GROUP)
+        .max(rayon::current_num_threads())
+        .min(budgets)
+        .max(1);
     budgets.div_ceil(groups).max(1)
 }
 
 /// Exits sorted per scratch buffer, and how many scratch buffers, when sorting `k` exits.
 fn sort_runs(k: usize) -> (usize, usize) {
-    let per = k.saturating_sub(2).div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let per = k
+        .saturating_sub(2)
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(1);
     (per, k.saturating_sub(2).div_ceil(per).max(1))
 }
 
 /// How many walks [`SortedExits::calibrate_many`] runs at once for `budgets` quota vectors.
 pub fn concurrent_walks(budgets: usize) -> usize {
-    budgets.div_ceil(group_size(budgets)).min(rayon::current_num_threads().max(1)).max(1)
+    budgets
+        .div_ceil(group_size(budgets))
+        .min(rayon::current_num_threads().max(1))
+        .max(1)
 }
 
 /// Peak working memory in bytes of calibrating `(K, N)` scores with `walks` walks at
@@ -395,7 +452,10 @@ fn out_of_memory(k: usize, n: usize, walks: usize) -> Error {
     Error::out_of_memory(
         "calibration",
         working_bytes(k, n, walks),
-        &format!("of working memory for {} scores", thousands(k as u128 * n as u128)),
+        &format!(
+            "of working memory for {} scores",
+            thousands(k as u128 * n as u128)
+        ),
     )
 }
 
@@ -407,14 +467,22 @@ impl SortedExits {
         let oom = |_| out_of_memory(k, n, concurrent_walks(budgets));
         let mut packed = HugeBuf::try_zeroed((k - 1) * n).map_err(oom)?;
         if k == 1 {
-            return Ok(SortedExits { k, n, budgets, packed });
+            return Ok(SortedExits {
+                k,
+                n,
+                budgets,
+                packed,
+            });
         }
         let (first, rest) = packed.split_at_mut(n);
         // Exits 1.. are sorted in one run per worker with one scratch buffer each, the
         // first reusing exit 0's (fresh pages cost faults). Mapping is lazy: unused
         // buffers cost nothing (but address space).
         let (per, runs) = sort_runs(k);
-        let mut tmps: Vec<HugeBuf<u64>> = (0..runs).map(|_| HugeBuf::try_zeroed(n)).collect::<std::result::Result<_, _>>().map_err(oom)?;
+        let mut tmps: Vec<HugeBuf<u64>> = (0..runs)
+            .map(|_| HugeBuf::try_zeroed(n))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(oom)?;
         let mut rank: Vec<u32> = try_zeroed_vec(n).map_err(oom)?;
         sort_exit(&scores[..n], |i| i as u32, first, &mut tmps[0]);
         // Samples are renumbered by their rank at exit 0 (ids need not be the
@@ -428,13 +496,21 @@ impl SortedExits {
             rank[(*x & 0xffff_ffff) as usize] = p as u32;
             *x = (*x & !0xffff_ffff) | p as u64;
         }
-        rest.par_chunks_mut(per * n).zip(tmps.par_iter_mut()).enumerate().for_each(|(r, (run, tmp))| {
-            for (j, out) in run.chunks_mut(n).enumerate() {
-                let e = 1 + r * per + j;
-                sort_exit(&scores[e * n..(e + 1) * n], |i| rank[i], out, tmp);
-            }
-        });
-        Ok(SortedExits { k, n, budgets, packed })
+        rest.par_chunks_mut(per * n)
+            .zip(tmps.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (run, tmp))| {
+                for (j, out) in run.chunks_mut(n).enumerate() {
+                    let e = 1 + r * per + j;
+                    sort_exit(&scores[e * n..(e + 1) * n], |i| rank[i], out, tmp);
+                }
+            });
+        Ok(SortedExits {
+            k,
+            n,
+            budgets,
+            packed,
+        })
     }
 
     /// Thresholds `(K,)` for the per-exit quotas `n_k` (see the module docs).
@@ -444,19 +520,29 @@ impl SortedExits {
 
     /// Thresholds for many quota vectors: budgets are walked in groups of up to 32
     /// (one pass over each exit's order serves a whole group), groups in parallel.
-    pub fn calibrate_many(&self, quotas: &[Vec<usize>], shortfall: Shortfall) -> Result<Vec<Vec<f64>>> {
-        let groups: Vec<Vec<Vec<f64>>> =
-            quotas.par_chunks(group_size(quotas.len())).map(|g| self.calibrate_group(g, shortfall)).collect::<Result<_>>()?;
+    pub fn calibrate_many(
+        &self,
+        quotas: &[Vec<usize>],
+        shortfall: Shortfall,
+    ) -> Result<Vec<Vec<f64>>> {
+        let groups: Vec<Vec<Vec<f64>>> = quotas
+            .par_chunks(group_size(quotas.len()))
+            .map(|g| self.calibrate_group(g, shortfall))
+            .collect::<Result<_>>()?;
         Ok(groups.concat())
     }
 
     /// Thresholds for at most 32 quota vectors, walked together on this thread.
-    pub fn calibrate_group(&self, quotas: &[Vec<usize>], shortfall: Shortfall) -> Result<Vec<Vec<f64>>> {
+    pub fn calibrate_group(
+        &self,
+        quotas: &[Vec<usize>],
+        shortfall: Shortfall,
+    ) -> Result<Vec<Vec<f64>>> {
         let (k, n, g) = (self.k, self.n, quotas.len());
         debug_assert!(g <= GROUP);
         let mut thr = vec![vec![f64::INFINITY; k]; g];
-        let mut gone: Vec<Mask> =
-            try_zeroed_vec(if k > 1 { n } else { 0 }).map_err(|_| out_of_memory(k, n, concurrent_walks(self.budgets)))?;
+        let mut gone: Vec<Mask> = try_zeroed_vec(if k > 1 { n } else { 0 })
+            .map_err(|_| out_of_memory(k, n, concurrent_walks(self.budgets)))?;
         let mut remaining = vec![n; g];
         let words = g.div_ceil(8);
         for e in 0..k - 1 {
@@ -513,7 +599,10 @@ impl SortedExits {
                         count_chunk::<true>(chunk, ahead, &mut gone, active, words, &mut old)
                     };
                     let added = |b: usize| ((acc[b / 8] >> (8 * (b % 8))) & 255) as usize;
-                    if slack <= len && (0..g).any(|b| counting & (1 << b) != 0 && cnt[b] + added(b) >= target[b]) {
+                    if slack <= len
+                        && (0..g)
+                            .any(|b| counting & (1 << b) != 0 && cnt[b] + added(b) >= target[b])
+                    {
                         // Samples are distinct within an exit's order, so the order of undoing is free.
                         for (&x, &w) in chunk.iter().zip(&old) {
                             gone[(x & 0xffff_ffff) as usize] = w;
@@ -558,7 +647,13 @@ impl SortedExits {
 }
 
 /// Thresholds `(K,)` for `scores` (K*N row-major) and target `fractions` (K,).
-pub fn calibrate(scores: &[f32], k: usize, n: usize, fractions: &[f64], shortfall: Shortfall) -> Result<Vec<f64>> {
+pub fn calibrate(
+    scores: &[f32],
+    k: usize,
+    n: usize,
+    fractions: &[f64],
+    shortfall: Shortfall,
+) -> Result<Vec<f64>> {
     validate_scores("scores", scores, k, n)?;
     check_n(n)?;
     validate_fractions(fractions, k)?;
@@ -568,14 +663,22 @@ pub fn calibrate(scores: &[f32], k: usize, n: usize, fractions: &[f64], shortfal
 /// Sample ids are stored as `u32`.
 pub fn check_n(n: usize) -> Result<()> {
     if n > u32::MAX as usize {
-        return Err(Error::new(format!("at most 2^32 - 1 samples are supported; received N={n}")));
+        return Err(Error::new(format!(
+            "at most 2^32 - 1 samples are supported; received N={n}"
+        )));
     }
     Ok(())
 }
 
 /// Straightforward O(K N log N) calibration used as an independent check in tests.
 #[cfg(test)]
-pub fn calibrate_naive(scores: &[f32], k: usize, n: usize, fractions: &[f64], shortfall: Shortfall) -> Vec<f64> {
+pub fn calibrate_naive(
+    scores: &[f32],
+    k: usize,
+    n: usize,
+    fractions: &[f64],
+    shortfall: Shortfall,
+) -> Vec<f64> {
     let mut alive = vec![true; n];
     let mut thr = vec![f64::INFINITY; k];
     for e in 0..k - 1 {
@@ -640,9 +743,16 @@ mod tests {
                 .collect();
             let mut out = vec![0u64; 5000];
             sort_exit(&row, |i| i as u32 ^ 7, &mut out, &mut vec![0u64; 5000]);
-            let mut want: Vec<(u32, usize)> = row.iter().enumerate().map(|(i, &s)| (desc_key(s), i)).collect();
+            let mut want: Vec<(u32, usize)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| (desc_key(s), i))
+                .collect();
             want.sort(); // by key, then by original position (stability)
-            let got: Vec<(u32, usize)> = out.iter().map(|&x| ((x >> 32) as u32, (x as u32 ^ 7) as usize)).collect();
+            let got: Vec<(u32, usize)> = out
+                .iter()
+                .map(|&x| ((x >> 32) as u32, (x as u32 ^ 7) as usize))
+                .collect();
             assert_eq!(got, want, "spread {spread}");
         }
     }
@@ -654,14 +764,20 @@ mod tests {
             let k = 1 + (rng(&mut st) % 6) as usize;
             let n = 1 + (rng(&mut st) % 3000) as usize;
             let levels = 1 + rng(&mut st) % 50;
-            let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
+            let scores: Vec<f32> = (0..k * n)
+                .map(|_| (rng(&mut st) % levels) as f32 / levels as f32)
+                .collect();
             let qs: Vec<f64> = (1..(2 + trial * 3)).map(|p| p as f64 / 20.0).collect();
-            let quotas: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
+            let quotas: Vec<Vec<usize>> = qs
+                .iter()
+                .map(|&q| quotas(n, &geometric_fractions(q, k).unwrap()))
+                .collect();
             let sorted = SortedExits::new(&scores, k, n, quotas.len()).unwrap();
             for sf in [Shortfall::Reference, Shortfall::ExitAll] {
                 let got = sorted.calibrate_many(&quotas, sf).unwrap();
                 for (j, &q) in qs.iter().enumerate() {
-                    let want = calibrate_naive(&scores, k, n, &geometric_fractions(q, k).unwrap(), sf);
+                    let want =
+                        calibrate_naive(&scores, k, n, &geometric_fractions(q, k).unwrap(), sf);
                     assert_eq!(got[j], want, "trial {trial} q {q} {sf:?}");
                 }
             }
@@ -703,9 +819,15 @@ mod tests {
             let k = 1 + (rng(&mut st) % 6) as usize;
             let n = 1 + (rng(&mut st) % 60) as usize;
             let levels = 1 + rng(&mut st) % 8; // few distinct values: many ties
-            let scores: Vec<f32> = (0..k * n).map(|_| (rng(&mut st) % levels) as f32 / levels as f32).collect();
+            let scores: Vec<f32> = (0..k * n)
+                .map(|_| (rng(&mut st) % levels) as f32 / levels as f32)
+                .collect();
             let q = [0.01, 0.3, 1.0, 1.7, 20.0][trial % 5];
-            let f = if trial % 2 == 0 { geometric_fractions(q, k).unwrap() } else { per_stage_fractions(q.min(1.0), k).unwrap() };
+            let f = if trial % 2 == 0 {
+                geometric_fractions(q, k).unwrap()
+            } else {
+                per_stage_fractions(q.min(1.0), k).unwrap()
+            };
             for sf in [Shortfall::Reference, Shortfall::ExitAll] {
                 let fast = calibrate(&scores, k, n, &f, sf).unwrap();
                 let slow = calibrate_naive(&scores, k, n, &f, sf);
@@ -747,7 +869,10 @@ mod tests {
     fn tie_heavy_scores_follow_the_authors_loop() {
         // Exit 0 has n_0 = 1, but three samples tie at 0.9 and all leave; exit 1 then
         // finds one sample for its quota of 2: nobody exits there.
-        let s = [0.9f32, 0.9, 0.9, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
+        let s = [
+            0.9f32, 0.9, 0.9, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0,
+            0.0, 0.0,
+        ];
         let f = [0.25, 0.5, 0.25];
         let want = vec![0.9f32 as f64, f64::INFINITY, f64::NEG_INFINITY];
         assert_eq!(authors_loop(&s, 3, 4, &f), want);
@@ -755,7 +880,10 @@ mod tests {
         assert_eq!(Shortfall::parse("reference").unwrap(), Shortfall::default());
         // The other rule: the lowest remaining score, everybody left exits.
         let exit_all = calibrate(&s, 3, 4, &f, Shortfall::ExitAll).unwrap();
-        assert_eq!(exit_all, vec![0.9f32 as f64, 0.7f32 as f64, f64::NEG_INFINITY]);
+        assert_eq!(
+            exit_all,
+            vec![0.9f32 as f64, 0.7f32 as f64, f64::NEG_INFINITY]
+        );
         // Saturated max softmax: a third to two thirds of every exit's scores are 1.0.
         let mut st = 2024u64;
         let mut shortfalls = 0;
@@ -764,31 +892,54 @@ mod tests {
             let scores: Vec<f32> = (0..k * n)
                 .map(|r| {
                     let x = (rng(&mut st) % 1000) as f32 / 1000.0;
-                    if x < 0.33 + 0.33 * (r / n) as f32 / k as f32 { 1.0 } else { x }
+                    if x < 0.33 + 0.33 * (r / n) as f32 / k as f32 {
+                        1.0
+                    } else {
+                        x
+                    }
                 })
                 .collect();
-            let qs: Vec<Vec<usize>> = (1..40).map(|p| quotas(n, &geometric_fractions(p as f64 / 20.0, k).unwrap())).collect();
+            let qs: Vec<Vec<usize>> = (1..40)
+                .map(|p| quotas(n, &geometric_fractions(p as f64 / 20.0, k).unwrap()))
+                .collect();
             let sorted = SortedExits::new(&scores, k, n, qs.len()).unwrap();
             let got = sorted.calibrate_many(&qs, Shortfall::Reference).unwrap();
             let got_all = sorted.calibrate_many(&qs, Shortfall::ExitAll).unwrap();
             for p in 1..40 {
                 let f = geometric_fractions(p as f64 / 20.0, k).unwrap();
                 let want = authors_loop(&scores, k, n, &f);
-                shortfalls += want.iter().zip(&quotas(n, &f)).filter(|(t, &q)| **t == f64::INFINITY && q > 0).count();
+                shortfalls += want
+                    .iter()
+                    .zip(&quotas(n, &f))
+                    .filter(|(t, &q)| **t == f64::INFINITY && q > 0)
+                    .count();
                 assert_eq!(got[p - 1], want, "trial {trial} p {p}");
-                assert_eq!(got_all[p - 1], calibrate_naive(&scores, k, n, &f, Shortfall::ExitAll), "trial {trial} p {p}");
+                assert_eq!(
+                    got_all[p - 1],
+                    calibrate_naive(&scores, k, n, &f, Shortfall::ExitAll),
+                    "trial {trial} p {p}"
+                );
             }
         }
-        assert!(shortfalls > 100, "the shortfall branch arose only {shortfalls} times");
+        assert!(
+            shortfalls > 100,
+            "the shortfall branch arose only {shortfalls} times"
+        );
     }
 
     #[test]
     fn edge_cases() {
         let r = Shortfall::Reference;
         // K = 1: only -inf.
-        assert_eq!(calibrate(&[0.3, 0.1], 1, 2, &[1.0], r).unwrap(), vec![f64::NEG_INFINITY]);
+        assert_eq!(
+            calibrate(&[0.3, 0.1], 1, 2, &[1.0], r).unwrap(),
+            vec![f64::NEG_INFINITY]
+        );
         // N = 1, tiny q: first exit takes nothing.
-        assert_eq!(calibrate(&[0.3, 0.1], 2, 1, &[0.5, 0.5], r).unwrap(), vec![f64::INFINITY, f64::NEG_INFINITY]);
+        assert_eq!(
+            calibrate(&[0.3, 0.1], 2, 1, &[0.5, 0.5], r).unwrap(),
+            vec![f64::INFINITY, f64::NEG_INFINITY]
+        );
         // All equal scores: the first non-empty quota takes everybody, under both rules
         // (a later exit with nobody left gets +inf).
         let s = vec![0.5f32; 3 * 10];
@@ -797,13 +948,28 @@ mod tests {
             assert_eq!(t, vec![0.5, f64::INFINITY, f64::NEG_INFINITY]);
         }
         // Quota exactly what is left: the lowest remaining score, under both rules.
-        let s = [0.9f32, 0.9, 0.1, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0, 0.0, 0.0];
+        let s = [
+            0.9f32, 0.9, 0.1, 0.1, /* exit 1 */ 0.2, 0.3, 0.4, 0.7, /* last */ 0.0, 0.0,
+            0.0, 0.0,
+        ];
         for sf in [Shortfall::Reference, Shortfall::ExitAll] {
-            assert_eq!(calibrate(&s, 3, 4, &[0.5, 0.5, 0.0], sf).unwrap(), vec![0.9f32 as f64, 0.4f32 as f64, f64::NEG_INFINITY]);
+            assert_eq!(
+                calibrate(&s, 3, 4, &[0.5, 0.5, 0.0], sf).unwrap(),
+                vec![0.9f32 as f64, 0.4f32 as f64, f64::NEG_INFINITY]
+            );
         }
-        assert!(calibrate(&[f32::NAN, 0.0], 2, 1, &[0.5, 0.5], r).unwrap_err().message.contains("exit k=0, sample i=0"));
-        assert!(calibrate(&[0.0, f32::INFINITY], 1, 2, &[1.0], r).unwrap_err().message.contains("sample i=1"));
-        assert!(Shortfall::parse("all").unwrap_err().message.contains("'reference' or 'exit_all'"));
+        assert!(calibrate(&[f32::NAN, 0.0], 2, 1, &[0.5, 0.5], r)
+            .unwrap_err()
+            .message
+            .contains("exit k=0, sample i=0"));
+        assert!(calibrate(&[0.0, f32::INFINITY], 1, 2, &[1.0], r)
+            .unwrap_err()
+            .message
+            .contains("sample i=1"));
+        assert!(Shortfall::parse("all")
+            .unwrap_err()
+            .message
+            .contains("'reference' or 'exit_all'"));
     }
 
     #[test]
@@ -813,12 +979,20 @@ mod tests {
         let n = 200_000_000usize;
         let sort = 8 * n as u128 * runs as u128 + 4 * n as u128;
         assert_eq!(working_bytes(8, n, 1), 8 * 7 * n as u128 + sort);
-        assert_eq!(working_bytes(8, n, 1000), 8 * 7 * n as u128 + 4000 * n as u128);
+        assert_eq!(
+            working_bytes(8, n, 1000),
+            8 * 7 * n as u128 + 4000 * n as u128
+        );
         assert_eq!(working_bytes(1, n, 4), 0);
         let e = out_of_memory(8, n, 1);
         assert_eq!(e.kind, crate::error::ErrorKind::OutOfMemory);
         assert!(e.message.starts_with("calibration needs "), "{e}");
-        assert!(e.message.ends_with(" GB of working memory for 1,600,000,000 scores; it could not be allocated"), "{e}");
+        assert!(
+            e.message.ends_with(
+                " GB of working memory for 1,600,000,000 scores; it could not be allocated"
+            ),
+            "{e}"
+        );
         assert_eq!(concurrent_walks(1), 1);
         assert!(concurrent_walks(39) <= rayon::current_num_threads().max(1));
     }

@@ -26,14 +26,20 @@ pub struct Error {
 impl Error {
     /// A bad-input error.
     pub fn new(msg: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::BadInput, message: msg.into() }
+        Error {
+            kind: ErrorKind::BadInput,
+            message: msg.into(),
+        }
     }
 
     /// `"{what} needs {bytes, e.g. 12.3 GB} {of_what}; it could not be allocated"`.
     pub fn out_of_memory(what: &str, bytes: u128, of_what: &str) -> Self {
         Error {
             kind: ErrorKind::OutOfMemory,
-            message: format!("{what} needs {} {of_what}; it could not be allocated", human_bytes(bytes)),
+            message: format!(
+                "{what} needs {} {of_what}; it could not be allocated",
+                human_bytes(bytes)
+            ),
         }
     }
 }
@@ -92,7 +98,11 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1_000), "1,000");
         assert_eq!(thousands(1_600_000_000), "1,600,000,000");
-        let e = Error::out_of_memory("calibration", 12_300_000_000, "of working memory for 1,600,000,000 scores");
+        let e = Error::out_of_memory(
+            "calibration",
+            12_300_000_000,
+            "of working memory for 1,600,000,000 scores",
+        );
         assert_eq!(e.kind, ErrorKind::OutOfMemory);
         assert_eq!(e.to_string(), "calibration needs 12.3 GB of working memory for 1,600,000,000 scores; it could not be allocated");
     }

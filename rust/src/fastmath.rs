@@ -78,7 +78,11 @@ mod tests {
         let mut d = 0.0f32;
         while d >= EXP_LOWEST {
             for fma in [false, true] {
-                let got = if fma { exp_nonpos::<true>(d) } else { exp_nonpos::<false>(d) } as f64;
+                let got = if fma {
+                    exp_nonpos::<true>(d)
+                } else {
+                    exp_nonpos::<false>(d)
+                } as f64;
                 let want = (d as f64).exp();
                 worst = worst.max(((got - want) / want).abs());
             }

@@ -37,7 +37,8 @@ pub struct AllocError {
 /// Like `vec![0; len]` it asks the allocator for zeroed memory (`calloc`: large
 /// blocks are fresh pages, zero without being written).
 pub fn try_zeroed_vec<T: Zeroed>(len: usize) -> Result<Vec<T>, AllocError> {
-    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| AllocError { bytes: usize::MAX })?;
+    let layout =
+        std::alloc::Layout::array::<T>(len).map_err(|_| AllocError { bytes: usize::MAX })?;
     if layout.size() == 0 {
         // Zero-sized: no allocation (`Vec` uses a dangling pointer).
         return Ok(vec![zero::<T>(); len]);
@@ -45,7 +46,9 @@ pub fn try_zeroed_vec<T: Zeroed>(len: usize) -> Result<Vec<T>, AllocError> {
     // SAFETY: the layout has a non-zero size.
     let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
     if ptr.is_null() {
-        return Err(AllocError { bytes: layout.size() });
+        return Err(AllocError {
+            bytes: layout.size(),
+        });
     }
     // SAFETY: `ptr` comes from the global allocator with the layout of `[T; len]`
     // (the capacity), and its `len` elements are zero, a valid `T` (`T: Zeroed`).
@@ -60,7 +63,12 @@ pub struct HugeBuf<T: Zeroed> {
 enum Inner<T> {
     Heap(Vec<T>),
     #[cfg(target_os = "linux")]
-    Map { base: *mut libc::c_void, map_len: usize, ptr: *mut T, len: usize },
+    Map {
+        base: *mut libc::c_void,
+        map_len: usize,
+        ptr: *mut T,
+        len: usize,
+    },
 }
 
 // SAFETY: the mapping is owned exclusively by this value (like a `Vec`'s heap
@@ -80,7 +88,9 @@ impl<T: Zeroed> HugeBuf<T> {
         if let Some(b) = Self::map(len) {
             return Ok(b);
         }
-        Ok(HugeBuf { inner: Inner::Heap(try_zeroed_vec(len)?) })
+        Ok(HugeBuf {
+            inner: Inner::Heap(try_zeroed_vec(len)?),
+        })
     }
 
     /// Anonymous mapping, 2 MB-aligned inside a slightly larger one; `None` for
@@ -115,7 +125,14 @@ impl<T: Zeroed> HugeBuf<T> {
         unsafe {
             libc::madvise(ptr as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
         }
-        Some(HugeBuf { inner: Inner::Map { base, map_len, ptr, len } })
+        Some(HugeBuf {
+            inner: Inner::Map {
+                base,
+                map_len,
+                ptr,
+                len,
+            },
+        })
     }
 }
 
@@ -189,9 +206,15 @@ mod tests {
     fn refusals_are_errors_not_aborts() {
         // Sizes no system grants (an eighth of the address space), and overflow.
         let big = usize::MAX / 64;
-        assert_eq!(try_zeroed_vec::<u64>(big).unwrap_err(), AllocError { bytes: big * 8 });
+        assert_eq!(
+            try_zeroed_vec::<u64>(big).unwrap_err(),
+            AllocError { bytes: big * 8 }
+        );
         assert!(HugeBuf::<u64>::try_zeroed(big).is_err());
-        assert_eq!(try_zeroed_vec::<u32>(usize::MAX / 2).unwrap_err(), AllocError { bytes: usize::MAX });
+        assert_eq!(
+            try_zeroed_vec::<u32>(usize::MAX / 2).unwrap_err(),
+            AllocError { bytes: usize::MAX }
+        );
         assert!(HugeBuf::<u64>::try_zeroed(usize::MAX / 4).is_err());
     }
 }

@@ -4,8 +4,8 @@
 //! (no Python needed); the PyO3 bindings are in [`python`] behind the `python`
 //! feature. Layout everywhere: exits first, `(K, N)` row-major.
 
-pub mod error;
 pub mod calibrate;
+pub mod error;
 pub mod fastmath;
 pub mod hugebuf;
 pub mod scores;

@@ -7,7 +7,9 @@ use crate::calibrate as cal;
 use crate::simulate as sim;
 use crate::{error, scores, solve, sweep};
 use ndarray::{Array2, ArrayView3};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+};
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -31,17 +33,24 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> error::Result<T> + Send) -> 
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(PyRuntimeError::new_err(format!("internal error in keras_ee._native (please report): {msg}")))
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in keras_ee._native (please report): {msg}"
+            )))
         }
     }
 }
 
-fn c_slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArray2<'_, T>) -> PyResult<(&'a [T], usize, usize)> {
+fn c_slice<'a, T: numpy::Element>(
+    name: &str,
+    a: &'a PyReadonlyArray2<'_, T>,
+) -> PyResult<(&'a [T], usize, usize)> {
     let v = a.as_array();
     let (k, n) = v.dim();
-    let s = v
-        .to_slice()
-        .ok_or_else(|| PyValueError::new_err(format!("{name} must be C-contiguous (use np.ascontiguousarray)")))?;
+    let s = v.to_slice().ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use np.ascontiguousarray)"
+        ))
+    })?;
     Ok((s, k, n))
 }
 
@@ -51,9 +60,17 @@ fn c_vec(name: &str, a: &PyReadonlyArray1<'_, f64>) -> PyResult<Vec<f64>> {
     Ok(a.as_array().to_vec())
 }
 
-fn scores_out<'py>(py: Python<'py>, k: usize, n: usize, s: Vec<f32>, p: Vec<i32>) -> PyResult<ScoresOut<'py>> {
-    let s = Array2::from_shape_vec((k, n), s).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-    let p = Array2::from_shape_vec((k, n), p).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+fn scores_out<'py>(
+    py: Python<'py>,
+    k: usize,
+    n: usize,
+    s: Vec<f32>,
+    p: Vec<i32>,
+) -> PyResult<ScoresOut<'py>> {
+    let s =
+        Array2::from_shape_vec((k, n), s).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let p =
+        Array2::from_shape_vec((k, n), p).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok((s.into_pyarray(py), p.into_pyarray(py)))
 }
 
@@ -74,19 +91,34 @@ fn exit_scores_generic<'py, T: scores::Logit + numpy::Element>(
 
 /// Scores and predictions from float32 logits (K, N, C); any strides, no copy.
 #[pyfunction]
-fn exit_scores_f32<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f32>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
+fn exit_scores_f32<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray3<'py, f32>,
+    kind: &str,
+    temperatures: Vec<f64>,
+) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
 /// Same for float64 logits.
 #[pyfunction]
-fn exit_scores_f64<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, f64>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
+fn exit_scores_f64<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray3<'py, f64>,
+    kind: &str,
+    temperatures: Vec<f64>,
+) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
 /// Same for float16 logits passed as their uint16 bit patterns (`a.view(np.uint16)`).
 #[pyfunction]
-fn exit_scores_f16<'py>(py: Python<'py>, logits: PyReadonlyArray3<'py, u16>, kind: &str, temperatures: Vec<f64>) -> PyResult<ScoresOut<'py>> {
+fn exit_scores_f16<'py>(
+    py: Python<'py>,
+    logits: PyReadonlyArray3<'py, u16>,
+    kind: &str,
+    temperatures: Vec<f64>,
+) -> PyResult<ScoresOut<'py>> {
     exit_scores_generic(py, logits.as_array(), kind, temperatures)
 }
 
@@ -97,12 +129,20 @@ fn simd_path() -> &'static str {
 }
 
 #[pyfunction]
-fn geometric_fractions<'py>(py: Python<'py>, q: f64, num_exits: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
+fn geometric_fractions<'py>(
+    py: Python<'py>,
+    q: f64,
+    num_exits: usize,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
     Ok(run(py, || cal::geometric_fractions(q, num_exits))?.into_pyarray(py))
 }
 
 #[pyfunction]
-fn per_stage_fractions<'py>(py: Python<'py>, q: f64, num_exits: usize) -> PyResult<Bound<'py, PyArray1<f64>>> {
+fn per_stage_fractions<'py>(
+    py: Python<'py>,
+    q: f64,
+    num_exits: usize,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
     Ok(run(py, || cal::per_stage_fractions(q, num_exits))?.into_pyarray(py))
 }
 
@@ -115,7 +155,10 @@ fn calibrate<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let (s, k, n) = c_slice("scores", &scores)?;
     let f = c_vec("fractions", &fractions)?;
-    Ok(run(py, || cal::calibrate(s, k, n, &f, cal::Shortfall::parse(shortfall)?))?.into_pyarray(py))
+    Ok(run(py, || {
+        cal::calibrate(s, k, n, &f, cal::Shortfall::parse(shortfall)?)
+    })?
+    .into_pyarray(py))
 }
 
 /// Returns (accuracy, mean_cost, exit_counts).
@@ -130,7 +173,9 @@ fn simulate<'py>(
     let (s, k, n) = c_slice("scores", &scores)?;
     let (c, ck, cn) = c_slice("correct", &correct)?;
     if (ck, cn) != (k, n) {
-        return Err(PyValueError::new_err(format!("correct must have the shape of scores ({k}, {n}); received ({ck}, {cn})")));
+        return Err(PyValueError::new_err(format!(
+            "correct must have the shape of scores ({k}, {n}); received ({ck}, {cn})"
+        )));
     }
     let t = c_vec("thresholds", &thresholds)?;
     let w = c_vec("costs", &costs)?;
@@ -140,7 +185,10 @@ fn simulate<'py>(
 }
 
 #[pyfunction]
-fn anytime_accuracy<'py>(py: Python<'py>, correct: PyReadonlyArray2<'py, bool>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+fn anytime_accuracy<'py>(
+    py: Python<'py>,
+    correct: PyReadonlyArray2<'py, bool>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let (c, k, n) = c_slice("correct", &correct)?;
     Ok(run(py, || sim::anytime_accuracy(c, k, n))?.into_pyarray(py))
 }
@@ -163,13 +211,19 @@ fn budget_sweep<'py>(
     let (ts, tk, tn) = c_slice("test_scores", &test_scores)?;
     let (tc, tck, tcn) = c_slice("test_correct", &test_correct)?;
     if (vck, vcn) != (k, vn) {
-        return Err(PyValueError::new_err(format!("val_correct must have the shape of val_scores ({k}, {vn}); received ({vck}, {vcn})")));
+        return Err(PyValueError::new_err(format!(
+            "val_correct must have the shape of val_scores ({k}, {vn}); received ({vck}, {vcn})"
+        )));
     }
     if tk != k {
-        return Err(PyValueError::new_err(format!("test_scores must have K={k} exits like val_scores; received {tk}")));
+        return Err(PyValueError::new_err(format!(
+            "test_scores must have K={k} exits like val_scores; received {tk}"
+        )));
     }
     if (tck, tcn) != (k, tn) {
-        return Err(PyValueError::new_err(format!("test_correct must have the shape of test_scores ({k}, {tn}); received ({tck}, {tcn})")));
+        return Err(PyValueError::new_err(format!(
+            "test_correct must have the shape of test_scores ({k}, {tn}); received ({tck}, {tcn})"
+        )));
     }
     let w = c_vec("costs", &costs)?;
     let q = c_vec("qs", &qs)?;
@@ -180,14 +234,17 @@ fn budget_sweep<'py>(
     })?;
     let b = q.len();
     let d = PyDict::new(py);
-    let shape = |v: Vec<f64>| Array2::from_shape_vec((b, k), v).map_err(|e| PyRuntimeError::new_err(e.to_string()));
+    let shape = |v: Vec<f64>| {
+        Array2::from_shape_vec((b, k), v).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    };
     d.set_item("q", q.clone().into_pyarray(py))?;
     d.set_item("thresholds", shape(sw.thresholds)?.into_pyarray(py))?;
     d.set_item("val_accuracy", sw.val_accuracy.into_pyarray(py))?;
     d.set_item("test_accuracy", sw.test_accuracy.into_pyarray(py))?;
     d.set_item("mean_cost", sw.mean_cost.into_pyarray(py))?;
     let counts: Vec<i64> = sw.exit_counts.iter().map(|&x| x as i64).collect();
-    let counts = Array2::from_shape_vec((b, k), counts).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let counts = Array2::from_shape_vec((b, k), counts)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     d.set_item("exit_counts", counts.into_pyarray(py))?;
     d.set_item("val_mean_cost", sw.val_mean_cost.into_pyarray(py))?;
     Ok(d)

@@ -314,7 +314,11 @@ const PF_ROWS: usize = 2;
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_exp_avx2<const ENT: bool, const SCALE: bool>(row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
+unsafe fn sum_exp_avx2<const ENT: bool, const SCALE: bool>(
+    row: &[f32],
+    m: f32,
+    inv_t: f32,
+) -> (f64, f64) {
     use std::arch::x86_64::*;
     let vm = _mm256_set1_ps(m);
     let vt = _mm256_set1_ps(inv_t);
@@ -348,7 +352,10 @@ unsafe fn sum_exp_avx2<const ENT: bool, const SCALE: bool>(row: &[f32], m: f32, 
         p = _mm256_fmadd_ps(p, r, one);
         // Low bits of t hold n in [-126, 0]: add n to p's exponent. A result below
         // f32::MIN_POSITIVE (only at the clamp) is off, but < 1.2e-38 next to a sum >= 1.
-        let e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+        let e = _mm256_castsi256_ps(_mm256_add_epi32(
+            _mm256_castps_si256(p),
+            _mm256_slli_epi32(_mm256_castps_si256(t), 23),
+        ));
         (e, d)
     };
     let zero = _mm256_setzero_ps();
@@ -479,13 +486,21 @@ fn score_rows<T: Logit, const FMA: bool>(
             PreparedRow::Raw(v) => {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: FMA is only true on the AVX2+FMA path.
-                let (m, lowest) = if FMA { unsafe { max_min_avx(v) } } else { max_min(v) };
+                let (m, lowest) = if FMA {
+                    unsafe { max_min_avx(v) }
+                } else {
+                    max_min(v)
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let (m, lowest) = max_min(v);
                 // `min` keeps an all-NaN row in range; such a row is reported below.
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                let a = if FMA { unsafe { first_index_of_avx(v, m) } } else { first_index_of(v, m) };
+                let a = if FMA {
+                    unsafe { first_index_of_avx(v, m) }
+                } else {
+                    first_index_of(v, m)
+                };
                 #[cfg(not(target_arch = "x86_64"))]
                 let a = first_index_of(v, m);
                 let a = a.min(v.len() - 1);
@@ -594,7 +609,9 @@ pub fn exit_scores<T: Logit>(
         )));
     }
     if c > i32::MAX as usize {
-        return Err(Error::new(format!("logits has too many classes for int32 predictions: {c}")));
+        return Err(Error::new(format!(
+            "logits has too many classes for int32 predictions: {c}"
+        )));
     }
     if inv_t.len() != k {
         return Err(Error::new(format!(
@@ -604,8 +621,13 @@ pub fn exit_scores<T: Logit>(
     }
     let rows = k * n;
     let oom = |_| {
-        let bytes = rows as u128 * (std::mem::size_of::<f32>() + std::mem::size_of::<i32>()) as u128;
-        Error::out_of_memory("exit_scores", bytes, &format!("for {} scores and predictions", thousands(rows as u128)))
+        let bytes =
+            rows as u128 * (std::mem::size_of::<f32>() + std::mem::size_of::<i32>()) as u128;
+        Error::out_of_memory(
+            "exit_scores",
+            bytes,
+            &format!("for {} scores and predictions", thousands(rows as u128)),
+        )
     };
     let mut scores: Vec<f32> = try_zeroed_vec(rows).map_err(oom)?;
     let mut preds: Vec<i32> = try_zeroed_vec(rows).map_err(oom)?;
@@ -653,7 +675,9 @@ mod tests {
     }
 
     fn lcg(state: &mut u64) -> f64 {
-        *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*state >> 11) as f64) / ((1u64 << 53) as f64)
     }
 
@@ -661,7 +685,9 @@ mod tests {
     fn matches_f64_reference_all_kinds_and_layouts() {
         let (k, n, c) = (3, 17, 37);
         let mut st = 7u64;
-        let data: Vec<f64> = (0..k * n * c).map(|_| (lcg(&mut st) - 0.5) * 12.0).collect();
+        let data: Vec<f64> = (0..k * n * c)
+            .map(|_| (lcg(&mut st) - 0.5) * 12.0)
+            .collect();
         let a64 = Array3::from_shape_vec((k, n, c), data.clone()).unwrap();
         let a32 = a64.mapv(|x| x as f32);
         // Same values, Fortran order: every row is strided.
@@ -675,9 +701,16 @@ mod tests {
             assert_eq!(s32, sf);
             assert_eq!(p32, pf);
             for r in 0..k * n {
-                let row: Vec<f64> = a32.as_slice().unwrap()[r * c..(r + 1) * c].iter().map(|&x| x as f64).collect();
+                let row: Vec<f64> = a32.as_slice().unwrap()[r * c..(r + 1) * c]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
                 let (want, a) = reference(&row, inv[r / n] as f64, kind);
-                assert!((s32[r] as f64 - want).abs() <= 2e-6 * want.abs().max(1e-3), "{kind:?} row {r}: {} vs {want}", s32[r]);
+                assert!(
+                    (s32[r] as f64 - want).abs() <= 2e-6 * want.abs().max(1e-3),
+                    "{kind:?} row {r}: {} vs {want}",
+                    s32[r]
+                );
                 assert_eq!(p32[r] as usize, a);
                 let (want64, a64) = reference(&data[r * c..(r + 1) * c], inv[r / n] as f64, kind);
                 assert!((s64[r] as f64 - want64).abs() <= 2e-6 * want64.abs().max(1e-3));
@@ -694,16 +727,24 @@ mod tests {
         for c in [2usize, 8, 31, 40, 100, 257, 263, 1000, 1003] {
             let n = 5;
             let data: Vec<f64> = (0..n * c).map(|_| (lcg(&mut st) - 0.5) * 30.0).collect();
-            let a = Array3::from_shape_vec((1, n, c), data.iter().map(|&x| x as f32).collect()).unwrap();
+            let a = Array3::from_shape_vec((1, n, c), data.iter().map(|&x| x as f32).collect())
+                .unwrap();
             for kind in [Kind::MaxSoftmax, Kind::Margin, Kind::Entropy] {
                 for inv in [1.0f32, 0.7] {
                     let (s, p) = exit_scores(a.view(), kind, &[inv]).unwrap();
                     for i in 0..n {
-                        let row: Vec<f64> = a.as_slice().unwrap()[i * c..(i + 1) * c].iter().map(|&x| x as f64).collect();
+                        let row: Vec<f64> = a.as_slice().unwrap()[i * c..(i + 1) * c]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .collect();
                         let (want, am) = reference(&row, inv as f64, kind);
                         // Margin and entropy are differences: absolute error ~1e-7 on top.
                         let abs = if kind == Kind::MaxSoftmax { 0.0 } else { 1e-7 };
-                        assert!((s[i] as f64 - want).abs() <= 1e-6 * want.abs() + abs, "{kind:?} c={c} row {i}: {} vs {want}", s[i]);
+                        assert!(
+                            (s[i] as f64 - want).abs() <= 1e-6 * want.abs() + abs,
+                            "{kind:?} c={c} row {i}: {} vs {want}",
+                            s[i]
+                        );
                         assert_eq!(p[i] as usize, am);
                     }
                 }
@@ -713,7 +754,10 @@ mod tests {
                     let mut b = a.clone();
                     b[[0, 3, j]] = bad;
                     let err = exit_scores(b.view(), Kind::MaxSoftmax, &[1.0]).unwrap_err();
-                    assert!(err.message.contains(&format!("sample i=3, class c={j}")), "c={c} j={j} {bad}: {err}");
+                    assert!(
+                        err.message.contains(&format!("sample i=3, class c={j}")),
+                        "c={c} j={j} {bad}: {err}"
+                    );
                 }
             }
         }
@@ -721,7 +765,11 @@ mod tests {
 
     #[test]
     fn huge_and_tiny_logits_are_safe() {
-        let a = Array3::from_shape_vec((1, 3, 3), vec![1e4f32, 0.0, -1e4, -1e4, -1e4, -1e4, 3e38, -3e38, 3e38]).unwrap();
+        let a = Array3::from_shape_vec(
+            (1, 3, 3),
+            vec![1e4f32, 0.0, -1e4, -1e4, -1e4, -1e4, 3e38, -3e38, 3e38],
+        )
+        .unwrap();
         let (s, p) = exit_scores(a.view(), Kind::MaxSoftmax, &[1.0]).unwrap();
         assert_eq!(s[0], 1.0);
         assert!((s[1] - 1.0 / 3.0).abs() < 1e-7);
@@ -739,21 +787,40 @@ mod tests {
         a[[1, 2, 17]] = f32::NAN;
         a[[1, 3, 0]] = f32::INFINITY;
         let err = exit_scores(a.view(), Kind::MaxSoftmax, &[1.0, 1.0]).unwrap_err();
-        assert!(err.message.contains("exit k=1, sample i=2, class c=17"), "{err}");
+        assert!(
+            err.message.contains("exit k=1, sample i=2, class c=17"),
+            "{err}"
+        );
         let h = Array3::<u16>::from_elem((1, 2, 3), 0x3c00);
         let mut h2 = h.clone();
         h2[[0, 1, 2]] = 0xfc00;
         assert!(exit_scores(h.view(), Kind::Margin, &[1.0]).is_ok());
-        assert!(exit_scores(h2.view(), Kind::Margin, &[1.0]).unwrap_err().message.contains("sample i=1, class c=2"));
+        assert!(exit_scores(h2.view(), Kind::Margin, &[1.0])
+            .unwrap_err()
+            .message
+            .contains("sample i=1, class c=2"));
         let mut d = Array3::<f64>::zeros((1, 1, 3));
         d[[0, 0, 1]] = f64::NEG_INFINITY;
-        assert!(exit_scores(d.view(), Kind::Entropy, &[1.0]).unwrap_err().message.contains("class c=1"));
+        assert!(exit_scores(d.view(), Kind::Entropy, &[1.0])
+            .unwrap_err()
+            .message
+            .contains("class c=1"));
     }
 
     #[test]
     fn rejects_bad_shapes_and_temperatures() {
-        assert!(exit_scores(Array3::<f32>::zeros((1, 0, 3)).view(), Kind::MaxSoftmax, &[1.0]).is_err());
-        assert!(exit_scores(Array3::<f32>::zeros((1, 2, 1)).view(), Kind::MaxSoftmax, &[1.0]).is_err());
+        assert!(exit_scores(
+            Array3::<f32>::zeros((1, 0, 3)).view(),
+            Kind::MaxSoftmax,
+            &[1.0]
+        )
+        .is_err());
+        assert!(exit_scores(
+            Array3::<f32>::zeros((1, 2, 1)).view(),
+            Kind::MaxSoftmax,
+            &[1.0]
+        )
+        .is_err());
         assert!(inverse_temperatures(&[0.0], 2).is_err());
         assert!(inverse_temperatures(&[f64::NAN], 2).is_err());
         assert!(inverse_temperatures(&[1.0, 2.0, 3.0], 2).is_err());
@@ -775,7 +842,9 @@ mod timing {
         let (k, n, c) = (5, 20_000, 1000);
         let mut st = 3u64;
         let a = Array3::from_shape_fn((k, n, c), |_| {
-            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((st >> 40) as f32) / (1u64 << 24) as f32 * 8.0
         });
         let inv = vec![1.0f32; k];
@@ -783,12 +852,18 @@ mod timing {
             let t = Instant::now();
             let _ = exit_scores(a.view(), kind, &inv).unwrap();
             let dt = t.elapsed().as_secs_f64();
-            println!("{kind:?}: {:.1} ms, {:.2} GB/s", dt * 1e3, (k * n * c * 4) as f64 / dt / 1e9);
+            println!(
+                "{kind:?}: {:.1} ms, {:.2} GB/s",
+                dt * 1e3,
+                (k * n * c * 4) as f64 / dt / 1e9
+            );
         }
         let t = Instant::now();
         let s: f32 = a.as_slice().unwrap().iter().sum();
         let dt = t.elapsed().as_secs_f64();
-        println!("plain sum {s}: {:.2} GB/s", (k * n * c * 4) as f64 / dt / 1e9);
+        println!(
+            "plain sum {s}: {:.2} GB/s",
+            (k * n * c * 4) as f64 / dt / 1e9
+        );
     }
 }
-

@@ -30,7 +30,9 @@ pub fn validate_costs(costs: &[f64], num_exits: usize) -> Result<()> {
     }
     for (k, &c) in costs.iter().enumerate() {
         if !(c.is_finite() && c >= 0.0) {
-            return Err(Error::new(format!("costs must be finite and >= 0; received {c} at exit {k}")));
+            return Err(Error::new(format!(
+                "costs must be finite and >= 0; received {c} at exit {k}"
+            )));
         }
         if k > 0 && c < costs[k - 1] {
             return Err(Error::new(format!(
@@ -52,7 +54,9 @@ pub fn validate_thresholds(thresholds: &[f64], num_exits: usize) -> Result<()> {
         )));
     }
     if let Some(k) = thresholds.iter().position(|t| t.is_nan()) {
-        return Err(Error::new(format!("thresholds must not be NaN; found NaN at exit {k}")));
+        return Err(Error::new(format!(
+            "thresholds must not be NaN; found NaN at exit {k}"
+        )));
     }
     if thresholds[num_exits - 1] != f64::NEG_INFINITY {
         return Err(Error::new(format!(
@@ -98,7 +102,10 @@ fn levels(tf: &[f32], k: usize) -> Levels {
     let mut cuts = Vec::with_capacity(k);
     let mut need = vec![0u8; b * k];
     for e in 0..k {
-        let mut u: Vec<f32> = (0..b).map(|j| tf[j * k + e]).filter(|t| t.is_finite()).collect();
+        let mut u: Vec<f32> = (0..b)
+            .map(|j| tf[j * k + e])
+            .filter(|t| t.is_finite())
+            .collect();
         u.sort_by(|x, y| x.partial_cmp(y).unwrap());
         u.dedup();
         for j in 0..b {
@@ -144,7 +151,14 @@ pub fn score_many(
     Ok(out)
 }
 
-fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32], costs: &[f64]) -> Result<Vec<Outcome>> {
+fn score_group(
+    scores: &[f32],
+    correct: &[bool],
+    k: usize,
+    n: usize,
+    tf: &[f32],
+    costs: &[f64],
+) -> Result<Vec<Outcome>> {
     let b = tf.len() / k;
     let lv = levels(tf, k);
     // Where each exit's masks start in a block's mask buffer (one run of WORDS per cut).
@@ -164,19 +178,36 @@ fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32],
         Error::out_of_memory(
             "scoring",
             worker_bytes * rayon::current_num_threads().max(1) as u128,
-            &format!("of working memory for {b} threshold sets on {} scores", thousands((k * n) as u128)),
+            &format!(
+                "of working memory for {b} threshold sets on {} scores",
+                thousands((k * n) as u128)
+            ),
         )
     };
     let totals = (0..n.div_ceil(BLOCK))
         .into_par_iter()
         .fold(
             || -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
-                Ok((try_zeroed_vec(b * width).map_err(oom)?, try_zeroed_vec(mask_words).map_err(oom)?, try_zeroed_vec(k * WORDS).map_err(oom)?))
+                Ok((
+                    try_zeroed_vec(b * width).map_err(oom)?,
+                    try_zeroed_vec(mask_words).map_err(oom)?,
+                    try_zeroed_vec(k * WORDS).map_err(oom)?,
+                ))
             },
             |state, blk| {
                 let (mut acc, mut masks, mut right) = state?;
-                let d = Data { scores, correct, k, n, start: blk * BLOCK };
-                let mut buf = Buffers { first: &first, masks: &mut masks, right: &mut right };
+                let d = Data {
+                    scores,
+                    correct,
+                    k,
+                    n,
+                    start: blk * BLOCK,
+                };
+                let mut buf = Buffers {
+                    first: &first,
+                    masks: &mut masks,
+                    right: &mut right,
+                };
                 #[cfg(target_arch = "x86_64")]
                 {
                     if avx2 {
@@ -203,8 +234,15 @@ fn score_group(scores: &[f32], correct: &[bool], k: usize, n: usize, tf: &[f32],
         .map(|bi| {
             let a = &totals[bi * width..(bi + 1) * width];
             let exit_counts = a[..k].to_vec();
-            let cost: f64 = exit_counts.iter().zip(costs).fold(0.0, |s, (&c, &w)| s + c as f64 * w);
-            Outcome { accuracy: a[k] as f64 / n as f64, mean_cost: cost / n as f64, exit_counts }
+            let cost: f64 = exit_counts
+                .iter()
+                .zip(costs)
+                .fold(0.0, |s, (&c, &w)| s + c as f64 * w);
+            Outcome {
+                accuracy: a[k] as f64 / n as f64,
+                mean_cost: cost / n as f64,
+                exit_counts,
+            }
         })
         .collect())
 }
@@ -253,7 +291,10 @@ unsafe fn pass_masks_avx2(s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize {
             let t = _mm256_set1_ps(t);
             let ge = |j: usize| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x[j], t));
             let half = |j: usize| {
-                let b = _mm256_packs_epi16(_mm256_packs_epi32(ge(j), ge(j + 1)), _mm256_packs_epi32(ge(j + 2), ge(j + 3)));
+                let b = _mm256_packs_epi16(
+                    _mm256_packs_epi32(ge(j), ge(j + 1)),
+                    _mm256_packs_epi32(ge(j + 2), ge(j + 3)),
+                );
                 _mm256_movemask_epi8(_mm256_permutevar8x32_epi32(b, order)) as u32 as u64
             };
             out[c * WORDS + w] = half(0) | (half(4) << 32);
@@ -274,7 +315,8 @@ unsafe fn flag_masks_avx2(c: &[u8], out: &mut [u64]) -> usize {
     let whole = c.len() / 32;
     for h in 0..whole {
         // Flags are 0 or 1: shifted to the top bit of each byte.
-        let v = _mm256_slli_epi16::<7>(_mm256_loadu_si256(c.as_ptr().add(32 * h) as *const __m256i));
+        let v =
+            _mm256_slli_epi16::<7>(_mm256_loadu_si256(c.as_ptr().add(32 * h) as *const __m256i));
         let bits = _mm256_movemask_epi8(v) as u32 as u64;
         if h % 2 == 0 {
             out[h / 2] = bits;
@@ -307,7 +349,10 @@ fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &m
         for (c, &t) in cuts.iter().enumerate() {
             for w in done / 64..words {
                 let lo = 64 * w;
-                out[c * WORDS + w] = s[lo..len.min(lo + 64)].iter().enumerate().fold(0u64, |m, (i, &x)| m | ((x >= t) as u64) << i);
+                out[c * WORDS + w] = s[lo..len.min(lo + 64)]
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |m, (i, &x)| m | ((x >= t) as u64) << i);
             }
         }
     }
@@ -328,7 +373,13 @@ fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &m
         }
     }
     // Bits of the samples in the block (all but the tail of the last word).
-    let valid = |w: usize| if 64 * (w + 1) <= len { !0u64 } else { (1u64 << (len % 64)) - 1 };
+    let valid = |w: usize| {
+        if 64 * (w + 1) <= len {
+            !0u64
+        } else {
+            (1u64 << (len % 64)) - 1
+        }
+    };
     for bi in 0..b {
         let need = &lv.need[bi * k..(bi + 1) * k];
         let a = &mut acc[bi * width..(bi + 1) * width];
@@ -371,7 +422,14 @@ fn bytes(x: &[bool]) -> &[u8] {
 }
 
 /// Validates shapes and values, then scores one threshold set.
-pub fn simulate(scores: &[f32], correct: &[bool], k: usize, n: usize, thresholds: &[f64], costs: &[f64]) -> Result<Outcome> {
+pub fn simulate(
+    scores: &[f32],
+    correct: &[bool],
+    k: usize,
+    n: usize,
+    thresholds: &[f64],
+    costs: &[f64],
+) -> Result<Outcome> {
     crate::calibrate::validate_scores("scores", scores, k, n)?;
     check_correct("correct", correct, k, n)?;
     validate_thresholds(thresholds, k)?;
@@ -381,7 +439,10 @@ pub fn simulate(scores: &[f32], correct: &[bool], k: usize, n: usize, thresholds
 
 pub fn check_correct(name: &str, correct: &[bool], k: usize, n: usize) -> Result<()> {
     if correct.len() != k * n {
-        return Err(Error::new(format!("{name} must have shape ({k}, {n}) like the scores; received {} values", correct.len())));
+        return Err(Error::new(format!(
+            "{name} must have shape ({k}, {n}) like the scores; received {} values",
+            correct.len()
+        )));
     }
     Ok(())
 }
@@ -389,7 +450,9 @@ pub fn check_correct(name: &str, correct: &[bool], k: usize, n: usize) -> Result
 /// Accuracy of every exit on the whole set, `(K,)`: `count_k / N`.
 pub fn anytime_accuracy(correct: &[bool], k: usize, n: usize) -> Result<Vec<f64>> {
     if k == 0 || n == 0 || correct.len() != k * n {
-        return Err(Error::new(format!("correct must be a non-empty (K, N) array; received shape ({k}, {n})")));
+        return Err(Error::new(format!(
+            "correct must be a non-empty (K, N) array; received shape ({k}, {n})"
+        )));
     }
     Ok(correct
         .par_chunks(n)
@@ -401,16 +464,32 @@ pub fn anytime_accuracy(correct: &[bool], k: usize, n: usize) -> Result<Vec<f64>
 mod tests {
     use super::*;
 
-    fn naive(scores: &[f32], correct: &[bool], k: usize, n: usize, t: &[f64], costs: &[f64]) -> Outcome {
+    fn naive(
+        scores: &[f32],
+        correct: &[bool],
+        k: usize,
+        n: usize,
+        t: &[f64],
+        costs: &[f64],
+    ) -> Outcome {
         let mut counts = vec![0u64; k];
         let mut right = 0u64;
         for i in 0..n {
-            let e = (0..k).find(|&e| e == k - 1 || scores[e * n + i] as f64 >= t[e]).unwrap();
+            let e = (0..k)
+                .find(|&e| e == k - 1 || scores[e * n + i] as f64 >= t[e])
+                .unwrap();
             counts[e] += 1;
             right += correct[e * n + i] as u64;
         }
-        let cost: f64 = counts.iter().zip(costs).fold(0.0, |s, (&c, &w)| s + c as f64 * w);
-        Outcome { accuracy: right as f64 / n as f64, mean_cost: cost / n as f64, exit_counts: counts }
+        let cost: f64 = counts
+            .iter()
+            .zip(costs)
+            .fold(0.0, |s, (&c, &w)| s + c as f64 * w);
+        Outcome {
+            accuracy: right as f64 / n as f64,
+            mean_cost: cost / n as f64,
+            exit_counts: counts,
+        }
     }
 
     #[test]
@@ -442,19 +521,29 @@ mod tests {
             t[k - 1] = f64::NEG_INFINITY;
             let costs: Vec<f64> = (0..k).map(|e| (e * e) as f64 + 0.5).collect();
             let got = simulate(&scores, &correct, k, n, &t, &costs).unwrap();
-            assert_eq!(got, naive(&scores, &correct, k, n, &t, &costs), "trial {trial}");
+            assert_eq!(
+                got,
+                naive(&scores, &correct, k, n, &t, &costs),
+                "trial {trial}"
+            );
             assert_eq!(got.exit_counts.iter().sum::<u64>(), n as u64);
         }
     }
 
     #[test]
     fn validation() {
-        assert!(validate_costs(&[1.0, 0.5], 2).unwrap_err().message.contains("non-decreasing"));
+        assert!(validate_costs(&[1.0, 0.5], 2)
+            .unwrap_err()
+            .message
+            .contains("non-decreasing"));
         assert!(validate_costs(&[-1.0, 0.5], 2).is_err());
         assert!(validate_costs(&[1.0], 2).is_err());
         assert!(validate_thresholds(&[0.5, 0.1], 2).is_err());
         assert!(validate_thresholds(&[f64::NAN, f64::NEG_INFINITY], 2).is_err());
         assert!(validate_thresholds(&[0.5, f64::NEG_INFINITY], 2).is_ok());
-        assert_eq!(anytime_accuracy(&[true, false, true, true], 2, 2).unwrap(), vec![0.5, 1.0]);
+        assert_eq!(
+            anytime_accuracy(&[true, false, true, true], 2, 2).unwrap(),
+            vec![0.5, 1.0]
+        );
     }
 }

@@ -55,7 +55,9 @@ pub fn solve_budget(
     check_n(n)?;
     validate_costs(costs, k)?;
     if !target.is_finite() {
-        return Err(Error::new(format!("target must be a finite cost; received {target}")));
+        return Err(Error::new(format!(
+            "target must be a finite cost; received {target}"
+        )));
     }
     let (first, last) = (costs[0], costs[k - 1]);
     if target < first {
@@ -69,10 +71,13 @@ pub fn solve_budget(
         )));
     }
     if grid.is_empty() {
-        return Err(Error::new("grid must hold at least one budget q; received an empty sequence"));
+        return Err(Error::new(
+            "grid must hold at least one budget q; received an empty sequence",
+        ));
     }
     for (j, &q) in grid.iter().enumerate() {
-        mode.fractions(q, k).map_err(|e| Error::new(format!("grid[{j}]: {e}")))?;
+        mode.fractions(q, k)
+            .map_err(|e| Error::new(format!("grid[{j}]: {e}")))?;
     }
     let (all_first_q, all_last_q) = match mode {
         Mode::Geometric => (0.0, f64::INFINITY),
@@ -81,14 +86,22 @@ pub fn solve_budget(
     let mut all_last = vec![f64::INFINITY; k];
     all_last[k - 1] = f64::NEG_INFINITY;
     if target >= last || k == 1 {
-        return Ok(Solution { q: all_last_q, thresholds: all_last, val_mean_cost: last });
+        return Ok(Solution {
+            q: all_last_q,
+            thresholds: all_last,
+            val_mean_cost: last,
+        });
     }
     let sorted = SortedExits::new(scores, k, n, 1)?;
     let dummy = vec![false; k * n];
     let eval = |q: f64| -> Result<Solution> {
         let t = sorted.calibrate(&quotas(n, &mode.fractions(q, k)?), shortfall)?;
         let cost = score_many(scores, &dummy, k, n, &t, costs)?[0].mean_cost;
-        Ok(Solution { q, thresholds: t, val_mean_cost: cost })
+        Ok(Solution {
+            q,
+            thresholds: t,
+            val_mean_cost: cost,
+        })
     };
     // Grid by lateness, with an end point on either side.
     let late = |q: f64| match mode {
@@ -96,7 +109,11 @@ pub fn solve_budget(
         Mode::PerStage => -q.ln(),
     };
     let mut qs: Vec<f64> = grid.to_vec();
-    qs.sort_by(|a, b| late(*a).partial_cmp(&late(*b)).expect("valid q are finite and positive"));
+    qs.sort_by(|a, b| {
+        late(*a)
+            .partial_cmp(&late(*b))
+            .expect("valid q are finite and positive")
+    });
     qs.dedup();
     let (lo, hi) = (qs[0], qs[qs.len() - 1]);
     let (early, latest) = match mode {
@@ -120,7 +137,11 @@ pub fn solve_budget(
     }
     let Some(mut a) = feasible else {
         // Even the earliest split runs past the target: everyone leaves at exit 1.
-        return Ok(Solution { q: all_first_q, thresholds: vec![f64::NEG_INFINITY; k], val_mean_cost: first });
+        return Ok(Solution {
+            q: all_first_q,
+            thresholds: vec![f64::NEG_INFINITY; k],
+            val_mean_cost: first,
+        });
     };
     let Some(mut b) = infeasible else {
         return Ok(a);
@@ -171,19 +192,39 @@ mod tests {
         let dummy = vec![false; k * n];
         let mut previous = 0.0;
         for mode in [Mode::Geometric, Mode::PerStage] {
-            let g: Vec<f64> = if mode == Mode::Geometric { grid() } else { vec![0.1, 0.3, 0.5, 0.9] };
+            let g: Vec<f64> = if mode == Mode::Geometric {
+                grid()
+            } else {
+                vec![0.1, 0.3, 0.5, 0.9]
+            };
             previous = 0.0;
             for step in 0..=60 {
                 let target = 1.0 + 6.0 * step as f64 / 60.0;
-                let sol = solve_budget(&s, k, n, &costs, target, &g, mode, Shortfall::Reference).unwrap();
-                assert!(sol.val_mean_cost <= target, "{mode:?} {target}: {}", sol.val_mean_cost);
+                let sol =
+                    solve_budget(&s, k, n, &costs, target, &g, mode, Shortfall::Reference).unwrap();
+                assert!(
+                    sol.val_mean_cost <= target,
+                    "{mode:?} {target}: {}",
+                    sol.val_mean_cost
+                );
                 // One sample moving one exit deeper changes the cost by at most 4/N.
-                assert!(target - sol.val_mean_cost <= 3.0 * 6.0 / n as f64, "{mode:?} {target}: {}", sol.val_mean_cost);
+                assert!(
+                    target - sol.val_mean_cost <= 3.0 * 6.0 / n as f64,
+                    "{mode:?} {target}: {}",
+                    sol.val_mean_cost
+                );
                 assert!(sol.val_mean_cost >= previous);
                 previous = sol.val_mean_cost;
                 // The thresholds are those of `calibrate` at q, scoring to the reported cost.
                 if sol.q > 0.0 && sol.q.is_finite() && !(mode == Mode::PerStage && sol.q == 1.0) {
-                    let t = calibrate(&s, k, n, &mode.fractions(sol.q, k).unwrap(), Shortfall::Reference).unwrap();
+                    let t = calibrate(
+                        &s,
+                        k,
+                        n,
+                        &mode.fractions(sol.q, k).unwrap(),
+                        Shortfall::Reference,
+                    )
+                    .unwrap();
                     assert_eq!(t, sol.thresholds);
                 }
                 let o = simulate(&s, &dummy, k, n, &sol.thresholds, &costs).unwrap();
@@ -203,7 +244,10 @@ mod tests {
         assert_eq!(first.thresholds, vec![f64::NEG_INFINITY; 3]);
         assert_eq!((first.q, first.val_mean_cost), (0.0, 2.0));
         let last = solve_budget(&s, k, n, &costs, 8.0, &grid(), Mode::Geometric, r).unwrap();
-        assert_eq!(last.thresholds, vec![f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY]);
+        assert_eq!(
+            last.thresholds,
+            vec![f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY]
+        );
         assert_eq!(last.q, f64::INFINITY);
         let mut shuffled = grid();
         shuffled.reverse();
@@ -214,7 +258,9 @@ mod tests {
             assert_eq!(a, b);
             // A single grid point brackets as well (the end points do the rest).
             let c = solve_budget(&s, k, n, &costs, target, &[1.0], Mode::Geometric, r).unwrap();
-            assert!(c.val_mean_cost <= target && (target - c.val_mean_cost) <= 3.0 * 6.0 / n as f64);
+            assert!(
+                c.val_mean_cost <= target && (target - c.val_mean_cost) <= 3.0 * 6.0 / n as f64
+            );
         }
     }
 
@@ -223,12 +269,35 @@ mod tests {
         let (k, n) = (3, 50);
         let s = data(k, n, 5);
         let costs = [2.0, 4.0, 8.0];
-        let solve = |t: f64, g: &[f64], m| solve_budget(&s, k, n, &costs, t, g, m, Shortfall::Reference);
-        assert!(solve(1.9, &grid(), Mode::Geometric).unwrap_err().message.contains("below the first exit's cost"));
-        assert!(solve(8.1, &grid(), Mode::Geometric).unwrap_err().message.contains("above the last exit's cost"));
+        let solve =
+            |t: f64, g: &[f64], m| solve_budget(&s, k, n, &costs, t, g, m, Shortfall::Reference);
+        assert!(solve(1.9, &grid(), Mode::Geometric)
+            .unwrap_err()
+            .message
+            .contains("below the first exit's cost"));
+        assert!(solve(8.1, &grid(), Mode::Geometric)
+            .unwrap_err()
+            .message
+            .contains("above the last exit's cost"));
         assert!(solve(f64::NAN, &grid(), Mode::Geometric).is_err());
-        assert!(solve(3.0, &[], Mode::Geometric).unwrap_err().message.contains("grid"));
-        assert!(solve(3.0, &[0.5, 1.5], Mode::PerStage).unwrap_err().message.contains("grid[1]"));
-        assert!(solve_budget(&s, k, n, &[2.0, 1.0, 8.0], 3.0, &grid(), Mode::Geometric, Shortfall::Reference).is_err());
+        assert!(solve(3.0, &[], Mode::Geometric)
+            .unwrap_err()
+            .message
+            .contains("grid"));
+        assert!(solve(3.0, &[0.5, 1.5], Mode::PerStage)
+            .unwrap_err()
+            .message
+            .contains("grid[1]"));
+        assert!(solve_budget(
+            &s,
+            k,
+            n,
+            &[2.0, 1.0, 8.0],
+            3.0,
+            &grid(),
+            Mode::Geometric,
+            Shortfall::Reference
+        )
+        .is_err());
     }
 }

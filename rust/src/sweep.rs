@@ -1,7 +1,10 @@
 //! The budget sweep: calibrate on validation scores for every budget `q`, score the
 //! thresholds on validation and test, in one call, parallel over budgets.
 
-use crate::calibrate::{check_n, geometric_fractions, group_size, per_stage_fractions, quotas, validate_scores, Shortfall, SortedExits, MAX_EXITS};
+use crate::calibrate::{
+    check_n, geometric_fractions, group_size, per_stage_fractions, quotas, validate_scores,
+    Shortfall, SortedExits, MAX_EXITS,
+};
 use crate::error::{Error, Result};
 use crate::simulate::{check_correct, score_many, validate_costs, Outcome};
 use rayon::prelude::*;
@@ -20,7 +23,9 @@ impl Mode {
         match s {
             "geometric" => Ok(Mode::Geometric),
             "per_stage" => Ok(Mode::PerStage),
-            _ => Err(Error::new(format!("mode must be 'geometric' or 'per_stage'; received {s:?}"))),
+            _ => Err(Error::new(format!(
+                "mode must be 'geometric' or 'per_stage'; received {s:?}"
+            ))),
         }
     }
 
@@ -51,7 +56,15 @@ pub type Set<'a> = (&'a [f32], &'a [bool], usize);
 
 /// Calibrates on `val` for every budget in `qs` (fractions by `mode`, short exits by
 /// `shortfall`), then scores the thresholds on `val` and `test`.
-pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mode: Mode, shortfall: Shortfall) -> Result<Sweep> {
+pub fn budget_sweep(
+    k: usize,
+    val: Set,
+    test: Set,
+    costs: &[f64],
+    qs: &[f64],
+    mode: Mode,
+    shortfall: Shortfall,
+) -> Result<Sweep> {
     let (vs, vc, vn) = val;
     let (ts, tc, tn) = test;
     let checks = || -> Result<Vec<Vec<f64>>> {
@@ -62,18 +75,24 @@ pub fn budget_sweep(k: usize, val: Set, test: Set, costs: &[f64], qs: &[f64], mo
         check_n(vn)?;
         validate_costs(costs, k)?;
         if qs.is_empty() {
-            return Err(Error::new("qs must hold at least one budget; received an empty sequence"));
+            return Err(Error::new(
+                "qs must hold at least one budget; received an empty sequence",
+            ));
         }
         qs.iter()
             .enumerate()
-            .map(|(j, &q)| mode.fractions(q, k).map_err(|e| Error::new(format!("qs[{j}]: {e}"))))
+            .map(|(j, &q)| {
+                mode.fractions(q, k)
+                    .map_err(|e| Error::new(format!("qs[{j}]: {e}")))
+            })
             .collect()
     };
     // The sort of the first exit runs on one thread: the (parallel) checks of both
     // splits fill the other cores meanwhile. The sort needs only a consistent
     // shape; its result is dropped if a check fails (bad input is reported before
     // memory that could not be allocated).
-    let shape_ok = (1..=MAX_EXITS).contains(&k) && vn >= 1 && vn <= u32::MAX as usize && vs.len() == k * vn;
+    let shape_ok =
+        (1..=MAX_EXITS).contains(&k) && vn >= 1 && vn <= u32::MAX as usize && vs.len() == k * vn;
     let (fractions, sorted) = if shape_ok {
         rayon::join(checks, || Some(SortedExits::new(vs, k, vn, qs.len())))
     } else {
@@ -120,7 +139,12 @@ mod tests {
 
     /// `(K*N scores, K*N correct flags)`: scores in 1000 levels, or tie-heavy (`saturated`:
     /// a growing share of 1.0 with depth, as a max softmax that saturates in float32).
-    fn data(k: usize, n: usize, saturated: bool, next: &mut dyn FnMut() -> u64) -> (Vec<f32>, Vec<bool>) {
+    fn data(
+        k: usize,
+        n: usize,
+        saturated: bool,
+        next: &mut dyn FnMut() -> u64,
+    ) -> (Vec<f32>, Vec<bool>) {
         let s = (0..k * n)
             .map(|r| {
                 let x = (next() % 1000) as f32 / 999.0;
@@ -151,10 +175,15 @@ mod tests {
             let (vs, vc) = data(k, vn, saturated, &mut next);
             let (ts, tc) = data(k, tn, saturated, &mut next);
             for mode in [Mode::Geometric, Mode::PerStage] {
-                let qs: Vec<f64> = if mode == Mode::Geometric { (1..40).map(|p| p as f64 / 20.0).collect() } else { vec![0.05, 0.5, 1.0] };
+                let qs: Vec<f64> = if mode == Mode::Geometric {
+                    (1..40).map(|p| p as f64 / 20.0).collect()
+                } else {
+                    vec![0.05, 0.5, 1.0]
+                };
                 let mut by_rule = vec![];
                 for sf in [Shortfall::Reference, Shortfall::ExitAll] {
-                    let sw = budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &qs, mode, sf).unwrap();
+                    let sw = budget_sweep(k, (&vs, &vc, vn), (&ts, &tc, tn), &costs, &qs, mode, sf)
+                        .unwrap();
                     for (b, &q) in qs.iter().enumerate() {
                         let t = calibrate(&vs, k, vn, &mode.fractions(q, k).unwrap(), sf).unwrap();
                         assert_eq!(&sw.thresholds[b * k..(b + 1) * k], &t[..]);
@@ -168,17 +197,28 @@ mod tests {
                     by_rule.push(sw.thresholds);
                 }
                 // The rules differ exactly where the reference leaves a quota'd exit at +inf.
-                shortfalls += by_rule[0].iter().zip(&by_rule[1]).filter(|(r, a)| r != a).count();
+                shortfalls += by_rule[0]
+                    .iter()
+                    .zip(&by_rule[1])
+                    .filter(|(r, a)| r != a)
+                    .count();
                 if !saturated {
                     assert_eq!(by_rule[0], by_rule[1]);
                 }
             }
         }
-        assert!(shortfalls > 10, "the tie-heavy data took the shortfall branch only {shortfalls} times");
+        assert!(
+            shortfalls > 10,
+            "the tie-heavy data took the shortfall branch only {shortfalls} times"
+        );
         let (vs, vc) = data(k, vn, false, &mut next);
         let r = Shortfall::Reference;
-        let sweep = |qs: &[f64], mode| budget_sweep(k, (&vs, &vc, vn), (&vs, &vc, vn), &costs, qs, mode, r);
-        assert!(sweep(&[0.5, -1.0], Mode::Geometric).unwrap_err().message.contains("qs[1]"));
+        let sweep =
+            |qs: &[f64], mode| budget_sweep(k, (&vs, &vc, vn), (&vs, &vc, vn), &costs, qs, mode, r);
+        assert!(sweep(&[0.5, -1.0], Mode::Geometric)
+            .unwrap_err()
+            .message
+            .contains("qs[1]"));
         assert!(sweep(&[1.5], Mode::PerStage).is_err());
         assert!(Mode::parse("uniform").is_err());
     }
@@ -194,7 +234,10 @@ mod timing {
     #[test]
     #[ignore]
     fn timing_breakdown() {
-        let n: usize = std::env::var("SWEEP_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+        let n: usize = std::env::var("SWEEP_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
         let k = 8;
         let mut st = 1u64;
         let mut next = || {
@@ -204,27 +247,46 @@ mod timing {
             (st >> 11) as f64 / (1u64 << 53) as f64
         };
         let base: Vec<f64> = (0..n).map(|_| next()).collect();
-        let s: Vec<f32> = (0..k * n).map(|r| (0.5 * base[r % n] + 0.5 * next() + 0.05 * (r / n) as f64) as f32).collect();
+        let s: Vec<f32> = (0..k * n)
+            .map(|r| (0.5 * base[r % n] + 0.5 * next() + 0.05 * (r / n) as f64) as f32)
+            .collect();
         let c: Vec<bool> = (0..k * n).map(|_| next() < 0.7).collect();
         let costs: Vec<f64> = (1..=k).map(|x| x as f64).collect();
         let qs: Vec<f64> = (1..40).map(|p| p as f64 / 20.0).collect();
         let mut best = f64::MAX;
         for _ in 0..4 {
             let t = Instant::now();
-            drop(std::hint::black_box(SortedExits::new(&s, k, n, qs.len()).unwrap()));
+            drop(std::hint::black_box(
+                SortedExits::new(&s, k, n, qs.len()).unwrap(),
+            ));
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!("sort (best of 4) {:.1} ms", best * 1e3);
         let sorted = SortedExits::new(&s, k, n, qs.len()).unwrap();
         let t = Instant::now();
-        let q: Vec<Vec<usize>> = qs.iter().map(|&q| quotas(n, &geometric_fractions(q, k).unwrap())).collect();
-        let thr: Vec<f64> = sorted.calibrate_many(&q, Shortfall::Reference).unwrap().concat();
+        let q: Vec<Vec<usize>> = qs
+            .iter()
+            .map(|&q| quotas(n, &geometric_fractions(q, k).unwrap()))
+            .collect();
+        let thr: Vec<f64> = sorted
+            .calibrate_many(&q, Shortfall::Reference)
+            .unwrap()
+            .concat();
         println!("39 calibrations {:?}", t.elapsed());
         let t = Instant::now();
         let _ = score_many(&s, &c, k, n, &thr, &costs).unwrap();
         println!("score 39 budgets {:?}", t.elapsed());
         let t = Instant::now();
-        let _ = budget_sweep(k, (&s, &c, n), (&s, &c, n), &costs, &qs, Mode::Geometric, Shortfall::Reference).unwrap();
+        let _ = budget_sweep(
+            k,
+            (&s, &c, n),
+            (&s, &c, n),
+            &costs,
+            &qs,
+            Mode::Geometric,
+            Shortfall::Reference,
+        )
+        .unwrap();
         println!("full sweep {:?}", t.elapsed());
     }
 }
