@@ -1,22 +1,30 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test`; `make lint` is CI's gate.
 # Both create or reuse the virtualenv in $(VENV) and build the Rust extension.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
+# Set-up steps print one line each; their pip / maturin output goes here, shown only on failure.
+SETUP_LOG := .setup.log
 
-.PHONY: demo test build pytest cargo-test bench clean
+# $(call step,what it does,command): one line, and the last of the log if the command fails.
+define step
+	@printf '%s\n' "$(1)"
+	@$(2) > $(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); echo "$(1): failed (full log: $(SETUP_LOG))"; exit 1; }
+endef
+
+.PHONY: demo test build pytest cargo-test lint bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q maturin
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(call step,setup: virtualenv in $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
+	$(call step,setup: pip and maturin,$(PY) -m pip install --upgrade pip maturin)
+	$(call step,setup: keras-ee and its test dependencies (a few minutes the first time),$(PY) -m pip install -e '.[test]')
+	@touch $(STAMP)
 
-# Rebuild the extension in place (cargo is incremental, so this is quick when nothing changed).
+# Rebuild the extension in place (cargo is incremental, so this is quick when nothing changed);
+# the dependencies are installed above, so maturin only builds.
 build: $(STAMP)
-	$(VENV)/bin/maturin develop --release -q
+	$(call step,setup: the Rust extension (maturin develop --release),$(VENV)/bin/maturin develop --release --skip-install)
 
 demo: build
 	$(PY) -m keras_ee train --out runs/demo
@@ -30,5 +38,15 @@ pytest: build
 test: build cargo-test
 	$(PY) -m pytest -q
 
+# The gates every change passes: Python lint and format, Rust format and clippy, the types of
+# keras_ee, and the .pyi stub of the Rust module against the compiled module.
+lint: build
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cargo fmt --check
+	cargo clippy --all-targets --all-features -q -- -D warnings
+	$(VENV)/bin/mypy keras_ee
+	$(PY) -m mypy.stubtest keras_ee._native
+
 clean:
-	rm -rf target $(VENV) keras_ee/_native*.so
+	rm -rf target $(VENV) $(SETUP_LOG) keras_ee/_native*.so

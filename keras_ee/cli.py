@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from keras_ee.quiet import quiet_tensorflow_startup
+
 
 def parse_budget(text: str) -> float:
     """'15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0 (`keras_ee.costs.parse_mul_adds` for argparse)."""
@@ -592,7 +594,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_startup()
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

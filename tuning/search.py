@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
+from keras_ee.quiet import quiet_tensorflow_startup
 from tuning import distributed
 
 TUNERS = ("bayesian", "random")
@@ -192,7 +192,7 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
 def main(argv=None) -> int:
     from keras_ee.config import TrainConfig
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_startup()
     p = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, help="base TrainConfig (.json/.toml)")
     p.add_argument("--dataset")
