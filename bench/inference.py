@@ -141,9 +141,9 @@ def _overhead_parts(ee, shape):
     def apart(x):
         # The throughput mode's per-stage steps, called one after the other from Python on
         # the whole batch (it syncs on each step's exit decision, as predict(pooled=True)).
-        state = [x]
+        state, valid = [x], ee._finite_images(x)  # everyone runs to the last exit: one flag per row
         for k in range(ee.num_exits):
-            out = ee._pool_step(k, k == ee.num_exits - 1)(*state)
+            out = ee._pool_step(k, k == ee.num_exits - 1)(*state, valid)
             out[0].numpy()
             state = list(out[3:])
         return out[:2]

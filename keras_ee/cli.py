@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -371,18 +372,21 @@ def _read_images(source: Path, channels: int):
     """(images, names) from an .npz (key `x` or `images`, or its only array) or a folder of PNG/JPEG files."""
     import numpy as np
 
+    from keras_ee import inputs
+
+    what = f"--images {str(source)!r}"
     if source.is_dir():
         import tensorflow as tf
 
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"--images {str(source)!r} holds no .png, .jpg or .jpeg files.")
+            raise ValueError(f"{what} holds no .png, .jpg or .jpeg files.")
         images = []
         for f in files:
             try:
                 img = tf.io.decode_image(f.read_bytes(), channels=channels, expand_animations=False).numpy()
             except tf.errors.InvalidArgumentError as e:
-                raise ValueError(f"cannot decode {str(f)!r}: {e.message.splitlines()[0]}") from None
+                raise ValueError(f"cannot decode {str(f)!r}: {_tf_error_text(e)}") from None
             if images and img.shape != images[0].shape:
                 raise ValueError(
                     f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
@@ -391,32 +395,69 @@ def _read_images(source: Path, channels: int):
             images.append(img)
         return np.stack(images), [f.name for f in files]
     if not source.is_file():
-        raise FileNotFoundError(f"--images {str(source)!r} does not exist (a folder of PNG/JPEG files or an .npz).")
-    try:
-        with np.load(source, allow_pickle=False) as z:
-            keys = list(z.keys())
-            key = next((k for k in ("x", "images") if k in keys), keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise ValueError(f"--images {str(source)!r} holds arrays {keys}; expected one named 'x' or 'images'.")
-            images = z[key]
-    except (OSError, EOFError) as e:
-        raise ValueError(f"--images {str(source)!r} is not a readable .npz ({e}).") from None
+        raise FileNotFoundError(f"{what} does not exist (a folder of PNG/JPEG files or an .npz).")
+    from keras_ee.data import npz
+
+    expected = "an array of images named 'x' or 'images'"
+    with npz.open_archive(source, expected, "np.savez(path, x=images)") as z:
+        keys = list(z.files)
+        key = next((k for k in ("x", "images") if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise ValueError(f"{what} holds arrays {keys}; expected one named 'x' or 'images'.")
+        images = npz.read_member(z, key, source, "a numeric array of images")
+    images = inputs.check_numeric(images, f"{what} (array {key!r})")
     if images.ndim == 3 and channels == 1:
         images = images[..., None]
     return images, [str(i) for i in range(len(images))]
 
 
+def _tf_error_text(e) -> str:
+    """A TensorFlow op error's message without its internals (`{{function_node ...}}`, `[Op:...]`)."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).splitlines()[0] if e.message else ""
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(e).__name__
+
+
+def _check_predict_flags(args) -> None:
+    """`predict`'s numeric flags, before anything is loaded (a run folder's exit count from costs.json)."""
+    from keras_ee import inputs
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer; received {args.batch_size}.")
+    if args.deadline is not None:
+        num_exits = None
+        try:
+            num_exits = len(json.loads((args.run / "costs.json").read_text())["mul_adds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not a run folder (a .keras file, a mistake): the deadline's upper end is checked later
+        try:
+            inputs.check_deadline(args.deadline, num_exits)
+        except ValueError as e:
+            raise ValueError(f"--deadline {args.deadline}: {e}") from None
+
+
 def cmd_predict(args) -> None:
     import numpy as np
 
-    from keras_ee import experiment
+    from keras_ee import experiment, inputs
     from keras_ee.atomic import atomic_write_text
     from keras_ee.evaluation import budget_label
     from keras_ee.inference import EarlyExitModel
 
+    _check_predict_flags(args)
     run = args.run
     if run.is_file():  # a saved EarlyExitModel
+        if run.suffix != ".keras":
+            raise ValueError(
+                f"{str(run)!r} is not a run folder or a .keras model: predict takes the folder of "
+                "`keras-ee train` or a .keras file written by EarlyExitModel.save."
+            )
         ee = EarlyExitModel.load(run)
+        if args.confidence is not None and args.confidence != ee.kind:
+            raise ValueError(
+                f"{str(run)!r} is calibrated on the {ee.kind} confidence; --confidence {args.confidence} cannot "
+                "be applied to a saved model (it keeps only the validation scores of its own confidence): "
+                "leave the flag out, or give the run folder."
+            )
         if args.budget is not None:
             ee.set_budget(args.budget)
         if not args.normalized:
@@ -435,6 +476,13 @@ def cmd_predict(args) -> None:
             f"--images {str(args.images)!r} has images of shape {tuple(images.shape[1:])}; the model "
             f"takes {shape} (no resizing is done)."
         )
+    what = f"--images {str(args.images)!r}"
+    inputs.check_finite(images, names, what)
+    trained = None if args.normalized else experiment.read_pixel_range(run)
+    if trained is not None:
+        warning = inputs.check_pixel_range(images, trained, names, what)
+        if warning:
+            print(f"keras-ee predict: warning: {warning}", file=sys.stderr)
     if not args.normalized:
         scale, mean, std = experiment.read_preprocessing(run)
         if mean.shape != (shape[-1],):

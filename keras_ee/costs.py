@@ -67,8 +67,10 @@ def parse_mul_adds(value):
     """
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = float(value)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"budget {value!r} must be a positive, finite Mul-Add count")
+        if not math.isfinite(v):
+            raise ValueError(f"budget {value!r} is not finite; expected a positive Mul-Add count")
+        if v <= 0:
+            raise ValueError(f"budget {value!r} must be a positive Mul-Add count")
         return v
     if not isinstance(value, str):
         raise ValueError(f"budget {value!r} is not a Mul-Add count like 15M, 1.2G or 8000")
@@ -76,7 +78,9 @@ def parse_mul_adds(value):
     if not m:
         raise ValueError(f"budget {value!r} is not a Mul-Add count like 15M, 1.2G or 8000")
     v = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if not (math.isfinite(v) and v > 0):
+    if not math.isfinite(v):
+        raise ValueError(f"budget {value!r} is not finite (beyond float range); expected a Mul-Add count like 15M")
+    if v <= 0:
         raise ValueError(f"budget {value!r} must be positive")
     return v
 

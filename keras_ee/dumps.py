@@ -126,7 +126,12 @@ def _check_pair(val_logits, test_logits, val_where: str, test_where: str) -> Non
         )
 
 
-def _check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: str) -> None:
+def check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: str) -> None:
+    """The labels of logits `(K, N, C)`: integer class ids, shape (N,), in [0, C), not empty.
+
+    The one check of labels against their logits: the dump's files, `save_dump` and
+    `EarlyExitModel.from_model`. `where` names them in the message, `split` the logits.
+    """
     n, c = logits_shape[1], logits_shape[2]
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(
@@ -135,7 +140,7 @@ def _check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: st
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"{where} must hold integer class ids; received dtype {labels.dtype}.")
     if labels.size == 0:
-        raise ValueError(f"{where} is empty: a dump needs at least one {split} sample.")
+        raise ValueError(f"{where} is empty: expected at least one {split} sample.")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= c:
         bad = int(np.argmax((labels < 0) | (labels >= c)))
@@ -393,7 +398,7 @@ def save_dump(path, val_logits, val_labels, test_logits, test_labels, costs: dic
     _check_pair(arrays["val_logits"], arrays["test_logits"], "`val_logits`", "`test_logits`")
     for split, value in (("val", val_labels), ("test", test_labels)):
         labels = np.asarray(value)
-        _check_labels(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
+        check_labels(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
         arrays[f"{split}_labels"] = labels
     if not isinstance(costs, Mapping):
         raise TypeError(f"`costs` must be a dict with 'mul_adds' (and 'params'); received {type(costs).__name__}.")
@@ -497,7 +502,7 @@ def load_dump(path, mmap: bool = True) -> Dump:
     _check_pair(val_logits, test_logits, where["val_logits"], where["test_logits"])
     val_labels = _read_npy(path / "val_labels.npy", False)
     test_labels = _read_npy(path / "test_labels.npy", False)
-    _check_labels(val_labels, val_logits.shape, where["val_labels"], "val")
-    _check_labels(test_labels, test_logits.shape, where["test_labels"], "test")
+    check_labels(val_labels, val_logits.shape, where["val_labels"], "val")
+    check_labels(test_labels, test_logits.shape, where["test_labels"], "test")
     mul_adds, params = _read_costs(path / "costs.json", val_logits.shape[0])
     return Dump(val_logits, val_labels, test_logits, test_labels, mul_adds, params, path)

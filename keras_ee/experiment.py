@@ -8,7 +8,9 @@ A run folder holds:
     tensorboard/         TensorBoard logs
     costs.json           per-exit cumulative params and Mul-Adds
     preprocessing.json   the input normalisation: pixel scale and the training split's
-                         per-channel mean and std (what `keras-ee predict` applies to raw images)
+                         per-channel mean and std (what `keras-ee predict` applies to raw images),
+                         and `pixel_range`, the min and max of its stored pixels (what
+                         `keras-ee predict` accepts; absent in older runs: then unchecked)
     dump/                validation and test logits in the calibrator's dump format
     l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
     wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
@@ -423,6 +425,25 @@ def read_preprocessing(workdir) -> tuple[float, np.ndarray, np.ndarray]:
             "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it."
         ) from None
     return scale, mean, std
+
+
+def read_pixel_range(workdir) -> tuple[float, float] | None:
+    """`(min, max)` of the stored pixels a run was trained on (`preprocessing.json`'s
+    `pixel_range`), or None for a run from before it was recorded (its input is not checked)."""
+    path = Path(workdir) / PREPROCESSING_FILE
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if "pixel_range" not in saved:
+            return None
+        lo, hi = (float(v) for v in saved["pixel_range"])
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(
+            f"{str(path)!r} is damaged: expected `pixel_range` [min, max] of finite numbers; rerun "
+            "`keras-ee train` with the same command to rewrite it."
+        ) from None
+    return lo, hi
 
 
 def load_data(config: TrainConfig):
@@ -873,6 +894,7 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
             "pixel_scale": float(splits.pixel_scale),
             "mean": np.asarray(splits.mean, np.float64).tolist(),
             "std": np.asarray(splits.std, np.float64).tolist(),
+            **({} if getattr(splits, "pixel_range", None) is None else {"pixel_range": list(splits.pixel_range)}),
         },
     )
     dtype = np.dtype(config.dump_dtype)

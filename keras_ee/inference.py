@@ -40,6 +40,12 @@ per-channel mean and std; `keras-ee predict` does this for raw images).
 Anytime prediction (`deadline=k`, Huang et al.'s "anytime" setting): the same rule, but
 every sample still running after stage k takes exit k's prediction, so no sample costs
 more than exit k's Mul-Adds.
+
+Bad input (`keras_ee.inputs`): `predict` and eager calls refuse non-numeric arrays, images
+with a NaN or infinite pixel and deadlines outside 1..K; a compiled or exported pass, which
+cannot refuse one image of a request, gives such an image no prediction (label -1,
+confidence NaN, at the last exit or the deadline's: `_score`) and fails on a bad deadline
+with an `InvalidArgumentError`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ee import calibration, models
+from keras_ee import calibration, inputs, models
 from keras_ee.atomic import atomic_path
 from keras_ee.costs import parse_mul_adds
 from keras_ee.models.layers import InferenceSnapshot
@@ -275,9 +281,11 @@ class EarlyExitModel(keras.Model):
                 f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
                 f"received shape {val_logits.shape}."
             )
-        scores, correct = scores_and_correct(
-            val_logits, np.asarray(val_labels), kind, temperature, "the validation logits"
-        )
+        from keras_ee.dumps import check_labels
+
+        val_labels = np.asarray(val_labels)
+        check_labels(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
+        scores, correct = scores_and_correct(val_logits, val_labels, kind, temperature, "the validation logits")
         sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode, shortfall=shortfall)
         sweep = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
         sweep.update(mode=mode, shortfall=shortfall)
@@ -448,8 +456,16 @@ class EarlyExitModel(keras.Model):
 
     # ------------------------------------------------------------------ the runtime
 
-    def _score(self, logits, k):
-        """(score float32, prediction int32) of exit k (0-based), as `calibration.exit_scores`."""
+    def _score(self, logits, k, valid=None):
+        """(score float32, prediction int32) of exit k (0-based), as `calibration.exit_scores`.
+
+        The no-prediction rule, the one place for it: a sample whose image is not `valid`
+        (it has a NaN or infinite pixel) or whose logits here are not all finite gets score
+        NaN and prediction -1. A NaN score never meets a threshold (`_leaves`), so the sample
+        runs on to the last exit (or the deadline's) and leaves there with label -1 and
+        confidence NaN, whatever the kernels made of the NaN on the way (oneDNN's ReLU and
+        max-pooling can turn it into finite numbers, differently at other batch sizes).
+        """
         x = tf.cast(logits, tf.float32)
         m = tf.reduce_max(x, axis=-1, keepdims=True)
         inv_t = self._inv_t[k]
@@ -470,14 +486,26 @@ class EarlyExitModel(keras.Model):
             num_classes = float(x.shape[-1]) if x.shape[-1] is not None else tf.cast(tf.shape(x)[-1], tf.float64)
             plogp = w / total - tf.math.log(total)
             score = tf.clip_by_value(1.0 + plogp / tf.math.log(tf.cast(num_classes, tf.float64)), 0.0, 1.0)
-        return tf.cast(score, tf.float32), tf.argmax(x, axis=-1, output_type=tf.int32)
+        ok = tf.reduce_all(tf.math.is_finite(x), axis=-1)
+        if valid is not None:
+            ok = tf.logical_and(ok, valid)
+        score = tf.where(ok, tf.cast(score, tf.float32), tf.constant(np.nan, tf.float32))
+        return score, tf.where(ok, tf.argmax(x, axis=-1, output_type=tf.int32), -1)
+
+    @staticmethod
+    def _finite_images(images):
+        """(B,) bool: the images without a NaN or infinite pixel (the others get no prediction, `_score`)."""
+        images = tf.convert_to_tensor(images)
+        return tf.reduce_all(tf.math.is_finite(images), axis=list(range(1, images.shape.rank)))
 
     @staticmethod
     def _leaves(score, thresholds, k):
         """Whether each sample leaves at exit k (0-based): `score >= T_k` in float64, the rule of
-        `calibration.simulate`; one definition for both runtimes (a NaN score compares false, so
-        it never leaves early in either)."""
-        return tf.cast(score, tf.float64) >= thresholds[k]
+        `calibration.simulate`; one definition for every pass. A NaN score (no prediction,
+        see `_score`) never leaves early: said explicitly, because Grappler rewrites
+        `not(score >= T)` into `score < T`, which is false for NaN too (the pooled pass's
+        steps let a NaN score leave at exit 1 that way)."""
+        return tf.logical_and(tf.logical_not(tf.math.is_nan(score)), tf.cast(score, tf.float64) >= thresholds[k])
 
     @staticmethod
     def _rows(state, stay, all_stay):
@@ -519,7 +547,12 @@ class EarlyExitModel(keras.Model):
             deadline: None, or an int (or int32 scalar tensor) in 1..K: samples still
                 running after stage `deadline` take exit `deadline`'s prediction.
         """
-        if tf.executing_eagerly():
+        if tf.executing_eagerly():  # a caller to tell: refuse what a compiled pass must answer
+            self._check_images(images)
+            if deadline is not None:
+                deadline = inputs.check_deadline(
+                    deadline.numpy() if isinstance(deadline, tf.Tensor) else deadline, self.num_exits
+                )
             self.refresh()
         with self._runtime.snapshot.active():
             return self._early_exit(images, deadline)
@@ -529,7 +562,8 @@ class EarlyExitModel(keras.Model):
         if images.dtype != tf.float32:
             images = tf.cast(images, tf.float32)
         if deadline is not None:
-            deadline = tf.convert_to_tensor(deadline, tf.int32)
+            deadline = inputs.assert_deadline(deadline, self.num_exits)
+        valid = self._finite_images(images)
         n = tf.shape(images)[0]
         thresholds = tf.convert_to_tensor(self._thresholds.value)
         idx = tf.range(n)  # input positions of the samples still running
@@ -540,7 +574,7 @@ class EarlyExitModel(keras.Model):
         where, labels, exits, conf = [], [], [], []
         for k in range(self.num_exits):
             out = self._stage_or_empty(k, state, stay, tf.size(idx) > 0, all_stay)
-            score, pred = self._score(out[0], k)
+            score, pred = self._score(out[0], k, valid if k == 0 else tf.gather(valid, idx))
             last = k == self.num_exits - 1
             if last:
                 where.append(idx)
@@ -579,32 +613,18 @@ class EarlyExitModel(keras.Model):
         self._runtime.snapshot.refresh()
 
     def _check_deadline(self, deadline):
-        if deadline is None:
-            return self.num_exits
-        if (
-            isinstance(deadline, (bool, np.bool_))
-            or not isinstance(deadline, (int, np.integer))
-            or not (1 <= int(deadline) <= self.num_exits)
-        ):
-            raise ValueError(
-                f"deadline must be an int stage in 1..{self.num_exits} (1-based: samples still running "
-                f"after that stage take its exit); received {deadline!r}."
-            )
-        return int(deadline)
+        return self.num_exits if deadline is None else inputs.check_deadline(deadline, self.num_exits)
 
     def _check_images(self, images):
         if isinstance(images, tf.Tensor):
             images = images.numpy()
-        a = np.asarray(images)
         want = self.input_shape_hw
-        if a.dtype.kind not in "fiu":
-            raise ValueError(
-                f"images must be a numeric array of shape (N, {', '.join(map(str, want))}); received dtype {a.dtype}."
-            )
+        a = inputs.check_numeric(images, f"images of shape (N, {', '.join(map(str, want))})")
         if a.ndim != 1 + len(want) or tuple(a.shape[1:]) != want:
             raise ValueError(
                 f"images must have shape (N, {', '.join(map(str, want))}) as the model's input; received {a.shape}."
             )
+        inputs.check_finite(a)
         return a
 
     def serving_function(self, deadline=False):
@@ -673,19 +693,22 @@ class EarlyExitModel(keras.Model):
         return {key: np.concatenate(parts[key]) if parts[key] else np.zeros(0, empty[key]) for key in OUTPUT_KEYS}
 
     def _pool_step(self, k, final):
-        """Compiled stage k (0-based) on a pool of its inputs: `(score, prediction, stay, *state)`
-        where `stay` are the pool rows that go on and `state` their carried tensors (`final`:
-        everybody leaves here, no state). One trace per stage: unknown batch size."""
+        """Compiled stage k (0-based) on a pool of its inputs and their images' `valid` flags
+        (`_finite_images`): `(score, prediction, stay, *state)` where `stay` are the pool rows
+        that go on and `state` their carried tensors (`final`: everybody leaves here, no state).
+        One trace per stage: unknown batch size."""
         key = (k, bool(final))
         steps = self._runtime.pool_steps
         if key not in steps:
             stage = self._runtime.stages[k]
             spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in stage.inputs]
+            spec.append(tf.TensorSpec((None,), tf.bool, name="valid"))
 
-            def step(*state):
+            def step(*args):
+                state, valid = args[:-1], args[-1]
                 with self._runtime.snapshot.active():
                     out = stage(list(state) if k else state[0], training=False)
-                score, pred = self._score(out[0], k)
+                score, pred = self._score(out[0], k, valid)
                 if final:
                     return score, pred
                 thresholds = tf.convert_to_tensor(self._thresholds.value)
@@ -699,6 +722,7 @@ class EarlyExitModel(keras.Model):
         """`predict(pooled=True)`: a queue of waiting samples per stage, each run at `batch_size`."""
         n = len(a)
         labels, exits, conf = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
+        valid = np.ones(n, bool)  # `_finite_images` of each input, set as its batch enters stage 1
         queues = [[] for _ in range(last)]  # per stage: chunks of (input positions, [state tensors])
 
         def waiting(k):
@@ -717,7 +741,7 @@ class EarlyExitModel(keras.Model):
 
         def run(k, pos, state):
             final = k == last - 1
-            out = self._pool_step(k, final)(*state)
+            out = self._pool_step(k, final)(*state, tf.constant(valid[pos]))
             score, pred = out[0].numpy(), out[1].numpy()
             leave = np.ones(len(pos), bool)
             if not final:
@@ -734,11 +758,10 @@ class EarlyExitModel(keras.Model):
                     run(k, *take(k))
 
         for start in range(0, n, batch_size):
-            run(
-                0,
-                np.arange(start, min(start + batch_size, n)),
-                [tf.constant(a[start : start + batch_size], tf.float32)],
-            )
+            batch = tf.constant(a[start : start + batch_size], tf.float32)
+            pos = np.arange(start, min(start + batch_size, n))
+            valid[pos] = self._finite_images(batch).numpy()
+            run(0, pos, [batch])
             drain(flush=False)
         drain(flush=True)
         return {"label": labels, "exit": exits, "confidence": conf}

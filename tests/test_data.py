@@ -145,10 +145,9 @@ def test_stratified_split_keeps_one_sample_per_class_and_refuses_bad_sizes():
     labels = np.array([0] * 10 + [1] * 2)
     rest, held = splits.stratified_split(labels, 10)
     assert set(labels[rest]) == {0, 1}  # capped: each class keeps a sample
-    with pytest.raises(ValueError, match="at most 10"):
-        splits.stratified_split(labels, 11)
-    with pytest.raises(ValueError, match=r"in \[0, 12\]"):
-        splits.stratified_split(labels, 13)
+    for size in (11, 13, 0, 0.01):  # one of each class stays behind: at most 12 - 2
+        with pytest.raises(ValueError, match=r"`size` in \[1, 10\] \(12 samples; one of each of the 2 classes"):
+            splits.stratified_split(labels, size)
     with pytest.raises(TypeError, match="int or a float"):
         splits.stratified_split(labels, "5")
     with pytest.raises(ValueError, match="fraction"):

@@ -25,6 +25,9 @@ class DatasetSplits:
         num_train, num_val, num_test: int. Split sizes.
         imbalance_factor: float or None. Long-tail factor of the training
             split (`None` for the dataset as published).
+        pixel_range: `(min, max)` floats of the training split's stored pixels
+            (before `pixel_scale`), or None where unknown; a run records it for
+            `keras-ee predict`, which refuses raw images far outside it.
     """
 
     name = None
@@ -37,6 +40,7 @@ class DatasetSplits:
     num_val = None
     num_test = None
     imbalance_factor = None
+    pixel_range = None
 
     def train_dataset(
         self,
@@ -222,6 +226,15 @@ class ArraySplits(DatasetSplits):
         self.num_test = len(self._x_test)
         self.num_meta = len(self._x_meta) if self.meta_source == "split" else self.num_val
         self._tensors = {}
+        self._pixel_range = None
+
+    @property
+    def pixel_range(self):
+        if self._pixel_range is None:
+            from keras_ee.inputs import pixel_range
+
+            self._pixel_range = pixel_range(self._x_train)
+        return self._pixel_range
 
     def _pipeline(self, part, batch_size, **kwargs):
         from keras_ee.data import pipeline
@@ -400,10 +413,14 @@ def build_array_splits(
         x_train, y_train = x_train[keep], y_train[keep]
         factor = float(imbalance_factor)
         name = f"{name}-lt{int(factor) if factor.is_integer() else factor:g}"
-    train_idx, val_idx = splits_lib.stratified_split(y_train, val_size, seed=seed, num_classes=num_classes)
+    train_idx, val_idx = splits_lib.stratified_split(
+        y_train, val_size, seed=seed, num_classes=num_classes, what="val_size"
+    )
     meta_idx = None
     if meta_size is not None:
-        rest, held = splits_lib.stratified_split(y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes)
+        rest, held = splits_lib.stratified_split(
+            y_train[train_idx], meta_size, seed=seed + 1, num_classes=num_classes, what="meta_size"
+        )
         train_idx, meta_idx = train_idx[rest], train_idx[held]
     if train_size is not None and samples_per_class is not None:
         raise ValueError(
@@ -411,7 +428,9 @@ def build_array_splits(
             "choose the training subset; expected one of them."
         )
     if train_size is not None:
-        _, keep = splits_lib.stratified_split(y_train[train_idx], train_size, seed=seed, num_classes=num_classes)
+        _, keep = splits_lib.stratified_split(
+            y_train[train_idx], train_size, seed=seed, num_classes=num_classes, what="train_size"
+        )
         train_idx = train_idx[keep]
     if samples_per_class is not None:
         keep = splits_lib.per_class_subset(y_train[train_idx], samples_per_class, seed=seed, num_classes=num_classes)

@@ -151,8 +151,10 @@ class ImageNetSplits(DatasetSplits):
         total = self._builder.info.splits["train"].num_examples
         if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)):
             raise TypeError(f"Expected an int `val_size` for ImageNet. Received {val_size!r}.")
-        if not 0 <= val_size < total:
-            raise ValueError(f"Expected `val_size` in [0, {total}). Received {val_size}.")
+        if not 1 <= val_size < total:
+            raise ValueError(
+                f"Expected `val_size` in [1, {total - 1}] (of the {total} training images). Received {val_size}."
+            )
         self.name = "imagenet"
         self.class_names = list(self._builder.info.features["label"].names)
         self.num_classes = len(self.class_names)

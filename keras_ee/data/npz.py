@@ -78,26 +78,34 @@ def _images(x, key, path):
     raise TypeError(f"{path}: `{key}` has dtype {x.dtype}; expected uint8 (0..255) or floating-point pixels.")
 
 
-def _open_archive(path):
-    """np.load of an .npz, with the file checked to be a zip archive first."""
+_DATASET_KEYS = f"keys {', '.join(REQUIRED_KEYS)}"
+_DATASET_EXAMPLE = "np.savez(path, x_train=..., ...)"
+
+
+def open_archive(path, expected=_DATASET_KEYS, example=_DATASET_EXAMPLE):
+    """np.load of an .npz, with the file checked to be a zip archive first (never unpickled).
+
+    The one reader of user .npz files (a dataset, `keras-ee predict --images`): an empty,
+    truncated or non-zip file, or a single .npy array, is a ValueError naming the file and
+    `expected` (what it should hold, e.g. "keys x_train, ...") and `example` (how to write it).
+    """
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(
-            f"{path}: the file is empty (0 bytes); expected an .npz (zip) archive with keys "
-            f"{', '.join(REQUIRED_KEYS)}, as np.savez writes it."
+            f"{path}: the file is empty (0 bytes); expected an .npz (zip) archive with {expected}, as "
+            "np.savez writes it."
         )
     with open(path, "rb") as f:
         head = f.read(6)
     if head == b"\x93NUMPY":
         raise ValueError(
-            f"{path}: holds a single .npy array, not an .npz archive; expected an .npz with keys "
-            f"{', '.join(REQUIRED_KEYS)} (write it with np.savez(path, x_train=..., ...))."
+            f"{path}: holds a single .npy array, not an .npz archive; expected an .npz with {expected} "
+            f"(write it with {example})."
         )
     if head[:4] not in _ZIP_MAGICS:
         raise ValueError(
             f"{path}: not a readable .npz file: it is not an .npz (zip) archive (it starts with "
-            f"{head[:4]!r}, a zip starts with b'PK\\x03\\x04'); expected keys {', '.join(REQUIRED_KEYS)} "
-            "as np.savez writes them."
+            f"{head[:4]!r}, a zip starts with b'PK\\x03\\x04'); expected {expected} as np.savez writes them."
         )
     try:
         return np.load(path, allow_pickle=False)
@@ -111,14 +119,15 @@ def _one_line(e):
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_member(archive, key, path):
+def read_member(archive, key, path, expected="a numeric (or, for class_names, string) array"):
+    """`archive[key]` of an `open_archive`: pickled objects (a TypeError) and torn members (a
+    ValueError) name the file, the key and `expected`."""
     try:
         return archive[key]
     except ValueError as e:
         if "pickle" in str(e):
             raise TypeError(
-                f"{path}: `{key}` holds Python objects (pickled data), which are never loaded; "
-                "expected a numeric (or, for class_names, string) array."
+                f"{path}: `{key}` holds Python objects (pickled data), which are never loaded; expected {expected}."
             ) from None
         raise ValueError(
             f"{path}: could not read `{key}` ({_one_line(e)}); the file is truncated or corrupted."
@@ -162,7 +171,7 @@ def read_npz(path):
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such file: {path} (expected an .npz with keys {', '.join(REQUIRED_KEYS)}).")
-    archive = _open_archive(path)
+    archive = open_archive(path)
     if not hasattr(archive, "files"):
         raise ValueError(
             f"{path}: holds a single array, expected an .npz archive with keys {', '.join(REQUIRED_KEYS)}."
@@ -172,7 +181,7 @@ def read_npz(path):
         if missing:
             found = ", ".join(archive.files) or "none"
             raise ValueError(f"{path}: missing key(s) {', '.join(missing)}; found {found}.")
-        raw = {k: _read_member(archive, k, path) for k in archive.files if k in REQUIRED_KEYS + OPTIONAL_KEYS}
+        raw = {k: read_member(archive, k, path) for k in archive.files if k in REQUIRED_KEYS + OPTIONAL_KEYS}
     x_train, scale = _images(raw["x_train"], "x_train", path)
     x_test, test_scale = _images(raw["x_test"], "x_test", path)
     if scale != test_scale:

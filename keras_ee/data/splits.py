@@ -53,17 +53,19 @@ def _check_labels(labels, num_classes=None, what="labels"):
     return labels.astype(np.int64, copy=False)
 
 
-def resolve_size(size, total, what="val_size"):
+def resolve_size(size, total, what="val_size", most=None, why=""):
     """Turns an absolute count or a fraction into a count of samples.
 
     Args:
-        size: int >= 0 (a number of samples) or float in (0, 1) (a fraction
-            of `total`, rounded to the nearest integer).
+        size: int >= 1 (a number of samples) or float in (0, 1) (a fraction
+            of `total`, rounded to the nearest integer, which must be >= 1).
         total: int. The number of samples the size refers to.
         what: str. Argument name used in error messages.
+        most: int. The largest count allowed (default `total`); `why` says why
+            in the error message.
 
     Returns:
-        int, the number of samples.
+        int, the number of samples, in [1, most].
     """
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
         raise TypeError(
@@ -75,8 +77,13 @@ def resolve_size(size, total, what="val_size"):
         count = int(round(float(size) * total))
     else:
         raise ValueError(f"Expected a float `{what}` to lie in (0, 1) (a fraction). Received {size!r}.")
-    if count < 0 or count > total:
-        raise ValueError(f"Expected `{what}` in [0, {total}] (the number of samples available). Received {size!r}.")
+    most = total if most is None else most
+    if count < 1 or count > most:
+        resolved = f" ({count} of {total} samples)" if not isinstance(size, numbers.Integral) else ""
+        raise ValueError(
+            f"Expected `{what}` in [1, {most}] ({total} samples{why}), or a fraction in (0, 1) of them. "
+            f"Received {size!r}{resolved}."
+        )
     return count
 
 
@@ -113,7 +120,7 @@ def _allocate(counts, total, caps):
     return alloc
 
 
-def stratified_split(labels, size, seed=0, num_classes=None):
+def stratified_split(labels, size, seed=0, num_classes=None, what="size"):
     """Seeded, stratified split of sample indices into (rest, held-out).
 
     Each class contributes to the held-out part in proportion to its
@@ -129,6 +136,7 @@ def stratified_split(labels, size, seed=0, num_classes=None):
         seed: int. Seed of the random choice.
         num_classes: int, optional. Number of classes (labels are checked
             against it).
+        what: str. The size's name in error messages (e.g. "val_size").
 
     Returns:
         A tuple `(rest_indices, held_out_indices)` of int64 arrays, disjoint,
@@ -142,10 +150,12 @@ def stratified_split(labels, size, seed=0, num_classes=None):
     """
     labels = _check_labels(labels, num_classes)
     n = len(labels)
-    count = resolve_size(size, n, "val_size")
-    rng = np.random.default_rng(seed)
     classes, class_counts = np.unique(labels, return_counts=True)
-    alloc = _allocate(class_counts, count, np.maximum(class_counts - 1, 0))
+    caps = np.maximum(class_counts - 1, 0)  # every class keeps a sample in the rest
+    why = f"; one of each of the {len(classes)} classes stays behind"
+    count = resolve_size(size, n, what, most=int(caps.sum()), why=why)
+    rng = np.random.default_rng(seed)
+    alloc = _allocate(class_counts, count, caps)
     held, rest = [], []
     for c, k in zip(classes, alloc):
         idx = np.flatnonzero(labels == c)

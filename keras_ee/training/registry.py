@@ -34,9 +34,13 @@ import dataclasses
 import importlib
 import inspect
 import json
+import re
+import traceback
 import typing
 
 ENTRY_POINT_GROUP = "keras_ee.methods"
+# `--method package.module:Class`: a dotted module name, a colon, a class name.
+_METHOD_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,11 +309,26 @@ def get_method(name: str) -> MethodSpec:
 
 
 def _from_path(path: str) -> MethodSpec:
+    if not _METHOD_PATH.fullmatch(path):
+        raise ValueError(
+            f"method {path!r}: expected the form package.module:Class (a module to import, a colon, the name "
+            "of a keras_ee.training.Method subclass in it)."
+        )
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as e:  # the plug-in's file, not keras-ee: say where, without a traceback
+        raise ValueError(
+            f"method {path!r}: module {module_name!r} has a syntax error in {e.filename}, line {e.lineno}: {e.msg}."
+        ) from None
     except ImportError as e:
         raise ValueError(f"method {path!r}: cannot import module {module_name!r} ({e}).") from None
+    except Exception as e:  # the module raised while it ran; KERAS_EE_DEBUG=1 shows the traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise ValueError(
+            f"method {path!r}: importing module {module_name!r} raised {type(e).__name__}: {e} "
+            f"({where.filename}, line {where.lineno})."
+        ) from e
     cls = getattr(module, attr, None)
     if cls is None:
         raise ValueError(f"method {path!r}: module {module_name!r} has no attribute {attr!r}.")

@@ -1,0 +1,137 @@
+"""The checks of what a user hands to inference: images and deadlines.
+
+One definition of each rule, used by every entry point (`keras_ee.inference.EarlyExitModel`,
+its compiled and exported passes, `keras-ee predict`):
+
+- Pixels are real numbers: bool, complex, string and object arrays are refused.
+- An image with a NaN or infinite pixel is refused where a caller can be told
+  (`EarlyExitModel.predict`, eager calls, `keras-ee predict`), naming it. A compiled or
+  exported pass cannot refuse one image of a request: there it gets no prediction (see
+  `keras_ee.inference`: label -1, confidence NaN, at the last exit or the deadline's).
+- Raw pixels lie in the range the run was trained on (`preprocessing.json`'s
+  `pixel_range`, recorded at training time): beyond it by more than
+  `PIXEL_RANGE_TOLERANCE` of its width is refused (8-bit PNG files for a 0..16 dataset),
+  a smaller excess warns once.
+- A deadline is an int stage in 1..K; compiled passes check it with a TensorFlow assertion
+  (an `InvalidArgumentError` status from a SavedModel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# How far (a fraction of the training range's width) raw pixels may stray beyond it with a
+# warning only: rounding, a slightly brighter scan; farther is another pixel convention.
+PIXEL_RANGE_TOLERANCE = 0.1
+_SHOWN = 5  # images named in a message; the rest are counted
+
+
+def _image_names(rows, names, total):
+    """'image 2' / 'images 1, 3, 4 (3 of 6)': rows named by `names` (file names), else by index."""
+    shown = [str(names[i]) if names is not None else str(int(i)) for i in rows[:_SHOWN]]
+    more = ", ..." if len(rows) > _SHOWN else ""
+    count = f" ({len(rows)} of {total})" if len(rows) > 1 else ""
+    return f"image{'s' if len(rows) > 1 else ''} {', '.join(shown)}{more}{count}"
+
+
+def check_numeric(images, what="images"):
+    """`images` as an array of real numbers (ints or floats), or a ValueError naming `what`."""
+    a = np.asarray(images)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{what} has dtype {a.dtype}; expected numeric pixels (integers or floats, not bool, complex, "
+            "strings or objects)."
+        )
+    return a
+
+
+def non_finite_images(images):
+    """Indices of the images (rows of `images`) with a NaN or infinite pixel."""
+    a = np.asarray(images)
+    if a.dtype.kind != "f" or a.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+
+
+def check_finite(images, names=None, what="images"):
+    """Refuses images with a NaN or infinite pixel, naming them (by `names`, else by index)."""
+    bad = non_finite_images(images)
+    if bad.size:
+        raise ValueError(
+            f"{what}: {_image_names(bad, names, len(images))} hold{'s' if len(bad) == 1 else ''} NaN or "
+            "infinite pixels; expected finite pixel values."
+        )
+
+
+def pixel_range(images):
+    """`(min, max)` of a training split's stored pixels, as floats (what `check_pixel_range` checks)."""
+    a = np.asarray(images)
+    return float(a.min()), float(a.max())
+
+
+def check_pixel_range(images, trained, names=None, what="images"):
+    """Refuses raw pixels far outside the training range `trained = (lo, hi)`.
+
+    Beyond it by more than `PIXEL_RANGE_TOLERANCE` of `hi - lo` (or of 1 for a constant
+    range): a ValueError naming the first such image. A smaller excess: returns a warning
+    text (one for the whole set) for the caller to show; None when every pixel is inside.
+    """
+    lo, hi = float(trained[0]), float(trained[1])
+    a = np.asarray(images)
+    if a.size == 0:
+        return None
+    flat = a.reshape(len(a), -1)
+    mins, maxs = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+    slack = PIXEL_RANGE_TOLERANCE * ((hi - lo) or 1.0)
+    shown = f"[{lo:g}, {hi:g}]"
+    far = np.flatnonzero((mins < lo - slack) | (maxs > hi + slack))
+    if far.size:
+        i = int(far[0])
+        others = f" (and {far.size - 1} more of the {len(a)} images)" if far.size > 1 else ""
+        raise ValueError(
+            f"{what}: image {names[i] if names is not None else i} has pixels in [{mins[i]:g}, {maxs[i]:g}], "
+            f"outside the training pixel range {shown}{others}; expected raw pixels as the dataset stores "
+            f"them (an excess within {PIXEL_RANGE_TOLERANCE:.0%} of the range's width only warns)."
+        )
+    out = np.flatnonzero((mins < lo) | (maxs > hi))
+    if out.size:
+        return (
+            f"{what}: {_image_names(out, names, len(a))} {'has' if out.size == 1 else 'have'} pixels in "
+            f"[{mins[out].min():g}, {maxs[out].max():g}], slightly outside the training pixel range {shown}; "
+            "their predictions may be less reliable."
+        )
+    return None
+
+
+def deadline_error(num_exits, received):
+    """The message of a deadline outside 1..num_exits (`check_deadline`, compiled passes)."""
+    stages = f"in 1..{num_exits}" if num_exits is not None else ">= 1"
+    tail = "" if received is None else f"; received {received!r}"
+    return (
+        f"deadline must be an int stage {stages} (1-based: samples still running after that stage take its exit){tail}."
+    )
+
+
+def check_deadline(deadline, num_exits=None):
+    """`deadline` as an int in 1..num_exits (>= 1 when `num_exits` is None), or a ValueError."""
+    if isinstance(deadline, np.ndarray) and deadline.ndim == 0:
+        deadline = deadline[()]
+    if (
+        isinstance(deadline, (bool, np.bool_))
+        or not isinstance(deadline, (int, np.integer))
+        or deadline < 1
+        or (num_exits is not None and deadline > num_exits)
+    ):
+        raise ValueError(deadline_error(num_exits, deadline))
+    return int(deadline)
+
+
+def assert_deadline(deadline, num_exits):
+    """An int32 deadline tensor that fails (`InvalidArgumentError`) outside 1..num_exits when run:
+    the check of a compiled or exported pass, which cannot raise a Python error."""
+    import tensorflow as tf
+
+    deadline = tf.convert_to_tensor(deadline, tf.int32)
+    ok = tf.logical_and(deadline >= 1, deadline <= num_exits)
+    with tf.control_dependencies([tf.debugging.Assert(ok, [deadline_error(num_exits, None), "received", deadline])]):
+        return tf.identity(deadline)
