@@ -449,7 +449,7 @@ def _replace_entries(new, target, owned, first: str | None = None) -> Path:
     if first in names:  # out first, in last
         names.remove(first)
         names = [first, *names]
-    old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    old = _temp_name(target.with_name(f"{target.name}-previous"))  # a temporary name: cleaned up like one
     old.mkdir()
     moved_out, moved_in = [], []
     try:

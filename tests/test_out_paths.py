@@ -252,6 +252,10 @@ def test_predict_out_of_the_wrong_kind_is_refused_first_naming_it(saved, tmp_pat
         assert f"lies under the file {str(tmp_path / 'file')!r}; expected a path in a folder" in err
         assert "File exists" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
+    run = tmp_path / "folder"
+    np.savez(run / "l2w_samples.npz", loss=np.zeros(3))
+    assert cli.main(["plot-weights", str(run), "--out", str(run)]) == 2
+    assert f"--out {str(run)!r} is a folder; expected the path of the PNG to write" in _one_line_error(capsys)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self") or sys.platform != "linux", reason="needs Linux /proc")
