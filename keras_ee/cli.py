@@ -306,8 +306,9 @@ def _run_dir(path: Path) -> Path:
 
 def cmd_compare(args) -> None:
     from keras_ee import dumps, evaluation, plots
-    from keras_ee.atomic import atomic_path, atomic_write_text
+    from keras_ee.atomic import atomic_path, atomic_write_text, check_out_folder, claim_out_folder
 
+    check_out_folder(args.out)
     names = [p.name for p in args.runs]
     if len(set(names)) != len(names):  # distinct labels for the legend
         names = [str(p) for p in args.runs]
@@ -322,7 +323,7 @@ def cmd_compare(args) -> None:
         for p, n in zip(args.runs, names)
     ]
     text, rows = evaluation.compare(evs, budgets=args.budgets)
-    args.out.mkdir(parents=True, exist_ok=True)
+    claim_out_folder(args.out, "compare")
     with atomic_path(args.out / "compare.png") as tmp:
         plots.budget_plot({ev.name: ev for ev in evs}, tmp)
     plot = args.out / "compare.png"
@@ -335,30 +336,36 @@ def cmd_plot_weights(args) -> None:
     import numpy as np
 
     from keras_ee import plots
+    from keras_ee.atomic import atomic_path, check_out_file, writing
 
     f = args.run / "l2w_samples.npz"
     if not f.is_file():
         raise FileNotFoundError(f"{str(f)!r} not found: plot-weights needs a finished L2W run (method l2w).")
+    out = check_out_file(args.out or args.run / "weights.png", expected="the path of the PNG to write")
     stats = np.load(f)
-    out = plots.sample_weight_plot(
-        stats["loss"], stats["weight"], stats["selected_by_exit_1"], args.out or args.run / "weights.png"
-    )
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            plots.sample_weight_plot(stats["loss"], stats["weight"], stats["selected_by_exit_1"], tmp)
     print(f"wrote {out}")
 
 
 def cmd_sweep(args) -> None:
     from keras_ee import dumps, evaluation
+    from keras_ee.atomic import check_out_folder, claim_out_folder
 
+    dump = dumps.load_dump(args.dump)
+    default_out = args.dump if args.metric == "top1" else Path(args.dump) / args.metric
+    out = check_out_folder(args.out or default_out, recognise=dumps.is_dump_folder)
     ev = evaluation.evaluate_dump(
-        dumps.load_dump(args.dump),
+        dump,
         kind=args.confidence,
         mode=args.mode,
         name=Path(args.dump).name,
         shortfall=args.shortfall,
         metric=args.metric,
     )
-    default_out = args.dump if args.metric == "top1" else Path(args.dump) / args.metric
-    paths = evaluation.write_evaluation(ev, args.out or default_out)
+    paths = evaluation.write_evaluation(ev, claim_out_folder(out, "sweep"))
     print(evaluation.format_anytime(ev))
     print()
     print(evaluation.format_budget(ev, every=2))
@@ -439,10 +446,11 @@ def cmd_predict(args) -> None:
     import numpy as np
 
     from keras_ee import experiment, inputs
-    from keras_ee.atomic import atomic_write_text
+    from keras_ee.atomic import atomic_write_text, check_out_file, writing
     from keras_ee.evaluation import budget_label
     from keras_ee.inference import EarlyExitModel
 
+    check_out_file(args.out, expected="the path of the CSV to write")
     _check_predict_flags(args)
     run = args.run
     if run.is_file():  # a saved EarlyExitModel
@@ -495,8 +503,9 @@ def cmd_predict(args) -> None:
     lines = ["image,label,exit,confidence,mul_adds"]
     for name, label, ex, conf, c in zip(names, out["label"], out["exit"], out["confidence"], cost):
         lines.append(f"{name},{int(label)},{int(ex)},{repr(float(conf))},{int(c) if float(c).is_integer() else c}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    with writing(args.out):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
     counts = np.bincount(out["exit"], minlength=ee.num_exits + 1)[1:]
     budget = "thresholds as given" if ee.budget is None else f"budget {budget_label(ee.budget)}"
     print(
@@ -644,13 +653,29 @@ COMMANDS = {
 def main(argv=None) -> int:
     quiet_tensorflow_startup()
     args = build_parser().parse_args(argv)
+    return run_command(f"keras-ee {args.command}", COMMANDS[args.command], args)
+
+
+def run_command(prog: str, command, args) -> int:
+    """Run `command(args)` and turn its failure into one line on stderr and an exit status.
+
+    The one error policy of every command line of keras-ee (`keras-ee ...` and `python -m
+    tuning.search`): 0 done; 2 bad input (the message says what was wrong and what was
+    expected); 3 non-finite training; 4 a path that cannot be written (full or read-only
+    disk, permissions), naming the path; 130 interrupted. `KERAS_EE_DEBUG=1` raises instead.
+
+    Args:
+        prog: the message prefix, e.g. "keras-ee train".
+        command: `fn(args)`; its return value is ignored.
+        args: the parsed arguments.
+    """
     try:
-        COMMANDS[args.command](args)
+        command(args)
     except FloatingPointError as e:  # keras_ee.training.NonFiniteLossError: names the step and the exit
         if os.environ.get("KERAS_EE_DEBUG"):
             raise
         print(
-            f"keras-ee {args.command}: training stopped: {e}\n(the last finished epoch is kept in the run's "
+            f"{prog}: training stopped: {e}\n(the last finished epoch is kept in the run's "
             "backup/; lower the learning rate or check the data, in a new --out folder)",
             file=sys.stderr,
         )
@@ -659,15 +684,15 @@ def main(argv=None) -> int:
         # Bad input is the user's to fix: say what, without a traceback.
         if os.environ.get("KERAS_EE_DEBUG"):
             raise
-        print(f"keras-ee {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full or read-only disk, permissions: name the path
         if os.environ.get("KERAS_EE_DEBUG"):
             raise
-        print(f"keras-ee {args.command}: error: {_os_error_text(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_os_error_text(e)}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:
-        print(f"\nkeras-ee {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        print(f"\n{prog}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     return 0
 
@@ -678,9 +703,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _os_error_text(e: OSError) -> str:
-    from keras_ee.runs import RunWriteError
+    from keras_ee.atomic import WriteError
 
-    if isinstance(e, RunWriteError) or not e.strerror:
+    if not e.strerror:  # keras-ee's own message (RunWriteError, ...): it names the path already
         return _one_line(e)
+    verb = "cannot write" if isinstance(e, WriteError) else "cannot access"
     where = f" {e.filename!r}" if e.filename else ""
-    return f"cannot access{where}: {e.strerror}."
+    return f"{verb}{where}: {e.strerror}."

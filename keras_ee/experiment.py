@@ -24,6 +24,7 @@ A run folder holds:
     backup/              the training state after the last finished epoch; gone when done
     state.json           whether training finished, and how long it took
     .lock                the lock of the command working in the folder (see keras_ee.runs)
+    .keras-ee.json       keras-ee's mark: a non-empty --out without it (or .lock) is refused
 
 What a run can rely on:
 
@@ -66,7 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_ee.atomic import atomic_path, atomic_write_json
+from keras_ee.atomic import MARKER, atomic_path, atomic_write_json, claim_out_folder
+from keras_ee.atomic import check_out_folder as check_out_folder_rule
 from keras_ee.config import TrainConfig
 
 STATE_FILE = "state.json"
@@ -99,17 +101,34 @@ def run_started(workdir: Path) -> bool:
     return any((workdir / name).exists() for name in (MODEL_FILE, runs.BACKUP_DIR, runs.HISTORY_FILE, STATE_FILE))
 
 
-def check_out_folder(workdir) -> Path:
-    """Refuse an `--out` that is a file or lies under one, before anything is written."""
+def is_run_folder(workdir) -> bool:
+    """A run folder from before keras-ee marked its folders: `train` left its lock file there, or
+    its config.json is exactly as keras-ee writes one (every setting spelled out; older versions
+    left one behind when they refused a command). A user's own config.json is not."""
+    from keras_ee import runs
+
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--out {str(workdir)!r} is an existing file; expected a run folder (new or existing).")
-    for parent in workdir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {str(workdir)!r} lies under the file {str(parent)!r}; expected a folder path.")
-            break
-    return workdir
+    if (workdir / runs.LOCK_FILE).is_file():
+        return True
+    try:
+        values = TrainConfig.read_values(workdir / CONFIG_FILE)
+        return TrainConfig.from_dict(values).to_dict() == values
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_out_folder(workdir) -> Path:
+    """Refuse an `--out` that is a file, lies under one, or holds files keras-ee did not write,
+    before anything is written (`keras_ee.atomic.check_out_folder`; a run folder resumes).
+
+    No write probe: a multi-worker non-chief checks the chief's folder, which it never writes.
+    """
+    return check_out_folder_rule(
+        workdir,
+        recognise=is_run_folder,
+        hint="use a new --out folder (a run folder keras-ee wrote resumes).",
+        probe=False,
+    )
 
 
 def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
@@ -136,7 +155,7 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
                 "or the same settings to resume it."
             )
     elif write:
-        workdir.mkdir(parents=True, exist_ok=True)
+        claim_out_folder(workdir, "run")
         config.to_json(saved)
     return workdir
 
@@ -781,7 +800,7 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         return workdir
     created = not workdir.exists()
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        claim_out_folder(workdir, "run")  # marked as keras-ee's if new or empty
     except OSError as e:
         raise runs.RunWriteError(f"cannot create run folder {str(workdir)!r}: {runs.describe_os_error(e)}.") from None
     try:
@@ -790,6 +809,7 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         if created and not run_started(workdir):  # refused before it started: leave no trace
             (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
             (workdir / CONFIG_FILE).unlink(missing_ok=True)
+            (workdir / MARKER).unlink(missing_ok=True)
             try:
                 workdir.rmdir()
             except OSError:

@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import keras
@@ -61,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_ee import calibration, inputs, models
-from keras_ee.atomic import atomic_path
+from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
 from keras_ee.models.layers import InferenceSnapshot
 
@@ -810,21 +808,37 @@ class EarlyExitModel(keras.Model):
             super().save(tmp, **kwargs)
         return path
 
-    def export(self, filepath, overwrite=True):
+    def export(self, filepath, overwrite=False):
         """Writes a TensorFlow SavedModel whose signatures do the early exit (no keras_ee needed).
 
         Signatures: `serving_default` / `serve(images)` and `anytime(images, deadline)`,
         `images` float32 `(None, H, W, C)`, `deadline` int32 scalar; both return the dict
         `label`, `exit`, `confidence`. Load with `tf.saved_model.load(path)`.
 
-        The folder is written next to its target and renamed into place.
+        Nothing keras-ee did not write is deleted. The SavedModel is written to a hidden
+        sibling folder, then renamed into place; a folder that already exists keeps every
+        entry but the SavedModel's own (`SAVED_MODEL_ENTRIES`: saved_model.pb, variables/,
+        assets/, fingerprint.pb and keras-ee's mark `.keras-ee.json`). A new or empty folder or
+        a previous export is written; a folder holding other files is refused unless
+        `overwrite=True`.
+
+        Raises:
+            ValueError: `filepath` is a file (or lies under one).
+            keras_ee.atomic.ForeignFolderError: (a `FileExistsError`) a folder with other
+                files, without `overwrite=True`; nothing is written.
+            keras_ee.atomic.WriteError: the disk is full or read-only; it names `filepath`,
+                and a previous export there is left intact.
         """
-        path = Path(filepath)
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{str(path)!r} exists (pass overwrite=True to replace it).")
-            if not path.is_dir():
-                raise ValueError(f"{str(path)!r} is a file; export writes a SavedModel folder.")
+        from keras_ee import atomic
+
+        path = atomic.check_out_folder(
+            filepath,
+            what=None,
+            recognise=_is_saved_model,
+            overwrite=overwrite,
+            hint="pass overwrite=True to write the SavedModel into it (only "
+            f"{', '.join(SAVED_MODEL_ENTRIES)} are replaced; every other file stays).",
+        )
         spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
         self.refresh()
         archive = keras.export.ExportArchive()
@@ -836,21 +850,21 @@ class EarlyExitModel(keras.Model):
             lambda images, deadline: self.early_exit(images, deadline),
             input_signature=[spec, tf.TensorSpec((), tf.int32, name="deadline")],
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        try:
-            with atomic_path(path) as tmp:
-                archive.write_out(str(tmp), verbose=False)
-        except BaseException:
-            if old is not None and not path.exists():
-                os.replace(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic.writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_folder(path, SAVED_MODEL_ENTRIES, "savedmodel", first="saved_model.pb") as tmp:
+            archive.write_out(str(tmp), verbose=False)
         return path
+
+
+# What `export` writes into its folder, and so the only entries it replaces there.
+SAVED_MODEL_ENTRIES = ("saved_model.pb", "variables", "assets", "fingerprint.pb", MARKER)
+
+
+def _is_saved_model(path) -> bool:
+    """A SavedModel folder holding nothing else (one exported before keras-ee marked its exports)."""
+    names = {e.name for e in Path(path).iterdir()}
+    return "saved_model.pb" in names and names <= set(SAVED_MODEL_ENTRIES)
 
 
 def _json_float(x):

@@ -39,7 +39,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_ee.atomic import atomic_path, atomic_write_json, atomic_write_text, fsync_dir
+from keras_ee.atomic import (
+    TEMPORARY_NAME,
+    WriteError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    describe_os_error,
+    fsync_dir,
+)
 
 LOCK_FILE = ".lock"
 BACKUP_DIR = "backup"
@@ -51,16 +59,11 @@ class RunFolderBusyError(RuntimeError):
     """Another live process holds the run folder's lock."""
 
 
-class RunWriteError(OSError):
+class RunWriteError(WriteError):
     """A file the run depends on could not be written (full or read-only disk, ...).
 
     The message names the path and says what is still safe on disk.
     """
-
-
-def describe_os_error(e: OSError) -> str:
-    """`'No space left on device'` and the like: the OS's reason without the errno number."""
-    return e.strerror or str(e)
 
 
 class RunLock:
@@ -131,9 +134,6 @@ class RunLock:
         return False
 
 
-_TEMPORARY = re.compile(r"\.tmp-\d+(-[0-9a-f]+)?")
-
-
 def remove_temporaries(workdir) -> int:
     """Delete the temporary files of interrupted atomic writes under `workdir`.
 
@@ -143,7 +143,7 @@ def remove_temporaries(workdir) -> int:
     """
     removed = 0
     for path in sorted(Path(workdir).rglob("*"), key=lambda p: -len(p.parts)):
-        if _TEMPORARY.search(path.name) and path.exists():
+        if TEMPORARY_NAME.search(path.name) and path.exists():
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -143,6 +143,7 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
     assert len((run / "history.csv").read_text().strip().splitlines()) == 3
     assert sorted(p.name for p in run.iterdir()) == sorted(
         [
+            ".keras-ee.json",
             ".lock",
             "config.json",
             "costs.json",

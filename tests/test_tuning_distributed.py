@@ -144,7 +144,7 @@ def test_a_chief_that_cannot_listen_says_so(tmp_path):
 def test_a_worker_with_another_method_than_the_chief_is_refused(tmp_path):
     env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
     config = str(_tiny_config(tmp_path / "c.json"))  # gating: lambda, temperature
-    common = ["--distributed", "--config", config, "--tuner", "random", "--trials", "2", "--out", str(tmp_path)]
+    common = ["--distributed", "--config", config, "--tuner", "random", "--trials", "2", "--out", str(tmp_path / "out")]
     chief = subprocess.Popen(
         [sys.executable, "-m", "tuning.search", *common],
         cwd=ROOT,

@@ -121,6 +121,7 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     import keras_tuner as kt
 
     from keras_ee import experiment
+    from keras_ee.atomic import claim_out_folder
 
     if tuner not in TUNERS:
         raise ValueError(f"`tuner` must be one of {TUNERS}; received {tuner!r}.")
@@ -132,8 +133,9 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
         # A worker must never wipe the project: sharing `directory` with the chief, it would
         # delete the chief's oracle.json and trial folders. `overwrite` is the chief's call.
         overwrite = overwrite and role.is_chief
-    workdir = Path(workdir)
+    workdir = check_search_folder(workdir, what=None)
     splits = experiment.load_data(config)
+    claim_out_folder(workdir, "tuning")
     hypermodel = make_hypermodel(config, splits)
     if not search_space(config.method):
         trials = 1
@@ -189,10 +191,28 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     return best, ranking
 
 
+def is_search_folder(path) -> bool:
+    """A search folder from before keras-ee marked its folders: `best.json` and keras-tuner projects."""
+    entries = list(Path(path).iterdir())
+    return bool(entries) and all(e.name == "best.json" or (e / "oracle.json").is_file() for e in entries)
+
+
+def check_search_folder(path, what="--out") -> Path:
+    """Refuse, before any work, a search folder that is a file or holds files keras-ee did not write
+    (`--overwrite` deletes the method's project folder in it), or that cannot be written."""
+    from keras_ee.atomic import check_out_folder
+
+    return check_out_folder(path, what=what, recognise=is_search_folder)
+
+
 def main(argv=None) -> int:
-    from keras_ee.config import TrainConfig
+    from keras_ee.cli import run_command
 
     quiet_tensorflow_startup()
+    return run_command("tuning.search", _main, _parser().parse_args(argv))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, help="base TrainConfig (.json/.toml)")
     p.add_argument("--dataset")
@@ -217,16 +237,20 @@ def main(argv=None) -> int:
         help="one process of keras-tuner's chief/worker search, its role from KERASTUNER_TUNER_ID "
         "(chief | tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT",
     )
-    args = p.parse_args(argv)
-    try:
-        role = distributed.role_from_env() if args.distributed else None
-    except ValueError as e:
-        print(f"tuning.search: error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def _main(args) -> None:
+    """The command, its errors left to `keras_ee.cli.run_command` (one line and an exit status)."""
+    from keras_ee.config import TrainConfig
+
+    role = distributed.role_from_env() if args.distributed else None
     values = TrainConfig.from_file(args.config).to_dict() if args.config else TrainConfig(epochs=5).to_dict()
     for key in ("dataset", "data_dir", "model", "method", "epochs", "batch_size", "seed"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    config = TrainConfig.from_dict(values)
+    check_search_folder(args.out)
 
     def report(record):
         print(f"{role.tuner_id}: trial {record.trial_id} {record.status.lower()}, " + _describe(record), flush=True)
@@ -235,31 +259,25 @@ def main(argv=None) -> int:
     if role is not None:
         what = ("starting the oracle" if role.is_chief else "waiting for trials from the chief") + f" at {role.address}"
         print(f"{role.tuner_id}: {what} ({args.trials} trials, project {args.out})", flush=True)
-    try:
-        best, ranking = search(
-            TrainConfig.from_dict(values),
-            args.out,
-            trials=args.trials,
-            tuner=args.tuner,
-            overwrite=args.overwrite,
-            role=role,
-            report=report if worker else None,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tuning.search: error: {e}", file=sys.stderr)
-        return 2
+    best, ranking = search(
+        config,
+        args.out,
+        trials=args.trials,
+        tuner=args.tuner,
+        overwrite=args.overwrite,
+        role=role,
+        report=report if worker else None,
+    )
     if worker:
         # The chief holds the ranking and writes best.json; a worker only says what it ran.
         ids = ", ".join(r.trial_id for r in ranking) or "none"
         print(f"{role.tuner_id}: done, ran {len(ranking)} trial(s): {ids}", flush=True)
-        return 0
+        return
     print("rank  val_budget_auc %  hyper-parameters")
     for i, (score, hp) in enumerate(ranking, 1):
         print(f"{i:>4}  {100 * score:>16.2f}  " + ", ".join(f"{k}={v:.3g}" for k, v in hp.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
     best.to_json(args.out / "best.json")  # atomic (keras_ee.atomic): a reader never sees half of it
     print(f"\nwrote {args.out / 'best.json'} (train it with: keras-ee train --config {args.out / 'best.json'})")
-    return 0
 
 
 def _describe(record) -> str:
