@@ -213,3 +213,49 @@ def test_a_malicious_pickle_is_refused_and_nothing_runs(layout, tmp_path, bare_m
         interop.load_torch_checkpoint(path)
     assert "\n" not in str(e.value)
     assert not side.exists()
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    from keras_ee import cli
+
+    out = tmp_path_factory.mktemp("imported") / "run"
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(out)]) == 0
+    return out
+
+
+def test_import_command_writes_a_run_folder(imported_run):
+    import json
+
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    names = {p.name for p in imported_run.iterdir()}
+    assert {"model.keras", "costs.json", "preprocessing.json", "config.json", "import.json", "state.json"} <= names
+    report = json.loads((imported_run / "import.json").read_text())
+    assert report["sha256"] == hashlib.sha256((DATA / "ranet_cifar_zip.pth").read_bytes()).hexdigest()
+    assert report["serialisation"] == "zip" and report["family"] == "ranet" and report["dataset"] == "cifar10"
+    assert {"optimizer", "num_batches_tracked"} <= set(report["ignored"])
+    scale, mean, std = experiment.read_preprocessing(imported_run)
+    assert scale == pytest.approx(1 / 255) and np.allclose(mean, [0.4914, 0.4824, 0.4467])
+    config = TrainConfig.from_file(imported_run / "config.json")
+    assert config.model == "ranet_cifar_c1" and config.model_options["growth_rate"] == 4
+    costs = json.loads((imported_run / "costs.json").read_text())
+    assert costs["params"][-1] == 49609  # sum(p.numel() for p in model.parameters()) of the authors' model
+    model = experiment.load_run_model(imported_run / "model.keras")  # safe mode
+    _assert_parity(model.backbone, "ranet_cifar")
+
+
+def test_import_command_refusals(imported_run, tmp_path, capsys):
+    from keras_ee import cli
+
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(imported_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    out = tmp_path / "new"
+    argv = ["import", str(DATA / "msdnet_cifar_zip.pth"), "--out", str(out), "--model", "msdnet_cifar_7"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit model 'msdnet_cifar_7'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written for a refused checkpoint
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(out), "--dataset", "mnist"]) == 2
+    assert not out.exists()

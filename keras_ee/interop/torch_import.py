@@ -167,9 +167,12 @@ class _Assign:
     # The authors' forward never uses it (MSDNet's last layer computes finer scales that no exit
     # reads); Keras' functional graph drops such layers, so it may have no Keras weight.
     dead: bool = False
+    partial: bool = False  # fills a channel slice of a merged layer (else the whole variable)
 
 
-def _conv_bn(conv: str, bn: str, layer: str, start: int = 0, bn_layer: str | None = None, conv_bias=False):
+def _conv_bn(conv: str, bn: str, layer: str, start: int | None = None, bn_layer: str | None = None, conv_bias=False):
+    """A conv + BatchNorm pair onto one ConvBNReLU layer (`start`: a slice of a merged one)."""
+    partial, start = start is not None, start or 0
     out = [_Assign(f"{conv}.weight", layer, "kernel", start)]
     if conv_bias:
         out.append(_Assign(f"{conv}.bias", layer, "bias", start))
@@ -181,7 +184,7 @@ def _conv_bn(conv: str, bn: str, layer: str, start: int = 0, bn_layer: str | Non
         ("running_var", "moving_variance"),
     ):
         out.append(_Assign(f"{bn}.{t}", bn_layer, k, start))
-    return out
+    return [dataclasses.replace(a, partial=partial) for a in out]
 
 
 def _classifier(sd_keys, index: int, exit_number: int) -> list:
@@ -529,7 +532,8 @@ def fill_model(model, sd: dict, assignments: list, where: str) -> tuple[int, int
         value = _to_keras(np.asarray(sd[a.torch_key]), a.variable, len(buffers[key].shape))
         target = buffers[key]
         width = value.shape[-1] if value.ndim else 1
-        if value.shape[:-1] != target.shape[:-1] or a.start + width > (target.shape[-1] if target.ndim else 1):
+        full = target.shape[-1] if target.ndim else 1
+        if value.shape[:-1] != target.shape[:-1] or a.start + width > full or (not a.partial and width != full):
             want = list(target.shape)
             problems.append(
                 f"{a.torch_key!r} of shape {list(sd[a.torch_key].shape)} does not fit {a.layer}/{a.variable} "
@@ -642,11 +646,8 @@ def import_torch_checkpoint(path, model=None, **options):
             if input_shape is not None:
                 model_options.setdefault("input_shape", tuple(input_shape))
             built = models.create(preset, **model_options)
-        where = f"model {preset!r}" + (
-            f" with { ({k: v for k, v in model_options.items() if k not in ('num_classes', 'input_shape')}) }"
-            if preset
-            else ""
-        )
+        shown = {k: v for k, v in model_options.items() if k not in ("num_classes", "input_shape")}
+        where = f"model {preset!r}" + (f" with {shown}" if preset and shown else "")
         used, filled, dead = fill_model(built, sd, assignments, where if preset else f"model {built.name!r}")
     except CheckpointError as e:
         raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
