@@ -12,6 +12,7 @@ keras-ee predict RUN --budget 15M --images DIR_OR_NPZ --out predictions.csv
 keras-ee models                  every preset's exits, params and Mul-Adds
 keras-ee methods                 every training method: paper, options and defaults
 keras-ee datasets                the dataset names
+keras-ee import CHECKPOINT --out RUN   an authors' PyTorch MSDNet/RANet checkpoint as a run (keras_ee.interop)
 """
 
 from __future__ import annotations
@@ -634,7 +635,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="reference", choices=["reference", "macs"])
     sub.add_parser("methods", help="every training method: paper, options and defaults")
     sub.add_parser("datasets", help="list the dataset names")
+    from keras_ee.interop import command as import_command
+
+    import_command.add_parser(sub, _key_value)
     return parser
+
+
+def cmd_import(args) -> None:
+    from keras_ee.interop import command as import_command
+
+    import_command.run(args)
 
 
 COMMANDS = {
@@ -647,6 +657,7 @@ COMMANDS = {
     "models": cmd_models,
     "methods": cmd_methods,
     "datasets": cmd_datasets,
+    "import": cmd_import,
 }
 
 

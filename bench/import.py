@@ -1,0 +1,82 @@
+"""Speed and memory of `keras_ee.interop` on a large authors' checkpoint.
+
+    PYTHONPATH=. .venv/bin/python bench/import.py CHECKPOINT [--preset msdnet_imagenet_s7]
+
+CHECKPOINT is made locally (not committed) by the authors' own code with random weights, e.g.
+kalviny/MSDNet-PyTorch's `MSDNet(args)` for ImageNet step 7 (`--nBlocks 5 --stepmode even
+--step 7 --base 4 --nChannels 32 --growthRate 16 --grFactor 1-2-4-4 --bnFactor 1-2-4-4`,
+47,544,824 parameters) saved with `torch.save({'state_dict': DataParallel(model).state_dict(),
+...})`. Reported:
+
+- the time to read the file's bytes (`Path.read_bytes`, warm page cache, best of 3);
+- the Keras model's build time (apart: it does not depend on the checkpoint);
+- the time to read the checkpoint and map its tensors into the built model
+  (`import_torch_checkpoint(path, model=built)`, best of `--repeat`), and its ratio to the
+  byte read (target <= 2x);
+- the extra peak memory of that import: the process's peak RSS after it minus the RSS before
+  (the model already built), against the checkpoint's size (target <= 2.5x).
+"""
+
+import argparse
+import os
+import resource
+import time
+from pathlib import Path
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--preset", default="msdnet_imagenet_s7")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+
+    from keras_ee import models
+    from keras_ee.interop import import_torch_checkpoint
+
+    size = args.checkpoint.stat().st_size
+    t = time.perf_counter()
+    model = models.create(args.preset)
+    build = time.perf_counter() - t
+    import gc
+
+    gc.collect()
+    before = rss_bytes()
+    t = time.perf_counter()
+    _, report = import_torch_checkpoint(args.checkpoint, model=model)
+    first = time.perf_counter() - t
+    peak = peak_rss_bytes() - before
+    times = [first]
+    for _ in range(args.repeat - 1):
+        gc.collect()
+        t = time.perf_counter()
+        import_torch_checkpoint(args.checkpoint, model=model)
+        times.append(time.perf_counter() - t)
+    reads = []
+    for _ in range(3):
+        t = time.perf_counter()
+        data = args.checkpoint.read_bytes()
+        reads.append(time.perf_counter() - t)
+        del data
+    read = min(reads)
+    mapped = min(times)
+    print(
+        f"checkpoint: {args.checkpoint} ({size / 1e6:.1f} MB, {report.serialisation}, {report.tensors_total} tensors)"
+    )
+    print(f"Keras model build ({args.preset}): {build:.2f} s (apart)")
+    print(f"read the file's bytes: {read:.3f} s")
+    print(f"read + map into the model: {mapped:.3f} s = {mapped / read:.2f}x the byte read (target <= 2x)")
+    print(f"extra peak memory of the import: {peak / 1e6:.0f} MB = {peak / size:.2f}x the checkpoint (target <= 2.5x)")
+
+
+if __name__ == "__main__":
+    main()

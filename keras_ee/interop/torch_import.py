@@ -1,0 +1,699 @@
+"""The authors' PyTorch checkpoints as keras-ee models: architecture inference and weight mapping.
+
+Supported: MSDNet as kalviny/MSDNet-PyTorch, L2W-DEN and IMTA phase I write it (CIFAR and
+ImageNet stems, any block count, step mode, step, base, channels, growth and bottleneck
+factors of the "max" pruning rule), and RANet as yangle15/RANet-pytorch writes it (CIFAR stem).
+Papers: "Multi-Scale Dense Networks for Resource Efficient Image Classification" (Huang et al.,
+ICLR 2018, arXiv:1703.09844); "Resolution Adaptive Networks for Efficient Inference" (Yang et
+al., CVPR 2020, arXiv:2003.07326).
+
+How their keys map onto keras-ee's layers: conv weight OIHW -> HWIO; BatchNorm `weight, bias,
+running_mean, running_var` -> `gamma, beta, moving_mean, moving_variance`; Linear weight
+transposed. In MSDNet every unit's 1x1 bottleneck is a channel slice of one merged
+`l{L}_x{src}_a` layer (the units reading the same source scale, ordered by output scale; see
+`keras_ee.models.heads.shared_bottleneck`); RANet's stem is built highest resolution first
+(`FirstLayer.layers.{k}` -> `stem_f{S-1-k}`).
+
+Every checkpoint tensor is used exactly once and every Keras weight element filled exactly once,
+or `CheckpointMismatchError` lists what disagrees; `num_batches_tracked` entries and everything
+beside the state_dict (optimizer states, epoch, ...) are read and ignored (`ImportReport` says so).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from keras_ee.interop.torch_file import CheckpointError, read_torch_file
+
+# Where keras-ee's presets meet the authors' defaults (used to name the nearest preset).
+_FAMILY_BASE_PRESET = {
+    ("msdnet", "cifar"): "msdnet_cifar_5",
+    ("msdnet", "imagenet"): "msdnet_imagenet_s4",
+    ("ranet", "cifar"): "ranet_cifar_c1",
+}
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+_IGNORED_SUFFIX = "num_batches_tracked"
+_SHOWN = 6  # how many disagreements an error names
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model (missing, extra or differently shaped)."""
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What `import_torch_checkpoint` read, found and ignored (written as a run's import.json)."""
+
+    source: str
+    sha256: str
+    size_bytes: int
+    serialisation: str
+    container: str
+    module_prefix: bool
+    family: str
+    preset: str
+    model_options: dict
+    num_classes: int
+    input_shape: list
+    tensors_total: int
+    tensors_used: int
+    keras_weights: int
+    ignored: dict
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- checkpoint layout
+
+
+def _is_state_dict(obj) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+    )
+
+
+def unwrap_checkpoint(obj) -> tuple[dict, str, dict]:
+    """The model's state_dict inside what a script saved.
+
+    Returns:
+        `(state_dict, container, ignored)`: `container` says where it was (`"bare"` or the
+        key), `ignored` maps every other top-level key to a short description.
+    """
+    if _is_state_dict(obj):
+        return dict(obj), "bare", {}
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                ignored = {str(k): _describe(v) for k, v in obj.items() if k != key}
+                return dict(obj[key]), key, ignored
+    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(
+        f"holds no state_dict: expected a dict of tensors, or a dict with one under {list(_STATE_DICT_KEYS)}; "
+        f"found {keys}"
+    )
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"tensor {list(value.shape)}"
+    if isinstance(value, dict):
+        n = sum(1 for _ in _walk_arrays(value))
+        return f"dict of {len(value)} entries ({n} tensors)"
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return repr(value)[:60]
+    return type(value).__name__
+
+
+def _walk_arrays(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk_arrays(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk_arrays(v)
+
+
+def strip_module_prefix(state_dict: dict) -> tuple[dict, bool]:
+    """Drops DataParallel's `module.` path components (also nested ones, as IMTA's `module.net.module.`)."""
+    out, stripped = {}, False
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        kept = [p for p in parts if p != "module"]
+        stripped |= len(kept) != len(parts)
+        new = ".".join(kept)
+        if new in out:
+            raise CheckpointError(f"keys {key!r} and another one are the same without `module.`")
+        out[new] = value
+    return out, stripped
+
+
+def detect_family(state_dict: dict) -> str:
+    keys = state_dict.keys()
+    if any(k.startswith("isc_modules.") for k in keys) or any(k.startswith("net.blocks.") for k in keys):
+        raise CheckpointError("an IMTA phase-II checkpoint: not supported by this version of keras-ee import yet")
+    if any(k.startswith("FirstLayer.") for k in keys) and any(k.startswith("scale_flows.") for k in keys):
+        return "ranet"
+    if any(k.startswith("blocks.") for k in keys) and any(k.startswith("classifier.") for k in keys):
+        if any(k.startswith(("gater", "gaters", "gate")) for k in keys):
+            raise CheckpointError("a gated MSDNet (budget-aware): not supported by this version of keras-ee import yet")
+        return "msdnet"
+    raise CheckpointError(
+        f"keys of no known architecture (first keys {list(keys)[:4]}); keras-ee imports MSDNet "
+        "(blocks.*, classifier.*) and RANet (FirstLayer.*, scale_flows.*, classifier.*)"
+    )
+
+
+# --------------------------------------------------------------------------- assignments
+
+
+@dataclasses.dataclass(frozen=True)
+class _Assign:
+    torch_key: str
+    layer: str
+    variable: str
+    start: int = 0  # channel offset in the Keras variable's last axis (merged bottlenecks)
+    # The authors' forward never uses it (MSDNet's last layer computes finer scales that no exit
+    # reads); Keras' functional graph drops such layers, so it may have no Keras weight.
+    dead: bool = False
+    partial: bool = False  # fills a channel slice of a merged layer (else the whole variable)
+
+
+def _conv_bn(conv: str, bn: str, layer: str, start: int | None = None, bn_layer: str | None = None, conv_bias=False):
+    """A conv + BatchNorm pair onto one ConvBNReLU layer (`start`: a slice of a merged one)."""
+    partial, start = start is not None, start or 0
+    out = [_Assign(f"{conv}.weight", layer, "kernel", start)]
+    if conv_bias:
+        out.append(_Assign(f"{conv}.bias", layer, "bias", start))
+    bn_layer = bn_layer or layer
+    for t, k in (
+        ("weight", "gamma"),
+        ("bias", "beta"),
+        ("running_mean", "moving_mean"),
+        ("running_var", "moving_variance"),
+    ):
+        out.append(_Assign(f"{bn}.{t}", bn_layer, k, start))
+    return [dataclasses.replace(a, partial=partial) for a in out]
+
+
+def _classifier(sd_keys, index: int, exit_number: int) -> list:
+    p = f"classifier.{index}"
+    out = []
+    for j, name in ((0, "head_1"), (1, "head_2")):
+        out += _conv_bn(f"{p}.m.{j}.net.0", f"{p}.m.{j}.net.1", f"exit_{exit_number}_{name}")
+    out += [
+        _Assign(f"{p}.linear.weight", f"exit_{exit_number}", "kernel"),
+        _Assign(f"{p}.linear.bias", f"exit_{exit_number}", "bias"),
+    ]
+    return out
+
+
+def _indices(keys, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def _shape(sd: dict, key: str):
+    if key not in sd:
+        raise CheckpointMismatchError(f"the checkpoint lacks {key!r}")
+    return sd[key].shape
+
+
+# ---- MSDNet
+
+
+def _msdnet_units(sd: dict, prefix: str, offset: int) -> list:
+    """`(out scale, branch, source scale, torch module)` of one MSDNLayer at `prefix`."""
+    units = []
+    for i in _indices(sd, re.escape(prefix) + r"\.layers\.(\d+)\."):
+        s, q = offset + i, f"{prefix}.layers.{i}"
+        if any(k.startswith(f"{q}.conv_down.") for k in sd):
+            units += [(s, "_down", s - 1, f"{q}.conv_down"), (s, "_same", s, f"{q}.conv_normal")]
+        else:
+            units.append((s, "", s, f"{q}.conv_normal"))
+    return units
+
+
+def _msdnet_walk(sd: dict):
+    """Walks the authors' MSDNet modules: yields `(kind, block, seq, prefix)`."""
+    num_blocks = len(_indices(sd, r"classifier\.(\d+)\."))
+    blocks = _indices(sd, r"blocks\.(\d+)\.")
+    if blocks != list(range(num_blocks)):
+        raise CheckpointMismatchError(
+            f"blocks {blocks} and {num_blocks} classifiers: expected one classifier per block"
+        )
+    for b in range(num_blocks):
+        for seq in _indices(sd, rf"blocks\.{b}\.(\d+)\."):
+            p = f"blocks.{b}.{seq}"
+            if b == 0 and seq == 0:
+                yield "stem", b, seq, p
+            elif any(k.startswith(f"{p}.m.") for k in sd):
+                yield "transition", b, seq, p
+            else:
+                yield "layer", b, seq, p
+
+
+def _msdnet_scales(sd) -> int:
+    return len(_indices(sd, r"blocks\.0\.0\.layers\.(\d+)\."))
+
+
+def _msdnet_imagenet_stem(sd) -> bool:
+    return "blocks.0.0.layers.0.0.weight" in sd
+
+
+def msdnet_assignments(sd: dict) -> list:
+    num_scales = _msdnet_scales(sd)
+    out = []
+    layer = 0
+    walk = list(_msdnet_walk(sd))
+    last_layer = max((i for i, w in enumerate(walk) if w[0] == "layer"), default=-1)
+    for position, (kind, _b, _seq, p) in enumerate(walk):
+        if kind == "stem":
+            for s in range(num_scales):
+                if s == 0 and _msdnet_imagenet_stem(sd):
+                    out += _conv_bn(
+                        f"{p}.layers.0.0", f"{p}.layers.0.1", "stem_s0_conv", bn_layer="stem_s0_bn", conv_bias=True
+                    )
+                else:
+                    out += _conv_bn(f"{p}.layers.{s}.net.0", f"{p}.layers.{s}.net.1", f"stem_s{s}")
+        elif kind == "transition":
+            idx = _indices(sd, re.escape(p) + r"\.m\.(\d+)\.")
+            offset = num_scales - len(idx)
+            for i in idx:
+                out += _conv_bn(f"{p}.m.{i}.net.0", f"{p}.m.{i}.net.1", f"l{layer}_s{offset + i}_transition")
+        else:
+            layer += 1
+            offset = num_scales - len(_indices(sd, re.escape(p) + r"\.layers\.(\d+)\."))
+            units = _msdnet_units(sd, p, offset)
+            own = {src: m for s, _br, src, m in units if s == src}
+            for s, branch, src, m in units:
+                unit = []
+                if f"{m}.net.3.weight" in sd:  # bottleneck: 1x1 slice of the merged l{L}_x{src}_a
+                    start = _shape(sd, f"{own[src]}.net.0.weight")[0] if branch == "_down" and src in own else 0
+                    unit += _conv_bn(f"{m}.net.0", f"{m}.net.1", f"l{layer}_x{src}_a", start)
+                    unit += _conv_bn(f"{m}.net.3", f"{m}.net.4", f"l{layer}_s{s}{branch}_b")
+                else:
+                    unit += _conv_bn(f"{m}.net.0", f"{m}.net.1", f"l{layer}_s{s}{branch}_b")
+                if position == last_layer and s != num_scales - 1:  # only the coarsest scale reaches an exit
+                    unit = [dataclasses.replace(a, dead=True) for a in unit]
+                out += unit
+    for b in range(len(_indices(sd, r"classifier\.(\d+)\."))):
+        out += _classifier(sd, b, b + 1)
+    return out
+
+
+def infer_msdnet(sd: dict) -> tuple[dict, int, tuple]:
+    """`(msdnet() arguments, num_classes, input_shape)` read off an MSDNet state_dict's keys and shapes."""
+    num_scales = _msdnet_scales(sd)
+    imagenet = _msdnet_imagenet_stem(sd)
+    stem = [
+        _shape(sd, "blocks.0.0.layers.0.0.weight" if s == 0 and imagenet else f"blocks.0.0.layers.{s}.net.0.weight")
+        for s in range(num_scales)
+    ]
+    num_channels = stem[0][0]
+    growth_factor = []
+    for s, shape in enumerate(stem):
+        if shape[0] % num_channels:
+            raise CheckpointMismatchError(
+                f"stem scale {s} has {shape[0]} channels, not a multiple of scale 0's {num_channels}"
+            )
+        growth_factor.append(shape[0] // num_channels)
+    lengths, bottleneck_stats, transitions = [], collections.defaultdict(list), []
+    bottleneck = None
+    for kind, b, _seq, p in _msdnet_walk(sd):
+        if kind == "layer":
+            while len(lengths) <= b:
+                lengths.append(0)
+            lengths[b] += 1
+            offset = num_scales - len(_indices(sd, re.escape(p) + r"\.layers\.(\d+)\."))
+            for _s, _br, src, m in _msdnet_units(sd, p, offset):
+                has = f"{m}.net.3.weight" in sd
+                bottleneck = has if bottleneck is None else bottleneck
+                if has:
+                    a, c = _shape(sd, f"{m}.net.0.weight"), _shape(sd, f"{m}.net.3.weight")
+                    bottleneck_stats[src].append((a[1], c[0], a[0]))  # (cin, filters, width)
+        elif kind == "transition":
+            for i in _indices(sd, re.escape(p) + r"\.m\.(\d+)\."):
+                s = num_scales - len(_indices(sd, re.escape(p) + r"\.m\.(\d+)\.")) + i
+                w = _shape(sd, f"{p}.m.{i}.net.0.weight")
+                transitions.append((w[1] // growth_factor[s], w[0] // growth_factor[s]))
+    first = "blocks.0.1.layers.0.conv_normal.net." + ("3" if bottleneck else "0") + ".weight"
+    growth_rate = _shape(sd, first)[0] // growth_factor[0]
+    bottleneck_factor = []
+    for s in range(num_scales):
+        stats = bottleneck_stats.get(s, [])
+        witness = [(f, w) for cin, f, w in stats if w < cin]
+        if witness:
+            f, w = witness[0]
+            bottleneck_factor.append(max(1, w // f))
+        else:  # always capped by the input width: any factor this large builds the same network
+            need = max((math.ceil(cin / f) for cin, f, _ in stats), default=1)
+            bottleneck_factor.append(max(growth_factor[s], need))
+    reduction = _fit_fraction(transitions, 0.5) if transitions else 0.5
+    step_mode, step = _step_from_lengths(lengths[1:], "lin_grow")
+    num_classes = _last_linear(sd)
+    head = None if imagenet else _shape(sd, "classifier.0.m.0.net.0.weight")[0]
+    in_channels = stem[0][1]
+    kwargs = dict(
+        num_blocks=len(lengths),
+        step_mode=step_mode,
+        step=step,
+        base=lengths[0] if lengths else 1,
+        num_channels=num_channels,
+        growth_rate=growth_rate,
+        growth_factor=tuple(growth_factor),
+        bottleneck_factor=tuple(bottleneck_factor),
+        reduction=reduction,
+        bottleneck=bool(bottleneck),
+        stem="imagenet" if imagenet else "cifar",
+        head_channels=head,
+    )
+    shape = (224, 224, in_channels) if imagenet else (32, 32, in_channels)
+    return kwargs, num_classes, shape
+
+
+def _fit_fraction(pairs, default: float) -> float:
+    """A fraction r with floor(r * n_in) == n_out for every (n_in, n_out): `default` if it fits."""
+    for r in [default] + sorted({o / i for i, o in pairs if i}):
+        if all(math.floor(r * i) == o for i, o in pairs):
+            return r
+    raise CheckpointMismatchError(f"no single reduction gives the transition widths {pairs[:4]}")
+
+
+def _step_from_lengths(later: list, growing_name: str) -> tuple[str, int]:
+    """Step mode and step from the layer counts of blocks 2, 3, ... (MSDNet's rule)."""
+    if not later:
+        return "even", 1
+    if all(n == later[0] for n in later):
+        return "even", later[0]
+    step = later[1] - later[0]
+    if step >= 1 and all(n == step * (b + 1) + 1 for b, n in enumerate(later)):
+        return growing_name, step
+    raise CheckpointMismatchError(f"blocks 2.. have {later} layers: neither even nor linearly growing")
+
+
+def _last_linear(sd) -> int:
+    exits = _indices(sd, r"classifier\.(\d+)\.")
+    if not exits:
+        raise CheckpointMismatchError("the checkpoint has no classifier.* tensors")
+    return int(_shape(sd, f"classifier.{exits[-1]}.linear.weight")[0])
+
+
+# ---- RANet
+
+
+def _ranet_blocks(sd, i) -> list[int]:
+    return _indices(sd, rf"scale_flows\.{i}\.(\d+)\.")
+
+
+def ranet_assignments(sd: dict) -> list:
+    flows = len(_indices(sd, r"FirstLayer\.layers\.(\d+)\."))
+    out = []
+    for k in range(flows):
+        out += _conv_bn(f"FirstLayer.layers.{k}.net.0", f"FirstLayer.layers.{k}.net.1", f"stem_f{flows - 1 - k}")
+    for i in range(flows):
+        for jj in _ranet_blocks(sd, i):
+            p, kp = f"scale_flows.{i}.{jj}", f"f{i}_b{jj + 1}"
+            fusion = f"{p}.conv_last.net.0.weight" in sd
+            for ll in _indices(sd, re.escape(p) + r"\.layers\.(\d+)\."):
+                q, kq = f"{p}.layers.{ll}", f"{kp}_l{ll + 1}"
+                own = f"{kq}_own" if fusion else kq
+                out += _conv_bn(f"{q}.conv_normal.net.0", f"{q}.conv_normal.net.1", f"{own}_a")
+                out += _conv_bn(f"{q}.conv_normal.net.3", f"{q}.conv_normal.net.4", f"{own}_b")
+                if fusion:
+                    out += _conv_bn(f"{q}.conv_up.net.0", f"{q}.conv_up.net.1", f"{kq}_low_a")
+                    out += _conv_bn(f"{q}.conv_up.net.3", f"{q}.conv_up.net.4", f"{kq}_low_b")
+            if fusion:
+                out += _conv_bn(f"{p}.conv_last.net.0", f"{p}.conv_last.net.1", f"{kp}_tail")
+            if f"{p}.trans.net.0.weight" in sd:
+                out += _conv_bn(f"{p}.trans.net.0", f"{p}.trans.net.1", f"{kp}_transition")
+    for e in _indices(sd, r"classifier\.(\d+)\."):
+        out += _classifier(sd, e, e + 1)
+    return out
+
+
+def infer_ranet(sd: dict) -> tuple[dict, int, tuple]:
+    """`(ranet() arguments, num_classes, input_shape)` read off a RANet state_dict's keys and shapes."""
+    flows = len(_indices(sd, r"FirstLayer\.layers\.(\d+)\."))
+    stem = [_shape(sd, f"FirstLayer.layers.{flows - 1 - i}.net.0.weight") for i in range(flows)]  # flow order
+    num_channels = min(s[0] for s in stem)
+    if any(s[0] % num_channels for s in stem):
+        raise CheckpointMismatchError(f"stem widths {[s[0] for s in stem]} are not multiples of the smallest")
+    gf = [s[0] // num_channels for s in stem]
+    blocks = [len(_ranet_blocks(sd, i)) for i in range(flows)]
+    block_step = blocks[1] - blocks[0] if flows > 1 else 2
+    lengths = [len(_indices(sd, rf"scale_flows\.{flows - 1}\.{jj}\.layers\.(\d+)\.")) for jj in range(blocks[-1])]
+    if all(n == lengths[0] for n in lengths):
+        step_mode, step = "even", lengths[0]
+    else:
+        step_mode, step = "lg", lengths[0]
+    growth_rate = _shape(sd, "scale_flows.0.0.layers.0.conv_normal.net.3.weight")[0] // gf[0]
+    witnesses, capped = collections.defaultdict(list), collections.defaultdict(list)
+    low_pairs, tail_pairs, trans_pairs, transitions = [], [], [], [0] * flows
+    for i in range(flows):
+        for jj in _ranet_blocks(sd, i):
+            p = f"scale_flows.{i}.{jj}"
+            for ll in _indices(sd, re.escape(p) + r"\.layers\.(\d+)\."):
+                for part, flow in (("conv_normal", i), ("conv_up", i - 1)):
+                    key = f"{p}.layers.{ll}.{part}.net.0.weight"
+                    if key in sd:
+                        a, c = sd[key].shape, _shape(sd, f"{p}.layers.{ll}.{part}.net.3.weight")
+                        (witnesses if a[0] < a[1] else capped)[flow].append((a[1], c[0], a[0]))
+                up = f"{p}.layers.{ll}.conv_up.net.3.weight"
+                if up in sd:
+                    low_pairs.append((growth_rate * gf[i], sd[up].shape[0]))
+            if f"{p}.conv_last.net.0.weight" in sd:
+                tail = sd[f"{p}.conv_last.net.0.weight"].shape[0]
+                last = _indices(sd, re.escape(p) + r"\.layers\.(\d+)\.")[-1]
+                width_in = _shape(sd, f"{p}.layers.{last}.conv_normal.net.0.weight")[1]
+                x_width = width_in + growth_rate * gf[i]  # the block's output before the tail
+                tail_pairs.append((x_width, tail))
+            if f"{p}.trans.net.0.weight" in sd:
+                t = sd[f"{p}.trans.net.0.weight"].shape
+                trans_pairs.append((t[1], t[0]))
+                transitions[i] += 1
+    bf = []
+    for i in range(flows):
+        if witnesses[i]:
+            _cin, f, w = witnesses[i][0]
+            bf.append(max(1, w // f))
+        else:
+            bf.append(max([gf[i]] + [math.ceil(cin / f) for cin, f, _ in capped[i]]))
+    compress = _fit_fraction(low_pairs + tail_pairs, 0.25) if low_pairs else 0.25
+    kwargs = dict(
+        num_channels=num_channels,
+        growth_rate=growth_rate,
+        growth_factor=tuple(gf),
+        bottleneck_factor=tuple(bf),
+        scale_list=tuple(1 + t for t in transitions),
+        num_blocks=blocks[0],
+        block_step=block_step,
+        step=step,
+        step_mode=step_mode,
+        compress_factor=compress,
+        reduction=_fit_fraction(trans_pairs, 0.5) if trans_pairs else 0.5,
+        head_channels=_shape(sd, "classifier.0.m.0.net.0.weight")[0],
+    )
+    return kwargs, _last_linear(sd), (32, 32, stem[-1][1])
+
+
+# --------------------------------------------------------------------------- filling a model
+
+
+def _to_keras(array: np.ndarray, variable: str, keras_ndim: int) -> np.ndarray:
+    if variable == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if variable == "kernel" and array.ndim == 2:
+        return array.T  # Linear (out, in) -> Dense (in, out)
+    return array
+
+
+def fill_model(model, sd: dict, assignments: list, where: str) -> tuple[int, int]:
+    """Copies the checkpoint's tensors into `model` as `assignments` say; checks every one is used
+    once and every Keras weight element filled once.
+
+    Returns:
+        `(tensors used, keras variables filled, dead)`: `dead` lists the tensors the authors'
+        forward pass never reads and the Keras graph does not hold (read and ignored).
+
+    Raises:
+        CheckpointMismatchError: naming the first disagreements and what is left over.
+    """
+    variables = {}
+    for layer in model.layers:
+        for v in layer.weights:
+            variables[(layer.name, v.name)] = v
+    buffers = {key: np.zeros(tuple(v.shape), v.dtype) for key, v in variables.items()}
+    counts = {key: np.zeros(tuple(v.shape)[-1:] or (1,), np.int32) for key, v in variables.items()}
+    problems, used, dead = [], collections.Counter(), []
+    for a in assignments:
+        if a.torch_key not in sd:
+            problems.append(f"the checkpoint lacks {a.torch_key!r} (for {a.layer}/{a.variable})")
+            continue
+        used[a.torch_key] += 1
+        key = (a.layer, a.variable)
+        if key not in variables and a.dead:
+            dead.append(a.torch_key)
+            continue
+        if key not in variables:
+            problems.append(f"{a.torch_key!r} has no Keras weight {a.layer}/{a.variable}")
+            continue
+        value = _to_keras(np.asarray(sd[a.torch_key]), a.variable, len(buffers[key].shape))
+        target = buffers[key]
+        width = value.shape[-1] if value.ndim else 1
+        full = target.shape[-1] if target.ndim else 1
+        if value.shape[:-1] != target.shape[:-1] or a.start + width > full or (not a.partial and width != full):
+            want = list(target.shape)
+            problems.append(
+                f"{a.torch_key!r} of shape {list(sd[a.torch_key].shape)} does not fit {a.layer}/{a.variable} "
+                f"{want}" + (f" at channel {a.start}" if a.start else "")
+            )
+            continue
+        target[..., a.start : a.start + width] = value
+        counts[key][a.start : a.start + width] += 1
+    twice = [k for k, n in used.items() if n > 1]
+    problems += [f"{k!r} is used {used[k]} times" for k in twice]
+    unused = [k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIX)]
+    unfilled = [f"{layer}/{name}" for (layer, name), c in counts.items() if (c != 1).any()]
+    if unused:
+        problems.append(f"{len(unused)} checkpoint tensor(s) unused: {unused[:_SHOWN]}")
+    if unfilled:
+        problems.append(f"{len(unfilled)} Keras weight(s) of {where} not filled exactly once: {unfilled[:_SHOWN]}")
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise CheckpointMismatchError(f"does not fit {where}: " + "; ".join(problems[:_SHOWN]) + more)
+    for key, v in variables.items():
+        v.assign(buffers[key])
+    return len(used) - len(dead), len(variables), dead
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _nearest_preset(family: str, stem: str, kwargs: dict) -> tuple[str, dict]:
+    """The keras-ee preset of this family with the fewest overrides that give `kwargs`."""
+    from keras_ee import models
+
+    candidates = [
+        name for name in models.available() if name.startswith(family) and (stem in name or family == "ranet")
+    ]
+    best = None
+    for name in candidates:
+        _builder, preset, _shape, _classes = models._PRESETS[name]
+        diff = {k: v for k, v in kwargs.items() if _norm(preset.get(k, _default(family, k))) != _norm(v)}
+        if best is None or len(diff) < len(best[1]):
+            best = (name, diff)
+    return best
+
+
+def _default(family, key):
+    import inspect
+
+    from keras_ee import models
+
+    builder = models.msdnet if family == "msdnet" else models.ranet
+    return inspect.signature(builder).parameters[key].default
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def import_torch_checkpoint(path, model=None, **options):
+    """Reads an authors' checkpoint into a keras-ee model and says what it did.
+
+    Args:
+        path: a `torch.save` file (zip or legacy serialisation).
+        model: None to infer the architecture from the keys and shapes, a preset name of
+            `keras_ee.models.available()` (then `options` override it, and `num_classes`
+            defaults to the checkpoint's), or a built keras-ee `keras.Model` to fill.
+        **options: builder arguments (`num_classes`, `input_shape`, `growth_rate`, ...);
+            with `model=None` they override what was inferred.
+
+    Returns:
+        `(keras.Model, ImportReport)`.
+
+    Raises:
+        FileNotFoundError, CheckpointError (and its subclasses UnsafeCheckpointError,
+        CheckpointMismatchError): one line naming what was wrong.
+    """
+    import keras
+
+    from keras_ee import models
+
+    path = Path(path)
+    obj, serialisation = read_torch_file(path)
+    try:
+        raw, container, ignored = unwrap_checkpoint(obj)
+        sd, prefixed = strip_module_prefix(raw)
+        family = detect_family(sd)
+        infer, assign = (infer_msdnet, msdnet_assignments) if family == "msdnet" else (infer_ranet, ranet_assignments)
+        assignments = assign(sd)
+        if isinstance(model, keras.Model):
+            built, preset, model_options = model, None, {}
+        else:
+            if model is None:
+                kwargs, num_classes, input_shape = infer(sd)
+                stem = kwargs.get("stem", "cifar")
+                preset, model_options = _nearest_preset(family, stem, kwargs)
+                model_options.update(options)
+            else:
+                if not isinstance(model, str) or model not in models.available():
+                    raise ValueError(f"unknown model preset {model!r}; available: {models.available()}")
+                preset, model_options = model, dict(options)
+                num_classes = _last_linear(sd)
+                input_shape = None
+            model_options.setdefault("num_classes", num_classes)
+            if input_shape is not None:
+                model_options.setdefault("input_shape", tuple(input_shape))
+            built = models.create(preset, **model_options)
+        shown = {k: v for k, v in model_options.items() if k not in ("num_classes", "input_shape")}
+        where = f"model {preset!r}" + (f" with {shown}" if preset and shown else "")
+        used, filled, dead = fill_model(built, sd, assignments, where if preset else f"model {built.name!r}")
+    except CheckpointError as e:
+        raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
+    ignored_tensors = sorted(k for k in sd if k.endswith(_IGNORED_SUFFIX))
+    report = ImportReport(
+        source=str(path),
+        sha256=_sha256(path),
+        size_bytes=path.stat().st_size,
+        serialisation=serialisation,
+        container=container,
+        module_prefix=prefixed,
+        family=family,
+        preset=preset or built.name,
+        model_options={k: _norm(v) for k, v in model_options.items()},
+        num_classes=int(built.outputs[0].shape[-1]),
+        input_shape=[int(d) for d in built.inputs[0].shape[1:]],
+        tensors_total=len(sd),
+        tensors_used=used,
+        keras_weights=filled,
+        ignored={
+            "num_batches_tracked": len(ignored_tensors),
+            "unused_by_forward": dead,
+            **ignored,
+        },
+    )
+    return built, report
+
+
+def load_torch_checkpoint(path, model=None, **options):
+    """An authors' PyTorch checkpoint as a keras-ee `keras.Model` (no torch needed).
+
+    Args:
+        path: the checkpoint (`torch.save` zip or legacy file): a bare state_dict or the dict the
+            authors' scripts save (`state_dict`, optimizer states, ...), with or without
+            DataParallel's `module.` prefix.
+        model: None (infer MSDNet / RANet and their settings from the keys and shapes), a
+            preset name, or a keras-ee model to fill.
+        **options: builder arguments overriding the preset or what was inferred.
+
+    Returns:
+        The functional `keras.Model` (outputs `exit_1..exit_K`), in inference form.
+
+    Example:
+    ```python
+    model = keras_ee.interop.load_torch_checkpoint("msdnet_step4.pth.tar")
+    logits = model.predict(normalised_images)
+    ```
+    """
+    return import_torch_checkpoint(path, model, **options)[0]

@@ -1,0 +1,261 @@
+"""keras_ee.interop: the authors' PyTorch checkpoints, read without torch, give the authors' logits.
+
+Fixtures (tests/data/torch_checkpoints/README.md) were written by the authors' own model code;
+keras-ee and these tests never import torch.
+"""
+
+import hashlib
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keras_ee import interop
+from keras_ee.interop import torch_import
+from tests import torch_writer
+
+DATA = Path(__file__).parent / "data" / "torch_checkpoints"
+# family -> options the import needs beyond the file (the ImageNet fixture ran on 160x160 inputs)
+FAMILIES = {"msdnet_cifar": {}, "msdnet_imagenet": {"input_shape": (160, 160, 3)}, "ranet_cifar": {}}
+
+
+def _io(name):
+    saved = np.load(DATA / f"{name}_io.npz")
+    x = saved["inputs_nchw"].astype(np.float32).transpose(0, 2, 3, 1)
+    logits = [saved[f"logits_{k}"] for k in range(1, len(saved.files))]
+    return x, logits
+
+
+def _assert_parity(model, name):
+    x, expected = _io(name)
+    out = model(x, training=False)
+    assert len(out) == len(expected)
+    for k, (got, want) in enumerate(zip(out, expected), 1):
+        err = np.abs(np.asarray(got) - want).max()
+        assert err <= 1e-4 * np.abs(want).max(), (name, k, err)
+
+
+@pytest.mark.parametrize("serialisation", ["zip", "legacy"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_equal_the_authors(name, serialisation):
+    model, report = interop.import_torch_checkpoint(DATA / f"{name}_{serialisation}.pth", **FAMILIES[name])
+    _assert_parity(model, name)
+    assert report.serialisation == serialisation
+    # The fixtures alternate: one file of each family is main.py's DataParallel dict, the other bare.
+    wrapped = (serialisation == "zip") != (name == "msdnet_imagenet")
+    assert report.module_prefix is wrapped
+    assert report.container == ("state_dict" if wrapped else "bare")
+    if wrapped:
+        assert {"optimizer", "epoch", "best_prec1"} <= set(report.ignored)
+    assert report.ignored["num_batches_tracked"] > 0
+    dead = len(report.ignored["unused_by_forward"])
+    assert report.tensors_used + dead + report.ignored["num_batches_tracked"] == report.tensors_total
+    assert report.sha256 == hashlib.sha256((DATA / f"{name}_{serialisation}.pth").read_bytes()).hexdigest()
+
+
+def test_architecture_is_read_off_the_keys():
+    _, report = interop.import_torch_checkpoint(DATA / "ranet_cifar_legacy.pth")
+    assert report.family == "ranet" and report.preset == "ranet_cifar_c1"
+    assert report.model_options["num_channels"] == 4 and report.model_options["growth_rate"] == 4
+    assert report.model_options["head_channels"] == 16 and report.num_classes == 10
+    _, report = interop.import_torch_checkpoint(DATA / "msdnet_cifar_legacy.pth")
+    assert report.preset == "msdnet_cifar_5" and report.model_options["num_blocks"] == 4
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_both_serialisations_hold_the_same_tensors(name):
+    zip_obj, zip_kind = interop.read_torch_file(DATA / f"{name}_zip.pth")
+    legacy_obj, legacy_kind = interop.read_torch_file(DATA / f"{name}_legacy.pth")
+    assert (zip_kind, legacy_kind) == ("zip", "legacy")
+    a = torch_import.strip_module_prefix(torch_import.unwrap_checkpoint(zip_obj)[0])[0]
+    b = torch_import.strip_module_prefix(torch_import.unwrap_checkpoint(legacy_obj)[0])[0]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def bare_msdnet():
+    """The CIFAR MSDNet fixture's state_dict (no `module.`), to edit and write back."""
+    obj, _ = interop.read_torch_file(DATA / "msdnet_cifar_legacy.pth")
+    return dict(obj)
+
+
+def test_the_test_writer_round_trips(bare_msdnet, tmp_path):
+    path = torch_writer.write_state_dict(tmp_path / "copy.pth", bare_msdnet)
+    again, kind = interop.read_torch_file(path)
+    assert kind == "legacy" and again.keys() == bare_msdnet.keys()
+    assert all(np.array_equal(again[k], bare_msdnet[k]) for k in again)
+    _assert_parity(interop.load_torch_checkpoint(path), "msdnet_cifar")
+
+
+KEY = "blocks.1.0.layers.1.conv_down.net.3.weight"  # a 3x3 conv inside block 2
+
+
+def _edited(tmp_path, state_dict, **changes):
+    edited = dict(state_dict)
+    for key, value in changes.items():
+        if value is None:
+            del edited[key.replace("__", ".")]
+        else:
+            edited[key.replace("__", ".")] = value
+    return torch_writer.write_state_dict(tmp_path / "edited.pth", edited)
+
+
+def test_a_tensor_of_another_shape_is_refused(bare_msdnet, tmp_path):
+    wrong = np.zeros(bare_msdnet[KEY].shape[:1] + (bare_msdnet[KEY].shape[1] + 1,) + (3, 3), np.float32)
+    path = _edited(tmp_path, bare_msdnet, **{KEY.replace(".", "__"): wrong})
+    with pytest.raises(interop.CheckpointMismatchError, match=f"{KEY}.*does not fit") as e:
+        interop.load_torch_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_key_is_refused(bare_msdnet, tmp_path):
+    missing = "blocks.2.0.layers.0.conv_normal.net.4.running_var"
+    path = _edited(tmp_path, bare_msdnet, **{missing.replace(".", "__"): None})
+    with pytest.raises(interop.CheckpointMismatchError, match=f"lacks '{missing}'"):
+        interop.load_torch_checkpoint(path)
+
+
+def test_an_extra_key_is_refused(bare_msdnet, tmp_path):
+    path = _edited(tmp_path, bare_msdnet, extra_head__weight=np.ones((3,), np.float32))
+    with pytest.raises(
+        interop.CheckpointMismatchError, match=r"1 checkpoint tensor\(s\) unused: \['extra_head.weight'\]"
+    ):
+        interop.load_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "preset"),
+    [("msdnet_cifar", "msdnet_cifar_7"), ("ranet_cifar", "msdnet_cifar_5"), ("msdnet_cifar", "ranet_cifar_c1")],
+)
+def test_a_checkpoint_forced_onto_the_wrong_preset_is_refused(name, preset):
+    with pytest.raises(interop.CheckpointMismatchError, match=f"does not fit model '{preset}'") as e:
+        interop.load_torch_checkpoint(DATA / f"{name}_zip.pth", model=preset)
+    assert "\n" not in str(e.value)
+
+
+def test_the_right_preset_with_options_is_accepted():
+    model = interop.load_torch_checkpoint(
+        DATA / "msdnet_cifar_zip.pth",
+        model="msdnet_cifar_5",
+        num_blocks=4,
+        num_channels=4,
+        growth_rate=2,
+        head_channels=16,
+    )
+    _assert_parity(model, "msdnet_cifar")
+
+
+@pytest.mark.parametrize("serialisation", ["zip", "legacy"])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.97])
+def test_a_truncated_file_is_refused(serialisation, fraction, tmp_path):
+    data = (DATA / f"msdnet_cifar_{serialisation}.pth").read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(interop.CheckpointError, match=r"cut\.pth") as e:
+        interop.load_torch_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_other_files_are_refused(tmp_path):
+    for content in (b"", b"hello world\n", pickle.dumps([1, 2, 3], protocol=2)):
+        path = tmp_path / "other.pth"
+        path.write_bytes(content)
+        with pytest.raises(interop.CheckpointError):
+            interop.load_torch_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        interop.load_torch_checkpoint(tmp_path / "nothere.pth")
+
+
+def _malicious_object(side_effect: Path):
+    return torch_writer.Call(torch_writer.Global("os", "system"), (f"touch {side_effect}",))
+
+
+class _Evil:
+    def __init__(self, side_effect):
+        self.side_effect = side_effect
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.side_effect}",))
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip", "legacy_header", "zip_reduce"])
+def test_a_malicious_pickle_is_refused_and_nothing_runs(layout, tmp_path, bare_msdnet):
+    side = tmp_path / "side_effect"
+    path = tmp_path / "evil.pth"
+    if layout == "legacy":  # a real state_dict with one entry that would call os.system
+        obj, storages = torch_writer.tensor_calls({k: bare_msdnet[k] for k in list(bare_msdnet)[:3]})
+        obj["evil"] = _malicious_object(side)
+        torch_writer.write_legacy(path, obj, storages)
+    elif layout == "legacy_header":  # in the system-information pickle, before the main object
+        with open(path, "wb") as f:
+            pickle.dump(torch_writer.MAGIC, f, protocol=2)
+            pickle.dump(1001, f, protocol=2)
+            f.write(pickle.dumps(_Evil(side), protocol=2))
+    else:
+        buffer = io.BytesIO()
+        if layout == "zip":
+            torch_writer._Pickler(buffer, protocol=2).dump({"state_dict": _malicious_object(side)})
+        else:
+            buffer.write(pickle.dumps({"state_dict": _Evil(side)}))
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", buffer.getvalue())
+            archive.writestr("archive/version", "3\n")
+    with pytest.raises(
+        interop.UnsafeCheckpointError, match=r"refused: .*(os|posix)\.system.*nothing was executed"
+    ) as e:
+        interop.load_torch_checkpoint(path)
+    assert "\n" not in str(e.value)
+    assert not side.exists()
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    from keras_ee import cli
+
+    out = tmp_path_factory.mktemp("imported") / "run"
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(out)]) == 0
+    return out
+
+
+def test_import_command_writes_a_run_folder(imported_run):
+    import json
+
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    names = {p.name for p in imported_run.iterdir()}
+    assert {"model.keras", "costs.json", "preprocessing.json", "config.json", "import.json", "state.json"} <= names
+    report = json.loads((imported_run / "import.json").read_text())
+    assert report["sha256"] == hashlib.sha256((DATA / "ranet_cifar_zip.pth").read_bytes()).hexdigest()
+    assert report["serialisation"] == "zip" and report["family"] == "ranet" and report["dataset"] == "cifar10"
+    assert {"optimizer", "num_batches_tracked"} <= set(report["ignored"])
+    scale, mean, std = experiment.read_preprocessing(imported_run)
+    assert scale == pytest.approx(1 / 255) and np.allclose(mean, [0.4914, 0.4824, 0.4467])
+    config = TrainConfig.from_file(imported_run / "config.json")
+    assert config.model == "ranet_cifar_c1" and config.model_options["growth_rate"] == 4
+    costs = json.loads((imported_run / "costs.json").read_text())
+    assert costs["params"][-1] == 49609  # sum(p.numel() for p in model.parameters()) of the authors' model
+    model = experiment.load_run_model(imported_run / "model.keras")  # safe mode
+    _assert_parity(model.backbone, "ranet_cifar")
+
+
+def test_import_command_refusals(imported_run, tmp_path, capsys):
+    from keras_ee import cli
+
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(imported_run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    out = tmp_path / "new"
+    argv = ["import", str(DATA / "msdnet_cifar_zip.pth"), "--out", str(out), "--model", "msdnet_cifar_7"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit model 'msdnet_cifar_7'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written for a refused checkpoint
+    assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(out), "--dataset", "mnist"]) == 2
+    assert not out.exists()
