@@ -16,3 +16,19 @@ def test_toml_config_reads_on_python_3_10(tmp_path, monkeypatch):
     f = tmp_path / "c.toml"
     f.write_text("epochs = 3\n")
     assert TrainConfig.from_file(f).epochs == 3
+
+
+def test_imagenet_epoch_stream_takes_seed_none():
+    # `seed` is "int or None" for every loader's train_dataset (DatasetSplits); the
+    # ImageNet epoch stream (first_epoch/epochs, what exact resume uses) did int(None).
+    import tensorflow as tf
+
+    from keras_ee.data.imagenet import ImageNetSplits
+
+    splits = ImageNetSplits.__new__(ImageNetSplits)  # no prepared ImageNet here: a stand-in split
+    splits.image_size, splits.input_shape, splits.num_classes = 8, (8, 8, 3), 2
+    jpeg = tf.io.encode_jpeg(tf.zeros((10, 12, 3), tf.uint8))
+    example = {"image": jpeg, "label": tf.constant(1, tf.int64)}
+    splits._raw = lambda part, shuffle=False, seed=None: tf.data.Dataset.from_tensors(example).repeat(4)
+    x, y = next(iter(splits.train_dataset(2, seed=None, first_epoch=0, epochs=1)))
+    assert x.shape == (2, 8, 8, 3) and y.numpy().tolist() == [1, 1]
