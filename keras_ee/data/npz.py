@@ -26,8 +26,11 @@ integer >= 2, e.g. `np.savez(..., num_classes=10)`).
 import os
 import warnings
 import zipfile
+from typing import Any
 
 import numpy as np
+
+from keras_ee._typing import StrPath
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 OPTIONAL_KEYS = ("class_names", "num_classes")
@@ -36,7 +39,7 @@ MAX_FLOAT_PIXEL = 255.0
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 
 
-def _labels(y, key, path):
+def _labels(y: object, key: str, path: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -54,7 +57,7 @@ def _labels(y, key, path):
     return y
 
 
-def _images(x, key, path):
+def _images(x: object, key: str, path: str) -> tuple[np.ndarray, float]:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
@@ -78,7 +81,7 @@ def _images(x, key, path):
     raise TypeError(f"{path}: `{key}` has dtype {x.dtype}; expected uint8 (0..255) or floating-point pixels.")
 
 
-def _open_archive(path):
+def _open_archive(path: str) -> Any:
     """np.load of an .npz, with the file checked to be a zip archive first."""
     size = os.path.getsize(path)
     if size == 0:
@@ -107,11 +110,11 @@ def _open_archive(path):
         ) from None
 
 
-def _one_line(e):
+def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_member(archive, key, path):
+def _read_member(archive: Any, key: str, path: str) -> np.ndarray:
     try:
         return archive[key]
     except ValueError as e:
@@ -129,7 +132,7 @@ def _read_member(archive, key, path):
         ) from None
 
 
-def _num_classes(value, path):
+def _num_classes(value: object, path: str) -> int:
     v = np.asarray(value)
     if v.size != 1 or v.ndim > 1 or v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.integer):
         raise TypeError(
@@ -142,7 +145,7 @@ def _num_classes(value, path):
     return n
 
 
-def read_npz(path):
+def read_npz(path: StrPath) -> dict[str, Any]:
     """Reads and validates a user `.npz` dataset.
 
     Args:
