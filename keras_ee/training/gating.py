@@ -167,7 +167,7 @@ class ExitGater(keras.layers.Layer):
     >>> z = gater(features)    # (batch, 3); P = sigmoid(z)
     """
 
-    def __init__(self, num_gates, num_features, depth=1, width=500, activation="relu", **kwargs):
+    def __init__(self, num_gates, num_features, depth=1, width=500, activation="relu", **kwargs) -> None:
         super().__init__(**kwargs)
         bilevel.check_counts(num_gates=num_gates, num_features=num_features)
         self.num_gates = num_gates
@@ -188,7 +188,7 @@ class ExitGater(keras.layers.Layer):
             for k in range(num_gates)
         ]
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None) -> None:
         for gate in self.gates:
             gate.build((None, self.num_features))
         self.built = True
@@ -296,7 +296,7 @@ class BudgetAwareGating(Method):
         gater_final_learning_rate=1e-5,
         gater_weight_decay=1e-4,
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
         self.temperature = _check_positive("temperature", temperature)
@@ -337,7 +337,7 @@ class BudgetAwareGating(Method):
 
     # --- setup ---------------------------------------------------------------
 
-    def setup(self, model):
+    def setup(self, model) -> None:
         from keras_ee import costs
 
         k = model.num_exits
@@ -392,7 +392,7 @@ class BudgetAwareGating(Method):
         self.gater_loss_tracker = keras.metrics.Mean(name="gater_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer) -> None:
         if self.gater_update == "lookahead":
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
@@ -468,10 +468,10 @@ class BudgetAwareGating(Method):
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
-    def _gater_batch(self, model, x, y, sample_weight):
+    def _gater_batch(self, model, x, y, sample_weight) -> None:
         n = tf.shape(x)[0]
 
-        def split(x, y, sample_weight):
+        def split(x, y, sample_weight) -> None:
             (x_a, y_a, sw_a), (x_b, y_b, _) = core.split_halves(x, y, sample_weight)
             if self.gater_update == "lookahead":
                 self._lookahead_step(model, x_a, y_a, sw_a, x_b, y_b)
@@ -479,18 +479,18 @@ class BudgetAwareGating(Method):
                 self._backbone_step(model, x_a, y_a, sw_a)
                 self._gater_step(model, x_b, y_b)
 
-        def whole(x, y, sample_weight):  # a batch of one sample: no half for the gater
+        def whole(x, y, sample_weight) -> None:  # a batch of one sample: no half for the gater
             self._backbone_step(model, x, y, sample_weight)
 
         # Under tf.distribute: split only if every replica holds 2 samples (bilevel.replica_cond).
         bilevel.replica_cond(n >= 2, split, whole, args=(x, y, sample_weight))
 
-    def _record(self, a):
+    def _record(self, a) -> None:
         for k, tracker in enumerate(self.share_trackers):
             tracker.update_state(ops.cast(a[:, k], "float32"))
         self.cost_tracker.update_state(ops.cast(ops.sum(a * self._costs(a.dtype)[None, :], axis=1), "float32"))
 
-    def _backbone_step(self, model, x, y, sample_weight):
+    def _backbone_step(self, model, x, y, sample_weight) -> None:
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -501,7 +501,7 @@ class BudgetAwareGating(Method):
         model.update_step_metrics(loss, y, logits, ce)
         self._record(a)
 
-    def _apply_gater(self, model, grads, per_exit, lookahead=None):
+    def _apply_gater(self, model, grads, per_exit, lookahead=None) -> None:
         """The gater's step on `grads`; with a look-ahead's result, skipped where its loss scale overflowed."""
         variables = self.gater.weights
         grads = [ops.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
@@ -510,7 +510,7 @@ class BudgetAwareGating(Method):
         finite, inner_finite = (None, None) if lookahead is None else (lookahead.finite, lookahead.inner_finite)
         model.record_nonfinite(per_exit, phase=1, when=inner_finite)
 
-        def step(grads, per_exit):
+        def step(grads, per_exit) -> None:
             # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
             self.gater_optimizer.apply(bilevel.global_mean_gradients(grads), variables)
             self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
@@ -530,7 +530,7 @@ class BudgetAwareGating(Method):
             loss, per_exit = self.outer_loss(y, logits)
         return tape.gradient(loss, values), per_exit
 
-    def _gater_step(self, model, x, y):
+    def _gater_step(self, model, x, y) -> None:
         grads, per_exit = self.gater_gradients(model, x, y)
         self._apply_gater(model, grads, per_exit)
 
@@ -580,7 +580,7 @@ class BudgetAwareGating(Method):
         la = bilevel.LookAhead(model.backbone, model.optimizer, self.gater.weights, terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m), coefficients_fn
 
-    def _lookahead_step(self, model, x_t, y_t, sw_t, x_m, y_m):
+    def _lookahead_step(self, model, x_t, y_t, sw_t, x_m, y_m) -> None:
         result, coefficients_fn = self.lookahead(model, x_t, y_t, sw_t, x_m, y_m)
         ce, features = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
@@ -621,7 +621,7 @@ class BudgetAwareGating(Method):
         z = np.concatenate(out, axis=0).T if out else np.zeros((logits.shape[0] - 1, 0), np.float32)
         return np.concatenate([z, np.zeros((1, z.shape[1]), np.float32)], axis=0)
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model, splits, workdir) -> None:
         """`scores/gater.npz`: the gater's confidence on the run's validation and test dump."""
         from keras_ee import dumps
         from keras_ee.atomic import atomic_path

@@ -269,7 +269,7 @@ class HDKD(Method):
         gamma_learning_rate=1e-3,
         init_seed=0,
         **kwargs,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         self.teachers = _check_choice("teachers", teachers, _TEACHERS)
         if not isinstance(learn_weights, bool):
@@ -302,7 +302,7 @@ class HDKD(Method):
 
     # --- setup ---------------------------------------------------------------
 
-    def setup(self, model):
+    def setup(self, model) -> None:
         k = model.num_exits
         self.num_exits = k
         self.pairs = kd_pairs(k, self.teachers)
@@ -352,7 +352,7 @@ class HDKD(Method):
         self.balanced_loss_tracker = keras.metrics.Mean(name="balanced_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer) -> None:
         if self.learn_weights:
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
@@ -406,13 +406,13 @@ class HDKD(Method):
         """E used now: the running average, or the current value on the very first update."""
         return ops.where(self.ema_steps > 0, ops.cast(self.ema_ce, current.dtype), ops.stop_gradient(current))
 
-    def _update_ema(self, current):
+    def _update_ema(self, current) -> None:
         current = ops.cast(ops.stop_gradient(current), self.ema_ce.dtype)
         m = self.ema_momentum
         self.ema_ce.assign(ops.where(self.ema_steps > 0, m * self.ema_ce + (1.0 - m) * current, current))
         self.ema_steps.assign_add(1)
 
-    def _update_temperatures(self, logits):
+    def _update_temperatures(self, logits) -> None:
         if self.temperature_rule != "adaptive" or not self.pairs:
             return
         teachers = sorted({i for i, _ in self.pairs})
@@ -473,7 +473,7 @@ class HDKD(Method):
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
-    def _plain_step(self, model, x, y, sample_weight):
+    def _plain_step(self, model, x, y, sample_weight) -> None:
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -516,12 +516,12 @@ class HDKD(Method):
         la = bilevel.LookAhead(model.backbone, model.optimizer, [self.gamma_raw], terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m)
 
-    def _apply_gamma(self, model, grads, ce_means_meta, result=None):
+    def _apply_gamma(self, model, grads, ce_means_meta, result=None) -> None:
         grad = grads[0]
         grad = ops.zeros_like(self.gamma_raw) if grad is None else ops.cast(grad, self.gamma_raw.dtype)
         model.record_nonfinite(ce_means_meta, phase=1, when=None if result is None else result.inner_finite)
 
-        def step(grad):
+        def step(grad) -> None:
             # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
             self.gamma_optimizer.apply(bilevel.global_mean_gradients([grad]), [self.gamma_raw])
             if self.gamma_parametrization == "clip":
@@ -530,7 +530,7 @@ class HDKD(Method):
         # Under loss scaling: no gamma step where the look-ahead overflowed.
         bilevel.unless_overflow(None if result is None else result.finite, step, args=(grad,))
 
-    def _meta_step(self, model, x, y, sample_weight, x_m, y_m):
+    def _meta_step(self, model, x, y, sample_weight, x_m, y_m) -> None:
         result = self.lookahead(model, x, y, sample_weight, x_m, y_m)
         ce = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)  # a bad training loss before the meta loss
@@ -584,7 +584,7 @@ class HDKD(Method):
             "gamma_steps": int(self.gamma_optimizer.iterations.numpy()) if self.learn_weights else 0,
         }
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model, splits, workdir) -> None:
         """`hdkd.json` (final weights, E, T, which split fed the meta batches) and `hdkd_gamma.png`."""
         from keras_ee.atomic import atomic_path, atomic_write_text
 
@@ -657,7 +657,7 @@ def kd_heatmap(matrix, path, title=None):
 class NaiveDKD(HDKD):
     """HDKD's dense KD with every weight fixed at 1 (`teachers="dense"`, `learn_weights=False`, `init="uniform"`)."""
 
-    def __init__(self, teachers="dense", learn_weights=False, init="uniform", **kwargs):
+    def __init__(self, teachers="dense", learn_weights=False, init="uniform", **kwargs) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
@@ -675,7 +675,7 @@ class DBT(HDKD):
     DBT's own adaptive temperature: `temperature_rule="adaptive" temperature=1`.
     """
 
-    def __init__(self, teachers="last", learn_weights=False, init="uniform", **kwargs):
+    def __init__(self, teachers="last", learn_weights=False, init="uniform", **kwargs) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
@@ -689,7 +689,7 @@ class DBT(HDKD):
 class HMSDNet(HDKD):
     """Learned CE weights only (`teachers="none"`, `learn_weights=True`)."""
 
-    def __init__(self, teachers="none", learn_weights=True, **kwargs):
+    def __init__(self, teachers="none", learn_weights=True, **kwargs) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, **kwargs)
 
 
@@ -703,5 +703,5 @@ class HMSDNet(HDKD):
 class HDBT(HDKD):
     """Learned weights, the last exit teaches (`teachers="last"`, `learn_weights=True`)."""
 
-    def __init__(self, teachers="last", learn_weights=True, **kwargs):
+    def __init__(self, teachers="last", learn_weights=True, **kwargs) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, **kwargs)
