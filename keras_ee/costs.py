@@ -378,7 +378,7 @@ def presets_table(names: Iterable[str] | None = None, rule: str = "reference", n
     names = models.available() if names is None else list(names)
     results = {}
     for name in names:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         model = models.create(name, **kwargs)
         results[name] = exit_costs(model, rule=rule)
         del model
