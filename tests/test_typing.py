@@ -32,3 +32,29 @@ def test_imagenet_epoch_stream_takes_seed_none():
     splits._raw = lambda part, shuffle=False, seed=None: tf.data.Dataset.from_tensors(example).repeat(4)
     x, y = next(iter(splits.train_dataset(2, seed=None, first_epoch=0, epochs=1)))
     assert x.shape == (2, 8, 8, 3) and y.numpy().tolist() == [1, 1]
+
+
+def test_imagenet_splits_have_the_pixel_scale_a_run_records(monkeypatch):
+    # Every run writes preprocessing.json from `splits.pixel_scale` (experiment._write_artifacts);
+    # ImageNetSplits had none, so an ImageNet run failed after training, writing its artifacts.
+    import types
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ee.data import imagenet
+
+    def split(n):
+        return types.SimpleNamespace(num_examples=n)
+
+    info = types.SimpleNamespace(
+        splits={"train": split(100), "validation": split(10)},
+        features={"label": types.SimpleNamespace(names=["a", "b"])},
+    )
+    monkeypatch.setattr(imagenet, "_prepared_builder", lambda data_dir: types.SimpleNamespace(info=info))
+    splits = imagenet.ImageNetSplits(val_size=20, image_size=8)
+    # The recorded (scale, mean, std) reproduce the pipeline's normalization of decoded pixels.
+    jpeg = tf.io.encode_jpeg(tf.fill((8, 8, 3), tf.constant(200, tf.uint8)))
+    x = imagenet.eval_preprocess(jpeg, image_size=8, resize_size=8).numpy()
+    raw = tf.io.decode_jpeg(jpeg).numpy().astype(np.float32)
+    np.testing.assert_allclose(x, (raw * splits.pixel_scale - splits.mean) / splits.std, rtol=1e-5, atol=1e-5)

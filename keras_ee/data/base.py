@@ -31,6 +31,8 @@ class DatasetSplits:
         num_classes: int.
         class_names: list of str, index = label.
         input_shape: tuple (H, W, C) of the images the pipelines produce.
+        pixel_scale: float. The factor that brings the stored pixels to [0, 1]
+            (1/255 for uint8 images), before `mean` and `std` apply.
         mean: float32 array (C,). Per-channel mean of the training split.
         std: float32 array (C,). Per-channel standard deviation.
         num_train, num_val, num_test: int. Split sizes.
@@ -43,6 +45,7 @@ class DatasetSplits:
     num_classes: int
     class_names: list[str]
     input_shape: tuple[int, ...]
+    pixel_scale: float
     mean: np.ndarray
     std: np.ndarray
     num_train: int

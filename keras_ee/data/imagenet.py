@@ -168,6 +168,7 @@ class ImageNetSplits(DatasetSplits):
         self.class_names = list(self._builder.info.features["label"].names)
         self.num_classes = len(self.class_names)
         self.input_shape = (image_size, image_size, 3)
+        self.pixel_scale = 1.0 / 255.0  # decoded JPEG bytes, as `_normalize` scales them
         self.image_size = image_size
         self.mean, self.std = MEAN.copy(), STD.copy()
         self._val_size = int(val_size)
