@@ -20,7 +20,14 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from keras_ee.config import TrainConfig
 
 
 def parse_budget(text: str) -> float:
@@ -43,7 +50,7 @@ def _key_value(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a multi-exit model, dump its logits and evaluate it",
@@ -208,7 +215,7 @@ def _method_names() -> str:
     return ", ".join(registry.available_methods())
 
 
-def _recipes():
+def _recipes() -> dict[str, dict[str, Any]]:
     from keras_ee.config import RECIPES
 
     return RECIPES
@@ -229,7 +236,7 @@ _RECIPE_KEYS = (
 )
 
 
-def _config_from_args(args):
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- --config file <- --recipe <- flags (keys the file leaves out keep their defaults)."""
     from keras_ee.config import TrainConfig, recipe_values
 
@@ -276,7 +283,7 @@ def _config_from_args(args):
     return TrainConfig.from_dict(values)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from keras_ee import experiment
 
     config = _config_from_args(args)
@@ -284,7 +291,7 @@ def cmd_train(args) -> None:
     experiment.train(config, out, verbose=0 if args.quiet else "progress")
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from keras_ee import experiment
 
     experiment.evaluate_run(
@@ -301,7 +308,7 @@ def _run_dir(path: Path) -> Path:
     return path
 
 
-def cmd_compare(args) -> None:
+def cmd_compare(args: argparse.Namespace) -> None:
     from keras_ee import dumps, evaluation, plots
     from keras_ee.atomic import atomic_path, atomic_write_text
 
@@ -328,7 +335,7 @@ def cmd_compare(args) -> None:
     print(f"\nwrote {plot} and {args.out / 'compare.json'}")
 
 
-def cmd_plot_weights(args) -> None:
+def cmd_plot_weights(args: argparse.Namespace) -> None:
     import numpy as np
 
     from keras_ee import plots
@@ -343,7 +350,7 @@ def cmd_plot_weights(args) -> None:
     print(f"wrote {out}")
 
 
-def cmd_sweep(args) -> None:
+def cmd_sweep(args: argparse.Namespace) -> None:
     from keras_ee import dumps, evaluation
 
     ev = evaluation.evaluate_dump(
@@ -365,7 +372,7 @@ def cmd_sweep(args) -> None:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def _read_images(source: Path, channels: int):
+def _read_images(source: Path, channels: int) -> tuple[np.ndarray, list[str]]:
     """(images, names) from an .npz (key `x` or `images`, or its only array) or a folder of PNG/JPEG files."""
     import numpy as np
 
@@ -375,19 +382,19 @@ def _read_images(source: Path, channels: int):
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"--images {str(source)!r} holds no .png, .jpg or .jpeg files.")
-        images = []
+        decoded: list[np.ndarray] = []
         for f in files:
             try:
                 img = tf.io.decode_image(f.read_bytes(), channels=channels, expand_animations=False).numpy()
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(f"cannot decode {str(f)!r}: {e.message.splitlines()[0]}") from None
-            if images and img.shape != images[0].shape:
+            if decoded and img.shape != decoded[0].shape:
                 raise ValueError(
                     f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the model's size."
+                    f"{decoded[0].shape[1]}x{decoded[0].shape[0]}; every image must have the model's size."
                 )
-            images.append(img)
-        return np.stack(images), [f.name for f in files]
+            decoded.append(img)
+        return np.stack(decoded), [f.name for f in files]
     if not source.is_file():
         raise FileNotFoundError(f"--images {str(source)!r} does not exist (a folder of PNG/JPEG files or an .npz).")
     try:
@@ -404,7 +411,7 @@ def _read_images(source: Path, channels: int):
     return images, [str(i) for i in range(len(images))]
 
 
-def cmd_predict(args) -> None:
+def cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
 
     from keras_ee import experiment
@@ -456,26 +463,26 @@ def cmd_predict(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_models(args) -> None:
+def cmd_models(args: argparse.Namespace) -> None:
     from keras_ee import costs
 
     print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
 
 
-def cmd_methods(args) -> None:
+def cmd_methods(args: argparse.Namespace) -> None:
     from keras_ee.training import registry
 
     print(registry.methods_table())
 
 
-def cmd_datasets(args) -> None:
+def cmd_datasets(args: argparse.Namespace) -> None:
     from keras_ee import data
 
     for line in data.available():
         print(line)
 
 
-def _metric_flag(p) -> None:
+def _metric_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metric",
         default="top1",
@@ -485,7 +492,7 @@ def _metric_flag(p) -> None:
     )
 
 
-def _shortfall_flag(p) -> None:
+def _shortfall_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shortfall",
         default="reference",
@@ -591,7 +598,7 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
