@@ -58,3 +58,21 @@ def test_imagenet_splits_have_the_pixel_scale_a_run_records(monkeypatch):
     x = imagenet.eval_preprocess(jpeg, image_size=8, resize_size=8).numpy()
     raw = tf.io.decode_jpeg(jpeg).numpy().astype(np.float32)
     np.testing.assert_allclose(x, (raw * splits.pixel_scale - splits.mean) / splits.std, rtol=1e-5, atol=1e-5)
+
+
+def test_constructor_annotations_keep_the_methods_option_types():
+    # The registry reads each method's constructor annotations (typing.get_type_hints) to
+    # type its command-line options: annotating the constructors for the type checker must
+    # not change what an option accepts, nor how `keras-ee methods` describes it.
+    from keras_ee.training import registry
+
+    described = {name: registry.get_method(name).describe_options() for name in registry.available_methods()}
+    assert described["baseline"] == "exit_weights (any, default None)"
+    assert "q (float, default 0.75)" in described["l2w"]
+    assert "wpn_weights_path (str | None, default None)" in described["l2w"]
+    assert "phase2_epochs (int | None, default None)" in described["imta"]
+    assert "transfer_widths (list | None, default None)" in described["l2w_imta"]
+    assert "init_seed (int, default 0)" in described["hdkd"]
+    assert "learn_weights (bool, default False)" in described["dbt"]
+    assert "features (str | list, default ('max_prob', 'entropy'))" in described["gating"]
+    assert "gater_width (int, default 500)" in described["gating"]
