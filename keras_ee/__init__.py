@@ -13,6 +13,7 @@ Submodules (imported on first use, so `import keras_ee` does not start TensorFlo
 
 import importlib
 import os
+import types
 
 __version__ = "0.1.0"
 
@@ -43,11 +44,11 @@ _SUBMODULES = (
 )
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> types.ModuleType:
     if name in _SUBMODULES:
         return importlib.import_module(f"keras_ee.{name}")
     raise AttributeError(f"module 'keras_ee' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_SUBMODULES))

@@ -6,6 +6,20 @@ from typing import Literal, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "exit_scores_f32",
+    "exit_scores_f64",
+    "exit_scores_f16",
+    "geometric_fractions",
+    "per_stage_fractions",
+    "calibrate",
+    "simulate",
+    "anytime_accuracy",
+    "budget_sweep",
+    "simd_path",
+    "solve_budget",
+]
+
 # What an exit does when fewer samples are left than its quota (see keras_ee.calibration).
 _Shortfall = Literal["reference", "exit_all"]
 

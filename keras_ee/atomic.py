@@ -42,7 +42,10 @@ import re
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
+
+from keras_ee._typing import StrPath
 
 __all__ = [
     "atomic_write_bytes",
@@ -108,7 +111,7 @@ def _within(filename, path) -> bool:
     return filename == path or path in filename.parents
 
 
-def fsync_dir(path) -> None:
+def fsync_dir(path: StrPath) -> None:
     """Flush a folder's entries (renames, new files) to disk.
 
     A no-op where folders cannot be opened for fsync (Windows) or the filesystem refuses
@@ -159,7 +162,7 @@ def _keep_mode(target: Path, tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path: StrPath) -> Iterator[Path]:
     """Yield a temporary path next to `path` (same folder, same suffix); on success move it in.
 
     The body writes the file at the yielded path by any means (`model.save(tmp)`,
@@ -201,7 +204,7 @@ def atomic_path(path):
     fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
+def atomic_write_bytes(path: StrPath, data: bytes | bytearray | memoryview) -> Path:
     """Write `data` to `path` atomically (temporary file, fsync, rename, fsync folder).
 
     Args:
@@ -227,7 +230,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return target
 
 
-def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: StrPath, text: str, encoding: str = "utf-8") -> Path:
     """Write the string `text` to `path` atomically (see `atomic_write_bytes`).
 
     Args:
@@ -243,7 +246,7 @@ def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def atomic_write_json(path, obj) -> Path:
+def atomic_write_json(path: StrPath, obj: object) -> Path:
     """Write `obj` as JSON (indent=2, trailing newline) to `path` atomically.
 
     NaN and infinities are refused (`allow_nan=False`), since they are not JSON and other

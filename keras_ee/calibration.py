@@ -40,9 +40,10 @@ allocated, `MemoryError` says how much was needed (the process is not aborted).
 from __future__ import annotations
 
 import numbers
-from typing import Literal
+from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from keras_ee import _native
 
@@ -62,9 +63,22 @@ __all__ = [
 SCORE_KINDS = ("max_softmax", "margin", "entropy")
 SHORTFALL_RULES = ("reference", "exit_all")
 Shortfall = Literal["reference", "exit_all"]
+SplitMode = Literal["geometric", "per_stage"]
 
 
-def _array(x, name):
+class BudgetSweep(TypedDict):
+    """What `budget_sweep` returns: one row per budget (see there)."""
+
+    q: npt.NDArray[np.float64]
+    thresholds: npt.NDArray[np.float64]
+    val_accuracy: npt.NDArray[np.float64]
+    test_accuracy: npt.NDArray[np.float64]
+    mean_cost: npt.NDArray[np.float64]
+    exit_counts: npt.NDArray[np.int64]
+    val_mean_cost: npt.NDArray[np.float64]
+
+
+def _array(x: object, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if x is None or isinstance(x, (str, bytes)):
@@ -72,12 +86,12 @@ def _array(x, name):
     return np.asarray(x)
 
 
-def _check_ndim(a, ndim, name, layout):
+def _check_ndim(a: np.ndarray, ndim: int, name: str, layout: str) -> None:
     if a.ndim != ndim:
         raise ValueError(f"`{name}` must be a {ndim}-D array of shape {layout}; received shape {a.shape}")
 
 
-def _scores_array(x, name):
+def _scores_array(x: object, name: str) -> npt.NDArray[np.float32]:
     """(K, N) float32, C-contiguous. Other float dtypes only if exactly representable."""
     a = _array(x, name)
     _check_ndim(a, 2, name, "(K, N) (exits first)")
@@ -97,7 +111,7 @@ def _scores_array(x, name):
     return np.ascontiguousarray(a)
 
 
-def _correct_array(x, name, shape=None):
+def _correct_array(x: object, name: str, shape: tuple[int, ...] | None = None) -> npt.NDArray[np.bool_]:
     a = _array(x, name)
     _check_ndim(a, 2, name, "(K, N) (exits first)")
     if a.dtype != np.bool_:
@@ -107,7 +121,7 @@ def _correct_array(x, name, shape=None):
     return np.ascontiguousarray(a)
 
 
-def _vector(x, name):
+def _vector(x: object, name: str) -> npt.NDArray[np.float64]:
     a = _array(x, name)
     if a.ndim != 1:
         raise ValueError(f"`{name}` must be a 1-D sequence; received shape {a.shape}")
@@ -116,35 +130,37 @@ def _vector(x, name):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _real(x, name):
+def _real(x: object, name: str) -> float:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"`{name}` must be a real number; received {x!r}")
     return float(x)
 
 
-def _shortfall(x):
+def _shortfall(x: object) -> Shortfall:
     if not isinstance(x, str):
         raise TypeError(f"`shortfall` must be one of {SHORTFALL_RULES}; received {x!r}")
     if x not in SHORTFALL_RULES:
         raise ValueError(f"`shortfall` must be one of {SHORTFALL_RULES}; received {x!r}")
-    return x
+    return cast(Shortfall, x)
 
 
-def _mode(mode):
+def _mode(mode: object) -> SplitMode:
     if not isinstance(mode, str):
         raise TypeError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
     if mode not in ("geometric", "per_stage"):
         raise ValueError(f"`mode` must be 'geometric' or 'per_stage'; received {mode!r}")
-    return mode
+    return cast(SplitMode, mode)
 
 
-def _count(x, name):
+def _count(x: object, name: str) -> int:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"`{name}` must be an int; received {x!r}")
     return int(x)
 
 
-def exit_scores(logits, kind="max_softmax", temperature=1.0):
+def exit_scores(
+    logits: npt.ArrayLike, kind: str = "max_softmax", temperature: npt.ArrayLike = 1.0
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     """Confidence scores and predictions of every exit from its logits.
 
     Softmax over classes of `logits / temperature`, then one confidence per sample:
@@ -210,7 +226,7 @@ def exit_scores(logits, kind="max_softmax", temperature=1.0):
     return _native.exit_scores_f64(a, kind, temps)
 
 
-def geometric_fractions(q, num_exits):
+def geometric_fractions(q: float, num_exits: int) -> npt.NDArray[np.float64]:
     """Target exit fractions of the geometric split, `f_k = q^k / sum_j q^j`.
 
     `q = 1` splits uniformly, `q < 1` favours early (cheap) exits, `q > 1` late ones.
@@ -231,7 +247,7 @@ def geometric_fractions(q, num_exits):
     return _native.geometric_fractions(_real(q, "q"), _count(num_exits, "num_exits"))
 
 
-def per_stage_fractions(q, num_exits):
+def per_stage_fractions(q: float, num_exits: int) -> npt.NDArray[np.float64]:
     """Target exit fractions when a fraction `q` of the samples reaching an exit leave.
 
     `f_k = q (1 - q)^(k-1)` for `k < K` and `f_K = (1 - q)^(K-1)` (the last exit takes
@@ -253,7 +269,9 @@ def per_stage_fractions(q, num_exits):
     return _native.per_stage_fractions(_real(q, "q"), _count(num_exits, "num_exits"))
 
 
-def calibrate(scores, fractions, shortfall: Shortfall = "reference"):
+def calibrate(
+    scores: npt.ArrayLike, fractions: npt.ArrayLike, shortfall: Shortfall = "reference"
+) -> npt.NDArray[np.float64]:
     """Exit thresholds on a validation set for target exit fractions.
 
     See the module docstring for the exact rule (ties, exits taking no sample).
@@ -294,7 +312,9 @@ def calibrate(scores, fractions, shortfall: Shortfall = "reference"):
     return _native.calibrate(s, f, sf)
 
 
-def simulate(scores, correct, thresholds, costs):
+def simulate(
+    scores: npt.ArrayLike, correct: npt.ArrayLike, thresholds: npt.ArrayLike, costs: npt.ArrayLike
+) -> dict[str, Any]:
     """Applies thresholds: accuracy, expected cost and exit counts.
 
     Each sample exits at its first exit k with `scores[k, i] >= thresholds[k]`; the
@@ -326,21 +346,21 @@ def simulate(scores, correct, thresholds, costs):
     return {"accuracy": accuracy, "mean_cost": mean_cost, "exit_counts": counts}
 
 
-def default_qs():
+def default_qs() -> npt.NDArray[np.float64]:
     """The usual 39 budgets, `q = p / 20` for `p = 1..39`."""
     return np.arange(1, 40, dtype=np.float64) / 20.0
 
 
 def budget_sweep(
-    val_scores,
-    val_correct,
-    test_scores,
-    test_correct,
-    costs,
-    qs=None,
-    mode="geometric",
+    val_scores: npt.ArrayLike,
+    val_correct: npt.ArrayLike,
+    test_scores: npt.ArrayLike,
+    test_correct: npt.ArrayLike,
+    costs: npt.ArrayLike,
+    qs: npt.ArrayLike | None = None,
+    mode: SplitMode = "geometric",
     shortfall: Shortfall = "reference",
-):
+) -> BudgetSweep:
     """Calibrates on validation and scores on test for many budgets in one call.
 
     For every budget `q`: fractions (`geometric_fractions` or `per_stage_fractions`),
@@ -389,7 +409,7 @@ def budget_sweep(
     return _native.budget_sweep(vs, vc, ts, tc, w, q, mode, sf)
 
 
-def anytime_accuracy(correct):
+def anytime_accuracy(correct: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Accuracy of every exit on the whole set (anytime prediction).
 
     Args:
@@ -407,13 +427,13 @@ def anytime_accuracy(correct):
 
 
 def solve_budget(
-    val_scores,
-    costs,
-    target,
-    qs=None,
-    mode="geometric",
+    val_scores: npt.ArrayLike,
+    costs: npt.ArrayLike,
+    target: float,
+    qs: npt.ArrayLike | None = None,
+    mode: SplitMode = "geometric",
     shortfall: Shortfall = "reference",
-):
+) -> dict[str, Any]:
     """The budget `q` whose validation mean cost meets a target cost, and its thresholds.
 
     The validation mean cost of the thresholds calibrated at `q` is a step function of

@@ -7,14 +7,18 @@ other metric.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
 import keras
 import numpy as np
+import numpy.typing as npt
 
 from keras_ee import calibration
 from keras_ee.evaluation import accuracy_at, budget_label, mean_accuracy_over, scores_and_correct
 
 
-def predict_exit_logits(model, dataset, verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def predict_exit_logits(model: keras.Model, dataset: Iterable[Any], verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` over a batched `(x, y)` dataset; return logits (K, N, C) float32 and labels (N,).
 
     `model` is a multi-exit Keras model whose outputs are the exits' logits in exit order
@@ -32,7 +36,7 @@ def predict_exit_logits(model, dataset, verbose: int = 0) -> tuple[np.ndarray, n
     return np.concatenate(logits, axis=1), np.concatenate(labels).astype(np.int64)
 
 
-def _exit_costs(model) -> list[int]:
+def _exit_costs(model: keras.Model) -> list[int]:
     from keras_ee import costs
 
     backbone = getattr(model, "backbone", model)
@@ -76,14 +80,14 @@ class BudgetCallback(keras.callbacks.Callback):
 
     def __init__(
         self,
-        validation_data,
-        budgets=(),
+        validation_data: Iterable[Any],
+        budgets: Iterable[float] = (),
         every: int = 1,
         kind: str = "max_softmax",
-        costs=None,
-        qs=None,
-        shortfall="reference",
-    ):
+        costs: Sequence[float] | None = None,
+        qs: npt.ArrayLike | None = None,
+        shortfall: calibration.Shortfall = "reference",
+    ) -> None:
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"`every` must be a positive number of epochs; received {every!r}.")
@@ -97,10 +101,10 @@ class BudgetCallback(keras.callbacks.Callback):
         self.costs = None if costs is None else [float(c) for c in costs]
         self.qs = qs
         self.shortfall = shortfall
-        self.last_sweep = None
-        self._keys = None
+        self.last_sweep: calibration.BudgetSweep | None = None
+        self._keys: dict[str, float] | None = None
 
-    def compute(self) -> dict:
+    def compute(self) -> dict[str, float]:
         """The log entries for the model's current weights."""
         logits, labels = predict_exit_logits(self.model, self.validation_data)
         costs = self.costs if self.costs is not None else _exit_costs(self.model)
@@ -122,7 +126,7 @@ class BudgetCallback(keras.callbacks.Callback):
             logs[f"val_anytime_acc_{k + 1}"] = float(acc)
         return logs
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             return
         if (epoch + 1) % self.every == 0:
@@ -132,9 +136,8 @@ class BudgetCallback(keras.callbacks.Callback):
             logs.update({k: float("nan") for k in self._keys})
         else:  # before the first computation: the keys are known without running the model
             keys = [f"val_budget_acc@{budget_label(b)}" for b in self.budgets] + ["val_budget_auc"]
-            keys += [
-                f"val_anytime_acc_{k + 1}" for k in range(len(getattr(self.model, "backbone", self.model).outputs))
-            ]
+            backbone: keras.Model = getattr(self.model, "backbone", self.model)
+            keys += [f"val_anytime_acc_{k + 1}" for k in range(len(backbone.outputs))]
             logs.update({k: float("nan") for k in keys})
 
 
@@ -148,21 +151,21 @@ class EpochProgress(keras.callbacks.Callback):
     `keras-ee train` for multi-phase methods) prefixes the bar and the line.
     """
 
-    def __init__(self, stream=None, label=None):
+    def __init__(self, stream: TextIO | None = None, label: str | None = None) -> None:
         super().__init__()
         self.stream = stream
         self.label = label
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar while an epoch runs
 
-    def _prefix(self, epoch):
+    def _prefix(self, epoch: int) -> str:
         text = f"epoch {epoch + 1}/{self.epochs}"
         return f"{self.label} {text}" if self.label else text
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.epochs = self.params.get("epochs")
         self.steps = self.params.get("steps")
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         from tqdm.auto import tqdm
 
         self._epoch = epoch
@@ -170,13 +173,13 @@ class EpochProgress(keras.callbacks.Callback):
             total=self.steps, desc=self._prefix(epoch), unit="batch", leave=False, file=self.stream, dynamic_ncols=True
         )
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self._bar is not None:
             self._bar.update(1)
             if logs and "loss" in logs:
                 self._bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         import sys
 
         elapsed = self._bar.format_dict.get("elapsed", 0.0) if self._bar is not None else 0.0
@@ -185,7 +188,7 @@ class EpochProgress(keras.callbacks.Callback):
             self._bar = None
         logs = logs or {}
 
-        def accs(prefix):
+        def accs(prefix: str) -> str:
             values, k = [], 1
             while f"{prefix}exit_{k}_accuracy" in logs:
                 values.append(f"{100 * float(logs[f'{prefix}exit_{k}_accuracy']):.1f}")

@@ -23,6 +23,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from keras_ee.config import TrainConfig
 
 from keras_ee.quiet import quiet_tensorflow_startup
 
@@ -47,7 +53,7 @@ def _key_value(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a multi-exit model, dump its logits and evaluate it",
@@ -212,7 +218,7 @@ def _method_names() -> str:
     return ", ".join(registry.available_methods())
 
 
-def _recipes():
+def _recipes() -> dict[str, dict[str, Any]]:
     from keras_ee.config import RECIPES
 
     return RECIPES
@@ -233,7 +239,7 @@ _RECIPE_KEYS = (
 )
 
 
-def _config_from_args(args):
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- --config file <- --recipe <- flags (keys the file leaves out keep their defaults)."""
     from keras_ee.config import TrainConfig, recipe_values
 
@@ -280,7 +286,7 @@ def _config_from_args(args):
     return TrainConfig.from_dict(values)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from keras_ee import experiment
 
     config = _config_from_args(args)
@@ -288,7 +294,7 @@ def cmd_train(args) -> None:
     experiment.train(config, out, verbose=0 if args.quiet else "progress")
 
 
-def cmd_evaluate(args) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> None:
     from keras_ee import experiment
 
     experiment.evaluate_run(
@@ -305,7 +311,7 @@ def _run_dir(path: Path) -> Path:
     return path
 
 
-def cmd_compare(args) -> None:
+def cmd_compare(args: argparse.Namespace) -> None:
     from keras_ee import dumps, evaluation, plots
     from keras_ee.atomic import atomic_path, atomic_write_text, check_out_folder, claim_out_folder
 
@@ -333,7 +339,7 @@ def cmd_compare(args) -> None:
     print(f"\nwrote {plot} and {args.out / 'compare.json'}")
 
 
-def cmd_plot_weights(args) -> None:
+def cmd_plot_weights(args: argparse.Namespace) -> None:
     import numpy as np
 
     from keras_ee import plots
@@ -351,7 +357,7 @@ def cmd_plot_weights(args) -> None:
     print(f"wrote {out}")
 
 
-def cmd_sweep(args) -> None:
+def cmd_sweep(args: argparse.Namespace) -> None:
     from keras_ee import dumps, evaluation
     from keras_ee.atomic import check_out_folder, claim_out_folder
 
@@ -376,7 +382,7 @@ def cmd_sweep(args) -> None:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def _read_images(source: Path, channels: int):
+def _read_images(source: Path, channels: int) -> tuple[np.ndarray, list[str]]:
     """(images, names) from an .npz (key `x` or `images`, or its only array) or a folder of PNG/JPEG files."""
     import numpy as np
 
@@ -389,19 +395,19 @@ def _read_images(source: Path, channels: int):
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{what} holds no .png, .jpg or .jpeg files.")
-        images = []
+        decoded: list[np.ndarray] = []
         for f in files:
             try:
                 img = tf.io.decode_image(f.read_bytes(), channels=channels, expand_animations=False).numpy()
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError(f"cannot decode {str(f)!r}: {_tf_error_text(e)}") from None
-            if images and img.shape != images[0].shape:
+            if decoded and img.shape != decoded[0].shape:
                 raise ValueError(
                     f"{str(f)!r} is {img.shape[1]}x{img.shape[0]}, {str(files[0])!r} is "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the model's size."
+                    f"{decoded[0].shape[1]}x{decoded[0].shape[0]}; every image must have the model's size."
                 )
-            images.append(img)
-        return np.stack(images), [f.name for f in files]
+            decoded.append(img)
+        return np.stack(decoded), [f.name for f in files]
     if not source.is_file():
         raise FileNotFoundError(f"{what} does not exist (a folder of PNG/JPEG files or an .npz).")
     from keras_ee.data import npz
@@ -516,26 +522,26 @@ def cmd_predict(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_models(args) -> None:
+def cmd_models(args: argparse.Namespace) -> None:
     from keras_ee import costs
 
     print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
 
 
-def cmd_methods(args) -> None:
+def cmd_methods(args: argparse.Namespace) -> None:
     from keras_ee.training import registry
 
     print(registry.methods_table())
 
 
-def cmd_datasets(args) -> None:
+def cmd_datasets(args: argparse.Namespace) -> None:
     from keras_ee import data
 
     for line in data.available():
         print(line)
 
 
-def _metric_flag(p) -> None:
+def _metric_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metric",
         default="top1",
@@ -545,7 +551,7 @@ def _metric_flag(p) -> None:
     )
 
 
-def _shortfall_flag(p) -> None:
+def _shortfall_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shortfall",
         default="reference",

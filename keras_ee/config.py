@@ -17,7 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
+
+from keras_ee._typing import StrPath
 
 SCHEDULES = ("cosine", "constant", "step")
 CONFIDENCES = ("max_softmax", "margin", "entropy")
@@ -52,7 +55,7 @@ def recipe_values(name: str, dataset: str = "digits") -> dict:
     """The TrainConfig values a named recipe sets for `dataset` (ImageNet adds its optimizer)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}.")
-    values = dict(RECIPES[name])
+    values: dict[str, object] = dict(RECIPES[name])
     if dataset == "imagenet":
         values.update(RECIPE_IMAGENET_OPTIMIZER.get(name, {}))
     return values
@@ -181,15 +184,15 @@ class TrainConfig:
     precision: str = "float32"
     sync_batchnorm: bool = False
 
-    def __post_init__(self):
-        def bad(field, expected):
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str) -> None:
             value = getattr(self, field)
             raise ValueError(f"config `{field}` must be {expected}; received {value!r} ({type(value).__name__}).")
 
-        def is_int(v):
+        def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_number(v):
+        def is_number(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for field in (
@@ -314,13 +317,13 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}.")
         return cls(**values)
 
-    def to_json(self, path) -> None:
+    def to_json(self, path: StrPath) -> None:
         from keras_ee.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_file(cls, path) -> TrainConfig:
+    def from_file(cls, path: StrPath) -> TrainConfig:
         """Read a `.json` or `.toml` config file."""
         values = cls.read_values(path)
         try:
@@ -329,7 +332,7 @@ class TrainConfig:
             raise ValueError(f"config file {str(path)!r}: {e}") from None
 
     @classmethod
-    def read_values(cls, path) -> dict:
+    def read_values(cls, path: StrPath) -> dict:
         """The settings a `.json` or `.toml` config file holds, as written (not validated)."""
         path = Path(path)
         if not path.is_file():
@@ -339,7 +342,10 @@ class TrainConfig:
         except UnicodeDecodeError as e:
             raise ValueError(f"config file {str(path)!r} is not a text file ({e.reason}).") from None
         if path.suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # tomllib is new in Python 3.11; tomli is the same parser for 3.10
+                import tomli as tomllib
 
             try:
                 values = tomllib.loads(text)

@@ -40,6 +40,8 @@ costs.exit_costs(model)["mul_adds"][0]  # 6859876
 import math
 import numbers
 import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import keras
 from keras import layers as L
@@ -50,7 +52,7 @@ from keras_ee.models.layers import ConvBNReLU
 _UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
-def parse_mul_adds(value):
+def parse_mul_adds(value: float | str) -> float:
     """A Mul-Add count from a number or a string: '15M' -> 15e6, '1.5G' -> 1.5e9, '8000' -> 8000.0.
 
     The one parser of budgets (the command line's `--budget`, `keras_ee.inference`).
@@ -135,7 +137,7 @@ _HEAVY_OPS = {
 }
 
 
-def _numel(shape):
+def _numel(shape: Sequence[Any]) -> int:
     """Elements of one sample (batch axis dropped)."""
     dims = list(shape)[1:]
     if any(d is None for d in dims):
@@ -146,14 +148,14 @@ def _numel(shape):
     return math.prod(dims)
 
 
-def _has_activation(layer):
+def _has_activation(layer: keras.layers.Layer) -> bool:
     act = getattr(layer, "activation", None)
     if act is None:
         return False
     return getattr(act, "__name__", "") not in ("linear", "identity")
 
 
-def _node_ops(node, rule):
+def _node_ops(node: Any, rule: str) -> int:
     """Ops of one call of a layer (batch size 1)."""
     layer = node.operation
     reference = rule == "reference"
@@ -173,7 +175,8 @@ def _node_ops(node, rule):
         if reference and layer.activation:
             ops += _numel(node.outputs[0].shape)
         return int(ops)
-    in_shape = node.input_tensors[0].shape if node.input_tensors else None
+    # None for a node without inputs: no rule below that reads it applies to one.
+    in_shape: Any = node.input_tensors[0].shape if node.input_tensors else None
     out_shape = node.outputs[0].shape
     if isinstance(layer, _TRANSPOSED):
         spatial = math.prod(in_shape[1:-1])
@@ -213,7 +216,7 @@ def _node_ops(node, rule):
     return int(ops)
 
 
-def _model_ops(model, rule):
+def _model_ops(model: keras.Model, rule: str) -> int:
     """Total ops of a nested model (all of its layers, one forward pass)."""
     functional = model if hasattr(model, "outputs") and model.outputs else getattr(model, "_functional", None)
     if functional is None:
@@ -223,7 +226,7 @@ def _model_ops(model, rule):
     return sum(_node_ops(n, rule) for n in graph.collect_nodes(functional.outputs))
 
 
-def _params(layer):
+def _params(layer: keras.layers.Layer) -> int:
     # The weights a layer learns, also while it is frozen (`trainable=False`, e.g. in
     # IMTA's phase II): everything but normalization statistics.
     weights = getattr(layer, "weights", [])
@@ -232,7 +235,7 @@ def _params(layer):
     )
 
 
-def exit_costs(model, rule="reference"):
+def exit_costs(model: keras.Model, rule: str = "reference") -> dict[str, list[int]]:
     """Per-exit parameters and Mul-Adds of a multi-exit functional model.
 
     Args:
@@ -263,8 +266,11 @@ def exit_costs(model, rule="reference"):
         raise TypeError(f"exit_costs expects a built functional keras.Model, received {type(model).__name__}.")
     stages = graph.stage_nodes(model)
     boundaries, has_markers = graph.stage_boundaries(model)
-    seen_layers = set()
-    stage_params, stage_ops, trunk_params, trunk_ops = [], [], [], []
+    seen_layers: set[int] = set()
+    stage_params: list[int] = []
+    stage_ops: list[int] = []
+    trunk_params: list[int] = []
+    trunk_ops: list[int] = []
     num_exits = len(stages)
     for k, nodes in enumerate(stages):
         if k + 1 < num_exits:
@@ -290,7 +296,7 @@ def exit_costs(model, rule="reference"):
         trunk_params.append(tp)
         trunk_ops.append(to)
 
-    def running(xs):
+    def running(xs: list[int]) -> list[int]:
         out, total = [], 0
         for x in xs:
             total += x
@@ -309,7 +315,12 @@ def exit_costs(model, rule="reference"):
     }
 
 
-def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2):
+def format_table(
+    costs_by_name: Mapping[str, Mapping[str, Sequence[float]]],
+    params_scale: float = 1e6,
+    mul_adds_scale: float = 1e6,
+    decimals: int = 2,
+) -> str:
     """Text table: one row per model, params and Mul-Adds for every exit.
 
     Args:
@@ -331,7 +342,7 @@ def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2
         if "params" not in c or "mul_adds" not in c:
             raise ValueError(f"format_table: entry {name!r} lacks 'params'/'mul_adds'.")
 
-        def fmt(v):
+        def fmt(v: float) -> str:
             # Fixed decimals as the papers print them; small values keep 2 significant digits.
             return f"{v:.{decimals}f}" if v == 0 or abs(v) >= 10**-decimals * 5 else f"{v:.2g}"
 
@@ -352,7 +363,7 @@ def format_table(costs_by_name, params_scale=1e6, mul_adds_scale=1e6, decimals=2
     return "\n".join(lines)
 
 
-def presets_table(names=None, rule="reference", num_classes=None):
+def presets_table(names: Iterable[str] | None = None, rule: str = "reference", num_classes: int | None = None) -> str:
     """Builds every preset (or `names`) and returns `format_table` of their costs.
 
     This is the table printed by `keras-ee models`. Building the ImageNet
@@ -371,7 +382,7 @@ def presets_table(names=None, rule="reference", num_classes=None):
     names = models.available() if names is None else list(names)
     results = {}
     for name in names:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         model = models.create(name, **kwargs)
         results[name] = exit_costs(model, rule=rule)
         del model

@@ -56,7 +56,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
+from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_write_json, fsync_dir
 
 FILES = ("val_logits.npy", "val_labels.npy", "test_logits.npy", "test_labels.npy", "costs.json")
@@ -112,7 +114,7 @@ def _check_logits(logits: np.ndarray, where: str) -> None:
         )
 
 
-def _check_pair(val_logits, test_logits, val_where: str, test_where: str) -> None:
+def _check_pair(val_logits: np.ndarray, test_logits: np.ndarray, val_where: str, test_where: str) -> None:
     vs, ts = val_logits.shape, test_logits.shape
     if vs[2] != ts[2]:
         raise ValueError(
@@ -150,7 +152,7 @@ def check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: str
         )
 
 
-def _number(value, key: str, k: int, where: str, bad_type):
+def _number(value: object, key: str, k: int, where: str, bad_type: type[Exception]) -> int | float:
     """One cost as a Python int or float (as given), or a clear error naming the exit."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise bad_type(f"{where}: `{key}` of exit_{k} is {value!r} ({type(value).__name__}); expected a number.")
@@ -170,7 +172,7 @@ def _number(value, key: str, k: int, where: str, bad_type):
     return value
 
 
-def _check_costs(values, key: str, num_exits: int, where: str, bad_type=TypeError) -> list:
+def _check_costs(values: object, key: str, num_exits: int, where: str, bad_type: type[Exception] = TypeError) -> list:
     if isinstance(values, np.ndarray):
         values = list(values) if values.ndim == 1 else values  # numpy scalars: see _number
     if not isinstance(values, (list, tuple)):
@@ -348,7 +350,7 @@ def _check_target(path: Path) -> None:
             )
 
 
-def _link_or_copy(src, dst) -> None:
+def _link_or_copy(src: StrPath, dst: StrPath) -> None:
     try:
         os.link(src, dst)
     except OSError:
@@ -369,7 +371,14 @@ def _carry_over(old: Path, new: Path) -> None:
             _link_or_copy(entry, target)
 
 
-def save_dump(path, val_logits, val_labels, test_logits, test_labels, costs: dict) -> Path:
+def save_dump(
+    path: StrPath,
+    val_logits: npt.ArrayLike,
+    val_labels: npt.ArrayLike,
+    test_logits: npt.ArrayLike,
+    test_labels: npt.ArrayLike,
+    costs: dict,
+) -> Path:
     """Write a dump folder atomically (see the module docstring). Returns its path.
 
     Args:
@@ -417,7 +426,7 @@ def save_dump(path, val_logits, val_labels, test_logits, test_labels, costs: dic
     _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in _leftovers(path):
-        if not _pid_alive(int(_LEFTOVER.search(leftover.name).group(2))):
+        if not _pid_alive(int(leftover.name.rsplit("-", 1)[1])):  # `<name>.tmp-<pid>`: _leftovers matched it
             shutil.rmtree(leftover, ignore_errors=True)
     pid = os.getpid()
     tmp = path.with_name(f"{path.name}.tmp-{pid}")

@@ -19,11 +19,15 @@ import contextlib
 import csv
 import dataclasses
 import io
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from keras_ee import calibration
+from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_path, atomic_write_text
 from keras_ee.dumps import Dump, first_non_finite
 
@@ -40,7 +44,7 @@ class Evaluation:
     params: list[float]
     val_anytime: np.ndarray  # (K,)
     test_anytime: np.ndarray  # (K,)
-    sweep: dict  # keras_ee.calibration.budget_sweep's dict of arrays
+    sweep: calibration.BudgetSweep  # keras_ee.calibration.budget_sweep's dict of arrays
     kind: str = "max_softmax"
     mode: str = "geometric"
     name: str = ""
@@ -94,11 +98,11 @@ def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int = 5, chunk: int
 def scores_and_correct(
     logits: np.ndarray,
     labels: np.ndarray,
-    kind="max_softmax",
-    temperature=1.0,
+    kind: str = "max_softmax",
+    temperature: npt.ArrayLike = 1.0,
     what: str = "the logits",
     metric: str = "top1",
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Confidence scores (K, N) and a correctness mask (K, N) from logits (K, N, C).
 
     `metric="top1"` (default): the exit's prediction is the label; `"top5"`: the label is
@@ -129,12 +133,12 @@ def scores_and_correct(
 def evaluate_dump(
     dump: Dump,
     kind: str = "max_softmax",
-    temperature=1.0,
-    qs=None,
-    mode: str = "geometric",
+    temperature: npt.ArrayLike = 1.0,
+    qs: npt.ArrayLike | None = None,
+    mode: calibration.SplitMode = "geometric",
     name: str = "",
-    shortfall: str = "reference",
-    scores=None,
+    shortfall: calibration.Shortfall = "reference",
+    scores: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
     metric: str = "top1",
 ) -> Evaluation:
     """Anytime accuracy and the budget sweep (validation-calibrated, test-scored) of a dump.
@@ -158,7 +162,7 @@ def evaluate_dump(
             exits are still chosen by the confidence score.
     """
 
-    def what(split):
+    def what(split: str) -> str:
         return f"`{split}_logits`" if dump.path is None else repr(str(Path(dump.path) / f"{split}_logits.npy"))
 
     builtin = kind if scores is None else "max_softmax"
@@ -197,7 +201,7 @@ def evaluate_dump(
     )
 
 
-def _given_scores(scores, reference: np.ndarray, what: str) -> np.ndarray:
+def _given_scores(scores: npt.ArrayLike, reference: np.ndarray, what: str) -> np.ndarray:
     a = np.asarray(scores)
     if a.shape != reference.shape:
         raise ValueError(
@@ -215,7 +219,7 @@ def _given_scores(scores, reference: np.ndarray, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- curves
 
 
-def accuracy_at(costs: np.ndarray, accuracy: np.ndarray, budgets) -> np.ndarray:
+def accuracy_at(costs: np.ndarray, accuracy: np.ndarray, budgets: npt.ArrayLike) -> np.ndarray:
     """Accuracy of a budget curve at the given Mul-Add budgets.
 
     Linear interpolation between the swept points (sorted by cost); NaN outside the
@@ -264,14 +268,14 @@ def format_count(value: float, scale: float = 1.0) -> str:
     return f"{v:.2f}" if float(f"{v:.2f}") == float(three) else three
 
 
-def _csv_number(value) -> str:
+def _csv_number(value: float) -> str:
     """A cost for a CSV cell: ints as ints, floats exactly (shortest round-trip repr)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return str(int(value))
     return repr(float(value))
 
 
-def count_unit(values) -> tuple[str, float]:
+def count_unit(values: Sequence[float] | np.ndarray) -> tuple[str, float]:
     """The unit ('G', 'M', 'K' or '') and its scale for printing counts as large as max(values)."""
     top = max(values) if len(values) else 1.0
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -333,13 +337,13 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_csv(path):
+def _atomic_csv(path: StrPath) -> Iterator[Any]:
     buf = io.StringIO()
     yield csv.writer(buf, lineterminator="\n")
     atomic_write_text(path, buf.getvalue())
 
 
-def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[str, Path]:
+def write_evaluation(ev: Evaluation, out_dir: StrPath, title: str | None = None) -> dict[str, Path]:
     """Write `anytime.csv`, `budget.csv` and `budget.png` into `out_dir`; return their paths."""
     from keras_ee import plots
 
@@ -382,7 +386,7 @@ def write_evaluation(ev: Evaluation, out_dir, title: str | None = None) -> dict[
     return {"anytime": out / "anytime.csv", "budget": out / "budget.csv", "plot": out / "budget.png"}
 
 
-def compare(evaluations: list[Evaluation], budgets=None) -> tuple[str, list[dict]]:
+def compare(evaluations: list[Evaluation], budgets: npt.ArrayLike | None = None) -> tuple[str, list[dict]]:
     """Compare runs: test accuracy at Mul-Add budgets and the mean accuracy over the common range.
 
     Args:

@@ -63,13 +63,27 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_ee._typing import StrPath
 from keras_ee.atomic import MARKER, atomic_path, atomic_write_json, claim_out_folder
 from keras_ee.atomic import check_out_folder as check_out_folder_rule
 from keras_ee.config import TrainConfig
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from keras_ee.calibration import Shortfall, SplitMode
+    from keras_ee.callbacks import EpochProgress
+    from keras_ee.data import DatasetSplits
+    from keras_ee.data.recipe import Recipe
+    from keras_ee.evaluation import Evaluation
+    from keras_ee.training import Method, MultiExitModel, Phase
 
 STATE_FILE = "state.json"
 SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
@@ -87,7 +101,7 @@ def _read_state(workdir: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _write_state(workdir: Path, **values) -> None:
+def _write_state(workdir: Path, **values: Any) -> None:
     state = _read_state(workdir)
     state.update(values)
     atomic_write_json(workdir / STATE_FILE, state)
@@ -131,7 +145,7 @@ def check_out_folder(workdir) -> Path:
     )
 
 
-def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
+def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -> Path:
     """Create the run folder, or check that an existing one holds the same run.
 
     A folder that holds only the config of a run that never started (a command refused
@@ -160,7 +174,9 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
     return workdir
 
 
-def build_model(config: TrainConfig, splits, method=None, strategy=None):
+def build_model(
+    config: TrainConfig, splits: DatasetSplits, method: Method | None = None, strategy: Any = None
+) -> MultiExitModel:
     """The backbone preset wrapped in a `MultiExitModel` with the configured method, compiled for phase 1.
 
     With a `tf.distribute` `strategy`, backbone, method and optimizer are created under
@@ -183,12 +199,14 @@ def build_model(config: TrainConfig, splits, method=None, strategy=None):
     return model
 
 
-def run_phases(config: TrainConfig, method):
+def run_phases(config: TrainConfig, method: Method) -> list[Phase]:
     """The method's phases for this run (`Method.phases(config.epochs)`)."""
     return method.phases(config.epochs)
 
 
-def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = True):
+def compile_phase(
+    model: MultiExitModel, config: TrainConfig, splits: DatasetSplits, index: int, fresh: bool = True
+) -> None:
     """Configure `model` for phase `index` and compile it with that phase's new optimizer.
 
     The optimizer is the run's (`make_optimizer`: SGD or AdamW, with the phase's
@@ -218,7 +236,13 @@ def compile_phase(model, config: TrainConfig, splits, index: int, fresh: bool = 
 ADAMW_EPSILON = 1e-8
 
 
-def make_optimizer(config: TrainConfig, steps: int, variables=(), overrides=None, warmup_steps: int = 0):
+def make_optimizer(
+    config: TrainConfig,
+    steps: int,
+    variables: Sequence[keras.Variable] = (),
+    overrides: dict[str, Any] | None = None,
+    warmup_steps: int = 0,
+) -> keras.optimizers.Optimizer:
     """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
 
     `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
@@ -253,10 +277,10 @@ def make_optimizer(config: TrainConfig, steps: int, variables=(), overrides=None
     )
 
 
-_STRATEGIES = {}  # multi_worker and tpu: one per process (TensorFlow configures its cluster once)
+_STRATEGIES: dict[str, Any] = {}  # multi_worker and tpu: one per process (TensorFlow configures its cluster once)
 
 
-def make_strategy(name: str):
+def make_strategy(name: str) -> Any:
     """The `tf.distribute` strategy of `config.strategy`, or None for `none` (one device).
 
     - `mirrored`: `MirroredStrategy` over every visible GPU; without a GPU, over every
@@ -298,7 +322,7 @@ def make_strategy(name: str):
     return strategy
 
 
-def check_tf_config(text) -> dict:
+def check_tf_config(text: str | None) -> dict:
     """The parsed `TF_CONFIG` of a multi-worker run, or a one-line `ValueError` saying what is wrong."""
     example = (
         'expected e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
@@ -332,7 +356,7 @@ def check_tf_config(text) -> dict:
     return tf_config
 
 
-def is_chief(strategy) -> bool:
+def is_chief(strategy: Any) -> bool:
     """Whether this process writes the run folder: always, except on a multi-worker cluster's non-chiefs."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if strategy is None or resolver is None or not _is_multi_worker(strategy):
@@ -343,13 +367,13 @@ def is_chief(strategy) -> bool:
     return kind == "worker" and index == 0 and "chief" not in resolver.cluster_spec().as_dict()
 
 
-def _is_multi_worker(strategy) -> bool:
+def _is_multi_worker(strategy: Any) -> bool:
     import tensorflow as tf
 
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
-def needs_multi_worker_fit_workaround(strategy) -> bool:
+def needs_multi_worker_fit_workaround(strategy: Any) -> bool:
     """Whether `fit` under this strategy needs `apply_multi_worker_fit_workaround`.
 
     Keras 3 (3.15, pinned here, and the 3.x releases since the bug was filed) cannot `fit`
@@ -369,7 +393,7 @@ def needs_multi_worker_fit_workaround(strategy) -> bool:
     return keras.version().startswith("3.") and hasattr(TensorFlowTrainer, "_maybe_symbolic_build")
 
 
-def apply_multi_worker_fit_workaround(model, strategy) -> None:
+def apply_multi_worker_fit_workaround(model: MultiExitModel, strategy: Any) -> None:
     """Work around Keras 3's two multi-worker `fit` failures on this `model` instance only.
 
     1. `TensorFlowTrainer._maybe_symbolic_build` reduces the first distributed batch, a
@@ -384,12 +408,12 @@ def apply_multi_worker_fit_workaround(model, strategy) -> None:
     """
     import tensorflow as tf
 
-    def local_part(value):
+    def local_part(value: Any) -> Any:
         if isinstance(value, tf.distribute.DistributedValues):
             return strategy.experimental_local_results(value)[0]
         return value
 
-    def maybe_symbolic_build(iterator=None, data_batch=None):
+    def maybe_symbolic_build(iterator: Any = None, data_batch: Any = None) -> None:
         if iterator is not None:  # as Keras: the first batch of the epoch iterator
             for _, _, it in iterator:
                 data_batch = tf.nest.map_structure(local_part, next(it))
@@ -397,19 +421,20 @@ def apply_multi_worker_fit_workaround(model, strategy) -> None:
         with strategy.scope():
             model._symbolic_build(data_batch=data_batch)
 
-    def reducible(step):
-        def step_with_reducible_logs(data):
+    def reducible(step: Any) -> Any:
+        def step_with_reducible_logs(data: Any) -> dict[str, tf.Tensor]:
             return {k: tf.reshape(v, [1]) if len(v.shape) == 0 else v for k, v in step(data).items()}
 
         return step_with_reducible_logs
 
     model._maybe_symbolic_build = maybe_symbolic_build
-    model.train_step = reducible(model.train_step)
-    model.test_step = reducible(model.test_step)
+    # This instance's steps only (the class keeps Keras' own).
+    model.train_step = reducible(model.train_step)  # type: ignore[method-assign]
+    model.test_step = reducible(model.test_step)  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
-def dtype_policy(name: str):
+def dtype_policy(name: str) -> Iterator[None]:
     """Keras' global dtype policy set to `name` (`float32`, `mixed_float16`, `mixed_bfloat16`) inside."""
     import keras
 
@@ -421,7 +446,7 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def read_preprocessing(workdir) -> tuple[float, np.ndarray, np.ndarray]:
+def read_preprocessing(workdir: StrPath) -> tuple[float, np.ndarray, np.ndarray]:
     """`(pixel_scale, mean, std)` of a run's inputs: from `preprocessing.json`, or (a run
     from before that file) from its dataset's training split, which is loaded for it."""
     workdir = Path(workdir)
@@ -481,7 +506,7 @@ def load_data(config: TrainConfig):
     )
 
 
-def make_method(name: str, options: dict):
+def make_method(name: str, options: dict) -> Method:
     """The training method called `name` (registered, or `package.module:Class`) with `options`.
 
     Options are converted to the types the method declares (command-line values arrive
@@ -493,7 +518,9 @@ def make_method(name: str, options: dict):
     return training.get_method(name).create(options)
 
 
-def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | None = None, warmup_steps: int = 0):
+def make_schedule(
+    config: TrainConfig, total_steps: int, learning_rate: float | None = None, warmup_steps: int = 0
+) -> Any:
     """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's).
 
     With `warmup_steps`, a linear warm-up from 0 to the learning rate over those steps, then
@@ -523,7 +550,9 @@ def make_schedule(config: TrainConfig, total_steps: int, learning_rate: float | 
     return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
-def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end_epoch: int | None = None):
+def training_data(
+    config: TrainConfig, splits: DatasetSplits, method: Method, first_epoch: int = 0, end_epoch: int | None = None
+) -> tf.data.Dataset:
     """The batches of epochs `first_epoch .. end_epoch - 1`, each a function of (seed, epoch).
 
     `end_epoch` defaults to the end of the run (`config.epochs` for a one-phase method;
@@ -537,7 +566,7 @@ def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end
     """
     if end_epoch is None:
         end_epoch = sum(p.epochs for p in run_phases(config, method))
-    extra = {}
+    extra: dict[str, Any] = {}
     recipe = training_recipe(config)
     if recipe is not None:  # only then: a DatasetSplits of another package may not take it
         extra["recipe"] = recipe
@@ -558,7 +587,7 @@ def training_data(config: TrainConfig, splits, method, first_epoch: int = 0, end
     return tf.data.Dataset.zip((train_ds, meta))
 
 
-def training_recipe(config: TrainConfig):
+def training_recipe(config: TrainConfig) -> Recipe | None:
     """The config's batch augmentation (`keras_ee.data.recipe.Recipe`), or None when it has none."""
     from keras_ee.data.recipe import Recipe
 
@@ -566,7 +595,7 @@ def training_recipe(config: TrainConfig):
     return recipe if recipe.active else None
 
 
-def ema_validation_callback():
+def ema_validation_callback() -> keras.callbacks.Callback:
     """Keras' `SwapEMAWeights` for validation during `fit`, swapping exactly.
 
     It puts the optimizer's weight average into the model for each validation pass
@@ -580,16 +609,16 @@ def ema_validation_callback():
     class ExactSwapEMAWeights(keras.callbacks.SwapEMAWeights):
         _tf_swap_variables = keras.callbacks.SwapEMAWeights._backend_swap_variables
 
-        def on_predict_begin(self, logs=None):
+        def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
             pass
 
-        def on_predict_end(self, logs=None):
+        def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
             pass
 
     return ExactSwapEMAWeights()
 
 
-def finalize_ema(model) -> None:
+def finalize_ema(model: keras.Model) -> None:
     """Write the optimizer's weight average into the model, as Keras' `fit` does when it ends."""
     import keras
 
@@ -598,7 +627,7 @@ def finalize_ema(model) -> None:
         optimizer.finalize_variable_values(model.trainable_weights)
 
 
-def check_splits(splits, config: TrainConfig) -> None:
+def check_splits(splits: DatasetSplits, config: TrainConfig) -> None:
     """Refuse data a run cannot use before anything is trained."""
     for part in ("val", "test"):
         if getattr(splits, f"num_{part}") == 0:
@@ -610,7 +639,7 @@ def check_splits(splits, config: TrainConfig) -> None:
         raise ValueError(f"dataset {config.dataset!r} has {splits.num_train} training image(s); expected at least 2.")
 
 
-def load_run_model(path):
+def load_run_model(path: StrPath) -> keras.Model:
     """Load a run's `model.keras`, with a clear error if the file is damaged."""
     import keras
 
@@ -635,15 +664,15 @@ def load_run_model(path):
 
 def fit_run(
     config: TrainConfig,
-    splits,
-    model,
-    callbacks,
-    verbose=0,
+    splits: DatasetSplits,
+    model: MultiExitModel,
+    callbacks: Sequence[keras.callbacks.Callback],
+    verbose: int | str = 0,
     first_epoch: int = 0,
     configured: int = 0,
-    progress=None,
-    validation_data=None,
-):
+    progress: EpochProgress | None = None,
+    validation_data: Any = None,
+) -> keras.callbacks.History | None:
     """Train every phase of the run from epoch `first_epoch` (counted over all phases).
 
     Each phase that starts here is configured and compiled with its own optimizer
@@ -685,7 +714,15 @@ def fit_run(
     return history
 
 
-def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, restore_from: Path | None = None):
+def _fit(
+    config: TrainConfig,
+    splits: DatasetSplits,
+    model: MultiExitModel,
+    workdir: Path,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    restore_from: Path | None = None,
+) -> None:
     """Restore the newest intact backup, train the remaining epochs, save the final model.
 
     `restore_from`: a multi-worker non-chief's run folder (the chief's), whose backup it
@@ -700,7 +737,7 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, 
     phases = run_phases(config, model.method)
     configured = [0]  # the phase the model is compiled for (build_model: phase 1)
 
-    def configure_for_backup(epochs_done):
+    def configure_for_backup(epochs_done: int) -> None:
         # A backup after `epochs_done` epochs holds the state of the phase of its last
         # epoch (its trainable set and optimizer): configure that phase before loading.
         index = phase_of_epoch(phases, epochs_done - 1) if epochs_done else 0
@@ -718,7 +755,7 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, 
     history = runs.HistoryLog(workdir / runs.HISTORY_FILE)
     history.truncate(first_epoch)
     val_ds = splits.val_dataset(config.batch_size)
-    cbs = []
+    cbs: list[keras.callbacks.Callback] = []
     if config.budgets:
         cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
     # The history row of an epoch is written before its backup: a kill between the two
@@ -772,7 +809,12 @@ def _fit(config: TrainConfig, splits, model, workdir: Path, verbose, callbacks, 
     backup.remove()  # only now: model.keras and state.json are in place
 
 
-def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbacks=()) -> Path:
+def train(
+    config: TrainConfig,
+    workdir: StrPath,
+    verbose: int | str = "progress",
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Path:
     """Train (or resume) a run in `workdir`, then dump logits and, if configured, evaluate.
 
     Everything is validated before the first write; the folder is locked for the whole
@@ -830,7 +872,7 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     return workdir
 
 
-def _finished_model(workdir: Path):
+def _finished_model(workdir: Path) -> tuple[keras.Model | None, ValueError | None]:
     """`(model, None)` for a finished run whose model.keras loads; `(None, error)` if it is
     finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
 
@@ -846,7 +888,9 @@ def _finished_model(workdir: Path):
         return None, e
 
 
-def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> None:
+def _train_worker(
+    config: TrainConfig, workdir: Path, strategy: Any, callbacks: Sequence[keras.callbacks.Callback]
+) -> None:
     """A multi-worker non-chief: the same training, from the chief's backup, into a temporary folder."""
     import keras
 
@@ -867,7 +911,13 @@ def _train_worker(config: TrainConfig, workdir: Path, strategy, callbacks) -> No
         shutil.rmtree(own, ignore_errors=True)
 
 
-def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strategy=None) -> None:
+def _train_locked(
+    config: TrainConfig,
+    workdir: Path,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    strategy: Any = None,
+) -> None:
     import keras
 
     from keras_ee import runs
@@ -900,7 +950,7 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strate
             ) from None
 
 
-def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
+def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExitModel, workdir: Path) -> None:
     """costs.json, the logit dump and the method's files, each written atomically."""
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import costs as ee_costs
@@ -932,14 +982,14 @@ def _write_artifacts(config: TrainConfig, splits, model, workdir: Path) -> None:
 
 
 def evaluate_run(
-    workdir,
+    workdir: StrPath,
     kind: str = "max_softmax",
-    qs=None,
-    mode: str = "geometric",
+    qs: np.ndarray | Sequence[float] | None = None,
+    mode: SplitMode = "geometric",
     echo: bool = True,
-    shortfall: str = "reference",
+    shortfall: Shortfall = "reference",
     metric: str = "top1",
-):
+) -> Evaluation:
     """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
 
     `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
@@ -977,13 +1027,13 @@ def evaluate_run(
     return ev
 
 
-def run_score_kinds(workdir) -> list[str]:
+def run_score_kinds(workdir: StrPath) -> list[str]:
     """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
     folder = Path(workdir) / SCORES_DIR
     return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
 
 
-def load_run_scores(workdir, kind: str):
+def load_run_scores(workdir: StrPath, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
     from keras_ee import calibration
 
@@ -1005,7 +1055,7 @@ def load_run_scores(workdir, kind: str):
         ) from None
 
 
-def compare_confidences(workdir, evaluations: dict) -> Path:
+def compare_confidences(workdir: StrPath, evaluations: dict[str, Evaluation]) -> Path:
     """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
     from keras_ee import plots
 

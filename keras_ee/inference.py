@@ -52,13 +52,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from keras_ee import calibration, inputs, models
+from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
 from keras_ee.models.layers import InferenceSnapshot
@@ -68,16 +72,21 @@ __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
 OUTPUT_KEYS = ("label", "exit", "confidence")
 # exp(EXP_LOWEST) is float32's smallest normal number: the Rust kernel clamps there.
 _EXP_LOWEST = np.float32(-87.33654)
-_SWEEP_KEYS = ("q", "thresholds", "val_mean_cost", "val_accuracy")
+_SWEEP_KEYS: tuple[Literal["q", "thresholds", "val_mean_cost", "val_accuracy"], ...] = (
+    "q",
+    "thresholds",
+    "val_mean_cost",
+    "val_accuracy",
+)
 
 
-def _fmt(mul_adds):
+def _fmt(mul_adds: float) -> str:
     from keras_ee.evaluation import budget_label
 
     return budget_label(float(mul_adds))
 
 
-def _thresholds_array(thresholds, num_exits, what="thresholds"):
+def _thresholds_array(thresholds: npt.ArrayLike, num_exits: int, what: str = "thresholds") -> np.ndarray:
     t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if t.shape != (num_exits,):
         raise ValueError(
@@ -94,7 +103,7 @@ def _thresholds_array(thresholds, num_exits, what="thresholds"):
     return t
 
 
-def _costs_array(costs, num_exits):
+def _costs_array(costs: npt.ArrayLike, num_exits: int) -> np.ndarray:
     c = np.asarray(costs, dtype=np.float64).reshape(-1)
     if c.shape != (num_exits,):
         raise ValueError(
@@ -109,7 +118,7 @@ def _costs_array(costs, num_exits):
     return c
 
 
-def _temperatures(temperature, num_exits):
+def _temperatures(temperature: npt.ArrayLike, num_exits: int) -> np.ndarray:
     t = np.asarray(temperature, dtype=np.float64).reshape(-1)
     if t.size == 1:
         t = np.repeat(t, num_exits)
@@ -121,7 +130,7 @@ def _temperatures(temperature, num_exits):
     return t
 
 
-def _backbone_of(model):
+def _backbone_of(model: keras.Model) -> keras.Model:
     """The functional multi-exit model (a training `MultiExitModel` hands over its backbone)."""
     inner = getattr(model, "backbone", None)
     if isinstance(inner, keras.Model) and getattr(inner, "outputs", None):
@@ -134,10 +143,10 @@ class _Stages:
     inference kernels outside Keras' attribute tracking: they share or derive from the
     backbone's weights, which are saved once, with the backbone."""
 
-    def __init__(self, stages, snapshot):
+    def __init__(self, stages: list[keras.Model], snapshot: InferenceSnapshot) -> None:
         self.stages = stages
         self.snapshot = snapshot  # refreshed at every entry point that reads the weights
-        self.pool_steps = {}  # predict(pooled=True)'s compiled stages, by (stage, final)
+        self.pool_steps: dict[tuple[int, bool], Any] = {}  # predict(pooled=True)'s compiled stages, by (stage, final)
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -173,17 +182,17 @@ class EarlyExitModel(keras.Model):
 
     def __init__(
         self,
-        backbone,
-        thresholds,
-        costs,
-        kind="max_softmax",
-        temperature=1.0,
-        budget=None,
-        sweep=None,
-        val_scores=None,
-        name=None,
-        **kwargs,
-    ):
+        backbone: keras.Model,
+        thresholds: npt.ArrayLike,
+        costs: npt.ArrayLike,
+        kind: str = "max_softmax",
+        temperature: npt.ArrayLike = 1.0,
+        budget: float | None = None,
+        sweep: dict[str, Any] | None = None,
+        val_scores: npt.ArrayLike | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         backbone = _backbone_of(backbone)
         if not isinstance(backbone, keras.Model) or not getattr(backbone, "outputs", None):
             raise TypeError(
@@ -219,7 +228,7 @@ class EarlyExitModel(keras.Model):
             initializer=keras.initializers.Constant(0.0),
         )
         self._thresholds.assign(t)
-        self._val_scores = None
+        self._val_scores: keras.Variable | None = None
         if val_scores is not None:
             vs = np.asarray(val_scores, dtype=np.float32)
             if vs.ndim != 2 or vs.shape[0] != num_exits or vs.shape[1] < 1:
@@ -231,7 +240,7 @@ class EarlyExitModel(keras.Model):
             )
             self._val_scores.assign(vs)
         self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
-        self._serve = None
+        self._serve: tuple[Any, Any] | None = None  # the compiled pass, without and with a deadline
         self.built = True
 
     # ------------------------------------------------------------------ construction
@@ -239,18 +248,18 @@ class EarlyExitModel(keras.Model):
     @classmethod
     def from_model(
         cls,
-        model,
-        val_logits,
-        val_labels,
-        budget,
-        costs=None,
-        kind="max_softmax",
-        temperature=1.0,
-        mode="geometric",
-        shortfall="reference",
-        qs=None,
-        name=None,
-    ):
+        model: keras.Model,
+        val_logits: npt.ArrayLike,
+        val_labels: npt.ArrayLike,
+        budget: float | str,
+        costs: Sequence[float] | np.ndarray | None = None,
+        kind: str = "max_softmax",
+        temperature: npt.ArrayLike = 1.0,
+        mode: calibration.SplitMode = "geometric",
+        shortfall: calibration.Shortfall = "reference",
+        qs: npt.ArrayLike | None = None,
+        name: str | None = None,
+    ) -> EarlyExitModel:
         """Calibrates thresholds for `budget` on validation logits and wraps `model`.
 
         Args:
@@ -285,7 +294,7 @@ class EarlyExitModel(keras.Model):
         check_labels(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
         scores, correct = scores_and_correct(val_logits, val_labels, kind, temperature, "the validation logits")
         sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode, shortfall=shortfall)
-        sweep = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
+        sweep: dict[str, Any] = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
         sweep.update(mode=mode, shortfall=shortfall)
         ee = cls(
             model,
@@ -301,7 +310,16 @@ class EarlyExitModel(keras.Model):
         return ee
 
     @classmethod
-    def from_run(cls, path, budget, kind=None, temperature=1.0, mode="geometric", shortfall="reference", qs=None):
+    def from_run(
+        cls,
+        path: StrPath,
+        budget: float | str,
+        kind: str | None = None,
+        temperature: npt.ArrayLike = 1.0,
+        mode: calibration.SplitMode = "geometric",
+        shortfall: calibration.Shortfall = "reference",
+        qs: npt.ArrayLike | None = None,
+    ) -> EarlyExitModel:
         """Loads a finished run folder (`model.keras`, `dump/`) and calibrates for `budget`.
 
         Args:
@@ -353,7 +371,7 @@ class EarlyExitModel(keras.Model):
         )
 
     @staticmethod
-    def load(path):
+    def load(path: StrPath) -> EarlyExitModel:
         """Loads a `.keras` file written by `save` (a clear error for a missing or damaged file)."""
         from keras_ee import experiment
 
@@ -362,7 +380,7 @@ class EarlyExitModel(keras.Model):
             raise ValueError(f"{str(path)!r} holds a {type(ee).__name__}, not an EarlyExitModel.")
         return ee
 
-    def _check_sweep(self, sweep):
+    def _check_sweep(self, sweep: object) -> dict[str, Any] | None:
         if sweep is None:
             return None
         if not isinstance(sweep, dict) or any(key not in sweep for key in _SWEEP_KEYS):
@@ -370,7 +388,7 @@ class EarlyExitModel(keras.Model):
                 f"EarlyExitModel: sweep must be a dict with {list(_SWEEP_KEYS)}; received "
                 f"{sorted(sweep) if isinstance(sweep, dict) else type(sweep).__name__}."
             )
-        out = {key: np.asarray(sweep[key], dtype=np.float64).tolist() for key in _SWEEP_KEYS}
+        out: dict[str, Any] = {key: np.asarray(sweep[key], dtype=np.float64).tolist() for key in _SWEEP_KEYS}
         if np.asarray(out["thresholds"]).ndim != 2 or np.asarray(out["thresholds"]).shape[1] != self.num_exits:
             raise ValueError(
                 f"EarlyExitModel: the sweep's thresholds must be (B, K={self.num_exits}); received "
@@ -386,21 +404,21 @@ class EarlyExitModel(keras.Model):
     # ------------------------------------------------------------------ budget
 
     @property
-    def thresholds(self):
+    def thresholds(self) -> np.ndarray:
         """The current `(K,)` thresholds (float64, -inf at the last exit)."""
         return np.asarray(self._thresholds.numpy(), dtype=np.float64)
 
     @property
-    def val_scores(self):
+    def val_scores(self) -> np.ndarray | None:
         """The saved `(K, N)` validation confidences, or None."""
         return None if self._val_scores is None else np.asarray(self._val_scores.numpy())
 
-    def set_thresholds(self, thresholds):
+    def set_thresholds(self, thresholds: npt.ArrayLike) -> None:
         """Sets `(K,)` thresholds directly (`-inf` at the last exit); the budget becomes unknown."""
         self._thresholds.assign(_thresholds_array(thresholds, self.num_exits))
         self.budget = None
 
-    def set_budget(self, mul_adds):
+    def set_budget(self, mul_adds: float | str) -> dict[str, float]:
         """Re-picks the thresholds for a new mean Mul-Add budget from the saved validation data.
 
         Solves for the budget parameter q whose validation mean cost meets the budget
@@ -439,7 +457,7 @@ class EarlyExitModel(keras.Model):
                 "was built from thresholds alone (use EarlyExitModel.from_model or from_run)."
             )
         sol = calibration.solve_budget(
-            self.val_scores,
+            self._val_scores.numpy(),
             self.costs,
             budget,
             qs=self.sweep["q"],
@@ -497,7 +515,7 @@ class EarlyExitModel(keras.Model):
         return tf.reduce_all(tf.math.is_finite(images), axis=list(range(1, images.shape.rank)))
 
     @staticmethod
-    def _leaves(score, thresholds, k):
+    def _leaves(score: Tensor, thresholds: Tensor, k: int) -> Tensor:
         """Whether each sample leaves at exit k (0-based): `score >= T_k` in float64, the rule of
         `calibration.simulate`; one definition for every pass. A NaN score (no prediction,
         see `_score`) never leaves early: said explicitly, because Grappler rewrites
@@ -506,13 +524,15 @@ class EarlyExitModel(keras.Model):
         return tf.logical_and(tf.logical_not(tf.math.is_nan(score)), tf.cast(score, tf.float64) >= thresholds[k])
 
     @staticmethod
-    def _rows(state, stay, all_stay):
+    def _rows(state: list[Tensor], stay: Tensor, all_stay: Tensor) -> list[Tensor]:
         """The rows `stay` of every carried tensor in `state`; when every sample stays
         (`all_stay`), the tensors uncut instead of a copy of them all (MSDNet carries 20-60K
         floats a sample; bench/inference.py, stage steps apart at batch 256: +18% -> +7%)."""
         return tf.cond(all_stay, lambda: [tf.identity(t) for t in state], lambda: [tf.gather(t, stay) for t in state])
 
-    def _stage_or_empty(self, k, state, stay, alive, all_stay):
+    def _stage_or_empty(
+        self, k: int, state: list[Tensor], stay: Tensor, alive: Tensor, all_stay: Tensor
+    ) -> list[Tensor]:
         """Stage k's outputs `[logits_k, *state_k]` on the samples `stay` of the carried `state`
         (all of them for stage 1), or empty (batch 0) tensors when nobody is left.
 
@@ -527,17 +547,17 @@ class EarlyExitModel(keras.Model):
         """
         stage = self._runtime.stages[k]
 
-        def run():
+        def run() -> list[Tensor]:
             if k == 0:
                 return list(stage(state[0], training=False))
             return list(stage(self._rows(state, stay, all_stay), training=False))
 
-        def empty():
+        def empty() -> list[Tensor]:
             return [tf.zeros((0,) + tuple(t.shape[1:]), t.dtype) for t in stage.outputs]
 
         return tf.cond(alive, run, empty)
 
-    def early_exit(self, images, deadline=None):
+    def early_exit(self, images: Tensor, deadline: int | Tensor | None = None) -> dict[str, Tensor]:
         """The early-exit pass on one batch of tensors: dict of `label`, `exit`, `confidence`.
 
         Args:
@@ -555,7 +575,7 @@ class EarlyExitModel(keras.Model):
         with self._runtime.snapshot.active():
             return self._early_exit(images, deadline)
 
-    def _early_exit(self, images, deadline):
+    def _early_exit(self, images: Tensor, deadline: int | Tensor | None) -> dict[str, Tensor]:
         images = tf.convert_to_tensor(images)
         if images.dtype != tf.float32:
             images = tf.cast(images, tf.float32)
@@ -565,11 +585,15 @@ class EarlyExitModel(keras.Model):
         n = tf.shape(images)[0]
         thresholds = tf.convert_to_tensor(self._thresholds.value)
         idx = tf.range(n)  # input positions of the samples still running
-        state, stay, all_stay = [images], None, None
+        state: list[Tensor] = [images]
+        stay = all_stay = None
         # Per exit: the input positions of the samples leaving there and their results,
         # written into input order by one dynamic_stitch per output at the end (every
         # position leaves exactly once) instead of three scatters per exit.
-        where, labels, exits, conf = [], [], [], []
+        where: list[Tensor] = []
+        labels: list[Tensor] = []
+        exits: list[Tensor] = []
+        conf: list[Tensor] = []
         for k in range(self.num_exits):
             out = self._stage_or_empty(k, state, stay, tf.size(idx) > 0, all_stay)
             score, pred = self._score(out[0], k, valid if k == 0 else tf.gather(valid, idx))
@@ -597,10 +621,10 @@ class EarlyExitModel(keras.Model):
             "confidence": tf.dynamic_stitch(where, conf),
         }
 
-    def call(self, images, deadline=None, training=False):
+    def call(self, images: Tensor, deadline: int | Tensor | None = None, training: bool = False) -> dict[str, Tensor]:
         return self.early_exit(images, deadline=deadline)
 
-    def refresh(self):
+    def refresh(self) -> None:
         """Re-reads the backbone's weights into the folded inference kernels the early-exit
         pass runs on (BatchNorm folded into each conv once instead of on every call).
 
@@ -613,7 +637,7 @@ class EarlyExitModel(keras.Model):
     def _check_deadline(self, deadline):
         return self.num_exits if deadline is None else inputs.check_deadline(deadline, self.num_exits)
 
-    def _check_images(self, images):
+    def _check_images(self, images: npt.ArrayLike | tf.Tensor) -> np.ndarray:
         if isinstance(images, tf.Tensor):
             images = images.numpy()
         want = self.input_shape_hw
@@ -625,14 +649,14 @@ class EarlyExitModel(keras.Model):
         inputs.check_finite(a)
         return a
 
-    def serving_function(self, deadline=False):
+    def serving_function(self, deadline: bool = False) -> Callable[..., dict[str, Tensor]]:
         """The compiled early-exit pass `f(images)`, or `f(images, deadline)` with `deadline=True`
         (input signature `[None, H, W, C]` float32 and an int32 scalar; one trace for every
         batch size). It runs on the backbone's weights as of this call (see `refresh`)."""
         self.refresh()
         return self._compiled(deadline)
 
-    def _compiled(self, deadline):
+    def _compiled(self, deadline: bool) -> Callable[..., dict[str, Tensor]]:
         if self._serve is None:
             spec = tf.TensorSpec((None,) + self.input_shape_hw, tf.float32, name="images")
             self._serve = (
@@ -644,7 +668,15 @@ class EarlyExitModel(keras.Model):
             )
         return self._serve[1 if deadline else 0]
 
-    def predict(self, images, batch_size=64, deadline=None, pooled=False, verbose=0, **kwargs):
+    def predict(
+        self,
+        images: npt.ArrayLike,
+        batch_size: int = 64,
+        deadline: int | None = None,
+        pooled: bool = False,
+        verbose: int = 0,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
         """Early-exit predictions for a numpy array of preprocessed images.
 
         Args:
@@ -682,7 +714,7 @@ class EarlyExitModel(keras.Model):
         else:
             with_deadline, deadline_t = self._compiled(deadline=True), tf.constant(d, tf.int32)
             fn = lambda x: with_deadline(x, deadline_t)  # noqa: E731
-        parts = {key: [] for key in OUTPUT_KEYS}
+        parts: dict[str, list[np.ndarray]] = {key: [] for key in OUTPUT_KEYS}
         for start in range(0, len(a), int(batch_size)):
             out = fn(tf.constant(a[start : start + int(batch_size)], tf.float32))
             for key in OUTPUT_KEYS:
@@ -716,17 +748,17 @@ class EarlyExitModel(keras.Model):
             steps[key] = tf.function(step, input_signature=spec)
         return steps[key]
 
-    def _predict_pooled(self, a, batch_size, last):
+    def _predict_pooled(self, a: np.ndarray, batch_size: int, last: int) -> dict[str, np.ndarray]:
         """`predict(pooled=True)`: a queue of waiting samples per stage, each run at `batch_size`."""
         n = len(a)
         labels, exits, conf = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
         valid = np.ones(n, bool)  # `_finite_images` of each input, set as its batch enters stage 1
         queues = [[] for _ in range(last)]  # per stage: chunks of (input positions, [state tensors])
 
-        def waiting(k):
+        def waiting(k: int) -> int:
             return sum(len(pos) for pos, _ in queues[k])
 
-        def take(k):
+        def take(k: int) -> tuple[np.ndarray, list[Tensor]]:
             """Every waiting sample of stage k, as one pool. Chunks are never split: slicing
             each of RANet's up to 25 carried tensors eagerly cost more than the pooling saved."""
             chunks, queues[k] = queues[k], []
@@ -737,7 +769,7 @@ class EarlyExitModel(keras.Model):
                 [tf.concat(parts, 0) for parts in zip(*[state for _, state in chunks])],
             )
 
-        def run(k, pos, state):
+        def run(k: int, pos: np.ndarray, state: list[Tensor]) -> None:
             final = k == last - 1
             out = self._pool_step(k, final)(*state, tf.constant(valid[pos]))
             score, pred = out[0].numpy(), out[1].numpy()
@@ -750,7 +782,7 @@ class EarlyExitModel(keras.Model):
             gone = pos[leave]
             labels[gone], exits[gone], conf[gone] = pred[leave], k + 1, score[leave]
 
-        def drain(flush):
+        def drain(flush: bool) -> None:
             for k in range(1, last):
                 if waiting(k) >= batch_size or (flush and waiting(k)):
                     run(k, *take(k))
@@ -764,13 +796,13 @@ class EarlyExitModel(keras.Model):
         drain(flush=True)
         return {"label": labels, "exit": exits, "confidence": conf}
 
-    def expected_costs(self, exits):
+    def expected_costs(self, exits: npt.ArrayLike) -> np.ndarray:
         """Mul-Adds per sample of 1-based exit indices (`costs[exit - 1]`)."""
         return self.costs[np.asarray(exits) - 1]
 
     # ------------------------------------------------------------------ saving
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = {
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "thresholds": [_json_float(t) for t in self.thresholds],
@@ -785,7 +817,7 @@ class EarlyExitModel(keras.Model):
         return config
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> EarlyExitModel:
         config = dict(config)
         backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
         num_val = config.pop("num_val", None)
@@ -796,7 +828,7 @@ class EarlyExitModel(keras.Model):
         val_scores = None if num_val is None else np.zeros((len(thresholds), int(num_val)), np.float32)
         return cls(backbone, thresholds=thresholds, sweep=sweep, val_scores=val_scores, **config)
 
-    def save(self, filepath, overwrite=True, **kwargs):
+    def save(self, filepath: StrPath, overwrite: bool = True, **kwargs: Any) -> Path:
         """Saves to a `.keras` file atomically (thresholds, score, temperature, costs, budget,
         sweep and validation scores included); `keras.saving.load_model` or `load` reads it."""
         path = Path(filepath)
@@ -872,11 +904,11 @@ def _json_float(x):
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
-def _from_json_float(x):
+def _from_json_float(x: float | str) -> float:
     return float(x)
 
 
-def _json_sweep(sweep):
+def _json_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
     out = dict(sweep)
     out["thresholds"] = [[_json_float(t) for t in row] for row in sweep["thresholds"]]
     for key in ("solved_q",):

@@ -6,11 +6,18 @@ matplotlib runs headless (Agg); every function writes a PNG and returns its path
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from keras_ee._typing import StrPath
 
-def _pyplot():
+if TYPE_CHECKING:
+    from keras_ee.evaluation import Evaluation
+
+
+def _pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -19,7 +26,7 @@ def _pyplot():
     return plt
 
 
-def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
+def budget_plot(evaluations: dict[str, Evaluation], path: StrPath, title: str | None = None) -> Path:
     """Budgeted-batch accuracy (lines) and anytime accuracy per exit (markers) against Mul-Adds.
 
     Args:
@@ -67,7 +74,7 @@ def budget_plot(evaluations: dict, path, title: str | None = None) -> Path:
 
 
 def sample_weight_plot(
-    loss: np.ndarray, weight: np.ndarray, selected: np.ndarray, path, max_points: int = 4000, seed: int = 0
+    loss: np.ndarray, weight: np.ndarray, selected: np.ndarray, path: StrPath, max_points: int = 4000, seed: int = 0
 ) -> Path:
     """L2W-DEN's Figure 8: the WPN's weight against the sample's loss, one panel per exit.
 

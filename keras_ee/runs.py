@@ -34,11 +34,14 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal, TextIO
 
 import keras
 import numpy as np
 
+from keras_ee._typing import StrPath
 from keras_ee.atomic import (
     TEMPORARY_NAME,
     WriteError,
@@ -77,9 +80,9 @@ class RunLock:
     ...     train_in("runs/a")       # a second `keras-ee train --out runs/a` is refused
     """
 
-    def __init__(self, workdir):
+    def __init__(self, workdir: StrPath) -> None:
         self.workdir = Path(workdir)
-        self._fd = None
+        self._fd: int | None = None
 
     def acquire(self) -> RunLock:
         import fcntl
@@ -126,10 +129,10 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self):
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.release()
         return False
 
@@ -152,7 +155,7 @@ def remove_temporaries(workdir) -> int:
     return removed
 
 
-def _read_holder(fd) -> str:
+def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
@@ -167,7 +170,7 @@ def _read_holder(fd) -> str:
     return text
 
 
-def variable_bytes(model) -> int:
+def variable_bytes(model: keras.Model) -> int:
     """Bytes of every variable an `.weights.h5` of `model` would hold (model and optimizers)."""
     return sum(
         int(math.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
@@ -198,7 +201,7 @@ class RunBackup(keras.callbacks.Callback):
         log: where `restore` reports what it loaded (default stderr).
     """
 
-    def __init__(self, backup_dir, keep: int = 1, log=None):
+    def __init__(self, backup_dir: StrPath, keep: int = 1, log: TextIO | None = None) -> None:
         super().__init__()
         if int(keep) < 1:
             raise ValueError(f"`keep` must be >= 1; received {keep!r}.")
@@ -228,7 +231,7 @@ class RunBackup(keras.callbacks.Callback):
 
     # --- restore -------------------------------------------------------------
 
-    def restore(self, model, prepare=None) -> int:
+    def restore(self, model: keras.Model, prepare: Callable[[int], object] | None = None) -> int:
         """Load the newest backup that reads back into `model`; return its epoch count.
 
         A damaged backup (torn file, wrong content) is reported and skipped; the next
@@ -321,7 +324,7 @@ class RunBackup(keras.callbacks.Callback):
                 f.unlink(missing_ok=True)
         fsync_dir(self.backup_dir)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.save(epoch + 1)
 
     def remove(self) -> None:
@@ -329,7 +332,7 @@ class RunBackup(keras.callbacks.Callback):
         shutil.rmtree(self.backup_dir, ignore_errors=True)
 
 
-def _seed_states(model):
+def _seed_states(model: keras.Model) -> list[keras.Variable]:
     """The state variables of the model's `SeedGenerator`s (Dropout and other random layers).
 
     Keras' `.weights.h5` leaves them out, so a backup stores them beside it: without them
@@ -340,8 +343,9 @@ def _seed_states(model):
     return [v for v in model.variables if id(v) not in weights]
 
 
-def _all_variables(model):
-    out, seen = [], set()
+def _all_variables(model: keras.Model) -> list[keras.Variable]:
+    out: list[keras.Variable] = []
+    seen: set[int] = set()
     for obj in (model, model.optimizer):
         if obj is None:
             continue
@@ -364,7 +368,7 @@ class HistoryLog(keras.callbacks.Callback):
         path: the CSV file.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: StrPath) -> None:
         super().__init__()
         self.path = Path(path)
         self.rows: list[dict] = []
@@ -400,7 +404,7 @@ class HistoryLog(keras.callbacks.Callback):
         writer.writerows(self.rows)
         atomic_write_text(self.path, buf.getvalue())
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = dict(logs or {})
         for k in logs:
             if k not in self.keys:
@@ -416,7 +420,7 @@ class HistoryLog(keras.callbacks.Callback):
             ) from None
 
 
-def _csv_value(v) -> str:
+def _csv_value(v: Any) -> str:
     try:
         return repr(float(v))
     except (TypeError, ValueError):

@@ -17,7 +17,10 @@ model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 
 import numbers
 import os
+from collections.abc import Callable
+from typing import Any
 
+from keras_ee._typing import StrPath
 from keras_ee.data import builtin, cifar, idx, npz
 from keras_ee.data.base import ArraySplits, DatasetSplits, build_array_splits
 from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indices, stratified_split
@@ -25,7 +28,7 @@ from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indi
 DEFAULT_DATASET = "digits"
 
 # name -> (description, default validation size, crop padding, horizontal flip)
-_DATASETS = {
+_DATASETS: dict[str, tuple[str, float, int | None, bool | None]] = {
     "digits": (
         "built-in default: scikit-learn's 1,797 handwritten digits, 8x8x1, 10 classes, no download",
         builtin.VAL_SIZE,
@@ -82,14 +85,17 @@ LONG_TAIL_VAL_FRACTION = 0.1
 class DatasetInfo(str):
     """One line of `available()`: `"name  description"`, with both as attributes."""
 
-    def __new__(cls, name, description):
+    name: str
+    description: str
+
+    def __new__(cls, name: str, description: str) -> "DatasetInfo":
         line = super().__new__(cls, f"{name:<14} {description}")
         line.name = name
         line.description = description
         return line
 
 
-def available():
+def available() -> list[DatasetInfo]:
     """The dataset names `load` accepts, with one-line descriptions.
 
     Returns:
@@ -107,7 +113,7 @@ def available():
     return [DatasetInfo(name, spec[0]) for name, spec in _DATASETS.items()]
 
 
-def default_search_dirs():
+def default_search_dirs() -> list[str]:
     """Folders searched for local dataset files when `data_dir` is not given.
 
     `$KERAS_EE_DATA_DIR` (several folders separated by `os.pathsep`), then
@@ -121,7 +127,7 @@ def default_search_dirs():
     return dirs
 
 
-def _resolve_name(name):
+def _resolve_name(name: object) -> tuple[str, str | None]:
     if not isinstance(name, str):
         raise TypeError(f"Expected the dataset `name` to be a string. Received {name!r}.")
     if name.lower().startswith("npz:"):
@@ -134,7 +140,14 @@ def _resolve_name(name):
     return key, None
 
 
-def _local_or_tfds(key, data_dir, download, find, read, what):
+def _local_or_tfds(
+    key: str,
+    data_dir: StrPath | None,
+    download: bool,
+    find: Callable[[list[str]], Any],
+    read: Callable[[Any], dict[str, Any]],
+    what: str,
+) -> dict[str, Any]:
     """Reads a local copy when one is found, else tries tensorflow_datasets."""
     if data_dir is not None:
         data_dir = os.path.expanduser(str(data_dir))
@@ -161,18 +174,18 @@ def _local_or_tfds(key, data_dir, download, find, read, what):
 
 
 def load(
-    name=DEFAULT_DATASET,
-    data_dir=None,
-    val_size=None,
-    seed=0,
-    imbalance_factor=None,
-    download=True,
-    augment_pad=None,
-    augment_flip=None,
-    train_size=None,
-    meta_size=None,
-    samples_per_class=None,
-):
+    name: str = DEFAULT_DATASET,
+    data_dir: StrPath | None = None,
+    val_size: float | None = None,
+    seed: int = 0,
+    imbalance_factor: float | None = None,
+    download: bool = True,
+    augment_pad: int | None = None,
+    augment_flip: bool | None = None,
+    train_size: float | None = None,
+    meta_size: float | None = None,
+    samples_per_class: int | None = None,
+) -> DatasetSplits:
     """Loads a dataset as train / validation / test splits.
 
     Sources, by name (see `available()`):

@@ -1,8 +1,19 @@
 """The `DatasetSplits` object that every loader returns."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+import numpy.typing as npt
 
 from keras_ee.data import splits as splits_lib
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from keras_ee.data.recipe import Recipe
 
 
 class DatasetSplits:
@@ -20,6 +31,8 @@ class DatasetSplits:
         num_classes: int.
         class_names: list of str, index = label.
         input_shape: tuple (H, W, C) of the images the pipelines produce.
+        pixel_scale: float. The factor that brings the stored pixels to [0, 1]
+            (1/255 for uint8 images), before `mean` and `std` apply.
         mean: float32 array (C,). Per-channel mean of the training split.
         std: float32 array (C,). Per-channel standard deviation.
         num_train, num_val, num_test: int. Split sizes.
@@ -44,15 +57,15 @@ class DatasetSplits:
 
     def train_dataset(
         self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-        recipe=None,
-    ):
+        batch_size: int,
+        seed: int | None = 0,
+        augment: bool = True,
+        shuffle: bool = True,
+        drop_remainder: bool = False,
+        first_epoch: int | None = None,
+        epochs: int | None = None,
+        recipe: Recipe | None = None,
+    ) -> tf.data.Dataset:
         """Training pipeline: shuffled and augmented (by default) batches.
 
         With `first_epoch` and `epochs`, the batches of those epochs back to back,
@@ -64,22 +77,24 @@ class DatasetSplits:
         """
         raise NotImplementedError
 
-    def train_batches(self, batch_size, drop_remainder=False):
+    def train_batches(self, batch_size: int, drop_remainder: bool = False) -> int:
         """Batches per epoch of `train_dataset(batch_size, drop_remainder=...)`."""
         from keras_ee.data.pipeline import epoch_batches
 
         return epoch_batches(self.num_train, batch_size, drop_remainder)
 
-    def val_dataset(self, batch_size):
+    def val_dataset(self, batch_size: int) -> tf.data.Dataset:
         """Validation pipeline: not augmented, not shuffled."""
         raise NotImplementedError
 
     # Where the meta stream comes from: "calibration" (the validation split, as the HDKD
     # paper does) or "split" (a separate hold-out of its own, `meta_size` in `load`).
     meta_source = "calibration"
-    num_meta = None
+    num_meta: int | None = None
 
-    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+    def meta_dataset(
+        self, batch_size: int, batches_per_epoch: int, seed: int = 0, first_epoch: int = 0, epochs: int = 1
+    ) -> tf.data.Dataset:
         """Held-out batches for a method's outer step (e.g. HDKD's loss weights).
 
         `batches_per_epoch` batches for each of epochs `first_epoch .. epochs - 1`, from
@@ -90,19 +105,19 @@ class DatasetSplits:
         """
         raise NotImplementedError
 
-    def test_dataset(self, batch_size):
+    def test_dataset(self, batch_size: int) -> tf.data.Dataset:
         """Test pipeline: not augmented, not shuffled."""
         raise NotImplementedError
 
-    def val_labels(self):
+    def val_labels(self) -> np.ndarray:
         """Validation labels (int64), in the order of `val_dataset`."""
         raise NotImplementedError
 
-    def test_labels(self):
+    def test_labels(self) -> np.ndarray:
         """Test labels (int64), in the order of `test_dataset`."""
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} {self.name}: {self.num_classes} classes, "
             f"input {self.input_shape}, train/val/test = "
@@ -110,7 +125,7 @@ class DatasetSplits:
         )
 
 
-def _check_images(x, what):
+def _check_images(x: object, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
@@ -158,29 +173,29 @@ class ArraySplits(DatasetSplits):
 
     def __init__(
         self,
-        name,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        x_test,
-        y_test,
-        class_names,
-        pixel_scale=1.0 / 255.0,
-        augment_pad=0,
-        augment_flip=False,
-        imbalance_factor=None,
-        mean=None,
-        std=None,
-        x_meta=None,
-        y_meta=None,
-    ):
+        name: str,
+        x_train: npt.ArrayLike,
+        y_train: npt.ArrayLike,
+        x_val: npt.ArrayLike,
+        y_val: npt.ArrayLike,
+        x_test: npt.ArrayLike,
+        y_test: npt.ArrayLike,
+        class_names: Sequence[object],
+        pixel_scale: float = 1.0 / 255.0,
+        augment_pad: int = 0,
+        augment_flip: bool = False,
+        imbalance_factor: float | None = None,
+        mean: npt.ArrayLike | None = None,
+        std: npt.ArrayLike | None = None,
+        x_meta: npt.ArrayLike | None = None,
+        y_meta: npt.ArrayLike | None = None,
+    ) -> None:
         self.name = name
         self.class_names = [str(c) for c in class_names]
         self.num_classes = len(self.class_names)
         if self.num_classes < 2:
             raise ValueError(f"Expected at least 2 classes. Received class names {class_names!r}.")
-        arrays = {}
+        arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for part, x, y in (
             ("train", x_train, y_train),
             ("val", x_val, y_val),
@@ -236,7 +251,7 @@ class ArraySplits(DatasetSplits):
             self._pixel_range = pixel_range(self._x_train)
         return self._pixel_range
 
-    def _pipeline(self, part, batch_size, **kwargs):
+    def _pipeline(self, part: str, batch_size: int, **kwargs: Any) -> tf.data.Dataset:
         from keras_ee.data import pipeline
 
         x, y = getattr(self, f"_x_{part}"), getattr(self, f"_y_{part}")
@@ -263,15 +278,15 @@ class ArraySplits(DatasetSplits):
 
     def train_dataset(
         self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-        recipe=None,
-    ):
+        batch_size: int,
+        seed: int | None = 0,
+        augment: bool = True,
+        shuffle: bool = True,
+        drop_remainder: bool = False,
+        first_epoch: int | None = None,
+        epochs: int | None = None,
+        recipe: Recipe | None = None,
+    ) -> tf.data.Dataset:
         """Training pipeline.
 
         Args:
@@ -309,11 +324,13 @@ class ArraySplits(DatasetSplits):
             num_classes=self.num_classes,
         )
 
-    def val_dataset(self, batch_size):
+    def val_dataset(self, batch_size: int) -> tf.data.Dataset:
         """Validation pipeline: normalized, never augmented, fixed order."""
         return self._pipeline("val", batch_size)
 
-    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+    def meta_dataset(
+        self, batch_size: int, batches_per_epoch: int, seed: int = 0, first_epoch: int = 0, epochs: int = 1
+    ) -> tf.data.Dataset:
         from keras_ee.data import pipeline
 
         part = "meta" if self.meta_source == "split" else "val"
@@ -332,42 +349,42 @@ class ArraySplits(DatasetSplits):
 
     meta_dataset.__doc__ = DatasetSplits.meta_dataset.__doc__
 
-    def test_dataset(self, batch_size):
+    def test_dataset(self, batch_size: int) -> tf.data.Dataset:
         """Test pipeline: normalized, never augmented, fixed order."""
         return self._pipeline("test", batch_size)
 
-    def train_labels(self):
+    def train_labels(self) -> np.ndarray:
         """Training labels (int64), in stored order (before shuffling)."""
         return self._y_train.copy()
 
-    def val_labels(self):
+    def val_labels(self) -> np.ndarray:
         return self._y_val.copy()
 
-    def test_labels(self):
+    def test_labels(self) -> np.ndarray:
         return self._y_test.copy()
 
-    def train_class_counts(self):
+    def train_class_counts(self) -> np.ndarray:
         """Number of training samples per class, int64 array (num_classes,)."""
         return np.bincount(self._y_train, minlength=self.num_classes)
 
 
 def build_array_splits(
-    name,
-    x_train,
-    y_train,
-    x_test,
-    y_test,
-    class_names,
-    val_size,
-    seed=0,
-    imbalance_factor=None,
-    pixel_scale=1.0 / 255.0,
-    augment_pad=0,
-    augment_flip=False,
-    train_size=None,
-    meta_size=None,
-    samples_per_class=None,
-):
+    name: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    class_names: Sequence[object],
+    val_size: float,
+    seed: int = 0,
+    imbalance_factor: float | None = None,
+    pixel_scale: float = 1.0 / 255.0,
+    augment_pad: int = 0,
+    augment_flip: bool = False,
+    train_size: float | None = None,
+    meta_size: float | None = None,
+    samples_per_class: int | None = None,
+) -> ArraySplits:
     """Long-tail (optional), hold out validation, and wrap into `ArraySplits`.
 
     Order of operations, following the L2W-DEN paper: the long-tailed

@@ -17,6 +17,8 @@ Choices, documented:
   no flip (a mirrored digit is another symbol).
 """
 
+from typing import Any
+
 import numpy as np
 
 from keras_ee.data import splits as splits_lib
@@ -28,7 +30,7 @@ AUGMENT_PAD = 1
 PIXEL_MAX = 16
 
 
-def load_digits_arrays():
+def load_digits_arrays() -> dict[str, Any]:
     """The digits as arrays with a fixed stratified test split.
 
     Returns:

@@ -24,8 +24,12 @@ import socket
 import tarfile
 import threading
 import warnings
+from collections.abc import Iterable
+from typing import IO, Any, cast
 
 import numpy as np
+
+from keras_ee._typing import StrPath
 
 IMAGE_BYTES = 32 * 32 * 3
 
@@ -41,7 +45,7 @@ EXPECTED_COUNTS = {
 }
 
 # File names inside each official layout, by role.
-_LAYOUTS = {
+_LAYOUTS: dict[tuple[int, str], dict[str, Any]] = {
     (10, "binary"): {
         "folder": "cifar-10-batches-bin",
         "archive": "cifar-10-binary.tar.gz",
@@ -73,7 +77,7 @@ _LAYOUTS = {
 }
 
 
-def _check_num_classes(num_classes):
+def _check_num_classes(num_classes: object) -> None:
     if num_classes not in (10, 100):
         raise ValueError(f"Expected `num_classes` 10 or 100. Received {num_classes!r}.")
 
@@ -84,14 +88,14 @@ def _check_num_classes(num_classes):
 class _FolderSource:
     """Files of an extracted folder, by base name."""
 
-    def __init__(self, folder):
+    def __init__(self, folder: str) -> None:
         self.where = str(folder)
         self._folder = folder
 
-    def has(self, name):
+    def has(self, name: str) -> bool:
         return os.path.isfile(os.path.join(self._folder, name))
 
-    def read(self, names):
+    def read(self, names: Iterable[str]) -> dict[str, bytes]:
         out = {}
         for name in names:
             path = os.path.join(self._folder, name)
@@ -100,28 +104,28 @@ class _FolderSource:
                     out[name] = f.read()
         return out
 
-    def describe(self, name):
+    def describe(self, name: str) -> str:
         return os.path.join(self._folder, name)
 
 
 class _ArchiveSource:
     """Files of a tar archive (any compression), by base name."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.where = str(path)
         self._path = path
 
-    def read(self, names):
+    def read(self, names: Iterable[str]) -> dict[str, bytes]:
         # One streaming pass ("r|*"): a gzip stream cannot seek back cheaply,
         # so collect every wanted member while going through it once.
         wanted = set(names)
-        out = {}
+        out: dict[str, bytes] = {}
         try:
             with tarfile.open(self._path, mode="r|*") as tar:
                 for member in tar:
                     base = os.path.basename(member.name)
                     if member.isfile() and base in wanted and base not in out:
-                        out[base] = tar.extractfile(member).read()
+                        out[base] = cast(IO[bytes], tar.extractfile(member)).read()  # a file: never None
                         if len(out) == len(wanted):
                             break
         except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
@@ -132,11 +136,11 @@ class _ArchiveSource:
             ) from e
         return out
 
-    def describe(self, name):
+    def describe(self, name: str) -> str:
         return f"{self._path}:{name}"
 
 
-def _folder_layout(folder, num_classes):
+def _folder_layout(folder: str, num_classes: int) -> str | None:
     """The layout whose training files are all in `folder`, or None."""
     for fmt in ("binary", "python"):
         layout = _LAYOUTS[(num_classes, fmt)]
@@ -145,7 +149,7 @@ def _folder_layout(folder, num_classes):
     return None
 
 
-def find_cifar(num_classes, directories):
+def find_cifar(num_classes: int, directories: Iterable[StrPath]) -> tuple[str, str, str] | None:
     """Locates an official CIFAR copy in the given directories.
 
     Looks, in each directory in turn, for the extracted folders
@@ -171,9 +175,9 @@ def find_cifar(num_classes, directories):
             return directory, fmt, "archive"  # read_cifar re-detects the format
         if not os.path.isdir(directory):
             continue
-        fmt = _folder_layout(directory, num_classes)
-        if fmt:
-            return directory, fmt, "folder"
+        folder_fmt = _folder_layout(directory, num_classes)
+        if folder_fmt:
+            return directory, folder_fmt, "folder"
         for fmt in ("binary", "python"):
             layout = _LAYOUTS[(num_classes, fmt)]
             candidates = [os.path.join(directory, layout["folder"])]
@@ -197,7 +201,9 @@ def find_cifar(num_classes, directories):
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_binary(data, num_classes, where, expected=None):
+def parse_binary(
+    data: bytes, num_classes: int, where: str, expected: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Parses records of the official CIFAR binary format.
 
     Args:
@@ -259,7 +265,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
                 f"Refusing to load {module}.{name}: a CIFAR pickle holds only NumPy arrays, lists, strings and numbers."
@@ -269,7 +275,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(data, where):
+def _unpickle(data: bytes, where: str) -> dict[str, Any]:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # Any failure means: not a readable CIFAR pickle.
@@ -282,7 +288,9 @@ def _unpickle(data, where):
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def parse_pickle(data, num_classes, where, expected=None):
+def parse_pickle(
+    data: bytes, num_classes: int, where: str, expected: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Parses one batch of the official CIFAR python-pickle format.
 
     Args:
@@ -334,7 +342,7 @@ def parse_pickle(data, num_classes, where, expected=None):
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
-def _parse_names(data, fmt, num_classes, where):
+def _parse_names(data: bytes, fmt: str, num_classes: int, where: str) -> list[str]:
     if fmt == "binary":
         names = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
         names = [n for n in names if n]
@@ -360,7 +368,9 @@ def _parse_names(data, fmt, num_classes, where):
     return names
 
 
-def read_cifar(path, num_classes, fmt=None, expected_counts=None):
+def read_cifar(
+    path: StrPath, num_classes: int, fmt: str | None = None, expected_counts: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Reads an official CIFAR copy (archive or extracted folder).
 
     Args:
@@ -405,7 +415,7 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
             )
         path, detected, kind = found
         fmt = fmt or detected
-        source = _FolderSource(path) if kind == "folder" else _ArchiveSource(path)
+        source: _FolderSource | _ArchiveSource = _FolderSource(path) if kind == "folder" else _ArchiveSource(path)
     else:
         source = _ArchiveSource(path)
     formats = [fmt] if fmt else ["binary", "python"]
@@ -430,7 +440,7 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
     if expected_counts is None:
         expected_counts = EXPECTED_COUNTS[num_classes]
     parse = parse_binary if fmt == "binary" else parse_pickle
-    out = {}
+    out: dict[str, Any] = {}
     for part in ("train", "test"):
         total = expected_counts.get(part)
         per_file = None
@@ -458,15 +468,15 @@ def read_cifar(path, num_classes, fmt=None, expected_counts=None):
 # --------------------------------------------------------------------------- tfds
 
 
-def can_reach(host, port=443, timeout=3.0):
+def can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to `host` opens within about `timeout` seconds.
 
     The whole check, name resolution included, runs in a daemon thread: a
     socket timeout does not bound a DNS lookup, which can hang when offline.
     """
-    result = []
+    result: list[bool] = []
 
-    def attempt():
+    def attempt() -> None:
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 result.append(True)
@@ -479,7 +489,7 @@ def can_reach(host, port=443, timeout=3.0):
     return bool(result and result[0])
 
 
-def load_tfds_arrays(tfds_name, data_dir=None, download=True):
+def load_tfds_arrays(tfds_name: str, data_dir: StrPath | None = None, download: bool = True) -> dict[str, Any]:
     """Loads a small image dataset with tensorflow_datasets into arrays.
 
     Uses an already prepared copy when there is one; otherwise downloads and
@@ -519,7 +529,7 @@ def load_tfds_arrays(tfds_name, data_dir=None, download=True):
                 f"{builder.data_dir} and {host} cannot be reached (offline?)."
             )
         builder.download_and_prepare()
-    out = {}
+    out: dict[str, Any] = {}
     for part, split in (("train", "train"), ("test", "test")):
         arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         out[f"x_{part}"] = np.asarray(arrays["image"], np.uint8)

@@ -10,11 +10,15 @@ import gzip
 import math
 import os
 import zlib
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
+from keras_ee._typing import StrPath
+
 # IDX type code -> NumPy dtype (multi-byte types are big-endian).
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -42,7 +46,7 @@ EXPECTED_COUNTS = {"train": 60000, "test": 10000}
 SYSTEM_DIRS = ["/usr/share/datasets/fashion-mnist"]
 
 
-def parse_idx(data, where="<bytes>"):
+def parse_idx(data: bytes, where: str = "<bytes>") -> np.ndarray:
     """Decodes the bytes of an IDX file.
 
     Args:
@@ -84,13 +88,13 @@ def parse_idx(data, where="<bytes>"):
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
-def read_idx(path):
+def read_idx(path: StrPath) -> np.ndarray:
     """Reads an IDX file (gzip or plain) from disk. See `parse_idx`."""
     with open(path, "rb") as f:
         return parse_idx(f.read(), str(path))
 
 
-def _locate(directory, stem):
+def _locate(directory: str, stem: str) -> str | None:
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
@@ -98,7 +102,7 @@ def _locate(directory, stem):
     return None
 
 
-def find_idx_dir(directories):
+def find_idx_dir(directories: Iterable[StrPath]) -> str | None:
     """First directory holding all four Fashion-MNIST IDX files, or None."""
     for directory in directories:
         directory = os.path.expanduser(str(directory))
@@ -109,7 +113,9 @@ def find_idx_dir(directories):
     return None
 
 
-def read_fashion_mnist(directory, num_classes=10, expected_counts=None):
+def read_fashion_mnist(
+    directory: StrPath, num_classes: int = 10, expected_counts: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Reads the four Fashion-MNIST IDX files of a directory.
 
     Args:
@@ -129,7 +135,7 @@ def read_fashion_mnist(directory, num_classes=10, expected_counts=None):
         raise FileNotFoundError(f"No such directory: {directory} (expected the Fashion-MNIST IDX files).")
     if expected_counts is None:
         expected_counts = EXPECTED_COUNTS
-    out = {}
+    out: dict[str, Any] = {}
     for key, stem in FASHION_MNIST_FILES.items():
         path = _locate(directory, stem)
         if path is None:

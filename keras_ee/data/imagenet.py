@@ -21,11 +21,20 @@ Choices, documented:
   side to 256 and take the central 224x224 crop.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_ee._typing import StrPath
 from keras_ee.data.base import DatasetSplits
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from keras_ee.data.recipe import Recipe
 
 TFDS_NAME = "imagenet2012"
 MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -35,13 +44,15 @@ IMAGE_SIZE = 224
 RESIZE_SIZE = 256
 
 
-def _normalize(image):
+def _normalize(image: tf.Tensor) -> tf.Tensor:
     import tensorflow as tf
 
     return (tf.cast(image, tf.float32) / 255.0 - MEAN) / STD
 
 
-def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE, normalize=True):
+def train_preprocess(
+    jpeg_bytes: tf.Tensor, seed: tf.Tensor, image_size: int = IMAGE_SIZE, normalize: bool = True
+) -> tf.Tensor:
     """Random-resized crop and flip of one encoded JPEG, normalized.
 
     Args:
@@ -77,7 +88,7 @@ def train_preprocess(jpeg_bytes, seed, image_size=IMAGE_SIZE, normalize=True):
     return _normalize(image)
 
 
-def eval_preprocess(jpeg_bytes, image_size=IMAGE_SIZE, resize_size=RESIZE_SIZE):
+def eval_preprocess(jpeg_bytes: tf.Tensor, image_size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE) -> tf.Tensor:
     """Resize (shorter side `resize_size`) and central crop, normalized.
 
     Args:
@@ -102,7 +113,7 @@ def eval_preprocess(jpeg_bytes, image_size=IMAGE_SIZE, resize_size=RESIZE_SIZE):
     return _normalize(image)
 
 
-def _prepared_builder(data_dir):
+def _prepared_builder(data_dir: StrPath | None) -> Any:
     """A prepared imagenet2012 builder, preparing it from manual files if needed."""
     import tensorflow_datasets as tfds
 
@@ -143,7 +154,7 @@ class ImageNetSplits(DatasetSplits):
         image_size: int. Side of the square crops (default 224).
     """
 
-    def __init__(self, data_dir=None, val_size=50000, image_size=IMAGE_SIZE):
+    def __init__(self, data_dir: StrPath | None = None, val_size: int = 50000, image_size: int = IMAGE_SIZE) -> None:
         import tensorflow_datasets as tfds
 
         self._tfds = tfds
@@ -159,6 +170,7 @@ class ImageNetSplits(DatasetSplits):
         self.class_names = list(self._builder.info.features["label"].names)
         self.num_classes = len(self.class_names)
         self.input_shape = (image_size, image_size, 3)
+        self.pixel_scale = 1.0 / 255.0  # decoded JPEG bytes, as `_normalize` scales them
         self.image_size = image_size
         self.mean, self.std = MEAN.copy(), STD.copy()
         self._val_size = int(val_size)
@@ -170,9 +182,9 @@ class ImageNetSplits(DatasetSplits):
             "val": f"train[:{self._val_size}]",
             "test": "validation",
         }
-        self._labels = {}
+        self._labels: dict[str, np.ndarray] = {}
 
-    def _raw(self, part, shuffle=False, seed=None):
+    def _raw(self, part: str, shuffle: bool = False, seed: int | None = None) -> tf.data.Dataset:
         tfds = self._tfds
         return self._builder.as_dataset(
             split=self._splits[part],
@@ -183,15 +195,15 @@ class ImageNetSplits(DatasetSplits):
 
     def train_dataset(
         self,
-        batch_size,
-        seed=0,
-        augment=True,
-        shuffle=True,
-        drop_remainder=False,
-        first_epoch=None,
-        epochs=None,
-        recipe=None,
-    ):
+        batch_size: int,
+        seed: int | None = 0,
+        augment: bool = True,
+        shuffle: bool = True,
+        drop_remainder: bool = False,
+        first_epoch: int | None = None,
+        epochs: int | None = None,
+        recipe: Recipe | None = None,
+    ) -> tf.data.Dataset:
         """Training pipeline (see `DatasetSplits.train_dataset`).
 
         With a `recipe` (`keras_ee.data.recipe.Recipe`), each image is cropped and flipped
@@ -211,7 +223,7 @@ class ImageNetSplits(DatasetSplits):
             check_recipe(recipe, self.input_shape)
             batch_recipe = BatchAugmentation(recipe, self.num_classes, self.input_shape, MEAN, STD)
 
-        def prepare(ds, shuffle_seed, aug_seeds):
+        def prepare(ds: tf.data.Dataset, shuffle_seed: Any, aug_seeds: tf.data.Dataset) -> tf.data.Dataset:
             if shuffle and isinstance(shuffle_seed, (int, type(None))):
                 ds = ds.shuffle(16 * batch_size, seed=shuffle_seed, reshuffle_each_iteration=True)
             elif shuffle:
@@ -231,7 +243,7 @@ class ImageNetSplits(DatasetSplits):
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
 
-        def with_recipe(batches, batch_seeds):
+        def with_recipe(batches: tf.data.Dataset, batch_seeds: tf.data.Dataset) -> tf.data.Dataset:
             # The recipe of batch b: its own stateless seed (see keras_ee.data.pipeline).
             if batch_recipe is None:
                 return batches
@@ -250,8 +262,8 @@ class ImageNetSplits(DatasetSplits):
         else:
             # Epoch e: files in their stored order, the shuffle buffer and the crops seeded
             # by (seed, e) only, so a resumed run reads what an uninterrupted one reads.
-            def one_epoch(epoch):
-                epoch_seed = tf.stack([tf.constant(int(seed), tf.int64), epoch])
+            def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+                epoch_seed = tf.stack([tf.constant(0 if seed is None else int(seed), tf.int64), epoch])
                 seeds = tf.data.Dataset.range(1 << 40).map(
                     lambda i: tf.random.experimental.stateless_fold_in(epoch_seed, i)
                 )
@@ -270,7 +282,7 @@ class ImageNetSplits(DatasetSplits):
             ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
             return ds.prefetch(tf.data.AUTOTUNE)
 
-    def _eval_dataset(self, part, batch_size):
+    def _eval_dataset(self, part: str, batch_size: int) -> tf.data.Dataset:
         import tensorflow as tf
 
         size = self.image_size
@@ -280,10 +292,12 @@ class ImageNetSplits(DatasetSplits):
         )
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    def val_dataset(self, batch_size):
+    def val_dataset(self, batch_size: int) -> tf.data.Dataset:
         return self._eval_dataset("val", batch_size)
 
-    def meta_dataset(self, batch_size, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+    def meta_dataset(
+        self, batch_size: int, batches_per_epoch: int, seed: int = 0, first_epoch: int = 0, epochs: int = 1
+    ) -> tf.data.Dataset:
         """The validation split, shuffled and repeated, `batches_per_epoch` per epoch.
 
         Epoch e's stream is seeded by (seed, e) only (see `DatasetSplits.meta_dataset`).
@@ -292,7 +306,7 @@ class ImageNetSplits(DatasetSplits):
 
         size = self.image_size
 
-        def one_epoch(epoch):
+        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
             shuffle_seed = tf.random.stateless_uniform(
                 [], tf.stack([tf.constant(int(seed), tf.int64), epoch]), minval=0, maxval=1 << 31, dtype=tf.int64
             )
@@ -305,10 +319,10 @@ class ImageNetSplits(DatasetSplits):
 
         return tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
-    def test_dataset(self, batch_size):
+    def test_dataset(self, batch_size: int) -> tf.data.Dataset:
         return self._eval_dataset("test", batch_size)
 
-    def _part_labels(self, part):
+    def _part_labels(self, part: str) -> np.ndarray:
         if part not in self._labels:
             ds = self._raw(part).map(lambda e: e["label"]).batch(4096)
             self._labels[part] = np.concatenate(
@@ -316,18 +330,18 @@ class ImageNetSplits(DatasetSplits):
             )
         return self._labels[part].copy()
 
-    def val_labels(self):
+    def val_labels(self) -> np.ndarray:
         return self._part_labels("val")
 
-    def test_labels(self):
+    def test_labels(self) -> np.ndarray:
         return self._part_labels("test")
 
 
-def _stateless_block_shuffle(ds, block, seed):
+def _stateless_block_shuffle(ds: tf.data.Dataset, block: int, seed: tf.Tensor) -> tf.data.Dataset:
     """`ds` with each run of `block` elements in a random order drawn from `seed` (shape (2,)) and the block index."""
     import tensorflow as tf
 
-    def shuffle_block(index, elements):
+    def shuffle_block(index: tf.Tensor, elements: Any) -> Any:
         n = tf.shape(tf.nest.flatten(elements)[0])[0]
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n), seed=tf.random.experimental.stateless_fold_in(seed, index)

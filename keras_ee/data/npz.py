@@ -26,8 +26,11 @@ integer >= 2, e.g. `np.savez(..., num_classes=10)`).
 import os
 import warnings
 import zipfile
+from typing import Any
 
 import numpy as np
+
+from keras_ee._typing import StrPath
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 OPTIONAL_KEYS = ("class_names", "num_classes")
@@ -36,7 +39,7 @@ MAX_FLOAT_PIXEL = 255.0
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 
 
-def _labels(y, key, path):
+def _labels(y: object, key: str, path: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -54,7 +57,7 @@ def _labels(y, key, path):
     return y
 
 
-def _images(x, key, path):
+def _images(x: object, key: str, path: str) -> tuple[np.ndarray, float]:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., None]
@@ -115,7 +118,7 @@ def open_archive(path, expected=_DATASET_KEYS, example=_DATASET_EXAMPLE):
         ) from None
 
 
-def _one_line(e):
+def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -138,7 +141,7 @@ def read_member(archive, key, path, expected="a numeric (or, for class_names, st
         ) from None
 
 
-def _num_classes(value, path):
+def _num_classes(value: object, path: str) -> int:
     v = np.asarray(value)
     if v.size != 1 or v.ndim > 1 or v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.integer):
         raise TypeError(
@@ -151,7 +154,7 @@ def _num_classes(value, path):
     return n
 
 
-def read_npz(path):
+def read_npz(path: StrPath) -> dict[str, Any]:
     """Reads and validates a user `.npz` dataset.
 
     Args:

@@ -24,15 +24,23 @@ property above holds with it too; its batches carry float32 (B, C) soft targets 
 smooths or mixes labels.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from keras_ee.data.recipe import Recipe
 
 # The recipe's seed of a batch: the batch seed folded with this (the crop and flip keep the
 # batch seed itself, so their draws are those of a run without the recipe).
 RECIPE_STREAM = 0x5EED
 
 
-def random_crop_flip(images, pad, flip, seed):
+def random_crop_flip(images: tf.Tensor, pad: int, flip: bool, seed: tf.Tensor) -> tf.Tensor:
     """Zero-pad, randomly crop back and optionally flip a batch of images.
 
     The standard CIFAR augmentation (`pad=4`, `flip=True`): each image is
@@ -78,23 +86,23 @@ def random_crop_flip(images, pad, flip, seed):
 
 
 def array_dataset(
-    images,
-    labels,
-    batch_size,
-    pixel_scale,
-    mean,
-    std,
-    shuffle=False,
-    seed=0,
-    augment=False,
-    pad=0,
-    flip=False,
-    drop_remainder=False,
-    first_epoch=None,
-    epochs=None,
-    recipe=None,
-    num_classes=None,
-):
+    images: tf.Tensor | np.ndarray,
+    labels: tf.Tensor | np.ndarray,
+    batch_size: int,
+    pixel_scale: float,
+    mean: npt.ArrayLike,
+    std: npt.ArrayLike,
+    shuffle: bool = False,
+    seed: int | None = 0,
+    augment: bool = False,
+    pad: int = 0,
+    flip: bool = False,
+    drop_remainder: bool = False,
+    first_epoch: int | None = None,
+    epochs: int | None = None,
+    recipe: Recipe | None = None,
+    num_classes: int | None = None,
+) -> tf.data.Dataset:
     """Batched, normalized `tf.data.Dataset` over in-memory NHWC arrays.
 
     Args:
@@ -129,16 +137,16 @@ def array_dataset(
     images = tf.convert_to_tensor(images)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     n = int(images.shape[0])
-    mean = tf.constant(np.asarray(mean, np.float32))
+    mean_t = tf.constant(np.asarray(mean, np.float32))
     inv_std = tf.constant(1.0 / np.asarray(std, np.float32))
     scale = tf.constant(float(pixel_scale), tf.float32)
 
-    def gather(indices):
+    def gather(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.cast(tf.gather(images, indices), tf.float32) * scale
         return x, tf.gather(labels, indices)
 
-    def normalize(x):
-        return (x - mean) * inv_std
+    def normalize(x: tf.Tensor) -> tf.Tensor:
+        return (x - mean_t) * inv_std
 
     batch_recipe = None
     if augment and recipe is not None and recipe.active:
@@ -147,11 +155,11 @@ def array_dataset(
         if num_classes is None:
             raise ValueError("a recipe needs `num_classes` (the classes of its soft targets).")
         batch_recipe = BatchAugmentation(
-            recipe, num_classes, tuple(images.shape[1:]), mean.numpy(), 1.0 / inv_std.numpy()
+            recipe, num_classes, tuple(images.shape[1:]), mean_t.numpy(), 1.0 / inv_std.numpy()
         )
     augmenting = augment and (pad > 0 or flip or batch_recipe is not None)
 
-    def load_augmented(indices, batch_seed):
+    def load_augmented(indices: tf.Tensor, batch_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = gather(indices)
         x = random_crop_flip(x, pad, flip, batch_seed)
         if batch_recipe is not None:
@@ -160,13 +168,13 @@ def array_dataset(
             )
         return normalize(x), y
 
-    def load(indices):
+    def load(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = gather(indices)
         return normalize(x), y
 
     if (first_epoch is None) != (epochs is None):
         raise ValueError(f"Pass both `first_epoch` and `epochs`, or neither. Received {first_epoch!r} and {epochs!r}.")
-    if first_epoch is not None:
+    if first_epoch is not None and epochs is not None:
         for name, value in (("first_epoch", first_epoch), ("epochs", epochs)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"Expected `{name}` to be an int >= 0. Received {value!r}.")
@@ -174,7 +182,7 @@ def array_dataset(
             raise ValueError(f"Expected `first_epoch` <= `epochs`. Received {first_epoch} > {epochs}.")
         base_seed = 0 if seed is None else int(seed)
 
-        def one_epoch(epoch):
+        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
             return _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed, epoch)
 
         ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
@@ -189,13 +197,20 @@ def array_dataset(
         # Two int64 draws per batch form the stateless seed of its augmentation.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip((ds, seeds.batch(2)))
-        load = load_augmented
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(load_augmented if augmenting else load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed, pass_index):
+def _pass_batches(
+    n: int,
+    batch_size: int,
+    drop_remainder: bool,
+    shuffle: bool,
+    augmenting: bool,
+    base_seed: int,
+    pass_index: tf.Tensor,
+) -> tf.data.Dataset:
     """The index batches of one pass over n samples: order and augmentation seeded by (seed, pass)."""
     pass_seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(pass_index, tf.int64)])
     order = tf.range(n, dtype=tf.int64)
@@ -211,7 +226,18 @@ def _pass_batches(n, batch_size, drop_remainder, shuffle, augmenting, base_seed,
 _META_PASSES_PER_EPOCH = 1 << 20
 
 
-def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_epoch, seed=0, first_epoch=0, epochs=1):
+def meta_stream(
+    images: tf.Tensor | np.ndarray,
+    labels: tf.Tensor | np.ndarray,
+    batch_size: int,
+    pixel_scale: float,
+    mean: npt.ArrayLike,
+    std: npt.ArrayLike,
+    batches_per_epoch: int,
+    seed: int | None = 0,
+    first_epoch: int = 0,
+    epochs: int = 1,
+) -> tf.data.Dataset:
     """Held-out batches for a method's outer step, `batches_per_epoch` per training epoch.
 
     Each training epoch e reads its own endless sequence of shuffled passes over the
@@ -235,11 +261,11 @@ def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_
     scale = tf.constant(float(pixel_scale), tf.float32)
     base_seed = 0 if seed is None else int(seed)
 
-    def load(indices):
+    def load(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = tf.cast(tf.gather(images, indices), tf.float32) * scale
         return (x - mean) * inv_std, tf.gather(labels, indices)
 
-    def one_epoch(epoch):
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         passes = tf.data.Dataset.range(epoch * _META_PASSES_PER_EPOCH, (epoch + 1) * _META_PASSES_PER_EPOCH)
         return passes.flat_map(lambda p: _pass_batches(n, batch_size, True, True, False, base_seed, p)).take(
             batches_per_epoch
@@ -249,6 +275,6 @@ def meta_stream(images, labels, batch_size, pixel_scale, mean, std, batches_per_
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def epoch_batches(num_samples, batch_size, drop_remainder=False):
+def epoch_batches(num_samples: int, batch_size: int, drop_remainder: bool = False) -> int:
     """Batches per epoch of a pipeline over `num_samples` samples."""
     return num_samples // batch_size if drop_remainder else -(-num_samples // batch_size)

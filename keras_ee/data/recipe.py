@@ -34,9 +34,15 @@ for every image (Keras' design), which is most of the recipe's cost.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +75,13 @@ class Recipe:
         timm draws each op's magnitude from N(M, std) (out of 10) with a random sign; here
         each op's strength is drawn uniformly (Keras' layers) up to this level, both signs.
         """
+        if self.randaugment is None:
+            raise ValueError("randaugment_level: this recipe has no RandAugment (`randaugment` is None).")
         m, sd = float(self.randaugment), float(self.randaugment_std)
         return min(max((m + sd) / 10, 0.0), 1.0)
 
 
-def timm_scaled_randaugment(level: float, num_ops: int):
+def timm_scaled_randaugment(level: float, num_ops: int) -> keras.layers.Layer:
     """`keras.layers.RandAugment` on pixels in [0, 1] with its ops at timm's strengths for `level`.
 
     Keras' RandAugment hands one `factor` to every op, and each op reads it its own way: at
@@ -113,16 +121,16 @@ class _BatchSeeds:
     from the batch's seed tensor.
     """
 
-    def __init__(self, seed, stream):
+    def __init__(self, seed: tf.Tensor, stream: int) -> None:
         self._seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), stream)
         self._count = 0
 
-    def next(self, ordered=True):
+    def next(self, ordered: bool = True) -> tf.Tensor:
         self._count += 1
         return tf.random.experimental.stateless_fold_in(self._seed, self._count)
 
 
-def _seed_generator_class():
+def _seed_generator_class() -> type:
     import keras
 
     # A subclass, so that Keras' `draw_seed` accepts it; no state of its own (no variable).
@@ -144,7 +152,9 @@ class BatchAugmentation:
     the recipe has no soft labels, else float32 (B, num_classes).
     """
 
-    def __init__(self, recipe: Recipe, num_classes: int, image_shape, mean, std):
+    def __init__(
+        self, recipe: Recipe, num_classes: int, image_shape: Sequence[int], mean: npt.ArrayLike, std: npt.ArrayLike
+    ) -> None:
         import keras
 
         self.recipe = recipe
@@ -175,11 +185,11 @@ class BatchAugmentation:
             if layer is not None:
                 layer.build(shape)
 
-    def seeds(self, seed, stream):
+    def seeds(self, seed: tf.Tensor, stream: int) -> keras.random.SeedGenerator:
         """A seed generator for Keras' layers: stream `stream` of the batch seed."""
         return self._seeds(seed, stream)
 
-    def pixels(self, x, seed):
+    def pixels(self, x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """RandAugment and colour jitter of raw pixels in [0, 1] (before normalization)."""
         if self.randaugment is not None:
             layer = self.randaugment
@@ -201,7 +211,7 @@ class BatchAugmentation:
             x = tf.clip_by_value(x, 0.0, 1.0)
         return x
 
-    def batch(self, x, y, seed):
+    def batch(self, x: tf.Tensor, y: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Random erasing of normalized images, soft labels, then CutMix or MixUp."""
         if self.erasing is not None:
             t = self.erasing.get_random_transformation(x, training=True, seed=self.seeds(seed, 4))
@@ -212,8 +222,8 @@ class BatchAugmentation:
         c = self.num_classes
         y = tf.one_hot(tf.cast(y, tf.int32), c, on_value=1.0 - eps + eps / c, off_value=eps / c)
 
-        def mix(layer, stream):
-            def run():
+        def mix(layer: keras.layers.Layer, stream: int) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
+            def run() -> tuple[tf.Tensor, tf.Tensor]:
                 t = layer.get_random_transformation(x, training=True, seed=self.seeds(seed, stream))
                 return layer.transform_images(x, t), tf.cast(layer.transform_labels(y, t), tf.float32)
 
@@ -228,7 +238,7 @@ class BatchAugmentation:
             x, y = mix(self.mixup, 7)()
         return x, y
 
-    def __call__(self, x, y, seed):
+    def __call__(self, x: tf.Tensor, y: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = self.pixels(x, seed)
         x = (x - self.mean) * self.inv_std
         return self.batch(x, y, seed)
@@ -237,23 +247,24 @@ class BatchAugmentation:
 class _own_generator:
     """Set `layer.generator` (and its sub-layers') to `seeds` while a graph is built."""
 
-    def __init__(self, layer, seeds):
-        self.layer, self.seeds, self.saved = layer, seeds, []
+    def __init__(self, layer: keras.layers.Layer, seeds: keras.random.SeedGenerator) -> None:
+        self.layer, self.seeds = layer, seeds
+        self.saved: list[tuple[Any, Any]] = []
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         for sub in self.layer._flatten_layers(include_self=True, recursive=True):
             if hasattr(sub, "generator"):
                 self.saved.append((sub, sub.__dict__.get("generator")))
                 # Past Keras' attribute tracking (a built layer refuses new state).
                 object.__setattr__(sub, "generator", self.seeds)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         for sub, generator in reversed(self.saved):
             object.__setattr__(sub, "generator", generator)
         return False
 
 
-def check_recipe(recipe: Recipe, image_shape) -> None:
+def check_recipe(recipe: Recipe, image_shape: Sequence[int]) -> None:
     """Refuse a recipe the images cannot take, with a one-line reason."""
     h, w, c = (int(d) for d in image_shape)
     if recipe.randaugment is not None and c not in (1, 3):

@@ -7,9 +7,10 @@ TensorFlow, so it is cheap to test and to reuse.
 import numbers
 
 import numpy as np
+import numpy.typing as npt
 
 
-def _check_labels(labels, num_classes=None, what="labels"):
+def _check_labels(labels: object, num_classes: int | None = None, what: str = "labels") -> np.ndarray:
     """Validates a label vector and returns it as int64.
 
     Integer dtypes are taken as they are; floating-point labels are accepted only
@@ -87,7 +88,7 @@ def resolve_size(size, total, what="val_size", most=None, why=""):
     return count
 
 
-def _allocate(counts, total, caps):
+def _allocate(counts: npt.ArrayLike, total: int, caps: npt.ArrayLike) -> np.ndarray:
     """Splits `total` over classes proportionally to `counts`, each <= `caps`.
 
     Largest-remainder rounding, then any shortfall from the caps goes to the
@@ -156,18 +157,20 @@ def stratified_split(labels, size, seed=0, num_classes=None, what="size"):
     count = resolve_size(size, n, what, most=int(caps.sum()), why=why)
     rng = np.random.default_rng(seed)
     alloc = _allocate(class_counts, count, caps)
-    held, rest = [], []
+    held_parts, rest_parts = [], []
     for c, k in zip(classes, alloc):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        held.append(idx[:k])
-        rest.append(idx[k:])
-    held = np.concatenate(held) if held else np.zeros(0, np.int64)
-    rest = np.concatenate(rest) if rest else np.zeros(0, np.int64)
+        held_parts.append(idx[:k])
+        rest_parts.append(idx[k:])
+    held = np.concatenate(held_parts) if held_parts else np.zeros(0, np.int64)
+    rest = np.concatenate(rest_parts) if rest_parts else np.zeros(0, np.int64)
     return rest[rng.permutation(len(rest))], held[rng.permutation(len(held))]
 
 
-def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
+def per_class_subset(
+    labels: npt.ArrayLike, samples_per_class: int, seed: int = 0, num_classes: int | None = None
+) -> np.ndarray:
     """Seeded indices of exactly `samples_per_class` samples of every class (low-data CIFAR(X)).
 
     Every class in `0..num_classes-1` (or every class present, without `num_classes`)
@@ -206,12 +209,12 @@ def per_class_subset(labels, samples_per_class, seed=0, num_classes=None):
             "expected at most the smallest class's count (or a smaller validation split)."
         )
     rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(labels == c), size=int(samples_per_class), replace=False) for c in classes]
-    keep = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=int(samples_per_class), replace=False) for c in classes]
+    keep = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
     return keep[rng.permutation(len(keep))]
 
 
-def long_tail_counts(max_count, num_classes, imbalance_factor):
+def long_tail_counts(max_count: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
     """Per-class sample counts of a long-tailed dataset (Cui et al., 2019).
 
     `N_c = int(N_max * mu^c)` with `mu = (1 / imbalance_factor)^(1 / (C - 1))`,
@@ -252,7 +255,7 @@ def long_tail_counts(max_count, num_classes, imbalance_factor):
     return np.floor(counts + 1e-9).astype(np.int64)
 
 
-def long_tail_indices(labels, imbalance_factor, num_classes, seed=0):
+def long_tail_indices(labels: npt.ArrayLike, imbalance_factor: float, num_classes: int, seed: int = 0) -> np.ndarray:
     """Indices of a long-tailed subset of a (roughly) balanced dataset.
 
     Class `c` keeps a seeded random choice of
@@ -280,7 +283,7 @@ def long_tail_indices(labels, imbalance_factor, num_classes, seed=0):
     return np.sort(np.concatenate(kept))
 
 
-def channel_stats(images, scale=1.0, chunk=8192):
+def channel_stats(images: npt.ArrayLike, scale: float = 1.0, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of NHWC images.
 
     Accumulates in float64 over chunks, so a uint8 CIFAR training set is never

@@ -37,6 +37,8 @@ out = stages[1](out[1:])          # [logits_2, *state_2]
 
 import dataclasses
 import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 
@@ -67,7 +69,7 @@ __all__ = [
 
 _CIFAR = (32, 32, 3)
 _IMAGENET = (224, 224, 3)
-_MSDNET_CIFAR = dict(
+_MSDNET_CIFAR: dict[str, Any] = dict(
     step_mode="lin_grow",
     step=1,
     base=1,
@@ -78,7 +80,7 @@ _MSDNET_CIFAR = dict(
     stem="cifar",
     head_channels=128,
 )
-_MSDNET_IMAGENET = dict(
+_MSDNET_IMAGENET: dict[str, Any] = dict(
     num_blocks=5,
     step_mode="even",
     base=4,
@@ -91,7 +93,7 @@ _MSDNET_IMAGENET = dict(
 )
 
 # name -> (builder, preset arguments, default input shape, default classes)
-_PRESETS = {
+_PRESETS: dict[str, tuple[Callable[..., keras.Model], dict[str, Any], tuple[int, int, int], int]] = {
     "msdnet_cifar_5": (msdnet, dict(_MSDNET_CIFAR, num_blocks=5), _CIFAR, 100),
     "msdnet_cifar_7": (msdnet, dict(_MSDNET_CIFAR, num_blocks=7), _CIFAR, 100),
     "msdnet_imagenet_s4": (msdnet, dict(_MSDNET_IMAGENET, step=4), _IMAGENET, 1000),
@@ -108,7 +110,7 @@ _PRESETS = {
 }
 
 
-def available():
+def available() -> list[str]:
     """Names of the presets accepted by `create`.
 
     Returns:
@@ -117,7 +119,9 @@ def available():
     return list(_PRESETS)
 
 
-def create(name, num_classes=None, input_shape=None, **overrides):
+def create(
+    name: str, num_classes: int | None = None, input_shape: Sequence[int] | None = None, **overrides: Any
+) -> keras.Model:
     """Builds a preset multi-exit model.
 
     Presets: `msdnet_cifar_5`, `msdnet_cifar_7` (L2W/IMTA CIFAR MSDNets),
@@ -182,10 +186,10 @@ class ExitStructure:
     stage_states: tuple
 
     @property
-    def names(self):
+    def names(self) -> dict[str, Any]:
         """The same structure with layer names instead of layer objects."""
 
-        def nm(layer):
+        def nm(layer: keras.layers.Layer | None) -> str | None:
             return None if layer is None else layer.name
 
         return {
@@ -198,7 +202,7 @@ class ExitStructure:
         }
 
 
-def exit_structure(model):
+def exit_structure(model: keras.Model) -> ExitStructure:
     """Collects the hook layers of a keras-ee multi-exit model.
 
     Args:
@@ -223,7 +227,7 @@ def exit_structure(model):
         )
     by_name = {layer.name: layer for layer in model.layers}
 
-    def get(lname, required):
+    def get(lname: str, required: bool) -> keras.layers.Layer | None:
         layer = by_name.get(lname)
         if layer is None and required:
             raise ValueError(f"exit_structure: {model.name!r} has no layer {lname!r}.")
@@ -253,12 +257,12 @@ class StageModel(keras.Model):
     pick the first sample. This keeps the output a list for every stage.
     """
 
-    def call(self, *args, **kwargs):
+    def call(self, *args: Any, **kwargs: Any) -> list[Any]:
         out = super().call(*args, **kwargs)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def split_stages(model):
+def split_stages(model: keras.Model) -> list[keras.Model]:
     """Splits a multi-exit model into per-stage models sharing its weights.
 
     Stage 1 maps the image to `[logits_1, *state_1]`; stage k maps

@@ -1,5 +1,8 @@
 """`attach_exits`: turn any Keras functional backbone into a multi-exit model."""
 
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
 import keras
 
 from keras_ee.models import _validate as v
@@ -13,7 +16,7 @@ from keras_ee.models.heads import (
 )
 
 
-def _backbone_graph(backbone):
+def _backbone_graph(backbone: keras.Model) -> keras.KerasTensor:
     if not isinstance(backbone, keras.Model):
         raise TypeError(f"attach_exits: `backbone` must be a keras.Model, received {type(backbone).__name__}.")
     inputs = getattr(backbone, "inputs", None)
@@ -31,13 +34,13 @@ def _backbone_graph(backbone):
 
 
 def attach_exits(
-    backbone,
-    layer_names,
-    head=None,
-    num_classes=None,
-    gradient_equilibrium=False,
-    name=None,
-):
+    backbone: keras.Model,
+    layer_names: Sequence[str],
+    head: Literal["conv"] | Callable[[keras.KerasTensor, int], keras.KerasTensor] | None = None,
+    num_classes: int | None = None,
+    gradient_equilibrium: bool = False,
+    name: str | None = None,
+) -> keras.Model:
     """Adds an exit after each named layer of a functional backbone.
 
     The new model reuses (shares) the backbone's layers. The backbone's own
@@ -141,7 +144,7 @@ def attach_exits(
     num_exits = len(exit_tensors)
     new_input = keras.Input(shape=tuple(old_input.shape[1:]), dtype=old_input.dtype, name=old_input.name)
     tensor_map = {id(old_input): new_input}
-    done = set()
+    done: set[int] = set()
     outputs = []
     for k, exit_tensor in enumerate(exit_tensors, start=1):
         nodes = graph.collect_nodes([exit_tensor], exclude_nodes=done)
@@ -149,7 +152,8 @@ def attach_exits(
         graph.replay(nodes, tensor_map)
         later_nodes = graph.collect_nodes(exit_tensors[k:], exclude_nodes=done)
         # Tensors computed so far that later stages read (the carried state).
-        carried, seen = [], set()
+        carried: list[Any] = []
+        seen: set[int] = set()
         for node in later_nodes:
             for t in node.input_tensors:
                 src, _ = graph.producer(t)
@@ -170,7 +174,12 @@ def attach_exits(
     return keras.Model(new_input, outputs, name=name or f"{backbone.name}_multiexit")
 
 
-def _make_head(x, k, num_classes, head):
+def _make_head(
+    x: keras.KerasTensor,
+    k: int,
+    num_classes: int,
+    head: Literal["conv"] | Callable[[keras.KerasTensor, int], keras.KerasTensor] | None,
+) -> keras.KerasTensor:
     if head is None:
         return pooled_logits(x, k, num_classes, torch_default_init(), torch_default_bias_init(int(x.shape[-1])))
     if head == "conv":

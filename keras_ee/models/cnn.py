@@ -1,5 +1,7 @@
 """`multiexit_cnn`: a small, fast multi-exit CNN for tests and small datasets."""
 
+from collections.abc import Sequence
+
 import keras
 
 from keras_ee.models import _validate as v
@@ -16,15 +18,15 @@ from keras_ee.models.heads import (
 
 
 def multiexit_cnn(
-    num_classes=10,
-    input_shape=(32, 32, 3),
-    widths=(16, 32, 48, 64),
-    depth=2,
-    num_exits=None,
-    gradient_equilibrium=False,
-    activation="relu",
-    name="multiexit_cnn",
-):
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (32, 32, 3),
+    widths: Sequence[int] = (16, 32, 48, 64),
+    depth: int = 2,
+    num_exits: int | None = None,
+    gradient_equilibrium: bool = False,
+    activation: str = "relu",
+    name: str = "multiexit_cnn",
+) -> keras.Model:
     """Plain conv stages, each followed by an exit (pool + Dense).
 
     Stage k has `depth` 3x3 conv-BN-ReLU units of width `widths[k-1]`; the

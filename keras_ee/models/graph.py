@@ -14,13 +14,15 @@ Conventions (the "hooks" documented in `keras_ee.models`):
 """
 
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 
 STAGE_STATE_RE = re.compile(r"^stage_(\d+)_state_(\d+)$")
 
 
-def producer(tensor):
+def producer(tensor: keras.KerasTensor) -> tuple[Any, keras.Operation]:
     """Returns `(node, layer)` that produced a KerasTensor."""
     history = getattr(tensor, "_keras_history", None)
     if history is None:
@@ -29,7 +31,11 @@ def producer(tensor):
     return layer._inbound_nodes[node_index], layer
 
 
-def collect_nodes(targets, stop_tensors=(), exclude_nodes=None):
+def collect_nodes(
+    targets: Iterable[keras.KerasTensor],
+    stop_tensors: Iterable[keras.KerasTensor] = (),
+    exclude_nodes: set[int] | None = None,
+) -> list[Any]:
     """Nodes needed to compute `targets`, in a valid execution order.
 
     The walk goes backwards from `targets` and does not go past any tensor in
@@ -46,7 +52,8 @@ def collect_nodes(targets, stop_tensors=(), exclude_nodes=None):
     """
     stop = {id(t) for t in stop_tensors}
     exclude = exclude_nodes or set()
-    order, seen = [], set()
+    order: list[Any] = []
+    seen: set[int] = set()
     # Iterative post-order DFS: functional graphs here have thousands of nodes.
     stack = [(t, False) for t in reversed(list(targets))]
     while stack:
@@ -69,7 +76,7 @@ def collect_nodes(targets, stop_tensors=(), exclude_nodes=None):
     return order
 
 
-def replay(nodes, tensor_map):
+def replay(nodes: Iterable[Any], tensor_map: dict[int, Any]) -> dict[int, Any]:
     """Calls the layers of `nodes` again on new tensors (weights are shared).
 
     Args:
@@ -87,7 +94,7 @@ def replay(nodes, tensor_map):
     return tensor_map
 
 
-def mark_stage(stage, tensors):
+def mark_stage(stage: int, tensors: Sequence[keras.KerasTensor]) -> list[keras.KerasTensor]:
     """Passes the state carried out of `stage` through named identity markers.
 
     Args:
@@ -100,9 +107,9 @@ def mark_stage(stage, tensors):
     return [keras.layers.Identity(name=f"stage_{stage}_state_{i}")(t) for i, t in enumerate(tensors)]
 
 
-def stage_markers(model):
+def stage_markers(model: keras.Model) -> dict[int, list[keras.layers.Layer]]:
     """Maps stage index -> list of marker layers (ordered by state index)."""
-    found = {}
+    found: dict[int, dict[int, keras.layers.Layer]] = {}
     for layer in model.layers:
         match = STAGE_STATE_RE.match(layer.name)
         if match:
@@ -110,7 +117,7 @@ def stage_markers(model):
     return {k: [v[i] for i in sorted(v)] for k, v in sorted(found.items())}
 
 
-def stage_boundaries(model):
+def stage_boundaries(model: keras.Model) -> tuple[list[list[keras.KerasTensor]], bool]:
     """Boundary tensors of each stage of a multi-exit functional model.
 
     Returns:
@@ -135,7 +142,7 @@ def stage_boundaries(model):
     return boundaries, True
 
 
-def stage_nodes(model):
+def stage_nodes(model: keras.Model) -> list[list[Any]]:
     """Partitions the nodes of a multi-exit model into stages.
 
     Stage k holds every node computed after stage k-1's state and needed for
@@ -147,7 +154,8 @@ def stage_nodes(model):
     """
     boundaries, has_markers = stage_boundaries(model)
     num_exits = len(model.outputs)
-    done, stages = set(), []
+    done: set[int] = set()
+    stages: list[list[Any]] = []
     for k in range(num_exits):
         targets = [model.outputs[k]]
         if has_markers and k + 1 < num_exits:

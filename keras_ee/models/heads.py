@@ -10,6 +10,8 @@ plus its ReLU, as the reference op counter does.
 import contextlib
 import contextvars
 import math
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import keras
 from keras import layers
@@ -18,11 +20,13 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 # The nonlinearity of the `conv_bn_relu` units built inside `nonlinearity_scope`.
+_T = TypeVar("_T")
+
 _NONLINEARITY = contextvars.ContextVar("keras_ee_nonlinearity", default="relu")
 
 
 @contextlib.contextmanager
-def nonlinearity_scope(name):
+def nonlinearity_scope(name: str) -> Iterator[None]:
     """Build the `conv_bn_relu` units (and `activation_layer`s) in this block with `name`.
 
     `name` is `"relu"` or `"gelu"` (see `ConvBNReLU`); the builders' `activation`
@@ -37,7 +41,7 @@ def nonlinearity_scope(name):
 
 
 @contextlib.contextmanager
-def _scoped(variable, value):
+def _scoped(variable: contextvars.ContextVar[_T], value: _T) -> Iterator[None]:
     token = variable.set(value)
     try:
         yield
@@ -51,7 +55,7 @@ _SYNCHRONIZED_BN = contextvars.ContextVar("keras_ee_synchronized_bn", default=Fa
 
 
 @contextlib.contextmanager
-def batchnorm_options(synchronized=False):
+def batchnorm_options(synchronized: bool = False) -> Iterator[None]:
     """Build every BatchNorm in this block (`conv_bn_relu`, `batch_normalization`) with these options.
 
     `synchronized=True` is Keras' `BatchNormalization(synchronized=True)`: in training
@@ -68,35 +72,39 @@ def batchnorm_options(synchronized=False):
         yield
 
 
-def batch_normalization(name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM):
+def batch_normalization(
+    name: str, epsilon: float = BN_EPSILON, momentum: float = BN_MOMENTUM
+) -> keras.layers.BatchNormalization:
     """A `keras.layers.BatchNormalization` with the scope's `synchronized` option."""
     return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, synchronized=_SYNCHRONIZED_BN.get(), name=name)
 
 
-def activation_layer(name):
+def activation_layer(name: str) -> keras.layers.Layer:
     """A stand-alone activation layer with the scope's nonlinearity (ReLU by default)."""
     if _NONLINEARITY.get() == "gelu":
         return layers.Activation("gelu", name=name)  # keras.activations.gelu: exact (erf) by default
     return layers.ReLU(name=name)
 
 
-def torch_default_init():
+def torch_default_init() -> keras.initializers.Initializer:
     """PyTorch's default conv/linear kernel init, U(+-1/sqrt(fan_in))."""
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
 
 
-def he_fan_out_init():
+def he_fan_out_init() -> keras.initializers.Initializer:
     """The reference code's intended conv init, N(0, sqrt(2 / (k*k*cout)))."""
     return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
-def torch_default_bias_init(fan_in):
+def torch_default_bias_init(fan_in: int) -> keras.initializers.Initializer:
     """PyTorch's default bias init, U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
     return keras.initializers.RandomUniform(minval=-bound, maxval=bound)
 
 
-def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
+def conv_bn_relu(
+    x: keras.KerasTensor, filters: int, kernel_size: int, strides: int, name: str, kernel_initializer: Any
+) -> keras.KerasTensor:
     """Conv (no bias) -> BatchNorm -> ReLU (one `ConvBNReLU` layer named `name`).
 
     Args:
@@ -125,7 +133,15 @@ def conv_bn_relu(x, filters, kernel_size, strides, name, kernel_initializer):
     )(x)
 
 
-def bottleneck_unit(x, filters, strides, bottleneck_width, name, kernel_initializer, bottleneck=True):
+def bottleneck_unit(
+    x: keras.KerasTensor,
+    filters: int,
+    strides: int,
+    bottleneck_width: int,
+    name: str,
+    kernel_initializer: Any,
+    bottleneck: bool = True,
+) -> keras.KerasTensor:
     """MSDNet/RANet unit: 1x1 CBR to `min(cin, width*filters)`, then 3x3 CBR.
 
     Args:
@@ -146,7 +162,9 @@ def bottleneck_unit(x, filters, strides, bottleneck_width, name, kernel_initiali
     return conv_bn_relu(x, filters, 3, strides, f"{name}_b", kernel_initializer)
 
 
-def shared_bottleneck(x, widths, name, kernel_initializer):
+def shared_bottleneck(
+    x: keras.KerasTensor, widths: Sequence[int], name: str, kernel_initializer: Any
+) -> list[keras.KerasTensor]:
     """Several 1x1 bottleneck CBRs that read the same map, run as one conv.
 
     A 1x1 conv + BN + ReLU acts on each output channel independently, so
@@ -178,7 +196,9 @@ def shared_bottleneck(x, widths, name, kernel_initializer):
     return ChannelSplit(list(widths), name=f"{name}_split")(y)
 
 
-def pooled_logits(x, exit_index, num_classes, dense_kernel_initializer, dense_bias_initializer):
+def pooled_logits(
+    x: keras.KerasTensor, exit_index: int, num_classes: int, dense_kernel_initializer: Any, dense_bias_initializer: Any
+) -> keras.KerasTensor:
     """Global average pool (`exit_{k}_features`) then Dense logits (`exit_{k}`)."""
     features = layers.GlobalAveragePooling2D(name=f"exit_{exit_index}_features")(x)
     return layers.Dense(
@@ -190,13 +210,13 @@ def pooled_logits(x, exit_index, num_classes, dense_kernel_initializer, dense_bi
 
 
 def conv_head(
-    x,
-    exit_index,
-    num_classes,
-    channels=128,
-    kernel_initializer=None,
-    zero_dense_bias=False,
-):
+    x: keras.KerasTensor,
+    exit_index: int,
+    num_classes: int,
+    channels: int | None = 128,
+    kernel_initializer: Any = None,
+    zero_dense_bias: bool = False,
+) -> keras.KerasTensor:
     """MSDNet/RANet classifier: two stride-2 3x3 CBRs, average pool, Dense.
 
     With `channels=128` this is the CIFAR head `Hc(C)`; with `channels=None`
@@ -225,7 +245,9 @@ def conv_head(
     return pooled_logits(x, exit_index, num_classes, torch_default_init(), bias)
 
 
-def branch_and_trunk(x, exit_index, num_exits, gradient_equilibrium, has_trunk=True):
+def branch_and_trunk(
+    x: keras.KerasTensor, exit_index: int, num_exits: int, gradient_equilibrium: bool, has_trunk: bool = True
+) -> tuple[keras.KerasTensor, keras.KerasTensor | None]:
     """Inserts the `exit_{k}_branch` / `exit_{k}_trunk` GradientScale layers.
 
     IMTA's gradient equilibrium scales the gradient into head k by

@@ -7,10 +7,14 @@ model built by `keras_ee.models` saves to `.keras` and loads back unchanged.
 
 import contextlib
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_ee._typing import Tensor
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -37,7 +41,7 @@ class GradientScale(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, scale=1.0, **kwargs):
+    def __init__(self, scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
             raise TypeError(
@@ -47,22 +51,22 @@ class GradientScale(keras.layers.Layer):
             raise ValueError(f"GradientScale: `scale` must be finite, received {scale!r}.")
         self.scale = float(scale)
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         if self.scale == 1.0:
             return inputs
         frozen = ops.stop_gradient(inputs)
         return frozen + self.scale * (inputs - frozen)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"scale": self.scale})
         return config
 
 
-def align_corners_matrix(n_in, n_out):
+def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Bilinear interpolation matrix with `align_corners=True` semantics.
 
     Output index `o` samples the source coordinate `o * (n_in - 1) / (n_out - 1)`
@@ -117,7 +121,7 @@ class AlignCornersResize(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, size, **kwargs):
+    def __init__(self, size: Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if (
             not isinstance(size, (tuple, list))
@@ -130,7 +134,7 @@ class AlignCornersResize(keras.layers.Layer):
             )
         self.size = (int(size[0]), int(size[1]))
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         if len(input_shape) != 4 or input_shape[1] is None or input_shape[2] is None:
             raise ValueError(
                 "AlignCornersResize expects a 4D channels-last input with static "
@@ -140,7 +144,7 @@ class AlignCornersResize(keras.layers.Layer):
         self._mh = align_corners_matrix(input_shape[1], self.size[0]).astype("float32")
         self._mw = align_corners_matrix(input_shape[2], self.size[1]).astype("float32")
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         if keras.backend.backend() == "tensorflow" and inputs.dtype in _TF_RESIZE_DTYPES:
             return _tf_align_corners_resize(inputs, self.size)
         mh = ops.cast(ops.convert_to_tensor(self._mh), inputs.dtype)
@@ -148,10 +152,10 @@ class AlignCornersResize(keras.layers.Layer):
         x = ops.einsum("ph,nhwc->npwc", mh, inputs)
         return ops.einsum("qw,npwc->npqc", mw, x)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (input_shape[0], self.size[0], self.size[1], input_shape[3])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"size": list(self.size)})
         return config
@@ -163,7 +167,7 @@ _TF_RESIZE_DTYPES = ("float32", "float16", "bfloat16")
 _TF_FUSED_BN_DTYPES = _TF_RESIZE_DTYPES
 
 
-def _tf_align_corners_resize(x, size):
+def _tf_align_corners_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """TensorFlow's own bilinear kernel with `align_corners=True` (the
     interpolation `align_corners_matrix` defines, up to float rounding), with
     gradients of every order on TensorFlow's kernels too.
@@ -180,16 +184,16 @@ def _tf_align_corners_resize(x, size):
     dtype = x.dtype
 
     @tf.custom_gradient
-    def resize(t):
-        def grad(dy):
+    def resize(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        def grad(dy: Tensor) -> Tensor:
             return resize_transposed(dy, t)
 
         out = tf.raw_ops.ResizeBilinear(images=t, size=list(size), align_corners=True, half_pixel_centers=False)
         return tf.cast(out, dtype), grad
 
     @tf.custom_gradient
-    def resize_transposed(dy, like):
-        def grad(ddx):
+    def resize_transposed(dy: Tensor, like: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, None]]]:
+        def grad(ddx: Tensor) -> tuple[Tensor, None]:
             return resize(ddx), None  # `like` only lends its shape
 
         dx = tf.raw_ops.ResizeBilinearGrad(
@@ -203,7 +207,9 @@ def _tf_align_corners_resize(x, size):
     return resize(x)
 
 
-def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
+def _tf_fused_batch_norm_train(
+    x: Tensor, scale: Tensor, offset: Tensor, epsilon: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BatchNorm over NHWC `x` as TensorFlow's fused kernels, to every order.
 
     Returns `(y, batch_mean, biased_batch_variance)`; the statistics feed only the moving
@@ -221,7 +227,7 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
 
     n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
 
-    def unfused_backward(dy, x, scale):
+    def unfused_backward(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # dx, dscale, doffset of training-mode BN, as TensorFlow's reference gradient.
         dy32, x32 = tf.cast(dy, tf.float32), tf.cast(x, tf.float32)
         mean, var = tf.nn.moments(x32, axes=[0, 1, 2])
@@ -233,7 +239,9 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
         return tf.cast(dx, x.dtype), dscale, doffset
 
     @tf.custom_gradient
-    def batch_norm(x, scale, offset):
+    def batch_norm(
+        x: Tensor, scale: Tensor, offset: Tensor
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], Callable[..., Any]]:
         out = tf.raw_ops.FusedBatchNormV3(
             x=x,
             scale=scale,
@@ -255,15 +263,15 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
         variance = out.batch_variance * tf.maximum(n - 1.0, 1.0) / n
         mean = out.batch_mean
 
-        def kernel_backward(dy):
+        def kernel_backward(dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy, x=x, scale=scale, epsilon=epsilon, data_format="NHWC", is_training=True, **reserves
             )
             return dx, dscale, doffset
 
         @tf.custom_gradient
-        def backward(dy, x, scale):
-            def grad_of_grad(g_dx, g_dscale, g_doffset):
+        def backward(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Callable[..., Any]]:
+            def grad_of_grad(g_dx: Tensor, g_dscale: Tensor, g_doffset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
                 g_dscale = tf.zeros_like(scale) if g_dscale is None else g_dscale
                 g_doffset = tf.zeros_like(scale) if g_doffset is None else g_doffset
                 # d/d dy: the symmetric dy -> dx map on g_dx (the same kernel), plus the
@@ -287,7 +295,7 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
 
             return kernel_backward(dy), grad_of_grad
 
-        def grad(dy, d_mean=None, d_variance=None):
+        def grad(dy: Tensor, d_mean: Tensor = None, d_variance: Tensor = None) -> Any:
             return backward(dy, x, scale)
 
         return (out.y, mean, variance), grad
@@ -296,7 +304,7 @@ def _tf_fused_batch_norm_train(x, scale, offset, epsilon):
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
-def _tf_uses_onednn():
+def _tf_uses_onednn() -> bool:
     """Whether TensorFlow runs its oneDNN CPU kernels (`TF_ENABLE_ONEDNN_OPTS`)."""
     global _ONEDNN
     if _ONEDNN is None:
@@ -309,14 +317,14 @@ def _tf_uses_onednn():
     return _ONEDNN
 
 
-_ONEDNN = None
+_ONEDNN: bool | None = None
 
 # Set to False to turn width packing off (read when a model's inference
 # function is traced); `bench/models.py` does so to measure its gain.
 PACK_NARROW_CONVS = True
 
 
-def width_packing(kernel_size, filters, strides, out_width):
+def width_packing(kernel_size: int, filters: int, strides: int, out_width: int | None) -> int:
     """How many output columns `ConvBNReLU` computes per conv position at
     inference on TensorFlow: 2 for narrow 3x3 (or larger) convs, else 1.
 
@@ -388,17 +396,17 @@ class ConvBNReLU(keras.layers.Layer):
 
     def __init__(
         self,
-        filters,
-        kernel_size,
-        strides=1,
-        activation=True,
-        epsilon=1e-5,
-        momentum=0.9,
-        kernel_initializer="he_normal",
-        nonlinearity="relu",
-        synchronized=False,
-        **kwargs,
-    ):
+        filters: int,
+        kernel_size: int,
+        strides: int = 1,
+        activation: bool = True,
+        epsilon: float = 1e-5,
+        momentum: float = 0.9,
+        kernel_initializer: Any = "he_normal",
+        nonlinearity: str = "relu",
+        synchronized: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(synchronized, bool):
             raise ValueError(f"ConvBNReLU: `synchronized` must be True or False, received {synchronized!r}.")
@@ -421,7 +429,7 @@ class ConvBNReLU(keras.layers.Layer):
         self.momentum = float(momentum)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         cin = input_shape[-1]
         if cin is None:
             raise ValueError("ConvBNReLU needs a known number of input channels.")
@@ -438,7 +446,7 @@ class ConvBNReLU(keras.layers.Layer):
             name="moving_variance", shape=(self.filters,), initializer="ones", trainable=False
         )
 
-    def _conv(self, x, kernel):
+    def _conv(self, x: Tensor, kernel: Tensor) -> Tensor:
         pad = (self.kernel_size - 1) // 2
         if self.strides > 1 and pad:
             x = ops.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
@@ -447,7 +455,7 @@ class ConvBNReLU(keras.layers.Layer):
             padding = "same"  # symmetric at stride 1 with an odd kernel
         return ops.conv(x, kernel, strides=self.strides, padding=padding)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         # As Keras' BatchNormalization: a frozen layer (trainable=False) runs in
         # inference mode, with its moving statistics, and does not update them.
         if training and self.trainable:
@@ -488,11 +496,11 @@ class ConvBNReLU(keras.layers.Layer):
             y = self._conv(inputs, kernel) + shift
         return self._act(y) if self.activation else y
 
-    def _out_size(self, size):
+    def _out_size(self, size: int | None) -> int | None:
         """Output height or width for an input `size` (None if unknown): PyTorch's symmetric padding."""
         return None if size is None else (size - 1) // self.strides + 1
 
-    def inference_weights(self, dtype, width):
+    def inference_weights(self, dtype: Any, width: int | None) -> tuple[Tensor, Tensor, int]:
         """`(kernel, shift, pack)` of the inference conv: BatchNorm's scale folded into the
         kernel and its shift into a bias, cast to `dtype`, and (TensorFlow) width-packed
         `pack` output columns per conv position for an input `width` columns wide (see
@@ -517,7 +525,7 @@ class ConvBNReLU(keras.layers.Layer):
         )
         return kernel, tf.tile(shift, [pack]), pack
 
-    def _act(self, y, tf_native=False):
+    def _act(self, y: Tensor, tf_native: bool = False) -> Tensor:
         # The TensorFlow inference paths keep tf.nn.relu: Conv2D + BiasAdd + Relu is the
         # pattern grappler fuses (GELU runs unfused there).
         if self.nonlinearity == "gelu":
@@ -528,7 +536,7 @@ class ConvBNReLU(keras.layers.Layer):
             return tf.nn.relu(y)
         return ops.relu(y)
 
-    def _tf_fused(self, inputs, kernel, shift, pack):
+    def _tf_fused(self, inputs: Tensor, kernel: Tensor, shift: Tensor, pack: int) -> Tensor:
         # Conv2D (explicit symmetric padding) + BiasAdd + Relu is the pattern
         # TensorFlow's grappler remapper rewrites into one _FusedConv2D kernel.
         import tensorflow as tf
@@ -537,14 +545,14 @@ class ConvBNReLU(keras.layers.Layer):
         if pack > 1:
             return self._tf_fused_packed(inputs, kernel, shift, pack)
         if self.strides > 1 and pad:
-            padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
+            padding: str | list[list[int]] = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
         else:
             padding = "SAME"
         y = tf.nn.conv2d(inputs, kernel, strides=self.strides, padding=padding)
         y = tf.nn.bias_add(y, shift)
         return self._act(y, tf_native=True) if self.activation else y
 
-    def _tf_fused_packed(self, inputs, kernel, shift, pack):
+    def _tf_fused_packed(self, inputs: Tensor, kernel: Tensor, shift: Tensor, pack: int) -> Tensor:
         # The same conv computed `pack` output columns at a time (`inference_weights`
         # built the kernel): one conv with `pack * filters` output channels, horizontal
         # stride `pack * strides` and a kernel `strides * (pack - 1)` columns wider. In
@@ -558,7 +566,7 @@ class ConvBNReLU(keras.layers.Layer):
         k, s = self.kernel_size, self.strides
         pad = (k - 1) // 2
         window = s * (pack - 1) + k
-        out_width = self._out_size(inputs.shape[2])
+        out_width = cast(int, self._out_size(inputs.shape[2]))  # static: only known widths are packed
         groups = out_width // pack
         # Right padding so that the last window (starting at
         # s*pack*(groups-1) - pad) ends exactly at the padded edge.
@@ -575,10 +583,10 @@ class ConvBNReLU(keras.layers.Layer):
         height = y.shape[1] if y.shape[1] is not None else tf.shape(y)[1]
         return tf.reshape(y, [-1, height, out_width, self.filters])
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (input_shape[0], self._out_size(input_shape[1]), self._out_size(input_shape[2]), self.filters)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             {
@@ -619,7 +627,7 @@ class ChannelSplit(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, sizes, **kwargs):
+    def __init__(self, sizes: Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if (
             not isinstance(sizes, (list, tuple))
@@ -629,26 +637,26 @@ class ChannelSplit(keras.layers.Layer):
             raise ValueError(f"ChannelSplit: `sizes` must be a non-empty list of positive ints, received {sizes!r}.")
         self.sizes = [int(s) for s in sizes]
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         if input_shape[-1] != sum(self.sizes):
             raise ValueError(
                 f"ChannelSplit: sizes {self.sizes} add up to {sum(self.sizes)} but the "
                 f"input has {input_shape[-1]} channels (shape {tuple(input_shape)})."
             )
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> list[Tensor]:
         if len(self.sizes) == 1:
             return [inputs]
         bounds = np.cumsum(self.sizes)[:-1].tolist()
         return ops.split(inputs, bounds, axis=-1)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> list[tuple[int | None, ...]]:
         return [tuple(input_shape[:-1]) + (s,) for s in self.sizes]
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs: keras.KerasTensor) -> list[keras.KerasTensor]:
         return [keras.KerasTensor(tuple(inputs.shape[:-1]) + (s,), dtype=inputs.dtype) for s in self.sizes]
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update({"sizes": list(self.sizes)})
         return config
@@ -675,25 +683,25 @@ class ChannelConcat(keras.layers.Concatenate):
     ```
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         axis = kwargs.pop("axis", -1)
         if axis != -1:
             raise ValueError(f"ChannelConcat: `axis` must be -1 (channels), received {axis!r}.")
         super().__init__(axis=-1, **kwargs)
 
-    def call(self, inputs):
+    def call(self, inputs: Sequence[Tensor]) -> Tensor:
         sizes = [t.shape[-1] for t in inputs]
         if keras.backend.backend() != "tensorflow" or None in sizes:
             return super().call(inputs)
         return _tf_concat_split_grad(list(inputs), sizes)
 
 
-def _tf_concat_split_grad(tensors, sizes):
+def _tf_concat_split_grad(tensors: list[Tensor], sizes: list[int]) -> Tensor:
     import tensorflow as tf
 
     @tf.custom_gradient
-    def concat(*xs):
-        def grad(dy):
+    def concat(*xs: Tensor) -> tuple[Tensor, Callable[[Tensor], list[Tensor]]]:
+        def grad(dy: Tensor) -> list[Tensor]:
             return tf.split(dy, sizes, axis=-1)
 
         return tf.concat(xs, axis=-1), grad
@@ -704,7 +712,7 @@ def _tf_concat_split_grad(tensors, sizes):
 _ACTIVE_SNAPSHOTS = threading.local()
 
 
-def _snapshot_entry(layer, inputs):
+def _snapshot_entry(layer: keras.layers.Layer, inputs: Tensor) -> tuple[Tensor, Tensor, int] | None:
     """The active `InferenceSnapshot`'s `(kernel, shift, pack)` for `layer` called on
     `inputs`, or None (no snapshot active, or a layer or input width it does not hold)."""
     stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
@@ -743,14 +751,16 @@ class InferenceSnapshot:
     ```
     """
 
-    def __init__(self, model):
+    def __init__(self, model: keras.Model) -> None:
         import tensorflow as tf
 
         if not isinstance(model, keras.Model) or not model.built:
             what = "an unbuilt model" if isinstance(model, keras.Model) else type(model).__name__
             raise ValueError(f"InferenceSnapshot expects a built Keras model; received {what}.")
-        self._entries = {}  # (id(layer), input width) -> (kernel, shift, pack)
-        self._sources = []  # (layer, input width, dtype, kernel variable, shift variable)
+        self._entries: dict[
+            tuple[int, int | None], tuple[Any, Any, int]
+        ] = {}  # (id(layer), input width) -> (kernel, shift, pack)
+        self._sources: list[tuple[Any, Any, Any, Any]] = []  # (layer, input width, kernel variable, shift variable)
         for layer in _conv_bn_units(model):
             widths = dict.fromkeys(n.input_tensors[0].shape[2] for n in layer._inbound_nodes if n.input_tensors)
             for width in widths:
@@ -761,19 +771,19 @@ class InferenceSnapshot:
                 self._sources.append((layer, width, k, b))
         self.module = tf.Module(name="inference_snapshot")  # tracks the variables (SavedModel export)
         self.module.folded = [v for _, _, k, b in self._sources for v in (k, b)]
-        self._refresh = None
+        self._refresh: Callable[[], object] | None = None
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._entries)
 
-    def refresh(self):
+    def refresh(self) -> None:
         """Re-folds the kernels from the model's current weights (one compiled call)."""
         if not self._sources:
             return
         if self._refresh is None:
             import tensorflow as tf
 
-            def refresh():
+            def refresh() -> None:
                 for layer, width, k, b in self._sources:
                     kernel, shift, _ = layer.inference_weights(k.dtype, width)
                     k.assign(kernel)
@@ -783,7 +793,7 @@ class InferenceSnapshot:
         self._refresh()
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self) -> "Iterator[InferenceSnapshot]":
         """Inside it, inference calls of the held layers use the snapshot's kernels."""
         stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
         if stack is None:
@@ -795,10 +805,11 @@ class InferenceSnapshot:
             stack.pop()
 
 
-def _conv_bn_units(model):
-    seen, out = set(), []
+def _conv_bn_units(model: keras.Model) -> list[ConvBNReLU]:
+    seen: set[int] = set()
+    out: list[ConvBNReLU] = []
 
-    def walk(m):
+    def walk(m: keras.Model) -> None:
         for layer in getattr(m, "layers", ()):
             if id(layer) in seen:
                 continue

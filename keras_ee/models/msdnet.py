@@ -14,6 +14,7 @@ and the ImageNet stem bias U(+-1/sqrt(fan_in)), BN gamma 1 / beta 0.
 """
 
 import math
+from collections.abc import Sequence
 
 import keras
 from keras import layers
@@ -36,7 +37,7 @@ from keras_ee.models.layers import ChannelConcat
 _WHERE = "msdnet: "
 
 
-def block_lengths(num_blocks, step_mode, step, base):
+def block_lengths(num_blocks: int, step_mode: str, step: int, base: int) -> list[int]:
     """Layers per block: block 1 has `base`; later blocks `step` ("even") or
     `step*(b-1)+1` ("lin_grow")."""
     lengths = [base]
@@ -45,7 +46,7 @@ def block_lengths(num_blocks, step_mode, step, base):
     return lengths
 
 
-def scale_schedule(total_layers, num_scales):
+def scale_schedule(total_layers: int, num_scales: int) -> list[tuple[int, int]]:
     """`(in_scales, out_scales)` per layer under the reference "max" rule."""
     interval = math.ceil(total_layers / num_scales)
     schedule = []
@@ -57,24 +58,24 @@ def scale_schedule(total_layers, num_scales):
 
 
 def msdnet(
-    num_classes=100,
-    input_shape=(32, 32, 3),
-    num_blocks=5,
-    step_mode="lin_grow",
-    step=1,
-    base=1,
-    num_channels=16,
-    growth_rate=6,
-    growth_factor=(1, 2, 4),
-    bottleneck_factor=(1, 2, 4),
-    reduction=0.5,
-    bottleneck=True,
-    stem="cifar",
-    head_channels=128,
-    gradient_equilibrium=False,
-    activation="relu",
-    name="msdnet",
-):
+    num_classes: int = 100,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_blocks: int = 5,
+    step_mode: str = "lin_grow",
+    step: int = 1,
+    base: int = 1,
+    num_channels: int = 16,
+    growth_rate: int = 6,
+    growth_factor: Sequence[int] = (1, 2, 4),
+    bottleneck_factor: Sequence[int] = (1, 2, 4),
+    reduction: float = 0.5,
+    bottleneck: bool = True,
+    stem: str = "cifar",
+    head_channels: int | None = 128,
+    gradient_equilibrium: bool = False,
+    activation: str = "relu",
+    name: str = "msdnet",
+) -> keras.Model:
     """Builds a multi-scale dense network with one exit per block.
 
     Args:

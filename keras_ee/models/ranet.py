@@ -19,6 +19,8 @@ only through the per-layer lists, which are not rescaled).
 """
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 
@@ -38,13 +40,13 @@ from keras_ee.models.layers import AlignCornersResize, ChannelConcat
 _WHERE = "ranet: "
 
 
-def _resize(x, size, name):
+def _resize(x: keras.KerasTensor, size: Sequence[int], name: str) -> keras.KerasTensor:
     if tuple(x.shape[1:3]) == tuple(size):
         return x
     return AlignCornersResize(tuple(int(s) for s in size), name=name)(x)
 
 
-def flow_plan(scale_list, num_blocks, block_step):
+def flow_plan(scale_list: Sequence[int], num_blocks: int, block_step: int) -> list[dict[str, Any]]:
     """Blocks, transition positions and down-blocks of every flow.
 
     Returns:
@@ -64,24 +66,24 @@ def flow_plan(scale_list, num_blocks, block_step):
 
 
 def ranet(
-    num_classes=100,
-    input_shape=(32, 32, 3),
-    num_channels=16,
-    growth_rate=6,
-    growth_factor=(4, 2, 1),
-    bottleneck_factor=(4, 2, 1),
-    scale_list=(1, 2, 3),
-    num_blocks=2,
-    block_step=2,
-    step=2,
-    step_mode="lg",
-    compress_factor=0.25,
-    reduction=0.5,
-    head_channels=128,
-    gradient_equilibrium=False,
-    activation="relu",
-    name="ranet",
-):
+    num_classes: int = 100,
+    input_shape: Sequence[int] = (32, 32, 3),
+    num_channels: int = 16,
+    growth_rate: int = 6,
+    growth_factor: Sequence[int] = (4, 2, 1),
+    bottleneck_factor: Sequence[int] = (4, 2, 1),
+    scale_list: Sequence[int] = (1, 2, 3),
+    num_blocks: int = 2,
+    block_step: int = 2,
+    step: int = 2,
+    step_mode: str = "lg",
+    compress_factor: float = 0.25,
+    reduction: float = 0.5,
+    head_channels: int = 128,
+    gradient_equilibrium: bool = False,
+    activation: str = "relu",
+    name: str = "ranet",
+) -> keras.Model:
     """Builds a resolution-adaptive network (CIFAR stem and heads).
 
     Per-flow lists are ordered lowest resolution first, as in the reference
@@ -149,7 +151,7 @@ def ranet(
             )
 
     # Stem sizes, highest-resolution flow first; the lowest must be >= 2x2.
-    sizes = [None] * flows
+    sizes: list[Any] = [None] * flows  # (height, width) per flow
     sizes[-1] = tuple(input_shape[:2])
     for i in range(flows - 2, -1, -1):
         stride = 1 if rs[i] == rs[i + 1] else 2
@@ -165,7 +167,7 @@ def ranet(
     plan = flow_plan(rs, num_blocks, block_step)
     num_exits = plan[-1]["blocks"]
 
-    def layers_in(j):
+    def layers_in(j: int) -> int:
         return step if step_mode == "even" else step * j
 
     with nonlinearity_scope(activation):
@@ -176,12 +178,12 @@ def ranet(
             stem[i] = conv_bn_relu(stem[i + 1], num_channels * gf[i], 3, stride, f"stem_f{i}", stem_init)
 
         outputs = []
-        prev_lists = {}  # block j -> [Y_0..Y_L] of the lower flow
+        prev_lists: dict[int, list[Any]] = {}  # block j -> [Y_0..Y_L] of the lower flow
         exit_index = 0
         for i in range(flows):
             x = stem.pop(i)
             g = growth_rate * gf[i]
-            cur_lists = {}
+            cur_lists: dict[int, list[Any]] = {}
             for j in range(1, plan[i]["blocks"] + 1):
                 p = f"f{i}_b{j}"
                 n_layers = layers_in(j)
@@ -224,7 +226,7 @@ def ranet(
                 if exit_index == num_exits:
                     break
                 # Stage boundary: carry exactly what later stages read.
-                carried = []
+                carried: list[tuple[Any, Any]] = []  # (what it is, tensor)
                 if more_blocks:
                     carried.append(("x", trunk))
                 for jj in sorted(cur_lists):

@@ -7,17 +7,20 @@ the most confident at exit k first, with geometric fractions
 """
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
+from keras_ee._typing import Tensor
 
-def _check_q(q):
+
+def _check_q(q: object) -> None:
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)):
         raise TypeError(f"`q` must be a positive number; received {q!r}.")
     if not q > 0 or not np.isfinite(q):
         raise ValueError(f"`q` must be a finite number > 0; received {q}.")
 
 
-def exit_fractions(q, num_exits):
+def exit_fractions(q: float, num_exits: int) -> np.ndarray:
     """Geometric exit fractions `f_k = q^k / sum_j q^j`, k = 1..K.
 
     Args:
@@ -44,7 +47,7 @@ def exit_fractions(q, num_exits):
     return w / w.sum()
 
 
-def allocate_by_confidence(confidence, q):
+def allocate_by_confidence(confidence: Tensor, q: float) -> Tensor:
     """Allocate each sample of a batch to one exit, as early exiting would.
 
     Exit k (k < K) takes `floor(n * f_k)` of the samples that have not been
@@ -93,7 +96,7 @@ def allocate_by_confidence(confidence, q):
     return tf.cast(tf.stack(columns, axis=1), dtype)
 
 
-def allocate_by_confidence_across_replicas(confidence, q):
+def allocate_by_confidence_across_replicas(confidence: Tensor, q: float) -> Tensor:
     """`allocate_by_confidence` over the global batch, under `tf.distribute`: this replica's rows.
 
     In a replica context with more than one replica in sync, the confidences (and the
@@ -116,7 +119,7 @@ def allocate_by_confidence_across_replicas(confidence, q):
     return mask[start : start + size[0]]
 
 
-def allocate_by_confidence_numpy(confidence, q):
+def allocate_by_confidence_numpy(confidence: npt.ArrayLike, q: float) -> np.ndarray:
     """NumPy version of `allocate_by_confidence` returning exit indices.
 
     Returns:

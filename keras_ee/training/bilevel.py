@@ -31,16 +31,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import Tensor
 from keras_ee.training import core
 
+if TYPE_CHECKING:
+    from keras_ee.training.model import MultiExitModel
 
-def replica_context():
+
+def replica_context() -> Any:
     """The replica context of a `tf.distribute` strategy, or None (no strategy, or cross-replica).
 
     None means "no strategy": the code paths of one device stay exactly as they are.
@@ -55,7 +61,7 @@ def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def global_mean_gradients(grads):
+def global_mean_gradients(grads: Sequence[Tensor | None]) -> Sequence[Tensor | None]:
     """The share of an auxiliary optimizer's gradients this replica hands to `apply`.
 
     Keras' TensorFlow optimizers sum the replicas' gradients in `apply`, so each replica
@@ -70,7 +76,7 @@ def global_mean_gradients(grads):
     return [None if g is None else g * ops.cast(1.0 / replicas, g.dtype) for g in grads]
 
 
-def global_mean(value):
+def global_mean(value: Tensor) -> Tensor:
     """The mean of `value` over the replicas in sync (differentiable); `value` itself on one device.
 
     Its gradient (Keras' all-reduce convention) is that of the sum of every replica's loss,
@@ -82,7 +88,7 @@ def global_mean(value):
     return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, value)
 
 
-def global_sum(value):
+def global_sum(value: Tensor) -> Tensor:
     """The sum of `value` over the replicas in sync (differentiable); `value` itself on one device."""
     ctx = replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -90,7 +96,7 @@ def global_sum(value):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-def all_reduced_gradients(grads):
+def all_reduced_gradients(grads: Sequence[Tensor | None]) -> Sequence[Tensor | None]:
     """The gradient the real optimizer will apply: the sum over the replicas of each replica's share.
 
     Each replica's gradients come from `MultiExitModel.scale_loss`-scaled coefficients (its
@@ -110,7 +116,9 @@ def all_reduced_gradients(grads):
     return out
 
 
-def replica_cond(pred, true_fn, false_fn, args=()):
+def replica_cond(
+    pred: Tensor, true_fn: Callable[..., object], false_fn: Callable[..., object], args: Sequence[Any] = ()
+) -> None:
     """`true_fn(*args)` if `pred`, else `false_fn(*args)`, also when the branches hold sync points.
 
     Without a strategy (and in a cross-replica context) this is the plain `tf.cond`. Under a
@@ -129,8 +137,8 @@ def replica_cond(pred, true_fn, false_fn, args=()):
     captured. Their return values are discarded.
     """
 
-    def branch(fn):
-        def run():
+    def branch(fn: Callable[..., object]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
             fn(*args)
             return ops.zeros((), "int32")
 
@@ -146,11 +154,11 @@ def replica_cond(pred, true_fn, false_fn, args=()):
         tf.cond(ops.equal(votes, ctx.num_replicas_in_sync), branch(true_fn), branch(false_fn))
         return
 
-    def cross_replica(distribution, pred, *args):
+    def cross_replica(distribution: Any, pred: Tensor, *args: Any) -> None:
         together = tf.reduce_all(tf.stack([tf.identity(p) for p in distribution.experimental_local_results(pred)]))
 
-        def on_each_replica(fn):
-            def run():
+        def on_each_replica(fn: Callable[..., object]) -> Callable[[], Tensor]:
+            def run() -> Tensor:
                 distribution.extended.call_for_each_replica(fn, args=args)
                 return ops.zeros((), "int32")
 
@@ -162,7 +170,9 @@ def replica_cond(pred, true_fn, false_fn, args=()):
     ctx.merge_call(cross_replica, args=(pred, *args))
 
 
-def half_batch_exchange(model, x, y, half_step):
+def half_batch_exchange(
+    model: MultiExitModel, x: Tensor, y: Tensor, half_step: Callable[[Tensor, Tensor, Tensor, Tensor], object]
+) -> None:
     """Two half steps on one loaded batch: `half_step(x_a, y_a, x_b, y_b)`, then with B and A swapped.
 
     The first half gets `batch // 2` samples, the second the rest. A batch of fewer than 2
@@ -183,18 +193,24 @@ def half_batch_exchange(model, x, y, half_step):
     """
     n = tf.shape(x)[0]
 
-    def body(x, y):
+    def body(x: Tensor, y: Tensor) -> None:
         (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
         half_step(x_a, y_a, x_b, y_b)
         half_step(x_b, y_b, x_a, y_a)
 
-    def too_small(x, y):
+    def too_small(x: Tensor, y: Tensor) -> None:
         model.record_small_batch(tf.shape(x)[0])
 
     replica_cond(n >= 2, body, too_small, args=(x, y))
 
 
-def every(counter, interval: int, step, otherwise, args=()):
+def every(
+    counter: keras.Variable,
+    interval: int,
+    step: Callable[..., object],
+    otherwise: Callable[..., object],
+    args: Sequence[Any] = (),
+) -> None:
     """`step(*args)` when `counter % interval == 0`, else `otherwise(*args)` (one graph, no retracing).
 
     With `interval == 1` only `step` is built. `counter` (a variable, the same on every
@@ -234,19 +250,19 @@ class LookAheadResult:
     """
 
     outer_gradients: list
-    outer_loss: object
-    outer_aux: object
-    terms: object
-    aux: object
+    outer_loss: Any
+    outer_aux: Any
+    terms: Any
+    aux: Any
     logits: list
     non_trainable: list
     logits_meta: list
-    finite: object = None
-    inner_finite: object = None
-    _tape: object = dataclasses.field(repr=False, default=None)
-    _theta: list = dataclasses.field(repr=False, default=None)
+    finite: Any = None
+    inner_finite: Any = None
+    _tape: Any = dataclasses.field(repr=False, default=None)
+    _theta: list | None = dataclasses.field(repr=False, default=None)
 
-    def real_gradients(self, coefficients):
+    def real_gradients(self, coefficients: Tensor) -> list[Tensor | None]:
         """Gradient of `sum(coefficients * terms)` w.r.t. the parameters (one backward pass).
 
         Valid once per result: the inner tape is released afterwards.
@@ -311,7 +327,15 @@ class LookAhead:
     >>> grads = result.real_gradients(new_coefficients)
     """
 
-    def __init__(self, model, optimizer, outer_variables, inner_terms_fn, inner_coefficients_fn, outer_loss_fn):
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        outer_variables: Sequence[keras.Variable],
+        inner_terms_fn: Callable[[list[Tensor], Tensor], tuple[Tensor, Any]],
+        inner_coefficients_fn: Callable[[Tensor, Any], Tensor],
+        outer_loss_fn: Callable[[list[Tensor], Tensor], Any],
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.outer_variables = list(outer_variables)
@@ -319,7 +343,7 @@ class LookAhead:
         self.inner_coefficients_fn = inner_coefficients_fn
         self.outer_loss_fn = outer_loss_fn
 
-    def run(self, x_train, y_train, x_meta, y_meta) -> LookAheadResult:
+    def run(self, x_train: Tensor, y_train: Tensor, x_meta: Tensor, y_meta: Tensor) -> LookAheadResult:
         variables = self.model.trainable_variables
         theta = [tf.convert_to_tensor(v) for v in variables]
         outer_values = [v.value for v in self.outer_variables]  # Keras variables wrap tf.Variables
@@ -377,19 +401,19 @@ class LookAhead:
         )
 
 
-def _present(tensors):
+def _present(tensors: Sequence[Tensor | None]) -> list[Tensor]:
     """The tensors that are not None (a scalar 0 if none is), for `core.first_nonfinite`."""
     return [t for t in tensors if t is not None] or [ops.zeros((), "float32")]
 
 
-def _all_replicas(flag):
+def _all_replicas(flag: Tensor) -> Tensor:
     """Whether the boolean scalar `flag` holds on every replica in sync (`flag` itself on one device)."""
     if replica_context() is None or num_replicas() == 1:
         return flag
     return ops.equal(global_sum(ops.cast(flag, "int32")), num_replicas())
 
 
-def unless_overflow(finite, fn, args=()):
+def unless_overflow(finite: Tensor | None, fn: Callable[..., object], args: Sequence[Any] = ()) -> None:
     """`fn(*args)`, unless `finite` (a `LookAheadResult.finite`) says the loss scale overflowed.
 
     The auxiliary update (L2W's WPN, the gater, HDKD's gamma) of a step that Keras'
@@ -404,7 +428,12 @@ def unless_overflow(finite, fn, args=()):
     replica_cond(finite, fn, lambda *args: None, args=args)
 
 
-def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main_lr, final_learning_rate: float = 0.0):
+def follow_main_schedule(
+    base_learning_rate: float,
+    main_optimizer: Callable[[], keras.optimizers.Optimizer | None],
+    initial_main_lr: keras.Variable,
+    final_learning_rate: float = 0.0,
+) -> Callable[[], Tensor]:
     """A learning-rate callable for an auxiliary optimizer that follows the main schedule's shape.
 
     `lr_aux(t) = final + (base - final) * lr(t) / lr_peak`, with `lr(t)` the main
@@ -428,7 +457,7 @@ def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main
     base = float(base_learning_rate)
     final = float(final_learning_rate)
 
-    def learning_rate():
+    def learning_rate() -> Tensor:
         opt = main_optimizer()
         if opt is None:
             return ops.convert_to_tensor(base, "float32")
@@ -440,7 +469,7 @@ def follow_main_schedule(base_learning_rate: float, main_optimizer, initial_main
     return learning_rate
 
 
-def record_initial_learning_rate(optimizer, initial_main_lr) -> None:
+def record_initial_learning_rate(optimizer: keras.optimizers.Optimizer, initial_main_lr: keras.Variable) -> None:
     """Keep the largest main learning rate seen so far in `initial_main_lr` (`lr_peak`).
 
     Called at the start of every train step. For a schedule that only decays (cosine,
@@ -455,7 +484,7 @@ def record_initial_learning_rate(optimizer, initial_main_lr) -> None:
 class RunningExtreme(keras.metrics.Metric):
     """Running min or max over an epoch."""
 
-    def __init__(self, mode, name=None, dtype="float32"):
+    def __init__(self, mode: str, name: str | None = None, dtype: Any = "float32") -> None:
         super().__init__(name=name, dtype=dtype)
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max'; received {mode!r}.")
@@ -463,21 +492,21 @@ class RunningExtreme(keras.metrics.Metric):
         init = np.inf if mode == "min" else -np.inf
         self.value = self.add_variable(shape=(), initializer=keras.initializers.Constant(init), name="value")
 
-    def update_state(self, values, sample_weight=None):
+    def update_state(self, values: Tensor, sample_weight: Tensor | None = None) -> None:
         values = ops.cast(values, self.dtype)
         if self.mode == "min":
             self.value.assign(ops.minimum(self.value, ops.min(values)))
         else:
             self.value.assign(ops.maximum(self.value, ops.max(values)))
 
-    def result(self):
+    def result(self) -> Tensor:
         # A snapshot, not the variable (logs must not change on reset).
         return tf.identity(self.value)
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         self.value.assign(np.inf if self.mode == "min" else -np.inf)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"mode": self.mode, "name": self.name, "dtype": self.dtype}
 
 
@@ -493,18 +522,18 @@ class PerExitStats:
         name: the quantity's name in the logs (e.g. `weight`).
     """
 
-    def __init__(self, num_exits: int, name: str):
+    def __init__(self, num_exits: int, name: str) -> None:
         self.means = [keras.metrics.Mean(name=f"exit_{k + 1}_{name}_mean") for k in range(num_exits)]
         self.mins = [RunningExtreme("min", name=f"exit_{k + 1}_{name}_min") for k in range(num_exits)]
         self.maxs = [RunningExtreme("max", name=f"exit_{k + 1}_{name}_max") for k in range(num_exits)]
 
-    def _trackers(self):
+    def _trackers(self) -> Iterator[tuple[Any, Any, Any]]:
         return zip(self.means, self.mins, self.maxs)
 
     def names(self) -> list[str]:
         return [m.name for trio in self._trackers() for m in trio]
 
-    def update(self, values) -> None:
+    def update(self, values: Tensor) -> None:
         for k, trio in enumerate(self._trackers()):
             column = ops.cast(values[:, k], "float32")
             for tracker in trio:
@@ -514,7 +543,7 @@ class PerExitStats:
         return {m.name: m.result() for trio in self._trackers() for m in trio}
 
 
-def check_counts(**values) -> None:
+def check_counts(**values: object) -> None:
     """Raise a clear error unless every value is an int >= 1 (widths, depths, intervals, counts)."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int):
@@ -523,7 +552,9 @@ def check_counts(**values) -> None:
             raise ValueError(f"`{name}` must be >= 1; received {value}.")
 
 
-def check_number(name, value, low=None, high=None, low_open=False) -> float:
+def check_number(
+    name: str, value: object, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
     """`value` as a float, or a clear error unless it is a finite number in [low, high]
     (`(low, high]` with `low_open`; either bound None for none): the methods' scalar options."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -544,7 +575,7 @@ def check_number(name, value, low=None, high=None, low_open=False) -> float:
     return value
 
 
-def torch_linear_init(fan_in):
+def torch_linear_init(fan_in: int) -> keras.initializers.Initializer:
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 
     (kaiming_uniform with a=sqrt(5) for the kernel gives the same bound.)
@@ -574,7 +605,16 @@ class MLP(keras.layers.Layer):
     >>> gater = MLP(input_dim=2, output_dim=1, depth=1, width=500, output_activation="sigmoid")
     """
 
-    def __init__(self, input_dim, output_dim, depth=1, width=500, activation="relu", output_activation=None, **kwargs):
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        depth: int = 1,
+        width: int = 500,
+        activation: str = "relu",
+        output_activation: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         check_counts(input_dim=input_dim, output_dim=output_dim, depth=depth, width=width)
         self.input_dim = input_dim
@@ -583,7 +623,7 @@ class MLP(keras.layers.Layer):
         self.width = width
         self.activation = activation
         self.output_activation = output_activation
-        self.hidden = []
+        self.hidden: list[keras.layers.Dense] = []
         fan_in = input_dim
         # Keras does not hand a layer's dtype policy down to the layers it creates.
         policy = self.dtype_policy
@@ -610,24 +650,24 @@ class MLP(keras.layers.Layer):
             dtype=policy,
         )
 
-    def build(self, input_shape=None):
-        shape = (None, self.input_dim)
+    def build(self, input_shape: Any = None) -> None:
+        shape: tuple[int | None, ...] = (None, self.input_dim)
         for layer in self.hidden:
             layer.build(shape)
             shape = (None, self.width)
         self.head.build(shape)
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         h = inputs
         for layer in self.hidden:
             h = layer(h)
         return self.head(h)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (input_shape[0], self.output_dim)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             input_dim=self.input_dim,

@@ -28,17 +28,21 @@ These functions use the TensorFlow backend (nested `tf.GradientTape`s).
 """
 
 import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import Tensor
 
-def _as_float32(x):
+
+def _as_float32(x: Tensor) -> Tensor:
     return ops.cast(x, "float32") if x.dtype != "float64" else x
 
 
-def float32_logits(outputs):
+def float32_logits(outputs: Sequence[Tensor]) -> list[Tensor]:
     """`outputs` with float16/bfloat16 tensors cast to float32 (float32 and float64 unchanged).
 
     Under a mixed dtype policy the exits compute in half precision; their logits are
@@ -51,7 +55,7 @@ def float32_logits(outputs):
     ]
 
 
-def labels_are_one_hot(y, logits):
+def labels_are_one_hot(y: Tensor, logits: Tensor) -> bool:
     """Whether `y` holds one-hot (or soft) labels for `logits`.
 
     Sparse labels have shape `(batch,)` or `(batch, 1)`; one-hot labels have
@@ -65,7 +69,7 @@ def labels_are_one_hot(y, logits):
     return False
 
 
-def per_exit_cross_entropy(y, logits):
+def per_exit_cross_entropy(y: Tensor, logits: Sequence[Tensor]) -> Tensor:
     """Per-sample cross-entropy of every exit.
 
     Args:
@@ -98,7 +102,7 @@ def per_exit_cross_entropy(y, logits):
     return ops.stack(columns, axis=1)
 
 
-def exit_confidence(logits):
+def exit_confidence(logits: Sequence[Tensor]) -> Tensor:
     """Max softmax probability of every exit, `(batch, num_exits)`."""
     return ops.stack(
         [ops.max(ops.softmax(_as_float32(z), axis=-1), axis=-1) for z in logits],
@@ -106,14 +110,20 @@ def exit_confidence(logits):
     )
 
 
-def sparse_labels(y, logits):
+def sparse_labels(y: Tensor, logits: Sequence[Tensor]) -> Tensor:
     """Integer class labels `(batch,)` from sparse or one-hot `y`."""
     if labels_are_one_hot(y, logits[0]):
         return ops.argmax(y, axis=-1)
     return ops.reshape(ops.cast(y, "int32"), (-1,))
 
 
-def stateless_forward(model, trainable_values, x, training=True, return_tensors=None):
+def stateless_forward(
+    model: keras.Model,
+    trainable_values: Sequence[Tensor],
+    x: Tensor,
+    training: bool = True,
+    return_tensors: Sequence[str] | None = None,
+) -> tuple[Any, ...]:
     """Run `model` with substituted trainable values, leaving it untouched.
 
     Gradients flow through `trainable_values` to whatever produced them, which
@@ -167,10 +177,10 @@ def stateless_forward(model, trainable_values, x, training=True, return_tensors=
     return float32_logits(outputs[:k]), non_trainable, dict(zip(names, outputs[k:]))
 
 
-_PROBES = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[keras.Model, dict[tuple[str, ...], keras.Model]] = weakref.WeakKeyDictionary()
 
 
-def probe_model(model, names):
+def probe_model(model: keras.Model, names: tuple[str, ...]) -> keras.Model:
     """A functional model with `model`'s outputs plus the named layers' outputs (cached).
 
     It shares `model`'s layers and variables; calling it computes the named tensors in
@@ -192,7 +202,7 @@ def probe_model(model, names):
     return cache[names]
 
 
-def assign_values(variables, values):
+def assign_values(variables: Sequence[keras.Variable], values: Sequence[Tensor]) -> None:
     """Assign `values` to `variables` (e.g. BN statistics from a forward)."""
     for v, value in zip(variables, values):
         v.assign(value)
@@ -201,7 +211,7 @@ def assign_values(variables, values):
 _SUPPORTED_LOOKAHEAD = ("SGD", "Adam", "AdamW")
 
 
-def inner_optimizer(optimizer):
+def inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """The optimizer whose update `optimizer.apply` takes: a `LossScaleOptimizer`'s wrapped one.
 
     Keras' `LossScaleOptimizer` (which `compile` adds under `mixed_float16`) unscales the
@@ -213,7 +223,7 @@ def inner_optimizer(optimizer):
     return optimizer
 
 
-def loss_scale(optimizer):
+def loss_scale(optimizer: keras.optimizers.Optimizer) -> Tensor | None:
     """The float32 factor `optimizer.scale_loss` multiplies a loss by, or None if it scales nothing.
 
     A `LossScaleOptimizer`'s current dynamic scale, or a static `loss_scale_factor`;
@@ -225,7 +235,7 @@ def loss_scale(optimizer):
 
 
 @tf.custom_gradient
-def straight_through_scale(x, factor):
+def straight_through_scale(x: Tensor, factor: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor]]]:
     """`x * factor`, whose gradient is the upstream one unchanged (as if the factor were 1).
 
     The look-ahead scales its inner coefficients by the loss scale (so that the inner
@@ -235,13 +245,13 @@ def straight_through_scale(x, factor):
     receives cotangents of the loss-scaled outer loss (in float16's range too).
     """
 
-    def grad(upstream):
+    def grad(upstream: Tensor) -> tuple[Tensor, Tensor]:
         return upstream, tf.zeros_like(factor)
 
     return x * ops.cast(factor, x.dtype), grad
 
 
-def check_lookahead_support(optimizer):
+def check_lookahead_support(optimizer: keras.optimizers.Optimizer) -> str:
     """Raise a clear error if `lookahead_step` cannot mirror `optimizer`.
 
     Supported: `keras.optimizers.SGD` (momentum, nesterov, weight_decay),
@@ -285,7 +295,12 @@ def check_lookahead_support(optimizer):
     return base
 
 
-def lookahead_step(optimizer, variables, values, grads):
+def lookahead_step(
+    optimizer: keras.optimizers.Optimizer,
+    variables: Sequence[keras.Variable],
+    values: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+) -> list[Tensor]:
     """The exact update `optimizer` would apply now, without applying it.
 
     Computes `theta_hat`, the parameter values after one step of
@@ -371,7 +386,7 @@ def lookahead_step(optimizer, variables, values, grads):
 
 
 @tf.custom_gradient
-def _safe_sqrt(v):
+def _safe_sqrt(v: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """sqrt whose derivative is 0 (not inf) where v == 0.
 
     Adam's `sqrt(v)` has an infinite derivative at `v = 0` (parameters that
@@ -380,13 +395,13 @@ def _safe_sqrt(v):
     """
     s = tf.sqrt(v)
 
-    def grad(upstream):
+    def grad(upstream: Tensor) -> Tensor:
         return tf.where(s > 0, upstream * 0.5 / tf.where(s > 0, s, 1), 0)
 
     return s, grad
 
 
-def split_halves(*tensors):
+def split_halves(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
     """Split every tensor of a batch into a first and a second half.
 
     The first half gets `batch // 2` samples, the second the rest.
@@ -401,14 +416,14 @@ def split_halves(*tensors):
     return first, second
 
 
-def first_nonfinite(tensors):
+def first_nonfinite(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Whether any of `tensors` holds NaN/inf, and the 1-based index of the first that does.
 
     Returns:
         `(any_bad, first)`: a boolean scalar and an int64 scalar (0 when none).
     """
 
-    def finite(t):
+    def finite(t: Tensor) -> Tensor:
         if "float" not in keras.backend.standardize_dtype(t.dtype):
             return ops.convert_to_tensor(True)  # integer counters, seeds: always finite
         return ops.all(ops.isfinite(t))
@@ -419,12 +434,12 @@ def first_nonfinite(tensors):
     return any_bad, ops.where(any_bad, first, ops.zeros((), "int64"))
 
 
-def weighted_exit_losses(ce, weights):
+def weighted_exit_losses(ce: Tensor, weights: Tensor) -> Tensor:
     """`mean_i(w[i, k] * l[i, k])` per exit, `(num_exits,)`."""
     return ops.mean(ops.cast(weights, ce.dtype) * ce, axis=0)
 
 
-def sample_weighted_exit_losses(terms, sample_weight=None):
+def sample_weighted_exit_losses(terms: Tensor, sample_weight: Tensor | None = None) -> Tensor:
     """`mean_i(sw_i * l[i, k])` per exit, `(num_exits,)`; plain means without sample weights.
 
     Keras' "sum over batch size" convention for optional `(batch,)` sample weights.

@@ -65,22 +65,30 @@ from __future__ import annotations
 
 import typing
 import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange, register_method
+
+if TYPE_CHECKING:
+    from keras_ee.data import DatasetSplits
+    from keras_ee.training.model import MultiExitModel
 
 FEATURES = ("max_prob", "margin", "entropy")
 _UPDATES = ("alternate", "lookahead")
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
-def confidence_features(logits, names=("max_prob", "entropy")):
+def confidence_features(logits: Sequence[Tensor], names: Sequence[str] = ("max_prob", "entropy")) -> Tensor:
     """The gater's inputs: confidence features of each exit's prediction, `(batch, len(logits), F)`.
 
     `max_prob` is the largest softmax probability, `margin` the largest minus the second
@@ -96,7 +104,7 @@ def confidence_features(logits, names=("max_prob", "entropy")):
     for z in logits:
         z = core._as_float32(z)
         p = ops.softmax(z, axis=-1)
-        values = {}
+        values: dict[str, Tensor] = {}
         if "max_prob" in names or "margin" in names:
             top = ops.top_k(p, 2)[0]
             values["max_prob"] = top[:, 0]
@@ -107,7 +115,7 @@ def confidence_features(logits, names=("max_prob", "entropy")):
     return ops.stack(columns, axis=1)
 
 
-def exit_distribution(log_p, log_not_p, temperature=0.5):
+def exit_distribution(log_p: Tensor, log_not_p: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
     """`Pr(k)` (Eq. 5) and the sharpened `A_k` (Eq. 9) from per-gate log probabilities.
 
     Args:
@@ -127,24 +135,24 @@ def exit_distribution(log_p, log_not_p, temperature=0.5):
     return pr, a
 
 
-def exit_distribution_from_probabilities(p, temperature=0.5):
+def exit_distribution_from_probabilities(p: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
     """`exit_distribution` from gate probabilities `P` `(batch, K - 1)` in [0, 1] (0 and 1 allowed)."""
     p = ops.convert_to_tensor(p)
     return exit_distribution(ops.log(p), ops.log1p(-p), temperature)
 
 
-def exit_distribution_from_logits(z, temperature=0.5):
+def exit_distribution_from_logits(z: Tensor, temperature: float = 0.5) -> tuple[Tensor, Tensor]:
     """`exit_distribution` from the gater's pre-sigmoid outputs `z` `(batch, K - 1)` (stable)."""
     return exit_distribution(ops.log_sigmoid(z), ops.log_sigmoid(-z), temperature)
 
 
-def inner_loss_terms(ce, a, relative_costs, cost_weight):
+def inner_loss_terms(ce: Tensor, a: Tensor, relative_costs: Tensor, cost_weight: float) -> Tensor:
     """`(A + 1)(CE + lambda Cost)`, `(batch, K)`: the backbone's per-sample, per-exit loss terms."""
     priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
     return (ops.cast(a, ce.dtype) + 1.0) * priced
 
 
-def outer_loss_terms(ce, a, relative_costs, cost_weight):
+def outer_loss_terms(ce: Tensor, a: Tensor, relative_costs: Tensor, cost_weight: float) -> Tensor:
     """`(CE + lambda Cost) A`, `(batch, K)`: the gater's per-sample, per-exit loss terms."""
     priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
     return priced * ops.cast(a, ce.dtype)
@@ -167,7 +175,15 @@ class ExitGater(keras.layers.Layer):
     >>> z = gater(features)    # (batch, 3); P = sigmoid(z)
     """
 
-    def __init__(self, num_gates, num_features, depth=1, width=500, activation="relu", **kwargs):
+    def __init__(
+        self,
+        num_gates: int,
+        num_features: int,
+        depth: int = 1,
+        width: int = 500,
+        activation: str = "relu",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         bilevel.check_counts(num_gates=num_gates, num_features=num_features)
         self.num_gates = num_gates
@@ -188,18 +204,18 @@ class ExitGater(keras.layers.Layer):
             for k in range(num_gates)
         ]
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: Any = None) -> None:
         for gate in self.gates:
             gate.build((None, self.num_features))
         self.built = True
 
-    def call(self, features):
+    def call(self, features: Tensor) -> Tensor:
         return ops.concatenate([gate(features[:, k, :]) for k, gate in enumerate(self.gates)], axis=1)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (input_shape[0], self.num_gates)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             num_gates=self.num_gates,
@@ -211,7 +227,7 @@ class ExitGater(keras.layers.Layer):
         return config
 
 
-def _check_positive(name, value, allow_zero=False):
+def _check_positive(name: str, value: object, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be a number; received {value!r}.")
     value = float(value)
@@ -220,7 +236,7 @@ def _check_positive(name, value, allow_zero=False):
     return value
 
 
-def _parse_features(features):
+def _parse_features(features: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(features, str):
         features = [f.strip() for f in features.replace("+", ",").split(",") if f.strip()]
     if not isinstance(features, (list, tuple)) or not features:
@@ -282,21 +298,21 @@ class BudgetAwareGating(Method):
 
     def __init__(
         self,
-        cost_weight=2.0,
-        temperature=0.5,
-        features=("max_prob", "entropy"),
-        gater_width=500,
-        gater_depth=1,
-        gater_activation="relu",
-        detach_features=False,
-        gater_interval=10,
-        gater_update="alternate",
-        gater_optimizer="adamw",
-        gater_learning_rate=1e-3,
-        gater_final_learning_rate=1e-5,
-        gater_weight_decay=1e-4,
-        **kwargs,
-    ):
+        cost_weight: float = 2.0,
+        temperature: float = 0.5,
+        features: str | Sequence[str] = ("max_prob", "entropy"),
+        gater_width: int = 500,
+        gater_depth: int = 1,
+        gater_activation: str = "relu",
+        detach_features: bool = False,
+        gater_interval: int = 10,
+        gater_update: str = "alternate",
+        gater_optimizer: str = "adamw",
+        gater_learning_rate: float = 1e-3,
+        gater_final_learning_rate: float = 1e-5,
+        gater_weight_decay: float = 1e-4,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
         self.temperature = _check_positive("temperature", temperature)
@@ -333,11 +349,11 @@ class BudgetAwareGating(Method):
                 f"{self.gater_final_learning_rate} > {self.gater_learning_rate}."
             )
         self.gater_weight_decay = _check_positive("gater_weight_decay", gater_weight_decay, allow_zero=True)
-        self._main_optimizer_ref = None
+        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     # --- setup ---------------------------------------------------------------
 
-    def setup(self, model):
+    def setup(self, model: MultiExitModel) -> None:
         from keras_ee import costs
 
         k = model.num_exits
@@ -392,44 +408,46 @@ class BudgetAwareGating(Method):
         self.gater_loss_tracker = keras.metrics.Mean(name="gater_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         if self.gater_update == "lookahead":
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
 
-    def _main_optimizer(self):
+    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
         return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
 
     # --- the gater -------------------------------------------------------------
 
-    def gate_inputs(self, logits):
+    def gate_inputs(self, logits: Sequence[Tensor]) -> Tensor:
         """The gater's features of the early exits' logits, `(batch, K - 1, F)`."""
         return confidence_features(logits[:-1], self.features)
 
-    def distribution(self, features):
+    def distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(pr, a)` of the current gater on `features` (`(batch, K - 1, F)`)."""
         z = self.gater(ops.cast(features, self.gater.compute_dtype))
         return exit_distribution_from_logits(z, self.temperature)
 
-    def gate_probabilities(self, logits):
+    def gate_probabilities(self, logits: Sequence[Tensor]) -> Tensor:
         """`P_k` of every early exit, `(batch, K - 1)`: the gater's confidence that exit k suffices."""
         return ops.sigmoid(self.gater(ops.cast(self.gate_inputs(logits), self.gater.compute_dtype)))
 
-    def _costs(self, dtype):
+    def _costs(self, dtype: Any) -> Tensor:
         return ops.convert_to_tensor(np.asarray(self.relative_costs), dtype=dtype)
 
     # --- training --------------------------------------------------------------
 
-    def metric_names(self):
+    def metric_names(self) -> list[str]:
         return [m.name for m in (*self.share_trackers, self.cost_tracker, self.gater_loss_tracker)]
 
-    def step_logs(self, model):
+    def step_logs(self, model: MultiExitModel) -> dict[str, Tensor]:
         logs = model.model_logs()
         for m in (*self.share_trackers, self.cost_tracker, self.gater_loss_tracker):
             logs[m.name] = m.result()
         return logs
 
-    def inner_loss(self, y, logits, sample_weight=None):
+    def inner_loss(
+        self, y: Tensor, logits: list[Tensor], sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`(loss, per_exit, ce, a)` of the backbone's loss on one forward (differentiable).
 
         `per_exit[k] = mean_i sw_i (A_ik + 1)(CE_ik + lambda Cost_k)`, `loss = sum_k per_exit[k]`.
@@ -444,7 +462,7 @@ class BudgetAwareGating(Method):
         per_exit = core.sample_weighted_exit_losses(terms, sample_weight)
         return ops.sum(per_exit), per_exit, ce, a
 
-    def outer_loss(self, y, logits):
+    def outer_loss(self, y: Tensor, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
         """`(loss, per_exit)` of the gater's loss, the backbone's outputs taken as given."""
         logits = [ops.stop_gradient(z) for z in logits]
         ce = core.per_exit_cross_entropy(y, logits)
@@ -454,7 +472,7 @@ class BudgetAwareGating(Method):
         )
         return ops.sum(per_exit), per_exit
 
-    def train_step(self, model, data):
+    def train_step(self, model: MultiExitModel, data: Any) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
@@ -468,10 +486,10 @@ class BudgetAwareGating(Method):
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
-    def _gater_batch(self, model, x, y, sample_weight):
+    def _gater_batch(self, model: MultiExitModel, x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
         n = tf.shape(x)[0]
 
-        def split(x, y, sample_weight):
+        def split(x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
             (x_a, y_a, sw_a), (x_b, y_b, _) = core.split_halves(x, y, sample_weight)
             if self.gater_update == "lookahead":
                 self._lookahead_step(model, x_a, y_a, sw_a, x_b, y_b)
@@ -479,18 +497,20 @@ class BudgetAwareGating(Method):
                 self._backbone_step(model, x_a, y_a, sw_a)
                 self._gater_step(model, x_b, y_b)
 
-        def whole(x, y, sample_weight):  # a batch of one sample: no half for the gater
+        def whole(
+            x: Tensor, y: Tensor, sample_weight: Tensor | None
+        ) -> None:  # a batch of one sample: no half for the gater
             self._backbone_step(model, x, y, sample_weight)
 
         # Under tf.distribute: split only if every replica holds 2 samples (bilevel.replica_cond).
         bilevel.replica_cond(n >= 2, split, whole, args=(x, y, sample_weight))
 
-    def _record(self, a):
+    def _record(self, a: Tensor) -> None:
         for k, tracker in enumerate(self.share_trackers):
             tracker.update_state(ops.cast(a[:, k], "float32"))
         self.cost_tracker.update_state(ops.cast(ops.sum(a * self._costs(a.dtype)[None, :], axis=1), "float32"))
 
-    def _backbone_step(self, model, x, y, sample_weight):
+    def _backbone_step(self, model: MultiExitModel, x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -501,7 +521,13 @@ class BudgetAwareGating(Method):
         model.update_step_metrics(loss, y, logits, ce)
         self._record(a)
 
-    def _apply_gater(self, model, grads, per_exit, lookahead=None):
+    def _apply_gater(
+        self,
+        model: MultiExitModel,
+        grads: Sequence[Tensor | None],
+        per_exit: Tensor,
+        lookahead: bilevel.LookAheadResult | None = None,
+    ) -> None:
         """The gater's step on `grads`; with a look-ahead's result, skipped where its loss scale overflowed."""
         variables = self.gater.weights
         grads = [ops.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
@@ -510,14 +536,14 @@ class BudgetAwareGating(Method):
         finite, inner_finite = (None, None) if lookahead is None else (lookahead.finite, lookahead.inner_finite)
         model.record_nonfinite(per_exit, phase=1, when=inner_finite)
 
-        def step(grads, per_exit):
+        def step(grads: list[Tensor], per_exit: Tensor) -> None:
             # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
             self.gater_optimizer.apply(bilevel.global_mean_gradients(grads), variables)
             self.gater_loss_tracker.update_state(ops.cast(ops.sum(per_exit), "float32"))
 
         bilevel.unless_overflow(finite, step, args=(grads, per_exit))
 
-    def gater_gradients(self, model, x, y):
+    def gater_gradients(self, model: MultiExitModel, x: Tensor, y: Tensor) -> tuple[list[Tensor | None], Tensor]:
         """`(grads, per_exit)`: the outer loss's gradient w.r.t. the gater's weights on `(x, y)`.
 
         The backbone runs in inference mode (BatchNorm statistics are neither used from
@@ -530,11 +556,13 @@ class BudgetAwareGating(Method):
             loss, per_exit = self.outer_loss(y, logits)
         return tape.gradient(loss, values), per_exit
 
-    def _gater_step(self, model, x, y):
+    def _gater_step(self, model: MultiExitModel, x: Tensor, y: Tensor) -> None:
         grads, per_exit = self.gater_gradients(model, x, y)
         self._apply_gater(model, grads, per_exit)
 
-    def lookahead(self, model, x_t, y_t, sw_t, x_m, y_m):
+    def lookahead(
+        self, model: MultiExitModel, x_t: Tensor, y_t: Tensor, sw_t: Tensor | None, x_m: Tensor, y_m: Tensor
+    ) -> tuple[bilevel.LookAheadResult, Callable[[Tensor, Any], Tensor]]:
         """The one-step bi-level pass (`gater_update="lookahead"`): a `bilevel.LookAheadResult`.
 
         The inner loss is written as `sum(coefficients * terms)` for the look-ahead core:
@@ -544,7 +572,7 @@ class BudgetAwareGating(Method):
         """
         k1, f = self.num_exits - 1, len(self.features)
 
-        def terms_fn(logits, y):
+        def terms_fn(logits: list[Tensor], y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             ce = core.per_exit_cross_entropy(y, logits)
             features = self.gate_inputs(logits)
             if self.detach_features:
@@ -552,7 +580,7 @@ class BudgetAwareGating(Method):
             flat = ops.reshape(ops.cast(features, ce.dtype), (-1, k1 * f))
             return ops.concatenate([ce, flat], axis=1), (ce, features)
 
-        def coefficients_fn(terms, aux):
+        def coefficients_fn(terms: Tensor, aux: Any) -> Tensor:
             ce, features = (ops.stop_gradient(t) for t in aux)
             n = ops.cast(ops.shape(ce)[0], ce.dtype)
             sw = ops.ones_like(ce[:, :1]) if sw_t is None else ops.reshape(ops.cast(sw_t, ce.dtype), (-1, 1))
@@ -569,7 +597,7 @@ class BudgetAwareGating(Method):
                 [(a + 1.0) * sw / n, ops.reshape(ops.cast(feature_coefficients, ce.dtype), (-1, k1 * f))], axis=1
             )
 
-        def outer_fn(logits_meta, y_meta):
+        def outer_fn(logits_meta: list[Tensor], y_meta: Tensor) -> tuple[Tensor, Tensor]:
             ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
             _, a_m = self.distribution(self.gate_inputs(logits_meta))
             per_exit = ops.mean(
@@ -580,7 +608,9 @@ class BudgetAwareGating(Method):
         la = bilevel.LookAhead(model.backbone, model.optimizer, self.gater.weights, terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m), coefficients_fn
 
-    def _lookahead_step(self, model, x_t, y_t, sw_t, x_m, y_m):
+    def _lookahead_step(
+        self, model: MultiExitModel, x_t: Tensor, y_t: Tensor, sw_t: Tensor | None, x_m: Tensor, y_m: Tensor
+    ) -> None:
         result, coefficients_fn = self.lookahead(model, x_t, y_t, sw_t, x_m, y_m)
         ce, features = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
@@ -600,7 +630,7 @@ class BudgetAwareGating(Method):
 
     # --- inference scores --------------------------------------------------------
 
-    def exit_scores(self, logits):
+    def exit_scores(self, logits: np.ndarray) -> np.ndarray:
         """The gater's confidence per exit, `(K, N)` float32 numpy, for `--confidence gater`.
 
         Exit k < K scores the gater's pre-sigmoid `z_k` (`P_k = sigmoid(z_k)`: the same
@@ -621,7 +651,7 @@ class BudgetAwareGating(Method):
         z = np.concatenate(out, axis=0).T if out else np.zeros((logits.shape[0] - 1, 0), np.float32)
         return np.concatenate([z, np.zeros((1, z.shape[1]), np.float32)], axis=0)
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, workdir: Path) -> None:
         """`scores/gater.npz`: the gater's confidence on the run's validation and test dump."""
         from keras_ee import dumps
         from keras_ee.atomic import atomic_path
@@ -633,7 +663,7 @@ class BudgetAwareGating(Method):
             with open(tmp, "wb") as f:
                 np.savez(f, val=self.exit_scores(dump.val_logits), test=self.exit_scores(dump.test_logits))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             cost_weight=self.cost_weight,

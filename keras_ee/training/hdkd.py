@@ -95,15 +95,23 @@ from __future__ import annotations
 import json
 import typing
 import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import StrPath, Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange, register_method
+
+if TYPE_CHECKING:
+    from keras_ee.data import DatasetSplits
+    from keras_ee.training.model import MultiExitModel
 
 _TEACHERS = ("dense", "last", "none")
 _INITS = ("ds", "uniform", "dbt", "random")
@@ -140,7 +148,7 @@ def kd_pairs(num_exits: int, teachers: str = "dense") -> list[tuple[int, int]]:
     return []
 
 
-def dense_kd_terms(logits, pairs, temperatures):
+def dense_kd_terms(logits: Sequence[Tensor], pairs: Sequence[tuple[int, int]], temperatures: Tensor) -> Tensor:
     """Per-sample distillation terms `T_i^2 KL(soft_i || soft_j)`, `(batch, len(pairs))`.
 
     Args:
@@ -155,7 +163,7 @@ def dense_kd_terms(logits, pairs, temperatures):
         return ops.zeros((ops.shape(first)[0], 0), first.dtype)
     temperatures = ops.cast(ops.convert_to_tensor(temperatures), first.dtype)
     columns = []
-    teacher_cache = {}
+    teacher_cache: dict[int, tuple[Tensor, Tensor]] = {}
     for i, j in pairs:
         t = temperatures[i]
         if i not in teacher_cache:
@@ -168,13 +176,13 @@ def dense_kd_terms(logits, pairs, temperatures):
     return ops.stack(columns, axis=1)
 
 
-def balanced_loss(ce_means, ema, alpha=0.5):
+def balanced_loss(ce_means: Tensor, ema: Tensor, alpha: float = 0.5) -> Tensor:
     """Eq. 10: `alpha sum_k CE_k + (1 - alpha) sum_k softplus(CE_k / E_k - 1)` (E a constant)."""
     ema = ops.stop_gradient(ops.cast(ema, ce_means.dtype))
     return alpha * ops.sum(ce_means) + (1.0 - alpha) * ops.sum(ops.softplus(ce_means / ema - 1.0))
 
 
-def initial_gamma(num_exits: int, pairs, init: str = "ds", seed: int = 0) -> np.ndarray:
+def initial_gamma(num_exits: int, pairs: Sequence[tuple[int, int]], init: str = "ds", seed: int = 0) -> np.ndarray:
     """The initial loss weights `[gamma_1..gamma_K, gamma_pairs...]` (float64), before the parametrisation."""
     k = num_exits
     ce = np.ones(k)
@@ -193,12 +201,12 @@ def initial_gamma(num_exits: int, pairs, init: str = "ds", seed: int = 0) -> np.
     return np.concatenate([ce, np.asarray(kd, np.float64).reshape(-1)])
 
 
-def _softplus_inverse(gamma):
+def _softplus_inverse(gamma: np.ndarray) -> np.ndarray:
     gamma = np.maximum(np.asarray(gamma, np.float64), SOFTPLUS_FLOOR)
     return gamma + np.log(-np.expm1(-gamma))  # log(exp(g) - 1), stable for large g
 
 
-def _check_choice(name, value, allowed):
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
     return value
@@ -255,21 +263,21 @@ class HDKD(Method):
 
     def __init__(
         self,
-        teachers="dense",
-        learn_weights=True,
-        init="ds",
-        temperature=3.0,
-        temperature_rule="fixed",
-        alpha=0.5,
-        ema_momentum=0.9,
-        ema_source="meta",
-        meta_interval=1,
-        gamma_parametrization="softplus",
-        gamma_optimizer="adam",
-        gamma_learning_rate=1e-3,
-        init_seed=0,
-        **kwargs,
-    ):
+        teachers: str = "dense",
+        learn_weights: bool = True,
+        init: str = "ds",
+        temperature: float = 3.0,
+        temperature_rule: str = "fixed",
+        alpha: float = 0.5,
+        ema_momentum: float = 0.9,
+        ema_source: str = "meta",
+        meta_interval: int = 1,
+        gamma_parametrization: str = "softplus",
+        gamma_optimizer: str = "adam",
+        gamma_learning_rate: float = 1e-3,
+        init_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.teachers = _check_choice("teachers", teachers, _TEACHERS)
         if not isinstance(learn_weights, bool):
@@ -293,16 +301,16 @@ class HDKD(Method):
         if isinstance(init_seed, bool) or not isinstance(init_seed, (int, np.integer)):
             raise TypeError(f"`init_seed` must be an int; received {init_seed!r}.")
         self.init_seed = int(init_seed)
-        self._main_optimizer_ref = None
+        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     @property
-    def uses_meta_stream(self):
+    def uses_meta_stream(self) -> bool:  # type: ignore[override]  # per instance, not per class
         """Only the variants that learn gamma take held-out batches."""
         return self.learn_weights
 
     # --- setup ---------------------------------------------------------------
 
-    def setup(self, model):
+    def setup(self, model: MultiExitModel) -> None:
         k = model.num_exits
         self.num_exits = k
         self.pairs = kd_pairs(k, self.teachers)
@@ -352,12 +360,12 @@ class HDKD(Method):
         self.balanced_loss_tracker = keras.metrics.Mean(name="balanced_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         if self.learn_weights:
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
 
-    def _main_optimizer(self):
+    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
         return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
 
     # --- the loss --------------------------------------------------------------
@@ -368,19 +376,19 @@ class HDKD(Method):
             f"gamma_kd_{i + 1}_{j + 1}" for i, j in self.pairs
         ]
 
-    def gamma(self):
+    def gamma(self) -> Tensor:
         """The current loss weights `(K + pairs,)`, non-negative (differentiable in `gamma_raw`)."""
         if self.gamma_parametrization == "softplus":
             return ops.softplus(self.gamma_raw)
         return ops.convert_to_tensor(self.gamma_raw)  # kept >= 0 by the projection after each step
 
-    def loss_terms(self, y, logits):
+    def loss_terms(self, y: Tensor, logits: list[Tensor]) -> tuple[Tensor, Tensor]:
         """`(terms, ce)`: per-sample terms `[CE_1..CE_K, KD_pairs]` `(batch, M)` and the CE `(batch, K)`."""
         ce = core.per_exit_cross_entropy(y, logits)
         kd = dense_kd_terms(logits, self.pairs, self.temperatures)
         return ops.concatenate([ce, ops.cast(kd, ce.dtype)], axis=1), ce
 
-    def _coefficients(self, terms, sample_weight, gamma=None):
+    def _coefficients(self, terms: Tensor, sample_weight: Tensor | None, gamma: Tensor | None = None) -> Tensor:
         """`gamma * sw / N` broadcast to the terms' shape: the inner loss is `sum(coefficients * terms)`."""
         gamma = self.gamma() if gamma is None else gamma
         n = ops.cast(ops.shape(terms)[0], terms.dtype)
@@ -391,28 +399,30 @@ class HDKD(Method):
         )
         return ops.cast(gamma, terms.dtype)[None, :] * sw / n
 
-    def per_exit_losses(self, terms, sample_weight=None, gamma=None):
+    def per_exit_losses(
+        self, terms: Tensor, sample_weight: Tensor | None = None, gamma: Tensor | None = None
+    ) -> Tensor:
         """`(K,)`: each exit's weighted CE plus the weighted KD terms it is the student of (sum: the loss)."""
         gamma = ops.stop_gradient(self.gamma()) if gamma is None else gamma
         means = core.sample_weighted_exit_losses(terms, sample_weight) * ops.cast(gamma, terms.dtype)
         return ops.matmul(means[None, :], ops.convert_to_tensor(self._owner, terms.dtype))[0]
 
-    def train_loss(self, y, logits, sample_weight=None):
+    def train_loss(self, y: Tensor, logits: list[Tensor], sample_weight: Tensor | None = None) -> Tensor:
         """The training loss (Eq. 5) at the current gamma, differentiable in the backbone only."""
         terms, _ = self.loss_terms(y, logits)
         return ops.sum(self.per_exit_losses(terms, sample_weight))
 
-    def _ema_value(self, current):
+    def _ema_value(self, current: Tensor) -> Tensor:
         """E used now: the running average, or the current value on the very first update."""
         return ops.where(self.ema_steps > 0, ops.cast(self.ema_ce, current.dtype), ops.stop_gradient(current))
 
-    def _update_ema(self, current):
+    def _update_ema(self, current: Tensor) -> None:
         current = ops.cast(ops.stop_gradient(current), self.ema_ce.dtype)
         m = self.ema_momentum
         self.ema_ce.assign(ops.where(self.ema_steps > 0, m * self.ema_ce + (1.0 - m) * current, current))
         self.ema_steps.assign_add(1)
 
-    def _update_temperatures(self, logits):
+    def _update_temperatures(self, logits: list[Tensor]) -> None:
         if self.temperature_rule != "adaptive" or not self.pairs:
             return
         teachers = sorted({i for i, _ in self.pairs})
@@ -430,13 +440,13 @@ class HDKD(Method):
 
     # --- training --------------------------------------------------------------
 
-    def metric_names(self):
+    def metric_names(self) -> list[str]:
         names = self.term_names() + [f"ema_ce_{k + 1}" for k in range(self.num_exits)]
         if self.temperature_rule == "adaptive":
             names += [f"temperature_{i + 1}" for i in sorted({i for i, _ in self.pairs})]
         return names + (["balanced_loss"] if self.learn_weights else [])
 
-    def step_logs(self, model):
+    def step_logs(self, model: MultiExitModel) -> dict[str, Tensor]:
         logs = model.model_logs()
         gamma = self.gamma()
         for p, name in enumerate(self.term_names()):
@@ -450,7 +460,7 @@ class HDKD(Method):
             logs["balanced_loss"] = self.balanced_loss_tracker.result()
         return logs
 
-    def train_step(self, model, data, meta_batch=None):
+    def train_step(self, model: MultiExitModel, data: Any, meta_batch: Any = None) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         if not self.learn_weights:
@@ -473,7 +483,7 @@ class HDKD(Method):
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
-    def _plain_step(self, model, x, y, sample_weight):
+    def _plain_step(self, model: MultiExitModel, x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -488,24 +498,26 @@ class HDKD(Method):
             self._update_ema(bilevel.global_mean(ops.mean(ce, axis=0)))  # global under tf.distribute
         self._update_temperatures(logits)
 
-    def lookahead(self, model, x_t, y_t, sw_t, x_m, y_m):
+    def lookahead(
+        self, model: MultiExitModel, x_t: Tensor, y_t: Tensor, sw_t: Tensor | None, x_m: Tensor, y_m: Tensor
+    ) -> bilevel.LookAheadResult:
         """The one-step bilevel pass: a `bilevel.LookAheadResult` whose outer gradient is d L_val / d gamma_raw.
 
         `terms` are the per-sample `[CE, KD]` terms at theta (independent of gamma), `aux`
         the CE `(batch, K)`, `outer_aux` `(ce_means_meta, E)`: the meta batch's mean CE per
         exit through theta' and the E the balanced loss divided by.
         """
-        stash = {}
+        stash: dict[str, Tensor] = {}
 
-        def terms_fn(logits, y):
+        def terms_fn(logits: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
             terms, ce = self.loss_terms(y, logits)
             stash["ce"] = ce
             return terms, ce
 
-        def coefficients_fn(terms, aux):
+        def coefficients_fn(terms: Tensor, aux: Tensor) -> Tensor:
             return self._coefficients(terms, sw_t)
 
-        def outer_fn(logits_meta, y_meta):
+        def outer_fn(logits_meta: list[Tensor], y_meta: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             # Under tf.distribute: the global meta batch's means (equal parts), so the balanced
             # loss and the EMA are those of one device. One device: unchanged.
             ce_means = bilevel.global_mean(ops.mean(core.per_exit_cross_entropy(y_meta, logits_meta), axis=0))
@@ -516,12 +528,18 @@ class HDKD(Method):
         la = bilevel.LookAhead(model.backbone, model.optimizer, [self.gamma_raw], terms_fn, coefficients_fn, outer_fn)
         return la.run(x_t, y_t, x_m, y_m)
 
-    def _apply_gamma(self, model, grads, ce_means_meta, result=None):
+    def _apply_gamma(
+        self,
+        model: MultiExitModel,
+        grads: Sequence[Tensor | None],
+        ce_means_meta: Tensor,
+        result: bilevel.LookAheadResult | None = None,
+    ) -> None:
         grad = grads[0]
         grad = ops.zeros_like(self.gamma_raw) if grad is None else ops.cast(grad, self.gamma_raw.dtype)
         model.record_nonfinite(ce_means_meta, phase=1, when=None if result is None else result.inner_finite)
 
-        def step(grad):
+        def step(grad: Tensor) -> None:
             # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
             self.gamma_optimizer.apply(bilevel.global_mean_gradients([grad]), [self.gamma_raw])
             if self.gamma_parametrization == "clip":
@@ -530,7 +548,9 @@ class HDKD(Method):
         # Under loss scaling: no gamma step where the look-ahead overflowed.
         bilevel.unless_overflow(None if result is None else result.finite, step, args=(grad,))
 
-    def _meta_step(self, model, x, y, sample_weight, x_m, y_m):
+    def _meta_step(
+        self, model: MultiExitModel, x: Tensor, y: Tensor, sample_weight: Tensor | None, x_m: Tensor, y_m: Tensor
+    ) -> None:
         result = self.lookahead(model, x, y, sample_weight, x_m, y_m)
         ce = result.aux
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)  # a bad training loss before the meta loss
@@ -565,7 +585,7 @@ class HDKD(Method):
             out[i, j] = gamma[self.num_exits + p]
         return out
 
-    def summary(self, splits=None) -> dict:
+    def summary(self, splits: DatasetSplits | None = None) -> dict:
         """What `hdkd.json` holds: the options that shape the loss, the final gamma, E, T and the meta source."""
         gamma = [float(v) for v in np.asarray(ops.convert_to_numpy(self.gamma()), np.float64)]
         k = self.num_exits
@@ -584,7 +604,7 @@ class HDKD(Method):
             "gamma_steps": int(self.gamma_optimizer.iterations.numpy()) if self.learn_weights else 0,
         }
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, workdir: Path) -> None:
         """`hdkd.json` (final weights, E, T, which split fed the meta batches) and `hdkd_gamma.png`."""
         from keras_ee.atomic import atomic_path, atomic_write_text
 
@@ -593,7 +613,7 @@ class HDKD(Method):
             with atomic_path(workdir / HEATMAP) as tmp:
                 kd_heatmap(self.kd_matrix(), tmp, title=f"{getattr(self, 'method_name', 'hdkd')}: KD weights")
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             teachers=self.teachers,
@@ -613,10 +633,8 @@ class HDKD(Method):
         return config
 
 
-def kd_heatmap(matrix, path, title=None):
+def kd_heatmap(matrix: np.ndarray, path: StrPath, title: str | None = None) -> Path:
     """A heat map of KD weights: rows the teacher exit i, columns the student exit j (blank: no pair)."""
-    from pathlib import Path
-
     from keras_ee.plots import _pyplot
 
     plt = _pyplot()
@@ -657,7 +675,9 @@ def kd_heatmap(matrix, path, title=None):
 class NaiveDKD(HDKD):
     """HDKD's dense KD with every weight fixed at 1 (`teachers="dense"`, `learn_weights=False`, `init="uniform"`)."""
 
-    def __init__(self, teachers="dense", learn_weights=False, init="uniform", **kwargs):
+    def __init__(
+        self, teachers: str = "dense", learn_weights: bool = False, init: str = "uniform", **kwargs: Any
+    ) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
@@ -675,7 +695,9 @@ class DBT(HDKD):
     DBT's own adaptive temperature: `temperature_rule="adaptive" temperature=1`.
     """
 
-    def __init__(self, teachers="last", learn_weights=False, init="uniform", **kwargs):
+    def __init__(
+        self, teachers: str = "last", learn_weights: bool = False, init: str = "uniform", **kwargs: Any
+    ) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, init=init, **kwargs)
 
 
@@ -689,7 +711,7 @@ class DBT(HDKD):
 class HMSDNet(HDKD):
     """Learned CE weights only (`teachers="none"`, `learn_weights=True`)."""
 
-    def __init__(self, teachers="none", learn_weights=True, **kwargs):
+    def __init__(self, teachers: str = "none", learn_weights: bool = True, **kwargs: Any) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, **kwargs)
 
 
@@ -703,5 +725,5 @@ class HMSDNet(HDKD):
 class HDBT(HDKD):
     """Learned weights, the last exit teaches (`teachers="last"`, `learn_weights=True`)."""
 
-    def __init__(self, teachers="last", learn_weights=True, **kwargs):
+    def __init__(self, teachers: str = "last", learn_weights: bool = True, **kwargs: Any) -> None:
         super().__init__(teachers=teachers, learn_weights=learn_weights, **kwargs)

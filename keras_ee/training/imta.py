@@ -26,15 +26,21 @@ and 4.12 M parameters instead of 137.28 M and 3.97 M.
 """
 
 import typing
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import Tensor
 from keras_ee.training import core
 from keras_ee.training.methods import Method, Phase
 from keras_ee.training.registry import SearchRange, register_method
+
+if TYPE_CHECKING:
+    from keras_ee.models import ExitStructure
+    from keras_ee.training.model import MultiExitModel
 
 _KL_REDUCTIONS = ("batchmean", "mean")
 _FROZEN_BN = ("inference", "batch")
@@ -55,21 +61,28 @@ class CollaborationGate(keras.layers.Layer):
         **kwargs: standard layer arguments.
     """
 
-    def __init__(self, open=False, **kwargs):
+    def __init__(self, open: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.open = bool(open)
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         return inputs if self.open else ops.zeros_like(inputs)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "open": self.open}
 
 
-def distillation_terms(ce, logits, teacher_logits, temperature, weight, reduction="batchmean"):
+def distillation_terms(
+    ce: Tensor,
+    logits: list[Tensor],
+    teacher_logits: Tensor,
+    temperature: float,
+    weight: float,
+    reduction: str = "batchmean",
+) -> Tensor:
     """One-for-all distillation per sample: `(1 - g) CE_i + g T^2 KL_i` for i < K, `CE_K`.
 
     `KL_i = sum_c p_t(c) log(p_t(c) / p_i(c))` with `p = softmax(logits / T)` and the
@@ -164,20 +177,20 @@ class IMTA(Method):
 
     def __init__(
         self,
-        gradient_equilibrium=True,
-        inline_collaboration=True,
-        distillation=True,
-        temperature=3.0,
-        distill_weight=0.9,
-        kl_reduction="batchmean",
-        detach_transfer=True,
-        frozen_batchnorm="inference",
-        nesterov=True,
+        gradient_equilibrium: bool = True,
+        inline_collaboration: bool = True,
+        distillation: bool = True,
+        temperature: float = 3.0,
+        distill_weight: float = 0.9,
+        kl_reduction: str = "batchmean",
+        detach_transfer: bool = True,
+        frozen_batchnorm: str = "inference",
+        nesterov: bool = True,
         phase2_epochs: int | None = None,
-        phase2_init="phase1",
+        phase2_init: str = "phase1",
         transfer_widths: list | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         for name, value in (
             ("gradient_equilibrium", gradient_equilibrium),
@@ -188,13 +201,13 @@ class IMTA(Method):
         ):
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"`{name}` must be True or False; received {value!r}.")
-        for name, value, allowed in (
+        for name, choice, allowed in (
             ("kl_reduction", kl_reduction, _KL_REDUCTIONS),
             ("frozen_batchnorm", frozen_batchnorm, _FROZEN_BN),
             ("phase2_init", phase2_init, _PHASE2_INITS),
         ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
+            if choice not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}; received {choice!r}.")
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
@@ -236,12 +249,12 @@ class IMTA(Method):
         self.transfer_widths = transfer_widths
 
     @property
-    def has_phase2(self):
+    def has_phase2(self) -> bool:
         return self.inline_collaboration or self.distillation
 
     # --- the model ---------------------------------------------------------------
 
-    def transform_backbone(self, backbone):
+    def transform_backbone(self, backbone: keras.Model) -> keras.Model:
         """The backbone with ISC transfer paths (closed until phase II) before every exit k > 1."""
         from keras_ee import models
         from keras_ee.models import heads
@@ -288,7 +301,7 @@ class IMTA(Method):
             new.set_weights([np.concatenate([kernel, np.zeros((width, c), kernel.dtype)]), bias])
         return keras.Model(backbone.inputs, outputs, name=backbone.name)
 
-    def setup(self, model):
+    def setup(self, model: "MultiExitModel") -> None:
         super().setup(model)
         structure = _structure(model.backbone)
         self.num_exits = structure.num_exits
@@ -305,7 +318,7 @@ class IMTA(Method):
         self.enter_phase(model, self.current_phase, fresh=False)
         self.built = True
 
-    def phases(self, epochs):
+    def phases(self, epochs: int) -> list[Phase]:
         opts = {"nesterov": self.nesterov}
         first = Phase("phase_1", int(epochs), opts)
         if not self.has_phase2:
@@ -313,7 +326,7 @@ class IMTA(Method):
         second = self.phase2_epochs if self.phase2_epochs is not None else max(1, int(round(0.6 * epochs)))
         return [first, Phase("phase_2", int(second), opts)]
 
-    def enter_phase(self, model, index, fresh=True):
+    def enter_phase(self, model: "MultiExitModel", index: int, fresh: bool = True) -> None:
         if index not in range(len(self.phases(1))):
             raise ValueError(
                 f"IMTA with these options has {len(self.phases(1))} phase(s); received phase index {index}."
@@ -349,7 +362,7 @@ class IMTA(Method):
             self._start_phase2(model, structure)
         self.current_phase = index
 
-    def _set_trainable(self, layer, layer_trainable, weights_trainable):
+    def _set_trainable(self, layer: keras.layers.Layer, layer_trainable: bool, weights_trainable: bool) -> None:
         # Keras 3: `layer.trainable` sets its variables' own flags, and a layer's
         # trainable variables are those whose flag is set; BatchNorm runs in training
         # mode only in a trainable layer. So "frozen, batch statistics" is a trainable
@@ -358,13 +371,13 @@ class IMTA(Method):
         for v in layer.weights:
             v.trainable = weights_trainable and id(v) not in self._statistics
 
-    def _phase2_layer_names(self, k_total):
+    def _phase2_layer_names(self, k_total: int) -> set[str]:
         names = {f"exit_{k}" for k in range(1, k_total + 1)}
         if self.inline_collaboration:
             names |= {f"exit_{k}_{part}" for k in range(2, k_total + 1) for part in _COLLAB}
         return names
 
-    def _start_phase2(self, model, structure):
+    def _start_phase2(self, model: "MultiExitModel", structure: "ExitStructure") -> None:
         """Snapshot the phase-I last exit as the teacher; re-initialise the heads if asked."""
         last = model.backbone.get_layer(f"exit_{structure.num_exits}")
         if self.distillation:
@@ -380,22 +393,24 @@ class IMTA(Method):
 
     # --- losses and steps -------------------------------------------------------
 
-    def teacher_logits(self, features):
+    def teacher_logits(self, features: Tensor) -> Tensor:
         """The frozen phase-I last exit on its pooled feature (detached)."""
         kernel = ops.cast(self.teacher_kernel, features.dtype)
         return ops.stop_gradient(ops.matmul(features, kernel) + ops.cast(self.teacher_bias, features.dtype))
 
-    def exit_terms(self, ce, logits, teacher):
+    def exit_terms(self, ce: Tensor, logits: list[Tensor], teacher: Tensor | None) -> Tensor:
         """Per-sample, per-exit training terms `(batch, K)` of phase II (OFA, or CE without it)."""
         if not self.distillation:
             return ce
         return distillation_terms(ce, logits, teacher, self.temperature, self.distill_weight, self.kl_reduction)
 
-    def compute_loss(self, model, y, logits, ce, sample_weight=None):
+    def compute_loss(
+        self, model: "MultiExitModel", y: Tensor, logits: list[Tensor], ce: Tensor, sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         per_exit = core.sample_weighted_exit_losses(ce, sample_weight)
         return ops.sum(per_exit), per_exit
 
-    def train_step(self, model, data):
+    def train_step(self, model: "MultiExitModel", data: Any) -> dict[str, Tensor]:
         if self.current_phase == 0:
             return super().train_step(model, data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -416,7 +431,7 @@ class IMTA(Method):
 
     # --- saving -----------------------------------------------------------------
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             gradient_equilibrium=self.gradient_equilibrium,
@@ -436,7 +451,7 @@ class IMTA(Method):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> "IMTA":
         config = dict(config)
         phase = int(config.pop("current_phase", 0))
         method = cls(**config)
@@ -444,7 +459,7 @@ class IMTA(Method):
         return method
 
 
-def _structure(backbone):
+def _structure(backbone: keras.Model) -> "ExitStructure":
     from keras_ee import models
 
     try:

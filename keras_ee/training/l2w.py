@@ -43,12 +43,16 @@ Design notes (why it is built this way):
 
 import typing
 import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import StrPath, Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.allocation import (
     allocate_by_confidence,
@@ -57,6 +61,10 @@ from keras_ee.training.allocation import (
 )
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange, register_method
+
+if TYPE_CHECKING:
+    from keras_ee.data import DatasetSplits
+    from keras_ee.training.model import MultiExitModel
 
 _INPUTS = ("loss", "confidence", "both")
 _CONSTRAINTS = ("col", "row", "mat")
@@ -83,7 +91,7 @@ class WeightPredictionNetwork(bilevel.MLP):
     >>> u = wpn(per_exit_losses)    # (batch, 5) in (-1, 1)
     """
 
-    def __init__(self, num_exits, input_dim, depth=1, width=500, **kwargs):
+    def __init__(self, num_exits: int, input_dim: int, depth: int = 1, width: int = 500, **kwargs: Any) -> None:
         if isinstance(num_exits, bool) or not isinstance(num_exits, int):
             raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
         if num_exits < 1:
@@ -99,7 +107,7 @@ class WeightPredictionNetwork(bilevel.MLP):
         )
         self.num_exits = num_exits
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         for key in ("output_dim", "activation", "output_activation"):
             config.pop(key)
@@ -107,7 +115,7 @@ class WeightPredictionNetwork(bilevel.MLP):
         return config
 
 
-def zero_sum_weights(u, delta, constraint="col"):
+def zero_sum_weights(u: Tensor, delta: float, constraint: str = "col") -> Tensor:
     """`w = 1 + delta * (u - mean)` with the zero-sum constraint.
 
     Args:
@@ -189,20 +197,20 @@ class L2W(Method):
 
     def __init__(
         self,
-        q=0.75,
-        delta=0.8,
-        wpn_depth=1,
-        wpn_width=500,
-        wpn_input="loss",
-        constraint="col",
-        meta_interval=1,
-        wpn_learning_rate=1e-4,
-        wpn_weight_decay=1e-4,
-        meta_objective="allocated",
-        weighting="wpn",
-        wpn_weights_path=None,
-        **kwargs,
-    ):
+        q: float = 0.75,
+        delta: float = 0.8,
+        wpn_depth: int = 1,
+        wpn_width: int = 500,
+        wpn_input: str = "loss",
+        constraint: str = "col",
+        meta_interval: int = 1,
+        wpn_learning_rate: float = 1e-4,
+        wpn_weight_decay: float = 1e-4,
+        meta_objective: str = "allocated",
+        weighting: str = "wpn",
+        wpn_weights_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         bilevel.check_number("q", q, low=0.0, low_open=True)
         bilevel.check_number("delta", delta, low=0.0, high=1.0, low_open=True)
@@ -239,20 +247,20 @@ class L2W(Method):
         self.wpn_weights_path = wpn_weights_path
         # A weak reference: the optimizer belongs to the model (and is saved
         # there), not to the method.
-        self._main_optimizer_ref = None
+        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     # --- setup ---------------------------------------------------------------
 
     @property
-    def meta_learns(self):
+    def meta_learns(self) -> bool:
         """Whether the WPN is trained (the meta step runs)."""
         return self.weighting == "wpn"
 
     @property
-    def uses_wpn(self):
+    def uses_wpn(self) -> bool:
         return self.weighting in ("wpn", "frozen")
 
-    def setup(self, model):
+    def setup(self, model: "MultiExitModel") -> None:
         k = model.num_exits
         if k < 2 and self.meta_objective == "allocated":
             # One exit: the allocation is trivial; allowed, nothing to check.
@@ -306,17 +314,17 @@ class L2W(Method):
             self.wpn_optimizer.build(self.wpn.weights)
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         if self.meta_learns:
             core.check_lookahead_support(optimizer)
         self._main_optimizer_ref = weakref.ref(optimizer)
 
-    def _main_optimizer(self):
+    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
         return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
 
     # --- weights -------------------------------------------------------------
 
-    def wpn_features(self, ce, confidence):
+    def wpn_features(self, ce: Tensor, confidence: Tensor) -> Tensor:
         """WPN input from detached losses and/or confidences."""
         ce = ops.stop_gradient(ce)
         confidence = ops.stop_gradient(ops.cast(confidence, ce.dtype))
@@ -326,7 +334,7 @@ class L2W(Method):
             return confidence
         return ops.concatenate([ce, confidence], axis=1)
 
-    def sample_weights(self, ce, confidence, training_selection=None):
+    def sample_weights(self, ce: Tensor, confidence: Tensor, training_selection: Any = None) -> Tensor:
         """Per-sample, per-exit weights `(batch, K)` of the current method.
 
         Differentiable w.r.t. the WPN for `weighting="wpn"`.
@@ -350,7 +358,7 @@ class L2W(Method):
         scale = ops.cast(n, dtype) / ops.maximum(counts, 1.0)
         return mask * scale
 
-    def meta_loss(self, ce_meta, confidence_meta):
+    def meta_loss(self, ce_meta: Tensor, confidence_meta: Tensor) -> tuple[Tensor, Tensor]:
         """Meta objective and its per-exit terms on the meta batch."""
         if self.meta_objective == "vanilla":
             per_exit = ops.mean(ce_meta, axis=0)
@@ -370,13 +378,13 @@ class L2W(Method):
 
     # --- training ------------------------------------------------------------
 
-    def metric_names(self):
+    def metric_names(self) -> list[str]:
         return self.weight_stats.names()
 
-    def step_logs(self, model):
+    def step_logs(self, model: "MultiExitModel") -> dict[str, Tensor]:
         return {**model.model_logs(), **self.weight_stats.logs()}
 
-    def train_step(self, model, data):
+    def train_step(self, model: "MultiExitModel", data: Any) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
             raise ValueError(
@@ -388,7 +396,7 @@ class L2W(Method):
         self.batch_counter.assign_add(1)
         return self.step_logs(model)
 
-    def _half_step(self, model, x_t, y_t, x_m, y_m):
+    def _half_step(self, model: "MultiExitModel", x_t: Tensor, y_t: Tensor, x_m: Tensor, y_m: Tensor) -> None:
         if not self.meta_learns:
             self._plain_step(model, x_t, y_t)
             return
@@ -400,12 +408,23 @@ class L2W(Method):
             args=(x_t, y_t, x_m, y_m),
         )
 
-    def _apply_real(self, model, grads, per_exit, loss, y, logits, ce, w, finite=None):
+    def _apply_real(
+        self,
+        model: "MultiExitModel",
+        grads: list[Tensor],
+        per_exit: Tensor,
+        loss: Tensor,
+        y: Tensor,
+        logits: list[Tensor],
+        ce: Tensor,
+        w: Tensor,
+        finite: Tensor | None = None,
+    ) -> None:
         model.apply_step(grads, per_exit, finite=finite)
         model.update_step_metrics(loss, y, logits, ce)
         self.weight_stats.update(w)
 
-    def loss_terms(self, model, x):
+    def loss_terms(self, model: "MultiExitModel", x: Tensor) -> Callable[[Tensor, list[Tensor]], Tensor] | None:
         """`fn(ce, logits) -> (batch, K)` terms that the sample weights multiply, for batch `x`.
 
         Default: the cross-entropies themselves. A method built on L2W can weight other
@@ -414,7 +433,7 @@ class L2W(Method):
         """
         return None
 
-    def _plain_step(self, model, x, y):
+    def _plain_step(self, model: "MultiExitModel", x: Tensor, y: Tensor) -> None:
         variables = model.trainable_variables
         terms_of = self.loss_terms(model, x)
         with tf.GradientTape() as tape:
@@ -429,7 +448,9 @@ class L2W(Method):
         grads = tape.gradient(scaled, variables)
         self._apply_real(model, grads, per_exit, loss, y, logits, ce, w)
 
-    def meta_gradients(self, model, x_t, y_t, x_m, y_m):
+    def meta_gradients(
+        self, model: "MultiExitModel", x_t: Tensor, y_t: Tensor, x_m: Tensor, y_m: Tensor
+    ) -> tuple[list[Tensor], bilevel.LookAheadResult]:
         """Meta-gradient of the WPN (steps 2-3 of Algorithm 1).
 
         Pseudo-updates the backbone on the training half `(x_t, y_t)` with
@@ -447,16 +468,16 @@ class L2W(Method):
         """
         terms_of = self.loss_terms(model, x_t)
 
-        def terms_fn(logits, y):
+        def terms_fn(logits: list[Tensor], y: Tensor) -> tuple[Tensor, tuple[Tensor, list[Tensor]]]:
             ce = core.per_exit_cross_entropy(y, logits)
             return (ce if terms_of is None else terms_of(ce, logits)), (ce, logits)
 
-        def coefficients_fn(terms, aux):
+        def coefficients_fn(terms: Tensor, aux: tuple[Tensor, list[Tensor]]) -> Tensor:
             ce, logits = aux
             w = self.sample_weights(ce, core.exit_confidence(logits))
             return w / ops.cast(ops.shape(ce)[0], w.dtype)
 
-        def outer_fn(logits_meta, y_meta):
+        def outer_fn(logits_meta: list[Tensor], y_meta: Tensor) -> tuple[Tensor, Tensor]:
             ce_m = core.per_exit_cross_entropy(y_meta, logits_meta)
             return self.meta_loss(ce_m, core.exit_confidence(logits_meta))  # (loss, per-exit terms)
 
@@ -466,7 +487,7 @@ class L2W(Method):
         result = lookahead.run(x_t, y_t, x_m, y_m)
         return result.outer_gradients, result
 
-    def _meta_step(self, model, x_t, y_t, x_m, y_m):
+    def _meta_step(self, model: "MultiExitModel", x_t: Tensor, y_t: Tensor, x_m: Tensor, y_m: Tensor) -> None:
         wpn_vars = self.wpn.weights
         wpn_grads, result = self.meta_gradients(model, x_t, y_t, x_m, y_m)
         ce, _ = result.aux
@@ -496,29 +517,29 @@ class L2W(Method):
 
     # --- WPN files and statistics ---------------------------------------------
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", workdir: Path) -> None:
         """`wpn.npz` (for the frozen-WPN ablation) and `l2w_samples.npz` (Figure 8)."""
         from keras_ee.atomic import atomic_path
 
         if self.uses_wpn:
             with atomic_path(workdir / "wpn.npz") as tmp:
                 self.save_wpn(tmp)
-        stats = self.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
+        stats: dict[str, Any] = self.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
         with atomic_path(workdir / "l2w_samples.npz") as tmp:
             np.savez_compressed(tmp, **stats)
 
-    def save_wpn(self, path):
+    def save_wpn(self, path: StrPath) -> None:
         """Save the WPN's weights and shape to an `.npz` file."""
         if not self.uses_wpn:
             raise ValueError(f"weighting={self.weighting!r} has no WPN to save.")
-        arrays = {f"w{i}": np.asarray(v.numpy()) for i, v in enumerate(self.wpn.weights)}
+        arrays: dict[str, Any] = {f"w{i}": np.asarray(v.numpy()) for i, v in enumerate(self.wpn.weights)}
         np.savez(
             path,
             config=np.array([self.wpn.num_exits, self.wpn.input_dim, self.wpn.depth, self.wpn.width]),
             **arrays,
         )
 
-    def load_wpn(self, path):
+    def load_wpn(self, path: StrPath) -> None:
         """Load WPN weights written by `save_wpn` (checks the shapes)."""
         with np.load(path) as data:
             config = data["config"].tolist()
@@ -532,7 +553,7 @@ class L2W(Method):
             for i, v in enumerate(self.wpn.weights):
                 v.assign(data[f"w{i}"])
 
-    def sample_statistics(self, model, dataset):
+    def sample_statistics(self, model: "MultiExitModel", dataset: Iterable[Any]) -> dict[str, np.ndarray]:
         """Per-sample loss, confidence, weight and allocation (Fig. 8).
 
         Runs the backbone in inference mode on every batch of `dataset`
@@ -550,7 +571,7 @@ class L2W(Method):
             `weight` `(N, K)`, `exit` `(N,)` (0-based allocated exit),
             `selected_by_exit_1` `(N,)` bool, `correct` `(N, K)` bool.
         """
-        out = {k: [] for k in ("loss", "confidence", "weight", "exit", "correct")}
+        out: dict[str, list[np.ndarray]] = {k: [] for k in ("loss", "confidence", "weight", "exit", "correct")}
         for batch in dataset:
             x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
             logits = model(x, training=False)
@@ -574,7 +595,7 @@ class L2W(Method):
         result["selected_by_exit_1"] = result["exit"] == 0
         return result
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             q=self.q,

@@ -17,12 +17,19 @@ paper says only that "the meta-learning procedure runs in both phases". Our read
   as the main optimizer does.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import keras
 
+from keras_ee._typing import Tensor
 from keras_ee.training import core
 from keras_ee.training.imta import IMTA
 from keras_ee.training.l2w import L2W
 from keras_ee.training.registry import SearchRange, register_method
+
+if TYPE_CHECKING:
+    from keras_ee.training.model import MultiExitModel
 
 
 @register_method(
@@ -45,13 +52,13 @@ class L2WIMTA(IMTA, L2W):
     # L2W's step (two real optimizer steps per loaded batch), IMTA's network and phases.
     train_step = L2W.train_step
 
-    def loss_terms(self, model, x):
+    def loss_terms(self, model: "MultiExitModel", x: Tensor) -> Callable[[Tensor, list[Tensor]], Tensor] | None:
         if self.current_phase == 0 or not self.distillation:
             return None
         teacher = self._teacher_for(model, x)
         return lambda ce, logits: self.exit_terms(ce, logits, teacher)
 
-    def _teacher_for(self, model, x):
+    def _teacher_for(self, model: "MultiExitModel", x: Tensor) -> Tensor:
         # The frozen network's last pooled feature for `x`: a forward whose BatchNorm
         # statistics updates are discarded (the step's own forward makes them).
         k = model.num_exits

@@ -56,15 +56,22 @@ A method file registers its class with `keras_ee.training.register_method`
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee._typing import Tensor
 from keras_ee.training import core
 from keras_ee.training.registry import register_method
+
+if TYPE_CHECKING:
+    from keras_ee.data import DatasetSplits
+    from keras_ee.training.model import MultiExitModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +94,7 @@ class Phase:
     optimizer_options: dict = dataclasses.field(default_factory=dict)
     make_optimizer: Callable | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"phase {self.name!r}: `epochs` must be an int >= 1; received {self.epochs!r}.")
         unknown = sorted(set(self.optimizer_options) - {"momentum", "nesterov", "weight_decay", "learning_rate"})
@@ -98,7 +105,7 @@ class Phase:
             )
 
 
-def phase_of_epoch(phases, epoch):
+def phase_of_epoch(phases: Sequence[Phase], epoch: int) -> int:
     """Index of the phase that epoch `epoch` (0-based, counted over all phases) belongs to."""
     end = 0
     for i, phase in enumerate(phases):
@@ -108,9 +115,10 @@ def phase_of_epoch(phases, epoch):
     return len(phases) - 1
 
 
-def phase_starts(phases):
+def phase_starts(phases: Sequence[Phase]) -> tuple[list[int], int]:
     """First epoch (0-based, over all phases) of every phase, and the total epoch count."""
-    starts, total = [], 0
+    starts: list[int] = []
+    total = 0
     for phase in phases:
         starts.append(total)
         total += phase.epochs
@@ -136,13 +144,15 @@ class Method(keras.layers.Layer):
     # as `train_step(model, data, meta_batch=(x_meta, y_meta))` and the data fed to
     # `fit` is `((x, y), (x_meta, y_meta))` (`keras_ee.experiment.training_data`).
     uses_meta_stream = False
+    # The registered name, set by `register_method`.
+    method_name: ClassVar[str]
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_exits = None
+        self.num_exits: int = None  # type: ignore[assignment]  # K, set by `setup` (None before)
         self.current_phase = 0
 
-    def phases(self, epochs):
+    def phases(self, epochs: int) -> list[Phase]:
         """The method's training phases for a run of `epochs` (default: one phase).
 
         Args:
@@ -154,7 +164,7 @@ class Method(keras.layers.Layer):
         """
         return [Phase("train", int(epochs))]
 
-    def enter_phase(self, model, index, fresh=True):
+    def enter_phase(self, model: "MultiExitModel", index: int, fresh: bool = True) -> None:
         """Configure `model` for phase `index` (trainable layers, BatchNorm mode, loss).
 
         Must work from any current phase (a resumed run may go back to an earlier
@@ -167,7 +177,7 @@ class Method(keras.layers.Layer):
             raise ValueError(f"{type(self).__name__} has one training phase; received phase index {index}.")
         self.current_phase = 0
 
-    def transform_backbone(self, backbone):
+    def transform_backbone(self, backbone: keras.Model) -> keras.Model:
         """The backbone this method trains, built from `backbone` (default: itself).
 
         Called by `MultiExitModel` before wrapping; must return a built
@@ -176,7 +186,7 @@ class Method(keras.layers.Layer):
         """
         return backbone
 
-    def setup(self, model):
+    def setup(self, model: "MultiExitModel") -> None:
         """Create the method's state; called once by `MultiExitModel`.
 
         Args:
@@ -186,14 +196,16 @@ class Method(keras.layers.Layer):
         self.num_exits = model.num_exits
         self.built = True
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Raise if `optimizer` cannot be used by this method."""
 
-    def metric_names(self):
+    def metric_names(self) -> list[str]:
         """Names of the method's own per-step logs (besides the model's)."""
         return []
 
-    def compute_loss(self, model, y, logits, ce, sample_weight=None):
+    def compute_loss(
+        self, model: "MultiExitModel", y: Tensor, logits: list[Tensor], ce: Tensor, sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Training loss of one forward pass.
 
         Args:
@@ -209,11 +221,11 @@ class Method(keras.layers.Layer):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement `compute_loss` or override `train_step`.")
 
-    def test_loss(self, model, y, logits, ce):
+    def test_loss(self, model: "MultiExitModel", y: Tensor, logits: list[Tensor], ce: Tensor) -> Tensor:
         """Loss reported by `evaluate`: sum of the exits' mean CE."""
         return ops.sum(ops.mean(ce, axis=0))
 
-    def train_step(self, model, data):
+    def train_step(self, model: "MultiExitModel", data: Any) -> dict[str, Tensor]:
         """One forward, one backward, one optimizer step on the batch."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = model.trainable_variables
@@ -227,14 +239,14 @@ class Method(keras.layers.Layer):
         model.update_step_metrics(loss, y, logits, ce)
         return self.step_logs(model)
 
-    def step_logs(self, model):
+    def step_logs(self, model: "MultiExitModel") -> dict[str, Tensor]:
         return model.model_logs()
 
-    def callbacks(self):
+    def callbacks(self) -> list[keras.callbacks.Callback]:
         """Keras callbacks this method needs during `fit` (default none)."""
         return []
 
-    def save_artifacts(self, model, splits, workdir):
+    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", workdir: Path) -> None:
         """Write the method's own files into the run folder `workdir` after training.
 
         Args:
@@ -243,7 +255,7 @@ class Method(keras.layers.Layer):
             workdir: the run folder (`pathlib.Path`); write with `keras_ee.atomic`.
         """
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         # `trainable` and `dtype` are managed by the model, not the user.
         config.pop("trainable", None)
@@ -256,6 +268,7 @@ class Method(keras.layers.Layer):
     summary="sum of the exits' cross-entropies, optionally with fixed per-exit weights",
     paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (Huang et al., ICLR 2018, "
     "arXiv:1703.09844)",
+    option_types={"exit_weights": None},  # any JSON value (a list of K weights), as its default None says
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class Baseline(Method):
@@ -274,7 +287,7 @@ class Baseline(Method):
     >>> model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     """
 
-    def __init__(self, exit_weights=None, **kwargs):
+    def __init__(self, exit_weights: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if exit_weights is not None:
             if isinstance(exit_weights, (str, bytes)) or not hasattr(exit_weights, "__len__"):
@@ -287,26 +300,28 @@ class Baseline(Method):
             exit_weights = [float(v) for v in arr]
         self.exit_weights = exit_weights
 
-    def setup(self, model):
+    def setup(self, model: "MultiExitModel") -> None:
         if self.exit_weights is not None and len(self.exit_weights) != model.num_exits:
             raise ValueError(
                 f"`exit_weights` has {len(self.exit_weights)} entries but the backbone has {model.num_exits} exits."
             )
         super().setup(model)
 
-    def _coefficients(self, dtype):
+    def _coefficients(self, dtype: Any) -> Tensor:
         if self.exit_weights is None:
             return ops.ones((self.num_exits,), dtype=dtype)
         return ops.convert_to_tensor(self.exit_weights, dtype=dtype)
 
-    def compute_loss(self, model, y, logits, ce, sample_weight=None):
+    def compute_loss(
+        self, model: "MultiExitModel", y: Tensor, logits: list[Tensor], ce: Tensor, sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         per_exit = core.sample_weighted_exit_losses(ce, sample_weight) * self._coefficients(ce.dtype)
         return ops.sum(per_exit), per_exit
 
-    def test_loss(self, model, y, logits, ce):
+    def test_loss(self, model: "MultiExitModel", y: Tensor, logits: list[Tensor], ce: Tensor) -> Tensor:
         return ops.sum(ops.mean(ce, axis=0) * self._coefficients(ce.dtype))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["exit_weights"] = self.exit_weights
         return config

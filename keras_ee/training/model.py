@@ -1,10 +1,14 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import keras
 from keras import ops
 
+from keras_ee._typing import Tensor
 from keras_ee.training import bilevel, core
-from keras_ee.training.methods import Baseline, Method
+from keras_ee.training.methods import Baseline, Method, Phase
 
 # What a training step found wrong: the `kind` field of `StepFaults`.
 _LOSS, _META, _BATCH, _GRADIENT, _WEIGHTS, _LABELS = range(6)
@@ -40,20 +44,20 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
     `NonFiniteLossError` (non-finite values) or `ValueError` (bad input).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._epoch = 0
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch = epoch
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._check(f"epoch {self._epoch + 1}, batch {batch + 1}")
 
-    def on_test_batch_end(self, batch, logs=None):
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._check(f"evaluation batch {batch + 1}")
 
-    def _check(self, where):
+    def _check(self, where: str) -> None:
         model = self.model
         fault = model.faults.take()
         if fault is None:
@@ -101,12 +105,16 @@ class StepFaults:
     """
 
     FIELDS = ("flag", "step", "value", "kind")
+    flag: keras.Variable
+    step: keras.Variable
+    value: keras.Variable
+    kind: keras.Variable
 
-    def __init__(self):
+    def __init__(self) -> None:
         for field in self.FIELDS:
             setattr(self, field, keras.Variable(0, dtype="int64", trainable=False, name=f"fault_{field}"))
 
-    def record(self, bad, step, value, kind):
+    def record(self, bad: Tensor, step: Tensor, value: Tensor, kind: int) -> None:
         """Keep (step, value, kind) if `bad` and nothing was recorded before."""
         take = ops.logical_and(bad, self.flag == 0)
         new = {"flag": 1, "step": step, "value": value, "kind": kind}
@@ -114,11 +122,11 @@ class StepFaults:
             var = getattr(self, field)
             var.assign(ops.where(take, ops.cast(new[field], "int64"), var))
 
-    def take(self):
+    def take(self) -> dict[str, Any] | None:
         """The recorded fault as a dict (and clear it), or None."""
         if not int(self.flag.numpy()):
             return None
-        fault = {field: int(getattr(self, field).numpy()) for field in self.FIELDS}
+        fault: dict[str, Any] = {field: int(getattr(self, field).numpy()) for field in self.FIELDS}
         fault["kind_name"] = _KIND_NAMES.get(fault["kind"], "loss")
         for field in self.FIELDS:
             getattr(self, field).assign(0)
@@ -159,7 +167,9 @@ class MultiExitModel(keras.Model):
     >>> exit_logits = model.predict(test_x)   # list of K arrays
     """
 
-    def __init__(self, backbone, method=None, transform_backbone=True, **kwargs):
+    def __init__(
+        self, backbone: keras.Model, method: Method | None = None, transform_backbone: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         method = Baseline() if method is None else method
         if not isinstance(method, Method):
@@ -197,7 +207,7 @@ class MultiExitModel(keras.Model):
         method.setup(self)
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Tensor, training: bool | None = None) -> list[Tensor]:
         outputs = self.backbone(inputs, training=training)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
@@ -206,7 +216,7 @@ class MultiExitModel(keras.Model):
 
     # --- compile / fit -------------------------------------------------------
 
-    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+    def compile(self, optimizer: Any = "sgd", loss: Any = None, metrics: Any = None, **kwargs: Any) -> None:
         """Configures training; the loss and metrics are the method's.
 
         Args:
@@ -233,13 +243,13 @@ class MultiExitModel(keras.Model):
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: dict[str, Any]) -> None:
         config = keras.saving.deserialize_keras_object(config)
         for key in ("loss", "metrics", "weighted_metrics", "loss_weights"):
             config.pop(key, None)
         self.compile(**config)
 
-    def enter_phase(self, index, fresh=True):
+    def enter_phase(self, index: int, fresh: bool = True) -> None:
         """Configure the model for phase `index` of its method (`method.phases`).
 
         Compile afterwards with a new optimizer (the trainable variables may have
@@ -250,7 +260,7 @@ class MultiExitModel(keras.Model):
         self.train_function = self.test_function = self.predict_function = None
         self._phase_compiled = False
 
-    def fit(self, *args, callbacks=None, **kwargs):
+    def fit(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> keras.callbacks.History:
         """`keras.Model.fit`, with a guard against non-finite values and bad labels."""
         if not getattr(self, "_phase_compiled", True):
             raise ValueError(
@@ -260,13 +270,13 @@ class MultiExitModel(keras.Model):
             )
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
 
-    def evaluate(self, *args, callbacks=None, **kwargs):
+    def evaluate(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
         """`keras.Model.evaluate`, with a guard against bad labels."""
         return super().evaluate(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     # --- steps ---------------------------------------------------------------
 
-    def train_step(self, data):
+    def train_step(self, data: Any) -> dict[str, Tensor]:
         if not self.method.uses_meta_stream:
             return self.method.train_step(self, self.checked_labels(data))
         if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list))):
@@ -275,11 +285,12 @@ class MultiExitModel(keras.Model):
                 "((x, y), (x_meta, y_meta)), e.g. keras_ee.experiment.training_data(...)."
             )
         train, meta = data
-        return self.method.train_step(
+        # A method with a meta stream overrides train_step with a `meta_batch` parameter.
+        return self.method.train_step(  # type: ignore[call-arg]
             self, self.checked_labels(tuple(train)), meta_batch=self.checked_labels(tuple(meta))
         )
 
-    def test_step(self, data):
+    def test_step(self, data: Any) -> dict[str, Tensor]:
         x, y, _ = keras.utils.unpack_x_y_sample_weight(self.checked_labels(data))
         logits = self(x, training=False)
         ce = core.per_exit_cross_entropy(y, logits)
@@ -287,7 +298,7 @@ class MultiExitModel(keras.Model):
         self.update_step_metrics(loss, y, logits, ce)
         return self.model_logs()
 
-    def checked_labels(self, data):
+    def checked_labels(self, data: Any) -> Any:
         """`data` with sparse labels outside `0..num_classes-1` (or non-integer) recorded.
 
         A bad label is recorded for the guard, which stops `fit`/`evaluate` after the
@@ -316,7 +327,7 @@ class MultiExitModel(keras.Model):
         y = ops.cast(ops.clip(labels, 0, top), "int32")
         return keras.utils.pack_x_y_sample_weight(x, y, sw)
 
-    def scale_loss(self, loss):
+    def scale_loss(self, loss: Tensor) -> Tensor:
         """The loss whose gradients every method hands to `apply_step`.
 
         Divided by the number of replicas in sync, then multiplied by the
@@ -333,7 +344,7 @@ class MultiExitModel(keras.Model):
             loss = loss * ops.cast(1.0 / replicas, loss.dtype)
         return self.optimizer.scale_loss(loss)
 
-    def apply_step(self, grads, per_exit_loss, finite=None):
+    def apply_step(self, grads: Sequence[Tensor], per_exit_loss: Tensor, finite: Tensor | None = None) -> None:
         """The real optimizer step of every method, with the non-finite checks.
 
         Records (for the guard) a non-finite per-exit loss, then a non-finite
@@ -376,13 +387,13 @@ class MultiExitModel(keras.Model):
             bad, first = core.first_nonfinite(self.checked_variables())
             self._record(bad, first, _WEIGHTS)
 
-    def checked_variables(self):
+    def checked_variables(self) -> list[keras.Variable]:
         """The backbone's variables whose values `apply_step` checks after an update."""
         return list(self.backbone.trainable_variables) + list(self.backbone.non_trainable_variables)
 
     # --- helpers for methods -------------------------------------------------
 
-    def update_step_metrics(self, loss, y, logits, ce):
+    def update_step_metrics(self, loss: Tensor, y: Tensor, logits: list[Tensor], ce: Tensor) -> None:
         """Update `loss`, `exit_k_loss` and `exit_k_accuracy` trackers."""
         self._loss_tracker.update_state(loss)
         labels = core.sparse_labels(y, logits)
@@ -397,14 +408,14 @@ class MultiExitModel(keras.Model):
             )
             self.exit_accuracy_trackers[k].update_state(correct)
 
-    def model_logs(self):
+    def model_logs(self) -> dict[str, Tensor]:
         logs = {"loss": self._loss_tracker.result()}
         for k in range(self.num_exits):
             logs[self.exit_loss_trackers[k].name] = self.exit_loss_trackers[k].result()
             logs[self.exit_accuracy_trackers[k].name] = self.exit_accuracy_trackers[k].result()
         return logs
 
-    def record_nonfinite(self, per_exit_losses, phase=_LOSS, when=None):
+    def record_nonfinite(self, per_exit_losses: Tensor, phase: int = _LOSS, when: Tensor | None = None) -> None:
         """Record the first exit whose loss is NaN/inf (read by the guard).
 
         Args:
@@ -420,15 +431,15 @@ class MultiExitModel(keras.Model):
             bad = ops.logical_and(bad, when)
         self._record(bad, first, phase)
 
-    def record_small_batch(self, batch_size):
+    def record_small_batch(self, batch_size: Tensor) -> None:
         """Record that a batch was too small for the half-batch exchange."""
         self._record(ops.convert_to_tensor(True), batch_size, _BATCH)
 
-    def _record(self, bad, value, phase):
+    def _record(self, bad: Tensor, value: Tensor, phase: int) -> None:
         """Record a fault of kind `phase` with `value` if `bad` and none is recorded yet."""
         self.faults.record(bad, ops.cast(self.optimizer.iterations, "int64") + 1, value, phase)
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: Any) -> None:
         # Files written before the fault record became `StepFaults` hold its packed
         # int64 vector as the model's one own variable: nothing to restore.
         if len(store.keys()) == 1 and not (self._trainable_variables + self._non_trainable_variables):
@@ -437,7 +448,7 @@ class MultiExitModel(keras.Model):
 
     # --- serialization -------------------------------------------------------
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "backbone": keras.saving.serialize_keras_object(self.backbone),
@@ -447,14 +458,22 @@ class MultiExitModel(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> "MultiExitModel":
         config = dict(config)
         backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
         method = keras.saving.deserialize_keras_object(config.pop("method"), custom_objects=custom_objects)
         return cls(backbone=backbone, method=method, **config)
 
 
-def fit_phases(model, x, epochs, make_optimizer, steps_per_epoch=None, callbacks=None, **fit_kwargs):
+def fit_phases(
+    model: MultiExitModel,
+    x: Any,
+    epochs: int,
+    make_optimizer: Callable[[Phase, int], keras.optimizers.Optimizer],
+    steps_per_epoch: int | None = None,
+    callbacks: Any = None,
+    **fit_kwargs: Any,
+) -> list[keras.callbacks.History]:
     """Train every phase of `model.method` with plain `model.fit`, one after the other.
 
     Args:
@@ -489,7 +508,7 @@ def fit_phases(model, x, epochs, make_optimizer, steps_per_epoch=None, callbacks
     return histories
 
 
-def _compile_options(model):
+def _compile_options(model: MultiExitModel) -> dict[str, Any]:
     """The compile settings (other than the optimizer) the model was compiled with, if any."""
     config = getattr(model, "_compile_config", None)
     options = dict(config.config) if config is not None else {}
@@ -498,7 +517,7 @@ def _compile_options(model):
     return options
 
 
-def _with_guard(callbacks):
+def _with_guard(callbacks: Any) -> Any:
     if isinstance(callbacks, keras.callbacks.CallbackList):
         # `fit` passes its own list to `evaluate` for validation: it holds the guard already,
         # and wrapping it would add a second progress bar and call its test hooks twice.
@@ -519,7 +538,7 @@ def _with_guard(callbacks):
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
 
 
-def _check_exits(backbone):
+def _check_exits(backbone: keras.Model) -> int:
     """The exits' common class count; a clear error for outputs that cannot be logits."""
     counts = []
     for k, out in enumerate(backbone.outputs):
@@ -534,7 +553,7 @@ def _check_exits(backbone):
                 f"{name} of the backbone has {shape[-1]} output unit; expected logits over "
                 ">= 2 classes (a 1-unit exit has a cross-entropy of 0 and learns nothing)."
             )
-        layer = getattr(getattr(out, "_keras_history", None), "operation", None)
+        layer: keras.Operation = getattr(getattr(out, "_keras_history", None), "operation", None)  # or None
         activation = getattr(layer, "activation", None)
         act_name = getattr(activation, "__name__", None) if activation is not None else None
         if isinstance(layer, keras.layers.Softmax) or act_name in _PROBABILITY_ACTIVATIONS:

@@ -37,6 +37,13 @@ import json
 import re
 import traceback
 import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+_C = TypeVar("_C", bound="type[Method]")
+
+if TYPE_CHECKING:
+    from keras_ee.training.methods import Method
 
 ENTRY_POINT_GROUP = "keras_ee.methods"
 # `--method package.module:Class`: a dotted module name, a colon, a class name.
@@ -51,7 +58,7 @@ class SearchRange:
     high: float
     sampling: str = "linear"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.low < self.high:
             raise ValueError(f"SearchRange needs low < high; received {self.low} and {self.high}.")
         if self.sampling not in ("linear", "log", "reverse_log"):
@@ -98,7 +105,7 @@ class MethodSpec:
         """
         if not isinstance(options, dict):
             raise ValueError(f"options for method {self.name!r} must be a mapping; received {options!r}.")
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in options.items():
             name = self.aliases.get(key, key)
             if name not in self.options:
@@ -115,7 +122,7 @@ class MethodSpec:
                 ) from None
         return out
 
-    def create(self, options: dict):
+    def create(self, options: dict) -> Any:
         """An instance of the method with `options` (converted, then passed to the constructor)."""
         kwargs = self.convert(options)
         try:
@@ -139,7 +146,7 @@ def register_method(
     search_space: dict | None = None,
     option_types: dict | None = None,
     aliases: dict | None = None,
-):
+) -> Callable[[_C], _C]:
     """Class decorator that registers a `Method` subclass under `name`.
 
     Args:
@@ -159,7 +166,7 @@ def register_method(
     if not isinstance(name, str) or not name or name != name.strip() or " " in name:
         raise ValueError(f"a method name must be a non-empty word; received {name!r}.")
 
-    def decorate(cls):
+    def decorate(cls: _C) -> _C:
         spec = _spec_for(cls, name, summary, paper, search_space, option_types, aliases)
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             existing = _REGISTRY[name].cls
@@ -174,7 +181,15 @@ def register_method(
     return decorate
 
 
-def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) -> MethodSpec:
+def _spec_for(
+    cls: type,
+    name: str,
+    summary: str,
+    paper: str,
+    search_space: dict | None,
+    option_types: dict | None,
+    aliases: dict | None,
+) -> MethodSpec:
     from keras_ee.training.methods import Method
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -218,14 +233,15 @@ def _spec_for(cls, name, summary, paper, search_space, option_types, aliases) ->
     )
 
 
-def _constructor_parameters(cls, base):
+def _constructor_parameters(cls: type, base: type) -> list[inspect.Parameter]:
     """The named constructor parameters of `cls`, and of its bases while `**kwargs` passes them on.
 
     A method built by cooperative inheritance (L2W + IMTA: `class L2WIMTA(IMTA, L2W)`, each
     `__init__` taking its own options and `**kwargs`) has the options of all of them.
     The walk stops at `base` (`Method`, whose `**kwargs` are Keras layer arguments).
     """
-    params, seen = [], set()
+    params: list[inspect.Parameter] = []
+    seen: set[str] = set()
     for klass in cls.__mro__:
         if klass is base or not issubclass(klass, base) or "__init__" not in vars(klass):
             continue
@@ -241,12 +257,12 @@ def _constructor_parameters(cls, base):
     return params
 
 
-def _constructor_hints(cls) -> dict:
-    hints = {}
+def _constructor_hints(cls: type) -> dict:
+    hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if "__init__" in vars(klass):
             try:
-                hints.update(typing.get_type_hints(klass.__init__))
+                hints.update(typing.get_type_hints(vars(klass)["__init__"]))
             except Exception:  # unresolvable annotations: fall back to the defaults' types
                 pass
     return hints
@@ -358,7 +374,7 @@ def methods_table() -> str:
     return "\n".join(lines)
 
 
-def _describe_search(key, rng) -> str:
+def _describe_search(key: str, rng: SearchRange | SearchChoice) -> str:
     if isinstance(rng, SearchRange):
         return f"{key} in [{rng.low:g}, {rng.high:g}]" + ("" if rng.sampling == "linear" else f" ({rng.sampling})")
     return f"{key} in {list(rng.values)}"
@@ -367,7 +383,7 @@ def _describe_search(key, rng) -> str:
 # --- conversion of command-line values ------------------------------------------------
 
 
-def _type_name(kind) -> str:
+def _type_name(kind: object) -> str:
     if kind is None:
         return "any"
     if kind is type(None):
@@ -382,7 +398,7 @@ def _type_name(kind) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def _convert(value, kind):
+def _convert(value: Any, kind: Any) -> Any:
     """`value` (a JSON-decoded command-line value or a Python one) as `kind`."""
     if kind is None or kind is typing.Any:
         return value
