@@ -24,7 +24,8 @@ Hooks (override what the method needs):
   in `keras_ee.training.core` and `keras_ee.training.bilevel`; the real
   optimizer step is `model.apply_step(grads, per_exit_loss)` (gradients of
   `model.scale_loss(loss)`: over the replicas, times the loss scale), which
-  also checks for NaN/inf. Forward
+  also checks for NaN/inf; each real step runs inside `model.skippable_step`, so
+  that a step skipped for a loss-scale overflow changes nothing. Forward
   passes with substituted parameters that also return named intermediate
   tensors (an exit's pooled feature): `core.stateless_forward(...,
   return_tensors=[...])`.
@@ -189,6 +190,15 @@ class Method(keras.layers.Layer):
     def check_optimizer(self, optimizer):
         """Raise if `optimizer` cannot be used by this method."""
 
+    def auxiliary_optimizers(self):
+        """The method's own optimizers (L2W's WPN Adam, the gater's, HDKD's gamma optimizer).
+
+        Default: every `keras.optimizers.Optimizer` held as an attribute of the method. Their
+        state belongs to the step they take: `MultiExitModel.skippable_step` restores it when
+        the real step is skipped for a loss-scale overflow.
+        """
+        return [value for value in vars(self).values() if isinstance(value, keras.optimizers.Optimizer)]
+
     def metric_names(self):
         """Names of the method's own per-step logs (besides the model's)."""
         return []
@@ -216,6 +226,10 @@ class Method(keras.layers.Layer):
     def train_step(self, model, data):
         """One forward, one backward, one optimizer step on the batch."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        model.skippable_step(lambda x, y, sw: self._single_step(model, x, y, sw), args=(x, y, sample_weight))
+        return self.step_logs(model)
+
+    def _single_step(self, model, x, y, sample_weight):
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -225,7 +239,6 @@ class Method(keras.layers.Layer):
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
-        return self.step_logs(model)
 
     def step_logs(self, model):
         return model.model_logs()

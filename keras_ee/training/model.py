@@ -1,6 +1,7 @@
 """`MultiExitModel`: one training model for multi-exit networks."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_ee.training import bilevel, core
@@ -375,6 +376,50 @@ class MultiExitModel(keras.Model):
         if checks:
             bad, first = core.first_nonfinite(self.checked_variables())
             self._record(bad, first, _WEIGHTS)
+
+    def skippable_step(self, fn, args=()):
+        """`fn(*args)`: one real step (one `apply_step`) with everything that belongs to it.
+
+        A `LossScaleOptimizer` skips a step whose gradients overflowed, leaving the weights
+        and its own buffers alone; the rest of the step has happened by then: the BatchNorm
+        moving statistics of its forward pass, the method's auxiliary step taken before the
+        real one (L2W's WPN, the gater, HDKD's gamma), that step's optimizer state, the
+        method's statistics. Where the optimizer skipped the step (it lowered its scale
+        without counting an iteration) all of these (`step_state`) are restored, so a
+        skipped step changes nothing. Without loss scaling this is `fn(*args)`.
+
+        Every method runs each real step in one (`Method.train_step`'s default, L2W's half
+        steps, gating's and HDKD's batches). `fn` must not take more than one real step;
+        what the method counts per loaded batch (e.g. `batch_counter`) belongs outside it.
+        Under `tf.distribute` the optimizer's decision is the same on every replica.
+        """
+        optimizer = self.optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            fn(*args)
+            return
+        state = self.step_state()
+        # Reads (copies), not the variables themselves: `ops.convert_to_tensor` would alias them.
+        saved = [tf.convert_to_tensor(v) for v in state]
+        iterations = tf.convert_to_tensor(optimizer.iterations)
+        scale = tf.convert_to_tensor(optimizer.dynamic_scale)
+        fn(*args)
+        skipped = ops.logical_and(ops.equal(optimizer.iterations, iterations), ops.less(optimizer.dynamic_scale, scale))
+
+        def restore(saved):
+            for variable, value in zip(state, saved):
+                variable.assign(value)
+
+        # Some of these assignments synchronise the replicas: a condition that allows it.
+        bilevel.replica_cond(skipped, restore, lambda saved: None, args=(saved,))
+
+    def step_state(self):
+        """What a step skipped for overflow restores (`skippable_step`): the backbone's
+        non-trainable variables (BatchNorm moving statistics), the method's variables and its
+        own optimizers' (`Method.auxiliary_optimizers`). Reading the unchanged ones is free."""
+        state = list(self.backbone.non_trainable_variables) + list(self.method.variables)
+        for optimizer in self.method.auxiliary_optimizers():
+            state += list(optimizer.variables)
+        return state
 
     def checked_variables(self):
         """The backbone's variables whose values `apply_step` checks after an update."""
