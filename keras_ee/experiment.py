@@ -54,6 +54,7 @@ strategy's replica count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -127,6 +128,8 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
                 f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
             ) from None
         diff = previous.differences(config)
+        if "method_options" in diff and same_method_options(previous, config):
+            del diff["method_options"]  # the same options, an alias or a default written out or not
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ValueError(
@@ -137,6 +140,29 @@ def prepare_workdir(config: TrainConfig, workdir, write: bool = True) -> Path:
         workdir.mkdir(parents=True, exist_ok=True)
         config.to_json(saved)
     return workdir
+
+
+def same_method_options(a: TrainConfig, b: TrainConfig) -> bool:
+    """Whether two configs of one method build it with the same options (`MethodSpec.resolved`)."""
+    from keras_ee import training
+
+    if a.method != b.method:
+        return False
+    try:
+        spec = training.get_method(a.method)
+        return spec.resolved(a.method_options) == spec.resolved(b.method_options)
+    except ValueError:  # options one of them cannot build: they differ as written
+        return False
+
+
+def canonical_config(config: TrainConfig) -> TrainConfig:
+    """`config` with its method options under their own names (`MethodSpec.canonical`), after the
+    method has checked them: what config.json stores. A `ValueError` names a bad option."""
+    from keras_ee import training
+
+    make_method(config.method, config.method_options)
+    options = training.get_method(config.method).canonical(config.method_options)
+    return config if options == config.method_options else dataclasses.replace(config, method_options=options)
 
 
 def build_model(config: TrainConfig, splits, method=None, strategy=None):
@@ -752,7 +778,7 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
-    make_method(config.method, config.method_options)  # refuse bad options before any write
+    config = canonical_config(config)  # refuse bad options before any write
     workdir = prepare_workdir(config, workdir, write=False)
     strategy = make_strategy(config.strategy)
     if not is_chief(strategy):

@@ -2,6 +2,7 @@
 strategy's replicas cannot share are refused before anything is written, method options given
 under two names are refused, a dump whose costs disagree with the model is refused."""
 
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,9 +11,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tiny_models import tiny_backbone, tiny_data  # noqa: E402
+from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
 
+from keras_ee import cli, experiment  # noqa: E402
 from keras_ee import training as T  # noqa: E402
+from keras_ee.config import TrainConfig  # noqa: E402
 
 # --- a skipped mixed-precision step --------------------------------------------------------
 
@@ -59,3 +62,42 @@ def test_a_step_skipped_for_overflow_changes_nothing(method):
     assert not changed
     steps = model.method.optimizer_steps_per_batch
     assert optimizer.iterations.numpy() == 0 and optimizer.dynamic_scale.numpy() == 2.0**8 / 2**steps
+
+
+# --- method options under two names ----------------------------------------------------------
+
+TINY = dict(dataset="digits", model="multiexit_cnn", epochs=1, batch_size=32, val_size=100, train_size=64)
+
+
+def test_two_names_of_one_option_are_refused_before_anything_is_written(tmp_path, capsys):
+    argv = ["train", "--method", "gating", "--method-option", "lambda=2", "--method-option", "cost_weight=3"]
+    argv += ["--dataset", "digits", "--train-size", "64", "--epochs", "1", "--no-evaluate"]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lambda=2 and cost_weight=3 are two names of the option 'cost_weight'" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_json_stores_an_option_under_its_own_name(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # an existing folder keeps the config of a run stopped before its first step
+    config = TrainConfig(**TINY, method="gating", method_options={"lambda": 3})
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(config, run, verbose=0, callbacks=[StopAt(0)])
+    assert json.loads((run / "config.json").read_text())["method_options"] == {"cost_weight": 3}
+
+
+@pytest.mark.parametrize(
+    "method, first, again, other",
+    [
+        ("l2w", {}, {"q": 0.75}, {"q": 0.5}),  # the default written out
+        ("l2w", {"q": 0.75, "delta": 0.8}, {}, {"delta": 0.5}),
+        ("gating", {"cost_weight": 3.0}, {"lambda": 3}, {"lambda": 2}),  # the alias, an int for the float
+    ],
+)
+def test_resuming_with_the_same_options_written_otherwise_is_not_other_settings(tmp_path, method, first, again, other):
+    experiment.prepare_workdir(TrainConfig(**TINY, method=method, method_options=first), tmp_path)
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n")  # the run has started
+    experiment.prepare_workdir(TrainConfig(**TINY, method=method, method_options=again), tmp_path, write=False)
+    with pytest.raises(ValueError, match="other settings"):
+        experiment.prepare_workdir(TrainConfig(**TINY, method=method, method_options=other), tmp_path)
