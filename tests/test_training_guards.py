@@ -101,3 +101,25 @@ def test_resuming_with_the_same_options_written_otherwise_is_not_other_settings(
     experiment.prepare_workdir(TrainConfig(**TINY, method=method, method_options=again), tmp_path, write=False)
     with pytest.raises(ValueError, match="other settings"):
         experiment.prepare_workdir(TrainConfig(**TINY, method=method, method_options=other), tmp_path)
+
+
+# --- a dump whose exit costs are not the model's ----------------------------------------------
+
+
+def test_from_run_refuses_a_dump_whose_costs_disagree_with_the_model(tmp_path):
+    from keras_ee import costs, dumps, models
+    from keras_ee.inference import EarlyExitModel
+
+    backbone = models.create("multiexit_cnn", num_classes=3, input_shape=(8, 8, 1), widths=(4, 8), depth=1)
+    T.MultiExitModel(backbone).save(tmp_path / "model.keras")
+    own = costs.exit_costs(backbone)["mul_adds"]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(own), 12, 3)).astype("float32")
+    labels = rng.integers(0, 3, size=12)
+    edited = list(range(1, len(own) + 1))  # an edited costs.json: 1, 2, ... Mul-Adds
+    dumps.save_dump(tmp_path / "dump", logits, labels, logits, labels, costs={"mul_adds": edited})
+    with pytest.raises(ValueError, match=r"gives the exits' Mul-Adds as \[1, 2\], but the model's own") as e:
+        EarlyExitModel.from_run(tmp_path, budget=1.5)
+    assert str(own) in str(e.value) and "\n" not in str(e.value)
+    dumps.save_dump(tmp_path / "dump", logits, labels, logits, labels, costs={"mul_adds": own})
+    assert EarlyExitModel.from_run(tmp_path, budget=(own[0] + own[-1]) / 2).costs.tolist() == own
