@@ -4,6 +4,9 @@ under two names are refused, a dump whose costs disagree with the model is refus
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -123,3 +126,90 @@ def test_from_run_refuses_a_dump_whose_costs_disagree_with_the_model(tmp_path):
     assert str(own) in str(e.value) and "\n" not in str(e.value)
     dumps.save_dump(tmp_path / "dump", logits, labels, logits, labels, costs={"mul_adds": own})
     assert EarlyExitModel.from_run(tmp_path, budget=(own[0] + own[-1]) / 2).costs.tolist() == own
+
+
+# --- batch sizes under a strategy, and strategies in one process ---------------------------------
+
+
+def test_a_global_batch_the_replicas_cannot_share_is_refused_naming_share_and_smallest():
+    uneven = TrainConfig(method="baseline", batch_size=7, strategy="mirrored")
+    with pytest.raises(ValueError, match=r"--batch-size 7 is the global batch .* 2 replicas: 3.5 images each; "):
+        experiment.check_batch_size(uneven, 2)
+    with pytest.raises(ValueError, match=r"expected a multiple of 2, e.g. 6 or 8\.$"):
+        experiment.check_batch_size(uneven, 2)
+    small = TrainConfig(method="l2w", batch_size=2, strategy="mirrored")  # L2W's halves need 2 per replica
+    with pytest.raises(ValueError, match=r"2 replicas: 1 image each; expected a multiple of 2 of at least 4 "):
+        experiment.check_batch_size(small, 2)
+    experiment.check_batch_size(TrainConfig(method="l2w", batch_size=4, strategy="mirrored"), 2)
+    experiment.check_batch_size(TrainConfig(method="l2w", batch_size=3), 1)  # one device: any batch >= 2
+
+
+def test_an_epoch_drops_a_last_batch_that_a_replica_or_the_method_cannot_train_on():
+    splits = experiment.load_data(TrainConfig(train_size=17, val_size=50))
+    config = TrainConfig(batch_size=8)
+    assert experiment.training_batches(config, splits, T.Baseline()) == 3  # one device keeps 8 + 8 + 1
+    assert experiment.training_batches(config, splits, T.L2W()) == 2  # no halves in a batch of 1
+    assert experiment.training_batches(config, splits, T.Baseline(), replicas=2) == 2
+    stream = experiment.training_data(config, splits, T.Baseline(), end_epoch=1, replicas=2)
+    assert [int(x.shape[0]) for x, _ in stream] == [8, 8]
+    with pytest.raises(ValueError, match="fewer than one global batch .* expected a --batch-size of at most 16"):
+        experiment.check_splits(splits, TrainConfig(batch_size=18, strategy="mirrored"), replicas=2)
+
+
+def test_a_run_stopped_in_its_first_epoch_leaves_no_folder(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(TrainConfig(**TINY, method="baseline"), run, verbose=0, callbacks=[StopAt(0, batch=0)])
+    assert not run.exists()  # tensorboard/ included
+
+
+# Two logical CPUs must be set before TensorFlow starts: a fresh process. Under MirroredStrategy,
+# (1) a global batch of 7 on 2 replicas is refused before anything is written; (2) 17 images at
+# batch 8 (a last batch of 1: one replica would get none) train, the last batch dropped; (3) L2W
+# then trains in the same process (a second strategy's collectives collided with the first's);
+# (4) a model built under a second MirroredStrategy of the user's is refused in one line.
+TWO_REPLICAS = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from tiny_models import mlp_backbone, tiny_data
+from keras_ee import experiment, training
+from keras_ee.config import TrainConfig
+
+out, report = sys.argv[1], {}
+tiny = dict(model="multiexit_cnn", model_options={"widths": [4, 8], "depth": 1}, epochs=1, train_size=17,
+            val_size=51, strategy="mirrored", evaluate=False)
+try:
+    experiment.train(TrainConfig(**tiny, method="baseline", batch_size=7), f"{out}/uneven", verbose=0)
+except ValueError as e:
+    report["uneven"] = str(e)
+for method in ("baseline", "l2w"):
+    run = experiment.train(TrainConfig(**tiny, method=method, batch_size=8), f"{out}/{method}", verbose=0)
+    report[method] = json.load(open(run / "state.json"))
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    model = training.MultiExitModel(mlp_backbone())
+    model.compile(optimizer="sgd")
+try:
+    model.fit(*tiny_data(8), epochs=1, verbose=0)
+except ValueError as e:
+    report["second_strategy"] = str(e)
+print(json.dumps(report))
+"""
+
+
+def test_two_replicas_refuse_an_uneven_batch_drop_a_last_one_and_train_runs_one_after_the_other(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", TWO_REPLICAS, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["uneven"].startswith("--batch-size 7 is the global batch of --strategy mirrored")
+    assert not (tmp_path / "uneven").exists()
+    for method in ("baseline", "l2w"):
+        assert report[method]["trained"] and report[method]["replicas"] == 2, report
+    assert "already trained under another MirroredStrategy" in report["second_strategy"]

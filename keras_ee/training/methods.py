@@ -133,6 +133,10 @@ class Method(keras.layers.Layer):
     # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
     # iterations, so a run's total is epochs * batches * this.
     optimizer_steps_per_batch = 1
+    # The fewest samples of a loaded batch that one replica (or the one device) can train on:
+    # `keras-ee train` refuses a global batch that gives a replica fewer, and drops an epoch's
+    # last batch when it is smaller (L2W's half-batch exchange: 2).
+    min_batch_per_replica = 1
     # Whether each step also gets a batch of held-out data: then `train_step` is called
     # as `train_step(model, data, meta_batch=(x_meta, y_meta))` and the data fed to
     # `fit` is `((x, y), (x_meta, y_meta))` (`keras_ee.experiment.training_data`).

@@ -259,6 +259,7 @@ class MultiExitModel(keras.Model):
                 "but was not compiled since: call model.compile(optimizer=...) with a new optimizer "
                 "(the trainable variables changed), or use keras_ee.training.fit_phases."
             )
+        check_collective_strategy(self.distribute_strategy)
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     def evaluate(self, *args, callbacks=None, **kwargs):
@@ -541,6 +542,36 @@ def _compile_options(model):
     for key in ("optimizer", "loss", "metrics", "weighted_metrics", "loss_weights"):
         options.pop(key, None)
     return options
+
+
+_COLLECTIVE_STRATEGIES = []  # the strategy with collectives that trained in this process (at most one)
+
+
+def check_collective_strategy(strategy) -> None:
+    """Refuse to train under a second `MirroredStrategy` (or `MultiWorkerMirroredStrategy`) in a process.
+
+    TensorFlow numbers the collective operations (all-reduces, all-gathers) of every new
+    strategy of these kinds from the same group and instance keys and keeps what the first
+    one ran under each key for the rest of the process, so the second strategy's collectives
+    collide with the first's and fail mid-training ("Collective instance 101 expected type 0
+    and data_type 1 but got type 2 and data_type 3"). One strategy per process, reused for
+    every model, never collides: `keras_ee.experiment.make_strategy` returns the process's.
+    Strategies of one replica run no collectives and are not counted.
+    """
+    if strategy.num_replicas_in_sync < 2 or not isinstance(
+        strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    ):
+        return
+    if not _COLLECTIVE_STRATEGIES:
+        _COLLECTIVE_STRATEGIES.append(strategy)
+    elif _COLLECTIVE_STRATEGIES[0] is not strategy:
+        raise ValueError(
+            f"this process already trained under another {type(_COLLECTIVE_STRATEGIES[0]).__name__}, and "
+            f"TensorFlow gives every new one the same collective keys, so this {type(strategy).__name__}'s "
+            "collectives would collide with the first's mid-training ('Collective instance ... expected type'); "
+            "build every model under one strategy per process (keras_ee.experiment.make_strategy returns it), "
+            "or train in a new process."
+        )
 
 
 def _with_guard(callbacks):
