@@ -44,7 +44,8 @@ What a run can rely on:
 
 Under a `tf.distribute` strategy (`config.strategy`, see `make_strategy`) the model, its
 method and every optimizer are built under `strategy.scope()` and `fit` distributes the
-global batches. Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
+global batches, which the replicas share evenly (`check_batch_size`; an epoch's last, smaller
+batch is dropped, `drops_remainder`). Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
 the run folder; every other worker trains in a temporary folder of its own that is deleted
 when it ends, and resumes from the chief's `backup/` (so the run folder must be on a
 filesystem all workers share, as for Keras' `BackupAndRestore`). `state.json` records the
@@ -271,14 +272,13 @@ def make_strategy(name: str):
 
     - `mirrored`: `MirroredStrategy` over every visible GPU; without a GPU, over every
       logical CPU device (one unless `tf.config.set_logical_device_configuration` made more).
-
-    Every kind is made once per process and returned again: runs that train one after the
-    other in a process (a notebook trying baseline, then L2W) share it.
     - `multi_worker`: `MultiWorkerMirroredStrategy`, the cluster read from `TF_CONFIG`
       (checked first). Create it before any other TensorFlow op of the process.
     - `tpu`: `TPUStrategy` on the TPU that `TPUClusterResolver` finds.
 
-    Under a strategy the configured batch size is the global batch.
+    Under a strategy the configured batch size is the global batch. Every kind is made once
+    per process and returned again: runs that train one after the other in a process (a
+    notebook trying baseline, then L2W) share it.
     """
     import tensorflow as tf
 
@@ -527,7 +527,7 @@ def training_data(
     (`Method.uses_meta_stream`) gets `((x, y), (x_meta, y_meta))` per step, the meta
     batch from `splits.meta_dataset` (the calibration hold-out unless
     `config.meta_split_size` holds out a split of its own). `replicas`: those of the
-    strategy the model trains under (an epoch's last, smaller batch is then dropped, see
+    strategy the model trains under (whether an epoch's last, smaller batch is dropped:
     `drops_remainder`). Fit with `steps_per_epoch=training_batches(config, splits, method,
     replicas)`. The config's augmentation
     recipe (`training_recipe`) shapes the training batches only: they carry float32 soft
@@ -848,8 +848,6 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
         _train_worker(config, workdir, strategy, callbacks)
         return workdir
     created = not workdir.exists()
-    logs = workdir / "tensorboard"
-    new_logs = not logs.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -857,8 +855,6 @@ def train(config: TrainConfig, workdir, verbose: int | str = "progress", callbac
     try:
         _train_locked(config, workdir, verbose, callbacks, strategy)
     except BaseException:
-        if not run_started(workdir) and new_logs:  # the logs of an epoch that never ended
-            shutil.rmtree(logs, ignore_errors=True)
         if created and not run_started(workdir):  # refused before it started: leave no trace
             (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
             (workdir / CONFIG_FILE).unlink(missing_ok=True)
@@ -941,7 +937,14 @@ def _train_locked(config: TrainConfig, workdir: Path, verbose, callbacks, strate
                 config, splits, method=make_method(config.method, config.method_options), strategy=strategy
             )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
-            _fit(config, splits, model, workdir, verbose, callbacks)
+            logs = workdir / "tensorboard"
+            new_logs = not logs.exists()
+            try:
+                _fit(config, splits, model, workdir, verbose, callbacks)
+            except BaseException:
+                if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
+                    shutil.rmtree(logs, ignore_errors=True)
+                raise
         try:
             _write_artifacts(config, splits, model, workdir)
         except OSError as e:
