@@ -315,6 +315,24 @@ def exit_costs(model: keras.Model, rule: str = "reference") -> dict[str, list[in
     }
 
 
+def check_recorded_costs(model, mul_adds, where: str, rule: str = "reference") -> list:
+    """The model's own cumulative Mul-Adds (`exit_costs`), after checking the `mul_adds`
+    recorded for it (a run's `dump/costs.json`): the model's costs are the truth, so a record
+    that disagrees (edited, or another model's) is a `ValueError` naming both."""
+    own = exit_costs(model, rule)["mul_adds"]
+    recorded = list(mul_adds)
+    agree = len(recorded) == len(own) and all(
+        math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(recorded, own)
+    )
+    if not agree:
+        raise ValueError(
+            f"{where} gives the exits' Mul-Adds as {recorded}, but the model's own ({rule} rule) are {own}; "
+            "the model's are the truth: restore the file, or rerun `keras-ee train` with the run's settings "
+            "to write it again."
+        )
+    return own
+
+
 def format_table(
     costs_by_name: Mapping[str, Mapping[str, Sequence[float]]],
     params_scale: float = 1e6,

@@ -47,7 +47,8 @@ What a run can rely on:
 
 Under a `tf.distribute` strategy (`config.strategy`, see `make_strategy`) the model, its
 method and every optimizer are built under `strategy.scope()` and `fit` distributes the
-global batches. Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
+global batches, which the replicas share evenly (`check_batch_size`; an epoch's last, smaller
+batch is dropped, `drops_remainder`). Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
 the run folder; every other worker trains in a temporary folder of its own that is deleted
 when it ends, and resumes from the chief's `backup/` (so the run folder must be on a
 filesystem all workers share, as for Keras' `BackupAndRestore`). `state.json` records the
@@ -57,6 +58,7 @@ strategy's replica count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -162,6 +164,8 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
                 f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
             ) from None
         diff = previous.differences(config)
+        if "method_options" in diff and same_method_options(previous, config):
+            del diff["method_options"]  # the same options, an alias or a default written out or not
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ValueError(
@@ -172,6 +176,29 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
         claim_out_folder(workdir, "run")
         config.to_json(saved)
     return workdir
+
+
+def same_method_options(a: TrainConfig, b: TrainConfig) -> bool:
+    """Whether two configs of one method build it with the same options (`MethodSpec.resolved`)."""
+    from keras_ee import training
+
+    if a.method != b.method:
+        return False
+    try:
+        spec = training.get_method(a.method)
+        return spec.resolved(a.method_options) == spec.resolved(b.method_options)
+    except ValueError:  # options one of them cannot build: they differ as written
+        return False
+
+
+def canonical_config(config: TrainConfig) -> TrainConfig:
+    """`config` with its method options under their own names (`MethodSpec.canonical`), after the
+    method has checked them: what config.json stores. A `ValueError` names a bad option."""
+    from keras_ee import training
+
+    make_method(config.method, config.method_options)
+    options = training.get_method(config.method).canonical(config.method_options)
+    return config if options == config.method_options else dataclasses.replace(config, method_options=options)
 
 
 def build_model(
@@ -217,7 +244,8 @@ def compile_phase(
     # A later phase's optimizer must be mirrored as the first one (a no-op without a strategy).
     with model.distribute_strategy.scope():
         model.enter_phase(index, fresh=fresh)
-        batches = splits.train_batches(config.batch_size) * model.method.optimizer_steps_per_batch
+        replicas = model.distribute_strategy.num_replicas_in_sync
+        batches = training_batches(config, splits, model.method, replicas) * model.method.optimizer_steps_per_batch
         steps = phase.epochs * batches
         if phase.make_optimizer is not None:
             optimizer = phase.make_optimizer(steps)
@@ -277,7 +305,11 @@ def make_optimizer(
     )
 
 
-_STRATEGIES: dict[str, Any] = {}  # multi_worker and tpu: one per process (TensorFlow configures its cluster once)
+# One strategy of each kind per process: TensorFlow configures a cluster or a TPU once, and
+# numbers the collective operations of every new (MultiWorker)MirroredStrategy from the same
+# keys, so a second one's collectives would collide with the first's (see
+# `training.model.check_collective_strategy`).
+_STRATEGIES: dict[str, Any] = {}
 
 
 def make_strategy(name: str) -> Any:
@@ -289,7 +321,9 @@ def make_strategy(name: str) -> Any:
       (checked first). Create it before any other TensorFlow op of the process.
     - `tpu`: `TPUStrategy` on the TPU that `TPUClusterResolver` finds.
 
-    Under a strategy the configured batch size is the global batch.
+    Under a strategy the configured batch size is the global batch. Every kind is made once
+    per process and returned again: runs that train one after the other in a process (a
+    notebook trying baseline, then L2W) share it.
     """
     import tensorflow as tf
 
@@ -301,8 +335,8 @@ def make_strategy(name: str) -> Any:
         return _STRATEGIES[name]
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
-    if name == "multi_worker":
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    elif name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG"))
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     elif name == "tpu":
@@ -551,7 +585,12 @@ def make_schedule(
 
 
 def training_data(
-    config: TrainConfig, splits: DatasetSplits, method: Method, first_epoch: int = 0, end_epoch: int | None = None
+    config: TrainConfig,
+    splits: DatasetSplits,
+    method: Method,
+    first_epoch: int = 0,
+    end_epoch: int | None = None,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
     """The batches of epochs `first_epoch .. end_epoch - 1`, each a function of (seed, epoch).
 
@@ -559,8 +598,10 @@ def training_data(
     epochs are counted over all phases). A method with a meta stream
     (`Method.uses_meta_stream`) gets `((x, y), (x_meta, y_meta))` per step, the meta
     batch from `splits.meta_dataset` (the calibration hold-out unless
-    `config.meta_split_size` holds out a split of its own). Fit with
-    `steps_per_epoch=splits.train_batches(config.batch_size)`. The config's augmentation
+    `config.meta_split_size` holds out a split of its own). `replicas`: those of the
+    strategy the model trains under (whether an epoch's last, smaller batch is dropped:
+    `drops_remainder`). Fit with `steps_per_epoch=training_batches(config, splits, method,
+    replicas)`. The config's augmentation
     recipe (`training_recipe`) shapes the training batches only: they carry float32 soft
     targets (B, C) when it smooths or mixes labels; the meta stream stays sparse and plain.
     """
@@ -570,6 +611,8 @@ def training_data(
     recipe = training_recipe(config)
     if recipe is not None:  # only then: a DatasetSplits of another package may not take it
         extra["recipe"] = recipe
+    if drops_remainder(config, splits, method, replicas):  # only then: as for the recipe
+        extra["drop_remainder"] = True
     train_ds = splits.train_dataset(
         config.batch_size, seed=config.seed, first_epoch=first_epoch, epochs=end_epoch, **extra
     )
@@ -579,12 +622,53 @@ def training_data(
 
     meta = splits.meta_dataset(
         config.batch_size,
-        splits.train_batches(config.batch_size),
+        training_batches(config, splits, method, replicas),
         seed=config.seed,
         first_epoch=first_epoch,
         epochs=end_epoch,
     )
     return tf.data.Dataset.zip((train_ds, meta))
+
+
+def drops_remainder(config: TrainConfig, splits: DatasetSplits, method: Method, replicas: int = 1) -> bool:
+    """Whether the training stream drops an epoch's last, smaller batch.
+
+    Under a strategy of several replicas, always: every step's global batch is then full, so
+    each replica trains on `batch_size / replicas` images (`check_batch_size`), never on an
+    uneven share or on none. On one device, only a last batch smaller than the method trains
+    on (`Method.min_batch_per_replica`: a batch of 1 image under L2W's half-batch exchange).
+    The epochs are shuffled by (seed, epoch), so each drops other images.
+    """
+    if replicas > 1:
+        return True
+    return 0 < splits.num_train % config.batch_size < method.min_batch_per_replica
+
+
+def training_batches(config: TrainConfig, splits: DatasetSplits, method: Method, replicas: int = 1) -> int:
+    """Batches per epoch of `training_data(config, splits, method, replicas=replicas)`."""
+    return splits.train_batches(config.batch_size, drop_remainder=drops_remainder(config, splits, method, replicas))
+
+
+def check_batch_size(config: TrainConfig, replicas: int) -> None:
+    """Refuse a global batch that `replicas` cannot share evenly, or that gives each fewer images
+    than the method trains on (`Method.min_batch_per_replica`), before anything is written."""
+    from keras_ee import training
+
+    need = training.get_method(config.method).cls.min_batch_per_replica
+    batch, smallest = config.batch_size, replicas * need
+    if batch % replicas == 0 and batch >= smallest:
+        return
+    below, above = (batch // replicas) * replicas, -(-batch // replicas) * replicas
+    nearest = " or ".join(map(str, sorted({max(smallest, below), max(smallest, above)})))
+    share = batch / replicas
+    floor = (
+        f" of at least {smallest} ({config.method} trains each replica on at least {need} images)" if need > 1 else ""
+    )
+    raise ValueError(
+        f"--batch-size {batch} is the global batch of --strategy {config.strategy}, shared by its {replicas} "
+        f"replicas: {share:g} image{'' if share == 1 else 's'} each; expected a multiple of {replicas}{floor}, "
+        f"e.g. {nearest}."
+    )
 
 
 def training_recipe(config: TrainConfig) -> Recipe | None:
@@ -627,8 +711,8 @@ def finalize_ema(model: keras.Model) -> None:
         optimizer.finalize_variable_values(model.trainable_weights)
 
 
-def check_splits(splits: DatasetSplits, config: TrainConfig) -> None:
-    """Refuse data a run cannot use before anything is trained."""
+def check_splits(splits: DatasetSplits, config: TrainConfig, replicas: int = 1) -> None:
+    """Refuse data a run cannot use before anything is trained (`replicas`: the strategy's)."""
     for part in ("val", "test"):
         if getattr(splits, f"num_{part}") == 0:
             raise ValueError(
@@ -637,6 +721,12 @@ def check_splits(splits: DatasetSplits, config: TrainConfig) -> None:
             )
     if splits.num_train < 2:
         raise ValueError(f"dataset {config.dataset!r} has {splits.num_train} training image(s); expected at least 2.")
+    if replicas > 1 and splits.num_train < config.batch_size:  # no full global batch (drops_remainder)
+        raise ValueError(
+            f"dataset {config.dataset!r} has {splits.num_train} training images, fewer than one global batch "
+            f"(--batch-size {config.batch_size}); under --strategy {config.strategy} every step takes a full "
+            f"global batch: expected a --batch-size of at most {splits.num_train - splits.num_train % replicas}."
+        )
 
 
 def load_run_model(path: StrPath) -> keras.Model:
@@ -701,12 +791,13 @@ def fit_run(
         if progress is not None and len(phases) > 1:
             progress.label = f"{phase.name} ({index + 1}/{len(phases)})"
         initial = max(first_epoch, begin)
+        replicas = model.distribute_strategy.num_replicas_in_sync
         history = model.fit(
-            training_data(config, splits, model.method, initial, end),
+            training_data(config, splits, model.method, initial, end, replicas=replicas),
             validation_data=validation_data,
             epochs=end,
             initial_epoch=initial,
-            steps_per_epoch=splits.train_batches(config.batch_size),
+            steps_per_epoch=training_batches(config, splits, model.method, replicas),
             callbacks=callbacks,
             verbose=verbose,
             shuffle=False,
@@ -834,9 +925,10 @@ def train(
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
-    make_method(config.method, config.method_options)  # refuse bad options before any write
+    config = canonical_config(config)  # refuse bad options before any write
     workdir = prepare_workdir(config, workdir, write=False)
     strategy = make_strategy(config.strategy)
+    check_batch_size(config, 1 if strategy is None else strategy.num_replicas_in_sync)
     if not is_chief(strategy):
         _train_worker(config, workdir, strategy, callbacks)
         return workdir
@@ -900,7 +992,7 @@ def _train_worker(
         with dtype_policy(config.precision):
             keras.utils.set_random_seed(config.seed)
             splits = load_data(config)
-            check_splits(splits, config)
+            check_splits(splits, config, strategy.num_replicas_in_sync)
             if _finished_model(workdir)[0] is not None:
                 return  # the chief loads the same model.keras and trains nothing either
             model = build_model(
@@ -927,7 +1019,7 @@ def _train_locked(
         runs.remove_temporaries(workdir)  # left by a killed command
         keras.utils.set_random_seed(config.seed)
         splits = load_data(config)
-        check_splits(splits, config)
+        check_splits(splits, config, 1 if strategy is None else strategy.num_replicas_in_sync)
         model, damage = _finished_model(workdir)
         if model is not None:
             print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
@@ -939,7 +1031,14 @@ def _train_locked(
                 config, splits, method=make_method(config.method, config.method_options), strategy=strategy
             )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
-            _fit(config, splits, model, workdir, verbose, callbacks)
+            logs = workdir / "tensorboard"
+            new_logs = not logs.exists()
+            try:
+                _fit(config, splits, model, workdir, verbose, callbacks)
+            except BaseException:
+                if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
+                    shutil.rmtree(logs, ignore_errors=True)
+                raise
         try:
             _write_artifacts(config, splits, model, workdir)
         except OSError as e:

@@ -334,8 +334,9 @@ class EarlyExitModel(keras.Model):
         Raises:
             FileNotFoundError: the folder lacks `model.keras` or `dump/`.
             ValueError: a bad budget, a damaged model, a confidence that is not a
-                built-in score.
+                built-in score, exit costs in `dump/costs.json` other than the model's.
         """
+        from keras_ee import costs as ee_costs
         from keras_ee import dumps, experiment
 
         path = Path(path)
@@ -356,12 +357,16 @@ class EarlyExitModel(keras.Model):
             )
         dump = dumps.load_dump(path / "dump")
         model = experiment.load_run_model(path / experiment.MODEL_FILE)
+        # `keras-ee train` records the reference rule's costs.
+        costs = ee_costs.check_recorded_costs(
+            _backbone_of(model), dump.mul_adds, repr(str(path / "dump" / "costs.json"))
+        )
         return cls.from_model(
             model,
             np.asarray(dump.val_logits),
             np.asarray(dump.val_labels),
             budget,
-            costs=dump.mul_adds,
+            costs=costs,
             kind=kind,
             temperature=temperature,
             mode=mode,

@@ -188,15 +188,16 @@ def half_batch_exchange(
     Args:
         model: the `MultiExitModel`.
         x, y: the loaded batch.
-        half_step: `fn(x_train, y_train, x_meta, y_meta)`, building one real step; it must
-            not capture per-replica tensors other than its arguments.
+        half_step: `fn(x_train, y_train, x_meta, y_meta)`, building one real step (run in
+            `model.skippable_step`); it must not capture per-replica tensors other than its
+            arguments.
     """
     n = tf.shape(x)[0]
 
     def body(x: Tensor, y: Tensor) -> None:
         (x_a, y_a), (x_b, y_b) = core.split_halves(x, y)
-        half_step(x_a, y_a, x_b, y_b)
-        half_step(x_b, y_b, x_a, y_a)
+        model.skippable_step(half_step, args=(x_a, y_a, x_b, y_b))
+        model.skippable_step(half_step, args=(x_b, y_b, x_a, y_a))
 
     def too_small(x: Tensor, y: Tensor) -> None:
         model.record_small_batch(tf.shape(x)[0])

@@ -476,11 +476,15 @@ class BudgetAwareGating(Method):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
-        bilevel.every(
-            self.batch_counter,
-            self.gater_interval,
-            lambda x, y, sw: self._gater_batch(model, x, y, sw),
-            lambda x, y, sw: self._backbone_step(model, x, y, sw),
+        # Either batch takes one real step (a skipped one also undoes the gater's step before it).
+        model.skippable_step(
+            lambda x, y, sw: bilevel.every(
+                self.batch_counter,
+                self.gater_interval,
+                lambda x, y, sw: self._gater_batch(model, x, y, sw),
+                lambda x, y, sw: self._backbone_step(model, x, y, sw),
+                args=(x, y, sw),
+            ),
             args=(x, y, sample_weight),
         )
         self.batch_counter.assign_add(1)

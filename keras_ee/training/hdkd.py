@@ -464,7 +464,7 @@ class HDKD(Method):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         if not self.learn_weights:
-            self._plain_step(model, x, y, sample_weight)
+            model.skippable_step(lambda x, y, sw: self._plain_step(model, x, y, sw), args=(x, y, sample_weight))
         else:
             if meta_batch is None:
                 raise ValueError(
@@ -473,11 +473,15 @@ class HDKD(Method):
                 )
             x_m, y_m, _ = keras.utils.unpack_x_y_sample_weight(tuple(meta_batch))
             bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
-            bilevel.every(
-                self.batch_counter,
-                self.meta_interval,
-                lambda x, y, sw, x_m, y_m: self._meta_step(model, x, y, sw, x_m, y_m),
-                lambda x, y, sw, x_m, y_m: self._plain_step(model, x, y, sw),
+            # One real step either way (a skipped one also undoes the gamma step before it).
+            model.skippable_step(
+                lambda *args: bilevel.every(
+                    self.batch_counter,
+                    self.meta_interval,
+                    lambda x, y, sw, x_m, y_m: self._meta_step(model, x, y, sw, x_m, y_m),
+                    lambda x, y, sw, x_m, y_m: self._plain_step(model, x, y, sw),
+                    args=args,
+                ),
                 args=(x, y, sample_weight, x_m, y_m),
             )
         self.batch_counter.assign_add(1)

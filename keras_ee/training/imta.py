@@ -414,6 +414,10 @@ class IMTA(Method):
         if self.current_phase == 0:
             return super().train_step(model, data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        model.skippable_step(lambda x, y, sw: self._phase2_step(model, x, y, sw), args=(x, y, sample_weight))
+        return self.step_logs(model)
+
+    def _phase2_step(self, model, x, y, sample_weight):
         k = model.num_exits
         probe = core.probe_model(model.backbone, (f"exit_{k}_features",))
         variables = model.trainable_variables
@@ -427,7 +431,6 @@ class IMTA(Method):
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
-        return self.step_logs(model)
 
     # --- saving -----------------------------------------------------------------
 

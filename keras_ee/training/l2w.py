@@ -194,6 +194,7 @@ class L2W(Method):
 
     # Half-batch exchange: two real backbone steps (on halves) per loaded batch.
     optimizer_steps_per_batch = 2
+    min_batch_per_replica = 2  # two halves of at least one sample
 
     def __init__(
         self,

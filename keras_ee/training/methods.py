@@ -24,7 +24,8 @@ Hooks (override what the method needs):
   in `keras_ee.training.core` and `keras_ee.training.bilevel`; the real
   optimizer step is `model.apply_step(grads, per_exit_loss)` (gradients of
   `model.scale_loss(loss)`: over the replicas, times the loss scale), which
-  also checks for NaN/inf. Forward
+  also checks for NaN/inf; each real step runs inside `model.skippable_step`, so
+  that a step skipped for a loss-scale overflow changes nothing. Forward
   passes with substituted parameters that also return named intermediate
   tensors (an exit's pooled feature): `core.stateless_forward(...,
   return_tensors=[...])`.
@@ -140,6 +141,10 @@ class Method(keras.layers.Layer):
     # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
     # iterations, so a run's total is epochs * batches * this.
     optimizer_steps_per_batch = 1
+    # The fewest samples of a loaded batch that one replica (or the one device) can train on:
+    # `keras-ee train` refuses a global batch that gives a replica fewer, and drops an epoch's
+    # last batch when it is smaller (L2W's half-batch exchange: 2).
+    min_batch_per_replica = 1
     # Whether each step also gets a batch of held-out data: then `train_step` is called
     # as `train_step(model, data, meta_batch=(x_meta, y_meta))` and the data fed to
     # `fit` is `((x, y), (x_meta, y_meta))` (`keras_ee.experiment.training_data`).
@@ -199,6 +204,15 @@ class Method(keras.layers.Layer):
     def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Raise if `optimizer` cannot be used by this method."""
 
+    def auxiliary_optimizers(self) -> list[keras.optimizers.Optimizer]:
+        """The method's own optimizers (L2W's WPN Adam, the gater's, HDKD's gamma optimizer).
+
+        Default: every `keras.optimizers.Optimizer` held as an attribute of the method. Their
+        state belongs to the step they take: `MultiExitModel.skippable_step` restores it when
+        the real step is skipped for a loss-scale overflow.
+        """
+        return [value for value in vars(self).values() if isinstance(value, keras.optimizers.Optimizer)]
+
     def metric_names(self) -> list[str]:
         """Names of the method's own per-step logs (besides the model's)."""
         return []
@@ -228,6 +242,10 @@ class Method(keras.layers.Layer):
     def train_step(self, model: "MultiExitModel", data: Any) -> dict[str, Tensor]:
         """One forward, one backward, one optimizer step on the batch."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        model.skippable_step(lambda x, y, sw: self._single_step(model, x, y, sw), args=(x, y, sample_weight))
+        return self.step_logs(model)
+
+    def _single_step(self, model, x, y, sample_weight):
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
@@ -237,7 +255,6 @@ class Method(keras.layers.Layer):
         grads = tape.gradient(scaled, variables)
         model.apply_step(grads, per_exit)
         model.update_step_metrics(loss, y, logits, ce)
-        return self.step_logs(model)
 
     def step_logs(self, model: "MultiExitModel") -> dict[str, Tensor]:
         return model.model_logs()

@@ -4,6 +4,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_ee._typing import Tensor
@@ -268,6 +269,7 @@ class MultiExitModel(keras.Model):
                 "but was not compiled since: call model.compile(optimizer=...) with a new optimizer "
                 "(the trainable variables changed), or use keras_ee.training.fit_phases."
             )
+        check_collective_strategy(self.distribute_strategy)
         return super().fit(*args, callbacks=_with_guard(callbacks), **kwargs)
 
     def evaluate(self, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
@@ -386,6 +388,50 @@ class MultiExitModel(keras.Model):
         if checks:
             bad, first = core.first_nonfinite(self.checked_variables())
             self._record(bad, first, _WEIGHTS)
+
+    def skippable_step(self, fn: Callable[..., Any], args: tuple = ()) -> None:
+        """`fn(*args)`: one real step (one `apply_step`) with everything that belongs to it.
+
+        A `LossScaleOptimizer` skips a step whose gradients overflowed, leaving the weights
+        and its own buffers alone; the rest of the step has happened by then: the BatchNorm
+        moving statistics of its forward pass, the method's auxiliary step taken before the
+        real one (L2W's WPN, the gater, HDKD's gamma), that step's optimizer state, the
+        method's statistics. Where the optimizer skipped the step (it lowered its scale
+        without counting an iteration) all of these (`step_state`) are restored, so a
+        skipped step changes nothing. Without loss scaling this is `fn(*args)`.
+
+        Every method runs each real step in one (`Method.train_step`'s default, L2W's half
+        steps, gating's and HDKD's batches). `fn` must not take more than one real step;
+        what the method counts per loaded batch (e.g. `batch_counter`) belongs outside it.
+        Under `tf.distribute` the optimizer's decision is the same on every replica.
+        """
+        optimizer = self.optimizer
+        if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            fn(*args)
+            return
+        state = self.step_state()
+        # Reads (copies), not the variables themselves: `ops.convert_to_tensor` would alias them.
+        saved = [tf.convert_to_tensor(v) for v in state]
+        iterations = tf.convert_to_tensor(optimizer.iterations)
+        scale = tf.convert_to_tensor(optimizer.dynamic_scale)
+        fn(*args)
+        skipped = ops.logical_and(ops.equal(optimizer.iterations, iterations), ops.less(optimizer.dynamic_scale, scale))
+
+        def restore(saved):
+            for variable, value in zip(state, saved):
+                variable.assign(value)
+
+        # Some of these assignments synchronise the replicas: a condition that allows it.
+        bilevel.replica_cond(skipped, restore, lambda saved: None, args=(saved,))
+
+    def step_state(self) -> list[keras.Variable]:
+        """What a step skipped for overflow restores (`skippable_step`): the backbone's
+        non-trainable variables (BatchNorm moving statistics), the method's variables and its
+        own optimizers' (`Method.auxiliary_optimizers`). Reading the unchanged ones is free."""
+        state = list(self.backbone.non_trainable_variables) + list(self.method.variables)
+        for optimizer in self.method.auxiliary_optimizers():
+            state += list(optimizer.variables)
+        return state
 
     def checked_variables(self) -> list[keras.Variable]:
         """The backbone's variables whose values `apply_step` checks after an update."""
@@ -515,6 +561,36 @@ def _compile_options(model: MultiExitModel) -> dict[str, Any]:
     for key in ("optimizer", "loss", "metrics", "weighted_metrics", "loss_weights"):
         options.pop(key, None)
     return options
+
+
+_COLLECTIVE_STRATEGIES: list[Any] = []  # the strategy with collectives that trained in this process (at most one)
+
+
+def check_collective_strategy(strategy: Any) -> None:
+    """Refuse to train under a second `MirroredStrategy` (or `MultiWorkerMirroredStrategy`) in a process.
+
+    TensorFlow numbers the collective operations (all-reduces, all-gathers) of every new
+    strategy of these kinds from the same group and instance keys and keeps what the first
+    one ran under each key for the rest of the process, so the second strategy's collectives
+    collide with the first's and fail mid-training ("Collective instance 101 expected type 0
+    and data_type 1 but got type 2 and data_type 3"). One strategy per process, reused for
+    every model, never collides: `keras_ee.experiment.make_strategy` returns the process's.
+    Strategies of one replica run no collectives and are not counted.
+    """
+    if strategy.num_replicas_in_sync < 2 or not isinstance(
+        strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    ):
+        return
+    if not _COLLECTIVE_STRATEGIES:
+        _COLLECTIVE_STRATEGIES.append(strategy)
+    elif _COLLECTIVE_STRATEGIES[0] is not strategy:
+        raise ValueError(
+            f"this process already trained under another {type(_COLLECTIVE_STRATEGIES[0]).__name__}, and "
+            f"TensorFlow gives every new one the same collective keys, so this {type(strategy).__name__}'s "
+            "collectives would collide with the first's mid-training ('Collective instance ... expected type'); "
+            "build every model under one strategy per process (keras_ee.experiment.make_strategy returns it), "
+            "or train in a new process."
+        )
 
 
 def _with_guard(callbacks: Any) -> Any:

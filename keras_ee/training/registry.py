@@ -103,6 +103,31 @@ class MethodSpec:
             ValueError: an unknown option or a value of the wrong type, listing the valid
                 options with their types.
         """
+        out = {}
+        for name, (key, value) in self._named(options).items():
+            try:
+                out[name] = _convert(value, self.options[name].type)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
+                    f"{self.describe_options()}."
+                ) from None
+        return out
+
+    def canonical(self, options: dict) -> dict:
+        """`options` under the options' own names (aliases resolved), values as given: what a
+        run's config.json stores. Refuses what `convert` refuses by name (unknown options, two
+        names of one option)."""
+        return {name: value for name, (_, value) in self._named(options).items()}
+
+    def resolved(self, options: dict) -> dict:
+        """Every option's value with `options`: converted, the others at their defaults (what the
+        method is built with). Two configs whose options resolve alike run the same method, e.g.
+        one that leaves `q` out and one that writes its default."""
+        return {**{name: option.default for name, option in self.options.items()}, **self.convert(options)}
+
+    def _named(self, options: dict) -> dict:
+        """`{option name: (key as given, value)}`, refusing unknown keys and two keys of one option."""
         if not isinstance(options, dict):
             raise ValueError(f"options for method {self.name!r} must be a mapping; received {options!r}.")
         out: dict[str, Any] = {}
@@ -113,13 +138,13 @@ class MethodSpec:
                     f"bad options for method {self.name!r}: unknown option {key!r}; valid options: "
                     f"{self.describe_options()}."
                 )
-            try:
-                out[name] = _convert(value, self.options[name].type)
-            except (TypeError, ValueError) as e:
+            if name in out:
+                first, first_value = out[name]
                 raise ValueError(
-                    f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
-                    f"{self.describe_options()}."
-                ) from None
+                    f"bad options for method {self.name!r}: {first}={first_value!r} and {key}={value!r} are two "
+                    f"names of the option {name!r}; give it once."
+                )
+            out[name] = (key, value)
         return out
 
     def create(self, options: dict) -> Any:
