@@ -1,15 +1,16 @@
 """`keras-ee import`: an authors' checkpoint as a run folder like a trained one.
 
-The folder holds `model.keras` (a `MultiExitModel` with the `baseline` method, loadable in safe
-mode), `costs.json` (exact per-exit costs), `preprocessing.json` (the authors' input
-normalisation for the dataset), `config.json` (a `TrainConfig` naming the preset, its options and
-the dataset), `state.json` (`trained: true`, so `train` never overwrites the imported weights)
-and `import.json` (the source file and its sha256, the serialisation, the architecture found,
-tensor counts, what was ignored). Every file is written atomically under the run's lock.
+The folder holds `model.keras` (a `MultiExitModel` with the `baseline` method, or for IMTA's phase-
+II checkpoints the `imta` method in phase II with its teacher; loadable in safe mode), `costs.json`
+(exact per-exit costs), `preprocessing.json` (the authors' input normalisation for the dataset),
+`config.json` (a `TrainConfig` naming the preset, its options and the dataset), `state.json`
+(`trained: true`, so `train` never overwrites the imported weights) and `import.json` (the source
+file and its sha256, the serialisation, the architecture found, tensor counts, what was ignored).
+Every file is written atomically under the run's lock.
 
 `dump_imported_run` (`keras-ee evaluate RUN --dataset ... --data-dir ...`) then writes the run's
-`dump/`: the logits of every exit on a hold-out of the dataset's training split and on its test
-set, with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
+`dump/`: the logits of every exit on a hold-out of the dataset's training split and on its test set,
+with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
 `EarlyExitModel.from_run` and `export` work on it as on a trained run.
 """
 
@@ -56,7 +57,7 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
     from keras_ee import costs, experiment, inputs, runs, training
     from keras_ee.atomic import atomic_path, atomic_write_json
     from keras_ee.config import TrainConfig
-    from keras_ee.interop.torch_import import import_torch_checkpoint
+    from keras_ee.interop.torch_import import read_checkpoint_into_model
 
     out = experiment.check_out_folder(out)
     if experiment.run_started(out):
@@ -65,12 +66,23 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         raise ValueError(
             f"--dataset {dataset!r}: the authors' normalisation is known for {sorted(AUTHORS_NORMALISATION)}"
         )
-    backbone, report = import_torch_checkpoint(checkpoint, model, **dict(model_options or {}))
+    backbone, report, method, teacher = read_checkpoint_into_model(checkpoint, model, **dict(model_options or {}))
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
-    config = TrainConfig(dataset=dataset, model=report.preset, model_options=options, method="baseline")
+    config = TrainConfig(
+        dataset=dataset,
+        model=report.preset,
+        model_options=options,
+        method=report.method,
+        method_options=dict(report.method_options),
+    )
     mean, std = AUTHORS_NORMALISATION[dataset]
-    model_wrapped = training.MultiExitModel(backbone, method=training.Baseline())
+    # IMTA: the phase-II model (its transform is already in `backbone`), with the phase-I last
+    # classifier as the distillation teacher, so that a run could continue phase II.
+    model_wrapped = training.MultiExitModel(backbone, method=method or training.Baseline(), transform_backbone=False)
+    if teacher is not None and getattr(model_wrapped.method, "distillation", False):
+        model_wrapped.method.teacher_kernel.assign(teacher[0])
+        model_wrapped.method.teacher_bias.assign(teacher[1])
     model_wrapped.compile(optimizer="sgd")
     exit_costs = costs.exit_costs(backbone)
     out.mkdir(parents=True, exist_ok=True)

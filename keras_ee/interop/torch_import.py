@@ -66,6 +66,8 @@ class ImportReport:
     tensors_used: int
     keras_weights: int
     ignored: dict
+    method: str = "baseline"  # the keras-ee training method whose model this is (IMTA phase II: "imta")
+    method_options: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,7 +144,7 @@ def strip_module_prefix(state_dict: dict) -> tuple[dict, bool]:
 def detect_family(state_dict: dict) -> str:
     keys = state_dict.keys()
     if any(k.startswith("isc_modules.") for k in keys) or any(k.startswith("net.blocks.") for k in keys):
-        raise CheckpointError("an IMTA phase-II checkpoint: not supported by this version of keras-ee import yet")
+        return "imta"
     if any(k.startswith("FirstLayer.") for k in keys) and any(k.startswith("scale_flows.") for k in keys):
         return "ranet"
     if any(k.startswith("blocks.") for k in keys) and any(k.startswith("classifier.") for k in keys):
@@ -390,6 +392,87 @@ def _last_linear(sd) -> int:
     return int(_shape(sd, f"classifier.{exits[-1]}.linear.weight")[0])
 
 
+# ---- IMTA phase II (kalviny/IMTA `IMTA_MSDNet`: `net` the frozen phase-I MSDNet)
+
+
+def _imta_backbone(sd: dict) -> dict:
+    """The phase-I MSDNet's tensors (`net.*`, without the prefix)."""
+    return {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
+
+
+def imta_phase_one_classifiers(sd: dict) -> list[str]:
+    """The phase-I classifiers' tensors (`net.classifier.{i}.linear.*`): IMTA's forward pass does
+    not use them; the last one is the teacher of its one-for-all distillation."""
+    return sorted(k for k in sd if re.match(r"net\.classifier\.\d+\.linear\.", k))
+
+
+def imta_assignments(sd: dict) -> list:
+    """The phase-I MSDNet under `net.` onto the backbone, the new classifiers `classifier.{i}` onto
+    `exit_{i+1}`, the transfer paths `isc_modules.{i}.{0,1}` (Linear, BatchNorm1d) onto
+    `exit_{i+2}_collab_dense` / `_collab_bn` (`keras_ee.training.IMTA.transform_backbone`)."""
+    phase_one = set(imta_phase_one_classifiers(sd))
+    out = [
+        dataclasses.replace(a, torch_key=f"net.{a.torch_key}")
+        for a in msdnet_assignments(_imta_backbone(sd))
+        if f"net.{a.torch_key}" not in phase_one
+    ]
+    for i in _indices(sd, r"classifier\.(\d+)\."):
+        out += [_Assign(f"classifier.{i}.{t}", f"exit_{i + 1}", k) for t, k in (("weight", "kernel"), ("bias", "bias"))]
+    for i in _indices(sd, r"isc_modules\.(\d+)\."):
+        p, layer = f"isc_modules.{i}", f"exit_{i + 2}_collab"
+        out += [_Assign(f"{p}.0.{t}", f"{layer}_dense", k) for t, k in (("weight", "kernel"), ("bias", "bias"))]
+        out += [
+            _Assign(f"{p}.1.{t}", f"{layer}_bn", k)
+            for t, k in (
+                ("weight", "gamma"),
+                ("bias", "beta"),
+                ("running_mean", "moving_mean"),
+                ("running_var", "moving_variance"),
+            )
+        ]
+    return out
+
+
+def infer_imta(sd: dict) -> tuple[dict, int, tuple]:
+    """The phase-I MSDNet's `msdnet()` arguments, classes and input shape (see `infer_msdnet`)."""
+    kwargs, num_classes, shape = infer_msdnet(_imta_backbone(sd))
+    heads = _indices(sd, r"classifier\.(\d+)\.")
+    if not heads:
+        raise CheckpointMismatchError("an IMTA checkpoint without its phase-II classifiers (classifier.{i}.weight)")
+    return kwargs, int(_shape(sd, f"classifier.{heads[-1]}.weight")[0]), shape
+
+
+def imta_method(sd: dict, backbone):
+    """keras-ee's `IMTA` in phase II with the checkpoint's transfer widths (None where every path is
+    as wide as its exit's pooled feature, keras-ee's default), and the teacher `(kernel, bias)`."""
+    from keras_ee import models
+    from keras_ee.training import IMTA
+
+    structure = models.exit_structure(backbone)
+    features = [int(f.output.shape[-1]) for f in structure.features]
+    widths = list(features)
+    for i in _indices(sd, r"isc_modules\.(\d+)\."):
+        if i + 1 < len(widths):
+            widths[i + 1] = int(_shape(sd, f"isc_modules.{i}.0.weight")[0])
+    method = IMTA(transfer_widths=None if widths == features else widths)
+    method.current_phase = 1  # the classifiers and transfer paths of phase II, gates open
+    phase_one = [k for k in imta_phase_one_classifiers(sd) if k.endswith(".weight")]
+    teacher = None
+    if phase_one:
+        last = phase_one[-1]
+        teacher = (np.asarray(sd[last]).T, np.asarray(sd[last[: -len("weight")] + "bias"]))
+    return method, teacher
+
+
+def _open_collaboration(backbone) -> None:
+    """Phase II: IMTA's transfer paths pass their input (read when the model is traced)."""
+    from keras_ee.training.imta import CollaborationGate
+
+    for layer in backbone.layers:
+        if isinstance(layer, CollaborationGate):
+            layer.open = True
+
+
 # ---- RANet
 
 
@@ -616,17 +699,37 @@ def import_torch_checkpoint(path, model=None, **options):
         FileNotFoundError, CheckpointError (and its subclasses UnsafeCheckpointError,
         CheckpointMismatchError): one line naming what was wrong.
     """
+    built, report, _method, _teacher = read_checkpoint_into_model(path, model, **options)
+    return built, report
+
+
+_FAMILIES = {  # family -> (architecture inference, assignments, the builder family of its presets)
+    "msdnet": (infer_msdnet, msdnet_assignments, "msdnet"),
+    "ranet": (infer_ranet, ranet_assignments, "ranet"),
+    "imta": (infer_imta, imta_assignments, "msdnet"),
+}
+
+
+def read_checkpoint_into_model(path, model=None, **options):
+    """`import_torch_checkpoint`, and the keras-ee training method the model belongs to.
+
+    Returns:
+        `(keras.Model, ImportReport, method, teacher)`: `method` a `keras_ee.training.Method`
+        (IMTA in phase II for an IMTA checkpoint) or None (the baseline); `teacher` IMTA's
+        phase-I last classifier `(kernel, bias)` for its distillation, or None.
+    """
     import keras
 
     from keras_ee import models
 
     path = Path(path)
     obj, serialisation = read_torch_file(path)
+    method = teacher = None
     try:
         raw, container, ignored = unwrap_checkpoint(obj)
         sd, prefixed = strip_module_prefix(raw)
         family = detect_family(sd)
-        infer, assign = (infer_msdnet, msdnet_assignments) if family == "msdnet" else (infer_ranet, ranet_assignments)
+        infer, assign, builder_family = _FAMILIES[family]
         assignments = assign(sd)
         if isinstance(model, keras.Model):
             built, preset, model_options = model, None, {}
@@ -634,24 +737,39 @@ def import_torch_checkpoint(path, model=None, **options):
             if model is None:
                 kwargs, num_classes, input_shape = infer(sd)
                 stem = kwargs.get("stem", "cifar")
-                preset, model_options = _nearest_preset(family, stem, kwargs)
+                preset, model_options = _nearest_preset(builder_family, stem, kwargs)
                 model_options.update(options)
             else:
                 if not isinstance(model, str) or model not in models.available():
                     raise ValueError(f"unknown model preset {model!r}; available: {models.available()}")
                 preset, model_options = model, dict(options)
-                num_classes = _last_linear(sd)
+                num_classes = infer_imta(sd)[1] if family == "imta" else _last_linear(sd)
                 input_shape = None
             model_options.setdefault("num_classes", num_classes)
             if input_shape is not None:
                 model_options.setdefault("input_shape", tuple(input_shape))
             built = models.create(preset, **model_options)
+            if family == "imta":
+                method, teacher = imta_method(sd, built)
+                built = method.transform_backbone(built)
+        if family == "imta":
+            _open_collaboration(built)
+            phase_one = imta_phase_one_classifiers(sd)
+            ignored = {"phase_one_classifiers": phase_one, **ignored}
+            fill_sd = {k: v for k, v in sd.items() if k not in set(phase_one)}
+        else:
+            fill_sd = sd
         shown = {k: v for k, v in model_options.items() if k not in ("num_classes", "input_shape")}
         where = f"model {preset!r}" + (f" with {shown}" if preset and shown else "")
-        used, filled, dead = fill_model(built, sd, assignments, where if preset else f"model {built.name!r}")
+        if family == "imta":
+            where += " and IMTA's phase-II heads"
+        used, filled, dead = fill_model(built, fill_sd, assignments, where if preset else f"model {built.name!r}")
     except CheckpointError as e:
         raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
     ignored_tensors = sorted(k for k in sd if k.endswith(_IGNORED_SUFFIX))
+    method_options = {}
+    if method is not None:
+        method_options = {k: v for k, v in method.get_config().items() if k == "transfer_widths" and v is not None}
     report = ImportReport(
         source=str(path),
         sha256=_sha256(path),
@@ -672,8 +790,10 @@ def import_torch_checkpoint(path, model=None, **options):
             "unused_by_forward": dead,
             **ignored,
         },
+        method="imta" if family == "imta" else "baseline",
+        method_options=method_options,
     )
-    return built, report
+    return built, report, method, teacher
 
 
 def load_torch_checkpoint(path, model=None, **options):
@@ -683,8 +803,8 @@ def load_torch_checkpoint(path, model=None, **options):
         path: the checkpoint (`torch.save` zip or legacy file): a bare state_dict or the dict the
             authors' scripts save (`state_dict`, optimizer states, ...), with or without
             DataParallel's `module.` prefix.
-        model: None (infer MSDNet / RANet and their settings from the keys and shapes), a
-            preset name, or a keras-ee model to fill.
+        model: None (infer MSDNet / RANet / IMTA phase II and their settings from the keys and
+            shapes), a preset name, or a keras-ee model to fill.
         **options: builder arguments overriding the preset or what was inferred.
 
     Returns:
