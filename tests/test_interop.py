@@ -7,6 +7,7 @@ keras-ee and these tests never import torch.
 import hashlib
 import io
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -324,3 +325,29 @@ def test_imta_run_folder_holds_the_phase_two_model_and_its_teacher(tmp_path):
     teacher = np.asarray(model.method.teacher_logits(features))
     want = np.load(DATA / "imta_cifar_io.npz")["phase1_logits_3"]
     assert np.abs(teacher - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def _damaged_zip(tmp_path):
+    """The CIFAR MSDNet zip with one byte of a weight storage flipped (its CRC-32 no longer matches)."""
+    data = bytearray((DATA / "msdnet_cifar_zip.pth").read_bytes())
+    with zipfile.ZipFile(DATA / "msdnet_cifar_zip.pth") as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + 5] ^= 0xFF
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(bytes(data))
+    return path, info.filename
+
+
+def test_a_damaged_zip_member_is_refused_and_a_given_model_kept(tmp_path):
+    path, member = _damaged_zip(tmp_path)
+    with pytest.raises(interop.CheckpointError, match=f"{member}' fails its CRC-32 check") as e:
+        interop.read_torch_file(path)
+    assert "damaged.pth" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(interop.CheckpointError, match="CRC-32"):
+        interop.load_torch_checkpoint(path)
+    model = interop.load_torch_checkpoint(DATA / "msdnet_cifar_zip.pth")  # a model of the right layout
+    before = [np.array(w) for w in model.weights]
+    with pytest.raises(interop.CheckpointError, match="CRC-32"):
+        interop.load_torch_checkpoint(path, model=model)
+    assert all(np.array_equal(a, np.asarray(w)) for a, w in zip(before, model.weights))  # nothing written
