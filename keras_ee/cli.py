@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -296,7 +297,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from keras_ee import experiment
+    from keras_ee.interop import run_folder
 
+    data_flags = any(v is not None for v in (args.dataset, args.data_dir, args.val_size))
+    if data_flags or (run_folder.is_imported_run(args.run) and not (args.run / "dump").is_dir()):
+        dump = run_folder.dump_imported_run(args.run, args.dataset, args.data_dir, args.val_size)
+        print(f"[keras-ee] wrote {dump}: the imported model's logits on a hold-out and the test set")
     experiment.evaluate_run(
         _run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall, metric=args.metric
     )
@@ -452,7 +458,7 @@ def _check_predict_flags(args) -> None:
 def cmd_predict(args) -> None:
     import numpy as np
 
-    from keras_ee import experiment, inputs
+    from keras_ee import inputs
     from keras_ee.atomic import atomic_write_text, check_out_file, writing
     from keras_ee.evaluation import budget_label
     from keras_ee.inference import EarlyExitModel
@@ -475,15 +481,22 @@ def cmd_predict(args) -> None:
             )
         if args.budget is not None:
             ee.set_budget(args.budget)
-        if not args.normalized:
+        if ee.preprocessing is None and not args.normalized:
             raise ValueError(
                 f"{str(run)!r} is a saved model without its dataset's statistics: pass --normalized "
                 "with images already preprocessed as in training, or give the run folder."
             )
+        if ee.preprocessing is not None and args.normalized:
+            raise ValueError(
+                f"{str(run)!r} normalises raw pixels itself (it was saved from a run folder): leave out "
+                "--normalized and give images as the dataset stores them."
+            )
     else:
         if args.budget is None:
             raise ValueError("predict RUN needs --budget (mean Mul-Adds per image, e.g. 15M).")
-        ee = EarlyExitModel.from_run(_run_dir(run), budget=args.budget, kind=args.confidence)
+        ee = EarlyExitModel.from_run(
+            _run_dir(run), budget=args.budget, kind=args.confidence, raw_pixels=not args.normalized
+        )
     shape = ee.input_shape_hw
     images, names = _read_images(args.images, shape[-1])
     if tuple(images.shape[1:]) != shape:
@@ -493,19 +506,12 @@ def cmd_predict(args) -> None:
         )
     what = f"--images {str(args.images)!r}"
     inputs.check_finite(images, names, what)
-    trained = None if args.normalized else experiment.read_pixel_range(run)
-    if trained is not None:
-        warning = inputs.check_pixel_range(images, trained, names, what)
-        if warning:
-            print(f"keras-ee predict: warning: {warning}", file=sys.stderr)
-    if not args.normalized:
-        scale, mean, std = experiment.read_preprocessing(run)
-        if mean.shape != (shape[-1],):
-            raise ValueError(
-                f"{str(run)!r}: its normalisation has {mean.shape[0]} channels; the model takes {shape[-1]}."
-            )
-        images = (images.astype(np.float32) * np.float32(scale) - mean) / std
-    out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline, pooled=args.pooled)
+    warning = ee.check_pixels(images, names, what)  # raw pixels: the model normalises them
+    if warning:
+        print(f"keras-ee predict: warning: {warning}", file=sys.stderr)
+    with warnings.catch_warnings():  # told above, naming the files
+        warnings.simplefilter("ignore", inputs.PixelRangeWarning)
+        out = ee.predict(images, batch_size=args.batch_size, deadline=args.deadline, pooled=args.pooled)
     cost = ee.costs[out["exit"] - 1]
     lines = ["image,label,exit,confidence,mul_adds"]
     for name, label, ex, conf, c in zip(names, out["label"], out["exit"], out["confidence"], cost):
@@ -585,6 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="top1 (default) or top5: the label among the exit's 5 largest logits counts as correct (the "
         "HDKD paper's measure; written to RUN/eval/top5/); exits are still chosen by the confidence",
     )
+    g = p.add_argument_group(
+        "a run of `keras-ee import`",
+        "its logits are dumped first (dump/): on a hold-out of the dataset's training split and its test set, "
+        "normalised as the run's preprocessing.json says; given again, they dump anew",
+    )
+    g.add_argument("--dataset", help="dataset name or npz:PATH (default: the run's, cifar10/cifar100/imagenet)")
+    g.add_argument("--data-dir", help="folder with local copies of the data")
+    g.add_argument("--val-size", type=int, help="held-out images of the training split for calibration")
     p = sub.add_parser("compare", help="overlay the budget curves of several runs")
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--budget", dest="budgets", type=parse_budget, action="append")

@@ -33,9 +33,11 @@ The stages run on a snapshot of the backbone's BatchNorm-folded conv kernels
 
 Conventions: exits are numbered 1..K (as the `exit_k` layers and the tables); costs and
 budgets are cumulative Mul-Adds per sample (`keras_ee.costs.exit_costs`); a budget is a
-number or a string such as `"15M"` (`keras_ee.costs.parse_mul_adds`). Inputs must be
-preprocessed as in training (the dataset pipelines normalise with the training split's
-per-channel mean and std; `keras-ee predict` does this for raw images).
+number or a string such as `"15M"` (`keras_ee.costs.parse_mul_adds`). Inputs: a model with a
+`preprocessing` (`from_run` gives it its run's `preprocessing.json`; `from_model` takes one)
+normalises inside its pass, so `predict`, its calls and the exported SavedModel take images as
+the dataset stores them (raw pixels; `keras_ee.inputs.Preprocessing`); without one, images must
+be preprocessed as in training.
 
 Anytime prediction (`deadline=k`, Huang et al.'s "anytime" setting): the same rule, but
 every sample still running after stage k takes exit k's prediction, so no sample costs
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +175,10 @@ class EarlyExitModel(keras.Model):
             plus the solved `q` and `val_mean_cost` of the current thresholds.
         val_scores: float32 `(K, N)` validation confidences: kept (in the `.keras` file)
             so that `set_budget` can solve for a new budget.
+        preprocessing: None (images come preprocessed as in training), or a
+            `keras_ee.inputs.Preprocessing` (or its dict, `preprocessing.json`'s keys): the
+            pass normalises raw pixels itself, and `predict` and eager calls check them
+            against its `pixel_range`.
         name: model name.
 
     Calling the model (`ee(images)`, `ee(images, deadline=k)`) returns a dict of
@@ -190,6 +197,7 @@ class EarlyExitModel(keras.Model):
         budget: float | None = None,
         sweep: dict[str, Any] | None = None,
         val_scores: npt.ArrayLike | None = None,
+        preprocessing: inputs.Preprocessing | dict[str, Any] | None = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -240,6 +248,12 @@ class EarlyExitModel(keras.Model):
             )
             self._val_scores.assign(vs)
         self.input_shape_hw = tuple(int(d) for d in backbone.inputs[0].shape[1:])
+        self.preprocessing = inputs.Preprocessing.of(preprocessing)
+        if self.preprocessing is not None and self.preprocessing.channels != self.input_shape_hw[-1]:
+            raise ValueError(
+                f"EarlyExitModel: the normalisation has {self.preprocessing.channels} channels; the model takes "
+                f"{self.input_shape_hw[-1]}."
+            )
         self._serve: tuple[Any, Any] | None = None  # the compiled pass, without and with a deadline
         self.built = True
 
@@ -259,6 +273,7 @@ class EarlyExitModel(keras.Model):
         shortfall: calibration.Shortfall = "reference",
         qs: npt.ArrayLike | None = None,
         name: str | None = None,
+        preprocessing: inputs.Preprocessing | dict[str, Any] | None = None,
     ) -> EarlyExitModel:
         """Calibrates thresholds for `budget` on validation logits and wraps `model`.
 
@@ -272,6 +287,9 @@ class EarlyExitModel(keras.Model):
             kind, temperature: the confidence score (as `calibration.exit_scores`).
             mode, shortfall, qs: as `calibration.budget_sweep` (the saved sweep).
             name: model name.
+            preprocessing: the normalisation of raw pixels (a `keras_ee.inputs.Preprocessing`
+                or a dict with `pixel_scale`, `mean`, `std`, optionally `pixel_range`), applied
+                inside the model; None: images come preprocessed as in training.
 
         Returns:
             `EarlyExitModel`.
@@ -304,6 +322,7 @@ class EarlyExitModel(keras.Model):
             temperature=temperature,
             sweep=sweep,
             val_scores=scores,
+            preprocessing=preprocessing,
             name=name,
         )
         ee.set_budget(budget)
@@ -319,14 +338,19 @@ class EarlyExitModel(keras.Model):
         mode: calibration.SplitMode = "geometric",
         shortfall: calibration.Shortfall = "reference",
         qs: npt.ArrayLike | None = None,
+        raw_pixels: bool = True,
     ) -> EarlyExitModel:
         """Loads a finished run folder (`model.keras`, `dump/`) and calibrates for `budget`.
 
         Args:
-            path: the run folder of `keras-ee train`.
+            path: the run folder of `keras-ee train` (or `keras-ee import`, once
+                `keras-ee evaluate` has dumped its logits).
             budget: mean Mul-Adds per sample, a number or a string like `"15M"`.
             kind: confidence score; default the run's `confidence` setting.
             temperature, mode, shortfall, qs: as `from_model`.
+            raw_pixels: True (default): the model applies the run's `preprocessing.json`
+                itself, so it takes images as the dataset stores them (and checks them
+                against the training pixel range); False: images preprocessed as in training.
 
         Returns:
             `EarlyExitModel`.
@@ -355,12 +379,19 @@ class EarlyExitModel(keras.Model):
             raise ValueError(
                 f"real early exit needs a built-in confidence score {calibration.SCORE_KINDS}; received {kind!r}."
             )
+        preprocessing = inputs.Preprocessing.of_run(path) if raw_pixels else None
         dump = dumps.load_dump(path / "dump")
         model = experiment.load_run_model(path / experiment.MODEL_FILE)
         # `keras-ee train` records the reference rule's costs.
         costs = ee_costs.check_recorded_costs(
             _backbone_of(model), dump.mul_adds, repr(str(path / "dump" / "costs.json"))
         )
+        channels = int(_backbone_of(model).inputs[0].shape[-1])
+        if preprocessing is not None and preprocessing.channels != channels:
+            raise ValueError(
+                f"{str(path / experiment.PREPROCESSING_FILE)!r}: its normalisation has {preprocessing.channels} "
+                f"channels; the model takes {channels}."
+            )
         return cls.from_model(
             model,
             np.asarray(dump.val_logits),
@@ -373,6 +404,7 @@ class EarlyExitModel(keras.Model):
             shortfall=shortfall,
             qs=qs,
             name=f"{path.name}_early_exit",
+            preprocessing=preprocessing,
         )
 
     @staticmethod
@@ -587,6 +619,7 @@ class EarlyExitModel(keras.Model):
         if deadline is not None:
             deadline = inputs.assert_deadline(deadline, self.num_exits)
         valid = self._finite_images(images)
+        images = self._normalized(images)
         n = tf.shape(images)[0]
         thresholds = tf.convert_to_tensor(self._thresholds.value)
         idx = tf.range(n)  # input positions of the samples still running
@@ -626,6 +659,16 @@ class EarlyExitModel(keras.Model):
             "confidence": tf.dynamic_stitch(where, conf),
         }
 
+    def _normalized(self, images: Tensor) -> Tensor:
+        """The model's input from the caller's images: raw pixels normalised (`preprocessing`)."""
+        return images if self.preprocessing is None else self.preprocessing.normalize(images)
+
+    def check_pixels(self, images: np.ndarray, names: Sequence[str] | None = None, what: str = "images") -> str | None:
+        """Raw pixels against the training pixel range (`keras_ee.inputs.check_pixel_range`):
+        a ValueError for pixels far outside, a warning text (returned) for a small excess, None
+        when inside or when the model takes preprocessed images."""
+        return None if self.preprocessing is None else self.preprocessing.check_pixels(images, names, what)
+
     def call(self, images: Tensor, deadline: int | Tensor | None = None, training: bool = False) -> dict[str, Tensor]:
         return self.early_exit(images, deadline=deadline)
 
@@ -652,6 +695,9 @@ class EarlyExitModel(keras.Model):
                 f"images must have shape (N, {', '.join(map(str, want))}) as the model's input; received {a.shape}."
             )
         inputs.check_finite(a)
+        warning = self.check_pixels(a)
+        if warning:
+            warnings.warn(warning, inputs.PixelRangeWarning, stacklevel=3)
         return a
 
     def serving_function(self, deadline: bool = False) -> Callable[..., dict[str, Tensor]]:
@@ -682,10 +728,13 @@ class EarlyExitModel(keras.Model):
         verbose: int = 0,
         **kwargs: Any,
     ) -> dict[str, np.ndarray]:
-        """Early-exit predictions for a numpy array of preprocessed images.
+        """Early-exit predictions for a numpy array of images.
 
         Args:
-            images: `(N, H, W, C)` array (cast to float32), preprocessed as in training.
+            images: `(N, H, W, C)` array (cast to float32): raw pixels as the dataset stores
+                them for a model with a `preprocessing` (checked against its pixel range:
+                far outside is a ValueError, a small excess a `PixelRangeWarning`), else
+                preprocessed as in training.
             batch_size: samples per compiled call.
             deadline: None (the budget's thresholds only), or an int stage k in 1..K:
                 anytime mode, every sample has its prediction after stage k at the latest.
@@ -742,7 +791,7 @@ class EarlyExitModel(keras.Model):
             def step(*args):
                 state, valid = args[:-1], args[-1]
                 with self._runtime.snapshot.active():
-                    out = stage(list(state) if k else state[0], training=False)
+                    out = stage(list(state) if k else self._normalized(state[0]), training=False)
                 score, pred = self._score(out[0], k, valid)
                 if final:
                     return score, pred
@@ -817,6 +866,7 @@ class EarlyExitModel(keras.Model):
             "budget": self.budget,
             "sweep": None if self.sweep is None else _json_sweep(self.sweep),
             "num_val": None if self._val_scores is None else int(self._val_scores.shape[1]),
+            "preprocessing": None if self.preprocessing is None else self.preprocessing.to_dict(),
             "name": self.name,
         }
         return config
@@ -849,8 +899,10 @@ class EarlyExitModel(keras.Model):
         """Writes a TensorFlow SavedModel whose signatures do the early exit (no keras_ee needed).
 
         Signatures: `serving_default` / `serve(images)` and `anytime(images, deadline)`,
-        `images` float32 `(None, H, W, C)`, `deadline` int32 scalar; both return the dict
-        `label`, `exit`, `confidence`. Load with `tf.saved_model.load(path)`.
+        `images` float32 `(None, H, W, C)` (raw pixels as the dataset stores them when the
+        model has a `preprocessing`: the SavedModel normalises them), `deadline` int32
+        scalar; both return the dict `label`, `exit`, `confidence`. Load with
+        `tf.saved_model.load(path)`.
 
         Nothing keras-ee did not write is deleted. The SavedModel is written to a hidden
         sibling folder, then renamed into place; a folder that already exists keeps every

@@ -1,4 +1,5 @@
-"""The checks of what a user hands to inference: images and deadlines.
+"""The checks of what a user hands to inference (images and deadlines), and the one
+normalisation of raw pixels (`Preprocessing`).
 
 One definition of each rule, used by every entry point (`keras_ee.inference.EarlyExitModel`,
 its compiled and exported passes, `keras-ee predict`):
@@ -8,15 +9,22 @@ its compiled and exported passes, `keras-ee predict`):
   (`EarlyExitModel.predict`, eager calls, `keras-ee predict`), naming it. A compiled or
   exported pass cannot refuse one image of a request: there it gets no prediction (see
   `keras_ee.inference`: label -1, confidence NaN, at the last exit or the deadline's).
+- Raw pixels become the model's input as the training pipeline makes them:
+  `(pixels * pixel_scale - mean) / std` per channel (`Preprocessing`, read from a run's
+  `preprocessing.json`; an `EarlyExitModel` with one applies it inside its pass, so
+  `predict` and the exported SavedModel take pixels as the dataset stores them).
 - Raw pixels lie in the range the run was trained on (`preprocessing.json`'s
-  `pixel_range`, recorded at training time): beyond it by more than
-  `PIXEL_RANGE_TOLERANCE` of its width is refused (8-bit PNG files for a 0..16 dataset),
-  a smaller excess warns once.
+  `pixel_range`, recorded at training time; 0..255 for an imported run): beyond it by more
+  than `PIXEL_RANGE_TOLERANCE` of its width is refused (8-bit PNG files for a 0..16
+  dataset), a smaller excess warns once (`PixelRangeWarning` from `EarlyExitModel.predict`).
 - A deadline is an int stage in 1..K; compiled passes check it with a TensorFlow assertion
   (an `InvalidArgumentError` status from a SavedModel).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import numpy as np
 
@@ -135,3 +143,106 @@ def assert_deadline(deadline, num_exits):
     ok = tf.logical_and(deadline >= 1, deadline <= num_exits)
     with tf.control_dependencies([tf.debugging.Assert(ok, [deadline_error(num_exits, None), "received", deadline])]):
         return tf.identity(deadline)
+
+
+class PixelRangeWarning(UserWarning):
+    """Raw pixels slightly outside a run's training pixel range (`check_pixel_range`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become a model's input: `(pixels * pixel_scale - mean) / std` per channel,
+    the normalisation of keras-ee's training pipelines (`keras_ee.data.pipeline`), in float32
+    (the fields hold float32 values).
+
+    Args:
+        pixel_scale: multiplies the stored pixels (1/255 for 8-bit images).
+        mean, std: one number per channel (std > 0), applied after the scale.
+        pixel_range: `(min, max)` of the stored pixels the model was trained on (checked by
+            `check_pixels`), or None (not checked).
+    """
+
+    pixel_scale: float
+    mean: tuple
+    std: tuple
+    pixel_range: tuple | None = None
+
+    def __post_init__(self):
+        given = (
+            f"pixel_scale={self.pixel_scale!r}, mean={self.mean!r}, std={self.std!r}, pixel_range={self.pixel_range!r}"
+        )
+        try:
+            # Kept as the float32 numbers the pass computes with (preprocessing.json is read as float32).
+            scale = float(np.float32(self.pixel_scale))
+            mean = tuple(float(v) for v in np.asarray(self.mean, np.float32).reshape(-1))
+            std = tuple(float(v) for v in np.asarray(self.std, np.float32).reshape(-1))
+            prange = None if self.pixel_range is None else tuple(float(v) for v in self.pixel_range)
+            ok = (
+                math.isfinite(scale)
+                and scale > 0
+                and len(mean) >= 1
+                and len(mean) == len(std)
+                and all(math.isfinite(v) for v in mean)
+                and all(math.isfinite(v) and v > 0 for v in std)
+                and (
+                    prange is None or (len(prange) == 2 and all(map(math.isfinite, prange)) and prange[0] <= prange[1])
+                )
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                "preprocessing must have pixel_scale > 0, mean and std of one finite number per channel "
+                f"(std > 0) and pixel_range [min, max] or None; received {given}."
+            )
+        for name, value in (("pixel_scale", scale), ("mean", mean), ("std", std), ("pixel_range", prange)):
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        """The JSON form (`preprocessing.json`'s keys; `pixel_range` only when known)."""
+        out = {"pixel_scale": self.pixel_scale, "mean": list(self.mean), "std": list(self.std)}
+        if self.pixel_range is not None:
+            out["pixel_range"] = list(self.pixel_range)
+        return out
+
+    @classmethod
+    def of(cls, value):
+        """A `Preprocessing` from itself, a dict of its fields (`preprocessing.json`), or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - {"pixel_scale", "mean", "std", "pixel_range"}
+            if unknown or not {"pixel_scale", "mean", "std"} <= set(value):
+                raise ValueError(
+                    "preprocessing must be a dict with pixel_scale, mean, std (and optionally pixel_range); "
+                    f"received keys {sorted(value)}."
+                )
+            return cls(**value)
+        raise TypeError(f"preprocessing must be a Preprocessing, a dict or None; received {type(value).__name__}.")
+
+    @classmethod
+    def of_run(cls, workdir):
+        """A run folder's normalisation (`preprocessing.json`; a run from before it: its dataset's)."""
+        from keras_ee import experiment
+
+        scale, mean, std = experiment.read_preprocessing(workdir)
+        return cls(scale, mean, std, experiment.read_pixel_range(workdir))
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def normalize(self, images):
+        """`images` (numpy or tensor, any numeric dtype) as the model's float32 input tensor."""
+        import tensorflow as tf
+
+        x = tf.cast(tf.convert_to_tensor(images), tf.float32) * tf.constant(self.pixel_scale, tf.float32)
+        mean = tf.constant(np.asarray(self.mean, np.float32))
+        inv_std = tf.constant(1.0 / np.asarray(self.std, np.float32))  # as the training pipeline
+        return (x - mean) * inv_std
+
+    def check_pixels(self, images, names=None, what="images"):
+        """`check_pixel_range` against `pixel_range` (nothing when it is unknown)."""
+        if self.pixel_range is None:
+            return None
+        return check_pixel_range(images, self.pixel_range, names, what)

@@ -38,7 +38,7 @@ def budget(run):
 
 @pytest.fixture(scope="module")
 def ee(run, budget):
-    return EarlyExitModel.from_run(run, budget=budget)
+    return EarlyExitModel.from_run(run, budget=budget, raw_pixels=False)  # takes normalised images
 
 
 def _raw_digits(n=6, seed=0):

@@ -7,6 +7,7 @@ keras-ee and these tests never import torch.
 import hashlib
 import io
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -19,13 +20,18 @@ from tests import torch_writer
 
 DATA = Path(__file__).parent / "data" / "torch_checkpoints"
 # family -> options the import needs beyond the file (the ImageNet fixture ran on 160x160 inputs)
-FAMILIES = {"msdnet_cifar": {}, "msdnet_imagenet": {"input_shape": (160, 160, 3)}, "ranet_cifar": {}}
+FAMILIES = {
+    "msdnet_cifar": {},
+    "msdnet_imagenet": {"input_shape": (160, 160, 3)},
+    "ranet_cifar": {},
+    "imta_cifar": {},
+}
 
 
 def _io(name):
     saved = np.load(DATA / f"{name}_io.npz")
     x = saved["inputs_nchw"].astype(np.float32).transpose(0, 2, 3, 1)
-    logits = [saved[f"logits_{k}"] for k in range(1, len(saved.files))]
+    logits = [saved[f"logits_{k}"] for k in range(1, 1 + sum(f.startswith("logits_") for f in saved.files))]
     return x, logits
 
 
@@ -46,12 +52,12 @@ def test_logits_equal_the_authors(name, serialisation):
     assert report.serialisation == serialisation
     # The fixtures alternate: one file of each family is main.py's DataParallel dict, the other bare.
     wrapped = (serialisation == "zip") != (name == "msdnet_imagenet")
-    assert report.module_prefix is wrapped
+    assert report.module_prefix is (wrapped or name == "imta_cifar")  # IMTA's `net.module.`: its WrappedModel
     assert report.container == ("state_dict" if wrapped else "bare")
     if wrapped:
-        assert {"optimizer", "epoch", "best_prec1"} <= set(report.ignored)
+        assert {"optimizer", "epoch"} <= set(report.ignored)
     assert report.ignored["num_batches_tracked"] > 0
-    dead = len(report.ignored["unused_by_forward"])
+    dead = len(report.ignored["unused_by_forward"]) + len(report.ignored.get("phase_one_classifiers", []))
     assert report.tensors_used + dead + report.ignored["num_batches_tracked"] == report.tensors_total
     assert report.sha256 == hashlib.sha256((DATA / f"{name}_{serialisation}.pth").read_bytes()).hexdigest()
 
@@ -259,3 +265,89 @@ def test_import_command_refusals(imported_run, tmp_path, capsys):
     assert not out.exists()  # nothing written for a refused checkpoint
     assert cli.main(["import", str(DATA / "ranet_cifar_zip.pth"), "--out", str(out), "--dataset", "mnist"]) == 2
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- IMTA phase II
+
+
+def test_imta_phase_two_maps_onto_keras_ee_imta_heads():
+    from keras_ee import models
+    from keras_ee.training.imta import CollaborationGate
+
+    model, report = interop.import_torch_checkpoint(DATA / "imta_cifar_zip.pth")
+    assert report.family == "imta" and report.method == "imta" and report.method_options == {}
+    assert report.preset == "msdnet_cifar_5" and report.model_options["num_blocks"] == 3
+    # The phase-I classifiers (net.classifier.{i}.linear) are not in IMTA's forward pass.
+    assert report.ignored["phase_one_classifiers"] == [
+        f"net.classifier.{i}.linear.{t}" for i in range(3) for t in ("bias", "weight")
+    ]
+    names = {layer.name for layer in model.layers}
+    assert {"exit_2_collab_dense", "exit_2_collab_bn", "exit_3_collab_dense", "exit_3_collab_bn"} <= names
+    gates = [layer for layer in model.layers if isinstance(layer, CollaborationGate)]
+    assert len(gates) == 2 and all(g.open for g in gates)
+    # With the transfer paths closed (phase I's wiring) exits 2 and 3 lose the authors' logits:
+    # the parity test can fail.
+    for g in gates:
+        g.open = False
+    x, expected = _io("imta_cifar")
+    closed = model(x, training=False)
+    assert np.abs(np.asarray(closed[1]) - expected[1]).max() > 1e-3 * np.abs(expected[1]).max()
+    assert len(models.split_stages(model)) == 3
+
+
+def test_imta_without_its_transfer_paths_is_refused(tmp_path):
+    obj, _ = interop.read_torch_file(DATA / "imta_cifar_legacy.pth")
+    edited = {k: v for k, v in obj.items() if not k.startswith("isc_modules.1.")}
+    path = torch_writer.write_state_dict(tmp_path / "no_isc.pth", edited)
+    with pytest.raises(
+        interop.CheckpointMismatchError, match=r"not filled exactly once: \['exit_3_collab_dense/kernel'"
+    ) as e:
+        interop.load_torch_checkpoint(path)
+    assert "IMTA's phase-II heads" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_imta_run_folder_holds_the_phase_two_model_and_its_teacher(tmp_path):
+    import json
+
+    from keras_ee import cli, experiment
+    from keras_ee.training import IMTA, core
+
+    out = tmp_path / "imta_run"
+    assert cli.main(["import", str(DATA / "imta_cifar_legacy.pth"), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "imta" and config["model"] == "msdnet_cifar_5"
+    model = experiment.load_run_model(out / "model.keras")
+    assert isinstance(model.method, IMTA) and model.method.current_phase == 1
+    _assert_parity(model.backbone, "imta_cifar")
+    # The teacher of phase II's distillation is the phase-I last classifier on the last pooled feature.
+    x, _ = _io("imta_cifar")
+    *_, features = core.probe_model(model.backbone, ("exit_3_features",))(x, training=False)
+    teacher = np.asarray(model.method.teacher_logits(features))
+    want = np.load(DATA / "imta_cifar_io.npz")["phase1_logits_3"]
+    assert np.abs(teacher - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def _damaged_zip(tmp_path):
+    """The CIFAR MSDNet zip with one byte of a weight storage flipped (its CRC-32 no longer matches)."""
+    data = bytearray((DATA / "msdnet_cifar_zip.pth").read_bytes())
+    with zipfile.ZipFile(DATA / "msdnet_cifar_zip.pth") as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + 5] ^= 0xFF
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(bytes(data))
+    return path, info.filename
+
+
+def test_a_damaged_zip_member_is_refused_and_a_given_model_kept(tmp_path):
+    path, member = _damaged_zip(tmp_path)
+    with pytest.raises(interop.CheckpointError, match=f"{member}' fails its CRC-32 check") as e:
+        interop.read_torch_file(path)
+    assert "damaged.pth" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(interop.CheckpointError, match="CRC-32"):
+        interop.load_torch_checkpoint(path)
+    model = interop.load_torch_checkpoint(DATA / "msdnet_cifar_zip.pth")  # a model of the right layout
+    before = [np.array(w) for w in model.weights]
+    with pytest.raises(interop.CheckpointError, match="CRC-32"):
+        interop.load_torch_checkpoint(path, model=model)
+    assert all(np.array_equal(a, np.asarray(w)) for a, w in zip(before, model.weights))  # nothing written

@@ -1,15 +1,22 @@
 """`keras-ee import`: an authors' checkpoint as a run folder like a trained one.
 
-The folder holds `model.keras` (a `MultiExitModel` with the `baseline` method, loadable in safe
-mode), `costs.json` (exact per-exit costs), `preprocessing.json` (the authors' input
-normalisation for the dataset), `config.json` (a `TrainConfig` naming the preset, its options and
-the dataset), `state.json` (`trained: true`, so `train` never overwrites the imported weights)
-and `import.json` (the source file and its sha256, the serialisation, the architecture found,
-tensor counts, what was ignored). Every file is written atomically under the run's lock.
+The folder holds `model.keras` (a `MultiExitModel` with the `baseline` method, or for IMTA's phase-
+II checkpoints the `imta` method in phase II with its teacher; loadable in safe mode), `costs.json`
+(exact per-exit costs), `preprocessing.json` (the authors' input normalisation for the dataset),
+`config.json` (a `TrainConfig` naming the preset, its options and the dataset), `state.json`
+(`trained: true`, so `train` never overwrites the imported weights) and `import.json` (the source
+file and its sha256, the serialisation, the architecture found, tensor counts, what was ignored).
+Every file is written atomically under the run's lock.
+
+`dump_imported_run` (`keras-ee evaluate RUN --dataset ... --data-dir ...`) then writes the run's
+`dump/`: the logits of every exit on a hold-out of the dataset's training split and on its test set,
+with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
+`EarlyExitModel.from_run` and `export` work on it as on a trained run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # The authors' normalisation (torchvision ToTensor, i.e. pixels / 255, then Normalize).
@@ -47,10 +54,10 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
     Returns:
         The run folder.
     """
-    from keras_ee import costs, experiment, runs, training
+    from keras_ee import costs, experiment, inputs, runs, training
     from keras_ee.atomic import atomic_path, atomic_write_json
     from keras_ee.config import TrainConfig
-    from keras_ee.interop.torch_import import import_torch_checkpoint
+    from keras_ee.interop.torch_import import read_checkpoint_into_model
 
     out = experiment.check_out_folder(out)
     if experiment.run_started(out):
@@ -59,12 +66,23 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         raise ValueError(
             f"--dataset {dataset!r}: the authors' normalisation is known for {sorted(AUTHORS_NORMALISATION)}"
         )
-    backbone, report = import_torch_checkpoint(checkpoint, model, **dict(model_options or {}))
+    backbone, report, method, teacher = read_checkpoint_into_model(checkpoint, model, **dict(model_options or {}))
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
-    config = TrainConfig(dataset=dataset, model=report.preset, model_options=options)
+    config = TrainConfig(
+        dataset=dataset,
+        model=report.preset,
+        model_options=options,
+        method=report.method,
+        method_options=dict(report.method_options),
+    )
     mean, std = AUTHORS_NORMALISATION[dataset]
-    model_wrapped = training.MultiExitModel(backbone, method=training.Baseline())
+    # IMTA: the phase-II model (its transform is already in `backbone`), with the phase-I last
+    # classifier as the distillation teacher, so that a run could continue phase II.
+    model_wrapped = training.MultiExitModel(backbone, method=method or training.Baseline(), transform_backbone=False)
+    if teacher is not None and getattr(model_wrapped.method, "distillation", False):
+        model_wrapped.method.teacher_kernel.assign(teacher[0])
+        model_wrapped.method.teacher_bias.assign(teacher[1])
     model_wrapped.compile(optimizer="sgd")
     exit_costs = costs.exit_costs(backbone)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,10 +93,117 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         with atomic_path(out / experiment.MODEL_FILE) as tmp:
             model_wrapped.save(tmp)
         atomic_write_json(out / "costs.json", exit_costs)
-        atomic_write_json(
-            out / experiment.PREPROCESSING_FILE, {"pixel_scale": 1.0 / 255.0, "mean": list(mean), "std": list(std)}
-        )
+        # The authors' pipelines read 8-bit images (torchvision's ToTensor divides by 255): raw pixels
+        # 0..255, the range `keras-ee predict` and EarlyExitModel check raw images against.
+        preprocessing = inputs.Preprocessing(1.0 / 255.0, mean, std, pixel_range=(0.0, 255.0))
+        atomic_write_json(out / experiment.PREPROCESSING_FILE, preprocessing.to_dict())
         config.to_json(out / experiment.CONFIG_FILE)
         atomic_write_json(out / IMPORT_FILE, {**report.to_json(), "dataset": dataset})
         atomic_write_json(out / experiment.STATE_FILE, {"trained": True, "imported": True})
+    return out
+
+
+def is_imported_run(run) -> bool:
+    """Whether `run` is a folder written by `keras-ee import` (it holds `import.json`)."""
+    return (Path(run) / IMPORT_FILE).is_file()
+
+
+def _normalise_like_the_run(splits, preprocessing, dataset: str) -> None:
+    """Makes `splits`' pipelines normalise as the run does (the authors' constants), after checking
+    that the dataset stores pixels as the run expects them."""
+    import numpy as np
+
+    from keras_ee.data import imagenet
+    from keras_ee.data.base import ArraySplits
+
+    if isinstance(splits, imagenet.ImageNetSplits):
+        same = np.allclose(preprocessing.mean, imagenet.MEAN, atol=1e-6) and np.allclose(
+            preprocessing.std, imagenet.STD, atol=1e-6
+        )
+        if not same or abs(preprocessing.pixel_scale * 255.0 - 1.0) > 1e-6:
+            raise ValueError(
+                f"dataset {dataset!r}: keras-ee's ImageNet pipeline normalises with mean {imagenet.MEAN.tolist()} "
+                f"and std {imagenet.STD.tolist()} of pixels / 255; the run's normalisation is "
+                f"{preprocessing.to_dict()}"
+            )
+        return
+    if not isinstance(splits, ArraySplits):
+        raise ValueError(f"dataset {dataset!r}: an imported run is evaluated on in-memory datasets or ImageNet")
+    if abs(splits.pixel_scale / preprocessing.pixel_scale - 1.0) > 1e-6:
+        raise ValueError(
+            f"dataset {dataset!r} stores pixels that are scaled by {splits.pixel_scale:g}; the run's normalisation "
+            f"expects pixels scaled by {preprocessing.pixel_scale:g} (8-bit images, 0..255)"
+        )
+    if preprocessing.channels != splits.input_shape[-1]:
+        raise ValueError(
+            f"dataset {dataset!r} has {splits.input_shape[-1]} channels; the run's normalisation has "
+            f"{preprocessing.channels}"
+        )
+    for part in ("val", "test"):
+        warning = preprocessing.check_pixels(getattr(splits, f"_x_{part}"), what=f"dataset {dataset!r} ({part})")
+        if warning:
+            print(f"[keras-ee] warning: {warning}")
+    splits.mean = np.asarray(preprocessing.mean, np.float32)
+    splits.std = np.asarray(preprocessing.std, np.float32)
+
+
+def dump_imported_run(run, dataset=None, data_dir=None, val_size=None, batch_size=256) -> Path:
+    """Writes an imported run's `dump/`: every exit's logits on a hold-out and on the test set.
+
+    The hold-out is keras-ee's validation split of the dataset's training split (the one a
+    trained run calibrates on; the authors may have trained on those images, so thresholds
+    calibrated there can be optimistic). Images are normalised as the run's
+    `preprocessing.json` says (the authors' constants), not with the dataset's statistics.
+    `config.json` then names the dataset, `data_dir` and `val_size` the dump was made from.
+
+    Args:
+        run: a folder written by `keras-ee import`.
+        dataset: a `keras_ee.data.load` name (default: the run's, from `config.json`).
+        data_dir: where its files are (default: the run's, else the usual search folders).
+        val_size: the hold-out's size (default: the dataset's).
+        batch_size: images per forward pass.
+
+    Returns:
+        The dump folder.
+    """
+    import dataclasses
+
+    from keras_ee import callbacks, data, dumps, experiment, inputs, runs
+    from keras_ee.config import TrainConfig
+
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    if not is_imported_run(run):
+        raise ValueError(
+            f"{str(run)!r} is not a run written by `keras-ee import` (no {IMPORT_FILE}); a trained run is evaluated "
+            "on the dump its training wrote, so --dataset, --data-dir and --val-size apply only to imported runs"
+        )
+    config = TrainConfig.from_file(run / experiment.CONFIG_FILE)
+    config = dataclasses.replace(
+        config,
+        dataset=dataset or config.dataset,
+        data_dir=config.data_dir if data_dir is None else str(data_dir),
+        val_size=config.val_size if val_size is None else val_size,
+    )
+    preprocessing = inputs.Preprocessing.of_run(run)
+    splits = data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed)
+    _normalise_like_the_run(splits, preprocessing, config.dataset)
+    with runs.RunLock(run):
+        model = experiment.load_run_model(run / experiment.MODEL_FILE)
+        backbone = getattr(model, "backbone", model)
+        shape = tuple(int(d) for d in backbone.inputs[0].shape[1:])
+        classes = int(backbone.outputs[0].shape[-1])
+        if tuple(splits.input_shape) != shape or splits.num_classes != classes:
+            raise ValueError(
+                f"dataset {config.dataset!r} has {splits.num_classes} classes of {tuple(splits.input_shape)} images; "
+                f"the imported model takes {shape} images and has {classes} classes"
+            )
+        exit_costs = json.loads((run / "costs.json").read_text())
+        val_logits, val_labels = callbacks.predict_exit_logits(model, splits.val_dataset(batch_size))
+        test_logits, test_labels = callbacks.predict_exit_logits(model, splits.test_dataset(batch_size))
+        out = dumps.save_dump(
+            run / "dump", val_logits, val_labels, test_logits, test_labels, costs={**exit_costs, "rule": "reference"}
+        )
+        config.to_json(run / experiment.CONFIG_FILE)
     return out

@@ -20,11 +20,14 @@ the same idea as `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import math
 import pickle
 import struct
+import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -218,10 +221,54 @@ def _unpickle(data, storages: dict, legacy: bool, what: str):
         raise CheckpointError(f"{what} is damaged or truncated ({type(e).__name__}: {str(e)[:120]})") from None
 
 
-def _read_zip(path: Path):
+class FileChecks:
+    """The sha256 of a checkpoint's bytes and the CRC-32 of its zip members, computed in a thread
+    while the caller maps the tensors (hashlib and zlib release the GIL on large buffers)."""
+
+    def __init__(self, data, members=()):
+        self._data, self.members = data, list(members)  # (name, offset, size, crc)
+        self._digest, self._bad, self._error = None, [], None
+        self._thread = threading.Thread(target=self._run, name="keras-ee-checkpoint-checks", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            view = memoryview(self._data)
+            self._digest = hashlib.sha256(view).hexdigest()
+            for name, offset, size, crc in self.members:
+                if zlib.crc32(view[offset : offset + size]) != crc:
+                    self._bad.append(name)
+        except BaseException as e:  # handed to the caller by `sha256()`
+            self._error = e
+
+    def sha256(self) -> str:
+        """The file's sha256 (hex); raises CheckpointError if a member's CRC-32 does not match."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._bad:
+            raise CheckpointError(
+                f"member {self._bad[0]!r} fails its CRC-32 check"
+                + (f" (and {len(self._bad) - 1} more)" if len(self._bad) > 1 else "")
+                + " (the file is damaged)"
+            )
+        return self._digest
+
+
+def _stored_member_offset(data, info) -> int:
+    """Where an uncompressed zip member's bytes start (after its local header)."""
+    head = bytes(data[info.header_offset : info.header_offset + 30])
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"member {info.filename!r} has no local header (the file is damaged)")
+    name_length, extra_length = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _read_zip(data):
     storages: dict = {}
+    members = []
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
             pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
@@ -235,52 +282,84 @@ def _read_zip(path: Path):
                 if member not in names:
                     raise CheckpointError(f"storage {key!r} is missing from the archive (the file is damaged)")
                 dtype = STORAGE_DTYPES[storage.type_name]
-                raw = archive.read(member)
+                info = archive.getinfo(member)
+                if info.compress_type != zipfile.ZIP_STORED:  # re-zipped by hand: zipfile inflates and checks it
+                    raw = archive.read(member)
+                else:  # torch's own layout: a view of the file's bytes, checked by FileChecks
+                    offset = _stored_member_offset(data, info)
+                    if offset + info.file_size > len(data):
+                        raise CheckpointError(f"storage {key!r} is cut short (the file is truncated)")
+                    raw = memoryview(data)[offset : offset + info.file_size]
+                    members.append((member, offset, info.file_size, info.CRC))
                 if len(raw) < storage.numel * dtype.itemsize:
                     raise CheckpointError(f"storage {key!r} holds {len(raw)} bytes, fewer than its tensors need")
-                storage.array = np.frombuffer(raw, dtype)
+                storage.array = np.frombuffer(raw, dtype, count=len(raw) // dtype.itemsize)
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"a damaged or truncated zip archive ({e})") from None
     except (OSError, EOFError) as e:  # a member cut short raises these from zipfile
-        if isinstance(e, FileNotFoundError):
-            raise
         raise CheckpointError(f"a damaged or truncated zip archive ({type(e).__name__}: {e})") from None
-    return obj
+    return obj, members
 
 
-def _read_legacy(path: Path):
+def _read_legacy(data):
     storages: dict = {}
-    with open(path, "rb") as f:
-        header = []
-        for what in ("magic number", "protocol version", "system information"):
-            header.append(_unpickle(f, storages, legacy=True, what=f"the legacy header ({what})"))
-        if header[0] != LEGACY_MAGIC:
-            raise CheckpointError("not a torch.save file: neither a zip archive nor the legacy magic number")
-        if header[1] != LEGACY_PROTOCOL:
-            raise CheckpointError(f"legacy protocol version {header[1]!r}; expected {LEGACY_PROTOCOL}")
-        info = header[2] if isinstance(header[2], dict) else {}
-        if info.get("little_endian", True) is not True:
-            raise CheckpointError("a big-endian checkpoint; only little-endian files are read")
-        obj = _unpickle(f, storages, legacy=True, what="the legacy main object")
-        keys = _unpickle(f, storages, legacy=True, what="the legacy storage list")
-        if not isinstance(keys, list):
-            raise CheckpointError("the legacy storage list is not a list (the file is damaged)")
-        for key in keys:
-            storage = storages.get(str(key))
-            if storage is None:
-                raise CheckpointError(f"the legacy storage list names {key!r}, which no tensor uses")
-            dtype = STORAGE_DTYPES[storage.type_name]
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"storage {key!r} is cut short (the file is truncated)")
-            (count,) = struct.unpack("<q", head)
-            if count != storage.numel:
-                raise CheckpointError(f"storage {key!r} holds {count} elements, its id says {storage.numel}")
-            raw = f.read(count * dtype.itemsize)
-            if len(raw) != count * dtype.itemsize:
-                raise CheckpointError(f"storage {key!r} is cut short (the file is truncated)")
-            storage.array = np.frombuffer(raw, dtype)
+    f = io.BytesIO(data)
+    header = []
+    for what in ("magic number", "protocol version", "system information"):
+        header.append(_unpickle(f, storages, legacy=True, what=f"the legacy header ({what})"))
+    if header[0] != LEGACY_MAGIC:
+        raise CheckpointError("not a torch.save file: neither a zip archive nor the legacy magic number")
+    if header[1] != LEGACY_PROTOCOL:
+        raise CheckpointError(f"legacy protocol version {header[1]!r}; expected {LEGACY_PROTOCOL}")
+    info = header[2] if isinstance(header[2], dict) else {}
+    if info.get("little_endian", True) is not True:
+        raise CheckpointError("a big-endian checkpoint; only little-endian files are read")
+    obj = _unpickle(f, storages, legacy=True, what="the legacy main object")
+    keys = _unpickle(f, storages, legacy=True, what="the legacy storage list")
+    if not isinstance(keys, list):
+        raise CheckpointError("the legacy storage list is not a list (the file is damaged)")
+    offset = f.tell()
+    for key in keys:
+        storage = storages.get(str(key))
+        if storage is None:
+            raise CheckpointError(f"the legacy storage list names {key!r}, which no tensor uses")
+        dtype = STORAGE_DTYPES[storage.type_name]
+        if offset + 8 > len(data):
+            raise CheckpointError(f"storage {key!r} is cut short (the file is truncated)")
+        (count,) = struct.unpack("<q", data[offset : offset + 8])
+        if count != storage.numel:
+            raise CheckpointError(f"storage {key!r} holds {count} elements, its id says {storage.numel}")
+        offset += 8
+        if offset + count * dtype.itemsize > len(data):
+            raise CheckpointError(f"storage {key!r} is cut short (the file is truncated)")
+        storage.array = np.frombuffer(data, dtype, count=count, offset=offset)  # a view: no copy
+        offset += count * dtype.itemsize
     return obj
+
+
+def read_checkpoint(path) -> tuple[object, str, FileChecks]:
+    """`read_torch_file`, and the `FileChecks` of the file (sha256; zip CRC-32s), still running.
+
+    Storages are views of the file's bytes, read once: a tensor is copied only where its
+    layout needs it (non-contiguous) or its consumer does (`keras_ee.interop.torch_import`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:4] == b"PK\x03\x04" or zipfile.is_zipfile(io.BytesIO(data)):
+            obj, members = _read_zip(data)
+            serialisation = "zip"
+        else:
+            if len(data) < 2 or data[0] != 0x80:  # every pickle of protocol >= 2 starts with PROTO
+                raise CheckpointError("not a torch.save file: neither a zip archive nor a pickle stream")
+            obj, members, serialisation = _read_legacy(data), (), "legacy"
+        checks = FileChecks(data, members)
+        return resolve_tensors(obj), serialisation, checks
+    except CheckpointError as e:
+        raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
 
 
 def read_torch_file(path) -> tuple[object, str]:
@@ -298,18 +377,9 @@ def read_torch_file(path) -> tuple[object, str]:
         UnsafeCheckpointError: the pickle names a global a state_dict never needs (nothing ran).
         CheckpointError: the file is truncated, damaged or not a `torch.save` file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    obj, serialisation, checks = read_checkpoint(path)
     try:
-        if zipfile.is_zipfile(path):
-            obj, serialisation = _read_zip(path), "zip"
-        else:
-            with open(path, "rb") as f:
-                start = f.read(2)
-            if len(start) < 2 or start[0] != 0x80:  # every pickle of protocol >= 2 starts with PROTO
-                raise CheckpointError("not a torch.save file: neither a zip archive nor a pickle stream")
-            obj, serialisation = _read_legacy(path), "legacy"
-        return resolve_tensors(obj), serialisation
+        checks.sha256()  # the CRC-32 of every zip member
     except CheckpointError as e:
-        raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
+        raise type(e)(f"checkpoint {str(Path(path))!r}: {e}") from None
+    return obj, serialisation
