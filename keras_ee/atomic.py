@@ -42,7 +42,7 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from keras_ee._typing import StrPath
@@ -90,7 +90,7 @@ def describe_os_error(e: OSError) -> str:
 
 
 @contextlib.contextmanager
-def writing(path):
+def writing(path: StrPath) -> Iterator[None]:
     """Raise any `OSError` of the block as a `WriteError` naming `path` (not a temporary name).
 
     A `WriteError` naming `path` or a file in it passes unchanged; so does an `OSError`
@@ -104,7 +104,7 @@ def writing(path):
         raise WriteError(e.errno, describe_os_error(e), str(path)) from e
 
 
-def _within(filename, path) -> bool:
+def _within(filename: StrPath | bytes | None, path: StrPath) -> bool:
     if not filename:
         return False
     filename, path = Path(os.fsdecode(filename)), Path(path)
@@ -297,7 +297,7 @@ def _probe(folder: Path, path: Path) -> None:
         os.unlink(probe)
 
 
-def check_out_file(path, what: str | None = "--out", expected: str = "the path of a file to write") -> Path:
+def check_out_file(path: StrPath, what: str | None = "--out", expected: str = "the path of a file to write") -> Path:
     """Refuse, before any work, a file target that cannot be one.
 
     Args:
@@ -324,7 +324,12 @@ def _own_entries(folder: Path) -> list[str]:
 
 
 def check_out_folder(
-    path, what: str | None = "--out", recognise=None, overwrite: bool = False, hint: str = "", probe: bool = True
+    path: StrPath,
+    what: str | None = "--out",
+    recognise: Callable[[Path], bool] | None = None,
+    overwrite: bool = False,
+    hint: str = "",
+    probe: bool = True,
 ) -> Path:
     """Refuse, before any work, a folder that keras-ee may not write into.
 
@@ -365,7 +370,7 @@ def check_out_folder(
     return path
 
 
-def claim_out_folder(path, kind: str) -> Path:
+def claim_out_folder(path: StrPath, kind: str) -> Path:
     """Create `path` (and its parents) and mark it as keras-ee's if it is new or empty.
 
     A folder already holding files (keras-ee's from before the marker, or accepted with
@@ -391,7 +396,7 @@ def claim_out_folder(path, kind: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(path, owned, kind: str, first: str | None = None):
+def atomic_folder(path: StrPath, owned: Iterable[str], kind: str, first: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder path; on success move what the body wrote there into `path`.
 
     The body creates the folder at the yielded path (a SavedModel writer does). Then keras-ee's
@@ -433,7 +438,7 @@ def atomic_folder(path, owned, kind: str, first: str | None = None):
         _remove_quietly(tmp)
 
 
-def _replace_entries(new, target, owned, first: str | None = None) -> Path:
+def _replace_entries(new: StrPath, target: StrPath, owned: Iterable[str], first: str | None = None) -> Path:
     """Move the entries of the folder `new` into `target`, replacing only the `owned` ones there.
 
     A missing or empty `target` is replaced by `new` in one rename. Otherwise each entry of

@@ -23,11 +23,13 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
+    import tensorflow as tf
 
     from keras_ee.config import TrainConfig
 
@@ -431,13 +433,13 @@ def _read_images(source: Path, channels: int) -> tuple[np.ndarray, list[str]]:
     return images, [str(i) for i in range(len(images))]
 
 
-def _tf_error_text(e) -> str:
+def _tf_error_text(e: tf.errors.OpError) -> str:
     """A TensorFlow op error's message without its internals (`{{function_node ...}}`, `[Op:...]`)."""
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).splitlines()[0] if e.message else ""
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(e).__name__
 
 
-def _check_predict_flags(args) -> None:
+def _check_predict_flags(args: argparse.Namespace) -> None:
     """`predict`'s numeric flags, before anything is loaded (a run folder's exit count from costs.json)."""
     from keras_ee import inputs
 
@@ -455,7 +457,7 @@ def _check_predict_flags(args) -> None:
             raise ValueError(f"--deadline {args.deadline}: {e}") from None
 
 
-def cmd_predict(args) -> None:
+def cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
 
     from keras_ee import inputs
@@ -661,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_import(args) -> None:
+def cmd_import(args: argparse.Namespace) -> None:
     from keras_ee.interop import command as import_command
 
     import_command.run(args)
@@ -681,13 +683,13 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     quiet_tensorflow_startup()
     args = build_parser().parse_args(argv)
     return run_command(f"keras-ee {args.command}", COMMANDS[args.command], args)
 
 
-def run_command(prog: str, command, args) -> int:
+def run_command(prog: str, command: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
     """Run `command(args)` and turn its failure into one line on stderr and an exit status.
 
     The one error policy of every command line of keras-ee (`keras-ee ...` and `python -m

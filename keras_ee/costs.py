@@ -315,7 +315,9 @@ def exit_costs(model: keras.Model, rule: str = "reference") -> dict[str, list[in
     }
 
 
-def check_recorded_costs(model, mul_adds, where: str, rule: str = "reference") -> list:
+def check_recorded_costs(
+    model: keras.Model, mul_adds: Iterable[float], where: str, rule: str = "reference"
+) -> list[int]:
     """The model's own cumulative Mul-Adds (`exit_costs`), after checking the `mul_adds`
     recorded for it (a run's `dump/costs.json`): the model's costs are the truth, so a record
     that disagrees (edited, or another model's) is a `ValueError` naming both."""

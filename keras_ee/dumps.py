@@ -472,13 +472,13 @@ def save_dump(
 # ----------------------------------------------------------------------------- load
 
 
-def is_dump_folder(path) -> bool:
+def is_dump_folder(path: StrPath) -> bool:
     """Whether `path` is a folder holding every file of a dump (`FILES`); their content is not read."""
     path = Path(path)
     return path.is_dir() and all((path / f).is_file() for f in FILES)
 
 
-def load_dump(path, mmap: bool = True) -> Dump:
+def load_dump(path: StrPath, mmap: bool = True) -> Dump:
     """Open a dump folder written by `save_dump` (or by hand in the same format).
 
     Args:

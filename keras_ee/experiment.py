@@ -117,7 +117,7 @@ def run_started(workdir: Path) -> bool:
     return any((workdir / name).exists() for name in (MODEL_FILE, runs.BACKUP_DIR, runs.HISTORY_FILE, STATE_FILE))
 
 
-def is_run_folder(workdir) -> bool:
+def is_run_folder(workdir: StrPath) -> bool:
     """A run folder from before keras-ee marked its folders: `train` left its lock file there, or
     its config.json is exactly as keras-ee writes one (every setting spelled out; older versions
     left one behind when they refused a command). A user's own config.json is not."""
@@ -133,7 +133,7 @@ def is_run_folder(workdir) -> bool:
         return False
 
 
-def check_out_folder(workdir) -> Path:
+def check_out_folder(workdir: StrPath) -> Path:
     """Refuse an `--out` that is a file, lies under one, or holds files keras-ee did not write,
     before anything is written (`keras_ee.atomic.check_out_folder`; a run folder resumes).
 
@@ -505,7 +505,7 @@ def read_preprocessing(workdir: StrPath) -> tuple[float, np.ndarray, np.ndarray]
     return scale, mean, std
 
 
-def read_pixel_range(workdir) -> tuple[float, float] | None:
+def read_pixel_range(workdir: StrPath) -> tuple[float, float] | None:
     """`(min, max)` of the stored pixels a run was trained on (`preprocessing.json`'s
     `pixel_range`), or None for a run from before it was recorded (its input is not checked)."""
     path = Path(workdir) / PREPROCESSING_FILE
@@ -524,7 +524,7 @@ def read_pixel_range(workdir) -> tuple[float, float] | None:
     return lo, hi
 
 
-def load_data(config: TrainConfig):
+def load_data(config: TrainConfig) -> DatasetSplits:
     """The configured dataset's splits."""
     from keras_ee import data
 
@@ -1057,13 +1057,14 @@ def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExi
 
     exit_costs = ee_costs.exit_costs(model.backbone)
     atomic_write_json(workdir / "costs.json", exit_costs)
+    pixel_range = getattr(splits, "pixel_range", None)  # a DatasetSplits of another package may lack it
     atomic_write_json(
         workdir / PREPROCESSING_FILE,
         {
             "pixel_scale": float(splits.pixel_scale),
             "mean": np.asarray(splits.mean, np.float64).tolist(),
             "std": np.asarray(splits.std, np.float64).tolist(),
-            **({} if getattr(splits, "pixel_range", None) is None else {"pixel_range": list(splits.pixel_range)}),
+            **({} if pixel_range is None else {"pixel_range": list(pixel_range)}),
         },
     )
     dtype = np.dtype(config.dump_dtype)

@@ -509,7 +509,7 @@ class EarlyExitModel(keras.Model):
 
     # ------------------------------------------------------------------ the runtime
 
-    def _score(self, logits, k, valid=None):
+    def _score(self, logits: Tensor, k: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(score float32, prediction int32) of exit k (0-based), as `calibration.exit_scores`.
 
         The no-prediction rule, the one place for it: a sample whose image is not `valid`
@@ -546,7 +546,7 @@ class EarlyExitModel(keras.Model):
         return score, tf.where(ok, tf.argmax(x, axis=-1, output_type=tf.int32), -1)
 
     @staticmethod
-    def _finite_images(images):
+    def _finite_images(images: Tensor) -> Tensor:
         """(B,) bool: the images without a NaN or infinite pixel (the others get no prediction, `_score`)."""
         images = tf.convert_to_tensor(images)
         return tf.reduce_all(tf.math.is_finite(images), axis=list(range(1, images.shape.rank)))
@@ -682,7 +682,7 @@ class EarlyExitModel(keras.Model):
         """
         self._runtime.snapshot.refresh()
 
-    def _check_deadline(self, deadline):
+    def _check_deadline(self, deadline: object) -> int:
         return self.num_exits if deadline is None else inputs.check_deadline(deadline, self.num_exits)
 
     def _check_images(self, images: npt.ArrayLike | tf.Tensor) -> np.ndarray:
@@ -776,7 +776,7 @@ class EarlyExitModel(keras.Model):
         empty = {"label": np.int32, "exit": np.int32, "confidence": np.float32}
         return {key: np.concatenate(parts[key]) if parts[key] else np.zeros(0, empty[key]) for key in OUTPUT_KEYS}
 
-    def _pool_step(self, k, final):
+    def _pool_step(self, k: int, final: bool) -> Callable[..., Any]:
         """Compiled stage k (0-based) on a pool of its inputs and their images' `valid` flags
         (`_finite_images`): `(score, prediction, stay, *state)` where `stay` are the pool rows
         that go on and `state` their carried tensors (`final`: everybody leaves here, no state).
@@ -788,7 +788,7 @@ class EarlyExitModel(keras.Model):
             spec = [tf.TensorSpec((None,) + tuple(i.shape[1:]), i.dtype) for i in stage.inputs]
             spec.append(tf.TensorSpec((None,), tf.bool, name="valid"))
 
-            def step(*args):
+            def step(*args: Tensor) -> tuple[Tensor, ...]:
                 state, valid = args[:-1], args[-1]
                 with self._runtime.snapshot.active():
                     out = stage(list(state) if k else self._normalized(state[0]), training=False)
@@ -807,7 +807,9 @@ class EarlyExitModel(keras.Model):
         n = len(a)
         labels, exits, conf = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
         valid = np.ones(n, bool)  # `_finite_images` of each input, set as its batch enters stage 1
-        queues = [[] for _ in range(last)]  # per stage: chunks of (input positions, [state tensors])
+        queues: list[list[tuple[np.ndarray, list[Tensor]]]] = [
+            [] for _ in range(last)
+        ]  # per stage: chunks of (input positions, [state tensors])
 
         def waiting(k: int) -> int:
             return sum(len(pos) for pos, _ in queues[k])
@@ -895,7 +897,7 @@ class EarlyExitModel(keras.Model):
             super().save(tmp, **kwargs)
         return path
 
-    def export(self, filepath, overwrite=False):
+    def export(self, filepath: StrPath, overwrite: bool = False) -> Path:
         """Writes a TensorFlow SavedModel whose signatures do the early exit (no keras_ee needed).
 
         Signatures: `serving_default` / `serve(images)` and `anytime(images, deadline)`,
@@ -950,13 +952,13 @@ class EarlyExitModel(keras.Model):
 SAVED_MODEL_ENTRIES = ("saved_model.pb", "variables", "assets", "fingerprint.pb", MARKER)
 
 
-def _is_saved_model(path) -> bool:
+def _is_saved_model(path: StrPath) -> bool:
     """A SavedModel folder holding nothing else (one exported before keras-ee marked its exports)."""
     names = {e.name for e in Path(path).iterdir()}
     return "saved_model.pb" in names and names <= set(SAVED_MODEL_ENTRIES)
 
 
-def _json_float(x):
+def _json_float(x: float) -> float | str:
     x = float(x)
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 

@@ -25,8 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+from keras_ee._typing import StrPath, Tensor
 
 # How far (a fraction of the training range's width) raw pixels may stray beyond it with a
 # warning only: rounding, a slightly brighter scan; farther is another pixel convention.
@@ -34,7 +39,7 @@ PIXEL_RANGE_TOLERANCE = 0.1
 _SHOWN = 5  # images named in a message; the rest are counted
 
 
-def _image_names(rows, names, total):
+def _image_names(rows: np.ndarray, names: Sequence[object] | None, total: int) -> str:
     """'image 2' / 'images 1, 3, 4 (3 of 6)': rows named by `names` (file names), else by index."""
     shown = [str(names[i]) if names is not None else str(int(i)) for i in rows[:_SHOWN]]
     more = ", ..." if len(rows) > _SHOWN else ""
@@ -42,7 +47,7 @@ def _image_names(rows, names, total):
     return f"image{'s' if len(rows) > 1 else ''} {', '.join(shown)}{more}{count}"
 
 
-def check_numeric(images, what="images"):
+def check_numeric(images: npt.ArrayLike, what: str = "images") -> np.ndarray:
     """`images` as an array of real numbers (ints or floats), or a ValueError naming `what`."""
     a = np.asarray(images)
     if a.dtype.kind not in "iuf":
@@ -53,7 +58,7 @@ def check_numeric(images, what="images"):
     return a
 
 
-def non_finite_images(images):
+def non_finite_images(images: npt.ArrayLike) -> np.ndarray:
     """Indices of the images (rows of `images`) with a NaN or infinite pixel."""
     a = np.asarray(images)
     if a.dtype.kind != "f" or a.size == 0:
@@ -61,23 +66,25 @@ def non_finite_images(images):
     return np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
 
 
-def check_finite(images, names=None, what="images"):
+def check_finite(images: npt.ArrayLike, names: Sequence[object] | None = None, what: str = "images") -> None:
     """Refuses images with a NaN or infinite pixel, naming them (by `names`, else by index)."""
     bad = non_finite_images(images)
     if bad.size:
         raise ValueError(
-            f"{what}: {_image_names(bad, names, len(images))} hold{'s' if len(bad) == 1 else ''} NaN or "
+            f"{what}: {_image_names(bad, names, len(np.asarray(images)))} hold{'s' if len(bad) == 1 else ''} NaN or "
             "infinite pixels; expected finite pixel values."
         )
 
 
-def pixel_range(images):
+def pixel_range(images: npt.ArrayLike) -> tuple[float, float]:
     """`(min, max)` of a training split's stored pixels, as floats (what `check_pixel_range` checks)."""
     a = np.asarray(images)
     return float(a.min()), float(a.max())
 
 
-def check_pixel_range(images, trained, names=None, what="images"):
+def check_pixel_range(
+    images: npt.ArrayLike, trained: Sequence[float], names: Sequence[object] | None = None, what: str = "images"
+) -> str | None:
     """Refuses raw pixels far outside the training range `trained = (lo, hi)`.
 
     Beyond it by more than `PIXEL_RANGE_TOLERANCE` of `hi - lo` (or of 1 for a constant
@@ -111,7 +118,7 @@ def check_pixel_range(images, trained, names=None, what="images"):
     return None
 
 
-def deadline_error(num_exits, received):
+def deadline_error(num_exits: int | None, received: object) -> str:
     """The message of a deadline outside 1..num_exits (`check_deadline`, compiled passes)."""
     stages = f"in 1..{num_exits}" if num_exits is not None else ">= 1"
     tail = "" if received is None else f"; received {received!r}"
@@ -120,7 +127,7 @@ def deadline_error(num_exits, received):
     )
 
 
-def check_deadline(deadline, num_exits=None):
+def check_deadline(deadline: object, num_exits: int | None = None) -> int:
     """`deadline` as an int in 1..num_exits (>= 1 when `num_exits` is None), or a ValueError."""
     if isinstance(deadline, np.ndarray) and deadline.ndim == 0:
         deadline = deadline[()]
@@ -134,7 +141,7 @@ def check_deadline(deadline, num_exits=None):
     return int(deadline)
 
 
-def assert_deadline(deadline, num_exits):
+def assert_deadline(deadline: Tensor, num_exits: int) -> Tensor:
     """An int32 deadline tensor that fails (`InvalidArgumentError`) outside 1..num_exits when run:
     the check of a compiled or exported pass, which cannot raise a Python error."""
     import tensorflow as tf
@@ -163,11 +170,11 @@ class Preprocessing:
     """
 
     pixel_scale: float
-    mean: tuple
-    std: tuple
-    pixel_range: tuple | None = None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pixel_range: tuple[float, float] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         given = (
             f"pixel_scale={self.pixel_scale!r}, mean={self.mean!r}, std={self.std!r}, pixel_range={self.pixel_range!r}"
         )
@@ -198,7 +205,7 @@ class Preprocessing:
         for name, value in (("pixel_scale", scale), ("mean", mean), ("std", std), ("pixel_range", prange)):
             object.__setattr__(self, name, value)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON form (`preprocessing.json`'s keys; `pixel_range` only when known)."""
         out = {"pixel_scale": self.pixel_scale, "mean": list(self.mean), "std": list(self.std)}
         if self.pixel_range is not None:
@@ -206,7 +213,7 @@ class Preprocessing:
         return out
 
     @classmethod
-    def of(cls, value):
+    def of(cls, value: Preprocessing | dict[str, Any] | None) -> Preprocessing | None:
         """A `Preprocessing` from itself, a dict of its fields (`preprocessing.json`), or None."""
         if value is None or isinstance(value, cls):
             return value
@@ -221,18 +228,18 @@ class Preprocessing:
         raise TypeError(f"preprocessing must be a Preprocessing, a dict or None; received {type(value).__name__}.")
 
     @classmethod
-    def of_run(cls, workdir):
+    def of_run(cls, workdir: StrPath) -> Preprocessing:
         """A run folder's normalisation (`preprocessing.json`; a run from before it: its dataset's)."""
         from keras_ee import experiment
 
         scale, mean, std = experiment.read_preprocessing(workdir)
-        return cls(scale, mean, std, experiment.read_pixel_range(workdir))
+        return cls(scale, tuple(mean.tolist()), tuple(std.tolist()), experiment.read_pixel_range(workdir))
 
     @property
     def channels(self) -> int:
         return len(self.mean)
 
-    def normalize(self, images):
+    def normalize(self, images: Tensor) -> Tensor:
         """`images` (numpy or tensor, any numeric dtype) as the model's float32 input tensor."""
         import tensorflow as tf
 
@@ -241,7 +248,9 @@ class Preprocessing:
         inv_std = tf.constant(1.0 / np.asarray(self.std, np.float32))  # as the training pipeline
         return (x - mean) * inv_std
 
-    def check_pixels(self, images, names=None, what="images"):
+    def check_pixels(
+        self, images: npt.ArrayLike, names: Sequence[object] | None = None, what: str = "images"
+    ) -> str | None:
         """`check_pixel_range` against `pixel_range` (nothing when it is unknown)."""
         if self.pixel_range is None:
             return None

@@ -137,7 +137,7 @@ class RunLock:
         return False
 
 
-def remove_temporaries(workdir) -> int:
+def remove_temporaries(workdir: StrPath) -> int:
     """Delete the temporary files of interrupted atomic writes under `workdir`.
 
     Call with the folder's lock held: then no other process is writing there, and

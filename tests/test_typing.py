@@ -76,3 +76,20 @@ def test_constructor_annotations_keep_the_methods_option_types():
     assert "learn_weights (bool, default False)" in described["dbt"]
     assert "features (str | list, default ('max_prob', 'entropy'))" in described["gating"]
     assert "gater_width (int, default 500)" in described["gating"]
+
+
+def test_array_splits_pixel_range_is_computed_and_settable_as_declared():
+    # DatasetSplits declares `pixel_range` (None: unknown) as a plain attribute; ArraySplits
+    # overrides it with a property computed from its training images on first use, which
+    # may be set as the declared attribute may (it had no setter: an AttributeError).
+    import numpy as np
+
+    from keras_ee.data.base import ArraySplits, DatasetSplits
+
+    x = np.array([[[3, 7]], [[5, 9]]], np.uint8)
+    y = np.array([0, 1])
+    splits = ArraySplits("toy", x, y, x, y, x, y, class_names=["a", "b"])
+    assert DatasetSplits().pixel_range is None
+    assert splits.pixel_range == (3.0, 9.0)
+    splits.pixel_range = (0.0, 255.0)
+    assert splits.pixel_range == (0.0, 255.0)

@@ -43,17 +43,19 @@ class DatasetSplits:
             `keras-ee predict`, which refuses raw images far outside it.
     """
 
-    name = None
-    num_classes = None
-    class_names = None
-    input_shape = None
-    mean = None
-    std = None
-    num_train = None
-    num_val = None
-    num_test = None
-    imbalance_factor = None
-    pixel_range = None
+    # Set by every loader (declared here for the type checker).
+    name: str
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, ...]
+    pixel_scale: float
+    mean: np.ndarray
+    std: np.ndarray
+    num_train: int
+    num_val: int
+    num_test: int
+    imbalance_factor: float | None = None
+    pixel_range: tuple[float, float] | None = None
 
     def train_dataset(
         self,
@@ -240,16 +242,22 @@ class ArraySplits(DatasetSplits):
         self.num_val = len(self._x_val)
         self.num_test = len(self._x_test)
         self.num_meta = len(self._x_meta) if self.meta_source == "split" else self.num_val
-        self._tensors = {}
-        self._pixel_range = None
+        self._tensors: dict[str, tuple[tf.Tensor, tf.Tensor]] = {}
+        self._pixel_range: tuple[float, float] | None = None
 
     @property
-    def pixel_range(self):
+    def pixel_range(self) -> tuple[float, float]:
+        """`(min, max)` of the training images' stored pixels, computed on first use."""
         if self._pixel_range is None:
             from keras_ee.inputs import pixel_range
 
             self._pixel_range = pixel_range(self._x_train)
         return self._pixel_range
+
+    @pixel_range.setter
+    def pixel_range(self, value: tuple[float, float] | None) -> None:
+        # Writable as the base class's attribute is (None: computed again on next use).
+        self._pixel_range = value
 
     def _pipeline(self, part: str, batch_size: int, **kwargs: Any) -> tf.data.Dataset:
         from keras_ee.data import pipeline

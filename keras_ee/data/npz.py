@@ -85,7 +85,7 @@ _DATASET_KEYS = f"keys {', '.join(REQUIRED_KEYS)}"
 _DATASET_EXAMPLE = "np.savez(path, x_train=..., ...)"
 
 
-def open_archive(path, expected=_DATASET_KEYS, example=_DATASET_EXAMPLE):
+def open_archive(path: StrPath, expected: str = _DATASET_KEYS, example: str = _DATASET_EXAMPLE) -> Any:
     """np.load of an .npz, with the file checked to be a zip archive first (never unpickled).
 
     The one reader of user .npz files (a dataset, `keras-ee predict --images`): an empty,
@@ -122,7 +122,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def read_member(archive, key, path, expected="a numeric (or, for class_names, string) array"):
+def read_member(
+    archive: Any, key: str, path: StrPath, expected: str = "a numeric (or, for class_names, string) array"
+) -> np.ndarray:
     """`archive[key]` of an `open_archive`: pickled objects (a TypeError) and torn members (a
     ValueError) name the file, the key and `expected`."""
     try:

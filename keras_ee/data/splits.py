@@ -54,7 +54,7 @@ def _check_labels(labels: object, num_classes: int | None = None, what: str = "l
     return labels.astype(np.int64, copy=False)
 
 
-def resolve_size(size, total, what="val_size", most=None, why=""):
+def resolve_size(size: float, total: int, what: str = "val_size", most: int | None = None, why: str = "") -> int:
     """Turns an absolute count or a fraction into a count of samples.
 
     Args:
@@ -121,7 +121,9 @@ def _allocate(counts: npt.ArrayLike, total: int, caps: npt.ArrayLike) -> np.ndar
     return alloc
 
 
-def stratified_split(labels, size, seed=0, num_classes=None, what="size"):
+def stratified_split(
+    labels: npt.ArrayLike, size: float, seed: int = 0, num_classes: int | None = None, what: str = "size"
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified split of sample indices into (rest, held-out).
 
     Each class contributes to the held-out part in proportion to its

@@ -417,7 +417,7 @@ class IMTA(Method):
         model.skippable_step(lambda x, y, sw: self._phase2_step(model, x, y, sw), args=(x, y, sample_weight))
         return self.step_logs(model)
 
-    def _phase2_step(self, model, x, y, sample_weight):
+    def _phase2_step(self, model: "MultiExitModel", x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
         k = model.num_exits
         probe = core.probe_model(model.backbone, (f"exit_{k}_features",))
         variables = model.trainable_variables

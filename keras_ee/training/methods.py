@@ -245,7 +245,7 @@ class Method(keras.layers.Layer):
         model.skippable_step(lambda x, y, sw: self._single_step(model, x, y, sw), args=(x, y, sample_weight))
         return self.step_logs(model)
 
-    def _single_step(self, model, x, y, sample_weight):
+    def _single_step(self, model: "MultiExitModel", x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(x, training=True)

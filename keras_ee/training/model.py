@@ -417,7 +417,7 @@ class MultiExitModel(keras.Model):
         fn(*args)
         skipped = ops.logical_and(ops.equal(optimizer.iterations, iterations), ops.less(optimizer.dynamic_scale, scale))
 
-        def restore(saved):
+        def restore(saved: list[Tensor]) -> None:
             for variable, value in zip(state, saved):
                 variable.assign(value)
 

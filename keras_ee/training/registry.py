@@ -89,7 +89,7 @@ class MethodSpec:
     """What the registry knows of one method."""
 
     name: str
-    cls: type
+    cls: type[Method]
     summary: str
     paper: str
     options: dict
