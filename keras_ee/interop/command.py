@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def add_parser(sub, key_value) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any], key_value: Callable[[str], tuple[str, Any]]) -> None:
     """Registers `import` on the `keras-ee` subcommand parsers (`key_value` parses KEY=VALUE)."""
     p = sub.add_parser(
         "import",
@@ -28,7 +31,7 @@ def add_parser(sub, key_value) -> None:
     p.add_argument("--dataset", help="cifar10, cifar100 or imagenet: the authors' normalisation (default: guessed)")
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from keras_ee.interop.run_folder import IMPORT_FILE, import_run
 
     options = dict(args.model_option)

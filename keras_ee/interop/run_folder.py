@@ -17,7 +17,13 @@ with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keras_ee.inputs import Preprocessing
+    from keras_ee.interop.torch_import import ImportReport
 
 # The authors' normalisation (torchvision ToTensor, i.e. pixels / 255, then Normalize).
 AUTHORS_NORMALISATION = {
@@ -28,7 +34,7 @@ AUTHORS_NORMALISATION = {
 IMPORT_FILE = "import.json"
 
 
-def guess_dataset(report) -> str:
+def guess_dataset(report: ImportReport) -> str:
     """The dataset the authors' code trained a network of this layout on."""
     if report.model_options.get("stem") == "imagenet" or report.preset.startswith("msdnet_imagenet"):
         return "imagenet"
@@ -40,7 +46,13 @@ def guess_dataset(report) -> str:
     )
 
 
-def import_run(checkpoint, out, model=None, model_options=None, dataset=None) -> Path:
+def import_run(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    dataset: str | None = None,
+) -> Path:
     """Writes the run folder `out` for the checkpoint (see the module docstring).
 
     Args:
@@ -103,12 +115,12 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
     return out
 
 
-def is_imported_run(run) -> bool:
+def is_imported_run(run: str | os.PathLike[str]) -> bool:
     """Whether `run` is a folder written by `keras-ee import` (it holds `import.json`)."""
     return (Path(run) / IMPORT_FILE).is_file()
 
 
-def _normalise_like_the_run(splits, preprocessing, dataset: str) -> None:
+def _normalise_like_the_run(splits: Any, preprocessing: Preprocessing, dataset: str) -> None:
     """Makes `splits`' pipelines normalise as the run does (the authors' constants), after checking
     that the dataset stores pixels as the run expects them."""
     import numpy as np
@@ -147,7 +159,13 @@ def _normalise_like_the_run(splits, preprocessing, dataset: str) -> None:
     splits.std = np.asarray(preprocessing.std, np.float32)
 
 
-def dump_imported_run(run, dataset=None, data_dir=None, val_size=None, batch_size=256) -> Path:
+def dump_imported_run(
+    run: str | os.PathLike[str],
+    dataset: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    val_size: int | None = None,
+    batch_size: int = 256,
+) -> Path:
     """Writes an imported run's `dump/`: every exit's logits on a hold-out and on the test set.
 
     The hold-out is keras-ee's validation split of the dataset's training split (the one a
