@@ -32,6 +32,7 @@ AUTHORS_NORMALISATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 IMPORT_FILE = "import.json"
+WPN_FILE = "wpn.npz"  # an L2W-DEN checkpoint's WPN, as `L2W.save_wpn` writes it
 
 
 def guess_dataset(report: ImportReport) -> str:
@@ -52,6 +53,7 @@ def import_run(
     model: str | None = None,
     model_options: dict[str, Any] | None = None,
     dataset: str | None = None,
+    wpn_input: str | None = None,
 ) -> Path:
     """Writes the run folder `out` for the checkpoint (see the module docstring).
 
@@ -62,6 +64,7 @@ def import_run(
         model_options: dict of builder arguments.
         dataset: `cifar10`, `cifar100` or `imagenet` (the normalisation); default from the
             checkpoint (ImageNet stem, or 10 / 100 classes).
+        wpn_input: an L2W-DEN checkpoint's WPN input, `"loss"` (default) or `"confidence"`.
 
     Returns:
         The run folder.
@@ -78,7 +81,9 @@ def import_run(
         raise ValueError(
             f"--dataset {dataset!r}: the authors' normalisation is known for {sorted(AUTHORS_NORMALISATION)}"
         )
-    backbone, report, method, teacher = read_checkpoint_into_model(checkpoint, model, **dict(model_options or {}))
+    backbone, report, method, method_state = read_checkpoint_into_model(
+        checkpoint, model, wpn_input=wpn_input, **dict(model_options or {})
+    )
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
     config = TrainConfig(
@@ -92,9 +97,15 @@ def import_run(
     # IMTA: the phase-II model (its transform is already in `backbone`), with the phase-I last
     # classifier as the distillation teacher, so that a run could continue phase II.
     model_wrapped = training.MultiExitModel(backbone, method=method or training.Baseline(), transform_backbone=False)
+    teacher = method_state.get("teacher")
     if teacher is not None and getattr(model_wrapped.method, "distillation", False):
         model_wrapped.method.teacher_kernel.assign(teacher[0])
         model_wrapped.method.teacher_bias.assign(teacher[1])
+    # L2W-DEN: the imported WPN in the run's L2W (and as wpn.npz, `L2W(wpn_weights_path=...)`'s file).
+    imported_wpn = method_state.get("wpn")
+    if imported_wpn is not None:
+        for variable, value in zip(model_wrapped.method.wpn.weights, imported_wpn.weights, strict=True):
+            variable.assign(value)
     model_wrapped.compile(optimizer="sgd")
     exit_costs = costs.exit_costs(backbone)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +116,9 @@ def import_run(
         with atomic_path(out / experiment.MODEL_FILE) as tmp:
             model_wrapped.save(tmp)
         atomic_write_json(out / "costs.json", exit_costs)
+        if imported_wpn is not None:
+            with atomic_path(out / WPN_FILE) as tmp:
+                model_wrapped.method.save_wpn(tmp)
         # The authors' pipelines read 8-bit images (torchvision's ToTensor divides by 255): raw pixels
         # 0..255, the range `keras-ee predict` and EarlyExitModel check raw images against.
         preprocessing = inputs.Preprocessing(1.0 / 255.0, mean, std, pixel_range=(0.0, 255.0))

@@ -161,6 +161,14 @@ class _StorageType:
         self.name = name
 
 
+class SavedArguments:
+    """A script's `argparse.Namespace` saved beside its weights (gphi_MSDNet's `args`): a plain
+    object that only receives the attributes (pickle's BUILD sets `__dict__`; nothing is called)."""
+
+    def __repr__(self) -> str:
+        return f"SavedArguments({vars(self)})"
+
+
 _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -169,6 +177,7 @@ _ALLOWED: dict[tuple[str, str], object] = {
     ("_codecs", "encode"): _codecs_encode,
     ("__builtin__", "set"): set,
     ("builtins", "set"): set,
+    ("argparse", "Namespace"): SavedArguments,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 

@@ -70,6 +70,8 @@ class ImportReport:
     ignored: dict[str, Any]
     method: str = "baseline"  # the keras-ee training method whose model this is (IMTA phase II: "imta")
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # L2W-DEN: the WPN found in `meta_state_dict` (depth, width, input size, outputs, tensors, input type)
+    wpn: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,18 +149,40 @@ def strip_module_prefix(state_dict: dict[str, np.ndarray]) -> tuple[dict[str, np
 
 def detect_family(state_dict: dict[str, np.ndarray]) -> str:
     keys = state_dict.keys()
+    if _is_wpn(state_dict):
+        raise CheckpointError(
+            "holds L2W-DEN's WPN alone (first_hidden_layer.*, output_layer.*): import the checkpoint of "
+            "tools/main_*_DDP.py that holds it as `meta_state_dict` beside the MSDNet's `state_dict`"
+        )
     if any(k.startswith("isc_modules.") for k in keys) or any(k.startswith("net.blocks.") for k in keys):
         return "imta"
     if any(k.startswith("FirstLayer.") for k in keys) and any(k.startswith("scale_flows.") for k in keys):
         return "ranet"
     if any(k.startswith("blocks.") for k in keys) and any(k.startswith("classifier.") for k in keys):
-        if any(k.startswith(("gater", "gaters", "gate")) for k in keys):
-            raise CheckpointError("a gated MSDNet (budget-aware): not supported by this version of keras-ee import yet")
         return "msdnet"
     raise CheckpointError(
         f"keys of no known architecture (first keys {list(keys)[:4]}); keras-ee imports MSDNet "
         "(blocks.*, classifier.*) and RANet (FirstLayer.*, scale_flows.*, classifier.*)"
     )
+
+
+def _is_gater_list(obj: object) -> bool:
+    """gphi_MSDNet's `meta_net`: an `nn.ModuleList` of `MLP_sigmoid` gaters, keys `{j}.first_hidden_layer.*`."""
+    return _is_state_dict(obj) and any(re.match(r"\d+\.first_hidden_layer\.fc\.weight$", k) for k in obj)
+
+
+def refuse_unsupported(obj: object) -> None:
+    """One line for the checkpoints keras-ee cannot import yet (rather than a wrong network).
+
+    The budget-aware paper's code (YouvaADDAD/gphi_MSDNet, `utils.save_model`) saves `model` (an
+    MSDNet whose every activation is GELU: its keys are plain MSDNet keys) and `meta_net` (one
+    `MLP_sigmoid` gater per early exit); imported as a ReLU MSDNet it would give other logits.
+    """
+    if isinstance(obj, dict) and _is_gater_list(obj.get("meta_net")):
+        raise CheckpointError(
+            "a budget-aware gated MSDNet (gphi_MSDNet: a GELU MSDNet under `model`, one gater per early exit under "
+            "`meta_net`): not supported by this version of keras-ee import"
+        )
 
 
 # --------------------------------------------------------------------------- assignments
@@ -514,6 +538,79 @@ def _open_collaboration(backbone: Any) -> None:
             layer.open = True
 
 
+# ---- L2W-DEN's weight prediction network (`meta_state_dict` of tools/main_*_DDP.py)
+
+WPN_CONTAINER = "meta_state_dict"
+WPN_INPUTS = ("loss", "confidence", "both")  # keras-ee's `L2W(wpn_input=)`: their loss / conf / both
+
+
+def _is_wpn(sd: dict[str, np.ndarray]) -> bool:
+    return "first_hidden_layer.fc.weight" in sd and "output_layer.weight" in sd
+
+
+def infer_wpn(sd: dict[str, np.ndarray], num_exits: int, wpn_input: str | None) -> dict[str, Any]:
+    """`L2W`'s WPN options read off their `MLP_tanh` state_dict (models/weight_predict.py).
+
+    Their input is K per-exit losses (`--meta_net_input_type loss`) or confidences (`conf`), or
+    both (2K): K inputs cannot tell loss from confidence, so `wpn_input` says which (default
+    `"loss"`, what the authors' README commands use).
+    """
+    if not _is_wpn(sd):
+        raise CheckpointMismatchError(
+            f"`{WPN_CONTAINER}` is not L2W-DEN's WPN (no first_hidden_layer.fc.weight / output_layer.weight; "
+            f"keys {list(sd)[:4]})"
+        )
+    width, input_dim = _shape(sd, "first_hidden_layer.fc.weight")
+    outputs = _shape(sd, "output_layer.weight")[0]
+    depth = 1 + len(_indices(sd, r"rest_hidden_layers\.(\d+)\."))
+    if outputs != num_exits:
+        raise CheckpointMismatchError(f"the WPN has {outputs} outputs; the network has {num_exits} exits")
+    if input_dim not in (num_exits, 2 * num_exits):
+        raise CheckpointMismatchError(
+            f"the WPN takes {input_dim} inputs; expected {num_exits} (losses or confidences) or {2 * num_exits} (both)"
+        )
+    if wpn_input is not None and wpn_input not in WPN_INPUTS:
+        raise ValueError(f"wpn_input {wpn_input!r}: expected one of {list(WPN_INPUTS)}")
+    if input_dim == 2 * num_exits and num_exits > 0:
+        if wpn_input not in (None, "both"):
+            raise CheckpointMismatchError(
+                f"the WPN takes {input_dim} = 2K inputs (losses and confidences); wpn_input {wpn_input!r} takes K"
+            )
+        found = "both"
+    else:
+        if wpn_input == "both":
+            raise CheckpointMismatchError(f"the WPN takes {input_dim} = K inputs; wpn_input 'both' takes 2K")
+        found = wpn_input or "loss"
+    return {"wpn_depth": depth, "wpn_width": int(width), "wpn_input": found}
+
+
+def wpn_assignments(sd: dict[str, np.ndarray], wpn_head: str = "out") -> list[_Assign]:
+    """Their `first_hidden_layer.fc`, `rest_hidden_layers.{i}.fc`, `output_layer` onto the WPN's
+    `hidden_1`, `hidden_{i+2}` and its output layer (`keras_ee.training.l2w.WeightPredictionNetwork`)."""
+    linears = [("first_hidden_layer.fc", "hidden_1")]
+    linears += [(f"rest_hidden_layers.{i}.fc", f"hidden_{i + 2}") for i in _indices(sd, r"rest_hidden_layers\.(\d+)\.")]
+    linears.append(("output_layer", wpn_head))
+    return [_Assign(f"{t}.{v}", layer, k) for t, layer in linears for v, k in (("weight", "kernel"), ("bias", "bias"))]
+
+
+def build_wpn(sd: dict[str, np.ndarray], options: dict[str, Any], num_exits: int) -> Any:
+    """keras-ee's WPN with the checkpoint's weights (every tensor used once, every weight filled once)."""
+    import types
+
+    from keras_ee.training.l2w import WeightPredictionNetwork
+
+    input_dim = 2 * num_exits if options["wpn_input"] == "both" else num_exits
+    wpn = WeightPredictionNetwork(
+        num_exits=num_exits, input_dim=input_dim, depth=options["wpn_depth"], width=options["wpn_width"], name="wpn"
+    )
+    wpn.build((None, input_dim))
+    # `plan_fill` checks a model's layers; the WPN's Dense layers stand for them.
+    layers = types.SimpleNamespace(layers=[*wpn.hidden, wpn.head])
+    plan, _used, _filled, _dead = plan_fill(layers, sd, wpn_assignments(sd, wpn.head.name), f"L2W's WPN {options}")
+    apply_fill(plan)
+    return wpn
+
+
 # ---- RANet
 
 
@@ -778,7 +875,7 @@ def import_torch_checkpoint(
         FileNotFoundError, CheckpointError (and its subclasses UnsafeCheckpointError,
         CheckpointMismatchError): one line naming what was wrong.
     """
-    built, report, _method, _teacher = read_checkpoint_into_model(path, model, **options)
+    built, report, _method, _state = read_checkpoint_into_model(path, model, **options)
     return built, report
 
 
@@ -790,14 +887,21 @@ _FAMILIES = {  # family -> (architecture inference, assignments, the builder fam
 
 
 def read_checkpoint_into_model(
-    path: str | os.PathLike[str], model: Any = None, **options: Any
-) -> tuple[Any, ImportReport, Any, tuple[np.ndarray, np.ndarray] | None]:
+    path: str | os.PathLike[str], model: Any = None, *, wpn_input: str | None = None, **options: Any
+) -> tuple[Any, ImportReport, Any, dict[str, Any]]:
     """`import_torch_checkpoint`, and the keras-ee training method the model belongs to.
 
+    Args:
+        path, model, **options: as `import_torch_checkpoint`.
+        wpn_input: an L2W-DEN checkpoint's WPN input (`"loss"`, the default, or `"confidence"`;
+            `"both"` is read off a WPN of 2K inputs): K inputs cannot tell losses from confidences.
+
     Returns:
-        `(keras.Model, ImportReport, method, teacher)`: `method` a `keras_ee.training.Method`
-        (IMTA in phase II for an IMTA checkpoint) or None (the baseline); `teacher` IMTA's
-        phase-I last classifier `(kernel, bias)` for its distillation, or None.
+        `(keras.Model, ImportReport, method, method_state)`: `method` a `keras_ee.training.Method`
+        (IMTA in phase II for an IMTA checkpoint, L2W for an L2W-DEN one with its WPN) or None (the
+        baseline); `method_state` holds `"teacher"`, IMTA's phase-I last classifier `(kernel,
+        bias)` for its distillation, or `"wpn"`, the WPN (a `WeightPredictionNetwork` with the
+        checkpoint's weights), where the checkpoint has them.
     """
     import keras
 
@@ -807,11 +911,19 @@ def read_checkpoint_into_model(
     obj, serialisation, checks = read_checkpoint(path)
     method: Any = None
     teacher: tuple[np.ndarray, np.ndarray] | None = None
+    method_state: dict[str, Any] = {}
+    wpn_report: dict[str, Any] | None = None
     preset: str | None
     model_options: dict[str, Any]
     input_shape: tuple[int, ...] | None
     try:
+        refuse_unsupported(obj)
         raw, container, ignored = unwrap_checkpoint(obj)
+        meta = obj.get(WPN_CONTAINER) if isinstance(obj, dict) and container != "bare" else None
+        if not _is_state_dict(meta):
+            meta = None
+            if wpn_input is not None:
+                raise ValueError(f"wpn_input {wpn_input!r}: the checkpoint holds no WPN (`{WPN_CONTAINER}`)")
         sd, prefixed = strip_module_prefix(raw)
         sd = StateDict(sd)
         family = detect_family(sd)
@@ -852,15 +964,38 @@ def read_checkpoint_into_model(
         plan, used, filled, dead = plan_fill(built, fill_sd, assignments, where if preset else f"model {built.name!r}")
         if preset is None:  # the caller's model: nothing is written into it from a damaged file
             digest = checks.sha256()
+        if meta is not None:  # L2W-DEN: the WPN onto keras-ee's L2W
+            from keras_ee.training import L2W
+
+            wpn_sd, _wpn_prefixed = strip_module_prefix(meta)
+            wpn_sd = StateDict(wpn_sd)
+            wpn_options = infer_wpn(wpn_sd, len(built.outputs), wpn_input)
+            method_state["wpn"] = build_wpn(wpn_sd, wpn_options, len(built.outputs))
+            method = L2W(**wpn_options)
+            ignored.pop(WPN_CONTAINER, None)
+            wpn_report = {
+                **wpn_options,
+                "input_dim": int(wpn_sd["first_hidden_layer.fc.weight"].shape[1]),
+                "tensors": len(wpn_sd),
+                "input_type_from": "the weights (2K inputs)"
+                if wpn_options["wpn_input"] == "both"
+                else (
+                    "the caller (wpn_input)" if wpn_input is not None else "the default (K inputs: loss or confidence)"
+                ),
+            }
         apply_fill(plan)
         del plan
         digest = checks.sha256()  # hashed (and the zip CRC-32s checked) while the tensors were mapped
     except CheckpointError as e:
         raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
     ignored_tensors = sorted(k for k in sd if k.endswith(_IGNORED_SUFFIX))
-    method_options = {}
-    if method is not None:
+    method_options: dict[str, Any] = {}
+    if family == "imta" and method is not None:
         method_options = {k: v for k, v in method.get_config().items() if k == "transfer_widths" and v is not None}
+    if teacher is not None:
+        method_state["teacher"] = teacher
+    if wpn_report is not None:
+        method_options = {k: wpn_report[k] for k in ("wpn_depth", "wpn_width", "wpn_input")}
     report = ImportReport(
         source=str(path),
         sha256=digest,
@@ -881,10 +1016,11 @@ def read_checkpoint_into_model(
             "unused_by_forward": dead,
             **ignored,
         },
-        method="imta" if family == "imta" else "baseline",
+        method="imta" if family == "imta" else ("l2w" if wpn_report is not None else "baseline"),
         method_options=method_options,
+        wpn=wpn_report,
     )
-    return built, report, method, teacher
+    return built, report, method, method_state
 
 
 def load_torch_checkpoint(path: str | os.PathLike[str], model: Any = None, **options: Any) -> Any:
