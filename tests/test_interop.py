@@ -351,3 +351,118 @@ def test_a_damaged_zip_member_is_refused_and_a_given_model_kept(tmp_path):
     with pytest.raises(interop.CheckpointError, match="CRC-32"):
         interop.load_torch_checkpoint(path, model=model)
     assert all(np.array_equal(a, np.asarray(w)) for a, w in zip(before, model.weights))  # nothing written
+
+
+# ---- L2W-DEN: the MSDNet with its WPN (`meta_state_dict`) onto keras-ee's L2W
+
+
+def _wpn_io():
+    saved = np.load(DATA / "l2w_cifar_io.npz")
+    return saved["wpn_inputs"], saved["wpn_outputs"]
+
+
+def test_l2w_den_checkpoint_gives_the_authors_logits_and_wpn_outputs():
+    model, report, method, state = torch_import.read_checkpoint_into_model(DATA / "l2w_cifar_zip.pth")
+    _assert_parity(model, "l2w_cifar")
+    inputs, want = _wpn_io()
+    got = np.asarray(state["wpn"](inputs))
+    assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
+    assert report.method == "l2w" and type(method).__name__ == "L2W"
+    assert report.method_options == {"wpn_depth": 2, "wpn_width": 8, "wpn_input": "loss"}
+    assert report.wpn["input_dim"] == 3 and report.wpn["tensors"] == 6 and "default" in report.wpn["input_type_from"]
+    assert "meta_state_dict" not in report.ignored and "meta_optimizer" in report.ignored
+
+
+def test_l2w_den_run_folder_holds_the_wpn_for_a_run_to_continue_with(tmp_path):
+    import json
+
+    from keras_ee import cli, experiment, training
+
+    out = tmp_path / "l2w_run"
+    assert cli.main(["import", str(DATA / "l2w_cifar_zip.pth"), "--out", str(out), "--wpn-input", "confidence"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "l2w" and config["method_options"]["wpn_input"] == "confidence"
+    assert json.loads((out / "import.json").read_text())["wpn"]["input_type_from"] == "the caller (wpn_input)"
+    model = experiment.load_run_model(out / "model.keras")
+    inputs, want = _wpn_io()
+    assert np.abs(np.asarray(model.method.wpn(inputs)) - want).max() <= 1e-5
+    _assert_parity(model.backbone, "l2w_cifar")
+    # wpn.npz is L2W's own file: a new run takes it frozen (or as its initial WPN).
+    frozen = training.L2W(
+        wpn_depth=2, wpn_width=8, wpn_input="confidence", weighting="frozen", wpn_weights_path=str(out / "wpn.npz")
+    )
+    training.MultiExitModel(model.backbone, method=frozen)
+    assert np.abs(np.asarray(frozen.wpn(inputs)) - want).max() <= 1e-5
+
+
+def _l2w_parts():
+    obj, _ = interop.read_torch_file(DATA / "l2w_cifar_zip.pth")
+    return dict(obj["state_dict"]), dict(obj["meta_state_dict"])
+
+
+def _write_l2w(path, state_dict, meta):
+    calls, storages = torch_writer.tensor_calls(
+        {**{f"s|{k}": v for k, v in state_dict.items()}, **{f"m|{k}": v for k, v in meta.items()}}
+    )
+    obj = {
+        "state_dict": {k[2:]: v for k, v in calls.items() if k.startswith("s|")},
+        "meta_state_dict": {k[2:]: v for k, v in calls.items() if k.startswith("m|")},
+    }
+    return torch_writer.write_legacy(path, obj, storages)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("drop", r"lacks 'rest_hidden_layers\.0\.fc\.bias'"),
+        ("extra", r"unused: \['output_layer\.scale'\]"),
+        ("outputs", r"the WPN has 4 outputs; the network has 3 exits"),
+        ("inputs", r"the WPN takes 5 inputs; expected 3 .* or 6"),
+        ("hidden", r"rest_hidden_layers\.0\.fc\.weight' of shape \[8, 7\] does not fit hidden_2/kernel"),
+    ],
+)
+def test_a_wpn_that_does_not_fit_is_refused(edit, match, tmp_path):
+    state_dict, meta = _l2w_parts()
+    if edit == "drop":
+        del meta["rest_hidden_layers.0.fc.bias"]
+    elif edit == "extra":
+        meta["output_layer.scale"] = np.ones(3, np.float32)
+    elif edit == "outputs":
+        meta["output_layer.weight"] = np.zeros((4, 8), np.float32)
+        meta["output_layer.bias"] = np.zeros(4, np.float32)
+    elif edit == "inputs":
+        meta["first_hidden_layer.fc.weight"] = np.zeros((8, 5), np.float32)
+    else:
+        meta["rest_hidden_layers.0.fc.weight"] = np.zeros((8, 7), np.float32)
+    path = _write_l2w(tmp_path / "l2w.pth", state_dict, meta)
+    with pytest.raises(interop.CheckpointMismatchError, match=match) as e:
+        torch_import.read_checkpoint_into_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_wpn_input_choices_are_checked(tmp_path):
+    with pytest.raises(interop.CheckpointMismatchError, match="wpn_input 'both' takes 2K"):
+        torch_import.read_checkpoint_into_model(DATA / "l2w_cifar_zip.pth", wpn_input="both")
+    with pytest.raises(ValueError, match="the checkpoint holds no WPN"):
+        torch_import.read_checkpoint_into_model(DATA / "msdnet_cifar_zip.pth", wpn_input="loss")
+    # A WPN of 2K inputs is `both`, whatever the default.
+    state_dict, meta = _l2w_parts()
+    meta["first_hidden_layer.fc.weight"] = np.concatenate([meta["first_hidden_layer.fc.weight"]] * 2, axis=1)
+    _, report, _, _ = torch_import.read_checkpoint_into_model(_write_l2w(tmp_path / "both.pth", state_dict, meta))
+    assert report.method_options["wpn_input"] == "both"
+    # The WPN saved alone: one line saying where it belongs.
+    alone = torch_writer.write_state_dict(tmp_path / "wpn.pth", meta)
+    with pytest.raises(interop.CheckpointError, match="WPN alone") as e:
+        interop.load_torch_checkpoint(alone)
+    assert "\n" not in str(e.value)
+
+
+def test_a_gated_gelu_msdnet_is_refused_with_one_line():
+    # gphi_MSDNet's utils.save_model: `model` has plain MSDNet keys (GELU is not in the weights),
+    # `meta_net` the gaters, `args` an argparse.Namespace (read as plain attributes; nothing runs).
+    path = DATA / "gphi_cifar_zip.pth"
+    obj, _ = interop.read_torch_file(path)
+    assert vars(obj["args"])["data_set"] == "cifar10"
+    with pytest.raises(interop.CheckpointError, match="budget-aware gated MSDNet.*not supported") as e:
+        interop.load_torch_checkpoint(path)
+    assert "\n" not in str(e.value)

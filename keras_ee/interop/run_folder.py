@@ -17,7 +17,13 @@ with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keras_ee.inputs import Preprocessing
+    from keras_ee.interop.torch_import import ImportReport
 
 # The authors' normalisation (torchvision ToTensor, i.e. pixels / 255, then Normalize).
 AUTHORS_NORMALISATION = {
@@ -26,9 +32,10 @@ AUTHORS_NORMALISATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 IMPORT_FILE = "import.json"
+WPN_FILE = "wpn.npz"  # an L2W-DEN checkpoint's WPN, as `L2W.save_wpn` writes it
 
 
-def guess_dataset(report) -> str:
+def guess_dataset(report: ImportReport) -> str:
     """The dataset the authors' code trained a network of this layout on."""
     if report.model_options.get("stem") == "imagenet" or report.preset.startswith("msdnet_imagenet"):
         return "imagenet"
@@ -40,7 +47,14 @@ def guess_dataset(report) -> str:
     )
 
 
-def import_run(checkpoint, out, model=None, model_options=None, dataset=None) -> Path:
+def import_run(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    wpn_input: str | None = None,
+) -> Path:
     """Writes the run folder `out` for the checkpoint (see the module docstring).
 
     Args:
@@ -50,6 +64,7 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         model_options: dict of builder arguments.
         dataset: `cifar10`, `cifar100` or `imagenet` (the normalisation); default from the
             checkpoint (ImageNet stem, or 10 / 100 classes).
+        wpn_input: an L2W-DEN checkpoint's WPN input, `"loss"` (default) or `"confidence"`.
 
     Returns:
         The run folder.
@@ -66,7 +81,9 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         raise ValueError(
             f"--dataset {dataset!r}: the authors' normalisation is known for {sorted(AUTHORS_NORMALISATION)}"
         )
-    backbone, report, method, teacher = read_checkpoint_into_model(checkpoint, model, **dict(model_options or {}))
+    backbone, report, method, method_state = read_checkpoint_into_model(
+        checkpoint, model, wpn_input=wpn_input, **dict(model_options or {})
+    )
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
     config = TrainConfig(
@@ -80,9 +97,15 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
     # IMTA: the phase-II model (its transform is already in `backbone`), with the phase-I last
     # classifier as the distillation teacher, so that a run could continue phase II.
     model_wrapped = training.MultiExitModel(backbone, method=method or training.Baseline(), transform_backbone=False)
+    teacher = method_state.get("teacher")
     if teacher is not None and getattr(model_wrapped.method, "distillation", False):
         model_wrapped.method.teacher_kernel.assign(teacher[0])
         model_wrapped.method.teacher_bias.assign(teacher[1])
+    # L2W-DEN: the imported WPN in the run's L2W (and as wpn.npz, `L2W(wpn_weights_path=...)`'s file).
+    imported_wpn = method_state.get("wpn")
+    if imported_wpn is not None:
+        for variable, value in zip(model_wrapped.method.wpn.weights, imported_wpn.weights, strict=True):
+            variable.assign(value)
     model_wrapped.compile(optimizer="sgd")
     exit_costs = costs.exit_costs(backbone)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +116,9 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
         with atomic_path(out / experiment.MODEL_FILE) as tmp:
             model_wrapped.save(tmp)
         atomic_write_json(out / "costs.json", exit_costs)
+        if imported_wpn is not None:
+            with atomic_path(out / WPN_FILE) as tmp:
+                model_wrapped.method.save_wpn(tmp)
         # The authors' pipelines read 8-bit images (torchvision's ToTensor divides by 255): raw pixels
         # 0..255, the range `keras-ee predict` and EarlyExitModel check raw images against.
         preprocessing = inputs.Preprocessing(1.0 / 255.0, mean, std, pixel_range=(0.0, 255.0))
@@ -103,12 +129,12 @@ def import_run(checkpoint, out, model=None, model_options=None, dataset=None) ->
     return out
 
 
-def is_imported_run(run) -> bool:
+def is_imported_run(run: str | os.PathLike[str]) -> bool:
     """Whether `run` is a folder written by `keras-ee import` (it holds `import.json`)."""
     return (Path(run) / IMPORT_FILE).is_file()
 
 
-def _normalise_like_the_run(splits, preprocessing, dataset: str) -> None:
+def _normalise_like_the_run(splits: Any, preprocessing: Preprocessing, dataset: str) -> None:
     """Makes `splits`' pipelines normalise as the run does (the authors' constants), after checking
     that the dataset stores pixels as the run expects them."""
     import numpy as np
@@ -147,7 +173,13 @@ def _normalise_like_the_run(splits, preprocessing, dataset: str) -> None:
     splits.std = np.asarray(preprocessing.std, np.float32)
 
 
-def dump_imported_run(run, dataset=None, data_dir=None, val_size=None, batch_size=256) -> Path:
+def dump_imported_run(
+    run: str | os.PathLike[str],
+    dataset: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    val_size: int | None = None,
+    batch_size: int = 256,
+) -> Path:
     """Writes an imported run's `dump/`: every exit's logits on a hold-out and on the test set.
 
     The hold-out is keras-ee's validation split of the dataset's training split (the one a

@@ -23,12 +23,15 @@ import collections
 import hashlib
 import io
 import math
+import os
 import pickle
 import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -36,7 +39,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 # torch storage type -> numpy dtype (little-endian, as torch writes on every supported machine).
-STORAGE_DTYPES = {
+STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "FloatStorage": np.dtype("<f4"),
     "DoubleStorage": np.dtype("<f8"),
     "HalfStorage": np.dtype("<f2"),
@@ -67,7 +70,7 @@ class _Storage:
         self.key = key
         self.type_name = type_name
         self.numel = numel
-        self.array = None
+        self.array: np.ndarray | None = None
 
 
 class _StorageView:
@@ -84,13 +87,14 @@ class TensorRef:
 
     __slots__ = ("storage", "offset", "size", "stride")
 
-    def __init__(self, storage, offset, size, stride):
+    def __init__(self, storage: object, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def resolve(self) -> np.ndarray:
         storage, offset = self.storage, self.offset
         if isinstance(storage, _StorageView):
-            storage, offset = storage.base, storage.offset + offset
+            offset += storage.offset
+            storage = storage.base
         if not isinstance(storage, _Storage) or storage.array is None:
             raise CheckpointError("a tensor refers to a storage the file does not hold")
         size, stride = tuple(self.size), tuple(self.stride)
@@ -125,15 +129,25 @@ class TensorRef:
         return out
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *metadata):
+def _rebuild_tensor_v2(
+    storage: object,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: object = None,
+    *metadata: object,
+) -> TensorRef:
     return TensorRef(storage, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+def _rebuild_parameter(
+    data: object, requires_grad: bool = False, backward_hooks: object = None, *state: object
+) -> object:
     return data
 
 
-def _codecs_encode(text, encoding="utf-8"):
+def _codecs_encode(text: object, encoding: str = "utf-8") -> bytes:
     # Protocol-2 pickles (the legacy format) write `bytes` as `_codecs.encode(str, "latin1")`.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise UnsafeCheckpointError("the checkpoint calls _codecs.encode with other arguments than a pickle writes")
@@ -147,7 +161,15 @@ class _StorageType:
         self.name = name
 
 
-_ALLOWED = {
+class SavedArguments:
+    """A script's `argparse.Namespace` saved beside its weights (gphi_MSDNet's `args`): a plain
+    object that only receives the attributes (pickle's BUILD sets `__dict__`; nothing is called)."""
+
+    def __repr__(self) -> str:
+        return f"SavedArguments({vars(self)})"
+
+
+_ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -155,17 +177,18 @@ _ALLOWED = {
     ("_codecs", "encode"): _codecs_encode,
     ("__builtin__", "set"): set,
     ("builtins", "set"): set,
+    ("argparse", "Namespace"): SavedArguments,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, storages: dict, legacy: bool):
+    def __init__(self, file: BinaryIO, storages: dict[str, _Storage], legacy: bool):
         super().__init__(file)
         self._storages = storages
         self._legacy = legacy
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
         if allowed is None:
             raise UnsafeCheckpointError(
@@ -174,7 +197,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         return allowed
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> object:
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage" or len(pid) < 5:
             raise CheckpointError(f"unknown persistent id {str(pid)[:80]!r} (expected a torch storage)")
         storage_type, key, _location, numel = pid[1:5]
@@ -196,12 +219,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return storage
 
 
-def resolve_tensors(obj):
+def resolve_tensors(obj: object) -> Any:
     """`obj` with every `TensorRef` inside (dicts, lists, tuples) replaced by its numpy array."""
     if isinstance(obj, TensorRef):
         return obj.resolve()
     if isinstance(obj, dict):
-        out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
+        out: dict[Any, Any] = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
         for k, v in obj.items():
             out[k] = resolve_tensors(v)
         return out
@@ -212,7 +235,7 @@ def resolve_tensors(obj):
     return obj
 
 
-def _unpickle(data, storages: dict, legacy: bool, what: str):
+def _unpickle(data: BinaryIO, storages: dict[str, _Storage], legacy: bool, what: str) -> Any:
     try:
         return _RestrictedUnpickler(data, storages, legacy).load()
     except CheckpointError:
@@ -225,13 +248,15 @@ class FileChecks:
     """The sha256 of a checkpoint's bytes and the CRC-32 of its zip members, computed in a thread
     while the caller maps the tensors (hashlib and zlib release the GIL on large buffers)."""
 
-    def __init__(self, data, members=()):
+    def __init__(self, data: bytes, members: Iterable[tuple[str, int, int, int]] = ()):
         self._data, self.members = data, list(members)  # (name, offset, size, crc)
-        self._digest, self._bad, self._error = None, [], None
+        self._digest: str | None = None
+        self._bad: list[str] = []
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="keras-ee-checkpoint-checks", daemon=True)
         self._thread.start()
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             view = memoryview(self._data)
             self._digest = hashlib.sha256(view).hexdigest()
@@ -252,10 +277,11 @@ class FileChecks:
                 + (f" (and {len(self._bad) - 1} more)" if len(self._bad) > 1 else "")
                 + " (the file is damaged)"
             )
+        assert self._digest is not None  # set by _run unless it raised, handled above
         return self._digest
 
 
-def _stored_member_offset(data, info) -> int:
+def _stored_member_offset(data: bytes, info: zipfile.ZipInfo) -> int:
     """Where an uncompressed zip member's bytes start (after its local header)."""
     head = bytes(data[info.header_offset : info.header_offset + 30])
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -264,9 +290,9 @@ def _stored_member_offset(data, info) -> int:
     return info.header_offset + 30 + name_length + extra_length
 
 
-def _read_zip(data):
-    storages: dict = {}
-    members = []
+def _read_zip(data: bytes) -> tuple[Any, list[tuple[str, int, int, int]]]:
+    storages: dict[str, _Storage] = {}
+    members: list[tuple[str, int, int, int]] = []
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
@@ -284,7 +310,7 @@ def _read_zip(data):
                 dtype = STORAGE_DTYPES[storage.type_name]
                 info = archive.getinfo(member)
                 if info.compress_type != zipfile.ZIP_STORED:  # re-zipped by hand: zipfile inflates and checks it
-                    raw = archive.read(member)
+                    raw: bytes | memoryview = archive.read(member)
                 else:  # torch's own layout: a view of the file's bytes, checked by FileChecks
                     offset = _stored_member_offset(data, info)
                     if offset + info.file_size > len(data):
@@ -301,8 +327,8 @@ def _read_zip(data):
     return obj, members
 
 
-def _read_legacy(data):
-    storages: dict = {}
+def _read_legacy(data: bytes) -> Any:
+    storages: dict[str, _Storage] = {}
     f = io.BytesIO(data)
     header = []
     for what in ("magic number", "protocol version", "system information"):
@@ -337,7 +363,7 @@ def _read_legacy(data):
     return obj
 
 
-def read_checkpoint(path) -> tuple[object, str, FileChecks]:
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str, FileChecks]:
     """`read_torch_file`, and the `FileChecks` of the file (sha256; zip CRC-32s), still running.
 
     Storages are views of the file's bytes, read once: a tensor is copied only where its
@@ -355,14 +381,14 @@ def read_checkpoint(path) -> tuple[object, str, FileChecks]:
         else:
             if len(data) < 2 or data[0] != 0x80:  # every pickle of protocol >= 2 starts with PROTO
                 raise CheckpointError("not a torch.save file: neither a zip archive nor a pickle stream")
-            obj, members, serialisation = _read_legacy(data), (), "legacy"
+            obj, members, serialisation = _read_legacy(data), [], "legacy"
         checks = FileChecks(data, members)
         return resolve_tensors(obj), serialisation, checks
     except CheckpointError as e:
         raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
 
 
-def read_torch_file(path) -> tuple[object, str]:
+def read_torch_file(path: str | os.PathLike[str]) -> tuple[Any, str]:
     """Reads a `torch.save` file without torch.
 
     Args:

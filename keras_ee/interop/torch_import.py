@@ -24,8 +24,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -58,24 +61,26 @@ class ImportReport:
     module_prefix: bool
     family: str
     preset: str
-    model_options: dict
+    model_options: dict[str, Any]
     num_classes: int
-    input_shape: list
+    input_shape: list[int]
     tensors_total: int
     tensors_used: int
     keras_weights: int
-    ignored: dict
+    ignored: dict[str, Any]
     method: str = "baseline"  # the keras-ee training method whose model this is (IMTA phase II: "imta")
-    method_options: dict = dataclasses.field(default_factory=dict)
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # L2W-DEN: the WPN found in `meta_state_dict` (depth, width, input size, outputs, tensors, input type)
+    wpn: dict[str, Any] | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- checkpoint layout
 
 
-def _is_state_dict(obj) -> bool:
+def _is_state_dict(obj: object) -> TypeGuard[dict[str, np.ndarray]]:
     return (
         isinstance(obj, dict)
         and bool(obj)
@@ -83,7 +88,7 @@ def _is_state_dict(obj) -> bool:
     )
 
 
-def unwrap_checkpoint(obj) -> tuple[dict, str, dict]:
+def unwrap_checkpoint(obj: object) -> tuple[dict[str, np.ndarray], str, dict[str, Any]]:
     """The model's state_dict inside what a script saved.
 
     Returns:
@@ -94,9 +99,10 @@ def unwrap_checkpoint(obj) -> tuple[dict, str, dict]:
         return dict(obj), "bare", {}
     if isinstance(obj, dict):
         for key in _STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
-                ignored = {str(k): _describe(v) for k, v in obj.items() if k != key}
-                return dict(obj[key]), key, ignored
+            found = obj.get(key)
+            if _is_state_dict(found):
+                ignored: dict[str, Any] = {str(k): _describe(v) for k, v in obj.items() if k != key}
+                return dict(found), key, ignored
     keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(
         f"holds no state_dict: expected a dict of tensors, or a dict with one under {list(_STATE_DICT_KEYS)}; "
@@ -104,7 +110,7 @@ def unwrap_checkpoint(obj) -> tuple[dict, str, dict]:
     )
 
 
-def _describe(value) -> str:
+def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"tensor {list(value.shape)}"
     if isinstance(value, dict):
@@ -115,7 +121,7 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _walk_arrays(obj):
+def _walk_arrays(obj: object) -> Iterator[np.ndarray]:
     if isinstance(obj, np.ndarray):
         yield obj
     elif isinstance(obj, dict):
@@ -126,9 +132,10 @@ def _walk_arrays(obj):
             yield from _walk_arrays(v)
 
 
-def strip_module_prefix(state_dict: dict) -> tuple[dict, bool]:
+def strip_module_prefix(state_dict: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
     """Drops DataParallel's `module.` path components (also nested ones, as IMTA's `module.net.module.`)."""
-    out, stripped = {}, False
+    out: dict[str, np.ndarray] = {}
+    stripped = False
     for key, value in state_dict.items():
         parts = key.split(".")
         kept = [p for p in parts if p != "module"]
@@ -140,20 +147,42 @@ def strip_module_prefix(state_dict: dict) -> tuple[dict, bool]:
     return out, stripped
 
 
-def detect_family(state_dict: dict) -> str:
+def detect_family(state_dict: dict[str, np.ndarray]) -> str:
     keys = state_dict.keys()
+    if _is_wpn(state_dict):
+        raise CheckpointError(
+            "holds L2W-DEN's WPN alone (first_hidden_layer.*, output_layer.*): import the checkpoint of "
+            "tools/main_*_DDP.py that holds it as `meta_state_dict` beside the MSDNet's `state_dict`"
+        )
     if any(k.startswith("isc_modules.") for k in keys) or any(k.startswith("net.blocks.") for k in keys):
         return "imta"
     if any(k.startswith("FirstLayer.") for k in keys) and any(k.startswith("scale_flows.") for k in keys):
         return "ranet"
     if any(k.startswith("blocks.") for k in keys) and any(k.startswith("classifier.") for k in keys):
-        if any(k.startswith(("gater", "gaters", "gate")) for k in keys):
-            raise CheckpointError("a gated MSDNet (budget-aware): not supported by this version of keras-ee import yet")
         return "msdnet"
     raise CheckpointError(
         f"keys of no known architecture (first keys {list(keys)[:4]}); keras-ee imports MSDNet "
         "(blocks.*, classifier.*) and RANet (FirstLayer.*, scale_flows.*, classifier.*)"
     )
+
+
+def _is_gater_list(obj: object) -> bool:
+    """gphi_MSDNet's `meta_net`: an `nn.ModuleList` of `MLP_sigmoid` gaters, keys `{j}.first_hidden_layer.*`."""
+    return _is_state_dict(obj) and any(re.match(r"\d+\.first_hidden_layer\.fc\.weight$", k) for k in obj)
+
+
+def refuse_unsupported(obj: object) -> None:
+    """One line for the checkpoints keras-ee cannot import yet (rather than a wrong network).
+
+    The budget-aware paper's code (YouvaADDAD/gphi_MSDNet, `utils.save_model`) saves `model` (an
+    MSDNet whose every activation is GELU: its keys are plain MSDNet keys) and `meta_net` (one
+    `MLP_sigmoid` gater per early exit); imported as a ReLU MSDNet it would give other logits.
+    """
+    if isinstance(obj, dict) and _is_gater_list(obj.get("meta_net")):
+        raise CheckpointError(
+            "a budget-aware gated MSDNet (gphi_MSDNet: a GELU MSDNet under `model`, one gater per early exit under "
+            "`meta_net`): not supported by this version of keras-ee import"
+        )
 
 
 # --------------------------------------------------------------------------- assignments
@@ -171,7 +200,9 @@ class _Assign:
     partial: bool = False  # fills a channel slice of a merged layer (else the whole variable)
 
 
-def _conv_bn(conv: str, bn: str, layer: str, start: int | None = None, bn_layer: str | None = None, conv_bias=False):
+def _conv_bn(
+    conv: str, bn: str, layer: str, start: int | None = None, bn_layer: str | None = None, conv_bias: bool = False
+) -> list[_Assign]:
     """A conv + BatchNorm pair onto one ConvBNReLU layer (`start`: a slice of a merged one)."""
     partial, start = start is not None, start or 0
     out = [_Assign(f"{conv}.weight", layer, "kernel", start)]
@@ -188,9 +219,9 @@ def _conv_bn(conv: str, bn: str, layer: str, start: int | None = None, bn_layer:
     return [dataclasses.replace(a, partial=partial) for a in out]
 
 
-def _classifier(sd_keys, index: int, exit_number: int) -> list:
+def _classifier(sd_keys: dict[str, np.ndarray], index: int, exit_number: int) -> list[_Assign]:
     p = f"classifier.{index}"
-    out = []
+    out: list[_Assign] = []
     for j, name in ((0, "head_1"), (1, "head_2")):
         out += _conv_bn(f"{p}.m.{j}.net.0", f"{p}.m.{j}.net.1", f"exit_{exit_number}_{name}")
     out += [
@@ -200,16 +231,16 @@ def _classifier(sd_keys, index: int, exit_number: int) -> list:
     return out
 
 
-class StateDict(dict):
+class StateDict(dict[str, np.ndarray]):
     """A state_dict with its keys as a tree of dotted paths (built once: the walks below ask it
     thousands of questions, each a scan of every key otherwise)."""
 
-    _tree = None
+    _tree: dict[str, set[str]] | None = None
 
     @property
-    def tree(self) -> dict:
+    def tree(self) -> dict[str, set[str]]:
         if self._tree is None:
-            tree = collections.defaultdict(set)
+            tree: dict[str, set[str]] = collections.defaultdict(set)
             for key in self:
                 parts = key.split(".")
                 for i in range(len(parts)):
@@ -218,14 +249,14 @@ class StateDict(dict):
         return self._tree
 
 
-def _tree(sd) -> dict:
+def _tree(sd: dict[str, np.ndarray]) -> dict[str, set[str]]:
     return (sd if isinstance(sd, StateDict) else StateDict(sd)).tree
 
 
 _INDEX_SUFFIX = r"\.(\d+)\."
 
 
-def _indices(sd, pattern: str) -> list[int]:
+def _indices(sd: dict[str, np.ndarray], pattern: str) -> list[int]:
     r"""The numbers n of the keys `<prefix>.<n>.*`; `pattern` is the regex `<prefix>\.(\d+)\.`."""
     if not pattern.endswith(_INDEX_SUFFIX):
         raise ValueError(f"an index pattern ends with {_INDEX_SUFFIX}; received {pattern!r}")
@@ -233,12 +264,12 @@ def _indices(sd, pattern: str) -> list[int]:
     return sorted(int(c) for c in _tree(sd).get(prefix, ()) if c.isdigit())
 
 
-def _has(sd, prefix: str) -> bool:
+def _has(sd: dict[str, np.ndarray], prefix: str) -> bool:
     """Whether some key starts with `prefix.`."""
     return prefix in _tree(sd)
 
 
-def _shape(sd: dict, key: str):
+def _shape(sd: dict[str, np.ndarray], key: str) -> tuple[int, ...]:
     if key not in sd:
         raise CheckpointMismatchError(f"the checkpoint lacks {key!r}")
     return sd[key].shape
@@ -247,9 +278,9 @@ def _shape(sd: dict, key: str):
 # ---- MSDNet
 
 
-def _msdnet_units(sd: dict, prefix: str, offset: int) -> list:
+def _msdnet_units(sd: dict[str, np.ndarray], prefix: str, offset: int) -> list[tuple[int, str, int, str]]:
     """`(out scale, branch, source scale, torch module)` of one MSDNLayer at `prefix`."""
-    units = []
+    units: list[tuple[int, str, int, str]] = []
     for i in _indices(sd, re.escape(prefix) + r"\.layers\.(\d+)\."):
         s, q = offset + i, f"{prefix}.layers.{i}"
         if _has(sd, f"{q}.conv_down"):
@@ -259,7 +290,7 @@ def _msdnet_units(sd: dict, prefix: str, offset: int) -> list:
     return units
 
 
-def _msdnet_walk(sd: dict):
+def _msdnet_walk(sd: dict[str, np.ndarray]) -> Iterator[tuple[str, int, int, str]]:
     """Walks the authors' MSDNet modules: yields `(kind, block, seq, prefix)`."""
     num_blocks = len(_indices(sd, r"classifier\.(\d+)\."))
     blocks = _indices(sd, r"blocks\.(\d+)\.")
@@ -278,17 +309,17 @@ def _msdnet_walk(sd: dict):
                 yield "layer", b, seq, p
 
 
-def _msdnet_scales(sd) -> int:
+def _msdnet_scales(sd: dict[str, np.ndarray]) -> int:
     return len(_indices(sd, r"blocks\.0\.0\.layers\.(\d+)\."))
 
 
-def _msdnet_imagenet_stem(sd) -> bool:
+def _msdnet_imagenet_stem(sd: dict[str, np.ndarray]) -> bool:
     return "blocks.0.0.layers.0.0.weight" in sd
 
 
-def msdnet_assignments(sd: dict) -> list:
+def msdnet_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
     num_scales = _msdnet_scales(sd)
-    out = []
+    out: list[_Assign] = []
     layer = 0
     walk = list(_msdnet_walk(sd))
     last_layer = max((i for i, w in enumerate(walk) if w[0] == "layer"), default=-1)
@@ -312,7 +343,7 @@ def msdnet_assignments(sd: dict) -> list:
             units = _msdnet_units(sd, p, offset)
             own = {src: m for s, _br, src, m in units if s == src}
             for s, branch, src, m in units:
-                unit = []
+                unit: list[_Assign] = []
                 if f"{m}.net.3.weight" in sd:  # bottleneck: 1x1 slice of the merged l{L}_x{src}_a
                     start = _shape(sd, f"{own[src]}.net.0.weight")[0] if branch == "_down" and src in own else 0
                     unit += _conv_bn(f"{m}.net.0", f"{m}.net.1", f"l{layer}_x{src}_a", start)
@@ -327,7 +358,7 @@ def msdnet_assignments(sd: dict) -> list:
     return out
 
 
-def infer_msdnet(sd: dict) -> tuple[dict, int, tuple]:
+def infer_msdnet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
     """`(msdnet() arguments, num_classes, input_shape)` read off an MSDNet state_dict's keys and shapes."""
     num_scales = _msdnet_scales(sd)
     imagenet = _msdnet_imagenet_stem(sd)
@@ -343,8 +374,10 @@ def infer_msdnet(sd: dict) -> tuple[dict, int, tuple]:
                 f"stem scale {s} has {shape[0]} channels, not a multiple of scale 0's {num_channels}"
             )
         growth_factor.append(shape[0] // num_channels)
-    lengths, bottleneck_stats, transitions = [], collections.defaultdict(list), []
-    bottleneck = None
+    lengths: list[int] = []
+    bottleneck_stats: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+    transitions: list[tuple[int, int]] = []
+    bottleneck: bool | None = None
     for kind, b, _seq, p in _msdnet_walk(sd):
         if kind == "layer":
             while len(lengths) <= b:
@@ -369,8 +402,8 @@ def infer_msdnet(sd: dict) -> tuple[dict, int, tuple]:
         stats = bottleneck_stats.get(s, [])
         witness = [(f, w) for cin, f, w in stats if w < cin]
         if witness:
-            f, w = witness[0]
-            bottleneck_factor.append(max(1, w // f))
+            filters, width = witness[0]
+            bottleneck_factor.append(max(1, width // filters))
         else:  # always capped by the input width: any factor this large builds the same network
             need = max((math.ceil(cin / f) for cin, f, _ in stats), default=1)
             bottleneck_factor.append(max(growth_factor[s], need))
@@ -397,7 +430,7 @@ def infer_msdnet(sd: dict) -> tuple[dict, int, tuple]:
     return kwargs, num_classes, shape
 
 
-def _fit_fraction(pairs, default: float) -> float:
+def _fit_fraction(pairs: list[tuple[int, int]], default: float) -> float:
     """A fraction r with floor(r * n_in) == n_out for every (n_in, n_out): `default` if it fits."""
     for r in [default] + sorted({o / i for i, o in pairs if i}):
         if all(math.floor(r * i) == o for i, o in pairs):
@@ -405,7 +438,7 @@ def _fit_fraction(pairs, default: float) -> float:
     raise CheckpointMismatchError(f"no single reduction gives the transition widths {pairs[:4]}")
 
 
-def _step_from_lengths(later: list, growing_name: str) -> tuple[str, int]:
+def _step_from_lengths(later: list[int], growing_name: str) -> tuple[str, int]:
     """Step mode and step from the layer counts of blocks 2, 3, ... (MSDNet's rule)."""
     if not later:
         return "even", 1
@@ -417,7 +450,7 @@ def _step_from_lengths(later: list, growing_name: str) -> tuple[str, int]:
     raise CheckpointMismatchError(f"blocks 2.. have {later} layers: neither even nor linearly growing")
 
 
-def _last_linear(sd) -> int:
+def _last_linear(sd: dict[str, np.ndarray]) -> int:
     exits = _indices(sd, r"classifier\.(\d+)\.")
     if not exits:
         raise CheckpointMismatchError("the checkpoint has no classifier.* tensors")
@@ -427,18 +460,18 @@ def _last_linear(sd) -> int:
 # ---- IMTA phase II (kalviny/IMTA `IMTA_MSDNet`: `net` the frozen phase-I MSDNet)
 
 
-def _imta_backbone(sd: dict) -> dict:
+def _imta_backbone(sd: dict[str, np.ndarray]) -> StateDict:
     """The phase-I MSDNet's tensors (`net.*`, without the prefix)."""
     return StateDict((k[len("net.") :], v) for k, v in sd.items() if k.startswith("net."))
 
 
-def imta_phase_one_classifiers(sd: dict) -> list[str]:
+def imta_phase_one_classifiers(sd: dict[str, np.ndarray]) -> list[str]:
     """The phase-I classifiers' tensors (`net.classifier.{i}.linear.*`): IMTA's forward pass does
     not use them; the last one is the teacher of its one-for-all distillation."""
     return sorted(k for k in sd if re.match(r"net\.classifier\.\d+\.linear\.", k))
 
 
-def imta_assignments(sd: dict) -> list:
+def imta_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
     """The phase-I MSDNet under `net.` onto the backbone, the new classifiers `classifier.{i}` onto
     `exit_{i+1}`, the transfer paths `isc_modules.{i}.{0,1}` (Linear, BatchNorm1d) onto
     `exit_{i+2}_collab_dense` / `_collab_bn` (`keras_ee.training.IMTA.transform_backbone`)."""
@@ -465,7 +498,7 @@ def imta_assignments(sd: dict) -> list:
     return out
 
 
-def infer_imta(sd: dict) -> tuple[dict, int, tuple]:
+def infer_imta(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
     """The phase-I MSDNet's `msdnet()` arguments, classes and input shape (see `infer_msdnet`)."""
     kwargs, num_classes, shape = infer_msdnet(_imta_backbone(sd))
     heads = _indices(sd, r"classifier\.(\d+)\.")
@@ -474,7 +507,7 @@ def infer_imta(sd: dict) -> tuple[dict, int, tuple]:
     return kwargs, int(_shape(sd, f"classifier.{heads[-1]}.weight")[0]), shape
 
 
-def imta_method(sd: dict, backbone):
+def imta_method(sd: dict[str, np.ndarray], backbone: Any) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
     """keras-ee's `IMTA` in phase II with the checkpoint's transfer widths (None where every path is
     as wide as its exit's pooled feature, keras-ee's default), and the teacher `(kernel, bias)`."""
     from keras_ee import models
@@ -496,7 +529,7 @@ def imta_method(sd: dict, backbone):
     return method, teacher
 
 
-def _open_collaboration(backbone) -> None:
+def _open_collaboration(backbone: Any) -> None:
     """Phase II: IMTA's transfer paths pass their input (read when the model is traced)."""
     from keras_ee.training.imta import CollaborationGate
 
@@ -505,16 +538,89 @@ def _open_collaboration(backbone) -> None:
             layer.open = True
 
 
+# ---- L2W-DEN's weight prediction network (`meta_state_dict` of tools/main_*_DDP.py)
+
+WPN_CONTAINER = "meta_state_dict"
+WPN_INPUTS = ("loss", "confidence", "both")  # keras-ee's `L2W(wpn_input=)`: their loss / conf / both
+
+
+def _is_wpn(sd: dict[str, np.ndarray]) -> bool:
+    return "first_hidden_layer.fc.weight" in sd and "output_layer.weight" in sd
+
+
+def infer_wpn(sd: dict[str, np.ndarray], num_exits: int, wpn_input: str | None) -> dict[str, Any]:
+    """`L2W`'s WPN options read off their `MLP_tanh` state_dict (models/weight_predict.py).
+
+    Their input is K per-exit losses (`--meta_net_input_type loss`) or confidences (`conf`), or
+    both (2K): K inputs cannot tell loss from confidence, so `wpn_input` says which (default
+    `"loss"`, what the authors' README commands use).
+    """
+    if not _is_wpn(sd):
+        raise CheckpointMismatchError(
+            f"`{WPN_CONTAINER}` is not L2W-DEN's WPN (no first_hidden_layer.fc.weight / output_layer.weight; "
+            f"keys {list(sd)[:4]})"
+        )
+    width, input_dim = _shape(sd, "first_hidden_layer.fc.weight")
+    outputs = _shape(sd, "output_layer.weight")[0]
+    depth = 1 + len(_indices(sd, r"rest_hidden_layers\.(\d+)\."))
+    if outputs != num_exits:
+        raise CheckpointMismatchError(f"the WPN has {outputs} outputs; the network has {num_exits} exits")
+    if input_dim not in (num_exits, 2 * num_exits):
+        raise CheckpointMismatchError(
+            f"the WPN takes {input_dim} inputs; expected {num_exits} (losses or confidences) or {2 * num_exits} (both)"
+        )
+    if wpn_input is not None and wpn_input not in WPN_INPUTS:
+        raise ValueError(f"wpn_input {wpn_input!r}: expected one of {list(WPN_INPUTS)}")
+    if input_dim == 2 * num_exits and num_exits > 0:
+        if wpn_input not in (None, "both"):
+            raise CheckpointMismatchError(
+                f"the WPN takes {input_dim} = 2K inputs (losses and confidences); wpn_input {wpn_input!r} takes K"
+            )
+        found = "both"
+    else:
+        if wpn_input == "both":
+            raise CheckpointMismatchError(f"the WPN takes {input_dim} = K inputs; wpn_input 'both' takes 2K")
+        found = wpn_input or "loss"
+    return {"wpn_depth": depth, "wpn_width": int(width), "wpn_input": found}
+
+
+def wpn_assignments(sd: dict[str, np.ndarray], wpn_head: str = "out") -> list[_Assign]:
+    """Their `first_hidden_layer.fc`, `rest_hidden_layers.{i}.fc`, `output_layer` onto the WPN's
+    `hidden_1`, `hidden_{i+2}` and its output layer (`keras_ee.training.l2w.WeightPredictionNetwork`)."""
+    linears = [("first_hidden_layer.fc", "hidden_1")]
+    linears += [(f"rest_hidden_layers.{i}.fc", f"hidden_{i + 2}") for i in _indices(sd, r"rest_hidden_layers\.(\d+)\.")]
+    linears.append(("output_layer", wpn_head))
+    return [_Assign(f"{t}.{v}", layer, k) for t, layer in linears for v, k in (("weight", "kernel"), ("bias", "bias"))]
+
+
+def build_wpn(sd: dict[str, np.ndarray], options: dict[str, Any], num_exits: int) -> Any:
+    """keras-ee's WPN with the checkpoint's weights (every tensor used once, every weight filled once)."""
+    import types
+
+    from keras_ee.training.l2w import WeightPredictionNetwork
+
+    input_dim = 2 * num_exits if options["wpn_input"] == "both" else num_exits
+    wpn = WeightPredictionNetwork(
+        num_exits=num_exits, input_dim=input_dim, depth=options["wpn_depth"], width=options["wpn_width"], name="wpn"
+    )
+    wpn.build((None, input_dim))
+    # `plan_fill` checks a model's layers; the WPN's Dense layers stand for them.
+    layers = types.SimpleNamespace(layers=[*wpn.hidden, wpn.head])
+    plan, _used, _filled, _dead = plan_fill(layers, sd, wpn_assignments(sd, wpn.head.name), f"L2W's WPN {options}")
+    apply_fill(plan)
+    return wpn
+
+
 # ---- RANet
 
 
-def _ranet_blocks(sd, i) -> list[int]:
+def _ranet_blocks(sd: dict[str, np.ndarray], i: int) -> list[int]:
     return _indices(sd, rf"scale_flows\.{i}\.(\d+)\.")
 
 
-def ranet_assignments(sd: dict) -> list:
+def ranet_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
     flows = len(_indices(sd, r"FirstLayer\.layers\.(\d+)\."))
-    out = []
+    out: list[_Assign] = []
     for k in range(flows):
         out += _conv_bn(f"FirstLayer.layers.{k}.net.0", f"FirstLayer.layers.{k}.net.1", f"stem_f{flows - 1 - k}")
     for i in range(flows):
@@ -538,7 +644,7 @@ def ranet_assignments(sd: dict) -> list:
     return out
 
 
-def infer_ranet(sd: dict) -> tuple[dict, int, tuple]:
+def infer_ranet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
     """`(ranet() arguments, num_classes, input_shape)` read off a RANet state_dict's keys and shapes."""
     flows = len(_indices(sd, r"FirstLayer\.layers\.(\d+)\."))
     stem = [_shape(sd, f"FirstLayer.layers.{flows - 1 - i}.net.0.weight") for i in range(flows)]  # flow order
@@ -554,8 +660,12 @@ def infer_ranet(sd: dict) -> tuple[dict, int, tuple]:
     else:
         step_mode, step = "lg", lengths[0]
     growth_rate = _shape(sd, "scale_flows.0.0.layers.0.conv_normal.net.3.weight")[0] // gf[0]
-    witnesses, capped = collections.defaultdict(list), collections.defaultdict(list)
-    low_pairs, tail_pairs, trans_pairs, transitions = [], [], [], [0] * flows
+    witnesses: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+    capped: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+    low_pairs: list[tuple[int, int]] = []
+    tail_pairs: list[tuple[int, int]] = []
+    trans_pairs: list[tuple[int, int]] = []
+    transitions = [0] * flows
     for i in range(flows):
         for jj in _ranet_blocks(sd, i):
             p = f"scale_flows.{i}.{jj}"
@@ -614,7 +724,9 @@ def _to_keras(array: np.ndarray, variable: str, keras_ndim: int) -> np.ndarray:
     return array
 
 
-def plan_fill(model, sd: dict, assignments: list, where: str):
+def plan_fill(
+    model: Any, sd: dict[str, np.ndarray], assignments: list[_Assign], where: str
+) -> tuple[list[tuple[Any, Any]], int, int, list[str]]:
     """Checks that `assignments` use every checkpoint tensor once and fill every Keras weight
     element of `model` once, and says what goes where (nothing is written yet: `apply_fill`).
 
@@ -627,14 +739,16 @@ def plan_fill(model, sd: dict, assignments: list, where: str):
     Raises:
         CheckpointMismatchError: naming the first disagreements and what is left over.
     """
-    variables = {}
+    variables: dict[tuple[str, str], Any] = {}
     for layer in model.layers:
         for v in layer.weights:
             variables[(layer.name, v.name)] = v
     shapes = {key: tuple(v.shape) for key, v in variables.items()}
     counts = {key: np.zeros(shape[-1:] or (1,), np.int32) for key, shape in shapes.items()}
-    values: dict = {}
-    problems, used, dead = [], collections.Counter(), []
+    values: dict[tuple[str, str], Any] = {}
+    problems: list[str] = []
+    used: collections.Counter[str] = collections.Counter()
+    dead: list[str] = []
     for a in assignments:
         if a.torch_key not in sd:
             problems.append(f"the checkpoint lacks {a.torch_key!r} (for {a.layer}/{a.variable})")
@@ -677,7 +791,7 @@ def plan_fill(model, sd: dict, assignments: list, where: str):
     return plan, len(used) - len(dead), len(variables), dead
 
 
-def apply_fill(plan) -> None:
+def apply_fill(plan: list[tuple[Any, Any]]) -> None:
     """Writes `plan_fill`'s values into the Keras variables: one TensorFlow assignment per variable,
     from one copy of its value (the transposed kernel, or the merged slices)."""
     import tensorflow as tf
@@ -698,7 +812,9 @@ def apply_fill(plan) -> None:
         tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.constant(value))
 
 
-def fill_model(model, sd: dict, assignments: list, where: str) -> tuple[int, int, list]:
+def fill_model(
+    model: Any, sd: dict[str, np.ndarray], assignments: list[_Assign], where: str
+) -> tuple[int, int, list[str]]:
     """`plan_fill` then `apply_fill`: returns `(tensors used, keras variables filled, dead)`."""
     plan, used, filled, dead = plan_fill(model, sd, assignments, where)
     apply_fill(plan)
@@ -708,23 +824,25 @@ def fill_model(model, sd: dict, assignments: list, where: str) -> tuple[int, int
 # --------------------------------------------------------------------------- entry points
 
 
-def _nearest_preset(family: str, stem: str, kwargs: dict) -> tuple[str, dict]:
+def _nearest_preset(family: str, stem: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The keras-ee preset of this family with the fewest overrides that give `kwargs`."""
     from keras_ee import models
 
     candidates = [
         name for name in models.available() if name.startswith(family) and (stem in name or family == "ranet")
     ]
-    best = None
+    best: tuple[str, dict[str, Any]] | None = None
     for name in candidates:
         _builder, preset, _shape, _classes = models._PRESETS[name]
         diff = {k: v for k, v in kwargs.items() if _norm(preset.get(k, _default(family, k))) != _norm(v)}
         if best is None or len(diff) < len(best[1]):
             best = (name, diff)
+    if best is None:
+        raise CheckpointMismatchError(f"keras-ee has no {family} preset with the {stem} stem")
     return best
 
 
-def _default(family, key):
+def _default(family: str, key: str) -> Any:
     import inspect
 
     from keras_ee import models
@@ -733,11 +851,13 @@ def _default(family, key):
     return inspect.signature(builder).parameters[key].default
 
 
-def _norm(value):
+def _norm(value: object) -> object:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def import_torch_checkpoint(path, model=None, **options):
+def import_torch_checkpoint(
+    path: str | os.PathLike[str], model: Any = None, **options: Any
+) -> tuple[Any, ImportReport]:
     """Reads an authors' checkpoint into a keras-ee model and says what it did.
 
     Args:
@@ -755,7 +875,7 @@ def import_torch_checkpoint(path, model=None, **options):
         FileNotFoundError, CheckpointError (and its subclasses UnsafeCheckpointError,
         CheckpointMismatchError): one line naming what was wrong.
     """
-    built, report, _method, _teacher = read_checkpoint_into_model(path, model, **options)
+    built, report, _method, _state = read_checkpoint_into_model(path, model, **options)
     return built, report
 
 
@@ -766,13 +886,22 @@ _FAMILIES = {  # family -> (architecture inference, assignments, the builder fam
 }
 
 
-def read_checkpoint_into_model(path, model=None, **options):
+def read_checkpoint_into_model(
+    path: str | os.PathLike[str], model: Any = None, *, wpn_input: str | None = None, **options: Any
+) -> tuple[Any, ImportReport, Any, dict[str, Any]]:
     """`import_torch_checkpoint`, and the keras-ee training method the model belongs to.
 
+    Args:
+        path, model, **options: as `import_torch_checkpoint`.
+        wpn_input: an L2W-DEN checkpoint's WPN input (`"loss"`, the default, or `"confidence"`;
+            `"both"` is read off a WPN of 2K inputs): K inputs cannot tell losses from confidences.
+
     Returns:
-        `(keras.Model, ImportReport, method, teacher)`: `method` a `keras_ee.training.Method`
-        (IMTA in phase II for an IMTA checkpoint) or None (the baseline); `teacher` IMTA's
-        phase-I last classifier `(kernel, bias)` for its distillation, or None.
+        `(keras.Model, ImportReport, method, method_state)`: `method` a `keras_ee.training.Method`
+        (IMTA in phase II for an IMTA checkpoint, L2W for an L2W-DEN one with its WPN) or None (the
+        baseline); `method_state` holds `"teacher"`, IMTA's phase-I last classifier `(kernel,
+        bias)` for its distillation, or `"wpn"`, the WPN (a `WeightPredictionNetwork` with the
+        checkpoint's weights), where the checkpoint has them.
     """
     import keras
 
@@ -780,9 +909,21 @@ def read_checkpoint_into_model(path, model=None, **options):
 
     path = Path(path)
     obj, serialisation, checks = read_checkpoint(path)
-    method = teacher = None
+    method: Any = None
+    teacher: tuple[np.ndarray, np.ndarray] | None = None
+    method_state: dict[str, Any] = {}
+    wpn_report: dict[str, Any] | None = None
+    preset: str | None
+    model_options: dict[str, Any]
+    input_shape: tuple[int, ...] | None
     try:
+        refuse_unsupported(obj)
         raw, container, ignored = unwrap_checkpoint(obj)
+        meta = obj.get(WPN_CONTAINER) if isinstance(obj, dict) and container != "bare" else None
+        if not _is_state_dict(meta):
+            meta = None
+            if wpn_input is not None:
+                raise ValueError(f"wpn_input {wpn_input!r}: the checkpoint holds no WPN (`{WPN_CONTAINER}`)")
         sd, prefixed = strip_module_prefix(raw)
         sd = StateDict(sd)
         family = detect_family(sd)
@@ -823,15 +964,38 @@ def read_checkpoint_into_model(path, model=None, **options):
         plan, used, filled, dead = plan_fill(built, fill_sd, assignments, where if preset else f"model {built.name!r}")
         if preset is None:  # the caller's model: nothing is written into it from a damaged file
             digest = checks.sha256()
+        if meta is not None:  # L2W-DEN: the WPN onto keras-ee's L2W
+            from keras_ee.training import L2W
+
+            wpn_sd, _wpn_prefixed = strip_module_prefix(meta)
+            wpn_sd = StateDict(wpn_sd)
+            wpn_options = infer_wpn(wpn_sd, len(built.outputs), wpn_input)
+            method_state["wpn"] = build_wpn(wpn_sd, wpn_options, len(built.outputs))
+            method = L2W(**wpn_options)
+            ignored.pop(WPN_CONTAINER, None)
+            wpn_report = {
+                **wpn_options,
+                "input_dim": int(wpn_sd["first_hidden_layer.fc.weight"].shape[1]),
+                "tensors": len(wpn_sd),
+                "input_type_from": "the weights (2K inputs)"
+                if wpn_options["wpn_input"] == "both"
+                else (
+                    "the caller (wpn_input)" if wpn_input is not None else "the default (K inputs: loss or confidence)"
+                ),
+            }
         apply_fill(plan)
         del plan
         digest = checks.sha256()  # hashed (and the zip CRC-32s checked) while the tensors were mapped
     except CheckpointError as e:
         raise type(e)(f"checkpoint {str(path)!r}: {e}") from None
     ignored_tensors = sorted(k for k in sd if k.endswith(_IGNORED_SUFFIX))
-    method_options = {}
-    if method is not None:
+    method_options: dict[str, Any] = {}
+    if family == "imta" and method is not None:
         method_options = {k: v for k, v in method.get_config().items() if k == "transfer_widths" and v is not None}
+    if teacher is not None:
+        method_state["teacher"] = teacher
+    if wpn_report is not None:
+        method_options = {k: wpn_report[k] for k in ("wpn_depth", "wpn_width", "wpn_input")}
     report = ImportReport(
         source=str(path),
         sha256=digest,
@@ -852,13 +1016,14 @@ def read_checkpoint_into_model(path, model=None, **options):
             "unused_by_forward": dead,
             **ignored,
         },
-        method="imta" if family == "imta" else "baseline",
+        method="imta" if family == "imta" else ("l2w" if wpn_report is not None else "baseline"),
         method_options=method_options,
+        wpn=wpn_report,
     )
-    return built, report, method, teacher
+    return built, report, method, method_state
 
 
-def load_torch_checkpoint(path, model=None, **options):
+def load_torch_checkpoint(path: str | os.PathLike[str], model: Any = None, **options: Any) -> Any:
     """An authors' PyTorch checkpoint as a keras-ee `keras.Model` (no torch needed).
 
     Args:
