@@ -457,12 +457,144 @@ def test_wpn_input_choices_are_checked(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_a_gated_gelu_msdnet_is_refused_with_one_line():
-    # gphi_MSDNet's utils.save_model: `model` has plain MSDNet keys (GELU is not in the weights),
-    # `meta_net` the gaters, `args` an argparse.Namespace (read as plain attributes; nothing runs).
-    path = DATA / "gphi_cifar_zip.pth"
-    obj, _ = interop.read_torch_file(path)
-    assert vars(obj["args"])["data_set"] == "cifar10"
-    with pytest.raises(interop.CheckpointError, match="budget-aware gated MSDNet.*not supported") as e:
-        interop.load_torch_checkpoint(path)
+# ---- gphi_MSDNet: the budget-aware paper's GELU MSDNet with its gaters (`meta_net`) onto BudgetAwareGating
+
+
+def _gater_io():
+    saved = np.load(DATA / "gphi_cifar_io.npz")
+    return saved["gater_inputs"], saved["gater_outputs"]
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def test_gated_gelu_msdnet_gives_the_authors_logits_and_gater_outputs():
+    from keras_ee.training import gating
+
+    model, report, method, state = torch_import.read_checkpoint_into_model(DATA / "gphi_cifar_zip.pth")
+    _assert_parity(model, "gphi_cifar")
+    assert report.model_options["activation"] == "gelu"  # not in the weights: read off the gaters' presence
+    assert report.method == "gating" and type(method).__name__ == "BudgetAwareGating"
+    # The gaters as their MLP_sigmoid computes them: P = sigmoid(z) of keras-ee's gater.
+    features, want = _gater_io()
+    assert np.abs(_sigmoid(state["gater"](features)) - want).max() <= 1e-5
+    # ... on their features of the exits' logits (utils.compute_uncertainty: max_prob, margin).
+    x, _ = _io("gphi_cifar")
+    logits = model(x, training=False)
+    ours = gating.confidence_features(logits[:-1], method.features)
+    assert np.abs(np.asarray(ours) - features[: len(x)]).max() <= 1e-5
+    assert np.abs(_sigmoid(state["gater"](ours)) - want[: len(x)]).max() <= 1e-5
+    assert report.gater == {
+        "gaters": 2,
+        "features": ["max_prob", "margin"],
+        "gater_width": 4,
+        "gater_depth": 2,
+        "gater_activation": "gelu",
+        "tensors": 12,
+        "from_args": {
+            "cost_weight": 0.25,
+            "gater_learning_rate": 1e-3,
+            "gater_final_learning_rate": 1e-6,
+            "gater_weight_decay": 1e-4,
+            "gater_optimizer": "adamw",
+        },
+    }
+    assert report.method_options["cost_weight"] == 0.25 and report.method_options["features"] == ["max_prob", "margin"]
+    assert report.container == "model" and {"optimizer", "meta_optimizer", "scaler", "args"} <= set(report.ignored)
+    assert "meta_net" not in report.ignored and report.ignored["args"].startswith("argparse.Namespace of")
+
+
+def test_a_gated_msdnet_forced_onto_relu_is_refused():
+    with pytest.raises(interop.CheckpointMismatchError, match="activations are gelu; the model uses \\['relu'\\]"):
+        torch_import.read_checkpoint_into_model(
+            DATA / "gphi_cifar_zip.pth",
+            "msdnet_cifar_5",
+            num_blocks=3,
+            step_mode="even",
+            num_channels=2,
+            growth_rate=2,
+            head_channels=8,
+            activation="relu",
+        )
+
+
+def _gphi_parts():
+    obj, _ = interop.read_torch_file(DATA / "gphi_cifar_zip.pth")
+    assert vars(obj["args"])["data_set"] == "cifar10"  # an argparse.Namespace, read as plain attributes
+    return dict(obj["model"]), dict(obj["meta_net"])
+
+
+def _write_gphi(path, model_sd, meta):
+    """utils.save_model's layout (`model`, `meta_net`, `epoch`), without `args` (keras-ee's defaults then)."""
+    calls, storages = torch_writer.tensor_calls(
+        {**{f"s|{k}": v for k, v in model_sd.items()}, **{f"m|{k}": v for k, v in meta.items()}}
+    )
+    obj = {
+        "model": {k[2:]: v for k, v in calls.items() if k.startswith("s|")},
+        "meta_net": {k[2:]: v for k, v in calls.items() if k.startswith("m|")},
+        "epoch": 3,
+    }
+    return torch_writer.write_legacy(path, obj, storages)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ("shape", r"'1\.output_layer\.weight' of shape \[1, 5\] does not fit gate_2/out/kernel \[4, 1\]"),
+        ("drop", r"lacks '1\.rest_hidden_layers\.0\.fc\.bias'"),
+        ("extra", r"unused: \['0\.output_layer\.scale'\]"),
+        ("gater", r"holds gaters \[0, 1, 2\]; a network of 3 exits has one per early exit"),
+        ("inputs", r"the gaters take 3 inputs; gphi_MSDNet's take 2 \(max_prob, margin"),
+        ("foreign", r"holds keys of no gater \(\['temperature'\]\)"),
+    ],
+)
+def test_gaters_that_do_not_fit_are_refused(edit, match, tmp_path):
+    model_sd, meta = _gphi_parts()
+    if edit == "shape":
+        meta["1.output_layer.weight"] = np.zeros((1, 5), np.float32)
+    elif edit == "drop":
+        del meta["1.rest_hidden_layers.0.fc.bias"]
+    elif edit == "extra":
+        meta["0.output_layer.scale"] = np.ones(1, np.float32)
+    elif edit == "gater":
+        meta.update({f"2.{k[2:]}": v for k, v in meta.items() if k.startswith("0.")})
+    elif edit == "inputs":
+        meta["0.first_hidden_layer.fc.weight"] = np.zeros((4, 3), np.float32)
+    else:
+        meta["temperature"] = np.ones(1, np.float32)
+    path = _write_gphi(tmp_path / "gphi.pth", model_sd, meta)
+    with pytest.raises(interop.CheckpointMismatchError, match=match) as e:
+        torch_import.read_checkpoint_into_model(path)
     assert "\n" not in str(e.value)
+
+
+def test_gaters_without_args_take_keras_ee_defaults(tmp_path):
+    from keras_ee.training import BudgetAwareGating
+
+    _, report, method, state = torch_import.read_checkpoint_into_model(_write_gphi(tmp_path / "g.pth", *_gphi_parts()))
+    assert report.gater["from_args"] == {} and method.cost_weight == BudgetAwareGating().cost_weight
+    features, want = _gater_io()
+    assert np.abs(_sigmoid(state["gater"](features)) - want).max() <= 1e-5
+
+
+def test_gated_msdnet_run_folder_holds_the_gater(tmp_path):
+    import json
+
+    from keras_ee import cli, experiment
+    from keras_ee.training import BudgetAwareGating
+
+    out = tmp_path / "gphi_run"
+    assert cli.main(["import", str(DATA / "gphi_cifar_zip.pth"), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "gating" and config["model_options"]["activation"] == "gelu"
+    assert config["method_options"]["gater_width"] == 4 and config["method_options"]["cost_weight"] == 0.25
+    assert json.loads((out / "import.json").read_text())["gater"]["gaters"] == 2
+    model = experiment.load_run_model(out / "model.keras")  # safe mode
+    assert isinstance(model.method, BudgetAwareGating) and model.method.gater_activation == "gelu"
+    _assert_parity(model.backbone, "gphi_cifar")
+    features, want = _gater_io()
+    assert np.abs(_sigmoid(model.method.gater(features)) - want).max() <= 1e-5
+    x, _ = _io("gphi_cifar")
+    got = model.method.gate_probabilities(model.backbone(x, training=False))
+    assert np.abs(np.asarray(got) - want[: len(x)]).max() <= 1e-5

@@ -1,7 +1,8 @@
 """`keras-ee import`: an authors' checkpoint as a run folder like a trained one.
 
 The folder holds `model.keras` (a `MultiExitModel` with the `baseline` method, or for IMTA's phase-
-II checkpoints the `imta` method in phase II with its teacher; loadable in safe mode), `costs.json`
+II checkpoints the `imta` method in phase II with its teacher, for L2W-DEN's the `l2w` method with
+its WPN, for gphi_MSDNet's the `gating` method with its gaters; loadable in safe mode), `costs.json`
 (exact per-exit costs), `preprocessing.json` (the authors' input normalisation for the dataset),
 `config.json` (a `TrainConfig` naming the preset, its options and the dataset), `state.json`
 (`trained: true`, so `train` never overwrites the imported weights) and `import.json` (the source
@@ -105,6 +106,11 @@ def import_run(
     imported_wpn = method_state.get("wpn")
     if imported_wpn is not None:
         for variable, value in zip(model_wrapped.method.wpn.weights, imported_wpn.weights, strict=True):
+            variable.assign(value)
+    # gphi_MSDNet: the imported gaters in the run's BudgetAwareGating (saved with it in model.keras).
+    imported_gater = method_state.get("gater")
+    if imported_gater is not None:
+        for variable, value in zip(model_wrapped.method.gater.weights, imported_gater.weights, strict=True):
             variable.assign(value)
     model_wrapped.compile(optimizer="sgd")
     exit_costs = costs.exit_costs(backbone)

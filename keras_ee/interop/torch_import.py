@@ -2,7 +2,9 @@
 
 Supported: MSDNet as kalviny/MSDNet-PyTorch, L2W-DEN and IMTA phase I write it (CIFAR and
 ImageNet stems, any block count, step mode, step, base, channels, growth and bottleneck
-factors of the "max" pruning rule), and RANet as yangle15/RANet-pytorch writes it (CIFAR stem).
+factors of the "max" pruning rule), IMTA's phase-II model, L2W-DEN's WPN, the budget-aware
+paper's GELU MSDNet with its gaters (YouvaADDAD/gphi_MSDNet, onto `BudgetAwareGating`), and
+RANet as yangle15/RANet-pytorch writes it (CIFAR stem).
 Papers: "Multi-Scale Dense Networks for Resource Efficient Image Classification" (Huang et al.,
 ICLR 2018, arXiv:1703.09844); "Resolution Adaptive Networks for Efficient Inference" (Yang et
 al., CVPR 2020, arXiv:2003.07326).
@@ -32,7 +34,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from keras_ee.interop.torch_file import CheckpointError, read_checkpoint
+from keras_ee.interop.torch_file import CheckpointError, SavedArguments, read_checkpoint
 
 # Where keras-ee's presets meet the authors' defaults (used to name the nearest preset).
 _FAMILY_BASE_PRESET = {
@@ -72,6 +74,8 @@ class ImportReport:
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # L2W-DEN: the WPN found in `meta_state_dict` (depth, width, input size, outputs, tensors, input type)
     wpn: dict[str, Any] | None = None
+    # gphi_MSDNet: the gaters found in `meta_net` (count, depth, width, features, tensors, options from `args`)
+    gater: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +122,8 @@ def _describe(value: object) -> str:
         return f"dict of {len(value)} entries ({n} tensors)"
     if isinstance(value, (int, float, str, bool)) or value is None:
         return repr(value)[:60]
+    if isinstance(value, SavedArguments):
+        return f"argparse.Namespace of {len(vars(value))} arguments"
     return type(value).__name__
 
 
@@ -164,25 +170,6 @@ def detect_family(state_dict: dict[str, np.ndarray]) -> str:
         f"keys of no known architecture (first keys {list(keys)[:4]}); keras-ee imports MSDNet "
         "(blocks.*, classifier.*) and RANet (FirstLayer.*, scale_flows.*, classifier.*)"
     )
-
-
-def _is_gater_list(obj: object) -> bool:
-    """gphi_MSDNet's `meta_net`: an `nn.ModuleList` of `MLP_sigmoid` gaters, keys `{j}.first_hidden_layer.*`."""
-    return _is_state_dict(obj) and any(re.match(r"\d+\.first_hidden_layer\.fc\.weight$", k) for k in obj)
-
-
-def refuse_unsupported(obj: object) -> None:
-    """One line for the checkpoints keras-ee cannot import yet (rather than a wrong network).
-
-    The budget-aware paper's code (YouvaADDAD/gphi_MSDNet, `utils.save_model`) saves `model` (an
-    MSDNet whose every activation is GELU: its keys are plain MSDNet keys) and `meta_net` (one
-    `MLP_sigmoid` gater per early exit); imported as a ReLU MSDNet it would give other logits.
-    """
-    if isinstance(obj, dict) and _is_gater_list(obj.get("meta_net")):
-        raise CheckpointError(
-            "a budget-aware gated MSDNet (gphi_MSDNet: a GELU MSDNet under `model`, one gater per early exit under "
-            "`meta_net`): not supported by this version of keras-ee import"
-        )
 
 
 # --------------------------------------------------------------------------- assignments
@@ -611,6 +598,134 @@ def build_wpn(sd: dict[str, np.ndarray], options: dict[str, Any], num_exits: int
     return wpn
 
 
+# ---- gphi_MSDNet's gaters (`meta_net` of utils.save_model), onto BudgetAwareGating's gater
+
+GATER_CONTAINER = "meta_net"
+# utils.compute_uncertainty: (max probability, margin) of each early exit's softmax, in that order
+GATER_FEATURES = ("max_prob", "margin")
+GATED_ACTIVATION = "gelu"  # every activation of their MSDNet and of their gaters' hidden layers (nn.GELU, F.gelu)
+# their main.py arguments -> BudgetAwareGating's options (the optimizer: `--opt`'s last `_` part)
+_GATER_ARGS = {
+    "alpha_cost": "cost_weight",
+    "meta_lr": "gater_learning_rate",
+    "meta_min_lr": "gater_final_learning_rate",
+    "meta_weight_decay": "gater_weight_decay",
+}
+
+
+def _gate_indices(sd: dict[str, np.ndarray]) -> list[int]:
+    """The gaters `{j}.*` of a `meta_net` (an `nn.ModuleList`); a key of another form is an error."""
+    other = [k for k in sd if not re.match(r"\d+\.", k)]
+    if other:
+        raise CheckpointMismatchError(
+            f"`{GATER_CONTAINER}` holds keys of no gater ({other[:_SHOWN]}); expected gphi_MSDNet's ModuleList of "
+            "MLP_sigmoid gaters ({j}.first_hidden_layer.fc.*, {j}.rest_hidden_layers.{i}.fc.*, {j}.output_layer.*)"
+        )
+    return sorted({int(k.split(".", 1)[0]) for k in sd})
+
+
+def infer_gater(sd: dict[str, np.ndarray], num_exits: int) -> dict[str, Any]:
+    """`BudgetAwareGating`'s gater options read off their `meta_net` (models/weightModel.py `MLP_sigmoid`).
+
+    Their gater j reads `(max_prob, margin)` of early exit j (utils.compute_uncertainty): a GELU MLP
+    of `meta_net_num_layers` hidden layers of `meta_net_hidden_size`, one output, then a sigmoid,
+    which keras-ee's gater applies as `P = sigmoid(z)`.
+    """
+    gates = _gate_indices(sd)
+    if gates != list(range(num_exits - 1)):
+        raise CheckpointMismatchError(
+            f"`{GATER_CONTAINER}` holds gaters {gates}; a network of {num_exits} exits has one per early exit "
+            f"(0..{num_exits - 2})"
+        )
+    first = "0.first_hidden_layer.fc.weight"
+    if first not in sd:
+        raise CheckpointMismatchError(f"`{GATER_CONTAINER}` lacks {first!r}")
+    width, input_dim = sd[first].shape
+    if input_dim != len(GATER_FEATURES):
+        raise CheckpointMismatchError(
+            f"the gaters take {input_dim} inputs; gphi_MSDNet's take {len(GATER_FEATURES)} "
+            f"({', '.join(GATER_FEATURES)} of utils.compute_uncertainty)"
+        )
+    outputs = _shape(sd, "0.output_layer.weight")[0]
+    if outputs != 1:
+        raise CheckpointMismatchError(f"the gaters have {outputs} outputs; a gater has one (its exit's probability)")
+    return {
+        "features": list(GATER_FEATURES),
+        "gater_width": int(width),
+        "gater_depth": 1 + len(_indices(sd, r"0\.rest_hidden_layers\.(\d+)\.")),
+        "gater_activation": GATED_ACTIVATION,
+    }
+
+
+def gater_options_from_args(args: object) -> dict[str, Any]:
+    """`BudgetAwareGating` options from the `args` their utils.save_model saves (an argparse.Namespace read
+    as plain attributes): lambda, the gater's learning rates, weight decay and optimizer, where present."""
+    saved = getattr(args, "__dict__", None)
+    if not isinstance(saved, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for theirs, ours in _GATER_ARGS.items():
+        value = saved.get(theirs)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[ours] = float(value)
+    opt = saved.get("opt")
+    if isinstance(opt, str) and opt.lower().split("_")[-1] in ("adamw", "adam"):
+        out["gater_optimizer"] = opt.lower().split("_")[-1]
+    return out
+
+
+def build_gating(sd: dict[str, np.ndarray], options: dict[str, Any], num_exits: int) -> tuple[Any, Any]:
+    """keras-ee's `BudgetAwareGating` with `options`, and its `ExitGater` with the checkpoint's weights
+    (every tensor used once, every weight filled once)."""
+    import types
+
+    from keras_ee.training.gating import BudgetAwareGating, ExitGater
+
+    try:
+        method = BudgetAwareGating(**options)
+    except ValueError as e:
+        raise CheckpointMismatchError(f"the gated MSDNet's settings do not fit BudgetAwareGating: {e}") from None
+    gater = ExitGater(
+        num_exits - 1,
+        len(method.features),
+        depth=method.gater_depth,
+        width=method.gater_width,
+        activation=method.gater_activation,
+        name="gater",
+    )
+    gater.build((None, num_exits - 1, len(method.features)))
+    # `plan_fill` checks a model's layers; every gate's Dense layers stand for them, named per gate
+    # (each gate names its own `hidden_1`, ...).
+    layers, assignments = [], []
+    for j, gate in enumerate(gater.gates):
+        for dense in (*gate.hidden, gate.head):
+            layers.append(types.SimpleNamespace(name=f"{gate.name}/{dense.name}", weights=dense.weights))
+        assignments += [
+            dataclasses.replace(a, torch_key=f"{j}.{a.torch_key}", layer=f"{gate.name}/{a.layer}")
+            for a in wpn_assignments(_gate(sd, j), gate.head.name)
+        ]
+    plan, _used, _filled, _dead = plan_fill(
+        types.SimpleNamespace(layers=layers), sd, assignments, f"BudgetAwareGating's gater {options}"
+    )
+    apply_fill(plan)
+    return method, gater
+
+
+def _gate(sd: dict[str, np.ndarray], j: int) -> StateDict:
+    prefix = f"{j}."
+    return StateDict((k[len(prefix) :], v) for k, v in sd.items() if k.startswith(prefix))
+
+
+def _check_activation(model: Any, expected: str) -> None:
+    """The gated MSDNet's activations are GELU: a model built with another gives other logits."""
+    found = {str(n) for layer in model.layers if (n := getattr(layer, "nonlinearity", None)) is not None} - {expected}
+    if found:
+        raise CheckpointMismatchError(
+            f"the gated MSDNet's activations are {expected}; the model uses {sorted(found)} (build it with "
+            f"activation={expected!r})"
+        )
+
+
 # ---- RANet
 
 
@@ -898,10 +1013,12 @@ def read_checkpoint_into_model(
 
     Returns:
         `(keras.Model, ImportReport, method, method_state)`: `method` a `keras_ee.training.Method`
-        (IMTA in phase II for an IMTA checkpoint, L2W for an L2W-DEN one with its WPN) or None (the
-        baseline); `method_state` holds `"teacher"`, IMTA's phase-I last classifier `(kernel,
-        bias)` for its distillation, or `"wpn"`, the WPN (a `WeightPredictionNetwork` with the
-        checkpoint's weights), where the checkpoint has them.
+        (IMTA in phase II for an IMTA checkpoint, L2W for an L2W-DEN one with its WPN,
+        BudgetAwareGating for a gphi_MSDNet one with its gaters) or None (the baseline);
+        `method_state` holds `"teacher"`, IMTA's phase-I last classifier `(kernel, bias)` for its
+        distillation, `"wpn"`, the WPN (a `WeightPredictionNetwork` with the checkpoint's
+        weights), or `"gater"`, the gaters (an `ExitGater` with the checkpoint's weights), where
+        the checkpoint has them.
     """
     import keras
 
@@ -913,12 +1030,19 @@ def read_checkpoint_into_model(
     teacher: tuple[np.ndarray, np.ndarray] | None = None
     method_state: dict[str, Any] = {}
     wpn_report: dict[str, Any] | None = None
+    gater_report: dict[str, Any] | None = None
+    gating_keys: set[str] = set()
     preset: str | None
     model_options: dict[str, Any]
     input_shape: tuple[int, ...] | None
     try:
-        refuse_unsupported(obj)
         raw, container, ignored = unwrap_checkpoint(obj)
+        # gphi_MSDNet (utils.save_model): its GELU MSDNet under `model`, the gaters under `meta_net`
+        gaters = obj.get(GATER_CONTAINER) if isinstance(obj, dict) and container != "bare" else None
+        if gaters is not None and not _is_state_dict(gaters):
+            raise CheckpointMismatchError(
+                f"`{GATER_CONTAINER}` is {_describe(gaters)}, not the state_dict of gphi_MSDNet's gaters"
+            )
         meta = obj.get(WPN_CONTAINER) if isinstance(obj, dict) and container != "bare" else None
         if not _is_state_dict(meta):
             meta = None
@@ -927,6 +1051,8 @@ def read_checkpoint_into_model(
         sd, prefixed = strip_module_prefix(raw)
         sd = StateDict(sd)
         family = detect_family(sd)
+        if gaters is not None and family != "msdnet":
+            raise CheckpointMismatchError(f"gaters (`{GATER_CONTAINER}`) beside a {family}: expected an MSDNet")
         infer, assign, builder_family = _FAMILIES[family]
         assignments = assign(sd)
         if isinstance(model, keras.Model):
@@ -934,6 +1060,8 @@ def read_checkpoint_into_model(
         else:
             if model is None:
                 kwargs, num_classes, input_shape = infer(sd)
+                if gaters is not None:  # not in the weights: their code builds every activation as GELU
+                    kwargs["activation"] = GATED_ACTIVATION
                 stem = kwargs.get("stem", "cifar")
                 preset, model_options = _nearest_preset(builder_family, stem, kwargs)
                 model_options.update(options)
@@ -943,6 +1071,8 @@ def read_checkpoint_into_model(
                 preset, model_options = model, dict(options)
                 num_classes = infer_imta(sd)[1] if family == "imta" else _last_linear(sd)
                 input_shape = None
+                if gaters is not None:
+                    model_options.setdefault("activation", GATED_ACTIVATION)
             model_options.setdefault("num_classes", num_classes)
             if input_shape is not None:
                 model_options.setdefault("input_shape", tuple(input_shape))
@@ -950,6 +1080,8 @@ def read_checkpoint_into_model(
             if family == "imta":
                 method, teacher = imta_method(sd, built)
                 built = method.transform_backbone(built)
+        if gaters is not None:
+            _check_activation(built, GATED_ACTIVATION)
         if family == "imta":
             _open_collaboration(built)
             phase_one = imta_phase_one_classifiers(sd)
@@ -983,6 +1115,19 @@ def read_checkpoint_into_model(
                     "the caller (wpn_input)" if wpn_input is not None else "the default (K inputs: loss or confidence)"
                 ),
             }
+        if gaters is not None:  # gphi_MSDNet: the gaters onto keras-ee's BudgetAwareGating
+            gater_sd = StateDict(strip_module_prefix(gaters)[0])
+            gater_options = infer_gater(gater_sd, len(built.outputs))
+            from_args = gater_options_from_args(obj.get("args") if isinstance(obj, dict) else None)
+            gating_keys = {*gater_options, *from_args}
+            method, method_state["gater"] = build_gating(gater_sd, {**gater_options, **from_args}, len(built.outputs))
+            ignored.pop(GATER_CONTAINER, None)
+            gater_report = {
+                "gaters": len(built.outputs) - 1,
+                **gater_options,
+                "tensors": len(gater_sd),
+                "from_args": from_args,
+            }
         apply_fill(plan)
         del plan
         digest = checks.sha256()  # hashed (and the zip CRC-32s checked) while the tensors were mapped
@@ -996,6 +1141,8 @@ def read_checkpoint_into_model(
         method_state["teacher"] = teacher
     if wpn_report is not None:
         method_options = {k: wpn_report[k] for k in ("wpn_depth", "wpn_width", "wpn_input")}
+    if gater_report is not None:
+        method_options = {k: v for k, v in method.get_config().items() if k in gating_keys}
     report = ImportReport(
         source=str(path),
         sha256=digest,
@@ -1016,11 +1163,20 @@ def read_checkpoint_into_model(
             "unused_by_forward": dead,
             **ignored,
         },
-        method="imta" if family == "imta" else ("l2w" if wpn_report is not None else "baseline"),
+        method=_method_name(family, wpn_report, gater_report),
         method_options=method_options,
         wpn=wpn_report,
+        gater=gater_report,
     )
     return built, report, method, method_state
+
+
+def _method_name(family: str, wpn: dict[str, Any] | None, gater: dict[str, Any] | None) -> str:
+    if family == "imta":
+        return "imta"
+    if wpn is not None:
+        return "l2w"
+    return "gating" if gater is not None else "baseline"
 
 
 def load_torch_checkpoint(path: str | os.PathLike[str], model: Any = None, **options: Any) -> Any:
@@ -1030,8 +1186,8 @@ def load_torch_checkpoint(path: str | os.PathLike[str], model: Any = None, **opt
         path: the checkpoint (`torch.save` zip or legacy file): a bare state_dict or the dict the
             authors' scripts save (`state_dict`, optimizer states, ...), with or without
             DataParallel's `module.` prefix.
-        model: None (infer MSDNet / RANet / IMTA phase II and their settings from the keys and
-            shapes), a preset name, or a keras-ee model to fill.
+        model: None (infer MSDNet / RANet / IMTA phase II / the gated GELU MSDNet and their
+            settings from the keys and shapes), a preset name, or a keras-ee model to fill.
         **options: builder arguments overriding the preset or what was inferred.
 
     Returns:
