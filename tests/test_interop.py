@@ -598,3 +598,14 @@ def test_gated_msdnet_run_folder_holds_the_gater(tmp_path):
     x, _ = _io("gphi_cifar")
     got = model.method.gate_probabilities(model.backbone(x, training=False))
     assert np.abs(np.asarray(got) - want[: len(x)]).max() <= 1e-5
+    # evaluate dumps the logits and the gaters' scores: the gaters calibrate as a trained gating run's.
+    from keras_ee import dumps
+    from tests.test_interop_runs import _tiny_dataset
+
+    npz = _tiny_dataset(tmp_path / "tiny.npz")
+    argv = ["evaluate", str(out), "--dataset", f"npz:{npz}", "--val-size", "40", "--confidence", "gater"]
+    assert cli.main(argv) == 0
+    dump = dumps.load_dump(out / "dump")
+    with np.load(out / "scores" / "gater.npz") as scores:
+        assert np.array_equal(scores["val"], model.method.exit_scores(np.asarray(dump.val_logits)))
+        assert scores["test"].shape == (3, 40)

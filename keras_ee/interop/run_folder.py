@@ -11,7 +11,8 @@ Every file is written atomically under the run's lock.
 
 `dump_imported_run` (`keras-ee evaluate RUN --dataset ... --data-dir ...`) then writes the run's
 `dump/`: the logits of every exit on a hold-out of the dataset's training split and on its test set,
-with the run's own normalisation (the authors'), so that `evaluate`, `predict`,
+with the run's own normalisation (the authors'), and for a `gating` run the gaters' scores of that
+dump (`scores/gater.npz`, `--confidence gater`), so that `evaluate`, `predict`,
 `EarlyExitModel.from_run` and `export` work on it as on a trained run.
 """
 
@@ -208,6 +209,7 @@ def dump_imported_run(
 
     from keras_ee import callbacks, data, dumps, experiment, inputs, runs
     from keras_ee.config import TrainConfig
+    from keras_ee.training import BudgetAwareGating
 
     run = Path(run)
     if not run.is_dir():
@@ -243,5 +245,7 @@ def dump_imported_run(
         out = dumps.save_dump(
             run / "dump", val_logits, val_labels, test_logits, test_labels, costs={**exit_costs, "rule": "reference"}
         )
+        if isinstance(getattr(model, "method", None), BudgetAwareGating):  # gphi_MSDNet's gaters
+            model.method.save_artifacts(model, splits, run)  # scores/gater.npz, for `--confidence gater`
         config.to_json(run / experiment.CONFIG_FILE)
     return out
