@@ -12,11 +12,12 @@ def add_parser(sub: argparse._SubParsersAction[Any], key_value: Callable[[str], 
     """Registers `import` on the `keras-ee` subcommand parsers (`key_value` parses KEY=VALUE)."""
     p = sub.add_parser(
         "import",
-        help="an authors' PyTorch checkpoint (MSDNet, RANet, IMTA phase II, L2W-DEN with its WPN) as a run folder, "
-        "without torch",
-        description="Read a torch.save checkpoint of the authors' MSDNet, RANet or IMTA phase-II model (zip or "
-        "legacy, with or without DataParallel's module.), infer its architecture, and write a run folder like a "
-        "trained one (model.keras, costs.json, preprocessing.json, config.json, import.json).",
+        help="an authors' PyTorch checkpoint (MSDNet, RANet, IMTA phase II, L2W-DEN with its WPN, gphi_MSDNet with "
+        "its gaters) as a run folder, without torch",
+        description="Read a torch.save checkpoint of the authors' MSDNet, RANet or IMTA phase-II model, L2W-DEN's "
+        "MSDNet with its WPN or gphi_MSDNet's GELU MSDNet with its gaters (zip or legacy, with or without "
+        "DataParallel's module.), infer its architecture, and write a run folder like a trained one (model.keras, "
+        "costs.json, preprocessing.json, config.json, import.json).",
     )
     p.add_argument("checkpoint", type=Path, help="the .pth / .pth.tar file")
     p.add_argument("--out", type=Path, required=True, help="the new run folder")
