@@ -695,7 +695,8 @@ def build_gating(sd: dict[str, np.ndarray], options: dict[str, Any], num_exits: 
     )
     gater.build((None, num_exits - 1, len(method.features)))
     # `plan_fill` checks a model's layers; every gate's Dense layers stand for them, named per gate
-    # (each gate names its own `hidden_1`, ...).
+    # (each gate names its own `hidden_1`, ...). Their MLP_sigmoid has the layout of L2W-DEN's
+    # MLP_tanh (both weightModel.py), hence `wpn_assignments` per gate.
     layers, assignments = [], []
     for j, gate in enumerate(gater.gates):
         for dense in (*gate.hidden, gate.head):
