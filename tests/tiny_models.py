@@ -3,6 +3,17 @@
 import keras
 import tensorflow as tf
 
+# A multiexit_cnn for the tests that train whole runs: three exits, one conv unit per stage. Tracing
+# a training step costs in proportion to the layers (the default preset has eight conv units, this
+# one three), and what those tests check (resume, backups, logs, dumps) does not depend on the size.
+SMALL_CNN = {"widths": [8, 16, 16], "depth": 1}
+# The same as `keras-ee train` flags.
+SMALL_CNN_ARGS = ["--model-option", "widths=[8,16,16]", "--model-option", "depth=1"]
+# MSDNet and RANet on 16x16 images with few channels: every kind of block of the presets, a
+# fraction of their layers and multiply-adds.
+SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
+SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
+
 
 def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0, nan_exit=None):
     """Dense+BN blocks with a head named exit_k after each block.
