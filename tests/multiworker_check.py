@@ -27,6 +27,8 @@ python tests/multiworker_check.py resume METHOD BACKUP_DIR
     then again from the same initial weights for 1 epoch, interrupted at the start of epoch 1
     (`StopAt`), and resumed with `keras.callbacks.BackupAndRestore` on the same backup dir
     for the remaining epochs. Prints one JSON line with the largest weight differences.
+    tests/test_distribute_multiworker.py calls `resume` in its own process, whose two logical
+    CPUs tests/conftest.py made.
 """
 
 import json
@@ -95,15 +97,16 @@ def worker(method_name, out_path, single=False):
 
 
 def resume(method_name, backup_dir):
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-
+    """The `resume` mode: returns the dict it prints."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from tiny_models import StopAt
+    from tiny_models import StopAt, fresh_collective_keys, two_logical_cpus
+
+    two_logical_cpus()
+    import keras
 
     from keras_ee import training
 
+    fresh_collective_keys()
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     keras.utils.set_random_seed(0)
     initial = backbone(keras).get_weights()
@@ -156,7 +159,7 @@ def resume(method_name, backup_dir):
     }
     if expected_aux:
         out.update(aux_difference=largest(expected_aux, got_aux), aux_moved=largest(expected_aux, aux(build())))
-    print(json.dumps(out))
+    return out
 
 
 def experiment_worker(out_dir, out_path, stop_at=None):
@@ -201,7 +204,7 @@ def main():
     elif mode in ("worker", "single"):
         worker(method_name, path, single=mode == "single")
     elif mode == "resume":
-        resume(method_name, path)
+        print(json.dumps(resume(method_name, path)))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

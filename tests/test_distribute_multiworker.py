@@ -1,8 +1,9 @@
 """tf.distribute beyond one process: a two-worker MultiWorkerMirroredStrategy on localhost, and
 `keras.callbacks.BackupAndRestore` resuming a fit under MirroredStrategy.
 
-Each check runs `tests/multiworker_check.py` in fresh processes (CPU only): the strategies must be
-created before TensorFlow initialises, which pytest's process has already done.
+The two-worker checks run `tests/multiworker_check.py` in fresh processes (CPU only): a
+MultiWorkerMirroredStrategy must be created before TensorFlow initialises, which pytest's process has
+already done. The MirroredStrategy resume runs here, on the two logical CPUs of tests/conftest.py.
 """
 
 import json
@@ -178,16 +179,10 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
 
 
 def run_resume(method, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(CHECK), "resume", method, str(tmp_path / "backup")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env(),
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """In this process: MirroredStrategy over the two logical CPUs of tests/conftest.py."""
+    import multiworker_check
+
+    return multiworker_check.resume(method, str(tmp_path / "backup"))
 
 
 # Measured (2026-12): the resumed run ends 0.0 from the uninterrupted one, backbone and (L2W) WPN

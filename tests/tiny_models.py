@@ -15,6 +15,23 @@ SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growt
 SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
 
 
+def two_logical_cpus():
+    """Splits the CPU into two logical devices, "/cpu:0" and "/cpu:1", for a MirroredStrategy of two
+    replicas on one machine. Only possible before TensorFlow initialises its runtime: tests/conftest.py
+    calls it before any test runs (ops without a device run on the first, as on a plain machine)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) != 2:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def fresh_collective_keys():
+    """Call before making a MirroredStrategy in a process that made one before: each strategy numbers
+    its collectives from the same base key, and the process remembers the collectives it ran, so a
+    second strategy would meet the first one's under the same keys ("Collective instance 101 expected
+    type 0 ... but got type 2"). TensorFlow's own tests move the base for each strategy the same way."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+
+
 def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0, nan_exit=None):
     """Dense+BN blocks with a head named exit_k after each block.
 
