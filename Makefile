@@ -24,11 +24,15 @@ demo: build
 cargo-test:
 	cargo test --release -q
 
+# pytest-xdist: one worker per core (two on the 2-core machine), most tests are single-threaded Python.
+# loadgroup keeps each module marked `xdist_group` (those sharing a module fixture) on one worker.
+PYTEST_ARGS ?= -n auto --dist loadgroup
+
 pytest: build
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: build cargo-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf target $(VENV) keras_ee/_native*.so

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_models import StopAt
+from tiny_models import SMALL_CNN, StopAt
 
 from keras_ee import costs, experiment, models, runs, training
 from keras_ee.config import TrainConfig
@@ -328,7 +328,14 @@ def test_fit_phases_runs_every_phase_with_plain_fit():
 # --- runs: both phases, resume across the boundary --------------------------------
 
 TINY = dict(
-    dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, evaluate=False, train_size=300
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=SMALL_CNN,
+    epochs=1,
+    batch_size=128,
+    val_size=200,
+    evaluate=False,
+    train_size=300,
 )
 
 
