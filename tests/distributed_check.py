@@ -124,12 +124,12 @@ def train(method_name, options, strategy, initial, aux_initial, permute, sync_bn
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     if model.method.uses_meta_stream:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices((xm, ym)).batch(GLOBAL_BATCH)))
-    history = model.fit(ds, epochs=1, verbose=0)
+    history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
     for phase in range(1, len(model.method.phases(1))):  # IMTA: phase II, with a new optimizer
         with strategy.scope():
             model.enter_phase(phase)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        history = model.fit(ds, epochs=1, verbose=0)
+        history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
     # Every replica's copy of each auxiliary variable.
     aux_replicas = [[np.asarray(r) for r in strategy.experimental_local_results(v.value)] for v in aux]
     stats = moving_statistics(model.backbone)

@@ -81,7 +81,7 @@ def worker(method_name, out_path, single=False):
         assert experiment.needs_multi_worker_fit_workaround(strategy)
         experiment.apply_multi_worker_fit_workaround(model, strategy)
     initial = [np.asarray(w) for w in model.backbone.get_weights()]
-    history = model.fit(dataset(permute=not single), epochs=1, verbose=0)
+    history = model.fit(dataset(permute=not single), epochs=1, verbose=0, shuffle=False)
     loss = history.history["loss"][-1]
     final = model.backbone.get_weights()
     aux = getattr(model.method, "wpn", None)
@@ -126,13 +126,19 @@ def resume(method_name, backup_dir):
         return []
 
     full = build()
-    full.fit(dataset(), epochs=3, verbose=0)
+    full.fit(dataset(), epochs=3, verbose=0, shuffle=False)
     expected, expected_aux = full.backbone.get_weights(), aux(full)
 
     first = build()
     interrupted = False
     try:
-        first.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)])
+        first.fit(
+            dataset(),
+            epochs=3,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)],
+        )
     except KeyboardInterrupt:
         interrupted = True
     after_one = first.backbone.get_weights()
@@ -141,7 +147,13 @@ def resume(method_name, backup_dir):
     second = build()
     epochs_run = []
     epoch_logger = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs=None: epochs_run.append(e))
-    second.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger])
+    second.fit(
+        dataset(),
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger],
+    )
     got, got_aux = second.backbone.get_weights(), aux(second)
 
     def largest(a, b):

@@ -36,7 +36,7 @@ def _stream(x, y, x_m, y_m, batch):
 def _fit(model, x, y, batch=10, epochs=1):
     if model.method.uses_meta_stream:
         x_m, y_m = tiny_data(n=len(x), seed=7, dtype=x.dtype.name)
-        return model.fit(_stream(x, y, x_m, y_m, batch), epochs=epochs, verbose=0)
+        return model.fit(_stream(x, y, x_m, y_m, batch), epochs=epochs, verbose=0, shuffle=False)
     return model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=False)
 
 
