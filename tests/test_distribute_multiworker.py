@@ -74,16 +74,11 @@ def run_workers(method, tmp_path, mode="worker", extra=(), tag=""):
 
 
 def run_single(method, tmp_path):
+    """The same training on one device (the default strategy), in this process."""
+    import multiworker_check
+
     out = tmp_path / "single.npz"
-    proc = subprocess.run(
-        [sys.executable, str(CHECK), "single", method, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env(),
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    multiworker_check.worker(method, str(out), single=True)
     return dict(np.load(out))
 
 
