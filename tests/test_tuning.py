@@ -1,15 +1,15 @@
 """keras-tuner search of the budget hyper-parameters, on tiny settings."""
 
 import pytest
-from tiny_models import SMALL_CNN
+from tiny_models import TWO_EXIT_CNN
 
 from keras_ee.config import TrainConfig
 from tuning import search
 
 
 def _small_config(path):
-    """The search's base config: the small multiexit_cnn on 400 digits (one trial traces and trains once)."""
-    TrainConfig(dataset="digits", model_options=SMALL_CNN, train_size=400, val_size=200).to_json(path)
+    """The search's base config: a two-exit multiexit_cnn on 400 digits (each trial traces and trains once)."""
+    TrainConfig(dataset="digits", model_options=TWO_EXIT_CNN, train_size=400, val_size=200).to_json(path)
     return str(path)
 
 

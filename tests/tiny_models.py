@@ -9,6 +9,9 @@ import tensorflow as tf
 SMALL_CNN = {"widths": [8, 16, 16], "depth": 1}
 # The same as `keras-ee train` flags.
 SMALL_CNN_ARGS = ["--model-option", "widths=[8,16,16]", "--model-option", "depth=1"]
+# Two exits, two conv units: for the tests of a whole run or search that do not look inside the exits
+# (resume across phases, tuning); the bilevel steps of L2W and IMTA trace a third faster than on three.
+TWO_EXIT_CNN = {"widths": [8, 16], "depth": 1}
 # MSDNet and RANet on 16x16 images with few channels: every kind of block of the presets, a
 # fraction of their layers and multiply-adds.
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
