@@ -8,7 +8,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from tiny_models import SMALL_CNN, SMALL_MSDNET, SMALL_RANET, StopAt
+from tiny_models import SMALL_MSDNET, SMALL_RANET, TWO_EXIT_CNN, StopAt
 
 from keras_ee import cli, data, experiment, models, runs
 from keras_ee.config import RECIPES, TrainConfig
@@ -17,7 +17,7 @@ from keras_ee.data.recipe import Recipe
 TINY = dict(
     dataset="digits",
     model="multiexit_cnn",
-    model_options=SMALL_CNN,
+    model_options=TWO_EXIT_CNN,
     epochs=2,
     batch_size=128,
     val_size=200,
