@@ -24,9 +24,10 @@ demo: build
 cargo-test:
 	cargo test --release -q
 
-# pytest-xdist: one worker per core (two on the 2-core machine), most tests are single-threaded Python.
-# loadgroup keeps each module marked `xdist_group` (those sharing a module fixture) on one worker.
-PYTEST_ARGS ?= -n auto --dist loadgroup
+# pytest-xdist: one worker per core (two on the 2-core machine); most of a test's time is single-threaded
+# Python (tracing). worksteal hands each worker a contiguous half of the tests, so a module's tests (and
+# its module fixtures: trained runs) mostly stay on one worker, and an idle worker takes over the rest.
+PYTEST_ARGS ?= -n auto --dist worksteal
 
 pytest: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -12,10 +12,6 @@ from tiny_models import SMALL_CNN, SMALL_CNN_ARGS
 from keras_ee import cli, dumps, experiment
 from keras_ee.config import TrainConfig
 
-# One xdist worker runs the whole module (`make test`: --dist loadgroup):
-# its tests share the module's trained runs (`runs`).
-pytestmark = pytest.mark.xdist_group("cli")
-
 TINY = dict(
     dataset="digits",
     model="multiexit_cnn",

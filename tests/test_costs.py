@@ -10,10 +10,6 @@ import pytest
 
 from keras_ee import costs, models
 
-# One xdist worker runs the whole module (`make test`: --dist loadgroup):
-# each preset is built once, in the module's cache.
-pytestmark = pytest.mark.xdist_group("costs")
-
 # architectures.md 3.10 / 3.13 / 4.10 / 4.11: exact cumulative reference counts.
 EXACT = {
     ("msdnet_cifar_5", 100): (

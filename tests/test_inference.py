@@ -17,10 +17,6 @@ from tiny_models import SMALL_CNN_ARGS, tiny_backbone
 from keras_ee import calibration, cli, models
 from keras_ee.inference import EarlyExitModel
 
-# One xdist worker runs the whole module (`make test`: --dist loadgroup):
-# its tests share the module's trained model and run.
-pytestmark = pytest.mark.xdist_group("inference")
-
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
 

@@ -17,10 +17,6 @@ from tiny_models import SMALL_CNN, SMALL_CNN_ARGS, StopAt  # noqa: E402
 from keras_ee import cli, experiment, runs
 from keras_ee.config import TrainConfig
 
-# One xdist worker runs the whole module (`make test`: --dist loadgroup):
-# its tests share the module's trained runs (`uninterrupted`).
-pytestmark = pytest.mark.xdist_group("runs")
-
 TINY = dict(
     dataset="digits",
     model="multiexit_cnn",
