@@ -32,11 +32,16 @@ demo: build
 cargo-test:
 	cargo test --release -q
 
+# pytest-xdist: one worker per core (two on the 2-core machine); most of a test's time is single-threaded
+# Python (tracing). worksteal hands each worker a contiguous half of the tests, so a module's tests (and
+# its module fixtures: trained runs) mostly stay on one worker, and an idle worker takes over the rest.
+PYTEST_ARGS ?= -n auto --dist worksteal
+
 pytest: build
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: build cargo-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The gates every change passes: Python lint and format, Rust format and clippy, the types of
 # keras_ee, and the .pyi stub of the Rust module against the compiled module.

@@ -276,7 +276,7 @@ def worker(args):
     def run(steps, probe_memory=False):
         timer = StepTimer(probe_memory)
         t0 = time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[timer])
         t1 = time.perf_counter()
         # fit()'s own time before the first and after the last timed step
         timer.outside = (timer.begins[0] - t0, t1 - timer.ends[-1])

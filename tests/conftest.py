@@ -1,7 +1,12 @@
-"""Fixtures shared by the tests."""
+"""Fixtures shared by the tests, and the two logical CPUs of the tf.distribute tests."""
 
 import keras
 import pytest
+from tiny_models import two_logical_cpus
+
+# Before any test runs TensorFlow: the MirroredStrategy checks (tests/distributed_check.py) then run
+# in this process instead of a fresh one each, which would import TensorFlow again.
+two_logical_cpus()
 
 
 @pytest.fixture

@@ -1,14 +1,15 @@
-"""Run by tests/test_distribute.py in a fresh process: two logical CPU devices must be set before
-TensorFlow starts, which pytest's process has already done.
+"""The tf.distribute checks of tests/test_distribute.py: each returns a dict (run as a script, it
+prints it as one JSON line). They need two logical CPU devices, made before TensorFlow initialises
+(`tiny_models.two_logical_cpus`): tests/conftest.py makes them in the test process.
 
     python tests/distributed_check.py METHOD [OPTIONS_JSON] [--sync-batchnorm]   ->  one JSON line
     python tests/distributed_check.py allocation                                 ->  one JSON line
     python tests/distributed_check.py experiment OUT_DIR                         ->  one JSON line
 
-METHOD: trains the method (with the options, e.g. '{"gater_interval": 2}') for one epoch of 4
-global batches of 16 on a multi-exit MLP without BatchNorm, once on one device and once under a
-two-replica MirroredStrategy, from the same initial weights (backbone and auxiliary network) and
-with the same batches, and prints the largest weight differences. Replica r of the strategy gets
+METHOD (`method_check`): trains the method (with the options, e.g. '{"gater_interval": 2}') for one
+epoch of 4 global batches of 16 on a multi-exit MLP without BatchNorm, once on one device and once
+under a two-replica MirroredStrategy, from the same initial weights (backbone and auxiliary network)
+and with the same batches, and reports the largest weight differences. Replica r of the strategy gets
 rows [8r, 8r + 8) of each global batch; the global batch is fed permuted so that the global
 halves of a half-batch exchange (each replica's first half, then its second half) are the
 one-device halves (rows 0-7, then 8-15) in the same order.
@@ -24,7 +25,7 @@ inputs, a conv-BN-ReLU unit per stage): the differences then include the BN movi
 
 `experiment`: `experiment.train` with `strategy="mirrored"` on digits (a small `multiexit_cnn`,
 L2W, 2 epochs), once uninterrupted and once interrupted after epoch 1 and resumed by the same
-call; prints the replica count recorded in `state.json` and the largest difference between the
+call; reports the replica count recorded in `state.json` and the largest difference between the
 two final models.
 """
 
@@ -36,12 +37,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tiny_models import StopAt, fresh_collective_keys, mlp_backbone, two_logical_cpus  # noqa: E402  (tests/ is here)
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+two_logical_cpus()
 
 import keras  # noqa: E402
-from tiny_models import StopAt, mlp_backbone  # noqa: E402  (tests/ is this script's folder)
 
 from keras_ee import models, training  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
@@ -53,6 +53,11 @@ PERMUTATION = np.array([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
 PHASED = ("imta", "l2w_imta")
 IMAGE = (8, 8, 1)  # the inputs of `sync_bn`
+
+
+def mirrored_strategy():
+    fresh_collective_keys()
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 def backbone(method_name="baseline"):
@@ -119,12 +124,12 @@ def train(method_name, options, strategy, initial, aux_initial, permute, sync_bn
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     if model.method.uses_meta_stream:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices((xm, ym)).batch(GLOBAL_BATCH)))
-    history = model.fit(ds, epochs=1, verbose=0)
+    history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
     for phase in range(1, len(model.method.phases(1))):  # IMTA: phase II, with a new optimizer
         with strategy.scope():
             model.enter_phase(phase)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        history = model.fit(ds, epochs=1, verbose=0)
+        history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
     # Every replica's copy of each auxiliary variable.
     aux_replicas = [[np.asarray(r) for r in strategy.experimental_local_results(v.value)] for v in aux]
     stats = moving_statistics(model.backbone)
@@ -143,7 +148,7 @@ def method_check(method_name, options, sync_bn=False):
     one, aux_one, loss_one, stats_one = train(
         method_name, options, tf.distribute.get_strategy(), initial, aux_initial, False, sync_bn
     )
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    mirrored = mirrored_strategy()
     two, aux_two, loss_two, stats_two = train(method_name, options, mirrored, initial, aux_initial, True, sync_bn)
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(one, initial))
     diff = max(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-6))) for a, b in zip(one, two))
@@ -172,7 +177,7 @@ def method_check(method_name, options, sync_bn=False):
             aux_replica_spread=max(float(np.max(np.abs(r[0] - r[-1]))) for r in aux_two),
             aux_replicas=len(aux_two[0]),
         )
-    print(json.dumps(out))
+    return out
 
 
 def allocation_check():
@@ -182,7 +187,7 @@ def allocation_check():
     conf[3, 0] = conf[9, 0]  # a tie across replicas: the lower global index first
     sizes = [5, 7]
     parts = [conf[:5], conf[5:]]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored_strategy()
     results = {}
     for q in (0.5, 0.75, 1.0):
         expected = allocation.allocate_by_confidence(tf.constant(conf), q).numpy()
@@ -207,7 +212,7 @@ def allocation_check():
             "per_exit": expected.sum(axis=0).tolist(),
             "alone_differs": bool(not np.array_equal(alone, expected)),
         }
-    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "sizes": sizes, "results": results}))
+    return {"replicas": strategy.num_replicas_in_sync, "sizes": sizes, "results": results}
 
 
 def experiment_check(out):
@@ -225,43 +230,41 @@ def experiment_check(out):
         strategy="mirrored",
         evaluate=False,
     )
-    experiment.train(config, f"{out}/full", verbose=0)
+
+    def train(folder, callbacks=()):
+        fresh_collective_keys()  # each call makes its own MirroredStrategy
+        experiment.train(config, f"{out}/{folder}", verbose=0, callbacks=list(callbacks))
+
+    train("full")
     interrupted = False
     try:
-        experiment.train(config, f"{out}/resumed", verbose=0, callbacks=[StopAt(1)])
+        train("resumed", [StopAt(1)])
     except KeyboardInterrupt:
         interrupted = True
-    experiment.train(config, f"{out}/resumed", verbose=0)
+    train("resumed")
     full, resumed = (experiment.load_run_model(f"{out}/{name}/model.keras") for name in ("full", "resumed"))
     states = [json.load(open(f"{out}/{name}/state.json")) for name in ("full", "resumed")]
     history = open(f"{out}/resumed/history.csv").read().strip().splitlines()
-    print(
-        json.dumps(
-            {
-                "interrupted": interrupted,
-                "replicas": [s.get("replicas") for s in states],
-                "strategy": [s.get("strategy") for s in states],
-                "resumed_at_epoch": states[1].get("resumed_at_epoch"),
-                "history_rows": len(history) - 1,
-                "dtype_policy": keras.config.dtype_policy().name,
-                "max_difference": max(
-                    float(np.max(np.abs(a - b))) for a, b in zip(full.get_weights(), resumed.get_weights())
-                ),
-            }
-        )
-    )
+    return {
+        "interrupted": interrupted,
+        "replicas": [s.get("replicas") for s in states],
+        "strategy": [s.get("strategy") for s in states],
+        "resumed_at_epoch": states[1].get("resumed_at_epoch"),
+        "history_rows": len(history) - 1,
+        "dtype_policy": keras.config.dtype_policy().name,
+        "max_difference": max(float(np.max(np.abs(a - b))) for a, b in zip(full.get_weights(), resumed.get_weights())),
+    }
 
 
 def main():
     if sys.argv[1] == "allocation":
-        allocation_check()
-        return
-    if sys.argv[1] == "experiment":
-        experiment_check(sys.argv[2])
-        return
-    args = [a for a in sys.argv[2:] if a != "--sync-batchnorm"]
-    options = json.loads(args[0]) if args else {}
-    method_check(sys.argv[1], options, sync_bn="--sync-batchnorm" in sys.argv)
+        out = allocation_check()
+    elif sys.argv[1] == "experiment":
+        out = experiment_check(sys.argv[2])
+    else:
+        args = [a for a in sys.argv[2:] if a != "--sync-batchnorm"]
+        out = method_check(sys.argv[1], json.loads(args[0]) if args else {}, sync_bn="--sync-batchnorm" in sys.argv)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

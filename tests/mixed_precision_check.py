@@ -1,12 +1,13 @@
-"""Run by tests/test_mixed_precision.py in a fresh process (two logical CPU devices must be set
-before TensorFlow starts): mixed_float16 under a two-replica MirroredStrategy.
+"""The check of tests/test_mixed_precision.py under a two-replica MirroredStrategy: mixed_float16.
+It needs two logical CPU devices, made before TensorFlow initialises (`tiny_models.two_logical_cpus`):
+tests/conftest.py makes them in the test process.
 
     python tests/mixed_precision_check.py METHOD   ->  one JSON line
 
 METHOD (`l2w`, or `gating` with the look-ahead update) trains the BN-free multi-exit MLP with
 a `LossScaleOptimizer` of initial scale 2^100 on one global batch of 16 (every float16 gradient
 overflows: the step is skipped), then with the scale set to 2^8 on a second batch (a normal
-step), and prints what moved after each, the optimizer's counters and scale, and the largest
+step), and reports what moved after each, the optimizer's counters and scale, and the largest
 difference between the replicas' copies of the auxiliary network.
 """
 
@@ -18,17 +19,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tiny_models import fresh_collective_keys, mlp_backbone, tiny_data, two_logical_cpus  # noqa: E402  (tests/ is here)
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+two_logical_cpus()
 
 import keras  # noqa: E402
-from tiny_models import mlp_backbone, tiny_data  # noqa: E402  (tests/ is this script's folder)
 
 from keras_ee import training  # noqa: E402
 
 
-def main(name):
+def overflow_check(name):
+    """A skipped (overflowing) step, then a normal one, under MirroredStrategy: the dict of the docstring."""
+    fresh_collective_keys()
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     keras.config.set_dtype_policy("mixed_float16")
     try:
@@ -73,8 +75,8 @@ def main(name):
             "scale": float(opt.dynamic_scale.numpy()),
             "replica_difference": max(float(np.abs(r[0] - r[1]).max()) for r in replicas),
         }
-    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    print(json.dumps(overflow_check(sys.argv[1])))

@@ -27,6 +27,8 @@ python tests/multiworker_check.py resume METHOD BACKUP_DIR
     then again from the same initial weights for 1 epoch, interrupted at the start of epoch 1
     (`StopAt`), and resumed with `keras.callbacks.BackupAndRestore` on the same backup dir
     for the remaining epochs. Prints one JSON line with the largest weight differences.
+    tests/test_distribute_multiworker.py calls `resume` in its own process, whose two logical
+    CPUs tests/conftest.py made.
 """
 
 import json
@@ -79,7 +81,7 @@ def worker(method_name, out_path, single=False):
         assert experiment.needs_multi_worker_fit_workaround(strategy)
         experiment.apply_multi_worker_fit_workaround(model, strategy)
     initial = [np.asarray(w) for w in model.backbone.get_weights()]
-    history = model.fit(dataset(permute=not single), epochs=1, verbose=0)
+    history = model.fit(dataset(permute=not single), epochs=1, verbose=0, shuffle=False)
     loss = history.history["loss"][-1]
     final = model.backbone.get_weights()
     aux = getattr(model.method, "wpn", None)
@@ -95,15 +97,16 @@ def worker(method_name, out_path, single=False):
 
 
 def resume(method_name, backup_dir):
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-
+    """The `resume` mode: returns the dict it prints."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from tiny_models import StopAt
+    from tiny_models import StopAt, fresh_collective_keys, two_logical_cpus
+
+    two_logical_cpus()
+    import keras
 
     from keras_ee import training
 
+    fresh_collective_keys()
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     keras.utils.set_random_seed(0)
     initial = backbone(keras).get_weights()
@@ -123,13 +126,19 @@ def resume(method_name, backup_dir):
         return []
 
     full = build()
-    full.fit(dataset(), epochs=3, verbose=0)
+    full.fit(dataset(), epochs=3, verbose=0, shuffle=False)
     expected, expected_aux = full.backbone.get_weights(), aux(full)
 
     first = build()
     interrupted = False
     try:
-        first.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)])
+        first.fit(
+            dataset(),
+            epochs=3,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras.callbacks.BackupAndRestore(backup_dir), StopAt(1)],
+        )
     except KeyboardInterrupt:
         interrupted = True
     after_one = first.backbone.get_weights()
@@ -138,7 +147,13 @@ def resume(method_name, backup_dir):
     second = build()
     epochs_run = []
     epoch_logger = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs=None: epochs_run.append(e))
-    second.fit(dataset(), epochs=3, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger])
+    second.fit(
+        dataset(),
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras.callbacks.BackupAndRestore(backup_dir), epoch_logger],
+    )
     got, got_aux = second.backbone.get_weights(), aux(second)
 
     def largest(a, b):
@@ -156,7 +171,7 @@ def resume(method_name, backup_dir):
     }
     if expected_aux:
         out.update(aux_difference=largest(expected_aux, got_aux), aux_moved=largest(expected_aux, aux(build())))
-    print(json.dumps(out))
+    return out
 
 
 def experiment_worker(out_dir, out_path, stop_at=None):
@@ -201,7 +216,7 @@ def main():
     elif mode in ("worker", "single"):
         worker(method_name, path, single=mode == "single")
     elif mode == "resume":
-        resume(method_name, path)
+        print(json.dumps(resume(method_name, path)))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -4,10 +4,12 @@ import json
 
 import bench_scripts
 import pytest
+from tiny_models import SMALL_CNN_ARGS
 
 TINY = [
     "--dataset",
     "digits",
+    *SMALL_CNN_ARGS,  # three exits
     "--train-size",
     "200",
     "--val-size",
@@ -40,7 +42,7 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
     assert table in printed
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     header, methods = rows[0], rows[1:3]  # the main table; the difference table follows
-    assert "s/epoch" in header and "exit 4" in header
+    assert "s/epoch" in header and "exit 3" in header
     assert [r.split("|")[1].strip() for r in methods] == ["baseline", "l2w q=0.5"]
     assert all("±" in cell for r in methods for cell in r.strip("|").split("|")[1:])  # every figure measured
 
@@ -49,7 +51,7 @@ def test_two_methods_one_seed_write_the_table_json_and_plot(bench, tmp_path, cap
     assert results["methods"]["l2w"]["options"] == {"q": 0.5}
     assert len(results["budgets"]) == 4 and results["seeds"] == [0]
     for entry in results["methods"].values():
-        assert len(entry["budget_acc"]) == 1 and len(entry["anytime"][0]) == 4
+        assert len(entry["budget_acc"]) == 1 and len(entry["anytime"][0]) == 3
         assert entry["timing_source"] == ["epoch_times.json"] and entry["seconds_per_epoch"][0] > 0
     assert list(results["differences"]) == ["l2w"]
     for run in ("baseline-s0", "l2w-s0"):  # ordinary run folders

@@ -7,11 +7,39 @@ import json
 import keras
 import numpy as np
 import pytest
+from tiny_models import SMALL_CNN, SMALL_CNN_ARGS
 
 from keras_ee import cli, dumps, experiment
 from keras_ee.config import TrainConfig
 
-TINY = dict(dataset="digits", model="multiexit_cnn", epochs=2, batch_size=64, val_size=200)
+TINY = dict(
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=SMALL_CNN,
+    epochs=2,
+    batch_size=64,
+    val_size=200,
+    train_size=400,
+)
+# The runs of the module fixture, as `keras-ee train` flags (a budget between the exits' costs).
+RUN_ARGS = [
+    "--dataset",
+    "digits",
+    "--model",
+    "multiexit_cnn",
+    *SMALL_CNN_ARGS,
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--val-size",
+    "200",
+    "--train-size",
+    "400",
+    "--budget",
+    "20K",
+    "--quiet",
+]
 
 
 def _history_epochs(run):
@@ -24,27 +52,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for method in ("baseline", "l2w"):
-        argv = [
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "multiexit_cnn",
-            "--method",
-            method,
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--val-size",
-            "200",
-            "--budget",
-            "20K",
-            "--quiet",
-            "--out",
-            str(root / method),
-        ]
-        assert cli.main(argv) == 0
+        assert cli.main(["train", *RUN_ARGS, "--method", method, "--out", str(root / method)]) == 0
         out[method] = root / method
     return out
 
@@ -178,29 +186,7 @@ def test_rerunning_a_finished_run_in_a_fresh_process_reuses_the_model(runs):
 
     before = (runs["baseline"] / "model.keras").stat().st_mtime
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keras_ee",
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "multiexit_cnn",
-            "--method",
-            "baseline",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--val-size",
-            "200",
-            "--budget",
-            "20K",
-            "--quiet",
-            "--out",
-            str(runs["baseline"]),
-        ],
+        [sys.executable, "-m", "keras_ee", "train", *RUN_ARGS, "--method", "baseline", "--out", str(runs["baseline"])],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,32 +1,26 @@
 """tf.distribute: under MirroredStrategy a method takes the step of one device on the same global batch.
 
-Two logical CPU devices must be configured before TensorFlow initialises, so each check runs
-`tests/distributed_check.py` in a fresh process (about 20-60 s each).
+The checks (`tests/distributed_check.py`) run a MirroredStrategy over the two logical CPU devices
+that tests/conftest.py configures before TensorFlow initialises.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import distributed_check
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run_check(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "distributed_check.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
+def run_check(what, *args):
+    """`what`: a method name (`method_check`), "allocation" or "experiment"; `args` as on the
+    script's command line (options as JSON, "--sync-batchnorm", the experiment's folder)."""
+    if what == "allocation":
+        return distributed_check.allocation_check()
+    if what == "experiment":
+        return distributed_check.experiment_check(str(args[0]))
+    options = [a for a in args if a != "--sync-batchnorm"]
+    return distributed_check.method_check(
+        what, json.loads(options[0]) if options else {}, sync_bn="--sync-batchnorm" in args
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # Without the division by the replica count in `MultiExitModel.scale_loss`, baseline ends about

@@ -1,8 +1,9 @@
 """tf.distribute beyond one process: a two-worker MultiWorkerMirroredStrategy on localhost, and
 `keras.callbacks.BackupAndRestore` resuming a fit under MirroredStrategy.
 
-Each check runs `tests/multiworker_check.py` in fresh processes (CPU only): the strategies must be
-created before TensorFlow initialises, which pytest's process has already done.
+The two-worker checks run `tests/multiworker_check.py` in fresh processes (CPU only): a
+MultiWorkerMirroredStrategy must be created before TensorFlow initialises, which pytest's process has
+already done. The MirroredStrategy resume runs here, on the two logical CPUs of tests/conftest.py.
 """
 
 import json
@@ -73,16 +74,11 @@ def run_workers(method, tmp_path, mode="worker", extra=(), tag=""):
 
 
 def run_single(method, tmp_path):
+    """The same training on one device (the default strategy), in this process."""
+    import multiworker_check
+
     out = tmp_path / "single.npz"
-    proc = subprocess.run(
-        [sys.executable, str(CHECK), "single", method, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env(),
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    multiworker_check.worker(method, str(out), single=True)
     return dict(np.load(out))
 
 
@@ -179,16 +175,10 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
 
 
 def run_resume(method, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(CHECK), "resume", method, str(tmp_path / "backup")],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env(),
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """In this process: MirroredStrategy over the two logical CPUs of tests/conftest.py."""
+    import multiworker_check
+
+    return multiworker_check.resume(method, str(tmp_path / "backup"))
 
 
 # Measured (2026-12): the resumed run ends 0.0 from the uninterrupted one, backbone and (L2W) WPN

@@ -10,7 +10,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tiny_models import StopAt, tiny_backbone, tiny_data  # noqa: E402
+from tiny_models import SMALL_CNN, StopAt, tiny_backbone, tiny_data  # noqa: E402
 
 from keras_ee import cli, experiment, runs  # noqa: E402
 from keras_ee import training as T  # noqa: E402
@@ -36,7 +36,7 @@ def _stream(x, y, x_m, y_m, batch):
 def _fit(model, x, y, batch=10, epochs=1):
     if model.method.uses_meta_stream:
         x_m, y_m = tiny_data(n=len(x), seed=7, dtype=x.dtype.name)
-        return model.fit(_stream(x, y, x_m, y_m, batch), epochs=epochs, verbose=0)
+        return model.fit(_stream(x, y, x_m, y_m, batch), epochs=epochs, verbose=0, shuffle=False)
     return model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, shuffle=False)
 
 
@@ -350,6 +350,7 @@ def test_save_and_load_restore_gamma_its_optimizer_the_moving_averages_and_the_t
 TINY = dict(
     dataset="digits",
     model="multiexit_cnn",
+    model_options=SMALL_CNN,
     epochs=2,
     batch_size=128,
     val_size=200,
@@ -378,7 +379,7 @@ def test_meta_batches_never_come_from_the_training_split_and_the_run_records_the
     run = experiment.train(TrainConfig(**TINY), tmp_path / "run", verbose=0)
     record = json.loads((run / hdkd.ARTIFACT).read_text())
     assert record["meta_source"] == "calibration" and record["num_meta"] == 200
-    assert record["gamma_steps"] == 2 * 3 and len(record["gamma_kd"]) == 6  # multiexit_cnn: 4 exits
+    assert record["gamma_steps"] == 2 * 3 and len(record["gamma_kd"]) == 3  # SMALL_CNN: 3 exits, 3 pairs
     assert (run / hdkd.HEATMAP).stat().st_size > 0
     fixed = experiment.train(
         TrainConfig(**{**TINY, "method": "naive_dkd", "method_options": {}}), tmp_path / "naive", verbose=0
@@ -405,7 +406,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for x, y in zip(a.variables + a.method.gamma_optimizer.variables, b.variables + b.method.gamma_optimizer.variables):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     history = (run / "history.csv").read_text().splitlines()
-    assert len(history) == 3 and "gamma_kd_4_1" in history[0] and "balanced_loss" in history[0]
+    assert len(history) == 3 and "gamma_kd_3_1" in history[0] and "balanced_loss" in history[0]
 
 
 def _write(path, cfg):

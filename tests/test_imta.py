@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_models import StopAt
+from tiny_models import TWO_EXIT_CNN, StopAt
 
 from keras_ee import costs, experiment, models, runs, training
 from keras_ee.config import TrainConfig
@@ -14,7 +14,8 @@ from keras_ee.models.layers import GradientScale
 from keras_ee.training import core
 
 SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
-CNN = dict(input_shape=(8, 8, 1), num_classes=4)
+# Four exits, one conv unit each (the preset's default has two): IMTA's paths between four exits.
+CNN = dict(input_shape=(8, 8, 1), num_classes=4, widths=(8, 8, 16, 16), depth=1)
 
 
 def _cnn(seed=0):
@@ -328,7 +329,14 @@ def test_fit_phases_runs_every_phase_with_plain_fit():
 # --- runs: both phases, resume across the boundary --------------------------------
 
 TINY = dict(
-    dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, evaluate=False, train_size=300
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=TWO_EXIT_CNN,
+    epochs=1,
+    batch_size=128,
+    val_size=200,
+    evaluate=False,
+    train_size=300,
 )
 
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_models import tiny_backbone
+from tiny_models import SMALL_CNN_ARGS, tiny_backbone
 
 from keras_ee import calibration, cli, models
 from keras_ee.inference import EarlyExitModel
@@ -387,12 +387,15 @@ def run(tmp_path_factory):
         "multiexit_cnn",
         "--method",
         "baseline",
+        *SMALL_CNN_ARGS,
         "--epochs",
         "2",
         "--batch-size",
         "64",
         "--val-size",
         "200",
+        "--train-size",
+        "400",
         "--no-evaluate",
         "--quiet",
         "--out",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import ops
+from tiny_models import SMALL_CNN
 
 from keras_ee import training
 from keras_ee.training import bilevel, core
@@ -205,6 +206,7 @@ def test_a_meta_stream_method_trains_through_experiment_train(tmp_path):
     cfg = TrainConfig(
         dataset="digits",
         model="multiexit_cnn",
+        model_options=SMALL_CNN,
         epochs=2,
         batch_size=128,
         val_size=200,
@@ -247,6 +249,7 @@ def test_a_method_declares_phases_and_keras_ee_train_runs_them(tmp_path, capsys)
     cfg = TrainConfig(
         dataset="digits",
         model="multiexit_cnn",
+        model_options=SMALL_CNN,
         method="tests.test_method_hooks:TwoPhases",
         epochs=1,
         batch_size=128,
@@ -276,6 +279,7 @@ def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_
     cfg = TrainConfig(
         dataset="digits",
         model="multiexit_cnn",
+        model_options=SMALL_CNN,
         method="imta",
         method_options={"phase2_epochs": 2},
         epochs=1,

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from tiny_models import SMALL_CNN, SMALL_CNN_ARGS
 
 from keras_ee import cli, experiment, training
 from keras_ee.atomic import atomic_write_json
@@ -17,7 +18,14 @@ from keras_ee.config import TrainConfig
 from keras_ee.training import registry
 
 TINY = dict(
-    dataset="digits", model="multiexit_cnn", epochs=1, batch_size=128, val_size=200, train_size=300, evaluate=False
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=SMALL_CNN,
+    epochs=1,
+    batch_size=128,
+    val_size=200,
+    train_size=300,
+    evaluate=False,
 )
 
 
@@ -52,7 +60,7 @@ def test_a_method_from_a_module_path_trains_through_experiment_train(tmp_path):
     spec = training.get_method(PATH)
     assert spec.cls is DeepFirst and spec.options["power"].default == 1.0
     run = experiment.train(TrainConfig(**TINY, method=PATH, method_options={"power": 0.5}), tmp_path / "r", verbose=0)
-    assert json.loads((run / "deep_first.json").read_text()) == {"power": 0.5, "exits": 4}
+    assert json.loads((run / "deep_first.json").read_text()) == {"power": 0.5, "exits": 3}  # SMALL_CNN
     assert (run / "model.keras").is_file() and (run / "dump" / "test_logits.npy").is_file()
 
 
@@ -63,6 +71,7 @@ def test_a_method_from_a_module_path_trains_through_the_command_line(tmp_path, c
         "digits",
         "--model",
         "multiexit_cnn",
+        *SMALL_CNN_ARGS,
         "--epochs",
         "1",
         "--batch-size",

@@ -2,11 +2,7 @@
 carried through the look-ahead, and a loss-scale overflow skipped cleanly (backbone and
 auxiliary network unchanged, scale halved per skipped step, no iteration counted)."""
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -254,19 +250,10 @@ def test_apply_step_skips_finite_gradients_when_the_lookahead_overflowed(build):
 
 @pytest.mark.parametrize("method", ["l2w", "gating"])
 def test_an_overflow_under_mirrored_strategy_skips_on_every_replica_then_a_normal_step_proceeds(method):
-    """Two logical CPUs in a fresh process (tests/mixed_precision_check.py)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    script = Path(__file__).parent / "mixed_precision_check.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), method],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=script.parents[1],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Two logical CPUs (tests/conftest.py), tests/mixed_precision_check.py."""
+    import mixed_precision_check
+
+    out = mixed_precision_check.overflow_check(method)
     steps, skipped, normal = out["steps_per_batch"], out["overflow"], out["normal"]
     assert (skipped["backbone_moved"], skipped["auxiliary_moved"], skipped["iterations"]) == (0.0, 0.0, 0)
     assert skipped["scale"] == 2.0**100 / 2**steps and skipped["finite"]

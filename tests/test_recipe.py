@@ -8,14 +8,21 @@ import json
 import keras
 import numpy as np
 import pytest
-from tiny_models import StopAt
+from tiny_models import SMALL_MSDNET, SMALL_RANET, TWO_EXIT_CNN, StopAt
 
 from keras_ee import cli, data, experiment, models, runs
 from keras_ee.config import RECIPES, TrainConfig
 from keras_ee.data.recipe import Recipe
 
 TINY = dict(
-    dataset="digits", model="multiexit_cnn", epochs=2, batch_size=128, val_size=200, evaluate=False, train_size=400
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=TWO_EXIT_CNN,
+    epochs=2,
+    batch_size=128,
+    val_size=200,
+    evaluate=False,
+    train_size=400,
 )
 RECIPE = dict(mixup=0.8, cutmix=1.0, randaugment=9.0, random_erasing=0.25, color_jitter=0.4, label_smoothing=0.1)
 FULL = Recipe(**RECIPE)
@@ -317,16 +324,24 @@ def test_adamw_excludes_biases_and_batchnorm_from_weight_decay(digits):
 # ------------------------------------------------------------------ GELU
 
 
-@pytest.mark.parametrize("preset", ["multiexit_cnn", "msdnet_cifar_5", "ranet_cifar_c1"])
+# Each builder of the presets, on small settings: the activation goes through the same code.
+GELU_BUILDERS = {
+    "multiexit_cnn": lambda **kw: models.create("multiexit_cnn", input_shape=(16, 16, 3), **kw),
+    "msdnet_cifar_5": lambda **kw: models.msdnet(**SMALL_MSDNET, **kw),
+    "ranet_cifar_c1": lambda **kw: models.ranet(**SMALL_RANET, **kw),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(GELU_BUILDERS))
 def test_gelu_models_keep_their_counts_and_differ_in_output(preset):
     from keras_ee import costs
 
-    relu = models.create(preset, num_classes=10)
-    gelu = models.create(preset, num_classes=10, activation="gelu")
+    relu = GELU_BUILDERS[preset](num_classes=10)
+    gelu = GELU_BUILDERS[preset](num_classes=10, activation="gelu")
     assert relu.count_params() == gelu.count_params()
     assert costs.exit_costs(relu) == costs.exit_costs(gelu)
     gelu.set_weights(relu.get_weights())
-    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
     assert not np.allclose(relu(x, training=False)[-1], gelu(x, training=False)[-1])
     names = {getattr(layer, "nonlinearity", None) for layer in gelu.layers}
     assert "gelu" in names and "relu" not in names

@@ -12,13 +12,20 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from tiny_models import StopAt  # noqa: E402
+from tiny_models import SMALL_CNN, SMALL_CNN_ARGS, StopAt  # noqa: E402
 
 from keras_ee import cli, experiment, runs
 from keras_ee.config import TrainConfig
 
 TINY = dict(
-    dataset="digits", model="multiexit_cnn", epochs=3, batch_size=128, val_size=200, evaluate=False, train_size=400
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=SMALL_CNN,
+    epochs=3,
+    batch_size=128,
+    val_size=200,
+    evaluate=False,
+    train_size=400,
 )
 METHODS = ("baseline", "l2w")
 
@@ -202,6 +209,7 @@ def test_a_full_disk_during_a_backup_is_a_clear_error_and_resumable(tmp_path, mo
                 "400",
                 "--no-evaluate",
                 "--quiet",
+                *SMALL_CNN_ARGS,
             ]
         )
         == 0
@@ -294,6 +302,7 @@ def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(tmp_path, m
         "400",
         "--no-evaluate",
         "--quiet",
+        *SMALL_CNN_ARGS,
     ]
     assert cli.main(base + ["--q", "0"]) == 2  # the default folder
     assert "q" in capsys.readouterr().err

@@ -1,13 +1,22 @@
 """keras-tuner search of the budget hyper-parameters, on tiny settings."""
 
 import pytest
+from tiny_models import TWO_EXIT_CNN
 
 from keras_ee.config import TrainConfig
 from tuning import search
 
 
+def _small_config(path):
+    """The search's base config: a two-exit multiexit_cnn on 400 digits (each trial traces and trains once)."""
+    TrainConfig(dataset="digits", model_options=TWO_EXIT_CNN, train_size=400, val_size=200).to_json(path)
+    return str(path)
+
+
 def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys):
     argv = [
+        "--config",
+        _small_config(tmp_path / "base.json"),
         "--dataset",
         "digits",
         "--method",
@@ -55,6 +64,8 @@ def test_a_method_with_phases_is_tuned_over_all_its_phases(tmp_path, monkeypatch
 
     monkeypatch.setattr(experiment, "compile_phase", spy)
     argv = [
+        "--config",
+        _small_config(tmp_path / "base.json"),
         "--dataset",
         "digits",
         "--method",

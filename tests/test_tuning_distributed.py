@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import SMALL_CNN
 
 from keras_ee.config import TrainConfig
 from tuning import distributed, search
@@ -92,7 +93,9 @@ def _free_port() -> int:
 
 def _tiny_config(path):
     # gating: the cheapest method with a search space (lambda, temperature) to trace and train
-    TrainConfig(dataset="digits", train_size=160, val_size=96, epochs=1, batch_size=64, method="gating").to_json(path)
+    TrainConfig(
+        dataset="digits", model_options=SMALL_CNN, train_size=160, val_size=96, epochs=1, batch_size=64, method="gating"
+    ).to_json(path)
     return path
 
 

@@ -3,6 +3,37 @@
 import keras
 import tensorflow as tf
 
+# A multiexit_cnn for the tests that train whole runs: three exits, one conv unit per stage. Tracing
+# a training step costs in proportion to the layers (the default preset has eight conv units, this
+# one three), and what those tests check (resume, backups, logs, dumps) does not depend on the size.
+SMALL_CNN = {"widths": [8, 16, 16], "depth": 1}
+# The same as `keras-ee train` flags.
+SMALL_CNN_ARGS = ["--model-option", "widths=[8,16,16]", "--model-option", "depth=1"]
+# Two exits, two conv units: for the tests of a whole run or search that do not look inside the exits
+# (resume across phases, tuning); the bilevel steps of L2W and IMTA trace a third faster than on three.
+TWO_EXIT_CNN = {"widths": [8, 16], "depth": 1}
+# MSDNet and RANet on 16x16 images with few channels: every kind of block of the presets, a
+# fraction of their layers and multiply-adds.
+SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
+SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
+
+
+def two_logical_cpus():
+    """Splits the CPU into two logical devices, "/cpu:0" and "/cpu:1", for a MirroredStrategy of two
+    replicas on one machine. Only possible before TensorFlow initialises its runtime: tests/conftest.py
+    calls it before any test runs (ops without a device run on the first, as on a plain machine)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) != 2:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def fresh_collective_keys():
+    """Call before making a MirroredStrategy in a process that made one before: each strategy numbers
+    its collectives from the same base key, and the process remembers the collectives it ran, so a
+    second strategy would meet the first one's under the same keys ("Collective instance 101 expected
+    type 0 ... but got type 2"). TensorFlow's own tests move the base for each strategy the same way."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+
 
 def tiny_backbone(num_exits=3, num_classes=4, dim=5, width=6, seed=0, nan_exit=None):
     """Dense+BN blocks with a head named exit_k after each block.
