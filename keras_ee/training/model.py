@@ -563,29 +563,33 @@ def _compile_options(model: MultiExitModel) -> dict[str, Any]:
     return options
 
 
-_COLLECTIVE_STRATEGIES: list[Any] = []  # the strategy with collectives that trained in this process (at most one)
+# The strategy with collectives that trained in this process, per collective key base.
+_COLLECTIVE_STRATEGIES: dict[int, Any] = {}
 
 
 def check_collective_strategy(strategy: Any) -> None:
-    """Refuse to train under a second `MirroredStrategy` (or `MultiWorkerMirroredStrategy`) in a process.
+    """Refuse to train under a second `MirroredStrategy` (or `MultiWorkerMirroredStrategy`) in a
+    process when it shares the first one's collective keys.
 
     TensorFlow numbers the collective operations (all-reduces, all-gathers) of every new
-    strategy of these kinds from the same group and instance keys and keeps what the first
-    one ran under each key for the rest of the process, so the second strategy's collectives
-    collide with the first's and fail mid-training ("Collective instance 101 expected type 0
-    and data_type 1 but got type 2 and data_type 3"). One strategy per process, reused for
-    every model, never collides: `keras_ee.experiment.make_strategy` returns the process's.
+    strategy of these kinds from the same group and instance keys (from the class attribute
+    `_collective_key_base`, 0 unless changed) and keeps what the first one ran under each key
+    for the rest of the process, so the second strategy's collectives collide with the first's
+    and fail mid-training ("Collective instance 101 expected type 0 and data_type 1 but got
+    type 2 and data_type 3"). One strategy per process, reused for every model, never
+    collides: `keras_ee.experiment.make_strategy` returns the process's. A strategy made after
+    moving the key base (as TensorFlow's own tests do) has keys of its own and is allowed.
     Strategies of one replica run no collectives and are not counted.
     """
     if strategy.num_replicas_in_sync < 2 or not isinstance(
         strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
     ):
         return
-    if not _COLLECTIVE_STRATEGIES:
-        _COLLECTIVE_STRATEGIES.append(strategy)
-    elif _COLLECTIVE_STRATEGIES[0] is not strategy:
+    key_base = int(getattr(strategy.extended, "_collective_key_base", 0))
+    first = _COLLECTIVE_STRATEGIES.setdefault(key_base, strategy)
+    if first is not strategy:
         raise ValueError(
-            f"this process already trained under another {type(_COLLECTIVE_STRATEGIES[0]).__name__}, and "
+            f"this process already trained under another {type(first).__name__}, and "
             f"TensorFlow gives every new one the same collective keys, so this {type(strategy).__name__}'s "
             "collectives would collide with the first's mid-training ('Collective instance ... expected type'); "
             "build every model under one strategy per process (keras_ee.experiment.make_strategy returns it), "
