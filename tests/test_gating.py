@@ -379,10 +379,10 @@ def test_tuning_searches_lambda_and_the_temperature(tmp_path):
         "--tuner",
         "random",
         "--out",
-        str(tmp_path),
+        str(tmp_path / "search"),  # not tmp_path: base.json there is not keras-ee's
     ]
     assert search.main(argv) == 0
-    best = TrainConfig.from_file(tmp_path / "best.json")
+    best = TrainConfig.from_file(tmp_path / "search" / "best.json")
     assert best.method == "gating"
     assert 0.01 <= best.method_options["lambda"] <= 10.0 and 0.1 <= best.method_options["temperature"] <= 2.0
     assert experiment.make_method(best.method, best.method_options).cost_weight == best.method_options["lambda"]

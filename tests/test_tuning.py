@@ -30,7 +30,7 @@ def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys)
         "--tuner",
         "random",
         "--out",
-        str(tmp_path),
+        str(tmp_path / "search"),  # not tmp_path: base.json there is not keras-ee's
     ]
     assert search.main(argv) == 0
     printed = capsys.readouterr().out
@@ -38,7 +38,7 @@ def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys)
     assert len(rows) == 2
     scores = [float(r[1]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 100 for s in scores)
-    best = TrainConfig.from_file(tmp_path / "best.json")
+    best = TrainConfig.from_file(tmp_path / "search" / "best.json")
     assert best.method == "l2w" and 0.5 <= best.method_options["q"] <= 1.0
     assert 0.1 <= best.method_options["delta"] <= 1.0
     # The best config is the top-ranked trial's.
@@ -79,10 +79,10 @@ def test_a_method_with_phases_is_tuned_over_all_its_phases(tmp_path, monkeypatch
         "--tuner",
         "random",
         "--out",
-        str(tmp_path),
+        str(tmp_path / "search"),  # not tmp_path: base.json there is not keras-ee's
     ]
     assert search.main(argv) == 0
-    best = TrainConfig.from_file(tmp_path / "best.json")
+    best = TrainConfig.from_file(tmp_path / "search" / "best.json")
     assert best.method == "imta" and 1.0 <= best.method_options["temperature"] <= 5.0
     assert 0.1 <= best.method_options["distill_weight"] <= 0.95
     # The trial was built for phase I, then trained phase II (whose logs are the objective).
