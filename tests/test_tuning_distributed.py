@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import SMALL_CNN
+from tiny_models import TWO_EXIT_CNN
 
 from keras_ee.config import TrainConfig
 from tuning import distributed, search
@@ -94,7 +94,13 @@ def _free_port() -> int:
 def _tiny_config(path):
     # gating: the cheapest method with a search space (lambda, temperature) to trace and train
     TrainConfig(
-        dataset="digits", model_options=SMALL_CNN, train_size=160, val_size=96, epochs=1, batch_size=64, method="gating"
+        dataset="digits",
+        model_options=TWO_EXIT_CNN,
+        train_size=160,
+        val_size=96,
+        epochs=1,
+        batch_size=64,
+        method="gating",
     ).to_json(path)
     return path
 
