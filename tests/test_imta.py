@@ -6,14 +6,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_models import TWO_EXIT_CNN, StopAt
+from tiny_models import SMALL_MSDNET, TWO_EXIT_CNN, StopAt
 
 from keras_ee import costs, experiment, models, runs, training
 from keras_ee.config import TrainConfig
 from keras_ee.models.layers import GradientScale
 from keras_ee.training import core
 
-SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
 # Four exits, one conv unit each (the preset's default has two): IMTA's paths between four exits.
 CNN = dict(input_shape=(8, 8, 1), num_classes=4, widths=(8, 8, 16, 16), depth=1)
 

@@ -12,13 +12,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny_models import SMALL_CNN_ARGS, tiny_backbone
+from tiny_models import SMALL_CNN_ARGS, SMALL_MSDNET, SMALL_RANET, tiny_backbone
 
 from keras_ee import calibration, cli, models
 from keras_ee.inference import EarlyExitModel
-
-SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
-SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
 
 
 def _logits(model, x):

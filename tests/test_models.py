@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_models import SMALL_MSDNET, SMALL_RANET
 
 from keras_ee import costs, models
 from keras_ee.models import AlignCornersResize, GradientScale
@@ -15,8 +16,6 @@ from keras_ee.models import layers as layers_module
 from keras_ee.models.layers import ConvBNReLU, align_corners_matrix, width_packing
 
 # Reduced configurations: same code paths as the presets, fast to run.
-SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
-SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
 
 
 def _rand(shape, seed=0):
