@@ -125,14 +125,19 @@ def test_two_workers_end_with_identical_weights(method, tmp_path):
 # apart, every trainable weight 0.0 apart).
 @pytest.mark.slow
 def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
+    # Interrupted at the start of epoch 1 on both workers, then the same command again: the chief
+    # resumes from its backup, the other worker from the chief's.
     run = tmp_path / "run"
-    results = run_workers(str(run), tmp_path, mode="experiment")
-    keys = sorted(k for k in results[0] if k.startswith("w"))
-    assert keys and keys == sorted(k for k in results[1] if k.startswith("w"))
-    difference = max(float(np.max(np.abs(results[0][k] - results[1][k]))) for k in keys)
+    run_workers(str(run), tmp_path, mode="experiment", extra=["1"], tag="_stopped")
+    assert (run / "backup").is_dir() and not (run / "model.keras").exists()
+    resumed = run_workers(str(run), tmp_path, mode="experiment", tag="_resumed")
+    keys = sorted(k for k in resumed[0] if k.startswith("w"))
+    assert keys and keys == sorted(k for k in resumed[1] if k.startswith("w"))
+    difference = max(float(np.max(np.abs(resumed[0][k] - resumed[1][k]))) for k in keys)
     assert difference <= 1e-6, difference
     state = json.loads((run / "state.json").read_text())
     assert state["trained"] and state["strategy"] == "multi_worker" and state["replicas"] == 2, state
+    assert state["resumed_at_epoch"] == 1, state
     assert (run / "model.keras").is_file() and not (run / "backup").exists()
     assert json.loads((run / "config.json").read_text())["strategy"] == "multi_worker"
     # Only the chief wrote it: one history row per epoch, no file of the other worker.
@@ -151,27 +156,21 @@ def test_experiment_train_on_two_workers_ends_with_identical_weights(tmp_path):
             "tensorboard",
         ]
     )
-    # Interrupted at the start of epoch 1 on both workers, then the same command again: the chief
-    # resumes from its backup, the other worker from the chief's, and both end where the
-    # uninterrupted run ended.
-    resumed = tmp_path / "resumed"
-    run_workers(str(resumed), tmp_path, mode="experiment", extra=["1"], tag="_stopped")
-    assert (resumed / "backup").is_dir() and not (resumed / "model.keras").exists()
-    again = run_workers(str(resumed), tmp_path, mode="experiment", tag="_resumed")
-    state = json.loads((resumed / "state.json").read_text())
-    assert state["resumed_at_epoch"] == 1, state
-    for r in again:
-        assert max(float(np.max(np.abs(r[k] - results[0][k]))) for k in keys) <= 1e-6
-    # A finished run whose model.keras is damaged: every worker must see it and train again
-    # (before, the other worker trusted state.json and left, and the chief, retraining alone,
-    # died in its first collective with "tasks are unhealthy (stopped sending heartbeats)").
-    model_file = resumed / "model.keras"
+    # A finished run whose model.keras is damaged: every worker must see it and train again from
+    # the start (before, the other worker trusted state.json and left, and the chief, retraining
+    # alone, died in its first collective with "tasks are unhealthy (stopped sending heartbeats)").
+    # That retraining is an uninterrupted run: the resumed one must have ended where it ends.
+    model_file = run / "model.keras"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    retrained = run_workers(str(resumed), tmp_path, mode="experiment", tag="_damaged")
+    retrained = run_workers(str(run), tmp_path, mode="experiment", tag="_damaged")
     assert "is damaged" in (tmp_path / "worker_0_damaged.log").read_text()
-    assert json.loads((resumed / "state.json").read_text())["trained"]
+    state = json.loads((run / "state.json").read_text())
+    assert state["trained"] and not state.get("resumed_at_epoch"), state
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 3
     for r in retrained:
-        assert max(float(np.max(np.abs(r[k] - results[0][k]))) for k in keys) <= 1e-6
+        assert max(float(np.max(np.abs(r[k] - retrained[0][k]))) for k in keys) <= 1e-6
+    for r in resumed:
+        assert max(float(np.max(np.abs(r[k] - retrained[0][k]))) for k in keys) <= 1e-6
 
 
 def run_resume(method, tmp_path):
