@@ -158,7 +158,7 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
     saved = workdir / CONFIG_FILE
     if saved.is_file() and run_started(workdir):
         try:
-            previous = TrainConfig.from_file(saved)
+            previous = recorded_config(TrainConfig.from_file(saved))
         except (ValueError, TypeError) as e:
             raise ValueError(
                 f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
@@ -193,12 +193,45 @@ def same_method_options(a: TrainConfig, b: TrainConfig) -> bool:
 
 def canonical_config(config: TrainConfig) -> TrainConfig:
     """`config` with its method options under their own names (`MethodSpec.canonical`), after the
-    method has checked them: what config.json stores. A `ValueError` names a bad option."""
+    method has checked them, and the model options that every run records (`RECORDED_MODEL_OPTIONS`)
+    written out: what config.json stores. A `ValueError` names a bad option."""
     from keras_ee import training
 
     make_method(config.method, config.method_options)
     options = training.get_method(config.method).canonical(config.method_options)
-    return config if options == config.method_options else dataclasses.replace(config, method_options=options)
+    model_options = {**RECORDED_MODEL_OPTIONS, **config.model_options}
+    if options == config.method_options and model_options == config.model_options:
+        return config
+    return dataclasses.replace(config, method_options=options, model_options=model_options)
+
+
+# Model options that a run records in config.json (`canonical_config`), with their default for a
+# new run, and the value that a run recorded before the option existed trained with.
+RECORDED_MODEL_OPTIONS = {"moving_variance_update": "unbiased"}
+LEGACY_MODEL_OPTIONS = {"moving_variance_update": "biased"}
+
+
+def recorded_config(stored: TrainConfig) -> TrainConfig:
+    """The settings a run folder's config.json `stored` trained with: a model option it does not
+    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`)."""
+    model_options = {**LEGACY_MODEL_OPTIONS, **stored.model_options}
+    return stored if model_options == stored.model_options else dataclasses.replace(stored, model_options=model_options)
+
+
+def resume_settings(config: TrainConfig, workdir: StrPath) -> TrainConfig:
+    """`config`, where `workdir` holds a run recorded before a model option existed and `config`
+    does not set that option, with the option as that run trained (so that it resumes exactly)."""
+    saved = Path(workdir) / CONFIG_FILE
+    if not (saved.is_file() and run_started(Path(workdir))):
+        return config
+    try:
+        stored = TrainConfig.read_values(saved).get("model_options")
+    except (OSError, ValueError):
+        return config  # prepare_workdir reports it
+    if not isinstance(stored, dict):
+        return config
+    adopted = {k: v for k, v in LEGACY_MODEL_OPTIONS.items() if k not in stored and k not in config.model_options}
+    return dataclasses.replace(config, model_options={**config.model_options, **adopted}) if adopted else config
 
 
 def build_model(
@@ -213,7 +246,9 @@ def build_model(
     from keras_ee import models, training
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm):
+    # The BatchNorm options also reach the layers the method adds (IMTA's transfer paths).
+    bn_update = config.model_options.get(models.MOVING_VARIANCE_OPTION)
+    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm, moving_variance_update=bn_update):
         backbone = models.create(
             config.model, num_classes=splits.num_classes, input_shape=splits.input_shape, **config.model_options
         )
@@ -925,7 +960,7 @@ def train(
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
-    config = canonical_config(config)  # refuse bad options before any write
+    config = canonical_config(resume_settings(config, workdir))  # refuse bad options before any write
     workdir = prepare_workdir(config, workdir, write=False)
     strategy = make_strategy(config.strategy)
     check_batch_size(config, 1 if strategy is None else strategy.num_replicas_in_sync)
