@@ -163,7 +163,9 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
             raise ValueError(
                 f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
             ) from None
-        diff = previous.differences(config)
+        # A recorded model option that `config` leaves out is the run's (`resume_settings`).
+        unset = {k: v for k, v in previous.model_options.items() if k in LEGACY_MODEL_OPTIONS}
+        diff = previous.differences(dataclasses.replace(config, model_options={**unset, **config.model_options}))
         if "method_options" in diff and same_method_options(previous, config):
             del diff["method_options"]  # the same options, an alias or a default written out or not
         if diff:
