@@ -282,7 +282,8 @@ def compile_phase(
     with model.distribute_strategy.scope():
         model.enter_phase(index, fresh=fresh)
         replicas = model.distribute_strategy.num_replicas_in_sync
-        batches = training_batches(config, splits, model.method, replicas) * model.method.optimizer_steps_per_batch
+        per_batch = model.method.optimizer_steps_per_batch
+        batches = training_batches(config, splits, model.method, replicas) * per_batch
         steps = phase.epochs * batches
         if phase.make_optimizer is not None:
             optimizer = phase.make_optimizer(steps)
@@ -293,6 +294,8 @@ def compile_phase(
                 model.trainable_variables,
                 phase.optimizer_options,
                 warmup_steps=min(config.warmup_epochs * batches, steps),
+                steps_per_epoch=batches,
+                steps_per_batch=per_batch,
             )
         model.compile(optimizer=optimizer)
 
@@ -307,12 +310,15 @@ def make_optimizer(
     variables: Sequence[keras.Variable] = (),
     overrides: dict[str, Any] | None = None,
     warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
 ) -> keras.optimizers.Optimizer:
     """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
 
     `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
     epsilon 1e-8, no weight decay on `variables` of rank <= 1: biases, BatchNorm scales and
-    shifts, as timm). `config.ema` adds the optimizer's weight average (`use_ema`,
+    shifts, as timm). `steps_per_epoch` and `steps_per_batch` place the epochs and batches of
+    the schedule (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`,
     `ema_momentum`; no overwriting during training: Keras' `fit` writes the average into the
     weights when it ends). `overrides` are a phase's `optimizer_options`.
     """
@@ -325,7 +331,14 @@ def make_optimizer(
         "weight_decay": config.weight_decay,
         **(overrides or {}),
     }
-    schedule = make_schedule(config, steps, settings["learning_rate"], warmup_steps=warmup_steps)
+    schedule = make_schedule(
+        config,
+        steps,
+        settings["learning_rate"],
+        warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        steps_per_batch=steps_per_batch,
+    )
     ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
     if config.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(
@@ -590,22 +603,55 @@ def make_method(name: str, options: dict) -> Method:
 
 
 def make_schedule(
-    config: TrainConfig, total_steps: int, learning_rate: float | None = None, warmup_steps: int = 0
+    config: TrainConfig,
+    total_steps: int,
+    learning_rate: float | None = None,
+    warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
 ) -> Any:
-    """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's).
+    """The learning-rate schedule of `config.schedule` over `total_steps` optimizer iterations
+    (from `learning_rate`, default the run's).
 
-    With `warmup_steps`, a linear warm-up from 0 to the learning rate over those steps, then
-    the schedule over the remaining ones (Keras' `CosineDecay` warm-up; `constant` is a
-    cosine with `alpha=1`). The `step` schedule has no warm-up (the config refuses one).
+    `steps_per_epoch` (optimizer steps per epoch) and `steps_per_batch` (the method's optimizer
+    steps per loaded batch) place the epochs and batches of `step_per_epoch` and
+    `cosine_per_batch` (`keras_ee.schedules`); the others count optimizer steps only. With
+    `warmup_steps` (optimizer steps), a linear warm-up from 0 first: Keras' `CosineDecay`
+    warm-up for `cosine` and `constant` (a cosine with `alpha=1`), the budget-aware code's for
+    `cosine_per_batch`. The step schedules have no warm-up (the config refuses one).
     """
     import keras
 
+    from keras_ee import schedules
+    from keras_ee.config import WARMUP_SCHEDULES
+
     lr = config.initial_learning_rate if learning_rate is None else learning_rate
-    if warmup_steps > 0:
-        if config.schedule == "step":
+    if warmup_steps > 0 and config.schedule not in WARMUP_SCHEDULES:
+        raise ValueError(
+            f"config `warmup_epochs` must be 0 with schedule {config.schedule!r}; warm-up works with "
+            f"{', '.join(WARMUP_SCHEDULES)}."
+        )
+    if config.schedule in ("step_per_epoch", "cosine_per_batch"):
+        if steps_per_epoch is None or steps_per_epoch < 1 or total_steps % steps_per_epoch:
             raise ValueError(
-                "config `warmup_epochs` must be 0 with schedule 'step'; warm-up works with 'cosine' and 'constant'."
+                f"schedule {config.schedule!r} needs the optimizer steps per epoch dividing the total "
+                f"{total_steps}; received steps_per_epoch={steps_per_epoch!r}."
             )
+        if config.schedule == "step_per_epoch":
+            return schedules.StepDecayPerEpoch(lr, steps_per_epoch, total_steps // steps_per_epoch)
+        if warmup_steps >= total_steps:
+            raise ValueError(
+                f"config `warmup_epochs` ({config.warmup_epochs}) must be fewer than the epochs of the "
+                f"phase ({total_steps // steps_per_epoch}) with schedule 'cosine_per_batch'."
+            )
+        return schedules.CosinePerBatch(
+            lr,
+            total_batches=max(1, total_steps // steps_per_batch),
+            steps_per_batch=steps_per_batch,
+            warmup_batches=warmup_steps // steps_per_batch,
+            final_learning_rate=config.min_learning_rate,
+        )
+    if warmup_steps > 0:
         return keras.optimizers.schedules.CosineDecay(
             0.0,
             decay_steps=max(1, total_steps - warmup_steps),
