@@ -197,3 +197,24 @@ def dataclass_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_imported_authors_models_take_the_unbiased_update(tmp_path):
+    # The authors' models are PyTorch's: an imported IMTA MSDNet (backbone and transfer paths)
+    # trains on with PyTorch's update, and its run folder records it.
+    import json
+
+    from keras_ee import cli
+
+    out = tmp_path / "imported"
+    checkpoint = Path(__file__).parent / "data" / "torch_checkpoints" / "imta_cifar_legacy.pth"
+    assert cli.main(["import", str(checkpoint), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_options"]["moving_variance_update"] == "unbiased"
+    backbone = experiment.load_run_model(out / "model.keras").backbone
+    assert bn_updates(backbone) == {"unbiased"}
+    assert any(isinstance(layer, BatchNormalization) for layer in backbone.layers)  # the transfer paths
+    # ... and Keras' update when asked for, on the transfer paths too.
+    out = tmp_path / "imported_biased"
+    argv = ["import", str(checkpoint), "--out", str(out), "--model-option", "moving_variance_update=biased"]
+    assert cli.main(argv) == 0
+    assert bn_updates(experiment.load_run_model(out / "model.keras").backbone) == {"biased"}
