@@ -218,3 +218,21 @@ def test_imported_authors_models_take_the_unbiased_update(tmp_path):
     argv = ["import", str(checkpoint), "--out", str(out), "--model-option", "moving_variance_update=biased"]
     assert cli.main(argv) == 0
     assert bn_updates(experiment.load_run_model(out / "model.keras").backbone) == {"biased"}
+
+
+def test_a_runs_model_option_reaches_the_methods_batchnorm():
+    # IMTA's transfer paths are built by the method, outside `models.create`.
+    from keras_ee import data
+    from tiny_models import SMALL_CNN
+
+    splits = data.load("digits", val_size=200, train_size=400)
+    for update in ("biased", "unbiased"):
+        config = TrainConfig(
+            dataset="digits",
+            model="multiexit_cnn",
+            model_options={**SMALL_CNN, "moving_variance_update": update},
+            method="imta",
+        )
+        backbone = experiment.build_model(config, splits).backbone
+        assert any(isinstance(layer, BatchNormalization) for layer in backbone.layers)
+        assert bn_updates(backbone) == {update}
