@@ -222,8 +222,9 @@ def test_imported_authors_models_take_the_unbiased_update(tmp_path):
 
 def test_a_runs_model_option_reaches_the_methods_batchnorm():
     # IMTA's transfer paths are built by the method, outside `models.create`.
-    from keras_ee import data
     from tiny_models import SMALL_CNN
+
+    from keras_ee import data
 
     splits = data.load("digits", val_size=200, train_size=400)
     for update in ("biased", "unbiased"):
