@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from keras_ee.config import TrainConfig
 
+from keras_ee.config import SCHEDULES
 from keras_ee.quiet import quiet_tensorflow_startup
 
 
@@ -115,13 +116,26 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="learning rate after the warm-up; default sgd: 0.1 * batch_size / 64, adamw: 5e-4 * "
         "batch_size / 512 (DeiT's rule)",
     )
-    g.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    g.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        help="the learning rate over each phase: cosine_per_batch (per loaded batch, all of its optimizer "
+        "steps at one rate: L2W-DEN's code, MSDNet-PyTorch's --lr-type cosine; after a warm-up the "
+        "budget-aware code's arrays), step_per_epoch (x0.1 from epoch 0.5E, x0.01 from 0.75E: "
+        "MSDNet-PyTorch's and IMTA's --lr-type multistep), cosine (default: Keras' CosineDecay over "
+        "optimizer steps), step (x0.1 after 50%% and 75%% of the optimizer steps) or constant",
+    )
     g.add_argument(
         "--warmup-epochs",
         type=int,
         metavar="N",
-        help="linear warm-up from 0 over N epochs of optimizer steps, then the schedule (cosine or "
-        "constant; default 0)",
+        help="linear warm-up from 0 over N epochs, then the schedule (cosine, constant or cosine_per_batch; default 0)",
+    )
+    g.add_argument(
+        "--min-lr",
+        dest="min_learning_rate",
+        type=float,
+        help="the rate cosine_per_batch ends at (the budget-aware code's --min_lr 1e-6; default 0)",
     )
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     g.add_argument("--nesterov", action="store_const", const=True)
@@ -138,7 +152,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         choices=sorted(_recipes()),
         help="budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
         "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
-        "--weight-decay 0.05 --warmup-epochs 20; the flags below override it, config.json stores "
+        "--weight-decay 0.05 --warmup-epochs 20 --schedule cosine_per_batch --min-lr 1e-6; the flags below "
+        "override it, config.json stores "
         "the resolved values",
     )
     g.add_argument("--mixup", type=float, metavar="ALPHA", help="Keras' MixUp with Beta(ALPHA, ALPHA) (0: off)")
@@ -230,6 +245,7 @@ def _recipes() -> dict[str, dict[str, Any]]:
 _RECIPE_KEYS = (
     "optimizer",
     "warmup_epochs",
+    "min_learning_rate",
     "ema",
     "label_smoothing",
     "mixup",

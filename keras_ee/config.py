@@ -22,7 +22,9 @@ from pathlib import Path
 
 from keras_ee._typing import StrPath
 
-SCHEDULES = ("cosine", "constant", "step")
+SCHEDULES = ("cosine", "constant", "step", "step_per_epoch", "cosine_per_batch")
+# The schedules a warm-up can precede (`warmup_epochs`), and the one with a final rate.
+WARMUP_SCHEDULES = ("cosine", "constant", "cosine_per_batch")
 CONFIDENCES = ("max_softmax", "margin", "entropy")
 OPTIMIZERS = ("sgd", "adamw")
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
@@ -46,9 +48,18 @@ RECIPES = {
         "ema": 0.9999,
     },
 }
-# ... and on ImageNet its optimizer: AdamW, weight decay 0.05, 20 warm-up epochs (on CIFAR the
-# paper keeps the papers' SGD, which is this package's default).
-RECIPE_IMAGENET_OPTIMIZER = {"budget-aware": {"optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 20}}
+# ... and on ImageNet its optimizer: AdamW, weight decay 0.05, 20 warm-up epochs, and its code's
+# schedule (gphi_MSDNet's per-iteration `utils.cosine_scheduler` arrays: linspace warm-up, cosine
+# to `--min_lr` 1e-6); on CIFAR the paper keeps the papers' SGD, which is this package's default.
+RECIPE_IMAGENET_OPTIMIZER = {
+    "budget-aware": {
+        "optimizer": "adamw",
+        "weight_decay": 0.05,
+        "warmup_epochs": 20,
+        "schedule": "cosine_per_batch",
+        "min_learning_rate": 1e-6,
+    }
+}
 
 
 def recipe_values(name: str, dataset: str = "digits") -> dict:
@@ -95,12 +106,22 @@ class TrainConfig:
         learning_rate: initial learning rate (after the warm-up); None means the rule of
             the optimizer: SGD 0.1 * batch_size / 64 (the papers'), AdamW
             5e-4 * batch_size / 512 (DeiT's; 1e-3 at the budget-aware paper's batch 1024).
-        schedule: `cosine` (per iteration, the papers' choice), `step` (x0.1 at 50% and
-            75% of training) or `constant`.
-        warmup_epochs: epochs of linear learning-rate warm-up from 0 (counted in optimizer
-            steps: epochs x batches x the method's optimizer steps per batch) before the
-            schedule, which then spans the remaining steps; with `cosine` or `constant`
-            (Keras' `CosineDecay` warm-up). A method with phases warms up each phase.
+        schedule: the learning rate over each phase (`keras_ee.schedules`):
+            `cosine_per_batch`: `0.5 lr (1 + cos(pi t / T))` at loaded batch t of T, every
+            optimizer step of a batch at its rate, as L2W-DEN's code and MSDNet-PyTorch's
+            `--lr-type cosine` (after a warm-up, gphi_MSDNet's per-iteration arrays: the
+            budget-aware code); `step_per_epoch`: x0.1 from epoch 0.5 E and x0.01 from 0.75 E,
+            constant within an epoch, as MSDNet-PyTorch's and IMTA's `--lr-type multistep`
+            (their CIFAR default); `cosine` (default): Keras' `CosineDecay` over optimizer
+            steps (the same as `cosine_per_batch` for one step per batch without warm-up);
+            `step`: x0.1 after 50% and 75% of the optimizer steps (mid-epoch); `constant`.
+        warmup_epochs: epochs of linear learning-rate warm-up from 0 before the schedule,
+            which then spans the remaining steps; with `cosine` or `constant` Keras'
+            `CosineDecay` warm-up over optimizer steps (epochs x batches x the method's
+            optimizer steps per batch, `lr * s / W`), with `cosine_per_batch` gphi_MSDNet's
+            (`np.linspace(0, lr, W)` over W batches). A method with phases warms up each phase.
+        min_learning_rate: the rate `cosine_per_batch` ends at (gphi_MSDNet's `--min_lr`,
+            1e-6); default 0.
         momentum, nesterov: SGD settings (papers: 0.9, False); not used by AdamW.
         weight_decay: None (default) resolves to the optimizer's default, 1e-4 for SGD and
             0.05 for AdamW, and is stored resolved.
@@ -166,6 +187,7 @@ class TrainConfig:
     weight_decay: float | None = None
     optimizer: str = "sgd"
     warmup_epochs: int = 0
+    min_learning_rate: float = 0.0
     ema: float | None = None
     label_smoothing: float = 0.0
     mixup: float = 0.0
@@ -246,8 +268,14 @@ class TrainConfig:
             bad("weight_decay", "a number >= 0 (or None: 1e-4 for sgd, 0.05 for adamw)")
         if not is_int(self.warmup_epochs) or self.warmup_epochs < 0:
             bad("warmup_epochs", "an integer >= 0")
-        if self.warmup_epochs and self.schedule == "step":
-            bad("warmup_epochs", "0 with schedule 'step' (warm-up works with 'cosine' and 'constant')")
+        if self.warmup_epochs and self.schedule not in WARMUP_SCHEDULES:
+            bad(
+                "warmup_epochs", f"0 with schedule {self.schedule!r} (warm-up works with {', '.join(WARMUP_SCHEDULES)})"
+            )
+        if not is_number(self.min_learning_rate) or self.min_learning_rate < 0:
+            bad("min_learning_rate", "a number >= 0")
+        if self.min_learning_rate and self.schedule != "cosine_per_batch":
+            bad("min_learning_rate", f"0 with schedule {self.schedule!r} (a final rate is cosine_per_batch's)")
         if self.ema is not None and not (is_number(self.ema) and 0 < self.ema < 1):
             bad("ema", "a momentum in (0, 1), e.g. 0.9999, or None")
         if not is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:

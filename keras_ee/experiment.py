@@ -158,12 +158,14 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
     saved = workdir / CONFIG_FILE
     if saved.is_file() and run_started(workdir):
         try:
-            previous = TrainConfig.from_file(saved)
+            previous = recorded_config(TrainConfig.from_file(saved))
         except (ValueError, TypeError) as e:
             raise ValueError(
                 f"{str(workdir)!r} holds a run whose config.json cannot be read ({e}); use a new --out folder."
             ) from None
-        diff = previous.differences(config)
+        # A recorded model option that `config` leaves out is the run's (`resume_settings`).
+        unset = {k: v for k, v in previous.model_options.items() if k in LEGACY_MODEL_OPTIONS}
+        diff = previous.differences(dataclasses.replace(config, model_options={**unset, **config.model_options}))
         if "method_options" in diff and same_method_options(previous, config):
             del diff["method_options"]  # the same options, an alias or a default written out or not
         if diff:
@@ -193,12 +195,45 @@ def same_method_options(a: TrainConfig, b: TrainConfig) -> bool:
 
 def canonical_config(config: TrainConfig) -> TrainConfig:
     """`config` with its method options under their own names (`MethodSpec.canonical`), after the
-    method has checked them: what config.json stores. A `ValueError` names a bad option."""
+    method has checked them, and the model options that every run records (`RECORDED_MODEL_OPTIONS`)
+    written out: what config.json stores. A `ValueError` names a bad option."""
     from keras_ee import training
 
     make_method(config.method, config.method_options)
     options = training.get_method(config.method).canonical(config.method_options)
-    return config if options == config.method_options else dataclasses.replace(config, method_options=options)
+    model_options = {**RECORDED_MODEL_OPTIONS, **config.model_options}
+    if options == config.method_options and model_options == config.model_options:
+        return config
+    return dataclasses.replace(config, method_options=options, model_options=model_options)
+
+
+# Model options that a run records in config.json (`canonical_config`), with their default for a
+# new run, and the value that a run recorded before the option existed trained with.
+RECORDED_MODEL_OPTIONS = {"moving_variance_update": "unbiased"}
+LEGACY_MODEL_OPTIONS = {"moving_variance_update": "biased"}
+
+
+def recorded_config(stored: TrainConfig) -> TrainConfig:
+    """The settings a run folder's config.json `stored` trained with: a model option it does not
+    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`)."""
+    model_options = {**LEGACY_MODEL_OPTIONS, **stored.model_options}
+    return stored if model_options == stored.model_options else dataclasses.replace(stored, model_options=model_options)
+
+
+def resume_settings(config: TrainConfig, workdir: StrPath) -> TrainConfig:
+    """`config`, where `workdir` holds a run recorded before a model option existed and `config`
+    does not set that option, with the option as that run trained (so that it resumes exactly)."""
+    saved = Path(workdir) / CONFIG_FILE
+    if not (saved.is_file() and run_started(Path(workdir))):
+        return config
+    try:
+        stored = TrainConfig.read_values(saved).get("model_options")
+    except (OSError, ValueError):
+        return config  # prepare_workdir reports it
+    if not isinstance(stored, dict):
+        return config
+    adopted = {k: v for k, v in LEGACY_MODEL_OPTIONS.items() if k not in stored and k not in config.model_options}
+    return dataclasses.replace(config, model_options={**config.model_options, **adopted}) if adopted else config
 
 
 def build_model(
@@ -213,7 +248,9 @@ def build_model(
     from keras_ee import models, training
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm):
+    # The BatchNorm options also reach the layers the method adds (IMTA's transfer paths).
+    bn_update = config.model_options.get(models.MOVING_VARIANCE_OPTION)
+    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm, moving_variance_update=bn_update):
         backbone = models.create(
             config.model, num_classes=splits.num_classes, input_shape=splits.input_shape, **config.model_options
         )
@@ -245,7 +282,8 @@ def compile_phase(
     with model.distribute_strategy.scope():
         model.enter_phase(index, fresh=fresh)
         replicas = model.distribute_strategy.num_replicas_in_sync
-        batches = training_batches(config, splits, model.method, replicas) * model.method.optimizer_steps_per_batch
+        per_batch = model.method.optimizer_steps_per_batch
+        batches = training_batches(config, splits, model.method, replicas) * per_batch
         steps = phase.epochs * batches
         if phase.make_optimizer is not None:
             optimizer = phase.make_optimizer(steps)
@@ -256,6 +294,8 @@ def compile_phase(
                 model.trainable_variables,
                 phase.optimizer_options,
                 warmup_steps=min(config.warmup_epochs * batches, steps),
+                steps_per_epoch=batches,
+                steps_per_batch=per_batch,
             )
         model.compile(optimizer=optimizer)
 
@@ -270,12 +310,15 @@ def make_optimizer(
     variables: Sequence[keras.Variable] = (),
     overrides: dict[str, Any] | None = None,
     warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
 ) -> keras.optimizers.Optimizer:
     """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
 
     `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
     epsilon 1e-8, no weight decay on `variables` of rank <= 1: biases, BatchNorm scales and
-    shifts, as timm). `config.ema` adds the optimizer's weight average (`use_ema`,
+    shifts, as timm). `steps_per_epoch` and `steps_per_batch` place the epochs and batches of
+    the schedule (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`,
     `ema_momentum`; no overwriting during training: Keras' `fit` writes the average into the
     weights when it ends). `overrides` are a phase's `optimizer_options`.
     """
@@ -288,7 +331,14 @@ def make_optimizer(
         "weight_decay": config.weight_decay,
         **(overrides or {}),
     }
-    schedule = make_schedule(config, steps, settings["learning_rate"], warmup_steps=warmup_steps)
+    schedule = make_schedule(
+        config,
+        steps,
+        settings["learning_rate"],
+        warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        steps_per_batch=steps_per_batch,
+    )
     ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
     if config.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(
@@ -553,22 +603,55 @@ def make_method(name: str, options: dict) -> Method:
 
 
 def make_schedule(
-    config: TrainConfig, total_steps: int, learning_rate: float | None = None, warmup_steps: int = 0
+    config: TrainConfig,
+    total_steps: int,
+    learning_rate: float | None = None,
+    warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
 ) -> Any:
-    """The learning-rate schedule over optimizer iterations (from `learning_rate`, default the run's).
+    """The learning-rate schedule of `config.schedule` over `total_steps` optimizer iterations
+    (from `learning_rate`, default the run's).
 
-    With `warmup_steps`, a linear warm-up from 0 to the learning rate over those steps, then
-    the schedule over the remaining ones (Keras' `CosineDecay` warm-up; `constant` is a
-    cosine with `alpha=1`). The `step` schedule has no warm-up (the config refuses one).
+    `steps_per_epoch` (optimizer steps per epoch) and `steps_per_batch` (the method's optimizer
+    steps per loaded batch) place the epochs and batches of `step_per_epoch` and
+    `cosine_per_batch` (`keras_ee.schedules`); the others count optimizer steps only. With
+    `warmup_steps` (optimizer steps), a linear warm-up from 0 first: Keras' `CosineDecay`
+    warm-up for `cosine` and `constant` (a cosine with `alpha=1`), the budget-aware code's for
+    `cosine_per_batch`. The step schedules have no warm-up (the config refuses one).
     """
     import keras
 
+    from keras_ee import schedules
+    from keras_ee.config import WARMUP_SCHEDULES
+
     lr = config.initial_learning_rate if learning_rate is None else learning_rate
-    if warmup_steps > 0:
-        if config.schedule == "step":
+    if warmup_steps > 0 and config.schedule not in WARMUP_SCHEDULES:
+        raise ValueError(
+            f"config `warmup_epochs` must be 0 with schedule {config.schedule!r}; warm-up works with "
+            f"{', '.join(WARMUP_SCHEDULES)}."
+        )
+    if config.schedule in ("step_per_epoch", "cosine_per_batch"):
+        if steps_per_epoch is None or steps_per_epoch < 1 or total_steps % steps_per_epoch:
             raise ValueError(
-                "config `warmup_epochs` must be 0 with schedule 'step'; warm-up works with 'cosine' and 'constant'."
+                f"schedule {config.schedule!r} needs the optimizer steps per epoch dividing the total "
+                f"{total_steps}; received steps_per_epoch={steps_per_epoch!r}."
             )
+        if config.schedule == "step_per_epoch":
+            return schedules.StepDecayPerEpoch(lr, steps_per_epoch, total_steps // steps_per_epoch)
+        if warmup_steps >= total_steps:
+            raise ValueError(
+                f"config `warmup_epochs` ({config.warmup_epochs}) must be fewer than the epochs of the "
+                f"phase ({total_steps // steps_per_epoch}) with schedule 'cosine_per_batch'."
+            )
+        return schedules.CosinePerBatch(
+            lr,
+            total_batches=max(1, total_steps // steps_per_batch),
+            steps_per_batch=steps_per_batch,
+            warmup_batches=warmup_steps // steps_per_batch,
+            final_learning_rate=config.min_learning_rate,
+        )
+    if warmup_steps > 0:
         return keras.optimizers.schedules.CosineDecay(
             0.0,
             decay_steps=max(1, total_steps - warmup_steps),
@@ -925,7 +1008,7 @@ def train(
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
-    config = canonical_config(config)  # refuse bad options before any write
+    config = canonical_config(resume_settings(config, workdir))  # refuse bad options before any write
     workdir = prepare_workdir(config, workdir, write=False)
     strategy = make_strategy(config.strategy)
     check_batch_size(config, 1 if strategy is None else strategy.num_replicas_in_sync)

@@ -88,6 +88,7 @@ def import_run(
     )
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
+    options = {**experiment.RECORDED_MODEL_OPTIONS, **options}  # as a run records them (the authors' BN: unbiased)
     config = TrainConfig(
         dataset=dataset,
         model=report.preset,

@@ -1080,7 +1080,9 @@ def read_checkpoint_into_model(
             built = models.create(preset, **model_options)
             if family == "imta":
                 method, teacher = imta_method(sd, built)
-                built = method.transform_backbone(built)
+                # The transfer paths' BatchNorm as the backbone's (`moving_variance_update`).
+                with models.batchnorm_options(moving_variance_update=model_options.get(models.MOVING_VARIANCE_OPTION)):
+                    built = method.transform_backbone(built)
         if gaters is not None:
             _check_activation(built, GATED_ACTIVATION)
         if family == "imta":

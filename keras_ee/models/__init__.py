@@ -46,12 +46,13 @@ from keras_ee.models import graph
 from keras_ee.models.attach import attach_exits
 from keras_ee.models.cnn import multiexit_cnn
 from keras_ee.models.heads import batchnorm_options
-from keras_ee.models.layers import AlignCornersResize, ChannelConcat, ConvBNReLU, GradientScale
+from keras_ee.models.layers import AlignCornersResize, BatchNormalization, ChannelConcat, ConvBNReLU, GradientScale
 from keras_ee.models.msdnet import msdnet
 from keras_ee.models.ranet import ranet
 
 __all__ = [
     "AlignCornersResize",
+    "BatchNormalization",
     "ChannelConcat",
     "ConvBNReLU",
     "ExitStructure",
@@ -66,6 +67,9 @@ __all__ = [
     "ranet",
     "split_stages",
 ]
+
+# The model option of every preset that picks how BatchNorm updates its moving variance.
+MOVING_VARIANCE_OPTION = "moving_variance_update"
 
 _CIFAR = (32, 32, 3)
 _IMAGENET = (224, 224, 3)
@@ -136,7 +140,10 @@ def create(
             (32x32x3, or 224x224x3 for ImageNet presets).
         **overrides: any other argument of the underlying builder
             (`msdnet`, `ranet`, `multiexit_cnn`), e.g. `growth_rate=8` or
-            `gradient_equilibrium=True`.
+            `gradient_equilibrium=True`; and, for every preset,
+            `moving_variance_update`: how its BatchNorm layers update their moving
+            variance, `"unbiased"` (default, PyTorch's: the papers' code) or
+            `"biased"` (Keras'); see `batchnorm_options`.
 
     Returns:
         A functional `keras.Model` with outputs `exit_1..exit_K`.
@@ -149,20 +156,24 @@ def create(
     if not isinstance(name, str) or name not in _PRESETS:
         raise ValueError(f"Unknown model preset {name!r}. Available: {available()}.")
     builder, preset, default_shape, default_classes = _PRESETS[name]
+    overrides = dict(overrides)
+    bn_update = overrides.pop(MOVING_VARIANCE_OPTION, None)
     allowed = set(inspect.signature(builder).parameters) - {"num_classes", "input_shape"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(
-            f"create({name!r}): unknown override(s) {unknown}; {builder.__name__} accepts {sorted(allowed)}."
+            f"create({name!r}): unknown override(s) {unknown}; {builder.__name__} accepts "
+            f"{sorted(allowed | {MOVING_VARIANCE_OPTION})}."
         )
     kwargs = dict(preset)
     kwargs.update(overrides)
     kwargs.setdefault("name", name)
-    return builder(
-        num_classes=default_classes if num_classes is None else num_classes,
-        input_shape=default_shape if input_shape is None else input_shape,
-        **kwargs,
-    )
+    with batchnorm_options(moving_variance_update=bn_update):
+        return builder(
+            num_classes=default_classes if num_classes is None else num_classes,
+            input_shape=default_shape if input_shape is None else input_shape,
+            **kwargs,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Building blocks shared by the architectures: conv-BN-ReLU units and exits.
 
 Every conv-BN-ReLU is one `ConvBNReLU` layer: BN with `epsilon=1e-5,
-momentum=0.9` (PyTorch's defaults), symmetric zero padding `(k-1)//2` as
+momentum=0.9` (PyTorch's defaults) and PyTorch's unbiased moving variance (see
+`batchnorm_options`), symmetric zero padding `(k-1)//2` as
 PyTorch (Keras' "same" pads asymmetrically at stride 2), and the BN folded
 into the conv at inference for speed. `keras_ee.costs` counts it as its conv
 plus its ReLU, as the reference op counter does.
@@ -52,31 +53,55 @@ def _scoped(variable: contextvars.ContextVar[_T], value: _T) -> Iterator[None]:
 # Whether the BatchNorm layers built inside `batchnorm_options(synchronized=True)` all-reduce
 # their batch statistics across the replicas of a `tf.distribute` strategy.
 _SYNCHRONIZED_BN = contextvars.ContextVar("keras_ee_synchronized_bn", default=False)
+# How they update their moving variance (`keras_ee.models.layers.MOVING_VARIANCE_UPDATES`).
+_MOVING_VARIANCE_UPDATE = contextvars.ContextVar("keras_ee_moving_variance_update", default="unbiased")
 
 
 @contextlib.contextmanager
-def batchnorm_options(synchronized: bool = False) -> Iterator[None]:
-    """Build every BatchNorm in this block (`conv_bn_relu`, `batch_normalization`) with these options.
+def batchnorm_options(synchronized: bool | None = None, moving_variance_update: str | None = None) -> Iterator[None]:
+    """Build every BatchNorm in this block (`conv_bn_relu`, `batch_normalization`) with these
+    options; an option left None keeps the enclosing block's (outside any: False, "unbiased").
 
     `synchronized=True` is Keras' `BatchNormalization(synchronized=True)`: in training
     under a `tf.distribute` strategy the batch mean and variance are those of the global
     batch (an all-reduce per layer), so the replicas normalise as one device would; with
     one replica it changes nothing. Models built outside it use per-replica statistics.
 
+    `moving_variance_update`: `"unbiased"` (PyTorch's running variance, the batch variance
+    times n / (n - 1), as the papers' code trains) or `"biased"` (Keras').
+
     Args:
-        synchronized: bool.
+        synchronized: bool or None.
+        moving_variance_update: `"unbiased"`, `"biased"` or None.
     """
-    if not isinstance(synchronized, bool):
+    from keras_ee.models.layers import check_moving_variance_update
+
+    if synchronized is not None and not isinstance(synchronized, bool):
         raise ValueError(f"`synchronized` must be True or False; received {synchronized!r}.")
-    with _scoped(_SYNCHRONIZED_BN, synchronized):
+    if moving_variance_update is not None:
+        check_moving_variance_update(moving_variance_update, "batchnorm_options")
+    with contextlib.ExitStack() as stack:
+        if synchronized is not None:
+            stack.enter_context(_scoped(_SYNCHRONIZED_BN, synchronized))
+        if moving_variance_update is not None:
+            stack.enter_context(_scoped(_MOVING_VARIANCE_UPDATE, moving_variance_update))
         yield
 
 
 def batch_normalization(
     name: str, epsilon: float = BN_EPSILON, momentum: float = BN_MOMENTUM
 ) -> keras.layers.BatchNormalization:
-    """A `keras.layers.BatchNormalization` with the scope's `synchronized` option."""
-    return layers.BatchNormalization(epsilon=epsilon, momentum=momentum, synchronized=_SYNCHRONIZED_BN.get(), name=name)
+    """keras-ee's `BatchNormalization` (Keras' with the moving variance's update as chosen)
+    with the scope's options (`batchnorm_options`)."""
+    from keras_ee.models.layers import BatchNormalization
+
+    return BatchNormalization(
+        epsilon=epsilon,
+        momentum=momentum,
+        synchronized=_SYNCHRONIZED_BN.get(),
+        moving_variance_update=_MOVING_VARIANCE_UPDATE.get(),
+        name=name,
+    )
 
 
 def activation_layer(name: str) -> keras.layers.Layer:
@@ -129,6 +154,7 @@ def conv_bn_relu(
         kernel_initializer=kernel_initializer,
         nonlinearity=_NONLINEARITY.get(),
         synchronized=_SYNCHRONIZED_BN.get(),
+        moving_variance_update=_MOVING_VARIANCE_UPDATE.get(),
         name=name,
     )(x)
 

@@ -349,6 +349,108 @@ def width_packing(kernel_size: int, filters: int, strides: int, out_width: int |
 
 NONLINEARITIES = ("relu", "gelu")
 
+# How a BatchNorm layer's moving variance takes in each training batch's variance: "unbiased",
+# the batch variance times n / (n - 1) (n values per channel; PyTorch's running_var, and so the
+# papers' code), or "biased", the batch variance itself (Keras' BatchNormalization). The
+# normalisation uses the biased variance either way. A layer saved before this choice existed
+# (no `moving_variance_update` in its config) updated with the biased one and loads so.
+MOVING_VARIANCE_UPDATES = ("unbiased", "biased")
+LEGACY_MOVING_VARIANCE_UPDATE = "biased"
+
+
+def check_moving_variance_update(value: Any, owner: str) -> str:
+    """`value` if it is one of `MOVING_VARIANCE_UPDATES`, else a `ValueError` naming `owner`."""
+    if not isinstance(value, str) or value not in MOVING_VARIANCE_UPDATES:
+        raise ValueError(
+            f"{owner}: `moving_variance_update` must be one of {list(MOVING_VARIANCE_UPDATES)}, received {value!r}."
+        )
+    return value
+
+
+def batch_moments(x: Tensor, axes: Sequence[int], synchronized: bool = False) -> tuple[Tensor, Tensor, Any]:
+    """`(mean, biased variance, n)` of `x` over `axes`; n, the values per channel, is an int
+    where the shape tells it, else a float32 tensor.
+
+    `synchronized` (TensorFlow): statistics of the global batch under a `tf.distribute`
+    strategy, as Keras' `ops.moments(synchronized=True)` computes them (the same sums and
+    all-reduces), with n the global count (PyTorch's SyncBatchNorm corrects by it too).
+    """
+    axes = [a % len(x.shape) for a in axes]
+    if synchronized and keras.backend.backend() == "tensorflow":
+        return _tf_synchronized_moments(x, axes)
+    mean, variance = ops.moments(x, axes=axes)
+    return mean, variance, values_per_channel(x, axes)
+
+
+def values_per_channel(x: Tensor, axes: Sequence[int]) -> Any:
+    """The number of values the statistics over `axes` take in: an int where the shape
+    tells it, else a float32 tensor."""
+    sizes = [x.shape[a] for a in axes]
+    if None not in sizes:
+        return int(np.prod(sizes))
+    shape = ops.shape(x)
+    count = ops.convert_to_tensor(1.0, "float32")
+    for a in axes:
+        count = count * ops.cast(shape[a], "float32")
+    return count
+
+
+def _tf_synchronized_moments(x: Tensor, axes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    # Keras' `_compute_moments_sync` (keras/src/backend/tensorflow/nn.py), which keeps the
+    # global count to itself: the same ops, so the statistics are bit-identical to it.
+    import tensorflow as tf
+
+    dtype = x.dtype
+    if dtype in (tf.float16, tf.bfloat16):
+        x = tf.cast(x, tf.float32)
+    replica_ctx = tf.distribute.get_replica_context()
+    if not replica_ctx:
+        mean, variance = tf.nn.moments(x, axes=axes)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+    else:
+        local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
+        local_squared_sum = tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)
+        local_count = tf.reduce_sum(tf.ones_like(x, name="count"), axis=axes, keepdims=True)
+        y_sum = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_sum)
+        y_squared_sum = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_squared_sum)
+        count_sum = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
+        mean = tf.math.divide_no_nan(y_sum, count_sum)
+        variance = tf.maximum(tf.math.divide_no_nan(y_squared_sum, count_sum) - tf.square(mean), 0.0)
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        count = tf.reshape(count_sum, [-1])[0]
+    if dtype in (tf.float16, tf.bfloat16):
+        mean = tf.cast(tf.clip_by_value(mean, tf.float16.min, tf.float16.max), dtype)
+        variance = tf.cast(tf.clip_by_value(variance, tf.float16.min, tf.float16.max), dtype)
+    return mean, variance, count
+
+
+def moving_variance_sample(variance: Tensor, count: Any, update: str, layer_name: str) -> Tensor:
+    """The batch variance that enters the moving average: `variance` (biased) itself, or
+    times n / (n - 1) for `"unbiased"` (see `MOVING_VARIANCE_UPDATES`).
+
+    With one value per channel (n = 1) the unbiased estimate is undefined: PyTorch refuses
+    such a batch in training ("Expected more than 1 value per channel"), and so does this, a
+    `ValueError` when the shape tells n, else an error when the step runs (no NaN in silence).
+    """
+    if update == "biased":
+        return variance
+    message = (
+        f"BatchNorm layer {layer_name!r}: training needs more than 1 value per channel (batch x height x "
+        "width) for the unbiased moving variance, as in PyTorch; use a larger batch, or "
+        "moving_variance_update='biased'."
+    )
+    if isinstance(count, (int, np.integer)):
+        if count < 2:
+            raise ValueError(message + f" Received n = {count}.")
+        return variance * (count / (count - 1.0))
+    count = ops.cast(count, variance.dtype)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.control_dependencies([tf.debugging.assert_greater(count, tf.cast(1, count.dtype), message=message)]):
+            count = tf.identity(count)
+    return variance * (count / (count - 1.0))
+
 
 @keras.saving.register_keras_serializable(package="keras_ee")
 class ConvBNReLU(keras.layers.Layer):
@@ -357,7 +459,8 @@ class ConvBNReLU(keras.layers.Layer):
     Mathematically the same as `Conv2D(use_bias=False)`,
     `BatchNormalization(epsilon, momentum)` and `ReLU` in sequence, with
     PyTorch's symmetric zero padding `(k-1)//2`. In training it runs exactly
-    those steps (batch statistics, moving-average updates as Keras' BN). At
+    those steps (batch statistics, moving-average updates as PyTorch's BN by
+    default, or as Keras': `moving_variance_update`). At
     inference it folds the BN scale into the kernel and the shift into a bias,
     so the backend runs one fused conv+bias+ReLU kernel instead of four passes
     over the activations; MSDNet/RANet have hundreds of these small units,
@@ -386,6 +489,9 @@ class ConvBNReLU(keras.layers.Layer):
         synchronized: bool, as Keras' `BatchNormalization(synchronized=True)`: in
             training under a `tf.distribute` strategy, the batch statistics are
             all-reduced over the replicas (those of the global batch). Default False.
+        moving_variance_update: `"unbiased"` (default; PyTorch's running variance, the
+            batch variance times n / (n - 1)) or `"biased"` (Keras'); see
+            `MOVING_VARIANCE_UPDATES`. A layer saved without it loads as `"biased"`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Example:
@@ -405,12 +511,14 @@ class ConvBNReLU(keras.layers.Layer):
         kernel_initializer: Any = "he_normal",
         nonlinearity: str = "relu",
         synchronized: bool = False,
+        moving_variance_update: str = "unbiased",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not isinstance(synchronized, bool):
             raise ValueError(f"ConvBNReLU: `synchronized` must be True or False, received {synchronized!r}.")
         self.synchronized = synchronized
+        self.moving_variance_update = check_moving_variance_update(moving_variance_update, "ConvBNReLU")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(
                 f"ConvBNReLU: `nonlinearity` must be one of {list(NONLINEARITIES)}, received {nonlinearity!r}."
@@ -470,8 +578,9 @@ class ConvBNReLU(keras.layers.Layer):
                 y, mean, variance = _tf_fused_batch_norm_train(
                     y, ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32"), self.epsilon
                 )
+                count = values_per_channel(y, [0, 1, 2])
             else:
-                mean, variance = ops.moments(y, axes=[0, 1, 2], synchronized=self.synchronized)
+                mean, variance, count = batch_moments(y, axes=[0, 1, 2], synchronized=self.synchronized)
                 y = ops.batch_normalization(
                     y,
                     mean,
@@ -482,10 +591,11 @@ class ConvBNReLU(keras.layers.Layer):
                     epsilon=self.epsilon,
                 )
             m = self.momentum
-            self.moving_mean.assign(self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m))
-            self.moving_variance.assign(
-                self.moving_variance * m + ops.cast(variance, self.moving_variance.dtype) * (1.0 - m)
+            sample = moving_variance_sample(
+                ops.cast(variance, self.moving_variance.dtype), count, self.moving_variance_update, self.name
             )
+            self.moving_mean.assign(self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m))
+            self.moving_variance.assign(self.moving_variance * m + sample * (1.0 - m))
         else:
             folded = _snapshot_entry(self, inputs)
             kernel, shift, pack = (
@@ -599,9 +709,78 @@ class ConvBNReLU(keras.layers.Layer):
                 "momentum": self.momentum,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "synchronized": self.synchronized,
+                "moving_variance_update": self.moving_variance_update,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ConvBNReLU":
+        # Saved before the choice existed: the biased update it trained with.
+        return super().from_config({"moving_variance_update": LEGACY_MOVING_VARIANCE_UPDATE, **config})
+
+
+@keras.saving.register_keras_serializable(package="keras_ee")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Keras' `BatchNormalization` whose moving variance takes in the unbiased batch
+    variance (times n / (n - 1)) by default, as PyTorch's BatchNorm, or Keras' biased one.
+
+    Everything else is Keras' layer: the normalisation (with the biased variance), the
+    frozen layer (`trainable=False`) in inference mode, `synchronized` statistics (with n
+    the global count). `renorm` and masks are not supported with `"unbiased"`.
+
+    Args:
+        moving_variance_update: `"unbiased"` (default) or `"biased"` (see
+            `MOVING_VARIANCE_UPDATES`). A layer saved without it loads as `"biased"`.
+        **kwargs: `keras.layers.BatchNormalization` arguments.
+
+    Example:
+    ```python
+    y = BatchNormalization(epsilon=1e-5, momentum=0.9, name="bn")(keras.Input((16,)))
+    ```
+    """
+
+    def __init__(self, moving_variance_update: str = "unbiased", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.moving_variance_update = check_moving_variance_update(moving_variance_update, "BatchNormalization")
+        if self.renorm and self.moving_variance_update == "unbiased":
+            raise ValueError("BatchNormalization: `renorm=True` needs moving_variance_update='biased'.")
+
+    def call(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
+        if not (training and self.trainable) or self.moving_variance_update == "biased":
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise ValueError(f"BatchNormalization {self.name!r}: masked inputs need moving_variance_update='biased'.")
+        # Keras' training branch (keras/src/layers/normalization/batch_normalization.py)
+        # with the moving variance's sample from `moving_variance_sample`.
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance, count = batch_moments(x, self._reduction_axes, synchronized=self.synchronized)
+        sample = moving_variance_sample(
+            ops.cast(variance, self.moving_variance.dtype), count, self.moving_variance_update, self.name
+        )
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + ops.cast(mean, self.moving_mean.dtype) * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + sample * (1.0 - m))
+        outputs = ops.batch_normalization(
+            x=x,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=ops.cast(self.beta, x.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, x.dtype) if self.scale else None,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["moving_variance_update"] = self.moving_variance_update
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BatchNormalization":
+        # Saved before the choice existed: the biased update it trained with.
+        return super().from_config({"moving_variance_update": LEGACY_MOVING_VARIANCE_UPDATE, **config})
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")

@@ -136,7 +136,8 @@ class IMTA(Method):
 
     `epochs` (the run's `--epochs`) is phase I; phase II lasts `phase2_epochs`, by default
     0.6 x phase I (the paper's 180/300), at least 1. Each phase gets a new SGD with its
-    own schedule over the phase (the paper: lr 0.1, /10 at 50% and 75%: `--schedule step`).
+    own schedule over the phase (the paper: lr 0.1, /10 at 50% and 75% of its epochs, per epoch as its
+    code: `--schedule step_per_epoch`).
 
     Args:
         gradient_equilibrium: bool, GE in phase I (default True). False sets every
