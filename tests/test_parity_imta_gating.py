@@ -345,11 +345,15 @@ def gating_parts():
     return backbone, dict(report.method_options), state["gater"]
 
 
-def gating_model(method, gater, optimizer):
+def gating_model(method, gater, optimizer, decay_matrices_only=False):
     backbone, *_ = imported("gating_init.pth")
     model = MultiExitModel(backbone, method=method, transform_backbone=False)
     for variable, value in zip(model.method.gater.weights, gater.weights, strict=True):
         variable.assign(value)
+    if decay_matrices_only:
+        # their optim_factory.get_parameter_groups: no weight decay on one-dimensional parameters (biases,
+        # BatchNorm); Keras' exclusion list, set before `compile` builds the optimizer.
+        optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) == 1])
     model.compile(optimizer=optimizer)
     return model
 
@@ -413,9 +417,7 @@ def gating_run(iterations, dtype):
     _, options, gater = gating_parts()
     method = gating_code(options)
     optimizer = torch_optimizer("AdamW", steps=2 * iterations, **GATING_ADAMW)
-    model = gating_model(method, gater, optimizer)
-    # their optim_factory: no weight decay on one-dimensional parameters (biases, BatchNorm)
-    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) == 1])
+    model = gating_model(method, gater, optimizer, decay_matrices_only=True)
     needs_unbiased_batchnorm()  # the gater steps read the backbone's moving statistics (eval mode)
     train(model, x, y, iterations, dtype)
     return model
