@@ -202,12 +202,13 @@ def test_imta_phase1_weights_after_iterations(float64, iterations):
     assert_close(relative_errors(model.backbone, want), F64_RTOL, f"IMTA phase I, {iterations} iteration(s)")
 
 
-def test_imta_phase1_batchnorm_statistics_after_one_iteration(float64):
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_imta_phase1_batchnorm_statistics_after_iterations(float64, iterations):
     needs_unbiased_batchnorm()
     x, y = batches(np.load(DATA / "imta_phase1_io.npz"))
-    model = imta_phase1_model(torch_optimizer("SGD", steps=1, **IMTA_SGD))
-    train(model, x, y, 1, "float64")
-    want, *_ = imported("imta_phase1_iter1_f64.pth")
+    model = imta_phase1_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
+    train(model, x, y, iterations, "float64")
+    want, *_ = imported(f"imta_phase1_iter{iterations}_f64.pth")
     assert_close(relative_errors(model.backbone, want, statistics=True), F64_RTOL, "IMTA phase I, BN statistics")
 
 
@@ -286,13 +287,14 @@ def test_imta_phase2_weights_after_iterations(float64, iterations):
     assert_close(relative_errors(model.backbone, want), F64_RTOL, f"IMTA phase II, {iterations} iteration(s)")
 
 
-def test_imta_phase2_batchnorm_statistics_after_one_iteration(float64):
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_imta_phase2_batchnorm_statistics_after_iterations(float64, iterations):
     """Their frozen network's BatchNorm runs in training mode: its running statistics move."""
     needs_unbiased_batchnorm()
     x, y = batches(np.load(DATA / "imta_phase2_io.npz"))
-    model = imta_phase2_model(torch_optimizer("SGD", steps=1, **IMTA_SGD))
-    train(model, x, y, 1, "float64")
-    want, *_ = imported("imta_phase2_iter1_f64.pth")
+    model = imta_phase2_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
+    train(model, x, y, iterations, "float64")
+    want, *_ = imported(f"imta_phase2_iter{iterations}_f64.pth")
     assert_close(relative_errors(model.backbone, want, statistics=True), F64_RTOL, "IMTA phase II, BN statistics")
 
 
@@ -411,6 +413,14 @@ def test_gating_gater_loss_and_gradient_at_the_initial_weights(float64):
     assert_close(errors, F64_RTOL, "gating, gater gradient at the initial weights")
 
 
+def gater_errors(model, state):
+    errors = {}
+    for v, w in zip(model.method.gater.weights, state["gater"].weights, strict=True):
+        w = np.asarray(w, np.float64)
+        errors[v.path] = np.abs(np.asarray(v, np.float64) - w).max() / np.abs(w).max()
+    return errors
+
+
 def gating_run(iterations, dtype):
     io = np.load(DATA / "gating_io.npz")
     x, y = batches(io)
@@ -433,15 +443,12 @@ def test_gating_weights_after_iterations(float64, iterations):
     assert_close(
         relative_errors(model.backbone, want, statistics=True), F64_RTOL, f"gating BN statistics, {iterations}"
     )
-    errors = {}
-    for v, w in zip(model.method.gater.weights, state["gater"].weights, strict=True):
-        w = np.asarray(w)
-        errors[v.path] = np.abs(np.asarray(v) - w).max() / np.abs(w).max()
-    assert_close(errors, F64_RTOL, f"gater, {iterations} iteration(s)")
+    assert_close(gater_errors(model, state), F64_RTOL, f"gater, {iterations} iteration(s)")
 
 
 def test_gating_one_iteration_in_float32(float32):
     model = gating_run(1, "float32")
     with dtype_policy("float64"):
-        want, *_ = imported("gating_iter1_f64.pth")
+        want, _, _, state = imported("gating_iter1_f64.pth")
     assert_close(relative_errors(model.backbone, want), F32_RTOL, "gating backbone in float32")
+    assert_close(gater_errors(model, state), F32_RTOL, "gater in float32")
