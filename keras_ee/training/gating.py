@@ -146,16 +146,24 @@ def exit_distribution_from_logits(z: Tensor, temperature: float = 0.5) -> tuple[
     return exit_distribution(ops.log_sigmoid(z), ops.log_sigmoid(-z), temperature)
 
 
+def _priced(ce: Tensor, relative_costs: Tensor, cost_weight: float) -> Tensor:
+    """`CE + lambda Cost`. Python and numpy constants enter in float64 before the cast to CE's dtype
+    (`ops.cast(0.1, "float64")` would go through float32: 0.10000000149)."""
+
+    def constant(x: Any) -> Tensor:
+        return ops.cast(x if ops.is_tensor(x) else ops.convert_to_tensor(np.asarray(x, np.float64)), ce.dtype)
+
+    return ce + constant(cost_weight) * constant(relative_costs)[None, :]
+
+
 def inner_loss_terms(ce: Tensor, a: Tensor, relative_costs: Tensor, cost_weight: float) -> Tensor:
     """`(A + 1)(CE + lambda Cost)`, `(batch, K)`: the backbone's per-sample, per-exit loss terms."""
-    priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
-    return (ops.cast(a, ce.dtype) + 1.0) * priced
+    return (ops.cast(a, ce.dtype) + 1.0) * _priced(ce, relative_costs, cost_weight)
 
 
 def outer_loss_terms(ce: Tensor, a: Tensor, relative_costs: Tensor, cost_weight: float) -> Tensor:
     """`(CE + lambda Cost) A`, `(batch, K)`: the gater's per-sample, per-exit loss terms."""
-    priced = ce + ops.cast(cost_weight, ce.dtype) * ops.cast(relative_costs, ce.dtype)[None, :]
-    return priced * ops.cast(a, ce.dtype)
+    return _priced(ce, relative_costs, cost_weight) * ops.cast(a, ce.dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
