@@ -286,6 +286,8 @@ class Method(keras.layers.Layer):
     paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (Huang et al., ICLR 2018, "
     "arXiv:1703.09844)",
     option_types={"exit_weights": None},  # any JSON value (a list of K weights), as its default None says
+    reference_code={},
+    reference_note="kalviny/MSDNet-PyTorch and yangle15/RANet-pytorch train on the summed cross-entropy, as the papers",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class Baseline(Method):
