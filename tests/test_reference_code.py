@@ -306,3 +306,20 @@ def test_a_loss_scale_overflow_skips_both_halves_and_their_gater_steps():
 def test_gating_exports():
     assert gating.EpochBatchReset in {type(c) for c in T.BudgetAwareGating(gater_update="exchange").callbacks()}
     assert T.BudgetAwareGating().callbacks() == []
+
+
+def test_the_tuner_searches_over_a_code_reference_config_and_its_values_win():
+    import keras_tuner as kt
+
+    from keras_ee.config import TrainConfig
+    from tuning import search
+
+    # As a run with reference=code writes it (config.json): the code's cost_weight written out.
+    options = T.get_method("gating").canonical({"reference": "code"})
+    assert options["cost_weight"] == 0.1
+    config = TrainConfig(dataset="digits", method="gating", method_options=options)
+    hp = kt.HyperParameters()
+    trial = search.make_hypermodel(config, None).trial_config(hp)
+    method = experiment.make_method(trial.method, trial.method_options)
+    assert method.cost_weight == hp.get("lambda") and method.temperature == hp.get("temperature")
+    assert method.gater_update == "exchange" and method.gater_width == 100
