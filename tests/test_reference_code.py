@@ -208,6 +208,29 @@ def test_the_gater_step_follows_each_half_on_the_other_half_and_leaves_the_backb
     assert int(model.optimizer.iterations.numpy()) == 4 and int(method.gater_optimizer.iterations.numpy()) == 2
 
 
+def test_both_gater_steps_of_a_batch_take_the_codes_meta_rate_of_that_batch():
+    """gphi_MSDNet sets the rates once per loaded batch (`meta_lr_schedule_values[it]`, a cosine from
+    1e-3 to 1e-6 over the run's batches): here the gater follows a main cosine over 2 steps a batch."""
+    batches = 4
+    model = T.MultiExitModel(
+        tiny_backbone(), method=T.BudgetAwareGating(reference="code", gater_width=7, gater_interval=1)
+    )
+    main = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 2 * batches), momentum=0.9)
+    model.compile(optimizer=main, run_eagerly=True)
+    method, rates = model.method, []
+    gater_step = method._gater_step
+
+    def record(model_, x, y):
+        rates.append(float(method.gater_optimizer.learning_rate))
+        gater_step(model_, x, y)
+
+    method._gater_step = record
+    x, y = tiny_data(n=4 * batches)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    meta = [1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * b / batches)) for b in range(batches)]
+    np.testing.assert_allclose(rates, np.repeat(meta, 2), rtol=1e-5)
+
+
 def test_the_gater_step_runs_the_backbone_in_inference_mode():
     model = _exchange_model(tiny_backbone())
     x, y = tiny_data(n=8)

@@ -51,7 +51,11 @@ Gater optimizer: AdamW (default), Adam (L2 decay added to the gradient, as
 decaying to `gater_final_learning_rate` (1e-5, the paper; the code: 1e-6) with the main
 schedule's progress (`bilevel.follow_main_schedule`), weight decay 1e-4. The paper does
 not name the optimizer; the code uses the backbone's family (AdamW in its defaults):
-`gater_optimizer="sgd"` next to an SGD backbone is that.
+`gater_optimizer="sgd"` next to an SGD backbone is that (its SGD is Nesterov, with L2 decay).
+Under `gater_update="exchange"` the main schedule is read at the batch's first iteration, so
+both gater steps of a batch take one rate, as the code's per-batch arrays: after a main
+cosine without warm-up, exactly the code's gater cosine. The code's gater cosine ignores a
+main warm-up; this one stays at `gater_learning_rate` during it.
 
 Inference: the ordinary threshold sweep on the clean hold-out (`keras-ee evaluate`,
 geometric or the paper's per-stage mode), and, what neither the paper nor its code has,
@@ -425,11 +429,17 @@ class BudgetAwareGating(Method):
             self.epoch_batch = self.add_weight(
                 shape=(), dtype="int64", initializer="zeros", trainable=False, name="epoch_batch"
             )
+            # The main optimizer's iteration when the batch began: the code sets every rate once
+            # per loaded batch, so both gater steps read the schedules there.
+            self.batch_iteration = self.add_weight(
+                shape=(), dtype="int64", initializer="zeros", trainable=False, name="batch_iteration"
+            )
         lr = bilevel.follow_main_schedule(
             self.gater_learning_rate,
             self._main_optimizer,
             self.initial_main_lr,
             final_learning_rate=self.gater_final_learning_rate,
+            at_iteration=self.batch_iteration if self.gater_update == "exchange" else None,
         )
         wd = self.gater_weight_decay or None
         if self.gater_optimizer_name == "adamw":
@@ -523,6 +533,7 @@ class BudgetAwareGating(Method):
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
         if self.gater_update == "exchange":
+            self.batch_iteration.assign(ops.cast(model.optimizer.iterations, "int64"))
             self._exchange_batch(model, x, y, sample_weight)
             self.epoch_batch.assign_add(1)
             self.batch_counter.assign_add(1)
