@@ -139,7 +139,8 @@ class Method(keras.layers.Layer):
     """
 
     # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
-    # iterations, so a run's total is epochs * batches * this.
+    # iterations, so a run's total is epochs * batches * this. An instance may set its own
+    # from its options (gating's `gater_update="exchange"`: 2).
     optimizer_steps_per_batch = 1
     # The fewest samples of a loaded batch that one replica (or the one device) can train on:
     # `keras-ee train` refuses a global batch that gives a replica fewer, and drops an epoch's
