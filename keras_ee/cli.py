@@ -94,7 +94,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         type=_key_value,
         action="append",
         metavar="KEY=VALUE",
-        help="an option of the method, converted to its declared type (repeatable)",
+        help="an option of the method, converted to its declared type (repeatable); reference=code: the "
+        "authors' code's settings (see `keras-ee methods`)",
     )
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs (of phase I for a method with phases, e.g. IMTA)")

@@ -48,14 +48,20 @@ def make_hypermodel(config, splits):
     from keras_ee import experiment
     from keras_ee.callbacks import BudgetCallback
     from keras_ee.config import TrainConfig
+    from keras_ee.training import registry
     from keras_ee.training.registry import SearchRange
 
     space = search_space(config.method)
+    aliases = registry.get_method(config.method).aliases
 
     class BudgetHyperModel(kt.HyperModel):
         def trial_config(self, hp) -> TrainConfig:
             options = dict(config.method_options)
             for name, rng in space.items():
+                # The searched value replaces the option under any of its names (a run's config.json
+                # writes `cost_weight`, the search `lambda`; `reference=code` writes the code's value).
+                option = aliases.get(name, name)
+                options = {k: v for k, v in options.items() if aliases.get(k, k) != option}
                 if isinstance(rng, SearchRange):
                     options[name] = hp.Float(name, rng.low, rng.high, sampling=rng.sampling)
                 else:

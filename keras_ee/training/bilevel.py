@@ -434,6 +434,7 @@ def follow_main_schedule(
     main_optimizer: Callable[[], keras.optimizers.Optimizer | None],
     initial_main_lr: keras.Variable,
     final_learning_rate: float = 0.0,
+    at_iteration: keras.Variable | None = None,
 ) -> Callable[[], Tensor]:
     """A learning-rate callable for an auxiliary optimizer that follows the main schedule's shape.
 
@@ -454,6 +455,10 @@ def follow_main_schedule(
             e.g. a `weakref.ref`: the optimizer belongs to the model, not to the method.
         initial_main_lr: a float32 scalar variable (saved with the method).
         final_learning_rate: the auxiliary rate when the main rate reaches 0 (default 0).
+        at_iteration: optional variable holding the main optimizer iteration at which to read
+            its schedule instead of the current one (`main_learning_rate`): the authors' gating
+            code sets every rate once per loaded batch, so its gater steps after either half
+            use the rate of the batch's first iteration.
     """
     base = float(base_learning_rate)
     final = float(final_learning_rate)
@@ -462,12 +467,23 @@ def follow_main_schedule(
         opt = main_optimizer()
         if opt is None:
             return ops.convert_to_tensor(base, "float32")
-        lr = ops.cast(opt.learning_rate, "float32")
+        lr = ops.cast(main_learning_rate(opt, at_iteration), "float32")
         lr0 = initial_main_lr
         ratio = ops.where(lr0 > 0, lr / ops.where(lr0 > 0, lr0, 1.0), 1.0)
         return final + (base - final) * ops.minimum(ratio, 1.0)
 
     return learning_rate
+
+
+def main_learning_rate(optimizer: keras.optimizers.Optimizer, iteration: Any = None) -> Tensor:
+    """`optimizer.learning_rate`, or its schedule's value at `iteration` (a plain rate: the rate)."""
+    if iteration is None:
+        return optimizer.learning_rate
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's schedule is its inner's
+    schedule = getattr(inner, "_learning_rate", None)
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return schedule(iteration)
+    return optimizer.learning_rate
 
 
 def record_initial_learning_rate(optimizer: keras.optimizers.Optimizer, initial_main_lr: keras.Variable) -> None:

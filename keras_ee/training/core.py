@@ -401,16 +401,19 @@ def _safe_sqrt(v: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     return s, grad
 
 
-def split_halves(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
+def split_halves(
+    *tensors: Tensor | None, larger_first: bool = False
+) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
     """Split every tensor of a batch into a first and a second half.
 
-    The first half gets `batch // 2` samples, the second the rest.
+    The first half gets `batch // 2` samples, the second the rest; with `larger_first`, the
+    first gets `ceil(batch / 2)` (as `torch.chunk(2)`, the authors' code).
 
     Returns:
         `(first, second)`: two tuples with the halves of each tensor.
     """
     n = tf.shape(tensors[0])[0]
-    h = n // 2
+    h = (n + 1) // 2 if larger_first else n // 2
     first = tuple(None if t is None else t[:h] for t in tensors)
     second = tuple(None if t is None else t[h:] for t in tensors)
     return first, second

@@ -26,25 +26,36 @@ The pieces (what the paper specifies, section 3):
   (Eq. 10/12): the gater learns to put each sample's mass on the exit where its
   cross-entropy plus the price of computing that far is lowest.
 
-Schedule. `gater_update="alternate"` (default; what the authors' code does): every
-`gater_interval` loaded batches (10 on CIFAR, 100 on ImageNet) the batch is split in two
-halves; the backbone takes its step on the first half, then the gater takes one step on
-the second half with the (updated) backbone in inference mode, so the outer step changes
-the gater only (BatchNorm statistics untouched). Every other batch is one backbone step
-on the whole batch. `gater_update="lookahead"` is the paper's bi-level reading with a
-one-step look-ahead (as L2W): on a gater batch the backbone's next step on the first half
-is taken virtually (`keras_ee.training.bilevel.LookAhead`: the real optimizer's exact
-step), the outer loss is evaluated on the second half through those parameters and
-differentiated w.r.t. the gater, the gater steps, then the backbone takes its real step
-with the updated gater (the look-ahead's forward is reused). The look-ahead's meta forward
-runs in training mode (batch statistics, discarded), as L2W's.
+Schedule. `gater_update="alternate"` (default): every `gater_interval` loaded batches (10
+on CIFAR, 100 on ImageNet) the batch is split in two halves; the backbone takes its step on
+the first half, then the gater takes one step on the second half with the (updated)
+backbone in inference mode, so the outer step changes the gater only (BatchNorm statistics
+untouched). Every other batch is one backbone step on the whole batch.
+`gater_update="exchange"` is the authors' code's loop exactly (gphi_MSDNet,
+`engine.train_one_epoch`): every loaded batch is split in halves (`torch.chunk`) and the
+backbone takes a step on each half in turn, two optimizer steps per batch
+(`optimizer_steps_per_batch = 2`, so schedules span them); on the batches whose index within
+the epoch is a multiple of `gater_interval` each backbone step is followed by a gater step
+on the opposite half, the backbone in inference mode and without gradient. `reference="code"`
+selects it, with the code's other settings (see `BudgetAwareGating`).
+`gater_update="lookahead"` is the paper's bi-level reading with a one-step look-ahead (as
+L2W): on a gater batch the backbone's next step on the first half is taken virtually
+(`keras_ee.training.bilevel.LookAhead`: the real optimizer's exact step), the outer loss
+is evaluated on the second half through those parameters and differentiated w.r.t. the
+gater, the gater steps, then the backbone takes its real step with the updated gater (the
+look-ahead's forward is reused). The look-ahead's meta forward runs in training mode (batch
+statistics, discarded), as L2W's.
 
 Gater optimizer: AdamW (default), Adam (L2 decay added to the gradient, as
 `torch.optim.Adam`) or SGD with momentum 0.9, learning rate `gater_learning_rate` (1e-3)
 decaying to `gater_final_learning_rate` (1e-5, the paper; the code: 1e-6) with the main
 schedule's progress (`bilevel.follow_main_schedule`), weight decay 1e-4. The paper does
 not name the optimizer; the code uses the backbone's family (AdamW in its defaults):
-`gater_optimizer="sgd"` next to an SGD backbone is that.
+`gater_optimizer="sgd"` next to an SGD backbone is that (its SGD is Nesterov, with L2 decay).
+Under `gater_update="exchange"` the main schedule is read at the batch's first iteration, so
+both gater steps of a batch take one rate, as the code's per-batch arrays: after a main
+cosine without warm-up, exactly the code's gater cosine. The code's gater cosine ignores a
+main warm-up; this one stays at `gater_learning_rate` during it.
 
 Inference: the ordinary threshold sweep on the clean hold-out (`keras-ee evaluate`,
 geometric or the paper's per-stage mode), and, what neither the paper nor its code has,
@@ -84,7 +95,7 @@ if TYPE_CHECKING:
     from keras_ee.training.model import MultiExitModel
 
 FEATURES = ("max_prob", "margin", "entropy")
-_UPDATES = ("alternate", "lookahead")
+_UPDATES = ("alternate", "lookahead", "exchange")
 _OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -263,10 +274,22 @@ def _parse_features(features: str | Sequence[str]) -> tuple[str, ...]:
     search_space={"lambda": SearchRange(0.01, 10.0, "log"), "temperature": SearchRange(0.1, 2.0)},
     option_types={
         "features": str | list,
-        "gater_update": typing.Literal["alternate", "lookahead"],
+        "gater_update": typing.Literal[_UPDATES],
         "gater_optimizer": typing.Literal["adamw", "adam", "sgd"],
     },
     aliases={"lambda": "cost_weight"},
+    reference_code={
+        "cost_weight": 0.1,
+        "features": ["max_prob", "margin"],
+        "gater_width": 100,
+        "gater_activation": "gelu",
+        "gater_update": "exchange",
+        "gater_final_learning_rate": 1e-6,
+        "log_epsilon": 1e-5,
+    },
+    reference_note="YouvaADDAD/gphi_MSDNet: engine.train_one_epoch (the loop), utils.compute_uncertainty "
+    "(max probability, margin), models/weightModel.py (GELU), args.py (width 100, alpha_cost 0.1, meta_min_lr "
+    "1e-6); its gater optimizer is the backbone's family (AdamW by default: gater_optimizer=sgd next to SGD)",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class BudgetAwareGating(Method):
@@ -290,12 +313,21 @@ class BudgetAwareGating(Method):
             the backbone: its gradient is `(A + 1) dCE/dtheta` for any lambda.
         gater_interval: a gater step every this many loaded batches (paper CIFAR 10,
             ImageNet 100).
-        gater_update: `"alternate"` (default, the code) or `"lookahead"` (one-step
+        gater_update: `"alternate"` (default: every batch one backbone step, a gater batch
+            split between a backbone and a gater step), `"exchange"` (the authors' loop: two
+            backbone steps per batch, one per half, and on every `gater_interval`-th batch of
+            the epoch a gater step on the other half after each) or `"lookahead"` (one-step
             bi-level look-ahead through the real optimizer's step).
         gater_optimizer: `"adamw"` (default), `"adam"` or `"sgd"`.
         gater_learning_rate: initial gater learning rate (1e-3).
         gater_final_learning_rate: its value when the main schedule reaches 0 (1e-5).
         gater_weight_decay: 1e-4.
+        log_epsilon: 0 (default): `log P` and `log(1 - P)` from the gater's logits (no NaN for
+            any P); the code's 1e-5: `log(P + 1e-5)`, `log1p(-P + 1e-5)`.
+        reference: `"paper"` (default) or `"code"`: the authors' code's settings of
+            `cost_weight` (0.1), `features` (max_prob + margin), `gater_width` (100),
+            `gater_activation` (gelu), `gater_update` ("exchange"),
+            `gater_final_learning_rate` (1e-6) and `log_epsilon` (1e-5), unless given.
         **kwargs: standard layer arguments.
 
     Example:
@@ -319,6 +351,7 @@ class BudgetAwareGating(Method):
         gater_learning_rate: float = 1e-3,
         gater_final_learning_rate: float = 1e-5,
         gater_weight_decay: float = 1e-4,
+        log_epsilon: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -357,6 +390,10 @@ class BudgetAwareGating(Method):
                 f"{self.gater_final_learning_rate} > {self.gater_learning_rate}."
             )
         self.gater_weight_decay = _check_positive("gater_weight_decay", gater_weight_decay, allow_zero=True)
+        self.log_epsilon = _check_positive("log_epsilon", log_epsilon, allow_zero=True)
+        if gater_update == "exchange":  # the code's loop: a backbone step on each half of every batch
+            self.optimizer_steps_per_batch = 2
+            self.min_batch_per_replica = 2
         self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     # --- setup ---------------------------------------------------------------
@@ -395,11 +432,22 @@ class BudgetAwareGating(Method):
         self.initial_main_lr = self.add_weight(
             shape=(), dtype="float32", initializer="zeros", trainable=False, name="initial_main_lr"
         )
+        if self.gater_update == "exchange":  # only then: saved gating models of the other loops load as before
+            # The loaded batch's index within its epoch (the code's `data_iter_step`), reset by `callbacks()`.
+            self.epoch_batch = self.add_weight(
+                shape=(), dtype="int64", initializer="zeros", trainable=False, name="epoch_batch"
+            )
+            # The main optimizer's iteration when the batch began: the code sets every rate once
+            # per loaded batch, so both gater steps read the schedules there.
+            self.batch_iteration = self.add_weight(
+                shape=(), dtype="int64", initializer="zeros", trainable=False, name="batch_iteration"
+            )
         lr = bilevel.follow_main_schedule(
             self.gater_learning_rate,
             self._main_optimizer,
             self.initial_main_lr,
             final_learning_rate=self.gater_final_learning_rate,
+            at_iteration=self.batch_iteration if self.gater_update == "exchange" else None,
         )
         wd = self.gater_weight_decay or None
         if self.gater_optimizer_name == "adamw":
@@ -433,6 +481,10 @@ class BudgetAwareGating(Method):
     def distribution(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`(pr, a)` of the current gater on `features` (`(batch, K - 1, F)`)."""
         z = self.gater(ops.cast(features, self.gater.compute_dtype))
+        if self.log_epsilon:  # the code's `log(P + eps)`, `log1p(-P + eps)`
+            p = ops.sigmoid(z)
+            eps = ops.cast(self.log_epsilon, p.dtype)
+            return exit_distribution(ops.log(p + eps), ops.log1p(eps - p), self.temperature)
         return exit_distribution_from_logits(z, self.temperature)
 
     def gate_probabilities(self, logits: Sequence[Tensor]) -> Tensor:
@@ -480,10 +532,20 @@ class BudgetAwareGating(Method):
         )
         return ops.sum(per_exit), per_exit
 
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        """With `gater_update="exchange"`: the callback that restarts the batch index every epoch."""
+        return [EpochBatchReset(self)] if self.gater_update == "exchange" else []
+
     def train_step(self, model: MultiExitModel, data: Any) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._main_optimizer_ref = weakref.ref(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
+        if self.gater_update == "exchange":
+            self.batch_iteration.assign(ops.cast(model.optimizer.iterations, "int64"))
+            self._exchange_batch(model, x, y, sample_weight)
+            self.epoch_batch.assign_add(1)
+            self.batch_counter.assign_add(1)
+            return self.step_logs(model)
         # Either batch takes one real step (a skipped one also undoes the gater's step before it).
         model.skippable_step(
             lambda x, y, sw: bilevel.every(
@@ -516,6 +578,38 @@ class BudgetAwareGating(Method):
 
         # Under tf.distribute: split only if every replica holds 2 samples (bilevel.replica_cond).
         bilevel.replica_cond(n >= 2, split, whole, args=(x, y, sample_weight))
+
+    def _exchange_batch(self, model: MultiExitModel, x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
+        """The authors' loop (`gater_update="exchange"`) on one loaded batch.
+
+        The batch is split as `torch.chunk(2)` does (the first half takes the odd sample); the
+        backbone steps on the first half, then on the second; on every `gater_interval`-th
+        batch of the epoch (`epoch_batch % interval == 0`) each backbone step is followed by a
+        gater step on the other half, the backbone in inference mode. Each half's pair is one
+        `skippable_step`. A replica with a single sample takes one backbone step on it.
+        """
+
+        def exchange(x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
+            first, second = core.split_halves(x, y, sample_weight, larger_first=True)
+            for (x_t, y_t, sw_t), (x_g, y_g, _) in ((first, second), (second, first)):
+                model.skippable_step(lambda *args: self._exchange_half(model, *args), args=(x_t, y_t, sw_t, x_g, y_g))
+
+        def whole(x: Tensor, y: Tensor, sample_weight: Tensor | None) -> None:
+            model.skippable_step(lambda *args: self._backbone_step(model, *args), args=(x, y, sample_weight))
+
+        bilevel.replica_cond(tf.shape(x)[0] >= 2, exchange, whole, args=(x, y, sample_weight))
+
+    def _exchange_half(
+        self, model: MultiExitModel, x_t: Tensor, y_t: Tensor, sw_t: Tensor | None, x_g: Tensor, y_g: Tensor
+    ) -> None:
+        self._backbone_step(model, x_t, y_t, sw_t)
+        bilevel.every(
+            self.epoch_batch,
+            self.gater_interval,
+            lambda x, y: self._gater_step(model, x, y),
+            lambda x, y: None,
+            args=(x_g, y_g),
+        )
 
     def _record(self, a: Tensor) -> None:
         for k, tracker in enumerate(self.share_trackers):
@@ -691,5 +785,19 @@ class BudgetAwareGating(Method):
             gater_learning_rate=self.gater_learning_rate,
             gater_final_learning_rate=self.gater_final_learning_rate,
             gater_weight_decay=self.gater_weight_decay,
+            log_epsilon=self.log_epsilon,
         )
         return config
+
+
+class EpochBatchReset(keras.callbacks.Callback):
+    """Restarts `BudgetAwareGating.epoch_batch` at every epoch (the code counts its gater
+    interval within the epoch). `keras-ee train` adds it (`Method.callbacks`); with plain
+    `model.fit`, pass `callbacks=method.callbacks()`, or the index runs over the whole fit."""
+
+    def __init__(self, method: BudgetAwareGating) -> None:
+        super().__init__()
+        self.method = method
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.method.epoch_batch.assign(0)

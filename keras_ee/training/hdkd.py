@@ -229,6 +229,7 @@ _OPTION_TYPES = {
     paper=PAPER,
     search_space={"temperature": SearchRange(1.0, 5.0), "alpha": SearchRange(0.0, 1.0)},
     option_types=_OPTION_TYPES,
+    reference_note="no public code (the paper's framework was TensorFlow): the paper's settings only, no `reference`",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class HDKD(Method):

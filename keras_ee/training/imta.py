@@ -121,6 +121,15 @@ def distillation_terms(
         "frozen_batchnorm": typing.Literal[_FROZEN_BN],
         "phase2_init": typing.Literal[_PHASE2_INITS],
     },
+    reference_code={
+        "kl_reduction": "mean",
+        "detach_transfer": False,
+        "frozen_batchnorm": "batch",
+        "nesterov": False,
+        "phase2_init": "random",
+    },
+    reference_note="kalviny/IMTA: main_IMTA.py (KLDivLoss() element-wise mean, model.train() on the frozen "
+    "network, SGD without Nesterov, new nn.Linear classifiers), models/msdnet_imta.py (no detach)",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class IMTA(Method):

@@ -150,6 +150,10 @@ def zero_sum_weights(u: Tensor, delta: float, constraint: str = "col") -> Tensor
         "weighting": typing.Literal["wpn", "frozen", "selection", "rising", "falling"],
         "wpn_weights_path": str | None,
     },
+    reference_code={},
+    reference_note="LeapLabTHU/L2W-DEN: its CIFAR command (README: WPN width 500, constraint col, delta 0.8, "
+    "q 0.75, WPN Adam lr 1e-4, weight decay 1e-4, meta_interval 1) is the paper's setting, the defaults here; "
+    "its parser defaults (width 100, WPN lr 1e-5, no weight decay) are not what it ran",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class L2W(Method):

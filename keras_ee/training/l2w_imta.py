@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     paper="Learning to Weight Samples for Dynamic Early-exiting Networks (Han et al., ECCV 2022, "
     "arXiv:2209.08310), Table 1; IMTA (Li et al., ICCV 2019, arXiv:1908.06294)",
     search_space={"q": SearchRange(0.5, 1.0), "delta": SearchRange(0.1, 1.0)},
+    reference_note="none public combines them: reference=code takes IMTA's code settings (L2W's code departs "
+    "in no option)",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class L2WIMTA(IMTA, L2W):

@@ -139,7 +139,8 @@ class Method(keras.layers.Layer):
     """
 
     # Real optimizer steps per loaded batch: learning-rate schedules count optimizer
-    # iterations, so a run's total is epochs * batches * this.
+    # iterations, so a run's total is epochs * batches * this. An instance may set its own
+    # from its options (gating's `gater_update="exchange"`: 2).
     optimizer_steps_per_batch = 1
     # The fewest samples of a loaded batch that one replica (or the one device) can train on:
     # `keras-ee train` refuses a global batch that gives a replica fewer, and drops an epoch's
@@ -286,6 +287,8 @@ class Method(keras.layers.Layer):
     paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (Huang et al., ICLR 2018, "
     "arXiv:1703.09844)",
     option_types={"exit_weights": None},  # any JSON value (a list of K weights), as its default None says
+    reference_code={},
+    reference_note="kalviny/MSDNet-PyTorch and yangle15/RANet-pytorch train on the summed cross-entropy, as the papers",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
 class Baseline(Method):

@@ -16,6 +16,14 @@ signature and defaults, or declared with `option_types`), and `python -m tuning.
 search space. Artifacts and callbacks are hooks of the method itself
 (`Method.save_artifacts`, `Method.callbacks`).
 
+The authors' code as an option: a method whose authors' public code departs from its paper
+declares the departures, `reference_code={option: the code's value}` (with `reference_note`,
+a line on where they come from). The method then takes `reference="paper"` (default) or
+`reference="code"` (`--method-option reference=code`), which sets every listed option to the
+code's value at once; an option given explicitly wins. `MethodSpec.canonical` (what a run's
+config.json stores) writes the resolved values out, so a run keeps its settings on resume.
+`keras-ee methods` lists the changes, `option: paper -> code`.
+
 Methods from outside the package, without touching keras-ee:
 
 - an entry point in the plug-in's `pyproject.toml`:
@@ -31,6 +39,7 @@ Methods from outside the package, without touching keras-ee:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -46,6 +55,8 @@ if TYPE_CHECKING:
     from keras_ee.training.methods import Method
 
 ENTRY_POINT_GROUP = "keras_ee.methods"
+# The `reference` option's values: the paper's settings (default) or the authors' code's.
+REFERENCES = ("paper", "code")
 # `--method package.module:Class`: a dotted module name, a colon, a class name.
 _METHOD_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -95,9 +106,14 @@ class MethodSpec:
     options: dict
     search_space: dict
     aliases: dict
+    reference_code: dict | None = None  # None: the method has no `reference` option
+    reference_note: str = ""
 
     def convert(self, options: dict) -> dict:
         """Options with aliases resolved and command-line strings converted to the declared types.
+
+        With `reference="code"`, every option of `reference_code` not given is set to the
+        authors' code's value.
 
         Raises:
             ValueError: an unknown option or a value of the wrong type, listing the valid
@@ -105,6 +121,9 @@ class MethodSpec:
         """
         out = {}
         for name, (key, value) in self._named(options).items():
+            if name == "reference":
+                out[name] = check_reference(self.name, value)
+                continue
             try:
                 out[name] = _convert(value, self.options[name].type)
             except (TypeError, ValueError) as e:
@@ -112,13 +131,26 @@ class MethodSpec:
                     f"bad options for method {self.name!r}: {key}={value!r}: {e}; valid options: "
                     f"{self.describe_options()}."
                 ) from None
-        return out
+        return {**self.code_values(out.get("reference", "paper"), out), **out}
+
+    def code_values(self, reference: str, given: dict) -> dict:
+        """The options that `reference` sets (the code's values under "code") and `given` does not."""
+        if reference != "code":
+            return {}
+        return {name: value for name, value in (self.reference_code or {}).items() if name not in given}
 
     def canonical(self, options: dict) -> dict:
-        """`options` under the options' own names (aliases resolved), values as given: what a
-        run's config.json stores. Refuses what `convert` refuses by name (unknown options, two
-        names of one option)."""
-        return {name: value for name, (_, value) in self._named(options).items()}
+        """`options` under the options' own names (aliases resolved), values as given, and with
+        `reference="code"` the code's values of the options not given: what a run's config.json
+        stores (so a run keeps its resolved settings). Refuses what `convert` refuses by name
+        (unknown options, two names of one option) and a bad `reference`."""
+        named = {name: value for name, (_, value) in self._named(options).items()}
+        reference = check_reference(self.name, named["reference"]) if "reference" in named else "paper"
+        return {**named, **self.code_values(reference, named)}
+
+    def code_changes(self) -> list[tuple[str, object, object]]:
+        """`(option, paper value, code value)` for every option `reference="code"` changes."""
+        return [(name, self.options[name].default, value) for name, value in (self.reference_code or {}).items()]
 
     def resolved(self, options: dict) -> dict:
         """Every option's value with `options`: converted, the others at their defaults (what the
@@ -133,6 +165,12 @@ class MethodSpec:
         out: dict[str, Any] = {}
         for key, value in options.items():
             name = self.aliases.get(key, key)
+            if name == "reference" and name not in self.options:
+                raise ValueError(
+                    f"bad options for method {self.name!r}: reference={value!r}: the method has no `reference` "
+                    f"option (authors' code: {self.reference_note or 'none known'}); valid options: "
+                    f"{self.describe_options()}."
+                )
             if name not in self.options:
                 raise ValueError(
                     f"bad options for method {self.name!r}: unknown option {key!r}; valid options: "
@@ -171,6 +209,8 @@ def register_method(
     search_space: dict | None = None,
     option_types: dict | None = None,
     aliases: dict | None = None,
+    reference_code: dict | None = None,
+    reference_note: str = "",
 ) -> Callable[[_C], _C]:
     """Class decorator that registers a `Method` subclass under `name`.
 
@@ -182,6 +222,14 @@ def register_method(
             (keys may be aliases, e.g. `lambda`).
         option_types: types of options whose default does not tell (default None).
         aliases: `{alias: option}`, e.g. `{"lambda": "cost_weight"}`.
+        reference_code: `{option: value}` where the authors' code departs from the paper:
+            the method then takes `reference="paper" | "code"` (also in its constructor),
+            and "code" sets these options (those given explicitly win). `{}`: the authors'
+            code exists and departs in no option (`reference="code"` is accepted and changes
+            nothing). None (default): no `reference` option. A method built on registered
+            ones (L2W + IMTA) also takes theirs.
+        reference_note: one line on the authors' code (where the values come from, or why
+            there are none), shown by `keras-ee methods`.
 
     Example:
     >>> @register_method("my_method", summary="...", search_space={"beta": SearchRange(0, 1)})
@@ -192,7 +240,9 @@ def register_method(
         raise ValueError(f"a method name must be a non-empty word; received {name!r}.")
 
     def decorate(cls: _C) -> _C:
-        spec = _spec_for(cls, name, summary, paper, search_space, option_types, aliases)
+        spec = _spec_for(cls, name, summary, paper, search_space, option_types, aliases, reference_code, reference_note)
+        if spec.reference_code is not None:
+            _accept_reference(cls, spec)
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             existing = _REGISTRY[name].cls
             if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -214,18 +264,29 @@ def _spec_for(
     search_space: dict | None,
     option_types: dict | None,
     aliases: dict | None,
+    reference_code: dict | None = None,
+    reference_note: str = "",
 ) -> MethodSpec:
     from keras_ee.training.methods import Method
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"a registered method must be a keras_ee.training.Method subclass; received {cls!r}.")
     option_types = dict(option_types or {})
-    # A method built on registered ones (L2W + IMTA) keeps their declared option types.
+    reference_code = None if reference_code is None else dict(reference_code)
+    # A method built on registered ones (L2W + IMTA) keeps their declared option types and
+    # their authors' code values.
     for base in reversed(cls.__mro__[1:]):
         for spec in list(_REGISTRY.values()):
             if spec.cls is base:
                 for opt in spec.options.values():
-                    option_types.setdefault(opt.name, opt.type)
+                    if opt.name != "reference":
+                        option_types.setdefault(opt.name, opt.type)
+                if spec.reference_code is not None:
+                    reference_code = {**spec.reference_code, **(reference_code or {})}
+    if not reference_note:  # a variant of a registered method (HDKD's DBT...) shares its note
+        reference_note = next(
+            (s.reference_note for base in cls.__mro__[1:] for s in list(_REGISTRY.values()) if s.cls is base), ""
+        )
     hints = _constructor_hints(cls)
     options = {}
     for p in _constructor_parameters(cls, Method):
@@ -246,6 +307,15 @@ def _spec_for(
             raise TypeError(
                 f"method {name!r}: search space of {key!r} must be a SearchRange or SearchChoice; received {rng!r}."
             )
+    for key, value in (reference_code or {}).items():
+        if key not in options:
+            raise ValueError(f"method {name!r}: reference_code names the unknown option {key!r}.")
+        try:
+            _convert(value, options[key].type)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method {name!r}: reference_code {key}={value!r}: {e}.") from None
+    if reference_code is not None:
+        options["reference"] = MethodOption("reference", "paper", typing.Literal[REFERENCES])
     doc = (inspect.getdoc(cls) or "").strip().splitlines()
     return MethodSpec(
         name=name,
@@ -255,7 +325,40 @@ def _spec_for(
         options=options,
         search_space=space,
         aliases=aliases,
+        reference_code=reference_code,
+        reference_note=reference_note,
     )
+
+
+def check_reference(method: str, value: object) -> str:
+    """`value` if it is one of `REFERENCES`; else a one-line `ValueError` naming them."""
+    if isinstance(value, str) and value in REFERENCES:
+        return value
+    raise ValueError(
+        f"bad options for method {method!r}: reference={value!r}; expected 'paper' (the paper's settings, "
+        "the default) or 'code' (the authors' code's)."
+    )
+
+
+def _accept_reference(cls: type, spec: MethodSpec) -> None:
+    """Give `cls`'s constructor the `reference` option (the same resolution as `MethodSpec.convert`).
+
+    `Class(reference="code", ...)` sets the options of `spec.reference_code` that are not
+    passed; the instance keeps `reference`. Signature inspection (`_constructor_parameters`)
+    still sees the constructor's own parameters (`functools.wraps` sets `__wrapped__`).
+    """
+    init = cls.__init__
+
+    # Options by keyword only, as the registry passes them (Keras reads the constructor's
+    # arguments for its auto-config, which positional varargs would defeat).
+    @functools.wraps(init)
+    def __init__(self: Any, reference: str = "paper", **kwargs: Any) -> None:
+        reference = check_reference(spec.name, reference)
+        kwargs.update(spec.code_values(reference, kwargs))
+        init(self, **kwargs)
+        self.reference = reference
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _constructor_parameters(cls: type, base: type) -> list[inspect.Parameter]:
@@ -392,6 +495,11 @@ def methods_table() -> str:
         if spec.paper:
             lines.append(f"    paper: {spec.paper}")
         lines.append(f"    options: {spec.describe_options()}")
+        if spec.reference_code is not None:
+            changes = ", ".join(f"{option}: {paper!r} -> {code!r}" for option, paper, code in spec.code_changes())
+            lines.append(f"    reference=code: {changes or 'changes no option'}")
+        if spec.reference_note:
+            lines.append(f"    authors' code: {spec.reference_note}")
         if spec.aliases:
             lines.append("    aliases: " + ", ".join(f"{a} = {t}" for a, t in spec.aliases.items()))
         if spec.search_space:
