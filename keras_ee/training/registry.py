@@ -347,7 +347,7 @@ def _accept_reference(cls: type, spec: MethodSpec) -> None:
     passed; the instance keeps `reference`. Signature inspection (`_constructor_parameters`)
     still sees the constructor's own parameters (`functools.wraps` sets `__wrapped__`).
     """
-    init = cls.__init__
+    init: Any = getattr(cls, "__init__")  # noqa: B009  (mypy calls `cls.__init__` unsound)
 
     # Options by keyword only, as the registry passes them (Keras reads the constructor's
     # arguments for its auto-config, which positional varargs would defeat).
@@ -358,7 +358,7 @@ def _accept_reference(cls: type, spec: MethodSpec) -> None:
         init(self, **kwargs)
         self.reference = reference
 
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    setattr(cls, "__init__", __init__)  # noqa: B010  (a class attribute, which mypy would call unsound)
 
 
 def _constructor_parameters(cls: type, base: type) -> list[inspect.Parameter]:
