@@ -56,8 +56,8 @@ L2W_EPOCHS, L2W_BATCHES = 2, 3  # --epochs 2 over 3 batches: their per-iteration
 WPN_KEYS = ("first_hidden_layer.fc.weight", "first_hidden_layer.fc.bias", "output_layer.weight", "output_layer.bias")
 # Tolerances: relative to the authors' update of each tensor; the floor (relative to the tensor's
 # magnitude) keeps a tensor the step barely moves from asking more than the dtype can hold: errors
-# under 1e-15 (float64) and 1e-7 (float32) of the tensor always pass.
-TOLERANCE = {"float64": (1e-6, 1e-9), "float32": (1e-3, 1e-4)}
+# under 1e-15 (float64) and 1e-6 (float32: a sum over 16k activations) of the tensor always pass.
+TOLERANCE = {"float64": (1e-6, 1e-9), "float32": (1e-3, 1e-3)}
 TIE = 1e-9  # confidences closer than this at an allocation's cut are a tie within rounding
 
 
