@@ -147,6 +147,7 @@ def test_an_epoch_drops_a_last_batch_that_a_replica_or_the_method_cannot_train_o
     config = TrainConfig(batch_size=8)
     assert experiment.training_batches(config, splits, T.Baseline()) == 3  # one device keeps 8 + 8 + 1
     assert experiment.training_batches(config, splits, T.L2W()) == 2  # no halves in a batch of 1
+    assert experiment.training_batches(config, splits, T.IMTA()) == 2  # transfer-path BN: n = 1
     assert experiment.training_batches(config, splits, T.Baseline(), replicas=2) == 2
     stream = experiment.training_data(config, splits, T.Baseline(), end_epoch=1, replicas=2)
     assert [int(x.shape[0]) for x, _ in stream] == [8, 8]

@@ -185,6 +185,10 @@ class IMTA(Method):
     ...            make_optimizer=lambda phase, i: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
     """
 
+    # The transfer paths' BatchNorm normalises flat features over the batch alone: a batch of one
+    # has no unbiased variance (PyTorch refuses it too), so an epoch drops a last batch of 1.
+    min_batch_per_replica = 2
+
     def __init__(
         self,
         gradient_equilibrium: bool = True,
