@@ -273,13 +273,18 @@ def make_optimizer(
 ) -> keras.optimizers.Optimizer:
     """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
 
-    `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
-    epsilon 1e-8, no weight decay on `variables` of rank <= 1: biases, BatchNorm scales and
-    shifts, as timm). `config.ema` adds the optimizer's weight average (`use_ema`,
-    `ema_momentum`; no overwriting during training: Keras' `fit` writes the average into the
-    weights when it ends). `overrides` are a phase's `optimizer_options`.
+    `config.optimizer`: `sgd` (the papers': `keras_ee.optimizers.SGD`, PyTorch's step with
+    momentum, nesterov and coupled L2 weight decay on every variable) or `adamw`
+    (`keras_ee.optimizers.AdamW`, PyTorch's AdamW, epsilon 1e-8, no weight decay on
+    `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
+    `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
+    `config.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
+    overwriting during training: Keras' `fit` writes the average into the weights when it
+    ends). `overrides` are a phase's `optimizer_options`.
     """
     import keras
+
+    from keras_ee import optimizers as ee_optimizers
 
     settings = {
         "learning_rate": config.initial_learning_rate,
@@ -290,17 +295,26 @@ def make_optimizer(
     }
     schedule = make_schedule(config, steps, settings["learning_rate"], warmup_steps=warmup_steps)
     ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
-    if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=schedule, weight_decay=float(settings["weight_decay"]), epsilon=ADAMW_EPSILON, **ema
-        )
+    weight_decay = float(settings["weight_decay"])
+    optimizer: keras.optimizers.Optimizer
+    if config.optimizer in ("adamw", "keras_adamw"):
+        adamw = ee_optimizers.AdamW if config.optimizer == "adamw" else keras.optimizers.AdamW
+        optimizer = adamw(learning_rate=schedule, weight_decay=weight_decay, epsilon=ADAMW_EPSILON, **ema)
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
         return optimizer
+    if config.optimizer == "sgd":
+        return ee_optimizers.SGD(
+            learning_rate=schedule,
+            momentum=float(settings["momentum"]),
+            nesterov=settings["nesterov"],
+            weight_decay=weight_decay,
+            **ema,
+        )
     return keras.optimizers.SGD(
         learning_rate=schedule,
         momentum=settings["momentum"],
         nesterov=settings["nesterov"],
-        weight_decay=settings["weight_decay"] or None,
+        weight_decay=weight_decay or None,
         **ema,
     )
 
@@ -823,6 +837,7 @@ def _fit(
 
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import runs
+    from keras_ee.optimizers import optimizer_semantics
     from keras_ee.training.methods import phase_of_epoch
 
     phases = run_phases(config, model.method)
@@ -896,8 +911,31 @@ def _fit(
         resumed_at_epoch=first_epoch,
         strategy=config.strategy,
         replicas=model.distribute_strategy.num_replicas_in_sync,
+        optimizer_semantics=optimizer_semantics(model.optimizer),
     )
     backup.remove()  # only now: model.keras and state.json are in place
+
+
+def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:
+    """`config` with the optimizer semantics of the run's backup, which a resume must keep.
+
+    Runs made before keras-ee took PyTorch's steps (`keras_ee.optimizers`) recorded none and
+    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, the
+    optimizer whose state the backup holds. config.json is left as it is.
+    """
+    from keras_ee import runs
+    from keras_ee.config import keras_optimizer_name, optimizer_name_semantics
+
+    recorded = runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics()
+    if recorded != "keras" or optimizer_name_semantics(config.optimizer) == "keras":
+        return config
+    name = keras_optimizer_name(config.optimizer)
+    if not quiet:
+        print(
+            f"[keras-ee] {workdir}: the run started with Keras' optimizer (made before keras-ee took "
+            f"PyTorch's steps); it resumes with it (--optimizer {name})."
+        )
+    return dataclasses.replace(config, optimizer=name)
 
 
 def train(
@@ -995,6 +1033,7 @@ def _train_worker(
             check_splits(splits, config, strategy.num_replicas_in_sync)
             if _finished_model(workdir)[0] is not None:
                 return  # the chief loads the same model.keras and trains nothing either
+            config = resumed_optimizer(config, workdir, quiet=True)
             model = build_model(
                 config, splits, method=make_method(config.method, config.method_options), strategy=strategy
             )
@@ -1027,14 +1066,15 @@ def _train_locked(
             print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
             _write_state(workdir, trained=False)
         if model is None:
+            run_config = resumed_optimizer(config, workdir)
             model = build_model(
-                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+                run_config, splits, method=make_method(config.method, config.method_options), strategy=strategy
             )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
             logs = workdir / "tensorboard"
             new_logs = not logs.exists()
             try:
-                _fit(config, splits, model, workdir, verbose, callbacks)
+                _fit(run_config, splits, model, workdir, verbose, callbacks)
             except BaseException:
                 if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
                     shutil.rmtree(logs, ignore_errors=True)

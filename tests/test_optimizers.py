@@ -1,11 +1,13 @@
 """keras_ee.optimizers against torch.optim's steps (tests/data/optimizers/torch_optim_steps.npz)."""
 
+import json
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
+from tiny_models import SMALL_CNN
 
 from keras_ee import optimizers as ee_optimizers
 
@@ -160,3 +162,88 @@ def test_loss_scale_and_ema():
     ema.apply(grads, [ema_var])
     ema.finalize_variable_values([ema_var])
     np.testing.assert_array_equal(ema_var.numpy(), ema._model_variables_moving_average[0].numpy())
+
+
+# --- runs: which optimizer a run takes, and keeps on resume ------------------------------------
+
+TINY_RUN = dict(
+    dataset="digits",
+    model="multiexit_cnn",
+    model_options=SMALL_CNN,
+    epochs=2,
+    batch_size=128,
+    val_size=200,
+    evaluate=False,
+    train_size=256,
+)
+
+
+class OptimizerSeen(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.optimizer = self.model.optimizer
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("sgd", ee_optimizers.SGD),
+        ("adamw", ee_optimizers.AdamW),
+        ("keras_sgd", keras.optimizers.SGD),
+        ("keras_adamw", keras.optimizers.AdamW),
+    ],
+)
+def test_make_optimizer_takes_the_papers_steps_by_name(name, expected):
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    variables = [keras.Variable(np.ones((2, 2))), keras.Variable(np.ones(2))]
+    cfg = TrainConfig(optimizer=name, momentum=0.9, nesterov=True)
+    opt = experiment.make_optimizer(cfg, steps=10, variables=variables)
+    assert type(opt) is expected
+    assert ee_optimizers.optimizer_semantics(opt) == ("keras" if name.startswith("keras_") else "pytorch")
+    if "sgd" in name:
+        assert opt.momentum == 0.9 and opt.nesterov and opt.weight_decay == 1e-4
+    else:  # rank <= 1 variables excluded from the decay, as timm
+        assert opt._use_weight_decay(variables[0]) and not opt._use_weight_decay(variables[1])
+
+
+def test_a_run_from_before_resumes_with_keras_optimizer(tmp_path):
+    """A run folder made before keras-ee took PyTorch's steps (its `sgd` was Keras' SGD, its
+    backup records no semantics) resumes with Keras' SGD, whose state the backup holds."""
+    from tiny_models import StopAt
+
+    from keras_ee import experiment, runs
+    from keras_ee.config import TrainConfig
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(TrainConfig(**TINY_RUN, optimizer="keras_sgd"), run, verbose=0, callbacks=[StopAt(1)])
+    (meta,) = (run / "backup").glob("*.json")
+    info = json.loads(meta.read_text())
+    assert info.pop("optimizer_semantics") == "keras"
+    meta.write_text(json.dumps(info))  # as the old version wrote it
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "optimizer": "sgd"}, indent=2, sort_keys=True) + "\n")
+    assert runs.RunBackup(run / "backup").optimizer_semantics() == "keras"
+
+    seen = OptimizerSeen()
+    experiment.train(TrainConfig(**TINY_RUN, optimizer="sgd"), run, verbose=0, callbacks=[seen])
+    assert type(seen.optimizer) is keras.optimizers.SGD
+    assert json.loads((run / "state.json").read_text())["optimizer_semantics"] == "keras"
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "sgd"  # left as it was
+
+
+def test_a_new_run_records_and_resumes_the_papers_optimizer(tmp_path):
+    from tiny_models import StopAt
+
+    from keras_ee import experiment, runs
+    from keras_ee.config import TrainConfig
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(TrainConfig(**TINY_RUN), run, verbose=0, callbacks=[StopAt(1)])
+    assert runs.RunBackup(run / "backup").optimizer_semantics() == "pytorch"
+    seen = OptimizerSeen()
+    experiment.train(TrainConfig(**TINY_RUN), run, verbose=0, callbacks=[seen])
+    assert type(seen.optimizer) is ee_optimizers.SGD
+    assert json.loads((run / "state.json").read_text())["optimizer_semantics"] == "pytorch"
