@@ -916,26 +916,47 @@ def _fit(
     backup.remove()  # only now: model.keras and state.json are in place
 
 
+# The methods' auxiliary optimizers whose default became PyTorch's step: option -> {name: Keras' own}.
+KERAS_AUXILIARY_OPTIMIZERS = {
+    "wpn_optimizer": {"adam": "keras_adam"},  # L2W's weight-predicting network
+    "gater_optimizer": {"adamw": "keras_adamw", "adam": "keras_adam", "sgd": "keras_sgd"},  # gating
+}
+
+
 def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:
     """`config` with the optimizer semantics of the run's backup, which a resume must keep.
 
     Runs made before keras-ee took PyTorch's steps (`keras_ee.optimizers`) recorded none and
-    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, the
-    optimizer whose state the backup holds. config.json is left as it is.
+    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, and
+    a method's auxiliary optimizer (L2W's WPN Adam, the gater's) as Keras' too, the
+    optimizers whose state the backup holds. config.json is left as it is.
     """
-    from keras_ee import runs
+    from keras_ee import runs, training
     from keras_ee.config import keras_optimizer_name, optimizer_name_semantics
 
-    recorded = runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics()
-    if recorded != "keras" or optimizer_name_semantics(config.optimizer) == "keras":
+    if runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics() != "keras":
         return config
-    name = keras_optimizer_name(config.optimizer)
+    changes: dict[str, Any] = {}
+    if optimizer_name_semantics(config.optimizer) == "pytorch":
+        changes["optimizer"] = keras_optimizer_name(config.optimizer)
+    spec = training.get_method(config.method)
+    options = spec.resolved(config.method_options)
+    method_options = dict(config.method_options)
+    for option, keras_names in KERAS_AUXILIARY_OPTIMIZERS.items():
+        if option in spec.options and options[option] in keras_names:
+            method_options[option] = keras_names[options[option]]  # (neither option has an alias)
+            changes["method_options"] = method_options
+    if not changes:
+        return config
     if not quiet:
+        names = [f"--optimizer {changes['optimizer']}"] if "optimizer" in changes else []
+        names += [f"{k}={v}" for k, v in changes.get("method_options", {}).items() if k in KERAS_AUXILIARY_OPTIMIZERS]
+        what = ", ".join(names)
         print(
-            f"[keras-ee] {workdir}: the run started with Keras' optimizer (made before keras-ee took "
-            f"PyTorch's steps); it resumes with it (--optimizer {name})."
+            f"[keras-ee] {workdir}: the run started with Keras' optimizers (before keras-ee took PyTorch's "
+            f"steps); it resumes with them ({what})."
         )
-    return dataclasses.replace(config, optimizer=name)
+    return dataclasses.replace(config, **changes)
 
 
 def train(
@@ -1068,7 +1089,7 @@ def _train_locked(
         if model is None:
             run_config = resumed_optimizer(config, workdir)
             model = build_model(
-                run_config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+                run_config, splits, method=make_method(run_config.method, run_config.method_options), strategy=strategy
             )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
             logs = workdir / "tensorboard"

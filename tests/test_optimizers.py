@@ -247,3 +247,34 @@ def test_a_new_run_records_and_resumes_the_papers_optimizer(tmp_path):
     experiment.train(TrainConfig(**TINY_RUN), run, verbose=0, callbacks=[seen])
     assert type(seen.optimizer) is ee_optimizers.SGD
     assert json.loads((run / "state.json").read_text())["optimizer_semantics"] == "pytorch"
+
+
+@pytest.mark.parametrize("recorded", [None, "pytorch"])
+def test_resumed_optimizer_maps_every_optimizer_of_a_run_from_before(tmp_path, recorded):
+    """A backup that records no semantics (made before) resumes the main optimizer and the
+    methods' auxiliary ones (L2W's WPN Adam, the gater's) as Keras'; a recorded one as it is."""
+    from keras_ee import experiment
+    from keras_ee.config import TrainConfig
+
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "epoch-0001.weights.h5").write_bytes(b"")
+    meta = {"epoch": 1, **({"optimizer_semantics": recorded} if recorded else {})}
+    (tmp_path / "backup" / "epoch-0001.json").write_text(json.dumps(meta))
+    cases = [
+        (TrainConfig(method="l2w"), "keras_sgd", {"wpn_optimizer": "keras_adam"}),
+        (TrainConfig(method="l2w_imta", optimizer="adamw"), "keras_adamw", {"wpn_optimizer": "keras_adam"}),
+        (
+            TrainConfig(method="gating", method_options={"gater_optimizer": "sgd"}),
+            "keras_sgd",
+            {"gater_optimizer": "keras_sgd"},
+        ),
+        (TrainConfig(method="gating"), "keras_sgd", {"gater_optimizer": "keras_adamw"}),
+        (TrainConfig(method="baseline", optimizer="keras_sgd"), "keras_sgd", {}),
+    ]
+    for config, optimizer, options in cases:
+        resumed = experiment.resumed_optimizer(config, tmp_path, quiet=True)
+        if recorded:
+            assert resumed == config
+        else:
+            assert resumed.optimizer == optimizer and resumed.method_options == options
+            experiment.make_method(resumed.method, resumed.method_options)  # options the method takes
