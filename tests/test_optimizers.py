@@ -278,3 +278,24 @@ def test_resumed_optimizer_maps_every_optimizer_of_a_run_from_before(tmp_path, r
         else:
             assert resumed.optimizer == optimizer and resumed.method_options == options
             experiment.make_method(resumed.method, resumed.method_options)  # options the method takes
+
+
+@pytest.mark.parametrize("name", sorted(ee_optimizers.OPTIMIZERS))
+def test_lookahead_of_a_loss_scaled_papers_optimizer_is_its_next_step(name):
+    """Wrapped in a `LossScaleOptimizer` (mixed precision), the look-ahead is the inner step, and
+    `apply` then takes exactly that step."""
+    from keras_ee.training import core
+
+    variables = [keras.Variable(np.array([[1.0, -2.0], [0.5, 3.0]], "float32")), keras.Variable(np.ones(2, "float32"))]
+    inner = ee_optimizers.OPTIMIZERS[name](0.1, weight_decay=0.01, **({"momentum": 0.9} if name == "sgd" else {}))
+    wrapped = keras.optimizers.LossScaleOptimizer(inner)
+    wrapped.build(variables)
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # non-zero buffers
+        wrapped.apply([ops.convert_to_tensor(rng.normal(size=v.shape), "float32") for v in variables], variables)
+    grads = [ops.convert_to_tensor(rng.normal(size=v.shape), "float32") for v in variables]
+    assert core.check_lookahead_support(wrapped) == "pytorch"
+    predicted = core.lookahead_step(wrapped, variables, [ops.convert_to_tensor(v) for v in variables], grads)
+    wrapped.apply([g * wrapped.scale_loss(1.0) for g in grads], variables)
+    for v, p in zip(variables, predicted):
+        np.testing.assert_allclose(v.numpy(), p.numpy(), rtol=1e-6, atol=1e-7)
