@@ -299,3 +299,11 @@ def test_lookahead_of_a_loss_scaled_papers_optimizer_is_its_next_step(name):
     wrapped.apply([g * wrapped.scale_loss(1.0) for g in grads], variables)
     for v, p in zip(variables, predicted):
         np.testing.assert_allclose(v.numpy(), p.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_config_refuses_nesterov_without_momentum_for_the_papers_sgd():
+    from keras_ee.config import TrainConfig
+
+    with pytest.raises(ValueError, match="nesterov"):
+        TrainConfig(optimizer="sgd", nesterov=True, momentum=0.0)
+    TrainConfig(optimizer="keras_sgd", nesterov=True, momentum=0.0)  # Keras' SGD allows it
