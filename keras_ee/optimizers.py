@@ -73,7 +73,6 @@ class PyTorchOptimizer(keras.optimizers.Optimizer):
     semantics = SEMANTICS
 
     def __init__(self, learning_rate: Any, weight_decay: float = 0.0, **kwargs: Any) -> None:
-        kwargs.pop("weight_decay", None)
         super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
         # Set after the base: Keras' decoupled `_apply_weight_decay` is disabled below, so this
         # value is only read by `next_values` (and `get_config`).

@@ -13,8 +13,9 @@ Design notes (why it is built this way):
   epoch is twice the number of batches (the same number of samples per
   step and steps per epoch as a baseline fed batches of half the size).
 - The pseudo-update uses `core.lookahead_step`: the exact step the real
-  optimizer would take now (schedule, momentum buffers, Nesterov, Keras'
-  decoupled weight decay), without touching the optimizer's state.
+  optimizer would take now (schedule, momentum buffers, Nesterov, weight
+  decay: coupled for the papers' `keras_ee.optimizers`, decoupled for
+  Keras'), without touching the optimizer's state.
 - Forward passes are reused: the pseudo-update's forward on the training
   half at the current parameters is the real step's forward too (same
   parameters, same batch statistics); the real gradient is a second
