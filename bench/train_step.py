@@ -22,8 +22,14 @@ times per epoch. The worker "methods":
 - `hdkd`: `training.HDKD()` (its meta batch: the same random batch again, fed
   as the meta stream); `naive_dkd`: `training.NaiveDKD()`, dense distillation
   with fixed uniform weights (no meta step).
-Every method compiles the same SGD (cosine schedule, Nesterov momentum,
-weight decay); IMTA's phase II compiles it after `enter_phase(1)`.
+- `papers_sgd`, `l2w_papers_sgd`: `baseline` and `l2w` compiled with the papers'
+  SGD, `keras_ee.optimizers.SGD` (PyTorch's step: coupled weight decay, the
+  gradient momentum buffer; what `keras-ee train --optimizer sgd` uses), same
+  settings. `--vs-baseline papers_sgd l2w l2w_papers_sgd` prints, in one run, the
+  papers' SGD against Keras' per Baseline step (target <= 1.05x) and L2W's ratio
+  to Baseline with each optimizer.
+Every other method compiles the same Keras SGD (cosine schedule, Nesterov
+momentum, weight decay); IMTA's phase II compiles it after `enter_phase(1)`.
 
 What is timed: each step on its own. A Keras callback records the time from
 `on_train_batch_begin` to `on_train_batch_end` of every batch (the train
@@ -99,7 +105,20 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The worker methods: what one step (one loaded batch) of each does, its name in
 # the report, and the issues' targets for its ratio to a Baseline step.
-METHODS = ("baseline", "l2w", "imta_phase1", "imta_phase2", "gating", "gating_every_batch", "hdkd", "naive_dkd")
+METHODS = (
+    "baseline",
+    "l2w",
+    "imta_phase1",
+    "imta_phase2",
+    "gating",
+    "gating_every_batch",
+    "hdkd",
+    "naive_dkd",
+    "papers_sgd",
+    "l2w_papers_sgd",
+)
+# The worker methods compiled with the papers' SGD (keras_ee.optimizers.SGD) instead of Keras' SGD.
+PAPERS_SGD = {"papers_sgd": "baseline", "l2w_papers_sgd": "l2w"}
 _NAMES = dict(
     baseline="Baseline",
     l2w="L2W",
@@ -109,6 +128,8 @@ _NAMES = dict(
     gating_every_batch="gating (gater every batch)",
     hdkd="HDKD",
     naive_dkd="NaiveDKD",
+    papers_sgd="Baseline (papers' SGD)",
+    l2w_papers_sgd="L2W (papers' SGD)",
 )
 _STEPS = dict(
     baseline="one optimizer step on it",
@@ -120,6 +141,8 @@ _STEPS = dict(
     hdkd="a look-ahead step, a loss-weight step on a held-out batch of the "
     "same size, then one optimizer step (dense distillation)",
     naive_dkd="one optimizer step with dense distillation, fixed weights",
+    papers_sgd="one step of keras_ee.optimizers.SGD (PyTorch's) where Baseline's is Keras' SGD",
+    l2w_papers_sgd="L2W's step with keras_ee.optimizers.SGD",
 )
 TARGETS = dict(
     l2w=dict(time=4, memory=2),
@@ -129,6 +152,8 @@ TARGETS = dict(
     gating_every_batch=dict(time=1.3),
     hdkd=dict(time=3),
     naive_dkd=dict(time=3),
+    papers_sgd=dict(time=1.05),
+    l2w_papers_sgd=dict(time=4),
 )
 
 
@@ -243,6 +268,13 @@ def worker(args):
                 )
             )
             raise SystemExit(2)
+    papers = args.method in PAPERS_SGD
+    if papers:
+        try:
+            from keras_ee import optimizers as ee_optimizers
+        except ImportError:
+            _send(dict(error=f"{args.method}: {root} has no keras_ee.optimizers (the papers' SGD)"))
+            raise SystemExit(2) from None
     keras.utils.set_random_seed(0)
     backbone = _build_backbone(args.model, 100)
     if imta:
@@ -251,15 +283,16 @@ def worker(args):
         method = training.BudgetAwareGating(gater_interval=1 if args.method == "gating_every_batch" else 10)
     elif kd:
         method = getattr(training, kd)()
-    elif args.method == "l2w":
+    elif PAPERS_SGD.get(args.method, args.method) == "l2w":
         method = training.L2W()
     else:
         method = training.Baseline()
     model = training.MultiExitModel(backbone, method=method)
     if args.method == "imta_phase2":
         model.enter_phase(1)  # freezes the network, opens the transfer paths
+    sgd = ee_optimizers.SGD if papers else keras.optimizers.SGD
     model.compile(
-        optimizer=keras.optimizers.SGD(
+        optimizer=sgd(
             keras.optimizers.schedules.CosineDecay(0.1, 10_000),
             momentum=0.9,
             nesterov=True,
@@ -512,6 +545,15 @@ def _run_sides(makers, args, bs):
 _CHECK_IMTA = "import sys\nfrom keras_ee import training\nsys.exit(0 if hasattr(training, 'IMTA') else 3)"
 
 
+def _print_same_optimizer_ratios(results):
+    """L2W / Baseline with the papers' SGD on both sides, from the medians of one run's sides."""
+    for bs in sorted({r["batch_size"] for r in results}):
+        median = {r["method"]: r["b"]["median_step_s"] for r in results if r["batch_size"] == bs}
+        if "papers_sgd" in median and "l2w_papers_sgd" in median:
+            ratio = median["l2w_papers_sgd"] / median["papers_sgd"]
+            print(f"L2W/Baseline, both with the papers' SGD, batch {bs:4d}: {ratio:.2f}x (ratio of the medians)")
+
+
 def _check_tree(root, methods, what):
     """One-line error unless the tree at `root` has what `methods` need (IMTA)."""
     imta = [m for m in methods if m.startswith("imta_")]
@@ -669,6 +711,7 @@ def main():
                     f"{res['b']['step_peak_mb']:.0f} MB, "
                     f"{res['memory_ratio']:.2f}x{mem_target}"
                 )
+        _print_same_optimizer_ratios(results)
         record = dict(
             mode=("baseline_vs_l2w" if methods == ["l2w"] else "vs_baseline"),
             methods=methods,

@@ -7,6 +7,7 @@ Submodules (imported on first use, so `import keras_ee` does not start TensorFlo
 - `keras_ee.training`: `MultiExitModel` with pluggable methods (`Baseline`, `L2W`).
 - `keras_ee.calibration`: the Rust budget calibrator (thresholds, budget sweeps).
 - `keras_ee.inference`: `EarlyExitModel`, real early exit at inference (save, SavedModel export).
+- `keras_ee.optimizers`: the papers' optimizers, `torch.optim`'s SGD, Adam and AdamW steps.
 - `keras_ee.data`: datasets and tf.data pipelines; `keras_ee.dumps`: the logit dump format.
 - `keras_ee.evaluation`, `keras_ee.plots`, `keras_ee.callbacks`, `keras_ee.experiment`, `keras_ee.cli`.
 """
@@ -41,6 +42,7 @@ _SUBMODULES = (
     "config",
     "cli",
     "inference",
+    "optimizers",
 )
 
 

@@ -107,8 +107,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, help="the batch of one step; under --strategy the global batch")
     g.add_argument(
         "--optimizer",
-        help="sgd (default, the papers') or adamw (Keras' AdamW, epsilon 1e-8, no weight "
-        "decay on biases and BatchNorm parameters)",
+        help="sgd (default, the papers': torch.optim.SGD's step, L2 weight decay added to the "
+        "gradient before momentum, on every variable) or adamw (torch.optim.AdamW's step, epsilon "
+        "1e-8, no weight decay on biases and BatchNorm parameters); keras_sgd and keras_adamw are "
+        "Keras' own (decoupled weight decay). A run made before keras-ee took PyTorch's steps "
+        "resumes with Keras' optimizer",
     )
     g.add_argument(
         "--lr",

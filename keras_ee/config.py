@@ -26,12 +26,26 @@ SCHEDULES = ("cosine", "constant", "step", "step_per_epoch", "cosine_per_batch")
 # The schedules a warm-up can precede (`warmup_epochs`), and the one with a final rate.
 WARMUP_SCHEDULES = ("cosine", "constant", "cosine_per_batch")
 CONFIDENCES = ("max_softmax", "margin", "entropy")
-OPTIMIZERS = ("sgd", "adamw")
+# `sgd` and `adamw` take PyTorch's steps (`keras_ee.optimizers`, the papers'); `keras_sgd` and
+# `keras_adamw` are Keras' own (decoupled weight decay, Keras' momentum and epsilon placement).
+OPTIMIZERS = ("sgd", "adamw", "keras_sgd", "keras_adamw")
 STRATEGIES = ("none", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Weight decay when the config does not set one: SGD as the papers (1e-4); AdamW as DeiT
 # and the budget-aware paper on ImageNet (0.05).
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05, "keras_sgd": 1e-4, "keras_adamw": 0.05}
+
+
+def optimizer_name_semantics(name: str) -> str:
+    """`"keras"` for Keras' own optimizers (`keras_sgd`, `keras_adamw`), else `"pytorch"`."""
+    return "keras" if name.startswith("keras_") else "pytorch"
+
+
+def keras_optimizer_name(name: str) -> str:
+    """The Keras-semantics optimizer of the same kind (`sgd` -> `keras_sgd`): a run made before
+    keras-ee took PyTorch's steps resumes with the optimizer it started with."""
+    return name if name.startswith("keras_") else f"keras_{name}"
+
 
 # The training recipe of "Balancing Accuracy and Efficiency in Budget-Aware Early-Exiting
 # Neural Networks" (timm's DeiT-style recipe), as TrainConfig values: `--recipe budget-aware`.
@@ -100,9 +114,13 @@ class TrainConfig:
         method_options: the method's options (see `keras-ee methods`).
         epochs, batch_size: as in `model.fit` (L2W takes two half-batch steps per batch). For a
             method with phases, `epochs` is phase I (IMTA: phase II adds `phase2_epochs`).
-        optimizer: `sgd` (the papers', default) or `adamw` (Keras' AdamW with PyTorch's
-            epsilon 1e-8 and betas (0.9, 0.999); biases and BatchNorm scales and shifts,
-            i.e. every variable of rank <= 1, get no weight decay, as timm does).
+        optimizer: `sgd` (the papers', default: `torch.optim.SGD`'s step, L2 weight decay
+            added to the gradient before momentum on every variable, see
+            `keras_ee.optimizers.SGD`) or `adamw` (`torch.optim.AdamW`'s step, epsilon 1e-8
+            after the bias correction, betas (0.9, 0.999); biases and BatchNorm scales and
+            shifts, i.e. every variable of rank <= 1, get no weight decay, as timm does);
+            `keras_sgd` and `keras_adamw` are Keras' own (decoupled weight decay). A run
+            folder made before keras-ee took PyTorch's steps resumes with Keras' optimizer.
         learning_rate: initial learning rate (after the warm-up); None means the rule of
             the optimizer: SGD 0.1 * batch_size / 64 (the papers'), AdamW
             5e-4 * batch_size / 512 (DeiT's; 1e-3 at the budget-aware paper's batch 1024).
@@ -262,6 +280,8 @@ class TrainConfig:
             bad("momentum", "a number in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"one of {OPTIMIZERS}")
+        if self.nesterov and self.momentum == 0 and self.optimizer == "sgd":
+            bad("nesterov", "false when momentum is 0 (Nesterov needs momentum, as torch.optim.SGD)")
         if self.weight_decay is None:
             self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         if not is_number(self.weight_decay) or self.weight_decay < 0:
@@ -313,7 +333,7 @@ class TrainConfig:
         """The learning rate after the warm-up: `learning_rate`, or the optimizer's rule."""
         if self.learning_rate is not None:
             return self.learning_rate
-        if self.optimizer == "adamw":
+        if self.optimizer in ("adamw", "keras_adamw"):
             return 5e-4 * self.batch_size / 512
         return 0.1 * self.batch_size / 64
 

@@ -315,14 +315,19 @@ def make_optimizer(
 ) -> keras.optimizers.Optimizer:
     """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
 
-    `config.optimizer`: `sgd` (momentum, nesterov, weight decay) or `adamw` (Keras' AdamW,
-    epsilon 1e-8, no weight decay on `variables` of rank <= 1: biases, BatchNorm scales and
-    shifts, as timm). `steps_per_epoch` and `steps_per_batch` place the epochs and batches of
-    the schedule (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`,
-    `ema_momentum`; no overwriting during training: Keras' `fit` writes the average into the
-    weights when it ends). `overrides` are a phase's `optimizer_options`.
+    `config.optimizer`: `sgd` (the papers': `keras_ee.optimizers.SGD`, PyTorch's step with
+    momentum, nesterov and coupled L2 weight decay on every variable) or `adamw`
+    (`keras_ee.optimizers.AdamW`, PyTorch's AdamW, epsilon 1e-8, no weight decay on
+    `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
+    `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
+    `steps_per_epoch` and `steps_per_batch` place the epochs and batches of the schedule
+    (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
+    overwriting during training: Keras' `fit` writes the average into the weights when it
+    ends). `overrides` are a phase's `optimizer_options`.
     """
     import keras
+
+    from keras_ee import optimizers as ee_optimizers
 
     settings = {
         "learning_rate": config.initial_learning_rate,
@@ -340,17 +345,26 @@ def make_optimizer(
         steps_per_batch=steps_per_batch,
     )
     ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
-    if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=schedule, weight_decay=float(settings["weight_decay"]), epsilon=ADAMW_EPSILON, **ema
-        )
+    weight_decay = float(settings["weight_decay"])
+    optimizer: keras.optimizers.Optimizer
+    if config.optimizer in ("adamw", "keras_adamw"):
+        adamw = ee_optimizers.AdamW if config.optimizer == "adamw" else keras.optimizers.AdamW
+        optimizer = adamw(learning_rate=schedule, weight_decay=weight_decay, epsilon=ADAMW_EPSILON, **ema)
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
         return optimizer
+    if config.optimizer == "sgd":
+        return ee_optimizers.SGD(
+            learning_rate=schedule,
+            momentum=float(settings["momentum"]),
+            nesterov=settings["nesterov"],
+            weight_decay=weight_decay,
+            **ema,
+        )
     return keras.optimizers.SGD(
         learning_rate=schedule,
         momentum=settings["momentum"],
         nesterov=settings["nesterov"],
-        weight_decay=settings["weight_decay"] or None,
+        weight_decay=weight_decay or None,
         **ema,
     )
 
@@ -906,6 +920,7 @@ def _fit(
 
     from keras_ee import callbacks as ee_callbacks
     from keras_ee import runs
+    from keras_ee.optimizers import optimizer_semantics
     from keras_ee.training.methods import phase_of_epoch
 
     phases = run_phases(config, model.method)
@@ -979,8 +994,52 @@ def _fit(
         resumed_at_epoch=first_epoch,
         strategy=config.strategy,
         replicas=model.distribute_strategy.num_replicas_in_sync,
+        optimizer_semantics=optimizer_semantics(model.optimizer),
     )
     backup.remove()  # only now: model.keras and state.json are in place
+
+
+# The methods' auxiliary optimizers whose default became PyTorch's step: option -> {name: Keras' own}.
+KERAS_AUXILIARY_OPTIMIZERS = {
+    "wpn_optimizer": {"adam": "keras_adam"},  # L2W's weight-predicting network
+    "gater_optimizer": {"adamw": "keras_adamw", "adam": "keras_adam", "sgd": "keras_sgd"},  # gating
+}
+
+
+def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:
+    """`config` with the optimizer semantics of the run's backup, which a resume must keep.
+
+    Runs made before keras-ee took PyTorch's steps (`keras_ee.optimizers`) recorded none and
+    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, and
+    a method's auxiliary optimizer (L2W's WPN Adam, the gater's) as Keras' too, the
+    optimizers whose state the backup holds. config.json is left as it is.
+    """
+    from keras_ee import runs, training
+    from keras_ee.config import keras_optimizer_name, optimizer_name_semantics
+
+    if runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics() != "keras":
+        return config
+    changes: dict[str, Any] = {}
+    if optimizer_name_semantics(config.optimizer) == "pytorch":
+        changes["optimizer"] = keras_optimizer_name(config.optimizer)
+    spec = training.get_method(config.method)
+    options = spec.resolved(config.method_options)
+    method_options = dict(config.method_options)
+    for option, keras_names in KERAS_AUXILIARY_OPTIMIZERS.items():
+        if option in spec.options and options[option] in keras_names:
+            method_options[option] = keras_names[options[option]]  # (neither option has an alias)
+            changes["method_options"] = method_options
+    if not changes:
+        return config
+    if not quiet:
+        names = [f"--optimizer {changes['optimizer']}"] if "optimizer" in changes else []
+        names += [f"{k}={v}" for k, v in changes.get("method_options", {}).items() if k in KERAS_AUXILIARY_OPTIMIZERS]
+        what = ", ".join(names)
+        print(
+            f"[keras-ee] {workdir}: the run started with Keras' optimizers (before keras-ee took PyTorch's "
+            f"steps); it resumes with them ({what})."
+        )
+    return dataclasses.replace(config, **changes)
 
 
 def train(
@@ -1078,6 +1137,7 @@ def _train_worker(
             check_splits(splits, config, strategy.num_replicas_in_sync)
             if _finished_model(workdir)[0] is not None:
                 return  # the chief loads the same model.keras and trains nothing either
+            config = resumed_optimizer(config, workdir, quiet=True)
             model = build_model(
                 config, splits, method=make_method(config.method, config.method_options), strategy=strategy
             )
@@ -1110,14 +1170,15 @@ def _train_locked(
             print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
             _write_state(workdir, trained=False)
         if model is None:
+            run_config = resumed_optimizer(config, workdir)
             model = build_model(
-                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+                run_config, splits, method=make_method(run_config.method, run_config.method_options), strategy=strategy
             )
             prepare_workdir(config, workdir)  # writes config.json: the run starts now
             logs = workdir / "tensorboard"
             new_logs = not logs.exists()
             try:
-                _fit(config, splits, model, workdir, verbose, callbacks)
+                _fit(run_config, splits, model, workdir, verbose, callbacks)
             except BaseException:
                 if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
                     shutil.rmtree(logs, ignore_errors=True)

@@ -51,6 +51,7 @@ from keras_ee.atomic import (
     describe_os_error,
     fsync_dir,
 )
+from keras_ee.optimizers import optimizer_semantics
 
 LOCK_FILE = ".lock"
 BACKUP_DIR = "backup"
@@ -229,6 +230,20 @@ class RunBackup(keras.callbacks.Callback):
     def _say(self, text: str) -> None:
         print(f"[keras-ee] {text}", file=self.log or sys.stderr, flush=True)
 
+    def optimizer_semantics(self) -> str | None:
+        """The optimizer semantics the newest readable backup records (`"pytorch"` for
+        `keras_ee.optimizers`, `"keras"` for Keras' own), `"keras"` for a backup written before
+        keras-ee recorded them (it only had Keras' optimizers then), None without a backup."""
+        for epoch in self.backups():
+            try:
+                info = json.loads(self._paths(epoch)[1].read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict):
+                semantics = info.get("optimizer_semantics", "keras")
+                return semantics if semantics in ("pytorch", "keras") else "keras"
+        return None
+
     # --- restore -------------------------------------------------------------
 
     def restore(self, model: keras.Model, prepare: Callable[[int], object] | None = None) -> int:
@@ -305,6 +320,8 @@ class RunBackup(keras.callbacks.Callback):
                     "epoch": epochs_done,
                     "written": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seed_states": [v.numpy().tolist() for v in _seed_states(self.model)],
+                    # which step the optimizer state belongs to (a resume must take the same)
+                    "optimizer_semantics": optimizer_semantics(self.model.optimizer),
                 },
             )
         except OSError as e:

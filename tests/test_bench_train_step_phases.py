@@ -21,7 +21,7 @@ def _messages(text, tag):
     return [json.loads(line[len(tag) :]) for line in text.splitlines() if line.startswith(tag)]
 
 
-@pytest.mark.parametrize("method", ["imta_phase1", "imta_phase2"])
+@pytest.mark.parametrize("method", ["imta_phase1", "imta_phase2", "papers_sgd"])
 def test_imta_worker_times_steps(bench, method, monkeypatch, capsys):
     args = types.SimpleNamespace(
         expect_root=str(ROOT), model="multiexit_cnn", method=method, batch_size=4, warmup=1, jit=False

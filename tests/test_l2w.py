@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_models import tiny_backbone, tiny_data  # noqa: E402
 
+from keras_ee import optimizers as ee_optimizers  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 
 _data = tiny_data
@@ -95,6 +96,20 @@ OPTIMIZERS = {
     "adamw_amsgrad_schedule": lambda: keras.optimizers.AdamW(
         keras.optimizers.schedules.ExponentialDecay(1e-2, 3, 0.5), amsgrad=True
     ),
+    # The papers' (PyTorch-semantics) optimizers, keras_ee.optimizers.
+    "papers_sgd_momentum_wd": lambda: ee_optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-2),
+    "papers_sgd_nesterov_cosine_clip": lambda: ee_optimizers.SGD(
+        keras.optimizers.schedules.CosineDecay(0.1, decay_steps=7),
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-2,
+        clipnorm=0.5,
+    ),
+    "papers_sgd_plain": lambda: ee_optimizers.SGD(0.05, weight_decay=1e-2),
+    "papers_adam_wd": lambda: ee_optimizers.Adam(1e-2, weight_decay=1e-2),
+    "papers_adamw_amsgrad_schedule": lambda: ee_optimizers.AdamW(
+        keras.optimizers.schedules.ExponentialDecay(1e-2, 3, 0.5), weight_decay=0.05, amsgrad=True
+    ),
 }
 
 
@@ -175,17 +190,26 @@ def _fd_meta_loss(model, method, x_t, y_t, x_m, y_m):
     return float(meta)
 
 
+def _keras_sgd():
+    return keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-2)
+
+
 @pytest.mark.parametrize(
-    "options",
+    "options, make_optimizer",
     [
-        dict(),
-        dict(wpn_input="both", constraint="row", meta_objective="vanilla"),
-        dict(constraint="mat", wpn_depth=2),
+        (dict(), _keras_sgd),
+        (dict(wpn_input="both", constraint="row", meta_objective="vanilla"), _keras_sgd),
+        (dict(constraint="mat", wpn_depth=2), _keras_sgd),
+        # The papers' optimizers: the look-ahead is their step (coupled decay, PyTorch's Adam).
+        (dict(), lambda: ee_optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+        (dict(), lambda: ee_optimizers.AdamW(0.05, weight_decay=0.05)),
+        (dict(), lambda: ee_optimizers.Adam(0.05, weight_decay=1e-2)),
     ],
+    ids=["keras_sgd", "keras_sgd_row", "keras_sgd_mat", "papers_sgd", "papers_adamw", "papers_adam"],
 )
-def test_meta_gradient_matches_finite_differences(float64, options):
+def test_meta_gradient_matches_finite_differences(float64, options, make_optimizer):
     method = T.L2W(wpn_width=5, **options)
-    opt = keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    opt = make_optimizer()
     model = _l2w_model(method, opt)
     x, y = _data(n=24, dtype="float64")
     _warm_up(model, x, y)

@@ -312,10 +312,14 @@ def test_warmup_then_schedule_in_optimizer_steps(digits):
     assert float(constant(5)) == pytest.approx(0.25) and float(constant(60)) == pytest.approx(0.5)
 
 
-def test_adamw_excludes_biases_and_batchnorm_from_weight_decay(digits):
-    model = experiment.build_model(TrainConfig(**TINY, optimizer="adamw"), digits)
+@pytest.mark.parametrize("name", ["adamw", "keras_adamw"])
+def test_adamw_excludes_biases_and_batchnorm_from_weight_decay(digits, name):
+    from keras_ee import optimizers as ee_optimizers
+
+    model = experiment.build_model(TrainConfig(**TINY, optimizer=name), digits)
     opt = model.optimizer
-    assert isinstance(opt, keras.optimizers.AdamW) and opt.weight_decay == 0.05 and opt.epsilon == 1e-8
+    expected = ee_optimizers.AdamW if name == "adamw" else keras.optimizers.AdamW  # PyTorch's step / Keras'
+    assert isinstance(opt, expected) and opt.weight_decay == 0.05 and opt.epsilon == 1e-8
     decayed = {v.path for v in model.trainable_variables if opt._use_weight_decay(v)}
     assert decayed and all(len(v.shape) > 1 for v in model.trainable_variables if v.path in decayed)
     assert all(not opt._use_weight_decay(v) for v in model.trainable_variables if len(v.shape) <= 1)

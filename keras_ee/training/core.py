@@ -10,7 +10,8 @@ this module, so that the delicate parts exist exactly once:
   BatchNorm moving statistics included.
 - `lookahead_step`: the exact parameter update the real optimizer would apply
   now (learning rate from its schedule at the current iteration, momentum
-  buffers, Nesterov flag, decoupled weight decay as Keras applies it, gradient
+  buffers, Nesterov flag, weight decay as the optimizer applies it: coupled as
+  PyTorch's for `keras_ee.optimizers`, decoupled for Keras', gradient
   clipping, variable constraints), as a differentiable function of the
   gradients and without changing any optimizer state.
 - `split_halves`: the two halves of a loaded batch (the half-batch exchange of
@@ -208,7 +209,14 @@ def assign_values(variables: Sequence[keras.Variable], values: Sequence[Tensor])
         v.assign(value)
 
 
-_SUPPORTED_LOOKAHEAD = ("SGD", "Adam", "AdamW")
+_SUPPORTED_LOOKAHEAD = (
+    "keras_ee.optimizers.SGD",
+    "keras_ee.optimizers.Adam",
+    "keras_ee.optimizers.AdamW",
+    "keras.optimizers.SGD",
+    "keras.optimizers.Adam",
+    "keras.optimizers.AdamW",
+)
 
 
 def inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
@@ -252,28 +260,35 @@ def straight_through_scale(x: Tensor, factor: Tensor) -> tuple[Tensor, Callable[
 
 
 def check_lookahead_support(optimizer: keras.optimizers.Optimizer) -> str:
-    """Raise a clear error if `lookahead_step` cannot mirror `optimizer`.
+    """Raise a clear error if `lookahead_step` cannot mirror `optimizer`; return its kind.
 
-    Supported: `keras.optimizers.SGD` (momentum, nesterov, weight_decay),
-    `keras.optimizers.Adam` and `keras.optimizers.AdamW` (amsgrad included),
-    each with any learning-rate schedule, gradient clipping and
-    `loss_scale_factor`, also wrapped in a `keras.optimizers.LossScaleOptimizer`
-    (mixed precision; the wrapped optimizer is checked and mirrored).
-    Subclasses that override `update_step`, gradient accumulation and EMA
-    weight overwriting are rejected: their next step is not the one this
-    function computes.
+    Supported: the papers' (PyTorch-semantics) `keras_ee.optimizers.SGD`, `Adam` and `AdamW`
+    (kind `"pytorch"`: their own `next_values` is the step), and Keras'
+    `keras.optimizers.SGD` (momentum, nesterov, weight_decay), `keras.optimizers.Adam` and
+    `keras.optimizers.AdamW` (amsgrad included), each with any learning-rate schedule,
+    gradient clipping and `loss_scale_factor`, also wrapped in a
+    `keras.optimizers.LossScaleOptimizer` (mixed precision; the wrapped optimizer is checked
+    and mirrored). Subclasses that override `update_step` (or `next_values`), gradient
+    accumulation and EMA weight overwriting are rejected: their next step is not the one
+    this function computes.
     """
+    from keras_ee import optimizers as ee_optimizers
+
     optimizer = inner_optimizer(optimizer)
     cls = type(optimizer)
-    known = {
-        "SGD": keras.optimizers.SGD,
-        "Adam": keras.optimizers.Adam,
-        "AdamW": keras.optimizers.AdamW,
-    }
     base = None
-    for name, klass in known.items():
-        if isinstance(optimizer, klass) and (cls.update_step is klass.update_step):
-            base = name
+    if isinstance(optimizer, ee_optimizers.PyTorchOptimizer):
+        if cls.update_step is ee_optimizers.PyTorchOptimizer.update_step and cls in ee_optimizers.OPTIMIZERS.values():
+            base = "pytorch"
+    else:
+        known = {
+            "SGD": keras.optimizers.SGD,
+            "Adam": keras.optimizers.Adam,
+            "AdamW": keras.optimizers.AdamW,
+        }
+        for name, klass in known.items():
+            if isinstance(optimizer, klass) and (cls.update_step is klass.update_step):
+                base = name
     if base is None:
         raise ValueError(
             "The look-ahead (pseudo-update) step mirrors only "
@@ -308,12 +323,15 @@ def lookahead_step(
     (iteration counter, learning rate from its schedule, momentum / Adam
     buffers), as differentiable functions of `values` and `grads`. Nothing is
     assigned: neither the variables nor the optimizer's buffers or iteration
-    counter change. Keras applies weight decay decoupled
-    (`theta <- theta - lr * wd * theta` before the update) and this function
-    does the same.
+    counter change. A `keras_ee.optimizers` optimizer (PyTorch's step: coupled L2
+    weight decay, gradient momentum buffer, PyTorch's Adam epsilon) computes it with
+    its own `next_values`, the function its `update_step` assigns; for Keras'
+    optimizers this function mirrors their step (decoupled weight decay
+    `theta <- theta - lr * wd * theta` before the update).
 
     Args:
-        optimizer: a built `keras.optimizers.SGD`, `Adam` or `AdamW`, or a
+        optimizer: a built `keras_ee.optimizers.SGD`, `Adam` or `AdamW`, a
+            `keras.optimizers.SGD`, `Adam` or `AdamW`, or a
             `LossScaleOptimizer` wrapping one (the wrapped optimizer's step is
             mirrored: its iterations, learning rate and buffers; the step that
             `apply` skips on non-finite gradients is not this function's
@@ -345,6 +363,15 @@ def lookahead_step(
     grads = [ops.zeros_like(v) if g is None else ops.cast(g, v.dtype) for g, v in zip(grads, values)]
     grads = optimizer._clip_gradients(grads)
     lr_now = optimizer.learning_rate
+    if kind == "pytorch":
+        new_values = []
+        for var, value, g in zip(variables, values, grads):
+            slots = [ops.cast(slot, value.dtype) for slot in optimizer.slots(var)]
+            theta, _ = optimizer.next_values(var, value, g, lr_now, slots, sqrt=_safe_sqrt)
+            if getattr(var, "constraint", None) is not None:
+                theta = var.constraint(theta)
+            new_values.append(theta)
+        return new_values
     new_values = []
     for var, value, g in zip(variables, values, grads):
         dtype = value.dtype

@@ -46,12 +46,14 @@ gater, the gater steps, then the backbone takes its real step with the updated g
 look-ahead's forward is reused). The look-ahead's meta forward runs in training mode (batch
 statistics, discarded), as L2W's.
 
-Gater optimizer: AdamW (default), Adam (L2 decay added to the gradient, as
-`torch.optim.Adam`) or SGD with momentum 0.9, learning rate `gater_learning_rate` (1e-3)
-decaying to `gater_final_learning_rate` (1e-5, the paper; the code: 1e-6) with the main
-schedule's progress (`bilevel.follow_main_schedule`), weight decay 1e-4. The paper does
-not name the optimizer; the code uses the backbone's family (AdamW in its defaults):
-`gater_optimizer="sgd"` next to an SGD backbone is that (its SGD is Nesterov, with L2 decay).
+Gater optimizer: AdamW (default), Adam (L2 decay added to the gradient) or SGD with
+momentum 0.9, each with PyTorch's step (`keras_ee.optimizers`: the code's timm AdamW, its
+epsilon after the bias correction; `keras_adamw`, `keras_adam`, `keras_sgd` are Keras'
+own), learning rate `gater_learning_rate` (1e-3) decaying to `gater_final_learning_rate`
+(1e-5, the paper; the code: 1e-6) with the main schedule's progress
+(`bilevel.follow_main_schedule`), weight decay 1e-4. The paper does not name the
+optimizer; the code uses the backbone's family (AdamW in its defaults):
+`gater_optimizer="sgd"` next to an SGD backbone is that.
 Under `gater_update="exchange"` the main schedule is read at the batch's first iteration, so
 both gater steps of a batch take one rate, as the code's per-batch arrays: after a main
 cosine without warm-up, exactly the code's gater cosine. The code's gater cosine ignores a
@@ -85,6 +87,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import optimizers as ee_optimizers
 from keras_ee._typing import Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
@@ -96,7 +99,8 @@ if TYPE_CHECKING:
 
 FEATURES = ("max_prob", "margin", "entropy")
 _UPDATES = ("alternate", "lookahead", "exchange")
-_OPTIMIZERS = ("adamw", "adam", "sgd")
+# adamw, adam, sgd: PyTorch's steps (`keras_ee.optimizers`, the code's timm AdamW); keras_*: Keras' own.
+_OPTIMIZERS = ("adamw", "adam", "sgd", "keras_adamw", "keras_adam", "keras_sgd")
 
 
 def confidence_features(logits: Sequence[Tensor], names: Sequence[str] = ("max_prob", "entropy")) -> Tensor:
@@ -275,7 +279,7 @@ def _parse_features(features: str | Sequence[str]) -> tuple[str, ...]:
     option_types={
         "features": str | list,
         "gater_update": typing.Literal[_UPDATES],
-        "gater_optimizer": typing.Literal["adamw", "adam", "sgd"],
+        "gater_optimizer": typing.Literal["adamw", "adam", "sgd", "keras_adamw", "keras_adam", "keras_sgd"],
     },
     aliases={"lambda": "cost_weight"},
     reference_code={
@@ -318,7 +322,8 @@ class BudgetAwareGating(Method):
             backbone steps per batch, one per half, and on every `gater_interval`-th batch of
             the epoch a gater step on the other half after each) or `"lookahead"` (one-step
             bi-level look-ahead through the real optimizer's step).
-        gater_optimizer: `"adamw"` (default), `"adam"` or `"sgd"`.
+        gater_optimizer: `"adamw"` (default), `"adam"` or `"sgd"`, PyTorch's steps
+            (`keras_ee.optimizers`); `"keras_adamw"`, `"keras_adam"`, `"keras_sgd"` Keras' own.
         gater_learning_rate: initial gater learning rate (1e-3).
         gater_final_learning_rate: its value when the main schedule reaches 0 (1e-5).
         gater_weight_decay: 1e-4.
@@ -449,14 +454,21 @@ class BudgetAwareGating(Method):
             final_learning_rate=self.gater_final_learning_rate,
             at_iteration=self.batch_iteration if self.gater_update == "exchange" else None,
         )
-        wd = self.gater_weight_decay or None
+        wd = self.gater_weight_decay
+        name = f"gater_{self.gater_optimizer_name}"
         if self.gater_optimizer_name == "adamw":
-            self.gater_optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd, name="gater_adamw")
+            self.gater_optimizer = ee_optimizers.AdamW(learning_rate=lr, weight_decay=wd, name=name)
         elif self.gater_optimizer_name == "adam":
-            self.gater_optimizer = keras.optimizers.Adam(learning_rate=lr, name="gater_adam")
+            self.gater_optimizer = ee_optimizers.Adam(learning_rate=lr, weight_decay=wd, name=name)
+        elif self.gater_optimizer_name == "sgd":
+            self.gater_optimizer = ee_optimizers.SGD(learning_rate=lr, momentum=0.9, weight_decay=wd, name=name)
+        elif self.gater_optimizer_name == "keras_adamw":
+            self.gater_optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=wd or None, name=name)
+        elif self.gater_optimizer_name == "keras_adam":
+            self.gater_optimizer = keras.optimizers.Adam(learning_rate=lr, name=name)
         else:
             self.gater_optimizer = keras.optimizers.SGD(
-                learning_rate=lr, momentum=0.9, weight_decay=wd, name="gater_sgd"
+                learning_rate=lr, momentum=0.9, weight_decay=wd or None, name=name
             )
         self.gater_optimizer.build(self.gater.weights)
         self.share_trackers = [keras.metrics.Mean(name=f"exit_{i + 1}_A_mean") for i in range(k)]
@@ -637,7 +649,7 @@ class BudgetAwareGating(Method):
         """The gater's step on `grads`; with a look-ahead's result, skipped where its loss scale overflowed."""
         variables = self.gater.weights
         grads = [ops.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-        if self.gater_optimizer_name == "adam":  # L2 decay in the gradient, as torch.optim.Adam
+        if self.gater_optimizer_name == "keras_adam":  # L2 decay in the gradient, as torch.optim.Adam
             grads = [g + self.gater_weight_decay * v for g, v in zip(grads, variables)]
         finite, inner_finite = (None, None) if lookahead is None else (lookahead.finite, lookahead.inner_finite)
         model.record_nonfinite(per_exit, phase=1, when=inner_finite)

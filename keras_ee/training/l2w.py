@@ -13,8 +13,9 @@ Design notes (why it is built this way):
   epoch is twice the number of batches (the same number of samples per
   step and steps per epoch as a baseline fed batches of half the size).
 - The pseudo-update uses `core.lookahead_step`: the exact step the real
-  optimizer would take now (schedule, momentum buffers, Nesterov, Keras'
-  decoupled weight decay), without touching the optimizer's state.
+  optimizer would take now (schedule, momentum buffers, Nesterov, weight
+  decay: coupled for the papers' `keras_ee.optimizers`, decoupled for
+  Keras'), without touching the optimizer's state.
 - Forward passes are reused: the pseudo-update's forward on the training
   half at the current parameters is the real step's forward too (same
   parameters, same batch statistics); the real gradient is a second
@@ -22,9 +23,12 @@ Design notes (why it is built this way):
   BatchNorm statistics it computed are the ones assigned. The meta forward
   (through the look-ahead parameters) runs in training mode and its
   BatchNorm statistics are discarded.
-- WPN optimizer: Adam with L2 weight decay added to the gradient
-  (`g + wd * theta`, as `torch.optim.Adam(weight_decay=...)` in the
-  reference code). Its learning rate follows the same schedule shape as the
+- WPN optimizer: `torch.optim.Adam(weight_decay=...)`'s step as the reference
+  code (`keras_ee.optimizers.Adam`: L2 weight decay added to the gradient,
+  `g + wd * theta`, epsilon 1e-8 after the bias correction);
+  `wpn_optimizer="keras_adam"` is Keras' Adam (epsilon 1e-7 before the bias
+  correction) with the same L2 term, the optimizer before keras-ee took
+  PyTorch's steps. Its learning rate follows the same schedule shape as the
   main optimizer: `lr_wpn(t) = wpn_learning_rate * lr(t) / lr(0)`, with
   `lr(t)` the main optimizer's current learning rate and `lr(0)` its value at
   iteration 0 (recorded when training starts if the learning rate is a plain
@@ -52,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import optimizers as ee_optimizers
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.allocation import (
@@ -70,6 +75,7 @@ _INPUTS = ("loss", "confidence", "both")
 _CONSTRAINTS = ("col", "row", "mat")
 _WEIGHTINGS = ("wpn", "frozen", "selection", "rising", "falling")
 _OBJECTIVES = ("allocated", "vanilla")
+_WPN_OPTIMIZERS = ("adam", "keras_adam")  # the papers' (torch.optim.Adam's step) or Keras' Adam
 
 
 @keras.saving.register_keras_serializable(package="keras_ee")
@@ -149,6 +155,7 @@ def zero_sum_weights(u: Tensor, delta: float, constraint: str = "col") -> Tensor
         "meta_objective": typing.Literal["allocated", "vanilla"],
         "weighting": typing.Literal["wpn", "frozen", "selection", "rising", "falling"],
         "wpn_weights_path": str | None,
+        "wpn_optimizer": typing.Literal["adam", "keras_adam"],
     },
     reference_code={},
     reference_note="LeapLabTHU/L2W-DEN: its CIFAR command (README: WPN width 500, constraint col, delta 0.8, "
@@ -176,6 +183,8 @@ class L2W(Method):
         meta_interval: I, update the WPN every I loaded batches (1).
         wpn_learning_rate: Adam's base learning rate (1e-4).
         wpn_weight_decay: Adam's L2 weight decay (1e-4).
+        wpn_optimizer: `"adam"` (default: `torch.optim.Adam`'s step, the code's) or
+            `"keras_adam"` (Keras' Adam with the L2 term in the gradient).
         meta_objective: `"allocated"` (each exit on its allocated meta
             samples; the paper) or `"vanilla"` (every exit on the whole meta
             batch; ablation).
@@ -214,6 +223,7 @@ class L2W(Method):
         meta_objective: str = "allocated",
         weighting: str = "wpn",
         wpn_weights_path: str | None = None,
+        wpn_optimizer: str = "adam",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -227,6 +237,7 @@ class L2W(Method):
             ("constraint", constraint, _CONSTRAINTS),
             ("weighting", weighting, _WEIGHTINGS),
             ("meta_objective", meta_objective, _OBJECTIVES),
+            ("wpn_optimizer", wpn_optimizer, _WPN_OPTIMIZERS),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
@@ -250,6 +261,7 @@ class L2W(Method):
         self.meta_objective = meta_objective
         self.weighting = weighting
         self.wpn_weights_path = wpn_weights_path
+        self.wpn_optimizer_name = wpn_optimizer
         # A weak reference: the optimizer belongs to the model (and is saved
         # there), not to the method.
         self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
@@ -310,12 +322,15 @@ class L2W(Method):
             name="initial_main_lr",
         )
         if self.meta_learns:
-            self.wpn_optimizer = keras.optimizers.Adam(
-                learning_rate=bilevel.follow_main_schedule(
-                    self.wpn_learning_rate, self._main_optimizer, self.initial_main_lr
-                ),
-                name="wpn_adam",
+            learning_rate = bilevel.follow_main_schedule(
+                self.wpn_learning_rate, self._main_optimizer, self.initial_main_lr
             )
+            if self.wpn_optimizer_name == "adam":
+                self.wpn_optimizer = ee_optimizers.Adam(
+                    learning_rate=learning_rate, weight_decay=self.wpn_weight_decay, name="wpn_adam"
+                )
+            else:
+                self.wpn_optimizer = keras.optimizers.Adam(learning_rate=learning_rate, name="wpn_adam")
             self.wpn_optimizer.build(self.wpn.weights)
         self.built = True
 
@@ -499,9 +514,9 @@ class L2W(Method):
         # Report a non-finite training loss before the meta loss it causes.
         model.record_nonfinite(ops.mean(ce, axis=0), phase=0)
         model.record_nonfinite(result.outer_aux, phase=1, when=result.inner_finite)
-        # L2 weight decay added to the gradient, as torch.optim.Adam does.
-        wd = self.wpn_weight_decay
-        wpn_grads = [ops.zeros_like(v) if g is None else g + wd * v for g, v in zip(wpn_grads, wpn_vars)]
+        wpn_grads = [ops.zeros_like(v) if g is None else g for g, v in zip(wpn_grads, wpn_vars)]
+        if self.wpn_optimizer_name == "keras_adam":  # L2 decay in the gradient (the papers' Adam has it inside)
+            wpn_grads = [g + self.wpn_weight_decay * v for g, v in zip(wpn_grads, wpn_vars)]
         # Under tf.distribute: each replica's share of the mean gradient (the optimizer sums).
         # Under loss scaling: no WPN step where the look-ahead overflowed (the real step is skipped too).
         bilevel.unless_overflow(
@@ -615,5 +630,6 @@ class L2W(Method):
             meta_objective=self.meta_objective,
             weighting=self.weighting,
             wpn_weights_path=self.wpn_weights_path,
+            wpn_optimizer=self.wpn_optimizer_name,
         )
         return config
