@@ -344,7 +344,7 @@ def make_optimizer(
         steps_per_epoch=steps_per_epoch,
         steps_per_batch=steps_per_batch,
     )
-    ema = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
+    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
     weight_decay = float(settings["weight_decay"])
     optimizer: keras.optimizers.Optimizer
     if config.optimizer in ("adamw", "keras_adamw"):
