@@ -280,7 +280,10 @@ def test_save_load_and_export_round_trips(trained, ee, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     served = np.load(tmp_path / "served.npz")
     for key in ref:
-        np.testing.assert_array_equal(served[key], ref[key])
+        if np.issubdtype(ref[key].dtype, np.floating):  # another process: oneDNN may round the last bit apart
+            np.testing.assert_allclose(served[key], ref[key], rtol=1e-6, atol=0, err_msg=key)
+        else:
+            np.testing.assert_array_equal(served[key], ref[key], err_msg=key)
     np.testing.assert_array_equal(np.load(tmp_path / "anytime.npy"), ee.predict(xt, deadline=2)["exit"])
 
 

@@ -237,6 +237,17 @@ def test_batch_of_one_is_a_clear_error():
 # --- argument validation -----------------------------------------------------
 
 
+def test_options_by_position_are_the_constructors_and_win_over_reference():
+    # The registry's `reference` option must not take the first positional option's place.
+    assert T.Baseline([1.0, 2.0, 3.0]).exit_weights == [1.0, 2.0, 3.0]
+    imta = T.IMTA(False, reference="code")
+    assert imta.gradient_equilibrium is False and imta.kl_reduction == "mean"
+    kl = T.IMTA(True, True, True, 3.0, 0.9, "batchmean", reference="code")
+    assert kl.kl_reduction == "batchmean" and kl.detach_transfer is False  # given wins, the rest is the code's
+    with pytest.raises(TypeError, match="two values for option 'exit_weights'"):
+        T.Baseline([1.0], exit_weights=[2.0])
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError):
         T.MultiExitModel("not a model")

@@ -349,15 +349,37 @@ def _accept_reference(cls: type, spec: MethodSpec) -> None:
     """
     init: Any = getattr(cls, "__init__")  # noqa: B009  (mypy calls `cls.__init__` unsound)
 
-    # Options by keyword only, as the registry passes them (Keras reads the constructor's
-    # arguments for its auto-config, which positional varargs would defeat).
+    # Options given by position (`Baseline([1, 2])`) are named first, so that the options the
+    # user gave explicitly win over `reference`'s values however they were passed.
+    signature = inspect.signature(init)
+    positional = [
+        p.name
+        for p in list(signature.parameters.values())[1:]
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+
     @functools.wraps(init)
-    def __init__(self: Any, reference: str = "paper", **kwargs: Any) -> None:
+    def __init__(self: Any, *args: Any, reference: str = "paper", **kwargs: Any) -> None:
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{cls.__name__}() takes at most {len(positional)} options by position; received {len(args)}."
+            )
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{cls.__name__}() got two values for option {name!r}.")
+            kwargs[name] = value
         reference = check_reference(spec.name, reference)
         kwargs.update(spec.code_values(reference, kwargs))
         init(self, **kwargs)
         self.reference = reference
 
+    # The constructor's own signature plus `reference` (keyword only): what `help()` and
+    # Keras' auto-config read (Keras cannot bind `*args` to names itself).
+    params = list(signature.parameters.values())
+    if "reference" not in signature.parameters:
+        at = len(params) - (params[-1].kind == inspect.Parameter.VAR_KEYWORD if params else 0)
+        params.insert(at, inspect.Parameter("reference", inspect.Parameter.KEYWORD_ONLY, default="paper"))
+    __init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     setattr(cls, "__init__", __init__)  # noqa: B010  (a class attribute, which mypy would call unsound)
 
 
