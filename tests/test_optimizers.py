@@ -1,13 +1,15 @@
 """keras_ee.optimizers against torch.optim's steps (tests/data/optimizers/torch_optim_steps.npz)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import ops
-from tiny_models import SMALL_CNN
+from tiny_models import TWO_EXIT_CNN
 
 from keras_ee import optimizers as ee_optimizers
 
@@ -169,13 +171,27 @@ def test_loss_scale_and_ema():
 TINY_RUN = dict(
     dataset="digits",
     model="multiexit_cnn",
-    model_options=SMALL_CNN,
-    epochs=2,
+    model_options=TWO_EXIT_CNN,
+    epochs=2,  # interrupted after the first, resumed for the second
     batch_size=128,
-    val_size=200,
+    val_size=50,
     evaluate=False,
-    train_size=256,
+    train_size=128,  # one batch an epoch
 )
+
+
+@pytest.fixture
+def eager_steps():
+    """The runs' steps (the default method, L2W) run eagerly: these tests are about which optimizer a
+    run takes and records, not the step, and a trace of L2W's would cost them 3 s a run."""
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        with warnings.catch_warnings():  # TensorFlow's notice that tf.data's functions stay traced
+            warnings.filterwarnings("ignore", "Even though the `tf.config.experimental_run_functions_eagerly`")
+            yield
+    finally:
+        tf.config.run_functions_eagerly(before)
 
 
 class OptimizerSeen(keras.callbacks.Callback):
@@ -207,7 +223,7 @@ def test_make_optimizer_takes_the_papers_steps_by_name(name, expected):
         assert opt._use_weight_decay(variables[0]) and not opt._use_weight_decay(variables[1])
 
 
-def test_a_run_from_before_resumes_with_keras_optimizer(tmp_path):
+def test_a_run_from_before_resumes_with_keras_optimizer(tmp_path, eager_steps):
     """A run folder made before keras-ee took PyTorch's steps (its `sgd` was Keras' SGD, its
     backup records no semantics) resumes with Keras' SGD, whose state the backup holds."""
     from tiny_models import StopAt
@@ -233,7 +249,7 @@ def test_a_run_from_before_resumes_with_keras_optimizer(tmp_path):
     assert json.loads((run / "config.json").read_text())["optimizer"] == "sgd"  # left as it was
 
 
-def test_a_new_run_records_and_resumes_the_papers_optimizer(tmp_path):
+def test_a_new_run_records_and_resumes_the_papers_optimizer(tmp_path, eager_steps):
     from tiny_models import StopAt
 
     from keras_ee import experiment, runs

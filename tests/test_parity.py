@@ -11,6 +11,11 @@ Errors are measured relative to the authors' *update* of each tensor (`max|k - t
 which is stricter than relative to the weight: a step that is 1% wrong fails, however small the
 learning rate. No torch here: the authors' tensors are mapped onto keras-ee's variables by
 `keras_ee.interop`'s own key mapping (the one `keras-ee import` uses).
+
+Each run is made once per module and dtype, three iterations kept after the first and the third.
+keras-ee's `train_step` runs eagerly here (`run_eagerly=True`): the same step, without a graph
+trace that costs 15-20 s for L2W on an MSDNet on a CPU; the traced steps are tested in
+test_training.py and test_l2w_pinned.py.
 """
 
 import contextlib
@@ -143,7 +148,7 @@ def imported(checkpoint):
 
 def l2w_model(backbone, wpn, optimizer, **options):
     model = T.MultiExitModel(backbone, method=T.L2W(**{**L2W_OPTIONS, **options}))
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, run_eagerly=True)
     for variable, value in zip(model.method.wpn.weights, wpn.weights, strict=True):
         variable.assign(value)
     return model
@@ -197,7 +202,7 @@ def baseline_run64(baseline64):
     with dtype_policy("float64"):
         backbone, _ = imported("baseline_msdnet_init.pth")
         model = T.MultiExitModel(backbone, method=T.Baseline())
-        model.compile(optimizer=papers_sgd())
+        model.compile(optimizer=papers_sgd(), run_eagerly=True)
         return backbone, run(model, baseline64, ITERATIONS)
 
 
@@ -206,7 +211,7 @@ def baseline_run32(baseline64):
     with dtype_policy("float32"):
         backbone, _ = imported("baseline_msdnet_init.pth")
         model = T.MultiExitModel(backbone, method=T.Baseline())
-        model.compile(optimizer=papers_sgd())
+        model.compile(optimizer=papers_sgd(), run_eagerly=True)
         return backbone, run(model, baseline64, 1)
 
 
@@ -253,7 +258,9 @@ def test_baseline_with_keras_sgd_is_theirs_at_one_step_only(baseline64):
     with dtype_policy("float64"):
         backbone, _ = imported("baseline_msdnet_init.pth")
         model = T.MultiExitModel(backbone, method=T.Baseline())
-        model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+        model.compile(
+            optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), run_eagerly=True
+        )
         snapshots = run(model, baseline64, ITERATIONS)
     # Keras' learning rate is a float32 variable (0.1 is 0.1 + 1.5e-9): 1.5e-8 of the update.
     check(snapshots[1], backbone, baseline64, 1, True, "float64")

@@ -4,16 +4,18 @@ The fixtures in tests/data/parity/ (imta_*, gating_*; how they were made:
 tests/data/parity/README_imta_gating.md) hold the authors' initial checkpoints, their batches,
 and their weights, BatchNorm statistics, gater weights, gradients and losses after their code
 ran 1 and 3 iterations in float64 (1 in float32). keras-ee starts from the imported checkpoint
-with the authors' settings, takes its own training steps, and must end within 1e-6 (relative,
-float64) or 1e-3 (float32, one iteration) of their weights.
+with the authors' settings (`reference="code"`, PyTorch's optimizers from `keras_ee.optimizers`),
+takes its own training steps, and must end within 1e-6 (relative, float64) or 1e-3 (float32, one
+iteration) of their weights.
 
-Some checks need pieces that land separately: PyTorch's optimizer semantics
-(`keras_ee.optimizers`), the unbiased BatchNorm moving variance, and the methods'
-`reference="code"` option. Where a piece is missing the test is skipped, naming it.
+Each run is made once per module and dtype: three iterations, kept after the first and the third.
+keras-ee's `train_step` runs eagerly here (`run_eagerly=True`): the same step, without a graph
+trace that costs 15-25 s per model on a CPU; the traced steps are tested in test_imta.py,
+test_gating.py and test_reference_code.py.
 """
 
 import contextlib
-import inspect
+import functools
 from pathlib import Path
 
 import keras
@@ -21,13 +23,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ee import models
+from keras_ee import models, optimizers
 from keras_ee.interop import torch_import
 from keras_ee.training import IMTA, BudgetAwareGating, MultiExitModel
 from keras_ee.training import gating as gating_module
 from keras_ee.training import imta as imta_module
 
 DATA = Path(__file__).parent / "data" / "parity"
+ITERATIONS = 3  # the fixtures hold the authors' state after iterations 1 and 3
 F64_RTOL = 1e-6
 F32_RTOL = 1e-3
 # kalviny/IMTA: SGD lr 0.1 (epoch 0 of the CIFAR multistep schedule), momentum 0.9, weight decay 1e-4,
@@ -61,72 +64,50 @@ def float32():
         yield "float32"
 
 
-# ---- the pieces other changes bring
-
-
-def torch_optimizer(kind, *, steps, **kwargs):
-    """PyTorch's SGD / AdamW semantics (`keras_ee.optimizers`). Without them, Keras' SGD for a single
-    step (its first step equals PyTorch's: `p - lr (g + wd p)`); anything else is skipped."""
-    try:
-        from keras_ee import optimizers
-    except ImportError:
-        if kind == "SGD" and steps == 1:
-            return keras.optimizers.SGD(**kwargs)
-        pytest.skip("needs PyTorch's optimizer semantics (keras_ee.optimizers)")
-    return getattr(optimizers, kind)(**kwargs)
-
-
-def _unbiased_moving_variance():
-    """Whether keras-ee's BatchNorm updates the moving variance with the unbiased batch variance (PyTorch)."""
-    from keras_ee.models import heads
-
-    bn = heads.batch_normalization("probe_bn")
-    x = np.arange(4, dtype="float32").reshape(4, 1)
-    bn(x, training=True)
-    batch_var = float(np.var(x))  # biased: 1.25; unbiased 5/3
-    momentum = 1.0 - float(getattr(bn, "momentum", 0.9))
-    got = float(np.asarray(bn.moving_variance)[0])
-    return abs(got - ((1 - momentum) * 1.0 + momentum * batch_var * 4 / 3)) < 1e-6
-
-
-def needs_unbiased_batchnorm():
-    if not _unbiased_moving_variance():
-        pytest.skip("needs BatchNorm's unbiased moving variance (PyTorch's running_var)")
-
-
-def has_reference_option(method_class):
-    return "reference" in inspect.signature(method_class.__init__).parameters
+# ---- the authors' settings
 
 
 def imta_code(**kwargs):
-    """IMTA as the authors' code runs it: `reference="code"`, or before that option the same departures by name."""
-    if has_reference_option(IMTA):
-        return IMTA(reference="code", **kwargs)
-    return IMTA(kl_reduction="mean", detach_transfer=False, frozen_batchnorm="batch", nesterov=False, **kwargs)
+    return IMTA(reference="code", **kwargs)
 
 
 def gating_code(options):
-    if not has_reference_option(BudgetAwareGating):
-        pytest.skip('needs BudgetAwareGating(reference="code") (their loss and two half-steps per batch)')
     return BudgetAwareGating(reference="code", **options)
 
 
 # ---- comparing weights
 
 
-def _weights_by_layer(model):
+def weights_by_layer(model):
+    """`{layer name: its weights}` over a model's layers that have weights; a `snapshot`'s as it is."""
+    if isinstance(model, dict):
+        return model
     return {layer.name: layer.weights for layer in model.layers if layer.weights}
+
+
+def snapshot(model):
+    """The backbone's weights by layer, and the gater's if the method has one, as float64 arrays."""
+    out = {
+        "backbone": {
+            name: [np.asarray(w, np.float64) for w in weights]
+            for name, weights in weights_by_layer(model.backbone).items()
+        }
+    }
+    if getattr(model.method, "gater", None) is not None:
+        out["gater"] = {v.path: np.asarray(v, np.float64) for v in model.method.gater.weights}
+    return out
 
 
 def relative_errors(trained, expected, statistics=False, only=None):
     """`{layer/weight: max|a - b| / max|b|}` over `expected`'s layers (trainable weights, or the
-    BatchNorm statistics). A keras-ee weight larger than the authors' (IMTA's phase-I classifier
-    inside `Dense(2d -> C)`) is compared on its first rows. `only`: the `layer/weight` names to compare.
-    A weight whose values are all below 1e-9 (a gradient that is zero in exact arithmetic, as a
-    Dense bias before training-mode BatchNorm) is compared in absolute terms."""
-    got = _weights_by_layer(trained)
+    BatchNorm statistics); `trained`: a model or a `snapshot(...)["backbone"]`. A keras-ee weight
+    larger than the authors' (IMTA's phase-I classifier inside `Dense(2d -> C)`) is compared on its
+    first rows. `only`: the `layer/weight` names to compare. A weight whose values are all below
+    1e-9 (a gradient that is zero in exact arithmetic, as a Dense bias before training-mode
+    BatchNorm) is compared in absolute terms."""
+    got = weights_by_layer(trained)
     out = {}
-    for name, weights in _weights_by_layer(expected).items():
+    for name, weights in weights_by_layer(expected).items():
         assert name in got, f"{name} missing from keras-ee's model"
         assert len(got[name]) == len(weights), name
         for a, b in zip(got[name], weights, strict=True):
@@ -149,16 +130,26 @@ def imported(name):
     return torch_import.read_checkpoint_into_model(DATA / name)
 
 
+@functools.cache
+def authors(name):
+    """One of the authors' checkpoints (read only), imported once under the float64 policy."""
+    with dtype_policy("float64"):
+        return imported(name)
+
+
 def batches(npz):
     x = np.transpose(npz["inputs_nchw"].astype(np.float64), (0, 1, 3, 4, 2))
     return x, npz["labels"].astype("int64")
 
 
 def train(model, x, y, iterations, dtype):
-    logs = []
+    """keras-ee's steps on the first `iterations` batches: the logs, and a `snapshot` after 1 and `iterations`."""
+    logs, snapshots = [], {}
     for i in range(iterations):
         logs.append(model.train_on_batch(x[i].astype(dtype), y[i], return_dict=True))
-    return logs
+        if i + 1 in (1, iterations):
+            snapshots[i + 1] = snapshot(model)
+    return logs, snapshots
 
 
 def gradient_by_step(model, x, y, dtype):
@@ -179,45 +170,49 @@ def imta_phase1_model(optimizer):
     backbone = torch_import.load_torch_checkpoint(DATA / "imta_phase1_init.pth")
     model = MultiExitModel(backbone, method=imta_code())
     assert model.method.current_phase == 0 and model.method.gradient_equilibrium
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, run_eagerly=True)
     return model
+
+
+@pytest.fixture(scope="module")
+def imta_phase1_run():
+    """Their SGD on their three batches in float64: the logs, and the model after iterations 1 and 3."""
+    x, y = batches(np.load(DATA / "imta_phase1_io.npz"))
+    with dtype_policy("float64"):
+        return train(imta_phase1_model(optimizers.SGD(**IMTA_SGD)), x, y, ITERATIONS, "float64")
 
 
 def test_imta_phase1_gradient_of_the_first_step(float64):
     x, y = batches(np.load(DATA / "imta_phase1_io.npz"))
     model = imta_phase1_model(keras.optimizers.SGD(1.0))
     trained = gradient_by_step(model, x[0], y[0], "float64")
-    want, *_ = imported("imta_phase1_grad0_f64.pth")
+    want, *_ = authors("imta_phase1_grad0_f64.pth")
     assert_close(relative_errors(model.backbone, want, only=trained), F64_RTOL, "IMTA phase I, gradient at step 0")
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_imta_phase1_weights_after_iterations(float64, iterations):
+def test_imta_phase1_losses_and_weights_after_1_and_3_iterations(imta_phase1_run):
+    logs, snapshots = imta_phase1_run
     io = np.load(DATA / "imta_phase1_io.npz")
-    x, y = batches(io)
-    model = imta_phase1_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
-    logs = train(model, x, y, iterations, "float64")
-    np.testing.assert_allclose([log["loss"] for log in logs], io["f64_losses"][:iterations], rtol=F64_RTOL)
-    want, *_ = imported(f"imta_phase1_iter{iterations}_f64.pth")
-    assert_close(relative_errors(model.backbone, want), F64_RTOL, f"IMTA phase I, {iterations} iteration(s)")
+    np.testing.assert_allclose([log["loss"] for log in logs], io["f64_losses"][:ITERATIONS], rtol=F64_RTOL)
+    for it in (1, ITERATIONS):
+        want, *_ = authors(f"imta_phase1_iter{it}_f64.pth")
+        errors = relative_errors(snapshots[it]["backbone"], want)
+        assert_close(errors, F64_RTOL, f"IMTA phase I, {it} iteration(s)")
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_imta_phase1_batchnorm_statistics_after_iterations(float64, iterations):
-    needs_unbiased_batchnorm()
-    x, y = batches(np.load(DATA / "imta_phase1_io.npz"))
-    model = imta_phase1_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
-    train(model, x, y, iterations, "float64")
-    want, *_ = imported(f"imta_phase1_iter{iterations}_f64.pth")
-    assert_close(relative_errors(model.backbone, want, statistics=True), F64_RTOL, "IMTA phase I, BN statistics")
+def test_imta_phase1_batchnorm_statistics_after_1_and_3_iterations(imta_phase1_run):
+    _, snapshots = imta_phase1_run
+    for it in (1, ITERATIONS):
+        want, *_ = authors(f"imta_phase1_iter{it}_f64.pth")
+        errors = relative_errors(snapshots[it]["backbone"], want, statistics=True)
+        assert_close(errors, F64_RTOL, f"IMTA phase I, BN statistics after {it} iteration(s)")
 
 
 def test_imta_phase1_one_iteration_in_float32(float32):
     x, y = batches(np.load(DATA / "imta_phase1_io.npz"))
-    model = imta_phase1_model(torch_optimizer("SGD", steps=1, **IMTA_SGD))
+    model = imta_phase1_model(optimizers.SGD(**IMTA_SGD))
     train(model, x, y, 1, "float32")
-    with dtype_policy("float64"):
-        want, *_ = imported("imta_phase1_iter1_f64.pth")
+    want, *_ = authors("imta_phase1_iter1_f64.pth")
     assert_close(relative_errors(model.backbone, want), F32_RTOL, "IMTA phase I in float32")
 
 
@@ -235,13 +230,19 @@ def imta_phase2_model(optimizer):
     model = MultiExitModel(backbone, method=method, transform_backbone=False)
     model.method.teacher_kernel.assign(state["teacher"][0])
     model.method.teacher_bias.assign(state["teacher"][1])
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, run_eagerly=True)
     return model
 
 
+@pytest.fixture(scope="module")
+def imta_phase2_run():
+    """Their SGD on their three batches in float64: the logs, and the model after iterations 1 and 3."""
+    x, y = batches(np.load(DATA / "imta_phase2_io.npz"))
+    with dtype_policy("float64"):
+        return train(imta_phase2_model(optimizers.SGD(**IMTA_SGD)), x, y, ITERATIONS, "float64")
+
+
 def test_imta_reference_code_switches_the_authors_departures():
-    if not has_reference_option(IMTA):
-        pytest.skip('needs IMTA(reference="code")')
     method = IMTA(reference="code")
     assert (method.kl_reduction, method.detach_transfer, method.frozen_batchnorm, method.nesterov) == (
         "mean",
@@ -272,38 +273,34 @@ def test_imta_phase2_gradient_of_the_first_step(float64):
     model = imta_phase2_model(keras.optimizers.SGD(1.0))
     trained = gradient_by_step(model, x[0], y[0], "float64")
     assert len(trained) == 3 * 2 + 2 * 4  # the classifiers and the transfer paths (Dense, BatchNorm) only
-    want, *_ = imported("imta_phase2_grad0_f64.pth")
+    want, *_ = authors("imta_phase2_grad0_f64.pth")
     assert_close(relative_errors(model.backbone, want, only=trained), F64_RTOL, "IMTA phase II, gradient at step 0")
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_imta_phase2_weights_after_iterations(float64, iterations):
+def test_imta_phase2_losses_and_weights_after_1_and_3_iterations(imta_phase2_run):
+    logs, snapshots = imta_phase2_run
     io = np.load(DATA / "imta_phase2_io.npz")
-    x, y = batches(io)
-    model = imta_phase2_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
-    logs = train(model, x, y, iterations, "float64")
-    np.testing.assert_allclose([log["loss"] for log in logs], io["f64_losses"][:iterations], rtol=F64_RTOL)
-    want, *_ = imported(f"imta_phase2_iter{iterations}_f64.pth")
-    assert_close(relative_errors(model.backbone, want), F64_RTOL, f"IMTA phase II, {iterations} iteration(s)")
+    np.testing.assert_allclose([log["loss"] for log in logs], io["f64_losses"][:ITERATIONS], rtol=F64_RTOL)
+    for it in (1, ITERATIONS):
+        want, *_ = authors(f"imta_phase2_iter{it}_f64.pth")
+        errors = relative_errors(snapshots[it]["backbone"], want)
+        assert_close(errors, F64_RTOL, f"IMTA phase II, {it} iteration(s)")
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_imta_phase2_batchnorm_statistics_after_iterations(float64, iterations):
+def test_imta_phase2_batchnorm_statistics_after_1_and_3_iterations(imta_phase2_run):
     """Their frozen network's BatchNorm runs in training mode: its running statistics move."""
-    needs_unbiased_batchnorm()
-    x, y = batches(np.load(DATA / "imta_phase2_io.npz"))
-    model = imta_phase2_model(torch_optimizer("SGD", steps=iterations, **IMTA_SGD))
-    train(model, x, y, iterations, "float64")
-    want, *_ = imported(f"imta_phase2_iter{iterations}_f64.pth")
-    assert_close(relative_errors(model.backbone, want, statistics=True), F64_RTOL, "IMTA phase II, BN statistics")
+    _, snapshots = imta_phase2_run
+    for it in (1, ITERATIONS):
+        want, *_ = authors(f"imta_phase2_iter{it}_f64.pth")
+        errors = relative_errors(snapshots[it]["backbone"], want, statistics=True)
+        assert_close(errors, F64_RTOL, f"IMTA phase II, BN statistics after {it} iteration(s)")
 
 
 def test_imta_phase2_one_iteration_in_float32(float32):
     x, y = batches(np.load(DATA / "imta_phase2_io.npz"))
-    model = imta_phase2_model(torch_optimizer("SGD", steps=1, **IMTA_SGD))
+    model = imta_phase2_model(optimizers.SGD(**IMTA_SGD))
     train(model, x, y, 1, "float32")
-    with dtype_policy("float64"):
-        want, *_ = imported("imta_phase2_iter1_f64.pth")
+    want, *_ = authors("imta_phase2_iter1_f64.pth")
     assert_close(relative_errors(model.backbone, want), F32_RTOL, "IMTA phase II in float32")
 
 
@@ -356,7 +353,7 @@ def gating_model(method, gater, optimizer, decay_matrices_only=False):
         # their optim_factory.get_parameter_groups: no weight decay on one-dimensional parameters (biases,
         # BatchNorm); Keras' exclusion list, set before `compile` builds the optimizer.
         optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) == 1])
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, run_eagerly=True)
     return model
 
 
@@ -391,7 +388,7 @@ def test_gating_backbone_loss_and_gradient_of_the_first_half_step(float64):
     assert abs(float(loss) - io["init_train_loss"]) <= F64_RTOL * io["init_train_loss"]
     for v, g in zip(model.trainable_variables, grads, strict=True):
         v.assign(g)
-    want, *_ = imported("gating_grads_first_steps_f64.pth")
+    want, *_ = authors("gating_grads_first_steps_f64.pth")
     assert_close(relative_errors(model.backbone, want), F64_RTOL, "gating, backbone gradient of the first step")
 
 
@@ -405,7 +402,7 @@ def test_gating_gater_loss_and_gradient_at_the_initial_weights(float64):
     model = gating_model(gating_code(options), gater, keras.optimizers.SGD(0.1))
     grads, per_exit = model.method.gater_gradients(model, tf.constant(x[0][half:]), tf.constant(y[0][half:]))
     assert abs(float(tf.reduce_sum(per_exit)) - io["init_gater_loss"]) <= F64_RTOL * io["init_gater_loss"]
-    _, _, _, state = imported("gating_gater_grad_at_init_f64.pth")
+    _, _, _, state = authors("gating_gater_grad_at_init_f64.pth")
     errors = {}
     for v, g, w in zip(model.method.gater.weights, grads, state["gater"].weights, strict=True):
         w = np.asarray(w)
@@ -413,42 +410,45 @@ def test_gating_gater_loss_and_gradient_at_the_initial_weights(float64):
     assert_close(errors, F64_RTOL, "gating, gater gradient at the initial weights")
 
 
-def gater_errors(model, state):
+def gater_errors(gater, state):
+    """`{path: max|a - b| / max|b|}` of keras-ee's gater weights (a `snapshot`'s) against the authors'."""
     errors = {}
-    for v, w in zip(model.method.gater.weights, state["gater"].weights, strict=True):
+    for (path, a), w in zip(gater.items(), state["gater"].weights, strict=True):
         w = np.asarray(w, np.float64)
-        errors[v.path] = np.abs(np.asarray(v, np.float64) - w).max() / np.abs(w).max()
+        errors[path] = np.abs(a - w).max() / np.abs(w).max()
     return errors
 
 
 def gating_run(iterations, dtype):
-    io = np.load(DATA / "gating_io.npz")
-    x, y = batches(io)
+    """Their AdamW over `iterations` batches (iteration 0 a gater iteration): `train`'s logs and snapshots."""
+    x, y = batches(np.load(DATA / "gating_io.npz"))
     _, options, gater = gating_parts()
-    method = gating_code(options)
-    optimizer = torch_optimizer("AdamW", steps=2 * iterations, **GATING_ADAMW)
-    model = gating_model(method, gater, optimizer, decay_matrices_only=True)
-    needs_unbiased_batchnorm()  # the gater steps read the backbone's moving statistics (eval mode)
-    train(model, x, y, iterations, dtype)
-    return model
+    model = gating_model(gating_code(options), gater, optimizers.AdamW(**GATING_ADAMW), decay_matrices_only=True)
+    return train(model, x, y, iterations, dtype)
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_gating_weights_after_iterations(float64, iterations):
+@pytest.fixture(scope="module")
+def gating_run64():
+    with dtype_policy("float64"):
+        return gating_run(ITERATIONS, "float64")
+
+
+def test_gating_weights_after_1_and_3_iterations(gating_run64):
     """One iteration: backbone steps on both halves, gater steps on the opposite halves (iteration 0 is
     a gater iteration); iterations 2 and 3 backbone steps only."""
-    model = gating_run(iterations, "float64")
-    want, _, _, state = imported(f"gating_iter{iterations}_f64.pth")
-    assert_close(relative_errors(model.backbone, want), F64_RTOL, f"gating backbone, {iterations} iteration(s)")
-    assert_close(
-        relative_errors(model.backbone, want, statistics=True), F64_RTOL, f"gating BN statistics, {iterations}"
-    )
-    assert_close(gater_errors(model, state), F64_RTOL, f"gater, {iterations} iteration(s)")
+    _, snapshots = gating_run64
+    for it in (1, ITERATIONS):
+        want, _, _, state = authors(f"gating_iter{it}_f64.pth")
+        trained = snapshots[it]
+        assert_close(relative_errors(trained["backbone"], want), F64_RTOL, f"gating backbone, {it} iteration(s)")
+        assert_close(
+            relative_errors(trained["backbone"], want, statistics=True), F64_RTOL, f"gating BN statistics, {it}"
+        )
+        assert_close(gater_errors(trained["gater"], state), F64_RTOL, f"gater, {it} iteration(s)")
 
 
 def test_gating_one_iteration_in_float32(float32):
-    model = gating_run(1, "float32")
-    with dtype_policy("float64"):
-        want, _, _, state = imported("gating_iter1_f64.pth")
-    assert_close(relative_errors(model.backbone, want), F32_RTOL, "gating backbone in float32")
-    assert_close(gater_errors(model, state), F32_RTOL, "gater in float32")
+    _, snapshots = gating_run(1, "float32")
+    want, _, _, state = authors("gating_iter1_f64.pth")
+    assert_close(relative_errors(snapshots[1]["backbone"], want), F32_RTOL, "gating backbone in float32")
+    assert_close(gater_errors(snapshots[1]["gater"], state), F32_RTOL, "gater in float32")

@@ -8,6 +8,7 @@ step on the opposite half after each, with the backbone in inference mode and un
 """
 
 import os
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,6 +40,19 @@ GATING_CODE = {
     "log_epsilon": 1e-5,
 }
 CODE = {"imta": IMTA_CODE, "l2w_imta": IMTA_CODE, "gating": GATING_CODE, "l2w": {}, "baseline": {}}
+
+
+@pytest.fixture
+def eager_steps():
+    """`tf.function`s run eagerly (a run's steps: no trace of the code loop, 4 s a run)."""
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        with warnings.catch_warnings():  # TensorFlow's notice that tf.data's functions stay traced
+            warnings.filterwarnings("ignore", "Even though the `tf.config.experimental_run_functions_eagerly`")
+            yield
+    finally:
+        tf.config.run_functions_eagerly(before)
 
 
 # --- the option ----------------------------------------------------------------------------
@@ -232,7 +246,7 @@ def test_both_gater_steps_of_a_batch_take_the_codes_meta_rate_of_that_batch():
 
 
 def test_the_gater_step_runs_the_backbone_in_inference_mode():
-    model = _exchange_model(tiny_backbone())
+    model = _exchange_model(tiny_backbone(), eager=True)
     x, y = tiny_data(n=8)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # moving statistics away from their start
     grads, _ = model.method.gater_gradients(model, x[:4], y[:4])
@@ -247,19 +261,21 @@ def test_the_gater_step_runs_the_backbone_in_inference_mode():
     assert any(not np.allclose(np.asarray(g), np.asarray(w)) for g, w in zip(grads, gradients(True)))
 
 
-def test_the_run_schedule_spans_two_steps_per_batch_and_resumes_inside_the_code_loop(tmp_path):
-    from tiny_models import SMALL_CNN
+def test_the_run_schedule_spans_two_steps_per_batch_and_resumes_inside_the_code_loop(tmp_path, eager_steps):
+    """What the run does with the loop (its schedule, counts, backups), not its trace: the steps run
+    eagerly (the traced loop's counts: the test above with `fit`)."""
+    from tiny_models import TWO_EXIT_CNN
 
     from keras_ee.config import TrainConfig
 
     cfg = TrainConfig(
         dataset="digits",
         model="multiexit_cnn",
-        model_options=SMALL_CNN,
+        model_options=TWO_EXIT_CNN,
         epochs=2,
-        batch_size=64,
-        val_size=100,
-        train_size=256,  # 4 batches per epoch
+        batch_size=32,
+        val_size=50,
+        train_size=128,  # 4 batches per epoch
         method="gating",
         method_options={"reference": "code", "gater_width": 8, "gater_interval": 3},
         evaluate=False,
