@@ -19,3 +19,22 @@ def float64():
     yield
     keras.config.set_floatx(old)
     keras.config.set_dtype_policy(old_policy)
+
+
+@pytest.fixture
+def eager_steps():
+    """`tf.function`s run eagerly for the test: for tests about what a run takes, records and resumes
+    rather than the step itself (a trace of a bilevel step costs 3-4 s a run; the traced steps
+    have their own tests)."""
+    import warnings
+
+    import tensorflow as tf
+
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        with warnings.catch_warnings():  # TensorFlow's notice that tf.data's functions stay traced
+            warnings.filterwarnings("ignore", "Even though the `tf.config.experimental_run_functions_eagerly`")
+            yield
+    finally:
+        tf.config.run_functions_eagerly(before)

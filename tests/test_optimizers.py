@@ -1,13 +1,11 @@
 """keras_ee.optimizers against torch.optim's steps (tests/data/optimizers/torch_optim_steps.npz)."""
 
 import json
-import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras import ops
 from tiny_models import TWO_EXIT_CNN
 
@@ -178,20 +176,6 @@ TINY_RUN = dict(
     evaluate=False,
     train_size=128,  # one batch an epoch
 )
-
-
-@pytest.fixture
-def eager_steps():
-    """The runs' steps (the default method, L2W) run eagerly: these tests are about which optimizer a
-    run takes and records, not the step, and a trace of L2W's would cost them 3 s a run."""
-    before = tf.config.functions_run_eagerly()
-    tf.config.run_functions_eagerly(True)
-    try:
-        with warnings.catch_warnings():  # TensorFlow's notice that tf.data's functions stay traced
-            warnings.filterwarnings("ignore", "Even though the `tf.config.experimental_run_functions_eagerly`")
-            yield
-    finally:
-        tf.config.run_functions_eagerly(before)
 
 
 class OptimizerSeen(keras.callbacks.Callback):

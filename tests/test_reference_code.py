@@ -8,7 +8,6 @@ step on the opposite half after each, with the backbone in inference mode and un
 """
 
 import os
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,19 +39,6 @@ GATING_CODE = {
     "log_epsilon": 1e-5,
 }
 CODE = {"imta": IMTA_CODE, "l2w_imta": IMTA_CODE, "gating": GATING_CODE, "l2w": {}, "baseline": {}}
-
-
-@pytest.fixture
-def eager_steps():
-    """`tf.function`s run eagerly (a run's steps: no trace of the code loop, 4 s a run)."""
-    before = tf.config.functions_run_eagerly()
-    tf.config.run_functions_eagerly(True)
-    try:
-        with warnings.catch_warnings():  # TensorFlow's notice that tf.data's functions stay traced
-            warnings.filterwarnings("ignore", "Even though the `tf.config.experimental_run_functions_eagerly`")
-            yield
-    finally:
-        tf.config.run_functions_eagerly(before)
 
 
 # --- the option ----------------------------------------------------------------------------
