@@ -178,6 +178,15 @@ def stateless_forward(
     return float32_logits(outputs[:k]), non_trainable, dict(zip(names, outputs[k:]))
 
 
+def model_inputs(model: keras.Model) -> Any:
+    """`model`'s input as it was given: one tensor for a one-input model, for a new model on it.
+
+    Keras' `model.inputs` is always a list; a model built on a list of one expects a list and
+    warns when called on an image batch.
+    """
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 _PROBES: weakref.WeakKeyDictionary[keras.Model, dict[tuple[str, ...], keras.Model]] = weakref.WeakKeyDictionary()
 
 
@@ -199,7 +208,7 @@ def probe_model(model: keras.Model, names: tuple[str, ...]) -> keras.Model:
                 raise ValueError(f"`return_tensors`: the model has no layer named {name!r}.") from None
             extra.append(layer.output)
         outputs = list(model.outputs) if isinstance(model.outputs, (list, tuple)) else [model.outputs]
-        cache[names] = keras.Model(model.inputs, outputs + extra, name=f"{model.name}_probe")
+        cache[names] = keras.Model(model_inputs(model), outputs + extra, name=f"{model.name}_probe")
     return cache[names]
 
 

@@ -313,7 +313,7 @@ class IMTA(Method):
             # Phase I is the original network: its classifier in the first d rows, zeros below.
             kernel, bias = old.get_weights()
             new.set_weights([np.concatenate([kernel, np.zeros((width, c), kernel.dtype)]), bias])
-        return keras.Model(backbone.inputs, outputs, name=backbone.name)
+        return keras.Model(core.model_inputs(backbone), outputs, name=backbone.name)
 
     def setup(self, model: "MultiExitModel") -> None:
         super().setup(model)
