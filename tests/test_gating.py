@@ -324,7 +324,7 @@ TINY = dict(
 )
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_reported(tmp_path, capsys):
+def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_reported(tmp_path, capsys, eager_steps):
     cfg = TrainConfig(**TINY)
     straight = tmp_path / "straight"
     assert cli.main(["train", "--config", _write(tmp_path / "cfg.json", cfg), "--out", str(straight), "--quiet"]) == 0

@@ -389,7 +389,7 @@ def test_meta_batches_never_come_from_the_training_split_and_the_run_records_the
     assert isinstance(loaded, T.NaiveDKD) and (loaded.teachers, loaded.learn_weights) == ("dense", False)
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, eager_steps):
     cfg = TrainConfig(
         **{**TINY, "method_options": {"gamma_learning_rate": 0.01, "temperature_rule": "adaptive", "temperature": 1.0}}
     )

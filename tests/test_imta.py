@@ -345,7 +345,7 @@ def _run_weights(run):
 
 
 @pytest.mark.parametrize("method", ["imta", "l2w_imta"])
-def test_a_run_resumed_across_the_phase_boundary_equals_an_uninterrupted_one(method, tmp_path, capsys):
+def test_a_run_resumed_across_the_phase_boundary_equals_an_uninterrupted_one(method, tmp_path, capsys, eager_steps):
     cfg = TrainConfig(**TINY, method=method, method_options={"phase2_epochs": 1})
     straight = tmp_path / "straight"
     experiment.train(cfg, straight, verbose="progress")
@@ -365,7 +365,7 @@ def test_a_run_resumed_across_the_phase_boundary_equals_an_uninterrupted_one(met
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0", "1"]
 
 
-def test_a_resume_inside_phase2_loads_the_phase2_state(tmp_path):
+def test_a_resume_inside_phase2_loads_the_phase2_state(tmp_path, eager_steps):
     cfg = TrainConfig(**{**TINY, "epochs": 1}, method="imta", method_options={"phase2_epochs": 2})
     straight = tmp_path / "straight"
     experiment.train(cfg, straight, verbose=0)

@@ -267,7 +267,7 @@ def test_a_method_declares_phases_and_keras_ee_train_runs_them(tmp_path, capsys)
         assert len(f.read().splitlines()) == 3  # header + one row per epoch of both phases
 
 
-def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_path):
+def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_path, eager_steps):
     from keras_ee import experiment, runs
     from keras_ee.config import TrainConfig
 

@@ -265,7 +265,7 @@ def _all_weights(run):
         ("baseline", None, dict(ema=0.9)),
     ],
 )
-def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_path, monkeypatch):
+def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_path, monkeypatch, eager_steps):
     cfg = TrainConfig(**{**TINY, **RECIPE, **extra, "method": method})
     straight = experiment.train(cfg, tmp_path / "straight", verbose=0)
     run = tmp_path / "run"

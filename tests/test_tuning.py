@@ -13,7 +13,7 @@ def _small_config(path):
     return str(path)
 
 
-def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys):
+def test_search_ranks_trials_by_val_budget_auc_and_writes_best(tmp_path, capsys, eager_steps):
     argv = [
         "--config",
         _small_config(tmp_path / "base.json"),
