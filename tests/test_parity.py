@@ -18,7 +18,6 @@ trace that costs 15-20 s for L2W on an MSDNet on a CPU; the traced steps are tes
 test_training.py and test_l2w_pinned.py.
 """
 
-import contextlib
 import math
 import os
 import warnings
@@ -32,6 +31,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
+from keras_ee.experiment import dtype_policy
 from keras_ee.interop.torch_import import (  # noqa: E402
     StateDict,
     msdnet_assignments,
@@ -67,16 +67,6 @@ TIE = 1e-9  # confidences closer than this at an allocation's cut are a tie with
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def dtype_policy(name):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def load(name):

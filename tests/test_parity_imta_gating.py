@@ -14,7 +14,6 @@ trace that costs 15-25 s per model on a CPU; the traced steps are tested in test
 test_gating.py and test_reference_code.py.
 """
 
-import contextlib
 import functools
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ee import models, optimizers
+from keras_ee.experiment import dtype_policy
 from keras_ee.interop import torch_import
 from keras_ee.training import IMTA, BudgetAwareGating, MultiExitModel
 from keras_ee.training import gating as gating_module
@@ -40,16 +40,6 @@ IMTA_SGD = {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
 # weight decay 1e-4 on every parameter of more than one dimension (optim_factory.get_parameter_groups).
 GATING_ADAMW = {"learning_rate": 4e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8, "weight_decay": 1e-4}
 STATISTICS = ("moving_mean", "moving_variance")
-
-
-@contextlib.contextmanager
-def dtype_policy(name):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 @pytest.fixture(params=["float64"])
