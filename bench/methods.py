@@ -786,6 +786,14 @@ def main(argv=None) -> int:
         print(f"bench/methods.py: error: {e}", file=sys.stderr)
         return 2
 
+    from keras_ee import cli
+
+    # keras-ee's one error policy: a busy run folder, a full disk or bad data is one line and an
+    # exit status, not a traceback.
+    return cli.run_command("bench/methods.py", lambda a: _run(a, runs, base, methods, argv), args)
+
+
+def _run(args, runs, base, methods, argv) -> None:
     from keras_ee.atomic import atomic_write_json, atomic_write_text
 
     command = "python bench/methods.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -818,7 +826,6 @@ def main(argv=None) -> int:
     plot(runs, summary, base, names[2], args.metric)
     print("\n" + table)
     print("wrote " + ", ".join(map(str, names)))
-    return 0
 
 
 if __name__ == "__main__":

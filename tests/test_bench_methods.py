@@ -158,3 +158,15 @@ def test_a_method_with_its_own_confidence_gets_a_row_per_score(bench, tmp_path, 
     assert set(results["differences"]) == {"gating", "gating [gater]"}
     rows = [r.split("|")[1].strip() for r in (out / "results.md").read_text().splitlines() if r.startswith("| ")]
     assert any(r.startswith("gating [gater]") for r in rows)
+
+
+def test_a_run_folder_in_use_is_one_line_not_a_traceback(bench, tmp_path, capsys):
+    from keras_ee import runs
+
+    out = tmp_path / "out"
+    (out / "baseline-s0").mkdir(parents=True)
+    with runs.RunLock(out / "baseline-s0"):  # another command training into it
+        assert bench.main(TINY + ["--methods", "baseline", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench/methods.py: error: run folder") and "is in use by" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
