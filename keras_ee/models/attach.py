@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 import keras
 
-from keras_ee.models import _validate as v
+from keras_ee import validation as v
 from keras_ee.models import graph
 from keras_ee.models.heads import (
     branch_and_trunk,

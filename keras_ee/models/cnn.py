@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_ee.models import _validate as v
+from keras_ee import validation as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
     branch_and_trunk,

@@ -24,7 +24,7 @@ from typing import Any
 
 import keras
 
-from keras_ee.models import _validate as v
+from keras_ee import validation as v
 from keras_ee.models.graph import mark_stage
 from keras_ee.models.heads import (
     bottleneck_unit,
