@@ -229,7 +229,7 @@ def base_config(args):
     if args.model_option:
         values["model_options"] = {**values["model_options"], **dict(args.model_option)}
     values.update(method="baseline", method_options={}, seed=0, evaluate=False)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def plan(args) -> tuple[list[dict], object, list[dict]]:

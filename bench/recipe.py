@@ -10,6 +10,7 @@ ratio to the recipe off.
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -91,7 +92,7 @@ def main():
         epochs=args.epochs + 1,
         evaluate=False,
     )
-    recipe = dict(RECIPES["budget-aware"])
+    recipe = dataclasses.asdict(RECIPES["budget-aware"])
     ema = recipe.pop("ema")
     variants = [("off", {}), ("budget-aware, no EMA", recipe), ("budget-aware", {**recipe, "ema": ema})]
     for key in ("randaugment", "color_jitter", "random_erasing", "mixup", "cutmix", "label_smoothing"):
@@ -103,7 +104,7 @@ def main():
     print(f"{'recipe':<24} {'pipeline':>9} {'ratio':>6} {'train':>8} {'ratio':>6}")
     ref = None
     for name, values in variants:
-        pipe, train = measure(TrainConfig(**base, **values), data, args.epochs)
+        pipe, train = measure(TrainConfig.from_dict({**base, **values}), data, args.epochs)
         ref = ref or (pipe, train)
         print(f"{name:<24} {pipe:9.3f} {pipe / ref[0]:6.2f} {train:8.3f} {train / ref[1]:6.2f}", flush=True)
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from keras_ee.config import TrainConfig
 
-from keras_ee.config import SCHEDULES
 from keras_ee.quiet import quiet_tensorflow_startup
 
 
@@ -58,6 +57,9 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """`keras-ee train`: --config, --out, --quiet and a flag for each setting (`keras_ee.config.settings`)."""
+    from keras_ee.config import FLAG_GROUPS, settings
+
     p = sub.add_parser(
         "train",
         help="train a multi-exit model, dump its logits and evaluate it",
@@ -66,246 +68,87 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, help="a .json or .toml file with TrainConfig keys")
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<method>-<dataset>-s<seed>)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="dataset name or npz:PATH (default: built-in digits)")
-    g.add_argument("--data-dir", help="folder with local copies of the data")
-    g.add_argument("--val-size", type=int, help="held-out validation images for calibration")
-    g.add_argument("--imbalance-factor", type=int, help="long-tailed CIFAR: 200, 100, 50 or 20")
-    g.add_argument("--train-size", type=int, help="train on a stratified subset of this many images")
-    g.add_argument(
-        "--samples-per-class",
-        type=int,
-        metavar="X",
-        help="low-data CIFAR(X) of the HDKD paper: train on X seeded images of every class, taken after "
-        "the validation hold-out",
-    )
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", help="architecture preset (see `keras-ee models`)")
-    g.add_argument("--model-option", type=_key_value, action="append", metavar="KEY=VALUE")
-    g.add_argument(
-        "--method",
-        help=f"training method: {_method_names()} (see `keras-ee methods`), or "
-        "package.module:Class for one outside keras-ee",
-    )
-    g.add_argument("--q", type=float, help="shorthand for --method-option q=Q (L2W's meta-data allocation budget)")
-    g.add_argument("--delta", type=float, help="shorthand for --method-option delta=DELTA (L2W's weight perturbation)")
-    g.add_argument(
-        "--method-option",
-        type=_key_value,
-        action="append",
-        metavar="KEY=VALUE",
-        help="an option of the method, converted to its declared type (repeatable); reference=code: the "
-        "authors' code's settings (see `keras-ee methods`)",
-    )
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, help="epochs (of phase I for a method with phases, e.g. IMTA)")
-    g.add_argument(
-        "--phase2-epochs",
-        type=int,
-        help="shorthand for --method-option phase2_epochs=N (IMTA's phase II; default 0.6 x --epochs)",
-    )
-    g.add_argument("--batch-size", type=int, help="the batch of one step; under --strategy the global batch")
-    g.add_argument(
-        "--optimizer",
-        help="sgd (default, the papers': torch.optim.SGD's step, L2 weight decay added to the "
-        "gradient before momentum, on every variable) or adamw (torch.optim.AdamW's step, epsilon "
-        "1e-8, no weight decay on biases and BatchNorm parameters); keras_sgd and keras_adamw are "
-        "Keras' own (decoupled weight decay). A run made before keras-ee took PyTorch's steps "
-        "resumes with Keras' optimizer",
-    )
-    g.add_argument(
-        "--lr",
-        dest="learning_rate",
-        type=float,
-        help="learning rate after the warm-up; default sgd: 0.1 * batch_size / 64, adamw: 5e-4 * "
-        "batch_size / 512 (DeiT's rule)",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=list(SCHEDULES),
-        help="the learning rate over each phase: cosine_per_batch (per loaded batch, all of its optimizer "
-        "steps at one rate: L2W-DEN's code, MSDNet-PyTorch's --lr-type cosine; after a warm-up the "
-        "budget-aware code's arrays), step_per_epoch (x0.1 from epoch 0.5E, x0.01 from 0.75E: "
-        "MSDNet-PyTorch's and IMTA's --lr-type multistep), cosine (default: Keras' CosineDecay over "
-        "optimizer steps), step (x0.1 after 50%% and 75%% of the optimizer steps) or constant",
-    )
-    g.add_argument(
-        "--warmup-epochs",
-        type=int,
-        metavar="N",
-        help="linear warm-up from 0 over N epochs, then the schedule (cosine, constant or cosine_per_batch; default 0)",
-    )
-    g.add_argument(
-        "--min-lr",
-        dest="min_learning_rate",
-        type=float,
-        help="the rate cosine_per_batch ends at (the budget-aware code's --min_lr 1e-6; default 0)",
-    )
-    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--nesterov", action="store_const", const=True)
-    g.add_argument("--weight-decay", type=float, help="default sgd: 1e-4, adamw: 0.05")
-    g.add_argument("--seed", type=int)
-    g = p.add_argument_group(
-        "training recipe",
-        "The budget-aware early-exiting paper's recipe (timm's, with Keras' own layers), every "
-        "part off by default and usable with every method. Augmentations draw from each batch's stateless seed, "
-        "so a resumed run stays bit-identical. Validation, test and meta batches are never augmented.",
-    )
-    g.add_argument(
-        "--recipe",
-        choices=sorted(_recipes()),
-        help="budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
-        "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
-        "--weight-decay 0.05 --warmup-epochs 20 --schedule cosine_per_batch --min-lr 1e-6; the flags below "
-        "override it, config.json stores "
-        "the resolved values",
-    )
-    g.add_argument("--mixup", type=float, metavar="ALPHA", help="Keras' MixUp with Beta(ALPHA, ALPHA) (0: off)")
-    g.add_argument(
-        "--cutmix",
-        type=float,
-        metavar="ALPHA",
-        help="Keras' CutMix with Beta(ALPHA, ALPHA) (0: off); with --mixup, one of the two per batch, "
-        "probability 1/2 each",
-    )
-    g.add_argument(
-        "--randaugment",
-        type=float,
-        metavar="M",
-        help="Keras' RandAugment at magnitude M of 10 (timm's scale; Keras' factor (M -+ std) / 10, its "
-        "ops stronger than timm's at equal M), 2 ops chosen per image",
-    )
-    g.add_argument("--randaugment-std", type=float, metavar="STD", help="magnitude spread (default 0.5)")
-    g.add_argument("--randaugment-ops", type=int, metavar="N", help="ops per image (default 2)")
-    g.add_argument(
-        "--random-erasing", type=float, metavar="P", help="Keras' RandomErasing with probability P per image"
-    )
-    g.add_argument(
-        "--color-jitter",
-        type=float,
-        metavar="S",
-        help="Keras' RandomColorJitter: brightness +-S, contrast and saturation x(1 -+ S) (timm: 0.4)",
-    )
-    g.add_argument(
-        "--label-smoothing", type=float, metavar="EPS", help="soft training targets (1 - EPS) one-hot + EPS / C"
-    )
-    g.add_argument(
-        "--ema",
-        type=float,
-        metavar="MOMENTUM",
-        help="exponential moving average of the weights (optimizer use_ema), used for validation, the "
-        "saved model, the logit dump and evaluation; 0.9999 averages over ~10,000 steps, so on a "
-        "short run it keeps mostly the early weights",
-    )
-    g = p.add_argument_group(
-        "devices",
-        "tf.distribute and mixed precision (see docs/distributed.md). Under a strategy --batch-size is "
-        "the global batch, split evenly over the replicas; scale --lr with it (linear scaling).",
-    )
-    g.add_argument(
-        "--strategy",
-        choices=["none", "mirrored", "multi_worker", "tpu"],
-        help="none (default: one device), mirrored (MirroredStrategy: every GPU of this machine), "
-        "multi_worker (MultiWorkerMirroredStrategy: the cluster in TF_CONFIG; only the chief writes "
-        "--out) or tpu (TPUStrategy)",
-    )
-    g.add_argument(
-        "--precision",
-        choices=["float32", "mixed_float16", "mixed_bfloat16"],
-        help="Keras dtype policy of the model (default float32); mixed_float16 adds loss scaling",
-    )
-    g.add_argument(
-        "--sync-batchnorm",
-        dest="sync_batchnorm",
-        action="store_const",
-        const=True,
-        help="BatchNorm statistics of the global batch (all-reduced over the replicas) instead of each replica's own",
-    )
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--confidence", choices=["max_softmax", "margin", "entropy"])
-    g.add_argument(
-        "--budget",
-        dest="budgets",
-        type=parse_budget,
-        action="append",
-        help="log validation accuracy at this Mul-Add budget every epoch (repeatable)",
-    )
-    g.add_argument("--no-evaluate", dest="evaluate", action="store_const", const=False)
+    groups = {name: p.add_argument_group(name, description) for name, description in FLAG_GROUPS.items()}
+    for setting in settings():
+        flag = setting.flag
+        if flag is None:
+            continue
+        options: dict[str, Any] = dict(dest=setting.key, help=flag.help() if callable(flag.help) else flag.help)
+        if flag.metavar:
+            options["metavar"] = flag.metavar
+        if flag.choices:
+            options["choices"] = list(flag.choices)
+        if setting.type is bool:  # sets the value that is not the default
+            options.update(action="store_const", const=not setting.default)
+        elif setting.type is dict:
+            options.update(action="append", type=_key_value)
+        elif setting.type is list:
+            options.update(action="append", type=_argument_type(flag.parse))
+        elif setting.nested:  # a preset by name (`--recipe`); its fields' flags follow
+            options["dest"] = _preset_dest(setting.key)
+        else:
+            options["type"] = _argument_type(flag.parse) if flag.parse else setting.type
+            if options["type"] is str:
+                del options["type"]
+        groups[flag.group].add_argument(setting.flag_name, **options)
+        for option in flag.method_options:
+            groups[option.group].add_argument(
+                f"--{option.key.replace('_', '-')}",
+                dest=_method_option_dest(option.key),
+                metavar=option.key.upper(),
+                type=option.type,
+                help=option.help,
+            )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _method_names() -> str:
-    from keras_ee.training import registry
+def _argument_type(parse: Callable[[str], Any] | None) -> Callable[[str], Any]:
+    """`parse` for argparse: its `ValueError` becomes the error message (not "invalid value")."""
 
-    return ", ".join(registry.available_methods())
+    def argument(text: str) -> Any:
+        try:
+            return parse(text) if parse else text
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    argument.__name__ = getattr(parse, "__name__", "value")
+    return argument
 
 
-def _recipes() -> dict[str, dict[str, Any]]:
-    from keras_ee.config import RECIPES
+def _method_option_dest(key: str) -> str:
+    """The dest of a method option's shorthand flag (`--q`), apart from the settings' own."""
+    return f"method_option_{key}"
 
-    return RECIPES
 
-
-_RECIPE_KEYS = (
-    "optimizer",
-    "warmup_epochs",
-    "min_learning_rate",
-    "ema",
-    "label_smoothing",
-    "mixup",
-    "cutmix",
-    "randaugment",
-    "randaugment_std",
-    "randaugment_ops",
-    "random_erasing",
-    "color_jitter",
-)
+def _preset_dest(key: str) -> str:
+    """The dest of a nested setting's preset flag (`--recipe NAME`)."""
+    return f"{key}_preset"
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults <- --config file <- --recipe <- flags (keys the file leaves out keep their defaults)."""
-    from keras_ee.config import TrainConfig, recipe_values
+    from keras_ee.config import TrainConfig, recipe_values, settings
 
-    values = {}
+    values: dict[str, Any] = {}
     if args.config:
         TrainConfig.from_file(args.config)  # its own errors first, naming the file
         values = TrainConfig.read_values(args.config)
-    if getattr(args, "recipe", None):
+    preset = getattr(args, _preset_dest("recipe"))
+    if preset is not None:  # `--recipe NAME`: its values, under every flag
         dataset = args.dataset if args.dataset is not None else values.get("dataset", TrainConfig.dataset)
-        values.update(recipe_values(args.recipe, dataset))
-    for key in (
-        "dataset",
-        "data_dir",
-        "val_size",
-        "imbalance_factor",
-        "train_size",
-        "samples_per_class",
-        "model",
-        "method",
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "schedule",
-        "momentum",
-        "nesterov",
-        "weight_decay",
-        "seed",
-        "confidence",
-        "budgets",
-        "evaluate",
-        "strategy",
-        "precision",
-        "sync_batchnorm",
-        *_RECIPE_KEYS,
-    ):
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    values["model_options"] = {**values.get("model_options", {}), **dict(args.model_option or [])}
-    method_options = {**values.get("method_options", {}), **dict(args.method_option or [])}
-    for key in ("q", "delta", "phase2_epochs"):
-        if getattr(args, key, None) is not None:
-            method_options[key] = getattr(args, key)
-    values["method_options"] = method_options
+        values.update(recipe_values(preset, dataset))
+    flagged = [s for s in settings() if s.flag is not None and not s.nested]
+    shorthands: dict[str, Any] = {}
+    for setting in flagged:
+        given = getattr(args, setting.key)
+        if setting.type is dict:
+            values[setting.key] = {**values.get(setting.key, {}), **dict(given or [])}
+        elif given is not None:
+            values[setting.key] = given
+        for option in setting.flag.method_options if setting.flag else ():
+            if getattr(args, _method_option_dest(option.key)) is not None:
+                shorthands[option.key] = getattr(args, _method_option_dest(option.key))
+    values["method_options"] = {**values.get("method_options", {}), **shorthands}  # over --method-option
     return TrainConfig.from_dict(values)
 
 

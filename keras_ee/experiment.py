@@ -74,7 +74,7 @@ import numpy as np
 from keras_ee._typing import StrPath
 from keras_ee.atomic import MARKER, atomic_path, atomic_write_json, claim_out_folder
 from keras_ee.atomic import check_out_folder as check_out_folder_rule
-from keras_ee.config import TrainConfig
+from keras_ee.config import RecipeConfig, TrainConfig
 
 if TYPE_CHECKING:
     import keras
@@ -83,7 +83,6 @@ if TYPE_CHECKING:
     from keras_ee.calibration import Shortfall, SplitMode
     from keras_ee.callbacks import EpochProgress
     from keras_ee.data import DatasetSplits
-    from keras_ee.data.recipe import Recipe
     from keras_ee.evaluation import Evaluation
     from keras_ee.training import Method, MultiExitModel, Phase
 
@@ -321,7 +320,7 @@ def make_optimizer(
     `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
     `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
     `steps_per_epoch` and `steps_per_batch` place the epochs and batches of the schedule
-    (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
+    (`make_schedule`). `config.recipe.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
     overwriting during training: Keras' `fit` writes the average into the weights when it
     ends). `overrides` are a phase's `optimizer_options`.
     """
@@ -344,7 +343,7 @@ def make_optimizer(
         steps_per_epoch=steps_per_epoch,
         steps_per_batch=steps_per_batch,
     )
-    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
+    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.recipe.ema)} if config.recipe.ema else {}
     weight_decay = float(settings["weight_decay"])
     optimizer: keras.optimizers.Optimizer
     if config.optimizer in ("adamw", "keras_adamw"):
@@ -768,12 +767,9 @@ def check_batch_size(config: TrainConfig, replicas: int) -> None:
     )
 
 
-def training_recipe(config: TrainConfig) -> Recipe | None:
-    """The config's batch augmentation (`keras_ee.data.recipe.Recipe`), or None when it has none."""
-    from keras_ee.data.recipe import Recipe
-
-    recipe = Recipe(**config.augmentation_recipe)
-    return recipe if recipe.active else None
+def training_recipe(config: TrainConfig) -> RecipeConfig | None:
+    """The config's recipe when it augments the training batches, else None."""
+    return config.recipe if config.recipe.active else None
 
 
 def ema_validation_callback() -> keras.callbacks.Callback:
@@ -949,7 +945,7 @@ def _fit(
         cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
     # The history row of an epoch is written before its backup: a kill between the two
     # leaves a row that the resume drops (truncate) and trains again.
-    if config.ema:  # validate on the weight average (the backups keep the trained weights)
+    if config.recipe.ema:  # validate on the weight average (the backups keep the trained weights)
         cbs.append(ema_validation_callback())
     cbs += [
         history,

@@ -179,7 +179,7 @@ def test_train_refuses_a_folder_with_other_files_and_resumes_its_own(tmp_path, c
     (old / "history.csv").write_text("epoch,loss\n0,1.0\n")
     assert experiment.prepare_workdir(cfg, old) == old
     with pytest.raises(ValueError, match="other settings"):
-        experiment.prepare_workdir(TrainConfig(**{**cfg.to_dict(), "epochs": 3}), old)
+        experiment.prepare_workdir(TrainConfig.from_dict({**cfg.to_dict(), "epochs": 3}), old)
     # A new folder gets the mark with its config.
     experiment.prepare_workdir(cfg, tmp_path / "new")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [MARKER, "config.json"]

@@ -3,6 +3,7 @@ flags, the seeded augmentation pipeline (determinism, soft targets, exact resume
 weights for validation / the saved model / the dump, AdamW with warm-up, GELU models."""
 
 import csv
+import dataclasses
 import json
 
 import keras
@@ -11,8 +12,7 @@ import pytest
 from tiny_models import SMALL_MSDNET, SMALL_RANET, TWO_EXIT_CNN, StopAt
 
 from keras_ee import cli, data, experiment, models, runs
-from keras_ee.config import RECIPES, TrainConfig
-from keras_ee.data.recipe import Recipe
+from keras_ee.config import RECIPES, RecipeConfig, TrainConfig
 
 TINY = dict(
     dataset="digits",
@@ -25,7 +25,12 @@ TINY = dict(
     train_size=400,
 )
 RECIPE = dict(mixup=0.8, cutmix=1.0, randaugment=9.0, random_erasing=0.25, color_jitter=0.4, label_smoothing=0.1)
-FULL = Recipe(**RECIPE)
+FULL = RecipeConfig(**RECIPE)
+
+
+def config(**values):
+    """A TrainConfig from flat keys, the recipe's among them (as config.json holds them)."""
+    return TrainConfig.from_dict(values)
 
 
 # ------------------------------------------------------------------ config and command line
@@ -36,17 +41,17 @@ def test_recipe_keys_are_off_by_default_and_round_trip(tmp_path):
     assert (
         cfg.optimizer,
         cfg.warmup_epochs,
-        cfg.ema,
-        cfg.mixup,
-        cfg.cutmix,
-        cfg.randaugment,
-        cfg.random_erasing,
-        cfg.color_jitter,
-        cfg.label_smoothing,
+        cfg.recipe.ema,
+        cfg.recipe.mixup,
+        cfg.recipe.cutmix,
+        cfg.recipe.randaugment,
+        cfg.recipe.random_erasing,
+        cfg.recipe.color_jitter,
+        cfg.recipe.label_smoothing,
     ) == ("sgd", 0, None, 0.0, 0.0, None, 0.0, 0.0, 0.0)
     assert experiment.training_recipe(cfg) is None
     assert cfg.weight_decay == 1e-4 and cfg.initial_learning_rate == 0.1  # unchanged defaults
-    adamw = TrainConfig(optimizer="adamw", batch_size=1024, warmup_epochs=20, ema=0.9999, **RECIPE)
+    adamw = config(optimizer="adamw", batch_size=1024, warmup_epochs=20, ema=0.9999, **RECIPE)
     assert adamw.weight_decay == 0.05 and adamw.initial_learning_rate == pytest.approx(1e-3)  # DeiT's rule
     assert TrainConfig(optimizer="adamw", weight_decay=0.01).weight_decay == 0.01
     adamw.to_json(tmp_path / "c.json")
@@ -72,7 +77,7 @@ def test_recipe_keys_are_off_by_default_and_round_trip(tmp_path):
 )
 def test_bad_recipe_values_are_one_line_errors_naming_the_key(values, key):
     with pytest.raises(ValueError) as e:
-        TrainConfig(**values)
+        config(**values)
     text = str(e.value)
     assert f"`{key}`" in text and "received" in text and "\n" not in text
 
@@ -83,11 +88,11 @@ def _cli_config(*argv):
 
 def test_recipe_flag_resolves_into_explicit_keys_and_flags_override_it(tmp_path):
     cfg = _cli_config("--recipe", "budget-aware")
-    for key, value in RECIPES["budget-aware"].items():
-        assert getattr(cfg, key) == value
+    for key, value in dataclasses.asdict(RECIPES["budget-aware"]).items():
+        assert cfg.to_dict()[key] == value
     assert cfg.optimizer == "sgd" and cfg.warmup_epochs == 0  # CIFAR-style: the papers' SGD
     cfg = _cli_config("--recipe", "budget-aware", "--mixup", "0", "--ema", "0.99")
-    assert (cfg.mixup, cfg.ema, cfg.cutmix) == (0.0, 0.99, 1.0)
+    assert (cfg.recipe.mixup, cfg.recipe.ema, cfg.recipe.cutmix) == (0.0, 0.99, 1.0)
     # On ImageNet (here from a config file) the recipe adds the paper's AdamW.
     (tmp_path / "c.toml").write_text('dataset = "imagenet"\n')
     cfg = _cli_config("--config", str(tmp_path / "c.toml"), "--recipe", "budget-aware")
@@ -169,14 +174,16 @@ def test_soft_targets_and_untouched_evaluation_streams(digits):
     np.testing.assert_allclose(y.numpy().sum(axis=1), 1.0, atol=1e-5)
     assert y.numpy().min() >= 0.01 - 1e-6  # smoothed: eps / C everywhere
     # Smoothing alone: exactly (1 - eps) one-hot + eps / C, on the same images as no recipe.
-    smooth = next(iter(digits.train_dataset(64, seed=0, first_epoch=0, epochs=1, recipe=Recipe(label_smoothing=0.1))))
+    smooth = next(
+        iter(digits.train_dataset(64, seed=0, first_epoch=0, epochs=1, recipe=RecipeConfig(label_smoothing=0.1)))
+    )
     plain = next(iter(digits.train_dataset(64, seed=0, first_epoch=0, epochs=1)))
     np.testing.assert_array_equal(smooth[0].numpy(), plain[0].numpy())
     expected = np.full((64, 10), 0.01, np.float32)
     expected[np.arange(64), plain[1].numpy()] = 0.91
     np.testing.assert_allclose(smooth[1].numpy(), expected, rtol=1e-6)
     # Validation, test and the meta stream stay sparse and unaugmented whatever the config.
-    cfg = TrainConfig(**TINY, **RECIPE)
+    cfg = config(**TINY, **RECIPE)
     for ds in (digits.val_dataset(64), digits.test_dataset(64)):
         _, yv = next(iter(ds))
         assert yv.dtype == "int32" and yv.shape.rank == 1
@@ -193,7 +200,9 @@ def test_each_augmentation_changes_the_images(digits):
     for key, value in RECIPE.items():
         if key == "label_smoothing":
             continue
-        x = next(iter(digits.train_dataset(128, seed=0, first_epoch=0, epochs=1, recipe=Recipe(**{key: value}))))[0]
+        x = next(iter(digits.train_dataset(128, seed=0, first_epoch=0, epochs=1, recipe=RecipeConfig(**{key: value}))))[
+            0
+        ]
         assert not np.array_equal(x.numpy(), plain), key
 
 
@@ -214,13 +223,13 @@ def _history(run):
     ],
 )
 def test_methods_train_with_soft_targets_and_end_on_the_ema_weights(method, extra, tmp_path):
-    cfg = TrainConfig(**{**TINY, "epochs": 1}, **RECIPE, **extra, method=method)
+    cfg = config(**{**TINY, "epochs": 1}, **RECIPE, **extra, method=method)
     run = experiment.train(cfg, tmp_path / method, verbose=0)
     rows = _history(run)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     model = experiment.load_run_model(run / "model.keras")
     opt = model.optimizer
-    assert opt.use_ema and opt.ema_momentum == cfg.ema
+    assert opt.use_ema and opt.ema_momentum == cfg.recipe.ema
     assert (opt.__class__.__name__ == "AdamW") == (cfg.optimizer == "adamw")
     for var, average in zip(model.trainable_variables, opt._model_variables_moving_average):
         np.testing.assert_array_equal(var.numpy(), average.numpy())  # the saved model is the average
@@ -234,7 +243,7 @@ def test_ema_validation_swap_is_exact(tmp_path):
     """Validation with the swap leaves the training trajectory bit-identical to no validation."""
     import tensorflow as tf  # noqa: F401
 
-    cfg = TrainConfig(**{**TINY, "epochs": 2}, ema=0.9)
+    cfg = config(**{**TINY, "epochs": 2}, ema=0.9)
     splits = experiment.load_data(cfg)
     weights = []
     for validate in (False, True):
@@ -266,7 +275,7 @@ def _all_weights(run):
     ],
 )
 def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_path, monkeypatch, eager_steps):
-    cfg = TrainConfig(**{**TINY, **RECIPE, **extra, "method": method})
+    cfg = config(**{**TINY, **RECIPE, **extra, "method": method})
     straight = experiment.train(cfg, tmp_path / "straight", verbose=0)
     run = tmp_path / "run"
     if stop is not None:
@@ -300,7 +309,7 @@ def test_a_run_with_the_recipe_resumes_bit_identical(method, stop, extra, tmp_pa
 def test_warmup_then_schedule_in_optimizer_steps(digits):
     cfg = TrainConfig(**TINY, warmup_epochs=1, learning_rate=0.2)
     for method, per_batch in (("baseline", 1), ("l2w", 2)):
-        model = experiment.build_model(TrainConfig(**{**cfg.to_dict(), "method": method}), digits)
+        model = experiment.build_model(config(**{**cfg.to_dict(), "method": method}), digits)
         schedule = model.optimizer._learning_rate
         warm = digits.train_batches(128) * per_batch
         total = cfg.epochs * warm

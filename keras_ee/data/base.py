@@ -13,7 +13,7 @@ from keras_ee.data import splits as splits_lib
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from keras_ee.data.recipe import Recipe
+    from keras_ee.config import RecipeConfig
 
 
 class DatasetSplits:
@@ -66,14 +66,14 @@ class DatasetSplits:
         drop_remainder: bool = False,
         first_epoch: int | None = None,
         epochs: int | None = None,
-        recipe: Recipe | None = None,
+        recipe: RecipeConfig | None = None,
     ) -> tf.data.Dataset:
         """Training pipeline: shuffled and augmented (by default) batches.
 
         With `first_epoch` and `epochs`, the batches of those epochs back to back,
         each epoch's order and augmentation a function of (seed, epoch) only: what
         an exactly resumable run needs (fit with `steps_per_epoch=train_batches`).
-        `recipe` (a `keras_ee.data.recipe.Recipe`) adds the budget-aware paper's
+        `recipe` (a `keras_ee.config.RecipeConfig`) adds the budget-aware paper's
         augmentations; its labels are then float32 (B, num_classes) soft targets
         when it smooths or mixes them.
         """
@@ -293,7 +293,7 @@ class ArraySplits(DatasetSplits):
         drop_remainder: bool = False,
         first_epoch: int | None = None,
         epochs: int | None = None,
-        recipe: Recipe | None = None,
+        recipe: RecipeConfig | None = None,
     ) -> tf.data.Dataset:
         """Training pipeline.
 
@@ -308,7 +308,7 @@ class ArraySplits(DatasetSplits):
             first_epoch, epochs: ints or None. The batches of epochs
                 `first_epoch .. epochs - 1` in one dataset, epoch e's order and
                 augmentation seeded by (seed, e) only (exact resume).
-            recipe: a `keras_ee.data.recipe.Recipe` or None (see
+            recipe: a `keras_ee.config.RecipeConfig` or None (see
                 `keras_ee.data.pipeline`), applied when `augment`.
 
         Returns:

@@ -34,7 +34,7 @@ from keras_ee.data.base import DatasetSplits
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from keras_ee.data.recipe import Recipe
+    from keras_ee.config import RecipeConfig
 
 TFDS_NAME = "imagenet2012"
 MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -202,11 +202,11 @@ class ImageNetSplits(DatasetSplits):
         drop_remainder: bool = False,
         first_epoch: int | None = None,
         epochs: int | None = None,
-        recipe: Recipe | None = None,
+        recipe: RecipeConfig | None = None,
     ) -> tf.data.Dataset:
         """Training pipeline (see `DatasetSplits.train_dataset`).
 
-        With a `recipe` (`keras_ee.data.recipe.Recipe`), each image is cropped and flipped
+        With a `recipe` (`keras_ee.config.RecipeConfig`), each image is cropped and flipped
         as without one but not normalized, and the recipe runs on the batch (normalizing
         between its pixel and batch steps), seeded by (seed, epoch, batch) with
         `first_epoch` given.

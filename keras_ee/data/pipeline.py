@@ -17,7 +17,7 @@ Randomness is seeded and reproducible, yet differs from epoch to epoch. Two form
   with b. The data of an epoch is a pure function of (seed, epoch), so a run resumed at
   epoch e sees exactly what an uninterrupted run sees from epoch e on.
 
-A `recipe` (`keras_ee.data.recipe.Recipe`: RandAugment, colour jitter, random erasing, label
+A `recipe` (`keras_ee.config.RecipeConfig`: RandAugment, colour jitter, random erasing, label
 smoothing, MixUp/CutMix) runs in the same map call, after the crop and flip, drawing all
 its randomness from the batch's stateless seed (folded with `RECIPE_STREAM`), so the
 property above holds with it too; its batches carry float32 (B, C) soft targets when it
@@ -33,7 +33,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 if TYPE_CHECKING:
-    from keras_ee.data.recipe import Recipe
+    from keras_ee.config import RecipeConfig
 
 # The recipe's seed of a batch: the batch seed folded with this (the crop and flip keep the
 # batch seed itself, so their draws are those of a run without the recipe).
@@ -100,7 +100,7 @@ def array_dataset(
     drop_remainder: bool = False,
     first_epoch: int | None = None,
     epochs: int | None = None,
-    recipe: Recipe | None = None,
+    recipe: RecipeConfig | None = None,
     num_classes: int | None = None,
 ) -> tf.data.Dataset:
     """Batched, normalized `tf.data.Dataset` over in-memory NHWC arrays.
@@ -123,7 +123,7 @@ def array_dataset(
             of epochs `first_epoch .. epochs - 1` in a row, each epoch's order and
             augmentation a function of (seed, epoch) only (see the module docstring);
             pass `steps_per_epoch=epoch_batches(n, batch_size, drop_remainder)` to `fit`.
-        recipe: a `keras_ee.data.recipe.Recipe` applied with `augment` (None: none).
+        recipe: a `keras_ee.config.RecipeConfig` applied with `augment` (None: none).
         num_classes: int. Classes of the recipe's soft targets (needed with one).
 
     Returns:

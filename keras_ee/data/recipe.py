@@ -1,8 +1,8 @@
 """The budget-aware paper's batch augmentation with Keras' own layers, seeded per batch.
 
-`Recipe` holds the settings (the `TrainConfig` keys `label_smoothing`, `mixup`, `cutmix`,
-`randaugment*`, `random_erasing`, `color_jitter`) and `BatchAugmentation` applies them to
-one training batch inside the tf.data pipeline (`keras_ee.data.pipeline.array_dataset`):
+`keras_ee.config.RecipeConfig` holds the settings (`TrainConfig.recipe`: `label_smoothing`,
+`mixup`, `cutmix`, `randaugment*`, `random_erasing`, `color_jitter`) and `BatchAugmentation`
+applies them to one training batch inside the tf.data pipeline (`keras_ee.data.pipeline.array_dataset`):
 
     raw pixels in [0, 1], cropped and flipped
       -> keras.layers.RandAugment (value_range (0, 1), ops chosen per image)
@@ -33,7 +33,6 @@ for every image (Keras' design), which is most of the recipe's cost.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,41 +43,7 @@ import tensorflow as tf
 if TYPE_CHECKING:
     import keras
 
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """Settings of the training-batch augmentation (see `keras_ee.config.TrainConfig`)."""
-
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    randaugment: float | None = None
-    randaugment_std: float = 0.5
-    randaugment_ops: int = 2
-    random_erasing: float = 0.0
-    color_jitter: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        """Whether the recipe changes the training batches at all."""
-        return bool(self.soft_labels or self.randaugment is not None or self.random_erasing or self.color_jitter)
-
-    @property
-    def soft_labels(self) -> bool:
-        """Whether the training labels become (B, C) float32 targets."""
-        return bool(self.label_smoothing or self.mixup or self.cutmix)
-
-    @property
-    def randaugment_level(self) -> float:
-        """The largest op strength, a fraction of timm's maximum: (M + std) / 10, at most 1.
-
-        timm draws each op's magnitude from N(M, std) (out of 10) with a random sign; here
-        each op's strength is drawn uniformly (Keras' layers) up to this level, both signs.
-        """
-        if self.randaugment is None:
-            raise ValueError("randaugment_level: this recipe has no RandAugment (`randaugment` is None).")
-        m, sd = float(self.randaugment), float(self.randaugment_std)
-        return min(max((m + sd) / 10, 0.0), 1.0)
+    from keras_ee.config import RecipeConfig
 
 
 def timm_scaled_randaugment(level: float, num_ops: int) -> keras.layers.Layer:
@@ -138,10 +103,10 @@ def _seed_generator_class() -> type:
 
 
 class BatchAugmentation:
-    """Applies a `Recipe` to a training batch, every draw from the batch's stateless seed.
+    """Applies a `RecipeConfig` to a training batch, every draw from the batch's stateless seed.
 
     Args:
-        recipe: the `Recipe`.
+        recipe: the `keras_ee.config.RecipeConfig` (its `ema` is the optimizer's, not used here).
         num_classes: classes of the soft targets.
         image_shape: (H, W, C) of the images.
         mean, std: per-channel normalization (applied here, between the pixel-level and
@@ -153,7 +118,12 @@ class BatchAugmentation:
     """
 
     def __init__(
-        self, recipe: Recipe, num_classes: int, image_shape: Sequence[int], mean: npt.ArrayLike, std: npt.ArrayLike
+        self,
+        recipe: RecipeConfig,
+        num_classes: int,
+        image_shape: Sequence[int],
+        mean: npt.ArrayLike,
+        std: npt.ArrayLike,
     ) -> None:
         import keras
 
@@ -264,7 +234,7 @@ class _own_generator:
         return False
 
 
-def check_recipe(recipe: Recipe, image_shape: Sequence[int]) -> None:
+def check_recipe(recipe: RecipeConfig, image_shape: Sequence[int]) -> None:
     """Refuse a recipe the images cannot take, with a one-line reason."""
     h, w, c = (int(d) for d in image_shape)
     if recipe.randaugment is not None and c not in (1, 3):
