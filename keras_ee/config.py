@@ -8,7 +8,7 @@ Each setting is defined once, as a field: its type and default, and in its metad
 (`Flag`) the help and group of its `keras-ee train` flag (`keras_ee.cli` builds the parser
 from the fields). Its checks are `keras_ee.validation`'s. The training recipe is a nested
 field (`TrainConfig.recipe`, a `RecipeConfig`); its keys are flat in config.json, in a
-`--config` file and on the command line, one namespace of setting names (`setting_fields`).
+`--config` file and on the command line, one namespace of setting names (`settings`, `setting_keys`).
 
 Example:
 
@@ -299,6 +299,24 @@ def recipe_values(name: str, dataset: str = "digits") -> dict[str, Any]:
     return values
 
 
+def _recipe_help() -> str:
+    """`--recipe`'s help: each named recipe spelled out as the flags it stands for."""
+    flags = {s.key: s.flag_name for s in settings()}
+
+    def spelled(values: dict[str, Any]) -> str:
+        return " ".join(
+            f"{flags[key]} {value:g}" if isinstance(value, float) else f"{flags[key]} {value}"
+            for key, value in values.items()
+        )
+
+    recipes = [
+        f"{name}: {spelled(dataclasses.asdict(recipe))}"
+        + (f", and on ImageNet {spelled(RECIPE_IMAGENET_OPTIMIZER[name])}" if name in RECIPE_IMAGENET_OPTIMIZER else "")
+        for name, recipe in RECIPES.items()
+    ]
+    return "; ".join(recipes) + "; the flags below override it, config.json stores the resolved values"
+
+
 # ------------------------------------------------------------------ the run's settings
 
 
@@ -525,15 +543,12 @@ class TrainConfig:
     seed: int = dataclasses.field(
         default=0, metadata=flag("optimization", "seeds the data splits, shuffling, augmentation and initialization")
     )
-    # the training recipe: flat keys on the command line and in config.json (`setting_fields`)
+    # the training recipe: flat keys on the command line and in config.json (`setting_keys`)
     recipe: RecipeConfig = dataclasses.field(
         default_factory=RecipeConfig,
         metadata=flag(
             "training recipe",
-            "budget-aware: --mixup 0.8 --cutmix 1.0 --randaugment 9 (std 0.5) --random-erasing 0.25 "
-            "--color-jitter 0.4 --label-smoothing 0.1 --ema 0.9999, and on ImageNet --optimizer adamw "
-            "--weight-decay 0.05 --warmup-epochs 20 --schedule cosine_per_batch --min-lr 1e-6; the flags below "
-            "override it, config.json stores the resolved values",
+            _recipe_help,
             choices=tuple(sorted(RECIPES)),
         ),
     )
