@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
+# The extras of pyproject.toml that $(STAMP) installs (a variable: a comma inside $(call ...) would split its arguments).
+EXTRAS := test,docs
 # Set-up steps print one line each; their pip / maturin output goes here, shown only on failure.
 SETUP_LOG := .setup.log
 
@@ -18,7 +20,7 @@ endef
 $(STAMP): pyproject.toml
 	$(call step,setup: virtualenv in $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
 	$(call step,setup: pip and maturin,$(PY) -m pip install --upgrade pip maturin)
-	$(call step,setup: keras-ee and its test and docs dependencies (a few minutes the first time),$(PY) -m pip install -e '.[test,docs]')
+	$(call step,setup: keras-ee and its test and docs dependencies (a few minutes the first time),$(PY) -m pip install -e '.[$(EXTRAS)]')
 	@touch $(STAMP)
 
 # Rebuild the extension in place (cargo is incremental, so this is quick when nothing changed);
@@ -63,7 +65,7 @@ lint: build
 # a docstring warning fails it. The API reference is generated from the package tree
 # (docs/gen/ref_pages.py) and read from the source, so neither TensorFlow nor the Rust extension is needed.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf site target $(VENV) $(SETUP_LOG) .cargo-test.log keras_ee/_native*.so
