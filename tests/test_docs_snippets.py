@@ -45,6 +45,7 @@ LANGUAGES = {"python", "sh", "text", "toml", "json"}
 CHEAP = {"methods", "datasets", "sweep", "compare", "predict"}
 RUN_NAMES = ("demo", "l2w", "baseline")
 # RUN, DUMP_FOLDER, CHECKPOINT.pth.tar: a placeholder for the reader's own file; such a command is only parsed.
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]{2,}(\.[\w.]+)?$")
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -131,6 +132,8 @@ def makefile_targets() -> set[str]:
 
 def run_command(argv: list[str], block: Block) -> None:
     where = f"{block.where()}: `{shlex.join(argv)}`"
+    while argv and ENV_ASSIGNMENT.match(argv[0]):  # `TF_ENABLE_ONEDNN_OPTS=1 keras-ee ...`: the command is checked
+        argv = argv[1:]
     if argv[:1] == ["keras-ee"] or argv[:3] == ["python", "-m", "keras_ee"]:
         argv = argv[1:] if argv[0] == "keras-ee" else argv[3:]
         args = parse(cli.build_parser(), argv, where)
