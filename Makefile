@@ -1,9 +1,11 @@
-# Two entry points (see README): `make demo` and `make test`; `make lint` is CI's gate.
+# Two entry points (see README): `make demo` and `make test`; `make lint` and `make docs` are CI's gates.
 # Both create or reuse the virtualenv in $(VENV) and build the Rust extension.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
+# The extras of pyproject.toml that $(STAMP) installs (a variable: a comma inside $(call ...) would split its arguments).
+EXTRAS := test,docs
 # Set-up steps print one line each; their pip / maturin output goes here, shown only on failure.
 SETUP_LOG := .setup.log
 
@@ -13,12 +15,12 @@ define step
 	@$(2) > $(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); echo "$(1): failed (full log: $(SETUP_LOG))"; exit 1; }
 endef
 
-.PHONY: demo test build pytest cargo-test lint bench clean
+.PHONY: demo test build pytest cargo-test lint docs bench clean
 
 $(STAMP): pyproject.toml
 	$(call step,setup: virtualenv in $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
 	$(call step,setup: pip and maturin,$(PY) -m pip install --upgrade pip maturin)
-	$(call step,setup: keras-ee and its test dependencies (a few minutes the first time),$(PY) -m pip install -e '.[test]')
+	$(call step,setup: keras-ee and its test and docs dependencies (a few minutes the first time),$(PY) -m pip install -e '.[$(EXTRAS)]')
 	@touch $(STAMP)
 
 # Rebuild the extension in place (cargo is incremental, so this is quick when nothing changed);
@@ -59,5 +61,11 @@ lint: build
 	$(VENV)/bin/mypy keras_ee
 	$(PY) -m mypy.stubtest keras_ee._native
 
+# The documentation site (mkdocs.yml) into site/, in strict mode: a broken link, a missing reference or
+# a docstring warning fails it. The API reference is generated from the package tree
+# (docs/gen/ref_pages.py) and read from the source, so neither TensorFlow nor the Rust extension is needed.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf target $(VENV) $(SETUP_LOG) .cargo-test.log keras_ee/_native*.so
+	rm -rf site target $(VENV) $(SETUP_LOG) .cargo-test.log keras_ee/_native*.so

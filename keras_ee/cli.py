@@ -1,5 +1,6 @@
 """The `keras-ee` command line (also `python -m keras_ee`).
 
+```
 keras-ee train [--config FILE] [--dataset NAME] [--model PRESET] [--method l2w] ... --out RUN
 keras-ee evaluate RUN            anytime + budget tables, RUN/eval/{anytime,budget}.csv, budget.png
                                  (--confidence gater: a gating run's learned gater as the score;
@@ -13,6 +14,7 @@ keras-ee models                  every preset's exits, params and Mul-Adds
 keras-ee methods                 every training method: paper, options and defaults
 keras-ee datasets                the dataset names
 keras-ee import CHECKPOINT --out RUN   an authors' PyTorch MSDNet/RANet checkpoint as a run (keras_ee.interop)
+```
 """
 
 from __future__ import annotations

@@ -988,8 +988,9 @@ def import_torch_checkpoint(
         `(keras.Model, ImportReport)`.
 
     Raises:
-        FileNotFoundError, CheckpointError (and its subclasses UnsafeCheckpointError,
-        CheckpointMismatchError): one line naming what was wrong.
+        FileNotFoundError: no file at `path`.
+        CheckpointError: (and its subclasses UnsafeCheckpointError, CheckpointMismatchError)
+            one line naming what was wrong.
     """
     built, report, _method, _state = read_checkpoint_into_model(path, model, **options)
     return built, report

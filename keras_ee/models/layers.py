@@ -797,8 +797,7 @@ class ChannelSplit(keras.layers.Layer):
             must add up to the input's channel count.
         **kwargs: standard `keras.layers.Layer` arguments.
 
-    Returns:
-        A list of `len(sizes)` tensors.
+    Called on a tensor, it returns a list of `len(sizes)` tensors.
 
     Example:
     ```python

@@ -337,11 +337,10 @@ class BudgetAwareGating(Method):
         gater_weight_decay: 1e-4.
         log_epsilon: 0 (default): `log P` and `log(1 - P)` from the gater's logits (no NaN for
             any P); the code's 1e-5: `log(P + 1e-5)`, `log1p(-P + 1e-5)`.
-        reference: `"paper"` (default) or `"code"`: the authors' code's settings of
-            `cost_weight` (0.1), `features` (max_prob + margin), `gater_width` (100),
-            `gater_activation` (gelu), `gater_update` ("exchange"),
+        **kwargs: standard layer arguments, and `reference`: `"paper"` (default) or `"code"`:
+            the authors' code's settings of `cost_weight` (0.1), `features` (max_prob + margin),
+            `gater_width` (100), `gater_activation` (gelu), `gater_update` ("exchange"),
             `gater_final_learning_rate` (1e-6) and `log_epsilon` (1e-5), unless given.
-        **kwargs: standard layer arguments.
 
     Example:
     >>> model = MultiExitModel(backbone, method=BudgetAwareGating(cost_weight=2.0))
