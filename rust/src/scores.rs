@@ -609,6 +609,7 @@ fn score_rows_dispatch<T: Logit>(
         // SAFETY: `simd` proves the CPU supports AVX2 and FMA.
         return unsafe { score_rows_avx2(simd, logits, first_row, scores, preds, inv_t, kind) };
     }
+    // No SIMD kernels on other architectures: always the portable path.
     #[cfg(not(target_arch = "x86_64"))]
     let _ = simd;
     score_rows(Portable, logits, first_row, scores, preds, inv_t, kind)

@@ -191,6 +191,9 @@ fn score_group(
         first[e] = first[e - 1] + lv.cuts[e - 1].len() * WORDS;
     }
     let mask_words = first[k - 1];
+    // No SIMD kernels on other architectures: always the portable path.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     // Per budget: K exit counts then the number of right answers.
     let width = k + 1;
     // Each worker's block buffers (at most a few MB: they grow with K and the number
