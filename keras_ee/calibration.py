@@ -40,7 +40,7 @@ allocated, `MemoryError` says how much was needed (the process is not aborted).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +60,8 @@ __all__ = [
     "SHORTFALL_RULES",
 ]
 
-SCORE_KINDS = ("max_softmax", "margin", "entropy")
+ScoreKind = Literal["max_softmax", "margin", "entropy"]
+SCORE_KINDS: tuple[ScoreKind, ...] = get_args(ScoreKind)
 SHORTFALL_RULES = ("reference", "exit_all")
 Shortfall = Literal["reference", "exit_all"]
 SplitMode = Literal["geometric", "per_stage"]
@@ -230,7 +231,15 @@ def geometric_fractions(q: float, num_exits: int) -> npt.NDArray[np.float64]:
     """Target exit fractions of the geometric split, `f_k = q^k / sum_j q^j`.
 
     `q = 1` splits uniformly, `q < 1` favours early (cheap) exits, `q > 1` late ones.
-    Computed as normalised powers (no overflow for large `q`, no underflow for tiny).
+    The one implementation of the split: the calibrator and L2W's meta-data allocation
+    (`keras_ee.training.allocation`) both count `floor(float64(n) * f_k)` samples from it.
+    `q` is read as the decimal it prints as (`0.8`, not the binary float nearest to it):
+    for a short decimal (every `p / 20` of the sweep grid) `f_k` is the exact rational
+    rounded up to a float, so `floor(n * f_k)` is the exact `floor(n q^k / sum_j q^j)`
+    whenever that is an integer (at `q = 0.8`, `K = 3`, `n = 366`: 150, where fractions
+    rounded to nearest give 149); otherwise normalised powers (no overflow for large `q`,
+    no underflow for tiny). Only integer and IEEE-rounded arithmetic: the same bits on
+    every machine.
 
     Args:
         q: positive finite float.

@@ -8,6 +8,9 @@ authors' `1e8` / `-1e8`, and `shortfall="exit_all"` as the documented alternativ
 the authors' rule when fewer samples are left than an exit's quota.
 """
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 
@@ -35,7 +38,19 @@ def softmax_scores(logits, kind="max_softmax", temperature=1.0):
 
 
 def geometric_fractions(q, num_exits):
-    """Normalised powers, the same float64 operations as the Rust core."""
+    """`q^k / sum_j q^j` with q read as its decimal (`repr`): the exact rational rounded up
+    to a float when the sum of `a^j b^(K-j)` (`q = a / b`, reduced) is below 2**64, else
+    normalised powers, the same float64 operations as the Rust core."""
+    r = Fraction(repr(float(q)))
+    a, b = r.numerator, r.denominator
+    w_exact = [a**j * b ** (num_exits - j) for j in range(1, num_exits + 1)]
+    if sum(w_exact) < 2**64:
+        out = []
+        for x in w_exact:
+            exact = Fraction(x, sum(w_exact))
+            f = float(exact)  # nearest
+            out.append(f if Fraction(f) >= exact else math.nextafter(f, math.inf))
+        return np.array(out)
     w = np.ones(num_exits)
     if q <= 1.0:
         for k in range(1, num_exits):

@@ -39,14 +39,13 @@ def _brute_allocation(conf, q):
     return np.array(exit_of)
 
 
-def test_exit_fractions():
-    np.testing.assert_allclose(T.exit_fractions(1.0, 4), [0.25] * 4)
-    f = T.exit_fractions(0.5, 3)
-    np.testing.assert_allclose(f, np.array([0.5, 0.25, 0.125]) / 0.875)
-    with pytest.raises(ValueError):
-        T.exit_fractions(0.0, 3)
-    with pytest.raises(TypeError):
-        T.exit_fractions(0.5, 3.0)
+def test_allocation_checks_q():
+    conf = np.zeros((4, 3))
+    for q, error in [(0.0, ValueError), (float("inf"), ValueError), (True, TypeError), ("0.5", TypeError)]:
+        with pytest.raises(error, match="q"):
+            T.allocate_by_confidence_numpy(conf, q)
+        with pytest.raises(error, match="q"):
+            T.allocate_by_confidence(tf.constant(conf), q)
 
 
 @pytest.mark.parametrize("q", [0.5, 0.75, 1.0, 1.7])

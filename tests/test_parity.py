@@ -31,6 +31,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
+from keras_ee.calibration import geometric_fractions  # noqa: E402
 from keras_ee.experiment import dtype_policy
 from keras_ee.interop.torch_import import (  # noqa: E402
     StateDict,
@@ -314,7 +315,7 @@ def allocation_margin(confidence, counts):
 def test_l2w_allocation_of_the_meta_half(l2w64):
     """keras-ee's q-allocation (q 0.75, 3 exits) of every meta half of the authors' run equals
     their ranking and counts (`calc_target_probs` at `--target_p_index 15`)."""
-    np.testing.assert_allclose(T.exit_fractions(0.75, 3), l2w64["target_probs"], rtol=1e-7)
+    np.testing.assert_allclose(geometric_fractions(0.75, 3), l2w64["target_probs"], rtol=1e-7)
     # The tie detector sees a tie: exit 1 takes 1 of two equally confident samples.
     assert allocation_margin(np.array([[0.5, 0.1], [0.5, 0.2]]), [1, 1]) == 0.0
     for h, (confidence, mask) in enumerate(zip(l2w64["meta_confidence"], l2w64["meta_mask"], strict=True)):

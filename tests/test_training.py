@@ -13,6 +13,7 @@ import tensorflow as tf  # noqa: E402
 import tiny_models  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
+from keras_ee.calibration import geometric_fractions  # noqa: E402
 
 NUM_CLASSES = 3
 
@@ -281,7 +282,7 @@ def test_sample_statistics():
     assert stats["weight"].shape == (40, 3)
     np.testing.assert_allclose(stats["weight"].mean(axis=1), 1.0, atol=1e-5)
     # Per batch of 20 with q = 0.75: floor(20 * f_1) samples go to exit 1.
-    n1 = int(np.floor(20 * T.exit_fractions(0.75, 3)[0]))
+    n1 = int(np.floor(20 * geometric_fractions(0.75, 3)[0]))
     assert stats["selected_by_exit_1"].sum() == 2 * n1
     chosen = stats["confidence"][:20, 0][stats["selected_by_exit_1"][:20]]
     rest = stats["confidence"][:20, 0][~stats["selected_by_exit_1"][:20]]

@@ -9,7 +9,7 @@ Example:
 """
 
 from keras_ee.training import bilevel, core
-from keras_ee.training.allocation import allocate_by_confidence, allocate_by_confidence_numpy, exit_fractions
+from keras_ee.training.allocation import allocate_by_confidence, allocate_by_confidence_numpy
 from keras_ee.training.bilevel import MLP, LookAhead, LookAheadResult
 from keras_ee.training.core import (
     exit_confidence,
@@ -65,7 +65,6 @@ __all__ = [
     "core",
     "distillation_terms",
     "exit_confidence",
-    "exit_fractions",
     "fit_phases",
     "get_method",
     "lookahead_step",

@@ -3,7 +3,10 @@
 Samples of a batch are assigned to exits the way dynamic inference would
 assign them: exit k takes `floor(n * f_k)` of the samples not yet taken,
 the most confident at exit k first, with geometric fractions
-`f_k = q^k / sum_j q^j`; the last exit takes every sample left.
+`f_k = q^k / sum_j q^j`; the last exit takes every sample left. The fractions
+are the calibrator's (`keras_ee.calibration.geometric_fractions`, one
+implementation for both), so training allocates exactly the counts that the
+budget sweep calibrates with.
 """
 
 import numpy as np
@@ -11,40 +14,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from keras_ee._typing import Tensor
-
-
-def _check_q(q: object) -> None:
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)):
-        raise TypeError(f"`q` must be a positive number; received {q!r}.")
-    if not q > 0 or not np.isfinite(q):
-        raise ValueError(f"`q` must be a finite number > 0; received {q}.")
-
-
-def exit_fractions(q: float, num_exits: int) -> np.ndarray:
-    """Geometric exit fractions `f_k = q^k / sum_j q^j`, k = 1..K.
-
-    Args:
-        q: budget controller, > 0 (`q = 1` is a uniform split, `q < 1`
-            favours early exits).
-        num_exits: K, a positive integer.
-
-    Returns:
-        A float64 numpy array of K fractions summing to 1.
-
-    Example:
-    >>> exit_fractions(1.0, 4)
-    array([0.25, 0.25, 0.25, 0.25])
-    """
-    _check_q(q)
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int):
-        raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
-    if num_exits < 1:
-        raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
-    k = np.arange(1, num_exits + 1, dtype=np.float64)
-    # Work in log space so large K or extreme q do not overflow.
-    logw = k * np.log(float(q))
-    w = np.exp(logw - logw.max())
-    return w / w.sum()
+from keras_ee.calibration import geometric_fractions
 
 
 def allocate_by_confidence(confidence: Tensor, q: float) -> Tensor:
@@ -57,7 +27,7 @@ def allocate_by_confidence(confidence: Tensor, q: float) -> Tensor:
     Args:
         confidence: `(n, K)` tensor of per-exit confidences (e.g. max softmax
             probability). Treated as a constant (no gradient).
-        q: budget controller, > 0.
+        q: budget controller, a positive finite number.
 
     Returns:
         A `(n, K)` float tensor (confidence's dtype), one-hot per row: the
@@ -66,7 +36,6 @@ def allocate_by_confidence(confidence: Tensor, q: float) -> Tensor:
     Example:
     >>> mask = allocate_by_confidence(exit_confidence(logits), q=0.75)
     """
-    _check_q(q)
     confidence = tf.stop_gradient(tf.convert_to_tensor(confidence))
     if confidence.shape.rank != 2:
         raise ValueError(f"`confidence` must have shape (batch, num_exits); received shape {confidence.shape}.")
@@ -74,7 +43,7 @@ def allocate_by_confidence(confidence: Tensor, q: float) -> Tensor:
     if num_exits is None:
         raise ValueError("The number of exits (axis 1) must be static.")
     dtype = confidence.dtype
-    fractions = exit_fractions(float(q), int(num_exits))
+    fractions = geometric_fractions(q, int(num_exits))
     n = tf.shape(confidence)[0]
     n_f = tf.cast(n, tf.float64)
     available = tf.ones([n], dtype=tf.bool)
@@ -129,7 +98,7 @@ def allocate_by_confidence_numpy(confidence: npt.ArrayLike, q: float) -> np.ndar
     if confidence.ndim != 2:
         raise ValueError(f"`confidence` must have shape (batch, num_exits); received shape {confidence.shape}.")
     n, num_exits = confidence.shape
-    fractions = exit_fractions(q, int(num_exits))
+    fractions = geometric_fractions(q, int(num_exits))
     exit_of = np.full(n, num_exits - 1, dtype=np.int64)
     available = np.ones(n, dtype=bool)
     for k in range(num_exits - 1):

@@ -67,13 +67,31 @@ impl Shortfall {
     }
 }
 
-/// Fractions for the geometric split `f_k = q^k / sum_j q^j`, k = 1..K.
+/// Fractions for the geometric split `f_k = q^k / sum_j q^j`, k = 1..K: the budget
+/// sweep's split (MSDNet's `dynamic_evaluate`) and L2W-DEN's meta-data allocation
+/// (Han et al., "Learning to Weight Samples for Dynamic Early-exiting Networks",
+/// ECCV 2022, arXiv:2209.08310, Sec. 3.2). The one implementation: the calibrator
+/// and training (`keras_ee.training.allocation`) both take their counts
+/// `floor(f64(n) * f_k)` from these fractions.
 ///
-/// Computed without overflow or underflow as normalised powers: for `q <= 1`,
+/// `q` is read as the decimal it prints as (0.8, not the binary
+/// 0.8000000000000000444 nearest to it), as a user and the sweep grid `p / 20` mean
+/// it. When that decimal is a ratio `a / b` with few digits (every grid value, K up
+/// to about 12), `f_k` is the exact rational `a^k b^(K-k) / sum_j a^j b^(K-j)`
+/// rounded *up* to an `f64`: then `floor(n * f_k)` is exactly the paper's
+/// `floor(n q^k / sum_j q^j)` whenever `n q^k / sum_j q^j` is an integer (a fraction
+/// rounded to nearest can land one unit in the last place below it and lose a
+/// sample: at q = 0.8, K = 3, n = 366 the exact count is 150, normalised powers give
+/// 149). Otherwise (many digits, huge or tiny q, large K) it falls back to
+/// normalised powers, which never overflow or underflow: for `q <= 1`,
 /// `w_1 = 1, w_{k+1} = w_k * q`; for `q > 1`, `w_K = 1, w_{k-1} = w_k / q`; then
-/// `f_k = w_k / (w_1 + ... + w_K)` (summed left to right).
+/// `f_k = w_k / (w_1 + ... + w_K)` (summed left to right). Both use only integer and
+/// IEEE-rounded arithmetic, so every machine gets the same bits.
 pub fn geometric_fractions(q: f64, num_exits: usize) -> Result<Vec<f64>> {
     check_q(q, num_exits, false)?;
+    if let Some(f) = exact_geometric_fractions(q, num_exits) {
+        return Ok(f);
+    }
     let mut w = vec![1.0f64; num_exits];
     if q <= 1.0 {
         for k in 1..num_exits {
@@ -86,6 +104,66 @@ pub fn geometric_fractions(q: f64, num_exits: usize) -> Result<Vec<f64>> {
     }
     let total: f64 = w.iter().fold(0.0, |a, &b| a + b);
     Ok(w.iter().map(|&x| x / total).collect())
+}
+
+/// [`geometric_fractions`] from the exact rational, rounded up; `None` when `q`'s
+/// decimal or the sum of the powers does not fit (the denominator must fit in 64 bits).
+fn exact_geometric_fractions(q: f64, num_exits: usize) -> Option<Vec<f64>> {
+    let (a, b) = decimal_ratio(q)?;
+    let k = u32::try_from(num_exits).ok()?;
+    // w_j = q^j b^K = a^j b^(K-j): integers with the ratios of the powers of q.
+    let w = (1..=k)
+        .map(|j| a.checked_pow(j)?.checked_mul(b.checked_pow(k - j)?))
+        .collect::<Option<Vec<u128>>>()?;
+    let total = w.iter().try_fold(0u128, |s, &x| s.checked_add(x))?;
+    if total >> 64 != 0 {
+        return None;
+    }
+    Some(w.iter().map(|&x| ratio_rounded_up(x, total)).collect())
+}
+
+/// `q` as the reduced ratio `a / b` of the shortest decimal that reads back as `q`
+/// (what `{:e}` prints), or `None` when `a` or `b` would not fit.
+fn decimal_ratio(q: f64) -> Option<(u128, u128)> {
+    let text = format!("{q:e}"); // "8e-1", "1.95e0", "1e-300"
+    let (mantissa, exponent) = text.split_once('e')?;
+    let exponent: i32 = exponent.parse().ok()?;
+    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
+    let digits: u128 = mantissa.replace('.', "").parse().ok()?;
+    // q = digits * 10^power
+    let power = exponent - decimals;
+    let ten = |p: i32| 10u128.checked_pow(p.unsigned_abs());
+    let (a, b) = if power >= 0 {
+        (digits.checked_mul(ten(power)?)?, 1)
+    } else {
+        (digits, ten(power)?)
+    };
+    let g = gcd(a, b);
+    Some((a / g, b / g))
+}
+
+fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// `num / den` rounded up to an `f64`, for `0 < num <= den < 2^64`.
+fn ratio_rounded_up(num: u128, den: u128) -> f64 {
+    debug_assert!(0 < num && num <= den && den >> 64 == 0);
+    // Shifted into [2^126, 2^127): the quotient has at least 63 significant bits.
+    let shift = num.leading_zeros() - 1;
+    let (quotient, rest) = ((num << shift) / den, (num << shift) % den);
+    let drop = (128 - quotient.leading_zeros()) - 53;
+    let mut mantissa = quotient >> drop;
+    if rest != 0 || quotient & ((1 << drop) - 1) != 0 {
+        mantissa += 1;
+    }
+    // mantissa <= 2^53 is exact, and so is the scaling by a power of two in the normal
+    // range (the exponent lies between -128 and 0).
+    let exponent = drop as i32 - shift as i32;
+    mantissa as f64 * f64::from_bits(((1023 + exponent) as u64) << 52)
 }
 
 /// Fractions for the per-stage split: a fraction `q` of the samples expected to reach
@@ -810,6 +888,52 @@ mod tests {
         assert!(validate_fractions(&[0.5, 0.6], 2).is_err());
         assert!(validate_fractions(&[1.5, -0.5], 2).is_err());
         assert!(validate_fractions(&[1.0], 2).is_err());
+    }
+
+    /// `floor(n f_k)` is the exact `floor(n q^k / sum_j q^j)` (q read as its decimal,
+    /// computed in integers) on the sweep grid q = p / 20, K = 2..8, n = 0..5000.
+    #[test]
+    fn geometric_quotas_are_exact_on_the_grid() {
+        assert_eq!(quotas(366, &geometric_fractions(0.8, 3).unwrap())[0], 150);
+        for p in 1..40u32 {
+            let q = p as f64 / 20.0;
+            let (a, b) = decimal_ratio(q).unwrap();
+            assert_eq!(a * 20, b * p as u128, "q = {q}");
+            for k in 2..9u32 {
+                let f = geometric_fractions(q, k as usize).unwrap();
+                let w: Vec<u128> = (1..=k).map(|j| a.pow(j) * b.pow(k - j)).collect();
+                let total: u128 = w.iter().sum();
+                for n in 0..=5000usize {
+                    let got = quotas(n, &f);
+                    for j in 0..k as usize {
+                        assert_eq!(
+                            got[j] as u128,
+                            n as u128 * w[j] / total,
+                            "q {q} K {k} n {n}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_fractions_round_up_and_fall_back() {
+        assert_eq!(decimal_ratio(0.8), Some((4, 5)));
+        assert_eq!(decimal_ratio(1.95), Some((39, 20)));
+        assert_eq!(decimal_ratio(3e5), Some((300_000, 1)));
+        assert_eq!(decimal_ratio(1e-300), None);
+        assert_eq!(ratio_rounded_up(1, 2), 0.5);
+        assert_eq!(ratio_rounded_up(7, 7), 1.0);
+        assert_eq!(ratio_rounded_up(1, 3), (1.0f64 / 3.0).next_up());
+        assert_eq!(ratio_rounded_up(1, 10), 0.1); // the nearest f64 is above 1/10 already
+        assert_eq!(ratio_rounded_up(1, 1 << 63), 2f64.powi(-63));
+        // Many digits or huge K: normalised powers, still summing to 1.
+        for (q, k) in [(0.123_456_789_123, 8), (0.8, 200), (1e-300, 3)] {
+            assert!(exact_geometric_fractions(q, k).is_none());
+            let f = geometric_fractions(q, k).unwrap();
+            assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
     }
 
     #[test]

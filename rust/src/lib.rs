@@ -9,6 +9,7 @@ pub mod error;
 pub mod fastmath;
 pub mod hugebuf;
 pub mod scores;
+pub mod simd;
 pub mod simulate;
 pub mod solve;
 pub mod sweep;

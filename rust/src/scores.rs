@@ -8,6 +8,7 @@
 use crate::error::{thousands, Error, Result};
 use crate::fastmath::{exp_nonpos, f16_bits_to_f32, EXP_LOWEST};
 use crate::hugebuf::try_zeroed_vec;
+use crate::simd::{Avx2Fma, Portable};
 use ndarray::{ArrayView3, Axis};
 use rayon::prelude::*;
 
@@ -123,10 +124,11 @@ fn max_min(row: &[f32]) -> (f32, f32) {
 /// blends). NaN may come out as the max, which is fine: the row is then reported.
 ///
 /// # Safety
-/// The CPU must support AVX; only called from the AVX2 path.
+/// The CPU must support AVX2 and FMA (see [`Avx2Fma`]).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn max_min_avx(row: &[f32]) -> (f32, f32) {
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn max_min_avx2(row: &[f32]) -> (f32, f32) {
     use std::arch::x86_64::*;
     let mut hi0 = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut hi1 = hi0;
@@ -176,10 +178,11 @@ fn first_index_of(row: &[f32], m: f32) -> usize {
 /// [`first_index_of`] with AVX compares, 32 values per step.
 ///
 /// # Safety
-/// The CPU must support AVX2; only called from the AVX2 path.
+/// The CPU must support AVX2 and FMA (see [`Avx2Fma`]).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn first_index_of_avx(row: &[f32], m: f32) -> usize {
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn first_index_of_avx2(row: &[f32], m: f32) -> usize {
     use std::arch::x86_64::*;
     let vm = _mm256_set1_ps(m);
     let p = row.as_ptr();
@@ -236,8 +239,9 @@ fn scaled(x: f32, m: f32, inv_t: f32) -> f32 {
 /// float32 lane accumulators (vectorised) are flushed into float64 every
 /// `LANES * FLUSH` elements, so the rounding error stays ~1e-7 relative even for
 /// 1000s of classes of similar size. The `e*d` sum is only formed when `ENT`.
+/// Unfused multiply-adds: without FMA hardware `mul_add` is a slow libm call.
 #[inline(always)]
-fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
+fn sum_exp<const ENT: bool>(row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
     const FLUSH: usize = 8;
     let mut s64 = [0.0f64; LANES];
     let mut w64 = [0.0f64; LANES];
@@ -252,7 +256,7 @@ fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) ->
         for c in chunks.by_ref().take(take) {
             for l in 0..LANES {
                 let d = scaled(c[l], m, inv_t);
-                let e = exp_nonpos::<FMA>(d);
+                let e = exp_nonpos::<false>(d);
                 s[l] += e;
                 if ENT {
                     w[l] += e * d;
@@ -271,7 +275,7 @@ fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) ->
     let (mut sum, mut wsum) = (0.0f64, 0.0f64);
     for &x in blocks.remainder() {
         let d = scaled(x, m, inv_t);
-        let e = exp_nonpos::<FMA>(d);
+        let e = exp_nonpos::<false>(d);
         sum += e as f64;
         if ENT {
             wsum += (e * d) as f64;
@@ -282,21 +286,72 @@ fn sum_exp<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) ->
     (sum, wsum)
 }
 
-/// [`sum_exp`] through the explicit AVX2+FMA kernel on that path.
-#[inline(always)]
-fn sum_exp_any<const FMA: bool, const ENT: bool>(row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA is only true on the AVX2+FMA path (checked at dispatch).
-        return unsafe {
+/// The per-row kernels of [`score_rows`]: [`Portable`], or AVX2+FMA intrinsics
+/// behind an [`Avx2Fma`] token (so they run only where the CPU has them).
+trait RowKernels: Copy {
+    /// `exp(d)` for `d <= 0` (see [`exp_nonpos`]): multiply-adds fused with FMA
+    /// hardware, unfused without it (where `mul_add` would be a slow libm call).
+    fn exp_nonpos(self, d: f32) -> f32;
+    /// Row max and min (see [`max_min`]).
+    fn max_min(self, row: &[f32]) -> (f32, f32);
+    /// First index of `m` in `row` (see [`first_index_of`]).
+    fn first_index_of(self, row: &[f32], m: f32) -> usize;
+    /// `(sum_c e_c, sum_c e_c d_c)` (see [`sum_exp`]).
+    fn sum_exp<const ENT: bool>(self, row: &[f32], m: f32, inv_t: f32) -> (f64, f64);
+}
+
+impl RowKernels for Portable {
+    #[inline(always)]
+    fn exp_nonpos(self, d: f32) -> f32 {
+        exp_nonpos::<false>(d)
+    }
+
+    #[inline(always)]
+    fn max_min(self, row: &[f32]) -> (f32, f32) {
+        max_min(row)
+    }
+
+    #[inline(always)]
+    fn first_index_of(self, row: &[f32], m: f32) -> usize {
+        first_index_of(row, m)
+    }
+
+    #[inline(always)]
+    fn sum_exp<const ENT: bool>(self, row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
+        sum_exp::<ENT>(row, m, inv_t)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowKernels for Avx2Fma {
+    #[inline(always)]
+    fn exp_nonpos(self, d: f32) -> f32 {
+        exp_nonpos::<true>(d)
+    }
+
+    #[inline(always)]
+    fn max_min(self, row: &[f32]) -> (f32, f32) {
+        // SAFETY: an `Avx2Fma` exists only where AVX2 and FMA were detected.
+        unsafe { max_min_avx2(row) }
+    }
+
+    #[inline(always)]
+    fn first_index_of(self, row: &[f32], m: f32) -> usize {
+        // SAFETY: an `Avx2Fma` exists only where AVX2 and FMA were detected.
+        unsafe { first_index_of_avx2(row, m) }
+    }
+
+    #[inline(always)]
+    fn sum_exp<const ENT: bool>(self, row: &[f32], m: f32, inv_t: f32) -> (f64, f64) {
+        // SAFETY: an `Avx2Fma` exists only where AVX2 and FMA were detected.
+        unsafe {
             if inv_t == 1.0 {
                 sum_exp_avx2::<ENT, false>(row, m, inv_t)
             } else {
                 sum_exp_avx2::<ENT, true>(row, m, inv_t)
             }
-        };
+        }
     }
-    sum_exp::<FMA, ENT>(row, m, inv_t)
 }
 
 /// How many rows ahead [`sum_exp_avx2`] prefetches.
@@ -311,7 +366,7 @@ const PF_ROWS: usize = 2;
 /// the same flush into float64 every 8 terms per lane as [`sum_exp`].
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
+/// The CPU must support AVX2 and FMA (see [`Avx2Fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_avx2<const ENT: bool, const SCALE: bool>(
@@ -429,20 +484,27 @@ unsafe fn sum_exp_avx2<const ENT: bool, const SCALE: bool>(
 
 /// Scores one row of finite values with known max `m` at `a`.
 #[inline(always)]
-fn finish_row<const FMA: bool>(row: &[f32], m: f32, a: usize, inv_t: f32, kind: Kind) -> f32 {
+fn finish_row<K: RowKernels>(
+    kernels: K,
+    row: &[f32],
+    m: f32,
+    a: usize,
+    inv_t: f32,
+    kind: Kind,
+) -> f32 {
     match kind {
         Kind::MaxSoftmax => {
-            let (sum, _) = sum_exp_any::<FMA, false>(row, m, inv_t);
+            let (sum, _) = kernels.sum_exp::<false>(row, m, inv_t);
             (1.0 / sum) as f32
         }
         Kind::Margin => {
-            let (sum, _) = sum_exp_any::<FMA, false>(row, m, inv_t);
+            let (sum, _) = kernels.sum_exp::<false>(row, m, inv_t);
             let m2 = max_of(&row[..a]).max(max_of(&row[a + 1..]));
-            let e2 = exp_nonpos::<FMA>(scaled(m2, m, inv_t)) as f64;
+            let e2 = kernels.exp_nonpos(scaled(m2, m, inv_t)) as f64;
             ((1.0 - e2) / sum) as f32
         }
         Kind::Entropy => {
-            let (sum, wsum) = sum_exp_any::<FMA, true>(row, m, inv_t);
+            let (sum, wsum) = kernels.sum_exp::<true>(row, m, inv_t);
             // sum_c p ln p = (sum_c e_c d_c) / S - ln S, with p_c = e_c / S, ln p_c = d_c - ln S.
             let plogp = wsum / sum - sum.ln();
             let v = 1.0 + plogp / (row.len() as f64).ln();
@@ -455,8 +517,11 @@ fn finish_row<const FMA: bool>(row: &[f32], m: f32, a: usize, inv_t: f32, kind: 
 /// Where a non-finite logit was found: (exit, sample, class).
 type BadAt = (usize, usize, usize);
 
+/// Scores the rows `first_row..` (flat over (exit, sample)) into `scores`/`preds` with
+/// the given kernels; the first row with a non-finite logit stops it.
 #[inline(always)]
-fn score_rows<T: Logit, const FMA: bool>(
+fn score_rows<T: Logit, K: RowKernels>(
+    kernels: K,
     logits: &ArrayView3<T>,
     first_row: usize,
     scores: &mut [f32],
@@ -484,30 +549,13 @@ fn score_rows<T: Logit, const FMA: bool>(
             PreparedRow::NonFinite(j) => return Some((k, i, j)),
             PreparedRow::Shifted(v, a) => (v, 0.0f32, a, 0.0f32),
             PreparedRow::Raw(v) => {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: FMA is only true on the AVX2+FMA path.
-                let (m, lowest) = if FMA {
-                    unsafe { max_min_avx(v) }
-                } else {
-                    max_min(v)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let (m, lowest) = max_min(v);
+                let (m, lowest) = kernels.max_min(v);
                 // `min` keeps an all-NaN row in range; such a row is reported below.
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                let a = if FMA {
-                    unsafe { first_index_of_avx(v, m) }
-                } else {
-                    first_index_of(v, m)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let a = first_index_of(v, m);
-                let a = a.min(v.len() - 1);
+                let a = kernels.first_index_of(v, m).min(v.len() - 1);
                 (v, m, a, lowest)
             }
         };
-        let score = finish_row::<FMA>(vals, m, a, inv_t[k], kind);
+        let score = finish_row(kernels, vals, m, a, inv_t[k], kind);
         if !score.is_finite() || lowest == f32::NEG_INFINITY {
             let j = vals.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Some((k, i, j));
@@ -518,9 +566,15 @@ fn score_rows<T: Logit, const FMA: bool>(
     None
 }
 
+/// [`score_rows`] with the AVX2+FMA kernels, compiled for those features: the row
+/// loop lives here so that the `#[target_feature]` kernels inline into it.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA (`simd` proves it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn score_rows_avx2<T: Logit>(
+    simd: Avx2Fma,
     logits: &ArrayView3<T>,
     first_row: usize,
     scores: &mut [f32],
@@ -528,22 +582,21 @@ unsafe fn score_rows_avx2<T: Logit>(
     inv_t: &[f32],
     kind: Kind,
 ) -> Option<BadAt> {
-    score_rows::<T, true>(logits, first_row, scores, preds, inv_t, kind)
+    score_rows(simd, logits, first_row, scores, preds, inv_t, kind)
 }
 
 /// Which kernel [`exit_scores`] runs on this CPU: `"avx2+fma"` (explicit intrinsics,
 /// chosen at run time) or `"portable"` (auto-vectorised for the compile-time target).
 pub fn simd_path() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return "avx2+fma";
-        }
+    match Avx2Fma::detect() {
+        Some(_) => "avx2+fma",
+        None => "portable",
     }
-    "portable"
 }
 
+/// [`score_rows`] on the AVX2+FMA kernels when `simd` is given, else the portable ones.
 fn score_rows_dispatch<T: Logit>(
+    simd: Option<Avx2Fma>,
     logits: &ArrayView3<T>,
     first_row: usize,
     scores: &mut [f32],
@@ -552,13 +605,14 @@ fn score_rows_dispatch<T: Logit>(
     kind: Kind,
 ) -> Option<BadAt> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { score_rows_avx2(logits, first_row, scores, preds, inv_t, kind) };
-        }
+    if let Some(simd) = simd {
+        // SAFETY: `simd` proves the CPU supports AVX2 and FMA.
+        return unsafe { score_rows_avx2(simd, logits, first_row, scores, preds, inv_t, kind) };
     }
-    score_rows::<T, false>(logits, first_row, scores, preds, inv_t, kind)
+    // No SIMD kernels on other architectures: always the portable path.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
+    score_rows(Portable, logits, first_row, scores, preds, inv_t, kind)
 }
 
 /// Validates per-exit temperatures and returns their reciprocals as `f32`.
@@ -592,7 +646,19 @@ pub fn inverse_temperatures(temperatures: &[f64], num_exits: usize) -> Result<Ve
 /// `inv_t` holds one reciprocal temperature per exit (see [`inverse_temperatures`]).
 /// Errors on empty input, fewer than 2 classes, or a NaN/inf logit (reporting where),
 /// and if the outputs cannot be allocated (an out-of-memory error, not an abort).
+/// Runs the AVX2+FMA kernels where the CPU has them (see [`simd_path`]).
 pub fn exit_scores<T: Logit>(
+    logits: ArrayView3<T>,
+    kind: Kind,
+    inv_t: &[f32],
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    exit_scores_on(Avx2Fma::detect(), logits, kind, inv_t)
+}
+
+/// [`exit_scores`] on the AVX2+FMA kernels when `simd` is given, else on the portable
+/// ones (a test passes `None` to check the portable path on an AVX2 machine).
+pub fn exit_scores_on<T: Logit>(
+    simd: Option<Avx2Fma>,
     logits: ArrayView3<T>,
     kind: Kind,
     inv_t: &[f32],
@@ -638,7 +704,9 @@ pub fn exit_scores<T: Logit>(
         .par_chunks_mut(chunk)
         .zip(preds.par_chunks_mut(chunk))
         .enumerate()
-        .filter_map(|(ci, (sc, pr))| score_rows_dispatch(&logits, ci * chunk, sc, pr, inv_t, kind))
+        .filter_map(|(ci, (sc, pr))| {
+            score_rows_dispatch(simd, &logits, ci * chunk, sc, pr, inv_t, kind)
+        })
         .min();
     if let Some((bk, bi, bc)) = bad {
         return Err(Error::new(format!(
@@ -761,6 +829,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The portable kernels (forced on this machine) against the AVX2+FMA ones on the
+    /// same random logits, every kind, dtype, temperature and the row lengths that reach
+    /// each part of the AVX2 kernel. Predictions and non-finite reports are the same
+    /// bit for bit (max, min and the first index of the max are exact in both). Scores
+    /// are not: the AVX2 kernel fuses the `exp` polynomial's multiply-adds (the portable
+    /// one rounds twice) and sums in 4 x 8 float32 lanes where the portable one uses 16,
+    /// so each path is within about 2e-7 relative of the exact value (checked against
+    /// float64 above) and the two within 2e-6 relative (plus 2e-7 absolute for margin
+    /// and entropy, which are differences).
+    #[test]
+    fn portable_path_matches_avx2_path() {
+        let Some(simd) = Avx2Fma::detect() else {
+            eprintln!("no AVX2+FMA on this CPU: only the portable path exists");
+            return;
+        };
+        let mut st = 5u64;
+        for c in [2usize, 7, 8, 31, 32, 40, 100, 257, 263, 1000, 1003] {
+            let (k, n) = (2, 9);
+            let data: Vec<f64> = (0..k * n * c)
+                .map(|_| (lcg(&mut st) - 0.5) * 30.0)
+                .collect();
+            let a64 = Array3::from_shape_vec((k, n, c), data).unwrap();
+            let a32 = a64.mapv(|x| x as f32);
+            let a16 = a32.mapv(f32_to_f16_bits);
+            for kind in [Kind::MaxSoftmax, Kind::Margin, Kind::Entropy] {
+                for inv in [[1.0f32, 1.0], [0.7, 1.3]] {
+                    let pairs = [
+                        (
+                            exit_scores_on(None, a32.view(), kind, &inv).unwrap(),
+                            exit_scores_on(Some(simd), a32.view(), kind, &inv).unwrap(),
+                        ),
+                        (
+                            exit_scores_on(None, a64.view(), kind, &inv).unwrap(),
+                            exit_scores_on(Some(simd), a64.view(), kind, &inv).unwrap(),
+                        ),
+                        (
+                            exit_scores_on(None, a16.view(), kind, &inv).unwrap(),
+                            exit_scores_on(Some(simd), a16.view(), kind, &inv).unwrap(),
+                        ),
+                    ];
+                    for ((sp, pp), (sv, pv)) in pairs {
+                        assert_eq!(pp, pv, "{kind:?} c={c}: predictions differ");
+                        let abs = if kind == Kind::MaxSoftmax { 0.0 } else { 2e-7 };
+                        for (r, (&x, &y)) in sp.iter().zip(&sv).enumerate() {
+                            assert!(
+                                (x as f64 - y as f64).abs() <= 2e-6 * (y as f64).abs() + abs,
+                                "{kind:?} c={c} row {r}: portable {x} vs avx2 {y}"
+                            );
+                        }
+                    }
+                }
+            }
+            for j in [0, c / 2, c - 1] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut b = a32.clone();
+                    b[[1, 4, j]] = bad;
+                    for kind in [Kind::MaxSoftmax, Kind::Margin, Kind::Entropy] {
+                        let p = exit_scores_on(None, b.view(), kind, &[1.0, 1.0]).unwrap_err();
+                        let v =
+                            exit_scores_on(Some(simd), b.view(), kind, &[1.0, 1.0]).unwrap_err();
+                        assert_eq!(p.message, v.message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Nearest-even IEEE binary16 bits of `x` (test data only; `x` in f16 range).
+    fn f32_to_f16_bits(x: f32) -> u16 {
+        let b = x.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let a = x.abs();
+        if a < 6.103_515_6e-5 {
+            // Subnormal (or zero): multiples of 2^-24.
+            return sign | (a * 16_777_216.0).round_ties_even() as u16;
+        }
+        let e = ((a.to_bits() >> 23) as i32) - 127;
+        let m = a / 2f32.powi(e) - 1.0; // in [0, 1)
+        let mm = (m * 1024.0).round_ties_even() as u32;
+        let (e, mm) = if mm == 1024 { (e + 1, 0) } else { (e, mm) };
+        sign | (((e + 15) as u16) << 10) | mm as u16
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use crate::calibrate::MAX_EXITS;
 use crate::error::{thousands, Error, Result};
 use crate::hugebuf::try_zeroed_vec;
+use crate::simd::{Avx2Popcnt, Portable};
 use rayon::prelude::*;
 
 /// Outcome of one threshold set on one data set.
@@ -133,8 +134,30 @@ fn levels(tf: &[f32], k: usize) -> Levels {
 /// that threshold), and so do the correct flags; then every threshold set is
 /// applied word by word (64 samples) with a few integer operations and popcounts.
 /// Thresholds are compared as the smallest `f32` at or above them, which is exact
-/// for `f32` scores.
+/// for `f32` scores. Builds the masks with AVX2 where the CPU has it.
 pub fn score_many(
+    scores: &[f32],
+    correct: &[bool],
+    k: usize,
+    n: usize,
+    thresholds: &[f64],
+    costs: &[f64],
+) -> Result<Vec<Outcome>> {
+    score_many_on(
+        Avx2Popcnt::detect(),
+        scores,
+        correct,
+        k,
+        n,
+        thresholds,
+        costs,
+    )
+}
+
+/// [`score_many`] with the AVX2 mask kernels when `simd` is given, else the portable
+/// ones (a test passes `None` to check the portable path on an AVX2 machine).
+pub fn score_many_on(
+    simd: Option<Avx2Popcnt>,
     scores: &[f32],
     correct: &[bool],
     k: usize,
@@ -146,12 +169,13 @@ pub fn score_many(
     let tf: Vec<f32> = thresholds.iter().map(|&t| f32_ceil(t)).collect();
     let mut out = Vec::with_capacity(tf.len() / k);
     for group in tf.chunks(SET_GROUP * k) {
-        out.extend(score_group(scores, correct, k, n, group, costs)?);
+        out.extend(score_group(simd, scores, correct, k, n, group, costs)?);
     }
     Ok(out)
 }
 
 fn score_group(
+    simd: Option<Avx2Popcnt>,
     scores: &[f32],
     correct: &[bool],
     k: usize,
@@ -167,10 +191,11 @@ fn score_group(
         first[e] = first[e - 1] + lv.cuts[e - 1].len() * WORDS;
     }
     let mask_words = first[k - 1];
+    // No SIMD kernels on other architectures: always the portable path.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     // Per budget: K exit counts then the number of right answers.
     let width = k + 1;
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt");
     // Each worker's block buffers (at most a few MB: they grow with K and the number
     // of threshold sets, not with N).
     let worker_bytes = 8 * (b * width + mask_words + k * WORDS) as u128;
@@ -209,14 +234,12 @@ fn score_group(
                     right: &mut right,
                 };
                 #[cfg(target_arch = "x86_64")]
-                {
-                    if avx2 {
-                        // SAFETY: the CPU supports AVX2 and POPCNT.
-                        unsafe { score_block_avx2(&d, &lv, &mut acc, &mut buf) };
-                        return Ok((acc, masks, right));
-                    }
+                if let Some(simd) = simd {
+                    // SAFETY: `simd` proves the CPU supports AVX2 and POPCNT.
+                    unsafe { score_block_avx2(simd, &d, &lv, &mut acc, &mut buf) };
+                    return Ok((acc, masks, right));
                 }
-                score_block::<false>(&d, &lv, &mut acc, &mut buf);
+                score_block(Portable, &d, &lv, &mut acc, &mut buf);
                 Ok((acc, masks, right))
             },
         )
@@ -263,10 +286,58 @@ struct Buffers<'a> {
     right: &'a mut [u64],
 }
 
+/// [`score_block`] with the AVX2 mask kernels, compiled for AVX2 and POPCNT: the
+/// block's loops live here so that the `#[target_feature]` kernels inline into them
+/// and the popcounts are single instructions.
+///
+/// # Safety
+/// The CPU must support AVX2 and POPCNT (`simd` proves it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
-unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], buf: &mut Buffers) {
-    score_block::<true>(d, lv, acc, buf)
+unsafe fn score_block_avx2(
+    simd: Avx2Popcnt,
+    d: &Data,
+    lv: &Levels,
+    acc: &mut [u64],
+    buf: &mut Buffers,
+) {
+    score_block(simd, d, lv, acc, buf)
+}
+
+/// The mask kernels of [`score_block`]: each handles a prefix of its input and says
+/// how much; the scalar loops there do the rest ([`Portable`] leaves them all of it).
+trait MaskKernels: Copy {
+    /// Pass masks of a prefix of `s` (see [`pass_masks_avx2`]); returns its length.
+    fn pass_masks(self, s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize;
+    /// Correct masks of a prefix of `c` (see [`flag_masks_avx2`]); returns its length.
+    fn flag_masks(self, c: &[u8], out: &mut [u64]) -> usize;
+}
+
+impl MaskKernels for Portable {
+    #[inline(always)]
+    fn pass_masks(self, _s: &[f32], _cuts: &[f32], _out: &mut [u64]) -> usize {
+        0
+    }
+
+    #[inline(always)]
+    fn flag_masks(self, _c: &[u8], _out: &mut [u64]) -> usize {
+        0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl MaskKernels for Avx2Popcnt {
+    #[inline(always)]
+    fn pass_masks(self, s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize {
+        // SAFETY: an `Avx2Popcnt` exists only where AVX2 and POPCNT were detected.
+        unsafe { pass_masks_avx2(s, cuts, out) }
+    }
+
+    #[inline(always)]
+    fn flag_masks(self, c: &[u8], out: &mut [u64]) -> usize {
+        // SAFETY: an `Avx2Popcnt` exists only where AVX2 and POPCNT were detected.
+        unsafe { flag_masks_avx2(c, out) }
+    }
 }
 
 /// Pass masks of the first `64 * floor(len / 64)` scores of `s` (returns how many):
@@ -275,9 +346,10 @@ unsafe fn score_block_avx2(d: &Data, lv: &Levels, acc: &mut [u64], buf: &mut Buf
 /// of cut `c`.
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2 and POPCNT (see [`Avx2Popcnt`]).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
+#[target_feature(enable = "avx2,popcnt")]
+#[inline]
 unsafe fn pass_masks_avx2(s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize {
     use std::arch::x86_64::*;
     let whole = s.len() / 64;
@@ -307,9 +379,10 @@ unsafe fn pass_masks_avx2(s: &[f32], cuts: &[f32], out: &mut [u64]) -> usize {
 /// (32 bits at a time; returns how many flags).
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2 and POPCNT (see [`Avx2Popcnt`]).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
+#[target_feature(enable = "avx2,popcnt")]
+#[inline]
 unsafe fn flag_masks_avx2(c: &[u8], out: &mut [u64]) -> usize {
     use std::arch::x86_64::*;
     let whole = c.len() / 32;
@@ -329,7 +402,13 @@ unsafe fn flag_masks_avx2(c: &[u8], out: &mut [u64]) -> usize {
 
 /// One block of samples, every threshold set of the group.
 #[inline(always)]
-fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &mut Buffers) {
+fn score_block<M: MaskKernels>(
+    kernels: M,
+    d: &Data,
+    lv: &Levels,
+    acc: &mut [u64],
+    buf: &mut Buffers,
+) {
     let (k, n, start) = (d.k, d.n, d.start);
     let len = BLOCK.min(n - start);
     let words = len.div_ceil(64);
@@ -339,12 +418,7 @@ fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &m
         let s = &d.scores[e * n + start..][..len];
         let cuts = &lv.cuts[e];
         let out = &mut buf.masks[buf.first[e]..][..cuts.len() * WORDS];
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if AVX2 {
-            // SAFETY: AVX2 is only true on the AVX2 path.
-            done = unsafe { pass_masks_avx2(s, cuts, out) };
-        }
+        let done = kernels.pass_masks(s, cuts, out);
         // The rest, bit by bit (bits past `len` stay 0).
         for (c, &t) in cuts.iter().enumerate() {
             for w in done / 64..words {
@@ -359,12 +433,7 @@ fn score_block<const AVX2: bool>(d: &Data, lv: &Levels, acc: &mut [u64], buf: &m
     for e in 0..k {
         let c = bytes(&d.correct[e * n + start..][..len]);
         let out = &mut buf.right[e * WORDS..][..WORDS];
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if AVX2 {
-            // SAFETY: AVX2 is only true on the AVX2 path.
-            done = unsafe { flag_masks_avx2(c, out) };
-        }
+        let done = kernels.flag_masks(c, out);
         for i in done..len {
             if i % 64 == 0 {
                 out[i / 64] = 0;
@@ -527,6 +596,51 @@ mod tests {
                 "trial {trial}"
             );
             assert_eq!(got.exit_counts.iter().sum::<u64>(), n as u64);
+        }
+    }
+
+    /// The portable mask kernels (forced on this machine) against the AVX2 ones: pure
+    /// comparisons and integer counts, so the outcomes are identical bit for bit. Sizes
+    /// reach the AVX2 prefixes and the scalar tails (n not a multiple of 32, 64 or the
+    /// block), several groups of threshold sets, ties and thresholds at +-inf.
+    #[test]
+    fn portable_path_matches_avx2_path() {
+        let Some(simd) = Avx2Popcnt::detect() else {
+            eprintln!("no AVX2+POPCNT on this CPU: only the portable path exists");
+            return;
+        };
+        let mut st = 9u64;
+        let mut next = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            st
+        };
+        for (k, n, sets) in [
+            (2, 31, 3),
+            (3, 64, 5),
+            (5, 4097, 70),
+            (8, 10_000, 150),
+            (1, 100, 2),
+        ] {
+            let scores: Vec<f32> = (0..k * n).map(|_| (next() % 1000) as f32 / 999.0).collect();
+            let correct: Vec<bool> = (0..k * n).map(|_| next() % 3 != 0).collect();
+            let mut t: Vec<f64> = (0..sets * k)
+                .map(|_| (next() % 1000) as f64 / 999.0 + (next() % 2) as f64 * 1e-9)
+                .collect();
+            for j in 0..sets {
+                if j % 4 == 1 {
+                    t[j * k] = f64::INFINITY;
+                }
+                if j % 5 == 2 && k > 1 {
+                    t[j * k] = f64::NEG_INFINITY;
+                }
+                t[j * k + k - 1] = f64::NEG_INFINITY;
+            }
+            let costs: Vec<f64> = (0..k).map(|e| (e + 1) as f64).collect();
+            let portable = score_many_on(None, &scores, &correct, k, n, &t, &costs).unwrap();
+            let avx2 = score_many_on(Some(simd), &scores, &correct, k, n, &t, &costs).unwrap();
+            assert_eq!(portable, avx2, "k={k} n={n}");
         }
     }
 
