@@ -1,6 +1,7 @@
 """IMTA and L2W + IMTA: gradient equilibrium, distillation, inline collaboration, the phases."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -319,7 +320,12 @@ def test_fit_phases_runs_every_phase_with_plain_fit():
         made.append((phase.name, index))
         return keras.optimizers.SGD(0.05, momentum=0.9, nesterov=phase.optimizer_options["nesterov"])
 
-    histories = training.fit_phases(model, x, epochs=2, make_optimizer=make_optimizer, y=y, batch_size=16, verbose=0)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        histories = training.fit_phases(model, batches, epochs=2, make_optimizer=make_optimizer, verbose=0)
+    # a tf.data pipeline shuffles itself: no Keras warning about its ignored shuffle=True
+    assert not [w for w in caught if "shuffle" in str(w.message)]
     assert made == [("phase_1", 0), ("phase_2", 1)]
     assert [len(h.history["loss"]) for h in histories] == [2, 1]
     assert model.method.current_phase == 1

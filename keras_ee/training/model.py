@@ -539,6 +539,10 @@ def fit_phases(
     >>> histories = fit_phases(model, train_ds, epochs=300,
     ...     make_optimizer=lambda phase, i: keras.optimizers.SGD(0.1, momentum=0.9))
     """
+    if isinstance(x, tf.data.Dataset):
+        # Keras cannot shuffle a tf.data pipeline (it warns on its default shuffle=True); the
+        # pipeline shuffles itself, as `DatasetSplits.train_dataset` does.
+        fit_kwargs.setdefault("shuffle", False)
     histories = []
     for i, phase in enumerate(model.method.phases(epochs)):
         model.enter_phase(i)
