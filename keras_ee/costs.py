@@ -9,8 +9,11 @@ markers that `keras_ee.models` inserts (so a stage computes all its scales,
 as the reference code does, even those exit k itself does not read); for a
 model without markers a layer belongs to the first exit that depends on it.
 
-Counting rules (`rule="reference"`, architectures.md section 2: what the
-MSDNet/RANet op counter measures and what the papers publish as "Mul-Add"):
+Counting rules (`rule="reference"`: what the op counter of the authors' code of
+"Multi-Scale Dense Networks for Resource Efficient Image Classification" (Huang et al.,
+ICLR 2018, arXiv:1703.09844) and "Resolution Adaptive Networks for Efficient Inference"
+(Yang et al., CVPR 2020, arXiv:2003.07326) measures, and what those papers publish as
+"Mul-Add"):
 
 | layer | ops |
 |---|---|

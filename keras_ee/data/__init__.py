@@ -10,7 +10,7 @@ Example:
 ```python
 import keras_ee
 
-splits = keras_ee.data.load("cifar100", data_dir="../shared/data")
+splits = keras_ee.data.load("cifar100", data_dir="~/datasets")
 model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 ```
 """

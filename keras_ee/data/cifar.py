@@ -390,7 +390,7 @@ def read_cifar(
     Example:
 
     ```python
-    data = read_cifar("../shared/data/cifar-100-binary.tar.gz", 100)
+    data = read_cifar("~/datasets/cifar-100-binary.tar.gz", 100)
     data["x_train"].shape  # (50000, 32, 32, 3)
     ```
     """

@@ -1,8 +1,8 @@
 """L2W-DEN: learning to weight samples for dynamic early-exiting networks.
 
 Implements Algorithm 1 of "Learning to Weight Samples for Dynamic
-Early-exiting Networks" (Han et al., ECCV 2022) as described in
-`algorithms.md` section 2, with the paper's CIFAR settings as defaults.
+Early-exiting Networks" (Han et al., ECCV 2022, arXiv:2209.08310) and its
+supplementary material, with the paper's CIFAR settings as defaults.
 
 Design notes (why it is built this way):
 
