@@ -49,6 +49,7 @@ from typing import Any
 import keras
 from keras import layers as L
 
+from keras_ee import validation
 from keras_ee.models import graph
 from keras_ee.models.layers import ConvBNReLU
 
@@ -263,8 +264,7 @@ def exit_costs(model: keras.Model, rule: str = "reference") -> dict[str, list[in
     costs["mul_adds"]  # rises across exits
     ```
     """
-    if rule not in RULES:
-        raise ValueError(f"exit_costs: `rule` must be one of {list(RULES)}, received {rule!r}.")
+    validation.check_choice("rule", rule, RULES, where="exit_costs: ")
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
         raise TypeError(f"exit_costs expects a built functional keras.Model, received {type(model).__name__}.")
     stages = graph.stage_nodes(model)

@@ -65,6 +65,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from keras_ee import calibration, inputs, models
+from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
@@ -306,10 +307,9 @@ class EarlyExitModel(keras.Model):
                 f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
                 f"received shape {val_logits.shape}."
             )
-        from keras_ee.dumps import check_labels
 
         val_labels = np.asarray(val_labels)
-        check_labels(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
+        v.check_labels_of_logits(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
         scores, correct = scores_and_correct(val_logits, val_labels, kind, temperature, "the validation logits")
         sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode, shortfall=shortfall)
         sweep: dict[str, Any] = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from keras_ee import validation as v
 from keras_ee.data import splits as splits_lib
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ class ArraySplits(DatasetSplits):
             ("test", x_test, y_test),
         ) + ((("meta", x_meta, y_meta),) if x_meta is not None else ()):
             x = _check_images(x, f"x_{part}")
-            y = splits_lib._check_labels(y, self.num_classes, f"y_{part}")
+            y = v.check_labels(y, self.num_classes, f"y_{part}")
             if len(x) != len(y):
                 raise ValueError(
                     f"Expected as many labels as images in the {part} split. "
@@ -428,7 +429,7 @@ def build_array_splits(
     """
     num_classes = len(class_names)
     x_train = _check_images(x_train, "x_train")
-    y_train = splits_lib._check_labels(y_train, num_classes, "y_train")
+    y_train = v.check_labels(y_train, num_classes, "y_train")
     if len(x_train) != len(y_train):
         raise ValueError(
             f"Expected as many training labels as images. Received {len(x_train)} images and {len(y_train)} labels."
