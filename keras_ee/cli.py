@@ -237,7 +237,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def _method_names() -> str:
     from keras_ee.training import registry
 
-    return ", ".join(registry.available_methods())
+    return ", ".join(registry.list_methods())
 
 
 def _recipes() -> dict[str, dict[str, Any]]:
@@ -565,8 +565,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def cmd_datasets(args: argparse.Namespace) -> None:
     from keras_ee import data
 
-    for line in data.available():
-        print(line)
+    print(data.datasets_table())
 
 
 def _metric_flag(p: argparse.ArgumentParser) -> None:

@@ -28,8 +28,8 @@ from keras_ee.training.model import MultiExitModel, NonFiniteLossError, NonFinit
 from keras_ee.training.registry import (
     SearchChoice,
     SearchRange,
-    available_methods,
     get_method,
+    list_methods,
     methods_table,
     register_method,
 )
@@ -60,7 +60,6 @@ __all__ = [
     "WeightPredictionNetwork",
     "allocate_by_confidence",
     "allocate_by_confidence_numpy",
-    "available_methods",
     "bilevel",
     "core",
     "distillation_terms",
@@ -68,6 +67,7 @@ __all__ = [
     "exit_fractions",
     "fit_phases",
     "get_method",
+    "list_methods",
     "lookahead_step",
     "methods_table",
     "per_exit_cross_entropy",
