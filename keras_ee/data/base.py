@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from keras_ee import inputs
 from keras_ee import validation as v
 from keras_ee.data import splits as splits_lib
 
@@ -134,8 +135,8 @@ def _check_images(x: object, what: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). Received shape {x.shape}.")
-    if x.dtype.kind == "f" and x.size and not np.all(np.isfinite(x)):
-        bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).ravel()
+    bad = inputs.non_finite_images(x)
+    if bad.size:
         raise ValueError(
             f"`{what}` holds NaN or infinite pixels (image {int(bad[0])} first, "
             f"{len(bad)} image(s) in all); expected finite pixel values."
