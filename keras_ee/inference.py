@@ -217,8 +217,7 @@ class EarlyExitModel(keras.Model):
             ) from None
         num_exits = len(stages)
         super().__init__(name=name or f"{backbone.name}_early_exit", **kwargs)
-        if kind not in calibration.SCORE_KINDS:
-            raise ValueError(f"EarlyExitModel: kind must be one of {calibration.SCORE_KINDS}; received {kind!r}.")
+        v.check_choice("kind", kind, calibration.SCORE_KINDS, where="EarlyExitModel: ")
         self.backbone = backbone
         self._runtime = _Stages(stages, InferenceSnapshot(backbone))
         self.num_exits = num_exits
