@@ -236,17 +236,8 @@ class IMTA(Method):
         self.nesterov = bool(nesterov)
         self.phase2_epochs = phase2_epochs
         self.phase2_init = phase2_init
-        if transfer_widths is not None:
-            if (
-                isinstance(transfer_widths, (str, bytes))
-                or not hasattr(transfer_widths, "__len__")
-                or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in transfer_widths)
-            ):
-                raise ValueError(
-                    "`transfer_widths` must be None or a list of positive ints (one per exit); "
-                    f"received {transfer_widths!r}."
-                )
-            transfer_widths = [int(w) for w in transfer_widths]
+        if transfer_widths is not None:  # one per exit: checked against the model in `setup`
+            transfer_widths = list(v.check_int_tuple("transfer_widths", transfer_widths, 1))
         self.transfer_widths = transfer_widths
 
     @property
