@@ -755,10 +755,8 @@ class EarlyExitModel(keras.Model):
             raise TypeError(f"EarlyExitModel.predict got unexpected arguments {sorted(kwargs)}.")
         a = self._check_images(images)
         d = self._check_deadline(deadline)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
-        if not isinstance(pooled, (bool, np.bool_)):
-            raise ValueError(f"pooled must be True or False; received {pooled!r}.")
+        v.check_int("batch_size", batch_size, 1, where="EarlyExitModel.predict: ")
+        pooled = v.check_bool("pooled", pooled, where="EarlyExitModel.predict: ")
         self.refresh()
         if pooled:
             return self._predict_pooled(a, int(batch_size), d)

@@ -136,8 +136,7 @@ class SGD(PyTorchOptimizer):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name or "sgd", **kwargs)
         self.momentum = validation.check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"`nesterov` must be True or False; received {nesterov!r}.")
+        nesterov = validation.check_bool("nesterov", nesterov)
         if nesterov and self.momentum == 0:
             raise ValueError("`nesterov=True` needs a momentum > 0 (as torch.optim.SGD).")
         self.nesterov = nesterov
@@ -206,8 +205,7 @@ class Adam(PyTorchOptimizer):
         self.beta_1 = validation.check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
         self.beta_2 = validation.check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
         self.epsilon = validation.check_number("epsilon", epsilon, low=0.0)
-        if not isinstance(amsgrad, bool):
-            raise ValueError(f"`amsgrad` must be True or False; received {amsgrad!r}.")
+        amsgrad = validation.check_bool("amsgrad", amsgrad)
         self.amsgrad = amsgrad
 
     def build(self, variables: Sequence[keras.Variable]) -> None:

@@ -515,7 +515,7 @@ def test_pipelines_shapes_normalization_and_order():
         xs, ys = zip(*[(a.numpy(), b.numpy()) for a, b in ds])
         np.testing.assert_array_equal(np.concatenate(ys), labels)
         np.testing.assert_allclose(np.concatenate(xs), (raw / 255 - s.mean) / s.std, atol=1e-5)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1, received 0"):
         s.train_dataset(0)
 
 

@@ -105,9 +105,10 @@ def test_exit_costs_are_finite_non_negative_and_cumulative():
 
 
 def test_no_module_keeps_its_own_copy_of_a_shared_check():
-    """The generic checks that lived in bilevel, gating, hdkd, dumps, splits, cifar and the
-    optimizers are defined once, in keras_ee/validation.py."""
-    shared = r"def (_?check_(number|counts|positive|choice|labels|logits|pair|costs|num_classes|rate|nonnegative))\("
+    """The generic checks that lived in bilevel, gating, hdkd, dumps, splits, cifar, schedules
+    and the optimizers are defined once, in keras_ee/validation.py."""
+    names = "number|counts|positive|choice|labels|logits|pair|costs|num_classes|rate|nonnegative"
+    shared = rf"def (_?check_({names})|_positive_int)\("
     found = [
         f"{path.relative_to(PACKAGE)}: {m.group(1)}"
         for path in sorted(PACKAGE.rglob("*.py"))

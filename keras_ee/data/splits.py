@@ -150,12 +150,7 @@ def per_class_subset(
         ValueError: a class has fewer samples, naming the class, its count and the
             number asked for.
     """
-    if (
-        isinstance(samples_per_class, bool)
-        or not isinstance(samples_per_class, numbers.Integral)
-        or samples_per_class < 1
-    ):
-        raise ValueError(f"Expected `samples_per_class` to be an int >= 1. Received {samples_per_class!r}.")
+    v.check_int("samples_per_class", samples_per_class, 1)
     labels = v.check_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes or 0)
     classes = np.arange(len(counts)) if num_classes is not None else np.unique(labels)
