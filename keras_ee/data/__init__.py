@@ -80,7 +80,8 @@ def register_dataset(
     """Adds a dataset that `load`, `--dataset` and `keras-ee datasets` know by `name`.
 
     Args:
-        name: lower case; `aliases` are other spellings (`cifar-100`), matched case-blind.
+        name: what `load` takes (lower case also matches it case-blind); `aliases` are
+            other spellings (`cifar-100`), matched case-blind.
         description, read, stream, val_size, augment_pad, augment_flip: see `DatasetSpec`
             (exactly one of `read` and `stream`).
 
@@ -99,10 +100,10 @@ def register_dataset(
     if (read is None) == (stream is None):
         raise ValueError(f"dataset {name!r}: give exactly one of `read` (in memory) and `stream`.")
     for alias in aliases:
-        if alias in _ALIASES or alias in _DATASETS:
+        if alias.lower() in _ALIASES or alias in _DATASETS:
             raise ValueError(f"dataset {name!r}: the alias {alias!r} is already taken.")
     spec = _DATASETS.register(name, DatasetSpec(name, description, read, stream, val_size, augment_pad, augment_flip))
-    _ALIASES.update({alias: name for alias in aliases})
+    _ALIASES.update({alias.lower(): name for alias in aliases})
     return spec
 
 
@@ -123,8 +124,8 @@ def get_dataset(name: object) -> DatasetSpec:
         return dataclasses.replace(
             spec, name=NPZ_PREFIX + os.path.basename(path), read=lambda data_dir, download: npz.read_npz(path)
         )
-    if not isinstance(name, str):
-        return _DATASETS.get(name)  # refused: not a string
+    if not isinstance(name, str) or name in _DATASETS:
+        return _DATASETS.get(name)  # a name as registered, or a refusal (not a string)
     key = name.strip().lower()
     return _DATASETS.get(_ALIASES.get(key, key))
 
