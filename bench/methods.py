@@ -246,15 +246,16 @@ def plan(args) -> tuple[list[dict], object, list[dict]]:
         base = base_config(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    names = [d.name for d in data.available()]
-    if base.dataset not in names and not base.dataset.startswith("npz:"):
-        raise UsageError(f"unknown dataset {base.dataset!r}; available: {names}.")
+    try:
+        data.get_dataset(base.dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if base.model not in models.available():
         raise UsageError(f"unknown model {base.model!r}; available: {models.available()}.")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds must be distinct integers; received {args.seeds}.")
 
-    entries = [parse_method_entry(t) for t in (args.methods or training.available_methods())]
+    entries = [parse_method_entry(t) for t in (args.methods or training.list_methods())]
     labels = [label for label, _ in entries]
     folders = [folder_label(lab) for lab in labels]
     dupes = sorted({f for f in folders if folders.count(f) > 1})

@@ -410,8 +410,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def cmd_datasets(args: argparse.Namespace) -> None:
     from keras_ee import data
 
-    for line in data.available():
-        print(line)
+    print(data.datasets_table())
 
 
 def _metric_flag(p: argparse.ArgumentParser) -> None:

@@ -134,7 +134,7 @@ def _method_help() -> str:
     from keras_ee.training import registry
 
     return (
-        f"training method: {', '.join(registry.available_methods())} (see `keras-ee methods`), or "
+        f"training method: {', '.join(registry.list_methods())} (see `keras-ee methods`), or "
         "package.module:Class for one outside keras-ee"
     )
 
@@ -325,7 +325,7 @@ class TrainConfig:
     """Everything that defines a training run.
 
     Args:
-        dataset: a name from `keras_ee.data.available()` or `npz:PATH`; default the
+        dataset: a name from `keras_ee.data.list_datasets()` or `npz:PATH`; default the
             built-in `digits` (no download).
         data_dir: folder with local copies of the data (official formats).
         val_size: held-out validation images for calibration (default: the loader's).

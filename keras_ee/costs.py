@@ -9,8 +9,11 @@ markers that `keras_ee.models` inserts (so a stage computes all its scales,
 as the reference code does, even those exit k itself does not read); for a
 model without markers a layer belongs to the first exit that depends on it.
 
-Counting rules (`rule="reference"`, architectures.md section 2: what the
-MSDNet/RANet op counter measures and what the papers publish as "Mul-Add"):
+Counting rules (`rule="reference"`: what the op counter of the authors' code of
+"Multi-Scale Dense Networks for Resource Efficient Image Classification" (Huang et al.,
+ICLR 2018, arXiv:1703.09844) and "Resolution Adaptive Networks for Efficient Inference"
+(Yang et al., CVPR 2020, arXiv:2003.07326) measures, and what those papers publish as
+"Mul-Add"):
 
 | layer | ops |
 |---|---|
@@ -46,6 +49,7 @@ from typing import Any
 import keras
 from keras import layers as L
 
+from keras_ee import validation
 from keras_ee.models import graph
 from keras_ee.models.layers import ConvBNReLU
 
@@ -260,8 +264,7 @@ def exit_costs(model: keras.Model, rule: str = "reference") -> dict[str, list[in
     costs["mul_adds"]  # rises across exits
     ```
     """
-    if rule not in RULES:
-        raise ValueError(f"exit_costs: `rule` must be one of {list(RULES)}, received {rule!r}.")
+    validation.check_choice("rule", rule, RULES, where="exit_costs: ")
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
         raise TypeError(f"exit_costs expects a built functional keras.Model, received {type(model).__name__}.")
     stages = graph.stage_nodes(model)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -58,11 +57,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from keras_ee import validation as v
 from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_write_json, fsync_dir
 
 FILES = ("val_logits.npy", "val_labels.npy", "test_logits.npy", "test_labels.npy", "costs.json")
-_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
 _EXPECTED = {
     "val_logits.npy": "a float16/float32/float64 array of shape (num_exits, N_val, num_classes)",
@@ -95,104 +94,6 @@ class Dump:
     @property
     def num_classes(self) -> int:
         return int(self.val_logits.shape[2])
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_logits(logits: np.ndarray, where: str) -> None:
-    if logits.ndim != 3:
-        raise ValueError(
-            f"{where} must have shape (num_exits, num_samples, num_classes); received shape {logits.shape}."
-        )
-    if logits.dtype.type not in _FLOAT_DTYPES:
-        raise TypeError(f"{where} must be float16, float32 or float64; received dtype {logits.dtype}.")
-    if not logits.dtype.isnative:
-        raise TypeError(
-            f"{where} is stored in non-native byte order (dtype {logits.dtype.str}); expected native "
-            f"{logits.dtype.newbyteorder('=').str} (re-save it with save_dump, which converts it)."
-        )
-
-
-def _check_pair(val_logits: np.ndarray, test_logits: np.ndarray, val_where: str, test_where: str) -> None:
-    vs, ts = val_logits.shape, test_logits.shape
-    if vs[2] != ts[2]:
-        raise ValueError(
-            f"class-count mismatch: {val_where} has shape {vs} ({vs[2]} classes) but {test_where} has shape "
-            f"{ts} ({ts[2]} classes); both must come from the same model (shape (num_exits, N, num_classes))."
-        )
-    if vs[0] != ts[0]:
-        raise ValueError(
-            f"exit-count mismatch: {val_where} has shape {vs} ({vs[0]} exits) but {test_where} has shape "
-            f"{ts} ({ts[0]} exits); both must come from the same model (shape (num_exits, N, num_classes))."
-        )
-
-
-def check_labels(labels: np.ndarray, logits_shape: tuple, where: str, split: str) -> None:
-    """The labels of logits `(K, N, C)`: integer class ids, shape (N,), in [0, C), not empty.
-
-    The one check of labels against their logits: the dump's files, `save_dump` and
-    `EarlyExitModel.from_model`. `where` names them in the message, `split` the logits.
-    """
-    n, c = logits_shape[1], logits_shape[2]
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(
-            f"{where} must have shape ({n},) to match the {split} logits {logits_shape}; received shape {labels.shape}."
-        )
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{where} must hold integer class ids; received dtype {labels.dtype}.")
-    if labels.size == 0:
-        raise ValueError(f"{where} is empty: expected at least one {split} sample.")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= c:
-        bad = int(np.argmax((labels < 0) | (labels >= c)))
-        raise ValueError(
-            f"{where} must lie in [0, {c}) (num_classes of the logits); received values in [{lo}, {hi}] "
-            f"(first bad label {int(labels[bad])} at index {bad})."
-        )
-
-
-def _number(value: object, key: str, k: int, where: str, bad_type: type[Exception]) -> int | float:
-    """One cost as a Python int or float (as given), or a clear error naming the exit."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise bad_type(f"{where}: `{key}` of exit_{k} is {value!r} ({type(value).__name__}); expected a number.")
-    if isinstance(value, numbers.Integral):
-        value = int(value)
-    elif isinstance(value, np.floating) and value.dtype.itemsize < 8:
-        value = float(str(value))  # float32 0.2 is stored as 0.2, not 0.20000000298023224
-    else:
-        value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(
-            f"{where}: `{key}` of exit_{k} is {value!r}; expected a finite number >= 0 "
-            "(NaN, Infinity and overflowing literals such as 1e309 are not costs)."
-        )
-    if value < 0:
-        raise ValueError(f"{where}: `{key}` of exit_{k} is negative ({value!r}); expected a number >= 0.")
-    return value
-
-
-def _check_costs(values: object, key: str, num_exits: int, where: str, bad_type: type[Exception] = TypeError) -> list:
-    if isinstance(values, np.ndarray):
-        values = list(values) if values.ndim == 1 else values  # numpy scalars: see _number
-    if not isinstance(values, (list, tuple)):
-        raise bad_type(
-            f"{where}: `{key}` must be a list with one number per exit ({num_exits}); "
-            f"received {type(values).__name__} {str(values)[:60]!r}."
-        )
-    if len(values) != num_exits:
-        raise ValueError(
-            f"{where}: `{key}` must have one entry per exit ({num_exits}, as in the logits); received {len(values)}."
-        )
-    out = [_number(v, key, k + 1, where, bad_type) for k, v in enumerate(values)]
-    for k in range(1, len(out)):
-        if out[k] < out[k - 1]:
-            raise ValueError(
-                f"{where}: `{key}` decreases at exit_{k + 1} ({out[k]!r} < {out[k - 1]!r} of exit_{k}); "
-                "costs are cumulative (backbone up to the exit plus every head so far), so they must be "
-                "non-decreasing."
-            )
-    return out
 
 
 def first_non_finite(logits: np.ndarray, chunk: int | None = None) -> tuple[int, int, int] | None:
@@ -300,9 +201,9 @@ def _read_costs(file: Path, num_exits: int) -> tuple[list, list]:
         )
     if "mul_adds" not in meta:
         raise ValueError(f"{shown} must have a 'mul_adds' list; received keys {sorted(meta)}.")
-    mul_adds = _check_costs(meta["mul_adds"], "mul_adds", num_exits, shown, ValueError)
+    mul_adds = v.check_exit_costs(meta["mul_adds"], "mul_adds", num_exits, shown, ValueError)
     params = meta.get("params")
-    params = [0] * num_exits if params is None else _check_costs(params, "params", num_exits, shown, ValueError)
+    params = [0] * num_exits if params is None else v.check_exit_costs(params, "params", num_exits, shown, ValueError)
     return mul_adds, params
 
 
@@ -402,21 +303,21 @@ def save_dump(
         a = np.asarray(value)
         if a.dtype.kind == "f" and not a.dtype.isnative:
             a = a.astype(a.dtype.newbyteorder("="))
-        _check_logits(a, f"`{name}`")
+        v.check_exit_logits(a, f"`{name}`")
         arrays[name] = a
-    _check_pair(arrays["val_logits"], arrays["test_logits"], "`val_logits`", "`test_logits`")
+    v.check_logits_pair(arrays["val_logits"], arrays["test_logits"], "`val_logits`", "`test_logits`")
     for split, value in (("val", val_labels), ("test", test_labels)):
         labels = np.asarray(value)
-        check_labels(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
+        v.check_labels_of_logits(labels, arrays[f"{split}_logits"].shape, f"`{split}_labels`", split)
         arrays[f"{split}_labels"] = labels
     if not isinstance(costs, Mapping):
         raise TypeError(f"`costs` must be a dict with 'mul_adds' (and 'params'); received {type(costs).__name__}.")
     if "mul_adds" not in costs:
         raise ValueError(f"`costs` must have a 'mul_adds' entry; received keys {sorted(map(str, costs))}.")
     k = arrays["val_logits"].shape[0]
-    mul_adds = _check_costs(costs["mul_adds"], "mul_adds", k, "costs")
+    mul_adds = v.check_exit_costs(costs["mul_adds"], "mul_adds", k, "costs")
     params = costs.get("params")
-    params = [0] * k if params is None else _check_costs(params, "params", k, "costs")
+    params = [0] * k if params is None else v.check_exit_costs(params, "params", k, "costs")
     rule = costs.get("rule", "reference")
     if not isinstance(rule, str):
         raise TypeError(f"costs['rule'] must be a string; received {type(rule).__name__}.")
@@ -512,12 +413,12 @@ def load_dump(path: StrPath, mmap: bool = True) -> Dump:
     where = {f[: -len(".npy")]: repr(str(path / f)) for f in FILES if f.endswith(".npy")}
     val_logits = _read_npy(path / "val_logits.npy", mmap)
     test_logits = _read_npy(path / "test_logits.npy", mmap)
-    _check_logits(val_logits, where["val_logits"])
-    _check_logits(test_logits, where["test_logits"])
-    _check_pair(val_logits, test_logits, where["val_logits"], where["test_logits"])
+    v.check_exit_logits(val_logits, where["val_logits"])
+    v.check_exit_logits(test_logits, where["test_logits"])
+    v.check_logits_pair(val_logits, test_logits, where["val_logits"], where["test_logits"])
     val_labels = _read_npy(path / "val_labels.npy", False)
     test_labels = _read_npy(path / "test_labels.npy", False)
-    check_labels(val_labels, val_logits.shape, where["val_labels"], "val")
-    check_labels(test_labels, test_logits.shape, where["test_labels"], "test")
+    v.check_labels_of_logits(val_labels, val_logits.shape, where["val_labels"], "val")
+    v.check_labels_of_logits(test_labels, test_logits.shape, where["test_labels"], "test")
     mul_adds, params = _read_costs(path / "costs.json", val_logits.shape[0])
     return Dump(val_logits, val_labels, test_logits, test_labels, mul_adds, params, path)

@@ -65,6 +65,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from keras_ee import calibration, inputs, models
+from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
@@ -216,8 +217,7 @@ class EarlyExitModel(keras.Model):
             ) from None
         num_exits = len(stages)
         super().__init__(name=name or f"{backbone.name}_early_exit", **kwargs)
-        if kind not in calibration.SCORE_KINDS:
-            raise ValueError(f"EarlyExitModel: kind must be one of {calibration.SCORE_KINDS}; received {kind!r}.")
+        v.check_choice("kind", kind, calibration.SCORE_KINDS, where="EarlyExitModel: ")
         self.backbone = backbone
         self._runtime = _Stages(stages, InferenceSnapshot(backbone))
         self.num_exits = num_exits
@@ -306,10 +306,9 @@ class EarlyExitModel(keras.Model):
                 f"EarlyExitModel.from_model: val_logits must be (K={len(backbone.outputs)}, N, C); "
                 f"received shape {val_logits.shape}."
             )
-        from keras_ee.dumps import check_labels
 
         val_labels = np.asarray(val_labels)
-        check_labels(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
+        v.check_labels_of_logits(val_labels, val_logits.shape, "EarlyExitModel.from_model: `val_labels`", "validation")
         scores, correct = scores_and_correct(val_logits, val_labels, kind, temperature, "the validation logits")
         sw = calibration.budget_sweep(scores, correct, scores, correct, costs, qs=qs, mode=mode, shortfall=shortfall)
         sweep: dict[str, Any] = {key: np.asarray(sw[key]).tolist() for key in _SWEEP_KEYS}
@@ -756,10 +755,8 @@ class EarlyExitModel(keras.Model):
             raise TypeError(f"EarlyExitModel.predict got unexpected arguments {sorted(kwargs)}.")
         a = self._check_images(images)
         d = self._check_deadline(deadline)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; received {batch_size!r}.")
-        if not isinstance(pooled, (bool, np.bool_)):
-            raise ValueError(f"pooled must be True or False; received {pooled!r}.")
+        v.check_int("batch_size", batch_size, 1, where="EarlyExitModel.predict: ")
+        pooled = v.check_bool("pooled", pooled, where="EarlyExitModel.predict: ")
         self.refresh()
         if pooled:
             return self._predict_pooled(a, int(batch_size), d)

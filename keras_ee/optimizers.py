@@ -39,6 +39,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_ee import validation
 from keras_ee._typing import Tensor
 
 SEMANTICS = "pytorch"  # what a run records for these (Keras' own optimizers: "keras")
@@ -47,21 +48,6 @@ SEMANTICS = "pytorch"  # what a run records for these (Keras' own optimizers: "k
 def _constant(value: float, dtype: str) -> Tensor:
     """A Python float as a tensor of `dtype`, rounded once (`ops.cast` would round via float32)."""
     return ops.convert_to_tensor(value, dtype)
-
-
-def _check_rate(name: str, value: Any, upper: float = 1.0, closed: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    ok = ok and (value <= upper if closed else value < upper)
-    if not ok:
-        bound = f"[0, {upper}]" if closed else f"[0, {upper})"
-        raise ValueError(f"`{name}` must be a number in {bound}; received {value!r}.")
-    return float(value)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and value < float("inf")):
-        raise ValueError(f"`{name}` must be a finite number >= 0; received {value!r}.")
-    return float(value)
 
 
 class PyTorchOptimizer(keras.optimizers.Optimizer):
@@ -76,7 +62,9 @@ class PyTorchOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=learning_rate, weight_decay=None, **kwargs)
         # Set after the base: Keras' decoupled `_apply_weight_decay` is disabled below, so this
         # value is only read by `next_values` (and `get_config`).
-        self.weight_decay = _check_nonnegative("weight_decay", 0.0 if weight_decay is None else weight_decay)
+        self.weight_decay = validation.check_number(
+            "weight_decay", 0.0 if weight_decay is None else weight_decay, low=0.0
+        )
 
     def _apply_weight_decay(self, variables: Sequence[keras.Variable]) -> None:
         """Nothing: the decay is in the step (`next_values`), as PyTorch's."""
@@ -147,9 +135,8 @@ class SGD(PyTorchOptimizer):
         **kwargs: Any,
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name or "sgd", **kwargs)
-        self.momentum = _check_rate("momentum", momentum)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"`nesterov` must be True or False; received {nesterov!r}.")
+        self.momentum = validation.check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        nesterov = validation.check_bool("nesterov", nesterov)
         if nesterov and self.momentum == 0:
             raise ValueError("`nesterov=True` needs a momentum > 0 (as torch.optim.SGD).")
         self.nesterov = nesterov
@@ -215,11 +202,10 @@ class Adam(PyTorchOptimizer):
         super().__init__(
             learning_rate=learning_rate, weight_decay=weight_decay, name=name or type(self).__name__.lower(), **kwargs
         )
-        self.beta_1 = _check_rate("beta_1", beta_1)
-        self.beta_2 = _check_rate("beta_2", beta_2)
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
-        if not isinstance(amsgrad, bool):
-            raise ValueError(f"`amsgrad` must be True or False; received {amsgrad!r}.")
+        self.beta_1 = validation.check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        self.beta_2 = validation.check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        self.epsilon = validation.check_number("epsilon", epsilon, low=0.0)
+        amsgrad = validation.check_bool("amsgrad", amsgrad)
         self.amsgrad = amsgrad
 
     def build(self, variables: Sequence[keras.Variable]) -> None:

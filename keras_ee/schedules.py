@@ -27,11 +27,7 @@ from typing import Any
 import keras
 from keras import ops
 
-
-def _positive_int(name: str, value: Any, owner: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: `{name}` must be an integer >= {low}, received {value!r}.")
-    return int(value)
+from keras_ee import validation as v
 
 
 def _batch_index(step: Any, steps_per_batch: int) -> Any:
@@ -69,8 +65,8 @@ class StepDecayPerEpoch(keras.optimizers.schedules.LearningRateSchedule):
         factor: float = 0.1,
     ) -> None:
         self.initial_learning_rate = float(initial_learning_rate)
-        self.steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, "StepDecayPerEpoch")
-        self.epochs = _positive_int("epochs", epochs, "StepDecayPerEpoch")
+        self.steps_per_epoch = v.check_int("steps_per_epoch", steps_per_epoch, 1, where="StepDecayPerEpoch: ")
+        self.epochs = v.check_int("epochs", epochs, 1, where="StepDecayPerEpoch: ")
         self.milestones = [float(m) for m in milestones]
         if any(b < a for a, b in zip(self.milestones, self.milestones[1:])):
             raise ValueError(f"StepDecayPerEpoch: `milestones` must increase, received {list(milestones)}.")
@@ -129,9 +125,9 @@ class CosinePerBatch(keras.optimizers.schedules.LearningRateSchedule):
         final_learning_rate: float = 0.0,
     ) -> None:
         self.initial_learning_rate = float(initial_learning_rate)
-        self.total_batches = _positive_int("total_batches", total_batches, "CosinePerBatch")
-        self.steps_per_batch = _positive_int("steps_per_batch", steps_per_batch, "CosinePerBatch")
-        self.warmup_batches = _positive_int("warmup_batches", warmup_batches, "CosinePerBatch", low=0)
+        self.total_batches = v.check_int("total_batches", total_batches, 1, where="CosinePerBatch: ")
+        self.steps_per_batch = v.check_int("steps_per_batch", steps_per_batch, 1, where="CosinePerBatch: ")
+        self.warmup_batches = v.check_int("warmup_batches", warmup_batches, 0, where="CosinePerBatch: ")
         if self.warmup_batches >= self.total_batches:
             raise ValueError(
                 f"CosinePerBatch: `warmup_batches` ({warmup_batches}) must be smaller than "

@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from keras_ee.data import npz, splits
+from keras_ee import validation as v
+from keras_ee.data import npz
 from keras_ee.data.base import ArraySplits
 
 
@@ -198,7 +199,7 @@ def test_non_finite_pixels_still_refused(tmp_path, value):
 
 
 def test_integral_float_labels_are_accepted():
-    out = splits._check_labels(np.array([0.0, 2.0, 1.0]), 3)
+    out = v.check_labels(np.array([0.0, 2.0, 1.0]), 3)
     assert out.dtype == np.int64 and out.tolist() == [0, 2, 1]
 
 
@@ -218,13 +219,13 @@ def test_integral_float_labels_are_accepted():
 )
 def test_bad_labels_are_refused(labels, error, match):
     with pytest.raises(error, match=match) as e:
-        splits._check_labels(labels, 3, "y_train")
+        v.check_labels(labels, 3, "y_train")
     assert "y_train" in _one_line(e)
 
 
 def test_huge_unsigned_labels_without_num_classes():
     with pytest.raises(ValueError, match="y"):
-        splits._check_labels(np.array([0, 2**64 - 1], dtype=np.uint64), None, "y")
+        v.check_labels(np.array([0, 2**64 - 1], dtype=np.uint64), None, "y")
 
 
 def test_array_splits_refuses_fractional_labels():

@@ -185,7 +185,7 @@ def test_pooled_predict_takes_the_same_decisions_on_full_batches(trained, ee, mo
     np.testing.assert_array_equal(everyone["exit"], np.full(len(xt), ee.num_exits))
     np.testing.assert_array_equal(everyone["label"], serving["label"])
     np.testing.assert_allclose(everyone["confidence"], serving["confidence"], rtol=1e-5)
-    with pytest.raises(ValueError, match="pooled must be True or False"):
+    with pytest.raises(TypeError, match="`pooled` must be a bool, received 'yes'"):
         ee.predict(xt, pooled="yes")
 
 

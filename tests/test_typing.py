@@ -66,7 +66,7 @@ def test_constructor_annotations_keep_the_methods_option_types():
     # not change what an option accepts, nor how `keras-ee methods` describes it.
     from keras_ee.training import registry
 
-    described = {name: registry.get_method(name).describe_options() for name in registry.available_methods()}
+    described = {name: registry.get_method(name).describe_options() for name in registry.list_methods()}
     assert described["baseline"] == "exit_weights (any, default None), reference ('paper' | 'code', default 'paper')"
     assert "q (float, default 0.75)" in described["l2w"]
     assert "wpn_weights_path (str | None, default None)" in described["l2w"]

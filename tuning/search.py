@@ -28,6 +28,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from keras_ee import validation
 from keras_ee.quiet import quiet_tensorflow_startup
 from tuning import distributed
 
@@ -129,10 +130,8 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     from keras_ee import experiment
     from keras_ee.atomic import claim_out_folder
 
-    if tuner not in TUNERS:
-        raise ValueError(f"`tuner` must be one of {TUNERS}; received {tuner!r}.")
-    if trials < 1:
-        raise ValueError(f"`trials` must be >= 1; received {trials}.")
+    validation.check_choice("tuner", tuner, TUNERS)
+    validation.check_int("trials", trials, 1)
     if role is None:
         distributed.refuse_stray_env()
     else:

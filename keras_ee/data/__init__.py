@@ -10,107 +10,129 @@ Example:
 ```python
 import keras_ee
 
-splits = keras_ee.data.load("cifar100", data_dir="../shared/data")
+splits = keras_ee.data.load("cifar100", data_dir="~/datasets")
 model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 ```
 """
 
-import numbers
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
+from keras_ee import validation as v
 from keras_ee._typing import StrPath
 from keras_ee.data import builtin, cifar, idx, npz
 from keras_ee.data.base import ArraySplits, DatasetSplits, build_array_splits
 from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indices, stratified_split
+from keras_ee.registry import Registry
 
 DEFAULT_DATASET = "digits"
-
-# name -> (description, default validation size, crop padding, horizontal flip)
-_DATASETS: dict[str, tuple[str, float, int | None, bool | None]] = {
-    "digits": (
-        "built-in default: scikit-learn's 1,797 handwritten digits, 8x8x1, 10 classes, no download",
-        builtin.VAL_SIZE,
-        builtin.AUGMENT_PAD,
-        False,
-    ),
-    "cifar10": (
-        "CIFAR-10, 32x32x3, 10 classes (local official files or tensorflow_datasets)",
-        5000,
-        4,
-        True,
-    ),
-    "cifar100": (
-        "CIFAR-100, 32x32x3, 100 fine classes (local official files or tensorflow_datasets)",
-        5000,
-        4,
-        True,
-    ),
-    "fashion_mnist": (
-        "Fashion-MNIST, 28x28x1, 10 classes (IDX files or tensorflow_datasets)",
-        5000,
-        2,
-        True,
-    ),
-    "imagenet": (
-        "ImageNet ILSVRC 2012, 224x224x3, 1000 classes (tensorflow_datasets, manual download in data_dir)",
-        50000,
-        None,
-        None,
-    ),
-    "npz:PATH": (
-        "your own .npz with x_train, y_train, x_test, y_test (optional class_names)",
-        0.1,
-        None,
-        False,
-    ),
-}
-
-_ALIASES = {
-    "cifar-10": "cifar10",
-    "cifar-100": "cifar100",
-    "fashion-mnist": "fashion_mnist",
-    "fashionmnist": "fashion_mnist",
-    "imagenet2012": "imagenet",
-    "ilsvrc2012": "imagenet",
-    "sklearn_digits": "digits",
-}
 
 # Fraction of the long-tailed training set held out for validation by default:
 # the balanced default (5,000 images) would take half of CIFAR-100-LT.
 LONG_TAIL_VAL_FRACTION = 0.1
 
 
-class DatasetInfo(str):
-    """One line of `available()`: `"name  description"`, with both as attributes."""
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What `load` knows of one dataset (see `register_dataset`).
+
+    Attributes:
+        name: the name `load` and `--dataset` take.
+        description: one line for `keras-ee datasets`.
+        read: `read(data_dir, download)` -> dict with `x_train` (N, H, W, C), `y_train`,
+            `x_test`, `y_test`, `class_names` and optionally `pixel_scale` (default 1/255):
+            a dataset held in memory. None for a streamed one.
+        stream: `stream(data_dir, val_size)` -> `DatasetSplits`: a dataset streamed from
+            disk (ImageNet), which builds its own splits. None for an in-memory one.
+        val_size: the default size of the validation split held out from the training set.
+        augment_pad: the random crop's padding (None: an eighth of the image height).
+        augment_flip: whether the training images are flipped horizontally at random.
+    """
 
     name: str
     description: str
+    read: Callable[[StrPath | None, bool], dict[str, Any]] | None = None
+    stream: Callable[[StrPath | None, float], DatasetSplits] | None = None
+    val_size: float = 0.1
+    augment_pad: int | None = None
+    augment_flip: bool = False
 
-    def __new__(cls, name: str, description: str) -> "DatasetInfo":
-        line = super().__new__(cls, f"{name:<14} {description}")
-        line.name = name
-        line.description = description
-        return line
+
+# `npz:PATH`: any name with this prefix reads the file after it.
+NPZ_PREFIX = "npz:"
+_DATASETS: Registry[DatasetSpec] = Registry("dataset", hint="(descriptions: keras-ee datasets)")
+_ALIASES: dict[str, str] = {}
 
 
-def available() -> list[DatasetInfo]:
-    """The dataset names `load` accepts, with one-line descriptions.
+def register_dataset(
+    name: str,
+    *,
+    description: str,
+    read: Callable[[StrPath | None, bool], dict[str, Any]] | None = None,
+    stream: Callable[[StrPath | None, float], DatasetSplits] | None = None,
+    val_size: float = 0.1,
+    augment_pad: int | None = None,
+    augment_flip: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> DatasetSpec:
+    """Adds a dataset that `load`, `--dataset` and `keras-ee datasets` know by `name`.
+
+    Args:
+        name: what `load` takes (lower case also matches it case-blind); `aliases` are
+            other spellings (`cifar-100`), matched case-blind.
+        description, read, stream, val_size, augment_pad, augment_flip: see `DatasetSpec`
+            (exactly one of `read` and `stream`).
 
     Returns:
-        list of `DatasetInfo`: strings `"name  description"` (ready to print)
-        that also carry `.name` and `.description`.
+        the `DatasetSpec`.
 
     Example:
 
     ```python
-    for line in keras_ee.data.available():
-        print(line)            # "cifar100       CIFAR-100, 32x32x3, ..."
-    names = [d.name for d in keras_ee.data.available()]
+    keras_ee.data.register_dataset(
+        "my_digits", description="my digits, 8x8x1, 10 classes", read=lambda data_dir, download: arrays
+    )
+    splits = keras_ee.data.load("my_digits")
     ```
     """
-    return [DatasetInfo(name, spec[0]) for name, spec in _DATASETS.items()]
+    if (read is None) == (stream is None):
+        raise ValueError(f"dataset {name!r}: give exactly one of `read` (in memory) and `stream`.")
+    for alias in aliases:
+        if alias.lower() in _ALIASES or alias in _DATASETS:
+            raise ValueError(f"dataset {name!r}: the alias {alias!r} is already taken.")
+    spec = _DATASETS.register(name, DatasetSpec(name, description, read, stream, val_size, augment_pad, augment_flip))
+    _ALIASES.update({alias.lower(): name for alias in aliases})
+    return spec
+
+
+def list_datasets() -> list[str]:
+    """The dataset names `load` accepts, in registration order (`npz:PATH` stands for any `.npz`)."""
+    return _DATASETS.names()
+
+
+def get_dataset(name: object) -> DatasetSpec:
+    """The spec of dataset `name`: a registered name or alias (case-blind), or `npz:PATH`.
+
+    Raises:
+        ValueError: an unknown name (the error lists the names) or not a string.
+    """
+    if isinstance(name, str) and name.lower().startswith(NPZ_PREFIX):
+        path = name[len(NPZ_PREFIX) :]
+        spec = _DATASETS.get(NPZ_PREFIX + "PATH")
+        return dataclasses.replace(
+            spec, name=NPZ_PREFIX + os.path.basename(path), read=lambda data_dir, download: npz.read_npz(path)
+        )
+    if not isinstance(name, str) or name in _DATASETS:
+        return _DATASETS.get(name)  # a name as registered, or a refusal (not a string)
+    key = name.strip().lower()
+    return _DATASETS.get(_ALIASES.get(key, key))
+
+
+def datasets_table() -> str:
+    """`keras-ee datasets`: one line per dataset, its name and description."""
+    return "\n".join(f"{name:<14} {_DATASETS.get(name).description}" for name in list_datasets())
 
 
 def default_search_dirs() -> list[str]:
@@ -125,19 +147,6 @@ def default_search_dirs() -> list[str]:
         os.path.join(os.path.expanduser("~"), ".cache", "keras_ee"),
     ]
     return dirs
-
-
-def _resolve_name(name: object) -> tuple[str, str | None]:
-    if not isinstance(name, str):
-        raise TypeError(f"Expected the dataset `name` to be a string. Received {name!r}.")
-    if name.lower().startswith("npz:"):
-        return "npz", name[4:]
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _DATASETS or key == "npz:PATH":
-        listing = ", ".join(d.name for d in available())
-        raise ValueError(f"Unknown dataset {name!r}. Available: {listing} (descriptions: keras_ee.data.available()).")
-    return key, None
 
 
 def _local_or_tfds(
@@ -173,6 +182,95 @@ def _local_or_tfds(
     )
 
 
+def _read_cifar(num_classes: int) -> Callable[[StrPath | None, bool], dict[str, Any]]:
+    def read(data_dir: StrPath | None, download: bool) -> dict[str, Any]:
+        return _local_or_tfds(
+            f"cifar{num_classes}",
+            data_dir,
+            download,
+            lambda dirs: cifar.find_cifar(num_classes, dirs),
+            lambda found: cifar.read_cifar(found[0], num_classes, fmt=None),
+            f"CIFAR-{num_classes} (cifar-{num_classes}-binary.tar.gz, cifar-{num_classes}-python.tar.gz "
+            "or their extracted folders)",
+        )
+
+    return read
+
+
+def _read_fashion_mnist(data_dir: StrPath | None, download: bool) -> dict[str, Any]:
+    data = _local_or_tfds(
+        "fashion_mnist",
+        data_dir,
+        download,
+        idx.find_idx_dir,
+        idx.read_fashion_mnist,
+        "Fashion-MNIST (train-images-idx3-ubyte[.gz] and the three other IDX files)",
+    )
+    if data["x_train"].ndim == 3:
+        data["x_train"], data["x_test"] = data["x_train"][..., None], data["x_test"][..., None]
+    return data
+
+
+def _read_digits(data_dir: StrPath | None, download: bool) -> dict[str, Any]:
+    return {**builtin.load_digits_arrays(), "pixel_scale": 1.0 / builtin.PIXEL_MAX}
+
+
+def _stream_imagenet(data_dir: StrPath | None, val_size: float) -> DatasetSplits:
+    from keras_ee.data import imagenet
+
+    return imagenet.ImageNetSplits(data_dir, val_size)  # type: ignore[arg-type]  # it refuses a non-int itself
+
+
+register_dataset(
+    "digits",
+    description="built-in default: scikit-learn's 1,797 handwritten digits, 8x8x1, 10 classes, no download",
+    read=_read_digits,
+    val_size=builtin.VAL_SIZE,
+    augment_pad=builtin.AUGMENT_PAD,
+    aliases=("sklearn_digits",),
+)
+register_dataset(
+    "cifar10",
+    description="CIFAR-10, 32x32x3, 10 classes (local official files or tensorflow_datasets)",
+    read=_read_cifar(10),
+    val_size=5000,
+    augment_pad=4,
+    augment_flip=True,
+    aliases=("cifar-10",),
+)
+register_dataset(
+    "cifar100",
+    description="CIFAR-100, 32x32x3, 100 fine classes (local official files or tensorflow_datasets)",
+    read=_read_cifar(100),
+    val_size=5000,
+    augment_pad=4,
+    augment_flip=True,
+    aliases=("cifar-100",),
+)
+register_dataset(
+    "fashion_mnist",
+    description="Fashion-MNIST, 28x28x1, 10 classes (IDX files or tensorflow_datasets)",
+    read=_read_fashion_mnist,
+    val_size=5000,
+    augment_pad=2,
+    augment_flip=True,
+    aliases=("fashion-mnist", "fashionmnist"),
+)
+register_dataset(
+    "imagenet",
+    description="ImageNet ILSVRC 2012, 224x224x3, 1000 classes (tensorflow_datasets, manual download in data_dir)",
+    stream=_stream_imagenet,
+    val_size=50000,
+    aliases=("imagenet2012", "ilsvrc2012"),
+)
+register_dataset(
+    NPZ_PREFIX + "PATH",
+    description="your own .npz with x_train, y_train, x_test, y_test (optional class_names)",
+    read=lambda data_dir, download: npz.read_npz(""),  # never read: `get_dataset` binds the path after `npz:`
+    val_size=0.1,
+)
+
+
 def load(
     name: str = DEFAULT_DATASET,
     data_dir: StrPath | None = None,
@@ -188,7 +286,7 @@ def load(
 ) -> DatasetSplits:
     """Loads a dataset as train / validation / test splits.
 
-    Sources, by name (see `available()`):
+    Sources, by name (see `list_datasets()`, `keras-ee datasets`):
 
     * `"digits"` (default): scikit-learn's bundled digits, 8x8x1, kept at 8x8;
       fixed 360-image test split, validation 300; augmentation: shift <= 1
@@ -247,69 +345,35 @@ def load(
     x, y = next(iter(splits.train_dataset(32)))  # (32, 8, 8, 1) float32, int32
     ```
     """
-    key, path = _resolve_name(name)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"Expected an int `seed`. Received {seed!r}.")
-    if augment_pad is not None and (
-        isinstance(augment_pad, bool) or not isinstance(augment_pad, int) or augment_pad < 0
-    ):
-        raise ValueError(f"Expected `augment_pad` to be an int >= 0 or None. Received {augment_pad!r}.")
-    if key == "npz":
-        key = "npz:PATH"
-    _, default_val, pad, flip = _DATASETS[key]
+    spec = get_dataset(name)
+    v.check_int("seed", seed)
+    if augment_pad is not None:
+        v.check_int("augment_pad", augment_pad, 0)
 
-    if key == "imagenet":
-        from keras_ee.data import imagenet
-
-        if imbalance_factor is not None:
-            raise ValueError("`imbalance_factor` is supported for the in-memory datasets, not ImageNet.")
-        if train_size is not None:
-            raise ValueError("`train_size` is supported for the in-memory datasets, not ImageNet.")
-        if samples_per_class is not None:
-            raise ValueError("`samples_per_class` is supported for the in-memory datasets, not ImageNet.")
+    if spec.stream is not None:
+        where = f"supported for the in-memory datasets, not {spec.name}"
+        for option, value in (
+            ("imbalance_factor", imbalance_factor),
+            ("train_size", train_size),
+            ("samples_per_class", samples_per_class),
+        ):
+            if value is not None:
+                raise ValueError(f"`{option}` is {where}.")
         if meta_size is not None:
-            raise ValueError(
-                "`meta_size` is supported for the in-memory datasets, not ImageNet "
-                "(its meta stream is the validation split)."
-            )
+            raise ValueError(f"`meta_size` is {where} (its meta stream is the validation split).")
         if augment_pad is not None or augment_flip is not None:
-            raise ValueError("ImageNet uses random-resized crops; `augment_pad`/`augment_flip` do not apply.")
-        return imagenet.ImageNetSplits(data_dir, default_val if val_size is None else val_size)
+            raise ValueError(f"{spec.name} uses random-resized crops; `augment_pad`/`augment_flip` do not apply.")
+        return spec.stream(data_dir, spec.val_size if val_size is None else val_size)
 
-    scale = 1.0 / 255.0
-    if key == "digits":
-        data = builtin.load_digits_arrays()
-        scale = 1.0 / builtin.PIXEL_MAX
-    elif key in ("cifar10", "cifar100"):
-        classes = 10 if key == "cifar10" else 100
-        data = _local_or_tfds(
-            key,
-            data_dir,
-            download,
-            lambda dirs: cifar.find_cifar(classes, dirs),
-            lambda found: cifar.read_cifar(found[0], classes, fmt=None),
-            f"CIFAR-{classes} (cifar-{classes}-binary.tar.gz, cifar-{classes}-python.tar.gz "
-            "or their extracted folders)",
-        )
-    elif key == "fashion_mnist":
-        data = _local_or_tfds(
-            key,
-            data_dir,
-            download,
-            idx.find_idx_dir,
-            idx.read_fashion_mnist,
-            "Fashion-MNIST (train-images-idx3-ubyte[.gz] and the three other IDX files)",
-        )
-        if data["x_train"].ndim == 3:
-            data["x_train"], data["x_test"] = data["x_train"][..., None], data["x_test"][..., None]
-    else:  # npz
-        data = npz.read_npz(path)
-        scale = data["pixel_scale"]
+    assert spec.read is not None  # a spec has exactly one of `read` and `stream`
+    data = spec.read(data_dir, download)
+    pad = spec.augment_pad
+    if pad is None:
         pad = max(1, int(round(data["x_train"].shape[1] / 8)))
     if val_size is None:
-        val_size = LONG_TAIL_VAL_FRACTION if imbalance_factor is not None else default_val
+        val_size = LONG_TAIL_VAL_FRACTION if imbalance_factor is not None else spec.val_size
     return build_array_splits(
-        key if key != "npz:PATH" else f"npz:{os.path.basename(path)}",
+        spec.name,
         data["x_train"],
         data["y_train"],
         data["x_test"],
@@ -318,9 +382,9 @@ def load(
         val_size,
         seed=seed,
         imbalance_factor=imbalance_factor,
-        pixel_scale=scale,
+        pixel_scale=data.get("pixel_scale", 1.0 / 255.0),
         augment_pad=pad if augment_pad is None else augment_pad,
-        augment_flip=flip if augment_flip is None else bool(augment_flip),
+        augment_flip=spec.augment_flip if augment_flip is None else bool(augment_flip),
         train_size=train_size,
         meta_size=meta_size,
         samples_per_class=samples_per_class,
@@ -329,14 +393,17 @@ def load(
 
 __all__ = [
     "ArraySplits",
-    "DatasetInfo",
     "DatasetSplits",
-    "available",
+    "DatasetSpec",
     "build_array_splits",
     "channel_stats",
+    "datasets_table",
     "default_search_dirs",
+    "get_dataset",
+    "list_datasets",
     "load",
     "long_tail_counts",
     "long_tail_indices",
+    "register_dataset",
     "stratified_split",
 ]

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from keras_ee import inputs
+from keras_ee import validation as v
 from keras_ee.data import splits as splits_lib
 
 if TYPE_CHECKING:
@@ -133,8 +135,8 @@ def _check_images(x: object, what: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). Received shape {x.shape}.")
-    if x.dtype.kind == "f" and x.size and not np.all(np.isfinite(x)):
-        bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).ravel()
+    bad = inputs.non_finite_images(x)
+    if bad.size:
         raise ValueError(
             f"`{what}` holds NaN or infinite pixels (image {int(bad[0])} first, "
             f"{len(bad)} image(s) in all); expected finite pixel values."
@@ -204,7 +206,7 @@ class ArraySplits(DatasetSplits):
             ("test", x_test, y_test),
         ) + ((("meta", x_meta, y_meta),) if x_meta is not None else ()):
             x = _check_images(x, f"x_{part}")
-            y = splits_lib._check_labels(y, self.num_classes, f"y_{part}")
+            y = v.check_labels(y, self.num_classes, f"y_{part}")
             if len(x) != len(y):
                 raise ValueError(
                     f"Expected as many labels as images in the {part} split. "
@@ -428,7 +430,7 @@ def build_array_splits(
     """
     num_classes = len(class_names)
     x_train = _check_images(x_train, "x_train")
-    y_train = splits_lib._check_labels(y_train, num_classes, "y_train")
+    y_train = v.check_labels(y_train, num_classes, "y_train")
     if len(x_train) != len(y_train):
         raise ValueError(
             f"Expected as many training labels as images. Received {len(x_train)} images and {len(y_train)} labels."

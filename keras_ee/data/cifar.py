@@ -29,6 +29,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
+from keras_ee import validation as v
 from keras_ee._typing import StrPath
 
 IMAGE_BYTES = 32 * 32 * 3
@@ -75,11 +76,6 @@ _LAYOUTS: dict[tuple[int, str], dict[str, Any]] = {
         "meta": "meta",
     },
 }
-
-
-def _check_num_classes(num_classes: object) -> None:
-    if num_classes not in (10, 100):
-        raise ValueError(f"Expected `num_classes` 10 or 100. Received {num_classes!r}.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -167,7 +163,7 @@ def find_cifar(num_classes: int, directories: Iterable[StrPath]) -> tuple[str, s
         `(path, format, kind)` with format "binary" or "python" and kind
         "folder" or "archive", or None when nothing was found.
     """
-    _check_num_classes(num_classes)
+    v.check_choice("num_classes", num_classes, (10, 100))
     for directory in directories:
         directory = os.path.expanduser(str(directory))
         if os.path.isfile(directory):
@@ -216,7 +212,7 @@ def parse_binary(
         `(images, labels)`: uint8 (N, 32, 32, 3) and int64 (N,) (fine labels
         for CIFAR-100).
     """
-    _check_num_classes(num_classes)
+    v.check_choice("num_classes", num_classes, (10, 100))
     label_bytes = 1 if num_classes == 10 else 2
     record = label_bytes + IMAGE_BYTES
     if len(data) == 0 or len(data) % record:
@@ -302,7 +298,7 @@ def parse_pickle(
     Returns:
         `(images, labels)`: uint8 (N, 32, 32, 3) and int64 (N,).
     """
-    _check_num_classes(num_classes)
+    v.check_choice("num_classes", num_classes, (10, 100))
     batch = _unpickle(data, where)
     label_key = "labels" if num_classes == 10 else "fine_labels"
     for key in ("data", label_key):
@@ -390,11 +386,11 @@ def read_cifar(
     Example:
 
     ```python
-    data = read_cifar("../shared/data/cifar-100-binary.tar.gz", 100)
+    data = read_cifar("~/datasets/cifar-100-binary.tar.gz", 100)
     data["x_train"].shape  # (50000, 32, 32, 3)
     ```
     """
-    _check_num_classes(num_classes)
+    v.check_choice("num_classes", num_classes, (10, 100))
     if fmt not in (None, "binary", "python"):
         raise ValueError(f"Expected `fmt` 'binary', 'python' or None. Received {fmt!r}.")
     path = os.path.expanduser(str(path))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_ee import validation as v
 from keras_ee._typing import StrPath
 from keras_ee.data.base import DatasetSplits
 
@@ -160,8 +161,7 @@ class ImageNetSplits(DatasetSplits):
         self._tfds = tfds
         self._builder = _prepared_builder(data_dir)
         total = self._builder.info.splits["train"].num_examples
-        if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)):
-            raise TypeError(f"Expected an int `val_size` for ImageNet. Received {val_size!r}.")
+        v.check_int("val_size", val_size, where="ImageNet: ")
         if not 1 <= val_size < total:
             raise ValueError(
                 f"Expected `val_size` in [1, {total - 1}] (of the {total} training images). Received {val_size}."

@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from keras_ee import validation as v
+
 if TYPE_CHECKING:
     from keras_ee.config import RecipeConfig
 
@@ -66,8 +68,7 @@ def random_crop_flip(images: tf.Tensor, pad: int, flip: bool, seed: tf.Tensor) -
     x = random_crop_flip(x, pad=4, flip=True, seed=tf.constant([1, 2]))
     ```
     """
-    if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool) or pad < 0:
-        raise ValueError(f"Expected `pad` to be an int >= 0. Received {pad!r}.")
+    v.check_int("pad", pad, 0)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     batch = tf.shape(images)[0]
     height, width = images.shape[1], images.shape[2]
@@ -130,10 +131,7 @@ def array_dataset(
         A `tf.data.Dataset` of `(x, y)`: x float32 (B, H, W, C), y int32 (B,), or float32
         (B, num_classes) soft targets when the recipe smooths or mixes labels.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"Expected `batch_size` to be a positive int. Received {batch_size!r}.")
-    if batch_size <= 0:
-        raise ValueError(f"Expected `batch_size` to be a positive int. Received {batch_size}.")
+    v.check_int("batch_size", batch_size, 1)
     images = tf.convert_to_tensor(images)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     n = int(images.shape[0])
@@ -176,8 +174,7 @@ def array_dataset(
         raise ValueError(f"Pass both `first_epoch` and `epochs`, or neither. Received {first_epoch!r} and {epochs!r}.")
     if first_epoch is not None and epochs is not None:
         for name, value in (("first_epoch", first_epoch), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"Expected `{name}` to be an int >= 0. Received {value!r}.")
+            v.check_int(name, value, 0)
         if first_epoch > epochs:
             raise ValueError(f"Expected `first_epoch` <= `epochs`. Received {first_epoch} > {epochs}.")
         base_seed = 0 if seed is None else int(seed)

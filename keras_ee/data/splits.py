@@ -9,49 +9,7 @@ import numbers
 import numpy as np
 import numpy.typing as npt
 
-
-def _check_labels(labels: object, num_classes: int | None = None, what: str = "labels") -> np.ndarray:
-    """Validates a label vector and returns it as int64.
-
-    Integer dtypes are taken as they are; floating-point labels are accepted only
-    when every value is integral (1.0, not 1.5) and finite. Booleans, strings and
-    objects are refused, as are labels < 0 and, when `num_classes` is given,
-    labels >= `num_classes`.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"Expected `{what}` to be a 1-D vector of class indices. Received shape {labels.shape}.")
-    if labels.dtype == np.bool_:
-        raise TypeError(
-            f"Expected `{what}` to hold integer class indices. Received dtype bool "
-            "(convert with labels.astype(int) if True/False really are classes 1/0)."
-        )
-    if labels.size == 0:
-        return labels.astype(np.int64)
-    if np.issubdtype(labels.dtype, np.floating):
-        finite = np.isfinite(labels)
-        if not finite.all():
-            bad = int(np.argmin(finite))
-            raise ValueError(
-                f"Expected `{what}` to hold class indices. Received {labels[bad]} (NaN or inf) at index {bad}."
-            )
-        fractional = labels != np.floor(labels)
-        if fractional.any():
-            bad = int(np.argmax(fractional))
-            raise ValueError(
-                f"Expected `{what}` to hold class indices, but it holds non-integer "
-                f"values, e.g. {float(labels[bad])!r} at index {bad}; float labels must be "
-                "integral (0.0, 1.0, ...), they are never rounded or truncated."
-            )
-    elif not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"Expected `{what}` to have an integer dtype. Received {labels.dtype}.")
-    lo, hi = labels.min(), labels.max()
-    if lo < 0:
-        raise ValueError(f"Expected `{what}` to be >= 0. Received a minimum of {lo}.")
-    limit = np.iinfo(np.int64).max if num_classes is None else num_classes
-    if hi >= limit:
-        raise ValueError(f"Expected `{what}` in [0, {limit}). Received a maximum of {hi}.")
-    return labels.astype(np.int64, copy=False)
+from keras_ee import validation as v
 
 
 def resolve_size(size: float, total: int, what: str = "val_size", most: int | None = None, why: str = "") -> int:
@@ -151,7 +109,7 @@ def stratified_split(
     train_idx, val_idx = stratified_split(y_train, 5000, seed=0)
     ```
     """
-    labels = _check_labels(labels, num_classes)
+    labels = v.check_labels(labels, num_classes)
     n = len(labels)
     classes, class_counts = np.unique(labels, return_counts=True)
     caps = np.maximum(class_counts - 1, 0)  # every class keeps a sample in the rest
@@ -192,13 +150,8 @@ def per_class_subset(
         ValueError: a class has fewer samples, naming the class, its count and the
             number asked for.
     """
-    if (
-        isinstance(samples_per_class, bool)
-        or not isinstance(samples_per_class, numbers.Integral)
-        or samples_per_class < 1
-    ):
-        raise ValueError(f"Expected `samples_per_class` to be an int >= 1. Received {samples_per_class!r}.")
-    labels = _check_labels(labels, num_classes)
+    v.check_int("samples_per_class", samples_per_class, 1)
+    labels = v.check_labels(labels, num_classes)
     counts = np.bincount(labels, minlength=num_classes or 0)
     classes = np.arange(len(counts)) if num_classes is not None else np.unique(labels)
     short = [int(c) for c in classes if counts[c] < samples_per_class]
@@ -273,7 +226,7 @@ def long_tail_indices(labels: npt.ArrayLike, imbalance_factor: float, num_classe
     Returns:
         int64 array of the kept indices, in ascending order.
     """
-    labels = _check_labels(labels, num_classes)
+    labels = v.check_labels(labels, num_classes)
     class_counts = np.bincount(labels, minlength=num_classes)
     targets = long_tail_counts(class_counts.max(), num_classes, imbalance_factor)
     rng = np.random.default_rng(seed)

@@ -23,6 +23,8 @@ coupled through a look-ahead of the real optimizer. The pieces live here, once:
 - `PerExitStats`: mean/min/max of a per-sample, per-exit quantity over an epoch, logged as
   `exit_k_<name>_mean/min/max`.
 - `MLP`: the small network of the outer problem (L2W's WPN, the budget-aware gater).
+- `FollowsMainOptimizer`: the methods' one `check_optimizer` (the look-ahead's optimizers) and
+  their link to the main optimizer.
 
 These use the TensorFlow backend (nested `tf.GradientTape`s).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import validation as v
 from keras_ee._typing import Tensor
 from keras_ee.training import core
 
@@ -498,6 +502,37 @@ def record_initial_learning_rate(optimizer: keras.optimizers.Optimizer, initial_
     initial_main_lr.assign(ops.maximum(initial_main_lr, lr))
 
 
+class FollowsMainOptimizer:
+    """The one `check_optimizer` of the methods with an outer step (L2W, HDKD, budget-aware gating).
+
+    A mixin, listed before `Method`. Their auxiliary optimizer follows the main optimizer's
+    schedule (`follow_main_schedule(..., self._main_optimizer, ...)`), and while their outer
+    step looks ahead through the main optimizer's next step (`looks_ahead`), the main
+    optimizer must be one that `core.lookahead_step` mirrors exactly.
+    """
+
+    # A weak reference: the optimizer belongs to the model (and is saved there), not to the method.
+    _main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
+
+    @property
+    def looks_ahead(self) -> bool:
+        """Whether the outer step runs a look-ahead of the main optimizer's step."""
+        raise NotImplementedError
+
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
+        """Refuse an optimizer the look-ahead cannot mirror (when it runs), then follow it."""
+        if self.looks_ahead:
+            core.check_lookahead_support(optimizer)
+        self.follow(optimizer)
+
+    def follow(self, optimizer: keras.optimizers.Optimizer) -> None:
+        """Take `optimizer` as the main optimizer whose schedule the auxiliary one follows."""
+        self._main_optimizer_ref = weakref.ref(optimizer)
+
+    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
+        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
+
+
 class RunningExtreme(keras.metrics.Metric):
     """Running min or max over an epoch."""
 
@@ -560,38 +595,6 @@ class PerExitStats:
         return {m.name: m.result() for trio in self._trackers() for m in trio}
 
 
-def check_counts(**values: object) -> None:
-    """Raise a clear error unless every value is an int >= 1 (widths, depths, intervals, counts)."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int; received {value!r}.")
-        if value < 1:
-            raise ValueError(f"`{name}` must be >= 1; received {value}.")
-
-
-def check_number(
-    name: str, value: object, low: float | None = None, high: float | None = None, low_open: bool = False
-) -> float:
-    """`value` as a float, or a clear error unless it is a finite number in [low, high]
-    (`(low, high]` with `low_open`; either bound None for none): the methods' scalar options."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{name}` must be a number; received {value!r}.")
-    value = float(value)
-    ok = (
-        np.isfinite(value)
-        and (low is None or (value > low if low_open else value >= low))
-        and (high is None or value <= high)
-    )
-    if not ok:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(
-            f"`{name}` must be a finite number in {'(' if low_open or low is None else '['}{lo}, "
-            f"{hi}{']' if high is not None else ')'}; received {value}."
-        )
-    return value
-
-
 def torch_linear_init(fan_in: int) -> keras.initializers.Initializer:
     """PyTorch `nn.Linear`'s default init, U(+-1/sqrt(fan_in)), for kernel and bias.
 
@@ -633,7 +636,7 @@ class MLP(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_counts(input_dim=input_dim, output_dim=output_dim, depth=depth, width=width)
+        v.check_counts(input_dim=input_dim, output_dim=output_dim, depth=depth, width=width)
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.depth = depth

@@ -85,7 +85,6 @@ epochs of the paper bring the gater out of it is not something a CPU run can sho
 from __future__ import annotations
 
 import typing
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +95,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_ee import optimizers as ee_optimizers
+from keras_ee import validation as v
 from keras_ee._typing import Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
@@ -216,7 +216,7 @@ class ExitGater(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        bilevel.check_counts(num_gates=num_gates, num_features=num_features)
+        v.check_counts(num_gates=num_gates, num_features=num_features)
         self.num_gates = num_gates
         self.num_features = num_features
         self.depth = depth
@@ -258,15 +258,6 @@ class ExitGater(keras.layers.Layer):
         return config
 
 
-def _check_positive(name: str, value: object, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{name}` must be a number; received {value!r}.")
-    value = float(value)
-    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}; received {value}.")
-    return value
-
-
 def _parse_features(features: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(features, str):
         features = [f.strip() for f in features.replace("+", ",").split(",") if f.strip()]
@@ -304,7 +295,7 @@ def _parse_features(features: str | Sequence[str]) -> tuple[str, ...]:
     "1e-6); its gater optimizer is the backbone's family (AdamW by default: gater_optimizer=sgd next to SGD)",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
-class BudgetAwareGating(Method):
+class BudgetAwareGating(bilevel.FollowsMainOptimizer, Method):
     """Budget-aware gating: a gater MLP per early exit, trained bi-level with the backbone.
 
     See the module docstring for the losses, the schedule and the inference scores.
@@ -367,10 +358,10 @@ class BudgetAwareGating(Method):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.cost_weight = _check_positive("cost_weight", cost_weight, allow_zero=True)
-        self.temperature = _check_positive("temperature", temperature)
+        self.cost_weight = v.check_number("cost_weight", cost_weight, low=0.0)
+        self.temperature = v.check_number("temperature", temperature, low=0.0, low_open=True)
         self.features = _parse_features(features)
-        bilevel.check_counts(gater_width=gater_width, gater_depth=gater_depth, gater_interval=gater_interval)
+        v.check_counts(gater_width=gater_width, gater_depth=gater_depth, gater_interval=gater_interval)
         if not isinstance(gater_activation, str):
             raise ValueError(f"`gater_activation` must be a Keras activation name; received {gater_activation!r}.")
         try:
@@ -379,12 +370,9 @@ class BudgetAwareGating(Method):
             raise ValueError(
                 f"`gater_activation` must be a Keras activation name (relu, gelu, ...); received {gater_activation!r}."
             ) from None
-        if not isinstance(detach_features, bool):
-            raise ValueError(f"`detach_features` must be true or false; received {detach_features!r}.")
-        if gater_update not in _UPDATES:
-            raise ValueError(f"`gater_update` must be one of {_UPDATES}; received {gater_update!r}.")
-        if gater_optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`gater_optimizer` must be one of {_OPTIMIZERS}; received {gater_optimizer!r}.")
+        v.check_bool("detach_features", detach_features)
+        v.check_choice("gater_update", gater_update, _UPDATES)
+        v.check_choice("gater_optimizer", gater_optimizer, _OPTIMIZERS)
         self.gater_width = gater_width
         self.gater_depth = gater_depth
         self.gater_activation = gater_activation
@@ -392,21 +380,18 @@ class BudgetAwareGating(Method):
         self.gater_interval = gater_interval
         self.gater_update = gater_update
         self.gater_optimizer_name = gater_optimizer
-        self.gater_learning_rate = _check_positive("gater_learning_rate", gater_learning_rate)
-        self.gater_final_learning_rate = _check_positive(
-            "gater_final_learning_rate", gater_final_learning_rate, allow_zero=True
-        )
+        self.gater_learning_rate = v.check_number("gater_learning_rate", gater_learning_rate, low=0.0, low_open=True)
+        self.gater_final_learning_rate = v.check_number("gater_final_learning_rate", gater_final_learning_rate, low=0.0)
         if self.gater_final_learning_rate > self.gater_learning_rate:
             raise ValueError(
                 "`gater_final_learning_rate` must be <= `gater_learning_rate`; received "
                 f"{self.gater_final_learning_rate} > {self.gater_learning_rate}."
             )
-        self.gater_weight_decay = _check_positive("gater_weight_decay", gater_weight_decay, allow_zero=True)
-        self.log_epsilon = _check_positive("log_epsilon", log_epsilon, allow_zero=True)
+        self.gater_weight_decay = v.check_number("gater_weight_decay", gater_weight_decay, low=0.0)
+        self.log_epsilon = v.check_number("log_epsilon", log_epsilon, low=0.0)
         if gater_update == "exchange":  # the code's loop: a backbone step on each half of every batch
             self.optimizer_steps_per_batch = 2
             self.min_batch_per_replica = 2
-        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     # --- setup ---------------------------------------------------------------
 
@@ -483,13 +468,9 @@ class BudgetAwareGating(Method):
         self.gater_loss_tracker = keras.metrics.Mean(name="gater_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
-        if self.gater_update == "lookahead":
-            core.check_lookahead_support(optimizer)
-        self._main_optimizer_ref = weakref.ref(optimizer)
-
-    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
-        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
+    @property
+    def looks_ahead(self) -> bool:
+        return self.gater_update == "lookahead"
 
     # --- the gater -------------------------------------------------------------
 
@@ -557,7 +538,7 @@ class BudgetAwareGating(Method):
 
     def train_step(self, model: MultiExitModel, data: Any) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._main_optimizer_ref = weakref.ref(model.optimizer)
+        self.follow(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
         if self.gater_update == "exchange":
             self.batch_iteration.assign(ops.cast(model.optimizer.iterations, "int64"))

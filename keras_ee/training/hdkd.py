@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import json
 import typing
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +103,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
@@ -139,8 +139,7 @@ def kd_pairs(num_exits: int, teachers: str = "dense") -> list[tuple[int, int]]:
     `dense`: every later exit teaches every earlier one, `(1, 0), (2, 0), (2, 1), ...`
     (teacher-major, as Eq. 5's double sum); `last`: `(K-1, j)` for j < K-1; `none`: [].
     """
-    if teachers not in _TEACHERS:
-        raise ValueError(f"`teachers` must be one of {_TEACHERS}; received {teachers!r}.")
+    v.check_choice("teachers", teachers, _TEACHERS)
     if teachers == "dense":
         return [(i, j) for i in range(1, num_exits) for j in range(i)]
     if teachers == "last":
@@ -206,12 +205,6 @@ def _softplus_inverse(gamma: np.ndarray) -> np.ndarray:
     return gamma + np.log(-np.expm1(-gamma))  # log(exp(g) - 1), stable for large g
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
-    return value
-
-
 _OPTION_TYPES = {
     "teachers": typing.Literal["dense", "last", "none"],
     "init": typing.Literal["ds", "uniform", "dbt", "random"],
@@ -232,7 +225,7 @@ _OPTION_TYPES = {
     reference_note="no public code (the paper's framework was TensorFlow): the paper's settings only, no `reference`",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
-class HDKD(Method):
+class HDKD(bilevel.FollowsMainOptimizer, Method):
     """Harmonized dense knowledge distillation (and, by its options, the paper's variants).
 
     See the module docstring for the losses, the bilevel update, the parametrisation of
@@ -280,29 +273,22 @@ class HDKD(Method):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.teachers = _check_choice("teachers", teachers, _TEACHERS)
-        if not isinstance(learn_weights, bool):
-            raise ValueError(f"`learn_weights` must be true or false; received {learn_weights!r}.")
-        self.learn_weights = learn_weights
-        self.init = _check_choice("init", init, _INITS)
-        self.temperature = bilevel.check_number("temperature", temperature, low=0.0, low_open=True)
-        self.temperature_rule = _check_choice("temperature_rule", temperature_rule, _TEMPERATURE_RULES)
-        self.alpha = bilevel.check_number("alpha", alpha, low=0.0, high=1.0)
-        self.ema_momentum = bilevel.check_number("ema_momentum", ema_momentum, low=0.0, high=1.0)
+        self.teachers = v.check_choice("teachers", teachers, _TEACHERS)
+        self.learn_weights = v.check_bool("learn_weights", learn_weights)
+        self.init = v.check_choice("init", init, _INITS)
+        self.temperature = v.check_number("temperature", temperature, low=0.0, low_open=True)
+        self.temperature_rule = v.check_choice("temperature_rule", temperature_rule, _TEMPERATURE_RULES)
+        self.alpha = v.check_number("alpha", alpha, low=0.0, high=1.0)
+        self.ema_momentum = v.check_number("ema_momentum", ema_momentum, low=0.0, high=1.0)
         if self.ema_momentum == 1.0:
             raise ValueError("`ema_momentum` must be a finite number in [0, 1); received 1.0 (E would never move).")
-        self.ema_source = _check_choice("ema_source", ema_source, _EMA_SOURCES)
-        bilevel.check_counts(meta_interval=meta_interval)
+        self.ema_source = v.check_choice("ema_source", ema_source, _EMA_SOURCES)
+        v.check_counts(meta_interval=meta_interval)
         self.meta_interval = meta_interval
-        self.gamma_parametrization = _check_choice("gamma_parametrization", gamma_parametrization, _PARAMETRIZATIONS)
-        self.gamma_optimizer_name = _check_choice("gamma_optimizer", gamma_optimizer, _OPTIMIZERS)
-        self.gamma_learning_rate = bilevel.check_number(
-            "gamma_learning_rate", gamma_learning_rate, low=0.0, low_open=True
-        )
-        if isinstance(init_seed, bool) or not isinstance(init_seed, (int, np.integer)):
-            raise TypeError(f"`init_seed` must be an int; received {init_seed!r}.")
-        self.init_seed = int(init_seed)
-        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
+        self.gamma_parametrization = v.check_choice("gamma_parametrization", gamma_parametrization, _PARAMETRIZATIONS)
+        self.gamma_optimizer_name = v.check_choice("gamma_optimizer", gamma_optimizer, _OPTIMIZERS)
+        self.gamma_learning_rate = v.check_number("gamma_learning_rate", gamma_learning_rate, low=0.0, low_open=True)
+        self.init_seed = v.check_int("init_seed", init_seed)
 
     @property
     def uses_meta_stream(self) -> bool:  # type: ignore[override]  # per instance, not per class
@@ -361,13 +347,9 @@ class HDKD(Method):
         self.balanced_loss_tracker = keras.metrics.Mean(name="balanced_loss")
         self.built = True
 
-    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
-        if self.learn_weights:
-            core.check_lookahead_support(optimizer)
-        self._main_optimizer_ref = weakref.ref(optimizer)
-
-    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
-        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
+    @property
+    def looks_ahead(self) -> bool:
+        return self.learn_weights
 
     # --- the loss --------------------------------------------------------------
 
@@ -463,7 +445,7 @@ class HDKD(Method):
 
     def train_step(self, model: MultiExitModel, data: Any, meta_batch: Any = None) -> dict[str, Tensor]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._main_optimizer_ref = weakref.ref(model.optimizer)
+        self.follow(model.optimizer)
         if not self.learn_weights:
             model.skippable_step(lambda x, y, sw: self._plain_step(model, x, y, sw), args=(x, y, sample_weight))
         else:

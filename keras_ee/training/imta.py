@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import validation as v
 from keras_ee._typing import Tensor
 from keras_ee.training import core
 from keras_ee.training.methods import Method, Phase
@@ -213,31 +214,17 @@ class IMTA(Method):
             ("detach_transfer", detach_transfer),
             ("nesterov", nesterov),
         ):
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"`{name}` must be True or False; received {value!r}.")
+            v.check_bool(name, value)
         for name, choice, allowed in (
             ("kl_reduction", kl_reduction, _KL_REDUCTIONS),
             ("frozen_batchnorm", frozen_batchnorm, _FROZEN_BN),
             ("phase2_init", phase2_init, _PHASE2_INITS),
         ):
-            if choice not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}; received {choice!r}.")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not (np.isfinite(temperature) and temperature > 0)
-        ):
-            raise ValueError(f"`temperature` must be a finite number > 0; received {temperature!r}.")
-        if (
-            isinstance(distill_weight, bool)
-            or not isinstance(distill_weight, (int, float))
-            or not (0 <= distill_weight <= 1)
-        ):
-            raise ValueError(f"`distill_weight` must be a number in [0, 1]; received {distill_weight!r}.")
-        if phase2_epochs is not None and (
-            isinstance(phase2_epochs, bool) or not isinstance(phase2_epochs, int) or phase2_epochs < 1
-        ):
-            raise ValueError(f"`phase2_epochs` must be an int >= 1 or None; received {phase2_epochs!r}.")
+            v.check_choice(name, choice, allowed)
+        v.check_number("temperature", temperature, low=0.0, low_open=True)
+        v.check_number("distill_weight", distill_weight, low=0.0, high=1.0)
+        if phase2_epochs is not None:
+            v.check_int("phase2_epochs", phase2_epochs, 1)
         self.gradient_equilibrium = bool(gradient_equilibrium)
         self.inline_collaboration = bool(inline_collaboration)
         self.distillation = bool(distillation)
@@ -249,17 +236,8 @@ class IMTA(Method):
         self.nesterov = bool(nesterov)
         self.phase2_epochs = phase2_epochs
         self.phase2_init = phase2_init
-        if transfer_widths is not None:
-            if (
-                isinstance(transfer_widths, (str, bytes))
-                or not hasattr(transfer_widths, "__len__")
-                or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in transfer_widths)
-            ):
-                raise ValueError(
-                    "`transfer_widths` must be None or a list of positive ints (one per exit); "
-                    f"received {transfer_widths!r}."
-                )
-            transfer_widths = [int(w) for w in transfer_widths]
+        if transfer_widths is not None:  # one per exit: checked against the model in `setup`
+            transfer_widths = list(v.check_int_tuple("transfer_widths", transfer_widths, 1))
         self.transfer_widths = transfer_widths
 
     @property
@@ -382,8 +360,8 @@ class IMTA(Method):
         # mode only in a trainable layer. So "frozen, batch statistics" is a trainable
         # layer whose variables are not.
         layer.trainable = layer_trainable
-        for v in layer.weights:
-            v.trainable = weights_trainable and id(v) not in self._statistics
+        for weight in layer.weights:
+            weight.trainable = weights_trainable and id(weight) not in self._statistics
 
     def _phase2_layer_names(self, k_total: int) -> set[str]:
         names = {f"exit_{k}" for k in range(1, k_total + 1)}

@@ -1,8 +1,8 @@
 """L2W-DEN: learning to weight samples for dynamic early-exiting networks.
 
 Implements Algorithm 1 of "Learning to Weight Samples for Dynamic
-Early-exiting Networks" (Han et al., ECCV 2022) as described in
-`algorithms.md` section 2, with the paper's CIFAR settings as defaults.
+Early-exiting Networks" (Han et al., ECCV 2022, arXiv:2209.08310) and its
+supplementary material, with the paper's CIFAR settings as defaults.
 
 Design notes (why it is built this way):
 
@@ -46,7 +46,6 @@ Design notes (why it is built this way):
 """
 
 import typing
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +56,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_ee import optimizers as ee_optimizers
+from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.training import bilevel, core
 from keras_ee.training.allocation import (
@@ -98,10 +98,7 @@ class WeightPredictionNetwork(bilevel.MLP):
     """
 
     def __init__(self, num_exits: int, input_dim: int, depth: int = 1, width: int = 500, **kwargs: Any) -> None:
-        if isinstance(num_exits, bool) or not isinstance(num_exits, int):
-            raise TypeError(f"`num_exits` must be an int; received {num_exits!r}.")
-        if num_exits < 1:
-            raise ValueError(f"`num_exits` must be >= 1; received {num_exits}.")
+        v.check_int("num_exits", num_exits, 1)
         super().__init__(
             input_dim=input_dim,
             output_dim=num_exits,
@@ -163,7 +160,7 @@ def zero_sum_weights(u: Tensor, delta: float, constraint: str = "col") -> Tensor
     "its parser defaults (width 100, WPN lr 1e-5, no weight decay) are not what it ran",
 )
 @keras.saving.register_keras_serializable(package="keras_ee")
-class L2W(Method):
+class L2W(bilevel.FollowsMainOptimizer, Method):
     """Learning to weight samples (L2W-DEN) with meta-learning.
 
     Trains the backbone with per-sample, per-exit weights
@@ -227,11 +224,11 @@ class L2W(Method):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        bilevel.check_number("q", q, low=0.0, low_open=True)
-        bilevel.check_number("delta", delta, low=0.0, high=1.0, low_open=True)
-        bilevel.check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
-        bilevel.check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
-        bilevel.check_counts(wpn_depth=wpn_depth, wpn_width=wpn_width, meta_interval=meta_interval)
+        v.check_number("q", q, low=0.0, low_open=True)
+        v.check_number("delta", delta, low=0.0, high=1.0, low_open=True)
+        v.check_number("wpn_learning_rate", wpn_learning_rate, low=0.0)
+        v.check_number("wpn_weight_decay", wpn_weight_decay, low=0.0)
+        v.check_counts(wpn_depth=wpn_depth, wpn_width=wpn_width, meta_interval=meta_interval)
         for name, value, allowed in (
             ("wpn_input", wpn_input, _INPUTS),
             ("constraint", constraint, _CONSTRAINTS),
@@ -239,8 +236,7 @@ class L2W(Method):
             ("meta_objective", meta_objective, _OBJECTIVES),
             ("wpn_optimizer", wpn_optimizer, _WPN_OPTIMIZERS),
         ):
-            if value not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}; received {value!r}.")
+            v.check_choice(name, value, allowed)
         if weighting == "frozen" and wpn_weights_path is None:
             raise ValueError(
                 "`weighting='frozen'` needs `wpn_weights_path` (a file written by `L2W.save_wpn`); received None."
@@ -262,9 +258,6 @@ class L2W(Method):
         self.weighting = weighting
         self.wpn_weights_path = wpn_weights_path
         self.wpn_optimizer_name = wpn_optimizer
-        # A weak reference: the optimizer belongs to the model (and is saved
-        # there), not to the method.
-        self._main_optimizer_ref: weakref.ref[keras.optimizers.Optimizer] | None = None
 
     # --- setup ---------------------------------------------------------------
 
@@ -334,13 +327,9 @@ class L2W(Method):
             self.wpn_optimizer.build(self.wpn.weights)
         self.built = True
 
-    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
-        if self.meta_learns:
-            core.check_lookahead_support(optimizer)
-        self._main_optimizer_ref = weakref.ref(optimizer)
-
-    def _main_optimizer(self) -> keras.optimizers.Optimizer | None:
-        return None if self._main_optimizer_ref is None else self._main_optimizer_ref()
+    @property
+    def looks_ahead(self) -> bool:
+        return self.meta_learns
 
     # --- weights -------------------------------------------------------------
 
@@ -410,7 +399,7 @@ class L2W(Method):
             raise ValueError(
                 "L2W learns its own sample weights; received `sample_weight` in the data, expected (x, y)."
             )
-        self._main_optimizer_ref = weakref.ref(model.optimizer)
+        self.follow(model.optimizer)
         bilevel.record_initial_learning_rate(model.optimizer, self.initial_main_lr)
         bilevel.half_batch_exchange(model, x, y, lambda x_t, y_t, x_m, y_m: self._half_step(model, x_t, y_t, x_m, y_m))
         self.batch_counter.assign_add(1)
@@ -570,8 +559,8 @@ class L2W(Method):
                     f"input_dim, depth, width) = {tuple(config)}; this L2W "
                     f"expects {tuple(expected)}."
                 )
-            for i, v in enumerate(self.wpn.weights):
-                v.assign(data[f"w{i}"])
+            for i, weight in enumerate(self.wpn.weights):
+                weight.assign(data[f"w{i}"])
 
     def sample_statistics(self, model: "MultiExitModel", dataset: Iterable[Any]) -> dict[str, np.ndarray]:
         """Per-sample loss, confidence, weight and allocation (Fig. 8).

@@ -66,6 +66,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_ee import validation as v
 from keras_ee._typing import Tensor
 from keras_ee.training import core
 from keras_ee.training.registry import register_method
@@ -96,8 +97,7 @@ class Phase:
     make_optimizer: Callable | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"phase {self.name!r}: `epochs` must be an int >= 1; received {self.epochs!r}.")
+        v.check_int("epochs", self.epochs, 1, where=f"phase {self.name!r}: ")
         unknown = sorted(set(self.optimizer_options) - {"momentum", "nesterov", "weight_decay", "learning_rate"})
         if unknown:
             raise ValueError(

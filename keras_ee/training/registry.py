@@ -10,7 +10,10 @@ A method is one file. It defines a `Method` subclass and registers it:
     )
     class L2W(Method): ...
 
-The registry then gives `keras-ee train --method` its choices and help, `keras-ee methods`
+`register_method`, `list_methods` and `get_method` keep the methods on a
+`keras_ee.registry.Registry`, the one shape of the datasets' and model presets' tables (as
+timm's `register_model` / `list_models`). The registry then gives `keras-ee train --method`
+its choices and help, `keras-ee methods`
 its table, `experiment.make_method` the class and the typed options (from the constructor's
 signature and defaults, or declared with `option_types`), and `python -m tuning.search` the
 search space. Artifacts and callbacks are hooks of the method itself
@@ -48,6 +51,8 @@ import traceback
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from keras_ee.registry import Registry
 
 _C = TypeVar("_C", bound="type[Method]")
 
@@ -197,7 +202,11 @@ class MethodSpec:
         return ", ".join(o.describe() for o in self.options.values()) or "none"
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+# Filled by `register_method` as the method files are imported; `list_methods` and
+# `get_method` import the package's own first and read the plug-ins' entry points once.
+_METHODS: Registry[MethodSpec] = Registry(
+    "training method", hint="(or package.module:Class for a method outside keras-ee)"
+)
 _entry_points_loaded = False
 
 
@@ -243,13 +252,15 @@ def register_method(
         spec = _spec_for(cls, name, summary, paper, search_space, option_types, aliases, reference_code, reference_note)
         if spec.reference_code is not None:
             _accept_reference(cls, spec)
-        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            existing = _REGISTRY[name].cls
+        if name in _METHODS:
+            existing = _METHODS.get(name).cls
+            # The same class defined again (a module reloaded) replaces itself; another is refused.
             if (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(
-                    f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}."
+                    f"a training method named {name!r} is already registered "
+                    f"(by {existing.__module__}.{existing.__qualname__})."
                 )
-        _REGISTRY[name] = spec
+        _METHODS.register(name, spec, replace=True)
         cls.method_name = name
         return cls
 
@@ -276,7 +287,7 @@ def _spec_for(
     # A method built on registered ones (L2W + IMTA) keeps their declared option types and
     # their authors' code values.
     for base in reversed(cls.__mro__[1:]):
-        for spec in list(_REGISTRY.values()):
+        for spec in _specs():
             if spec.cls is base:
                 for opt in spec.options.values():
                     if opt.name != "reference":
@@ -284,9 +295,7 @@ def _spec_for(
                 if spec.reference_code is not None:
                     reference_code = {**spec.reference_code, **(reference_code or {})}
     if not reference_note:  # a variant of a registered method (HDKD's DBT...) shares its note
-        reference_note = next(
-            (s.reference_note for base in cls.__mro__[1:] for s in list(_REGISTRY.values()) if s.cls is base), ""
-        )
+        reference_note = next((s.reference_note for base in cls.__mro__[1:] for s in _specs() if s.cls is base), "")
     hints = _constructor_hints(cls)
     options = {}
     for p in _constructor_parameters(cls, Method):
@@ -443,35 +452,35 @@ def _load_entry_points() -> None:
 
             warnings.warn(f"keras-ee method plug-in {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
             continue
-        if getattr(cls, "method_name", None) not in _REGISTRY:
-            _REGISTRY[ep.name] = _spec_for(cls, ep.name, "", "", getattr(cls, "search_space", None), None, None)
+        if getattr(cls, "method_name", None) not in _METHODS:
+            spec = _spec_for(cls, ep.name, "", "", getattr(cls, "search_space", None), None, None)
+            _METHODS.register(ep.name, spec, replace=True)
 
 
-def available_methods() -> list[str]:
+def _specs() -> list[MethodSpec]:
+    """The specs registered so far (without importing anything: `register_method` reads them)."""
+    return [_METHODS.get(name) for name in _METHODS.names()]
+
+
+def list_methods() -> list[str]:
     """The registered method names (the package's and the plug-ins'), sorted."""
     _load_builtins()
     _load_entry_points()
-    return sorted(_REGISTRY)
+    return sorted(_METHODS.names())
 
 
-def get_method(name: str) -> MethodSpec:
+def get_method(name: object) -> MethodSpec:
     """The spec of a registered method, or of `package.module:Class`.
 
     Raises:
-        ValueError: an unknown name (listing the known ones) or a path that does not
-            import to a `Method` subclass.
+        ValueError: not a string, an unknown name (listing the known ones) or a path that
+            does not import to a `Method` subclass.
     """
-    if not isinstance(name, str):
-        raise ValueError(f"a method name must be a string; received {name!r}.")
-    if ":" in name:
+    if isinstance(name, str) and ":" in name:
         return _from_path(name)
-    known = available_methods()
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown training method {name!r}; available: {known} "
-            "(or package.module:Class for a method outside keras-ee)."
-        )
-    return _REGISTRY[name]
+    _load_builtins()
+    _load_entry_points()
+    return _METHODS.get(name)
 
 
 def _from_path(path: str) -> MethodSpec:
@@ -503,16 +512,16 @@ def _from_path(path: str) -> MethodSpec:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ValueError(f"method {path!r} is not a keras_ee.training.Method subclass.")
     registered = getattr(cls, "method_name", None)
-    if registered in _REGISTRY and _REGISTRY[registered].cls is cls:
-        return dataclasses.replace(_REGISTRY[registered], name=path)
+    if registered in _METHODS and _METHODS.get(registered).cls is cls:
+        return dataclasses.replace(_METHODS.get(registered), name=path)
     return _spec_for(cls, path, "", "", getattr(cls, "search_space", None), None, None)
 
 
 def methods_table() -> str:
     """`keras-ee methods`: name, paper and options with defaults of every method."""
     lines = []
-    for name in available_methods():
-        spec = _REGISTRY[name]
+    for name in list_methods():
+        spec = _METHODS.get(name)
         lines.append(f"{name}: {spec.summary}")
         if spec.paper:
             lines.append(f"    paper: {spec.paper}")
