@@ -249,8 +249,8 @@ def plan(args) -> tuple[list[dict], object, list[dict]]:
     names = [d.name for d in data.available()]
     if base.dataset not in names and not base.dataset.startswith("npz:"):
         raise UsageError(f"unknown dataset {base.dataset!r}; available: {names}.")
-    if base.model not in models.available():
-        raise UsageError(f"unknown model {base.model!r}; available: {models.available()}.")
+    if base.model not in models.list_presets():
+        raise UsageError(f"unknown model {base.model!r}; available: {models.list_presets()}.")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds must be distinct integers; received {args.seeds}.")
 

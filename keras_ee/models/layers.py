@@ -787,7 +787,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 class ChannelSplit(keras.layers.Layer):
     """Splits the last (channel) axis into consecutive parts of given sizes.
 
-    Used after a merged 1x1 conv (see `keras_ee.models.heads.shared_bottleneck`):
+    Used after a merged 1x1 conv (see `keras_ee.models.blocks.shared_bottleneck`):
     several 1x1 convs that read the same map are run as one wider conv, and
     this layer hands each consumer its own channels. Weight-free, so the cost
     counter gives it 0 ops.
