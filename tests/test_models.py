@@ -11,6 +11,7 @@ import tensorflow as tf
 from tiny_models import SMALL_MSDNET, SMALL_RANET
 
 from keras_ee import costs, models
+from keras_ee.inference_snapshot import InferenceSnapshot
 from keras_ee.models import AlignCornersResize, GradientScale
 from keras_ee.models import layers as layers_module
 from keras_ee.models.layers import ConvBNReLU, align_corners_matrix, width_packing
@@ -562,7 +563,7 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
         layer.beta.assign(rng.random(f) - 0.5)
         layer.moving_mean.assign(rng.random(f))
         layer.moving_variance.assign(rng.random(f) + 0.5)
-    snapshot = layers_module.InferenceSnapshot(model)
+    snapshot = InferenceSnapshot(model)
     assert len(snapshot) == 5  # pointwise, shared at widths 16 and 8, down, inner_unit
     if not onednn:  # the snapshot holds the shared unit's packed kernel at both widths
         assert {p for (_, _, p) in snapshot._entries.values()} == {1, 2}
@@ -600,4 +601,4 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
         atol=1e-6,
     )
     with pytest.raises(ValueError, match="expects a built Keras model; received ConvBNReLU"):
-        layers_module.InferenceSnapshot(shared)
+        InferenceSnapshot(shared)
