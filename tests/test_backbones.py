@@ -132,3 +132,23 @@ def test_backbone_unit_options_reach_every_unit():
 def test_backbone_says_what_it_received(cls, options, error, message):
     with pytest.raises(error, match=message):
         cls(**options)
+
+
+@pytest.mark.parametrize("switch, expected", [("1", True), ("0", False), (None, False)])
+def test_onednn_query_falls_back_to_the_documented_switch(monkeypatch, switch, expected):
+    """Without TensorFlow's private binding (gone from the package and `sys.modules`, so its
+    import fails), `tensorflow_uses_onednn` reads `TF_ENABLE_ONEDNN_OPTS` instead of failing."""
+    import sys
+
+    from tensorflow.python import util
+
+    from keras_ee.models import layers
+
+    monkeypatch.delattr(util, "_pywrap_util_port", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow.python.util._pywrap_util_port", None)
+    monkeypatch.setattr(layers, "_ONEDNN", None)
+    if switch is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", switch)
+    assert layers.tensorflow_uses_onednn() is expected
