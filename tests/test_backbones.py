@@ -152,3 +152,22 @@ def test_onednn_query_falls_back_to_the_documented_switch(monkeypatch, switch, e
     else:
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", switch)
     assert layers.tensorflow_uses_onednn() is expected
+
+
+def test_imta_builds_its_transfer_paths_batchnorm_as_the_backbones():
+    backbone = models.create(
+        "multiexit_cnn",
+        input_shape=(8, 8, 1),
+        widths=(4, 8),
+        depth=1,
+        synchronized_batchnorm=True,
+        moving_variance_update="biased",
+    )
+    transformed = training.IMTA().transform_backbone(backbone)
+    bn = transformed.get_layer("exit_2_collab_bn")
+    assert bn.synchronized and bn.moving_variance_update == "biased"
+    # The ImageNet stem's stand-alone BatchNorm comes first; the activation is the units'.
+    stem = models.MSDNetBackbone(
+        stem="imagenet", input_shape=(64, 64, 3), num_blocks=1, channels=4, growth_rate=2, activation="gelu"
+    )
+    assert models.UnitOptions.of(stem) == models.UnitOptions("gelu", False, "unbiased")

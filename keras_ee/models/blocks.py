@@ -56,16 +56,22 @@ class UnitOptions:
 
     @classmethod
     def of(cls, model: keras.Model) -> "UnitOptions":
-        """The options `model`'s BatchNorm layers were built with (the defaults if it has none),
-        for layers added to a built model (IMTA's transfer paths) to match it."""
-        for layer in model._flatten_layers(include_self=False):
+        """The options `model`'s units and BatchNorm layers were built with (the defaults where
+        it has none), for layers added to a built model (IMTA's transfer paths) to match it."""
+        found, pending = [], list(getattr(model, "layers", ()))
+        while pending:
+            layer = pending.pop(0)
             if isinstance(layer, (ConvBNReLU, BatchNormalization)):
-                return cls(
-                    activation=getattr(layer, "nonlinearity", "relu"),
-                    synchronized_batchnorm=bool(layer.synchronized),
-                    moving_variance_update=layer.moving_variance_update,
-                )
-        return cls()
+                found.append(layer)
+            pending += getattr(layer, "layers", ())  # nested models
+        if not found:
+            return cls()
+        units = [layer for layer in found if isinstance(layer, ConvBNReLU)]
+        return cls(
+            activation=units[0].nonlinearity if units else "relu",
+            synchronized_batchnorm=bool(found[0].synchronized),
+            moving_variance_update=found[0].moving_variance_update,
+        )
 
 
 DEFAULT_UNIT_OPTIONS = UnitOptions()
