@@ -35,7 +35,7 @@ tf.get_logger().setLevel("ERROR")  # one trace per variant is the point, not a r
 
 from keras_ee import models  # noqa: E402
 from keras_ee.models import layers as L  # noqa: E402
-from keras_ee.models.heads import conv_bn_relu  # noqa: E402
+from keras_ee.models.blocks import conv_bn_relu  # noqa: E402
 
 msdnet_module = importlib.import_module("keras_ee.models.msdnet")
 shipped_packing = L.width_packing
@@ -59,10 +59,10 @@ def constant_bn_call(self, inputs, training=None):
     return self._tf_fused(inputs, tf.constant(kernel), tf.constant(shift), pack)
 
 
-def coarse_separate_bottleneck(x, widths, name, init):
+def coarse_separate_bottleneck(x, widths, name, init, options):
     if x.shape[1] >= 32:
-        return shipped_bottleneck(x, widths, name, init)
-    return [conv_bn_relu(x, w, 1, 1, f"{name}{i}", init) for i, w in enumerate(widths)]
+        return shipped_bottleneck(x, widths, name, init, options)
+    return [conv_bn_relu(x, w, 1, 1, f"{name}{i}", init, options) for i, w in enumerate(widths)]
 
 
 def traced(model, x, packing=shipped_packing, call=shipped_call):

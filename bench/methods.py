@@ -248,10 +248,9 @@ def plan(args) -> tuple[list[dict], object, list[dict]]:
         raise UsageError(str(e)) from None
     try:
         data.get_dataset(base.dataset)
+        models.get_preset(base.model)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if base.model not in models.available():
-        raise UsageError(f"unknown model {base.model!r}; available: {models.available()}.")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--seeds must be distinct integers; received {args.seeds}.")
 

@@ -65,15 +65,6 @@ def matched_plain(target, num_classes, width=32):
     return best
 
 
-def _onednn_enabled():
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):
-        return "unknown"
-
-
 def timed(fn, x):
     start = time.perf_counter()
     out = fn(x)
@@ -116,7 +107,7 @@ def main():
     print(
         f"threads: intra={tf.config.threading.get_intra_op_parallelism_threads()} "
         f"inter={tf.config.threading.get_inter_op_parallelism_threads()} cpus={os.cpu_count()} "
-        f"onednn={_onednn_enabled()} jit={args.jit}"
+        f"onednn={ee_layers.tensorflow_uses_onednn()} jit={args.jit}"
     )
     print(f"batch {args.batch}, {args.repeats} runs after {args.warmup} warm-up, median seconds")
     print(f"{args.model:<16} Mul-Adds/img {ee_ops / 1e6:8.2f}M  {med[args.model]:.4f}s  ({len(ee.layers)} layers)")

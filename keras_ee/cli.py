@@ -396,9 +396,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from keras_ee import costs
+    from keras_ee import costs, models
+    from keras_ee.models import presets
 
-    print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
+    if args.num_classes is None and args.rule == "reference":  # the presets' own costs: data, nothing built
+        table = {name: vars(models.get_preset(name)) for name in models.list_presets()}
+        print(costs.format_table(table))
+    else:
+        print(costs.presets_table(num_classes=args.num_classes, rule=args.rule))
+    print()
+    print(presets.describe_presets())
 
 
 def cmd_methods(args: argparse.Namespace) -> None:

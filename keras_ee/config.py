@@ -341,7 +341,7 @@ class TrainConfig:
             the HDKD paper does; the thresholds calibrated on it are then
             optimistic. A count or fraction holds out a separate split of that
             size from the training images instead.
-        model: a preset of `keras_ee.models.available()`.
+        model: a preset of `keras_ee.models.list_presets()`.
         model_options: keyword overrides for the preset (widths, blocks, ...).
         method: a registered training method (`keras-ee methods`) or
             `package.module:Class` for one outside keras-ee.

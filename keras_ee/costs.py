@@ -393,7 +393,7 @@ def presets_table(names: Iterable[str] | None = None, rule: str = "reference", n
     presets takes a few seconds each (no forward pass is run).
 
     Args:
-        names: list of preset names, default `keras_ee.models.available()`.
+        names: list of preset names, default `keras_ee.models.list_presets()`.
         rule: counting rule, see `exit_costs`.
         num_classes: int or None (each preset's default class count).
 
@@ -402,7 +402,7 @@ def presets_table(names: Iterable[str] | None = None, rule: str = "reference", n
     """
     from keras_ee import models
 
-    names = models.available() if names is None else list(names)
+    names = models.list_presets() if names is None else list(names)
     results = {}
     for name in names:
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}

@@ -247,11 +247,13 @@ def build_model(
     from keras_ee import models, training
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    # The BatchNorm options also reach the layers the method adds (IMTA's transfer paths).
-    bn_update = config.model_options.get(models.MOVING_VARIANCE_OPTION)
-    with scope, models.batchnorm_options(synchronized=config.sync_batchnorm, moving_variance_update=bn_update):
+    # The backbone's BatchNorm options also reach the layers the method adds (IMTA's transfer paths).
+    model_options = dict(config.model_options)
+    if config.sync_batchnorm:
+        model_options["synchronized_batchnorm"] = True
+    with scope:
         backbone = models.create(
-            config.model, num_classes=splits.num_classes, input_shape=splits.input_shape, **config.model_options
+            config.model, num_classes=splits.num_classes, input_shape=splits.input_shape, **model_options
         )
         if method is None:
             method = make_method(config.method, config.method_options)

@@ -28,7 +28,7 @@ is cut with `tf.gather` (or handed on uncut when nobody left at that exit), resu
 written back into input order by one `tf.dynamic_stitch` per output, and a `tf.cond` per
 stage skips it (and so every later stage) once no sample is left.
 The stages run on a snapshot of the backbone's BatchNorm-folded conv kernels
-(`keras_ee.models.layers.InferenceSnapshot`) instead of folding them on every call;
+(`keras_ee.inference_snapshot.InferenceSnapshot`) instead of folding them on every call;
 `predict`, `export`, `serving_function` and eager calls refresh it from the weights.
 
 Conventions: exits are numbered 1..K (as the `exit_k` layers and the tables); costs and
@@ -69,7 +69,7 @@ from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
-from keras_ee.models.layers import InferenceSnapshot
+from keras_ee.inference_snapshot import InferenceSnapshot
 
 __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
 

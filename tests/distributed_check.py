@@ -16,9 +16,10 @@ one-device halves (rows 0-7, then 8-15) in the same order.
 
 A method with two phases (IMTA, L2W+IMTA) trains on an `attach_exits` MLP (IMTA's hooks:
 branch/trunk gradient scales, `exit_k_features`), one epoch per phase, phase II with a new SGD.
-`--sync-batchnorm` builds the model inside `models.batchnorm_options(synchronized=True)` (IMTA's
-transfer paths have BatchNorm). METHOD `sync_bn` is Baseline on a small `multiexit_cnn` (8x8x1
-inputs, a conv-BN-ReLU unit per stage): the differences then include the BN moving statistics.
+`--sync-batchnorm` builds the model with synchronized BatchNorm (the MLP gets one after its first
+block, and IMTA builds its transfer paths' BatchNorm as the backbone's). METHOD `sync_bn` is
+Baseline on a small `multiexit_cnn` (8x8x1 inputs, a conv-BN-ReLU unit per stage): the
+differences then include the BN moving statistics.
 
 `allocation`: `allocate_by_confidence_across_replicas` on two replicas of unequal sizes against
 `allocate_by_confidence` on the concatenated batch.
@@ -44,6 +45,7 @@ two_logical_cpus()
 import keras  # noqa: E402
 
 from keras_ee import models, training  # noqa: E402
+from keras_ee.models import blocks  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
 
 GLOBAL_BATCH, STEPS, DIM, CLASSES = 16, 4, 5, 4
@@ -60,15 +62,19 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
-def backbone(method_name="baseline"):
+def backbone(method_name="baseline", sync_bn=False):
     if method_name == "sync_bn":  # conv-BN-ReLU units (`ConvBNReLU`) as the presets build them
-        return models.multiexit_cnn(num_classes=CLASSES, input_shape=IMAGE, widths=(4, 8), depth=1)
+        return models.multiexit_cnn(
+            num_classes=CLASSES, input_shape=IMAGE, widths=(4, 8), depth=1, synchronized_batchnorm=sync_bn
+        )
     if method_name not in PHASED:
         return mlp_backbone(num_classes=CLASSES, dim=DIM)
     inp = keras.Input((DIM,))
     h = inp
     for k in range(3):
         h = keras.layers.Dense(8, activation="relu", name=f"block_{k + 1}")(h)
+        if sync_bn and k == 0:  # IMTA builds its transfer paths' BatchNorm as the backbone's
+            h = blocks.batch_normalization("block_1_bn", blocks.UnitOptions(synchronized_batchnorm=True))(h)
     return models.attach_exits(
         keras.Model(inp, h),
         ["block_1", "block_2", "block_3"],
@@ -94,9 +100,9 @@ def moving_statistics(backbone):
     return [np.asarray(v.numpy()) for v in backbone.weights if "moving_" in v.path]
 
 
-def make_model(method_name, options):
+def make_model(method_name, options, sync_bn=False):
     method = training.Baseline() if method_name == "sync_bn" else training.get_method(method_name).cls(**options)
-    return training.MultiExitModel(backbone(method_name), method=method)
+    return training.MultiExitModel(backbone(method_name, sync_bn), method=method)
 
 
 def data(permute, shape=(DIM,)):
@@ -112,8 +118,8 @@ def data(permute, shape=(DIM,)):
 
 
 def train(method_name, options, strategy, initial, aux_initial, permute, sync_bn):
-    with strategy.scope(), models.batchnorm_options(synchronized=sync_bn):
-        model = make_model(method_name, options)
+    with strategy.scope():
+        model = make_model(method_name, options, sync_bn)
         model.backbone.set_weights(initial)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         aux = auxiliary_variables(model.method)
@@ -138,11 +144,10 @@ def train(method_name, options, strategy, initial, aux_initial, permute, sync_bn
 
 def method_check(method_name, options, sync_bn=False):
     keras.utils.set_random_seed(0)
-    with models.batchnorm_options(synchronized=sync_bn):
-        start = make_model(method_name, options).backbone  # IMTA's network: transformed
-        initial, stats_initial = start.get_weights(), moving_statistics(start)
+    start = make_model(method_name, options, sync_bn).backbone  # IMTA's network: transformed
+    initial, stats_initial = start.get_weights(), moving_statistics(start)
     with tf.distribute.get_strategy().scope():
-        probe = make_model(method_name, options)
+        probe = make_model(method_name, options, sync_bn)
         probe.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
         aux_initial = [np.asarray(v.numpy()) for v in auxiliary_variables(probe.method)]
     one, aux_one, loss_one, stats_one = train(

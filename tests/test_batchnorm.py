@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_ee import experiment, models
 from keras_ee.config import TrainConfig
-from keras_ee.models import heads
+from keras_ee.models import blocks
 from keras_ee.models.layers import BatchNormalization, ConvBNReLU
 
 FIXTURE = Path(__file__).parent / "data" / "batchnorm_before_unbiased.keras"  # written by keras-ee 2026-12-05, before
@@ -59,10 +59,9 @@ def test_conv_unit_updates_the_moving_variance_as_chosen(update, path):
 
 
 @pytest.mark.parametrize("update", ["unbiased", "biased"])
-def test_heads_batch_normalization_updates_the_moving_variance_as_chosen(update):
+def test_blocks_batch_normalization_updates_the_moving_variance_as_chosen(update):
     z = np.random.RandomState(1).randn(6, 3).astype("float32")
-    with heads.batchnorm_options(moving_variance_update=update):
-        bn = heads.batch_normalization("bn")
+    bn = blocks.batch_normalization("bn", blocks.UnitOptions(moving_variance_update=update))
     assert isinstance(bn, BatchNormalization) and bn.moving_variance_update == update
     bn(z[:1], training=False)
     bn.moving_variance.assign(np.full(3, OLD_VARIANCE, "float32"))
@@ -83,7 +82,7 @@ def test_mixed_precision_conv_unit_takes_the_unbiased_update():
 
 
 def test_frozen_layers_keep_their_statistics():
-    for layer in (ConvBNReLU(4, 3), heads.batch_normalization("frozen_bn")):
+    for layer in (ConvBNReLU(4, 3), blocks.batch_normalization("frozen_bn")):
         x = X if isinstance(layer, ConvBNReLU) else X.reshape(-1, 2)
         layer(x[:1], training=False)
         layer.trainable = False
@@ -114,7 +113,7 @@ def test_the_option_is_saved_and_a_model_saved_before_it_loads_biased(tmp_path):
     pre = keras.ops.convert_to_numpy(unit._conv(keras.ops.convert_to_tensor(x3), unit.kernel)).reshape(-1, 4)
     np.testing.assert_allclose(unit.moving_variance.numpy(), expected_moving_variance(pre, "biased"), rtol=2e-6)
     # A model saved now keeps its choice.
-    new = keras.Sequential([keras.Input((4, 4, 3)), ConvBNReLU(4, 3, name="u"), heads.batch_normalization("b")])
+    new = keras.Sequential([keras.Input((4, 4, 3)), ConvBNReLU(4, 3, name="u"), blocks.batch_normalization("b")])
     new.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.get_layer("u").moving_variance_update == "unbiased"
@@ -125,11 +124,11 @@ def test_one_value_per_channel_is_refused_not_nan():
     # PyTorch: "Expected more than 1 value per channel when training".
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         conv_unit_step(X[:1, :1, :1], "unbiased")
-    bn = heads.batch_normalization("bn_n1")
+    bn = blocks.batch_normalization("bn_n1")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(np.ones((1, 3), "float32"), training=True)
     # Unknown batch size: refused when the step runs.
-    bn = heads.batch_normalization("bn_dynamic")
+    bn = blocks.batch_normalization("bn_dynamic")
     bn(np.ones((2, 3), "float32"), training=False)
     step = tf.function(lambda z: bn(z, training=True), input_signature=[tf.TensorSpec([None, 3])])
     step(np.random.RandomState(2).randn(4, 3).astype("float32"))  # n = 4: fine
@@ -166,7 +165,7 @@ def test_model_option_builds_every_batchnorm_with_it():
         num_classes=3,
         input_shape=(64, 64, 3),
         num_blocks=1,
-        num_channels=4,
+        channels=4,
         growth_rate=2,
         head_channels=None,
         moving_variance_update="biased",

@@ -101,7 +101,7 @@ def test_l2w_imta_trains_under_mirrored_strategy_as_on_one_device():
     assert out["loss_two"] == pytest.approx(out["loss_one"], rel=1e-5)
 
 
-# Synchronized BatchNorm (`models.batchnorm_options(synchronized=True)`, `--sync-batchnorm`): a
+# Synchronized BatchNorm (`synchronized_batchnorm=True`, `--sync-batchnorm`): a
 # multiexit_cnn with a conv-BN-ReLU unit per stage ends with the one-device weights and moving
 # statistics. Measured (2026-12): 2.9e-7 of the movement; per-replica BN ends 0.027 away.
 @pytest.mark.parametrize("sync_bn", [True, False], ids=["synchronized", "per-replica"])

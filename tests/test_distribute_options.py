@@ -70,9 +70,10 @@ def test_no_strategy_is_one_device():
     assert experiment.is_chief(None) and not experiment.needs_multi_worker_fit_workaround(None)
 
 
-def test_batchnorm_options_build_synchronized_batchnorm_and_nothing_else_changes():
-    with models.batchnorm_options(synchronized=True):
-        synced = models.create("multiexit_cnn", num_classes=3, input_shape=(8, 8, 1), widths=(4, 8), depth=1)
+def test_synchronized_batchnorm_option_builds_synchronized_batchnorm_and_nothing_else_changes():
+    synced = models.create(
+        "multiexit_cnn", num_classes=3, input_shape=(8, 8, 1), widths=(4, 8), depth=1, synchronized_batchnorm=True
+    )
     plain = models.create("multiexit_cnn", num_classes=3, input_shape=(8, 8, 1), widths=(4, 8), depth=1)
     units = [layer for layer in synced.layers if isinstance(layer, models.ConvBNReLU)]
     assert units and all(layer.synchronized for layer in units)
@@ -83,9 +84,8 @@ def test_batchnorm_options_build_synchronized_batchnorm_and_nothing_else_changes
     # One device: the all-reduce is over one replica, the moments those of the batch.
     for a, b in zip(synced(x, training=True), plain(x, training=True)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="`synchronized` must be True or False"):
-        with models.batchnorm_options(synchronized="yes"):
-            pass
+    with pytest.raises(TypeError, match="`synchronized_batchnorm` must be a bool"):
+        models.create("multiexit_cnn", synchronized_batchnorm="yes")
 
 
 def test_train_records_precision_and_strategy_and_restores_the_dtype_policy(tmp_path):

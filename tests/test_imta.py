@@ -80,7 +80,7 @@ def _probed_gradients(model, x, y, exit_index=None):
 def test_gradient_equilibrium_is_identity_forward_and_scales_every_loss_reaching_an_exit(builder):
     if builder == "msdnet":
         keras.utils.set_random_seed(0)
-        backbone = models.msdnet(num_classes=5, **SMALL_MSDNET)
+        backbone = models.MSDNetBackbone(num_classes=5, **SMALL_MSDNET)
         x, y = _batch(8, (16, 16, 3), 5)
     else:
         backbone = _cnn()

@@ -290,8 +290,8 @@ def test_save_load_and_export_round_trips(trained, ee, tmp_path):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
-        lambda: models.ranet(num_classes=5, **SMALL_RANET),
+        lambda: models.MSDNetBackbone(num_classes=5, **SMALL_MSDNET),
+        lambda: models.RANetBackbone(num_classes=5, **SMALL_RANET),
         lambda: models.attach_exits(_residual_backbone(), ["b", "d"], num_classes=5),
     ],
     ids=["msdnet", "ranet", "attach_exits"],

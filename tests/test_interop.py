@@ -65,7 +65,7 @@ def test_logits_equal_the_authors(name, serialisation):
 def test_architecture_is_read_off_the_keys():
     _, report = interop.import_torch_checkpoint(DATA / "ranet_cifar_legacy.pth")
     assert report.family == "ranet" and report.preset == "ranet_cifar_c1"
-    assert report.model_options["num_channels"] == 4 and report.model_options["growth_rate"] == 4
+    assert report.model_options["channels"] == 4 and report.model_options["growth_rate"] == 4
     assert report.model_options["head_channels"] == 16 and report.num_classes == 10
     _, report = interop.import_torch_checkpoint(DATA / "msdnet_cifar_legacy.pth")
     assert report.preset == "msdnet_cifar_5" and report.model_options["num_blocks"] == 4
@@ -149,7 +149,7 @@ def test_the_right_preset_with_options_is_accepted():
         DATA / "msdnet_cifar_zip.pth",
         model="msdnet_cifar_5",
         num_blocks=4,
-        num_channels=4,
+        channels=4,
         growth_rate=2,
         head_channels=16,
     )
@@ -512,7 +512,7 @@ def test_a_gated_msdnet_forced_onto_relu_is_refused():
             "msdnet_cifar_5",
             num_blocks=3,
             step_mode="even",
-            num_channels=2,
+            channels=2,
             growth_rate=2,
             head_channels=8,
             activation="relu",

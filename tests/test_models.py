@@ -11,6 +11,7 @@ import tensorflow as tf
 from tiny_models import SMALL_MSDNET, SMALL_RANET
 
 from keras_ee import costs, models
+from keras_ee.inference_snapshot import InferenceSnapshot
 from keras_ee.models import AlignCornersResize, GradientScale
 from keras_ee.models import layers as layers_module
 from keras_ee.models.layers import ConvBNReLU, align_corners_matrix, width_packing
@@ -38,7 +39,7 @@ def _chain(stages, x):
 
 
 def test_available_and_unknown_preset():
-    names = models.available()
+    names = models.list_presets()
     for n in [
         "msdnet_cifar_5",
         "msdnet_cifar_7",
@@ -64,7 +65,7 @@ def test_bad_overrides_and_inputs():
     with pytest.raises(ValueError, match=">= 8"):
         models.create("multiexit_cnn", input_shape=(7, 7, 1))
     with pytest.raises(ValueError, match="even"):
-        models.create("msdnet_cifar_5", growth_rate=3, growth_factor=(1, 1, 1), bottleneck_factor=(1, 1, 1))
+        models.create("msdnet_cifar_5", growth_rate=3, growth_factors=(1, 1, 1), bottleneck_factors=(1, 1, 1))
     with pytest.raises(TypeError):
         models.create("multiexit_cnn", num_classes="10")
     with pytest.raises(ValueError, match="scale_list"):
@@ -126,7 +127,7 @@ def test_exit_structure_and_gradient_equilibrium():
     # The feature layer feeds the logits Dense.
     feat = m.get_layer("exit_2_features").output
     assert feat.shape == (None, 32)
-    msd = models.exit_structure(models.msdnet(gradient_equilibrium=True, **SMALL_MSDNET))
+    msd = models.exit_structure(models.MSDNetBackbone(gradient_equilibrium=True, **SMALL_MSDNET))
     assert msd.branch[0].scale == pytest.approx(1 / 3) and msd.trunk[0].scale == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="exit_1"):
         inp = keras.Input((4,))
@@ -330,7 +331,7 @@ def test_channel_concat_forward_and_higher_order_gradients():
 
 
 def test_shared_bottleneck_equals_separate_units():
-    from keras_ee.models.heads import conv_bn_relu, shared_bottleneck
+    from keras_ee.models.blocks import conv_bn_relu, shared_bottleneck
     from keras_ee.models.layers import ChannelSplit
 
     inp = keras.Input((6, 6, 5))
@@ -414,18 +415,18 @@ def test_align_corners_resize_gradients_first_and_second_order(size):
     "build",
     [
         lambda: models.create("multiexit_cnn", input_shape=(8, 8, 1)),
-        lambda: models.msdnet(num_classes=5, **SMALL_MSDNET),
-        lambda: models.ranet(num_classes=5, **SMALL_RANET),
-        lambda: models.msdnet(
+        lambda: models.MSDNetBackbone(num_classes=5, **SMALL_MSDNET),
+        lambda: models.RANetBackbone(num_classes=5, **SMALL_RANET),
+        lambda: models.MSDNetBackbone(
             num_classes=5,
             stem="imagenet",
             head_channels=None,
             input_shape=(64, 64, 3),
             num_blocks=2,
-            num_channels=4,
+            channels=4,
             growth_rate=2,
-            growth_factor=(1, 2, 4, 4),
-            bottleneck_factor=(1, 2, 4, 4),
+            growth_factors=(1, 2, 4, 4),
+            bottleneck_factors=(1, 2, 4, 4),
             step_mode="even",
             step=2,
             base=2,
@@ -455,8 +456,8 @@ def test_split_stages_chain_equals_full_model(build):
     "build",
     [
         lambda: models.create("multiexit_cnn", input_shape=(8, 8, 1), gradient_equilibrium=True),
-        lambda: models.msdnet(num_classes=5, gradient_equilibrium=True, **SMALL_MSDNET),
-        lambda: models.ranet(num_classes=5, **SMALL_RANET),
+        lambda: models.MSDNetBackbone(num_classes=5, gradient_equilibrium=True, **SMALL_MSDNET),
+        lambda: models.RANetBackbone(num_classes=5, **SMALL_RANET),
     ],
     ids=["cnn", "msdnet", "ranet"],
 )
@@ -562,7 +563,7 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
         layer.beta.assign(rng.random(f) - 0.5)
         layer.moving_mean.assign(rng.random(f))
         layer.moving_variance.assign(rng.random(f) + 0.5)
-    snapshot = layers_module.InferenceSnapshot(model)
+    snapshot = InferenceSnapshot(model)
     assert len(snapshot) == 5  # pointwise, shared at widths 16 and 8, down, inner_unit
     if not onednn:  # the snapshot holds the shared unit's packed kernel at both widths
         assert {p for (_, _, p) in snapshot._entries.values()} == {1, 2}
@@ -600,4 +601,4 @@ def test_inference_snapshot_matches_per_call_folding_and_refreshes(onednn, monke
         atol=1e-6,
     )
     with pytest.raises(ValueError, match="expects a built Keras model; received ConvBNReLU"):
-        layers_module.InferenceSnapshot(shared)
+        InferenceSnapshot(shared)

@@ -340,8 +340,8 @@ def test_adamw_excludes_biases_and_batchnorm_from_weight_decay(digits, name):
 # Each builder of the presets, on small settings: the activation goes through the same code.
 GELU_BUILDERS = {
     "multiexit_cnn": lambda **kw: models.create("multiexit_cnn", input_shape=(16, 16, 3), **kw),
-    "msdnet_cifar_5": lambda **kw: models.msdnet(**SMALL_MSDNET, **kw),
-    "ranet_cifar_c1": lambda **kw: models.ranet(**SMALL_RANET, **kw),
+    "msdnet_cifar_5": lambda **kw: models.MSDNetBackbone(**SMALL_MSDNET, **kw),
+    "ranet_cifar_c1": lambda **kw: models.RANetBackbone(**SMALL_RANET, **kw),
 }
 
 

@@ -14,8 +14,8 @@ SMALL_CNN_ARGS = ["--model-option", "widths=[8,16,16]", "--model-option", "depth
 TWO_EXIT_CNN = {"widths": [8, 16], "depth": 1}
 # MSDNet and RANet on 16x16 images with few channels: every kind of block of the presets, a
 # fraction of their layers and multiply-adds.
-SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, num_channels=4, growth_rate=2, head_channels=8)
-SMALL_RANET = dict(input_shape=(16, 16, 3), num_channels=4, growth_rate=4, step=1, head_channels=8)
+SMALL_MSDNET = dict(input_shape=(16, 16, 3), num_blocks=3, channels=4, growth_rate=2, head_channels=8)
+SMALL_RANET = dict(input_shape=(16, 16, 3), channels=4, growth_rate=4, step=1, head_channels=8)
 
 
 def two_logical_cpus():

@@ -13,7 +13,7 @@ How their keys map onto keras-ee's layers: conv weight OIHW -> HWIO; BatchNorm `
 running_mean, running_var` -> `gamma, beta, moving_mean, moving_variance`; Linear weight
 transposed. In MSDNet every unit's 1x1 bottleneck is a channel slice of one merged
 `l{L}_x{src}_a` layer (the units reading the same source scale, ordered by output scale; see
-`keras_ee.models.heads.shared_bottleneck`); RANet's stem is built highest resolution first
+`keras_ee.models.blocks.shared_bottleneck`); RANet's stem is built highest resolution first
 (`FirstLayer.layers.{k}` -> `stem_f{S-1-k}`).
 
 Every checkpoint tensor is used exactly once and every Keras weight element filled exactly once,
@@ -346,7 +346,7 @@ def msdnet_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
 
 
 def infer_msdnet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
-    """`(msdnet() arguments, num_classes, input_shape)` read off an MSDNet state_dict's keys and shapes."""
+    """`(MSDNetBackbone arguments, num_classes, input_shape)` read off an MSDNet state_dict's keys and shapes."""
     num_scales = _msdnet_scales(sd)
     imagenet = _msdnet_imagenet_stem(sd)
     stem = [
@@ -404,10 +404,10 @@ def infer_msdnet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[
         step_mode=step_mode,
         step=step,
         base=lengths[0] if lengths else 1,
-        num_channels=num_channels,
+        channels=num_channels,
         growth_rate=growth_rate,
-        growth_factor=tuple(growth_factor),
-        bottleneck_factor=tuple(bottleneck_factor),
+        growth_factors=tuple(growth_factor),
+        bottleneck_factors=tuple(bottleneck_factor),
         reduction=reduction,
         bottleneck=bool(bottleneck),
         stem="imagenet" if imagenet else "cifar",
@@ -486,7 +486,7 @@ def imta_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
 
 
 def infer_imta(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
-    """The phase-I MSDNet's `msdnet()` arguments, classes and input shape (see `infer_msdnet`)."""
+    """The phase-I MSDNet's `MSDNetBackbone` arguments, classes and input shape (see `infer_msdnet`)."""
     kwargs, num_classes, shape = infer_msdnet(_imta_backbone(sd))
     heads = _indices(sd, r"classifier\.(\d+)\.")
     if not heads:
@@ -761,7 +761,7 @@ def ranet_assignments(sd: dict[str, np.ndarray]) -> list[_Assign]:
 
 
 def infer_ranet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[int, ...]]:
-    """`(ranet() arguments, num_classes, input_shape)` read off a RANet state_dict's keys and shapes."""
+    """`(RANetBackbone arguments, num_classes, input_shape)` read off a RANet state_dict's keys and shapes."""
     flows = len(_indices(sd, r"FirstLayer\.layers\.(\d+)\."))
     stem = [_shape(sd, f"FirstLayer.layers.{flows - 1 - i}.net.0.weight") for i in range(flows)]  # flow order
     num_channels = min(s[0] for s in stem)
@@ -813,10 +813,10 @@ def infer_ranet(sd: dict[str, np.ndarray]) -> tuple[dict[str, Any], int, tuple[i
             bf.append(max([gf[i]] + [math.ceil(cin / f) for cin, f, _ in capped[i]]))
     compress = _fit_fraction(low_pairs + tail_pairs, 0.25) if low_pairs else 0.25
     kwargs = dict(
-        num_channels=num_channels,
+        channels=num_channels,
         growth_rate=growth_rate,
-        growth_factor=tuple(gf),
-        bottleneck_factor=tuple(bf),
+        growth_factors=tuple(gf),
+        bottleneck_factors=tuple(bf),
         scale_list=tuple(1 + t for t in transitions),
         num_blocks=blocks[0],
         block_step=block_step,
@@ -945,11 +945,11 @@ def _nearest_preset(family: str, stem: str, kwargs: dict[str, Any]) -> tuple[str
     from keras_ee import models
 
     candidates = [
-        name for name in models.available() if name.startswith(family) and (stem in name or family == "ranet")
+        name for name in models.list_presets() if name.startswith(family) and (stem in name or family == "ranet")
     ]
     best: tuple[str, dict[str, Any]] | None = None
     for name in candidates:
-        _builder, preset, _shape, _classes = models._PRESETS[name]
+        preset = models.get_preset(name).arguments
         diff = {k: v for k, v in kwargs.items() if _norm(preset.get(k, _default(family, k))) != _norm(v)}
         if best is None or len(diff) < len(best[1]):
             best = (name, diff)
@@ -963,7 +963,7 @@ def _default(family: str, key: str) -> Any:
 
     from keras_ee import models
 
-    builder = models.msdnet if family == "msdnet" else models.ranet
+    builder = models.MSDNetBackbone if family == "msdnet" else models.RANetBackbone
     return inspect.signature(builder).parameters[key].default
 
 
@@ -979,7 +979,7 @@ def import_torch_checkpoint(
     Args:
         path: a `torch.save` file (zip or legacy serialisation).
         model: None to infer the architecture from the keys and shapes, a preset name of
-            `keras_ee.models.available()` (then `options` override it, and `num_classes`
+            `keras_ee.models.list_presets()` (then `options` override it, and `num_classes`
             defaults to the checkpoint's), or a built keras-ee `keras.Model` to fill.
         **options: builder arguments (`num_classes`, `input_shape`, `growth_rate`, ...);
             with `model=None` they override what was inferred.
@@ -1068,8 +1068,7 @@ def read_checkpoint_into_model(
                 preset, model_options = _nearest_preset(builder_family, stem, kwargs)
                 model_options.update(options)
             else:
-                if not isinstance(model, str) or model not in models.available():
-                    raise ValueError(f"unknown model preset {model!r}; available: {models.available()}")
+                models.get_preset(model)  # an unknown name: one error, listing the presets
                 preset, model_options = model, dict(options)
                 num_classes = infer_imta(sd)[1] if family == "imta" else _last_linear(sd)
                 input_shape = None
@@ -1081,9 +1080,7 @@ def read_checkpoint_into_model(
             built = models.create(preset, **model_options)
             if family == "imta":
                 method, teacher = imta_method(sd, built)
-                # The transfer paths' BatchNorm as the backbone's (`moving_variance_update`).
-                with models.batchnorm_options(moving_variance_update=model_options.get(models.MOVING_VARIANCE_OPTION)):
-                    built = method.transform_backbone(built)
+                built = method.transform_backbone(built)  # its BatchNorm as the backbone's
         if gaters is not None:
             _check_activation(built, GATED_ACTIVATION)
         if family == "imta":

@@ -2,7 +2,10 @@
 
 Every model is a functional `keras.Model` with one input and K outputs, the
 logits of exits 1..K in exit order (`model.output_names == ["exit_1", ...,
-"exit_K"]`). Presets: `available()`; build with `create(name, ...)`.
+"exit_K"]`). MSDNet and RANet are `MSDNetBackbone` and `RANetBackbone`, functional
+`keras.Model` subclasses built from their hyper-parameters; presets (`list_presets()`,
+`get_preset(name)`, keras_ee/models/presets.py) name the papers' configurations; build one with
+`create(name, ...)`.
 
 Hooks for training methods (plain data: named layers in the graph, so they
 survive `.keras` save/load; `exit_structure(model)` collects them):
@@ -36,19 +39,18 @@ out = stages[1](out[1:])          # [logits_2, *state_2]
 """
 
 import dataclasses
-import inspect
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 
 from keras_ee.models import graph
 from keras_ee.models.attach import attach_exits
+from keras_ee.models.blocks import UnitOptions
 from keras_ee.models.cnn import multiexit_cnn
-from keras_ee.models.heads import batchnorm_options
 from keras_ee.models.layers import AlignCornersResize, BatchNormalization, ChannelConcat, ConvBNReLU, GradientScale
-from keras_ee.models.msdnet import msdnet
-from keras_ee.models.ranet import ranet
+from keras_ee.models.msdnet import MSDNetBackbone
+from keras_ee.models.presets import Preset, create, get_preset, list_presets, register_preset
+from keras_ee.models.ranet import RANetBackbone
 
 __all__ = [
     "AlignCornersResize",
@@ -57,123 +59,19 @@ __all__ = [
     "ConvBNReLU",
     "ExitStructure",
     "GradientScale",
+    "MSDNetBackbone",
+    "Preset",
+    "RANetBackbone",
+    "UnitOptions",
     "attach_exits",
-    "available",
-    "batchnorm_options",
     "create",
     "exit_structure",
-    "msdnet",
+    "get_preset",
+    "list_presets",
     "multiexit_cnn",
-    "ranet",
+    "register_preset",
     "split_stages",
 ]
-
-# The model option of every preset that picks how BatchNorm updates its moving variance.
-MOVING_VARIANCE_OPTION = "moving_variance_update"
-
-_CIFAR = (32, 32, 3)
-_IMAGENET = (224, 224, 3)
-_MSDNET_CIFAR: dict[str, Any] = dict(
-    step_mode="lin_grow",
-    step=1,
-    base=1,
-    num_channels=16,
-    growth_rate=6,
-    growth_factor=(1, 2, 4),
-    bottleneck_factor=(1, 2, 4),
-    stem="cifar",
-    head_channels=128,
-)
-_MSDNET_IMAGENET: dict[str, Any] = dict(
-    num_blocks=5,
-    step_mode="even",
-    base=4,
-    num_channels=32,
-    growth_rate=16,
-    growth_factor=(1, 2, 4, 4),
-    bottleneck_factor=(1, 2, 4, 4),
-    stem="imagenet",
-    head_channels=None,
-)
-
-# name -> (builder, preset arguments, default input shape, default classes)
-_PRESETS: dict[str, tuple[Callable[..., keras.Model], dict[str, Any], tuple[int, int, int], int]] = {
-    "msdnet_cifar_5": (msdnet, dict(_MSDNET_CIFAR, num_blocks=5), _CIFAR, 100),
-    "msdnet_cifar_7": (msdnet, dict(_MSDNET_CIFAR, num_blocks=7), _CIFAR, 100),
-    "msdnet_imagenet_s4": (msdnet, dict(_MSDNET_IMAGENET, step=4), _IMAGENET, 1000),
-    "msdnet_imagenet_s6": (msdnet, dict(_MSDNET_IMAGENET, step=6), _IMAGENET, 1000),
-    "msdnet_imagenet_s7": (msdnet, dict(_MSDNET_IMAGENET, step=7), _IMAGENET, 1000),
-    "ranet_cifar_c1": (ranet, dict(), _CIFAR, 100),
-    "ranet_cifar_c2": (
-        ranet,
-        dict(scale_list=(1, 2, 2, 3), growth_factor=(4, 2, 2, 1), bottleneck_factor=(4, 2, 2, 1)),
-        _CIFAR,
-        100,
-    ),
-    "multiexit_cnn": (multiexit_cnn, dict(), _CIFAR, 10),
-}
-
-
-def available() -> list[str]:
-    """Names of the presets accepted by `create`.
-
-    Returns:
-        List of str.
-    """
-    return list(_PRESETS)
-
-
-def create(
-    name: str, num_classes: int | None = None, input_shape: Sequence[int] | None = None, **overrides: Any
-) -> keras.Model:
-    """Builds a preset multi-exit model.
-
-    Presets: `msdnet_cifar_5`, `msdnet_cifar_7` (L2W/IMTA CIFAR MSDNets),
-    `msdnet_imagenet_s4/s6/s7` (224x224, 4 scales), `ranet_cifar_c1` (6
-    exits), `ranet_cifar_c2` (8 exits), `multiexit_cnn` (small and fast).
-
-    Args:
-        name: str, a preset from `available()`.
-        num_classes: int; default 100 for CIFAR presets, 1000 for ImageNet
-            presets, 10 for `multiexit_cnn`.
-        input_shape: `(height, width, channels)`; default the preset's
-            (32x32x3, or 224x224x3 for ImageNet presets).
-        **overrides: any other argument of the underlying builder
-            (`msdnet`, `ranet`, `multiexit_cnn`), e.g. `growth_rate=8` or
-            `gradient_equilibrium=True`; and, for every preset,
-            `moving_variance_update`: how its BatchNorm layers update their moving
-            variance, `"unbiased"` (default, PyTorch's: the papers' code) or
-            `"biased"` (Keras'); see `batchnorm_options`.
-
-    Returns:
-        A functional `keras.Model` with outputs `exit_1..exit_K`.
-
-    Example:
-    ```python
-    model = create("multiexit_cnn", num_classes=10, input_shape=(8, 8, 1))
-    ```
-    """
-    if not isinstance(name, str) or name not in _PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}. Available: {available()}.")
-    builder, preset, default_shape, default_classes = _PRESETS[name]
-    overrides = dict(overrides)
-    bn_update = overrides.pop(MOVING_VARIANCE_OPTION, None)
-    allowed = set(inspect.signature(builder).parameters) - {"num_classes", "input_shape"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(
-            f"create({name!r}): unknown override(s) {unknown}; {builder.__name__} accepts "
-            f"{sorted(allowed | {MOVING_VARIANCE_OPTION})}."
-        )
-    kwargs = dict(preset)
-    kwargs.update(overrides)
-    kwargs.setdefault("name", name)
-    with batchnorm_options(moving_variance_update=bn_update):
-        return builder(
-            num_classes=default_classes if num_classes is None else num_classes,
-            input_shape=default_shape if input_shape is None else input_shape,
-            **kwargs,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,16 +98,16 @@ class ExitStructure:
     def names(self) -> dict[str, Any]:
         """The same structure with layer names instead of layer objects."""
 
-        def nm(layer: keras.layers.Layer | None) -> str | None:
+        def name_of(layer: keras.layers.Layer | None) -> str | None:
             return None if layer is None else layer.name
 
         return {
             "num_exits": self.num_exits,
-            "logits": [nm(l) for l in self.logits],
-            "features": [nm(l) for l in self.features],
-            "branch": [nm(l) for l in self.branch],
-            "trunk": [nm(l) for l in self.trunk],
-            "stage_states": [[nm(l) for l in s] for s in self.stage_states],
+            "logits": [name_of(layer) for layer in self.logits],
+            "features": [name_of(layer) for layer in self.features],
+            "branch": [name_of(layer) for layer in self.branch],
+            "trunk": [name_of(layer) for layer in self.trunk],
+            "stage_states": [[name_of(layer) for layer in stage] for stage in self.stage_states],
         }
 
 
@@ -217,7 +115,7 @@ def exit_structure(model: keras.Model) -> ExitStructure:
     """Collects the hook layers of a keras-ee multi-exit model.
 
     Args:
-        model: model from `create`, `attach_exits` or a builder (also after
+        model: model from `create`, `attach_exits`, a backbone or builder (also after
             `.keras` save/load).
 
     Returns:
@@ -252,10 +150,10 @@ def exit_structure(model: keras.Model) -> ExitStructure:
         )
     return ExitStructure(
         num_exits=num_exits,
-        logits=tuple(by_name[n] for n in expected),
-        features=tuple(get(f"{n}_features", True) for n in expected),
-        branch=tuple(get(f"{n}_branch", False) for n in expected),
-        trunk=tuple(get(f"{n}_trunk", False) for n in expected),
+        logits=tuple(by_name[name] for name in expected),
+        features=tuple(get(f"{name}_features", True) for name in expected),
+        branch=tuple(get(f"{name}_branch", False) for name in expected),
+        trunk=tuple(get(f"{name}_trunk", False) for name in expected),
         stage_states=tuple(tuple(markers[k]) for k in range(1, num_exits)),
     )
 

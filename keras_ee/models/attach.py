@@ -5,15 +5,10 @@ from typing import Any, Literal
 
 import keras
 
-from keras_ee import validation as v
+from keras_ee import validation
 from keras_ee.models import graph
-from keras_ee.models.heads import (
-    branch_and_trunk,
-    conv_head,
-    pooled_logits,
-    torch_default_bias_init,
-    torch_default_init,
-)
+from keras_ee.models.blocks import torch_default_bias_init, torch_default_init
+from keras_ee.models.heads import branch_and_trunk, conv_head, pooled_logits
 
 
 def _backbone_graph(backbone: keras.Model) -> keras.KerasTensor:
@@ -81,8 +76,8 @@ def attach_exits(
     old_input = _backbone_graph(backbone)
     if num_classes is None:
         raise ValueError(f"{where}`num_classes` is required.")
-    num_classes = v.check_int("num_classes", num_classes, 1, where)
-    gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, where)
+    num_classes = validation.check_int("num_classes", num_classes, 1, where)
+    gradient_equilibrium = validation.check_bool("gradient_equilibrium", gradient_equilibrium, where)
     if isinstance(layer_names, str) or not isinstance(layer_names, (list, tuple)) or not layer_names:
         raise TypeError(f"{where}`layer_names` must be a non-empty list of layer names, received {layer_names!r}.")
     if len(set(layer_names)) != len(layer_names):
@@ -102,7 +97,7 @@ def attach_exits(
     exit_tensors = []
     for lname in layer_names:
         if lname not in by_name:
-            candidates = [l.name for l in backbone.layers if not isinstance(l, keras.layers.InputLayer)]
+            candidates = [layer.name for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
             shown = candidates if len(candidates) <= 12 else candidates[:6] + ["..."] + candidates[-6:]
             raise ValueError(
                 f"{where}no layer named {lname!r} in backbone {backbone.name!r}. "

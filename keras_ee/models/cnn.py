@@ -4,17 +4,16 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_ee import validation as v
-from keras_ee.models.graph import mark_stage
-from keras_ee.models.heads import (
-    branch_and_trunk,
+from keras_ee import validation
+from keras_ee.models.blocks import (
     conv_bn_relu,
     he_fan_out_init,
-    nonlinearity_scope,
-    pooled_logits,
     torch_default_bias_init,
     torch_default_init,
+    unit_options,
 )
+from keras_ee.models.graph import mark_stage
+from keras_ee.models.heads import branch_and_trunk, pooled_logits
 
 
 def multiexit_cnn(
@@ -25,6 +24,8 @@ def multiexit_cnn(
     num_exits: int | None = None,
     gradient_equilibrium: bool = False,
     activation: str = "relu",
+    synchronized_batchnorm: bool = False,
+    moving_variance_update: str = "unbiased",
     name: str = "multiexit_cnn",
 ) -> keras.Model:
     """Plain conv stages, each followed by an exit (pool + Dense).
@@ -45,6 +46,10 @@ def multiexit_cnn(
             widths `16, 32, ..., 16*num_exits`; if given with `widths` it must
             equal `len(widths)`.
         gradient_equilibrium: bool, IMTA gradient scales at the exits.
+        activation: `"relu"` or `"gelu"`, the nonlinearity of every unit.
+        synchronized_batchnorm: bool, BatchNorm with the global batch's statistics under a
+            `tf.distribute` strategy (see `keras_ee.models.blocks.UnitOptions`).
+        moving_variance_update: `"unbiased"` (PyTorch's) or `"biased"` (Keras').
         name: str, model name.
 
     Returns:
@@ -55,34 +60,33 @@ def multiexit_cnn(
     model = multiexit_cnn(num_classes=10, input_shape=(8, 8, 1))
     ```
     """
-    w = "multiexit_cnn: "
-    num_classes = v.check_int("num_classes", num_classes, 1, w)
-    input_shape = v.check_input_shape(input_shape, w, min_size=8)
-    widths = v.check_int_tuple("widths", widths, 1, w)
+    where = "multiexit_cnn: "
+    num_classes = validation.check_int("num_classes", num_classes, 1, where)
+    input_shape = validation.check_input_shape(input_shape, where, min_size=8)
+    widths = validation.check_int_tuple("widths", widths, 1, where)
     if num_exits is not None:
-        num_exits = v.check_int("num_exits", num_exits, 1, w)
+        num_exits = validation.check_int("num_exits", num_exits, 1, where)
         if widths == (16, 32, 48, 64):
             widths = tuple(16 * (k + 1) for k in range(num_exits))
         elif len(widths) != num_exits:
             raise ValueError(
-                f"{w}num_exits={num_exits} disagrees with widths={widths} ({len(widths)} stages); pass one of them."
+                f"{where}num_exits={num_exits} disagrees with widths={widths} ({len(widths)} stages); pass one of them."
             )
-    depth = v.check_int("depth", depth, 1, w)
-    gradient_equilibrium = v.check_bool("gradient_equilibrium", gradient_equilibrium, w)
+    depth = validation.check_int("depth", depth, 1, where)
+    gradient_equilibrium = validation.check_bool("gradient_equilibrium", gradient_equilibrium, where)
+    options = unit_options(activation, synchronized_batchnorm, moving_variance_update, where)
     init = he_fan_out_init()
-
-    with nonlinearity_scope(activation):
-        inputs = keras.Input(input_shape, name="image")
-        x = inputs
-        outputs = []
-        k_total = len(widths)
-        for k, width in enumerate(widths, start=1):
-            for d in range(depth):
-                stride = 2 if (k > 1 and d == 0 and min(x.shape[1:3]) >= 4) else 1
-                x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init)
-            last = k == k_total
-            branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
-            outputs.append(pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width)))
-            if not last:
-                (x,) = mark_stage(k, [trunk])
-        return keras.Model(inputs, outputs, name=name)
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    outputs = []
+    k_total = len(widths)
+    for k, width in enumerate(widths, start=1):
+        for d in range(depth):
+            stride = 2 if (k > 1 and d == 0 and min(x.shape[1:3]) >= 4) else 1
+            x = conv_bn_relu(x, width, 3, stride, f"s{k}_u{d + 1}", init, options)
+        last = k == k_total
+        branch, trunk = branch_and_trunk(x, k, k_total, gradient_equilibrium, has_trunk=not last)
+        outputs.append(pooled_logits(branch, k, num_classes, torch_default_init(), torch_default_bias_init(width)))
+        if not last:
+            (x,) = mark_stage(k, [trunk])
+    return keras.Model(inputs, outputs, name=name)

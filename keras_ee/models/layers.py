@@ -6,6 +6,7 @@ model built by `keras_ee.models` saves to `.keras` and loads back unchanged.
 """
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -304,17 +305,25 @@ def _tf_fused_batch_norm_train(
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
-def _tf_uses_onednn() -> bool:
-    """Whether TensorFlow runs its oneDNN CPU kernels (`TF_ENABLE_ONEDNN_OPTS`)."""
+def tensorflow_uses_onednn() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (`TF_ENABLE_ONEDNN_OPTS`; cached)."""
     global _ONEDNN
     if _ONEDNN is None:
-        try:
-            from tensorflow.python.util import _pywrap_util_port
-
-            _ONEDNN = bool(_pywrap_util_port.IsMklEnabled())
-        except (ImportError, AttributeError):
-            _ONEDNN = False
+        _ONEDNN = _ask_tensorflow_onednn()
     return _ONEDNN
+
+
+def _ask_tensorflow_onednn() -> bool:
+    # TensorFlow has no public API for this: its private `_pywrap_util_port` binding is the one
+    # place that knows (TensorFlow's own tests read it). A private module may move or vanish in a
+    # release, so without it we read the documented switch, `TF_ENABLE_ONEDNN_OPTS`; unset, its
+    # default depends on the CPU, and False (no packing decision relies on oneDNN) is the safe guess.
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
 
 
 _ONEDNN: bool | None = None
@@ -342,7 +351,7 @@ def width_packing(kernel_size: int, filters: int, strides: int, out_width: int |
         return 1
     if out_width is None or out_width % 2:
         return 1
-    if filters > (16 if strides == 1 else 8) or _tf_uses_onednn():
+    if filters > (16 if strides == 1 else 8) or tensorflow_uses_onednn():
         return 1
     return 2
 
@@ -614,8 +623,8 @@ class ConvBNReLU(keras.layers.Layer):
         """`(kernel, shift, pack)` of the inference conv: BatchNorm's scale folded into the
         kernel and its shift into a bias, cast to `dtype`, and (TensorFlow) width-packed
         `pack` output columns per conv position for an input `width` columns wide (see
-        `width_packing`). Computed on every inference call unless an `InferenceSnapshot`
-        is active."""
+        `width_packing`). Computed on every inference call unless a snapshot
+        (`keras_ee.inference_snapshot.InferenceSnapshot`) is active."""
         inv = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
         kernel = ops.cast(self.kernel * inv, dtype)
         shift = ops.cast(self.beta - self.moving_mean * inv, dtype)
@@ -787,7 +796,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 class ChannelSplit(keras.layers.Layer):
     """Splits the last (channel) axis into consecutive parts of given sizes.
 
-    Used after a merged 1x1 conv (see `keras_ee.models.heads.shared_bottleneck`):
+    Used after a merged 1x1 conv (see `keras_ee.models.blocks.shared_bottleneck`):
     several 1x1 convs that read the same map are run as one wider conv, and
     this layer hands each consumer its own channels. Weight-free, so the cost
     counter gives it 0 ops.
@@ -887,115 +896,35 @@ def _tf_concat_split_grad(tensors: list[Tensor], sizes: list[int]) -> Tensor:
     return concat(*tensors)
 
 
-_ACTIVE_SNAPSHOTS = threading.local()
+# The folded kernels of the active inference snapshots (`keras_ee.inference_snapshot`), innermost
+# last: `ConvBNReLU` reads them here so that models never import the inference code above them.
+_ACTIVE_FOLDED_KERNELS = threading.local()
+
+
+@contextlib.contextmanager
+def folded_kernels_scope(entries: "dict[tuple[int, int | None], tuple[Any, Any, int]]") -> Iterator[None]:
+    """Inside it, inference calls of a `ConvBNReLU` held in `entries` (`(id(layer), input width)
+    -> (kernel, shift, pack)`) use those kernels instead of folding its BatchNorm again."""
+    stack = getattr(_ACTIVE_FOLDED_KERNELS, "stack", None)
+    if stack is None:
+        stack = _ACTIVE_FOLDED_KERNELS.stack = []
+    stack.append(entries)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _snapshot_entry(layer: keras.layers.Layer, inputs: Tensor) -> tuple[Tensor, Tensor, int] | None:
-    """The active `InferenceSnapshot`'s `(kernel, shift, pack)` for `layer` called on
-    `inputs`, or None (no snapshot active, or a layer or input width it does not hold)."""
-    stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
+    """The active snapshot's `(kernel, shift, pack)` for `layer` called on `inputs`, or None
+    (no snapshot active, or a layer or input width it does not hold)."""
+    stack = getattr(_ACTIVE_FOLDED_KERNELS, "stack", None)
     if not stack:
         return None
-    entry = stack[-1]._entries.get((id(layer), inputs.shape[2]))
+    entry = stack[-1].get((id(layer), inputs.shape[2]))
     if entry is None:
         return None
     kernel, shift, pack = entry
     if kernel.dtype != inputs.dtype:
         return ops.cast(kernel, inputs.dtype), ops.cast(shift, inputs.dtype), pack
     return kernel, shift, pack
-
-
-class InferenceSnapshot:
-    """The BatchNorm-folded (and width-packed) inference kernels of every `ConvBNReLU` in a
-    model, computed once and held in variables, for serving.
-
-    At inference a `ConvBNReLU` folds its BatchNorm into the kernel on every call, so that it
-    is always right when the weights change. For MSDNet/RANet's hundreds of units those small
-    weight ops are a large share of a batch-1 pass (`bench/inference.py`). Inside
-    `with snapshot.active():` the units use the snapshot instead: the same kernels, read from
-    variables. The snapshot holds the weights as of its last `refresh()`: refresh it after
-    changing the model's weights (`keras_ee.inference.EarlyExitModel` refreshes its own at
-    every `predict`, eager call, `serving_function` and `export`).
-
-    Args:
-        model: a built Keras model; its `ConvBNReLU` layers (nested models included) are held
-            at every input width they are called at in the model's graph.
-
-    Example:
-    ```python
-    snapshot = InferenceSnapshot(model)
-    with snapshot.active():
-        logits = model(images, training=False)
-    ```
-    """
-
-    def __init__(self, model: keras.Model) -> None:
-        import tensorflow as tf
-
-        if not isinstance(model, keras.Model) or not model.built:
-            what = "an unbuilt model" if isinstance(model, keras.Model) else type(model).__name__
-            raise ValueError(f"InferenceSnapshot expects a built Keras model; received {what}.")
-        self._entries: dict[
-            tuple[int, int | None], tuple[Any, Any, int]
-        ] = {}  # (id(layer), input width) -> (kernel, shift, pack)
-        self._sources: list[tuple[Any, Any, Any, Any]] = []  # (layer, input width, kernel variable, shift variable)
-        for layer in _conv_bn_units(model):
-            widths = dict.fromkeys(n.input_tensors[0].shape[2] for n in layer._inbound_nodes if n.input_tensors)
-            for width in widths:
-                kernel, shift, pack = layer.inference_weights(layer.compute_dtype, width)
-                k = tf.Variable(kernel, trainable=False, name=f"{layer.name}_folded_kernel")
-                b = tf.Variable(shift, trainable=False, name=f"{layer.name}_folded_shift")
-                self._entries[(id(layer), width)] = (k, b, pack)
-                self._sources.append((layer, width, k, b))
-        self.module = tf.Module(name="inference_snapshot")  # tracks the variables (SavedModel export)
-        self.module.folded = [v for _, _, k, b in self._sources for v in (k, b)]
-        self._refresh: Callable[[], object] | None = None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def refresh(self) -> None:
-        """Re-folds the kernels from the model's current weights (one compiled call)."""
-        if not self._sources:
-            return
-        if self._refresh is None:
-            import tensorflow as tf
-
-            def refresh() -> None:
-                for layer, width, k, b in self._sources:
-                    kernel, shift, _ = layer.inference_weights(k.dtype, width)
-                    k.assign(kernel)
-                    b.assign(shift)
-
-            self._refresh = tf.function(refresh)
-        self._refresh()
-
-    @contextlib.contextmanager
-    def active(self) -> "Iterator[InferenceSnapshot]":
-        """Inside it, inference calls of the held layers use the snapshot's kernels."""
-        stack = getattr(_ACTIVE_SNAPSHOTS, "stack", None)
-        if stack is None:
-            stack = _ACTIVE_SNAPSHOTS.stack = []
-        stack.append(self)
-        try:
-            yield self
-        finally:
-            stack.pop()
-
-
-def _conv_bn_units(model: keras.Model) -> list[ConvBNReLU]:
-    seen: set[int] = set()
-    out: list[ConvBNReLU] = []
-
-    def walk(m: keras.Model) -> None:
-        for layer in getattr(m, "layers", ()):
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            if isinstance(layer, ConvBNReLU):
-                out.append(layer)
-            elif isinstance(layer, keras.Model):
-                walk(layer)
-
-    walk(model)
-    return out

@@ -249,7 +249,7 @@ class IMTA(Method):
     def transform_backbone(self, backbone: keras.Model) -> keras.Model:
         """The backbone with ISC transfer paths (closed until phase II) before every exit k > 1."""
         from keras_ee import models
-        from keras_ee.models import heads
+        from keras_ee.models import blocks
 
         structure = _structure(backbone)
         if not self.inline_collaboration:
@@ -259,6 +259,8 @@ class IMTA(Method):
                 f"`transfer_widths` has {len(self.transfer_widths)} entries but the backbone has "
                 f"{structure.num_exits} exits."
             )
+        # The transfer paths' BatchNorm as the backbone's (synchronized, moving variance update).
+        unit_options = blocks.UnitOptions.of(backbone)
         outputs = []
         for k in range(1, structure.num_exits + 1):
             old = structure.logits[k - 1]
@@ -273,18 +275,18 @@ class IMTA(Method):
             prev = models.GradientScale(0.0 if self.detach_transfer else 1.0, name=f"exit_{k}_collab_detach")(prev)
             t = keras.layers.Dense(
                 width,
-                kernel_initializer=heads.torch_default_init(),
-                bias_initializer=heads.torch_default_bias_init(c),
+                kernel_initializer=blocks.torch_default_init(),
+                bias_initializer=blocks.torch_default_bias_init(c),
                 name=f"exit_{k}_collab_dense",
             )(prev)
-            t = heads.batch_normalization(f"exit_{k}_collab_bn")(t)  # synchronized in `batchnorm_options`
+            t = blocks.batch_normalization(f"exit_{k}_collab_bn", unit_options)(t)
             t = keras.layers.ReLU(name=f"exit_{k}_collab_relu")(t)
             t = CollaborationGate(False, name=f"exit_{k}_collab_gate")(t)
             joint = keras.layers.Concatenate(name=f"exit_{k}_collab_concat")([features, t])
             new = keras.layers.Dense(
                 c,
-                kernel_initializer=heads.torch_default_init(),
-                bias_initializer=heads.torch_default_bias_init(d + width),
+                kernel_initializer=blocks.torch_default_init(),
+                bias_initializer=blocks.torch_default_bias_init(d + width),
                 name=f"exit_{k}",
             )
             outputs.append(new(joint))
