@@ -45,6 +45,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def copy(self) -> Registry[T]:
+        """A registry with the same kind, hint, loader and entries (a test's throwaway table)."""
+        twin: Registry[T] = Registry(self.kind, self.hint, self._load)
+        twin._entries = dict(self._entries)
+        return twin
+
     def _loaded(self) -> dict[str, T]:
         if self._load is not None:
             self._load()

@@ -194,4 +194,5 @@ def _isolate_method_registry(monkeypatch):
     """A page that registers a method (the plug-in guide) leaves the registry as it found it."""
     from keras_ee.training import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.list_methods()  # the package's own methods, registered before the copy
+    monkeypatch.setattr(registry, "_METHODS", registry._METHODS.copy())

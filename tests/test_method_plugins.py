@@ -15,7 +15,6 @@ from tiny_models import SMALL_CNN, SMALL_CNN_ARGS
 from keras_ee import cli, experiment, training
 from keras_ee.atomic import atomic_write_json
 from keras_ee.config import TrainConfig
-from keras_ee.registry import Registry
 from keras_ee.training import registry
 
 TINY = dict(
@@ -109,10 +108,8 @@ def test_an_entry_point_registers_a_method(tmp_path, monkeypatch):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: keras-ee-test-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[keras_ee.methods]\ndeep_first = {PATH}\n")
-    methods = Registry[registry.MethodSpec]("training method")  # a copy, dropped after the test
-    for name in registry.list_methods():
-        methods.register(name, registry.get_method(name))
-    monkeypatch.setattr(registry, "_METHODS", methods)
+    registry.list_methods()  # the package's own methods, registered before the copy
+    monkeypatch.setattr(registry, "_METHODS", registry._METHODS.copy())  # dropped after the test
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     assert "deep_first" in training.list_methods()

@@ -28,3 +28,11 @@ def test_load_runs_before_lookups():
     calls = []
     reg: Registry[int] = Registry("widget", load=lambda: calls.append(1) or reg.register("x", 1, replace=True))
     assert reg.get("x") == 1 and calls
+
+
+def test_a_copy_is_independent():
+    reg: Registry[int] = Registry("widget")
+    reg.register("a", 1)
+    twin = reg.copy()
+    twin.register("b", 2)
+    assert reg.names() == ["a"] and twin.names() == ["a", "b"] and twin.kind == "widget"
