@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from keras_ee import calibration
-from keras_ee.evaluation import accuracy_at, budget_label, mean_accuracy_over, scores_and_correct
+from keras_ee.evaluation import accuracy_at, mean_accuracy_over, scores_and_correct
+from keras_ee.formatting import budget_label
 
 
 def predict_exit_logits(model: keras.Model, dataset: Iterable[Any], verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:

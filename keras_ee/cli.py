@@ -482,7 +482,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     from keras_ee import inputs
     from keras_ee.atomic import atomic_write_text, check_out_file, writing
-    from keras_ee.evaluation import budget_label
+    from keras_ee.formatting import budget_label
     from keras_ee.inference import EarlyExitModel
 
     check_out_file(args.out, expected="the path of the CSV to write")

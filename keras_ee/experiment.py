@@ -1243,9 +1243,9 @@ def evaluate_run(
     are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
     so the top-1 files stay.
     """
-    from keras_ee import calibration, dumps, evaluation
+    from keras_ee import calibration, dumps, evaluation, formatting
 
-    evaluation.check_metric(metric)
+    formatting.check_metric(metric)
     workdir = Path(workdir)
     dump = dumps.load_dump(workdir / "dump")
     scores, out = None, workdir / "eval"
@@ -1259,10 +1259,10 @@ def evaluate_run(
     )
     title = _title(workdir)
     if metric != "top1" and title:
-        title = f"{title} ({evaluation.metric_label(metric)})"
+        title = f"{title} ({formatting.metric_label(metric)})"
     paths = evaluation.write_evaluation(ev, out, title=title)
     if echo:
-        what = "" if metric == "top1" else f", {evaluation.metric_label(metric)}"
+        what = "" if metric == "top1" else f", {formatting.metric_label(metric)}"
         print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
         print(evaluation.format_anytime(ev))
         print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")

@@ -68,6 +68,7 @@ from keras_ee import calibration, inputs, models
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
+from keras_ee.formatting import budget_label
 from keras_ee.models.layers import InferenceSnapshot
 
 __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
@@ -84,8 +85,6 @@ _SWEEP_KEYS: tuple[Literal["q", "thresholds", "val_mean_cost", "val_accuracy"], 
 
 
 def _fmt(mul_adds: float) -> str:
-    from keras_ee.evaluation import budget_label
-
     return budget_label(float(mul_adds))
 
 

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from keras_ee import dumps, evaluation
+from keras_ee import dumps, evaluation, formatting
 from keras_ee.cli import parse_budget
 
 
@@ -29,7 +29,7 @@ def test_mean_accuracy_over_is_the_normalised_area():
 
 @pytest.mark.parametrize("value, label", [(15e6, "15M"), (1.5e9, "1.5G"), (8000, "8K"), (12, "12")])
 def test_budget_labels_round_trip_through_the_cli_parser(value, label):
-    assert evaluation.budget_label(value) == label
+    assert formatting.budget_label(value) == label
     assert parse_budget(label) == pytest.approx(value)
 
 

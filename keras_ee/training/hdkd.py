@@ -105,6 +105,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_ee._typing import StrPath, Tensor
+from keras_ee.plots import pyplot
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange, register_method
@@ -640,9 +641,7 @@ class HDKD(Method):
 
 def kd_heatmap(matrix: np.ndarray, path: StrPath, title: str | None = None) -> Path:
     """A heat map of KD weights: rows the teacher exit i, columns the student exit j (blank: no pair)."""
-    from keras_ee.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, np.float64)
     k = matrix.shape[0]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=120)
