@@ -1,32 +1,6 @@
 """One training run, start to finish: `train(config, workdir)` and `evaluate_run(workdir)`.
 
-A run folder holds:
-
-    config.json          the TrainConfig (a rerun with other settings is refused)
-    model.keras          the trained MultiExitModel (custom objects registered)
-    history.csv          per-epoch logs (loss and accuracy of every exit, WPN weight stats)
-    tensorboard/         TensorBoard logs
-    costs.json           per-exit cumulative params and Mul-Adds
-    preprocessing.json   the input normalisation: pixel scale and the training split's
-                         per-channel mean and std (what `keras-ee predict` applies to raw images),
-                         and `pixel_range`, the min and max of its stored pixels (what
-                         `keras-ee predict` accepts; absent in older runs: then unchecked)
-    dump/                validation and test logits in the calibrator's dump format
-    l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
-    wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
-                         --method-option wpn_weights_path=RUN/wpn.npz
-    scores/              a method's own confidence scores of the dump (gating: gater.npz)
-    hdkd.json            an HDKD-family run's final loss weights, moving averages, temperatures and
-                         `meta_source` (which split fed the meta batches); hdkd_gamma.png its heat map
-    eval/                anytime.csv, budget.csv, budget.png (after evaluation); eval/gater/ for
-                         the gater's scores and confidence.png with both curves; eval/top5/ for
-                         `keras-ee evaluate --metric top5`
-    backup/              the training state after the last finished epoch; gone when done
-    state.json           whether training finished, and how long it took
-    .lock                the lock of the command working in the folder (see keras_ee.runs)
-    .keras-ee.json       keras-ee's mark: a non-empty --out without it (or .lock) is refused
-
-What a run can rely on:
+The run folder and its files are `keras_ee.run_folder`. What a run can rely on:
 
 - Every file is written atomically (temporary name, fsync, rename): a kill or a full
   disk leaves the previous complete file, never a torn one.
@@ -71,10 +45,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_ee import data, runs
 from keras_ee._typing import StrPath
 from keras_ee.atomic import MARKER, atomic_path, atomic_write_json, claim_out_folder
-from keras_ee.atomic import check_out_folder as check_out_folder_rule
 from keras_ee.config import TrainConfig
+from keras_ee.run_folder import (
+    BACKUP_DIR,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LEGACY_MODEL_OPTIONS,
+    LOCK_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    RECORDED_MODEL_OPTIONS,
+    SCORES_DIR,
+    RunFolder,
+    check_out_folder,
+    recorded_config,
+    resume_settings,
+    run_started,
+    write_state,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -86,65 +77,6 @@ if TYPE_CHECKING:
     from keras_ee.data.recipe import Recipe
     from keras_ee.evaluation import Evaluation
     from keras_ee.training import Method, MultiExitModel, Phase
-
-STATE_FILE = "state.json"
-SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
-CONFIG_FILE = "config.json"
-PREPROCESSING_FILE = "preprocessing.json"
-MODEL_FILE = "model.keras"
-
-
-def _read_state(workdir: Path) -> dict:
-    f = workdir / STATE_FILE
-    try:
-        state = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, ValueError):
-        return {}  # a damaged state file: treat the run as unfinished (the backup decides)
-    return state if isinstance(state, dict) else {}
-
-
-def _write_state(workdir: Path, **values: Any) -> None:
-    state = _read_state(workdir)
-    state.update(values)
-    atomic_write_json(workdir / STATE_FILE, state)
-
-
-def run_started(workdir: Path) -> bool:
-    """Whether a run folder holds more than the config of a run that never trained."""
-    from keras_ee import runs
-
-    workdir = Path(workdir)
-    return any((workdir / name).exists() for name in (MODEL_FILE, runs.BACKUP_DIR, runs.HISTORY_FILE, STATE_FILE))
-
-
-def is_run_folder(workdir: StrPath) -> bool:
-    """A run folder from before keras-ee marked its folders: `train` left its lock file there, or
-    its config.json is exactly as keras-ee writes one (every setting spelled out; older versions
-    left one behind when they refused a command). A user's own config.json is not."""
-    from keras_ee import runs
-
-    workdir = Path(workdir)
-    if (workdir / runs.LOCK_FILE).is_file():
-        return True
-    try:
-        values = TrainConfig.read_values(workdir / CONFIG_FILE)
-        return TrainConfig.from_dict(values).to_dict() == values
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def check_out_folder(workdir: StrPath) -> Path:
-    """Refuse an `--out` that is a file, lies under one, or holds files keras-ee did not write,
-    before anything is written (`keras_ee.atomic.check_out_folder`; a run folder resumes).
-
-    No write probe: a multi-worker non-chief checks the chief's folder, which it never writes.
-    """
-    return check_out_folder_rule(
-        workdir,
-        recognise=is_run_folder,
-        hint="use a new --out folder (a run folder keras-ee wrote resumes).",
-        probe=False,
-    )
 
 
 def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -> Path:
@@ -205,35 +137,6 @@ def canonical_config(config: TrainConfig) -> TrainConfig:
     if options == config.method_options and model_options == config.model_options:
         return config
     return dataclasses.replace(config, method_options=options, model_options=model_options)
-
-
-# Model options that a run records in config.json (`canonical_config`), with their default for a
-# new run, and the value that a run recorded before the option existed trained with.
-RECORDED_MODEL_OPTIONS = {"moving_variance_update": "unbiased"}
-LEGACY_MODEL_OPTIONS = {"moving_variance_update": "biased"}
-
-
-def recorded_config(stored: TrainConfig) -> TrainConfig:
-    """The settings a run folder's config.json `stored` trained with: a model option it does not
-    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`)."""
-    model_options = {**LEGACY_MODEL_OPTIONS, **stored.model_options}
-    return stored if model_options == stored.model_options else dataclasses.replace(stored, model_options=model_options)
-
-
-def resume_settings(config: TrainConfig, workdir: StrPath) -> TrainConfig:
-    """`config`, where `workdir` holds a run recorded before a model option existed and `config`
-    does not set that option, with the option as that run trained (so that it resumes exactly)."""
-    saved = Path(workdir) / CONFIG_FILE
-    if not (saved.is_file() and run_started(Path(workdir))):
-        return config
-    try:
-        stored = TrainConfig.read_values(saved).get("model_options")
-    except (OSError, ValueError):
-        return config  # prepare_workdir reports it
-    if not isinstance(stored, dict):
-        return config
-    adopted = {k: v for k, v in LEGACY_MODEL_OPTIONS.items() if k not in stored and k not in config.model_options}
-    return dataclasses.replace(config, model_options={**config.model_options, **adopted}) if adopted else config
 
 
 def build_model(
@@ -544,66 +447,6 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def read_preprocessing(workdir: StrPath) -> tuple[float, np.ndarray, np.ndarray]:
-    """`(pixel_scale, mean, std)` of a run's inputs: from `preprocessing.json`, or (a run
-    from before that file) from its dataset's training split, which is loaded for it."""
-    workdir = Path(workdir)
-    path = workdir / PREPROCESSING_FILE
-    if not path.is_file():
-        splits = load_data(TrainConfig.from_file(workdir / CONFIG_FILE))
-        return float(splits.pixel_scale), np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
-    try:
-        saved = json.loads(path.read_text())
-        scale, mean, std = (
-            float(saved["pixel_scale"]),
-            np.asarray(saved["mean"], np.float32),
-            np.asarray(saved["std"], np.float32),
-        )
-        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(
-            f"{str(path)!r} is damaged: expected pixel_scale, and mean and std of one number per "
-            "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it."
-        ) from None
-    return scale, mean, std
-
-
-def read_pixel_range(workdir: StrPath) -> tuple[float, float] | None:
-    """`(min, max)` of the stored pixels a run was trained on (`preprocessing.json`'s
-    `pixel_range`), or None for a run from before it was recorded (its input is not checked)."""
-    path = Path(workdir) / PREPROCESSING_FILE
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if "pixel_range" not in saved:
-            return None
-        lo, hi = (float(v) for v in saved["pixel_range"])
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-            raise ValueError
-    except (ValueError, TypeError, AttributeError):
-        raise ValueError(
-            f"{str(path)!r} is damaged: expected `pixel_range` [min, max] of finite numbers; rerun "
-            "`keras-ee train` with the same command to rewrite it."
-        ) from None
-    return lo, hi
-
-
-def load_data(config: TrainConfig) -> DatasetSplits:
-    """The configured dataset's splits."""
-    from keras_ee import data
-
-    return data.load(
-        config.dataset,
-        data_dir=config.data_dir,
-        val_size=config.val_size,
-        seed=config.seed,
-        imbalance_factor=config.imbalance_factor,
-        train_size=config.train_size,
-        meta_size=config.meta_split_size,
-        samples_per_class=config.samples_per_class,
-    )
-
-
 def make_method(name: str, options: dict) -> Method:
     """The training method called `name` (registered, or `package.module:Class`) with `options`.
 
@@ -826,29 +669,6 @@ def check_splits(splits: DatasetSplits, config: TrainConfig, replicas: int = 1) 
         )
 
 
-def load_run_model(path: StrPath) -> keras.Model:
-    """Load a run's `model.keras`, with a clear error if the file is damaged."""
-    import keras
-
-    from keras_ee import models, training  # noqa: F401  (registers the custom classes for loading)
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist.")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
-            "a write was probably interrupted)."
-        )
-    try:
-        return keras.saving.load_model(path)
-    except Exception as e:  # keras reports a torn archive in many ways (even "file not found")
-        raise ValueError(
-            f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''})."
-        ) from None
-
-
 def fit_run(
     config: TrainConfig,
     splits: DatasetSplits,
@@ -919,7 +739,6 @@ def _fit(
     import keras
 
     from keras_ee import callbacks as ee_callbacks
-    from keras_ee import runs
     from keras_ee.optimizers import optimizer_semantics
     from keras_ee.training.methods import phase_of_epoch
 
@@ -934,14 +753,14 @@ def _fit(
             compile_phase(model, config, splits, index, fresh=False)
             configured[0] = index
 
-    backup = runs.RunBackup(workdir / runs.BACKUP_DIR)
-    source = backup if restore_from is None else runs.RunBackup(restore_from / runs.BACKUP_DIR)
+    backup = runs.RunBackup(workdir / BACKUP_DIR)
+    source = backup if restore_from is None else runs.RunBackup(restore_from / BACKUP_DIR)
     with model.distribute_strategy.scope():  # an optimizer built here must be mirrored too
         first_epoch = source.restore(model, prepare=configure_for_backup)
     if first_epoch == 0 and configured[0] != 0:  # every backup was damaged: start over from phase 1
         compile_phase(model, config, splits, 0, fresh=False)
         configured[0] = 0
-    history = runs.HistoryLog(workdir / runs.HISTORY_FILE)
+    history = runs.HistoryLog(workdir / HISTORY_FILE)
     history.truncate(first_epoch)
     val_ds = splits.val_dataset(config.batch_size)
     cbs: list[keras.callbacks.Callback] = []
@@ -987,7 +806,7 @@ def _fit(
             "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
             "command finishes the run without training again."
         ) from None
-    _write_state(
+    write_state(
         workdir,
         trained=True,
         train_seconds=round(time.perf_counter() - start, 1),
@@ -1014,10 +833,10 @@ def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -
     a method's auxiliary optimizer (L2W's WPN Adam, the gater's) as Keras' too, the
     optimizers whose state the backup holds. config.json is left as it is.
     """
-    from keras_ee import runs, training
+    from keras_ee import training
     from keras_ee.config import keras_optimizer_name, optimizer_name_semantics
 
-    if runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics() != "keras":
+    if runs.RunBackup(workdir / BACKUP_DIR).optimizer_semantics() != "keras":
         return config
     changes: dict[str, Any] = {}
     if optimizer_name_semantics(config.optimizer) == "pytorch":
@@ -1063,8 +882,6 @@ def train(
     Returns:
         The run folder.
     """
-    from keras_ee import runs
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
     config = canonical_config(resume_settings(config, workdir))  # refuse bad options before any write
@@ -1083,7 +900,7 @@ def train(
         _train_locked(config, workdir, verbose, callbacks, strategy)
     except BaseException:
         if created and not run_started(workdir):  # refused before it started: leave no trace
-            (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
+            (workdir / LOCK_FILE).unlink(missing_ok=True)
             (workdir / CONFIG_FILE).unlink(missing_ok=True)
             (workdir / MARKER).unlink(missing_ok=True)
             try:
@@ -1106,22 +923,6 @@ def train(
     return workdir
 
 
-def _finished_model(workdir: Path) -> tuple[keras.Model | None, ValueError | None]:
-    """`(model, None)` for a finished run whose model.keras loads; `(None, error)` if it is
-    finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
-
-    Under multi_worker every worker decides by this one rule on the same files, so either all
-    of them train or none does: a chief retraining a damaged model alone failed in its first
-    collective, the other workers having left.
-    """
-    if not (_read_state(workdir).get("trained") and (workdir / MODEL_FILE).is_file()):
-        return None, None
-    try:
-        return load_run_model(workdir / MODEL_FILE), None
-    except ValueError as e:
-        return None, e
-
-
 def _train_worker(
     config: TrainConfig, workdir: Path, strategy: Any, callbacks: Sequence[keras.callbacks.Callback]
 ) -> None:
@@ -1133,9 +934,9 @@ def _train_worker(
     try:
         with dtype_policy(config.precision):
             keras.utils.set_random_seed(config.seed)
-            splits = load_data(config)
+            splits = data.load_configured(config)
             check_splits(splits, config, strategy.num_replicas_in_sync)
-            if _finished_model(workdir)[0] is not None:
+            if runs.finished_model(workdir)[0] is not None:
                 return  # the chief loads the same model.keras and trains nothing either
             config = resumed_optimizer(config, workdir, quiet=True)
             model = build_model(
@@ -1155,20 +956,18 @@ def _train_locked(
 ) -> None:
     import keras
 
-    from keras_ee import runs
-
     with runs.RunLock(workdir), dtype_policy(config.precision):
         prepare_workdir(config, workdir, write=False)  # again, now that no other command can write
         runs.remove_temporaries(workdir)  # left by a killed command
         keras.utils.set_random_seed(config.seed)
-        splits = load_data(config)
+        splits = data.load_configured(config)
         check_splits(splits, config, 1 if strategy is None else strategy.num_replicas_in_sync)
-        model, damage = _finished_model(workdir)
+        model, damage = runs.finished_model(workdir)
         if model is not None:
             print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
         elif damage is not None:
             print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
-            _write_state(workdir, trained=False)
+            write_state(workdir, trained=False)
         if model is None:
             run_config = resumed_optimizer(config, workdir)
             model = build_model(
@@ -1222,7 +1021,7 @@ def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExi
         test_labels,
         costs={**exit_costs, "rule": "reference"},
     )
-    model.method.save_artifacts(model, splits, workdir)
+    model.method.save_artifacts(model, splits, RunFolder(workdir))
 
 
 def evaluate_run(

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ee import cli, experiment, models
+from keras_ee import cli, experiment, models, runs
 from keras_ee.config import TrainConfig
 
 
@@ -104,5 +104,5 @@ def test_train_records_precision_and_strategy_and_restores_the_dtype_policy(tmp_
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert (state["strategy"], state["replicas"]) == ("none", 1)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "mixed_bfloat16"
-    model = experiment.load_run_model(tmp_path / "run" / "model.keras")
+    model = runs.load_run_model(tmp_path / "run" / "model.keras")
     assert model.backbone.get_layer("s1_u1").dtype_policy.name == "mixed_bfloat16"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny_models import SMALL_CNN, SMALL_CNN_ARGS, StopAt  # noqa: E402
 
-from keras_ee import cli, experiment, runs
+from keras_ee import cli, data, experiment, runs
 from keras_ee.config import TrainConfig
 
 TINY = dict(
@@ -36,7 +36,7 @@ def _history(run):
 
 
 def _weights(run):
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     values = [np.asarray(v.numpy()) for v in model.variables]
     values += [np.asarray(v.numpy()) for v in model.optimizer.variables]
     return values
@@ -161,11 +161,11 @@ def test_a_damaged_backup_falls_back_or_starts_over_and_says_so(tmp_path, capsys
     older.write_bytes(newest.read_bytes())
     (run / "backup" / "epoch-0001.json").write_text(json.dumps({"epoch": 1}))
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn
-    model = experiment.build_model(cfg, experiment.load_data(cfg))
+    model = experiment.build_model(cfg, data.load_configured(cfg))
     assert backups.restore(model) == 1
     assert "epoch-0002.weights.h5" in capsys.readouterr().err
     older.write_bytes(b"garbage")
-    model = experiment.build_model(cfg, experiment.load_data(cfg))
+    model = experiment.build_model(cfg, data.load_configured(cfg))
     assert backups.restore(model) == 0
     assert "starting the training over" in capsys.readouterr().err
     experiment.train(cfg, run, verbose=0)  # the command itself recovers, no manual cleanup
@@ -467,7 +467,7 @@ def test_a_truncated_model_keras_is_reported_as_damaged(tmp_path, uninterrupted)
     data = (uninterrupted["baseline"] / "model.keras").read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="is damaged"):
-        experiment.load_run_model(f)
+        runs.load_run_model(f)
 
 
 def test_a_finished_run_with_a_damaged_model_trains_again_and_says_so(tmp_path, uninterrupted, capsys):

@@ -18,12 +18,15 @@ model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 import numbers
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keras_ee._typing import StrPath
 from keras_ee.data import builtin, cifar, idx, npz
 from keras_ee.data.base import ArraySplits, DatasetSplits, build_array_splits
 from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indices, stratified_split
+
+if TYPE_CHECKING:
+    from keras_ee.config import TrainConfig
 
 DEFAULT_DATASET = "digits"
 
@@ -327,6 +330,20 @@ def load(
     )
 
 
+def load_configured(config: "TrainConfig") -> DatasetSplits:
+    """The splits of the dataset that a run's `TrainConfig` names, as `keras-ee train` loads them."""
+    return load(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        seed=config.seed,
+        imbalance_factor=config.imbalance_factor,
+        train_size=config.train_size,
+        meta_size=config.meta_split_size,
+        samples_per_class=config.samples_per_class,
+    )
+
+
 __all__ = [
     "ArraySplits",
     "DatasetInfo",
@@ -336,6 +353,7 @@ __all__ = [
     "channel_stats",
     "default_search_dirs",
     "load",
+    "load_configured",
     "long_tail_counts",
     "long_tail_indices",
     "stratified_split",

@@ -112,6 +112,7 @@ from keras_ee.training.registry import SearchRange, register_method
 
 if TYPE_CHECKING:
     from keras_ee.data import DatasetSplits
+    from keras_ee.run_folder import RunFolder
     from keras_ee.training.model import MultiExitModel
 
 _TEACHERS = ("dense", "last", "none")
@@ -610,13 +611,13 @@ class HDKD(Method):
             "gamma_steps": int(self.gamma_optimizer.iterations.numpy()) if self.learn_weights else 0,
         }
 
-    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, workdir: Path) -> None:
+    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, folder: RunFolder) -> None:
         """`hdkd.json` (final weights, E, T, which split fed the meta batches) and `hdkd_gamma.png`."""
         from keras_ee.atomic import atomic_path, atomic_write_text
 
-        atomic_write_text(workdir / ARTIFACT, json.dumps(self.summary(splits), indent=2) + "\n")
+        atomic_write_text(folder / ARTIFACT, json.dumps(self.summary(splits), indent=2) + "\n")
         if self.pairs:
-            with atomic_path(workdir / HEATMAP) as tmp:
+            with atomic_path(folder / HEATMAP) as tmp:
                 kd_heatmap(self.kd_matrix(), tmp, title=f"{getattr(self, 'method_name', 'hdkd')}: KD weights")
 
     def get_config(self) -> dict[str, Any]:
