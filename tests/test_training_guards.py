@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_models import StopAt, mlp_backbone, tiny_backbone, tiny_data  # noqa: E402
 
-from keras_ee import cli, data, experiment  # noqa: E402
+from keras_ee import cli, data, distribute, experiment  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.config import TrainConfig  # noqa: E402
 
@@ -187,7 +187,7 @@ def test_two_replicas_refuse_an_uneven_batch_drop_a_last_one_and_train_runs_one_
         assert state["trained"] and state["replicas"] == 2, state
     # The user's own MirroredStrategy numbers its collectives from the same base as the one that just
     # trained (as it would in a fresh process, where no test moved the base in between).
-    trained = experiment.make_strategy("mirrored")
+    trained = distribute.make_strategy("mirrored")
     base = tf.distribute.MirroredStrategy._collective_key_base
     tf.distribute.MirroredStrategy._collective_key_base = trained.extended._collective_key_base
     try:
