@@ -54,6 +54,7 @@ from keras_ee.distribute import (
     make_strategy,
     needs_multi_worker_fit_workaround,
 )
+from keras_ee.optimizers import KERAS_AUXILIARY_OPTIMIZERS, make_optimizer
 from keras_ee.run_folder import (
     BACKUP_DIR,
     CONFIG_FILE,
@@ -208,75 +209,6 @@ def compile_phase(
         model.compile(optimizer=optimizer)
 
 
-# PyTorch's AdamW epsilon (Keras' default is 1e-7), as the budget-aware paper's timm recipe.
-ADAMW_EPSILON = 1e-8
-
-
-def make_optimizer(
-    config: TrainConfig,
-    steps: int,
-    variables: Sequence[keras.Variable] = (),
-    overrides: dict[str, Any] | None = None,
-    warmup_steps: int = 0,
-    steps_per_epoch: int | None = None,
-    steps_per_batch: int = 1,
-) -> keras.optimizers.Optimizer:
-    """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
-
-    `config.optimizer`: `sgd` (the papers': `keras_ee.optimizers.SGD`, PyTorch's step with
-    momentum, nesterov and coupled L2 weight decay on every variable) or `adamw`
-    (`keras_ee.optimizers.AdamW`, PyTorch's AdamW, epsilon 1e-8, no weight decay on
-    `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
-    `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
-    `steps_per_epoch` and `steps_per_batch` place the epochs and batches of the schedule
-    (`make_schedule`). `config.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
-    overwriting during training: Keras' `fit` writes the average into the weights when it
-    ends). `overrides` are a phase's `optimizer_options`.
-    """
-    import keras
-
-    from keras_ee import optimizers as ee_optimizers
-
-    settings = {
-        "learning_rate": config.initial_learning_rate,
-        "momentum": config.momentum,
-        "nesterov": config.nesterov,
-        "weight_decay": config.weight_decay,
-        **(overrides or {}),
-    }
-    schedule = make_schedule(
-        config,
-        steps,
-        settings["learning_rate"],
-        warmup_steps=warmup_steps,
-        steps_per_epoch=steps_per_epoch,
-        steps_per_batch=steps_per_batch,
-    )
-    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.ema)} if config.ema else {}
-    weight_decay = float(settings["weight_decay"])
-    optimizer: keras.optimizers.Optimizer
-    if config.optimizer in ("adamw", "keras_adamw"):
-        adamw = ee_optimizers.AdamW if config.optimizer == "adamw" else keras.optimizers.AdamW
-        optimizer = adamw(learning_rate=schedule, weight_decay=weight_decay, epsilon=ADAMW_EPSILON, **ema)
-        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
-        return optimizer
-    if config.optimizer == "sgd":
-        return ee_optimizers.SGD(
-            learning_rate=schedule,
-            momentum=float(settings["momentum"]),
-            nesterov=settings["nesterov"],
-            weight_decay=weight_decay,
-            **ema,
-        )
-    return keras.optimizers.SGD(
-        learning_rate=schedule,
-        momentum=settings["momentum"],
-        nesterov=settings["nesterov"],
-        weight_decay=weight_decay or None,
-        **ema,
-    )
-
-
 def make_method(name: str, options: dict) -> Method:
     """The training method called `name` (registered, or `package.module:Class`) with `options`.
 
@@ -287,71 +219,6 @@ def make_method(name: str, options: dict) -> Method:
     from keras_ee import training
 
     return training.get_method(name).create(options)
-
-
-def make_schedule(
-    config: TrainConfig,
-    total_steps: int,
-    learning_rate: float | None = None,
-    warmup_steps: int = 0,
-    steps_per_epoch: int | None = None,
-    steps_per_batch: int = 1,
-) -> Any:
-    """The learning-rate schedule of `config.schedule` over `total_steps` optimizer iterations
-    (from `learning_rate`, default the run's).
-
-    `steps_per_epoch` (optimizer steps per epoch) and `steps_per_batch` (the method's optimizer
-    steps per loaded batch) place the epochs and batches of `step_per_epoch` and
-    `cosine_per_batch` (`keras_ee.schedules`); the others count optimizer steps only. With
-    `warmup_steps` (optimizer steps), a linear warm-up from 0 first: Keras' `CosineDecay`
-    warm-up for `cosine` and `constant` (a cosine with `alpha=1`), the budget-aware code's for
-    `cosine_per_batch`. The step schedules have no warm-up (the config refuses one).
-    """
-    import keras
-
-    from keras_ee import schedules
-    from keras_ee.config import WARMUP_SCHEDULES
-
-    lr = config.initial_learning_rate if learning_rate is None else learning_rate
-    if warmup_steps > 0 and config.schedule not in WARMUP_SCHEDULES:
-        raise ValueError(
-            f"config `warmup_epochs` must be 0 with schedule {config.schedule!r}; warm-up works with "
-            f"{', '.join(WARMUP_SCHEDULES)}."
-        )
-    if config.schedule in ("step_per_epoch", "cosine_per_batch"):
-        if steps_per_epoch is None or steps_per_epoch < 1 or total_steps % steps_per_epoch:
-            raise ValueError(
-                f"schedule {config.schedule!r} needs the optimizer steps per epoch dividing the total "
-                f"{total_steps}; received steps_per_epoch={steps_per_epoch!r}."
-            )
-        if config.schedule == "step_per_epoch":
-            return schedules.StepDecayPerEpoch(lr, steps_per_epoch, total_steps // steps_per_epoch)
-        if warmup_steps >= total_steps:
-            raise ValueError(
-                f"config `warmup_epochs` ({config.warmup_epochs}) must be fewer than the epochs of the "
-                f"phase ({total_steps // steps_per_epoch}) with schedule 'cosine_per_batch'."
-            )
-        return schedules.CosinePerBatch(
-            lr,
-            total_batches=max(1, total_steps // steps_per_batch),
-            steps_per_batch=steps_per_batch,
-            warmup_batches=warmup_steps // steps_per_batch,
-            final_learning_rate=config.min_learning_rate,
-        )
-    if warmup_steps > 0:
-        return keras.optimizers.schedules.CosineDecay(
-            0.0,
-            decay_steps=max(1, total_steps - warmup_steps),
-            alpha=1.0 if config.schedule == "constant" else 0.0,
-            warmup_target=lr,
-            warmup_steps=warmup_steps,
-        )
-    if config.schedule == "constant":
-        return lr
-    if config.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
-    bounds = [max(1, int(total_steps * 0.5)), max(2, int(total_steps * 0.75))]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
 def training_data(
@@ -646,13 +513,6 @@ def _fit(
         optimizer_semantics=optimizer_semantics(model.optimizer),
     )
     backup.remove()  # only now: model.keras and state.json are in place
-
-
-# The methods' auxiliary optimizers whose default became PyTorch's step: option -> {name: Keras' own}.
-KERAS_AUXILIARY_OPTIMIZERS = {
-    "wpn_optimizer": {"adam": "keras_adam"},  # L2W's weight-predicting network
-    "gater_optimizer": {"adamw": "keras_adamw", "adam": "keras_adam", "sgd": "keras_sgd"},  # gating
-}
 
 
 def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny_models import SMALL_MSDNET, SMALL_RANET, TWO_EXIT_CNN, StopAt
 
-from keras_ee import cli, data, experiment, models, runs
+from keras_ee import cli, data, experiment, models, runs, schedules
 from keras_ee.config import RECIPES, TrainConfig
 from keras_ee.data.recipe import Recipe
 
@@ -308,7 +308,7 @@ def test_warmup_then_schedule_in_optimizer_steps(digits):
         assert float(schedule(warm // 2)) == pytest.approx(0.1)
         assert float(schedule(warm)) == pytest.approx(0.2)
         assert float(schedule(total)) == pytest.approx(0.0, abs=1e-7)
-    constant = experiment.make_schedule(TrainConfig(schedule="constant", warmup_epochs=1), 100, 0.5, warmup_steps=10)
+    constant = schedules.make_schedule(TrainConfig(schedule="constant", warmup_epochs=1), 100, 0.5, warmup_steps=10)
     assert float(constant(5)) == pytest.approx(0.25) and float(constant(60)) == pytest.approx(0.5)
 
 
