@@ -446,12 +446,12 @@ def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], lis
     gating: the gater's); the same thresholds sweep then calibrates them, and the table and
     plot show both curves of the same runs side by side.
     """
-    from keras_ee import dumps, evaluation, experiment
+    from keras_ee import dumps, evaluation
 
     extra_runs, extra_methods = [], []
     for m in methods:
         rs = [r for r in runs if r["label"] == m["label"]]
-        kinds = set.intersection(*(set(experiment.run_score_kinds(r["workdir"])) for r in rs)) if rs else set()
+        kinds = set.intersection(*(set(evaluation.run_score_kinds(r["workdir"])) for r in rs)) if rs else set()
         for kind in sorted(kinds):
             label = f"{m['label']} [{kind}]"
             extra_methods.append({**m, "label": label})
@@ -460,7 +460,7 @@ def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], lis
                     dumps.load_dump(r["workdir"] / "dump"),
                     kind=kind,
                     name=f"{label}-s{r['seed']}",
-                    scores=experiment.load_run_scores(r["workdir"], kind),
+                    scores=evaluation.load_run_scores(r["workdir"], kind),
                     metric=metric,
                 )
                 extra_runs.append({**r, "label": label, "evaluation": ev})

@@ -19,9 +19,10 @@ import contextlib
 import csv
 import dataclasses
 import io
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,16 +30,24 @@ import numpy.typing as npt
 from keras_ee import calibration, plots
 from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_path, atomic_write_text
-from keras_ee.dumps import Dump, first_non_finite
+from keras_ee.config import TrainConfig
+from keras_ee.dumps import Dump, first_non_finite, load_dump
 from keras_ee.formatting import (
     budget_label,
     check_metric,
     count_unit,
     csv_number,
     format_count,
+    metric_label,
     short_metric,
     table,
 )
+from keras_ee.run_folder import CONFIG_FILE, DUMP_DIR, SCORES_DIR
+
+if TYPE_CHECKING:
+    import keras
+
+    from keras_ee.calibration import Shortfall, SplitMode
 
 
 @dataclasses.dataclass
@@ -369,3 +378,112 @@ def compare(evaluations: list[Evaluation], budgets: npt.ArrayLike | None = None)
     acc = short_metric(metrics.pop())
     header = ["run"] + [f"{acc}@{l} %" for l in labels] + [f"mean {acc} {budget_label(lo)}-{budget_label(hi)} %"]
     return table(header, cells), rows
+
+
+# ----------------------------------------------------------------------------- a run's logits and evaluation
+
+
+def predict_exit_logits(model: keras.Model, dataset: Iterable[Any], verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over a batched `(x, y)` dataset; return logits (K, N, C) float32 and labels (N,).
+
+    `model` is a multi-exit Keras model whose outputs are the exits' logits in exit order
+    (a functional backbone or a `keras_ee.training.MultiExitModel`).
+    """
+    import keras  # here, not at the top: `keras-ee evaluate` reads dumps without TensorFlow
+
+    logits, labels = [], []
+    for batch in dataset:
+        x, y = batch[0], batch[1]
+        out = model(x, training=False)
+        out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+        logits.append(np.stack([keras.ops.convert_to_numpy(o).astype(np.float32) for o in out]))
+        labels.append(np.asarray(keras.ops.convert_to_numpy(y)).reshape(-1))
+    if not logits:
+        raise ValueError("the dataset passed for prediction yielded no batch; expected (x, y) batches.")
+    return np.concatenate(logits, axis=1), np.concatenate(labels).astype(np.int64)
+
+
+def evaluate_run(
+    workdir: StrPath,
+    kind: str = "max_softmax",
+    qs: np.ndarray | Sequence[float] | None = None,
+    mode: SplitMode = "geometric",
+    echo: bool = True,
+    shortfall: Shortfall = "reference",
+    metric: str = "top1",
+) -> Evaluation:
+    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
+
+    `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
+    `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
+    gating's `gater`: written to `eval/<kind>/`). `metric="top5"` counts a sample correct
+    when its label is among the exit's 5 largest logits (the HDKD paper's measure; exits
+    are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
+    so the top-1 files stay.
+    """
+    check_metric(metric)
+    workdir = Path(workdir)
+    dump = load_dump(workdir / DUMP_DIR)
+    scores, out = None, workdir / "eval"
+    if metric != "top1":
+        out = out / metric
+    if kind not in calibration.SCORE_KINDS:
+        scores = load_run_scores(workdir, kind)
+        out = out / kind
+    ev = evaluate_dump(
+        dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall, scores=scores, metric=metric
+    )
+    title = _title(workdir)
+    if metric != "top1" and title:
+        title = f"{title} ({metric_label(metric)})"
+    paths = write_evaluation(ev, out, title=title)
+    if echo:
+        what = "" if metric == "top1" else f", {metric_label(metric)}"
+        print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
+        print(format_anytime(ev))
+        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")
+        print(format_budget(ev, every=2))
+        print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
+    return ev
+
+
+def run_score_kinds(workdir: StrPath) -> list[str]:
+    """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
+    folder = Path(workdir) / SCORES_DIR
+    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def load_run_scores(workdir: StrPath, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
+    path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
+    if not path.is_file():
+        saved = run_score_kinds(workdir)
+        raise ValueError(
+            f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
+            f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
+            "scores come from a run trained with --method gating)."
+        )
+    try:
+        with np.load(path) as f:
+            return np.asarray(f["val"]), np.asarray(f["test"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
+            "settings to write it again."
+        ) from None
+
+
+def compare_confidences(workdir: StrPath, evaluations: dict[str, Evaluation]) -> Path:
+    """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
+    out = Path(workdir) / "eval" / "confidence.png"
+    with atomic_path(out) as tmp:
+        plots.budget_plot(evaluations, tmp, title=_title(Path(workdir)))
+    return out
+
+
+def _title(workdir: Path) -> str | None:
+    cfg = workdir / CONFIG_FILE
+    if not cfg.is_file():
+        return None
+    c = TrainConfig.from_file(cfg)
+    return f"{c.model} / {c.method} on {c.dataset}"

@@ -36,7 +36,6 @@ import dataclasses
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +53,7 @@ from keras_ee.distribute import (
     make_strategy,
     needs_multi_worker_fit_workaround,
 )
+from keras_ee.evaluation import compare_confidences, evaluate_run, predict_exit_logits, run_score_kinds
 from keras_ee.optimizers import KERAS_AUXILIARY_OPTIMIZERS, make_optimizer
 from keras_ee.run_folder import (
     BACKUP_DIR,
@@ -64,7 +64,6 @@ from keras_ee.run_folder import (
     MODEL_FILE,
     PREPROCESSING_FILE,
     RECORDED_MODEL_OPTIONS,
-    SCORES_DIR,
     RunFolder,
     check_out_folder,
     recorded_config,
@@ -77,11 +76,9 @@ if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
-    from keras_ee.calibration import Shortfall, SplitMode
     from keras_ee.callbacks import EpochProgress
     from keras_ee.data import DatasetSplits
     from keras_ee.data.recipe import Recipe
-    from keras_ee.evaluation import Evaluation
     from keras_ee.training import Method, MultiExitModel, Phase
 
 
@@ -684,7 +681,6 @@ def _train_locked(
 
 def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExitModel, workdir: Path) -> None:
     """costs.json, the logit dump and the method's files, each written atomically."""
-    from keras_ee import callbacks as ee_callbacks
     from keras_ee import costs as ee_costs
     from keras_ee import dumps
 
@@ -701,8 +697,8 @@ def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExi
         },
     )
     dtype = np.dtype(config.dump_dtype)
-    val_logits, val_labels = ee_callbacks.predict_exit_logits(model, splits.val_dataset(256))
-    test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
+    val_logits, val_labels = predict_exit_logits(model, splits.val_dataset(256))
+    test_logits, test_labels = predict_exit_logits(model, splits.test_dataset(256))
     dumps.save_dump(
         workdir / "dump",
         val_logits.astype(dtype),
@@ -712,95 +708,3 @@ def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExi
         costs={**exit_costs, "rule": "reference"},
     )
     model.method.save_artifacts(model, splits, RunFolder(workdir))
-
-
-def evaluate_run(
-    workdir: StrPath,
-    kind: str = "max_softmax",
-    qs: np.ndarray | Sequence[float] | None = None,
-    mode: SplitMode = "geometric",
-    echo: bool = True,
-    shortfall: Shortfall = "reference",
-    metric: str = "top1",
-) -> Evaluation:
-    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
-
-    `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
-    `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
-    gating's `gater`: written to `eval/<kind>/`). `metric="top5"` counts a sample correct
-    when its label is among the exit's 5 largest logits (the HDKD paper's measure; exits
-    are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
-    so the top-1 files stay.
-    """
-    from keras_ee import calibration, dumps, evaluation, formatting
-
-    formatting.check_metric(metric)
-    workdir = Path(workdir)
-    dump = dumps.load_dump(workdir / "dump")
-    scores, out = None, workdir / "eval"
-    if metric != "top1":
-        out = out / metric
-    if kind not in calibration.SCORE_KINDS:
-        scores = load_run_scores(workdir, kind)
-        out = out / kind
-    ev = evaluation.evaluate_dump(
-        dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall, scores=scores, metric=metric
-    )
-    title = _title(workdir)
-    if metric != "top1" and title:
-        title = f"{title} ({formatting.metric_label(metric)})"
-    paths = evaluation.write_evaluation(ev, out, title=title)
-    if echo:
-        what = "" if metric == "top1" else f", {formatting.metric_label(metric)}"
-        print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
-        print(evaluation.format_anytime(ev))
-        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")
-        print(evaluation.format_budget(ev, every=2))
-        print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
-    return ev
-
-
-def run_score_kinds(workdir: StrPath) -> list[str]:
-    """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
-    folder = Path(workdir) / SCORES_DIR
-    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
-
-
-def load_run_scores(workdir: StrPath, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
-    from keras_ee import calibration
-
-    path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
-    if not path.is_file():
-        saved = run_score_kinds(workdir)
-        raise ValueError(
-            f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
-            f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
-            "scores come from a run trained with --method gating)."
-        )
-    try:
-        with np.load(path) as f:
-            return np.asarray(f["val"]), np.asarray(f["test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(
-            f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
-            "settings to write it again."
-        ) from None
-
-
-def compare_confidences(workdir: StrPath, evaluations: dict[str, Evaluation]) -> Path:
-    """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
-    from keras_ee import plots
-
-    out = Path(workdir) / "eval" / "confidence.png"
-    with atomic_path(out) as tmp:
-        plots.budget_plot(evaluations, tmp, title=_title(Path(workdir)))
-    return out
-
-
-def _title(workdir: Path) -> str | None:
-    cfg = workdir / "config.json"
-    if not cfg.is_file():
-        return None
-    c = TrainConfig.from_file(cfg)
-    return f"{c.model} / {c.method} on {c.dataset}"

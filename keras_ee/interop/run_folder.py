@@ -219,7 +219,7 @@ def dump_imported_run(
     """
     import dataclasses
 
-    from keras_ee import callbacks, data, dumps, inputs, runs
+    from keras_ee import data, dumps, evaluation, inputs, runs
     from keras_ee.config import TrainConfig
     from keras_ee.training import BudgetAwareGating
 
@@ -252,8 +252,8 @@ def dump_imported_run(
                 f"the imported model takes {shape} images and has {classes} classes"
             )
         exit_costs = json.loads((run / "costs.json").read_text())
-        val_logits, val_labels = callbacks.predict_exit_logits(model, splits.val_dataset(batch_size))
-        test_logits, test_labels = callbacks.predict_exit_logits(model, splits.test_dataset(batch_size))
+        val_logits, val_labels = evaluation.predict_exit_logits(model, splits.val_dataset(batch_size))
+        test_logits, test_labels = evaluation.predict_exit_logits(model, splits.test_dataset(batch_size))
         out = dumps.save_dump(
             run / "dump", val_logits, val_labels, test_logits, test_labels, costs={**exit_costs, "rule": "reference"}
         )
