@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_write_json
 from keras_ee.atomic import check_out_folder as check_out_folder_rule
 from keras_ee.config import TrainConfig
+
+if TYPE_CHECKING:
+    from keras_ee.data import DatasetSplits
 
 STATE_FILE = "state.json"
 SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
@@ -152,6 +155,21 @@ def check_out_folder(workdir: StrPath) -> Path:
         recognise=is_run_folder,
         hint="use a new --out folder (a run folder keras-ee wrote resumes).",
         probe=False,
+    )
+
+
+def write_preprocessing(workdir: StrPath, splits: DatasetSplits) -> None:
+    """`preprocessing.json`: the input normalisation of the training split `splits` (what
+    `read_preprocessing` and `read_pixel_range` read back), written atomically."""
+    pixel_range = getattr(splits, "pixel_range", None)  # a DatasetSplits of another package may lack it
+    atomic_write_json(
+        Path(workdir) / PREPROCESSING_FILE,
+        {
+            "pixel_scale": float(splits.pixel_scale),
+            "mean": np.asarray(splits.mean, np.float64).tolist(),
+            "std": np.asarray(splits.std, np.float64).tolist(),
+            **({} if pixel_range is None else {"pixel_range": list(pixel_range)}),
+        },
     )
 
 
