@@ -15,15 +15,14 @@ import numpy as np
 import numpy.typing as npt
 
 from keras_ee import calibration
+from keras_ee.costs import exit_costs
 from keras_ee.evaluation import accuracy_at, mean_accuracy_over, predict_exit_logits, scores_and_correct
 from keras_ee.formatting import budget_label
 
 
 def _exit_costs(model: keras.Model) -> list[int]:
-    from keras_ee import costs
-
     backbone = getattr(model, "backbone", model)
-    return costs.exit_costs(backbone)["mul_adds"]
+    return exit_costs(backbone)["mul_adds"]
 
 
 class BudgetCallback(keras.callbacks.Callback):

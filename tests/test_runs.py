@@ -530,3 +530,68 @@ def test_validation_inside_fit_runs_each_callback_once_and_quietly(capsys):
     model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=1, verbose=0, callbacks=[Count()])
     assert calls == [0, 1]
     assert capsys.readouterr().out == ""
+
+
+# --- the orchestration's layers: every import points down -------------------------------------
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras_ee")
+# The modules of one run's orchestration, from the top: none may be imported by a module below it.
+ORCHESTRATION = ("cli", "experiment", "runs", "distribute", "evaluation")
+
+
+def _keras_ee_imports(path):
+    """`(module, name)` for every `keras_ee` import of a source file, at any depth (`name` None for a module)."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "keras_ee":
+            parts = node.module.split(".")
+            for alias in node.names:
+                found.append((parts[1], alias.name) if len(parts) > 1 else (alias.name, None))
+        elif isinstance(node, ast.Import):
+            found += [(a.name.split(".")[1], None) for a in node.names if a.name.startswith("keras_ee.")]
+    return found
+
+
+def _upward_imports(package=PACKAGE):
+    """Imports by a training method of the orchestration above it, or of another module's private name."""
+    folder = os.path.join(package, "training")
+    bad = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            for module, imported in _keras_ee_imports(os.path.join(folder, name)):
+                if module in ORCHESTRATION or (module != "training" and imported and imported.startswith("_")):
+                    bad.append(f"training/{name}: {module}.{imported}" if imported else f"training/{name}: {module}")
+    return bad
+
+
+def test_no_training_method_imports_the_orchestration_above_it():
+    assert _upward_imports() == []
+
+
+def test_evaluation_and_plots_do_not_import_each_other():
+    plots = {m for m, _ in _keras_ee_imports(os.path.join(PACKAGE, "plots.py"))}
+    evaluation = {m for m, _ in _keras_ee_imports(os.path.join(PACKAGE, "evaluation.py"))}
+    assert "evaluation" not in plots and "formatting" in plots and "formatting" in evaluation
+
+
+def test_a_method_gets_a_run_folder_that_joins_like_a_path(tmp_path):
+    from keras_ee.run_folder import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    assert folder / "wpn.npz" == tmp_path / "wpn.npz" and os.fspath(folder) == str(tmp_path)
+    assert folder.scores_dir == tmp_path / "scores" and folder.dump_dir == tmp_path / "dump"
+    assert folder.config_file == tmp_path / "config.json" and folder.model_file == tmp_path / "model.keras"
+
+
+def test_reading_and_evaluating_a_run_starts_no_tensorflow():
+    # A process of its own: this one has TensorFlow loaded already.
+    code = (
+        "import sys, keras_ee.cli, keras_ee.evaluation, keras_ee.run_folder, keras_ee.inputs; "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
