@@ -56,9 +56,9 @@ def worker(args):
     import keras
     import numpy as np
 
-    from keras_ee import experiment, training
+    from keras_ee import distribute, training
 
-    strategy = experiment.make_strategy("none" if args.strategy == "halves" else args.strategy)  # mirrored: every
+    strategy = distribute.make_strategy("none" if args.strategy == "halves" else args.strategy)  # mirrored: every
     # logical CPU device; halves: one device, `per` optimizer steps on the shares per timed step
     per = args.replicas if args.strategy == "halves" else 1
     keras.utils.set_random_seed(0)

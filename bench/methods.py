@@ -446,12 +446,12 @@ def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], lis
     gating: the gater's); the same thresholds sweep then calibrates them, and the table and
     plot show both curves of the same runs side by side.
     """
-    from keras_ee import dumps, evaluation, experiment
+    from keras_ee import dumps, evaluation
 
     extra_runs, extra_methods = [], []
     for m in methods:
         rs = [r for r in runs if r["label"] == m["label"]]
-        kinds = set.intersection(*(set(experiment.run_score_kinds(r["workdir"])) for r in rs)) if rs else set()
+        kinds = set.intersection(*(set(evaluation.run_score_kinds(r["workdir"])) for r in rs)) if rs else set()
         for kind in sorted(kinds):
             label = f"{m['label']} [{kind}]"
             extra_methods.append({**m, "label": label})
@@ -460,7 +460,7 @@ def score_variants(runs, methods, metric: str = "top1") -> tuple[list[dict], lis
                     dumps.load_dump(r["workdir"] / "dump"),
                     kind=kind,
                     name=f"{label}-s{r['seed']}",
-                    scores=experiment.load_run_scores(r["workdir"], kind),
+                    scores=evaluation.load_run_scores(r["workdir"], kind),
                     metric=metric,
                 )
                 extra_runs.append({**r, "label": label, "evaluation": ev})
@@ -526,7 +526,7 @@ def paired_differences(entries: dict, reference: str) -> dict:
 
 def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
     """Per method (label): per-seed and mean ± std of every figure of the table, in percent and seconds."""
-    from keras_ee import evaluation
+    from keras_ee import evaluation, formatting
 
     curves = [r["evaluation"].curve() for r in runs]
     lo, hi = max(float(c[0][0]) for c in curves), min(float(c[0][-1]) for c in curves)
@@ -540,7 +540,7 @@ def summarize(runs, methods, seeds, budgets=None, reference="baseline") -> dict:
     out = {
         "seeds": list(seeds),
         "budgets": budgets.tolist(),
-        "budget_labels": [evaluation.budget_label(b) for b in budgets],
+        "budget_labels": [formatting.budget_label(b) for b in budgets],
         "mean_range": [lo, hi],
         "mul_adds": list(first.mul_adds),
         "params": list(first.params),
@@ -647,13 +647,13 @@ def result_names(metric: str) -> tuple[str, str, str]:
 
 
 def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
-    from keras_ee import evaluation
+    from keras_ee import formatting
 
     seeds, lo, hi = summary["seeds"], *summary["mean_range"]
     ns = len(seeds)
     k = len(summary["mul_adds"])
-    unit, scale = evaluation.count_unit(summary["mul_adds"])
-    exits = " / ".join(evaluation.format_count(c, scale) for c in summary["mul_adds"])
+    unit, scale = formatting.count_unit(summary["mul_adds"])
+    exits = " / ".join(formatting.format_count(c, scale) for c in summary["mul_adds"])
     lines = [
         f"{base.model} on {base.dataset}"
         + (f" (train_size {base.train_size})" if base.train_size else "")
@@ -663,7 +663,7 @@ def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
         f"Mean ± std (ddof=0) over seeds {', '.join(map(str, seeds))}. {_accuracy_name(metric)} (%) at Mul-Add "
         "budgets "
         f"(thresholds calibrated on validation, {base.confidence}), the mean accuracy over "
-        f"{evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} (the range every curve covers), "
+        f"{formatting.budget_label(lo)}-{formatting.budget_label(hi)} (the range every curve covers), "
         "anytime accuracy (%) of every exit on the whole test set, and the wall time of a training epoch (s; "
         "training, validation and the run's writes): s/epoch is the mean over the epochs after the first of each "
         "training call (the first one also traces the train and test functions; it is shown on its own)."
@@ -671,7 +671,7 @@ def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
         "",
         "| method | "
         + " | ".join(f"@{b}" for b in summary["budget_labels"])
-        + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | "
+        + f" | mean {formatting.budget_label(lo)}-{formatting.budget_label(hi)} | "
         + " | ".join(f"exit {j + 1}" for j in range(k))
         + " | s/epoch | 1st epoch s |",
         "|---" * (len(summary["budgets"]) + k + 4) + "|",
@@ -700,7 +700,7 @@ def markdown(summary: dict, base, command: str, metric: str = "top1") -> str:
             "",
             "| method | "
             + " | ".join(f"@{b}" for b in summary["budget_labels"])
-            + f" | mean {evaluation.budget_label(lo)}-{evaluation.budget_label(hi)} | seeds better (mean) |",
+            + f" | mean {formatting.budget_label(lo)}-{formatting.budget_label(hi)} | seeds better (mean) |",
             "|---" * (len(summary["budgets"]) + 3) + "|",
         ]
         per_seed_lines = []
@@ -725,9 +725,9 @@ def plot(runs, summary: dict, base, path: Path, metric: str = "top1") -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from keras_ee import evaluation
+    from keras_ee import evaluation, formatting
 
-    unit, scale = evaluation.count_unit(summary["mul_adds"])
+    unit, scale = formatting.count_unit(summary["mul_adds"])
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
     costs = np.asarray(summary["mul_adds"], np.float64) / scale
     for i, (label, e) in enumerate(summary["methods"].items()):

@@ -9,7 +9,9 @@ Submodules (imported on first use, so `import keras_ee` does not start TensorFlo
 - `keras_ee.inference`: `EarlyExitModel`, real early exit at inference (save, SavedModel export).
 - `keras_ee.optimizers`: the papers' optimizers, `torch.optim`'s SGD, Adam and AdamW steps.
 - `keras_ee.data`: datasets and tf.data pipelines; `keras_ee.dumps`: the logit dump format.
-- `keras_ee.evaluation`, `keras_ee.plots`, `keras_ee.callbacks`, `keras_ee.experiment`, `keras_ee.cli`.
+- `keras_ee.evaluation` (with `keras_ee.formatting`), `keras_ee.plots`, `keras_ee.callbacks`.
+- `keras_ee.experiment`: `train(config, workdir)`, over `keras_ee.run_folder` (the run folder's
+  files), `keras_ee.runs` (its lock, backups and history) and `keras_ee.distribute`; `keras_ee.cli`.
 """
 
 import importlib
@@ -36,9 +38,13 @@ _SUBMODULES = (
     "data",
     "dumps",
     "evaluation",
+    "formatting",
     "plots",
     "callbacks",
     "experiment",
+    "run_folder",
+    "runs",
+    "distribute",
     "config",
     "cli",
     "inference",

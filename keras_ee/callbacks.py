@@ -15,32 +15,14 @@ import numpy as np
 import numpy.typing as npt
 
 from keras_ee import calibration
-from keras_ee.evaluation import accuracy_at, budget_label, mean_accuracy_over, scores_and_correct
-
-
-def predict_exit_logits(model: keras.Model, dataset: Iterable[Any], verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over a batched `(x, y)` dataset; return logits (K, N, C) float32 and labels (N,).
-
-    `model` is a multi-exit Keras model whose outputs are the exits' logits in exit order
-    (a functional backbone or a `keras_ee.training.MultiExitModel`).
-    """
-    logits, labels = [], []
-    for batch in dataset:
-        x, y = batch[0], batch[1]
-        out = model(x, training=False)
-        out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
-        logits.append(np.stack([keras.ops.convert_to_numpy(o).astype(np.float32) for o in out]))
-        labels.append(np.asarray(keras.ops.convert_to_numpy(y)).reshape(-1))
-    if not logits:
-        raise ValueError("the dataset passed for prediction yielded no batch; expected (x, y) batches.")
-    return np.concatenate(logits, axis=1), np.concatenate(labels).astype(np.int64)
+from keras_ee.costs import exit_costs
+from keras_ee.evaluation import accuracy_at, mean_accuracy_over, predict_exit_logits, scores_and_correct
+from keras_ee.formatting import budget_label
 
 
 def _exit_costs(model: keras.Model) -> list[int]:
-    from keras_ee import costs
-
     backbone = getattr(model, "backbone", model)
-    return costs.exit_costs(backbone)["mul_adds"]
+    return exit_costs(backbone)["mul_adds"]
 
 
 class BudgetCallback(keras.callbacks.Callback):

@@ -163,14 +163,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from keras_ee import experiment
+    from keras_ee import evaluation
     from keras_ee.interop import run_folder
 
     data_flags = any(v is not None for v in (args.dataset, args.data_dir, args.val_size))
     if data_flags or (run_folder.is_imported_run(args.run) and not (args.run / "dump").is_dir()):
         dump = run_folder.dump_imported_run(args.run, args.dataset, args.data_dir, args.val_size)
         print(f"[keras-ee] wrote {dump}: the imported model's logits on a hold-out and the test set")
-    experiment.evaluate_run(
+    evaluation.evaluate_run(
         _run_dir(args.run), kind=args.confidence, mode=args.mode, shortfall=args.shortfall, metric=args.metric
     )
 
@@ -327,7 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     from keras_ee import inputs
     from keras_ee.atomic import atomic_write_text, check_out_file, writing
-    from keras_ee.evaluation import budget_label
+    from keras_ee.formatting import budget_label
     from keras_ee.inference import EarlyExitModel
 
     check_out_file(args.out, expected="the path of the CSV to write")

@@ -19,17 +19,35 @@ import contextlib
 import csv
 import dataclasses
 import io
-from collections.abc import Iterator, Sequence
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from keras_ee import calibration
+from keras_ee import calibration, plots
 from keras_ee._typing import StrPath
 from keras_ee.atomic import atomic_path, atomic_write_text
-from keras_ee.dumps import Dump, first_non_finite
+from keras_ee.config import TrainConfig
+from keras_ee.dumps import Dump, first_non_finite, load_dump
+from keras_ee.formatting import (
+    budget_label,
+    check_metric,
+    count_unit,
+    csv_number,
+    format_count,
+    metric_label,
+    short_metric,
+    table,
+)
+from keras_ee.run_folder import CONFIG_FILE, DUMP_DIR, SCORES_DIR
+
+if TYPE_CHECKING:
+    import keras
+
+    from keras_ee.calibration import Shortfall, SplitMode
 
 
 @dataclasses.dataclass
@@ -58,21 +76,6 @@ class Evaluation:
         """(mean cost, test accuracy) of the sweep, sorted by cost."""
         order = np.argsort(self.sweep["mean_cost"], kind="stable")
         return self.sweep["mean_cost"][order], self.sweep["test_accuracy"][order]
-
-
-METRICS = ("top1", "top5")
-
-
-def check_metric(metric: str) -> int:
-    """The k of a correctness metric (`top1` -> 1, `top5` -> 5); a clear error otherwise."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {list(METRICS)}; received {metric!r}.")
-    return int(metric[3:])
-
-
-def metric_label(metric: str) -> str:
-    """'accuracy' for top-1 (the default everywhere), 'top-5 accuracy' for top-5 (tables, plots)."""
-    return "accuracy" if metric == "top1" else f"top-{check_metric(metric)} accuracy"
 
 
 def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int = 5, chunk: int = 4096) -> np.ndarray:
@@ -249,48 +252,7 @@ def mean_accuracy_over(costs: np.ndarray, accuracy: np.ndarray, lo: float, hi: f
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0) / (hi - lo))
 
 
-def budget_label(mul_adds: float) -> str:
-    """15e6 -> '15M', 1.5e9 -> '1.5G', 8000 -> '8K' (for log keys and table headers)."""
-    unit, scale = count_unit([abs(mul_adds)])
-    return f"{mul_adds / scale:.4g}{unit}"
-
-
-def format_count(value: float, scale: float = 1.0) -> str:
-    """`value / scale` for a table cell: two decimals, or 3 significant digits below 1.
-
-    So fractional costs stay readable: 14.4e6 / 1e6 -> '14.40', 0.45 -> '0.45',
-    0.0045 -> '0.0045' (not '0.00'), 0 -> '0.00'.
-    """
-    v = float(value) / scale
-    if v == 0 or abs(v) >= 1 or not np.isfinite(v):
-        return f"{v:.2f}"
-    three = f"{v:.3g}"  # below 1, two decimals could drop digits (0.0045 -> 0.00, 0.125 -> 0.12)
-    return f"{v:.2f}" if float(f"{v:.2f}") == float(three) else three
-
-
-def _csv_number(value: float) -> str:
-    """A cost for a CSV cell: ints as ints, floats exactly (shortest round-trip repr)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    return repr(float(value))
-
-
-def count_unit(values: Sequence[float] | np.ndarray) -> tuple[str, float]:
-    """The unit ('G', 'M', 'K' or '') and its scale for printing counts as large as max(values)."""
-    top = max(values) if len(values) else 1.0
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if top >= scale:
-            return unit, scale
-    return "", 1.0
-
-
 # ----------------------------------------------------------------------------- tables and files
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def format_anytime(ev: Evaluation) -> str:
@@ -307,12 +269,8 @@ def format_anytime(ev: Evaluation) -> str:
         ]
         for k in range(ev.num_exits)
     ]
-    acc = _short(ev.metric)
-    return _table(["exit", f"params ({punit})", f"Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %"], rows)
-
-
-def _short(metric: str) -> str:
-    return "acc" if metric == "top1" else f"top-{check_metric(metric)}"
+    acc = short_metric(ev.metric)
+    return table(["exit", f"params ({punit})", f"Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %"], rows)
 
 
 def format_budget(ev: Evaluation, every: int = 1) -> str:
@@ -332,8 +290,8 @@ def format_budget(ev: Evaluation, every: int = 1) -> str:
                 share,
             ]
         )
-    acc = _short(ev.metric)
-    return _table(["q", f"mean Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %", "exit share %"], rows)
+    acc = short_metric(ev.metric)
+    return table(["q", f"mean Mul-Adds ({unit})", f"val {acc} %", f"test {acc} %", "exit share %"], rows)
 
 
 @contextlib.contextmanager
@@ -345,8 +303,6 @@ def _atomic_csv(path: StrPath) -> Iterator[Any]:
 
 def write_evaluation(ev: Evaluation, out_dir: StrPath, title: str | None = None) -> dict[str, Path]:
     """Write `anytime.csv`, `budget.csv` and `budget.png` into `out_dir`; return their paths."""
-    from keras_ee import plots
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Each file is written whole to a temporary name and renamed (keras_ee.atomic).
@@ -356,8 +312,8 @@ def write_evaluation(ev: Evaluation, out_dir: StrPath, title: str | None = None)
             w.writerow(
                 [
                     k + 1,
-                    _csv_number(ev.params[k]),
-                    _csv_number(ev.mul_adds[k]),
+                    csv_number(ev.params[k]),
+                    csv_number(ev.mul_adds[k]),
                     f"{ev.val_anytime[k]:.6f}",
                     f"{ev.test_anytime[k]:.6f}",
                 ]
@@ -419,6 +375,115 @@ def compare(evaluations: list[Evaluation], budgets: npt.ArrayLike | None = None)
     metrics = {ev.metric for ev in evaluations}
     if len(metrics) > 1:
         raise ValueError(f"compare needs evaluations of one metric; received {sorted(metrics)}.")
-    acc = _short(metrics.pop())
+    acc = short_metric(metrics.pop())
     header = ["run"] + [f"{acc}@{l} %" for l in labels] + [f"mean {acc} {budget_label(lo)}-{budget_label(hi)} %"]
-    return _table(header, cells), rows
+    return table(header, cells), rows
+
+
+# ----------------------------------------------------------------------------- a run's logits and evaluation
+
+
+def predict_exit_logits(model: keras.Model, dataset: Iterable[Any], verbose: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` over a batched `(x, y)` dataset; return logits (K, N, C) float32 and labels (N,).
+
+    `model` is a multi-exit Keras model whose outputs are the exits' logits in exit order
+    (a functional backbone or a `keras_ee.training.MultiExitModel`).
+    """
+    import keras  # here, not at the top: `keras-ee evaluate` reads dumps without TensorFlow
+
+    logits, labels = [], []
+    for batch in dataset:
+        x, y = batch[0], batch[1]
+        out = model(x, training=False)
+        out = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+        logits.append(np.stack([keras.ops.convert_to_numpy(o).astype(np.float32) for o in out]))
+        labels.append(np.asarray(keras.ops.convert_to_numpy(y)).reshape(-1))
+    if not logits:
+        raise ValueError("the dataset passed for prediction yielded no batch; expected (x, y) batches.")
+    return np.concatenate(logits, axis=1), np.concatenate(labels).astype(np.int64)
+
+
+def evaluate_run(
+    workdir: StrPath,
+    kind: str = "max_softmax",
+    qs: np.ndarray | Sequence[float] | None = None,
+    mode: SplitMode = "geometric",
+    echo: bool = True,
+    shortfall: Shortfall = "reference",
+    metric: str = "top1",
+) -> Evaluation:
+    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
+
+    `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
+    `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
+    gating's `gater`: written to `eval/<kind>/`). `metric="top5"` counts a sample correct
+    when its label is among the exit's 5 largest logits (the HDKD paper's measure; exits
+    are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
+    so the top-1 files stay.
+    """
+    check_metric(metric)
+    workdir = Path(workdir)
+    dump = load_dump(workdir / DUMP_DIR)
+    scores, out = None, workdir / "eval"
+    if metric != "top1":
+        out = out / metric
+    if kind not in calibration.SCORE_KINDS:
+        scores = load_run_scores(workdir, kind)
+        out = out / kind
+    ev = evaluate_dump(
+        dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall, scores=scores, metric=metric
+    )
+    title = _title(workdir)
+    if metric != "top1" and title:
+        title = f"{title} ({metric_label(metric)})"
+    paths = write_evaluation(ev, out, title=title)
+    if echo:
+        what = "" if metric == "top1" else f", {metric_label(metric)}"
+        print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
+        print(format_anytime(ev))
+        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")
+        print(format_budget(ev, every=2))
+        print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
+    return ev
+
+
+def run_score_kinds(workdir: StrPath) -> list[str]:
+    """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
+    folder = Path(workdir) / SCORES_DIR
+    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
+
+
+def load_run_scores(workdir: StrPath, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
+    path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
+    if not path.is_file():
+        saved = run_score_kinds(workdir)
+        raise ValueError(
+            f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
+            f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
+            "scores come from a run trained with --method gating)."
+        )
+    try:
+        with np.load(path) as f:
+            return np.asarray(f["val"]), np.asarray(f["test"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
+            "settings to write it again."
+        ) from None
+
+
+def compare_confidences(workdir: StrPath, evaluations: dict[str, Evaluation]) -> Path:
+    """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
+    out = Path(workdir) / "eval" / "confidence.png"
+    with atomic_path(out) as tmp:
+        plots.budget_plot(evaluations, tmp, title=_title(Path(workdir)))
+    return out
+
+
+def _title(workdir: Path) -> str | None:
+    cfg = workdir / CONFIG_FILE
+    if not cfg.is_file():
+        return None
+    c = TrainConfig.from_file(cfg)
+    return f"{c.model} / {c.method} on {c.dataset}"

@@ -1,32 +1,12 @@
-"""One training run, start to finish: `train(config, workdir)` and `evaluate_run(workdir)`.
+"""One training run, start to finish: `train(config, workdir)`.
 
-A run folder holds:
-
-    config.json          the TrainConfig (a rerun with other settings is refused)
-    model.keras          the trained MultiExitModel (custom objects registered)
-    history.csv          per-epoch logs (loss and accuracy of every exit, WPN weight stats)
-    tensorboard/         TensorBoard logs
-    costs.json           per-exit cumulative params and Mul-Adds
-    preprocessing.json   the input normalisation: pixel scale and the training split's
-                         per-channel mean and std (what `keras-ee predict` applies to raw images),
-                         and `pixel_range`, the min and max of its stored pixels (what
-                         `keras-ee predict` accepts; absent in older runs: then unchecked)
-    dump/                validation and test logits in the calibrator's dump format
-    l2w_samples.npz      per-sample (loss, confidence, weight) of an L2W run (Figure 8)
-    wpn.npz              an L2W run's WPN, to reuse frozen: --method-option weighting=frozen
-                         --method-option wpn_weights_path=RUN/wpn.npz
-    scores/              a method's own confidence scores of the dump (gating: gater.npz)
-    hdkd.json            an HDKD-family run's final loss weights, moving averages, temperatures and
-                         `meta_source` (which split fed the meta batches); hdkd_gamma.png its heat map
-    eval/                anytime.csv, budget.csv, budget.png (after evaluation); eval/gater/ for
-                         the gater's scores and confidence.png with both curves; eval/top5/ for
-                         `keras-ee evaluate --metric top5`
-    backup/              the training state after the last finished epoch; gone when done
-    state.json           whether training finished, and how long it took
-    .lock                the lock of the command working in the folder (see keras_ee.runs)
-    .keras-ee.json       keras-ee's mark: a non-empty --out without it (or .lock) is refused
-
-What a run can rely on:
+`train` reads top to bottom: check every setting, lock the folder (`_train_locked`), restore
+the newest backup and fit every phase (`_fit`, `fit_run`), write the model and the run's files
+(`_write_artifacts`), then evaluate (`keras_ee.evaluation.evaluate_run`). Below them: the
+run's settings (`prepare_workdir`, `canonical_config`, `resumed_optimizer`), its model
+(`build_model`, `compile_phase`), its training data (`training_data`) and EMA. The run
+folder's files are `keras_ee.run_folder`, its lock, backups and history `keras_ee.runs`, the
+strategies `keras_ee.distribute`. What a run can rely on:
 
 - Every file is written atomically (temporary name, fsync, rename): a kill or a full
   disk leaves the previous complete file, never a torn one.
@@ -45,7 +25,7 @@ What a run can rely on:
 - Every setting is checked before the first write; a folder whose run never started
   (config only) is not a run, so a corrected command can use it.
 
-Under a `tf.distribute` strategy (`config.strategy`, see `make_strategy`) the model, its
+Under a `tf.distribute` strategy (`config.strategy`, see `keras_ee.distribute`) the model, its
 method and every optimizer are built under `strategy.scope()` and `fit` distributes the
 global batches, which the replicas share evenly (`check_batch_size`; an epoch's last, smaller
 batch is dropped, `drops_remainder`). Under `multi_worker` only the chief (worker 0, or the `chief` task) writes
@@ -59,91 +39,342 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import shutil
 import tempfile
 import time
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from keras_ee import data, dumps, models, runs, training
 from keras_ee._typing import StrPath
 from keras_ee.atomic import MARKER, atomic_path, atomic_write_json, claim_out_folder
-from keras_ee.atomic import check_out_folder as check_out_folder_rule
-from keras_ee.config import RecipeConfig, TrainConfig
+from keras_ee.callbacks import BudgetCallback, EpochProgress
+from keras_ee.config import RecipeConfig, TrainConfig, keras_optimizer_name, optimizer_name_semantics
+from keras_ee.costs import exit_costs
+from keras_ee.distribute import (
+    apply_multi_worker_fit_workaround,
+    dtype_policy,
+    is_chief,
+    make_strategy,
+    needs_multi_worker_fit_workaround,
+)
+from keras_ee.evaluation import compare_confidences, evaluate_run, predict_exit_logits, run_score_kinds
+from keras_ee.optimizers import KERAS_AUXILIARY_OPTIMIZERS, make_optimizer, optimizer_semantics
+from keras_ee.run_folder import (
+    BACKUP_DIR,
+    CONFIG_FILE,
+    DUMP_DIR,
+    HISTORY_FILE,
+    LEGACY_MODEL_OPTIONS,
+    LOCK_FILE,
+    MODEL_FILE,
+    RECORDED_MODEL_OPTIONS,
+    RunFolder,
+    check_out_folder,
+    recorded_config,
+    resume_settings,
+    run_started,
+    write_preprocessing,
+    write_state,
+)
+from keras_ee.training.methods import phase_of_epoch, phase_starts
 
 if TYPE_CHECKING:
-    import keras
-    import tensorflow as tf
-
-    from keras_ee.calibration import Shortfall, SplitMode
-    from keras_ee.callbacks import EpochProgress
     from keras_ee.data import DatasetSplits
-    from keras_ee.evaluation import Evaluation
     from keras_ee.training import Method, MultiExitModel, Phase
 
-STATE_FILE = "state.json"
-SCORES_DIR = "scores"  # a method's own confidence scores of the dump (`scores/<kind>.npz`)
-CONFIG_FILE = "config.json"
-PREPROCESSING_FILE = "preprocessing.json"
-MODEL_FILE = "model.keras"
 
+def train(
+    config: TrainConfig,
+    workdir: StrPath,
+    verbose: int | str = "progress",
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Path:
+    """Train (or resume) a run in `workdir`, then dump logits and, if configured, evaluate.
 
-def _read_state(workdir: Path) -> dict:
-    f = workdir / STATE_FILE
-    try:
-        state = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, ValueError):
-        return {}  # a damaged state file: treat the run as unfinished (the backup decides)
-    return state if isinstance(state, dict) else {}
+    Everything is validated before the first write; the folder is locked for the whole
+    call (see the module docstring for what a run folder guarantees).
 
+    Args:
+        config: the run's settings.
+        workdir: the run folder (created; an existing one with the same settings resumes).
+        verbose: "progress" (a compact bar and one line per epoch), or a Keras `fit`
+            verbosity (0 silent, 1 Keras' bar, 2 one line per epoch).
+        callbacks: extra Keras callbacks.
 
-def _write_state(workdir: Path, **values: Any) -> None:
-    state = _read_state(workdir)
-    state.update(values)
-    atomic_write_json(workdir / STATE_FILE, state)
-
-
-def run_started(workdir: Path) -> bool:
-    """Whether a run folder holds more than the config of a run that never trained."""
-    from keras_ee import runs
-
-    workdir = Path(workdir)
-    return any((workdir / name).exists() for name in (MODEL_FILE, runs.BACKUP_DIR, runs.HISTORY_FILE, STATE_FILE))
-
-
-def is_run_folder(workdir: StrPath) -> bool:
-    """A run folder from before keras-ee marked its folders: `train` left its lock file there, or
-    its config.json is exactly as keras-ee writes one (every setting spelled out; older versions
-    left one behind when they refused a command). A user's own config.json is not."""
-    from keras_ee import runs
-
-    workdir = Path(workdir)
-    if (workdir / runs.LOCK_FILE).is_file():
-        return True
-    try:
-        values = TrainConfig.read_values(workdir / CONFIG_FILE)
-        return TrainConfig.from_dict(values).to_dict() == values
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def check_out_folder(workdir: StrPath) -> Path:
-    """Refuse an `--out` that is a file, lies under one, or holds files keras-ee did not write,
-    before anything is written (`keras_ee.atomic.check_out_folder`; a run folder resumes).
-
-    No write probe: a multi-worker non-chief checks the chief's folder, which it never writes.
+    Returns:
+        The run folder.
     """
-    return check_out_folder_rule(
-        workdir,
-        recognise=is_run_folder,
-        hint="use a new --out folder (a run folder keras-ee wrote resumes).",
-        probe=False,
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
+    config = canonical_config(resume_settings(config, workdir))  # refuse bad options before any write
+    workdir = prepare_workdir(config, workdir, write=False)
+    strategy = make_strategy(config.strategy)
+    check_batch_size(config, 1 if strategy is None else strategy.num_replicas_in_sync)
+    if not is_chief(strategy):
+        _train_worker(config, workdir, strategy, callbacks)
+        return workdir
+    created = not workdir.exists()
+    try:
+        claim_out_folder(workdir, "run")  # marked as keras-ee's if new or empty
+    except OSError as e:
+        raise runs.RunWriteError(f"cannot create run folder {str(workdir)!r}: {runs.describe_os_error(e)}.") from None
+    try:
+        _train_locked(config, workdir, verbose, callbacks, strategy)
+    except BaseException:
+        if created and not run_started(workdir):  # refused before it started: leave no trace
+            (workdir / LOCK_FILE).unlink(missing_ok=True)
+            (workdir / CONFIG_FILE).unlink(missing_ok=True)
+            (workdir / MARKER).unlink(missing_ok=True)
+            try:
+                workdir.rmdir()
+            except OSError:
+                pass
+        raise
+    if config.evaluate:
+        try:
+            evaluations = {config.confidence: evaluate_run(workdir, kind=config.confidence)}
+            for kind in run_score_kinds(workdir):  # the method's own scores (gating: the gater's)
+                evaluations[kind] = evaluate_run(workdir, kind=kind)
+            if len(evaluations) > 1:
+                print(f"wrote {compare_confidences(workdir, evaluations)} (the budget curve of each confidence)")
+        except OSError as e:
+            raise runs.RunWriteError(
+                f"cannot write {str(e.filename or workdir / 'eval')!r}: {runs.describe_os_error(e)}; nothing was "
+                f"lost: the run is complete, and `keras-ee evaluate {workdir}` writes the evaluation again."
+            ) from None
+    return workdir
+
+
+def _train_locked(
+    config: TrainConfig,
+    workdir: Path,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    strategy: Any = None,
+) -> None:
+    """The chief's run under the folder's lock: load the data, train (or load the finished model), write the files."""
+    with runs.RunLock(workdir), dtype_policy(config.precision):
+        prepare_workdir(config, workdir, write=False)  # again, now that no other command can write
+        runs.remove_temporaries(workdir)  # left by a killed command
+        keras.utils.set_random_seed(config.seed)
+        splits = data.load_configured(config)
+        check_splits(splits, config, 1 if strategy is None else strategy.num_replicas_in_sync)
+        model, damage = runs.finished_model(workdir)
+        if model is not None:
+            print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
+        elif damage is not None:
+            print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
+            write_state(workdir, trained=False)
+        if model is None:
+            run_config = resumed_optimizer(config, workdir)
+            model = build_model(
+                run_config, splits, method=make_method(run_config.method, run_config.method_options), strategy=strategy
+            )
+            prepare_workdir(config, workdir)  # writes config.json: the run starts now
+            logs = workdir / "tensorboard"
+            new_logs = not logs.exists()
+            try:
+                _fit(run_config, splits, model, workdir, verbose, callbacks)
+            except BaseException:
+                if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
+                    shutil.rmtree(logs, ignore_errors=True)
+                raise
+        try:
+            _write_artifacts(config, splits, model, workdir)
+        except OSError as e:
+            raise runs.RunWriteError(
+                f"cannot write {str(e.filename or workdir)!r}: {runs.describe_os_error(e)}; nothing was lost: the "
+                f"trained model is in {str(workdir / MODEL_FILE)!r}, and rerunning the same command writes the "
+                "rest without training again."
+            ) from None
+
+
+def _train_worker(
+    config: TrainConfig, workdir: Path, strategy: Any, callbacks: Sequence[keras.callbacks.Callback]
+) -> None:
+    """A multi-worker non-chief: the same training, from the chief's backup, into a temporary folder."""
+    resolver = strategy.cluster_resolver
+    own = Path(tempfile.mkdtemp(prefix=f"keras-ee-{resolver.task_type}{resolver.task_id}-"))
+    try:
+        with dtype_policy(config.precision):
+            keras.utils.set_random_seed(config.seed)
+            splits = data.load_configured(config)
+            check_splits(splits, config, strategy.num_replicas_in_sync)
+            if runs.finished_model(workdir)[0] is not None:
+                return  # the chief loads the same model.keras and trains nothing either
+            config = resumed_optimizer(config, workdir, quiet=True)
+            model = build_model(
+                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
+            )
+            _fit(config, splits, model, own, 0, callbacks, restore_from=workdir)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _fit(
+    config: TrainConfig,
+    splits: DatasetSplits,
+    model: MultiExitModel,
+    workdir: Path,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+    restore_from: Path | None = None,
+) -> None:
+    """Restore the newest intact backup, train the remaining epochs, save the final model.
+
+    `restore_from`: a multi-worker non-chief's run folder (the chief's), whose backup it
+    restores; it then writes only its own temporary `workdir` and saves no model.
+    """
+    phases = run_phases(config, model.method)
+    configured = [0]  # the phase the model is compiled for (build_model: phase 1)
+
+    def configure_for_backup(epochs_done: int) -> None:
+        # A backup after `epochs_done` epochs holds the state of the phase of its last
+        # epoch (its trainable set and optimizer): configure that phase before loading.
+        index = phase_of_epoch(phases, epochs_done - 1) if epochs_done else 0
+        if index != configured[0]:
+            compile_phase(model, config, splits, index, fresh=False)
+            configured[0] = index
+
+    backup = runs.RunBackup(workdir / BACKUP_DIR)
+    source = backup if restore_from is None else runs.RunBackup(restore_from / BACKUP_DIR)
+    with model.distribute_strategy.scope():  # an optimizer built here must be mirrored too
+        first_epoch = source.restore(model, prepare=configure_for_backup)
+    if first_epoch == 0 and configured[0] != 0:  # every backup was damaged: start over from phase 1
+        compile_phase(model, config, splits, 0, fresh=False)
+        configured[0] = 0
+    history = runs.HistoryLog(workdir / HISTORY_FILE)
+    history.truncate(first_epoch)
+    val_ds = splits.val_dataset(config.batch_size)
+    cbs: list[keras.callbacks.Callback] = []
+    if config.budgets:
+        cbs.append(BudgetCallback(val_ds, budgets=config.budgets))
+    # The history row of an epoch is written before its backup: a kill between the two
+    # leaves a row that the resume drops (truncate) and trains again.
+    if config.recipe.ema:  # validate on the weight average (the backups keep the trained weights)
+        cbs.append(ema_validation_callback())
+    cbs += [
+        history,
+        backup,
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+        *model.method.callbacks(),
+        *callbacks,
+    ]
+    progress = None
+    if verbose == "progress":
+        progress = EpochProgress()
+        cbs.append(progress)
+        verbose = 0
+    start = time.perf_counter()
+    fit_run(
+        config,
+        splits,
+        model,
+        cbs,
+        verbose=verbose,
+        first_epoch=first_epoch,
+        configured=configured[0],
+        progress=progress,
+        validation_data=val_ds,
     )
+    if restore_from is not None:
+        return
+    try:
+        runs.check_free_space(workdir, int(runs.variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
+        with atomic_path(workdir / MODEL_FILE) as tmp:
+            model.save(tmp)
+    except OSError as e:
+        raise runs.RunWriteError(
+            f"cannot write {str(workdir / MODEL_FILE)!r}: {runs.describe_os_error(e)}; "
+            "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
+            "command finishes the run without training again."
+        ) from None
+    write_state(
+        workdir,
+        trained=True,
+        train_seconds=round(time.perf_counter() - start, 1),
+        resumed_at_epoch=first_epoch,
+        strategy=config.strategy,
+        replicas=model.distribute_strategy.num_replicas_in_sync,
+        optimizer_semantics=optimizer_semantics(model.optimizer),
+    )
+    backup.remove()  # only now: model.keras and state.json are in place
+
+
+def fit_run(
+    config: TrainConfig,
+    splits: DatasetSplits,
+    model: MultiExitModel,
+    callbacks: Sequence[keras.callbacks.Callback],
+    verbose: int | str = 0,
+    first_epoch: int = 0,
+    configured: int = 0,
+    progress: EpochProgress | None = None,
+    validation_data: Any = None,
+) -> keras.callbacks.History | None:
+    """Train every phase of the run from epoch `first_epoch` (counted over all phases).
+
+    Each phase that starts here is configured and compiled with its own optimizer
+    (`compile_phase`); the model must be compiled for phase `configured` already (a
+    fresh `build_model`: 0; a restored backup: the phase of its last epoch).
+
+    Returns:
+        The `History` of the last `fit` (None if nothing was left to train).
+    """
+    phases = run_phases(config, model.method)
+    starts, _ = phase_starts(phases)
+    history = None
+    for index, (phase, begin) in enumerate(zip(phases, starts)):
+        end = begin + phase.epochs
+        if first_epoch >= end:
+            if index == configured:
+                # Restored from the backup of this phase's last epoch: its `fit` has not ended
+                # in this process, so write its weight average (EMA) as that `fit` would have.
+                finalize_ema(model)
+            continue
+        if index != configured:  # a new phase starts now
+            compile_phase(model, config, splits, index, fresh=True)
+            configured = index
+        if progress is not None and len(phases) > 1:
+            progress.label = f"{phase.name} ({index + 1}/{len(phases)})"
+        initial = max(first_epoch, begin)
+        replicas = model.distribute_strategy.num_replicas_in_sync
+        history = model.fit(
+            training_data(config, splits, model.method, initial, end, replicas=replicas),
+            validation_data=validation_data,
+            epochs=end,
+            initial_epoch=initial,
+            steps_per_epoch=training_batches(config, splits, model.method, replicas),
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the pipeline shuffles, by (seed, epoch)
+    return history
+
+
+def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExitModel, workdir: Path) -> None:
+    """costs.json, the logit dump and the method's files, each written atomically."""
+    costs = exit_costs(model.backbone)
+    atomic_write_json(workdir / "costs.json", costs)
+    write_preprocessing(workdir, splits)
+    dtype = np.dtype(config.dump_dtype)
+    val_logits, val_labels = predict_exit_logits(model, splits.val_dataset(256))
+    test_logits, test_labels = predict_exit_logits(model, splits.test_dataset(256))
+    dumps.save_dump(
+        workdir / DUMP_DIR,
+        val_logits.astype(dtype),
+        val_labels,
+        test_logits.astype(dtype),
+        test_labels,
+        costs={**costs, "rule": "reference"},
+    )
+    model.method.save_artifacts(model, splits, RunFolder(workdir))
 
 
 def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -> Path:
@@ -181,8 +412,6 @@ def prepare_workdir(config: TrainConfig, workdir: StrPath, write: bool = True) -
 
 def same_method_options(a: TrainConfig, b: TrainConfig) -> bool:
     """Whether two configs of one method build it with the same options (`MethodSpec.resolved`)."""
-    from keras_ee import training
-
     if a.method != b.method:
         return False
     try:
@@ -196,8 +425,6 @@ def canonical_config(config: TrainConfig) -> TrainConfig:
     """`config` with its method options under their own names (`MethodSpec.canonical`), after the
     method has checked them, and the model options that every run records (`RECORDED_MODEL_OPTIONS`)
     written out: what config.json stores. A `ValueError` names a bad option."""
-    from keras_ee import training
-
     make_method(config.method, config.method_options)
     options = training.get_method(config.method).canonical(config.method_options)
     model_options = {**RECORDED_MODEL_OPTIONS, **config.model_options}
@@ -206,33 +433,37 @@ def canonical_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, method_options=options, model_options=model_options)
 
 
-# Model options that a run records in config.json (`canonical_config`), with their default for a
-# new run, and the value that a run recorded before the option existed trained with.
-RECORDED_MODEL_OPTIONS = {"moving_variance_update": "unbiased"}
-LEGACY_MODEL_OPTIONS = {"moving_variance_update": "biased"}
+def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:
+    """`config` with the optimizer semantics of the run's backup, which a resume must keep.
 
-
-def recorded_config(stored: TrainConfig) -> TrainConfig:
-    """The settings a run folder's config.json `stored` trained with: a model option it does not
-    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`)."""
-    model_options = {**LEGACY_MODEL_OPTIONS, **stored.model_options}
-    return stored if model_options == stored.model_options else dataclasses.replace(stored, model_options=model_options)
-
-
-def resume_settings(config: TrainConfig, workdir: StrPath) -> TrainConfig:
-    """`config`, where `workdir` holds a run recorded before a model option existed and `config`
-    does not set that option, with the option as that run trained (so that it resumes exactly)."""
-    saved = Path(workdir) / CONFIG_FILE
-    if not (saved.is_file() and run_started(Path(workdir))):
+    Runs made before keras-ee took PyTorch's steps (`keras_ee.optimizers`) recorded none and
+    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, and
+    a method's auxiliary optimizer (L2W's WPN Adam, the gater's) as Keras' too, the
+    optimizers whose state the backup holds. config.json is left as it is.
+    """
+    if runs.RunBackup(workdir / BACKUP_DIR).optimizer_semantics() != "keras":
         return config
-    try:
-        stored = TrainConfig.read_values(saved).get("model_options")
-    except (OSError, ValueError):
-        return config  # prepare_workdir reports it
-    if not isinstance(stored, dict):
+    changes: dict[str, Any] = {}
+    if optimizer_name_semantics(config.optimizer) == "pytorch":
+        changes["optimizer"] = keras_optimizer_name(config.optimizer)
+    spec = training.get_method(config.method)
+    options = spec.resolved(config.method_options)
+    method_options = dict(config.method_options)
+    for option, keras_names in KERAS_AUXILIARY_OPTIMIZERS.items():
+        if option in spec.options and options[option] in keras_names:
+            method_options[option] = keras_names[options[option]]  # (neither option has an alias)
+            changes["method_options"] = method_options
+    if not changes:
         return config
-    adopted = {k: v for k, v in LEGACY_MODEL_OPTIONS.items() if k not in stored and k not in config.model_options}
-    return dataclasses.replace(config, model_options={**config.model_options, **adopted}) if adopted else config
+    if not quiet:
+        names = [f"--optimizer {changes['optimizer']}"] if "optimizer" in changes else []
+        names += [f"{k}={v}" for k, v in changes.get("method_options", {}).items() if k in KERAS_AUXILIARY_OPTIMIZERS]
+        what = ", ".join(names)
+        print(
+            f"[keras-ee] {workdir}: the run started with Keras' optimizers (before keras-ee took PyTorch's "
+            f"steps); it resumes with them ({what})."
+        )
+    return dataclasses.replace(config, **changes)
 
 
 def build_model(
@@ -244,8 +475,6 @@ def build_model(
     `strategy.scope()` (mirrored variables); `config.sync_batchnorm` builds every BatchNorm
     of the backbone (and of the method's own layers) with synchronized statistics.
     """
-    from keras_ee import models, training
-
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     # The backbone's BatchNorm options also reach the layers the method adds (IMTA's transfer paths).
     model_options = dict(config.model_options)
@@ -301,310 +530,6 @@ def compile_phase(
         model.compile(optimizer=optimizer)
 
 
-# PyTorch's AdamW epsilon (Keras' default is 1e-7), as the budget-aware paper's timm recipe.
-ADAMW_EPSILON = 1e-8
-
-
-def make_optimizer(
-    config: TrainConfig,
-    steps: int,
-    variables: Sequence[keras.Variable] = (),
-    overrides: dict[str, Any] | None = None,
-    warmup_steps: int = 0,
-    steps_per_epoch: int | None = None,
-    steps_per_batch: int = 1,
-) -> keras.optimizers.Optimizer:
-    """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
-
-    `config.optimizer`: `sgd` (the papers': `keras_ee.optimizers.SGD`, PyTorch's step with
-    momentum, nesterov and coupled L2 weight decay on every variable) or `adamw`
-    (`keras_ee.optimizers.AdamW`, PyTorch's AdamW, epsilon 1e-8, no weight decay on
-    `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
-    `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
-    `steps_per_epoch` and `steps_per_batch` place the epochs and batches of the schedule
-    (`make_schedule`). `config.recipe.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
-    overwriting during training: Keras' `fit` writes the average into the weights when it
-    ends). `overrides` are a phase's `optimizer_options`.
-    """
-    import keras
-
-    from keras_ee import optimizers as ee_optimizers
-
-    settings = {
-        "learning_rate": config.initial_learning_rate,
-        "momentum": config.momentum,
-        "nesterov": config.nesterov,
-        "weight_decay": config.weight_decay,
-        **(overrides or {}),
-    }
-    schedule = make_schedule(
-        config,
-        steps,
-        settings["learning_rate"],
-        warmup_steps=warmup_steps,
-        steps_per_epoch=steps_per_epoch,
-        steps_per_batch=steps_per_batch,
-    )
-    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.recipe.ema)} if config.recipe.ema else {}
-    weight_decay = float(settings["weight_decay"])
-    optimizer: keras.optimizers.Optimizer
-    if config.optimizer in ("adamw", "keras_adamw"):
-        adamw = ee_optimizers.AdamW if config.optimizer == "adamw" else keras.optimizers.AdamW
-        optimizer = adamw(learning_rate=schedule, weight_decay=weight_decay, epsilon=ADAMW_EPSILON, **ema)
-        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
-        return optimizer
-    if config.optimizer == "sgd":
-        return ee_optimizers.SGD(
-            learning_rate=schedule,
-            momentum=float(settings["momentum"]),
-            nesterov=settings["nesterov"],
-            weight_decay=weight_decay,
-            **ema,
-        )
-    return keras.optimizers.SGD(
-        learning_rate=schedule,
-        momentum=settings["momentum"],
-        nesterov=settings["nesterov"],
-        weight_decay=weight_decay or None,
-        **ema,
-    )
-
-
-# One strategy of each kind per process: TensorFlow configures a cluster or a TPU once, and
-# numbers the collective operations of every new (MultiWorker)MirroredStrategy from the same
-# keys, so a second one's collectives would collide with the first's (see
-# `training.model.check_collective_strategy`).
-_STRATEGIES: dict[str, Any] = {}
-
-
-def make_strategy(name: str) -> Any:
-    """The `tf.distribute` strategy of `config.strategy`, or None for `none` (one device).
-
-    - `mirrored`: `MirroredStrategy` over every visible GPU; without a GPU, over every
-      logical CPU device (one unless `tf.config.set_logical_device_configuration` made more).
-    - `multi_worker`: `MultiWorkerMirroredStrategy`, the cluster read from `TF_CONFIG`
-      (checked first). Create it before any other TensorFlow op of the process.
-    - `tpu`: `TPUStrategy` on the TPU that `TPUClusterResolver` finds.
-
-    Under a strategy the configured batch size is the global batch. Every kind is made once
-    per process and returned again: runs that train one after the other in a process (a
-    notebook trying baseline, then L2W) share it.
-    """
-    import tensorflow as tf
-
-    from keras_ee.config import STRATEGIES
-
-    if name == "none":
-        return None
-    if name in _STRATEGIES:
-        return _STRATEGIES[name]
-    if name == "mirrored":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
-    elif name == "multi_worker":
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    elif name == "tpu":
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-        except (ValueError, RuntimeError, tf.errors.OpError) as e:
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ValueError(
-                f"--strategy tpu: no TPU found ({reason}); expected a TPU VM or a TPU named by TPU_NAME."
-            ) from None
-        strategy = tf.distribute.TPUStrategy(resolver)
-    else:
-        raise ValueError(f"strategy must be one of {STRATEGIES}; received {name!r}.")
-    _STRATEGIES[name] = strategy
-    return strategy
-
-
-def check_tf_config(text: str | None) -> dict:
-    """The parsed `TF_CONFIG` of a multi-worker run, or a one-line `ValueError` saying what is wrong."""
-    example = (
-        'expected e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
-    )
-    if not text:
-        raise ValueError(
-            f"--strategy multi_worker needs the TF_CONFIG environment variable, which is not set; {example}."
-        )
-    try:
-        tf_config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({e.msg}); {example}.") from None
-    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
-    task = tf_config.get("task") if isinstance(tf_config, dict) else None
-    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
-        raise ValueError(f"TF_CONFIG has no cluster with workers (received {text!r}); {example}.")
-    if any(not isinstance(v, list) or not all(isinstance(a, str) and ":" in a for a in v) for v in cluster.values()):
-        raise ValueError(
-            f"TF_CONFIG's cluster must map task types to lists of 'host:port' (received {cluster!r}); {example}."
-        )
-    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
-    if (
-        kind not in cluster
-        or isinstance(index, bool)
-        or not isinstance(index, int)
-        or not (0 <= index < len(cluster[kind]))
-    ):
-        raise ValueError(
-            f"TF_CONFIG's task must name a type of the cluster and an index in it (received {task!r}); {example}."
-        )
-    return tf_config
-
-
-def is_chief(strategy: Any) -> bool:
-    """Whether this process writes the run folder: always, except on a multi-worker cluster's non-chiefs."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if strategy is None or resolver is None or not _is_multi_worker(strategy):
-        return True
-    kind, index = resolver.task_type, resolver.task_id
-    if kind in (None, "chief"):
-        return True
-    return kind == "worker" and index == 0 and "chief" not in resolver.cluster_spec().as_dict()
-
-
-def _is_multi_worker(strategy: Any) -> bool:
-    import tensorflow as tf
-
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
-def needs_multi_worker_fit_workaround(strategy: Any) -> bool:
-    """Whether `fit` under this strategy needs `apply_multi_worker_fit_workaround`.
-
-    Keras 3 (3.15, pinned here, and the 3.x releases since the bug was filed) cannot `fit`
-    under `MultiWorkerMirroredStrategy` with more than one worker: keras-team/keras#20585,
-    tensorflow/tensorflow#72388. Only then, and only on Keras 3 whose TensorFlow trainer has
-    the private hook the workaround replaces; check again when Keras is upgraded.
-    """
-    import keras
-
-    if strategy is None or not _is_multi_worker(strategy):
-        return False
-    spec = strategy.cluster_resolver.cluster_spec()
-    if sum(spec.num_tasks(kind) for kind in spec.jobs if kind in ("chief", "worker")) < 2:
-        return False
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-    return keras.version().startswith("3.") and hasattr(TensorFlowTrainer, "_maybe_symbolic_build")
-
-
-def apply_multi_worker_fit_workaround(model: MultiExitModel, strategy: Any) -> None:
-    """Work around Keras 3's two multi-worker `fit` failures on this `model` instance only.
-
-    1. `TensorFlowTrainer._maybe_symbolic_build` reduces the first distributed batch, a
-       tuple, with `strategy.reduce("MEAN", batch, axis=None)`, which the collective ops of
-       several workers cannot take ("Attempt to convert a value (PerReplica:{...}) with an
-       unsupported type"). The build only needs shapes: this one builds on the replica's
-       own part of the batch.
-    2. The train and test steps' logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
-       which fails on scalars ("Invalid reduction dimension 0 for input with 0
-       dimensions"): the steps here return each log with shape (1,), whose reduction is the
-       replicas' mean, a scalar again.
-    """
-    import tensorflow as tf
-
-    def local_part(value: Any) -> Any:
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    def maybe_symbolic_build(iterator: Any = None, data_batch: Any = None) -> None:
-        if iterator is not None:  # as Keras: the first batch of the epoch iterator
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(local_part, next(it))
-                break
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    def reducible(step: Any) -> Any:
-        def step_with_reducible_logs(data: Any) -> dict[str, tf.Tensor]:
-            return {k: tf.reshape(v, [1]) if len(v.shape) == 0 else v for k, v in step(data).items()}
-
-        return step_with_reducible_logs
-
-    model._maybe_symbolic_build = maybe_symbolic_build
-    # This instance's steps only (the class keeps Keras' own).
-    model.train_step = reducible(model.train_step)  # type: ignore[method-assign]
-    model.test_step = reducible(model.test_step)  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def dtype_policy(name: str) -> Iterator[None]:
-    """Keras' global dtype policy set to `name` (`float32`, `mixed_float16`, `mixed_bfloat16`) inside."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def read_preprocessing(workdir: StrPath) -> tuple[float, np.ndarray, np.ndarray]:
-    """`(pixel_scale, mean, std)` of a run's inputs: from `preprocessing.json`, or (a run
-    from before that file) from its dataset's training split, which is loaded for it."""
-    workdir = Path(workdir)
-    path = workdir / PREPROCESSING_FILE
-    if not path.is_file():
-        splits = load_data(TrainConfig.from_file(workdir / CONFIG_FILE))
-        return float(splits.pixel_scale), np.asarray(splits.mean, np.float32), np.asarray(splits.std, np.float32)
-    try:
-        saved = json.loads(path.read_text())
-        scale, mean, std = (
-            float(saved["pixel_scale"]),
-            np.asarray(saved["mean"], np.float32),
-            np.asarray(saved["std"], np.float32),
-        )
-        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and (std > 0).all()):
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(
-            f"{str(path)!r} is damaged: expected pixel_scale, and mean and std of one number per "
-            "channel (std > 0); rerun `keras-ee train` with the same command to rewrite it."
-        ) from None
-    return scale, mean, std
-
-
-def read_pixel_range(workdir: StrPath) -> tuple[float, float] | None:
-    """`(min, max)` of the stored pixels a run was trained on (`preprocessing.json`'s
-    `pixel_range`), or None for a run from before it was recorded (its input is not checked)."""
-    path = Path(workdir) / PREPROCESSING_FILE
-    try:
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if "pixel_range" not in saved:
-            return None
-        lo, hi = (float(v) for v in saved["pixel_range"])
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-            raise ValueError
-    except (ValueError, TypeError, AttributeError):
-        raise ValueError(
-            f"{str(path)!r} is damaged: expected `pixel_range` [min, max] of finite numbers; rerun "
-            "`keras-ee train` with the same command to rewrite it."
-        ) from None
-    return lo, hi
-
-
-def load_data(config: TrainConfig) -> DatasetSplits:
-    """The configured dataset's splits."""
-    from keras_ee import data
-
-    return data.load(
-        config.dataset,
-        data_dir=config.data_dir,
-        val_size=config.val_size,
-        seed=config.seed,
-        imbalance_factor=config.imbalance_factor,
-        train_size=config.train_size,
-        meta_size=config.meta_split_size,
-        samples_per_class=config.samples_per_class,
-    )
-
-
 def make_method(name: str, options: dict) -> Method:
     """The training method called `name` (registered, or `package.module:Class`) with `options`.
 
@@ -612,74 +537,7 @@ def make_method(name: str, options: dict) -> Method:
     as JSON or strings); an unknown option or a bad value is a `ValueError` listing the
     valid options with their types.
     """
-    from keras_ee import training
-
     return training.get_method(name).create(options)
-
-
-def make_schedule(
-    config: TrainConfig,
-    total_steps: int,
-    learning_rate: float | None = None,
-    warmup_steps: int = 0,
-    steps_per_epoch: int | None = None,
-    steps_per_batch: int = 1,
-) -> Any:
-    """The learning-rate schedule of `config.schedule` over `total_steps` optimizer iterations
-    (from `learning_rate`, default the run's).
-
-    `steps_per_epoch` (optimizer steps per epoch) and `steps_per_batch` (the method's optimizer
-    steps per loaded batch) place the epochs and batches of `step_per_epoch` and
-    `cosine_per_batch` (`keras_ee.schedules`); the others count optimizer steps only. With
-    `warmup_steps` (optimizer steps), a linear warm-up from 0 first: Keras' `CosineDecay`
-    warm-up for `cosine` and `constant` (a cosine with `alpha=1`), the budget-aware code's for
-    `cosine_per_batch`. The step schedules have no warm-up (the config refuses one).
-    """
-    import keras
-
-    from keras_ee import schedules
-    from keras_ee.config import WARMUP_SCHEDULES
-
-    lr = config.initial_learning_rate if learning_rate is None else learning_rate
-    if warmup_steps > 0 and config.schedule not in WARMUP_SCHEDULES:
-        raise ValueError(
-            f"config `warmup_epochs` must be 0 with schedule {config.schedule!r}; warm-up works with "
-            f"{', '.join(WARMUP_SCHEDULES)}."
-        )
-    if config.schedule in ("step_per_epoch", "cosine_per_batch"):
-        if steps_per_epoch is None or steps_per_epoch < 1 or total_steps % steps_per_epoch:
-            raise ValueError(
-                f"schedule {config.schedule!r} needs the optimizer steps per epoch dividing the total "
-                f"{total_steps}; received steps_per_epoch={steps_per_epoch!r}."
-            )
-        if config.schedule == "step_per_epoch":
-            return schedules.StepDecayPerEpoch(lr, steps_per_epoch, total_steps // steps_per_epoch)
-        if warmup_steps >= total_steps:
-            raise ValueError(
-                f"config `warmup_epochs` ({config.warmup_epochs}) must be fewer than the epochs of the "
-                f"phase ({total_steps // steps_per_epoch}) with schedule 'cosine_per_batch'."
-            )
-        return schedules.CosinePerBatch(
-            lr,
-            total_batches=max(1, total_steps // steps_per_batch),
-            steps_per_batch=steps_per_batch,
-            warmup_batches=warmup_steps // steps_per_batch,
-            final_learning_rate=config.min_learning_rate,
-        )
-    if warmup_steps > 0:
-        return keras.optimizers.schedules.CosineDecay(
-            0.0,
-            decay_steps=max(1, total_steps - warmup_steps),
-            alpha=1.0 if config.schedule == "constant" else 0.0,
-            warmup_target=lr,
-            warmup_steps=warmup_steps,
-        )
-    if config.schedule == "constant":
-        return lr
-    if config.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
-    bounds = [max(1, int(total_steps * 0.5)), max(2, int(total_steps * 0.75))]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])
 
 
 def training_data(
@@ -716,8 +574,6 @@ def training_data(
     )
     if not method.uses_meta_stream:
         return train_ds
-    import tensorflow as tf
-
     meta = splits.meta_dataset(
         config.batch_size,
         training_batches(config, splits, method, replicas),
@@ -750,8 +606,6 @@ def training_batches(config: TrainConfig, splits: DatasetSplits, method: Method,
 def check_batch_size(config: TrainConfig, replicas: int) -> None:
     """Refuse a global batch that `replicas` cannot share evenly, or that gives each fewer images
     than the method trains on (`Method.min_batch_per_replica`), before anything is written."""
-    from keras_ee import training
-
     need = training.get_method(config.method).cls.min_batch_per_replica
     batch, smallest = config.batch_size, replicas * need
     if batch % replicas == 0 and batch >= smallest:
@@ -783,7 +637,6 @@ def ema_validation_callback() -> keras.callbacks.Callback:
     float rounding at every swap; this one copies (as Keras' other backends do), so a run
     with validation trains exactly as one without. Prediction hooks are left alone.
     """
-    import keras
 
     class ExactSwapEMAWeights(keras.callbacks.SwapEMAWeights):
         _tf_swap_variables = keras.callbacks.SwapEMAWeights._backend_swap_variables
@@ -799,8 +652,6 @@ def ema_validation_callback() -> keras.callbacks.Callback:
 
 def finalize_ema(model: keras.Model) -> None:
     """Write the optimizer's weight average into the model, as Keras' `fit` does when it ends."""
-    import keras
-
     optimizer = model.optimizer
     if isinstance(optimizer, keras.optimizers.Optimizer) and getattr(optimizer, "use_ema", False):
         optimizer.finalize_variable_values(model.trainable_weights)
@@ -822,494 +673,3 @@ def check_splits(splits: DatasetSplits, config: TrainConfig, replicas: int = 1) 
             f"(--batch-size {config.batch_size}); under --strategy {config.strategy} every step takes a full "
             f"global batch: expected a --batch-size of at most {splits.num_train - splits.num_train % replicas}."
         )
-
-
-def load_run_model(path: StrPath) -> keras.Model:
-    """Load a run's `model.keras`, with a clear error if the file is damaged."""
-    import keras
-
-    from keras_ee import models, training  # noqa: F401  (registers the custom classes for loading)
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist.")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
-            "a write was probably interrupted)."
-        )
-    try:
-        return keras.saving.load_model(path)
-    except Exception as e:  # keras reports a torn archive in many ways (even "file not found")
-        raise ValueError(
-            f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''})."
-        ) from None
-
-
-def fit_run(
-    config: TrainConfig,
-    splits: DatasetSplits,
-    model: MultiExitModel,
-    callbacks: Sequence[keras.callbacks.Callback],
-    verbose: int | str = 0,
-    first_epoch: int = 0,
-    configured: int = 0,
-    progress: EpochProgress | None = None,
-    validation_data: Any = None,
-) -> keras.callbacks.History | None:
-    """Train every phase of the run from epoch `first_epoch` (counted over all phases).
-
-    Each phase that starts here is configured and compiled with its own optimizer
-    (`compile_phase`); the model must be compiled for phase `configured` already (a
-    fresh `build_model`: 0; a restored backup: the phase of its last epoch).
-
-    Returns:
-        The `History` of the last `fit` (None if nothing was left to train).
-    """
-    from keras_ee.training.methods import phase_starts
-
-    phases = run_phases(config, model.method)
-    starts, _ = phase_starts(phases)
-    history = None
-    for index, (phase, begin) in enumerate(zip(phases, starts)):
-        end = begin + phase.epochs
-        if first_epoch >= end:
-            if index == configured:
-                # Restored from the backup of this phase's last epoch: its `fit` has not ended
-                # in this process, so write its weight average (EMA) as that `fit` would have.
-                finalize_ema(model)
-            continue
-        if index != configured:  # a new phase starts now
-            compile_phase(model, config, splits, index, fresh=True)
-            configured = index
-        if progress is not None and len(phases) > 1:
-            progress.label = f"{phase.name} ({index + 1}/{len(phases)})"
-        initial = max(first_epoch, begin)
-        replicas = model.distribute_strategy.num_replicas_in_sync
-        history = model.fit(
-            training_data(config, splits, model.method, initial, end, replicas=replicas),
-            validation_data=validation_data,
-            epochs=end,
-            initial_epoch=initial,
-            steps_per_epoch=training_batches(config, splits, model.method, replicas),
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,
-        )  # the pipeline shuffles, by (seed, epoch)
-    return history
-
-
-def _fit(
-    config: TrainConfig,
-    splits: DatasetSplits,
-    model: MultiExitModel,
-    workdir: Path,
-    verbose: int | str,
-    callbacks: Sequence[keras.callbacks.Callback],
-    restore_from: Path | None = None,
-) -> None:
-    """Restore the newest intact backup, train the remaining epochs, save the final model.
-
-    `restore_from`: a multi-worker non-chief's run folder (the chief's), whose backup it
-    restores; it then writes only its own temporary `workdir` and saves no model.
-    """
-    import keras
-
-    from keras_ee import callbacks as ee_callbacks
-    from keras_ee import runs
-    from keras_ee.optimizers import optimizer_semantics
-    from keras_ee.training.methods import phase_of_epoch
-
-    phases = run_phases(config, model.method)
-    configured = [0]  # the phase the model is compiled for (build_model: phase 1)
-
-    def configure_for_backup(epochs_done: int) -> None:
-        # A backup after `epochs_done` epochs holds the state of the phase of its last
-        # epoch (its trainable set and optimizer): configure that phase before loading.
-        index = phase_of_epoch(phases, epochs_done - 1) if epochs_done else 0
-        if index != configured[0]:
-            compile_phase(model, config, splits, index, fresh=False)
-            configured[0] = index
-
-    backup = runs.RunBackup(workdir / runs.BACKUP_DIR)
-    source = backup if restore_from is None else runs.RunBackup(restore_from / runs.BACKUP_DIR)
-    with model.distribute_strategy.scope():  # an optimizer built here must be mirrored too
-        first_epoch = source.restore(model, prepare=configure_for_backup)
-    if first_epoch == 0 and configured[0] != 0:  # every backup was damaged: start over from phase 1
-        compile_phase(model, config, splits, 0, fresh=False)
-        configured[0] = 0
-    history = runs.HistoryLog(workdir / runs.HISTORY_FILE)
-    history.truncate(first_epoch)
-    val_ds = splits.val_dataset(config.batch_size)
-    cbs: list[keras.callbacks.Callback] = []
-    if config.budgets:
-        cbs.append(ee_callbacks.BudgetCallback(val_ds, budgets=config.budgets))
-    # The history row of an epoch is written before its backup: a kill between the two
-    # leaves a row that the resume drops (truncate) and trains again.
-    if config.recipe.ema:  # validate on the weight average (the backups keep the trained weights)
-        cbs.append(ema_validation_callback())
-    cbs += [
-        history,
-        backup,
-        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-        *model.method.callbacks(),
-        *callbacks,
-    ]
-    progress = None
-    if verbose == "progress":
-        progress = ee_callbacks.EpochProgress()
-        cbs.append(progress)
-        verbose = 0
-    start = time.perf_counter()
-    fit_run(
-        config,
-        splits,
-        model,
-        cbs,
-        verbose=verbose,
-        first_epoch=first_epoch,
-        configured=configured[0],
-        progress=progress,
-        validation_data=val_ds,
-    )
-    if restore_from is not None:
-        return
-    try:
-        runs.check_free_space(workdir, int(runs.variable_bytes(model) * 1.5) + (4 << 20), MODEL_FILE)
-        with atomic_path(workdir / MODEL_FILE) as tmp:
-            model.save(tmp)
-    except OSError as e:
-        raise runs.RunWriteError(
-            f"cannot write {str(workdir / MODEL_FILE)!r}: {runs.describe_os_error(e)}; "
-            "nothing was lost: the backup of the last epoch is kept, so rerunning the same "
-            "command finishes the run without training again."
-        ) from None
-    _write_state(
-        workdir,
-        trained=True,
-        train_seconds=round(time.perf_counter() - start, 1),
-        resumed_at_epoch=first_epoch,
-        strategy=config.strategy,
-        replicas=model.distribute_strategy.num_replicas_in_sync,
-        optimizer_semantics=optimizer_semantics(model.optimizer),
-    )
-    backup.remove()  # only now: model.keras and state.json are in place
-
-
-# The methods' auxiliary optimizers whose default became PyTorch's step: option -> {name: Keras' own}.
-KERAS_AUXILIARY_OPTIMIZERS = {
-    "wpn_optimizer": {"adam": "keras_adam"},  # L2W's weight-predicting network
-    "gater_optimizer": {"adamw": "keras_adamw", "adam": "keras_adam", "sgd": "keras_sgd"},  # gating
-}
-
-
-def resumed_optimizer(config: TrainConfig, workdir: Path, quiet: bool = False) -> TrainConfig:
-    """`config` with the optimizer semantics of the run's backup, which a resume must keep.
-
-    Runs made before keras-ee took PyTorch's steps (`keras_ee.optimizers`) recorded none and
-    used Keras' optimizers: their `sgd` / `adamw` resume as `keras_sgd` / `keras_adamw`, and
-    a method's auxiliary optimizer (L2W's WPN Adam, the gater's) as Keras' too, the
-    optimizers whose state the backup holds. config.json is left as it is.
-    """
-    from keras_ee import runs, training
-    from keras_ee.config import keras_optimizer_name, optimizer_name_semantics
-
-    if runs.RunBackup(workdir / runs.BACKUP_DIR).optimizer_semantics() != "keras":
-        return config
-    changes: dict[str, Any] = {}
-    if optimizer_name_semantics(config.optimizer) == "pytorch":
-        changes["optimizer"] = keras_optimizer_name(config.optimizer)
-    spec = training.get_method(config.method)
-    options = spec.resolved(config.method_options)
-    method_options = dict(config.method_options)
-    for option, keras_names in KERAS_AUXILIARY_OPTIMIZERS.items():
-        if option in spec.options and options[option] in keras_names:
-            method_options[option] = keras_names[options[option]]  # (neither option has an alias)
-            changes["method_options"] = method_options
-    if not changes:
-        return config
-    if not quiet:
-        names = [f"--optimizer {changes['optimizer']}"] if "optimizer" in changes else []
-        names += [f"{k}={v}" for k, v in changes.get("method_options", {}).items() if k in KERAS_AUXILIARY_OPTIMIZERS]
-        what = ", ".join(names)
-        print(
-            f"[keras-ee] {workdir}: the run started with Keras' optimizers (before keras-ee took PyTorch's "
-            f"steps); it resumes with them ({what})."
-        )
-    return dataclasses.replace(config, **changes)
-
-
-def train(
-    config: TrainConfig,
-    workdir: StrPath,
-    verbose: int | str = "progress",
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-) -> Path:
-    """Train (or resume) a run in `workdir`, then dump logits and, if configured, evaluate.
-
-    Everything is validated before the first write; the folder is locked for the whole
-    call (see the module docstring for what a run folder guarantees).
-
-    Args:
-        config: the run's settings.
-        workdir: the run folder (created; an existing one with the same settings resumes).
-        verbose: "progress" (a compact bar and one line per epoch), or a Keras `fit`
-            verbosity (0 silent, 1 Keras' bar, 2 one line per epoch).
-        callbacks: extra Keras callbacks.
-
-    Returns:
-        The run folder.
-    """
-    from keras_ee import runs
-
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"`config` must be a TrainConfig; received {type(config).__name__}.")
-    config = canonical_config(resume_settings(config, workdir))  # refuse bad options before any write
-    workdir = prepare_workdir(config, workdir, write=False)
-    strategy = make_strategy(config.strategy)
-    check_batch_size(config, 1 if strategy is None else strategy.num_replicas_in_sync)
-    if not is_chief(strategy):
-        _train_worker(config, workdir, strategy, callbacks)
-        return workdir
-    created = not workdir.exists()
-    try:
-        claim_out_folder(workdir, "run")  # marked as keras-ee's if new or empty
-    except OSError as e:
-        raise runs.RunWriteError(f"cannot create run folder {str(workdir)!r}: {runs.describe_os_error(e)}.") from None
-    try:
-        _train_locked(config, workdir, verbose, callbacks, strategy)
-    except BaseException:
-        if created and not run_started(workdir):  # refused before it started: leave no trace
-            (workdir / runs.LOCK_FILE).unlink(missing_ok=True)
-            (workdir / CONFIG_FILE).unlink(missing_ok=True)
-            (workdir / MARKER).unlink(missing_ok=True)
-            try:
-                workdir.rmdir()
-            except OSError:
-                pass
-        raise
-    if config.evaluate:
-        try:
-            evaluations = {config.confidence: evaluate_run(workdir, kind=config.confidence)}
-            for kind in run_score_kinds(workdir):  # the method's own scores (gating: the gater's)
-                evaluations[kind] = evaluate_run(workdir, kind=kind)
-            if len(evaluations) > 1:
-                print(f"wrote {compare_confidences(workdir, evaluations)} (the budget curve of each confidence)")
-        except OSError as e:
-            raise runs.RunWriteError(
-                f"cannot write {str(e.filename or workdir / 'eval')!r}: {runs.describe_os_error(e)}; nothing was "
-                f"lost: the run is complete, and `keras-ee evaluate {workdir}` writes the evaluation again."
-            ) from None
-    return workdir
-
-
-def _finished_model(workdir: Path) -> tuple[keras.Model | None, ValueError | None]:
-    """`(model, None)` for a finished run whose model.keras loads; `(None, error)` if it is
-    finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
-
-    Under multi_worker every worker decides by this one rule on the same files, so either all
-    of them train or none does: a chief retraining a damaged model alone failed in its first
-    collective, the other workers having left.
-    """
-    if not (_read_state(workdir).get("trained") and (workdir / MODEL_FILE).is_file()):
-        return None, None
-    try:
-        return load_run_model(workdir / MODEL_FILE), None
-    except ValueError as e:
-        return None, e
-
-
-def _train_worker(
-    config: TrainConfig, workdir: Path, strategy: Any, callbacks: Sequence[keras.callbacks.Callback]
-) -> None:
-    """A multi-worker non-chief: the same training, from the chief's backup, into a temporary folder."""
-    import keras
-
-    resolver = strategy.cluster_resolver
-    own = Path(tempfile.mkdtemp(prefix=f"keras-ee-{resolver.task_type}{resolver.task_id}-"))
-    try:
-        with dtype_policy(config.precision):
-            keras.utils.set_random_seed(config.seed)
-            splits = load_data(config)
-            check_splits(splits, config, strategy.num_replicas_in_sync)
-            if _finished_model(workdir)[0] is not None:
-                return  # the chief loads the same model.keras and trains nothing either
-            config = resumed_optimizer(config, workdir, quiet=True)
-            model = build_model(
-                config, splits, method=make_method(config.method, config.method_options), strategy=strategy
-            )
-            _fit(config, splits, model, own, 0, callbacks, restore_from=workdir)
-    finally:
-        shutil.rmtree(own, ignore_errors=True)
-
-
-def _train_locked(
-    config: TrainConfig,
-    workdir: Path,
-    verbose: int | str,
-    callbacks: Sequence[keras.callbacks.Callback],
-    strategy: Any = None,
-) -> None:
-    import keras
-
-    from keras_ee import runs
-
-    with runs.RunLock(workdir), dtype_policy(config.precision):
-        prepare_workdir(config, workdir, write=False)  # again, now that no other command can write
-        runs.remove_temporaries(workdir)  # left by a killed command
-        keras.utils.set_random_seed(config.seed)
-        splits = load_data(config)
-        check_splits(splits, config, 1 if strategy is None else strategy.num_replicas_in_sync)
-        model, damage = _finished_model(workdir)
-        if model is not None:
-            print(f"[keras-ee] {workdir}: training already finished; loaded {MODEL_FILE}.")
-        elif damage is not None:
-            print(f"[keras-ee] {damage} Training it again from the backup, or from the start if none is left.")
-            _write_state(workdir, trained=False)
-        if model is None:
-            run_config = resumed_optimizer(config, workdir)
-            model = build_model(
-                run_config, splits, method=make_method(run_config.method, run_config.method_options), strategy=strategy
-            )
-            prepare_workdir(config, workdir)  # writes config.json: the run starts now
-            logs = workdir / "tensorboard"
-            new_logs = not logs.exists()
-            try:
-                _fit(run_config, splits, model, workdir, verbose, callbacks)
-            except BaseException:
-                if new_logs and not run_started(workdir):  # the logs of a first epoch that never ended
-                    shutil.rmtree(logs, ignore_errors=True)
-                raise
-        try:
-            _write_artifacts(config, splits, model, workdir)
-        except OSError as e:
-            raise runs.RunWriteError(
-                f"cannot write {str(e.filename or workdir)!r}: {runs.describe_os_error(e)}; nothing was lost: the "
-                f"trained model is in {str(workdir / MODEL_FILE)!r}, and rerunning the same command writes the "
-                "rest without training again."
-            ) from None
-
-
-def _write_artifacts(config: TrainConfig, splits: DatasetSplits, model: MultiExitModel, workdir: Path) -> None:
-    """costs.json, the logit dump and the method's files, each written atomically."""
-    from keras_ee import callbacks as ee_callbacks
-    from keras_ee import costs as ee_costs
-    from keras_ee import dumps
-
-    exit_costs = ee_costs.exit_costs(model.backbone)
-    atomic_write_json(workdir / "costs.json", exit_costs)
-    pixel_range = getattr(splits, "pixel_range", None)  # a DatasetSplits of another package may lack it
-    atomic_write_json(
-        workdir / PREPROCESSING_FILE,
-        {
-            "pixel_scale": float(splits.pixel_scale),
-            "mean": np.asarray(splits.mean, np.float64).tolist(),
-            "std": np.asarray(splits.std, np.float64).tolist(),
-            **({} if pixel_range is None else {"pixel_range": list(pixel_range)}),
-        },
-    )
-    dtype = np.dtype(config.dump_dtype)
-    val_logits, val_labels = ee_callbacks.predict_exit_logits(model, splits.val_dataset(256))
-    test_logits, test_labels = ee_callbacks.predict_exit_logits(model, splits.test_dataset(256))
-    dumps.save_dump(
-        workdir / "dump",
-        val_logits.astype(dtype),
-        val_labels,
-        test_logits.astype(dtype),
-        test_labels,
-        costs={**exit_costs, "rule": "reference"},
-    )
-    model.method.save_artifacts(model, splits, workdir)
-
-
-def evaluate_run(
-    workdir: StrPath,
-    kind: str = "max_softmax",
-    qs: np.ndarray | Sequence[float] | None = None,
-    mode: SplitMode = "geometric",
-    echo: bool = True,
-    shortfall: Shortfall = "reference",
-    metric: str = "top1",
-) -> Evaluation:
-    """Anytime accuracy and budget sweep of a run's dump into `workdir/eval/`; prints the tables.
-
-    `kind` is a built-in confidence score (`max_softmax`, `margin`, `entropy`: written to
-    `eval/`) or one that the run's method saved in `scores/<kind>.npz` (budget-aware
-    gating's `gater`: written to `eval/<kind>/`). `metric="top5"` counts a sample correct
-    when its label is among the exit's 5 largest logits (the HDKD paper's measure; exits
-    are still chosen by the confidence score) and writes to `eval/top5/` (`eval/top5/<kind>/`),
-    so the top-1 files stay.
-    """
-    from keras_ee import calibration, dumps, evaluation
-
-    evaluation.check_metric(metric)
-    workdir = Path(workdir)
-    dump = dumps.load_dump(workdir / "dump")
-    scores, out = None, workdir / "eval"
-    if metric != "top1":
-        out = out / metric
-    if kind not in calibration.SCORE_KINDS:
-        scores = load_run_scores(workdir, kind)
-        out = out / kind
-    ev = evaluation.evaluate_dump(
-        dump, kind=kind, qs=qs, mode=mode, name=workdir.name, shortfall=shortfall, scores=scores, metric=metric
-    )
-    title = _title(workdir)
-    if metric != "top1" and title:
-        title = f"{title} ({evaluation.metric_label(metric)})"
-    paths = evaluation.write_evaluation(ev, out, title=title)
-    if echo:
-        what = "" if metric == "top1" else f", {evaluation.metric_label(metric)}"
-        print(f"\nAnytime prediction (each exit on the whole test set{what}), {workdir}:")
-        print(evaluation.format_anytime(ev))
-        print(f"\nBudgeted batch classification (thresholds calibrated on validation, {kind}{what}):")
-        print(evaluation.format_budget(ev, every=2))
-        print(f"\nwrote {paths['anytime']}, {paths['budget']}, {paths['plot']}")
-    return ev
-
-
-def run_score_kinds(workdir: StrPath) -> list[str]:
-    """The confidence scores a run's method saved besides the built-in ones (`scores/*.npz`)."""
-    folder = Path(workdir) / SCORES_DIR
-    return sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
-
-
-def load_run_scores(workdir: StrPath, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """`(val_scores, test_scores)` from a run's `scores/<kind>.npz`, with a clear error if absent."""
-    from keras_ee import calibration
-
-    path = Path(workdir) / SCORES_DIR / f"{kind}.npz"
-    if not path.is_file():
-        saved = run_score_kinds(workdir)
-        raise ValueError(
-            f"confidence {kind!r}: {str(workdir)!r} has no {SCORES_DIR}/{kind}.npz (the built-in scores "
-            f"are {list(calibration.SCORE_KINDS)}; this run saved {saved or 'no others'}; the gater's "
-            "scores come from a run trained with --method gating)."
-        )
-    try:
-        with np.load(path) as f:
-            return np.asarray(f["val"]), np.asarray(f["test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(
-            f"{str(path)!r} is damaged ({type(e).__name__}); rerun `keras-ee train` with the same "
-            "settings to write it again."
-        ) from None
-
-
-def compare_confidences(workdir: StrPath, evaluations: dict[str, Evaluation]) -> Path:
-    """`eval/confidence.png`: the budget curves of one run under several confidence scores."""
-    from keras_ee import plots
-
-    out = Path(workdir) / "eval" / "confidence.png"
-    with atomic_path(out) as tmp:
-        plots.budget_plot(evaluations, tmp, title=_title(Path(workdir)))
-    return out
-
-
-def _title(workdir: Path) -> str | None:
-    cfg = workdir / "config.json"
-    if not cfg.is_file():
-        return None
-    c = TrainConfig.from_file(cfg)
-    return f"{c.model} / {c.method} on {c.dataset}"

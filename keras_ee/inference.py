@@ -64,11 +64,12 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from keras_ee import calibration, inputs, models
+from keras_ee import calibration, inputs, models, run_folder, runs
 from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 from keras_ee.atomic import MARKER, atomic_path
 from keras_ee.costs import parse_mul_adds
+from keras_ee.formatting import budget_label
 from keras_ee.inference_snapshot import InferenceSnapshot
 
 __all__ = ["EarlyExitModel", "OUTPUT_KEYS"]
@@ -85,8 +86,6 @@ _SWEEP_KEYS: tuple[Literal["q", "thresholds", "val_mean_cost", "val_accuracy"], 
 
 
 def _fmt(mul_adds: float) -> str:
-    from keras_ee.evaluation import budget_label
-
     return budget_label(float(mul_adds))
 
 
@@ -360,10 +359,10 @@ class EarlyExitModel(keras.Model):
                 built-in score, exit costs in `dump/costs.json` other than the model's.
         """
         from keras_ee import costs as ee_costs
-        from keras_ee import dumps, experiment
+        from keras_ee import dumps
 
         path = Path(path)
-        for need in (experiment.MODEL_FILE, "dump"):
+        for need in (run_folder.MODEL_FILE, "dump"):
             if not (path / need).exists():
                 raise FileNotFoundError(
                     f"{str(path)!r} is not a finished run folder: it has no {need} (train it "
@@ -371,7 +370,7 @@ class EarlyExitModel(keras.Model):
                 )
         if kind is None:
             try:
-                kind = json.loads((path / experiment.CONFIG_FILE).read_text()).get("confidence", "max_softmax")
+                kind = json.loads((path / run_folder.CONFIG_FILE).read_text()).get("confidence", "max_softmax")
             except (OSError, ValueError):
                 kind = "max_softmax"
         if kind not in calibration.SCORE_KINDS:
@@ -380,7 +379,7 @@ class EarlyExitModel(keras.Model):
             )
         preprocessing = inputs.Preprocessing.of_run(path) if raw_pixels else None
         dump = dumps.load_dump(path / "dump")
-        model = experiment.load_run_model(path / experiment.MODEL_FILE)
+        model = runs.load_run_model(path / run_folder.MODEL_FILE)
         # `keras-ee train` records the reference rule's costs.
         costs = ee_costs.check_recorded_costs(
             _backbone_of(model), dump.mul_adds, repr(str(path / "dump" / "costs.json"))
@@ -388,7 +387,7 @@ class EarlyExitModel(keras.Model):
         channels = int(_backbone_of(model).inputs[0].shape[-1])
         if preprocessing is not None and preprocessing.channels != channels:
             raise ValueError(
-                f"{str(path / experiment.PREPROCESSING_FILE)!r}: its normalisation has {preprocessing.channels} "
+                f"{str(path / run_folder.PREPROCESSING_FILE)!r}: its normalisation has {preprocessing.channels} "
                 f"channels; the model takes {channels}."
             )
         return cls.from_model(
@@ -409,9 +408,8 @@ class EarlyExitModel(keras.Model):
     @staticmethod
     def load(path: StrPath) -> EarlyExitModel:
         """Loads a `.keras` file written by `save` (a clear error for a missing or damaged file)."""
-        from keras_ee import experiment
 
-        ee = experiment.load_run_model(path)
+        ee = runs.load_run_model(path)
         if not isinstance(ee, EarlyExitModel):
             raise ValueError(f"{str(path)!r} holds a {type(ee).__name__}, not an EarlyExitModel.")
         return ee

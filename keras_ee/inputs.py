@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from keras_ee import run_folder
 from keras_ee._typing import StrPath, Tensor
 
 # How far (a fraction of the training range's width) raw pixels may stray beyond it with a
@@ -230,10 +231,8 @@ class Preprocessing:
     @classmethod
     def of_run(cls, workdir: StrPath) -> Preprocessing:
         """A run folder's normalisation (`preprocessing.json`; a run from before it: its dataset's)."""
-        from keras_ee import experiment
-
-        scale, mean, std = experiment.read_preprocessing(workdir)
-        return cls(scale, tuple(mean.tolist()), tuple(std.tolist()), experiment.read_pixel_range(workdir))
+        scale, mean, std = run_folder.read_preprocessing(workdir)
+        return cls(scale, tuple(mean.tolist()), tuple(std.tolist()), run_folder.read_pixel_range(workdir))
 
     @property
     def channels(self) -> int:

@@ -22,7 +22,7 @@ Each class here is a `keras.optimizers.Optimizer` that takes exactly PyTorch's s
 against `torch.optim` in float64, `tests/test_optimizers.py`). Keras' own decoupled weight
 decay is never applied on top: the base class gets `weight_decay=None` behaviour and the
 decay is part of the step. `exclude_from_weight_decay` still works (the AdamW of
-`keras_ee.experiment.make_optimizer` excludes rank <= 1 variables, as timm). They work with
+`make_optimizer` excludes rank <= 1 variables, as timm). They work with
 learning-rate schedules, `use_ema`, `LossScaleOptimizer`, `tf.distribute` and saving.
 
 Each step is written once, in `next_values` (a pure function of the variable's value, its
@@ -34,13 +34,17 @@ through it without assigning anything.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
 
 from keras_ee import validation
 from keras_ee._typing import Tensor
+from keras_ee.schedules import make_schedule
+
+if TYPE_CHECKING:
+    from keras_ee.config import TrainConfig
 
 SEMANTICS = "pytorch"  # what a run records for these (Keras' own optimizers: "keras")
 
@@ -272,3 +276,75 @@ def optimizer_semantics(optimizer: keras.optimizers.Optimizer) -> str:
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     return SEMANTICS if isinstance(optimizer, PyTorchOptimizer) else "keras"
+
+
+# PyTorch's AdamW epsilon (Keras' default is 1e-7), as the budget-aware paper's timm recipe.
+ADAMW_EPSILON = 1e-8
+
+
+def make_optimizer(
+    config: TrainConfig,
+    steps: int,
+    variables: Sequence[keras.Variable] = (),
+    overrides: dict[str, Any] | None = None,
+    warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
+) -> keras.optimizers.Optimizer:
+    """The run's optimizer for `steps` optimizer steps (the first `warmup_steps` a linear warm-up).
+
+    `config.optimizer`: `sgd` (the papers': `keras_ee.optimizers.SGD`, PyTorch's step with
+    momentum, nesterov and coupled L2 weight decay on every variable) or `adamw`
+    (`keras_ee.optimizers.AdamW`, PyTorch's AdamW, epsilon 1e-8, no weight decay on
+    `variables` of rank <= 1: biases, BatchNorm scales and shifts, as timm); `keras_sgd` and
+    `keras_adamw` are Keras' `SGD` and `AdamW` with the same settings (decoupled decay).
+    `steps_per_epoch` and `steps_per_batch` place the epochs and batches of the schedule
+    (`make_schedule`). `config.recipe.ema` adds the optimizer's weight average (`use_ema`, `ema_momentum`; no
+    overwriting during training: Keras' `fit` writes the average into the weights when it
+    ends). `overrides` are a phase's `optimizer_options`.
+    """
+    settings = {
+        "learning_rate": config.initial_learning_rate,
+        "momentum": config.momentum,
+        "nesterov": config.nesterov,
+        "weight_decay": config.weight_decay,
+        **(overrides or {}),
+    }
+    schedule = make_schedule(
+        config,
+        steps,
+        settings["learning_rate"],
+        warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        steps_per_batch=steps_per_batch,
+    )
+    ema: dict[str, Any] = {"use_ema": True, "ema_momentum": float(config.recipe.ema)} if config.recipe.ema else {}
+    weight_decay = float(settings["weight_decay"])
+    optimizer: keras.optimizers.Optimizer
+    if config.optimizer in ("adamw", "keras_adamw"):
+        adamw = AdamW if config.optimizer == "adamw" else keras.optimizers.AdamW
+        optimizer = adamw(learning_rate=schedule, weight_decay=weight_decay, epsilon=ADAMW_EPSILON, **ema)
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+        return optimizer
+    if config.optimizer == "sgd":
+        return SGD(
+            learning_rate=schedule,
+            momentum=float(settings["momentum"]),
+            nesterov=settings["nesterov"],
+            weight_decay=weight_decay,
+            **ema,
+        )
+    return keras.optimizers.SGD(
+        learning_rate=schedule,
+        momentum=settings["momentum"],
+        nesterov=settings["nesterov"],
+        weight_decay=weight_decay or None,
+        **ema,
+    )
+
+
+# The methods' auxiliary optimizers whose default became PyTorch's step: option -> {name: Keras' own}.
+KERAS_AUXILIARY_OPTIMIZERS = {
+    "wpn_optimizer": {"adam": "keras_adam"},  # L2W's weight-predicting network
+    "gater_optimizer": {"adamw": "keras_adamw", "adam": "keras_adam", "sgd": "keras_sgd"},  # gating
+}

@@ -5,19 +5,29 @@ matplotlib runs headless (Agg); every function writes a PNG and returns its path
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from keras_ee._typing import StrPath
-
-if TYPE_CHECKING:
-    from keras_ee.evaluation import Evaluation
+from keras_ee.formatting import count_unit, metric_label
 
 
-def _pyplot() -> ModuleType:
+class BudgetCurve(Protocol):
+    """What `budget_plot` draws of a run (`keras_ee.evaluation.Evaluation` is one)."""
+
+    mul_adds: list[float]
+    test_anytime: np.ndarray
+    metric: str
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's `pyplot` on the headless Agg backend (imported on first use: it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -26,7 +36,7 @@ def _pyplot() -> ModuleType:
     return plt
 
 
-def budget_plot(evaluations: dict[str, Evaluation], path: StrPath, title: str | None = None) -> Path:
+def budget_plot(evaluations: Mapping[str, BudgetCurve], path: StrPath, title: str | None = None) -> Path:
     """Budgeted-batch accuracy (lines) and anytime accuracy per exit (markers) against Mul-Adds.
 
     Args:
@@ -34,9 +44,7 @@ def budget_plot(evaluations: dict[str, Evaluation], path: StrPath, title: str | 
         path: PNG to write.
         title: optional figure title.
     """
-    from keras_ee.evaluation import count_unit
-
-    plt = _pyplot()
+    plt = pyplot()
     unit, scale = count_unit([max(ev.mul_adds) for ev in evaluations.values()])
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for i, (name, ev) in enumerate(evaluations.items()):
@@ -54,8 +62,6 @@ def budget_plot(evaluations: dict[str, Evaluation], path: StrPath, title: str | 
             label=f"{name}: single exits",
         )
     ax.set_xlabel(f"mean Mul-Adds per image ({unit})" if unit else "mean Mul-Adds per image")
-    from keras_ee.evaluation import metric_label
-
     metrics = {getattr(ev, "metric", "top1") for ev in evaluations.values()}
     ax.set_ylabel(f"test {metric_label(metrics.pop()) if len(metrics) == 1 else 'accuracy'} (%)")
     ax.grid(alpha=0.3)
@@ -91,7 +97,7 @@ def sample_weight_plot(
             "sample_weight_plot expects loss and weight of shape (N, K) and selected of shape (N,); "
             f"received {loss.shape}, {weight.shape} and {selected.shape}."
         )
-    plt = _pyplot()
+    plt = pyplot()
     n, k = loss.shape
     idx = np.random.default_rng(seed).permutation(n)[:max_points]
     fig, axes = plt.subplots(1, k, figsize=(3.0 * k, 3.0), dpi=110, sharey=True, squeeze=False)

@@ -16,6 +16,9 @@
 - `HistoryLog`: `history.csv`, rewritten atomically after every epoch; on resume it
   keeps exactly the epochs before the restored one, so an epoch is never listed twice.
 
+and `load_run_model` / `finished_model` to read back the model a run finished with. The
+folder's file names and `state.json` are `keras_ee.run_folder`.
+
 The data order of a run is a function of (seed, epoch) (`DatasetSplits.train_dataset`
 with `first_epoch`), so restoring the state of epoch e and training on makes a resumed
 run bit-identical to one that was never interrupted.
@@ -34,6 +37,7 @@ import socket
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -41,6 +45,7 @@ from typing import Any, Literal, TextIO
 import keras
 import numpy as np
 
+from keras_ee import models, training  # noqa: F401  (registers the custom classes that load_run_model loads)
 from keras_ee._typing import StrPath
 from keras_ee.atomic import (
     TEMPORARY_NAME,
@@ -52,10 +57,8 @@ from keras_ee.atomic import (
     fsync_dir,
 )
 from keras_ee.optimizers import optimizer_semantics
+from keras_ee.run_folder import LOCK_FILE, MODEL_FILE, read_state
 
-LOCK_FILE = ".lock"
-BACKUP_DIR = "backup"
-HISTORY_FILE = "history.csv"
 _BACKUP_NAME = re.compile(r"^epoch-(\d{4,})\.weights\.h5$")
 
 
@@ -442,3 +445,38 @@ def _csv_value(v: Any) -> str:
         return repr(float(v))
     except (TypeError, ValueError):
         return str(v)
+
+
+def load_run_model(path: StrPath) -> keras.Model:
+    """Load a run's `model.keras`, with a clear error if the file is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{str(path)!r} is damaged: not a complete .keras archive ({path.stat().st_size} bytes; "
+            "a write was probably interrupted)."
+        )
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # keras reports a torn archive in many ways (even "file not found")
+        raise ValueError(
+            f"{str(path)!r} is damaged and cannot be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})."
+        ) from None
+
+
+def finished_model(workdir: Path) -> tuple[keras.Model | None, ValueError | None]:
+    """`(model, None)` for a finished run whose model.keras loads; `(None, error)` if it is
+    finished but model.keras is damaged (the run trains again); `(None, None)` if unfinished.
+
+    Under multi_worker every worker decides by this one rule on the same files, so either all
+    of them train or none does: a chief retraining a damaged model alone failed in its first
+    collective, the other workers having left.
+    """
+    if not (read_state(workdir).get("trained") and (workdir / MODEL_FILE).is_file()):
+        return None, None
+    try:
+        return load_run_model(workdir / MODEL_FILE), None
+    except ValueError as e:
+        return None, e

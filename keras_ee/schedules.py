@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
 
 from keras_ee import validation as v
+from keras_ee.config import WARMUP_SCHEDULES
+
+if TYPE_CHECKING:
+    from keras_ee.config import TrainConfig
 
 
 def _batch_index(step: Any, steps_per_batch: int) -> Any:
@@ -153,3 +157,63 @@ class CosinePerBatch(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_batches": self.warmup_batches,
             "final_learning_rate": self.final_learning_rate,
         }
+
+
+def make_schedule(
+    config: TrainConfig,
+    total_steps: int,
+    learning_rate: float | None = None,
+    warmup_steps: int = 0,
+    steps_per_epoch: int | None = None,
+    steps_per_batch: int = 1,
+) -> Any:
+    """The learning-rate schedule of `config.schedule` over `total_steps` optimizer iterations
+    (from `learning_rate`, default the run's).
+
+    `steps_per_epoch` (optimizer steps per epoch) and `steps_per_batch` (the method's optimizer
+    steps per loaded batch) place the epochs and batches of `step_per_epoch` and
+    `cosine_per_batch` (`keras_ee.schedules`); the others count optimizer steps only. With
+    `warmup_steps` (optimizer steps), a linear warm-up from 0 first: Keras' `CosineDecay`
+    warm-up for `cosine` and `constant` (a cosine with `alpha=1`), the budget-aware code's for
+    `cosine_per_batch`. The step schedules have no warm-up (the config refuses one).
+    """
+    lr = config.initial_learning_rate if learning_rate is None else learning_rate
+    if warmup_steps > 0 and config.schedule not in WARMUP_SCHEDULES:
+        raise ValueError(
+            f"config `warmup_epochs` must be 0 with schedule {config.schedule!r}; warm-up works with "
+            f"{', '.join(WARMUP_SCHEDULES)}."
+        )
+    if config.schedule in ("step_per_epoch", "cosine_per_batch"):
+        if steps_per_epoch is None or steps_per_epoch < 1 or total_steps % steps_per_epoch:
+            raise ValueError(
+                f"schedule {config.schedule!r} needs the optimizer steps per epoch dividing the total "
+                f"{total_steps}; received steps_per_epoch={steps_per_epoch!r}."
+            )
+        if config.schedule == "step_per_epoch":
+            return StepDecayPerEpoch(lr, steps_per_epoch, total_steps // steps_per_epoch)
+        if warmup_steps >= total_steps:
+            raise ValueError(
+                f"config `warmup_epochs` ({config.warmup_epochs}) must be fewer than the epochs of the "
+                f"phase ({total_steps // steps_per_epoch}) with schedule 'cosine_per_batch'."
+            )
+        return CosinePerBatch(
+            lr,
+            total_batches=max(1, total_steps // steps_per_batch),
+            steps_per_batch=steps_per_batch,
+            warmup_batches=warmup_steps // steps_per_batch,
+            final_learning_rate=config.min_learning_rate,
+        )
+    if warmup_steps > 0:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=max(1, total_steps - warmup_steps),
+            alpha=1.0 if config.schedule == "constant" else 0.0,
+            warmup_target=lr,
+            warmup_steps=warmup_steps,
+        )
+    if config.schedule == "constant":
+        return lr
+    if config.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
+    bounds = [max(1, int(total_steps * 0.5)), max(2, int(total_steps * 0.75))]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr, lr * 0.1, lr * 0.01])

@@ -44,7 +44,7 @@ two_logical_cpus()
 
 import keras  # noqa: E402
 
-from keras_ee import models, training  # noqa: E402
+from keras_ee import models, runs, training  # noqa: E402
 from keras_ee.models import blocks  # noqa: E402
 from keras_ee.training import allocation  # noqa: E402
 
@@ -247,7 +247,7 @@ def experiment_check(out):
     except KeyboardInterrupt:
         interrupted = True
     train("resumed")
-    full, resumed = (experiment.load_run_model(f"{out}/{name}/model.keras") for name in ("full", "resumed"))
+    full, resumed = (runs.load_run_model(f"{out}/{name}/model.keras") for name in ("full", "resumed"))
     states = [json.load(open(f"{out}/{name}/state.json")) for name in ("full", "resumed")]
     history = open(f"{out}/resumed/history.csv").read().strip().splitlines()
     return {

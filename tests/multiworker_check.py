@@ -8,7 +8,7 @@ python tests/multiworker_check.py worker METHOD OUT_NPZ
     `tf.data.Dataset`; Keras' `fit` distributes it with `strategy.
     experimental_distribute_dataset`, which shards it across the workers (auto-shard policy
     AUTO, DATA for an in-memory dataset): worker r gets rows [8r, 8r + 8) of each global batch.
-    Keras 3 needs two workarounds for this (`experiment.apply_multi_worker_fit_workaround`).
+    Keras 3 needs two workarounds for this (`distribute.apply_multi_worker_fit_workaround`).
 
 python tests/multiworker_check.py experiment OUT_DIR OUT_NPZ [STOP_AT_EPOCH]
     One worker of a two-worker cluster (TF_CONFIG set by the caller) running
@@ -71,15 +71,15 @@ def worker(method_name, out_path, single=False):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TensorFlow op
     import keras
 
-    from keras_ee import experiment, training
+    from keras_ee import distribute, training
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = training.MultiExitModel(backbone(keras), method=training.get_method(method_name).cls())
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     if not single:  # Keras 3's multi-worker fit bug (keras-team/keras#20585), as experiment.train does
-        assert experiment.needs_multi_worker_fit_workaround(strategy)
-        experiment.apply_multi_worker_fit_workaround(model, strategy)
+        assert distribute.needs_multi_worker_fit_workaround(strategy)
+        distribute.apply_multi_worker_fit_workaround(model, strategy)
     initial = [np.asarray(w) for w in model.backbone.get_weights()]
     history = model.fit(dataset(permute=not single), epochs=1, verbose=0, shuffle=False)
     loss = history.history["loss"][-1]

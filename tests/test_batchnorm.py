@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ee import experiment, models
+from keras_ee import experiment, models, run_folder, runs
 from keras_ee.config import TrainConfig
 from keras_ee.models import blocks
 from keras_ee.models.layers import BatchNormalization, ConvBNReLU
@@ -182,14 +182,14 @@ def test_runs_record_the_option_and_runs_recorded_before_it_resume_biased(tmp_pa
     folder = tmp_path / "old_run"
     experiment.prepare_workdir(old, folder)
     (folder / "history.csv").write_text("epoch\n")
-    resumed = experiment.canonical_config(experiment.resume_settings(old, folder))
+    resumed = experiment.canonical_config(run_folder.resume_settings(old, folder))
     assert resumed.model_options == {"moving_variance_update": "biased"}
     experiment.prepare_workdir(resumed, folder, write=False)  # the same run: it resumes
     asked = dataclass_replace(old, model_options={"moving_variance_update": "unbiased"})
     with pytest.raises(ValueError, match="other settings.*moving_variance_update"):
-        experiment.prepare_workdir(experiment.canonical_config(experiment.resume_settings(asked, folder)), folder)
+        experiment.prepare_workdir(experiment.canonical_config(run_folder.resume_settings(asked, folder)), folder)
     # A new run in a new folder: unbiased.
-    assert experiment.resume_settings(old, tmp_path / "new").model_options == {}
+    assert run_folder.resume_settings(old, tmp_path / "new").model_options == {}
 
 
 def dataclass_replace(config, **changes):
@@ -209,14 +209,14 @@ def test_imported_authors_models_take_the_unbiased_update(tmp_path):
     checkpoint = Path(__file__).parent / "data" / "torch_checkpoints" / "imta_cifar_legacy.pth"
     assert cli.main(["import", str(checkpoint), "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_options"]["moving_variance_update"] == "unbiased"
-    backbone = experiment.load_run_model(out / "model.keras").backbone
+    backbone = runs.load_run_model(out / "model.keras").backbone
     assert bn_updates(backbone) == {"unbiased"}
     assert any(isinstance(layer, BatchNormalization) for layer in backbone.layers)  # the transfer paths
     # ... and Keras' update when asked for, on the transfer paths too.
     out = tmp_path / "imported_biased"
     argv = ["import", str(checkpoint), "--out", str(out), "--model-option", "moving_variance_update=biased"]
     assert cli.main(argv) == 0
-    assert bn_updates(experiment.load_run_model(out / "model.keras").backbone) == {"biased"}
+    assert bn_updates(runs.load_run_model(out / "model.keras").backbone) == {"biased"}
 
 
 def test_a_runs_model_option_reaches_the_methods_batchnorm():

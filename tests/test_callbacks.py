@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from keras_ee import calibration, evaluation
-from keras_ee.callbacks import BudgetCallback, predict_exit_logits
+from keras_ee.callbacks import BudgetCallback
+from keras_ee.evaluation import predict_exit_logits
 
 
 def _model(k=3, c=5, d=8):

@@ -89,7 +89,7 @@ def largest(a, b, prefix):
 
 
 # Keras 3.15 cannot `fit` under MultiWorkerMirroredStrategy as it is (keras-team/keras#20585):
-# the check applies the library's workaround (`experiment.apply_multi_worker_fit_workaround`). Both workers
+# the check applies the library's workaround (`distribute.apply_multi_worker_fit_workaround`). Both workers
 # build the same global dataset; fit shards it, worker r taking rows [8r, 8r + 8) of each global
 # batch of 16. Measured (2026-12, 2-core machine, ~25-35 s each): the two workers end 0.0 apart
 # (backbone moved 0.2-0.5, the WPN the same on both) and 6e-8 (baseline) / 1.2e-7 (L2W; WPN

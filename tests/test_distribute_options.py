@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ee import cli, experiment, models
+from keras_ee import cli, distribute, experiment, models, runs
 from keras_ee.config import TrainConfig
 
 
@@ -50,24 +50,24 @@ def test_config_refuses_bad_distribution_settings(field, value, match):
 )
 def test_multi_worker_refuses_a_missing_or_malformed_tf_config(text, match):
     with pytest.raises(ValueError, match=match) as e:
-        experiment.check_tf_config(text)
+        distribute.check_tf_config(text)
     assert "\n" not in str(e.value)
 
 
 def test_check_tf_config_accepts_a_cluster():
     text = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
-    assert experiment.check_tf_config(text)["task"]["index"] == 1
+    assert distribute.check_tf_config(text)["task"]["index"] == 1
 
 
 def test_tpu_strategy_without_a_tpu_is_a_one_line_error():
     with pytest.raises(ValueError, match="--strategy tpu: no TPU found") as e:
-        experiment.make_strategy("tpu")
+        distribute.make_strategy("tpu")
     assert "\n" not in str(e.value)
 
 
 def test_no_strategy_is_one_device():
-    assert experiment.make_strategy("none") is None
-    assert experiment.is_chief(None) and not experiment.needs_multi_worker_fit_workaround(None)
+    assert distribute.make_strategy("none") is None
+    assert distribute.is_chief(None) and not distribute.needs_multi_worker_fit_workaround(None)
 
 
 def test_synchronized_batchnorm_option_builds_synchronized_batchnorm_and_nothing_else_changes():
@@ -104,5 +104,5 @@ def test_train_records_precision_and_strategy_and_restores_the_dtype_policy(tmp_
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert (state["strategy"], state["replicas"]) == ("none", 1)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "mixed_bfloat16"
-    model = experiment.load_run_model(tmp_path / "run" / "model.keras")
+    model = runs.load_run_model(tmp_path / "run" / "model.keras")
     assert model.backbone.get_layer("s1_u1").dtype_policy.name == "mixed_bfloat16"

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from keras_ee import dumps, evaluation
+from keras_ee import dumps, evaluation, formatting
 from keras_ee.cli import parse_budget
 
 
@@ -29,7 +29,7 @@ def test_mean_accuracy_over_is_the_normalised_area():
 
 @pytest.mark.parametrize("value, label", [(15e6, "15M"), (1.5e9, "1.5G"), (8000, "8K"), (12, "12")])
 def test_budget_labels_round_trip_through_the_cli_parser(value, label):
-    assert evaluation.budget_label(value) == label
+    assert formatting.budget_label(value) == label
     assert parse_budget(label) == pytest.approx(value)
 
 
@@ -118,7 +118,7 @@ def test_top5_evaluation_keeps_the_exits_and_counts_the_label_among_the_five_lar
 
 
 def test_evaluate_run_writes_top5_to_its_own_folder_and_keeps_the_method_scores_path(tmp_path, capsys):
-    from keras_ee import cli, experiment
+    from keras_ee import cli
 
     run = tmp_path / "run"
     _dump(run / "dump")
@@ -141,7 +141,7 @@ def test_evaluate_run_writes_top5_to_its_own_folder_and_keeps_the_method_scores_
         val=rng.random((3, 400)).astype(np.float32),
         test=rng.random((3, 400)).astype(np.float32),
     )
-    ev = experiment.evaluate_run(run, kind="mine", metric="top5", echo=False)
+    ev = evaluation.evaluate_run(run, kind="mine", metric="top5", echo=False)
     assert ev.metric == "top5" and (run / "eval" / "top5" / "mine" / "budget.csv").is_file()
     assert cli.main(["sweep", str(run / "dump"), "--metric", "top5"]) == 0
     assert (run / "dump" / "top5" / "budget.csv").is_file()

@@ -338,8 +338,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_gater_curve_is_report
         experiment.train(TrainConfig(**{**TINY, "evaluate": False}), run, verbose=0, callbacks=[StopAt(1)])
     assert runs.RunBackup(run / "backup").backups() == [1]
     experiment.train(TrainConfig(**{**TINY, "evaluate": False}), run, verbose=0)
-    a = experiment.load_run_model(straight / "model.keras")
-    b = experiment.load_run_model(run / "model.keras")
+    a = runs.load_run_model(straight / "model.keras")
+    b = runs.load_run_model(run / "model.keras")
     for m in (a, b):
         assert m.method.gater.weights[0].path in {v.path for v in m.variables}
     for x, y in zip(a.variables + a.method.gater_optimizer.variables, b.variables + b.method.gater_optimizer.variables):

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_models import SMALL_CNN, StopAt, tiny_backbone, tiny_data  # noqa: E402
 
-from keras_ee import cli, experiment, runs  # noqa: E402
+from keras_ee import cli, data, experiment, runs  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.config import TrainConfig  # noqa: E402
 from keras_ee.training import hdkd  # noqa: E402
@@ -368,7 +368,7 @@ def _images(dataset):
 def test_meta_batches_never_come_from_the_training_split_and_the_run_records_their_source(tmp_path):
     for extra, source in (({}, "calibration"), ({"meta_split_size": 100}, "split")):
         cfg = TrainConfig(**{**TINY, **extra})
-        splits = experiment.load_data(cfg)
+        splits = data.load_configured(cfg)
         method = experiment.make_method(cfg.method, cfg.method_options)
         stream = experiment.training_data(cfg, splits, method, end_epoch=1)
         meta = {np.round(x, 4).tobytes() for (_, (xm, _)) in stream for x in np.asarray(xm)}
@@ -385,7 +385,7 @@ def test_meta_batches_never_come_from_the_training_split_and_the_run_records_the
         TrainConfig(**{**TINY, "method": "naive_dkd", "method_options": {}}), tmp_path / "naive", verbose=0
     )
     assert json.loads((fixed / hdkd.ARTIFACT).read_text())["meta_source"] is None  # takes no meta batches
-    loaded = experiment.load_run_model(fixed / "model.keras").method
+    loaded = runs.load_run_model(fixed / "model.keras").method
     assert isinstance(loaded, T.NaiveDKD) and (loaded.teachers, loaded.learn_weights) == ("dense", False)
 
 
@@ -400,8 +400,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, eager_steps):
         experiment.train(cfg, run, verbose=0, callbacks=[StopAt(1)])
     assert runs.RunBackup(run / "backup").backups() == [1]
     experiment.train(cfg, run, verbose=0)
-    a = experiment.load_run_model(straight / "model.keras")
-    b = experiment.load_run_model(run / "model.keras")
+    a = runs.load_run_model(straight / "model.keras")
+    b = runs.load_run_model(run / "model.keras")
     assert a.method.gamma_raw.path in {v.path for v in a.variables}
     for x, y in zip(a.variables + a.method.gamma_optimizer.variables, b.variables + b.method.gamma_optimizer.variables):
         np.testing.assert_array_equal(x.numpy(), y.numpy())

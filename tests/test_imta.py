@@ -346,7 +346,7 @@ TINY = dict(
 
 
 def _run_weights(run):
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     return model, [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
 
 

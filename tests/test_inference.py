@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from tiny_models import SMALL_CNN_ARGS, SMALL_MSDNET, SMALL_RANET, tiny_backbone
 
-from keras_ee import calibration, cli, models
+from keras_ee import calibration, cli, data, models
 from keras_ee.inference import EarlyExitModel
 
 
@@ -411,7 +411,7 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
     dump = dumps.load_dump(run / "dump")
     budget = 0.5 * (dump.mul_adds[0] + dump.mul_adds[-1])
     e = EarlyExitModel.from_run(run, budget=budget)
-    splits = experiment.load_data(experiment.TrainConfig.from_file(run / "config.json"))
+    splits = data.load_configured(experiment.TrainConfig.from_file(run / "config.json"))
     raw = splits._x_test[:40] if hasattr(splits, "_x_test") else None
     if raw is None:
         pytest.skip("the digits splits keep no raw test images")
@@ -450,7 +450,7 @@ def test_from_run_and_cli_predict(run, tmp_path, capsys):
         raise AssertionError("predict loaded the dataset")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(experiment, "load_data", no_dataset)
+        mp.setattr(data, "load_configured", no_dataset)
         assert cli.main(argv[:-1] + [str(tmp_path / "pooled.csv"), "--pooled", "--batch-size", "16"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "pooled.csv")))
     assert [int(r["exit"]) for r in rows] == ref["exit"].tolist()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ee import cli, data, dumps, experiment, training
+from keras_ee import cli, data, dumps, experiment, run_folder, training
 from keras_ee.config import TrainConfig
 from keras_ee.costs import parse_mul_adds
 from keras_ee.inference import EarlyExitModel
@@ -47,7 +47,7 @@ def _raw_digits(n=6, seed=0):
 
 
 def _normalized(run, raw):
-    scale, mean, std = experiment.read_preprocessing(run)
+    scale, mean, std = run_folder.read_preprocessing(run)
     return ((raw.astype(np.float32) * np.float32(scale) - mean) / std)[..., None].astype(np.float32)
 
 

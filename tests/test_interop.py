@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_ee import interop
+from keras_ee import interop, run_folder, runs
 from keras_ee.interop import torch_import
 from tests import torch_writer
 
@@ -233,7 +233,6 @@ def imported_run(tmp_path_factory):
 def test_import_command_writes_a_run_folder(imported_run):
     import json
 
-    from keras_ee import experiment
     from keras_ee.config import TrainConfig
 
     names = {p.name for p in imported_run.iterdir()}
@@ -242,13 +241,13 @@ def test_import_command_writes_a_run_folder(imported_run):
     assert report["sha256"] == hashlib.sha256((DATA / "ranet_cifar_zip.pth").read_bytes()).hexdigest()
     assert report["serialisation"] == "zip" and report["family"] == "ranet" and report["dataset"] == "cifar10"
     assert {"optimizer", "num_batches_tracked"} <= set(report["ignored"])
-    scale, mean, std = experiment.read_preprocessing(imported_run)
+    scale, mean, std = run_folder.read_preprocessing(imported_run)
     assert scale == pytest.approx(1 / 255) and np.allclose(mean, [0.4914, 0.4824, 0.4467])
     config = TrainConfig.from_file(imported_run / "config.json")
     assert config.model == "ranet_cifar_c1" and config.model_options["growth_rate"] == 4
     costs = json.loads((imported_run / "costs.json").read_text())
     assert costs["params"][-1] == 49609  # sum(p.numel() for p in model.parameters()) of the authors' model
-    model = experiment.load_run_model(imported_run / "model.keras")  # safe mode
+    model = runs.load_run_model(imported_run / "model.keras")  # safe mode
     _assert_parity(model.backbone, "ranet_cifar")
 
 
@@ -309,14 +308,14 @@ def test_imta_without_its_transfer_paths_is_refused(tmp_path):
 def test_imta_run_folder_holds_the_phase_two_model_and_its_teacher(tmp_path):
     import json
 
-    from keras_ee import cli, experiment
+    from keras_ee import cli
     from keras_ee.training import IMTA, core
 
     out = tmp_path / "imta_run"
     assert cli.main(["import", str(DATA / "imta_cifar_legacy.pth"), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "imta" and config["model"] == "msdnet_cifar_5"
-    model = experiment.load_run_model(out / "model.keras")
+    model = runs.load_run_model(out / "model.keras")
     assert isinstance(model.method, IMTA) and model.method.current_phase == 1
     _assert_parity(model.backbone, "imta_cifar")
     # The teacher of phase II's distillation is the phase-I last classifier on the last pooled feature.
@@ -376,14 +375,14 @@ def test_l2w_den_checkpoint_gives_the_authors_logits_and_wpn_outputs():
 def test_l2w_den_run_folder_holds_the_wpn_for_a_run_to_continue_with(tmp_path):
     import json
 
-    from keras_ee import cli, experiment, training
+    from keras_ee import cli, training
 
     out = tmp_path / "l2w_run"
     assert cli.main(["import", str(DATA / "l2w_cifar_zip.pth"), "--out", str(out), "--wpn-input", "confidence"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "l2w" and config["method_options"]["wpn_input"] == "confidence"
     assert json.loads((out / "import.json").read_text())["wpn"]["input_type_from"] == "the caller (wpn_input)"
-    model = experiment.load_run_model(out / "model.keras")
+    model = runs.load_run_model(out / "model.keras")
     inputs, want = _wpn_io()
     assert np.abs(np.asarray(model.method.wpn(inputs)) - want).max() <= 1e-5
     _assert_parity(model.backbone, "l2w_cifar")
@@ -581,7 +580,7 @@ def test_gaters_without_args_take_keras_ee_defaults(tmp_path):
 def test_gated_msdnet_run_folder_holds_the_gater(tmp_path):
     import json
 
-    from keras_ee import cli, experiment
+    from keras_ee import cli
     from keras_ee.training import BudgetAwareGating
 
     out = tmp_path / "gphi_run"
@@ -590,7 +589,7 @@ def test_gated_msdnet_run_folder_holds_the_gater(tmp_path):
     assert config["method"] == "gating" and config["model_options"]["activation"] == "gelu"
     assert config["method_options"]["gater_width"] == 4 and config["method_options"]["cost_weight"] == 0.25
     assert json.loads((out / "import.json").read_text())["gater"]["gaters"] == 2
-    model = experiment.load_run_model(out / "model.keras")  # safe mode
+    model = runs.load_run_model(out / "model.keras")  # safe mode
     assert isinstance(model.method, BudgetAwareGating) and model.method.gater_activation == "gelu"
     _assert_parity(model.backbone, "gphi_cifar")
     features, want = _gater_io()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_ee import calibration, cli, dumps, inputs
+from keras_ee import calibration, cli, dumps, inputs, runs
 from keras_ee.inference import EarlyExitModel
 
 DATA = Path(__file__).parent / "data" / "torch_checkpoints"
@@ -81,9 +81,8 @@ def test_evaluate_dumps_the_logits_and_writes_the_tables(imported, capsys):
     assert config["dataset"] == f"npz:{npz}" and config["val_size"] == 40 and config["method"] == "baseline"
     # The test logits are the model's on pixels / 255 normalised with the authors' CIFAR-10 constants.
     x, y = _test_pixels(npz)
-    from keras_ee import experiment
 
-    backbone = experiment.load_run_model(run / "model.keras").backbone
+    backbone = runs.load_run_model(run / "model.keras").backbone
     normalised = (x.astype(np.float32) / 255.0 - np.float32(CIFAR10_MEAN)) / np.float32(CIFAR10_STD)
     want = np.stack([np.asarray(o) for o in backbone(normalised, training=False)])
     np.testing.assert_allclose(np.asarray(dump.test_logits), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras import ops
 from tiny_models import SMALL_CNN
 
-from keras_ee import training
+from keras_ee import runs, training
 from keras_ee.training import bilevel, core
 
 
@@ -217,7 +217,7 @@ def test_a_meta_stream_method_trains_through_experiment_train(tmp_path):
     )
     run = experiment.train(cfg, tmp_path / "r", verbose=0)
     assert json.loads((run / "config.json").read_text())["meta_split_size"] == 60  # the choice is recorded
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     batches = 2 * -(-300 // 128)
     assert int(model.method.meta_seen.numpy()) == batches * 60  # batch capped at the 60 held-out images
     model = training.MultiExitModel(_backbone(), method=CountsMetaSamples())
@@ -260,7 +260,7 @@ def test_a_method_declares_phases_and_keras_ee_train_runs_them(tmp_path, capsys)
     experiment.train(cfg, tmp_path / "run", verbose="progress")
     out = capsys.readouterr().out
     assert "all (1/2) epoch 1/1" in out and "head (2/2) epoch 2/2" in out  # the progress shows the phase
-    model = experiment.load_run_model(tmp_path / "run" / "model.keras")
+    model = runs.load_run_model(tmp_path / "run" / "model.keras")
     assert isinstance(model.optimizer, keras.optimizers.Adam)  # phase 2's own optimizer
     assert [v.path for v in model.trainable_variables] == ["exit_2/kernel", "exit_2/bias"]
     with open(tmp_path / "run" / "history.csv") as f:
@@ -296,7 +296,7 @@ def test_a_damaged_backup_of_a_later_phase_starts_the_run_over_in_phase_one(tmp_
     assert backup.backups() == [2]
     (run / "backup" / "epoch-0002.weights.h5").write_bytes(b"torn")
     experiment.train(cfg, run, verbose=0)
-    a = experiment.load_run_model(tmp_path / "straight" / "model.keras")
-    b = experiment.load_run_model(run / "model.keras")
+    a = runs.load_run_model(tmp_path / "straight" / "model.keras")
+    b = runs.load_run_model(run / "model.keras")
     for x, y in zip(a.variables + a.optimizer.variables, b.variables + b.optimizer.variables):
         np.testing.assert_array_equal(x.numpy(), y.numpy())

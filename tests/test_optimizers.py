@@ -193,12 +193,11 @@ class OptimizerSeen(keras.callbacks.Callback):
     ],
 )
 def test_make_optimizer_takes_the_papers_steps_by_name(name, expected):
-    from keras_ee import experiment
     from keras_ee.config import TrainConfig
 
     variables = [keras.Variable(np.ones((2, 2))), keras.Variable(np.ones(2))]
     cfg = TrainConfig(optimizer=name, momentum=0.9, nesterov=True)
-    opt = experiment.make_optimizer(cfg, steps=10, variables=variables)
+    opt = ee_optimizers.make_optimizer(cfg, steps=10, variables=variables)
     assert type(opt) is expected
     assert ee_optimizers.optimizer_semantics(opt) == ("keras" if name.startswith("keras_") else "pytorch")
     if "sgd" in name:

@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_ee import training as T  # noqa: E402
 from keras_ee.calibration import geometric_fractions  # noqa: E402
-from keras_ee.experiment import dtype_policy
+from keras_ee.distribute import dtype_policy
 from keras_ee.interop.torch_import import (  # noqa: E402
     StateDict,
     msdnet_assignments,

@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 from keras_ee import models, optimizers
-from keras_ee.experiment import dtype_policy
+from keras_ee.distribute import dtype_policy
 from keras_ee.interop import torch_import
 from keras_ee.training import IMTA, BudgetAwareGating, MultiExitModel
 from keras_ee.training import gating as gating_module

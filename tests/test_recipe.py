@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_models import SMALL_MSDNET, SMALL_RANET, TWO_EXIT_CNN, StopAt
 
-from keras_ee import cli, data, experiment, models, runs
+from keras_ee import cli, data, experiment, models, runs, schedules
 from keras_ee.config import RECIPES, RecipeConfig, TrainConfig
 
 TINY = dict(
@@ -227,14 +227,14 @@ def test_methods_train_with_soft_targets_and_end_on_the_ema_weights(method, extr
     run = experiment.train(cfg, tmp_path / method, verbose=0)
     rows = _history(run)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     opt = model.optimizer
     assert opt.use_ema and opt.ema_momentum == cfg.recipe.ema
     assert (opt.__class__.__name__ == "AdamW") == (cfg.optimizer == "adamw")
     for var, average in zip(model.trainable_variables, opt._model_variables_moving_average):
         np.testing.assert_array_equal(var.numpy(), average.numpy())  # the saved model is the average
     # Validation during the last epoch ran on the average too: the final model scores the same.
-    splits = experiment.load_data(cfg)
+    splits = data.load_configured(cfg)
     logs = model.evaluate(splits.val_dataset(cfg.batch_size), verbose=0, return_dict=True)
     assert logs["loss"] == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-5)
 
@@ -244,7 +244,7 @@ def test_ema_validation_swap_is_exact(tmp_path):
     import tensorflow as tf  # noqa: F401
 
     cfg = config(**{**TINY, "epochs": 2}, ema=0.9)
-    splits = experiment.load_data(cfg)
+    splits = data.load_configured(cfg)
     weights = []
     for validate in (False, True):
         keras.utils.set_random_seed(0)
@@ -260,7 +260,7 @@ def test_ema_validation_swap_is_exact(tmp_path):
 
 
 def _all_weights(run):
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     return [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
 
 
@@ -317,7 +317,7 @@ def test_warmup_then_schedule_in_optimizer_steps(digits):
         assert float(schedule(warm // 2)) == pytest.approx(0.1)
         assert float(schedule(warm)) == pytest.approx(0.2)
         assert float(schedule(total)) == pytest.approx(0.0, abs=1e-7)
-    constant = experiment.make_schedule(TrainConfig(schedule="constant", warmup_epochs=1), 100, 0.5, warmup_steps=10)
+    constant = schedules.make_schedule(TrainConfig(schedule="constant", warmup_epochs=1), 100, 0.5, warmup_steps=10)
     assert float(constant(5)) == pytest.approx(0.25) and float(constant(60)) == pytest.approx(0.5)
 
 

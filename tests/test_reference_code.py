@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_models import StopAt, mlp_backbone, tiny_backbone, tiny_data  # noqa: E402
 
-from keras_ee import cli, experiment  # noqa: E402
+from keras_ee import cli, experiment, runs  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.training import gating  # noqa: E402
 
@@ -268,7 +268,7 @@ def test_the_run_schedule_spans_two_steps_per_batch_and_resumes_inside_the_code_
     )
     straight, run = tmp_path / "straight", tmp_path / "run"
     experiment.train(cfg, straight, verbose=0)
-    model = experiment.load_run_model(straight / "model.keras")
+    model = runs.load_run_model(straight / "model.keras")
     assert int(model.optimizer.iterations.numpy()) == 2 * 2 * 4
     assert model.optimizer._learning_rate.get_config()["decay_steps"] == 2 * 2 * 4  # the schedule spans them
     assert int(model.method.gater_optimizer.iterations.numpy()) == 2 * 2 * 2  # batches 0 and 3 of each epoch
@@ -277,7 +277,7 @@ def test_the_run_schedule_spans_two_steps_per_batch_and_resumes_inside_the_code_
     with pytest.raises(KeyboardInterrupt):
         experiment.train(cfg, run, verbose=0, callbacks=[StopAt(1)])
     experiment.train(cfg, run, verbose=0)
-    resumed = experiment.load_run_model(run / "model.keras")
+    resumed = runs.load_run_model(run / "model.keras")
     for a, b in zip(
         model.variables + model.method.gater_optimizer.variables,
         resumed.variables + resumed.method.gater_optimizer.variables,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny_models import SMALL_CNN, SMALL_CNN_ARGS, StopAt  # noqa: E402
 
-from keras_ee import cli, experiment, runs
+from keras_ee import cli, data, experiment, runs
 from keras_ee.config import TrainConfig
 
 TINY = dict(
@@ -36,7 +36,7 @@ def _history(run):
 
 
 def _weights(run):
-    model = experiment.load_run_model(run / "model.keras")
+    model = runs.load_run_model(run / "model.keras")
     values = [np.asarray(v.numpy()) for v in model.variables]
     values += [np.asarray(v.numpy()) for v in model.optimizer.variables]
     return values
@@ -161,11 +161,11 @@ def test_a_damaged_backup_falls_back_or_starts_over_and_says_so(tmp_path, capsys
     older.write_bytes(newest.read_bytes())
     (run / "backup" / "epoch-0001.json").write_text(json.dumps({"epoch": 1}))
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn
-    model = experiment.build_model(cfg, experiment.load_data(cfg))
+    model = experiment.build_model(cfg, data.load_configured(cfg))
     assert backups.restore(model) == 1
     assert "epoch-0002.weights.h5" in capsys.readouterr().err
     older.write_bytes(b"garbage")
-    model = experiment.build_model(cfg, experiment.load_data(cfg))
+    model = experiment.build_model(cfg, data.load_configured(cfg))
     assert backups.restore(model) == 0
     assert "starting the training over" in capsys.readouterr().err
     experiment.train(cfg, run, verbose=0)  # the command itself recovers, no manual cleanup
@@ -467,7 +467,7 @@ def test_a_truncated_model_keras_is_reported_as_damaged(tmp_path, uninterrupted)
     data = (uninterrupted["baseline"] / "model.keras").read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="is damaged"):
-        experiment.load_run_model(f)
+        runs.load_run_model(f)
 
 
 def test_a_finished_run_with_a_damaged_model_trains_again_and_says_so(tmp_path, uninterrupted, capsys):
@@ -530,3 +530,68 @@ def test_validation_inside_fit_runs_each_callback_once_and_quietly(capsys):
     model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=1, verbose=0, callbacks=[Count()])
     assert calls == [0, 1]
     assert capsys.readouterr().out == ""
+
+
+# --- the orchestration's layers: every import points down -------------------------------------
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras_ee")
+# The modules of one run's orchestration, from the top: none may be imported by a module below it.
+ORCHESTRATION = ("cli", "experiment", "runs", "distribute", "evaluation")
+
+
+def _keras_ee_imports(path):
+    """`(module, name)` for every `keras_ee` import of a source file, at any depth (`name` None for a module)."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "keras_ee":
+            parts = node.module.split(".")
+            for alias in node.names:
+                found.append((parts[1], alias.name) if len(parts) > 1 else (alias.name, None))
+        elif isinstance(node, ast.Import):
+            found += [(a.name.split(".")[1], None) for a in node.names if a.name.startswith("keras_ee.")]
+    return found
+
+
+def _upward_imports(package=PACKAGE):
+    """Imports by a training method of the orchestration above it, or of another module's private name."""
+    folder = os.path.join(package, "training")
+    bad = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            for module, imported in _keras_ee_imports(os.path.join(folder, name)):
+                if module in ORCHESTRATION or (module != "training" and imported and imported.startswith("_")):
+                    bad.append(f"training/{name}: {module}.{imported}" if imported else f"training/{name}: {module}")
+    return bad
+
+
+def test_no_training_method_imports_the_orchestration_above_it():
+    assert _upward_imports() == []
+
+
+def test_evaluation_and_plots_do_not_import_each_other():
+    plots = {m for m, _ in _keras_ee_imports(os.path.join(PACKAGE, "plots.py"))}
+    evaluation = {m for m, _ in _keras_ee_imports(os.path.join(PACKAGE, "evaluation.py"))}
+    assert "evaluation" not in plots and "formatting" in plots and "formatting" in evaluation
+
+
+def test_a_method_gets_a_run_folder_that_joins_like_a_path(tmp_path):
+    from keras_ee.run_folder import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    assert folder / "wpn.npz" == tmp_path / "wpn.npz" and os.fspath(folder) == str(tmp_path)
+    assert folder.scores_dir == tmp_path / "scores" and folder.dump_dir == tmp_path / "dump"
+    assert folder.config_file == tmp_path / "config.json" and folder.model_file == tmp_path / "model.keras"
+
+
+def test_reading_and_evaluating_a_run_starts_no_tensorflow():
+    # A process of its own: this one has TensorFlow loaded already.
+    code = (
+        "import sys, keras_ee.cli, keras_ee.evaluation, keras_ee.run_folder, keras_ee.inputs; "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -113,15 +113,15 @@ def test_old_names_keep_their_exact_schedules():
     # `cosine`, `step` and `constant` as before (recorded runs resume identically): the code they had.
     total, lr = 40, 0.2
     old_step = keras.optimizers.schedules.PiecewiseConstantDecay([20, 30], [lr, lr * 0.1, lr * 0.01])
-    step = experiment.make_schedule(TrainConfig(schedule="step"), total, lr)
+    step = schedules.make_schedule(TrainConfig(schedule="step"), total, lr)
     np.testing.assert_array_equal(rates(step, total + 2), rates(old_step, total + 2))
-    cosine = experiment.make_schedule(TrainConfig(schedule="cosine"), total, lr)
+    cosine = schedules.make_schedule(TrainConfig(schedule="cosine"), total, lr)
     old_cosine = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total)
     np.testing.assert_array_equal(rates(cosine, total + 2), rates(old_cosine, total + 2))
-    warm = experiment.make_schedule(TrainConfig(schedule="cosine", warmup_epochs=1), total, lr, warmup_steps=8)
+    warm = schedules.make_schedule(TrainConfig(schedule="cosine", warmup_epochs=1), total, lr, warmup_steps=8)
     old_warm = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=32, warmup_target=lr, warmup_steps=8)
     np.testing.assert_array_equal(rates(warm, total + 2), rates(old_warm, total + 2))
-    assert experiment.make_schedule(TrainConfig(schedule="constant"), total, lr) == lr
+    assert schedules.make_schedule(TrainConfig(schedule="constant"), total, lr) == lr
 
 
 # ------------------------------------------------------------------ in a run
@@ -215,6 +215,6 @@ def test_config_and_recipe():
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="multistep")
     with pytest.raises(ValueError, match="warmup_epochs"):  # a warm-up as long as the phase
-        experiment.make_schedule(
+        schedules.make_schedule(
             TrainConfig(schedule="cosine_per_batch", warmup_epochs=2, epochs=2), 8, 0.1, 8, steps_per_epoch=4
         )

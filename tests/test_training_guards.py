@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tiny_models import StopAt, mlp_backbone, tiny_backbone, tiny_data  # noqa: E402
 
-from keras_ee import cli, experiment  # noqa: E402
+from keras_ee import cli, data, distribute, experiment  # noqa: E402
 from keras_ee import training as T  # noqa: E402
 from keras_ee.config import TrainConfig  # noqa: E402
 
@@ -143,7 +143,7 @@ def test_a_global_batch_the_replicas_cannot_share_is_refused_naming_share_and_sm
 
 
 def test_an_epoch_drops_a_last_batch_that_a_replica_or_the_method_cannot_train_on():
-    splits = experiment.load_data(TrainConfig(train_size=17, val_size=50))
+    splits = data.load_configured(TrainConfig(train_size=17, val_size=50))
     config = TrainConfig(batch_size=8)
     assert experiment.training_batches(config, splits, T.Baseline()) == 3  # one device keeps 8 + 8 + 1
     assert experiment.training_batches(config, splits, T.L2W()) == 2  # no halves in a batch of 1
@@ -187,7 +187,7 @@ def test_two_replicas_refuse_an_uneven_batch_drop_a_last_one_and_train_runs_one_
         assert state["trained"] and state["replicas"] == 2, state
     # The user's own MirroredStrategy numbers its collectives from the same base as the one that just
     # trained (as it would in a fresh process, where no test moved the base in between).
-    trained = experiment.make_strategy("mirrored")
+    trained = distribute.make_strategy("mirrored")
     base = tf.distribute.MirroredStrategy._collective_key_base
     tf.distribute.MirroredStrategy._collective_key_base = trained.extended._collective_key_base
     try:

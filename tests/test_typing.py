@@ -35,7 +35,7 @@ def test_imagenet_epoch_stream_takes_seed_none():
 
 
 def test_imagenet_splits_have_the_pixel_scale_a_run_records(monkeypatch):
-    # Every run writes preprocessing.json from `splits.pixel_scale` (experiment._write_artifacts);
+    # Every run writes preprocessing.json from `splits.pixel_scale` (`keras_ee.run_folder.write_preprocessing`);
     # ImageNetSplits had none, so an ImageNet run failed after training, writing its artifacts.
     import types
 

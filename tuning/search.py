@@ -127,7 +127,7 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
     """
     import keras_tuner as kt
 
-    from keras_ee import experiment
+    from keras_ee import data
     from keras_ee.atomic import claim_out_folder
 
     validation.check_choice("tuner", tuner, TUNERS)
@@ -139,7 +139,7 @@ def search(config, workdir, trials: int = 8, tuner: str = "bayesian", overwrite:
         # delete the chief's oracle.json and trial folders. `overwrite` is the chief's call.
         overwrite = overwrite and role.is_chief
     workdir = check_search_folder(workdir, what=None)
-    splits = experiment.load_data(config)
+    splits = data.load_configured(config)
     claim_out_folder(workdir, "tuning")
     hypermodel = make_hypermodel(config, splits)
     if not search_space(config.method):

@@ -18,7 +18,7 @@ model.fit(splits.train_dataset(64), validation_data=splits.val_dataset(256))
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keras_ee import validation as v
 from keras_ee._typing import StrPath
@@ -26,6 +26,9 @@ from keras_ee.data import builtin, cifar, idx, npz
 from keras_ee.data.base import ArraySplits, DatasetSplits, build_array_splits
 from keras_ee.data.splits import channel_stats, long_tail_counts, long_tail_indices, stratified_split
 from keras_ee.registry import Registry
+
+if TYPE_CHECKING:
+    from keras_ee.config import TrainConfig
 
 DEFAULT_DATASET = "digits"
 
@@ -391,6 +394,20 @@ def load(
     )
 
 
+def load_configured(config: "TrainConfig") -> DatasetSplits:
+    """The splits of the dataset that a run's `TrainConfig` names, as `keras-ee train` loads them."""
+    return load(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        seed=config.seed,
+        imbalance_factor=config.imbalance_factor,
+        train_size=config.train_size,
+        meta_size=config.meta_split_size,
+        samples_per_class=config.samples_per_class,
+    )
+
+
 __all__ = [
     "ArraySplits",
     "DatasetSplits",
@@ -402,6 +419,7 @@ __all__ = [
     "get_dataset",
     "list_datasets",
     "load",
+    "load_configured",
     "long_tail_counts",
     "long_tail_indices",
     "register_dataset",

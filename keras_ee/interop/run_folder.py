@@ -23,6 +23,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from keras_ee.run_folder import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    RECORDED_MODEL_OPTIONS,
+    STATE_FILE,
+    RunFolder,
+    check_out_folder,
+    run_started,
+)
+
 if TYPE_CHECKING:
     from keras_ee.inputs import Preprocessing
     from keras_ee.interop.torch_import import ImportReport
@@ -71,13 +82,13 @@ def import_run(
     Returns:
         The run folder.
     """
-    from keras_ee import costs, experiment, inputs, runs, training
+    from keras_ee import costs, inputs, runs, training
     from keras_ee.atomic import atomic_path, atomic_write_json
     from keras_ee.config import TrainConfig
     from keras_ee.interop.torch_import import read_checkpoint_into_model
 
-    out = experiment.check_out_folder(out)
-    if experiment.run_started(out):
+    out = check_out_folder(out)
+    if run_started(out):
         raise ValueError(f"--out {str(out)!r} already holds a run; import into a new folder")
     if dataset is not None and dataset not in AUTHORS_NORMALISATION:
         raise ValueError(
@@ -88,7 +99,7 @@ def import_run(
     )
     dataset = dataset or guess_dataset(report)
     options = {k: v for k, v in report.model_options.items() if k not in ("num_classes", "input_shape")}
-    options = {**experiment.RECORDED_MODEL_OPTIONS, **options}  # as a run records them (the authors' BN: unbiased)
+    options = {**RECORDED_MODEL_OPTIONS, **options}  # as a run records them (the authors' BN: unbiased)
     config = TrainConfig(
         dataset=dataset,
         model=report.preset,
@@ -118,10 +129,10 @@ def import_run(
     exit_costs = costs.exit_costs(backbone)
     out.mkdir(parents=True, exist_ok=True)
     with runs.RunLock(out):
-        if experiment.run_started(out):  # another command got there first
+        if run_started(out):  # another command got there first
             raise ValueError(f"--out {str(out)!r} already holds a run; import into a new folder")
-        runs.check_free_space(out, int(runs.variable_bytes(model_wrapped) * 1.5) + (4 << 20), experiment.MODEL_FILE)
-        with atomic_path(out / experiment.MODEL_FILE) as tmp:
+        runs.check_free_space(out, int(runs.variable_bytes(model_wrapped) * 1.5) + (4 << 20), MODEL_FILE)
+        with atomic_path(out / MODEL_FILE) as tmp:
             model_wrapped.save(tmp)
         atomic_write_json(out / "costs.json", exit_costs)
         if imported_wpn is not None:
@@ -130,10 +141,10 @@ def import_run(
         # The authors' pipelines read 8-bit images (torchvision's ToTensor divides by 255): raw pixels
         # 0..255, the range `keras-ee predict` and EarlyExitModel check raw images against.
         preprocessing = inputs.Preprocessing(1.0 / 255.0, mean, std, pixel_range=(0.0, 255.0))
-        atomic_write_json(out / experiment.PREPROCESSING_FILE, preprocessing.to_dict())
-        config.to_json(out / experiment.CONFIG_FILE)
+        atomic_write_json(out / PREPROCESSING_FILE, preprocessing.to_dict())
+        config.to_json(out / CONFIG_FILE)
         atomic_write_json(out / IMPORT_FILE, {**report.to_json(), "dataset": dataset})
-        atomic_write_json(out / experiment.STATE_FILE, {"trained": True, "imported": True})
+        atomic_write_json(out / STATE_FILE, {"trained": True, "imported": True})
     return out
 
 
@@ -208,7 +219,7 @@ def dump_imported_run(
     """
     import dataclasses
 
-    from keras_ee import callbacks, data, dumps, experiment, inputs, runs
+    from keras_ee import data, dumps, evaluation, inputs, runs
     from keras_ee.config import TrainConfig
     from keras_ee.training import BudgetAwareGating
 
@@ -220,7 +231,7 @@ def dump_imported_run(
             f"{str(run)!r} is not a run written by `keras-ee import` (no {IMPORT_FILE}); a trained run is evaluated "
             "on the dump its training wrote, so --dataset, --data-dir and --val-size apply only to imported runs"
         )
-    config = TrainConfig.from_file(run / experiment.CONFIG_FILE)
+    config = TrainConfig.from_file(run / CONFIG_FILE)
     config = dataclasses.replace(
         config,
         dataset=dataset or config.dataset,
@@ -231,7 +242,7 @@ def dump_imported_run(
     splits = data.load(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=config.seed)
     _normalise_like_the_run(splits, preprocessing, config.dataset)
     with runs.RunLock(run):
-        model = experiment.load_run_model(run / experiment.MODEL_FILE)
+        model = runs.load_run_model(run / MODEL_FILE)
         backbone = getattr(model, "backbone", model)
         shape = tuple(int(d) for d in backbone.inputs[0].shape[1:])
         classes = int(backbone.outputs[0].shape[-1])
@@ -241,12 +252,12 @@ def dump_imported_run(
                 f"the imported model takes {shape} images and has {classes} classes"
             )
         exit_costs = json.loads((run / "costs.json").read_text())
-        val_logits, val_labels = callbacks.predict_exit_logits(model, splits.val_dataset(batch_size))
-        test_logits, test_labels = callbacks.predict_exit_logits(model, splits.test_dataset(batch_size))
+        val_logits, val_labels = evaluation.predict_exit_logits(model, splits.val_dataset(batch_size))
+        test_logits, test_labels = evaluation.predict_exit_logits(model, splits.test_dataset(batch_size))
         out = dumps.save_dump(
             run / "dump", val_logits, val_labels, test_logits, test_labels, costs={**exit_costs, "rule": "reference"}
         )
         if isinstance(getattr(model, "method", None), BudgetAwareGating):  # gphi_MSDNet's gaters
-            model.method.save_artifacts(model, splits, run)  # scores/gater.npz, for `--confidence gater`
-        config.to_json(run / experiment.CONFIG_FILE)
+            model.method.save_artifacts(model, splits, RunFolder(run))  # scores/gater.npz, for `--confidence gater`
+        config.to_json(run / CONFIG_FILE)
     return out

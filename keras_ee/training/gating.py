@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -103,6 +102,7 @@ from keras_ee.training.registry import SearchRange, register_method
 
 if TYPE_CHECKING:
     from keras_ee.data import DatasetSplits
+    from keras_ee.run_folder import RunFolder
     from keras_ee.training.model import MultiExitModel
 
 FEATURES = ("max_prob", "margin", "entropy")
@@ -757,15 +757,14 @@ class BudgetAwareGating(bilevel.FollowsMainOptimizer, Method):
         z = np.concatenate(out, axis=0).T if out else np.zeros((logits.shape[0] - 1, 0), np.float32)
         return np.concatenate([z, np.zeros((1, z.shape[1]), np.float32)], axis=0)
 
-    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, workdir: Path) -> None:
+    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, folder: RunFolder) -> None:
         """`scores/gater.npz`: the gater's confidence on the run's validation and test dump."""
         from keras_ee import dumps
         from keras_ee.atomic import atomic_path
-        from keras_ee.experiment import SCORES_DIR
 
-        dump = dumps.load_dump(workdir / "dump")
-        (workdir / SCORES_DIR).mkdir(exist_ok=True)
-        with atomic_path(workdir / SCORES_DIR / "gater.npz") as tmp:
+        dump = dumps.load_dump(folder.dump_dir)
+        folder.scores_dir.mkdir(exist_ok=True)
+        with atomic_path(folder.scores_dir / "gater.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, val=self.exit_scores(dump.val_logits), test=self.exit_scores(dump.test_logits))
 

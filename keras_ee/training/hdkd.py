@@ -105,12 +105,14 @@ from keras import ops
 
 from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
+from keras_ee.plots import pyplot
 from keras_ee.training import bilevel, core
 from keras_ee.training.methods import Method
 from keras_ee.training.registry import SearchRange, register_method
 
 if TYPE_CHECKING:
     from keras_ee.data import DatasetSplits
+    from keras_ee.run_folder import RunFolder
     from keras_ee.training.model import MultiExitModel
 
 _TEACHERS = ("dense", "last", "none")
@@ -591,13 +593,13 @@ class HDKD(bilevel.FollowsMainOptimizer, Method):
             "gamma_steps": int(self.gamma_optimizer.iterations.numpy()) if self.learn_weights else 0,
         }
 
-    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, workdir: Path) -> None:
+    def save_artifacts(self, model: MultiExitModel, splits: DatasetSplits, folder: RunFolder) -> None:
         """`hdkd.json` (final weights, E, T, which split fed the meta batches) and `hdkd_gamma.png`."""
         from keras_ee.atomic import atomic_path, atomic_write_text
 
-        atomic_write_text(workdir / ARTIFACT, json.dumps(self.summary(splits), indent=2) + "\n")
+        atomic_write_text(folder / ARTIFACT, json.dumps(self.summary(splits), indent=2) + "\n")
         if self.pairs:
-            with atomic_path(workdir / HEATMAP) as tmp:
+            with atomic_path(folder / HEATMAP) as tmp:
                 kd_heatmap(self.kd_matrix(), tmp, title=f"{getattr(self, 'method_name', 'hdkd')}: KD weights")
 
     def get_config(self) -> dict[str, Any]:
@@ -622,9 +624,7 @@ class HDKD(bilevel.FollowsMainOptimizer, Method):
 
 def kd_heatmap(matrix: np.ndarray, path: StrPath, title: str | None = None) -> Path:
     """A heat map of KD weights: rows the teacher exit i, columns the student exit j (blank: no pair)."""
-    from keras_ee.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, np.float64)
     k = matrix.shape[0]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=120)

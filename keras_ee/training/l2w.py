@@ -47,7 +47,6 @@ Design notes (why it is built this way):
 
 import typing
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -69,6 +68,7 @@ from keras_ee.training.registry import SearchRange, register_method
 
 if TYPE_CHECKING:
     from keras_ee.data import DatasetSplits
+    from keras_ee.run_folder import RunFolder
     from keras_ee.training.model import MultiExitModel
 
 _INPUTS = ("loss", "confidence", "both")
@@ -526,15 +526,15 @@ class L2W(bilevel.FollowsMainOptimizer, Method):
 
     # --- WPN files and statistics ---------------------------------------------
 
-    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", workdir: Path) -> None:
+    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", folder: "RunFolder") -> None:
         """`wpn.npz` (for the frozen-WPN ablation) and `l2w_samples.npz` (Figure 8)."""
         from keras_ee.atomic import atomic_path
 
         if self.uses_wpn:
-            with atomic_path(workdir / "wpn.npz") as tmp:
+            with atomic_path(folder / "wpn.npz") as tmp:
                 self.save_wpn(tmp)
         stats: dict[str, Any] = self.sample_statistics(model, splits.train_dataset(256, augment=False, shuffle=False))
-        with atomic_path(workdir / "l2w_samples.npz") as tmp:
+        with atomic_path(folder / "l2w_samples.npz") as tmp:
             np.savez_compressed(tmp, **stats)
 
     def save_wpn(self, path: StrPath) -> None:

@@ -36,9 +36,9 @@ Hooks (override what the method needs):
 - `step_logs(model)`: the dict of logs returned after a step.
 - `callbacks()`: Keras callbacks the method needs during `fit` (added by
   `keras-ee train`; users of plain `model.fit` add them themselves).
-- `save_artifacts(model, splits, workdir)`: the method's own files in a run
-  folder after training (L2W: `wpn.npz`, `l2w_samples.npz`), written with
-  `keras_ee.atomic`.
+- `save_artifacts(model, splits, folder)`: the method's own files in the run
+  folder (a `keras_ee.run_folder.RunFolder`) after training (L2W: `wpn.npz`,
+  `l2w_samples.npz`), written with `keras_ee.atomic`.
 - `phases(epochs)` and `enter_phase(model, index, fresh)`: training in
   several phases (IMTA: phase I trains everything, phase II freezes it and
   trains new classifiers). `phases` lists `Phase`s (name, epochs, optimizer
@@ -58,7 +58,6 @@ A method file registers its class with `keras_ee.training.register_method`
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import keras
@@ -73,6 +72,7 @@ from keras_ee.training.registry import register_method
 
 if TYPE_CHECKING:
     from keras_ee.data import DatasetSplits
+    from keras_ee.run_folder import RunFolder
     from keras_ee.training.model import MultiExitModel
 
 
@@ -264,13 +264,14 @@ class Method(keras.layers.Layer):
         """Keras callbacks this method needs during `fit` (default none)."""
         return []
 
-    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", workdir: Path) -> None:
-        """Write the method's own files into the run folder `workdir` after training.
+    def save_artifacts(self, model: "MultiExitModel", splits: "DatasetSplits", folder: "RunFolder") -> None:
+        """Write the method's own files into the run folder after training.
 
         Args:
             model: the trained `MultiExitModel`.
             splits: the run's `keras_ee.data.DatasetSplits`.
-            workdir: the run folder (`pathlib.Path`); write with `keras_ee.atomic`.
+            folder: the run folder (`keras_ee.run_folder.RunFolder`: its file names, and
+                `folder / name` as for a `pathlib.Path`); write with `keras_ee.atomic`.
         """
 
     def get_config(self) -> dict[str, Any]:

@@ -581,7 +581,7 @@ def check_collective_strategy(strategy: Any) -> None:
     for the rest of the process, so the second strategy's collectives collide with the first's
     and fail mid-training ("Collective instance 101 expected type 0 and data_type 1 but got
     type 2 and data_type 3"). One strategy per process, reused for every model, never
-    collides: `keras_ee.experiment.make_strategy` returns the process's. A strategy made after
+    collides: `keras_ee.distribute.make_strategy` returns the process's. A strategy made after
     moving the key base (as TensorFlow's own tests do) has keys of its own and is allowed.
     Strategies of one replica run no collectives and are not counted.
     """
@@ -596,7 +596,7 @@ def check_collective_strategy(strategy: Any) -> None:
             f"this process already trained under another {type(first).__name__}, and "
             f"TensorFlow gives every new one the same collective keys, so this {type(strategy).__name__}'s "
             "collectives would collide with the first's mid-training ('Collective instance ... expected type'); "
-            "build every model under one strategy per process (keras_ee.experiment.make_strategy returns it), "
+            "build every model under one strategy per process (keras_ee.distribute.make_strategy returns it), "
             "or train in a new process."
         )
 
