@@ -223,10 +223,21 @@ RECORDED_MODEL_OPTIONS = {"moving_variance_update": "unbiased"}
 LEGACY_MODEL_OPTIONS = {"moving_variance_update": "biased"}
 
 
+# Model options a run recorded under the builders' former argument names, and their names since
+# `MSDNetBackbone` and `RANetBackbone` (the same settings: a run recorded with them resumes).
+RENAMED_MODEL_OPTIONS = {
+    "num_channels": "channels",
+    "growth_factor": "growth_factors",
+    "bottleneck_factor": "bottleneck_factors",
+}
+
+
 def recorded_config(stored: TrainConfig) -> TrainConfig:
     """The settings a run folder's config.json `stored` trained with: a model option it does not
-    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`)."""
-    model_options = {**LEGACY_MODEL_OPTIONS, **stored.model_options}
+    record (written before the option existed) is the value of that time (`LEGACY_MODEL_OPTIONS`),
+    and one recorded under a former name takes today's (`RENAMED_MODEL_OPTIONS`)."""
+    renamed = {RENAMED_MODEL_OPTIONS.get(k, k): v for k, v in stored.model_options.items()}
+    model_options = {**LEGACY_MODEL_OPTIONS, **renamed}
     return stored if model_options == stored.model_options else dataclasses.replace(stored, model_options=model_options)
 
 

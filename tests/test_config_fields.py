@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keras_ee import cli, experiment
+from keras_ee import cli, experiment, run_folder
 from keras_ee.config import FLAG, FLAG_GROUPS, RECIPES, Flag, RecipeConfig, TrainConfig, setting_keys, settings
 
 OLD_CONFIG = Path(__file__).parent / "data" / "config_before_nested_recipe.json"
@@ -180,7 +180,7 @@ def test_a_run_folder_with_an_old_config_json_resumes_with_the_same_settings(tmp
     run.mkdir()
     shutil.copy(OLD_CONFIG, run / "config.json")
     (run / "history.csv").write_text("epoch,loss\n0,1.0\n")  # a run that started (no lock file: an old one)
-    assert experiment.is_run_folder(run)
+    assert run_folder.is_run_folder(run)
     # The command that made it, given again, is the same run.
     argv = ["--recipe", "budget-aware", "--model", "multiexit_cnn", "--method", "l2w", "--q", "0.7", "--epochs", "2"]
     argv += ["--batch-size", "32", "--train-size", "300", "--randaugment-ops", "1", "--lr", "0.05", "--budget", "15M"]
@@ -191,3 +191,25 @@ def test_a_run_folder_with_an_old_config_json_resumes_with_the_same_settings(tmp
     assert experiment.training_recipe(config) == config.recipe
     with pytest.raises(ValueError, match=r"other settings \(mixup: 0.8 -> 0.5\)"):
         experiment.prepare_workdir(experiment.canonical_config(_config(*argv, "--mixup", "0.5")), run)
+
+
+def test_a_run_recorded_with_the_builders_old_option_names_resumes_under_the_new_ones(tmp_path):
+    # config.json of a run made before MSDNetBackbone/RANetBackbone named their arguments
+    # (`num_channels`, `growth_factor`, `bottleneck_factor`): the same run under today's names.
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {"num_channels": 8, "growth_factor": [1, 2], "bottleneck_factor": [1, 2], "growth_rate": 4}
+    base = TrainConfig(model="msdnet_cifar_5", model_options={"moving_variance_update": "unbiased"})
+    values = {**base.to_dict(), "model_options": {**old, "moving_variance_update": "unbiased"}}
+    (run / "config.json").write_text(json.dumps(values))
+    (run / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    stored = run_folder.recorded_config(TrainConfig.from_file(run / "config.json"))
+    assert stored.model_options == {
+        "channels": 8,
+        "growth_factors": [1, 2],
+        "bottleneck_factors": [1, 2],
+        "growth_rate": 4,
+        "moving_variance_update": "unbiased",
+    }
+    renamed = dataclasses.replace(base, model_options=stored.model_options)
+    assert experiment.prepare_workdir(renamed, run, write=False) == run
