@@ -125,13 +125,13 @@ NO_FLAG: dict[str, None] = {FLAG: None}  # a setting of config files only
 
 
 def _mul_adds(text: str) -> float:
-    from keras_ee.costs import parse_mul_adds
+    from keras_ee.costs import parse_mul_adds  # function-local: keras_ee.costs loads TensorFlow, config must not
 
     return parse_mul_adds(text)
 
 
 def _method_help() -> str:
-    from keras_ee.training import registry
+    from keras_ee.training import registry  # function-local: the methods load TensorFlow, config must not
 
     return (
         f"training method: {', '.join(registry.list_methods())} (see `keras-ee methods`), or "

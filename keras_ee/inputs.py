@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from keras_ee import run_folder
+from keras_ee import validation as v
 from keras_ee._typing import StrPath, Tensor
 
 # How far (a fraction of the training range's width) raw pixels may stray beyond it with a
@@ -59,28 +60,14 @@ def check_numeric(images: npt.ArrayLike, what: str = "images") -> np.ndarray:
     return a
 
 
-def non_finite_images(images: npt.ArrayLike) -> np.ndarray:
-    """Indices of the images (rows of `images`) with a NaN or infinite pixel."""
-    a = np.asarray(images)
-    if a.dtype.kind != "f" or a.size == 0:
-        return np.zeros(0, np.int64)
-    return np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-
-
 def check_finite(images: npt.ArrayLike, names: Sequence[object] | None = None, what: str = "images") -> None:
     """Refuses images with a NaN or infinite pixel, naming them (by `names`, else by index)."""
-    bad = non_finite_images(images)
+    bad = v.non_finite_images(images)
     if bad.size:
         raise ValueError(
             f"{what}: {_image_names(bad, names, len(np.asarray(images)))} hold{'s' if len(bad) == 1 else ''} NaN or "
             "infinite pixels; expected finite pixel values."
         )
-
-
-def pixel_range(images: npt.ArrayLike) -> tuple[float, float]:
-    """`(min, max)` of a training split's stored pixels, as floats (what `check_pixel_range` checks)."""
-    a = np.asarray(images)
-    return float(a.min()), float(a.max())
 
 
 def check_pixel_range(

@@ -262,6 +262,22 @@ def check_exit_costs(
     return out
 
 
+def non_finite_images(images: Any) -> np.ndarray:
+    """Indices of the images (rows of `images`) with a NaN or infinite pixel (training data and
+    inference inputs are refused by this one rule)."""
+    a = np.asarray(images)
+    if a.dtype.kind != "f" or a.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+
+
+def pixel_range(images: Any) -> tuple[float, float]:
+    """`(min, max)` of a training split's stored pixels, as floats (what `keras_ee.inputs`'
+    `check_pixel_range` holds an inference input to)."""
+    a = np.asarray(images)
+    return float(a.min()), float(a.max())
+
+
 # === TrainConfig's settings (keras_ee.config) ===
 # One line per wrong setting: "config `key` must be <expected>; received <value> (<type>)."
 

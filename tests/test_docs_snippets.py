@@ -14,7 +14,7 @@ code fails here (issue 32).
   `python -c CODE` runs CODE, `make TARGET` needs the Makefile's target.
   Anything else is an error unless its block is marked `<!-- not run: REASON -->`, which only
   a snippet that needs data, software or hardware this machine lacks may carry.
-- `text`, `toml` and `json` blocks are output or files shown, not run; a block without a
+- `text`, `toml` and `json` blocks are output or files shown, and `mermaid` a picture, not run; a block without a
   language is an error (a command must not hide from this test).
 """
 
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiny_models import fresh_collective_keys
 
 from keras_ee import cli
 
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted(
     p for p in (ROOT / "docs").rglob("*.md") if p.name != "benchmarks.md" and "gen" not in p.parts
 )
-LANGUAGES = {"python", "sh", "text", "toml", "json"}
+LANGUAGES = {"python", "sh", "text", "toml", "json", "mermaid"}  # mermaid: a picture
 # The subcommands that take seconds on the tiny runs; `train` is checked up to its TrainConfig.
 # (`models` builds every preset: parsed only.)
 CHEAP = {"methods", "datasets", "sweep", "compare", "predict"}
@@ -173,6 +174,7 @@ def test_the_snippets_of_a_page_run(page, trained_runs, tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     _isolate_method_registry(monkeypatch)
+    fresh_collective_keys()  # a page's own MirroredStrategy, beside the ones this process's other tests made
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     files = [b.file for b in todo if b.file]
     try:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from keras_ee import inputs
 from keras_ee import validation as v
 from keras_ee.data import splits as splits_lib
 
@@ -135,7 +134,7 @@ def _check_images(x: object, what: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 4:
         raise ValueError(f"Expected `{what}` of shape (N, H, W) or (N, H, W, C). Received shape {x.shape}.")
-    bad = inputs.non_finite_images(x)
+    bad = v.non_finite_images(x)
     if bad.size:
         raise ValueError(
             f"`{what}` holds NaN or infinite pixels (image {int(bad[0])} first, "
@@ -251,9 +250,7 @@ class ArraySplits(DatasetSplits):
     def pixel_range(self) -> tuple[float, float]:
         """`(min, max)` of the training images' stored pixels, computed on first use."""
         if self._pixel_range is None:
-            from keras_ee.inputs import pixel_range
-
-            self._pixel_range = pixel_range(self._x_train)
+            self._pixel_range = v.pixel_range(self._x_train)
         return self._pixel_range
 
     @pixel_range.setter
