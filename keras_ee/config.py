@@ -12,7 +12,7 @@ field (`TrainConfig.recipe`, a `RecipeConfig`); its keys are flat in config.json
 
 Example:
 
-    cfg = TrainConfig(dataset="cifar100", data_dir="../shared/data", model="msdnet_cifar_5",
+    cfg = TrainConfig(dataset="cifar100", data_dir="~/datasets", model="msdnet_cifar_5",
                       method="l2w", method_options={"q": 0.75, "delta": 0.8}, epochs=300,
                       batch_size=64, recipe=RecipeConfig(mixup=0.8, ema=0.9999))
     cfg.to_json("cfg.json"); TrainConfig.from_file("cfg.json") == cfg  # True
