@@ -91,14 +91,6 @@ class RunFolder:
         return self.path / MODEL_FILE
 
     @property
-    def state_file(self) -> Path:
-        return self.path / STATE_FILE
-
-    @property
-    def preprocessing_file(self) -> Path:
-        return self.path / PREPROCESSING_FILE
-
-    @property
     def dump_dir(self) -> Path:
         return self.path / DUMP_DIR
 

@@ -36,12 +36,6 @@ import numpy as np
 
 from keras_ee.interop.torch_file import CheckpointError, SavedArguments, read_checkpoint
 
-# Where keras-ee's presets meet the authors' defaults (used to name the nearest preset).
-_FAMILY_BASE_PRESET = {
-    ("msdnet", "cifar"): "msdnet_cifar_5",
-    ("msdnet", "imagenet"): "msdnet_imagenet_s4",
-    ("ranet", "cifar"): "ranet_cifar_c1",
-}
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _IGNORED_SUFFIX = "num_batches_tracked"
 _SHOWN = 6  # how many disagreements an error names
@@ -926,15 +920,6 @@ def apply_fill(plan: list[tuple[Any, Any]]) -> None:
         # `assign` converts and checks again (2.5x slower over the 1181 variables of the ImageNet
         # step-7 MSDNet).
         tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.constant(value))
-
-
-def fill_model(
-    model: Any, sd: dict[str, np.ndarray], assignments: list[_Assign], where: str
-) -> tuple[int, int, list[str]]:
-    """`plan_fill` then `apply_fill`: returns `(tensors used, keras variables filled, dead)`."""
-    plan, used, filled, dead = plan_fill(model, sd, assignments, where)
-    apply_fill(plan)
-    return used, filled, dead
 
 
 # --------------------------------------------------------------------------- entry points
